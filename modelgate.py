@@ -270,8 +270,9 @@ def upstream_failure(exc: Exception, name: str) -> GatewayError:
     for exc_type, situation, message in UPSTREAM_FAILURES:
         if isinstance(exc, exc_type):
             headers = []
-            # Bytes that are not HTTP at all (h11 said so) will not become HTTP on a retry.
-            if isinstance(exc.__cause__, h11.RemoteProtocolError):
+            # Bytes that are not HTTP at all (h11 said so) will not become HTTP on a retry. httpcore's
+            # pool re-raises `from None`, which keeps the h11 error as the context, not the cause.
+            if isinstance(exc.__cause__ or exc.__context__, h11.RemoteProtocolError):
                 headers = [(b"x-should-retry", b"false")]
             return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), headers)
     raise exc  # not an upstream failure: answered as 500

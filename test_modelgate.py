@@ -1,0 +1,1300 @@
+"""Tests for modelgate.py, as a user of the gateway meets it.
+
+Upstreams are real HTTP/1.1 servers on 127.0.0.1 started by the tests (FakeUpstream), scripted to answer,
+refuse, hang, stream slowly, break off or send garbage. The gateway is driven in-process through its ASGI
+interface (call) and, where sockets matter, over a real uvicorn server (serve). Nothing leaves loopback,
+and nothing waits by sleeping: events in the fake upstream hold or release its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import httpcore
+import pytest
+import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import modelgate
+
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("error")]
+
+TOKEN = "test-token-5f2a9c"
+OTHER_TOKEN = "second-app-token-77"
+OLLAMA_KEY = "ollama-key-should-never-leak"
+OPENAI_KEY = "sk-openai-key-should-never-leak"
+AUTH = [(b"authorization", b"Bearer " + TOKEN.encode())]
+CHAT = b'{"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}]}'
+STREAM_CHAT = b'{"model": "ollama/qwen2.5:7b", "stream": true, "messages": []}'
+COMPLETION = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen2.5:7b",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+}
+EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"He"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"llo"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+###############################################################################
+# A real upstream on loopback #################################################
+###############################################################################
+
+
+@dataclass
+class Received:
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Reply = Callable[["FakeUpstream", Received, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class FakeUpstream:
+    """An HTTP/1.1 server on 127.0.0.1: records each request and answers it with `reply`."""
+
+    reply: Reply
+    requests: list[Received] = field(default_factory=list)
+    got_request: asyncio.Event = field(default_factory=asyncio.Event)
+    saw_close: asyncio.Event = field(default_factory=asyncio.Event)  # the gateway hung up on a held reply
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # lets held replies go on
+    arrivals: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified per request
+    connections: int = 0
+    server: asyncio.AbstractServer | None = None
+    url: str = ""  # the base URL to give the gateway, ending in /v1
+
+    async def start(self) -> FakeUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d/v1" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while not writer.is_closing():
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = [tuple(line.split(": ", 1)) for line in lines[1:] if line]
+                length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+                request = Received(method, target, headers, await reader.readexactly(length))
+                self.requests.append(request)
+                self.got_request.set()
+                async with self.arrivals:
+                    self.arrivals.notify_all()
+                await self.reply(self, request, reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def received(self, count: int) -> None:
+        """Wait until `count` requests have arrived in all."""
+        async with self.arrivals:
+            await asyncio.wait_for(self.arrivals.wait_for(lambda: len(self.requests) >= count), 10)
+
+    async def hold(self, reader: asyncio.StreamReader) -> None:
+        """Wait for `release`; if the gateway closes the connection first, note it and stop the reply."""
+        eof = asyncio.ensure_future(reader.read(1))
+        released = asyncio.ensure_future(self.release.wait())
+        done, pending = await asyncio.wait({eof, released}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)  # a cancelled read must be over before the next read starts
+        if eof in done:
+            self.saw_close.set()
+            raise ConnectionResetError("the gateway closed the connection")
+
+
+def json_reply(status: int = 200, document: Any = COMPLETION, headers: tuple = (), raw: bytes | None = None,
+               content_type: str = "application/json", held: bool = False) -> Reply:
+    body = raw if raw is not None else json.dumps(document).encode()
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if held:
+            await up.hold(reader)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        writer.write(f"HTTP/1.1 {status} Whatever\r\ncontent-type: {content_type}\r\n{extra}"
+                     f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+
+    return reply
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_before: int | None = None,
+              headers: tuple = ()) -> Reply:
+    """An event stream, one chunk per event; it may wait for `release` or hang up before an event."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                     f"{extra}\r\n".encode())
+        for number, event in enumerate(events):
+            if number == cut_before:
+                writer.transport.abort()
+                return
+            if number == hold_before:
+                await writer.drain()
+                await up.hold(reader)
+            writer.write(chunked(event))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return reply
+
+
+def raw_reply(data: bytes, close: bool = True) -> Reply:
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+        if close:
+            writer.close()
+
+    return reply
+
+
+async def hang_reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+    await up.hold(reader)
+
+
+@asynccontextmanager
+async def upstream(reply: Reply) -> AsyncIterator[FakeUpstream]:
+    up = await FakeUpstream(reply).start()
+    try:
+        yield up
+    finally:
+        up.release.set()
+        up.server.close()
+
+
+def refused_url() -> str:
+    """A loopback port where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+###############################################################################
+# Driving the gateway #########################################################
+###############################################################################
+
+
+@dataclass
+class Answer:
+    messages: list[dict]
+
+    @property
+    def status(self) -> int:
+        return self.messages[0]["status"]
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return self.messages[0]["headers"]
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def chunks(self) -> list[bytes]:
+        return [m["body"] for m in self.messages[1:] if m.get("body")]
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.messages) and not self.messages[-1].get("more_body", False)
+
+
+def environ(**overrides: str) -> dict[str, str]:
+    env = {"MODELGATE_TOKEN": f"{TOKEN},{OTHER_TOKEN}", "OLLAMA_BASE_URL": refused_url(),
+           "TIMEOUT_SECONDS": "5", "CONNECT_TIMEOUT_SECONDS": "5"}
+    env.update(overrides)
+    return env
+
+
+@asynccontextmanager
+async def gateway(**overrides: str) -> AsyncIterator[modelgate.Gateway]:
+    """A Gateway through its ASGI lifespan: started, yielded, shut down."""
+    app = modelgate.Gateway(environ(**overrides))
+    inbox: asyncio.Queue = asyncio.Queue()
+    outbox: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    assert started["type"] == "lifespan.startup.complete", started
+    try:
+        yield app
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        assert (await outbox.get())["type"] == "lifespan.shutdown.complete"
+        await task
+
+
+async def call(app: Any, method: str, path: str, body: bytes = b"", headers: list | None = None,
+               disconnect: asyncio.Event | None = None, on_message: Callable[[dict], None] | None = None,
+               body_parts: list[bytes] | None = None) -> Answer:
+    """One request through the ASGI interface, as uvicorn would make it; checks message order.
+
+    `disconnect`, when set, makes receive() report that the client left (as uvicorn does).
+    """
+    headers = AUTH if headers is None else headers
+    messages: list[dict] = []
+    parts = list(body_parts) if body_parts is not None else [body]
+    done = asyncio.Event()
+    gone = disconnect or asyncio.Event()
+
+    async def receive() -> dict:
+        if parts:
+            part = parts.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(parts)}
+        waits = [asyncio.ensure_future(done.wait()), asyncio.ensure_future(gone.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        assert not done.is_set(), f"message after the response was complete: {message}"
+        if not messages:
+            assert message["type"] == "http.response.start", message
+            assert all(name == name.lower() for name, _ in message["headers"])
+        else:
+            assert message["type"] == "http.response.body", message
+        messages.append(message)
+        if on_message is not None:
+            on_message(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            done.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": list(headers), "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8010),
+             "scheme": "http", "root_path": ""}
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return Answer(messages)
+
+
+def chat(app: Any, body: bytes = CHAT, headers: list | None = None, **kwargs: Any) -> Awaitable[Answer]:
+    headers = [*(AUTH if headers is None else headers), (b"content-type", b"application/json")]
+    return call(app, "POST", "/v1/chat/completions", body, headers, **kwargs)
+
+
+def assert_error(answer: Answer, status: int, type_: str, code: str | None = None) -> dict:
+    """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with a useful message."""
+    assert answer.status == status, (answer.status, answer.body)
+    assert answer.header(b"content-type") == b"application/json"
+    assert answer.header(b"x-request-id")
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type_ and error["param"] is None
+    if code is not None:
+        assert error["code"] == code
+    assert error["message"]
+    return error
+
+
+@asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[str]:
+    """The app behind a real uvicorn socket on 127.0.0.1; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts: no start-up race
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, proxy_headers=False)
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+###############################################################################
+# Endpoints, routing and the route table #######################################
+###############################################################################
+
+ROUTE_TABLE = [
+    # (method, path, status without upstream involvement or with a healthy one)
+    ("GET", "/health", 200),
+    ("POST", "/health", 405),
+    ("GET", "/v1/chat/completions", 405),
+    ("PUT", "/v1/embeddings", 405),
+    ("POST", "/v1/models", 405),
+    ("DELETE", "/v1/models/ollama/x", 405),
+    ("GET", "/", 404),
+    ("GET", "/v1", 404),
+    ("POST", "/v1/completions/", 404),
+    ("POST", "/api/chat", 404),
+    ("GET", "/v1/chat/completions/extra", 404),
+]
+
+
+@pytest.mark.parametrize("method, path, status", ROUTE_TABLE)
+async def test_route_table(method: str, path: str, status: int) -> None:
+    """Unknown paths get 404, known paths with another method 405 with an Allow header."""
+    async with gateway() as app:
+        answer = await call(app, method, path)
+    assert answer.status == status
+    if status == 405:
+        assert_error(answer, 405, "invalid_request_error", "method_not_allowed")
+        assert b"OPTIONS" in answer.header(b"allow") and answer.header(b"allow").split(b",")[0] in (b"GET", b"POST")
+    if status == 404:
+        assert_error(answer, 404, "invalid_request_error", "not_found")
+
+
+async def test_health_needs_no_token_and_calls_no_upstream() -> None:
+    """GET /health answers {"status":"ok"} without a token and tells nothing about the configuration."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "GET", "/health", headers=[])
+    assert answer.status == 200 and answer.json() == {"status": "ok"}
+    assert up.requests == []
+
+
+async def test_plain_chat_is_relayed_with_prefix_stripped() -> None:
+    """An ollama/ model reaches Ollama without its prefix, and Ollama's answer comes back unchanged."""
+    async with upstream(json_reply(headers=(("x-request-id", "req-from-ollama"),))) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert answer.status == 200
+    assert answer.json() == COMPLETION
+    assert answer.header(b"x-request-id") == b"req-from-ollama"
+    assert answer.header(b"content-length") == str(len(answer.body)).encode()
+    [request] = up.requests
+    assert (request.method, request.target) == ("POST", "/v1/chat/completions")
+    assert request.body == CHAT.replace(b"ollama/qwen2.5:7b", b"qwen2.5:7b")
+
+
+async def test_embeddings_are_relayed() -> None:
+    """POST /v1/embeddings reaches the upstream's /embeddings and its answer comes back."""
+    vectors = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5] * 768}]}
+    async with upstream(json_reply(document=vectors)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/embeddings", b'{"model":"ollama/nomic-embed-text","input":"hi"}')
+    assert answer.status == 200 and answer.json() == vectors
+    assert up.requests[0].target == "/v1/embeddings"
+    assert up.requests[0].body == b'{"model":"nomic-embed-text","input":"hi"}'
+
+
+ROUTING_TABLE = [
+    # (model sent, default provider, where it goes, model name upstream)
+    ("ollama/qwen2.5:7b", "ollama", "ollama", "qwen2.5:7b"),
+    ("ollama/library/qwen:7b", "ollama", "ollama", "library/qwen:7b"),
+    ("openai/gpt-4o-mini", "ollama", "openai", "gpt-4o-mini"),
+    ("qwen2.5:7b", "ollama", "ollama", "qwen2.5:7b"),
+    ("gpt-4o-mini", "openai", "openai", "gpt-4o-mini"),
+    ("hf.co/bartowski/Llama:Q4", "ollama", "ollama", "hf.co/bartowski/Llama:Q4"),
+    ("Ollama/qwen", "openai", "openai", "Ollama/qwen"),
+]
+
+
+@pytest.mark.parametrize("model, default, provider, name", ROUTING_TABLE)
+async def test_routing_by_model_prefix(model: str, default: str, provider: str, name: str) -> None:
+    """Only a leading ollama/ or openai/ routes (and is removed); other models go to DEFAULT_PROVIDER as sent."""
+    async with upstream(json_reply()) as ollama, upstream(json_reply()) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY,
+                    DEFAULT_PROVIDER=default) as app:
+        body = json.dumps({"model": model, "messages": []}).encode()
+        answer = await chat(app, body)
+    assert answer.status == 200
+    reached = {"ollama": ollama, "openai": openai}
+    assert [r.json()["model"] for r in reached[provider].requests] == [name]
+    assert all(not up.requests for key, up in reached.items() if key != provider)
+
+
+async def test_openai_model_without_openai_key_is_400_and_sends_nothing() -> None:
+    """openai/... while OpenAI is not configured: a 400 that says so, and no request anywhere."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, b'{"model": "openai/gpt-4o", "messages": []}')
+    error = assert_error(answer, 400, "invalid_request_error", "provider_not_configured")
+    assert "OPENAI_API_KEY" in error["message"]
+    assert up.requests == []
+
+
+BODY_PRESERVATION = [
+    # Whitespace, key order, unicode, numbers and unknown fields stay byte for byte.
+    b'{"model":"ollama/m","messages":[{"role":"user","content":"\xc3\xa4\\u00e4 \\"model\\": 1"}],"x":1.50}',
+    b'{\n  "temperature": 0,\n  "model" : "ollama/m" ,\n  "keep_alive": "5m"\n}\n',
+    b'{"response_format":{"json_schema":{"model":"ollama/keep"}},"model":"ollama/m"}',
+    b'{"model":"first","model":"ollama/m"}',  # json.loads takes the last one, so do we
+]
+
+
+@pytest.mark.parametrize("body", BODY_PRESERVATION)
+async def test_body_reaches_upstream_byte_for_byte_but_the_prefix(body: bytes) -> None:
+    """Apart from the model prefix, the upstream gets exactly the bytes the client sent."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, body)
+    assert answer.status == 200
+    last = body.rindex(b'"ollama/m"')
+    assert up.requests[0].body == body[:last] + b'"m"' + body[last + len(b'"ollama/m"'):]
+
+
+async def test_escaped_prefix_is_still_routed() -> None:
+    """A model written with JSON escapes ("ollama\\/m") routes like the plain spelling."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, b'{"model":"ollama\\/m\\u00e9","messages":[]}')
+    assert answer.status == 200
+    assert up.requests[0].json() == {"model": "m\u00e9", "messages": []}
+
+
+async def test_unprefixed_body_is_not_touched() -> None:
+    """A model without a provider prefix is forwarded with the body exactly as sent."""
+    body = b'{ "model":"qwen2.5:7b",  "messages":[] }'
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        await chat(app, body)
+    assert up.requests[0].body == body
+
+
+###############################################################################
+# Models ######################################################################
+###############################################################################
+
+OLLAMA_MODELS = {"object": "list", "data": [
+    {"id": "qwen2.5:7b", "object": "model", "created": 1, "owned_by": "library"},
+    {"id": "hf.co/x/y:Q4", "object": "model", "created": 2, "owned_by": "hf.co"},
+]}
+OPENAI_MODELS = {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 3,
+                                             "owned_by": "openai"}]}
+
+
+async def test_models_merge_both_providers_with_prefixes() -> None:
+    """GET /v1/models lists Ollama's models as ollama/<name> and OpenAI's as openai/<name>."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as ollama, \
+            upstream(json_reply(document=OPENAI_MODELS)) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY) as app:
+        answer = await call(app, "GET", "/v1/models")
+    assert answer.status == 200
+    document = answer.json()
+    assert document["object"] == "list"
+    assert [m["id"] for m in document["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4", "openai/gpt-4o-mini"]
+    assert document["data"][0] == {**OLLAMA_MODELS["data"][0], "id": "ollama/qwen2.5:7b"}
+    assert ollama.requests[0].target == "/v1/models" and openai.requests[0].target == "/v1/models"
+    assert openai.requests[0].header("authorization") == f"Bearer {OPENAI_KEY}"
+
+
+async def test_model_ids_round_trip() -> None:
+    """Every id from /v1/models, sent back as `model`, reaches that model on that provider."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as ollama, gateway(OLLAMA_BASE_URL=ollama.url) as app:
+        ids = [m["id"] for m in (await call(app, "GET", "/v1/models")).json()["data"]]
+        ollama.reply = json_reply()
+        for model_id in ids:
+            assert (await chat(app, json.dumps({"model": model_id}).encode())).status == 200
+        ollama.reply = json_reply(document=OLLAMA_MODELS)
+        for model_id in ids:
+            assert (await call(app, "GET", f"/v1/models/{model_id}")).json()["id"] == model_id
+    assert [r.json()["model"] for r in ollama.requests[1:] if r.method == "POST"] == ["qwen2.5:7b", "hf.co/x/y:Q4"]
+
+
+async def test_one_provider_down_leaves_the_other_listed() -> None:
+    """OpenAI down does not fail the list: Ollama's models are returned alone."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as ollama, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=refused_url(), OPENAI_API_KEY=OPENAI_KEY) as app:
+        answer = await call(app, "GET", "/v1/models")
+    assert answer.status == 200
+    assert [m["id"] for m in answer.json()["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4"]
+
+
+async def test_all_providers_down_is_an_honest_502() -> None:
+    """With every provider down, /v1/models says so instead of answering an empty list."""
+    async with gateway() as app:
+        answer = await call(app, "GET", "/v1/models")
+    assert_error(answer, 502, "api_error", "upstream_unavailable")
+
+
+async def test_ollama_null_data_is_an_empty_list() -> None:
+    """Ollama answers "data": null when no model is installed; clients get []."""
+    async with upstream(json_reply(document={"object": "list", "data": None})) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "GET", "/v1/models")
+    assert answer.status == 200 and answer.json() == {"object": "list", "data": []}
+
+
+async def test_one_model_or_404() -> None:
+    """GET /v1/models/{id} answers the model, or a 404 that points at /v1/models."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        found = await call(app, "GET", "/v1/models/ollama/qwen2.5:7b")
+        bare = await call(app, "GET", "/v1/models/qwen2.5:7b")
+        missing = await call(app, "GET", "/v1/models/ollama/nope")
+    assert found.status == 200 and found.json() == {**OLLAMA_MODELS["data"][0], "id": "ollama/qwen2.5:7b"}
+    assert bare.status == 200 and bare.json()["id"] == "ollama/qwen2.5:7b"
+    error = assert_error(missing, 404, "invalid_request_error", "model_not_found")
+    assert "/v1/models" in error["message"]
+
+
+###############################################################################
+# Auth ########################################################################
+###############################################################################
+
+AUTH_TABLE = [
+    # (Authorization header or None, status)
+    (None, 401),
+    (b"", 401),
+    (b"Bearer", 401),
+    (b"Bearer ", 401),
+    (b"Basic " + TOKEN.encode(), 401),
+    (b"Bearer wrong-token", 401),
+    (b"Bearer " + TOKEN.encode() + b"x", 401),
+    (b"Bearer " + TOKEN[:-1].encode(), 401),
+    (b"Bearer " + TOKEN.encode(), 200),
+    (b"bearer " + TOKEN.encode(), 200),
+    (b"Bearer " + OTHER_TOKEN.encode(), 200),
+]
+
+
+@pytest.mark.parametrize("authorization, status", AUTH_TABLE)
+async def test_auth_table(authorization: bytes | None, status: int) -> None:
+    """Only `Bearer <a configured token>` gets through; anything else is an OpenAI-style 401."""
+    headers = [] if authorization is None else [(b"authorization", authorization)]
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, headers=headers)
+    assert answer.status == status
+    if status == 401:
+        assert_error(answer, 401, "authentication_error")
+        assert up.requests == []
+
+
+###############################################################################
+# Bad requests ################################################################
+###############################################################################
+
+BAD_BODIES = [
+    b"",
+    b"not json",
+    b'{"model": "ollama/x"',
+    b"[1, 2]",
+    b'"ollama/x"',
+    b"{}",
+    b'{"model": 7}',
+    b'{"model": ""}',
+    b'{"model": null}',
+    b'{"model": "ollama/"}',
+    b'\xff\xfe{"model": "x"}',
+    b'\xef\xbb\xbf{"model": "x"}',
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
+async def test_bad_body_is_400_and_sends_nothing(body: bytes) -> None:
+    """A body that is not a JSON object with a `model` string gets a 400, and nothing goes upstream."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, body)
+    assert_error(answer, 400, "invalid_request_error")
+    assert up.requests == []
+
+
+async def test_body_over_the_limit_is_413_without_reading_it_all() -> None:
+    """A body over MAX_BODY_BYTES is refused with 413 by its Content-Length, or as soon as it grows too big."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, MAX_BODY_BYTES="100") as app:
+        declared = await chat(app, b"x" * 101, headers=[*AUTH, (b"content-length", b"101")])
+        parts = [b"x" * 60] * 5
+        streamed = await call(app, "POST", "/v1/chat/completions", body_parts=parts)
+        fits = await chat(app, b'{"model": "ollama/m", "pad": "' + b"x" * 60 + b'"}')
+    assert_error(declared, 413, "invalid_request_error", "request_too_large")
+    assert_error(streamed, 413, "invalid_request_error", "request_too_large")
+    assert fits.status == 200
+    assert len(up.requests) == 1
+
+
+async def test_body_in_several_parts_is_joined() -> None:
+    """A request body that arrives in several ASGI messages is forwarded whole."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/chat/completions", body_parts=[CHAT[:10], CHAT[10:30], CHAT[30:]])
+    assert answer.status == 200
+    assert up.requests[0].body == CHAT.replace(b"ollama/", b"")
+
+
+###############################################################################
+# Upstream failures and the error table #######################################
+###############################################################################
+
+
+async def test_refused_upstream_is_502() -> None:
+    """Nothing listening at OLLAMA_BASE_URL: 502 upstream_unavailable naming Ollama and the variable to check."""
+    async with gateway() as app:
+        answer = await chat(app)
+    error = assert_error(answer, 502, "api_error", "upstream_unavailable")
+    assert "ollama" in error["message"] and "OLLAMA_BASE_URL" in error["message"]
+    assert "127.0.0.1" not in error["message"]
+
+
+async def test_upstream_that_never_answers_is_504() -> None:
+    """An upstream that accepts but stays silent past TIMEOUT_SECONDS: 504 upstream_timeout."""
+    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+        answer = await chat(app)
+    error = assert_error(answer, 504, "api_error", "upstream_timeout")
+    assert "TIMEOUT_SECONDS" in error["message"]
+
+
+async def test_connect_timeout_is_504() -> None:
+    """An upstream whose listen queue is full never completes the handshake: 504 after the connect timeout."""
+    with full_backlog() as url:
+        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="0.2") as app:
+            answer = await chat(app)
+    error = assert_error(answer, 504, "api_error", "upstream_timeout")
+    assert "CONNECT_TIMEOUT_SECONDS" in error["message"]
+
+
+async def test_upstream_reset_before_answering_is_502() -> None:
+    """An upstream that hangs up without a word: 502, and a retry may help, so no x-should-retry: false."""
+    async with upstream(raw_reply(b"")) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert_error(answer, 502, "api_error", "upstream_unavailable")
+    assert answer.header(b"x-should-retry") is None
+
+
+async def test_upstream_that_is_not_http_is_502_without_retry() -> None:
+    """Something that is not HTTP at OLLAMA_BASE_URL (an SSH port, say): 502 and x-should-retry: false."""
+    async with upstream(raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n")) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert_error(answer, 502, "api_error", "upstream_unavailable")
+    assert answer.header(b"x-should-retry") == b"false"
+
+
+UPSTREAM_STATUS_TABLE = [
+    # (status, body from upstream, content type, expected type)
+    (400, json.dumps({"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}),
+     "application/json", "invalid_request_error"),
+    (404, json.dumps({"error": {"message": "model 'x' not found", "type": "not_found_error", "param": None,
+                                "code": None}}), "application/json", "not_found_error"),
+    (500, "upstream exploded\n  badly", "text/plain", "api_error"),
+    (503, "", "text/plain", "api_error"),
+    (403, "", "text/plain", "permission_error"),
+    (429, json.dumps({"error": "slow down"}), "application/json", "rate_limit_error"),
+    (422, json.dumps({"detail": "field required"}), "application/json", "api_error"),
+]
+
+
+@pytest.mark.parametrize("status, body, content_type, type_", UPSTREAM_STATUS_TABLE)
+async def test_upstream_error_status_is_passed_through(status: int, body: str, content_type: str,
+                                                       type_: str) -> None:
+    """An upstream 4xx/5xx keeps its status; OpenAI-shaped JSON passes unchanged, anything else is wrapped."""
+    headers = (("retry-after", "7"),) if status in (429, 503) else ()
+    reply = json_reply(status, raw=body.encode(), content_type=content_type, headers=headers)
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        plain = await chat(app)
+        streamed = await chat(app, STREAM_CHAT)
+    for answer in (plain, streamed):
+        error = assert_error(answer, status, type_)
+        if body.startswith('{"error": {'):
+            assert answer.body == body.encode()
+        else:
+            assert error["message"].startswith(f"ollama answered {status}")
+            text = " ".join(body.split()).strip()
+            if text and not text.startswith("{"):
+                assert text in error["message"]
+        if status in (429, 503):
+            assert answer.header(b"retry-after") == b"7"
+
+
+async def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug inside ModelGate answers a generic 500; the traceback goes to the log, not the client."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        app.upstreams["ollama"].request = None  # make the request path fail the way a bug would
+        answer = await chat(app)
+    error = assert_error(answer, 500, "api_error", "internal_error")
+    assert "Traceback" not in error["message"] and "NoneType" not in error["message"]
+
+
+@given(st.sampled_from(modelgate.UPSTREAM_FAILURES), st.sampled_from(modelgate.PROVIDERS))
+def test_every_upstream_failure_has_its_documented_status(row: tuple, provider: str) -> None:
+    """Each httpcore failure in the table becomes its documented status and an OpenAI-shaped body."""
+    exc_type, situation, _ = row
+    error = modelgate.upstream_failure(exc_type("boom"), provider)
+    status, type_, code = modelgate.ERRORS[error.situation]
+    assert error.situation == situation
+    assert status in (502, 503, 504) and type_ == "api_error"
+    assert provider in error.message and "boom" not in error.message
+    body = json.loads(modelgate.error_body(error.message, type_, code))
+    assert body == {"error": {"message": error.message, "type": "api_error", "param": None, "code": code}}
+
+
+###############################################################################
+# Streaming ###################################################################
+###############################################################################
+
+
+async def test_stream_is_relayed_event_by_event() -> None:
+    """A streamed chat arrives as the upstream sent it, one body message per upstream chunk, with SSE headers."""
+    async with upstream(sse_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.status == 200
+    assert answer.header(b"content-type") == b"text/event-stream"
+    assert answer.header(b"cache-control") == b"no-cache"
+    assert answer.header(b"x-accel-buffering") == b"no"
+    assert answer.header(b"content-length") is None
+    assert answer.chunks == EVENTS
+    assert answer.complete
+
+
+async def test_first_chunk_reaches_the_client_before_the_upstream_sends_the_second() -> None:
+    """Nothing is buffered: the upstream holds chunk 2 until the client has received chunk 1."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+
+        def on_message(message: dict) -> None:
+            if message.get("body") == EVENTS[0]:
+                up.release.set()
+
+        answer = await chat(app, STREAM_CHAT, on_message=on_message)
+    assert answer.chunks == EVENTS
+
+
+async def test_no_sse_without_stream_true() -> None:
+    """A request that did not ask for stream: true never gets an event stream, even stream: "true"."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, b'{"model": "ollama/m", "stream": "true"}')
+    assert answer.status == 200 and answer.header(b"content-type") == b"application/json"
+    assert answer.header(b"x-accel-buffering") is None
+
+
+async def test_stream_cut_midway_ends_with_an_error_event_not_done() -> None:
+    """An upstream that hangs up mid-stream: the client gets the chunks so far, one error event, no [DONE]."""
+    async with upstream(sse_reply(cut_before=2)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.status == 200
+    assert answer.chunks[:2] == EVENTS[:2]
+    assert_error_event(answer.chunks[2])
+    assert len(answer.chunks) == 3 and b"[DONE]" not in answer.body
+
+
+async def test_stream_without_done_ends_with_an_error_event() -> None:
+    """An upstream stream that ends cleanly but without data: [DONE] (Ollama's mid-stream failure) is cut."""
+    async with upstream(sse_reply(events=EVENTS[:2])) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.chunks[:2] == EVENTS[:2]
+    assert_error_event(answer.chunks[2])
+
+
+async def test_stream_silent_past_the_timeout_ends_with_an_error_event() -> None:
+    """An upstream that stops sending mid-stream for longer than TIMEOUT_SECONDS: error event, no [DONE]."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.chunks[0] == EVENTS[0]
+    assert "TIMEOUT_SECONDS" in assert_error_event(answer.chunks[1])["message"]
+
+
+def assert_error_event(event: bytes) -> dict:
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    error = json.loads(event[6:])["error"]
+    assert error["type"] == "api_error" and error["code"] == "upstream_stream_error"
+    return error
+
+
+async def test_stream_failing_before_first_byte_is_a_plain_error() -> None:
+    """A streamed request whose upstream is down gets the plain 502 JSON, not a 200 event stream."""
+    async with gateway() as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert_error(answer, 502, "api_error", "upstream_unavailable")
+
+
+async def test_stream_done_split_across_chunks_counts() -> None:
+    """[DONE] split over two upstream chunks, with CRLF line ends, still ends the stream cleanly."""
+    events = [EVENTS[0], b"data: [DO", b"NE]\r\n\r\n"]
+    async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.chunks == events
+
+
+###############################################################################
+# Client disconnects ##########################################################
+###############################################################################
+
+DISCONNECT_PHASES = [
+    # (upstream reply, request body, which phase the client leaves in)
+    (json_reply(held=True), CHAT, "before the upstream answered (plain)"),
+    (hang_reply, STREAM_CHAT, "before the upstream answered (stream)"),
+    (sse_reply(hold_before=1), STREAM_CHAT, "mid-stream, while the upstream is silent"),
+]
+
+
+@pytest.mark.parametrize("reply, body, phase", DISCONNECT_PHASES, ids=[p[2] for p in DISCONNECT_PHASES])
+async def test_client_disconnect_closes_the_upstream_request(reply: Reply, body: bytes, phase: str) -> None:
+    """When the client leaves, the upstream connection is closed at once, so Ollama stops generating."""
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        gone = asyncio.Event()
+        task = asyncio.ensure_future(chat(app, body, disconnect=gone))
+        await up.got_request.wait()
+        gone.set()
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+        answer = await task
+        # And the gateway still serves afterwards.
+        up.reply, up.release = json_reply(), asyncio.Event()
+        assert (await chat(app)).status == 200
+    assert not answer.complete and b"[DONE]" not in answer.body
+
+
+async def test_client_disconnect_mid_stream_over_a_real_socket() -> None:
+    """Over uvicorn: a client that closes its socket mid-stream makes the gateway close the upstream."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app, \
+            serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+                     + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)
+        await reader.readuntil(b"data: ")
+        writer.close()
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+
+
+class full_backlog:
+    """A loopback port whose listen queue is full and never accepted: connecting to it hangs.
+
+    Linux keeps one more than the backlog in the accept queue and drops further SYNs, so with
+    listen(0) and one connection waiting, the next handshake never completes.
+    """
+
+    def __enter__(self) -> str:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.fillers = []
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.listener.getsockname())
+            self.fillers.append(filler)
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+
+    def __exit__(self, *exc: Any) -> None:
+        for sock in [*self.fillers, self.listener]:
+            sock.close()
+
+
+async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
+    """1,000 clients leaving mid-request (during connect, while waiting, mid-stream) leak no pool slot.
+
+    httpcore PRs #1094/#1099 describe a request cancelled while its connection opens keeping a slot
+    forever; with 1,000 cancellations and 512 slots, one leak per cancellation would exhaust the pool.
+    """
+    async with upstream(sse_reply(hold_before=1)) as up:
+        with full_backlog() as hanging_url:
+            async with gateway(OLLAMA_BASE_URL=hanging_url, CONNECT_TIMEOUT_SECONDS="30") as app:
+                # 1. Cancelled while the upstream connection is being opened.
+                hanging_port = int(hanging_url.split(":")[2].split("/")[0])
+
+                async def all_connecting() -> None:
+                    for _ in range(1000):  # connect() starts the handshake at once: yielding is enough
+                        if connecting(hanging_port) >= 500:
+                            return
+                        await asyncio.sleep(0)
+                    assert connecting(hanging_port) >= 500
+
+                await cancel_many(app, 500, STREAM_CHAT, all_connecting)
+                # 2. The same pool, pointed at an upstream that answers: cancelled mid-stream and while waiting.
+                app.upstreams["ollama"].port = int(up.url.split(":")[2].split("/")[0])
+                await cancel_many(app, 250, STREAM_CHAT, lambda: up.received(250))
+                up.reply = json_reply(held=True)
+                await cancel_many(app, 250, CHAT, lambda: up.received(500))
+                up.reply, up.release = json_reply(), asyncio.Event()
+                up.release.set()
+                answers = await asyncio.gather(*(chat(app) for _ in range(20)))
+                assert [a.status for a in answers] == [200] * 20
+                pool = app.upstreams["ollama"].pool
+                assert "Requests: 0 active, 0 queued | Connections: 0 active" in repr(pool), repr(pool)
+
+
+def connecting(port: int) -> int:
+    """How many sockets of this machine are in the middle of a TCP handshake with 127.0.0.1:port."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "02")  # 02: SYN_SENT
+
+
+async def cancel_many(app: Any, count: int, body: bytes, ready: Callable[[], Awaitable[None]]) -> None:
+    """Start `count` requests, wait until each waits on the network, then make every client leave."""
+    gone = asyncio.Event()
+    tasks = [asyncio.ensure_future(chat(app, body, disconnect=gone)) for _ in range(count)]
+    await ready()
+    gone.set()
+    answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert not any(a.complete for a in answers)
+
+
+###############################################################################
+# Header hygiene ##############################################################
+###############################################################################
+
+CLIENT_HEADERS = [
+    (b"authorization", b"Bearer " + TOKEN.encode()),
+    (b"content-type", b"application/json"),
+    (b"accept", b"application/json"),
+    (b"user-agent", b"FluentRead/1.0"),
+    (b"cookie", b"session=secret"),
+    (b"origin", b"chrome-extension://abcdef"),
+    (b"referer", b"https://example.org/page"),
+    (b"host", b"gateway.example:8010"),
+    (b"x-forwarded-for", b"203.0.113.7"),
+    (b"x-forwarded-host", b"evil.example"),
+    (b"x-forwarded-proto", b"https"),
+    (b"forwarded", b"for=203.0.113.7"),
+    (b"x-api-key", b"another-secret"),
+    (b"accept-encoding", b"gzip, br"),
+    (b"connection", b"keep-alive, x-custom-hop"),
+    (b"x-custom-hop", b"1"),
+    *[(name, b"1") for name in sorted(modelgate.HOP_BY_HOP) if name != b"connection"],
+]
+
+
+async def test_only_safe_client_headers_reach_the_upstream() -> None:
+    """Upstream sees Content-Type, Accept, User-Agent, its own Host and key; never the client's secrets."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app:
+        answer = await call(app, "POST", "/v1/chat/completions", CHAT, CLIENT_HEADERS)
+    assert answer.status == 200
+    [request] = up.requests
+    host = up.url.removeprefix("http://").removesuffix("/v1")
+    assert sorted((k.lower(), v) for k, v in request.headers) == sorted([
+        ("host", host), ("accept-encoding", "identity"), ("content-type", "application/json"),
+        ("accept", "application/json"), ("user-agent", "FluentRead/1.0"),
+        ("authorization", f"Bearer {OLLAMA_KEY}"), ("content-length", str(len(request.body))),
+    ])
+
+
+async def test_no_upstream_key_means_no_authorization_upstream() -> None:
+    """Without OLLAMA_API_KEY the upstream gets no Authorization at all, never the client's token."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        await chat(app)
+    assert up.requests[0].header("authorization") is None
+
+
+async def test_a_header_named_in_connection_is_not_forwarded() -> None:
+    """A client's Connection header can make even User-Agent hop-by-hop (RFC 9110 §7.6.1)."""
+    headers = [*AUTH, (b"user-agent", b"ua"), (b"connection", b"User-Agent")]
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        await call(app, "POST", "/v1/chat/completions", CHAT, headers)
+    assert up.requests[0].header("user-agent") is None
+
+
+async def test_hop_by_hop_response_headers_are_not_passed_on() -> None:
+    """Every hop-by-hop header, and one named in Connection, stops at the gateway on the way back."""
+    hop = [("connection", "x-upstream-hop"), ("x-upstream-hop", "1"), ("keep-alive", "timeout=5"),
+           ("proxy-authenticate", "Basic"), ("te", "trailers"), ("trailer", "x"), ("upgrade", "h2c"),
+           ("proxy-connection", "keep-alive"), ("set-cookie", "__cf_bm=abc"), ("server", "upstream/1"),
+           ("access-control-allow-origin", "https://evil.example"), ("openai-processing-ms", "12"),
+           ("x-ratelimit-remaining-requests", "99"), ("x-ratelimit-remaining-requests", "98")]
+    async with upstream(json_reply(headers=tuple(hop))) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    names = [k for k, _ in answer.headers]
+    for name in (b"connection", b"x-upstream-hop", b"keep-alive", b"proxy-authenticate", b"te", b"trailer",
+                 b"upgrade", b"proxy-connection", b"set-cookie", b"server", b"transfer-encoding",
+                 b"access-control-allow-origin"):
+        assert name not in names
+    assert (b"openai-processing-ms", b"12") in answer.headers
+    assert [v for k, v in answer.headers if k == b"x-ratelimit-remaining-requests"] == [b"99", b"98"]
+
+
+# Header lists in the shape ASGI gives them: names from the hop-by-hop set, Connection with tokens that
+# name other headers in the list, and ordinary names, in any order and with duplicates.
+HEADER_NAMES = st.sampled_from(sorted(modelgate.HOP_BY_HOP) + [b"content-type", b"x-a", b"x-b", b"x-c", b"accept"])
+HEADER_LISTS = st.lists(st.tuples(HEADER_NAMES, st.sampled_from([b"1", b"x-a", b"x-b, x-c", b"close"])),
+                        max_size=12)
+
+
+@given(HEADER_LISTS)
+def test_header_filter_drops_hop_by_hop_and_keeps_the_rest_in_order(headers: list) -> None:
+    """After filtering, no hop-by-hop or Connection-named header survives; the rest keep order and duplicates."""
+    named = {t.strip() for k, v in headers if k == b"connection" for t in v.split(b",")}
+    kept = modelgate.response_headers(headers)
+    assert kept == [(k, v) for k, v in headers if k not in modelgate.HOP_BY_HOP and k not in named]
+
+
+###############################################################################
+# CORS ########################################################################
+###############################################################################
+
+
+async def test_preflight_needs_no_token_and_echoes_requested_headers() -> None:
+    """OPTIONS with Access-Control-Request-Method: 204 with the CORS answers, no auth needed."""
+    headers = [(b"origin", b"chrome-extension://abc"), (b"access-control-request-method", b"POST"),
+               (b"access-control-request-headers", b"authorization, content-type, x-stainless-os")]
+    async with gateway() as app:
+        answer = await call(app, "OPTIONS", "/v1/chat/completions", headers=headers)
+    assert answer.status == 204 and answer.body == b""
+    assert answer.header(b"access-control-allow-origin") == b"*"
+    assert answer.header(b"access-control-allow-methods") == b"GET, POST, OPTIONS"
+    assert answer.header(b"access-control-allow-headers") == b"authorization, content-type, x-stainless-os"
+    assert answer.header(b"access-control-max-age")
+
+
+async def test_cors_list_allows_named_origins_only_but_refuses_nobody() -> None:
+    """With CORS_ALLOW_ORIGINS listing origins, a listed Origin is echoed; another gets no CORS headers, no 403."""
+    async with upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, CORS_ALLOW_ORIGINS="https://app.example, chrome-extension://ok") as app:
+        listed = await chat(app, headers=[*AUTH, (b"origin", b"chrome-extension://ok")])
+        other = await chat(app, headers=[*AUTH, (b"origin", b"https://other.example")])
+    assert listed.status == 200 and listed.header(b"access-control-allow-origin") == b"chrome-extension://ok"
+    assert other.status == 200 and other.header(b"access-control-allow-origin") is None
+
+
+async def test_errors_carry_cors_headers_too() -> None:
+    """A 401 to a browser page still carries Access-Control-Allow-Origin, so the page can read the error."""
+    async with gateway() as app:
+        answer = await chat(app, headers=[(b"origin", b"https://app.example")])
+    assert answer.status == 401 and answer.header(b"access-control-allow-origin") == b"*"
+
+
+async def test_preflight_with_odd_requested_headers_gets_the_default_list() -> None:
+    """Requested header names that are not tokens are not echoed into our response."""
+    headers = [(b"origin", b"https://a.example"), (b"access-control-request-method", b"POST"),
+               (b"access-control-request-headers", b"x-a\r\nset-cookie: x")]
+    async with gateway() as app:
+        answer = await call(app, "OPTIONS", "/v1/models", headers=headers)
+    assert answer.status == 204
+    assert answer.header(b"access-control-allow-headers") == modelgate.CORS_DEFAULT_HEADERS
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+CONFIG_ERRORS = [
+    # (settings, variable the one-line error must name)
+    ({"MODELGATE_TOKEN": ""}, "MODELGATE_TOKEN"),
+    ({"MODELGATE_TOKEN": " , "}, "MODELGATE_TOKEN"),
+    ({"MODELGATE_TOKEN": "has space"}, "MODELGATE_TOKEN"),
+    ({"DEFAULT_PROVIDER": "anthropic"}, "DEFAULT_PROVIDER"),
+    ({"DEFAULT_PROVIDER": "openai"}, "OPENAI_API_KEY"),
+    ({"OLLAMA_BASE_URL": "localhost:11434"}, "OLLAMA_BASE_URL"),
+    ({"OLLAMA_BASE_URL": "ftp://x/v1"}, "OLLAMA_BASE_URL"),
+    ({"OLLAMA_BASE_URL": "http://h:99999/v1"}, "OLLAMA_BASE_URL"),
+    ({"OPENAI_BASE_URL": "https://user:pw@api.example/v1"}, "OPENAI_BASE_URL"),
+    ({"TIMEOUT_SECONDS": "soon"}, "TIMEOUT_SECONDS"),
+    ({"TIMEOUT_SECONDS": "0"}, "TIMEOUT_SECONDS"),
+    ({"TIMEOUT_SECONDS": "nan"}, "TIMEOUT_SECONDS"),
+    ({"CONNECT_TIMEOUT_SECONDS": "-1"}, "CONNECT_TIMEOUT_SECONDS"),
+    ({"MAX_BODY_BYTES": "16MB"}, "MAX_BODY_BYTES"),
+    ({"PORT": "80800"}, "PORT"),
+]
+
+
+@pytest.mark.parametrize("settings_, variable", CONFIG_ERRORS)
+def test_bad_config_names_the_variable(settings_: dict, variable: str) -> None:
+    """A bad setting stops start-up with one line that names the variable."""
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, **settings_})
+    message = str(failure.value)
+    assert variable in message and "\n" not in message
+
+
+def test_defaults() -> None:
+    """Only MODELGATE_TOKEN is required; everything else has the documented default."""
+    config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN})
+    assert config.tokens == (TOKEN.encode(),)
+    assert config.default_provider == "ollama"
+    assert config.ollama_base_url == "http://127.0.0.1:11434/v1"
+    assert config.openai_base_url == "https://api.openai.com/v1"
+    assert (config.ollama_api_key, config.openai_api_key) == ("", "")
+    assert (config.timeout, config.connect_timeout) == (120, 10)
+    assert config.max_body_bytes == 16 * 1024 * 1024
+    assert config.cors_allow_origins == {"*"}
+    assert (config.host, config.port) == ("0.0.0.0", 8010)
+
+
+def test_missing_token_says_how_to_make_one() -> None:
+    """Start-up without MODELGATE_TOKEN explains how to generate one."""
+    with pytest.raises(modelgate.ConfigError, match="secrets.token_urlsafe"):
+        modelgate.load_config({})
+
+
+async def test_bad_config_fails_lifespan_startup() -> None:
+    """Under `uvicorn modelgate:app` a bad setting fails start-up with the same message."""
+    app = modelgate.Gateway({"MODELGATE_TOKEN": ""})
+    inbox, outbox = asyncio.Queue(), asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    await app({"type": "lifespan"}, inbox.get, outbox.put)
+    message = await outbox.get()
+    assert message["type"] == "lifespan.startup.failed" and "MODELGATE_TOKEN" in message["message"]
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
+def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> None:
+    """TIMEOUT_SECONDS accepts any positive finite number, written any way float() reads, and nothing else."""
+    text = str(value)
+    try:
+        expected = float(text)
+        ok = expected > 0 and expected != float("inf")
+    except ValueError:
+        ok = False
+    if ok:
+        assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text}).timeout == float(text)
+    else:
+        with pytest.raises(modelgate.ConfigError, match="TIMEOUT_SECONDS"):
+            modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text})
+
+
+@given(st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=","),
+                        min_size=1, max_size=20), min_size=1, max_size=4))
+def test_token_lists_accept_every_printable_token(tokens: list[str]) -> None:
+    """MODELGATE_TOKEN takes comma-separated tokens, spaces around commas ignored."""
+    config = modelgate.load_config({"MODELGATE_TOKEN": " , ".join(tokens)})
+    assert config.tokens == tuple(t.encode() for t in tokens)
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path: Any) -> None:
+    """.env lines (comments, quotes, export) fill in what the environment does not already set."""
+    path = tmp_path / ".env"
+    path.write_text("# ModelGate\nMODELGATE_TOKEN='from-file'\nexport PORT=9000 # the port\n\n"
+                    'OLLAMA_BASE_URL="http://ollama:11434/v1"\nCORS_ALLOW_ORIGINS=a#b\n')
+    env = {"PORT": "8011"}
+    modelgate.read_dotenv(str(path), env)
+    assert env == {"MODELGATE_TOKEN": "from-file", "PORT": "8011", "OLLAMA_BASE_URL": "http://ollama:11434/v1",
+                   "CORS_ALLOW_ORIGINS": "a#b"}
+
+
+def test_dotenv_bad_line_names_the_line(tmp_path: Any) -> None:
+    """A .env line that is not KEY=VALUE stops start-up, naming the line."""
+    path = tmp_path / ".env"
+    path.write_text("MODELGATE_TOKEN=x\nthis is not a setting\n")
+    with pytest.raises(modelgate.ConfigError, match="line 2"):
+        modelgate.read_dotenv(str(path), {})
+
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+
+@asynccontextmanager
+async def captured_log() -> AsyncIterator[list[str]]:
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    modelgate.log.addHandler(handler)
+    level, modelgate.log.level = modelgate.log.level, logging.INFO
+    try:
+        yield lines
+    finally:
+        modelgate.log.removeHandler(handler)
+        modelgate.log.level = level
+
+
+async def test_one_log_line_per_request_without_secrets() -> None:
+    """Each request logs one line (method, path, status, provider, model, ms, bytes); no token or key, ever."""
+    async with captured_log() as lines, upstream(sse_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY, OPENAI_API_KEY=OPENAI_KEY) as app:
+        await chat(app, STREAM_CHAT)
+        await chat(app, headers=[(b"authorization", b"Bearer wrong-secret-token")])
+        up.reply = json_reply(401, raw=b"key " + OLLAMA_KEY.encode() + b" rejected")
+        await chat(app)
+    text = "\n".join(lines)
+    for secret in (TOKEN, OTHER_TOKEN, OLLAMA_KEY, OPENAI_KEY, "wrong-secret-token", "Hallo"):
+        assert secret not in text
+    requests = [line for line in lines if line.startswith("POST ")]
+    assert len(requests) == 3
+    assert requests[0].startswith("POST /v1/chat/completions 200 ollama ollama/qwen2.5:7b ")
+    assert "ttfb=" in requests[0]
+    assert requests[1].startswith("POST /v1/chat/completions 401 ")
+
+
+async def test_client_that_left_is_logged_as_499() -> None:
+    """A client that disconnected before its answer shows up in the log as 499."""
+    async with captured_log() as lines, upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        gone = asyncio.Event()
+        task = asyncio.ensure_future(chat(app, disconnect=gone))
+        await up.got_request.wait()
+        gone.set()
+        await task
+    assert any(line.startswith("POST /v1/chat/completions 499 ") for line in lines)
+
+
+###############################################################################
+# Relay invariance and robustness (hypothesis) #################################
+###############################################################################
+
+# An SSE payload cut at arbitrary points into the upstream's chunks.
+SSE_PAYLOAD = b"".join(EVENTS)
+CUTS = st.lists(st.integers(min_value=1, max_value=len(SSE_PAYLOAD) - 1), max_size=12, unique=True).map(sorted)
+
+
+@settings(max_examples=30, deadline=None)
+@given(CUTS)
+async def test_relay_is_invariant_to_how_upstream_bytes_are_split(cuts: list[int]) -> None:
+    """However the upstream's bytes are split into chunks, the client receives exactly the same bytes."""
+    pieces = [SSE_PAYLOAD[a:b] for a, b in zip([0, *cuts], [*cuts, len(SSE_PAYLOAD)])]
+    async with upstream(sse_reply(events=pieces)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.body == SSE_PAYLOAD
+
+
+# Request bodies: JSON-ish text and raw bytes; headers: arbitrary names and values.
+BODIES = st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
+                   st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                                    st.sampled_from(["model", "stream", "messages", "x"]), inner, max_size=4),
+                                max_leaves=8).map(lambda d: json.dumps(d).encode()))
+HEADERS = st.lists(st.tuples(st.binary(min_size=1, max_size=20).map(bytes.lower), st.binary(max_size=40)),
+                   max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(BODIES, HEADERS, st.sampled_from(["/v1/chat/completions", "/v1/embeddings", "/v1/models",
+                                         "/v1/models/ollama/x", "/health", "/nope"]),
+       st.sampled_from(["GET", "POST", "OPTIONS", "PATCH"]))
+async def test_random_requests_never_get_a_500(body: bytes, headers: list, path: str, method: str) -> None:
+    """No request body or header list, however odd, makes ModelGate fail with a 500."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, method, path, body, [*AUTH, *headers])
+    assert answer.status < 500 and answer.complete
+
+
+###############################################################################
+# Over a real socket ##########################################################
+###############################################################################
+
+
+async def test_over_uvicorn_plain_and_streamed() -> None:
+    """Through a real uvicorn socket: a plain answer, then a stream whose events arrive one by one."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app, \
+            serve(app) as base, httpcore.AsyncConnectionPool() as client:
+        health = await client.request("GET", f"{base}/health")
+        assert health.status == 200
+        async with client.stream("POST", f"{base}/v1/chat/completions", content=STREAM_CHAT,
+                                 headers={"authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200
+            received = b""
+            async for part in response.aiter_stream():
+                received += part
+                if received == EVENTS[0]:
+                    up.release.set()  # the upstream sends the rest only after we saw the first event
+        assert received == SSE_PAYLOAD
