@@ -41,10 +41,12 @@ import json.scanner
 import logging
 import math
 import os
+import random
 import re
-import secrets
+import ssl
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Mapping, MutableMapping
@@ -404,6 +406,211 @@ def response_headers(headers: Headers) -> Headers:
     return kept
 
 
+class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
+    """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with timeouts.
+
+    httpcore's own backend goes through anyio, whose cancel scope around every read and write costs
+    more than the read itself. This is the same contract on asyncio's protocol callbacks: incoming
+    data waits in a list, a reader waits on one future, and a timeout is one timer.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received: list[bytes] = []
+        self.eof = False
+        self.waiter: asyncio.Future | None = None  # a read waiting for data, or a write for the buffer to drain
+        self.paused = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Stream:
+        loop = asyncio.get_running_loop()
+        try:
+            _, stream = await asyncio.wait_for(loop.create_connection(cls, host, port, ssl=tls), timeout)
+        except asyncio.TimeoutError:
+            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
+        except OSError as exc:  # refused, unreachable, unknown host, TLS failure (ssl.SSLError)
+            raise httpcore.ConnectError(str(exc)) from exc
+        return stream
+
+    # asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _wait(self, timeout: float | None, timeout_error: type[Exception]) -> None:
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, lambda: waiter.done() or waiter.set_exception(
+                timeout_error(f"nothing for {timeout} s")))
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    # httpcore.AsyncNetworkStream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if not self.received and not self.eof:
+            await self._wait(timeout, httpcore.ReadTimeout)
+        if not self.received:
+            return b""  # end of stream
+        data = self.received.pop(0)
+        if len(data) > max_bytes:
+            self.received.insert(0, data[max_bytes:])
+            data = data[:max_bytes]
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self.transport.is_closing():
+            raise httpcore.WriteError("the connection is closed")
+        self.transport.write(buffer)
+        if self.paused:
+            await self._wait(timeout, httpcore.WriteTimeout)
+
+    async def aclose(self) -> None:
+        self.transport.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # asked of an idle connection: anything to read means the server hung up
+            return bool(self.received) or self.eof
+        return self.transport.get_extra_info(info)
+
+
+class Connection(httpcore.AsyncHTTP11Connection):
+    """httpcore's HTTP/1.1 connection, without the lock around its state.
+
+    The lock guards a connection shared by concurrent requests, as in httpcore's pool. Ours hands a
+    connection to one request at a time, and anyio's lock costs a trip through the event loop on
+    every acquire, twice per request. Should httpcore rename the attribute, this only gets slower.
+    """
+
+    def __init__(self, origin: httpcore.Origin, stream: Stream, keepalive_expiry: float) -> None:
+        super().__init__(origin, stream, keepalive_expiry)
+        self._state_lock = NO_LOCK
+
+
+class NoLock:
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        pass
+
+
+NO_LOCK = NoLock()
+
+
+class PooledStream:
+    """A response body that gives its connection back to the pool when it is closed."""
+
+    def __init__(self, pool: Pool, connection: Connection, stream: Any) -> None:
+        self.pool, self.connection, self.stream = pool, connection, stream
+
+    def __aiter__(self) -> Any:
+        return self.stream.__aiter__()
+
+    async def aclose(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            try:
+                await self.stream.aclose()  # h11 decides: ready for the next request, or closed
+            finally:
+                pool.checkin(self.connection)
+
+
+class Pool:
+    """Keep-alive HTTP/1.1 connections to one upstream: a stack of idle ones and a cap on the total.
+
+    httpcore's AsyncConnectionPool serves any origin and HTTP/2, and so re-examines every connection it
+    holds on every request; with a few hundred connections most of the gateway's time went there. One
+    origin and HTTP/1.1 need less: the idle connection used last is the one most likely still open.
+    A request owns its connection from checkout until its response is closed, so a cancellation at
+    any point, even while the connection opens, leaves nothing half-done in shared state (the trap
+    of httpcore PRs #1094/#1099). httpcore's AsyncHTTP11Connection still speaks the protocol.
+    """
+
+    def __init__(self, scheme: bytes, host: bytes, port: int, limit: int) -> None:
+        self.origin = httpcore.Origin(scheme, host, port)
+        self.host, self.port = host.decode("ascii"), port
+        self.tls = ssl.create_default_context() if scheme == b"https" else None
+        self.idle: deque[Connection] = deque()  # oldest first
+        self.slots = asyncio.Semaphore(limit)
+        self.in_use = 0
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        timeouts = request.extensions["timeout"]
+        if self.slots.locked():  # all in use: wait for one, as long as for a connection
+            try:
+                await asyncio.wait_for(self.slots.acquire(), timeouts["pool"])
+            except asyncio.TimeoutError:
+                raise httpcore.PoolTimeout("every connection is in use") from None
+        else:
+            await self.slots.acquire()
+        self.in_use += 1
+        try:
+            connection = self.checkout()
+            if connection is None:
+                stream = await Stream.connect(self.host, self.port, self.tls, timeouts["connect"])
+                connection = Connection(self.origin, stream, KEEPALIVE_SECONDS)
+            response = await connection.handle_async_request(request)
+        except BaseException:
+            self.release()  # httpcore has closed the connection, or it never opened
+            raise
+        response.stream = PooledStream(self, connection, response.stream)
+        return response
+
+    def checkout(self) -> Connection | None:
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.has_expired():
+                return connection
+            connection._network_stream.transport.close()
+        return None
+
+    def checkin(self, connection: Connection) -> None:
+        self.release()
+        if connection.is_idle():
+            self.idle.append(connection)
+        while self.idle and self.idle[0].has_expired():  # the oldest first: close what outlived keep-alive
+            self.idle.popleft()._network_stream.transport.close()
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self.slots.release()
+
+    async def aclose(self) -> None:
+        while self.idle:
+            await self.idle.pop().aclose()
+
+
 class Upstream:
     """One provider: where it lives, the key it wants, and its connection pool."""
 
@@ -420,10 +627,7 @@ class Upstream:
             "connect": config.connect_timeout, "pool": config.connect_timeout,
             "read": config.timeout, "write": config.timeout,
         }}
-        self.pool = httpcore.AsyncConnectionPool(
-            max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS,
-            keepalive_expiry=KEEPALIVE_SECONDS,
-        )
+        self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
 
     def request(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"") -> httpcore.Request:
         """Build the outbound request explicitly from the few client headers that may travel."""
@@ -560,7 +764,7 @@ class Exchange:
         self.body = b""
         self.receive, self.send = receive, send
         self.cors: Headers = []
-        self.request_id = secrets.token_hex(12).encode()
+        self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
         self.status = 0
         self.provider = self.model = "-"
         self.bytes_out = 0

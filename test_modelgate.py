@@ -86,8 +86,11 @@ class FakeUpstream:
     server: asyncio.AbstractServer | None = None
     url: str = ""  # the base URL to give the gateway, ending in /v1
 
-    async def start(self) -> FakeUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, sock: socket.socket | None = None) -> FakeUpstream:
+        if sock is None:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        else:  # a listening socket made by the test
+            self.server = await asyncio.start_server(self._serve, sock=sock)
         self.url = "http://127.0.0.1:%d/v1" % self.server.sockets[0].getsockname()[1]
         return self
 
@@ -670,7 +673,7 @@ async def test_upstream_that_never_answers_is_504() -> None:
 
 async def test_connect_timeout_is_504() -> None:
     """An upstream whose listen queue is full never completes the handshake: 504 after the connect timeout."""
-    with full_backlog() as url:
+    with FullBacklog() as url:
         async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="0.2") as app:
             answer = await chat(app)
     error = assert_error(answer, 504, "api_error", "upstream_timeout")
@@ -878,7 +881,7 @@ async def test_client_disconnect_mid_stream_over_a_real_socket() -> None:
         await asyncio.wait_for(up.saw_close.wait(), 5)
 
 
-class full_backlog:
+class FullBacklog:
     """A loopback port whose listen queue is full and never accepted: connecting to it hangs.
 
     Linux keeps one more than the backlog in the accept queue and drops further SYNs, so with
@@ -897,6 +900,13 @@ class full_backlog:
             self.fillers.append(filler)
         return f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
 
+    def accept(self) -> socket.socket:
+        """Empty the queue and hand over the listening socket, so that a server can answer there."""
+        for filler in self.fillers:
+            filler.close()
+        self.listener.listen(128)
+        return self.listener
+
     def __exit__(self, *exc: Any) -> None:
         for sock in [*self.fillers, self.listener]:
             sock.close()
@@ -908,31 +918,31 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
     httpcore PRs #1094/#1099 describe a request cancelled while its connection opens keeping a slot
     forever; with 1,000 cancellations and 512 slots, one leak per cancellation would exhaust the pool.
     """
-    async with upstream(sse_reply(hold_before=1)) as up:
-        with full_backlog() as hanging_url:
-            async with gateway(OLLAMA_BASE_URL=hanging_url, CONNECT_TIMEOUT_SECONDS="30") as app:
-                # 1. Cancelled while the upstream connection is being opened.
-                hanging_port = int(hanging_url.split(":")[2].split("/")[0])
+    backlog = FullBacklog()
+    with backlog as url:
+        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="30") as app:
+            # 1. Cancelled while the upstream connection is being opened.
+            port = int(url.split(":")[2].split("/")[0])
 
-                async def all_connecting() -> None:
-                    for _ in range(1000):  # connect() starts the handshake at once: yielding is enough
-                        if connecting(hanging_port) >= 500:
-                            return
-                        await asyncio.sleep(0)
-                    assert connecting(hanging_port) >= 500
+            async def all_connecting() -> None:
+                for _ in range(1000):  # connect() starts the handshake at once: yielding is enough
+                    if connecting(port) >= 500:
+                        return
+                    await asyncio.sleep(0)
+                assert connecting(port) >= 500
 
-                await cancel_many(app, 500, STREAM_CHAT, all_connecting)
-                # 2. The same pool, pointed at an upstream that answers: cancelled mid-stream and while waiting.
-                app.upstreams["ollama"].port = int(up.url.split(":")[2].split("/")[0])
-                await cancel_many(app, 250, STREAM_CHAT, lambda: up.received(250))
-                up.reply = json_reply(held=True)
-                await cancel_many(app, 250, CHAT, lambda: up.received(500))
-                up.reply, up.release = json_reply(), asyncio.Event()
-                up.release.set()
-                answers = await asyncio.gather(*(chat(app) for _ in range(20)))
-                assert [a.status for a in answers] == [200] * 20
-                pool = app.upstreams["ollama"].pool
-                assert "Requests: 0 active, 0 queued | Connections: 0 active" in repr(pool), repr(pool)
+            await cancel_many(app, 500, STREAM_CHAT, all_connecting)
+            # 2. The same upstream starts answering: cancelled mid-stream, then while it holds its answers.
+            up = await FakeUpstream(sse_reply(hold_before=1)).start(sock=backlog.accept())
+            await cancel_many(app, 250, STREAM_CHAT, lambda: up.received(250))
+            up.reply = json_reply(held=True)
+            await cancel_many(app, 250, CHAT, lambda: up.received(500))
+            # 3. Every slot is free again, and the pool serves.
+            up.reply = json_reply()
+            answers = await asyncio.gather(*(chat(app) for _ in range(20)))
+            assert [a.status for a in answers] == [200] * 20
+            assert app.upstreams["ollama"].pool.in_use == 0
+            up.server.close()
 
 
 def connecting(port: int) -> int:
