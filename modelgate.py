@@ -267,14 +267,13 @@ def error_body(message: str, type_: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
-def upstream_failure(exc: Exception, name: str) -> GatewayError:
+def upstream_failure(exc: Exception, name: str, in_status_line: bool = False) -> GatewayError:
     """Translate an httpcore exception into the error the client gets."""
     for exc_type, situation, message in UPSTREAM_FAILURES:
         if isinstance(exc, exc_type):
             headers = []
-            # Bytes that are not HTTP at all (h11 said so) will not become HTTP on a retry. httpcore's
-            # pool re-raises `from None`, which keeps the h11 error as the context, not the cause.
-            if isinstance(exc.__cause__ or exc.__context__, h11.RemoteProtocolError):
+            # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
+            if in_status_line and isinstance(exc.__cause__, h11.RemoteProtocolError):
                 headers = [(b"x-should-retry", b"false")]
             return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), headers)
     raise exc  # not an upstream failure: answered as 500
@@ -647,7 +646,7 @@ class Upstream:
         try:
             return await self.pool.handle_async_request(request)
         except UPSTREAM_EXCEPTIONS as exc:
-            raise upstream_failure(exc, self.name) from exc
+            raise upstream_failure(exc, self.name, in_status_line=True) from exc
 
     async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
         """The whole body (or its first `limit` bytes); failures as in send()."""
