@@ -696,6 +696,27 @@ async def test_upstream_that_is_not_http_is_502_without_retry() -> None:
     assert answer.header(b"x-should-retry") == b"false"
 
 
+async def test_plain_answer_cut_midway_is_502() -> None:
+    """An upstream that hangs up in the middle of a plain answer: 502, and a retry may help."""
+    cut = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\": "
+    async with upstream(raw_reply(cut)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert_error(answer, 502, "api_error", "upstream_unavailable")
+    assert answer.header(b"x-should-retry") is None
+
+
+async def test_connections_are_reused_and_closed_ones_replaced() -> None:
+    """Sequential requests share one keep-alive connection; after `Connection: close` a new one is opened."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        for _ in range(3):
+            assert (await chat(app)).status == 200
+        assert up.connections == 1
+        up.reply = json_reply(headers=(("connection", "close"),))
+        for _ in range(3):
+            assert (await chat(app)).status == 200
+    assert up.connections == 3
+
+
 UPSTREAM_STATUS_TABLE = [
     # (status, body from upstream, content type, expected type)
     (400, json.dumps({"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}),
