@@ -43,6 +43,7 @@ import math
 import os
 import random
 import re
+import signal
 import ssl
 import sys
 import time
@@ -93,7 +94,7 @@ DEFAULTS = {
     "PORT": "8010",
 }
 
-TOKEN_HELP = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+TOKEN_HELP = 'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 class ConfigError(Exception):
@@ -119,8 +120,8 @@ class Config:
 def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     """Read and check every setting once; raise ConfigError naming the first bad one."""
 
-    def get(name: str) -> str:
-        return environ.get(name, DEFAULTS.get(name, "")).strip()
+    def get(name: str) -> str:  # a variable set to nothing (NAME= in .env) means its default
+        return environ.get(name, "").strip() or DEFAULTS.get(name, "")
 
     tokens = tuple(t.strip() for t in get("MODELGATE_TOKEN").split(",") if t.strip())
     if not tokens:
@@ -1148,6 +1149,11 @@ def main() -> None:
     import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
 
     setup_logging()
+    # After a graceful shutdown uvicorn raises the signal that asked for it again, so that Python's
+    # default handling ends the process: 143 for SIGTERM, a traceback for Ctrl-C. A shutdown that
+    # finished its requests is a success: with these handlers in place the process exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
     uvicorn.run(
         app, host=config.host, port=config.port,
         access_log=False,  # we log one line per request ourselves

@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
+import signal
 import socket
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -1180,14 +1184,17 @@ async def test_bad_config_fails_lifespan_startup() -> None:
 
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
 def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> None:
-    """TIMEOUT_SECONDS accepts any positive finite number, written any way float() reads, and nothing else."""
+    """TIMEOUT_SECONDS accepts any positive finite number, written any way float() reads, and nothing else
+    (but nothing at all, which means the default)."""
     text = str(value)
     try:
         expected = float(text)
         ok = expected > 0 and expected != float("inf")
     except ValueError:
         ok = False
-    if ok:
+    if not text.strip():  # set to nothing: the default
+        assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text}).timeout == 120
+    elif ok:
         assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text}).timeout == float(text)
     else:
         with pytest.raises(modelgate.ConfigError, match="TIMEOUT_SECONDS"):
@@ -1200,6 +1207,14 @@ def test_token_lists_accept_every_printable_token(tokens: list[str]) -> None:
     """MODELGATE_TOKEN takes comma-separated tokens, spaces around commas ignored."""
     config = modelgate.load_config({"MODELGATE_TOKEN": " , ".join(tokens)})
     assert config.tokens == tuple(t.encode() for t in tokens)
+
+
+def test_empty_values_mean_the_default() -> None:
+    """A variable set to nothing (`TIMEOUT_SECONDS=` in .env) takes its default instead of failing."""
+    config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": "", "HOST": " ",
+                                    "DEFAULT_PROVIDER": "", "OLLAMA_BASE_URL": ""})
+    assert (config.timeout, config.host, config.default_provider) == (120, "0.0.0.0", "ollama")
+    assert config.ollama_base_url == "http://127.0.0.1:11434/v1"
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path: Any) -> None:
@@ -1219,6 +1234,52 @@ def test_dotenv_bad_line_names_the_line(tmp_path: Any) -> None:
     path.write_text("MODELGATE_TOKEN=x\nthis is not a setting\n")
     with pytest.raises(modelgate.ConfigError, match="line 2"):
         modelgate.read_dotenv(str(path), {})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_command_line(tmp_path: Any, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """`python modelgate.py` in a directory of its own, as a user starts it."""
+    shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "modelgate.py", cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+
+
+async def test_command_line_serves_and_exits_0_on_sigterm(tmp_path: Any) -> None:
+    """`python modelgate.py` reads .env, serves on HOST:PORT, and exits 0 after a graceful SIGTERM."""
+    port = free_port()
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nPORT={port}\nHOST=127.0.0.1\n")
+    process = await start_command_line(tmp_path, {})
+    try:
+        output = b""
+        while b"Uvicorn running on" not in output:
+            line = await asyncio.wait_for(process.stdout.readline(), 10)
+            assert line, output
+            output += line
+        async with httpcore.AsyncConnectionPool() as client:
+            answer = await client.request("GET", f"http://127.0.0.1:{port}/health")
+        assert answer.status == 200
+        process.send_signal(signal.SIGTERM)
+        output += await asyncio.wait_for(process.stdout.read(), 10)
+        assert await process.wait() == 0, output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert TOKEN.encode() not in output
+
+
+async def test_command_line_bad_config_is_one_line_and_fails(tmp_path: Any) -> None:
+    """A bad setting stops `python modelgate.py` with one line naming it and a non-zero exit status."""
+    process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": "soon"})
+    output = await asyncio.wait_for(process.stdout.read(), 10)
+    assert await process.wait() != 0
+    assert output.decode().strip().count("\n") == 0 and b"TIMEOUT_SECONDS" in output
 
 
 ###############################################################################
