@@ -411,15 +411,16 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
 
     httpcore's own backend goes through anyio, whose cancel scope around every read and write costs
     more than the read itself. This is the same contract on asyncio's protocol callbacks: incoming
-    data waits in a list, a reader waits on one future, and a timeout is one timer.
+    data waits in a list, a reader waits on one future, and a timeout is one timer. httpcore writes a
+    request as headers, body and end in three calls; they leave in one send when it starts to read.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.outgoing: list[bytes] = []
         self.received: list[bytes] = []
         self.eof = False
-        self.waiter: asyncio.Future | None = None  # a read waiting for data, or a write for the buffer to drain
-        self.paused = False
+        self.waiter: asyncio.Future | None = None  # a read waiting for data
 
     @classmethod
     async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Stream:
@@ -450,24 +451,17 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self.eof = True
         self._wake()
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake()
-
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def _wait(self, timeout: float | None, timeout_error: type[Exception]) -> None:
+    async def _wait(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
         timer = None
         if timeout is not None:
             timer = loop.call_later(timeout, lambda: waiter.done() or waiter.set_exception(
-                timeout_error(f"nothing for {timeout} s")))
+                httpcore.ReadTimeout(f"nothing for {timeout} s")))
         try:
             await waiter
         finally:
@@ -478,8 +472,11 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     # httpcore.AsyncNetworkStream
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self.outgoing:
+            self.transport.write(b"".join(self.outgoing))
+            self.outgoing.clear()
         if not self.received and not self.eof:
-            await self._wait(timeout, httpcore.ReadTimeout)
+            await self._wait(timeout)
         if not self.received:
             return b""  # end of stream
         data = self.received.pop(0)
@@ -491,9 +488,7 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if self.transport.is_closing():
             raise httpcore.WriteError("the connection is closed")
-        self.transport.write(buffer)
-        if self.paused:
-            await self._wait(timeout, httpcore.WriteTimeout)
+        self.outgoing.append(buffer)
 
     async def aclose(self) -> None:
         self.transport.close()
