@@ -411,8 +411,10 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
 
     httpcore's own backend goes through anyio, whose cancel scope around every read and write costs
     more than the read itself. This is the same contract on asyncio's protocol callbacks: incoming
-    data waits in a list, a reader waits on one future, and a timeout is one timer. httpcore writes a
-    request as headers, body and end in three calls; they leave in one send when it starts to read.
+    data waits in a list and a reader waits on one future. The read timeout is one timer per
+    connection that moves its deadline on instead of one timer per read (a stream reads once per
+    token). httpcore writes a request as headers, body and end in three calls; they leave in one
+    send when it starts to read.
     """
 
     def __init__(self) -> None:
@@ -421,6 +423,8 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self.received: list[bytes] = []
         self.eof = False
         self.waiter: asyncio.Future | None = None  # a read waiting for data
+        self.deadline = 0.0  # when the waiting read times out
+        self.timer: asyncio.TimerHandle | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Stream:
@@ -455,19 +459,26 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def _wait(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        self.waiter = waiter = loop.create_future()
-        timer = None
-        if timeout is not None:
-            timer = loop.call_later(timeout, lambda: waiter.done() or waiter.set_exception(
-                httpcore.ReadTimeout(f"nothing for {timeout} s")))
+        self.waiter = loop.create_future()
+        self.deadline = loop.time() + timeout
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._check_deadline)
         try:
-            await waiter
+            await self.waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        if self.waiter is None or self.waiter.done():
+            return  # nobody is waiting: a new wait arms a new timer
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:  # data came meanwhile and a later read is waiting: wait on
+            self.timer = loop.call_at(self.deadline, self._check_deadline)
+        else:
+            self.waiter.set_exception(httpcore.ReadTimeout("nothing within TIMEOUT_SECONDS"))
 
     # httpcore.AsyncNetworkStream
 
@@ -491,6 +502,11 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self.outgoing.append(buffer)
 
     async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         self.transport.close()
 
     def get_extra_info(self, info: str) -> Any:
@@ -510,6 +526,7 @@ class Connection(httpcore.AsyncHTTP11Connection):
     def __init__(self, origin: httpcore.Origin, stream: Stream, keepalive_expiry: float) -> None:
         super().__init__(origin, stream, keepalive_expiry)
         self._state_lock = NO_LOCK
+        self.stream = stream
 
 
 class NoLock:
@@ -587,7 +604,7 @@ class Pool:
             connection = self.idle.pop()
             if not connection.has_expired():
                 return connection
-            connection._network_stream.transport.close()
+            connection.stream.close()
         return None
 
     def checkin(self, connection: Connection) -> None:
@@ -595,7 +612,7 @@ class Pool:
         if connection.is_idle():
             self.idle.append(connection)
         while self.idle and self.idle[0].has_expired():  # the oldest first: close what outlived keep-alive
-            self.idle.popleft()._network_stream.transport.close()
+            self.idle.popleft().stream.close()
 
     def release(self) -> None:
         self.in_use -= 1
@@ -1114,7 +1131,7 @@ def log_exchange(ex: Exchange) -> None:
     ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
     error = f" error={ex.error}" if ex.error else ""
     log.info("%s %s %d %s %s %.0fms %dB%s%s id=%s", ex.method, ex.path, ex.status, ex.provider, ex.model,
-             ms, ex.bytes_out, ttfb, error, ex.request_id.decode() or "-")
+             ms, ex.bytes_out, ttfb, error, ex.request_id.decode("latin-1") or "-")
 
 
 def setup_logging() -> None:
