@@ -1,0 +1,1089 @@
+#!/usr/bin/env python3
+"""Benchmark of ModelGate: what the gateway costs compared with calling the model server directly.
+
+Run it from a clone of the repository, with the Python that has the gateway's dependencies (uvicorn and
+httpcore) installed:
+
+    python bench_modelgate.py                  # full run, a few minutes
+    python bench_modelgate.py --quick          # a second or two per scenario (CI smoke test)
+    python bench_modelgate.py --loop uvloop --http httptools   # with uvicorn's optional accelerators
+    python bench_modelgate.py --json           # the same figures as JSON on stdout
+
+It starts a fake OpenAI-compatible model server (a plain asyncio protocol with canned answers and
+keep-alive connections) and the gateway (`uvicorn modelgate:app`, one worker) in front of it. The fake
+server runs in a process of its own, so that it never delays the load generator's event loop and its
+work is never counted as the load generator's. When the machine has two CPUs or more, the gateway runs
+alone on the first one and the fake server and the load generator share the second, so the gateway's
+figures are "per gateway core". Each load scenario runs twice: straight to the fake server ("direct",
+the limit of this harness) and through the gateway, with the same request bytes. Requests are sent by
+`wrk` when it is installed (`--no-wrk` to not use it), otherwise by the built-in asyncio load generator
+(keep-alive connections, each sending its next request as soon as the previous response is complete);
+streams always use the built-in client, which timestamps every event as it arrives.
+
+Figures (latencies are from sending a request to receiving its response completely; "ratio" is
+gateway / direct of the figure named beside it):
+  chat_c1      one connection, chat completions: latency p50 and p99; added = gateway - direct.
+  chat_c64     64 connections, chat completions: requests per second, latency p50 and p99, and the
+               gateway's CPU time (user + system, from /proc/<pid>/stat) per completed request.
+  embed_c64    the same with embeddings requests whose answer is one 768-float vector.
+  stream_c200  200 connections, each streaming one chat completion after another; the model sends
+               50 SSE events 20 ms apart, the last one `data: [DONE]`. Stream starts are spread over the
+               first stream's length, so about 200 streams are open at any time. (--quick sends 10 events,
+               so its streams start five times as often: a heavier load than the full run's.)
+               ttfb: time to the first complete event; gap: time between consecutive events of a stream;
+               batched: the share of gaps under 5 ms (events that arrived in a burst instead of 20 ms
+               apart); CPU: the gateway's CPU time per relayed event, including the requests' own cost.
+  cold_start   from starting the gateway process until GET /health answers 200: median of 5 starts.
+  memory       the gateway's resident memory (VmRSS) once started and idle, and its peak during
+               stream_c200 (sampled every 50 ms).
+
+The script asserts no figure: it prints them. It exits with status 1 when something fails to run: the
+gateway does not start, a response is not a 2xx, a body or stream is incomplete or malformed (such errors
+are counted and printed).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+TOKEN = "bench-token"
+EMBEDDING_SIZE = 768
+BATCHED_GAP = 0.005              # seconds: a shorter gap between two events counts as batched
+STREAM_CONNECTIONS = 200
+CHUNK_INTERVAL = 0.020           # seconds between two events of a fake stream
+RSS_SAMPLE_INTERVAL = 0.05       # seconds
+RESPONSE_TIMEOUT = 10.0          # seconds a run may exceed its duration before it counts timeouts
+START_TIMEOUT = 30.0             # seconds the gateway may take to answer /health
+POLL_INTERVAL = 0.005            # seconds between two /health attempts
+COLD_STARTS = 5
+UPSTREAM_LIFETIME = 1800.0       # seconds after which the fake model server stops in any case
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+CHAT_PATH = "/v1/chat/completions"
+EMBED_PATH = "/v1/embeddings"
+CHAT_BODY = {"model": "ollama/bench", "messages": [{"role": "user", "content": "Say hello."}]}
+STREAM_BODY = {**CHAT_BODY, "stream": True}
+EMBED_BODY = {"model": "ollama/bench", "input": "The quick brown fox jumps over the lazy dog."}
+
+
+@dataclass
+class Settings:
+    """How long each part of a run lasts."""
+    duration: int        # seconds of each measured run (whole seconds, as wrk takes them)
+    warmup: float        # seconds of unmeasured load before each measured run
+    chunks: int          # events per fake stream, `data: [DONE]` included
+
+
+FULL = Settings(duration=10, warmup=1.0, chunks=50)
+QUICK = Settings(duration=1, warmup=0.2, chunks=10)
+
+
+class BenchError(Exception):
+    """Something failed to run; the benchmark stops."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fake model server (runs in its own process: `--serve-upstream FD CHUNKS INTERVAL_MS`)
+# ---------------------------------------------------------------------------------------------------
+
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+CHUNKED_REQUEST = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.IGNORECASE)
+
+
+def json_bytes(data: object) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def http_response(body: bytes, status: bytes = b"200 OK") -> bytes:
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def canned_responses() -> dict[tuple[bytes, bytes], bytes]:
+    """The fake server's complete answers by (method, path)."""
+    chat = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Hello! How can I help you today?"}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 9, "total_tokens": 19}}
+    vector = [round(math.sin(i + 1) / 10, 8) for i in range(EMBEDDING_SIZE)]
+    embeddings = {"object": "list", "model": "bench",
+                  "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                  "usage": {"prompt_tokens": 10, "total_tokens": 10}}
+    models = {"object": "list", "data": [{"id": "bench", "object": "model", "created": 1700000000,
+                                          "owned_by": "bench"}]}
+    return {(b"POST", CHAT_PATH.encode()): http_response(json_bytes(chat)),
+            (b"POST", EMBED_PATH.encode()): http_response(json_bytes(embeddings)),
+            (b"GET", b"/v1/models"): http_response(json_bytes(models))}
+
+
+def stream_writes(chunks: int) -> list[bytes]:
+    """A streamed chat completion as the fake server writes it: the head, then one write per SSE event."""
+    def event(delta: dict, finish_reason: str | None) -> bytes:
+        chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+                 "model": "bench", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return b"data: %s\n\n" % json_bytes(chunk)
+
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    events = [event({"content": "token "}, None) for _ in range(chunks - 2)]
+    events.append(event({}, "stop"))
+    writes = [head] + [http_chunk(e) for e in events]
+    writes.append(http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    return writes
+
+
+NOT_FOUND = http_response(b'{"error":"not found"}', b"404 Not Found")
+BAD_REQUEST = http_response(b'{"error":"bad request"}', b"400 Bad Request")
+LENGTH_REQUIRED = http_response(b'{"error":"Content-Length required"}', b"411 Length Required")
+
+
+class FakeUpstream(asyncio.Protocol):
+    """One keep-alive connection to the fake model server; its requests are answered in order."""
+
+    def __init__(self, answers: dict[tuple[bytes, bytes], bytes], stream: list[bytes], interval: float):
+        self.answers = answers
+        self.stream = stream
+        self.interval = interval
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None   # set while a stream is being sent
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.answer_requests()
+
+    def answer_requests(self) -> None:
+        while self.timer is None and not self.transport.is_closing():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end])
+            if CHUNKED_REQUEST.search(head):
+                self.transport.write(LENGTH_REQUIRED)
+                self.transport.close()
+                return
+            length = CONTENT_LENGTH.search(head)
+            size = end + 4 + (int(length[1]) if length else 0)
+            if len(self.buffer) < size:
+                return
+            body = bytes(self.buffer[end + 4:size])
+            del self.buffer[:size]
+            method, path = head.split(b" ", 2)[:2]
+            self.answer(method, path, body)
+
+    def answer(self, method: bytes, path: bytes, body: bytes) -> None:
+        if (method, path) == (b"POST", CHAT_PATH.encode()):
+            try:
+                request = json.loads(body)
+            except ValueError:
+                request = None
+            if not isinstance(request, dict):
+                self.transport.write(BAD_REQUEST)
+                return
+            if request.get("stream") is True:
+                self.start_stream()
+                return
+        self.transport.write(self.answers.get((method, path), NOT_FOUND))
+
+    def start_stream(self) -> None:
+        """Writes the head and the first event at once, then each further event `interval` later."""
+        self.transport.write(self.stream[0])
+        self.send_event(1)
+
+    def send_event(self, index: int) -> None:
+        self.transport.write(self.stream[index])
+        if index + 1 < len(self.stream):
+            self.timer = self.loop.call_later(self.interval, self.send_event, index + 1)
+        else:
+            self.timer = None
+            self.answer_requests()
+
+
+def serve_upstream(fd: int, chunks: int, interval_ms: int) -> None:
+    """Serves the fake model server on an inherited listening socket until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the benchmark process stops this one
+    asyncio.run(_serve_upstream(socket.socket(fileno=fd), chunks, interval_ms / 1000))
+
+
+async def _serve_upstream(sock: socket.socket, chunks: int, interval: float) -> None:
+    loop = asyncio.get_running_loop()
+    answers, stream = canned_responses(), stream_writes(chunks)
+    stopped = loop.create_future()
+
+    def stop() -> None:
+        if not stopped.done():
+            stopped.set_result(None)
+
+    loop.add_reader(sys.stdin.fileno(), stop)        # readable only at EOF: the benchmark has exited
+    loop.call_later(UPSTREAM_LIFETIME, stop)
+    server = await loop.create_server(lambda: FakeUpstream(answers, stream, interval), sock=sock,
+                                      backlog=1024)
+    async with server:
+        await stopped
+
+
+# ---------------------------------------------------------------------------------------------------
+# The built-in HTTP/1.1 client and load generator
+# ---------------------------------------------------------------------------------------------------
+
+RESPONSE_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+class ResponseParser:
+    """Incremental parser of HTTP/1.1 responses with a Content-Length or a chunked body.
+
+    feed() returns True when a response is complete; its status stays in `status` until the next
+    response's head arrives. Body bytes go to `on_body` as they arrive, when one is given.
+    """
+
+    HEAD, FIXED, SIZE, DATA, DATA_END, TRAILER = range(6)
+
+    def __init__(self, on_body=None):
+        self.on_body = on_body
+        self.buffer = bytearray()
+        self.state = self.HEAD
+        self.status = 0
+        self.left = 0          # body bytes still expected (Content-Length) or left in the current chunk
+
+    def feed(self, data: bytes) -> bool:
+        self.buffer += data
+        if self.state == self.HEAD and not self.parse_head():
+            return False
+        return self.parse_fixed() if self.state == self.FIXED else self.parse_chunked()
+
+    def parse_head(self) -> bool:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(self.buffer[:end + 2])
+        del self.buffer[:end + 4]
+        if not head.startswith(b"HTTP/1.1 "):
+            raise ValueError("not an HTTP/1.1 response")
+        self.status = int(head[9:12])
+        framing = {name.lower(): value.lower() for name, value in RESPONSE_FRAMING.findall(head)}
+        if b"chunked" in framing.get(b"transfer-encoding", b""):
+            self.state = self.SIZE
+        elif b"content-length" in framing:
+            self.state, self.left = self.FIXED, int(framing[b"content-length"])
+        else:
+            raise ValueError("response without Content-Length or chunked body")
+        return True
+
+    def take_body(self) -> None:
+        piece = bytes(self.buffer[:self.left])
+        del self.buffer[:len(piece)]
+        self.left -= len(piece)
+        if self.on_body is not None and piece:
+            self.on_body(piece)
+
+    def parse_fixed(self) -> bool:
+        self.take_body()
+        if self.left:
+            return False
+        self.state = self.HEAD
+        return True
+
+    def parse_chunked(self) -> bool:
+        while True:
+            if self.state == self.DATA:
+                if not self.buffer:
+                    return False
+                self.take_body()
+                if not self.left:
+                    self.state = self.DATA_END
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return False
+            line = bytes(self.buffer[:end])
+            del self.buffer[:end + 2]
+            if self.state == self.SIZE:
+                self.left = int(line.split(b";")[0], 16)
+                self.state = self.DATA if self.left else self.TRAILER
+            elif self.state == self.DATA_END:
+                if line:
+                    raise ValueError("chunk longer than announced")
+                self.state = self.SIZE
+            elif not line:                     # the empty line after the trailers ends the response
+                self.state = self.HEAD
+                return True
+
+
+def request_bytes(path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+@dataclass
+class Run:
+    """What the connections of one load run share: the request, the deadline, the errors."""
+    request: bytes
+    deadline: float = math.inf
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class RequestRun(Run):
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StreamRun(Run):
+    chunks: int = 0                            # events each stream must have
+    ttfbs: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    events: int = 0                            # events received in complete, correct streams
+
+
+class Connection(asyncio.Protocol):
+    """A keep-alive client connection that sends its run's request again after each complete response
+    until the run's deadline. Subclasses say what a complete response means for the run."""
+
+    def __init__(self, run: Run, on_body=None):
+        self.run = run
+        self.parser = ResponseParser(on_body)
+        self.finished = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.now = 0.0                         # when the data being parsed arrived
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop("connection closed by the server")
+
+    def send(self) -> None:
+        if self.finished.done():
+            return
+        self.sent(time.perf_counter())
+        self.transport.write(self.run.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.now = time.perf_counter()
+        try:
+            complete = self.parser.feed(data)
+        except ValueError as exc:
+            self.stop(f"malformed response: {exc}")
+            return
+        if complete:
+            self.response_complete()
+            if self.now < self.run.deadline:
+                self.send()
+            else:
+                self.stop()
+
+    def stop(self, error: str | None = None) -> None:
+        if self.finished.done():
+            return
+        if error:
+            self.run.errors[error] += 1
+        self.transport.close()
+        self.finished.set_result(None)
+
+    def sent(self, at: float) -> None:
+        raise NotImplementedError
+
+    def response_complete(self) -> None:
+        raise NotImplementedError
+
+
+class RequestConnection(Connection):
+    def sent(self, at: float) -> None:
+        self.sent_at = at
+
+    def response_complete(self) -> None:
+        status = self.parser.status
+        if 200 <= status < 300:
+            self.run.latencies.append(self.now - self.sent_at)
+        else:
+            self.run.errors[f"HTTP {status}"] += 1
+
+
+class StreamConnection(Connection):
+    """Splits each streamed body into SSE events and records when each event became complete."""
+
+    def __init__(self, run: StreamRun):
+        super().__init__(run, self.body_received)
+        self.pending = bytearray()             # body bytes of an event not yet complete
+        self.times: list[float] = []           # when the request was sent, then when each event arrived
+        self.last_event = b""
+        self.malformed = False
+
+    def sent(self, at: float) -> None:
+        self.pending.clear()
+        self.times = [at]
+        self.last_event = b""
+        self.malformed = False
+
+    def body_received(self, piece: bytes) -> None:
+        self.pending += piece
+        while (end := self.pending.find(b"\n\n")) >= 0:
+            self.last_event = bytes(self.pending[:end])
+            del self.pending[:end + 2]
+            self.malformed |= not self.last_event.startswith(b"data: ")
+            self.times.append(self.now)
+
+    def response_complete(self) -> None:
+        error = self.stream_error()
+        if error:
+            self.run.errors[error] += 1
+            return
+        self.run.ttfbs.append(self.times[1] - self.times[0])
+        self.run.gaps.extend(later - earlier for earlier, later in zip(self.times[1:], self.times[2:]))
+        self.run.events += len(self.times) - 1
+
+    def stream_error(self) -> str | None:
+        events = len(self.times) - 1
+        if not 200 <= self.parser.status < 300:
+            return f"HTTP {self.parser.status}"
+        if self.malformed or self.pending:
+            return "malformed SSE event"
+        if events != self.run.chunks:
+            return f"stream of {events} events instead of {self.run.chunks}"
+        if self.last_event != b"data: [DONE]":
+            return "stream not ending with data: [DONE]"
+        return None
+
+
+async def open_connections(port: int, factory, count: int) -> list[Connection]:
+    loop = asyncio.get_running_loop()
+    connections = []
+    for _ in range(count):
+        try:
+            _, connection = await loop.create_connection(factory, HOST, port)
+        except OSError as exc:
+            raise BenchError(f"cannot connect to {HOST}:{port}: {exc}") from exc
+        connections.append(connection)
+    return connections
+
+
+async def wait_finished(connections: list[Connection], timeout: float) -> None:
+    _, late = await asyncio.wait([c.finished for c in connections], timeout=timeout)
+    for connection in connections:
+        if connection.finished in late:
+            connection.stop(f"no complete response within {timeout:.0f} s")
+
+
+@dataclass
+class LoadResult:
+    """One measured run of plain requests."""
+    requests: int          # responses completed with a 2xx status
+    seconds: float
+    p50: float             # latency, seconds
+    p99: float
+    errors: Counter
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; NaN when there are no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+async def request_load(port: int, request: bytes, connections: int, duration: float) -> LoadResult:
+    """Closed loop: every connection sends its next request as soon as its previous response is in."""
+    run = RequestRun(request)
+    clients = await open_connections(port, lambda: RequestConnection(run), connections)
+    started = time.perf_counter()
+    run.deadline = started + duration
+    for client in clients:
+        client.send()
+    await wait_finished(clients, duration + RESPONSE_TIMEOUT)
+    seconds = time.perf_counter() - started
+    latencies = run.latencies
+    return LoadResult(len(latencies), seconds, percentile(latencies, 50), percentile(latencies, 99),
+                      run.errors)
+
+
+class PeakRss:
+    """Samples a process's resident memory every RSS_SAMPLE_INTERVAL while `run` is awaited."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak = 0.0
+
+    async def run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mib(self.pid))
+            await asyncio.sleep(RSS_SAMPLE_INTERVAL)
+
+
+async def stream_load(port: int, request: bytes, chunks: int, duration: float,
+                      rss: PeakRss | None = None) -> StreamRun:
+    """STREAM_CONNECTIONS connections stream one response after another until the deadline; their
+    first streams start evenly spread over one stream's length."""
+    run = StreamRun(request, chunks=chunks)
+    clients = await open_connections(port, lambda: StreamConnection(run), STREAM_CONNECTIONS)
+    stream_seconds = (chunks - 1) * CHUNK_INTERVAL
+    loop = asyncio.get_running_loop()
+    run.deadline = time.perf_counter() + duration
+    for index, client in enumerate(clients):
+        loop.call_later(index * stream_seconds / len(clients), client.send)
+    sampler = asyncio.create_task(rss.run()) if rss else None
+    try:
+        await wait_finished(clients, duration + stream_seconds + RESPONSE_TIMEOUT)
+    finally:
+        if sampler:
+            sampler.cancel()
+    return run
+
+
+async def fetch(port: int, request: bytes) -> tuple[int, bytes]:
+    """One request on a new connection: the status and the whole (de-chunked) body."""
+    pieces: list[bytes] = []
+    parser = ResponseParser(pieces.append)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(request)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("connection closed before the response was complete")
+            if parser.feed(data):
+                return parser.status, b"".join(pieces)
+    finally:
+        writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# wrk
+# ---------------------------------------------------------------------------------------------------
+
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+wrk.body = [==[{body}]==]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK_RESULT %d %d %d %d %d %d %d %.0f %.0f\\n", summary.requests,
+    summary.duration, e.connect, e.read, e.write, e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_load(wrk: str, workdir: Path, port: int, path: str, body: dict, connections: int,
+             duration: int) -> LoadResult:
+    script = workdir / "request.lua"
+    script.write_text(WRK_SCRIPT.format(token=TOKEN, body=json.dumps(body)))
+    command = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={RESPONSE_TIMEOUT:.0f}s",
+               "-s", str(script), f"http://{HOST}:{port}{path}"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk did not finish within {exc.timeout:.0f} s") from exc
+    lines = [line for line in done.stdout.splitlines() if line.startswith("WRK_RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    requests, micros, connect, read, write, timeout, status, p50, p99 = map(float, lines[0].split()[1:])
+    errors = Counter({"connect error": int(connect), "read error": int(read), "write error": int(write),
+                      "timeout": int(timeout), "HTTP status >= 400": int(status)})
+    return LoadResult(int(requests - status), micros / 1e6, p50 / 1e6, p99 / 1e6, +errors)
+
+
+def wrk_version(wrk: str) -> str:
+    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+    return " ".join((done.stdout or done.stderr).split()[:2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes, pinning and /proc
+# ---------------------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_plan() -> tuple[int, int] | None:
+    """(gateway CPU, CPU of the fake server and load generator), or None with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_upstream(chunks: int, stack: contextlib.ExitStack) -> int:
+    """Starts the fake model server in a subprocess; returns its port. It serves until our stdin pipe
+    to it closes, so it also ends if this process is killed."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        sock.listen(1024)
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(sock.fileno()),
+                   str(chunks), str(round(CHUNK_INTERVAL * 1000))]
+        process = subprocess.Popen(command, pass_fds=[sock.fileno()], stdin=subprocess.PIPE)
+        stack.callback(stop_process, process)
+        stack.callback(process.stdin.close)
+        return sock.getsockname()[1]
+
+
+class Gateway:
+    """`uvicorn modelgate:app`, one worker, on CPU `cpu` when given."""
+
+    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path):
+        self.upstream_port, self.loop, self.http, self.cpu, self.log = upstream_port, loop, http, cpu, log
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Starts the gateway and returns the seconds until GET /health answered 200."""
+        self.port = free_port()
+        env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama",
+                   OLLAMA_BASE_URL=f"http://{HOST}:{self.upstream_port}/v1")
+        command = [sys.executable, "-m", "uvicorn", "modelgate:app", "--host", HOST, "--port", str(self.port),
+                   "--workers", "1", "--no-access-log", "--loop", self.loop, "--http", self.http]
+        with open(self.log, "ab") as log:
+            started = time.perf_counter()
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=log)
+        if self.cpu is not None:
+            os.sched_setaffinity(self.process.pid, {self.cpu})
+        self.wait_healthy()
+        return time.perf_counter() - started
+
+    def wait_healthy(self) -> None:
+        deadline = time.perf_counter() + START_TIMEOUT
+        while time.perf_counter() < deadline:
+            self.check_running()
+            if health_ok(self.port):
+                return
+            time.sleep(POLL_INTERVAL)
+        raise BenchError(f"the gateway did not answer GET /health within {START_TIMEOUT:.0f} s")
+
+    def check_running(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchError(f"the gateway exited with status {self.process.returncode}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def health_ok(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while len(answer) < 12 and (data := sock.recv(4096)):
+                answer += data
+            return answer.startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------------------------------
+
+def body_error(kind: str, body: bytes, chunks: int) -> str | None:
+    """What is wrong with a response body of this kind ("chat", "embed" or "stream"), if anything."""
+    try:
+        if kind == "stream":
+            events = body.split(b"\n\n")
+            if len(events) != chunks + 1 or events[-2:] != [b"data: [DONE]", b""]:
+                return "stream events missing or not ending with data: [DONE]"
+            for event in events[:-2]:
+                if "delta" not in json.loads(event.removeprefix(b"data: "))["choices"][0]:
+                    return "stream event without delta"
+        elif kind == "embed":
+            vector = json.loads(body)["data"][0]["embedding"]
+            if len(vector) != EMBEDDING_SIZE or not all(isinstance(x, (int, float)) for x in vector):
+                return f"embedding is not {EMBEDDING_SIZE} numbers"
+        elif not isinstance(json.loads(body)["choices"][0]["message"]["content"], str):
+            return "chat completion without message content"
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        return f"unexpected body ({type(exc).__name__}: {exc})"
+    return None
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def ratio(gateway: float, direct: float) -> float:
+    return gateway / direct if direct else math.nan
+
+
+class Bench:
+    """Runs the scenarios against the fake server ("direct") and the gateway; collects figures and errors."""
+
+    def __init__(self, settings: Settings, gateway: Gateway, upstream_port: int, wrk: str | None,
+                 workdir: Path):
+        self.settings = settings
+        self.gateway = gateway
+        self.upstream_port = upstream_port
+        self.wrk = wrk
+        self.workdir = workdir
+        self.errors: dict[str, Counter] = {}
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"direct": self.upstream_port, "gateway": self.gateway.port}
+
+    def run_all(self) -> dict:
+        """Starts the gateway, runs every scenario and returns their figures."""
+        progress("starting the gateway ...")
+        self.gateway.start()
+        idle_rss = rss_mib(self.gateway.pid)
+        results = {"chat_c1": self.chat_c1(),
+                   "chat_c64": self.throughput("chat_c64", "chat", CHAT_PATH, CHAT_BODY),
+                   "embed_c64": self.throughput("embed_c64", "embed", EMBED_PATH, EMBED_BODY),
+                   "stream_c200": self.stream_c200()}
+        self.gateway.stop()
+        results["cold_start"] = cold_start(self.gateway)
+        results["memory"] = {"idle_rss_mib": idle_rss,
+                             "stream_c200_peak_rss_mib": results["stream_c200"]["gateway"]["peak_rss_mib"]}
+        return results
+
+    def count_errors(self, label: str, errors: Counter) -> None:
+        if errors:
+            self.errors.setdefault(label, Counter()).update(errors)
+
+    def probe(self, label: str, target: str, kind: str, request: bytes) -> None:
+        """One request checked in full (status and body) before the load."""
+        try:
+            status, body = asyncio.run(asyncio.wait_for(fetch(self.ports[target], request), RESPONSE_TIMEOUT))
+            ok = 200 <= status < 300
+            error = body_error(kind, body, self.settings.chunks) if ok else f"HTTP {status}"
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if error:
+            self.count_errors(label, Counter({f"check request: {error}": 1}))
+
+    def measure(self, label: str, target: str, kind: str, request: bytes, warm_up, measured):
+        """Checks one request in full, runs warm_up() unmeasured, then measured(); returns the measured
+        run's result and the gateway's CPU seconds during it."""
+        progress(f"{label} ...")
+        self.probe(label, target, kind, request)
+        self.count_errors(label, warm_up().errors)
+        cpu_before = cpu_seconds(self.gateway.pid)
+        result = measured()
+        cpu = cpu_seconds(self.gateway.pid) - cpu_before
+        self.gateway.check_running()
+        self.count_errors(label, result.errors)
+        return result, cpu
+
+    def measure_requests(self, scenario: str, target: str, kind: str, path: str, body: dict,
+                         connections: int) -> tuple[LoadResult, float]:
+        port, request, duration = self.ports[target], request_bytes(path, body), self.settings.duration
+
+        def built_in(seconds: float) -> LoadResult:
+            return asyncio.run(request_load(port, request, connections, seconds))
+
+        def measured() -> LoadResult:
+            if self.wrk:
+                return wrk_load(self.wrk, self.workdir, port, path, body, connections, duration)
+            return built_in(duration)
+
+        return self.measure(f"{scenario} {target}", target, kind, request,
+                            lambda: built_in(self.settings.warmup), measured)
+
+    def chat_c1(self) -> dict:
+        direct, _ = self.measure_requests("chat_c1", "direct", "chat", CHAT_PATH, CHAT_BODY, 1)
+        gateway, _ = self.measure_requests("chat_c1", "gateway", "chat", CHAT_PATH, CHAT_BODY, 1)
+        return {"direct": {"p50_ms": ms(direct.p50), "p99_ms": ms(direct.p99)},
+                "gateway": {"p50_ms": ms(gateway.p50), "p99_ms": ms(gateway.p99)},
+                "ratio_p50": ratio(gateway.p50, direct.p50),
+                "added_p50_ms": ms(gateway.p50 - direct.p50), "added_p99_ms": ms(gateway.p99 - direct.p99)}
+
+    def throughput(self, scenario: str, kind: str, path: str, body: dict) -> dict:
+        direct, _ = self.measure_requests(scenario, "direct", kind, path, body, 64)
+        gateway, cpu = self.measure_requests(scenario, "gateway", kind, path, body, 64)
+
+        def figures(result: LoadResult) -> dict:
+            return {"requests_per_s": result.rate, "p50_ms": ms(result.p50), "p99_ms": ms(result.p99)}
+
+        return {"direct": figures(direct),
+                "gateway": {**figures(gateway), "cpu_ms_per_request": ms(cpu / max(gateway.requests, 1))},
+                "ratio_requests_per_s": ratio(gateway.rate, direct.rate)}
+
+    def measure_streams(self, target: str, rss: PeakRss | None = None) -> tuple[StreamRun, float]:
+        port, request = self.ports[target], request_bytes(CHAT_PATH, STREAM_BODY)
+
+        def streams(seconds: float, sampler: PeakRss | None = None) -> StreamRun:
+            return asyncio.run(stream_load(port, request, self.settings.chunks, seconds, sampler))
+
+        return self.measure(f"stream_c200 {target}", target, "stream", request,
+                            lambda: streams(self.settings.warmup), lambda: streams(self.settings.duration, rss))
+
+    def stream_c200(self) -> dict:
+        rss = PeakRss(self.gateway.pid)
+        direct, _ = self.measure_streams("direct")
+        gateway, cpu = self.measure_streams("gateway", rss)
+
+        def figures(run: StreamRun) -> dict:
+            batched = sum(gap < BATCHED_GAP for gap in run.gaps)
+            return {"ttfb_p50_ms": ms(percentile(run.ttfbs, 50)), "ttfb_p99_ms": ms(percentile(run.ttfbs, 99)),
+                    "gap_p50_ms": ms(percentile(run.gaps, 50)), "gap_p99_ms": ms(percentile(run.gaps, 99)),
+                    "batched_percent": 100 * batched / len(run.gaps) if run.gaps else math.nan,
+                    "streams": len(run.ttfbs), "chunks": run.events}
+
+        direct_figures, gateway_figures = figures(direct), figures(gateway)
+        gateway_figures["cpu_us_per_chunk"] = cpu * 1e6 / max(gateway.events, 1)
+        gateway_figures["peak_rss_mib"] = rss.peak
+        return {"direct": direct_figures, "gateway": gateway_figures,
+                "ratio_ttfb_p99": ratio(gateway_figures["ttfb_p99_ms"], direct_figures["ttfb_p99_ms"]),
+                "added_ttfb_p99_ms": gateway_figures["ttfb_p99_ms"] - direct_figures["ttfb_p99_ms"]}
+
+
+def cold_start(gateway: Gateway) -> dict:
+    """Starts and stops the gateway COLD_STARTS times: the time from starting the process until /health
+    answers."""
+    progress("cold_start ...")
+    times = []
+    for _ in range(COLD_STARTS):
+        try:
+            times.append(gateway.start())
+        finally:
+            gateway.stop()
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "max_s": times[-1], "starts": len(times)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def resolve(choice: str, accelerator: str, fallback: str) -> str:
+    """What uvicorn uses for --loop/--http `choice`: with auto, the accelerator when it is importable."""
+    if choice != "auto":
+        return choice
+    return accelerator if importlib.util.find_spec(accelerator) else fallback
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def environment(args: argparse.Namespace, plan: tuple[int, int] | None, wrk: str | None) -> dict:
+    if plan:
+        pinning = f"gateway alone on CPU {plan[0]}, fake model server and load generator on CPU {plan[1]}"
+    else:
+        pinning = "none (fewer than two CPUs)"
+    requests_by = wrk_version(wrk) if wrk else "built-in asyncio client"
+    return {"date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "python": platform.python_version(),
+            "uvicorn": package_version("uvicorn"), "httpcore": package_version("httpcore"),
+            "uvloop": package_version("uvloop"), "httptools": package_version("httptools"),
+            "loop": resolve(args.loop, "uvloop", "asyncio"), "http": resolve(args.http, "httptools", "h11"),
+            "cpu": cpu_model(), "cores": os.cpu_count(), "pinning": pinning,
+            "load_generator": f"{requests_by} for chat/embed, built-in asyncio client for streams",
+            "mode": "quick" if args.quick else "full"}
+
+
+def num(value: float) -> str:
+    """A figure with about three significant digits (whole numbers from 1000 up)."""
+    if math.isnan(value):
+        return "n/a"
+    for limit, digits in ((1, 3), (10, 2), (1000, 1)):
+        if abs(value) < limit:
+            return f"{value:.{digits}f}"
+    return f"{value:,.0f}"
+
+
+def p50_p99(figures: dict, prefix: str = "") -> str:
+    return f"{num(figures[prefix + 'p50_ms'])}/{num(figures[prefix + 'p99_ms'])} ms"
+
+
+def table(results: dict) -> list[tuple[str, ...]]:
+    rows = [("scenario", "direct", "gateway", "gateway/direct", "gateway only")]
+    r = results["chat_c1"]
+    rows.append(("chat_c1", f"latency {p50_p99(r['direct'])}", f"latency {p50_p99(r['gateway'])}",
+                 f"{num(r['ratio_p50'])} (p50)", f"added {num(r['added_p50_ms'])}/{num(r['added_p99_ms'])} ms"))
+    for name in ("chat_c64", "embed_c64"):
+        r = results[name]
+        rows.append((name, *(f"{num(r[t]['requests_per_s'])} req/s, latency {p50_p99(r[t])}"
+                             for t in ("direct", "gateway")),
+                     f"{num(r['ratio_requests_per_s'])} (req/s)",
+                     f"CPU {num(r['gateway']['cpu_ms_per_request'])} ms/request"))
+    r = results["stream_c200"]
+    rows.append(("stream_c200", *(f"ttfb {p50_p99(r[t], 'ttfb_')}, gap {p50_p99(r[t], 'gap_')}, "
+                                  f"batched {num(r[t]['batched_percent'])} %" for t in ("direct", "gateway")),
+                 f"{num(r['ratio_ttfb_p99'])} (ttfb p99)",
+                 f"added ttfb p99 {num(r['added_ttfb_p99_ms'])} ms, "
+                 f"CPU {num(r['gateway']['cpu_us_per_chunk'])} µs/chunk"))
+    r = results["cold_start"]
+    rows.append(("cold_start", "-", f"{num(r['median_s'])} s", "-",
+                 f"median of {r['starts']}, {num(r['min_s'])}-{num(r['max_s'])} s"))
+    r = results["memory"]
+    rows.append(("memory", "-", f"RSS idle {num(r['idle_rss_mib'])} MiB", "-",
+                 f"peak during stream_c200 {num(r['stream_c200_peak_rss_mib'])} MiB"))
+    return rows
+
+
+def print_report(env: dict, results: dict, errors: dict[str, Counter]) -> None:
+    print(f"ModelGate benchmark, {env['mode']} run, {env['date']}")
+    print(f"Python {env['python']}, uvicorn {env['uvicorn']}, httpcore {env['httpcore']}, "
+          f"uvloop {env['uvloop']}, httptools {env['httptools']}; "
+          f"gateway loop {env['loop']}, http {env['http']}")
+    print(f"CPU {env['cpu']}, {env['cores']} cores; pinning: {env['pinning']}")
+    print(f"load: {env['load_generator']}; latencies as p50/p99")
+    print()
+    rows = table(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for label, counts in errors.items():
+        print(f"ERRORS {label}: " + ", ".join(f"{what} x{count}" for what, count in counts.items()))
+
+
+def json_ready(value):
+    """Figures rounded to 4 decimals, and NaN (no data) as null so that the JSON is standard."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    return value
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark ModelGate against a fake model server.")
+    parser.add_argument("--quick", action="store_true", help="about a second per measurement (smoke test)")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="uvicorn's --loop for the gateway (default: auto)")
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                        help="uvicorn's --http for the gateway (default: auto)")
+    parser.add_argument("--no-wrk", action="store_true",
+                        help="use the built-in asyncio load generator even when wrk is installed")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--serve-upstream", nargs=3, type=int, metavar=("FD", "CHUNKS", "INTERVAL_MS"),
+                        help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("uvicorn") is None:
+        raise BenchError(f"uvicorn is not installed for {sys.executable}")
+    settings = QUICK if args.quick else FULL
+    plan = cpu_plan()
+    if plan:
+        os.sched_setaffinity(0, {plan[1]})    # this process, the fake server and wrk inherit it
+    wrk = None if args.no_wrk else shutil.which("wrk")
+    env = environment(args, plan, wrk)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_modelgate-")))
+        log = workdir / "gateway.log"
+        upstream_port = start_upstream(settings.chunks, stack)
+        gateway = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, log)
+        stack.callback(gateway.stop)
+        bench = Bench(settings, gateway, upstream_port, wrk, workdir)
+        try:
+            results = bench.run_all()
+        except BenchError:
+            if log.exists():
+                progress(f"last lines of the gateway's stderr:\n{gateway.log_tail()}")
+            raise
+    if args.json:
+        errors = {label: dict(counts) for label, counts in bench.errors.items()}
+        print(json.dumps(json_ready({"environment": env, "results": results, "errors": errors}), indent=2))
+    else:
+        print_report(env, results, bench.errors)
+    return 1 if bench.errors else 0
+
+
+def main() -> int:
+    args = parse_args()
+    if args.serve_upstream:
+        serve_upstream(*args.serve_upstream)
+        return 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"bench_modelgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench_modelgate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
