@@ -120,7 +120,8 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     """Read and check every setting once; raise ConfigError naming the first bad one."""
 
     def get(name: str) -> str:
-        return environ.get(name, DEFAULTS.get(name, "")).strip()
+        # Spaces, tabs and the CR of a .env saved on Windows; not str.strip()'s control characters.
+        return environ.get(name, DEFAULTS.get(name, "")).strip(" \t\r\n")
 
     tokens = tuple(t.strip() for t in get("MODELGATE_TOKEN").split(",") if t.strip())
     if not tokens:
