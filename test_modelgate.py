@@ -936,12 +936,13 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
             up = await FakeUpstream(sse_reply(hold_before=1)).start(sock=backlog.accept())
             await cancel_many(app, 250, STREAM_CHAT, lambda: up.received(250))
             up.reply = json_reply(held=True)
-            await cancel_many(app, 250, CHAT, lambda: up.received(500))
+            distinct = [CHAT[:-1] + b', "user": "%d"}' % n for n in range(250)]  # identical ones would share one
+            await cancel_many(app, 250, distinct, lambda: up.received(500))
             # 3. Every slot is free again, and the pool serves.
             up.reply = json_reply()
             answers = await asyncio.gather(*(chat(app) for _ in range(20)))
             assert [a.status for a in answers] == [200] * 20
-            assert app.upstreams["ollama"].pool.in_use == 0
+            assert app.upstreams["ollama"].hosts[0].pool.in_use == 0
             up.server.close()
 
 
@@ -952,10 +953,11 @@ def connecting(port: int) -> int:
     return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "02")  # 02: SYN_SENT
 
 
-async def cancel_many(app: Any, count: int, body: bytes, ready: Callable[[], Awaitable[None]]) -> None:
+async def cancel_many(app: Any, count: int, body: bytes | list[bytes], ready: Callable[[], Awaitable[None]]) -> None:
     """Start `count` requests, wait until each waits on the network, then make every client leave."""
     gone = asyncio.Event()
-    tasks = [asyncio.ensure_future(chat(app, body, disconnect=gone)) for _ in range(count)]
+    bodies = body if isinstance(body, list) else [body] * count
+    tasks = [asyncio.ensure_future(chat(app, bodies[n], disconnect=gone)) for n in range(count)]
     await ready()
     gone.set()
     answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -1132,7 +1134,7 @@ def test_defaults() -> None:
     config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN})
     assert config.tokens == (TOKEN.encode(),)
     assert config.default_provider == "ollama"
-    assert config.ollama_base_url == "http://127.0.0.1:11434/v1"
+    assert config.ollama_base_urls == ("http://127.0.0.1:11434/v1",)
     assert config.openai_base_url == "https://api.openai.com/v1"
     assert (config.ollama_api_key, config.openai_api_key) == ("", "")
     assert (config.timeout, config.connect_timeout) == (120, 10)
@@ -1173,10 +1175,10 @@ def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> N
             modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text})
 
 
-@given(st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=","),
+@given(st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=",:"),
                         min_size=1, max_size=20), min_size=1, max_size=4))
 def test_token_lists_accept_every_printable_token(tokens: list[str]) -> None:
-    """MODELGATE_TOKEN takes comma-separated tokens, spaces around commas ignored."""
+    """MODELGATE_TOKEN takes comma-separated tokens, spaces around commas ignored (a ':' may name one, below)."""
     config = modelgate.load_config({"MODELGATE_TOKEN": " , ".join(tokens)})
     assert config.tokens == tuple(t.encode() for t in tokens)
 
