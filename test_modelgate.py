@@ -9,6 +9,7 @@ and nothing waits by sleeping: events in the fake upstream hold or release its r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import socket
@@ -1117,6 +1118,24 @@ CONFIG_ERRORS = [
     ({"CONNECT_TIMEOUT_SECONDS": "-1"}, "CONNECT_TIMEOUT_SECONDS"),
     ({"MAX_BODY_BYTES": "16MB"}, "MAX_BODY_BYTES"),
     ({"PORT": "80800"}, "PORT"),
+    ({"MODELGATE_TOKEN": "app:"}, "MODELGATE_TOKEN"),
+    ({"MODELGATE_TOKEN": "app:one,app:two"}, "MODELGATE_TOKEN"),
+    ({"OLLAMA_BASE_URL": "http://a:11434/v1, ftp://b/v1"}, "OLLAMA_BASE_URL"),
+    ({"OLLAMA_BASE_URL": " , "}, "OLLAMA_BASE_URL"),
+    ({"RATE_LIMIT_RPM": "ten"}, "RATE_LIMIT_RPM"),
+    ({"RATE_LIMIT_RPM": "-1"}, "RATE_LIMIT_RPM"),
+    ({"MAX_CONCURRENT_PER_TOKEN": "1.5"}, "MAX_CONCURRENT_PER_TOKEN"),
+    ({"ALLOWED_IPS": "10.0.0.1/24"}, "ALLOWED_IPS"),
+    ({"ALLOWED_IPS": "localhost"}, "ALLOWED_IPS"),
+    ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES"),
+    ({"COALESCE": "maybe"}, "COALESCE"),
+    ({"METRICS_PUBLIC": "2"}, "METRICS_PUBLIC"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"SHUTDOWN_GRACE_SECONDS": "0"}, "SHUTDOWN_GRACE_SECONDS"),
+    ({"TLS_CERT_FILE": "/nonexistent/cert.pem"}, "TLS_KEY_FILE"),
+    ({"TLS_KEY_FILE": "/nonexistent/key.pem"}, "TLS_CERT_FILE"),
+    ({"TLS_CERT_FILE": "/nonexistent/cert.pem", "TLS_KEY_FILE": "/nonexistent/key.pem"}, "TLS_CERT_FILE"),
+    ({"TLS_CERT_FILE": "/", "TLS_KEY_FILE": "/"}, "TLS_CERT_FILE"),
 ]
 
 
@@ -1141,6 +1160,11 @@ def test_defaults() -> None:
     assert config.max_body_bytes == 16 * 1024 * 1024
     assert config.cors_allow_origins == {"*"}
     assert (config.host, config.port) == ("0.0.0.0", 8010)
+    assert (config.rate_limit_rpm, config.max_concurrent_per_token) == (0, 0)
+    assert (config.allowed_ips, config.trusted_proxies) == (None, ())
+    assert (config.coalesce, config.metrics_public, config.log_format) == (True, False, "text")
+    assert config.shutdown_grace == 30
+    assert (config.tls_cert_file, config.tls_key_file) == ("", "")
 
 
 def test_missing_token_says_how_to_make_one() -> None:
@@ -1310,3 +1334,93 @@ async def test_over_uvicorn_plain_and_streamed() -> None:
                 if received == EVENTS[0]:
                     up.release.set()  # the upstream sends the rest only after we saw the first event
         assert received == SSE_PAYLOAD
+
+
+###############################################################################
+# Named tokens and per-token limits ###########################################
+###############################################################################
+
+TOKEN_NAMES = [
+    # (MODELGATE_TOKEN entry, name it is shown by, token clients send)
+    ("fluentread:s3cret-a", "fluentread", "s3cret-a"),
+    ("file.manager_2:x:y:z", "file.manager_2", "x:y:z"),  # only the first ':' separates
+    ("no-name-token", "token-" + hashlib.sha256(b"no-name-token").hexdigest()[:8], "no-name-token"),
+    ("has/slash:abc", "token-" + hashlib.sha256(b"has/slash:abc").hexdigest()[:8], "has/slash:abc"),
+    (":leading-colon", "token-" + hashlib.sha256(b":leading-colon").hexdigest()[:8], ":leading-colon"),
+]
+
+
+@pytest.mark.parametrize("entry, name, token", TOKEN_NAMES)
+def test_token_entries_and_their_names(entry: str, name: str, token: str) -> None:
+    """`name:token` names a token; an entry whose part before ':' is not a name is a token, labelled by a hash."""
+    config = modelgate.load_config({"MODELGATE_TOKEN": f"{entry}, {OTHER_TOKEN}"})
+    assert config.tokens == (token.encode(), OTHER_TOKEN.encode())
+    assert config.token_names[0] == name
+    assert token not in name and token[:4] not in name.removeprefix("token-")
+
+
+async def test_logs_and_metrics_show_the_token_name_never_the_token() -> None:
+    """The log line and /metrics name the app (or the token's hash label); the token itself appears nowhere."""
+    label = "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]
+    async with captured_log() as lines, upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
+        assert (await chat(app)).status == 200
+        assert (await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])).status == 200
+        page = (await call(app, "GET", "/metrics")).body.decode()
+    posts = [line for line in lines if line.startswith("POST ")]
+    assert " token=fluentread " in posts[0] and f" token={label} " in posts[1]
+    assert 'token="fluentread"' in page and f'token="{label}"' in page
+    for text in (*lines, page):
+        assert TOKEN not in text and OTHER_TOKEN not in text
+
+
+async def test_rate_limit_reached_is_429_with_the_exact_retry_after() -> None:
+    """RATE_LIMIT_RPM=3: the fourth request within the minute gets 429 and Retry-After 20; other tokens go on."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="3") as app:
+        answers = [await chat(app) for _ in range(4)]
+        other = await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        health = await call(app, "GET", "/health", headers=[])
+    assert [a.status for a in answers[:3]] == [200] * 3
+    error = assert_error(answers[3], 429, "rate_limit_error", "rate_limit_exceeded")
+    assert "RATE_LIMIT_RPM" in error["message"]
+    # 3 per minute refill one every 20 s; the bucket emptied a moment ago, so the next one is 20 s away.
+    assert answers[3].header(b"retry-after") == b"20"
+    assert other.status == 200 and health.status == 200
+    assert len(up.requests) == 4
+
+
+BUCKET_TIMES = [
+    # (RATE_LIMIT_RPM, request times in seconds, seconds to wait returned for each: 0 means it may go)
+    (60, [0.0] * 60 + [0.0], [0.0] * 60 + [1.0]),  # a burst of a full minute, then one per second
+    (60, [0.0] * 60 + [0.25, 1.0], [0.0] * 60 + [0.75, 0.0]),
+    (2, [0, 0, 0, 10, 30, 30], [0, 0, 30, 20, 0, 30]),
+    (1, [0, 59.5, 60, 60], [0, 0.5, 0, 60]),
+    (6, [0, 0, 0, 0, 0, 0, 100, 100, 100, 100, 100, 100, 100], [0] * 12 + [10]),  # refills to six, not more
+]
+
+
+@pytest.mark.parametrize("rpm, times, waits", BUCKET_TIMES)
+def test_token_bucket_refills_rpm_per_minute(rpm: int, times: list[float], waits: list[float]) -> None:
+    """A token bucket of RATE_LIMIT_RPM requests, refilled by rpm/60 a second; refused requests take nothing."""
+    bucket = modelgate.TokenBucket(rpm)
+    assert [bucket.take("app", t) for t in times] == pytest.approx(waits)
+    assert bucket.take("other-app", times[-1]) == 0
+
+
+async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
+    """MAX_CONCURRENT_PER_TOKEN=1: while one stream runs, the same token gets 429; another token does not."""
+    async with upstream(sse_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1") as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.got_request.wait()
+        refused = await chat(app)
+        up.reply = json_reply()
+        other = await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        up.release.set()
+        assert (await stream).chunks == EVENTS
+        again = await chat(app)
+    error = assert_error(refused, 429, "rate_limit_error", "concurrency_limit_exceeded")
+    assert "MAX_CONCURRENT_PER_TOKEN" in error["message"] and refused.header(b"retry-after") is None
+    assert other.status == 200 and again.status == 200
+    assert app.busy == {"token-" + hashlib.sha256(TOKEN.encode()).hexdigest()[:8]: 0,
+                        "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]: 0}
