@@ -12,7 +12,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import shutil
 import socket
+import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -277,10 +279,11 @@ async def gateway(**overrides: str) -> AsyncIterator[modelgate.Gateway]:
 
 async def call(app: Any, method: str, path: str, body: bytes = b"", headers: list | None = None,
                disconnect: asyncio.Event | None = None, on_message: Callable[[dict], None] | None = None,
-               body_parts: list[bytes] | None = None) -> Answer:
+               body_parts: list[bytes] | None = None, client: str = "127.0.0.1") -> Answer:
     """One request through the ASGI interface, as uvicorn would make it; checks message order.
 
-    `disconnect`, when set, makes receive() report that the client left (as uvicorn does).
+    `disconnect`, when set, makes receive() report that the client left (as uvicorn does); `client` is
+    the peer's address.
     """
     headers = AUTH if headers is None else headers
     messages: list[dict] = []
@@ -315,7 +318,7 @@ async def call(app: Any, method: str, path: str, body: bytes = b"", headers: lis
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-             "headers": list(headers), "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8010),
+             "headers": list(headers), "client": (client, 50000), "server": ("127.0.0.1", 8010),
              "scheme": "http", "root_path": ""}
     await asyncio.wait_for(app(scope, receive, send), 10)
     return Answer(messages)
@@ -1424,3 +1427,130 @@ async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
     assert other.status == 200 and again.status == 200
     assert app.busy == {"token-" + hashlib.sha256(TOKEN.encode()).hexdigest()[:8]: 0,
                         "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]: 0}
+
+
+###############################################################################
+# IP allowlist and trusted proxies ############################################
+###############################################################################
+
+ALLOWLIST_TABLE = [
+    # (ALLOWED_IPS, TRUSTED_PROXIES, peer address, X-Forwarded-For or None, status)
+    ("192.168.1.0/24", "", "192.168.1.7", None, 200),
+    ("192.168.1.0/24", "", "10.0.0.1", None, 403),
+    ("192.168.1.0/24, 10.0.0.1", "", "10.0.0.1", None, 200),
+    ("192.168.1.0/24", "", "::ffff:192.168.1.7", None, 200),  # an IPv4 client on a dual-stack socket
+    ("2001:db8::/32", "", "2001:db8::1", None, 200),
+    ("2001:db8::/32", "", "192.168.1.7", None, 403),
+    ("192.168.1.0/24", "", "not-an-address", None, 403),
+    # Spoofing: X-Forwarded-For from a peer that is not a trusted proxy is ignored.
+    ("192.168.1.0/24", "", "10.0.0.1", "192.168.1.7", 403),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.1", "192.168.1.7", 403),
+    # From a trusted proxy, the nearest hop it did not add is the client; what is left of it, anyone wrote.
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "192.168.1.7", 200),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "192.168.1.7:51234", 200),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "192.168.1.7, 203.0.113.5", 403),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "203.0.113.5, 192.168.1.7", 200),
+    ("192.168.1.0/24", "10.0.0.0/8", "10.0.0.2", "192.168.1.7, 10.9.9.9", 200),  # two proxies deep
+    ("192.168.1.0/24", "10.0.0.0/8", "10.0.0.2", "10.9.9.9", 403),  # all proxies: the first one is the client
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "garbage", 403),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", None, 403),  # the proxy itself is not allowed
+    ("2001:db8::/32", "::1", "::1", "[2001:db8::5]:4711", 200),
+    ("", "10.0.0.2", "10.0.0.2", "203.0.113.5", 200),  # TRUSTED_PROXIES alone only finds the client for the log
+]
+
+
+@pytest.mark.parametrize("allowed, trusted, peer, forwarded, status", ALLOWLIST_TABLE)
+async def test_allowlist_and_trusted_proxies(allowed: str, trusted: str, peer: str, forwarded: str | None,
+                                             status: int) -> None:
+    """ALLOWED_IPS admits addresses and networks; X-Forwarded-For counts only from TRUSTED_PROXIES."""
+    headers = AUTH + ([(b"x-forwarded-for", forwarded.encode())] if forwarded is not None else [])
+    async with upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, ALLOWED_IPS=allowed, TRUSTED_PROXIES=trusted) as app:
+        answer = await chat(app, headers=headers, client=peer)
+    assert answer.status == status
+    if status == 403:
+        assert_error(answer, 403, "permission_error", "ip_not_allowed")
+        assert up.requests == []
+
+
+async def test_allowlist_denial_comes_before_auth_and_is_logged() -> None:
+    """A client outside ALLOWED_IPS gets 403 whatever its token, is logged with its address; /health stays open."""
+    async with captured_log() as lines, gateway(ALLOWED_IPS="192.168.1.0/24") as app:
+        no_token = await chat(app, headers=[], client="203.0.113.9")
+        preflight = await call(app, "OPTIONS", "/v1/models", headers=[(b"origin", b"https://a.example")],
+                               client="203.0.113.9")
+        health = await call(app, "GET", "/health", headers=[], client="203.0.113.9")
+    assert_error(no_token, 403, "permission_error", "ip_not_allowed")
+    assert preflight.status == 403 and preflight.header(b"access-control-allow-origin") == b"*"
+    assert health.status == 200
+    [line] = [line for line in lines if line.startswith("POST ")]
+    assert line.startswith("POST /v1/chat/completions 403 ") and "client=203.0.113.9" in line
+    assert "error=ip_not_allowed" in line
+
+
+async def test_spoofed_forwarded_for_is_ignored_over_uvicorn() -> None:
+    """Through the server `python modelgate.py` runs, uvicorn does not rewrite the client from X-Forwarded-For.
+
+    uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; if it did here, this request would pass.
+    """
+    async with upstream(json_reply()) as up:
+        app = modelgate.Gateway(environ(OLLAMA_BASE_URL=up.url, ALLOWED_IPS="192.0.2.0/24"))
+        config = modelgate.load_config(environ(HOST="127.0.0.1", PORT="1"))
+        async with serve_with(modelgate.uvicorn_server(config, app)) as base, \
+                httpcore.AsyncConnectionPool() as client:
+            spoofed = await client.request("POST", f"{base}/v1/chat/completions", content=CHAT, headers={
+                "authorization": f"Bearer {TOKEN}", "x-forwarded-for": "192.0.2.7"})
+    assert spoofed.status == 403 and json.loads(spoofed.content)["error"]["code"] == "ip_not_allowed"
+    assert up.requests == []
+
+
+@asynccontextmanager
+async def serve_with(server: uvicorn.Server, scheme: str = "http") -> AsyncIterator[str]:
+    """A server made by modelgate.uvicorn_server() on a socket of ours, lifespan and all; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+###############################################################################
+# TLS #########################################################################
+###############################################################################
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
+    """With TLS_CERT_FILE and TLS_KEY_FILE, the server `python modelgate.py` runs speaks HTTPS with that cert."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    assert await openssl.wait() == 0
+    settings = environ(TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key), HOST="127.0.0.1", PORT="1")
+    config = modelgate.load_config(settings)
+    assert (config.tls_cert_file, config.tls_key_file) == (str(cert), str(key))
+    trust = ssl.create_default_context(cafile=str(cert))  # verifies the chain and the name 127.0.0.1
+    async with serve_with(modelgate.uvicorn_server(config, modelgate.Gateway(settings)), "https") as base:
+        host, port = base.removeprefix("https://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=trust, server_hostname="127.0.0.1")
+        assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
+
+
+def test_tls_files_that_are_not_a_certificate_and_key_stop_startup(tmp_path: Any) -> None:
+    """Readable files that are not a PEM certificate and its key: one line naming both variables."""
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    with pytest.raises(modelgate.ConfigError, match="TLS_CERT_FILE and TLS_KEY_FILE"):
+        modelgate.load_config(environ(TLS_CERT_FILE=str(tmp_path / "cert.pem"), TLS_KEY_FILE=str(tmp_path / "key.pem")))
