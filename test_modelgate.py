@@ -1339,6 +1339,15 @@ async def test_over_uvicorn_plain_and_streamed() -> None:
         assert received == SSE_PAYLOAD
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the event loop until `condition` holds: for states reached without any I/O to wait on."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    assert condition()
+
+
 ###############################################################################
 # Named tokens and per-token limits ###########################################
 ###############################################################################
@@ -1554,3 +1563,79 @@ def test_tls_files_that_are_not_a_certificate_and_key_stop_startup(tmp_path: Any
     (tmp_path / "key.pem").write_text("not a key")
     with pytest.raises(modelgate.ConfigError, match="TLS_CERT_FILE and TLS_KEY_FILE"):
         modelgate.load_config(environ(TLS_CERT_FILE=str(tmp_path / "cert.pem"), TLS_KEY_FILE=str(tmp_path / "key.pem")))
+
+
+###############################################################################
+# Coalescing identical requests in flight #####################################
+###############################################################################
+
+
+def joined(app: modelgate.Gateway) -> int:
+    return sum(app.metrics.coalesced.values())
+
+
+async def test_four_identical_requests_reach_the_upstream_once() -> None:
+    """Four identical requests while the upstream holds its answer: one upstream request, four equal answers."""
+    async with captured_log() as lines, upstream(json_reply(held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        tasks = [asyncio.ensure_future(chat(app)) for _ in range(4)]
+        await up.got_request.wait()
+        await until(lambda: joined(app) == 3)
+        up.release.set()
+        answers = await asyncio.gather(*tasks)
+        assert app.flights == {}  # nothing is kept once answered: this is no cache
+        again = await chat(app)
+    assert [a.status for a in answers] == [200] * 4 and all(a.json() == COMPLETION for a in answers)
+    assert len({a.header(b"x-request-id") for a in answers}) == 4  # each answer is its own response
+    assert len(up.requests) == 2 and again.status == 200
+    assert sum(" coalesced " in line for line in lines if line.startswith("POST ")) == 3
+
+
+async def test_different_tokens_bodies_or_streams_are_never_joined() -> None:
+    """Only the same token, provider, path and body join; streams never do; COALESCE=off joins nothing."""
+    other_auth = [(b"authorization", b"Bearer " + OTHER_TOKEN.encode())]
+    other_body = CHAT.replace(b"Hallo", b"Hello")
+    for setting, expected in (("on", 5), ("off", 6)):
+        async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, COALESCE=setting) as app:
+            gone = asyncio.Event()
+            tasks = [asyncio.ensure_future(chat(app, body, headers, disconnect=gone)) for body, headers in [
+                (CHAT, None), (CHAT, None), (CHAT, other_auth), (other_body, None),
+                (STREAM_CHAT, None), (STREAM_CHAT, None)]]
+            await up.received(expected)
+            await until(lambda: joined(app) == 6 - expected)
+            gone.set()
+            await asyncio.gather(*tasks)
+            assert len(up.requests) == expected
+
+
+LEAVING = [
+    # (which of two identical clients leave, whether the upstream request is then cancelled)
+    (["follower"], False),
+    (["leader"], False),  # the upstream request is not the leader's: it goes on for the follower
+    (["leader", "follower"], True),
+]
+
+
+@pytest.mark.parametrize("leaving, cancelled", LEAVING)
+async def test_the_last_client_to_leave_cancels_the_shared_request(leaving: list[str], cancelled: bool) -> None:
+    """A joined client that leaves does not stop the upstream request; when nobody is left, it is cancelled."""
+    async with upstream(json_reply(held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        gone = {"leader": asyncio.Event(), "follower": asyncio.Event()}
+        leader = asyncio.ensure_future(chat(app, disconnect=gone["leader"]))
+        await up.got_request.wait()
+        follower = asyncio.ensure_future(chat(app, disconnect=gone["follower"]))
+        await until(lambda: joined(app) == 1)
+        for name in leaving:
+            gone[name].set()
+        if cancelled:
+            await asyncio.wait_for(up.saw_close.wait(), 5)
+        await until(lambda: sum(t.done() for t in (leader, follower)) == len(leaving))
+        assert not up.saw_close.is_set() or cancelled
+        up.release.set()
+        answers = {"leader": await leader, "follower": await follower}
+        assert app.flights == {}
+    for name, answer in answers.items():
+        assert answer.complete == (name not in leaving)
+        if answer.complete:
+            assert answer.json() == COMPLETION
+    assert len(up.requests) == 1
