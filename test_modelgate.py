@@ -1639,3 +1639,91 @@ async def test_the_last_client_to_leave_cancels_the_shared_request(leaving: list
         if answer.complete:
             assert answer.json() == COMPLETION
     assert len(up.requests) == 1
+
+
+###############################################################################
+# Several Ollama hosts ########################################################
+###############################################################################
+
+
+def unlistened() -> tuple[socket.socket, str]:
+    """A bound loopback socket that does not listen yet (connections are refused), and its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+async def test_a_host_that_refuses_is_passed_over_and_tried_again_later() -> None:
+    """Host 1 refuses: the request goes to host 2, and host 1 is skipped until its cool-down is over."""
+    sock, url = unlistened()
+    async with upstream(json_reply()) as second, gateway(OLLAMA_BASE_URL=f"{url},{second.url}") as app:
+        assert (await chat(app)).status == 200
+        sock.listen(128)
+        first = await FakeUpstream(json_reply()).start(sock=sock)
+        assert (await chat(app)).status == 200  # host 1 listens again, but is cooling down
+        page = (await call(app, "GET", "/metrics")).body.decode()
+        app.upstreams["ollama"].hosts[0].down_until = 0.0  # as if HOST_COOLDOWN_SECONDS had passed
+        assert (await chat(app)).status == 200
+        first.server.close()
+    assert len(second.requests) == 2 and len(first.requests) == 1
+    assert 'modelgate_upstream_up{provider="ollama",host="1"} 0' in page
+    assert 'modelgate_upstream_up{provider="ollama",host="2"} 1' in page
+    assert 'modelgate_upstream_errors_total{provider="ollama",kind="ConnectError"} 1' in page
+
+
+HOST_FAILURES_AFTER_CONNECTING = [
+    # (reply of host 1, status, error code): it accepted, so the request may be running there
+    (raw_reply(b""), 502, "upstream_unavailable"),  # reads the request, hangs up without a word
+    (hang_reply, 504, "upstream_timeout"),  # reads the request, never answers
+    (sse_reply(cut_before=1), 200, None),  # starts a stream, breaks off
+]
+
+
+@pytest.mark.parametrize("reply, status, code", HOST_FAILURES_AFTER_CONNECTING)
+async def test_no_failover_once_the_request_was_sent(reply: Reply, status: int, code: str | None) -> None:
+    """A host that accepted the request and then failed is the answer: the next host never runs it again."""
+    async with upstream(reply) as first, upstream(json_reply()) as second, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}", TIMEOUT_SECONDS="0.3") as app:
+        answer = await chat(app, STREAM_CHAT if status == 200 else CHAT)
+    if code:
+        assert_error(answer, status, "api_error", code)
+    else:
+        assert_error_event(answer.chunks[-1])
+    assert len(first.requests) == 1 and second.requests == []
+
+
+async def test_the_host_with_fewest_requests_in_flight_is_chosen() -> None:
+    """While host 1 holds a request, the next goes to host 2; with both idle, host 1 (listed first) goes first."""
+    async with upstream(json_reply(held=True)) as first, upstream(json_reply()) as second, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}") as app:
+        held = asyncio.ensure_future(chat(app))
+        await first.got_request.wait()
+        assert (await chat(app, CHAT.replace(b"Hallo", b"Hi"))).status == 200
+        first.release.set()
+        assert (await held).status == 200
+        assert (await chat(app)).status == 200
+    assert len(first.requests) == 2 and len(second.requests) == 1
+
+
+async def test_every_host_down_is_a_502_that_says_how_many_were_tried() -> None:
+    """With all three hosts refusing, the 502 says that 3 were tried, and names no URL."""
+    async with gateway(OLLAMA_BASE_URL=",".join(refused_url() for _ in range(3))) as app:
+        answer = await chat(app)
+        again = await chat(app)  # all cooling down: tried all the same, a lone host is never skipped
+    for each in (answer, again):
+        error = assert_error(each, 502, "api_error", "upstream_unavailable")
+        assert "3 ollama hosts" in error["message"] and "OLLAMA_BASE_URL" in error["message"]
+        assert "127.0.0.1" not in error["message"]
+
+
+async def test_models_of_several_hosts_are_merged_without_duplicates() -> None:
+    """GET /v1/models lists every model of every host once; a host that is down is left out."""
+    second_models = {"object": "list", "data": [OLLAMA_MODELS["data"][1], {"id": "llama3.2:3b", "object": "model"}]}
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as first, \
+            upstream(json_reply(document=second_models)) as second, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{refused_url()},{second.url}") as app:
+        answer = await call(app, "GET", "/v1/models")
+        one = await call(app, "GET", "/v1/models/ollama/llama3.2:3b")
+    assert [m["id"] for m in answer.json()["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4",
+                                                       "ollama/llama3.2:3b"]
+    assert one.status == 200 and one.json()["id"] == "ollama/llama3.2:3b"
