@@ -1727,3 +1727,91 @@ async def test_models_of_several_hosts_are_merged_without_duplicates() -> None:
     assert [m["id"] for m in answer.json()["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4",
                                                        "ollama/llama3.2:3b"]
     assert one.status == 200 and one.json()["id"] == "ollama/llama3.2:3b"
+
+
+###############################################################################
+# Legacy completions and the Responses API ####################################
+###############################################################################
+
+COMPLETION_EVENTS = [b'data: {"choices":[{"text":"Hel","index":0}]}\n\n', b'data: {"choices":[{"text":"lo"}]}\n\n',
+                     b"data: [DONE]\n\n"]
+
+
+async def test_legacy_completions_are_relayed_like_chat() -> None:
+    """POST /v1/completions routes by model to Ollama's /completions, plain and streamed."""
+    async with upstream(json_reply(document={"object": "text_completion"})) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        plain = await call(app, "POST", "/v1/completions", b'{"model": "ollama/m", "prompt": "Hi"}')
+        up.reply = sse_reply(events=COMPLETION_EVENTS)
+        streamed = await call(app, "POST", "/v1/completions", b'{"model": "ollama/m", "prompt": "Hi", "stream": true}')
+        up.reply = sse_reply(events=COMPLETION_EVENTS[:2])
+        cut = await call(app, "POST", "/v1/completions", b'{"model": "ollama/m", "stream": true}')
+    assert plain.status == 200 and plain.json() == {"object": "text_completion"}
+    assert [r.target for r in up.requests] == ["/v1/completions"] * 3 and up.requests[0].json()["model"] == "m"
+    assert streamed.chunks == COMPLETION_EVENTS
+    assert "data: [DONE]" in assert_error_event(cut.chunks[-1])["message"]
+
+
+def ollama_event(kind: str, **data: Any) -> bytes:
+    """A Responses event as Ollama writes it: an event line, then JSON with its keys sorted, "type" last."""
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({**data, "type": kind}, sort_keys=True).encode())
+
+
+def openai_event(kind: str, **data: Any) -> bytes:
+    """A Responses event as OpenAI writes it: "type" first."""
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({"type": kind, **data}).encode())
+
+
+BIG_RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "output": [
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello " * 200}]}]}
+RESPONSE_STREAMS = [
+    # (events, whole)
+    ([ollama_event("response.created", response={}), ollama_event("response.output_text.delta", delta="Hi"),
+      ollama_event("response.completed", response=BIG_RESPONSE, sequence_number=3)], True),
+    ([openai_event("response.created", response={}), openai_event("response.output_text.delta", delta="Hi"),
+      openai_event("response.completed", sequence_number=3, response=BIG_RESPONSE)], True),
+    ([openai_event("response.created", response={}), openai_event("response.failed", response={"status": "failed"})],
+     True),
+    ([ollama_event("response.incomplete", response=BIG_RESPONSE)], True),
+    ([b'data: {"type":"response.completed","response":{"status":"completed"}}\r\n\r\n'], True),  # no event line
+    ([openai_event("response.created", response={}), openai_event("response.output_text.delta", delta="Hi")], False),
+    ([ollama_event("response.completed", response=BIG_RESPONSE), ollama_event("response.output_text.delta",
+                                                                              delta='"type":"response.completed"')],
+     False),
+    ([openai_event("response.output_text.delta", delta="event: response.completed\n")], False),
+    ([ollama_event("response.created", response=BIG_RESPONSE), b"data: [DONE]\n\n"], False),
+]
+
+
+@pytest.mark.parametrize("events, whole", RESPONSE_STREAMS)
+async def test_responses_streams_end_with_their_last_event(events: list[bytes], whole: bool) -> None:
+    """A Responses stream is whole when its last event is response.completed/.failed/.incomplete, else cut."""
+    body = b'{"model": "ollama/m", "input": "Hi", "stream": true}'
+    async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/responses", body)
+    assert up.requests[0].target == "/v1/responses" and up.requests[0].json()["model"] == "m"
+    assert answer.status == 200 and answer.chunks[:len(events)] == events
+    if whole:
+        assert len(answer.chunks) == len(events)
+    else:
+        assert "response.completed" in assert_error_event(answer.chunks[-1])["message"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(RESPONSE_STREAMS), st.data())
+def test_the_responses_end_check_is_invariant_to_chunking(stream: tuple[list[bytes], bool], data: Any) -> None:
+    """However a Responses stream is cut into chunks, whether it is whole is judged the same."""
+    events, whole = stream
+    payload = b"".join(events)
+    cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
+    end = modelgate.ResponsesEnd()
+    for a, b in zip([0, *cuts], [*cuts, len(payload)]):
+        end.feed(payload[a:b])
+    assert end.complete() == whole
+
+
+async def test_plain_responses_request_is_relayed() -> None:
+    """A Responses request without stream is answered whole, like a plain chat."""
+    async with upstream(json_reply(document=BIG_RESPONSE)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/responses", b'{"model": "ollama/m", "input": "Hi"}')
+    assert answer.status == 200 and answer.json() == BIG_RESPONSE
