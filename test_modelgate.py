@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
+import re
 import shutil
 import socket
 import ssl
@@ -1815,3 +1817,188 @@ async def test_plain_responses_request_is_relayed() -> None:
     async with upstream(json_reply(document=BIG_RESPONSE)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await call(app, "POST", "/v1/responses", b'{"model": "ollama/m", "input": "Hi"}')
     assert answer.status == 200 and answer.json() == BIG_RESPONSE
+
+
+###############################################################################
+# Metrics, readiness, logs ####################################################
+###############################################################################
+
+# The text exposition format, version 0.0.4 (prometheus.io/docs/instrumenting/exposition_formats).
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:\\[\\"n]|[^\\"\n])*)"'
+SAMPLE_LINE = re.compile(rf'({METRIC_NAME})(?:\{{((?:{LABEL})(?:,{LABEL})*)?\}})? (\S+)(?: -?[0-9]+)?')
+HELP_LINE = re.compile(rf"# HELP ({METRIC_NAME}) (.*)")
+TYPE_LINE = re.compile(rf"# TYPE ({METRIC_NAME}) (counter|gauge|histogram|summary|untyped)")
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """Every line checked against the format; returns {family: {"type", "help", "samples": [(name, labels, value)]}}.
+
+    Checked: line syntax and escapes; HELP and TYPE at most once and TYPE before the family's samples; a
+    family's samples together; no series twice; counters named *_total; histogram buckets cumulative,
+    ending in le="+Inf" equal to _count, with a _sum.
+    """
+    assert text.endswith("\n") and "\n\n" not in text
+    families: dict[str, dict] = {}
+    current, finished, series = None, set(), set()
+    for line in text[:-1].split("\n"):
+        if match := HELP_LINE.fullmatch(line):
+            family = families.setdefault(match[1], {"samples": []})
+            assert "help" not in family and not family["samples"], line
+            family["help"] = match[2]
+        elif match := TYPE_LINE.fullmatch(line):
+            family = families.setdefault(match[1], {"samples": []})
+            assert "type" not in family and not family["samples"], line
+            family["type"] = match[2]
+            if current is not None and current != match[1]:
+                finished.add(current)
+            current = match[1]
+        else:
+            assert not line.startswith("#"), line
+            match = SAMPLE_LINE.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            name, value = match[1], float(match[match.lastindex])
+            labels = dict(re.findall(LABEL, match[2] or ""))
+            assert len(labels) == (match[2] or "").count('="'), f"a label twice: {line!r}"
+            family_name = name
+            if families.get(current, {}).get("type") == "histogram" and name.endswith(HISTOGRAM_SUFFIXES):
+                family_name = name.rsplit("_", 1)[0]
+            assert family_name == current and current not in finished, f"not with its family: {line!r}"
+            assert (name, tuple(sorted(labels.items()))) not in series, f"a series twice: {line!r}"
+            series.add((name, tuple(sorted(labels.items()))))
+            families[current]["samples"].append((name, labels, value))
+    for name, family in families.items():
+        assert "type" in family and "help" in family, name
+        if family["type"] == "counter":
+            assert name.endswith("_total") and all(v >= 0 for _, _, v in family["samples"]), name
+        if family["type"] == "histogram":
+            check_histogram(name, family["samples"])
+    return families
+
+
+def check_histogram(name: str, samples: list[tuple[str, dict, float]]) -> None:
+    by_series: dict[tuple, dict] = {}
+    for sample_name, labels, value in samples:
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        parts = by_series.setdefault(key, {"buckets": []})
+        if sample_name == f"{name}_bucket":
+            parts["buckets"].append((float(labels["le"]), value))
+        else:
+            parts[sample_name.removeprefix(name)] = value
+    for key, parts in by_series.items():
+        bounds = [bound for bound, _ in parts["buckets"]]
+        counts = [count for _, count in parts["buckets"]]
+        assert bounds == sorted(bounds) and bounds[-1] == math.inf, key
+        assert counts == sorted(counts) and counts[-1] == parts["_count"] and "_sum" in parts, key
+
+
+async def test_metrics_follow_the_text_format_and_count_what_happened() -> None:
+    """GET /metrics is valid exposition format 0.0.4 and counts requests, latencies, errors, joins and limits."""
+    async with upstream(json_reply(held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=f"{up.url},{refused_url()}", RATE_LIMIT_RPM="5",
+                    MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
+        tasks = [asyncio.ensure_future(chat(app)) for _ in range(2)]
+        await up.got_request.wait()
+        await until(lambda: joined(app) == 1)
+        up.release.set()
+        await asyncio.gather(*tasks)
+        up.reply = sse_reply()
+        await chat(app, STREAM_CHAT)
+        await chat(app, headers=[])
+        for _ in range(3):
+            await chat(app)
+        up.reply = json_reply(404, raw=b'{"error": "model not found"}')
+        await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        answer = await call(app, "GET", "/metrics")
+    assert answer.status == 200 and answer.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
+    families = parse_exposition(answer.body.decode())
+
+    def value(family: str, name: str | None = None, **labels: str) -> float:
+        return sum(v for n, found, v in families[family]["samples"]
+                   if n == (name or family) and labels.items() <= found.items())
+
+    chat_route = {"route": "/v1/chat/completions"}
+    assert value("modelgate_requests_total", **chat_route, token="fluentread", status="200") == 5
+    assert value("modelgate_requests_total", **chat_route, token="fluentread", status="429") == 1
+    assert value("modelgate_requests_total", **chat_route, token="-", status="401") == 1
+    assert value("modelgate_requests_total", **chat_route, status="404", provider="ollama") == 1
+    assert value("modelgate_request_duration_seconds", "modelgate_request_duration_seconds_count", **chat_route) == 8
+    assert value("modelgate_stream_first_byte_seconds", "modelgate_stream_first_byte_seconds_count") == 1
+    assert value("modelgate_coalesced_requests_total", token="fluentread") == 1
+    assert value("modelgate_rate_limited_requests_total", token="fluentread", limit="rpm") == 1
+    assert value("modelgate_upstream_errors_total", provider="ollama", kind="http_404") == 1
+    assert value("modelgate_requests_in_flight") == 1  # this one
+    assert value("modelgate_streams_in_flight") == 0
+    assert value("modelgate_upstream_up", host="1") == 1 and value("modelgate_upstream_in_flight", host="2") == 0
+    assert families["modelgate_requests_total"]["type"] == "counter"
+    assert families["modelgate_request_duration_seconds"]["type"] == "histogram"
+
+
+def test_label_values_are_escaped() -> None:
+    """Backslash, double quote and line feed in a label value are escaped as the format requires."""
+    line = "m" + modelgate.label_set(("a", "b"), ('x"y\\z\nw', 3)) + " 1"
+    match = SAMPLE_LINE.fullmatch(line)
+    assert match and dict(re.findall(LABEL, match[2])) == {"a": 'x\\"y\\\\z\\nw', "b": "3"}
+
+
+async def test_metrics_need_a_token_unless_public() -> None:
+    """/metrics wants a token like the API; METRICS_PUBLIC=1 opens it to a scraper without one."""
+    async with gateway() as app:
+        closed = await call(app, "GET", "/metrics", headers=[])
+    async with gateway(METRICS_PUBLIC="1") as app:
+        public = await call(app, "GET", "/metrics", headers=[])
+    assert_error(closed, 401, "authentication_error")
+    assert public.status == 200 and b"# TYPE modelgate_requests_total counter" in public.body
+
+
+async def test_ready_is_up_when_a_host_lists_its_models_and_down_when_none_does() -> None:
+    """/ready: 200 with one host answering, 503 naming the hosts when none does; answers are cached a while."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, \
+            gateway(OLLAMA_BASE_URL=f"{refused_url()},{up.url}") as app:
+        ready = await call(app, "GET", "/ready", headers=[])
+        cached = await call(app, "GET", "/ready", headers=[])
+        assert len(up.requests) == 1
+        app.probe_expires = 0.0  # as if READY_CACHE_SECONDS had passed
+        up.reply = json_reply(500, raw=b"oops")
+        down = await call(app, "GET", "/ready", headers=[])
+    assert ready.status == 200 and ready.json() == {"status": "ready",
+                                                    "upstreams": {"ollama/1": "ConnectError", "ollama/2": "ok"}}
+    assert cached.body == ready.body
+    error = assert_error(down, 503, "api_error", "not_ready")
+    assert "ollama/1 ConnectError" in error["message"] and "ollama/2 http_500" in error["message"]
+    assert "127.0.0.1" not in error["message"]
+
+
+async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
+    """A host that accepts but does not answer makes /ready 503 after READY_TIMEOUT_SECONDS, not later."""
+    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        down = await call(app, "GET", "/ready", headers=[])
+    assert "ollama/1 timeout" in assert_error(down, 503, "api_error", "not_ready")["message"]
+
+
+async def test_json_log_lines_carry_the_same_fields() -> None:
+    """LOG_FORMAT=json writes each request as one JSON object with the fields of the text line, nothing secret."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    modelgate.log.addHandler(handler)
+    try:
+        async with upstream(sse_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+            await chat(app, STREAM_CHAT)
+            await call(app, "GET", "/v1/mo\ndels\u2028")
+    finally:
+        modelgate.log.removeHandler(handler)
+    formatter = modelgate.JsonFormatter()
+    lines = [formatter.format(r) for r in records if getattr(r, "fields", None)]
+    assert all("\n" not in line for line in lines)
+    stream, odd = [json.loads(line) for line in lines]
+    assert set(stream) == {"time", "level", "method", "path", "status", "provider", "model", "ms", "bytes",
+                           "ttfb_ms", "token", "client", "coalesced", "error", "id"}
+    assert (stream["method"], stream["path"], stream["status"], stream["model"]) == \
+           ("POST", "/v1/chat/completions", 200, "ollama/qwen2.5:7b")
+    assert stream["ttfb_ms"] is not None and stream["client"] == "127.0.0.1" and stream["error"] is None
+    assert odd["status"] == 404 and "\n" not in records[-1].getMessage()  # no forged second line in text either
+    assert TOKEN not in "".join(lines)
+    assert json.loads(formatter.format(logging.makeLogRecord({"msg": "started", "levelname": "INFO"})))["message"] \
+        == "started"
