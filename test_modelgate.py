@@ -13,10 +13,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import socket
 import ssl
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -2002,3 +2005,80 @@ async def test_json_log_lines_carry_the_same_fields() -> None:
     assert TOKEN not in "".join(lines)
     assert json.loads(formatter.format(logging.makeLogRecord({"msg": "started", "levelname": "INFO"})))["message"] \
         == "started"
+
+
+###############################################################################
+# Shutdown ####################################################################
+###############################################################################
+
+
+async def test_after_sigterm_nothing_new_goes_upstream_and_streams_may_finish() -> None:
+    """Once shutting down, new requests get 503 (and /ready fails) while a running stream is let finish."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.got_request.wait()
+        app.shut_down()
+        refused = await chat(app)
+        ready = await call(app, "GET", "/ready", headers=[])
+        health = await call(app, "GET", "/health", headers=[])
+        up.release.set()
+        answer = await stream
+    assert_error(refused, 503, "api_error", "shutting_down")
+    assert_error(ready, 503, "api_error", "shutting_down")
+    assert health.status == 200 and len(up.requests) == 1
+    assert answer.chunks == EVENTS
+
+
+async def test_what_still_runs_when_the_grace_is_over_is_ended() -> None:
+    """After SHUTDOWN_GRACE_SECONDS a running stream ends with the error event, a waiting request gets 503."""
+    async with upstream(sse_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, SHUTDOWN_GRACE_SECONDS="0.05") as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.received(1)
+        up.reply = json_reply(held=True)
+        waiting = asyncio.ensure_future(chat(app))
+        await up.received(2)
+        app.shut_down()
+        streamed, plain = await asyncio.gather(stream, waiting)
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+    assert streamed.chunks[0] == EVENTS[0] and streamed.complete
+    assert "shutting down" in assert_error_event(streamed.chunks[1])["message"]
+    assert_error(plain, 503, "api_error", "shutting_down")
+
+
+async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> None:
+    """`python modelgate.py` on SIGTERM: refuses new connections, cuts a stream after the grace, exits 0."""
+    async with upstream(sse_reply(hold_before=1)) as up:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {"PATH": os.environ.get("PATH", ""), "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url,
+               "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_GRACE_SECONDS": "0.5", "LOG_FORMAT": "json"}
+        gateway_process = await asyncio.create_subprocess_exec(
+            sys.executable, modelgate.__file__, cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            lines: list[bytes] = []
+            while not any(b"Uvicorn running on" in line for line in lines):
+                lines.append(await asyncio.wait_for(gateway_process.stderr.readline(), 30))
+                assert lines[-1], b"".join(lines)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+                         + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)
+            head = await asyncio.wait_for(reader.readuntil(EVENTS[0] + b"\r\n"), 10)
+            gateway_process.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(gateway_process.wait(), 10) == 0
+            lines += (await gateway_process.stderr.read()).splitlines()
+        finally:
+            if gateway_process.returncode is None:
+                gateway_process.kill()
+                await gateway_process.wait()
+    assert head.startswith(b"HTTP/1.1 200 ") and EVENTS[0] in head
+    assert b"shutting down" in rest and b"[DONE]" not in rest and rest.endswith(b"0\r\n\r\n")
+    assert len(up.requests) == 1 and up.saw_close.is_set()
+    logged = [json.loads(line) for line in lines if line.strip()]  # LOG_FORMAT=json: every line, uvicorn's too
+    assert any(entry.get("status") == 200 and entry.get("error") == "shutting_down" for entry in logged)
