@@ -6,21 +6,26 @@ All in this one file; it needs uvicorn and httpcore[asyncio] at run time and not
     python modelgate.py               # reads ./.env if present, serves on HOST:PORT (0.0.0.0:8010)
     uvicorn modelgate:app --port 8010 --no-proxy-headers
 
-Routes (every one but /health and preflights wants `Authorization: Bearer <MODELGATE_TOKEN>`):
+Routes (every one but /health, /ready and preflights wants `Authorization: Bearer <MODELGATE_TOKEN>`):
 
     POST /v1/chat/completions   plain or `"stream": true` (SSE relayed chunk by chunk)
+    POST /v1/completions        the same for legacy completions
+    POST /v1/responses          the same for the Responses API
     POST /v1/embeddings
     GET  /v1/models             Ollama's models as `ollama/<name>`, OpenAI's as `openai/<name>`
     GET  /v1/models/{id}
     GET  /health                liveness, no upstream call
+    GET  /ready                 200 when an upstream of DEFAULT_PROVIDER answers, else 503
+    GET  /metrics               Prometheus text format (no token with METRICS_PUBLIC=1)
     OPTIONS <any route>         CORS preflight
 
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
 model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up):
 
-    MODELGATE_TOKEN          required; comma-separated for several apps or for rotation
+    MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
-    OLLAMA_BASE_URL          Ollama's OpenAI-compatible base URL   (http://127.0.0.1:11434/v1)
+    OLLAMA_BASE_URL          Ollama's OpenAI-compatible base URL; comma-separated for several hosts
+                                                                   (http://127.0.0.1:11434/v1)
     OLLAMA_API_KEY           Bearer token sent to Ollama, if set   (empty)
     OPENAI_API_KEY           enables the openai provider           (empty: nothing goes to OpenAI)
     OPENAI_BASE_URL          any OpenAI-compatible base URL        (https://api.openai.com/v1)
@@ -28,13 +33,25 @@ model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up):
     CONNECT_TIMEOUT_SECONDS  longest wait to open an upstream connection (10)
     MAX_BODY_BYTES           larger request bodies get 413         (16777216)
     CORS_ALLOW_ORIGINS       comma-separated origins, * for any    (*)
+    RATE_LIMIT_RPM           requests per minute per token         (0: off)
+    MAX_CONCURRENT_PER_TOKEN requests and streams in flight per token (0: off)
+    ALLOWED_IPS              client addresses and networks let in  (empty: everyone)
+    TRUSTED_PROXIES          peers whose X-Forwarded-For is believed (empty: none)
+    COALESCE                 identical plain requests in flight share one upstream request (on)
+    METRICS_PUBLIC           1: GET /metrics needs no token        (0)
+    LOG_FORMAT               text | json                           (text)
+    SHUTDOWN_GRACE_SECONDS   how long streams may finish after SIGTERM (30)
     HOST, PORT               where `python modelgate.py` listens   (0.0.0.0, 8010)
+    TLS_CERT_FILE, TLS_KEY_FILE  `python modelgate.py` serves HTTPS with these (empty: plain HTTP)
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
 import hmac
+import ipaddress
 import json
 import json.decoder
 import json.scanner
@@ -90,11 +107,30 @@ DEFAULTS = {
     # A chat with a few base64 images fits; OpenAI itself takes up to 20 MB per image request.
     "MAX_BODY_BYTES": str(16 * 1024 * 1024),
     "CORS_ALLOW_ORIGINS": "*",
+    "RATE_LIMIT_RPM": "0",
+    "MAX_CONCURRENT_PER_TOKEN": "0",
+    # FluentRead sends the same request again after 45 s without cancelling the first (CLIENTS.md):
+    # sharing the one upstream answer is what a cold Ollama needs, and it changes no answer.
+    "COALESCE": "on",
+    "METRICS_PUBLIC": "0",
+    "LOG_FORMAT": "text",
+    # Docker and systemd wait 10 s and 90 s before they kill; Kubernetes waits 30 s. A translation
+    # stream is over in seconds, a long chat in a minute: 30 s lets most finish.
+    "SHUTDOWN_GRACE_SECONDS": "30",
     "HOST": "0.0.0.0",
     "PORT": "8010",
 }
 
 TOKEN_HELP = 'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+# `name:token`: a name is this, up to the first ':'. Anything else before a ':' is part of the token,
+# so a token that itself holds a ':' is written with a name in front (`app:to:ken`).
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigError(Exception):
@@ -104,8 +140,9 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Config:
     tokens: tuple[bytes, ...]
+    token_names: tuple[str, ...]  # token_names[i] names tokens[i] in logs and metrics
     default_provider: str
-    ollama_base_url: str
+    ollama_base_urls: tuple[str, ...]
     ollama_api_key: str
     openai_base_url: str
     openai_api_key: str
@@ -113,32 +150,48 @@ class Config:
     connect_timeout: float
     max_body_bytes: int
     cors_allow_origins: frozenset[str]  # {"*"} allows any origin
+    rate_limit_rpm: int  # 0: off
+    max_concurrent_per_token: int  # 0: off
+    allowed_ips: tuple[Network, ...] | None  # None: everyone
+    trusted_proxies: tuple[Network, ...]
+    coalesce: bool
+    metrics_public: bool
+    log_format: str
+    shutdown_grace: float
     host: str
     port: int
+    tls_cert_file: str  # both empty, or both readable
+    tls_key_file: str
 
 
 def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     """Read and check every setting once; raise ConfigError naming the first bad one."""
 
-    def get(name: str) -> str:  # a variable set to nothing (NAME= in .env) means its default
-        return environ.get(name, "").strip() or DEFAULTS.get(name, "")
+    def get(name: str) -> str:
+        # Spaces, tabs and the CR of a .env saved on Windows; not str.strip()'s control characters.
+        # A variable set to nothing (NAME= in .env) means its default.
+        return environ.get(name, "").strip(" \t\r\n") or DEFAULTS.get(name, "")
 
-    tokens = tuple(t.strip() for t in get("MODELGATE_TOKEN").split(",") if t.strip())
-    if not tokens:
-        raise ConfigError(f"MODELGATE_TOKEN is empty: set it to the token clients must send; {TOKEN_HELP}")
-    for token in tokens:
-        if not all("!" <= c <= "~" for c in token):
-            raise ConfigError("MODELGATE_TOKEN may only hold printable ASCII without spaces; " + TOKEN_HELP)
+    tokens, names = _tokens(get("MODELGATE_TOKEN"))
     default_provider = get("DEFAULT_PROVIDER").lower()
     if default_provider not in PROVIDERS:
         raise ConfigError(f"DEFAULT_PROVIDER must be ollama or openai, not {default_provider!r}")
     openai_api_key = get("OPENAI_API_KEY")
     if default_provider == "openai" and not openai_api_key:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
+    ollama_base_urls = tuple(_base_url("OLLAMA_BASE_URL", url.strip())
+                             for url in get("OLLAMA_BASE_URL").split(",") if url.strip())
+    if not ollama_base_urls:
+        raise ConfigError("OLLAMA_BASE_URL is empty: set it to Ollama's base URL, such as http://127.0.0.1:11434/v1")
+    log_format = get("LOG_FORMAT").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, not {log_format!r}")
+    allowed_ips = get("ALLOWED_IPS")
     return Config(
-        tokens=tuple(t.encode() for t in tokens),
+        tokens=tokens,
+        token_names=names,
         default_provider=default_provider,
-        ollama_base_url=_base_url("OLLAMA_BASE_URL", get("OLLAMA_BASE_URL")),
+        ollama_base_urls=ollama_base_urls,
         ollama_api_key=_header_value("OLLAMA_API_KEY", get("OLLAMA_API_KEY")),
         openai_base_url=_base_url("OPENAI_BASE_URL", get("OPENAI_BASE_URL")),
         openai_api_key=_header_value("OPENAI_API_KEY", openai_api_key),
@@ -146,9 +199,41 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         connect_timeout=_seconds("CONNECT_TIMEOUT_SECONDS", get("CONNECT_TIMEOUT_SECONDS")),
         max_body_bytes=_positive_int("MAX_BODY_BYTES", get("MAX_BODY_BYTES")),
         cors_allow_origins=frozenset(o.strip() for o in get("CORS_ALLOW_ORIGINS").split(",") if o.strip()),
+        rate_limit_rpm=_limit("RATE_LIMIT_RPM", get("RATE_LIMIT_RPM")),
+        max_concurrent_per_token=_limit("MAX_CONCURRENT_PER_TOKEN", get("MAX_CONCURRENT_PER_TOKEN")),
+        allowed_ips=_networks("ALLOWED_IPS", allowed_ips) if allowed_ips else None,
+        trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
+        coalesce=_flag("COALESCE", get("COALESCE")),
+        metrics_public=_flag("METRICS_PUBLIC", get("METRICS_PUBLIC")),
+        log_format=log_format,
+        shutdown_grace=_seconds("SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS")),
         host=get("HOST"),
         port=_port(get("PORT")),
+        **_tls_files(get("TLS_CERT_FILE"), get("TLS_KEY_FILE")),
     )
+
+
+def _tokens(value: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """MODELGATE_TOKEN: the tokens, and the name each is shown by (a hash label when it has none)."""
+    named: dict[str, str] = {}  # name -> token, in the order given
+    tokens = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, colon, token = entry.partition(":")
+        if not (colon and TOKEN_NAME.fullmatch(name)):
+            # Never a part of the token itself: the label must not help anyone guess it.
+            name, token = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+        if not token:
+            raise ConfigError(f"MODELGATE_TOKEN: {entry!r} names a token but gives none after the ':'")
+        if not all("!" <= c <= "~" for c in token):
+            raise ConfigError(f"MODELGATE_TOKEN may only hold printable ASCII without spaces; {TOKEN_HELP}")
+        if named.setdefault(name, token) != token:
+            raise ConfigError(f"MODELGATE_TOKEN names two different tokens {name!r}; give each its own name")
+        tokens.append((token.encode(), name))
+    if not tokens:
+        raise ConfigError(f"MODELGATE_TOKEN is empty: set it to the token clients must send; {TOKEN_HELP}")
+    return tuple(token for token, _ in tokens), tuple(name for _, name in tokens)
 
 
 def _base_url(name: str, value: str) -> str:
@@ -188,6 +273,51 @@ def _positive_int(name: str, value: str) -> int:
     return int(value)
 
 
+def _limit(name: str, value: str) -> int:
+    if not value:
+        return 0  # off, as `RATE_LIMIT_RPM=` in a .env reads
+    if not value.isascii() or not value.isdigit():
+        raise ConfigError(f"{name} must be a whole number (0 for no limit), not {value!r}")
+    return int(value)
+
+
+def _flag(name: str, value: str) -> bool:
+    try:
+        return FLAGS[value.lower()]
+    except KeyError:
+        raise ConfigError(f"{name} must be 1 or 0 (on or off), not {value!r}") from None
+
+
+def _networks(name: str, value: str) -> tuple[Network, ...]:
+    """Comma-separated addresses and CIDR networks, IPv4 or IPv6 (an address is a network of one)."""
+    networks = []
+    for entry in (e.strip() for e in value.split(",")):
+        if entry:
+            try:
+                networks.append(ipaddress.ip_network(entry))
+            except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
+                raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
+    return tuple(networks)
+
+
+def _tls_files(cert: str, key: str) -> dict[str, str]:
+    if bool(cert) != bool(key):
+        missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
+        raise ConfigError(f"{missing} is empty: set TLS_CERT_FILE and TLS_KEY_FILE both, or neither")
+    if not cert:
+        return {"tls_cert_file": "", "tls_key_file": ""}
+    for name, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
+        try:
+            open(path, "rb").close()
+        except OSError as exc:
+            raise ConfigError(f"{name} cannot be read: {exc.strerror}: {path!r}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS_CERT_FILE and TLS_KEY_FILE are not a PEM certificate and its key ({exc})") from None
+    return {"tls_cert_file": cert, "tls_key_file": key}
+
+
 def _port(value: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise ConfigError(f"PORT must be a number from 1 to 65535, not {value!r}")
@@ -223,14 +353,22 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request"),
     "provider_not_configured": (400, "invalid_request_error", "provider_not_configured"),
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
+    # The client's address is not in ALLOWED_IPS: decided before the token is even looked at.
+    "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),
     "not_found": (404, "invalid_request_error", "not_found"),
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "method_not_allowed": (405, "invalid_request_error", "method_not_allowed"),
     "body_too_large": (413, "invalid_request_error", "request_too_large"),
+    # RATE_LIMIT_RPM (with Retry-After) and MAX_CONCURRENT_PER_TOKEN: the SDKs wait and retry a 429.
+    "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "too_many_in_flight": (429, "rate_limit_error", "concurrency_limit_exceeded"),
     "internal": (500, "api_error", "internal_error"),
     "upstream_unavailable": (502, "api_error", "upstream_unavailable"),
     # Our own pool to that upstream is full: we are the ones who are busy, so 503, not a gateway timeout.
     "gateway_busy": (503, "api_error", "gateway_busy"),
+    # After SIGTERM; a 503 is retried by the SDKs, by then against a gateway that is up again.
+    "shutting_down": (503, "api_error", "shutting_down"),
+    "not_ready": (503, "api_error", "not_ready"),
     "upstream_timeout": (504, "api_error", "upstream_timeout"),
 }
 
@@ -289,16 +427,81 @@ UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
 ###############################################################################
 
 
-def authorized(authorization: bytes, tokens: tuple[bytes, ...]) -> bool:
-    """True when the header is `Bearer <one of the tokens>`, compared in constant time."""
+# Who may ask, in the order it is decided: an address that ALLOWED_IPS lets in (found through
+# TRUSTED_PROXIES), a configured token, and that token within RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN.
+
+
+def authorized(authorization: bytes, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str | None:
+    """The name of the token in `Bearer <token>`, or None; compared in constant time against every token."""
     scheme, _, token = authorization.partition(b" ")
     if scheme.lower() != b"bearer":
-        return False
+        return None
     token = token.strip()
-    match = False
-    for expected in tokens:  # no early exit: the time taken does not tell which token matched
-        match |= hmac.compare_digest(token, expected)
-    return match
+    # Every token is compared, no early exit: the time taken does not tell which one (nearly) matched.
+    matches = [hmac.compare_digest(token, expected) for expected in tokens]
+    return names[matches.index(True)] if True in matches else None
+
+
+def parse_ip(text: str) -> Address | None:
+    """An address from `1.2.3.4`, `1.2.3.4:80`, `::1` or `[::1]:80`, IPv4-mapped IPv6 as IPv4; else None."""
+    if text.startswith("[") and "]" in text:
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # A dual-stack socket shows an IPv4 client as ::ffff:a.b.c.d; ALLOWED_IPS lists it as a.b.c.d.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
+    return any(address in network for network in networks)  # False across IPv4 and IPv6, never an error
+
+
+def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) -> Address | None:
+    """Who is asking: the peer, unless the peer is a trusted proxy; then the nearest X-Forwarded-For hop
+    that is not one. None when that is not an IP address.
+
+    Each proxy appends the address it saw, so the list is walked from the right and only the hops that
+    trusted proxies added are skipped (uvicorn's proxy_headers.py); the left part is whatever the client
+    wrote. From any other peer, X-Forwarded-For is ignored: it cannot talk its way past ALLOWED_IPS.
+    """
+    address = parse_ip(peer)
+    if address is None or not trusted or not in_networks(address, trusted):
+        return address
+    forwarded = b",".join(value for name, value in headers if name.lower() == b"x-forwarded-for")
+    hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",")] if forwarded else []
+    for hop in reversed(hops):
+        address = parse_ip(hop)
+        if address is None or not in_networks(address, trusted):
+            return address
+    return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
+
+
+class TokenBucket:
+    """RATE_LIMIT_RPM: per token, a bucket of `rpm` requests that refills by rpm/60 each second.
+
+    A full bucket lets a burst of `rpm` requests through; after that, one every 60/rpm seconds. The
+    buckets are keyed by token name, so they are as many as MODELGATE_TOKEN lists.
+    """
+
+    def __init__(self, rpm: int) -> None:
+        self.capacity, self.rate = float(rpm), rpm / 60
+        self.buckets: dict[str, tuple[float, float]] = {}  # token name -> (requests left, when)
+
+    def take(self, name: str, now: float) -> float:
+        """0 when a request may go now (and it is taken from the bucket), else the seconds until one may."""
+        level, then = self.buckets.get(name, (self.capacity, now))
+        level = min(self.capacity, level + (now - then) * self.rate)
+        if level >= 1:
+            self.buckets[name] = (level - 1, now)
+            return 0.0
+        self.buckets[name] = (level, now)
+        return (1 - level) / self.rate
 
 
 ###############################################################################
@@ -623,28 +826,46 @@ class Pool:
             await self.idle.pop().aclose()
 
 
-class Upstream:
-    """One provider: where it lives, the key it wants, and its connection pool."""
+# A host that refused a connection, or did not complete one in time, is passed over for this long while
+# another host is up (nothing was sent to it, so the request goes to the next one); then it is tried again.
+HOST_COOLDOWN_SECONDS = 30.0
 
-    def __init__(self, name: str, base_url: str, api_key: str, config: Config) -> None:
+
+class Host:
+    """One base URL of a provider: where it lives, its connection pool, and whether it is cooling down."""
+
+    def __init__(self, number: int, base_url: str) -> None:
         url = urlsplit(base_url)
-        self.name = name
+        self.number = number  # 1 for the first one listed: what logs, metrics and /ready show, never the URL
         self.scheme = url.scheme.encode()
         self.host = url.hostname.encode("idna")
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.path = url.path.rstrip("/").encode()
         self.authority = url.netloc.encode("idna")
+        self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
+        self.down_until = 0.0  # time.monotonic() before which other hosts go first
+
+
+class Upstream:
+    """One provider: the key it wants, its hosts (OLLAMA_BASE_URL may list several), and how a request
+    reaches one of them."""
+
+    def __init__(self, name: str, base_urls: tuple[str, ...], api_key: str, config: Config,
+                 metrics: Metrics) -> None:
+        self.name = name
+        self.hosts = [Host(number, url) for number, url in enumerate(base_urls, 1)]
         self.auth = [(b"authorization", b"Bearer " + api_key.encode())] if api_key else []
         self.extensions = {"timeout": {
             "connect": config.connect_timeout, "pool": config.connect_timeout,
             "read": config.timeout, "write": config.timeout,
         }}
-        self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
+        self.metrics = metrics
 
-    def request(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"") -> httpcore.Request:
+    def request(self, host: Host, method: bytes, path: bytes, client_headers: Headers,
+                body: bytes = b"") -> httpcore.Request:
         """Build the outbound request explicitly from the few client headers that may travel."""
         drop = connection_named(client_headers)
-        headers = [(b"host", self.authority), (b"accept-encoding", b"identity")]
+        headers = [(b"host", host.authority), (b"accept-encoding", b"identity")]
         for name, value in client_headers:
             name = name.lower()
             if name in FORWARDED_REQUEST_HEADERS and name not in drop:
@@ -652,14 +873,52 @@ class Upstream:
         headers += self.auth
         if method == b"POST":
             headers.append((b"content-length", b"%d" % len(body)))
-        url = httpcore.URL(scheme=self.scheme, host=self.host, port=self.port, target=self.path + path)
+        url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=host.path + path)
         return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
 
-    async def send(self, request: httpcore.Request) -> httpcore.Response:
-        try:
-            return await self.pool.handle_async_request(request)
-        except UPSTREAM_EXCEPTIONS as exc:
-            raise upstream_failure(exc, self.name, in_status_line=True) from exc
+    def by_preference(self) -> list[Host]:
+        """The hosts to try in turn: those not cooling down, fewest requests in flight first, ties as listed."""
+        if len(self.hosts) == 1:
+            return self.hosts
+        now = time.monotonic()
+        up = [host for host in self.hosts if host.down_until <= now]
+        return sorted(up or self.hosts, key=lambda host: host.pool.in_use)  # sorted() keeps ties in order
+
+    async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
+                   host: Host | None = None) -> httpcore.Response:
+        """Send to `host`, or to the hosts in preference order until one takes the request.
+
+        Only a connection that could not be opened moves on to the next host: nothing was sent yet.
+        Anything that fails later is the answer, so that no generation ever runs twice.
+        """
+        hosts = self.by_preference() if host is None else [host]
+        for tried, host in enumerate(hosts, 1):
+            try:
+                response = await host.pool.handle_async_request(
+                    self.request(host, method, path, client_headers, body))
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                self.failed(exc)
+                host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
+                if len(self.hosts) > 1:  # log: which host is passed over, without its URL
+                    log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
+                                type(exc).__name__, HOST_COOLDOWN_SECONDS)
+                if tried < len(hosts):
+                    continue
+                if tried == 1:
+                    raise upstream_failure(exc, self.name, in_status_line=True) from exc
+                raise GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} {self.name} "
+                                   f"hosts tried: refused, unreachable or too slow. Check that they are running "
+                                   f"and {URL_VARIABLE[self.name]} lists them right.") from exc
+            except UPSTREAM_EXCEPTIONS as exc:
+                self.failed(exc)
+                raise upstream_failure(exc, self.name, in_status_line=True) from exc
+            host.down_until = 0.0
+            return response
+        raise AssertionError("unreachable: the last host tried returns or raises")
+
+    def failed(self, exc: Exception | str) -> None:
+        kind = exc if isinstance(exc, str) else type(exc).__name__
+        count(self.metrics.upstream_errors, (self.name, kind))
 
     async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
         """The whole body (or its first `limit` bytes); failures as in send()."""
@@ -671,18 +930,35 @@ class Upstream:
                 if limit is not None and size >= limit:
                     break
         except UPSTREAM_EXCEPTIONS as exc:
+            self.failed(exc)
             raise upstream_failure(exc, self.name) from exc
         return b"".join(chunks)
 
-    async def get_json(self, path: bytes, client_headers: Headers) -> Any:
-        """GET a JSON document; an error status raises UpstreamStatus."""
-        response = await self.send(self.request(b"GET", path, client_headers))
+    async def whole(self, response: httpcore.Response) -> tuple[int, Headers, bytes]:
+        """Status, headers and body as the client gets them; an error status made OpenAI-shaped."""
+        if response.status >= 400:
+            self.failed(f"http_{response.status}")
+            body = await self.read(response, MAX_ERROR_BODY)
+            return upstream_error(self.name, response.status, response.headers, body)
+        return response.status, response_headers(response.headers), await self.read(response)
+
+    async def answer(self, path: bytes, client_headers: Headers, body: bytes) -> tuple[int, Headers, bytes]:
+        """POST a request that is not streamed and read its answer whole."""
+        response = await self.send(b"POST", path, client_headers, body)
         try:
-            body = await self.read(response, None if response.status < 400 else MAX_ERROR_BODY)
+            return await self.whole(response)
         finally:
             await response.aclose()
-        if response.status >= 400:
-            raise UpstreamStatus(*upstream_error(self.name, response.status, response.headers, body))
+
+    async def get_json(self, path: bytes, client_headers: Headers, host: Host) -> Any:
+        """GET a JSON document from one host; an error status raises UpstreamStatus."""
+        response = await self.send(b"GET", path, client_headers, host=host)
+        try:
+            status, headers, body = await self.whole(response)
+        finally:
+            await response.aclose()
+        if status >= 400:
+            raise UpstreamStatus(status, headers, body)
         try:
             return json.loads(body)
         except ValueError:
@@ -736,8 +1012,67 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes) -> tup
 
 def ends_with_done(tail: bytes) -> bool:
     """True when the last SSE event of a stream is `data: [DONE]`."""
-    events = tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)
-    return events[-1].strip() in (b"data: [DONE]", b"data:[DONE]")
+    return last_event(tail).strip() in (b"data: [DONE]", b"data:[DONE]")
+
+
+def last_event(tail: bytes) -> bytes:
+    """The last SSE event in the end of a stream (or as much of it as `tail` holds)."""
+    return tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+
+
+class DoneEnd:
+    """How a chat or completions stream ends when it is whole: with `data: [DONE]`."""
+
+    marker = "data: [DONE]"
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail = (self.tail + chunk)[-64:]
+
+    def complete(self) -> bool:
+        return ends_with_done(self.tail)
+
+
+# A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
+# Quotes inside JSON strings are escaped, so this cannot match the text of an answer.
+RESPONSE_END = re.compile(rb'(?m)(?:^event: ?|"type" ?: ?")response\.(?:completed|failed|incomplete)\b')
+
+
+class ResponsesEnd:
+    """How a Responses stream ends when it is whole: its last event is response.completed, .failed or
+    .incomplete; there is no [DONE].
+
+    That event carries the whole response, so only the start of the last event and the end of the
+    stream are kept: the `event:` line (and the "type" OpenAI writes first) open it, while Ollama's
+    JSON, its keys sorted, puts "type" last.
+    """
+
+    marker = "response.completed"
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self.head = b""  # the first KEEP bytes of the last event begun
+        self.tail = b""  # the last KEEP bytes of the stream
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.tail[-3:] + chunk  # a blank line may straddle two chunks
+        body = data.rstrip(b"\r\n")  # the blank line that ends the last event does not begin a new one
+        lf, crlf = body.rfind(b"\n\n"), body.rfind(b"\n\r\n")
+        start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if start:
+            self.head = data[start:start + self.KEEP]
+        elif len(self.head) < self.KEEP:
+            self.head = (self.head + chunk)[:self.KEEP]
+        self.tail = (self.tail + chunk)[-self.KEEP:]
+
+    def complete(self) -> bool:
+        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.tail)))
+
+
+# How each streamed route ends when the stream is whole; any other ends with [DONE].
+STREAM_ENDS: dict[str, type[DoneEnd] | type[ResponsesEnd]] = {"/v1/responses": ResponsesEnd}
 
 
 def is_event_stream(headers: Headers) -> bool:
@@ -745,6 +1080,115 @@ def is_event_stream(headers: Headers) -> bool:
         if name.lower() == b"content-type":
             return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
     return False
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+
+# Bucket bounds in seconds. An answer takes from a fraction of a second (a short reply from a loaded model)
+# to minutes (a cold model, a long answer); the first byte of a stream comes within seconds once loaded.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# The Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def count(counter: dict[tuple, int], key: tuple) -> None:
+    counter[key] = counter.get(key, 0) + 1
+
+
+def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
+    counts = histogram.get(key)
+    if counts is None:  # one count per bucket, one for +Inf, then the sum
+        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
+    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
+    counts[-1] += value
+
+
+class Metrics:
+    """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values.
+
+    Every label value comes from a closed set (the route table, configured token names, providers,
+    statuses, exception names), so no client can make the number of series grow.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple, int] = {}  # (route, provider, token, status)
+        self.durations: dict[tuple, list] = {}  # (route,)
+        self.first_bytes: dict[tuple, list] = {}  # (route,), streams only
+        self.upstream_errors: dict[tuple, int] = {}  # (provider, kind)
+        self.coalesced: dict[tuple, int] = {}  # (token,)
+        self.rate_limited: dict[tuple, int] = {}  # (token, limit)
+
+    def record(self, ex: Exchange, seconds: float) -> None:
+        count(self.requests, (ex.route, ex.provider, ex.token, ex.status))
+        observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
+        if ex.ttfb is not None:
+            observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
+
+    def render(self, in_flight: int, streams: int, upstreams: list[Upstream]) -> bytes:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, text: str, labels: tuple[str, ...], samples: Any) -> None:
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} {kind}")
+            for values, value in sorted(samples):
+                lines.append(f"{name}{label_set(labels, values)} {number(value)}")
+
+        def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...]) -> None:
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} histogram")
+            for (route,), counts in sorted(series.items()):
+                total = 0
+                for bound, n in zip((*bounds, math.inf), counts):
+                    total += n
+                    lines.append(f"{name}_bucket{label_set(('route', 'le'), (route, number(bound)))} {total}")
+                lines.append(f"{name}_sum{label_set(('route',), (route,))} {number(counts[-1])}")
+                lines.append(f"{name}_count{label_set(('route',), (route,))} {total}")
+
+        hosts = [(upstream.name, host) for upstream in upstreams for host in upstream.hosts]
+        now = time.monotonic()
+        family("modelgate_requests_total", "counter", "Requests answered, by route, provider, token name "
+               "and status (499: the client left first).", ("route", "provider", "token", "status"),
+               self.requests.items())
+        histogram("modelgate_request_duration_seconds", "Time from request to complete answer.",
+                  self.durations, DURATION_BUCKETS)
+        histogram("modelgate_stream_first_byte_seconds", "Time from request to the first streamed bytes.",
+                  self.first_bytes, FIRST_BYTE_BUCKETS)
+        family("modelgate_upstream_errors_total", "counter", "Upstream failures, by provider and kind: the "
+               "httpcore exception, http_<status>, or IncompleteStream.", ("provider", "kind"),
+               self.upstream_errors.items())
+        family("modelgate_requests_in_flight", "gauge", "Requests being answered, streams included.", (),
+               [((), in_flight)])
+        family("modelgate_streams_in_flight", "gauge", "Streams being relayed.", (), [((), streams)])
+        family("modelgate_coalesced_requests_total", "counter", "Requests answered with an identical request's "
+               "upstream answer (COALESCE), by token name.", ("token",), self.coalesced.items())
+        family("modelgate_rate_limited_requests_total", "counter", "Requests refused with 429, by token name "
+               "and limit (rpm: RATE_LIMIT_RPM, concurrency: MAX_CONCURRENT_PER_TOKEN).", ("token", "limit"),
+               self.rate_limited.items())
+        family("modelgate_upstream_up", "gauge", "1 when the host is not cooling down after a failed "
+               "connection.", ("provider", "host"),
+               [((name, str(host.number)), int(host.down_until <= now)) for name, host in hosts])
+        family("modelgate_upstream_in_flight", "gauge", "Requests in flight to the host.", ("provider", "host"),
+               [((name, str(host.number)), host.pool.in_use) for name, host in hosts])
+        return ("\n".join(lines) + "\n").encode()
+
+
+def label_set(names: tuple[str, ...], values: tuple) -> str:
+    if not names:
+        return ""
+    pairs = (f'{name}="{escape_label(str(value))}"' for name, value in zip(names, values))
+    return "{" + ",".join(pairs) + "}"
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def number(value: float) -> str:
+    return "+Inf" if value == math.inf else str(value)
 
 
 ###############################################################################
@@ -758,7 +1202,8 @@ CORS_DEFAULT_HEADERS = b"authorization, content-type, user-agent, accept, x-requ
 HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
 # Chromium caps a preflight cache at two hours; asking for more is ignored.
 CORS_MAX_AGE = b"7200"
-PUBLIC_PATHS = frozenset({"/health"})
+# No token needed: liveness, and readiness for load balancers (it tells only which hosts answer).
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
@@ -766,8 +1211,9 @@ SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 class Exchange:
     """One request and its answer: what the handlers need and what the log line says."""
 
-    __slots__ = ("method", "path", "headers", "body", "receive", "send", "cors", "request_id",
-                 "status", "provider", "model", "bytes_out", "ttfb", "started", "error", "t0")
+    __slots__ = ("method", "path", "headers", "body", "receive", "send", "cors", "request_id", "route", "client",
+                 "token", "holds_slot", "status", "provider", "model", "bytes_out", "ttfb", "started", "coalesced",
+                 "error", "t0")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.method: str = scope["method"]
@@ -777,11 +1223,17 @@ class Exchange:
         self.receive, self.send = receive, send
         self.cors: Headers = []
         self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
+        self.route = "other"  # the route table's key, for metrics: never the raw path
+        peer = scope.get("client")
+        self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
+        self.token = "-"  # the name of the client's token, once authorized
+        self.holds_slot = False  # counted against MAX_CONCURRENT_PER_TOKEN
         self.status = 0
         self.provider = self.model = "-"
         self.bytes_out = 0
         self.ttfb: float | None = None
         self.started = False  # http.response.start has been sent
+        self.coalesced = False  # answered with an identical request's upstream answer
         self.error = ""
         self.t0 = time.perf_counter()
 
@@ -820,42 +1272,83 @@ class ClientGone(Exception):
 
 
 class DisconnectWatch:
-    """Cancels the handler's task when the client disconnects, until stop() is called.
+    """Cancels the handler's task when the client disconnects, or when the shutdown grace is over, until
+    stop() is called.
 
     uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
     on an upstream we also wait on receive(), and stop the upstream request the moment the client
-    leaves, so that Ollama stops generating for nobody.
+    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
+    it runs: that is how shutdown finds what still waits on an upstream.
     """
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, watches: set[DisconnectWatch]) -> None:
         self.task = asyncio.current_task()
-        self.gone = self.stopped = False
+        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
+        self.stopped = False
+        self.watches = watches
+        watches.add(self)
         self.watcher = asyncio.ensure_future(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not self.stopped:
-            self.gone = True
+        self.cut("gone")
+
+    def cut(self, reason: str) -> None:
+        if not self.stopped and not self.reason:
+            self.reason = reason
             self.task.cancel()
+
+    def absorb(self, reason: str) -> bool:
+        """True when the cancellation being handled is this watch's, for `reason`; it is then handled."""
+        if self.reason != reason:
+            return False
+        self.reason = ""
+        if sys.version_info >= (3, 11):
+            self.task.uncancel()
+        return True
 
     def stop(self) -> None:
         self.stopped = True
         self.watcher.cancel()
+        self.watches.discard(self)
 
     def __enter__(self) -> DisconnectWatch:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.stop()
-        if self.gone and exc_type is asyncio.CancelledError:
+        if self.reason and exc_type is asyncio.CancelledError:
             if sys.version_info >= (3, 11):
                 self.task.uncancel()  # the cancellation was ours, and it is handled here
-            raise ClientGone from None
+            if self.reason == "gone":
+                raise ClientGone from None
+            raise GatewayError("shutting_down", SHUTTING_DOWN) from None
+
+
+SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
+
+# What is still answered after SIGTERM; everything else gets 503 shutting_down (load balancers see /ready fail).
+SERVED_WHILE_CLOSING = frozenset({"/health", "/metrics"})
+
+# GET /ready asks each host of the default provider for its models, waits this long for an answer, and
+# keeps the result this long, so that probes every few seconds cost the upstream one cheap request.
+READY_TIMEOUT_SECONDS = 2.0
+READY_CACHE_SECONDS = 5.0
+
+
+class Flight:
+    """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task, self.waiters = task, 0
 
 
 class Gateway:
-    """The ASGI application. Config and pools are set by lifespan startup and never changed after."""
+    """The ASGI application. Lifespan startup makes the config, the pools and the state below; config
+    and pools never change after, and this object holds all the mutable state there is."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         self.environ = environ
@@ -863,11 +1356,26 @@ class Gateway:
         self.upstreams: dict[str, Upstream] = {}
         self.routes: dict[str, dict[str, Callable[[Exchange], Awaitable[None]]]] = {
             "/v1/chat/completions": {"POST": self.completions},
+            "/v1/completions": {"POST": self.completions},
+            "/v1/responses": {"POST": self.completions},
             "/v1/embeddings": {"POST": self.completions},
             "/v1/models": {"GET": self.models},
             "/v1/models/": {"GET": self.model},  # prefix: /v1/models/{id}
             "/health": {"GET": self.health},
+            "/ready": {"GET": self.ready},
+            "/metrics": {"GET": self.metrics_page},
         }
+        # The mutable state: made afresh by startup, where it depends on the config.
+        self.metrics = Metrics()
+        self.limiter: TokenBucket | None = None  # RATE_LIMIT_RPM
+        self.busy: dict[str, int] = {}  # token name -> requests in flight, for MAX_CONCURRENT_PER_TOKEN
+        self.flights: dict[tuple, Flight] | None = None  # identical requests in flight, for COALESCE
+        self.watches: set[DisconnectWatch] = set()  # requests waiting on an upstream
+        self.in_flight = self.streams = 0
+        self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
+        self.grace_timer: asyncio.TimerHandle | None = None
+        self.probe: asyncio.Task | None = None  # the last /ready probe, reused until probe_expires
+        self.probe_expires = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -888,26 +1396,59 @@ class Gateway:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                for task in (self.grace_timer, self.probe):
+                    if task is not None:
+                        task.cancel()
                 for upstream in self.upstreams.values():
-                    await upstream.pool.aclose()
+                    for host in upstream.hosts:
+                        await host.pool.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     def startup(self) -> None:
         config = load_config(self.environ)
         if not log.handlers:  # under a bare `uvicorn modelgate:app`; main() sets it up itself
-            setup_logging()
-        self.upstreams = {"ollama": Upstream("ollama", config.ollama_base_url, config.ollama_api_key, config)}
+            setup_logging(config.log_format)
+        self.metrics = Metrics()
+        self.upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config,
+                                             self.metrics)}
         if config.openai_api_key:
-            self.upstreams["openai"] = Upstream("openai", config.openai_base_url, config.openai_api_key, config)
+            self.upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config,
+                                                self.metrics)
+        self.public_paths = PUBLIC_PATHS | {"/metrics"} if config.metrics_public else PUBLIC_PATHS
+        # A feature that is off costs the request path one `if`.
+        self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
+        self.limited = bool(config.rate_limit_rpm or config.max_concurrent_per_token)
+        self.limiter = TokenBucket(config.rate_limit_rpm) if config.rate_limit_rpm else None
+        self.flights = {} if config.coalesce else None
         self.config = config
-        log.info("ModelGate %s: default provider %s; providers: %s", __version__, config.default_provider,
-                 ", ".join(self.upstreams))
+        hosts = ", ".join(f"{u.name} ({len(u.hosts)} host{'s' * (len(u.hosts) > 1)})" for u in self.upstreams.values())
+        log.info("ModelGate %s: default provider %s; providers: %s", __version__, config.default_provider, hosts)
+
+    def shut_down(self) -> None:
+        """SIGTERM: send nothing new upstream, and cut what still runs after SHUTDOWN_GRACE_SECONDS.
+
+        uvicorn stops accepting connections and waits for the open ones before the lifespan hears of
+        it; main() calls this as soon as the signal arrives.
+        """
+        if self.config is None or self.closing:
+            return
+        self.closing = True
+        # log: how much is left to finish
+        log.info("shutting down: %d requests in flight (%d streams) get %g s to finish", self.in_flight,
+                 self.streams, self.config.shutdown_grace)
+        self.grace_timer = asyncio.get_running_loop().call_later(self.config.shutdown_grace, self.end_grace)
+
+    def end_grace(self) -> None:
+        self.grace_over = True
+        for watch in list(self.watches):
+            watch.cut("shutdown")  # streams end with an error event, requests still waiting get 503
 
     # HTTP ----------------------------------------------------------------------
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(scope, receive, send)
+        self.in_flight += 1
         try:
             try:
                 await self.dispatch(ex)
@@ -925,7 +1466,12 @@ class Gateway:
             ex.error = "internal"
             await ex.fail(GatewayError("internal", "ModelGate failed unexpectedly; its log says why."))
         finally:
-            log_exchange(ex)
+            self.in_flight -= 1
+            if ex.holds_slot:
+                self.busy[ex.token] -= 1
+            seconds = time.perf_counter() - ex.t0
+            self.metrics.record(ex, seconds)
+            log_exchange(ex, seconds)
 
     async def dispatch(self, ex: Exchange) -> None:
         config = self.config
@@ -935,11 +1481,13 @@ class Gateway:
         origin = ex.header(b"origin")
         if origin:
             ex.cors = cors_headers(config, origin)
-        methods = self.routes.get(ex.path)
-        if methods is None and ex.path.startswith("/v1/models/"):
-            methods = self.routes["/v1/models/"]
+        if self.screening and ex.path != "/health":  # liveness stays open to the local container healthcheck
+            self.screen(ex)
+        route = "/v1/models/" if ex.path.startswith("/v1/models/") else ex.path
+        methods = self.routes.get(route)
         if methods is None:
             raise GatewayError("not_found", not_found_message(ex.path))
+        ex.route = route
         if ex.method == "OPTIONS":
             return await self.preflight(ex, methods)
         handler = methods.get(ex.method)
@@ -947,10 +1495,51 @@ class Gateway:
             allow = ", ".join([*methods, "OPTIONS"])
             raise GatewayError("method_not_allowed", f"{ex.path} takes {allow}, not {ex.method}.",
                                [(b"allow", allow.encode())])
-        if ex.path not in PUBLIC_PATHS and not authorized(ex.header(b"authorization"), config.tokens):
-            raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token as "
-                               "`Authorization: Bearer <token>` (the API key field of your app).")
+        if self.closing and route not in SERVED_WHILE_CLOSING:
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        if route not in self.public_paths:
+            name = authorized(ex.header(b"authorization"), config.tokens, config.token_names)
+            if name is None:
+                raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token as "
+                                   "`Authorization: Bearer <token>` (the API key field of your app).")
+            ex.token = name
+            if self.limited and route.startswith("/v1/"):  # not /metrics: a scraper is not an app
+                self.admit(ex)
         await handler(ex)
+
+    def screen(self, ex: Exchange) -> None:
+        """ALLOWED_IPS, the client found through TRUSTED_PROXIES: 403 before the token is looked at."""
+        config = self.config
+        address = client_address(ex.client, ex.headers, config.trusted_proxies)
+        ex.client = "-" if address is None else str(address)
+        if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
+            raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
+                               "only serves the addresses in its ALLOWED_IPS.")
+
+    def admit(self, ex: Exchange) -> None:
+        """MAX_CONCURRENT_PER_TOKEN, then RATE_LIMIT_RPM, for the request's token: 429 when over either."""
+        config, name = self.config, ex.token
+        in_flight = self.busy.get(name, 0)
+        if config.max_concurrent_per_token and in_flight >= config.max_concurrent_per_token:
+            count(self.metrics.rate_limited, (name, "concurrency"))
+            raise GatewayError("too_many_in_flight", f"This token already has {in_flight} requests in flight, as "
+                               "many as MAX_CONCURRENT_PER_TOKEN allows. Wait for one to finish.")
+        if self.limiter is not None:
+            wait = self.limiter.take(name, time.monotonic())
+            if wait:
+                count(self.metrics.rate_limited, (name, "rpm"))
+                seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
+                raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM "
+                                   f"({config.rate_limit_rpm} requests a minute). Try again in {seconds} s.",
+                                   [(b"retry-after", b"%d" % seconds)])
+        if config.max_concurrent_per_token:
+            self.busy[name] = in_flight + 1
+            ex.holds_slot = True
+
+    def watch(self, ex: Exchange) -> DisconnectWatch:
+        if self.grace_over:  # a request that got in just before SIGTERM and is only now ready to go upstream
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        return DisconnectWatch(ex.receive, self.watches)
 
     async def preflight(self, ex: Exchange, methods: dict) -> None:
         headers = [(b"allow", ", ".join([*methods, "OPTIONS"]).encode())]
@@ -990,7 +1579,7 @@ class Gateway:
         await ex.respond(200, [JSON], b'{"status":"ok"}')
 
     async def completions(self, ex: Exchange) -> None:
-        """POST /v1/chat/completions and /v1/embeddings: route by model, relay the answer."""
+        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings: route by model, relay."""
         await self.read_body(ex)
         try:
             text = ex.body.decode("utf-8")
@@ -1010,56 +1599,101 @@ class Gateway:
             body = replace_model(text, ex.provider, name).encode()
         upstream = self.upstreams[ex.provider]
         path = ex.path.removeprefix("/v1").encode()
-        request = upstream.request(b"POST", path, ex.headers, body)
-        await self.relay(ex, upstream, request, stream=document.get("stream") is True)
+        if document.get("stream") is True:
+            return await self.relay_stream(ex, upstream, path, body)
+        if self.flights is None:
+            with self.watch(ex):
+                status, headers, body = await upstream.answer(path, ex.headers, body)
+        else:
+            status, headers, body = await self.shared(ex, upstream, path, body)
+        if status >= 400:
+            ex.error = "upstream_status"
+        await ex.respond(status, headers, body)
 
-    async def relay(self, ex: Exchange, upstream: Upstream, request: httpcore.Request, stream: bool) -> None:
-        """Send one request upstream and its answer back, watching for the client to leave.
+    async def shared(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> tuple[int, Headers, bytes]:
+        """The answer to a request that is not streamed, shared by identical requests in flight (COALESCE).
+
+        Identical means the same token, provider, path and body as it goes upstream. The upstream
+        request runs in a task of its own, so that a client leaving does not end it while others still
+        wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
+        """
+        key = (ex.token, upstream.name, path, body)
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = self.flights[key] = Flight(asyncio.ensure_future(upstream.answer(path, ex.headers, body)))
+            flight.task.add_done_callback(lambda task: self.landed(key, flight))
+        else:
+            ex.coalesced = True
+            count(self.metrics.coalesced, (ex.token,))
+        flight.waiters += 1
+        try:
+            with self.watch(ex):
+                status, headers, body = await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.task.done():
+                flight.task.cancel()  # nobody is left to answer
+                self.landed(key, flight)
+        return status, list(headers), body  # each answer adds its own headers to the list
+
+    def landed(self, key: tuple, flight: Flight) -> None:
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+        if flight.task.done() and not flight.task.cancelled():
+            flight.task.exception()  # seen, even when every waiter had gone
+
+    async def relay_stream(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> None:
+        """Send a `"stream": true` request upstream and relay its answer, watching for the client to leave.
 
         1. Until the upstream's status line and headers arrive, a failure is an error answer (502/504).
-        2. An upstream error status is answered with that status and an OpenAI-shaped body.
-        3. A stream request answered with an event stream is relayed chunk by chunk (relay_events).
-        4. Anything else is read whole and sent with its Content-Length.
+        2. An event stream is relayed chunk by chunk (relay_events).
+        3. Anything else (an upstream error status, say) is read whole and sent with its Content-Length.
         """
-        with DisconnectWatch(ex.receive) as watch:
-            response = await upstream.send(request)
+        with self.watch(ex) as watch:
+            response = await upstream.send(b"POST", path, ex.headers, body)
             try:
-                if response.status >= 400:
-                    body = await upstream.read(response, MAX_ERROR_BODY)
-                    status, headers, body = upstream_error(upstream.name, response.status, response.headers, body)
-                    ex.error = "upstream_status"
-                elif stream and is_event_stream(response.headers):
+                if response.status < 400 and is_event_stream(response.headers):
                     return await self.relay_events(ex, upstream, response, watch)
-                else:
-                    status, headers, body = response.status, response_headers(response.headers), \
-                        await upstream.read(response)
+                status, headers, body = await upstream.whole(response)
             finally:
                 await response.aclose()
+        if status >= 400:
+            ex.error = "upstream_status"
         await ex.respond(status, headers, body)
 
     async def relay_events(self, ex: Exchange, upstream: Upstream, response: httpcore.Response,
                            watch: DisconnectWatch) -> None:
         """Relay an SSE stream as it arrives: one ASGI body message per upstream chunk, nothing held back.
 
-        A stream that breaks off, or ends without `data: [DONE]`, gets one error event instead of
-        [DONE], so that no client takes a cut answer for a whole one.
+        A stream that breaks off, or ends otherwise than its route's streams end (STREAM_ENDS: [DONE]
+        for chat), gets one error event instead, so that no client takes a cut answer for a whole one.
+        So does a stream still running when the shutdown grace is over.
         """
         headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
-        await ex.start(response.status, headers + SSE_HEADERS)
-        tail, failure = b"", ""
+        end, failure = STREAM_ENDS.get(ex.path, DoneEnd)(), ""
+        self.streams += 1
         try:
+            await ex.start(response.status, headers + SSE_HEADERS)
             async for chunk in response.stream:
                 if ex.ttfb is None:
                     ex.ttfb = time.perf_counter() - ex.t0
                 await ex.body_chunk(chunk)
-                tail = (tail + chunk)[-64:]
+                end.feed(chunk)
         except UPSTREAM_EXCEPTIONS as exc:
+            upstream.failed(exc)
             failure = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
             ex.error = f"upstream_stream_error ({type(exc).__name__}: {exc})"
+        except asyncio.CancelledError:
+            if not watch.absorb("shutdown"):
+                raise  # the client left: there is nobody to tell
+            failure, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
         else:
-            if not ends_with_done(tail):
-                failure = "ended without data: [DONE]"
-                ex.error = "upstream_stream_error (no [DONE])"
+            if not end.complete():
+                upstream.failed("IncompleteStream")
+                failure = f"ended without {end.marker}"
+                ex.error = f"upstream_stream_error (no {end.marker})"
+        finally:
+            self.streams -= 1
         watch.stop()
         if failure:
             event = error_body(f"The answer was cut off: the stream from {upstream.name} {failure}. Try again.",
@@ -1070,7 +1704,7 @@ class Gateway:
     async def models(self, ex: Exchange) -> None:
         """GET /v1/models: every provider's list, ids prefixed; a provider that fails is left out."""
         ex.provider = "+".join(self.upstreams)
-        with DisconnectWatch(ex.receive):
+        with self.watch(ex):
             results = await asyncio.gather(*(self.list_models(u, ex.headers) for u in self.upstreams.values()),
                                            return_exceptions=True)
         data, failures = [], []
@@ -1086,17 +1720,31 @@ class Gateway:
         await ex.respond(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
 
     async def list_models(self, upstream: Upstream, headers: Headers) -> list[dict]:
-        document = await upstream.get_json(b"/models", headers)
-        items = document.get("data") if isinstance(document, dict) else None
-        return [{**item, "id": f"{upstream.name}/{item['id']}"} for item in items or ()
-                if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        """A provider's models, ids prefixed, from all its hosts without duplicates; raises if no host answers."""
+        results = await asyncio.gather(*(upstream.get_json(b"/models", headers, host) for host in upstream.hosts),
+                                       return_exceptions=True)
+        models: dict[str, dict] = {}
+        failures = []
+        for result in results:
+            if isinstance(result, (GatewayError, UpstreamStatus)):
+                failures.append(result)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            items = result.get("data") if isinstance(result, dict) else None
+            for item in items or ():  # Ollama answers "data": null when it has no model
+                if isinstance(item, dict) and isinstance(item.get("id"), str):
+                    models.setdefault(item["id"], {**item, "id": f"{upstream.name}/{item['id']}"})
+        if len(failures) == len(results):
+            raise failures[0]
+        return list(models.values())
 
     async def model(self, ex: Exchange) -> None:
         """GET /v1/models/{id}: one model of the provider the id routes to, or 404."""
         ex.model = ex.path.removeprefix("/v1/models/")
         ex.provider, name = route_model(ex.model, self.config)
         upstream = self.upstreams[ex.provider]
-        with DisconnectWatch(ex.receive):
+        with self.watch(ex):
             models = await self.list_models(upstream, ex.headers)
         wanted = f"{upstream.name}/{name}"
         for item in models:
@@ -1104,6 +1752,43 @@ class Gateway:
                 return await ex.respond(200, [JSON], json.dumps(item).encode())
         raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
                            "GET /v1/models lists the models you can use.")
+
+    async def ready(self, ex: Exchange) -> None:
+        """GET /ready: 200 when a host of the default provider lists its models, else 503 naming the failures."""
+        upstream = self.upstreams[self.config.default_provider]
+        ex.provider = upstream.name
+        if self.probe is None or time.monotonic() >= self.probe_expires:
+            self.probe = asyncio.ensure_future(self.probe_hosts(upstream))
+            self.probe_expires = time.monotonic() + READY_CACHE_SECONDS
+        with self.watch(ex):
+            hosts = await asyncio.shield(self.probe)
+        if "ok" not in hosts.values():
+            failed = ", ".join(f"{host} {result}" for host, result in hosts.items())
+            raise GatewayError("not_ready", f"Not ready: no {upstream.name} host listed its models within "
+                               f"{READY_TIMEOUT_SECONDS:g} s ({failed}).")
+        await ex.respond(200, [JSON], json.dumps({"status": "ready", "upstreams": hosts}).encode())
+
+    async def probe_hosts(self, upstream: Upstream) -> dict[str, str]:
+        """`provider/number` of each host -> "ok", or the kind of failure (as in modelgate_upstream_errors_total)."""
+
+        async def probe(host: Host) -> str:
+            try:
+                await asyncio.wait_for(upstream.get_json(b"/models", [], host), READY_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                return "timeout"
+            except UpstreamStatus as failure:
+                return f"http_{failure.status}"
+            except GatewayError as failure:  # raised from the httpcore exception, if there was one
+                return type(failure.__cause__).__name__ if failure.__cause__ else failure.situation
+            return "ok"
+
+        results = await asyncio.gather(*(probe(host) for host in upstream.hosts))
+        return {f"{upstream.name}/{host.number}": result for host, result in zip(upstream.hosts, results)}
+
+    async def metrics_page(self, ex: Exchange) -> None:
+        """GET /metrics: the counters in Prometheus text format."""
+        page = self.metrics.render(self.in_flight, self.streams, list(self.upstreams.values()))
+        await ex.respond(200, [(b"content-type", METRICS_CONTENT_TYPE)], page)
 
 
 def cors_headers(config: Config, origin: bytes) -> Headers:
@@ -1120,26 +1805,57 @@ def not_found_message(path: str) -> str:
     hint = ""
     if path.startswith("/api/"):
         hint = " ModelGate speaks the OpenAI API under /v1, not Ollama's native /api."
-    elif not path.startswith("/v1/") and path in ("/chat/completions", "/embeddings", "/models"):
+    elif path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
         hint = f" Did you mean /v1{path}? Base URLs end in /v1."
-    return f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/embeddings, /v1/models."
+    return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
+            "/v1/embeddings, /v1/models.")
 
 
-def log_exchange(ex: Exchange) -> None:
-    # log: one line per request; never bodies, tokens, keys or the Authorization header.
-    ms = (time.perf_counter() - ex.t0) * 1000
-    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
-    error = f" error={ex.error}" if ex.error else ""
-    log.info("%s %s %d %s %s %.0fms %dB%s%s id=%s", ex.method, ex.path, ex.status, ex.provider, ex.model,
-             ms, ex.bytes_out, ttfb, error, ex.request_id.decode("latin-1") or "-")
+def log_exchange(ex: Exchange, seconds: float) -> None:
+    # log: one line per request; never bodies, tokens, keys or the Authorization header. The same fields
+    # go to the JSON line of LOG_FORMAT=json.
+    fields = {
+        "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
+        "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
+        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "token": ex.token, "client": ex.client,
+        "coalesced": ex.coalesced, "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
+    }
+    line = "{method} {path} {status} {provider} {model} {ms}ms {bytes}B".format_map(fields)
+    if ex.ttfb is not None:
+        line += f" ttfb={fields['ttfb_ms']}ms"
+    line += f" token={ex.token} client={ex.client}"
+    if ex.coalesced:
+        line += " coalesced"
+    if ex.error:
+        line += f" error={ex.error}"
+    log.info(line + f" id={fields['id']}", extra={"fields": fields})
 
 
-def setup_logging() -> None:
+def printable(text: str) -> str:
+    # A path or model with a line break would forge a log line of its own.
+    return text if text.isprintable() else ascii(text)
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line; a request line carries its fields, others a message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname}
+        line.update(getattr(record, "fields", None) or {"message": record.getMessage()})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(log_format: str, logger: logging.Logger = log) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 app = Gateway()
@@ -1151,27 +1867,50 @@ app = Gateway()
 
 
 def main() -> None:
-    """python modelgate.py: read ./.env, check the settings, serve with uvicorn."""
+    """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C."""
     try:
         if os.path.exists(".env"):
             read_dotenv(".env", os.environ)
         config = load_config(os.environ)
     except (ConfigError, OSError, UnicodeDecodeError) as exc:
         sys.exit(f"modelgate: {exc}")
+    setup_logging(config.log_format)
+    setup_logging(config.log_format, logging.getLogger("uvicorn"))  # its start and stop lines, in our format
+    server = uvicorn_server(config)
+    # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
+    # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
+    # caught below as uvicorn.run() catches Ctrl+C. Exit status 0, a clean stop to service managers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+
+
+def uvicorn_server(config: Config, gateway: Gateway = app) -> Any:
+    """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, and our part of SIGTERM."""
     import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
 
-    setup_logging()
-    # After a graceful shutdown uvicorn raises the signal that asked for it again, so that Python's
-    # default handling ends the process: 143 for SIGTERM, a traceback for Ctrl-C. A shutdown that
-    # finished its requests is a success: with these handlers in place the process exits 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, lambda *_: None)
-    uvicorn.run(
-        app, host=config.host, port=config.port,
+    server = uvicorn.Server(uvicorn.Config(
+        gateway, host=config.host, port=config.port,
+        ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
         access_log=False,  # we log one line per request ourselves
+        log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,
-        proxy_headers=False,  # X-Forwarded-For is not trusted: the client address is the peer's
-    )
+        proxy_headers=False,  # X-Forwarded-For is for the app to judge (TRUSTED_PROXIES), not uvicorn
+        # A backstop for a client that stops reading the error event: uvicorn cancels what still runs.
+        timeout_graceful_shutdown=config.shutdown_grace + 5,
+    ))
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        # uvicorn stops accepting connections, then waits for the open ones, however long a stream runs,
+        # before the lifespan hears of it; the gateway hears of it now. A signal handler only schedules.
+        asyncio.get_running_loop().call_soon_threadsafe(gateway.shut_down)
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # what uvicorn installs as the SIGTERM and SIGINT handler
+    return server
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ and nothing waits by sleeping: events in the fake upstream hold or release its r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -280,10 +284,11 @@ async def gateway(**overrides: str) -> AsyncIterator[modelgate.Gateway]:
 
 async def call(app: Any, method: str, path: str, body: bytes = b"", headers: list | None = None,
                disconnect: asyncio.Event | None = None, on_message: Callable[[dict], None] | None = None,
-               body_parts: list[bytes] | None = None) -> Answer:
+               body_parts: list[bytes] | None = None, client: str = "127.0.0.1") -> Answer:
     """One request through the ASGI interface, as uvicorn would make it; checks message order.
 
-    `disconnect`, when set, makes receive() report that the client left (as uvicorn does).
+    `disconnect`, when set, makes receive() report that the client left (as uvicorn does); `client` is
+    the peer's address.
     """
     headers = AUTH if headers is None else headers
     messages: list[dict] = []
@@ -318,7 +323,7 @@ async def call(app: Any, method: str, path: str, body: bytes = b"", headers: lis
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-             "headers": list(headers), "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8010),
+             "headers": list(headers), "client": (client, 50000), "server": ("127.0.0.1", 8010),
              "scheme": "http", "root_path": ""}
     await asyncio.wait_for(app(scope, receive, send), 10)
     return Answer(messages)
@@ -961,12 +966,13 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
             up = await FakeUpstream(sse_reply(hold_before=1)).start(sock=backlog.accept())
             await cancel_many(app, 250, STREAM_CHAT, lambda: up.received(250))
             up.reply = json_reply(held=True)
-            await cancel_many(app, 250, CHAT, lambda: up.received(500))
+            distinct = [CHAT[:-1] + b', "user": "%d"}' % n for n in range(250)]  # identical ones would share one
+            await cancel_many(app, 250, distinct, lambda: up.received(500))
             # 3. Every slot is free again, and the pool serves.
             up.reply = json_reply()
             answers = await asyncio.gather(*(chat(app) for _ in range(20)))
             assert [a.status for a in answers] == [200] * 20
-            assert app.upstreams["ollama"].pool.in_use == 0
+            assert app.upstreams["ollama"].hosts[0].pool.in_use == 0
             up.server.close()
 
 
@@ -977,10 +983,11 @@ def connecting(port: int) -> int:
     return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "02")  # 02: SYN_SENT
 
 
-async def cancel_many(app: Any, count: int, body: bytes, ready: Callable[[], Awaitable[None]]) -> None:
+async def cancel_many(app: Any, count: int, body: bytes | list[bytes], ready: Callable[[], Awaitable[None]]) -> None:
     """Start `count` requests, wait until each waits on the network, then make every client leave."""
     gone = asyncio.Event()
-    tasks = [asyncio.ensure_future(chat(app, body, disconnect=gone)) for _ in range(count)]
+    bodies = body if isinstance(body, list) else [body] * count
+    tasks = [asyncio.ensure_future(chat(app, bodies[n], disconnect=gone)) for n in range(count)]
     await ready()
     gone.set()
     answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -1140,6 +1147,24 @@ CONFIG_ERRORS = [
     ({"CONNECT_TIMEOUT_SECONDS": "-1"}, "CONNECT_TIMEOUT_SECONDS"),
     ({"MAX_BODY_BYTES": "16MB"}, "MAX_BODY_BYTES"),
     ({"PORT": "80800"}, "PORT"),
+    ({"MODELGATE_TOKEN": "app:"}, "MODELGATE_TOKEN"),
+    ({"MODELGATE_TOKEN": "app:one,app:two"}, "MODELGATE_TOKEN"),
+    ({"OLLAMA_BASE_URL": "http://a:11434/v1, ftp://b/v1"}, "OLLAMA_BASE_URL"),
+    ({"OLLAMA_BASE_URL": " , "}, "OLLAMA_BASE_URL"),
+    ({"RATE_LIMIT_RPM": "ten"}, "RATE_LIMIT_RPM"),
+    ({"RATE_LIMIT_RPM": "-1"}, "RATE_LIMIT_RPM"),
+    ({"MAX_CONCURRENT_PER_TOKEN": "1.5"}, "MAX_CONCURRENT_PER_TOKEN"),
+    ({"ALLOWED_IPS": "10.0.0.1/24"}, "ALLOWED_IPS"),
+    ({"ALLOWED_IPS": "localhost"}, "ALLOWED_IPS"),
+    ({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES"),
+    ({"COALESCE": "maybe"}, "COALESCE"),
+    ({"METRICS_PUBLIC": "2"}, "METRICS_PUBLIC"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"SHUTDOWN_GRACE_SECONDS": "0"}, "SHUTDOWN_GRACE_SECONDS"),
+    ({"TLS_CERT_FILE": "/nonexistent/cert.pem"}, "TLS_KEY_FILE"),
+    ({"TLS_KEY_FILE": "/nonexistent/key.pem"}, "TLS_CERT_FILE"),
+    ({"TLS_CERT_FILE": "/nonexistent/cert.pem", "TLS_KEY_FILE": "/nonexistent/key.pem"}, "TLS_CERT_FILE"),
+    ({"TLS_CERT_FILE": "/", "TLS_KEY_FILE": "/"}, "TLS_CERT_FILE"),
 ]
 
 
@@ -1157,13 +1182,18 @@ def test_defaults() -> None:
     config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN})
     assert config.tokens == (TOKEN.encode(),)
     assert config.default_provider == "ollama"
-    assert config.ollama_base_url == "http://127.0.0.1:11434/v1"
+    assert config.ollama_base_urls == ("http://127.0.0.1:11434/v1",)
     assert config.openai_base_url == "https://api.openai.com/v1"
     assert (config.ollama_api_key, config.openai_api_key) == ("", "")
     assert (config.timeout, config.connect_timeout) == (120, 10)
     assert config.max_body_bytes == 16 * 1024 * 1024
     assert config.cors_allow_origins == {"*"}
     assert (config.host, config.port) == ("0.0.0.0", 8010)
+    assert (config.rate_limit_rpm, config.max_concurrent_per_token) == (0, 0)
+    assert (config.allowed_ips, config.trusted_proxies) == (None, ())
+    assert (config.coalesce, config.metrics_public, config.log_format) == (True, False, "text")
+    assert config.shutdown_grace == 30
+    assert (config.tls_cert_file, config.tls_key_file) == ("", "")
 
 
 def test_missing_token_says_how_to_make_one() -> None:
@@ -1201,10 +1231,10 @@ def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> N
             modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text})
 
 
-@given(st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=","),
+@given(st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=",:"),
                         min_size=1, max_size=20), min_size=1, max_size=4))
 def test_token_lists_accept_every_printable_token(tokens: list[str]) -> None:
-    """MODELGATE_TOKEN takes comma-separated tokens, spaces around commas ignored."""
+    """MODELGATE_TOKEN takes comma-separated tokens, spaces around commas ignored (a ':' may name one, below)."""
     config = modelgate.load_config({"MODELGATE_TOKEN": " , ".join(tokens)})
     assert config.tokens == tuple(t.encode() for t in tokens)
 
@@ -1214,7 +1244,7 @@ def test_empty_values_mean_the_default() -> None:
     config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": "", "HOST": " ",
                                     "DEFAULT_PROVIDER": "", "OLLAMA_BASE_URL": ""})
     assert (config.timeout, config.host, config.default_provider) == (120, "0.0.0.0", "ollama")
-    assert config.ollama_base_url == "http://127.0.0.1:11434/v1"
+    assert config.ollama_base_urls == ("http://127.0.0.1:11434/v1",)
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path: Any) -> None:
@@ -1390,3 +1420,743 @@ async def test_over_uvicorn_plain_and_streamed() -> None:
                 if received == EVENTS[0]:
                     up.release.set()  # the upstream sends the rest only after we saw the first event
         assert received == SSE_PAYLOAD
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the event loop until `condition` holds: for states reached without any I/O to wait on."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    assert condition()
+
+
+###############################################################################
+# Named tokens and per-token limits ###########################################
+###############################################################################
+
+TOKEN_NAMES = [
+    # (MODELGATE_TOKEN entry, name it is shown by, token clients send)
+    ("fluentread:s3cret-a", "fluentread", "s3cret-a"),
+    ("file.manager_2:x:y:z", "file.manager_2", "x:y:z"),  # only the first ':' separates
+    ("no-name-token", "token-" + hashlib.sha256(b"no-name-token").hexdigest()[:8], "no-name-token"),
+    ("has/slash:abc", "token-" + hashlib.sha256(b"has/slash:abc").hexdigest()[:8], "has/slash:abc"),
+    (":leading-colon", "token-" + hashlib.sha256(b":leading-colon").hexdigest()[:8], ":leading-colon"),
+]
+
+
+@pytest.mark.parametrize("entry, name, token", TOKEN_NAMES)
+def test_token_entries_and_their_names(entry: str, name: str, token: str) -> None:
+    """`name:token` names a token; an entry whose part before ':' is not a name is a token, labelled by a hash."""
+    config = modelgate.load_config({"MODELGATE_TOKEN": f"{entry}, {OTHER_TOKEN}"})
+    assert config.tokens == (token.encode(), OTHER_TOKEN.encode())
+    assert config.token_names[0] == name
+    assert token not in name and token[:4] not in name.removeprefix("token-")
+
+
+async def test_logs_and_metrics_show_the_token_name_never_the_token() -> None:
+    """The log line and /metrics name the app (or the token's hash label); the token itself appears nowhere."""
+    label = "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]
+    async with captured_log() as lines, upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
+        assert (await chat(app)).status == 200
+        assert (await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])).status == 200
+        page = (await call(app, "GET", "/metrics")).body.decode()
+    posts = [line for line in lines if line.startswith("POST ")]
+    assert " token=fluentread " in posts[0] and f" token={label} " in posts[1]
+    assert 'token="fluentread"' in page and f'token="{label}"' in page
+    for text in (*lines, page):
+        assert TOKEN not in text and OTHER_TOKEN not in text
+
+
+async def test_rate_limit_reached_is_429_with_the_exact_retry_after() -> None:
+    """RATE_LIMIT_RPM=3: the fourth request within the minute gets 429 and Retry-After 20; other tokens go on."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="3") as app:
+        answers = [await chat(app) for _ in range(4)]
+        other = await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        health = await call(app, "GET", "/health", headers=[])
+    assert [a.status for a in answers[:3]] == [200] * 3
+    error = assert_error(answers[3], 429, "rate_limit_error", "rate_limit_exceeded")
+    assert "RATE_LIMIT_RPM" in error["message"]
+    # 3 per minute refill one every 20 s; the bucket emptied a moment ago, so the next one is 20 s away.
+    assert answers[3].header(b"retry-after") == b"20"
+    assert other.status == 200 and health.status == 200
+    assert len(up.requests) == 4
+
+
+BUCKET_TIMES = [
+    # (RATE_LIMIT_RPM, request times in seconds, seconds to wait returned for each: 0 means it may go)
+    (60, [0.0] * 60 + [0.0], [0.0] * 60 + [1.0]),  # a burst of a full minute, then one per second
+    (60, [0.0] * 60 + [0.25, 1.0], [0.0] * 60 + [0.75, 0.0]),
+    (2, [0, 0, 0, 10, 30, 30], [0, 0, 30, 20, 0, 30]),
+    (1, [0, 59.5, 60, 60], [0, 0.5, 0, 60]),
+    (6, [0, 0, 0, 0, 0, 0, 100, 100, 100, 100, 100, 100, 100], [0] * 12 + [10]),  # refills to six, not more
+]
+
+
+@pytest.mark.parametrize("rpm, times, waits", BUCKET_TIMES)
+def test_token_bucket_refills_rpm_per_minute(rpm: int, times: list[float], waits: list[float]) -> None:
+    """A token bucket of RATE_LIMIT_RPM requests, refilled by rpm/60 a second; refused requests take nothing."""
+    bucket = modelgate.TokenBucket(rpm)
+    assert [bucket.take("app", t) for t in times] == pytest.approx(waits)
+    assert bucket.take("other-app", times[-1]) == 0
+
+
+async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
+    """MAX_CONCURRENT_PER_TOKEN=1: while one stream runs, the same token gets 429; another token does not."""
+    async with upstream(sse_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1") as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.got_request.wait()
+        refused = await chat(app)
+        up.reply = json_reply()
+        other = await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        up.release.set()
+        assert (await stream).chunks == EVENTS
+        again = await chat(app)
+    error = assert_error(refused, 429, "rate_limit_error", "concurrency_limit_exceeded")
+    assert "MAX_CONCURRENT_PER_TOKEN" in error["message"] and refused.header(b"retry-after") is None
+    assert other.status == 200 and again.status == 200
+    assert app.busy == {"token-" + hashlib.sha256(TOKEN.encode()).hexdigest()[:8]: 0,
+                        "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]: 0}
+
+
+###############################################################################
+# IP allowlist and trusted proxies ############################################
+###############################################################################
+
+ALLOWLIST_TABLE = [
+    # (ALLOWED_IPS, TRUSTED_PROXIES, peer address, X-Forwarded-For or None, status)
+    ("192.168.1.0/24", "", "192.168.1.7", None, 200),
+    ("192.168.1.0/24", "", "10.0.0.1", None, 403),
+    ("192.168.1.0/24, 10.0.0.1", "", "10.0.0.1", None, 200),
+    ("192.168.1.0/24", "", "::ffff:192.168.1.7", None, 200),  # an IPv4 client on a dual-stack socket
+    ("2001:db8::/32", "", "2001:db8::1", None, 200),
+    ("2001:db8::/32", "", "192.168.1.7", None, 403),
+    ("192.168.1.0/24", "", "not-an-address", None, 403),
+    # Spoofing: X-Forwarded-For from a peer that is not a trusted proxy is ignored.
+    ("192.168.1.0/24", "", "10.0.0.1", "192.168.1.7", 403),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.1", "192.168.1.7", 403),
+    # From a trusted proxy, the nearest hop it did not add is the client; what is left of it, anyone wrote.
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "192.168.1.7", 200),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "192.168.1.7:51234", 200),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "192.168.1.7, 203.0.113.5", 403),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "203.0.113.5, 192.168.1.7", 200),
+    ("192.168.1.0/24", "10.0.0.0/8", "10.0.0.2", "192.168.1.7, 10.9.9.9", 200),  # two proxies deep
+    ("192.168.1.0/24", "10.0.0.0/8", "10.0.0.2", "10.9.9.9", 403),  # all proxies: the first one is the client
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", "garbage", 403),
+    ("192.168.1.0/24", "10.0.0.2", "10.0.0.2", None, 403),  # the proxy itself is not allowed
+    ("2001:db8::/32", "::1", "::1", "[2001:db8::5]:4711", 200),
+    ("", "10.0.0.2", "10.0.0.2", "203.0.113.5", 200),  # TRUSTED_PROXIES alone only finds the client for the log
+]
+
+
+@pytest.mark.parametrize("allowed, trusted, peer, forwarded, status", ALLOWLIST_TABLE)
+async def test_allowlist_and_trusted_proxies(allowed: str, trusted: str, peer: str, forwarded: str | None,
+                                             status: int) -> None:
+    """ALLOWED_IPS admits addresses and networks; X-Forwarded-For counts only from TRUSTED_PROXIES."""
+    headers = AUTH + ([(b"x-forwarded-for", forwarded.encode())] if forwarded is not None else [])
+    async with upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, ALLOWED_IPS=allowed, TRUSTED_PROXIES=trusted) as app:
+        answer = await chat(app, headers=headers, client=peer)
+    assert answer.status == status
+    if status == 403:
+        assert_error(answer, 403, "permission_error", "ip_not_allowed")
+        assert up.requests == []
+
+
+async def test_allowlist_denial_comes_before_auth_and_is_logged() -> None:
+    """A client outside ALLOWED_IPS gets 403 whatever its token, is logged with its address; /health stays open."""
+    async with captured_log() as lines, gateway(ALLOWED_IPS="192.168.1.0/24") as app:
+        no_token = await chat(app, headers=[], client="203.0.113.9")
+        preflight = await call(app, "OPTIONS", "/v1/models", headers=[(b"origin", b"https://a.example")],
+                               client="203.0.113.9")
+        health = await call(app, "GET", "/health", headers=[], client="203.0.113.9")
+    assert_error(no_token, 403, "permission_error", "ip_not_allowed")
+    assert preflight.status == 403 and preflight.header(b"access-control-allow-origin") == b"*"
+    assert health.status == 200
+    [line] = [line for line in lines if line.startswith("POST ")]
+    assert line.startswith("POST /v1/chat/completions 403 ") and "client=203.0.113.9" in line
+    assert "error=ip_not_allowed" in line
+
+
+async def test_spoofed_forwarded_for_is_ignored_over_uvicorn() -> None:
+    """Through the server `python modelgate.py` runs, uvicorn does not rewrite the client from X-Forwarded-For.
+
+    uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; if it did here, this request would pass.
+    """
+    async with upstream(json_reply()) as up:
+        app = modelgate.Gateway(environ(OLLAMA_BASE_URL=up.url, ALLOWED_IPS="192.0.2.0/24"))
+        config = modelgate.load_config(environ(HOST="127.0.0.1", PORT="1"))
+        async with serve_with(modelgate.uvicorn_server(config, app)) as base, \
+                httpcore.AsyncConnectionPool() as client:
+            spoofed = await client.request("POST", f"{base}/v1/chat/completions", content=CHAT, headers={
+                "authorization": f"Bearer {TOKEN}", "x-forwarded-for": "192.0.2.7"})
+    assert spoofed.status == 403 and json.loads(spoofed.content)["error"]["code"] == "ip_not_allowed"
+    assert up.requests == []
+
+
+@asynccontextmanager
+async def serve_with(server: uvicorn.Server, scheme: str = "http") -> AsyncIterator[str]:
+    """A server made by modelgate.uvicorn_server() on a socket of ours, lifespan and all; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    try:
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+###############################################################################
+# TLS #########################################################################
+###############################################################################
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
+    """With TLS_CERT_FILE and TLS_KEY_FILE, the server `python modelgate.py` runs speaks HTTPS with that cert."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-addext", "subjectAltName=IP:127.0.0.1", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    assert await openssl.wait() == 0
+    settings = environ(TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key), HOST="127.0.0.1", PORT="1")
+    config = modelgate.load_config(settings)
+    assert (config.tls_cert_file, config.tls_key_file) == (str(cert), str(key))
+    trust = ssl.create_default_context(cafile=str(cert))  # verifies the chain and the name 127.0.0.1
+    async with serve_with(modelgate.uvicorn_server(config, modelgate.Gateway(settings)), "https") as base:
+        host, port = base.removeprefix("https://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=trust, server_hostname="127.0.0.1")
+        assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
+
+
+def test_tls_files_that_are_not_a_certificate_and_key_stop_startup(tmp_path: Any) -> None:
+    """Readable files that are not a PEM certificate and its key: one line naming both variables."""
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    with pytest.raises(modelgate.ConfigError, match="TLS_CERT_FILE and TLS_KEY_FILE"):
+        modelgate.load_config(environ(TLS_CERT_FILE=str(tmp_path / "cert.pem"), TLS_KEY_FILE=str(tmp_path / "key.pem")))
+
+
+###############################################################################
+# Coalescing identical requests in flight #####################################
+###############################################################################
+
+
+def joined(app: modelgate.Gateway) -> int:
+    return sum(app.metrics.coalesced.values())
+
+
+async def test_four_identical_requests_reach_the_upstream_once() -> None:
+    """Four identical requests while the upstream holds its answer: one upstream request, four equal answers."""
+    async with captured_log() as lines, upstream(json_reply(held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        tasks = [asyncio.ensure_future(chat(app)) for _ in range(4)]
+        await up.got_request.wait()
+        await until(lambda: joined(app) == 3)
+        up.release.set()
+        answers = await asyncio.gather(*tasks)
+        assert app.flights == {}  # nothing is kept once answered: this is no cache
+        again = await chat(app)
+    assert [a.status for a in answers] == [200] * 4 and all(a.json() == COMPLETION for a in answers)
+    assert len({a.header(b"x-request-id") for a in answers}) == 4  # each answer is its own response
+    assert len(up.requests) == 2 and again.status == 200
+    assert sum(" coalesced " in line for line in lines if line.startswith("POST ")) == 3
+
+
+async def test_different_tokens_bodies_or_streams_are_never_joined() -> None:
+    """Only the same token, provider, path and body join; streams never do; COALESCE=off joins nothing."""
+    other_auth = [(b"authorization", b"Bearer " + OTHER_TOKEN.encode())]
+    other_body = CHAT.replace(b"Hallo", b"Hello")
+    for setting, expected in (("on", 5), ("off", 6)):
+        async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, COALESCE=setting) as app:
+            gone = asyncio.Event()
+            tasks = [asyncio.ensure_future(chat(app, body, headers, disconnect=gone)) for body, headers in [
+                (CHAT, None), (CHAT, None), (CHAT, other_auth), (other_body, None),
+                (STREAM_CHAT, None), (STREAM_CHAT, None)]]
+            await up.received(expected)
+            await until(lambda: joined(app) == 6 - expected)
+            gone.set()
+            await asyncio.gather(*tasks)
+            assert len(up.requests) == expected
+
+
+LEAVING = [
+    # (which of two identical clients leave, whether the upstream request is then cancelled)
+    (["follower"], False),
+    (["leader"], False),  # the upstream request is not the leader's: it goes on for the follower
+    (["leader", "follower"], True),
+]
+
+
+@pytest.mark.parametrize("leaving, cancelled", LEAVING)
+async def test_the_last_client_to_leave_cancels_the_shared_request(leaving: list[str], cancelled: bool) -> None:
+    """A joined client that leaves does not stop the upstream request; when nobody is left, it is cancelled."""
+    async with upstream(json_reply(held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        gone = {"leader": asyncio.Event(), "follower": asyncio.Event()}
+        leader = asyncio.ensure_future(chat(app, disconnect=gone["leader"]))
+        await up.got_request.wait()
+        follower = asyncio.ensure_future(chat(app, disconnect=gone["follower"]))
+        await until(lambda: joined(app) == 1)
+        for name in leaving:
+            gone[name].set()
+        if cancelled:
+            await asyncio.wait_for(up.saw_close.wait(), 5)
+        await until(lambda: sum(t.done() for t in (leader, follower)) == len(leaving))
+        assert not up.saw_close.is_set() or cancelled
+        up.release.set()
+        answers = {"leader": await leader, "follower": await follower}
+        assert app.flights == {}
+    for name, answer in answers.items():
+        assert answer.complete == (name not in leaving)
+        if answer.complete:
+            assert answer.json() == COMPLETION
+    assert len(up.requests) == 1
+
+
+###############################################################################
+# Several Ollama hosts ########################################################
+###############################################################################
+
+
+def unlistened() -> tuple[socket.socket, str]:
+    """A bound loopback socket that does not listen yet (connections are refused), and its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+async def test_a_host_that_refuses_is_passed_over_and_tried_again_later() -> None:
+    """Host 1 refuses: the request goes to host 2, and host 1 is skipped until its cool-down is over."""
+    sock, url = unlistened()
+    async with upstream(json_reply()) as second, gateway(OLLAMA_BASE_URL=f"{url},{second.url}") as app:
+        assert (await chat(app)).status == 200
+        sock.listen(128)
+        first = await FakeUpstream(json_reply()).start(sock=sock)
+        assert (await chat(app)).status == 200  # host 1 listens again, but is cooling down
+        page = (await call(app, "GET", "/metrics")).body.decode()
+        app.upstreams["ollama"].hosts[0].down_until = 0.0  # as if HOST_COOLDOWN_SECONDS had passed
+        assert (await chat(app)).status == 200
+        first.server.close()
+    assert len(second.requests) == 2 and len(first.requests) == 1
+    assert 'modelgate_upstream_up{provider="ollama",host="1"} 0' in page
+    assert 'modelgate_upstream_up{provider="ollama",host="2"} 1' in page
+    assert 'modelgate_upstream_errors_total{provider="ollama",kind="ConnectError"} 1' in page
+
+
+HOST_FAILURES_AFTER_CONNECTING = [
+    # (reply of host 1, status, error code): it accepted, so the request may be running there
+    (raw_reply(b""), 502, "upstream_unavailable"),  # reads the request, hangs up without a word
+    (hang_reply, 504, "upstream_timeout"),  # reads the request, never answers
+    (sse_reply(cut_before=1), 200, None),  # starts a stream, breaks off
+]
+
+
+@pytest.mark.parametrize("reply, status, code", HOST_FAILURES_AFTER_CONNECTING)
+async def test_no_failover_once_the_request_was_sent(reply: Reply, status: int, code: str | None) -> None:
+    """A host that accepted the request and then failed is the answer: the next host never runs it again."""
+    async with upstream(reply) as first, upstream(json_reply()) as second, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}", TIMEOUT_SECONDS="0.3") as app:
+        answer = await chat(app, STREAM_CHAT if status == 200 else CHAT)
+    if code:
+        assert_error(answer, status, "api_error", code)
+    else:
+        assert_error_event(answer.chunks[-1])
+    assert len(first.requests) == 1 and second.requests == []
+
+
+async def test_the_host_with_fewest_requests_in_flight_is_chosen() -> None:
+    """While host 1 holds a request, the next goes to host 2; with both idle, host 1 (listed first) goes first."""
+    async with upstream(json_reply(held=True)) as first, upstream(json_reply()) as second, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}") as app:
+        held = asyncio.ensure_future(chat(app))
+        await first.got_request.wait()
+        assert (await chat(app, CHAT.replace(b"Hallo", b"Hi"))).status == 200
+        first.release.set()
+        assert (await held).status == 200
+        assert (await chat(app)).status == 200
+    assert len(first.requests) == 2 and len(second.requests) == 1
+
+
+async def test_every_host_down_is_a_502_that_says_how_many_were_tried() -> None:
+    """With all three hosts refusing, the 502 says that 3 were tried, and names no URL."""
+    async with gateway(OLLAMA_BASE_URL=",".join(refused_url() for _ in range(3))) as app:
+        answer = await chat(app)
+        again = await chat(app)  # all cooling down: tried all the same, a lone host is never skipped
+    for each in (answer, again):
+        error = assert_error(each, 502, "api_error", "upstream_unavailable")
+        assert "3 ollama hosts" in error["message"] and "OLLAMA_BASE_URL" in error["message"]
+        assert "127.0.0.1" not in error["message"]
+
+
+async def test_models_of_several_hosts_are_merged_without_duplicates() -> None:
+    """GET /v1/models lists every model of every host once; a host that is down is left out."""
+    second_models = {"object": "list", "data": [OLLAMA_MODELS["data"][1], {"id": "llama3.2:3b", "object": "model"}]}
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as first, \
+            upstream(json_reply(document=second_models)) as second, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{refused_url()},{second.url}") as app:
+        answer = await call(app, "GET", "/v1/models")
+        one = await call(app, "GET", "/v1/models/ollama/llama3.2:3b")
+    assert [m["id"] for m in answer.json()["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4",
+                                                       "ollama/llama3.2:3b"]
+    assert one.status == 200 and one.json()["id"] == "ollama/llama3.2:3b"
+
+
+###############################################################################
+# Legacy completions and the Responses API ####################################
+###############################################################################
+
+COMPLETION_EVENTS = [b'data: {"choices":[{"text":"Hel","index":0}]}\n\n', b'data: {"choices":[{"text":"lo"}]}\n\n',
+                     b"data: [DONE]\n\n"]
+
+
+async def test_legacy_completions_are_relayed_like_chat() -> None:
+    """POST /v1/completions routes by model to Ollama's /completions, plain and streamed."""
+    async with upstream(json_reply(document={"object": "text_completion"})) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        plain = await call(app, "POST", "/v1/completions", b'{"model": "ollama/m", "prompt": "Hi"}')
+        up.reply = sse_reply(events=COMPLETION_EVENTS)
+        streamed = await call(app, "POST", "/v1/completions", b'{"model": "ollama/m", "prompt": "Hi", "stream": true}')
+        up.reply = sse_reply(events=COMPLETION_EVENTS[:2])
+        cut = await call(app, "POST", "/v1/completions", b'{"model": "ollama/m", "stream": true}')
+    assert plain.status == 200 and plain.json() == {"object": "text_completion"}
+    assert [r.target for r in up.requests] == ["/v1/completions"] * 3 and up.requests[0].json()["model"] == "m"
+    assert streamed.chunks == COMPLETION_EVENTS
+    assert "data: [DONE]" in assert_error_event(cut.chunks[-1])["message"]
+
+
+def ollama_event(kind: str, **data: Any) -> bytes:
+    """A Responses event as Ollama writes it: an event line, then JSON with its keys sorted, "type" last."""
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({**data, "type": kind}, sort_keys=True).encode())
+
+
+def openai_event(kind: str, **data: Any) -> bytes:
+    """A Responses event as OpenAI writes it: "type" first."""
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({"type": kind, **data}).encode())
+
+
+BIG_RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "output": [
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello " * 200}]}]}
+RESPONSE_STREAMS = [
+    # (events, whole)
+    ([ollama_event("response.created", response={}), ollama_event("response.output_text.delta", delta="Hi"),
+      ollama_event("response.completed", response=BIG_RESPONSE, sequence_number=3)], True),
+    ([openai_event("response.created", response={}), openai_event("response.output_text.delta", delta="Hi"),
+      openai_event("response.completed", sequence_number=3, response=BIG_RESPONSE)], True),
+    ([openai_event("response.created", response={}), openai_event("response.failed", response={"status": "failed"})],
+     True),
+    ([ollama_event("response.incomplete", response=BIG_RESPONSE)], True),
+    ([b'data: {"type":"response.completed","response":{"status":"completed"}}\r\n\r\n'], True),  # no event line
+    ([openai_event("response.created", response={}), openai_event("response.output_text.delta", delta="Hi")], False),
+    ([ollama_event("response.completed", response=BIG_RESPONSE), ollama_event("response.output_text.delta",
+                                                                              delta='"type":"response.completed"')],
+     False),
+    ([openai_event("response.output_text.delta", delta="event: response.completed\n")], False),
+    ([ollama_event("response.created", response=BIG_RESPONSE), b"data: [DONE]\n\n"], False),
+]
+
+
+@pytest.mark.parametrize("events, whole", RESPONSE_STREAMS)
+async def test_responses_streams_end_with_their_last_event(events: list[bytes], whole: bool) -> None:
+    """A Responses stream is whole when its last event is response.completed/.failed/.incomplete, else cut."""
+    body = b'{"model": "ollama/m", "input": "Hi", "stream": true}'
+    async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/responses", body)
+    assert up.requests[0].target == "/v1/responses" and up.requests[0].json()["model"] == "m"
+    assert answer.status == 200 and answer.chunks[:len(events)] == events
+    if whole:
+        assert len(answer.chunks) == len(events)
+    else:
+        assert "response.completed" in assert_error_event(answer.chunks[-1])["message"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(RESPONSE_STREAMS), st.data())
+def test_the_responses_end_check_is_invariant_to_chunking(stream: tuple[list[bytes], bool], data: Any) -> None:
+    """However a Responses stream is cut into chunks, whether it is whole is judged the same."""
+    events, whole = stream
+    payload = b"".join(events)
+    cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
+    end = modelgate.ResponsesEnd()
+    for a, b in zip([0, *cuts], [*cuts, len(payload)]):
+        end.feed(payload[a:b])
+    assert end.complete() == whole
+
+
+async def test_plain_responses_request_is_relayed() -> None:
+    """A Responses request without stream is answered whole, like a plain chat."""
+    async with upstream(json_reply(document=BIG_RESPONSE)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/responses", b'{"model": "ollama/m", "input": "Hi"}')
+    assert answer.status == 200 and answer.json() == BIG_RESPONSE
+
+
+###############################################################################
+# Metrics, readiness, logs ####################################################
+###############################################################################
+
+# The text exposition format, version 0.0.4 (prometheus.io/docs/instrumenting/exposition_formats).
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:\\[\\"n]|[^\\"\n])*)"'
+SAMPLE_LINE = re.compile(rf'({METRIC_NAME})(?:\{{((?:{LABEL})(?:,{LABEL})*)?\}})? (\S+)(?: -?[0-9]+)?')
+HELP_LINE = re.compile(rf"# HELP ({METRIC_NAME}) (.*)")
+TYPE_LINE = re.compile(rf"# TYPE ({METRIC_NAME}) (counter|gauge|histogram|summary|untyped)")
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """Every line checked against the format; returns {family: {"type", "help", "samples": [(name, labels, value)]}}.
+
+    Checked: line syntax and escapes; HELP and TYPE at most once and TYPE before the family's samples; a
+    family's samples together; no series twice; counters named *_total; histogram buckets cumulative,
+    ending in le="+Inf" equal to _count, with a _sum.
+    """
+    assert text.endswith("\n") and "\n\n" not in text
+    families: dict[str, dict] = {}
+    current, finished, series = None, set(), set()
+    for line in text[:-1].split("\n"):
+        if match := HELP_LINE.fullmatch(line):
+            family = families.setdefault(match[1], {"samples": []})
+            assert "help" not in family and not family["samples"], line
+            family["help"] = match[2]
+        elif match := TYPE_LINE.fullmatch(line):
+            family = families.setdefault(match[1], {"samples": []})
+            assert "type" not in family and not family["samples"], line
+            family["type"] = match[2]
+            if current is not None and current != match[1]:
+                finished.add(current)
+            current = match[1]
+        else:
+            assert not line.startswith("#"), line
+            match = SAMPLE_LINE.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            name, value = match[1], float(match[match.lastindex])
+            labels = dict(re.findall(LABEL, match[2] or ""))
+            assert len(labels) == (match[2] or "").count('="'), f"a label twice: {line!r}"
+            family_name = name
+            if families.get(current, {}).get("type") == "histogram" and name.endswith(HISTOGRAM_SUFFIXES):
+                family_name = name.rsplit("_", 1)[0]
+            assert family_name == current and current not in finished, f"not with its family: {line!r}"
+            assert (name, tuple(sorted(labels.items()))) not in series, f"a series twice: {line!r}"
+            series.add((name, tuple(sorted(labels.items()))))
+            families[current]["samples"].append((name, labels, value))
+    for name, family in families.items():
+        assert "type" in family and "help" in family, name
+        if family["type"] == "counter":
+            assert name.endswith("_total") and all(v >= 0 for _, _, v in family["samples"]), name
+        if family["type"] == "histogram":
+            check_histogram(name, family["samples"])
+    return families
+
+
+def check_histogram(name: str, samples: list[tuple[str, dict, float]]) -> None:
+    by_series: dict[tuple, dict] = {}
+    for sample_name, labels, value in samples:
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        parts = by_series.setdefault(key, {"buckets": []})
+        if sample_name == f"{name}_bucket":
+            parts["buckets"].append((float(labels["le"]), value))
+        else:
+            parts[sample_name.removeprefix(name)] = value
+    for key, parts in by_series.items():
+        bounds = [bound for bound, _ in parts["buckets"]]
+        counts = [count for _, count in parts["buckets"]]
+        assert bounds == sorted(bounds) and bounds[-1] == math.inf, key
+        assert counts == sorted(counts) and counts[-1] == parts["_count"] and "_sum" in parts, key
+
+
+async def test_metrics_follow_the_text_format_and_count_what_happened() -> None:
+    """GET /metrics is valid exposition format 0.0.4 and counts requests, latencies, errors, joins and limits."""
+    async with upstream(json_reply(held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=f"{up.url},{refused_url()}", RATE_LIMIT_RPM="5",
+                    MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
+        tasks = [asyncio.ensure_future(chat(app)) for _ in range(2)]
+        await up.got_request.wait()
+        await until(lambda: joined(app) == 1)
+        up.release.set()
+        await asyncio.gather(*tasks)
+        up.reply = sse_reply()
+        await chat(app, STREAM_CHAT)
+        await chat(app, headers=[])
+        for _ in range(3):
+            await chat(app)
+        up.reply = json_reply(404, raw=b'{"error": "model not found"}')
+        await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        answer = await call(app, "GET", "/metrics")
+    assert answer.status == 200 and answer.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
+    families = parse_exposition(answer.body.decode())
+
+    def value(family: str, name: str | None = None, **labels: str) -> float:
+        return sum(v for n, found, v in families[family]["samples"]
+                   if n == (name or family) and labels.items() <= found.items())
+
+    chat_route = {"route": "/v1/chat/completions"}
+    assert value("modelgate_requests_total", **chat_route, token="fluentread", status="200") == 5
+    assert value("modelgate_requests_total", **chat_route, token="fluentread", status="429") == 1
+    assert value("modelgate_requests_total", **chat_route, token="-", status="401") == 1
+    assert value("modelgate_requests_total", **chat_route, status="404", provider="ollama") == 1
+    assert value("modelgate_request_duration_seconds", "modelgate_request_duration_seconds_count", **chat_route) == 8
+    assert value("modelgate_stream_first_byte_seconds", "modelgate_stream_first_byte_seconds_count") == 1
+    assert value("modelgate_coalesced_requests_total", token="fluentread") == 1
+    assert value("modelgate_rate_limited_requests_total", token="fluentread", limit="rpm") == 1
+    assert value("modelgate_upstream_errors_total", provider="ollama", kind="http_404") == 1
+    assert value("modelgate_requests_in_flight") == 1  # this one
+    assert value("modelgate_streams_in_flight") == 0
+    assert value("modelgate_upstream_up", host="1") == 1 and value("modelgate_upstream_in_flight", host="2") == 0
+    assert families["modelgate_requests_total"]["type"] == "counter"
+    assert families["modelgate_request_duration_seconds"]["type"] == "histogram"
+
+
+def test_label_values_are_escaped() -> None:
+    """Backslash, double quote and line feed in a label value are escaped as the format requires."""
+    line = "m" + modelgate.label_set(("a", "b"), ('x"y\\z\nw', 3)) + " 1"
+    match = SAMPLE_LINE.fullmatch(line)
+    assert match and dict(re.findall(LABEL, match[2])) == {"a": 'x\\"y\\\\z\\nw', "b": "3"}
+
+
+async def test_metrics_need_a_token_unless_public() -> None:
+    """/metrics wants a token like the API; METRICS_PUBLIC=1 opens it to a scraper without one."""
+    async with gateway() as app:
+        closed = await call(app, "GET", "/metrics", headers=[])
+    async with gateway(METRICS_PUBLIC="1") as app:
+        public = await call(app, "GET", "/metrics", headers=[])
+    assert_error(closed, 401, "authentication_error")
+    assert public.status == 200 and b"# TYPE modelgate_requests_total counter" in public.body
+
+
+async def test_ready_is_up_when_a_host_lists_its_models_and_down_when_none_does() -> None:
+    """/ready: 200 with one host answering, 503 naming the hosts when none does; answers are cached a while."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, \
+            gateway(OLLAMA_BASE_URL=f"{refused_url()},{up.url}") as app:
+        ready = await call(app, "GET", "/ready", headers=[])
+        cached = await call(app, "GET", "/ready", headers=[])
+        assert len(up.requests) == 1
+        app.probe_expires = 0.0  # as if READY_CACHE_SECONDS had passed
+        up.reply = json_reply(500, raw=b"oops")
+        down = await call(app, "GET", "/ready", headers=[])
+    assert ready.status == 200 and ready.json() == {"status": "ready",
+                                                    "upstreams": {"ollama/1": "ConnectError", "ollama/2": "ok"}}
+    assert cached.body == ready.body
+    error = assert_error(down, 503, "api_error", "not_ready")
+    assert "ollama/1 ConnectError" in error["message"] and "ollama/2 http_500" in error["message"]
+    assert "127.0.0.1" not in error["message"]
+
+
+async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
+    """A host that accepts but does not answer makes /ready 503 after READY_TIMEOUT_SECONDS, not later."""
+    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        down = await call(app, "GET", "/ready", headers=[])
+    assert "ollama/1 timeout" in assert_error(down, 503, "api_error", "not_ready")["message"]
+
+
+async def test_json_log_lines_carry_the_same_fields() -> None:
+    """LOG_FORMAT=json writes each request as one JSON object with the fields of the text line, nothing secret."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    modelgate.log.addHandler(handler)
+    try:
+        async with upstream(sse_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+            await chat(app, STREAM_CHAT)
+            await call(app, "GET", "/v1/mo\ndels\u2028")
+    finally:
+        modelgate.log.removeHandler(handler)
+    formatter = modelgate.JsonFormatter()
+    lines = [formatter.format(r) for r in records if getattr(r, "fields", None)]
+    assert all("\n" not in line for line in lines)
+    stream, odd = [json.loads(line) for line in lines]
+    assert set(stream) == {"time", "level", "method", "path", "status", "provider", "model", "ms", "bytes",
+                           "ttfb_ms", "token", "client", "coalesced", "error", "id"}
+    assert (stream["method"], stream["path"], stream["status"], stream["model"]) == \
+           ("POST", "/v1/chat/completions", 200, "ollama/qwen2.5:7b")
+    assert stream["ttfb_ms"] is not None and stream["client"] == "127.0.0.1" and stream["error"] is None
+    assert odd["status"] == 404 and "\n" not in records[-1].getMessage()  # no forged second line in text either
+    assert TOKEN not in "".join(lines)
+    assert json.loads(formatter.format(logging.makeLogRecord({"msg": "started", "levelname": "INFO"})))["message"] \
+        == "started"
+
+
+###############################################################################
+# Shutdown ####################################################################
+###############################################################################
+
+
+async def test_after_sigterm_nothing_new_goes_upstream_and_streams_may_finish() -> None:
+    """Once shutting down, new requests get 503 (and /ready fails) while a running stream is let finish."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.got_request.wait()
+        app.shut_down()
+        refused = await chat(app)
+        ready = await call(app, "GET", "/ready", headers=[])
+        health = await call(app, "GET", "/health", headers=[])
+        up.release.set()
+        answer = await stream
+    assert_error(refused, 503, "api_error", "shutting_down")
+    assert_error(ready, 503, "api_error", "shutting_down")
+    assert health.status == 200 and len(up.requests) == 1
+    assert answer.chunks == EVENTS
+
+
+async def test_what_still_runs_when_the_grace_is_over_is_ended() -> None:
+    """After SHUTDOWN_GRACE_SECONDS a running stream ends with the error event, a waiting request gets 503."""
+    async with upstream(sse_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, SHUTDOWN_GRACE_SECONDS="0.05") as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.received(1)
+        up.reply = json_reply(held=True)
+        waiting = asyncio.ensure_future(chat(app))
+        await up.received(2)
+        app.shut_down()
+        streamed, plain = await asyncio.gather(stream, waiting)
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+    assert streamed.chunks[0] == EVENTS[0] and streamed.complete
+    assert "shutting down" in assert_error_event(streamed.chunks[1])["message"]
+    assert_error(plain, 503, "api_error", "shutting_down")
+
+
+async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> None:
+    """`python modelgate.py` on SIGTERM: refuses new connections, cuts a stream after the grace, exits 0."""
+    async with upstream(sse_reply(hold_before=1)) as up:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {"PATH": os.environ.get("PATH", ""), "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url,
+               "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_GRACE_SECONDS": "0.5", "LOG_FORMAT": "json"}
+        gateway_process = await asyncio.create_subprocess_exec(
+            sys.executable, modelgate.__file__, cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            lines: list[bytes] = []
+            while not any(b"Uvicorn running on" in line for line in lines):
+                lines.append(await asyncio.wait_for(gateway_process.stderr.readline(), 30))
+                assert lines[-1], b"".join(lines)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+                         + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)
+            head = await asyncio.wait_for(reader.readuntil(EVENTS[0] + b"\r\n"), 10)
+            gateway_process.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(gateway_process.wait(), 10) == 0
+            lines += (await gateway_process.stderr.read()).splitlines()
+        finally:
+            if gateway_process.returncode is None:
+                gateway_process.kill()
+                await gateway_process.wait()
+    assert head.startswith(b"HTTP/1.1 200 ") and EVENTS[0] in head
+    assert b"shutting down" in rest and b"[DONE]" not in rest and rest.endswith(b"0\r\n\r\n")
+    assert len(up.requests) == 1 and up.saw_close.is_set()
+    logged = [json.loads(line) for line in lines if line.strip()]  # LOG_FORMAT=json: every line, uvicorn's too
+    assert any(entry.get("status") == 200 and entry.get("error") == "shutting_down" for entry in logged)
