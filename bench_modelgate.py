@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -347,10 +349,17 @@ def request_bytes(path: str, body: dict) -> bytes:
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
 
 
+def request_maker(path: str, body: dict) -> Callable[[], bytes]:
+    """Each call: the request again, with a body of its own (`"user": "bench-<n>"`). Identical requests in
+    flight at once would share one upstream answer (the gateway's COALESCE), which is not what is measured."""
+    numbers = itertools.count()
+    return lambda: request_bytes(path, {**body, "user": f"bench-{next(numbers)}"})
+
+
 @dataclass
 class Run:
-    """What the connections of one load run share: the request, the deadline, the errors."""
-    request: bytes
+    """What the connections of one load run share: the requests, the deadline, the errors."""
+    requests: Callable[[], bytes]
     deadline: float = math.inf
     errors: Counter = field(default_factory=Counter)
 
@@ -389,7 +398,7 @@ class Connection(asyncio.Protocol):
         if self.finished.done():
             return
         self.sent(time.perf_counter())
-        self.transport.write(self.run.request)
+        self.transport.write(self.run.requests())
 
     def data_received(self, data: bytes) -> None:
         self.now = time.perf_counter()
@@ -519,9 +528,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-async def request_load(port: int, request: bytes, connections: int, duration: float) -> LoadResult:
+async def request_load(port: int, requests: Callable[[], bytes], connections: int,
+                       duration: float) -> LoadResult:
     """Closed loop: every connection sends its next request as soon as its previous response is in."""
-    run = RequestRun(request)
+    run = RequestRun(requests)
     clients = await open_connections(port, lambda: RequestConnection(run), connections)
     started = time.perf_counter()
     run.deadline = started + duration
@@ -547,11 +557,11 @@ class PeakRss:
             await asyncio.sleep(RSS_SAMPLE_INTERVAL)
 
 
-async def stream_load(port: int, request: bytes, chunks: int, duration: float,
+async def stream_load(port: int, requests: Callable[[], bytes], chunks: int, duration: float,
                       rss: PeakRss | None = None) -> StreamRun:
     """STREAM_CONNECTIONS connections stream one response after another until the deadline; their
     first streams start evenly spread over one stream's length."""
-    run = StreamRun(request, chunks=chunks)
+    run = StreamRun(requests, chunks=chunks)
     clients = await open_connections(port, lambda: StreamConnection(run), STREAM_CONNECTIONS)
     stream_seconds = (chunks - 1) * CHUNK_INTERVAL
     loop = asyncio.get_running_loop()
@@ -588,11 +598,16 @@ async def fetch(port: int, request: bytes) -> tuple[int, bytes]:
 # wrk
 # ---------------------------------------------------------------------------------------------------
 
+# As request_maker: every request has a body of its own.
 WRK_SCRIPT = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {token}"
-wrk.body = [==[{body}]==]
+local number = 0
+request = function()
+  number = number + 1
+  return wrk.format(nil, nil, nil, [==[{body_start}]==] .. number .. [==["}}]==])
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -606,7 +621,7 @@ end
 def wrk_load(wrk: str, workdir: Path, port: int, path: str, body: dict, connections: int,
              duration: int) -> LoadResult:
     script = workdir / "request.lua"
-    script.write_text(WRK_SCRIPT.format(token=TOKEN, body=json.dumps(body)))
+    script.write_text(WRK_SCRIPT.format(token=TOKEN, body_start=json.dumps(body)[:-1] + ', "user": "bench-'))
     command = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={RESPONSE_TIMEOUT:.0f}s",
                "-s", str(script), f"http://{HOST}:{port}{path}"]
     try:
@@ -835,10 +850,11 @@ class Bench:
 
     def measure_requests(self, scenario: str, target: str, kind: str, path: str, body: dict,
                          connections: int) -> tuple[LoadResult, float]:
-        port, request, duration = self.ports[target], request_bytes(path, body), self.settings.duration
+        port, requests, duration = self.ports[target], request_maker(path, body), self.settings.duration
+        request = requests()
 
         def built_in(seconds: float) -> LoadResult:
-            return asyncio.run(request_load(port, request, connections, seconds))
+            return asyncio.run(request_load(port, requests, connections, seconds))
 
         def measured() -> LoadResult:
             if self.wrk:
@@ -868,10 +884,11 @@ class Bench:
                 "ratio_requests_per_s": ratio(gateway.rate, direct.rate)}
 
     def measure_streams(self, target: str, rss: PeakRss | None = None) -> tuple[StreamRun, float]:
-        port, request = self.ports[target], request_bytes(CHAT_PATH, STREAM_BODY)
+        port, requests = self.ports[target], request_maker(CHAT_PATH, STREAM_BODY)
+        request = requests()
 
         def streams(seconds: float, sampler: PeakRss | None = None) -> StreamRun:
-            return asyncio.run(stream_load(port, request, self.settings.chunks, seconds, sampler))
+            return asyncio.run(stream_load(port, requests, self.settings.chunks, seconds, sampler))
 
         return self.measure(f"stream_c200 {target}", target, "stream", request,
                             lambda: streams(self.settings.warmup), lambda: streams(self.settings.duration, rss))

@@ -1812,23 +1812,23 @@ def not_found_message(path: str) -> str:
 
 
 def log_exchange(ex: Exchange, seconds: float) -> None:
-    # log: one line per request; never bodies, tokens, keys or the Authorization header. The same fields
-    # go to the JSON line of LOG_FORMAT=json.
-    fields = {
+    # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
+    # writes the same fields (exchange_fields) as an object.
+    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
+    coalesced = " coalesced" if ex.coalesced else ""
+    error = f" error={ex.error}" if ex.error else ""
+    log.info("%s %s %d %s %s %.0fms %dB%s token=%s client=%s%s%s id=%s", ex.method, printable(ex.path), ex.status,
+             ex.provider, printable(ex.model), seconds * 1000, ex.bytes_out, ttfb, ex.token, ex.client, coalesced,
+             error, ex.request_id.decode("latin-1") or "-", extra={"exchange": (ex, seconds)})
+
+
+def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
+    return {
         "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
         "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
         "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "token": ex.token, "client": ex.client,
         "coalesced": ex.coalesced, "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
     }
-    line = "{method} {path} {status} {provider} {model} {ms}ms {bytes}B".format_map(fields)
-    if ex.ttfb is not None:
-        line += f" ttfb={fields['ttfb_ms']}ms"
-    line += f" token={ex.token} client={ex.client}"
-    if ex.coalesced:
-        line += " coalesced"
-    if ex.error:
-        line += f" error={ex.error}"
-    log.info(line + f" id={fields['id']}", extra={"fields": fields})
 
 
 def printable(text: str) -> str:
@@ -1841,7 +1841,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": self.formatTime(record), "level": record.levelname}
-        line.update(getattr(record, "fields", None) or {"message": record.getMessage()})
+        exchange = getattr(record, "exchange", None)
+        line.update(exchange_fields(*exchange) if exchange else {"message": record.getMessage()})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)

@@ -2071,7 +2071,7 @@ async def test_json_log_lines_carry_the_same_fields() -> None:
     finally:
         modelgate.log.removeHandler(handler)
     formatter = modelgate.JsonFormatter()
-    lines = [formatter.format(r) for r in records if getattr(r, "fields", None)]
+    lines = [formatter.format(r) for r in records if getattr(r, "exchange", None)]
     assert all("\n" not in line for line in lines)
     stream, odd = [json.loads(line) for line in lines]
     assert set(stream) == {"time", "level", "method", "path", "status", "provider", "model", "ms", "bytes",
