@@ -223,7 +223,7 @@ def _tokens(value: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
         name, colon, token = entry.partition(":")
         if not (colon and TOKEN_NAME.fullmatch(name)):
             # Never a part of the token itself: the label must not help anyone guess it.
-            name, token = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+            name, token = token_label(entry), entry
         if not token:
             raise ConfigError(f"MODELGATE_TOKEN: {entry!r} names a token but gives none after the ':'")
         if not all("!" <= c <= "~" for c in token):
@@ -234,6 +234,13 @@ def _tokens(value: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
     if not tokens:
         raise ConfigError(f"MODELGATE_TOKEN is empty: set it to the token clients must send; {TOKEN_HELP}")
     return tuple(token for token, _ in tokens), tuple(name for _, name in tokens)
+
+
+def token_label(token: str) -> str:
+    """A short stable name for a token given without one. Slow on purpose: the label appears in logs and
+    metrics, and must not let anyone test guesses of a weak token quickly."""
+    digest = hashlib.pbkdf2_hmac("sha256", token.encode(), b"modelgate token label", 10_000)
+    return "token-" + digest.hex()[:8]
 
 
 def _base_url(name: str, value: str) -> str:
@@ -248,6 +255,10 @@ def _base_url(name: str, value: str) -> str:
         raise ConfigError(f"{name} must not hold credentials; put the key in {name[:-8]}API_KEY")
     if url.query or url.fragment:
         raise ConfigError(f"{name} must not have a query or fragment: {value!r}")
+    try:
+        url.hostname.encode("idna")
+    except UnicodeError:
+        raise ConfigError(f"{name} has a host name that is not valid: {url.hostname!r}") from None
     return value.rstrip("/")
 
 
@@ -268,7 +279,7 @@ def _seconds(name: str, value: str) -> float:
 
 
 def _positive_int(name: str, value: str) -> int:
-    if not value.isdigit() or int(value) == 0:
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
         raise ConfigError(f"{name} must be a whole number above 0, not {value!r}")
     return int(value)
 
@@ -294,9 +305,14 @@ def _networks(name: str, value: str) -> tuple[Network, ...]:
     for entry in (e.strip() for e in value.split(",")):
         if entry:
             try:
-                networks.append(ipaddress.ip_network(entry))
+                network = ipaddress.ip_network(entry)
             except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
                 raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
+            # ::ffff:a.b.c.d, as a dual-stack socket shows an IPv4 client, is that IPv4 address to parse_ip.
+            if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
+                mapped = network.network_address.ipv4_mapped
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            networks.append(network)
     return tuple(networks)
 
 
@@ -319,7 +335,7 @@ def _tls_files(cert: str, key: str) -> dict[str, str]:
 
 
 def _port(value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) < 65536:
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) < 65536:
         raise ConfigError(f"PORT must be a number from 1 to 65535, not {value!r}")
     return int(value)
 
@@ -581,6 +597,9 @@ DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"s
 MAX_ERROR_BODY = 64 * 1024
 MAX_ERROR_TEXT = 400
 
+# How much of an upstream's answer may wait here for the client before we stop reading from the upstream.
+READ_BUFFER_LIMIT = 1024 * 1024
+
 # 512 is the depth of Ollama's own queue (OLLAMA_MAX_QUEUE): more connections could only wait there.
 POOL_CONNECTIONS = 512
 # An idle upstream connection is dropped after 4 s, before the 5 s idle limit of uvicorn and Node
@@ -609,6 +628,33 @@ def response_headers(headers: Headers) -> Headers:
     return kept
 
 
+async def within(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
+    """Await with a deadline, raising `timeout_error` when it passes.
+
+    asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
+    and the disconnect watch cancels exactly once: a client leaving then would go unnoticed.
+    """
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()  # our own deadline: not a cancellation of the task
+        raise timeout_error from None
+    finally:
+        timer.cancel()
+
+
 class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with timeouts.
 
@@ -624,6 +670,8 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self.transport: asyncio.Transport | None = None
         self.outgoing: list[bytes] = []
         self.received: list[bytes] = []
+        self.buffered = 0  # bytes in `received`
+        self.paused = False  # reading from the upstream, until READ_BUFFER_LIMIT bytes wait
         self.eof = False
         self.waiter: asyncio.Future | None = None  # a read waiting for data
         self.deadline = 0.0  # when the waiting read times out
@@ -633,9 +681,8 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Stream:
         loop = asyncio.get_running_loop()
         try:
-            _, stream = await asyncio.wait_for(loop.create_connection(cls, host, port, ssl=tls), timeout)
-        except asyncio.TimeoutError:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from None
+            _, stream = await within(timeout, loop.create_connection(cls, host, port, ssl=tls),
+                                     httpcore.ConnectTimeout(f"no connection within {timeout} s"))
         except OSError as exc:  # refused, unreachable, unknown host, TLS failure (ssl.SSLError)
             raise httpcore.ConnectError(str(exc)) from exc
         return stream
@@ -647,6 +694,10 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
 
     def data_received(self, data: bytes) -> None:
         self.received.append(data)
+        self.buffered += len(data)
+        if self.buffered > READ_BUFFER_LIMIT and not self.paused:  # the client reads slower than the upstream writes
+            self.paused = True
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -697,6 +748,10 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         if len(data) > max_bytes:
             self.received.insert(0, data[max_bytes:])
             data = data[:max_bytes]
+        self.buffered -= len(data)
+        if self.paused and self.buffered <= READ_BUFFER_LIMIT:
+            self.paused = False
+            self.transport.resume_reading()
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -783,10 +838,7 @@ class Pool:
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         timeouts = request.extensions["timeout"]
         if self.slots.locked():  # all in use: wait for one, as long as for a connection
-            try:
-                await asyncio.wait_for(self.slots.acquire(), timeouts["pool"])
-            except asyncio.TimeoutError:
-                raise httpcore.PoolTimeout("every connection is in use") from None
+            await within(timeouts["pool"], self.slots.acquire(), httpcore.PoolTimeout("every connection is in use"))
         else:
             await self.slots.acquire()
         self.in_use += 1
@@ -1247,7 +1299,7 @@ class Exchange:
         self.status, self.started = status, True
         upstream_id = next((v for k, v in headers if k == b"x-request-id"), None)
         if upstream_id is None:
-            headers.append((b"x-request-id", self.request_id))
+            headers = [*headers, (b"x-request-id", self.request_id)]
         else:
             self.request_id = upstream_id
         await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
@@ -1257,8 +1309,7 @@ class Exchange:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def respond(self, status: int, headers: Headers, body: bytes) -> None:
-        headers.append((b"content-length", b"%d" % len(body)))
-        await self.start(status, headers)
+        await self.start(status, [*headers, (b"content-length", b"%d" % len(body))])
         await self.body_chunk(body, more=False)
 
     async def fail(self, error: GatewayError) -> None:
@@ -1272,8 +1323,8 @@ class ClientGone(Exception):
 
 
 class DisconnectWatch:
-    """Cancels the handler's task when the client disconnects, or when the shutdown grace is over, until
-    stop() is called.
+    """Cancels the handler's task when the client disconnects (or, for a stream, stops reading), or when
+    the shutdown grace is over, until stop() is called.
 
     uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
     on an upstream we also wait on receive(), and stop the upstream request the moment the client
@@ -1288,6 +1339,24 @@ class DisconnectWatch:
         self.watches = watches
         watches.add(self)
         self.watcher = asyncio.ensure_future(self._watch(receive))
+        self.sending_since: float | None = None  # loop time a stream chunk began to be sent, while it is
+        self.send_check: asyncio.TimerHandle | None = None
+
+    def guard_sends(self, timeout: float) -> None:
+        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
+
+        uvicorn's send() waits for as long as the client's socket is full, and meanwhile the stream
+        would hold its upstream connection. One timer per stream looks every `timeout` seconds.
+        """
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
+                self.cut("gone")
+            elif not self.stopped:
+                self.send_check = loop.call_later(timeout, check)
+
+        self.send_check = loop.call_later(timeout, check)
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -1311,6 +1380,8 @@ class DisconnectWatch:
     def stop(self) -> None:
         self.stopped = True
         self.watcher.cancel()
+        if self.send_check is not None:
+            self.send_check.cancel()
         self.watches.discard(self)
 
     def __enter__(self) -> DisconnectWatch:
@@ -1318,11 +1389,13 @@ class DisconnectWatch:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.stop()
-        if self.reason and exc_type is asyncio.CancelledError:
-            if sys.version_info >= (3, 11):
-                self.task.uncancel()  # the cancellation was ours, and it is handled here
-            if self.reason == "gone":
-                raise ClientGone from None
+        if not self.reason:
+            return
+        if exc_type is asyncio.CancelledError and sys.version_info >= (3, 11):
+            self.task.uncancel()  # the cancellation was ours, and it is handled here
+        if self.reason == "gone":  # whatever the body of the `with` ended with: nobody is left to answer
+            raise ClientGone from None
+        if exc_type is asyncio.CancelledError:
             raise GatewayError("shutting_down", SHUTTING_DOWN) from None
 
 
@@ -1376,6 +1449,9 @@ class Gateway:
         self.grace_timer: asyncio.TimerHandle | None = None
         self.probe: asyncio.Task | None = None  # the last /ready probe, reused until probe_expires
         self.probe_expires = 0.0
+        # Set from the config by startup: which paths need no token, and whether screening and limits are on.
+        self.public_paths = PUBLIC_PATHS
+        self.screening = self.limited = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -1393,6 +1469,10 @@ class Gateway:
                     self.startup()
                 except ConfigError as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                except Exception as exc:  # a bug of ours: fail start-up loudly rather than serve 500s
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -1460,10 +1540,9 @@ class Gateway:
             except ClientGone:
                 ex.status = 499
         except Exception:
-            log.exception("unexpected error in %s %s", ex.method, ex.path)
+            log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
             if ex.started:
                 raise  # all we can do is abort the response: uvicorn closes the connection
-            ex.error = "internal"
             await ex.fail(GatewayError("internal", "ModelGate failed unexpectedly; its log says why."))
         finally:
             self.in_flight -= 1
@@ -1522,8 +1601,10 @@ class Gateway:
         in_flight = self.busy.get(name, 0)
         if config.max_concurrent_per_token and in_flight >= config.max_concurrent_per_token:
             count(self.metrics.rate_limited, (name, "concurrency"))
-            raise GatewayError("too_many_in_flight", f"This token already has {in_flight} requests in flight, as "
-                               "many as MAX_CONCURRENT_PER_TOKEN allows. Wait for one to finish.")
+            # When one will finish cannot be known: a second is the shortest wait worth asking for.
+            raise GatewayError("too_many_in_flight", f"This token already has as many requests in flight as "
+                               f"MAX_CONCURRENT_PER_TOKEN allows ({in_flight}). Wait for one to finish.",
+                               [(b"retry-after", b"1")])
         if self.limiter is not None:
             wait = self.limiter.take(name, time.monotonic())
             if wait:
@@ -1586,6 +1667,8 @@ class Gateway:
             document = json.loads(text)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError too
             raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
+        except RecursionError:
+            raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
         if not isinstance(document, dict):
             raise GatewayError("invalid_request", "The request body must be a JSON object.")
         model = document.get("model")
@@ -1634,7 +1717,7 @@ class Gateway:
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody is left to answer
                 self.landed(key, flight)
-        return status, list(headers), body  # each answer adds its own headers to the list
+        return status, headers, body
 
     def landed(self, key: tuple, flight: Flight) -> None:
         if self.flights.get(key) is flight:
@@ -1669,16 +1752,26 @@ class Gateway:
         for chat), gets one error event instead, so that no client takes a cut answer for a whole one.
         So does a stream still running when the shutdown grace is over.
         """
+        chunks = response.stream.__aiter__()
+        try:  # until the first bytes arrive, a failure is still answered with its plain status (502/504)
+            chunk = await anext(chunks, None)
+        except UPSTREAM_EXCEPTIONS as exc:
+            upstream.failed(exc)
+            raise upstream_failure(exc, upstream.name) from exc
+        ex.ttfb = time.perf_counter() - ex.t0
         headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
         end, failure = STREAM_ENDS.get(ex.path, DoneEnd)(), ""
+        loop = asyncio.get_running_loop()
+        watch.guard_sends(self.config.timeout)
         self.streams += 1
         try:
             await ex.start(response.status, headers + SSE_HEADERS)
-            async for chunk in response.stream:
-                if ex.ttfb is None:
-                    ex.ttfb = time.perf_counter() - ex.t0
+            while chunk is not None:
+                watch.sending_since = loop.time()
                 await ex.body_chunk(chunk)
+                watch.sending_since = None
                 end.feed(chunk)
+                chunk = await anext(chunks, None)
         except UPSTREAM_EXCEPTIONS as exc:
             upstream.failed(exc)
             failure = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
@@ -1732,7 +1825,7 @@ class Gateway:
             if isinstance(result, BaseException):
                 raise result
             items = result.get("data") if isinstance(result, dict) else None
-            for item in items or ():  # Ollama answers "data": null when it has no model
+            for item in items if isinstance(items, list) else ():  # Ollama answers "data": null with no model
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
                     models.setdefault(item["id"], {**item, "id": f"{upstream.name}/{item['id']}"})
         if len(failures) == len(results):
@@ -1742,7 +1835,10 @@ class Gateway:
     async def model(self, ex: Exchange) -> None:
         """GET /v1/models/{id}: one model of the provider the id routes to, or 404."""
         ex.model = ex.path.removeprefix("/v1/models/")
-        ex.provider, name = route_model(ex.model, self.config)
+        try:
+            ex.provider, name = route_model(ex.model, self.config)
+        except GatewayError as error:  # openai/... without OpenAI: no such model here
+            raise GatewayError("model_not_found", error.message) from None
         upstream = self.upstreams[ex.provider]
         with self.watch(ex):
             models = await self.list_models(upstream, ex.headers)

@@ -53,6 +53,11 @@ EVENTS = [
 ]
 
 
+def label(token: bytes) -> str:
+    """The name a token given without one is shown by: a slow hash, never a part of the token."""
+    return "token-" + hashlib.pbkdf2_hmac("sha256", token, b"modelgate token label", 10_000).hex()[:8]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -91,6 +96,7 @@ class FakeUpstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)  # lets held replies go on
     arrivals: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified per request
     connections: int = 0
+    accepted: asyncio.Event = field(default_factory=asyncio.Event)  # a connection came in
     server: asyncio.AbstractServer | None = None
     url: str = ""  # the base URL to give the gateway, ending in /v1
 
@@ -104,6 +110,7 @@ class FakeUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.accepted.set()
         try:
             while not writer.is_closing():
                 try:
@@ -570,6 +577,8 @@ async def test_one_model_or_404() -> None:
         found = await call(app, "GET", "/v1/models/ollama/qwen2.5:7b")
         bare = await call(app, "GET", "/v1/models/qwen2.5:7b")
         missing = await call(app, "GET", "/v1/models/ollama/nope")
+        unconfigured = await call(app, "GET", "/v1/models/openai/gpt-4o")
+    assert_error(unconfigured, 404, "invalid_request_error", "model_not_found")
     assert found.status == 200 and found.json() == {**OLLAMA_MODELS["data"][0], "id": "ollama/qwen2.5:7b"}
     assert bare.status == 200 and bare.json()["id"] == "ollama/qwen2.5:7b"
     error = assert_error(missing, 404, "invalid_request_error", "model_not_found")
@@ -625,6 +634,7 @@ BAD_BODIES = [
     b'{"model": "ollama/"}',
     b'\xff\xfe{"model": "x"}',
     b'\xef\xbb\xbf{"model": "x"}',
+    b'{"model": "ollama/x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # valid, but deeper than Python recurses
 ]
 
 
@@ -862,6 +872,31 @@ async def test_stream_failing_before_first_byte_is_a_plain_error() -> None:
     assert_error(answer, 502, "api_error", "upstream_unavailable")
 
 
+def headers_then(after: str) -> Reply:
+    """An event stream's status line and headers, then silence or a reset before any event."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        if after == "reset":
+            writer.transport.abort()
+        else:
+            await up.hold(reader)
+
+    return reply
+
+
+@pytest.mark.parametrize("after, status, code", [("silence", 504, "upstream_timeout"),
+                                                 ("reset", 502, "upstream_unavailable")])
+async def test_stream_failing_after_headers_before_first_byte_is_a_plain_error(after: str, status: int,
+                                                                              code: str) -> None:
+    """Headers but no event yet (a cold model, say), then a timeout or a reset: the plain status, no event stream."""
+    async with upstream(headers_then(after)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert_error(answer, status, "api_error", code)
+
+
 async def test_stream_done_split_across_chunks_counts() -> None:
     """[DONE] split over two upstream chunks, with CRLF line ends, still ends the stream cleanly."""
     events = [EVENTS[0], b"data: [DO", b"NE]\r\n\r\n"]
@@ -909,6 +944,48 @@ async def test_client_disconnect_mid_stream_over_a_real_socket() -> None:
         await reader.readuntil(b"data: ")
         writer.close()
         await asyncio.wait_for(up.saw_close.wait(), 5)
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_client_leaving_as_the_upstream_connection_opens_is_noticed(turns: int) -> None:
+    """A client that leaves just as the upstream connection opens is not lost (asyncio.wait_for before
+    Python 3.12 could swallow that cancellation): the request ends at once and the upstream is let go."""
+    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        gone = asyncio.Event()
+        task = asyncio.ensure_future(chat(app, STREAM_CHAT, disconnect=gone))
+        await up.accepted.wait()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        gone.set()
+        answer = await asyncio.wait_for(task, 2)  # TIMEOUT_SECONDS is 5: a lost cancellation waits for it
+        if up.requests:
+            await asyncio.wait_for(up.saw_close.wait(), 2)
+    assert not answer.complete
+
+
+async def test_client_that_stops_reading_a_stream_is_let_go() -> None:
+    """A client whose socket stays full (it stopped reading) for TIMEOUT_SECONDS is treated as gone: the
+    upstream request is closed and its connection slot comes back."""
+    async with upstream(sse_reply(hold_before=2)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+        full = asyncio.Event()  # never set: uvicorn's send() waits like this while the client's window is full
+
+        async def stalled_send(message: dict) -> None:
+            if message.get("body"):
+                await full.wait()
+
+        parts = [STREAM_CHAT]
+
+        async def receive() -> dict:
+            if parts:
+                return {"type": "http.request", "body": parts.pop(), "more_body": False}
+            await full.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": AUTH,
+                 "client": ("127.0.0.1", 50000), "asgi": {"version": "3.0", "spec_version": "2.3"}}
+        await asyncio.wait_for(app(scope, receive, stalled_send), 5)
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+        assert app.upstreams["ollama"].hosts[0].pool.in_use == 0
 
 
 class FullBacklog:
@@ -1131,6 +1208,9 @@ async def test_preflight_with_odd_requested_headers_gets_the_default_list() -> N
 ###############################################################################
 
 CONFIG_ERRORS = [
+    ({"MAX_BODY_BYTES": "\u00b2"}, "MAX_BODY_BYTES"),  # a digit to str.isdigit(), not to int()
+    ({"PORT": "\u0663"}, "PORT"),
+    ({"OLLAMA_BASE_URL": "http://" + "a" * 64 + ".example/v1"}, "OLLAMA_BASE_URL"),  # no IDNA host name
     # (settings, variable the one-line error must name)
     ({"MODELGATE_TOKEN": ""}, "MODELGATE_TOKEN"),
     ({"MODELGATE_TOKEN": " , "}, "MODELGATE_TOKEN"),
@@ -1439,9 +1519,9 @@ TOKEN_NAMES = [
     # (MODELGATE_TOKEN entry, name it is shown by, token clients send)
     ("fluentread:s3cret-a", "fluentread", "s3cret-a"),
     ("file.manager_2:x:y:z", "file.manager_2", "x:y:z"),  # only the first ':' separates
-    ("no-name-token", "token-" + hashlib.sha256(b"no-name-token").hexdigest()[:8], "no-name-token"),
-    ("has/slash:abc", "token-" + hashlib.sha256(b"has/slash:abc").hexdigest()[:8], "has/slash:abc"),
-    (":leading-colon", "token-" + hashlib.sha256(b":leading-colon").hexdigest()[:8], ":leading-colon"),
+    ("no-name-token", label(b"no-name-token"), "no-name-token"),
+    ("has/slash:abc", label(b"has/slash:abc"), "has/slash:abc"),
+    (":leading-colon", label(b":leading-colon"), ":leading-colon"),
 ]
 
 
@@ -1456,15 +1536,15 @@ def test_token_entries_and_their_names(entry: str, name: str, token: str) -> Non
 
 async def test_logs_and_metrics_show_the_token_name_never_the_token() -> None:
     """The log line and /metrics name the app (or the token's hash label); the token itself appears nowhere."""
-    label = "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]
+    other = label(OTHER_TOKEN.encode())
     async with captured_log() as lines, upstream(json_reply()) as up, \
             gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
         assert (await chat(app)).status == 200
         assert (await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])).status == 200
         page = (await call(app, "GET", "/metrics")).body.decode()
     posts = [line for line in lines if line.startswith("POST ")]
-    assert " token=fluentread " in posts[0] and f" token={label} " in posts[1]
-    assert 'token="fluentread"' in page and f'token="{label}"' in page
+    assert " token=fluentread " in posts[0] and f" token={other} " in posts[1]
+    assert 'token="fluentread"' in page and f'token="{other}"' in page
     for text in (*lines, page):
         assert TOKEN not in text and OTHER_TOKEN not in text
 
@@ -1515,10 +1595,10 @@ async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
         assert (await stream).chunks == EVENTS
         again = await chat(app)
     error = assert_error(refused, 429, "rate_limit_error", "concurrency_limit_exceeded")
-    assert "MAX_CONCURRENT_PER_TOKEN" in error["message"] and refused.header(b"retry-after") is None
+    assert "MAX_CONCURRENT_PER_TOKEN" in error["message"] and refused.header(b"retry-after") == b"1"
     assert other.status == 200 and again.status == 200
-    assert app.busy == {"token-" + hashlib.sha256(TOKEN.encode()).hexdigest()[:8]: 0,
-                        "token-" + hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()[:8]: 0}
+    assert app.busy == {label(TOKEN.encode()): 0,
+                        label(OTHER_TOKEN.encode()): 0}
 
 
 ###############################################################################
@@ -1531,6 +1611,8 @@ ALLOWLIST_TABLE = [
     ("192.168.1.0/24", "", "10.0.0.1", None, 403),
     ("192.168.1.0/24, 10.0.0.1", "", "10.0.0.1", None, 200),
     ("192.168.1.0/24", "", "::ffff:192.168.1.7", None, 200),  # an IPv4 client on a dual-stack socket
+    ("::ffff:192.168.1.7", "", "192.168.1.7", None, 200),  # the same address, copied from such a log line
+    ("::ffff:192.168.1.0/120", "", "::ffff:192.168.1.9", None, 200),
     ("2001:db8::/32", "", "2001:db8::1", None, 200),
     ("2001:db8::/32", "", "192.168.1.7", None, 403),
     ("192.168.1.0/24", "", "not-an-address", None, 403),
