@@ -1302,7 +1302,7 @@ def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> N
         ok = expected > 0 and expected != float("inf")
     except ValueError:
         ok = False
-    if not text.strip():  # set to nothing: the default
+    if not text.strip(" \t\r\n"):  # set to nothing (around it, only what a .env line may carry): the default
         assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text}).timeout == 120
     elif ok:
         assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": text}).timeout == float(text)
@@ -2165,6 +2165,15 @@ async def test_json_log_lines_carry_the_same_fields() -> None:
     assert TOKEN not in "".join(lines)
     assert json.loads(formatter.format(logging.makeLogRecord({"msg": "started", "levelname": "INFO"})))["message"] \
         == "started"
+
+
+async def test_a_line_break_in_a_path_or_model_cannot_forge_a_log_line() -> None:
+    """The text log writes a path or model holding a line break escaped, so each request stays one line."""
+    async with captured_log() as lines, upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        await call(app, "GET", "/v1/x\nGET /v1/models 200 ollama")
+        await chat(app, b'{"model": "ollama/m\\nPOST /forged 200", "messages": []}')
+    requests = [line for line in lines if line.startswith(("GET ", "POST "))]
+    assert len(requests) == 2 and all("\n" not in line for line in requests)
 
 
 ###############################################################################
