@@ -1698,7 +1698,6 @@ async def serve_with(server: uvicorn.Server, scheme: str = "http") -> AsyncItera
 ###############################################################################
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
 async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
     """With TLS_CERT_FILE and TLS_KEY_FILE, the server `python modelgate.py` runs speaks HTTPS with that cert."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
