@@ -422,16 +422,15 @@ def error_body(message: str, type_: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
-def upstream_failure(exc: Exception, name: str, in_status_line: bool = False) -> GatewayError:
-    """Translate an httpcore exception into the error the client gets."""
-    for exc_type, situation, message in UPSTREAM_FAILURES:
-        if isinstance(exc, exc_type):
-            headers = []
-            # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
-            if in_status_line and isinstance(exc.__cause__, h11.RemoteProtocolError):
-                headers = [(b"x-should-retry", b"false")]
-            return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), headers)
-    raise exc  # not an upstream failure: answered as 500
+def upstream_failure(exc: Exception, name: str, reading_head: bool = False) -> GatewayError:
+    """Translate one of the UPSTREAM_EXCEPTIONS into the error the client gets."""
+    situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
+                              if isinstance(exc, exc_type))
+    headers = []
+    # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
+    if reading_head and isinstance(exc.__cause__, h11.RemoteProtocolError):
+        headers = [(b"x-should-retry", b"false")]
+    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), headers)
 
 
 # The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
@@ -949,7 +948,7 @@ class Upstream:
                 response = await host.pool.handle_async_request(
                     self.request(host, method, path, client_headers, body))
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                self.failed(exc)
+                failure = self.failure(exc, reading_head=True)
                 host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
                 if len(self.hosts) > 1:  # log: which host is passed over, without its URL
                     log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
@@ -957,20 +956,23 @@ class Upstream:
                 if tried < len(hosts):
                     continue
                 if tried == 1:
-                    raise upstream_failure(exc, self.name, in_status_line=True) from exc
+                    raise failure from exc
                 raise GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} {self.name} "
                                    f"hosts tried: refused, unreachable or too slow. Check that they are running "
                                    f"and {URL_VARIABLE[self.name]} lists them right.") from exc
             except UPSTREAM_EXCEPTIONS as exc:
-                self.failed(exc)
-                raise upstream_failure(exc, self.name, in_status_line=True) from exc
+                raise self.failure(exc, reading_head=True) from exc
             host.down_until = 0.0
             return response
         raise AssertionError("unreachable: the last host tried returns or raises")
 
-    def failed(self, exc: Exception | str) -> None:
-        kind = exc if isinstance(exc, str) else type(exc).__name__
+    def failed(self, kind: str) -> None:
         count(self.metrics.upstream_errors, (self.name, kind))
+
+    def failure(self, exc: Exception, reading_head: bool = False) -> GatewayError:
+        """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
+        self.failed(type(exc).__name__)
+        return upstream_failure(exc, self.name, reading_head)
 
     async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
         """The whole body (or its first `limit` bytes); failures as in send()."""
@@ -982,8 +984,7 @@ class Upstream:
                 if limit is not None and size >= limit:
                     break
         except UPSTREAM_EXCEPTIONS as exc:
-            self.failed(exc)
-            raise upstream_failure(exc, self.name) from exc
+            raise self.failure(exc) from exc
         return b"".join(chunks)
 
     async def whole(self, response: httpcore.Response) -> tuple[int, Headers, bytes]:
@@ -1062,11 +1063,6 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes) -> tup
     return status, kept, error_body(message, UPSTREAM_ERROR_TYPES.get(status, "api_error"), None)
 
 
-def ends_with_done(tail: bytes) -> bool:
-    """True when the last SSE event of a stream is `data: [DONE]`."""
-    return last_event(tail).strip() in (b"data: [DONE]", b"data:[DONE]")
-
-
 def last_event(tail: bytes) -> bytes:
     """The last SSE event in the end of a stream (or as much of it as `tail` holds)."""
     return tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
@@ -1084,7 +1080,7 @@ class DoneEnd:
         self.tail = (self.tail + chunk)[-64:]
 
     def complete(self) -> bool:
-        return ends_with_done(self.tail)
+        return last_event(self.tail).strip() in (b"data: [DONE]", b"data:[DONE]")
 
 
 # A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
@@ -1312,6 +1308,12 @@ class Exchange:
         await self.start(status, [*headers, (b"content-length", b"%d" % len(body))])
         await self.body_chunk(body, more=False)
 
+    async def relay(self, status: int, headers: Headers, body: bytes) -> None:
+        """An upstream's whole answer, its error status (if any) noted for the log."""
+        if status >= 400:
+            self.error = "upstream_status"
+        await self.respond(status, headers, body)
+
     async def fail(self, error: GatewayError) -> None:
         status, type_, code = ERRORS[error.situation]
         self.error = error.situation
@@ -1535,8 +1537,7 @@ class Gateway:
             except GatewayError as error:
                 await ex.fail(error)
             except UpstreamStatus as error:
-                ex.error = "upstream_status"
-                await ex.respond(error.status, error.headers, error.body)
+                await ex.relay(error.status, error.headers, error.body)
             except ClientGone:
                 ex.status = 499
         except Exception:
@@ -1689,9 +1690,7 @@ class Gateway:
                 status, headers, body = await upstream.answer(path, ex.headers, body)
         else:
             status, headers, body = await self.shared(ex, upstream, path, body)
-        if status >= 400:
-            ex.error = "upstream_status"
-        await ex.respond(status, headers, body)
+        await ex.relay(status, headers, body)
 
     async def shared(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> tuple[int, Headers, bytes]:
         """The answer to a request that is not streamed, shared by identical requests in flight (COALESCE).
@@ -1740,9 +1739,7 @@ class Gateway:
                 status, headers, body = await upstream.whole(response)
             finally:
                 await response.aclose()
-        if status >= 400:
-            ex.error = "upstream_status"
-        await ex.respond(status, headers, body)
+        await ex.relay(status, headers, body)
 
     async def relay_events(self, ex: Exchange, upstream: Upstream, response: httpcore.Response,
                            watch: DisconnectWatch) -> None:
@@ -1756,8 +1753,7 @@ class Gateway:
         try:  # until the first bytes arrive, a failure is still answered with its plain status (502/504)
             chunk = await anext(chunks, None)
         except UPSTREAM_EXCEPTIONS as exc:
-            upstream.failed(exc)
-            raise upstream_failure(exc, upstream.name) from exc
+            raise upstream.failure(exc) from exc
         ex.ttfb = time.perf_counter() - ex.t0
         headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
         end, failure = STREAM_ENDS.get(ex.path, DoneEnd)(), ""
@@ -1773,7 +1769,7 @@ class Gateway:
                 end.feed(chunk)
                 chunk = await anext(chunks, None)
         except UPSTREAM_EXCEPTIONS as exc:
-            upstream.failed(exc)
+            upstream.failed(type(exc).__name__)
             failure = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
             ex.error = f"upstream_stream_error ({type(exc).__name__}: {exc})"
         except asyncio.CancelledError:

@@ -358,18 +358,9 @@ def assert_error(answer: Answer, status: int, type_: str, code: str | None = Non
 @asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
     """The app behind a real uvicorn socket on 127.0.0.1; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)  # connections wait in the backlog until uvicorn accepts: no start-up race
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, proxy_headers=False)
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with serve_with(uvicorn.Server(config)) as base:
+        yield base
 
 
 ###############################################################################
@@ -1683,7 +1674,7 @@ async def serve_with(server: uvicorn.Server, scheme: str = "http") -> AsyncItera
     """A server made by modelgate.uvicorn_server() on a socket of ours, lifespan and all; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts: no start-up race
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
