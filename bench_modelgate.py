@@ -8,6 +8,7 @@ httpcore) installed:
     python bench_modelgate.py --quick          # a second or two per scenario (CI smoke test)
     python bench_modelgate.py --loop uvloop --http httptools   # with uvicorn's optional accelerators
     python bench_modelgate.py --json           # the same figures as JSON on stdout
+    python bench_modelgate.py --floor          # the relay floor (below) in place of the gateway
 
 It starts a fake OpenAI-compatible model server (a plain asyncio protocol with canned answers and
 keep-alive connections) and the gateway (`uvicorn modelgate:app`, one worker) in front of it. The fake
@@ -37,6 +38,11 @@ gateway / direct of the figure named beside it):
   memory       the gateway's resident memory (VmRSS) once started and idle, and its peak during
                stream_c200 (sampled every 50 ms).
 
+--floor measures, in place of the gateway, the least any gateway on ModelGate's libraries can cost: uvicorn
+serving an app that relays every request through ModelGate's upstream pool and httpcore's HTTP/1.1 connection
+and does nothing else (no token, routing, JSON, log line or metrics). The gateway's figures minus the
+floor's are what ModelGate's own work costs.
+
 The script asserts no figure: it prints them. It exits with status 1 when something fails to run: the
 gateway does not start, a response is not a 2xx, a body or stream is incomplete or malformed (such errors
 are counted and printed).
@@ -65,6 +71,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -102,6 +109,57 @@ QUICK = Settings(duration=1, warmup=0.2, chunks=10)
 
 class BenchError(Exception):
     """Something failed to run; the benchmark stops."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The relay floor (--floor): `uvicorn bench_modelgate:relay_floor`
+# ---------------------------------------------------------------------------------------------------
+
+FLOOR_TIMEOUTS = {"timeout": {"connect": RESPONSE_TIMEOUT, "pool": RESPONSE_TIMEOUT,
+                              "read": RESPONSE_TIMEOUT, "write": RESPONSE_TIMEOUT}}
+floor_pools: dict = {}  # the one upstream pool, made by the first request
+
+
+async def relay_floor(scope: dict, receive: Callable, send: Callable) -> None:
+    """An ASGI app that relays to OLLAMA_BASE_URL as the gateway does, and does nothing more."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    import httpcore
+    import modelgate
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    if scope["path"] == "/health":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    base = urlsplit(os.environ["OLLAMA_BASE_URL"])
+    if not floor_pools:
+        floor_pools["pool"] = modelgate.Pool(b"http", base.hostname.encode(), base.port, modelgate.POOL_CONNECTIONS)
+    url = httpcore.URL(scheme=b"http", host=base.hostname.encode(), port=base.port,
+                       target=base.path.encode() + scope["path"].removeprefix("/v1").encode())
+    headers = [(b"host", base.netloc.encode()), (b"content-type", b"application/json"),
+               (b"content-length", b"%d" % len(body))]
+    response = await floor_pools["pool"].handle_async_request(
+        httpcore.Request(b"POST", url, headers=headers, content=body, extensions=FLOOR_TIMEOUTS))
+    try:
+        if modelgate.is_event_stream(response.headers):
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            async for chunk in response.stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            data = b"".join([chunk async for chunk in response.stream])
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]})
+            await send({"type": "http.response.body", "body": data})
+    finally:
+        await response.aclose()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -696,10 +754,12 @@ def start_upstream(chunks: int, stack: contextlib.ExitStack) -> int:
 
 
 class Gateway:
-    """`uvicorn modelgate:app`, one worker, on CPU `cpu` when given."""
+    """`uvicorn modelgate:app` (or another `app`), one worker, on CPU `cpu` when given."""
 
-    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path):
+    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path,
+                 app: str = "modelgate:app"):
         self.upstream_port, self.loop, self.http, self.cpu, self.log = upstream_port, loop, http, cpu, log
+        self.app = app
         self.port = 0
         self.process: subprocess.Popen | None = None
 
@@ -708,7 +768,7 @@ class Gateway:
         self.port = free_port()
         env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama",
                    OLLAMA_BASE_URL=f"http://{HOST}:{self.upstream_port}/v1")
-        command = [sys.executable, "-m", "uvicorn", "modelgate:app", "--host", HOST, "--port", str(self.port),
+        command = [sys.executable, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
                    "--workers", "1", "--no-access-log", "--loop", self.loop, "--http", self.http]
         with open(self.log, "ab") as log:
             started = time.perf_counter()
@@ -965,7 +1025,8 @@ def environment(args: argparse.Namespace, plan: tuple[int, int] | None, wrk: str
             "loop": resolve(args.loop, "uvloop", "asyncio"), "http": resolve(args.http, "httptools", "h11"),
             "cpu": cpu_model(), "cores": os.cpu_count(), "pinning": pinning,
             "load_generator": f"{requests_by} for chat/embed, built-in asyncio client for streams",
-            "mode": "quick" if args.quick else "full"}
+            "mode": "quick" if args.quick else "full",
+            "gateway": "relay floor (bench_modelgate:relay_floor)" if args.floor else "modelgate:app"}
 
 
 def num(value: float) -> str:
@@ -1010,6 +1071,8 @@ def table(results: dict) -> list[tuple[str, ...]]:
 
 def print_report(env: dict, results: dict, errors: dict[str, Counter]) -> None:
     print(f"ModelGate benchmark, {env['mode']} run, {env['date']}")
+    if env["gateway"] != "modelgate:app":
+        print(f"in place of the gateway: the {env['gateway']}")
     print(f"Python {env['python']}, uvicorn {env['uvicorn']}, httpcore {env['httpcore']}, "
           f"uvloop {env['uvloop']}, httptools {env['httptools']}; "
           f"gateway loop {env['loop']}, http {env['http']}")
@@ -1051,6 +1114,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the built-in asyncio load generator even when wrk is installed")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--floor", action="store_true",
+                        help="measure the relay floor (uvicorn, ModelGate's pool and httpcore, nothing else) "
+                             "in place of the gateway")
     parser.add_argument("--serve-upstream", nargs=3, type=int, metavar=("FD", "CHUNKS", "INTERVAL_MS"),
                         help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -1069,7 +1135,8 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_modelgate-")))
         log = workdir / "gateway.log"
         upstream_port = start_upstream(settings.chunks, stack)
-        gateway = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, log)
+        gateway = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, log,
+                          "bench_modelgate:relay_floor" if args.floor else "modelgate:app")
         stack.callback(gateway.stop)
         bench = Bench(settings, gateway, upstream_port, wrk, workdir)
         try:
