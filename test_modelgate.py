@@ -716,6 +716,49 @@ async def test_plain_answer_cut_midway_is_502() -> None:
     assert answer.header(b"x-should-retry") is None
 
 
+# How an upstream may frame its answer (RFC 9112), each relayed as the same body.
+JSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+ANSWER_SHAPES = {
+    "interim 100 Continue first": b"HTTP/1.1 100 Continue\r\n\r\n" + JSON_HEAD + b"content-length: 2\r\n\r\n{}",
+    "HTTP/1.0, ends with the connection": b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{}",
+    "chunk extensions and trailers": JSON_HEAD + b"transfer-encoding: chunked\r\n\r\n"
+                                     b"1;name=value\r\n{\r\n1\r\n}\r\n0\r\nx-trailer: t\r\n\r\n",
+    "bare LF line ends": b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}",
+    "no reason phrase, a folded header": b"HTTP/1.1 200\r\ncontent-type: application/json\r\nx-note: a\r\n b\r\n"
+                                         b"content-length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("raw", ANSWER_SHAPES.values(), ids=ANSWER_SHAPES.keys())
+async def test_every_framing_of_an_answer_is_relayed(raw: bytes) -> None:
+    async with upstream(raw_reply(raw)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert (answer.status, answer.body) == (200, b"{}")
+    assert answer.header(b"content-type") == b"application/json"
+    if b"x-note" in raw:
+        assert answer.header(b"x-note") == b"a b"
+
+
+# Answers that break HTTP/1.1: a 502, and whether a retry may help (only not when the head is not HTTP).
+BROKEN_ANSWERS = {
+    "two different lengths": (JSON_HEAD + b"content-length: 2\r\ncontent-length: 3\r\n\r\n{}", b"false"),
+    "a header line without a colon": (JSON_HEAD + b"not a header\r\ncontent-length: 2\r\n\r\n{}", b"false"),
+    "a control character in a value": (JSON_HEAD + b"x-note: a\x00b\r\ncontent-length: 2\r\n\r\n{}", b"false"),
+    "a status below 100": (b"HTTP/1.1 099 Odd\r\ncontent-length: 2\r\n\r\n{}", b"false"),
+    "a chunk size that is not hex": (JSON_HEAD + b"transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", None),
+    "a chunk longer than its size": (JSON_HEAD + b"transfer-encoding: chunked\r\n\r\n1\r\n{}\r\n0\r\n\r\n", None),
+    "a chunked body cut short": (JSON_HEAD + b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n", None),
+}
+
+
+@pytest.mark.parametrize("raw, retry", BROKEN_ANSWERS.values(), ids=BROKEN_ANSWERS.keys())
+async def test_an_answer_that_breaks_http_is_502(raw: bytes, retry: bytes | None) -> None:
+    async with upstream(raw_reply(raw)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert_error(answer, 502, "api_error", "upstream_unavailable")
+    assert answer.header(b"x-should-retry") == retry
+
+
 async def test_connections_are_reused_and_closed_ones_replaced() -> None:
     """Sequential requests share one keep-alive connection; after `Connection: close` a new one is opened."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
