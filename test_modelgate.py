@@ -724,6 +724,7 @@ ANSWER_SHAPES = {
     "chunk extensions and trailers": JSON_HEAD + b"transfer-encoding: chunked\r\n\r\n"
                                      b"1;name=value\r\n{\r\n1\r\n}\r\n0\r\nx-trailer: t\r\n\r\n",
     "bare LF line ends": b"HTTP/1.1 200 OK\nContent-Type: application/json\nContent-Length: 2\n\n{}",
+    "one length said twice": JSON_HEAD + b"content-length: 2, 2\r\n\r\n{}",
     "no reason phrase, a folded header": b"HTTP/1.1 200\r\ncontent-type: application/json\r\nx-note: a\r\n b\r\n"
                                          b"content-length: 2\r\n\r\n{}",
 }
