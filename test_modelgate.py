@@ -1516,6 +1516,45 @@ async def test_random_requests_never_get_a_500(body: bytes, headers: list, path:
     assert answer.status < 500 and answer.complete
 
 
+# What an upstream might answer: pieces of HTTP/1.x put together in right and wrong ways, whole or cut short.
+STATUS_LINES = st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 503 Busy", b"HTTP/1.1 204 No Content",
+                                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK", b"HTTP/1.1 099 Odd", b"HTTP/2 200",
+                                b"SSH-2.0-OpenSSH_9.2p1"])
+FIELD_LINES = st.lists(st.builds(b"%s: %s".__mod__, st.tuples(
+    st.sampled_from([b"content-type", b"content-length", b"transfer-encoding", b"connection", b"x-note"]),
+    st.sampled_from([b"application/json", b"text/event-stream", b"chunked", b"close", b"2", b"-1", b"a\r\n b"]))),
+    max_size=3)
+BODIES_UPSTREAM = st.sampled_from([b"", b"{}", b"data: {}\n\n", b"data: [DONE]\n\n"]) | st.binary(max_size=40)
+FRAMINGS = {
+    "content-length": lambda body: b"content-length: %d\r\n\r\n" % len(body) + body,
+    "chunked": lambda body: b"transfer-encoding: chunked\r\n\r\n" + (chunked(body) if body else b"") + b"0\r\n\r\n",
+    "said chunked, is not": lambda body: b"transfer-encoding: chunked\r\n\r\n" + body,
+    "until close": lambda body: b"\r\n" + body,
+}
+
+
+@st.composite
+def upstream_answers(draw: st.DrawFn) -> bytes:
+    lines = draw(FIELD_LINES)
+    if draw(st.integers(min_value=0, max_value=3)) == 0:  # now and then a line that may not be a header at all
+        lines.insert(draw(st.integers(min_value=0, max_value=len(lines))), draw(st.binary(max_size=12)))
+    head = draw(STATUS_LINES) + b"\r\n" + b"".join(line + b"\r\n" for line in lines)
+    answer = head + FRAMINGS[draw(st.sampled_from(list(FRAMINGS)))](draw(BODIES_UPSTREAM))
+    cut = draw(st.none() | st.integers(min_value=0, max_value=len(answer)))
+    return answer if cut is None else answer[:cut]
+
+
+@settings(max_examples=200, deadline=None)
+@given(upstream_answers(), st.booleans())
+async def test_whatever_an_upstream_answers_the_client_gets_a_whole_answer(raw: bytes, stream: bool) -> None:
+    """Bytes that an upstream sends, well formed or not, then hangs up: the client always gets a complete
+    answer, and never ModelGate's own 500."""
+    async with upstream(raw_reply(raw)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT if stream else CHAT)
+    assert answer.complete
+    assert b'"code": "internal_error"' not in answer.body
+
+
 ###############################################################################
 # Over a real socket ##########################################################
 ###############################################################################
