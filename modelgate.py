@@ -67,7 +67,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from urllib.parse import urlsplit
 
 import h11  # comes with httpcore and uvicorn; only its error class is named here
@@ -422,15 +422,11 @@ def error_body(message: str, type_: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
-def upstream_failure(exc: Exception, name: str, reading_head: bool = False) -> GatewayError:
+def upstream_failure(exc: Exception, name: str) -> GatewayError:
     """Translate one of the UPSTREAM_EXCEPTIONS into the error the client gets."""
     situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
                               if isinstance(exc, exc_type))
-    headers = []
-    # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
-    if reading_head and isinstance(exc.__cause__, h11.RemoteProtocolError):
-        headers = [(b"x-should-retry", b"false")]
-    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), headers)
+    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]))
 
 
 # The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
@@ -544,22 +540,51 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
 
 
-def replace_model(text: str, prefix: str, name: str) -> str:
-    """Put `name` in place of the top-level "model" string of a JSON object, all else byte for byte.
+def parse_body(text: str) -> tuple[Any, tuple[int, int] | None]:
+    """json.loads(text), and where the value of a top-level "model" key lies in the text (the last one,
+    as json.loads keeps the last); None when there is none.
 
-    The text has already been parsed by json.loads, so it is well formed. Like json.loads, the last
-    "model" key wins. Nested "model" keys (in a json_schema, say) are left alone.
+    An object is walked key by key with json's own scanner, so that each value (images in base64, say)
+    is parsed once and the "model" value is found on the way. Anything else goes to json.loads, which
+    returns what it is or raises json's own error for what is not JSON.
     """
     ws = _WHITESPACE.match
-    at, span = ws(text, 0).end() + 1, (0, 0)
-    while (at := ws(text, at).end()) < len(text) and text[at] != "}":
-        key, at = json.decoder.scanstring(text, at + 1)
-        at = ws(text, ws(text, at).end() + 1).end()  # past the ':'
-        _, end = _scan_value(text, at)
-        if key == "model":
-            span = (at, end)
-        at = ws(text, end).end()
-        at += text[at] == ","
+    at = ws(text, 0).end()
+    if not text.startswith("{", at):
+        return json.loads(text), None
+    document: dict[str, Any] = {}
+    span = None
+    try:
+        at = ws(text, at + 1).end()
+        more = text[at] != "}"
+        while more:
+            if text[at] != '"':
+                raise ValueError
+            key, at = json.decoder.scanstring(text, at + 1)
+            at = ws(text, at).end()
+            if text[at] != ":":
+                raise ValueError
+            at = ws(text, at + 1).end()
+            value, end = _scan_value(text, at)
+            document[key] = value
+            if key == "model":
+                span = (at, end)
+            at = ws(text, end).end()
+            more = text[at] == ","
+            if more:
+                at = ws(text, at + 1).end()
+            elif text[at] != "}":
+                raise ValueError
+        if ws(text, at + 1).end() != len(text):
+            raise ValueError
+    except (ValueError, IndexError, StopIteration):
+        json.loads(text)  # raises json's own error, with its line and column
+        raise AssertionError("json.loads read an object that parse_body did not") from None
+    return document, span
+
+
+def replace_model(text: str, span: tuple[int, int], prefix: str, name: str) -> str:
+    """Put `name` in place of the "model" string at `span` (from parse_body), all else byte for byte."""
     start, end = span
     value = text[start:end]
     if value.startswith(f'"{prefix}/'):  # the usual case: cut the prefix, keep the rest as sent
@@ -948,7 +973,7 @@ class Upstream:
                 response = await host.pool.handle_async_request(
                     self.request(host, method, path, client_headers, body))
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = self.failure(exc, reading_head=True)
+                failure = self.failure(exc)
                 host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
                 if len(self.hosts) > 1:  # log: which host is passed over, without its URL
                     log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
@@ -961,7 +986,11 @@ class Upstream:
                                    f"hosts tried: refused, unreachable or too slow. Check that they are running "
                                    f"and {URL_VARIABLE[self.name]} lists them right.") from exc
             except UPSTREAM_EXCEPTIONS as exc:
-                raise self.failure(exc, reading_head=True) from exc
+                failure = self.failure(exc)
+                # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
+                if isinstance(exc.__cause__, h11.RemoteProtocolError):
+                    failure.headers.append((b"x-should-retry", b"false"))
+                raise failure from exc
             host.down_until = 0.0
             return response
         raise AssertionError("unreachable: the last host tried returns or raises")
@@ -969,10 +998,10 @@ class Upstream:
     def failed(self, kind: str) -> None:
         count(self.metrics.upstream_errors, (self.name, kind))
 
-    def failure(self, exc: Exception, reading_head: bool = False) -> GatewayError:
+    def failure(self, exc: Exception) -> GatewayError:
         """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
         self.failed(type(exc).__name__)
-        return upstream_failure(exc, self.name, reading_head)
+        return upstream_failure(exc, self.name)
 
     async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
         """The whole body (or its first `limit` bytes); failures as in send()."""
@@ -995,9 +1024,10 @@ class Upstream:
             return upstream_error(self.name, response.status, response.headers, body)
         return response.status, response_headers(response.headers), await self.read(response)
 
-    async def answer(self, path: bytes, client_headers: Headers, body: bytes) -> tuple[int, Headers, bytes]:
-        """POST a request that is not streamed and read its answer whole."""
-        response = await self.send(b"POST", path, client_headers, body)
+    async def answer(self, path: bytes, client_headers: Headers, body: bytes = b"", method: bytes = b"POST",
+                     host: Host | None = None) -> tuple[int, Headers, bytes]:
+        """Send a request that is not streamed and read its answer whole."""
+        response = await self.send(method, path, client_headers, body, host)
         try:
             return await self.whole(response)
         finally:
@@ -1005,11 +1035,7 @@ class Upstream:
 
     async def get_json(self, path: bytes, client_headers: Headers, host: Host) -> Any:
         """GET a JSON document from one host; an error status raises UpstreamStatus."""
-        response = await self.send(b"GET", path, client_headers, host=host)
-        try:
-            status, headers, body = await self.whole(response)
-        finally:
-            await response.aclose()
+        status, headers, body = await self.answer(path, client_headers, method=b"GET", host=host)
         if status >= 400:
             raise UpstreamStatus(status, headers, body)
         try:
@@ -1665,7 +1691,7 @@ class Gateway:
         await self.read_body(ex)
         try:
             text = ex.body.decode("utf-8")
-            document = json.loads(text)
+            document, span = parse_body(text)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError too
             raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
         except RecursionError:
@@ -1680,7 +1706,7 @@ class Gateway:
         ex.provider, name = route_model(model, self.config)
         body = ex.body
         if name != model:
-            body = replace_model(text, ex.provider, name).encode()
+            body = replace_model(text, span, ex.provider, name).encode()
         upstream = self.upstreams[ex.provider]
         path = ex.path.removeprefix("/v1").encode()
         if document.get("stream") is True:
@@ -1794,38 +1820,19 @@ class Gateway:
         """GET /v1/models: every provider's list, ids prefixed; a provider that fails is left out."""
         ex.provider = "+".join(self.upstreams)
         with self.watch(ex):
-            results = await asyncio.gather(*(self.list_models(u, ex.headers) for u in self.upstreams.values()),
-                                           return_exceptions=True)
-        data, failures = [], []
-        for result in results:
-            if isinstance(result, list):
-                data += result
-            elif isinstance(result, (GatewayError, UpstreamStatus)):
-                failures.append(result)
-            else:
-                raise result
-        if len(failures) == len(results):  # all down: say why, rather than list nothing
-            raise failures[0]
+            lists = await answered(self.list_models(u, ex.headers) for u in self.upstreams.values())
+        data = [item for models in lists for item in models]
         await ex.respond(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
 
     async def list_models(self, upstream: Upstream, headers: Headers) -> list[dict]:
         """A provider's models, ids prefixed, from all its hosts without duplicates; raises if no host answers."""
-        results = await asyncio.gather(*(upstream.get_json(b"/models", headers, host) for host in upstream.hosts),
-                                       return_exceptions=True)
+        documents = await answered(upstream.get_json(b"/models", headers, host) for host in upstream.hosts)
         models: dict[str, dict] = {}
-        failures = []
-        for result in results:
-            if isinstance(result, (GatewayError, UpstreamStatus)):
-                failures.append(result)
-                continue
-            if isinstance(result, BaseException):
-                raise result
-            items = result.get("data") if isinstance(result, dict) else None
+        for document in documents:
+            items = document.get("data") if isinstance(document, dict) else None
             for item in items if isinstance(items, list) else ():  # Ollama answers "data": null with no model
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
                     models.setdefault(item["id"], {**item, "id": f"{upstream.name}/{item['id']}"})
-        if len(failures) == len(results):
-            raise failures[0]
         return list(models.values())
 
     async def model(self, ex: Exchange) -> None:
@@ -1881,6 +1888,21 @@ class Gateway:
         """GET /metrics: the counters in Prometheus text format."""
         page = self.metrics.render(self.in_flight, self.streams, list(self.upstreams.values()))
         await ex.respond(200, [(b"content-type", METRICS_CONTENT_TYPE)], page)
+
+
+async def answered(awaitables: Iterable[Awaitable[Any]]) -> list[Any]:
+    """The results of those that answered, in order; when none did, the first failure (GatewayError or
+    UpstreamStatus) is raised, to say why rather than list nothing. Anything else raised is a bug: raised."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    answers = []
+    for result in results:
+        if not isinstance(result, BaseException):
+            answers.append(result)
+        elif not isinstance(result, (GatewayError, UpstreamStatus)):
+            raise result
+    if not answers:
+        raise results[0]
+    return answers
 
 
 def cors_headers(config: Config, origin: bytes) -> Headers:
