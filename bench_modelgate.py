@@ -71,7 +71,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -93,6 +92,8 @@ EMBED_PATH = "/v1/embeddings"
 CHAT_BODY = {"model": "ollama/bench", "messages": [{"role": "user", "content": "Say hello."}]}
 STREAM_BODY = {**CHAT_BODY, "stream": True}
 EMBED_BODY = {"model": "ollama/bench", "input": "The quick brown fox jumps over the lazy dog."}
+GATEWAY_APP = "modelgate:app"
+FLOOR_APP = "bench_modelgate:relay_floor"
 
 
 @dataclass
@@ -117,18 +118,19 @@ class BenchError(Exception):
 
 FLOOR_TIMEOUTS = {"timeout": {"connect": RESPONSE_TIMEOUT, "pool": RESPONSE_TIMEOUT,
                               "read": RESPONSE_TIMEOUT, "write": RESPONSE_TIMEOUT}}
-floor_pools: dict = {}  # the one upstream pool, made by the first request
 
 
 async def relay_floor(scope: dict, receive: Callable, send: Callable) -> None:
     """An ASGI app that relays to OLLAMA_BASE_URL as the gateway does, and does nothing more."""
+    import httpcore
+    import modelgate
     if scope["type"] == "lifespan":
+        # The upstream as the gateway holds it (address and pool), in the state uvicorn gives each request.
+        scope["state"]["host"] = modelgate.Host(1, os.environ["OLLAMA_BASE_URL"])
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
-    import httpcore
-    import modelgate
     body, more = b"", True
     while more:
         message = await receive()
@@ -137,14 +139,12 @@ async def relay_floor(scope: dict, receive: Callable, send: Callable) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
         return
-    base = urlsplit(os.environ["OLLAMA_BASE_URL"])
-    if not floor_pools:
-        floor_pools["pool"] = modelgate.Pool(b"http", base.hostname.encode(), base.port, modelgate.POOL_CONNECTIONS)
-    url = httpcore.URL(scheme=b"http", host=base.hostname.encode(), port=base.port,
-                       target=base.path.encode() + scope["path"].removeprefix("/v1").encode())
-    headers = [(b"host", base.netloc.encode()), (b"content-type", b"application/json"),
+    host = scope["state"]["host"]
+    url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port,
+                       target=host.path + scope["path"].removeprefix("/v1").encode())
+    headers = [(b"host", host.authority), (b"content-type", b"application/json"),
                (b"content-length", b"%d" % len(body))]
-    response = await floor_pools["pool"].handle_async_request(
+    response = await host.pool.handle_async_request(
         httpcore.Request(b"POST", url, headers=headers, content=body, extensions=FLOOR_TIMEOUTS))
     try:
         if modelgate.is_event_stream(response.headers):
@@ -166,8 +166,8 @@ async def relay_floor(scope: dict, receive: Callable, send: Callable) -> None:
 # The fake model server (runs in its own process: `--serve-upstream FD CHUNKS INTERVAL_MS`)
 # ---------------------------------------------------------------------------------------------------
 
+# A request's body length (the gateway, the built-in client and wrk never send a chunked one).
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
-CHUNKED_REQUEST = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.IGNORECASE)
 
 
 def json_bytes(data: object) -> bytes:
@@ -218,7 +218,6 @@ def stream_writes(chunks: int) -> list[bytes]:
 
 NOT_FOUND = http_response(b'{"error":"not found"}', b"404 Not Found")
 BAD_REQUEST = http_response(b'{"error":"bad request"}', b"400 Bad Request")
-LENGTH_REQUIRED = http_response(b'{"error":"Content-Length required"}', b"411 Length Required")
 
 
 class FakeUpstream(asyncio.Protocol):
@@ -250,10 +249,6 @@ class FakeUpstream(asyncio.Protocol):
             if end < 0:
                 return
             head = bytes(self.buffer[:end])
-            if CHUNKED_REQUEST.search(head):
-                self.transport.write(LENGTH_REQUIRED)
-                self.transport.close()
-                return
             length = CONTENT_LENGTH.search(head)
             size = end + 4 + (int(length[1]) if length else 0)
             if len(self.buffer) < size:
@@ -432,7 +427,11 @@ class StreamRun(Run):
     chunks: int = 0                            # events each stream must have
     ttfbs: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
-    events: int = 0                            # events received in complete, correct streams
+
+    @property
+    def events(self) -> int:
+        """Events received in complete, correct streams: only those are counted, each of `chunks` events."""
+        return len(self.ttfbs) * self.chunks
 
 
 class Connection(asyncio.Protocol):
@@ -530,7 +529,6 @@ class StreamConnection(Connection):
             return
         self.run.ttfbs.append(self.times[1] - self.times[0])
         self.run.gaps.extend(later - earlier for earlier, later in zip(self.times[1:], self.times[2:]))
-        self.run.events += len(self.times) - 1
 
     def stream_error(self) -> str | None:
         events = len(self.times) - 1
@@ -754,10 +752,9 @@ def start_upstream(chunks: int, stack: contextlib.ExitStack) -> int:
 
 
 class Gateway:
-    """`uvicorn modelgate:app` (or another `app`), one worker, on CPU `cpu` when given."""
+    """`uvicorn APP` (GATEWAY_APP or FLOOR_APP), one worker, on CPU `cpu` when given."""
 
-    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path,
-                 app: str = "modelgate:app"):
+    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path, app: str):
         self.upstream_port, self.loop, self.http, self.cpu, self.log = upstream_port, loop, http, cpu, log
         self.app = app
         self.port = 0
@@ -1026,7 +1023,7 @@ def environment(args: argparse.Namespace, plan: tuple[int, int] | None, wrk: str
             "cpu": cpu_model(), "cores": os.cpu_count(), "pinning": pinning,
             "load_generator": f"{requests_by} for chat/embed, built-in asyncio client for streams",
             "mode": "quick" if args.quick else "full",
-            "gateway": "relay floor (bench_modelgate:relay_floor)" if args.floor else "modelgate:app"}
+            "gateway": f"relay floor ({FLOOR_APP})" if args.floor else GATEWAY_APP, "floor": args.floor}
 
 
 def num(value: float) -> str:
@@ -1071,7 +1068,7 @@ def table(results: dict) -> list[tuple[str, ...]]:
 
 def print_report(env: dict, results: dict, errors: dict[str, Counter]) -> None:
     print(f"ModelGate benchmark, {env['mode']} run, {env['date']}")
-    if env["gateway"] != "modelgate:app":
+    if env["floor"]:
         print(f"in place of the gateway: the {env['gateway']}")
     print(f"Python {env['python']}, uvicorn {env['uvicorn']}, httpcore {env['httpcore']}, "
           f"uvloop {env['uvloop']}, httptools {env['httptools']}; "
@@ -1136,7 +1133,7 @@ def run(args: argparse.Namespace) -> int:
         log = workdir / "gateway.log"
         upstream_port = start_upstream(settings.chunks, stack)
         gateway = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, log,
-                          "bench_modelgate:relay_floor" if args.floor else "modelgate:app")
+                          FLOOR_APP if args.floor else GATEWAY_APP)
         stack.callback(gateway.stop)
         bench = Bench(settings, gateway, upstream_port, wrk, workdir)
         try:

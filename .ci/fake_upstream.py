@@ -66,14 +66,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def read_body(self):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0], 16)
-                body += self.rfile.read(size)
-                self.rfile.readline()
-                if size == 0:
-                    return body
+        # The gateway sends every POST with a Content-Length, never a chunked body.
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def write_chunk(self, data):
