@@ -39,8 +39,11 @@ OTHER_TOKEN = "second-app-token-77"
 OLLAMA_KEY = "ollama-key-should-never-leak"
 OPENAI_KEY = "sk-openai-key-should-never-leak"
 AUTH = [(b"authorization", b"Bearer " + TOKEN.encode())]
+OTHER_AUTH = [(b"authorization", b"Bearer " + OTHER_TOKEN.encode())]
 CHAT = b'{"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}]}'
 STREAM_CHAT = b'{"model": "ollama/qwen2.5:7b", "stream": true, "messages": []}'
+STREAM_CHAT_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+                       + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)  # as sent on a socket
 COMPLETION = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen2.5:7b",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
@@ -91,7 +94,6 @@ class FakeUpstream:
 
     reply: Reply
     requests: list[Received] = field(default_factory=list)
-    got_request: asyncio.Event = field(default_factory=asyncio.Event)
     saw_close: asyncio.Event = field(default_factory=asyncio.Event)  # the gateway hung up on a held reply
     release: asyncio.Event = field(default_factory=asyncio.Event)  # lets held replies go on
     arrivals: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified per request
@@ -123,7 +125,6 @@ class FakeUpstream:
                 length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
                 request = Received(method, target, headers, await reader.readexactly(length))
                 self.requests.append(request)
-                self.got_request.set()
                 async with self.arrivals:
                     self.arrivals.notify_all()
                 await self.reply(self, request, reader, writer)
@@ -171,15 +172,12 @@ def chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_before: int | None = None,
-              headers: tuple = ()) -> Reply:
+def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_before: int | None = None) -> Reply:
     """An event stream, one chunk per event; it may wait for `release` or hang up before an event."""
 
     async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
-        writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-                     f"{extra}\r\n".encode())
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         for number, event in enumerate(events):
             if number == cut_before:
                 writer.transport.abort()
@@ -195,13 +193,12 @@ def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_
     return reply
 
 
-def raw_reply(data: bytes, close: bool = True) -> Reply:
+def raw_reply(data: bytes) -> Reply:
     async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
         writer.write(data)
         await writer.drain()
-        if close:
-            writer.close()
+        writer.close()
 
     return reply
 
@@ -221,11 +218,16 @@ async def upstream(reply: Reply) -> AsyncIterator[FakeUpstream]:
         up.server.close()
 
 
-def refused_url() -> str:
-    """A loopback port where nothing listens."""
+def free_port() -> int:
+    """A loopback port nothing holds (the socket that found it is closed again)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        return sock.getsockname()[1]
+
+
+def refused_url() -> str:
+    """A loopback port where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 ###############################################################################
@@ -959,7 +961,7 @@ async def test_client_disconnect_closes_the_upstream_request(reply: Reply, body:
     async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         gone = asyncio.Event()
         task = asyncio.ensure_future(chat(app, body, disconnect=gone))
-        await up.got_request.wait()
+        await up.received(1)
         gone.set()
         await asyncio.wait_for(up.saw_close.wait(), 5)
         answer = await task
@@ -975,8 +977,7 @@ async def test_client_disconnect_mid_stream_over_a_real_socket() -> None:
             serve(app) as base:
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
-                     + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)
+        writer.write(STREAM_CHAT_REQUEST)
         await reader.readuntil(b"data: ")
         writer.close()
         await asyncio.wait_for(up.saw_close.wait(), 5)
@@ -1382,12 +1383,6 @@ def test_dotenv_bad_line_names_the_line(tmp_path: Any) -> None:
         modelgate.read_dotenv(str(path), {})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def start_command_line(tmp_path: Any, env: dict[str, str]) -> asyncio.subprocess.Process:
     """`python modelgate.py` in a directory of its own, as a user starts it."""
     shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
@@ -1396,17 +1391,23 @@ async def start_command_line(tmp_path: Any, env: dict[str, str]) -> asyncio.subp
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
 
 
+async def read_until_serving(process: asyncio.subprocess.Process, timeout: float) -> bytes:
+    """Read the command line's output, line by line, until uvicorn says it serves; return all that was read."""
+    output = b""
+    while b"Uvicorn running on" not in output:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout)
+        assert line, output
+        output += line
+    return output
+
+
 async def test_command_line_serves_and_exits_0_on_sigterm(tmp_path: Any) -> None:
     """`python modelgate.py` reads .env, serves on HOST:PORT, and exits 0 after a graceful SIGTERM."""
     port = free_port()
     (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nPORT={port}\nHOST=127.0.0.1\n")
     process = await start_command_line(tmp_path, {})
     try:
-        output = b""
-        while b"Uvicorn running on" not in output:
-            line = await asyncio.wait_for(process.stdout.readline(), 10)
-            assert line, output
-            output += line
+        output = await read_until_serving(process, 10)
         async with httpcore.AsyncConnectionPool() as client:
             answer = await client.request("GET", f"http://127.0.0.1:{port}/health")
         assert answer.status == 200
@@ -1434,10 +1435,11 @@ async def test_command_line_bad_config_is_one_line_and_fails(tmp_path: Any) -> N
 
 
 @asynccontextmanager
-async def captured_log() -> AsyncIterator[list[str]]:
-    lines: list[str] = []
+async def captured_log(keep: Callable[[logging.LogRecord], Any] = logging.LogRecord.getMessage) -> AsyncIterator[list]:
+    """What modelgate logs at INFO and above while inside: each record's message, or what `keep` makes of it."""
+    lines: list = []
     handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    handler.emit = lambda record: lines.append(keep(record))  # type: ignore[method-assign]
     modelgate.log.addHandler(handler)
     level, modelgate.log.level = modelgate.log.level, logging.INFO
     try:
@@ -1470,7 +1472,7 @@ async def test_client_that_left_is_logged_as_499() -> None:
     async with captured_log() as lines, upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         gone = asyncio.Event()
         task = asyncio.ensure_future(chat(app, disconnect=gone))
-        await up.got_request.wait()
+        await up.received(1)
         gone.set()
         await task
     assert any(line.startswith("POST /v1/chat/completions 499 ") for line in lines)
@@ -1615,7 +1617,7 @@ async def test_logs_and_metrics_show_the_token_name_never_the_token() -> None:
     async with captured_log() as lines, upstream(json_reply()) as up, \
             gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
         assert (await chat(app)).status == 200
-        assert (await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])).status == 200
+        assert (await chat(app, headers=OTHER_AUTH)).status == 200
         page = (await call(app, "GET", "/metrics")).body.decode()
     posts = [line for line in lines if line.startswith("POST ")]
     assert " token=fluentread " in posts[0] and f" token={other} " in posts[1]
@@ -1628,7 +1630,7 @@ async def test_rate_limit_reached_is_429_with_the_exact_retry_after() -> None:
     """RATE_LIMIT_RPM=3: the fourth request within the minute gets 429 and Retry-After 20; other tokens go on."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="3") as app:
         answers = [await chat(app) for _ in range(4)]
-        other = await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        other = await chat(app, headers=OTHER_AUTH)
         health = await call(app, "GET", "/health", headers=[])
     assert [a.status for a in answers[:3]] == [200] * 3
     error = assert_error(answers[3], 429, "rate_limit_error", "rate_limit_exceeded")
@@ -1662,10 +1664,10 @@ async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
     async with upstream(sse_reply(hold_before=1)) as up, \
             gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1") as app:
         stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
-        await up.got_request.wait()
+        await up.received(1)
         refused = await chat(app)
         up.reply = json_reply()
-        other = await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        other = await chat(app, headers=OTHER_AUTH)
         up.release.set()
         assert (await stream).chunks == EVENTS
         again = await chat(app)
@@ -1818,7 +1820,7 @@ async def test_four_identical_requests_reach_the_upstream_once() -> None:
     async with captured_log() as lines, upstream(json_reply(held=True)) as up, \
             gateway(OLLAMA_BASE_URL=up.url) as app:
         tasks = [asyncio.ensure_future(chat(app)) for _ in range(4)]
-        await up.got_request.wait()
+        await up.received(1)
         await until(lambda: joined(app) == 3)
         up.release.set()
         answers = await asyncio.gather(*tasks)
@@ -1832,13 +1834,12 @@ async def test_four_identical_requests_reach_the_upstream_once() -> None:
 
 async def test_different_tokens_bodies_or_streams_are_never_joined() -> None:
     """Only the same token, provider, path and body join; streams never do; COALESCE=off joins nothing."""
-    other_auth = [(b"authorization", b"Bearer " + OTHER_TOKEN.encode())]
     other_body = CHAT.replace(b"Hallo", b"Hello")
     for setting, expected in (("on", 5), ("off", 6)):
         async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, COALESCE=setting) as app:
             gone = asyncio.Event()
             tasks = [asyncio.ensure_future(chat(app, body, headers, disconnect=gone)) for body, headers in [
-                (CHAT, None), (CHAT, None), (CHAT, other_auth), (other_body, None),
+                (CHAT, None), (CHAT, None), (CHAT, OTHER_AUTH), (other_body, None),
                 (STREAM_CHAT, None), (STREAM_CHAT, None)]]
             await up.received(expected)
             await until(lambda: joined(app) == 6 - expected)
@@ -1861,7 +1862,7 @@ async def test_the_last_client_to_leave_cancels_the_shared_request(leaving: list
     async with upstream(json_reply(held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         gone = {"leader": asyncio.Event(), "follower": asyncio.Event()}
         leader = asyncio.ensure_future(chat(app, disconnect=gone["leader"]))
-        await up.got_request.wait()
+        await up.received(1)
         follower = asyncio.ensure_future(chat(app, disconnect=gone["follower"]))
         await until(lambda: joined(app) == 1)
         for name in leaving:
@@ -1936,7 +1937,7 @@ async def test_the_host_with_fewest_requests_in_flight_is_chosen() -> None:
     async with upstream(json_reply(held=True)) as first, upstream(json_reply()) as second, \
             gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}") as app:
         held = asyncio.ensure_future(chat(app))
-        await first.got_request.wait()
+        await first.received(1)
         assert (await chat(app, CHAT.replace(b"Hallo", b"Hi"))).status == 200
         first.release.set()
         assert (await held).status == 200
@@ -2136,7 +2137,7 @@ async def test_metrics_follow_the_text_format_and_count_what_happened() -> None:
             gateway(OLLAMA_BASE_URL=f"{up.url},{refused_url()}", RATE_LIMIT_RPM="5",
                     MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
         tasks = [asyncio.ensure_future(chat(app)) for _ in range(2)]
-        await up.got_request.wait()
+        await up.received(1)
         await until(lambda: joined(app) == 1)
         up.release.set()
         await asyncio.gather(*tasks)
@@ -2146,7 +2147,7 @@ async def test_metrics_follow_the_text_format_and_count_what_happened() -> None:
         for _ in range(3):
             await chat(app)
         up.reply = json_reply(404, raw=b'{"error": "model not found"}')
-        await chat(app, headers=[(b"authorization", b"Bearer " + OTHER_TOKEN.encode())])
+        await chat(app, headers=OTHER_AUTH)
         answer = await call(app, "GET", "/metrics")
     assert answer.status == 200 and answer.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
     families = parse_exposition(answer.body.decode())
@@ -2216,16 +2217,10 @@ async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
 
 async def test_json_log_lines_carry_the_same_fields() -> None:
     """LOG_FORMAT=json writes each request as one JSON object with the fields of the text line, nothing secret."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    modelgate.log.addHandler(handler)
-    try:
-        async with upstream(sse_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-            await chat(app, STREAM_CHAT)
-            await call(app, "GET", "/v1/mo\ndels\u2028")
-    finally:
-        modelgate.log.removeHandler(handler)
+    async with captured_log(keep=lambda record: record) as records, upstream(sse_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        await chat(app, STREAM_CHAT)
+        await call(app, "GET", "/v1/mo\ndels\u2028")
     formatter = modelgate.JsonFormatter()
     lines = [formatter.format(r) for r in records if getattr(r, "exchange", None)]
     assert all("\n" not in line for line in lines)
@@ -2259,7 +2254,7 @@ async def test_after_sigterm_nothing_new_goes_upstream_and_streams_may_finish() 
     """Once shutting down, new requests get 503 (and /ready fails) while a running stream is let finish."""
     async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
-        await up.got_request.wait()
+        await up.received(1)
         app.shut_down()
         refused = await chat(app)
         ready = await call(app, "GET", "/ready", headers=[])
@@ -2292,22 +2287,14 @@ async def test_what_still_runs_when_the_grace_is_over_is_ended() -> None:
 async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> None:
     """`python modelgate.py` on SIGTERM: refuses new connections, cuts a stream after the grace, exits 0."""
     async with upstream(sse_reply(hold_before=1)) as up:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {"PATH": os.environ.get("PATH", ""), "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url,
-               "HOST": "127.0.0.1", "PORT": str(port), "SHUTDOWN_GRACE_SECONDS": "0.5", "LOG_FORMAT": "json"}
-        gateway_process = await asyncio.create_subprocess_exec(
-            sys.executable, modelgate.__file__, cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        port = free_port()
+        gateway_process = await start_command_line(tmp_path, {
+            "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port),
+            "SHUTDOWN_GRACE_SECONDS": "0.5", "LOG_FORMAT": "json"})
         try:
-            lines: list[bytes] = []
-            while not any(b"Uvicorn running on" in line for line in lines):
-                lines.append(await asyncio.wait_for(gateway_process.stderr.readline(), 30))
-                assert lines[-1], b"".join(lines)
+            output = await read_until_serving(gateway_process, 30)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
-                         + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)
+            writer.write(STREAM_CHAT_REQUEST)
             head = await asyncio.wait_for(reader.readuntil(EVENTS[0] + b"\r\n"), 10)
             gateway_process.send_signal(signal.SIGTERM)
             rest = await asyncio.wait_for(reader.read(), 10)
@@ -2315,7 +2302,7 @@ async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> 
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection("127.0.0.1", port)
             assert await asyncio.wait_for(gateway_process.wait(), 10) == 0
-            lines += (await gateway_process.stderr.read()).splitlines()
+            output += await gateway_process.stdout.read()
         finally:
             if gateway_process.returncode is None:
                 gateway_process.kill()
@@ -2323,5 +2310,6 @@ async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> 
     assert head.startswith(b"HTTP/1.1 200 ") and EVENTS[0] in head
     assert b"shutting down" in rest and b"[DONE]" not in rest and rest.endswith(b"0\r\n\r\n")
     assert len(up.requests) == 1 and up.saw_close.is_set()
-    logged = [json.loads(line) for line in lines if line.strip()]  # LOG_FORMAT=json: every line, uvicorn's too
+    # LOG_FORMAT=json: every line, uvicorn's too
+    logged = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert any(entry.get("status") == 200 and entry.get("error") == "shutting_down" for entry in logged)
