@@ -1441,12 +1441,13 @@ async def captured_log(keep: Callable[[logging.LogRecord], Any] = logging.LogRec
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(keep(record))  # type: ignore[method-assign]
     modelgate.log.addHandler(handler)
-    level, modelgate.log.level = modelgate.log.level, logging.INFO
+    level = modelgate.log.level
+    modelgate.log.setLevel(logging.INFO)  # setLevel, not `.level =`: it also clears the logger's level cache
     try:
         yield lines
     finally:
         modelgate.log.removeHandler(handler)
-        modelgate.log.level = level
+        modelgate.log.setLevel(level)
 
 
 async def test_one_log_line_per_request_without_secrets() -> None:
