@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """ModelGate: one OpenAI-compatible endpoint and one token in front of Ollama and, if you want, OpenAI.
 
-All in this one file; it needs uvicorn and httpcore[asyncio] at run time and nothing else.
+All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[asyncio] at run time and
+nothing else.
 
     python modelgate.py               # reads ./.env if present, serves on HOST:PORT (0.0.0.0:8010)
     uvicorn modelgate:app --port 8010 --no-proxy-headers
@@ -20,7 +21,7 @@ Routes (every one but /health, /ready and preflights wants `Authorization: Beare
     OPTIONS <any route>         CORS preflight
 
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
-model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up):
+model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
@@ -41,14 +42,17 @@ model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up):
     METRICS_PUBLIC           1: GET /metrics needs no token        (0)
     LOG_FORMAT               text | json                           (text)
     SHUTDOWN_GRACE_SECONDS   how long streams may finish after SIGTERM (30)
-    HOST, PORT               where `python modelgate.py` listens   (0.0.0.0, 8010)
-    TLS_CERT_FILE, TLS_KEY_FILE  `python modelgate.py` serves HTTPS with these (empty: plain HTTP)
+    HOST                     where `python modelgate.py` listens   (0.0.0.0)
+    PORT                     the port it listens on                (8010)
+    TLS_CERT_FILE            `python modelgate.py` serves HTTPS with this certificate (empty: plain HTTP)
+    TLS_KEY_FILE             and this key                          (empty)
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -65,9 +69,8 @@ import ssl
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
 from urllib.parse import urlsplit
 
 import h11  # comes with httpcore and uvicorn; only its error class is named here
@@ -87,283 +90,98 @@ log = logging.getLogger("modelgate")
 
 
 ###############################################################################
-# Configuration ###############################################################
+# The tables ##################################################################
 ###############################################################################
 
-PROVIDERS = ("ollama", "openai")
+class Setting(NamedTuple):
+    name: str  # the environment variable
+    field: str  # the Config attribute it becomes
+    default: str  # as it would be written in .env; "" is empty
+    kind: str  # how it is read and checked: a key of PARSERS (Configuration, below)
+    help: str
 
-# Where each provider's settings live, so that messages can name the variable to check.
-URL_VARIABLE = {"ollama": "OLLAMA_BASE_URL", "openai": "OPENAI_BASE_URL"}
-KEY_VARIABLE = {"ollama": "OLLAMA_API_KEY", "openai": "OPENAI_API_KEY"}
 
-DEFAULTS = {
-    "DEFAULT_PROVIDER": "ollama",
-    "OLLAMA_BASE_URL": "http://127.0.0.1:11434/v1",
-    "OPENAI_BASE_URL": "https://api.openai.com/v1",
+# Every setting, in the order the module docstring, README.md and .env.example list them.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("MODELGATE_TOKEN", "tokens", "", "tokens", "required; comma-separated, each `token` or `name:token`"),
+    Setting("DEFAULT_PROVIDER", "default_provider", "ollama", "provider", "where a model without a prefix goes"),
+    Setting("OLLAMA_BASE_URL", "ollama_base_urls", "http://127.0.0.1:11434/v1", "urls",
+            "Ollama's OpenAI-compatible base URL; comma-separated for several hosts"),
+    Setting("OLLAMA_API_KEY", "ollama_api_key", "", "key", "Bearer token sent to Ollama, if set"),
+    Setting("OPENAI_API_KEY", "openai_api_key", "", "key", "enables the openai provider"),
+    Setting("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1", "url",
+            "any OpenAI-compatible base URL"),
     # Long enough for Ollama to load a model from disk before it sends the first byte (its own
     # OLLAMA_LOAD_TIMEOUT is 5 minutes; cline raised a 30 s limit to 5 min for the same reason).
-    "TIMEOUT_SECONDS": "120",
-    "CONNECT_TIMEOUT_SECONDS": "10",
+    Setting("TIMEOUT_SECONDS", "timeout", "120", "seconds", "longest wait for the next upstream bytes"),
+    Setting("CONNECT_TIMEOUT_SECONDS", "connect_timeout", "10", "seconds", "longest wait to open a connection"),
     # A chat with a few base64 images fits; OpenAI itself takes up to 20 MB per image request.
-    "MAX_BODY_BYTES": str(16 * 1024 * 1024),
-    "CORS_ALLOW_ORIGINS": "*",
-    "RATE_LIMIT_RPM": "0",
-    "MAX_CONCURRENT_PER_TOKEN": "0",
+    Setting("MAX_BODY_BYTES", "max_body_bytes", "16777216", "size", "larger request bodies get 413"),
+    Setting("CORS_ALLOW_ORIGINS", "cors_allow_origins", "*", "origins", "comma-separated origins, * for any"),
+    Setting("RATE_LIMIT_RPM", "rate_limit_rpm", "0", "limit", "requests per minute per token (0: off)"),
+    Setting("MAX_CONCURRENT_PER_TOKEN", "max_concurrent_per_token", "0", "limit",
+            "requests and streams in flight per token (0: off)"),
+    Setting("ALLOWED_IPS", "allowed_ips", "", "allowlist", "client addresses and networks let in (empty: all)"),
+    Setting("TRUSTED_PROXIES", "trusted_proxies", "", "networks", "peers whose X-Forwarded-For is believed"),
     # FluentRead sends the same request again after 45 s without cancelling the first (CLIENTS.md):
     # sharing the one upstream answer is what a cold Ollama needs, and it changes no answer.
-    "COALESCE": "on",
-    "METRICS_PUBLIC": "0",
-    "LOG_FORMAT": "text",
+    Setting("COALESCE", "coalesce", "on", "flag", "identical plain requests in flight share one upstream request"),
+    Setting("METRICS_PUBLIC", "metrics_public", "0", "flag", "1: GET /metrics needs no token"),
+    Setting("LOG_FORMAT", "log_format", "text", "log format", "text or json"),
     # Docker and systemd wait 10 s and 90 s before they kill; Kubernetes waits 30 s. A translation
     # stream is over in seconds, a long chat in a minute: 30 s lets most finish.
-    "SHUTDOWN_GRACE_SECONDS": "30",
-    "HOST": "0.0.0.0",
-    "PORT": "8010",
+    Setting("SHUTDOWN_GRACE_SECONDS", "shutdown_grace", "30", "seconds", "how long streams may finish after SIGTERM"),
+    Setting("HOST", "host", "0.0.0.0", "text", "where `python modelgate.py` listens"),
+    Setting("PORT", "port", "8010", "port", "the port it listens on"),
+    Setting("TLS_CERT_FILE", "tls_cert_file", "", "text", "PEM certificate: `python modelgate.py` serves HTTPS"),
+    Setting("TLS_KEY_FILE", "tls_key_file", "", "text", "its private key"),
+)
+
+
+class Route(NamedTuple):
+    handlers: dict[str, str]  # method -> the Gateway method that answers it
+    access: str = "token"  # "token", "public" (no token, no limits), or "metrics" (public with METRICS_PUBLIC)
+    end: str = "[DONE]"  # how a whole event stream of this route ends: a key of STREAM_ENDS (The relay)
+    limited: bool = True  # counted against RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN
+    screened: bool = True  # ALLOWED_IPS applies; liveness stays open to the local container healthcheck
+    while_closing: bool = False  # still answered after SIGTERM (everything else gets 503 shutting_down)
+    dialect: str = "openai"  # the shape of its errors and of a cut stream's last event: a key of DIALECTS
+
+
+# A path ending in / is a prefix: /v1/models/{id}. Anything else is 404.
+ROUTES: dict[str, Route] = {
+    "/v1/chat/completions": Route({"POST": "relay_request"}, end="[DONE]"),
+    "/v1/completions": Route({"POST": "relay_request"}, end="[DONE]"),
+    "/v1/responses": Route({"POST": "relay_request"}, end="response.completed"),
+    "/v1/embeddings": Route({"POST": "relay_request"}),
+    "/v1/models": Route({"GET": "models"}),
+    "/v1/models/": Route({"GET": "model"}),
+    "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
+    "/ready": Route({"GET": "ready"}, access="public", limited=False),
+    "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
 }
 
-TOKEN_HELP = 'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
+# backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
+# They describe one connection and never cross the gateway, in either direction, nor does any header
+# that a Connection header names.
+HOP_BY_HOP = frozenset({
+    b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
 
-# `name:token`: a name is this, up to the first ':'. Anything else before a ':' is part of the token,
-# so a token that itself holds a ':' is written with a name in front (`app:to:ken`).
-TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
+# fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
+# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked.
+FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
 
-FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class Config:
-    tokens: tuple[bytes, ...]
-    token_names: tuple[str, ...]  # token_names[i] names tokens[i] in logs and metrics
-    default_provider: str
-    ollama_base_urls: tuple[str, ...]
-    ollama_api_key: str
-    openai_base_url: str
-    openai_api_key: str
-    timeout: float
-    connect_timeout: float
-    max_body_bytes: int
-    cors_allow_origins: frozenset[str]  # {"*"} allows any origin
-    rate_limit_rpm: int  # 0: off
-    max_concurrent_per_token: int  # 0: off
-    allowed_ips: tuple[Network, ...] | None  # None: everyone
-    trusted_proxies: tuple[Network, ...]
-    coalesce: bool
-    metrics_public: bool
-    log_format: str
-    shutdown_grace: float
-    host: str
-    port: int
-    tls_cert_file: str  # both empty, or both readable
-    tls_key_file: str
-
-
-def load_config(environ: Mapping[str, str] = os.environ) -> Config:
-    """Read and check every setting once; raise ConfigError naming the first bad one."""
-
-    def get(name: str) -> str:
-        # Spaces, tabs and the CR of a .env saved on Windows; not str.strip()'s control characters.
-        # A variable set to nothing (NAME= in .env) means its default.
-        return environ.get(name, "").strip(" \t\r\n") or DEFAULTS.get(name, "")
-
-    tokens, names = _tokens(get("MODELGATE_TOKEN"))
-    default_provider = get("DEFAULT_PROVIDER").lower()
-    if default_provider not in PROVIDERS:
-        raise ConfigError(f"DEFAULT_PROVIDER must be ollama or openai, not {default_provider!r}")
-    openai_api_key = get("OPENAI_API_KEY")
-    if default_provider == "openai" and not openai_api_key:
-        raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
-    ollama_base_urls = tuple(_base_url("OLLAMA_BASE_URL", url.strip())
-                             for url in get("OLLAMA_BASE_URL").split(",") if url.strip())
-    if not ollama_base_urls:
-        raise ConfigError("OLLAMA_BASE_URL is empty: set it to Ollama's base URL, such as http://127.0.0.1:11434/v1")
-    log_format = get("LOG_FORMAT").lower()
-    if log_format not in ("text", "json"):
-        raise ConfigError(f"LOG_FORMAT must be text or json, not {log_format!r}")
-    allowed_ips = get("ALLOWED_IPS")
-    return Config(
-        tokens=tokens,
-        token_names=names,
-        default_provider=default_provider,
-        ollama_base_urls=ollama_base_urls,
-        ollama_api_key=_header_value("OLLAMA_API_KEY", get("OLLAMA_API_KEY")),
-        openai_base_url=_base_url("OPENAI_BASE_URL", get("OPENAI_BASE_URL")),
-        openai_api_key=_header_value("OPENAI_API_KEY", openai_api_key),
-        timeout=_seconds("TIMEOUT_SECONDS", get("TIMEOUT_SECONDS")),
-        connect_timeout=_seconds("CONNECT_TIMEOUT_SECONDS", get("CONNECT_TIMEOUT_SECONDS")),
-        max_body_bytes=_positive_int("MAX_BODY_BYTES", get("MAX_BODY_BYTES")),
-        cors_allow_origins=frozenset(o.strip() for o in get("CORS_ALLOW_ORIGINS").split(",") if o.strip()),
-        rate_limit_rpm=_limit("RATE_LIMIT_RPM", get("RATE_LIMIT_RPM")),
-        max_concurrent_per_token=_limit("MAX_CONCURRENT_PER_TOKEN", get("MAX_CONCURRENT_PER_TOKEN")),
-        allowed_ips=_networks("ALLOWED_IPS", allowed_ips) if allowed_ips else None,
-        trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
-        coalesce=_flag("COALESCE", get("COALESCE")),
-        metrics_public=_flag("METRICS_PUBLIC", get("METRICS_PUBLIC")),
-        log_format=log_format,
-        shutdown_grace=_seconds("SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS")),
-        host=get("HOST"),
-        port=_port(get("PORT")),
-        **_tls_files(get("TLS_CERT_FILE"), get("TLS_KEY_FILE")),
-    )
-
-
-def _tokens(value: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
-    """MODELGATE_TOKEN: the tokens, and the name each is shown by (a hash label when it has none)."""
-    named: dict[str, str] = {}  # name -> token, in the order given
-    tokens = []
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        name, colon, token = entry.partition(":")
-        if not (colon and TOKEN_NAME.fullmatch(name)):
-            # Never a part of the token itself: the label must not help anyone guess it.
-            name, token = token_label(entry), entry
-        if not token:
-            raise ConfigError(f"MODELGATE_TOKEN: {entry!r} names a token but gives none after the ':'")
-        if not all("!" <= c <= "~" for c in token):
-            raise ConfigError(f"MODELGATE_TOKEN may only hold printable ASCII without spaces; {TOKEN_HELP}")
-        if named.setdefault(name, token) != token:
-            raise ConfigError(f"MODELGATE_TOKEN names two different tokens {name!r}; give each its own name")
-        tokens.append((token.encode(), name))
-    if not tokens:
-        raise ConfigError(f"MODELGATE_TOKEN is empty: set it to the token clients must send; {TOKEN_HELP}")
-    return tuple(token for token, _ in tokens), tuple(name for _, name in tokens)
-
-
-def token_label(token: str) -> str:
-    """A short stable name for a token given without one. Slow on purpose: the label appears in logs and
-    metrics, and must not let anyone test guesses of a weak token quickly."""
-    digest = hashlib.pbkdf2_hmac("sha256", token.encode(), b"modelgate token label", 10_000)
-    return "token-" + digest.hex()[:8]
-
-
-def _base_url(name: str, value: str) -> str:
-    try:
-        url = urlsplit(value)
-        _ = url.port  # raises ValueError for a port that is not a number or out of range
-    except ValueError:
-        raise ConfigError(f"{name} is not a valid URL: {value!r}") from None
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{name} must look like http://host:port/v1, not {value!r}")
-    if url.username is not None or url.password is not None:
-        raise ConfigError(f"{name} must not hold credentials; put the key in {name[:-8]}API_KEY")
-    if url.query or url.fragment:
-        raise ConfigError(f"{name} must not have a query or fragment: {value!r}")
-    try:
-        url.hostname.encode("idna")
-    except UnicodeError:
-        raise ConfigError(f"{name} has a host name that is not valid: {url.hostname!r}") from None
-    return value.rstrip("/")
-
-
-def _header_value(name: str, value: str) -> str:
-    if not all(" " <= c <= "~" for c in value):
-        raise ConfigError(f"{name} may only hold printable ASCII")
-    return value
-
-
-def _seconds(name: str, value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ConfigError(f"{name} must be more than 0 seconds, not {value!r}")
-    return seconds
-
-
-def _positive_int(name: str, value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or int(value) == 0:
-        raise ConfigError(f"{name} must be a whole number above 0, not {value!r}")
-    return int(value)
-
-
-def _limit(name: str, value: str) -> int:
-    if not value:
-        return 0  # off, as `RATE_LIMIT_RPM=` in a .env reads
-    if not value.isascii() or not value.isdigit():
-        raise ConfigError(f"{name} must be a whole number (0 for no limit), not {value!r}")
-    return int(value)
-
-
-def _flag(name: str, value: str) -> bool:
-    try:
-        return FLAGS[value.lower()]
-    except KeyError:
-        raise ConfigError(f"{name} must be 1 or 0 (on or off), not {value!r}") from None
-
-
-def _networks(name: str, value: str) -> tuple[Network, ...]:
-    """Comma-separated addresses and CIDR networks, IPv4 or IPv6 (an address is a network of one)."""
-    networks = []
-    for entry in (e.strip() for e in value.split(",")):
-        if entry:
-            try:
-                network = ipaddress.ip_network(entry)
-            except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
-                raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
-            # ::ffff:a.b.c.d, as a dual-stack socket shows an IPv4 client, is that IPv4 address to parse_ip.
-            if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
-                mapped = network.network_address.ipv4_mapped
-                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-            networks.append(network)
-    return tuple(networks)
-
-
-def _tls_files(cert: str, key: str) -> dict[str, str]:
-    if bool(cert) != bool(key):
-        missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
-        raise ConfigError(f"{missing} is empty: set TLS_CERT_FILE and TLS_KEY_FILE both, or neither")
-    if not cert:
-        return {"tls_cert_file": "", "tls_key_file": ""}
-    for name, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
-        try:
-            open(path, "rb").close()
-        except OSError as exc:
-            raise ConfigError(f"{name} cannot be read: {exc.strerror}: {path!r}") from None
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise ConfigError(f"TLS_CERT_FILE and TLS_KEY_FILE are not a PEM certificate and its key ({exc})") from None
-    return {"tls_cert_file": cert, "tls_key_file": key}
-
-
-def _port(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or not 0 < int(value) < 65536:
-        raise ConfigError(f"PORT must be a number from 1 to 65535, not {value!r}")
-    return int(value)
-
-
-def read_dotenv(path: str, environ: MutableMapping[str, str]) -> None:
-    """Add KEY=VALUE lines of a .env file to environ; variables already set win."""
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key, sep, value = line.removeprefix("export ").partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or not key.isidentifier():
-                raise ConfigError(f"{path} line {number}: expected KEY=VALUE")
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            else:
-                value = re.split(r"\s+#", value, maxsplit=1)[0]
-            environ.setdefault(key, value)
-
-
-###############################################################################
-# Errors ######################################################################
-###############################################################################
+# What of an upstream's response does not reach the client, besides hop-by-hop headers:
+# uvicorn writes its own Date (and Server, if enabled), we compute Content-Length, CORS is ours,
+# and an upstream's cookies belong to its domain, not ours.
+DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
 
 # Every status ModelGate chooses itself is chosen here: situation -> (status, OpenAI error type, code).
-# Besides these, an upstream's own error status is passed through unchanged (see upstream_error), and a
+# Besides these, an upstream's own error status is passed through unchanged (upstream_error), and a
 # client that leaves early is logged as 499, as nginx and Caddy do; it is never sent.
 ERRORS: dict[str, tuple[int, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request"),
@@ -404,53 +222,259 @@ UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
     (httpcore.NetworkError, "upstream_unavailable", "The connection to {name} broke before it answered."),
 )
 
-# The reason phrase for a status, for messages only ("503 Service Unavailable").
-PHRASES = {status.value: status.phrase for status in HTTPStatus}
+# The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
+UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
+
+# The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
+UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                        404: "not_found_error", 429: "rate_limit_error"}
 
 
 class GatewayError(Exception):
-    """A failure answered before the response started; `situation` is a key of ERRORS."""
+    """A failure answered before the response started, with the status, type and code ERRORS gives its
+    situation (as h11's ProtocolError carries its error_status_hint)."""
 
     def __init__(self, situation: str, message: str, headers: Headers | None = None) -> None:
         super().__init__(message)
         self.situation = situation
+        self.status, self.type, self.code = ERRORS[situation]
         self.message = message
         self.headers = headers or []
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+class Answer(NamedTuple):
+    """A whole response: ours, or an upstream's (an error status included), as the client gets it."""
+    status: int
+    headers: Headers
+    body: bytes
 
 
-def upstream_failure(exc: Exception, name: str) -> GatewayError:
-    """Translate one of the UPSTREAM_EXCEPTIONS into the error the client gets."""
-    situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
-                              if isinstance(exc, exc_type))
-    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]))
+PROVIDERS = ("ollama", "openai")
 
+# Where each provider's settings live, so that messages can name the variable to check.
+URL_VARIABLE = {"ollama": "OLLAMA_BASE_URL", "openai": "OPENAI_BASE_URL"}
+KEY_VARIABLE = {"ollama": "OLLAMA_API_KEY", "openai": "OPENAI_API_KEY"}
 
-# The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
-UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
+# The reason phrase for a status, for messages only ("503 Service Unavailable").
+PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 ###############################################################################
-# Auth ########################################################################
+# Configuration ###############################################################
 ###############################################################################
 
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the variable."""
 
-# Who may ask, in the order it is decided: an address that ALLOWED_IPS lets in (found through
-# TRUSTED_PROXIES), a configured token, and that token within RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN.
+
+# The settings, read once at start-up; fields named by SETTINGS, plus the names the tokens are shown by.
+Config = dataclasses.make_dataclass(
+    "Config", [(s.field, Any) for s in SETTINGS] + [("token_names", tuple)], frozen=True, slots=True)
 
 
-def authorized(authorization: bytes, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str | None:
-    """The name of the token in `Bearer <token>`, or None; compared in constant time against every token."""
-    scheme, _, token = authorization.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return None
-    token = token.strip()
-    # Every token is compared, no early exit: the time taken does not tell which one (nearly) matched.
-    matches = [hmac.compare_digest(token, expected) for expected in tokens]
-    return names[matches.index(True)] if True in matches else None
+def load_config(environ: Mapping[str, str] = os.environ) -> Config:
+    """Read and check every setting once; raise ConfigError naming the first bad one."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        # Spaces, tabs and the CR of a .env saved on Windows; not str.strip()'s control characters.
+        # A variable set to nothing (NAME= in .env) means its default.
+        text = environ.get(setting.name, "").strip(" \t\r\n") or setting.default
+        values[setting.field] = PARSERS[setting.kind](setting.name, text)
+    values["tokens"], values["token_names"] = values["tokens"]
+    if values["default_provider"] == "openai" and not values["openai_api_key"]:
+        raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
+    check_tls_files(values["tls_cert_file"], values["tls_key_file"])
+    return Config(**values)
+
+
+TOKEN_HELP = 'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+# `name:token`: a name is this, up to the first ':'. Anything else before a ':' is part of the token,
+# so a token that itself holds a ':' is written with a name in front (`app:to:ken`).
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """MODELGATE_TOKEN: the tokens, and the name each is shown by (a hash label when it has none)."""
+    named: dict[str, str] = {}  # name -> token, in the order given
+    tokens = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        label, colon, token = entry.partition(":")
+        if not (colon and TOKEN_NAME.fullmatch(label)):
+            # Never a part of the token itself: the label must not help anyone guess it.
+            label, token = token_label(entry), entry
+        if not token:
+            raise ConfigError(f"{name}: {entry!r} names a token but gives none after the ':'")
+        if not all("!" <= c <= "~" for c in token):
+            raise ConfigError(f"{name} may only hold printable ASCII without spaces; {TOKEN_HELP}")
+        if named.setdefault(label, token) != token:
+            raise ConfigError(f"{name} names two different tokens {label!r}; give each its own name")
+        tokens.append((token.encode(), label))
+    if not tokens:
+        raise ConfigError(f"{name} is empty: set it to the token clients must send; {TOKEN_HELP}")
+    return tuple(token for token, _ in tokens), tuple(label for _, label in tokens)
+
+
+def token_label(token: str) -> str:
+    """A short stable name for a token given without one. Slow on purpose: the label appears in logs and
+    metrics, and must not let anyone test guesses of a weak token quickly."""
+    digest = hashlib.pbkdf2_hmac("sha256", token.encode(), b"modelgate token label", 10_000)
+    return "token-" + digest.hex()[:8]
+
+
+def one_of(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, value: str) -> str:
+        if value.lower() not in choices:
+            raise ConfigError(f"{name} must be {' or '.join(choices)}, not {value!r}")
+        return value.lower()
+    return parse
+
+
+def parse_url(name: str, value: str) -> str:
+    try:
+        url = urlsplit(value)
+        _ = url.port  # raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: {value!r}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{name} must look like http://host:port/v1, not {value!r}")
+    if url.username is not None or url.password is not None:
+        raise ConfigError(f"{name} must not hold credentials; put the key in {name[:-8]}API_KEY")
+    if url.query or url.fragment:
+        raise ConfigError(f"{name} must not have a query or fragment: {value!r}")
+    try:
+        url.hostname.encode("idna")
+    except UnicodeError:
+        raise ConfigError(f"{name} has a host name that is not valid: {url.hostname!r}") from None
+    return value.rstrip("/")
+
+
+def parse_urls(name: str, value: str) -> tuple[str, ...]:
+    urls = tuple(parse_url(name, url.strip()) for url in value.split(",") if url.strip())
+    if not urls:
+        raise ConfigError(f"{name} is empty: set it to Ollama's base URL, such as http://127.0.0.1:11434/v1")
+    return urls
+
+
+def parse_key(name: str, value: str) -> str:
+    if not all(" " <= c <= "~" for c in value):
+        raise ConfigError(f"{name} may only hold printable ASCII")
+    return value
+
+
+def parse_seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigError(f"{name} must be more than 0 seconds, not {value!r}")
+    return seconds
+
+
+def whole_number(low: int, high: int, wanted: str) -> Callable[[str, str], int]:
+    """A parser of whole numbers from `low` to `high`, written in ASCII digits (int() also reads '٣')."""
+    def parse(name: str, value: str) -> int:
+        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+            raise ConfigError(f"{name} must be {wanted}, not {value!r}")
+        return int(value)
+    return parse
+
+
+FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def parse_flag(name: str, value: str) -> bool:
+    try:
+        return FLAGS[value.lower()]
+    except KeyError:
+        raise ConfigError(f"{name} must be 1 or 0 (on or off), not {value!r}") from None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_networks(name: str, value: str) -> tuple[Network, ...]:
+    """Comma-separated addresses and CIDR networks, IPv4 or IPv6 (an address is a network of one)."""
+    networks = []
+    for entry in (e.strip() for e in value.split(",")):
+        if entry:
+            try:
+                network = ipaddress.ip_network(entry)
+            except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
+                raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
+            # ::ffff:a.b.c.d, as a dual-stack socket shows an IPv4 client, is that IPv4 address to parse_ip.
+            if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
+                mapped = network.network_address.ipv4_mapped
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            networks.append(network)
+    return tuple(networks)
+
+
+PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "tokens": parse_tokens,
+    "provider": one_of(*PROVIDERS),
+    "url": parse_url,
+    "urls": parse_urls,
+    "key": parse_key,
+    "seconds": parse_seconds,
+    "size": whole_number(1, sys.maxsize, "a whole number above 0"),
+    "limit": whole_number(0, sys.maxsize, "a whole number (0 for no limit)"),
+    "port": whole_number(1, 65535, "a number from 1 to 65535"),
+    "flag": parse_flag,
+    "networks": parse_networks,
+    "allowlist": lambda name, value: parse_networks(name, value) if value else None,  # None: everyone
+    "origins": lambda name, value: frozenset(o.strip() for o in value.split(",") if o.strip()),  # {"*"}: any
+    "log format": one_of("text", "json"),
+    "text": lambda name, value: value,
+}
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """TLS_CERT_FILE and TLS_KEY_FILE: both empty, or a readable PEM certificate and its key."""
+    if bool(cert) != bool(key):
+        missing = "TLS_KEY_FILE" if cert else "TLS_CERT_FILE"
+        raise ConfigError(f"{missing} is empty: set TLS_CERT_FILE and TLS_KEY_FILE both, or neither")
+    if not cert:
+        return
+    for name, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
+        try:
+            open(path, "rb").close()
+        except OSError as exc:
+            raise ConfigError(f"{name} cannot be read: {exc.strerror}: {path!r}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS_CERT_FILE and TLS_KEY_FILE are not a PEM certificate and its key ({exc})") from None
+
+
+def read_dotenv(path: str, environ: MutableMapping[str, str]) -> None:
+    """Add KEY=VALUE lines of a .env file to environ; variables already set win."""
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.removeprefix("export ").partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key.isidentifier():
+                raise ConfigError(f"{path} line {number}: expected KEY=VALUE")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            else:
+                value = re.split(r"\s+#", value, maxsplit=1)[0]
+            environ.setdefault(key, value)
+
+
+###############################################################################
+# Access: who may ask #########################################################
+###############################################################################
+
+# In the order it is decided: an address that ALLOWED_IPS lets in (found through TRUSTED_PROXIES), a
+# configured token, and that token within MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM.
 
 
 def parse_ip(text: str) -> Address | None:
@@ -493,6 +517,17 @@ def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) ->
     return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
 
 
+def authorized(authorization: bytes, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str | None:
+    """The name of the token in `Bearer <token>`, or None; compared in constant time against every token."""
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    token = token.strip()
+    # Every token is compared, no early exit: the time taken does not tell which one (nearly) matched.
+    matches = [hmac.compare_digest(token, expected) for expected in tokens]
+    return names[matches.index(True)] if True in matches else None
+
+
 class TokenBucket:
     """RATE_LIMIT_RPM: per token, a bucket of `rpm` requests that refills by rpm/60 each second.
 
@@ -515,9 +550,404 @@ class TokenBucket:
         return (1 - level) / self.rate
 
 
+class Limits:
+    """MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM: what each token has in flight, and its bucket."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.max_in_flight, self.rpm = config.max_concurrent_per_token, config.rate_limit_rpm
+        self.bucket = TokenBucket(self.rpm) if self.rpm else None
+        self.in_flight: dict[str, int] = {}  # token name -> requests in flight
+        self.metrics = metrics
+
+    def admit(self, name: str) -> bool:
+        """Let a request of this token in, or raise a 429; True when it holds an in-flight slot to release."""
+        in_flight = self.in_flight.get(name, 0)
+        if self.max_in_flight and in_flight >= self.max_in_flight:
+            count(self.metrics.rate_limited, (name, "concurrency"))
+            # When one will finish cannot be known: a second is the shortest wait worth asking for.
+            raise GatewayError("too_many_in_flight", f"This token already has as many requests in flight as "
+                               f"MAX_CONCURRENT_PER_TOKEN allows ({in_flight}). Wait for one to finish.",
+                               [(b"retry-after", b"1")])
+        if self.bucket is not None:
+            wait = self.bucket.take(name, time.monotonic())
+            if wait:
+                count(self.metrics.rate_limited, (name, "rpm"))
+                seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
+                raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM ({self.rpm} "
+                                   f"requests a minute). Try again in {seconds} s.", [(b"retry-after", b"%d" % seconds)])
+        if not self.max_in_flight:
+            return False
+        self.in_flight[name] = in_flight + 1
+        return True
+
+    def release(self, name: str) -> None:
+        self.in_flight[name] -= 1
+
+
 ###############################################################################
-# Routing #####################################################################
+# The app: one request, from arrival to answer ################################
 ###############################################################################
+
+JSON = (b"content-type", b"application/json")
+CORS_METHODS = b"GET, POST, OPTIONS"
+# Headers the openai SDKs and translation tools send; echoed requests are checked against this shape.
+CORS_DEFAULT_HEADERS = b"authorization, content-type, user-agent, accept, x-requested-with, openai-beta"
+HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
+# Chromium caps a preflight cache at two hours; asking for more is ignored.
+CORS_MAX_AGE = b"7200"
+
+SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
+
+
+class Exchange:
+    """One request and its answer, grouped as uvicorn groups a request-response cycle."""
+
+    __slots__ = ("method", "path", "headers", "receive", "route", "dialect", "client", "token", "holds_slot",
+                 "send", "cors", "started", "status", "bytes_out", "watch",
+                 "request_id", "provider", "model", "ttfb", "coalesced", "error", "t0")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The request
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.headers: Headers = scope["headers"]
+        self.receive = receive
+        self.route = "other"  # the route table's key, for metrics: never the raw path
+        self.dialect = "openai"  # the API it speaks: its route's, a key of DIALECTS
+        peer = scope.get("client")
+        self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
+        self.token = "-"  # the name of the client's token, once authorized
+        self.holds_slot = False  # counted against MAX_CONCURRENT_PER_TOKEN until it ends
+        # The response
+        self.send = send
+        self.cors: Headers = []
+        self.started = False  # http.response.start has been sent
+        self.status = 0  # 499: the client left first
+        self.bytes_out = 0
+        self.watch: ClientWatch | None = None  # while it waits on an upstream
+        # The log record
+        self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
+        self.provider = self.model = "-"
+        self.ttfb: float | None = None  # streams: seconds to the first chunk
+        self.coalesced = False  # answered with an identical request's upstream answer
+        self.error = ""  # the situation of an error answered, or what cut a stream
+        self.t0 = time.perf_counter()
+
+    def header(self, name: bytes) -> bytes:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return b""
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.status, self.started = status, True
+        upstream_id = next((v for k, v in headers if k == b"x-request-id"), None)
+        if upstream_id is None:
+            headers = [*headers, (b"x-request-id", self.request_id)]
+        else:
+            self.request_id = upstream_id
+        await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
+
+    async def body_chunk(self, chunk: bytes, more: bool = True) -> None:
+        self.bytes_out += len(chunk)
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def respond(self, answer: Answer) -> None:
+        await self.start(answer.status, [*answer.headers, (b"content-length", b"%d" % len(answer.body))])
+        await self.body_chunk(answer.body, more=False)
+
+
+class Gateway:
+    """The ASGI application. Lifespan startup makes the config, the upstreams and the state below; config
+    and upstreams never change after, and this object holds all the mutable state there is."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ, *, ready_timeout: float = 2.0) -> None:
+        self.environ = environ
+        self.config: Config | None = None
+        self.upstreams: dict[str, Upstream] = {}
+        self.handlers = {path: {method: getattr(self, name) for method, name in route.handlers.items()}
+                         for path, route in ROUTES.items()}
+        # The mutable state, made afresh by startup where it depends on the config.
+        self.metrics = Metrics()
+        self.limits: Limits | None = None  # None: neither limit is set
+        self.coalescer: Coalescer | None = None  # None: COALESCE=off
+        self.readiness = Readiness(ready_timeout)
+        self.watches: set[ClientWatch] = set()  # requests waiting on an upstream, for the shutdown grace
+        self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
+        self.grace_timer: asyncio.TimerHandle | None = None
+        self.screening = False  # ALLOWED_IPS or TRUSTED_PROXIES is set
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The one place where a request's outcome becomes its response, and its record is kept."""
+        ex = Exchange(scope, receive, send)
+        self.metrics.in_flight += 1
+        try:
+            try:
+                answer = await self.dispatch(ex)
+            except GatewayError as error:
+                ex.error = error.situation
+                answer = error_answer(error, ex)
+            if answer is not None:  # None: streamed already, or nobody is left to answer
+                if answer.status >= 400 and not ex.error:
+                    ex.error = "upstream_status"
+                await ex.respond(answer)
+        except Exception:
+            log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
+            if ex.started:
+                raise  # all we can do is abort the response: uvicorn closes the connection
+            ex.error = "internal"
+            await ex.respond(error_answer(GatewayError("internal", "ModelGate failed unexpectedly; "
+                                                       "its log says why."), ex))
+        finally:
+            self.metrics.in_flight -= 1
+            if ex.holds_slot:
+                self.limits.release(ex.token)
+            seconds = time.perf_counter() - ex.t0
+            self.metrics.record(ex, seconds)
+            log_exchange(ex, seconds)
+
+    async def dispatch(self, ex: Exchange) -> Answer | None:
+        """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
+        config = self.config
+        if config is None:
+            raise GatewayError("internal", "ModelGate was started without the ASGI lifespan; run it with "
+                               "`python modelgate.py` or uvicorn's default --lifespan auto.")
+        origin = ex.header(b"origin")
+        if origin:
+            ex.cors = cors_headers(config, origin)
+        key = "/v1/models/" if ex.path.startswith("/v1/models/") else ex.path
+        route = ROUTES.get(key)
+        if self.screening and (route is None or route.screened):
+            self.screen(ex)
+        if route is None:
+            raise GatewayError("not_found", not_found_message(ex.path))
+        ex.route, ex.dialect = key, route.dialect
+        if ex.method == "OPTIONS":
+            return preflight(ex, route)
+        handler = self.handlers[key].get(ex.method)
+        if handler is None:
+            allow = ", ".join([*route.handlers, "OPTIONS"])
+            raise GatewayError("method_not_allowed", f"{ex.path} takes {allow}, not {ex.method}.",
+                               [(b"allow", allow.encode())])
+        if self.closing and not route.while_closing:
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
+            name = authorized(ex.header(b"authorization"), config.tokens, config.token_names)
+            if name is None:
+                raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token as "
+                                   "`Authorization: Bearer <token>` (the API key field of your app).")
+            ex.token = name
+            if self.limits is not None and route.limited:  # not /metrics: a scraper is not an app
+                ex.holds_slot = self.limits.admit(name)
+        return await handler(ex)
+
+    def screen(self, ex: Exchange) -> None:
+        """ALLOWED_IPS, the client found through TRUSTED_PROXIES: 403 before the token is looked at."""
+        config = self.config
+        address = client_address(ex.client, ex.headers, config.trusted_proxies)
+        ex.client = "-" if address is None else str(address)
+        if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
+            raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
+                               "only serves the addresses in its ALLOWED_IPS.")
+
+    async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
+        """What `awaitable` returns, while a ClientWatch cancels it when the client leaves (then None, and
+        the exchange is logged as 499) or when the shutdown grace is over (then 503 shutting_down)."""
+        if self.grace_over:  # a request that got in just before SIGTERM and is only now ready to go upstream
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        watch = ex.watch = ClientWatch(ex.receive, self.watches)
+        try:
+            result = await awaitable
+        except BaseException as exc:
+            reason = watch.claim(exc)
+            if reason == "gone":  # whatever the awaitable ended with: nobody is left to answer
+                ex.status = 499
+                return None
+            if reason == "shutdown" and isinstance(exc, asyncio.CancelledError):
+                raise GatewayError("shutting_down", SHUTTING_DOWN) from None
+            raise
+        finally:
+            watch.stop()
+        if watch.reason == "gone":  # it left as the answer came: nobody to send it to
+            ex.status = 499
+            return None
+        return result
+
+    async def read_body(self, ex: Exchange) -> bytes | None:
+        """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES."""
+        limit = self.config.max_body_bytes
+        too_large = GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
+                                 f"({limit} bytes, MAX_BODY_BYTES).")
+        length = ex.header(b"content-length")
+        if length.isdigit() and int(length) > limit:
+            raise too_large  # without reading it
+        chunks, size, more = [], 0, True
+        while more:
+            message = await ex.receive()
+            if message["type"] == "http.disconnect":
+                ex.status = 499
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    # Handlers: ROUTES names them ----------------------------------------------
+
+    async def relay_request(self, ex: Exchange) -> Answer | None:
+        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings: route by model, relay."""
+        body = await self.read_body(ex)
+        if body is None:
+            return None
+        document, body = routed_body(ex, body, self.config)
+        upstream = self.upstreams[ex.provider]
+        path = ex.path.removeprefix("/v1").encode()
+        if document.get("stream") is True:
+            return await self.watched(ex, relay(self, ex, upstream, path, body, stream=True))
+        if self.coalescer is None:
+            return await self.watched(ex, relay(self, ex, upstream, path, body, stream=False))
+        return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+
+    async def models(self, ex: Exchange) -> Answer | None:
+        """GET /v1/models: every provider's list, ids prefixed; a provider that fails is left out."""
+        ex.provider = "+".join(self.upstreams)
+        listed = await self.watched(ex, gather_answers(u.list_models(ex.headers) for u in self.upstreams.values()))
+        if listed is None or isinstance(listed, Answer):
+            return listed
+        data = [item for models in listed for item in models]
+        return Answer(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
+
+    async def model(self, ex: Exchange) -> Answer | None:
+        """GET /v1/models/{id}: one model of the provider the id routes to, or 404."""
+        ex.model = ex.path.removeprefix("/v1/models/")
+        try:
+            ex.provider, name = route_model(ex.model, self.config)
+        except GatewayError as error:  # openai/... without OpenAI: no such model here
+            raise GatewayError("model_not_found", error.message) from None
+        upstream = self.upstreams[ex.provider]
+        models = await self.watched(ex, upstream.list_models(ex.headers))
+        if models is None or isinstance(models, Answer):
+            return models
+        wanted = f"{upstream.name}/{name}"
+        for item in models:
+            if item["id"] == wanted:
+                return Answer(200, [JSON], json.dumps(item).encode())
+        raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
+                           "GET /v1/models lists the models you can use.")
+
+    async def health(self, ex: Exchange) -> Answer:
+        return Answer(200, [JSON], b'{"status":"ok"}')
+
+    async def ready(self, ex: Exchange) -> Answer | None:
+        """GET /ready: 200 when a host of the default provider lists its models, else 503 naming the failures."""
+        upstream = self.upstreams[self.config.default_provider]
+        ex.provider = upstream.name
+        hosts = await self.watched(ex, self.readiness.check(upstream))
+        if hosts is None:
+            return None
+        if "ok" not in hosts.values():
+            failed = ", ".join(f"{host} {result}" for host, result in hosts.items())
+            raise GatewayError("not_ready", f"Not ready: no {upstream.name} host listed its models within "
+                               f"{self.readiness.timeout:g} s ({failed}).")
+        return Answer(200, [JSON], json.dumps({"status": "ready", "upstreams": hosts}).encode())
+
+    async def metrics_page(self, ex: Exchange) -> Answer:
+        """GET /metrics: the counters in Prometheus text format."""
+        return Answer(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render(self.upstreams.values()))
+
+    # Lifespan and shutdown ------------------------------------------------------
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.startup()
+                except ConfigError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                except Exception as exc:  # a bug of ours: fail start-up loudly rather than serve 500s
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.grace_timer is not None:
+                    self.grace_timer.cancel()
+                self.readiness.stop()
+                for upstream in self.upstreams.values():
+                    await upstream.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def startup(self) -> None:
+        config = load_config(self.environ)
+        if not log.handlers:  # under a bare `uvicorn modelgate:app`; main() sets it up itself
+            setup_logging(config.log_format)
+        self.metrics = metrics = Metrics()
+        self.upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config,
+                                             metrics)}
+        if config.openai_api_key:
+            self.upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config,
+                                                metrics)
+        # A feature that is off costs the request path one `if`.
+        self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
+        self.limits = Limits(config, metrics) if config.rate_limit_rpm or config.max_concurrent_per_token else None
+        self.coalescer = Coalescer(metrics) if config.coalesce else None
+        self.config = config
+        hosts = ", ".join(f"{u.name} ({len(u.hosts)} host{'s' * (len(u.hosts) > 1)})" for u in self.upstreams.values())
+        log.info("ModelGate %s: default provider %s; providers: %s", __version__, config.default_provider, hosts)
+
+    def shut_down(self) -> None:
+        """SIGTERM: send nothing new upstream, and cancel what still runs after SHUTDOWN_GRACE_SECONDS.
+
+        uvicorn stops accepting connections and waits for the open ones before the lifespan hears of
+        it; main() calls this as soon as the signal arrives.
+        """
+        if self.config is None or self.closing:
+            return
+        self.closing = True
+        # log: how much is left to finish
+        log.info("shutting down: %d requests in flight (%d streams) get %g s to finish", self.metrics.in_flight,
+                 self.metrics.streams, self.config.shutdown_grace)
+        self.grace_timer = asyncio.get_running_loop().call_later(self.config.shutdown_grace, self.end_grace)
+
+    def end_grace(self) -> None:
+        self.grace_over = True
+        for watch in list(self.watches):
+            watch.cancel("shutdown")  # streams end with an error event, requests still waiting get 503
+
+
+def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
+    """The request's JSON object, and the body as it goes upstream: with the provider prefix cut from the
+    model, and every other byte as the client sent it. Notes provider and model on the exchange."""
+    try:
+        text = body.decode("utf-8")
+        document, span = parse_body(text)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
+    if not isinstance(document, dict):
+        raise GatewayError("invalid_request", "The request body must be a JSON object.")
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError("invalid_request", "The request body needs a `model` string, "
+                           "such as \"ollama/qwen2.5:7b\".")
+    ex.model = model
+    ex.provider, name = route_model(model, config)
+    if name != model:
+        body = replace_model(text, span, ex.provider, name).encode()
+    return document, body
 
 
 def route_model(model: str, config: Config) -> tuple[str, str]:
@@ -594,41 +1024,307 @@ def replace_model(text: str, span: tuple[int, int], prefix: str, name: str) -> s
     return text[:start] + value + text[end:]
 
 
+def preflight(ex: Exchange, route: Route) -> Answer:
+    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them."""
+    headers = [(b"allow", ", ".join([*route.handlers, "OPTIONS"]).encode())]
+    if ex.cors and ex.header(b"access-control-request-method"):
+        requested = ex.header(b"access-control-request-headers")
+        if not requested or not HEADER_LIST.fullmatch(requested):
+            requested = CORS_DEFAULT_HEADERS
+        headers += [(b"access-control-allow-methods", CORS_METHODS),
+                    (b"access-control-allow-headers", requested),
+                    (b"access-control-max-age", CORS_MAX_AGE)]
+    return Answer(204, headers, b"")
+
+
+def cors_headers(config: Config, origin: bytes) -> Headers:
+    """Access-Control-Allow-Origin for an allowed origin; nothing (but no refusal) for another."""
+    if "*" in config.cors_allow_origins:
+        return [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"x-request-id")]
+    if origin.decode("latin-1") in config.cors_allow_origins:
+        return [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"x-request-id"),
+                (b"vary", b"origin")]
+    return []
+
+
+def not_found_message(path: str) -> str:
+    hint = ""
+    if path.startswith("/api/"):
+        hint = " ModelGate speaks the OpenAI API under /v1, not Ollama's native /api."
+    elif path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
+        hint = f" Did you mean /v1{path}? Base URLs end in /v1."
+    return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
+            "/v1/embeddings, /v1/models.")
+
+
+class ClientWatch:
+    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when
+    the shutdown grace is over, until stop().
+
+    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
+    on an upstream we also wait on receive(), and stop the upstream request the moment the client
+    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
+    it runs: that is how the end of the shutdown grace finds what still waits on an upstream.
+    """
+
+    def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
+        self.task = asyncio.current_task()
+        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
+        self.stopped = False
+        self.watches = watches
+        watches.add(self)
+        self.listener = asyncio.ensure_future(self._listen(receive))
+        self.sending_since: float | None = None  # loop time a stream chunk began to be sent, while it is
+        self.send_check: asyncio.TimerHandle | None = None
+
+    async def _listen(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancel("gone")
+
+    def cancel(self, reason: str) -> None:
+        if not self.stopped and not self.reason:
+            self.reason = reason
+            self.task.cancel()
+
+    def claim(self, exc: BaseException) -> str:
+        """Why this watch cancelled the task, if it did ("" otherwise): the cancellation `exc` is then ours,
+        handled by the caller, and no longer counts against the task (Python 3.11's uncancel)."""
+        reason, self.reason = self.reason, ""
+        if reason and isinstance(exc, asyncio.CancelledError) and sys.version_info >= (3, 11):
+            self.task.uncancel()
+        return reason
+
+    def guard_sends(self, timeout: float) -> None:
+        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
+
+        uvicorn's send() waits for as long as the client's socket is full, and meanwhile the stream
+        would hold its upstream connection. One timer per stream looks every `timeout` seconds.
+        """
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
+                self.cancel("gone")
+            elif not self.stopped:
+                self.send_check = loop.call_later(timeout, check)
+
+        self.send_check = loop.call_later(timeout, check)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.listener.cancel()
+        if self.send_check is not None:
+            self.send_check.cancel()
+        self.watches.discard(self)
+
+
 ###############################################################################
-# Upstream forwarding #########################################################
+# The relay ###################################################################
 ###############################################################################
 
-# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
-# backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
-# They describe one connection and never cross the gateway, in either direction, nor does any header
-# that a Connection header names.
-HOP_BY_HOP = frozenset({
-    b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
-
-# What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
-# fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
-# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked.
-FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
-
-# What of an upstream's response does not reach the client, besides hop-by-hop headers:
-# uvicorn writes its own Date (and Server, if enabled), we compute Content-Length, CORS is ours,
-# and an upstream's cookies belong to its domain, not ours.
-DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
-
-# The most of an upstream error body that we read; the message shown to people is cut much shorter.
+# How much of an upstream error body is read; the message shown to people is cut much shorter.
 MAX_ERROR_BODY = 64 * 1024
 MAX_ERROR_TEXT = 400
 
-# How much of an upstream's answer may wait here for the client before we stop reading from the upstream.
-READ_BUFFER_LIMIT = 1024 * 1024
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
-# 512 is the depth of Ollama's own queue (OLLAMA_MAX_QUEUE): more connections could only wait there.
-POOL_CONNECTIONS = 512
-# An idle upstream connection is dropped after 4 s, before the 5 s idle limit of uvicorn and Node
-# servers, so that we never send a request on a connection the server is closing at that moment.
-KEEPALIVE_SECONDS = 4.0
+
+async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
+                stream: bool) -> Answer | None:
+    """Send one request upstream with the client's headers, and relay its answer:
+
+    1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
+       before the answer's head arrives is a GatewayError (502, 503, 504).
+    2. An error status becomes the error answer: the upstream's status, its body made OpenAI-shaped.
+    3. A plain answer is read whole and answered with its Content-Length.
+    4. An event stream, to a `"stream": true` request, is relayed chunk by chunk as it arrives, and its
+       end checked against the route's (relay_events).
+    5. Close the upstream response: its connection goes back to the pool, or is closed.
+    """
+    response = await upstream.send(b"POST", path, ex.headers, body)
+    try:
+        if response.status >= 400:
+            return await upstream.error_answer(response, ex.dialect)
+        if stream and is_event_stream(response.headers):
+            await relay_events(gw, ex, upstream, response)
+            return None
+        return Answer(response.status, response_headers(response.headers), await upstream.read(response))
+    finally:
+        await response.aclose()
+
+
+async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> None:
+    """Relay an event stream as it arrives: one ASGI body message per upstream chunk, nothing held back.
+
+    Until its first bytes arrive, a failure is still answered with its plain status (502, 504). After,
+    a stream that breaks off, or ends otherwise than its route's streams end (Route.end), gets the
+    dialect's error event as its last chunk, so that no client takes a cut answer for a whole one. So
+    does a stream still running when the shutdown grace is over.
+    """
+    chunks = response.stream.__aiter__()
+    try:
+        chunk = await anext(chunks, None)
+    except UPSTREAM_EXCEPTIONS as exc:
+        raise upstream.translate(exc) from exc
+    ex.ttfb = time.perf_counter() - ex.t0
+    headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
+    end, cut = STREAM_ENDS[ROUTES[ex.route].end](), ""
+    watch, loop = ex.watch, asyncio.get_running_loop()
+    watch.guard_sends(gw.config.timeout)
+    gw.metrics.streams += 1
+    try:
+        await ex.start(response.status, headers + SSE_HEADERS)
+        while chunk is not None:
+            watch.sending_since = loop.time()
+            await ex.body_chunk(chunk)
+            watch.sending_since = None
+            end.feed(chunk)
+            chunk = await anext(chunks, None)
+    except UPSTREAM_EXCEPTIONS as exc:
+        upstream.count_failure(type(exc).__name__)
+        cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
+        ex.error = f"upstream_stream_error ({type(exc).__name__}: {exc})"
+    except asyncio.CancelledError as exc:
+        if watch.reason != "shutdown":
+            raise  # the client left: there is nobody to tell
+        watch.claim(exc)
+        cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
+    else:
+        if not end.complete():
+            upstream.count_failure("IncompleteStream")
+            cut = f"ended without {end.marker}"
+            ex.error = f"upstream_stream_error (no {end.marker})"
+    finally:
+        gw.metrics.streams -= 1
+    watch.stop()
+    if cut:
+        message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
+        await ex.body_chunk(DIALECTS[ex.dialect].cut_event(message))
+    await ex.body_chunk(b"", more=False)
+
+
+def last_event(tail: bytes) -> bytes:
+    """The last SSE event in the end of a stream (or as much of it as `tail` holds)."""
+    return tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+
+
+class DoneEnd:
+    """How a chat or completions stream ends when it is whole: with `data: [DONE]`."""
+
+    marker = "data: [DONE]"
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail = (self.tail + chunk)[-64:]
+
+    def complete(self) -> bool:
+        return last_event(self.tail).strip() in (b"data: [DONE]", b"data:[DONE]")
+
+
+# A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
+# Quotes inside JSON strings are escaped, so this cannot match the text of an answer.
+RESPONSE_END = re.compile(rb'(?m)(?:^event: ?|"type" ?: ?")response\.(?:completed|failed|incomplete)\b')
+
+
+class ResponsesEnd:
+    """How a Responses stream ends when it is whole: its last event is response.completed, .failed or
+    .incomplete; there is no [DONE].
+
+    That event carries the whole response, so only the start of the last event and the end of the
+    stream are kept: the `event:` line (and the "type" OpenAI writes first) open it, while Ollama's
+    JSON, its keys sorted, puts "type" last.
+    """
+
+    marker = "response.completed"
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self.head = b""  # the first KEEP bytes of the last event begun
+        self.tail = b""  # the last KEEP bytes of the stream
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.tail[-3:] + chunk  # a blank line may straddle two chunks
+        body = data.rstrip(b"\r\n")  # the blank line that ends the last event does not begin a new one
+        lf, crlf = body.rfind(b"\n\n"), body.rfind(b"\n\r\n")
+        start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if start:
+            self.head = data[start:start + self.KEEP]
+        elif len(self.head) < self.KEEP:
+            self.head = (self.head + chunk)[:self.KEEP]
+        self.tail = (self.tail + chunk)[-self.KEEP:]
+
+    def complete(self) -> bool:
+        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.tail)))
+
+
+# Route.end -> how a stream of that route is checked for being whole.
+STREAM_ENDS: dict[str, type[DoneEnd] | type[ResponsesEnd]] = {"[DONE]": DoneEnd, "response.completed": ResponsesEnd}
+
+
+def openai_error(message: str, type_: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+def openai_cut_event(message: str) -> bytes:
+    # openai-python raises APIError for any `data:` object with an "error" key (CLIENTS.md §4).
+    return b"data: " + openai_error(message, "api_error", "upstream_stream_error") + b"\n\n"
+
+
+class Dialect(NamedTuple):
+    """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
+    stream that was cut off; and whether an upstream's error body is in that shape already."""
+    error: Callable[[str, str, str | None], bytes]  # (message, type, code) -> body
+    cut_event: Callable[[str], bytes]  # message -> the last chunk of a cut stream
+    own_error: Callable[[Any], bool]  # a parsed upstream error body that passes unchanged
+
+
+DIALECTS: dict[str, Dialect] = {
+    "openai": Dialect(openai_error, openai_cut_event,
+                      lambda document: isinstance(document, dict) and isinstance(document.get("error"), dict)),
+}
+
+error_body = openai_error  # the OpenAI shape, which every error had before there were dialects
+
+
+def error_answer(error: GatewayError, ex: Exchange) -> Answer:
+    """A GatewayError as the client's dialect writes it."""
+    body = DIALECTS[ex.dialect].error(error.message, error.type, error.code)
+    return Answer(error.status, [JSON, *error.headers], body)
+
+
+def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: str = "openai") -> Answer:
+    """An upstream error response as the client gets it: same status, in the client's dialect.
+
+    A body already in that shape passes unchanged; anything else is wrapped, its text as the message,
+    so that tools which show `error.message` (FluentRead) or parse JSON (openai-translator) tell the
+    user what the upstream said.
+    """
+    kept = response_headers(headers)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if DIALECTS[dialect].own_error(document):
+        return Answer(status, kept, body)
+    text = ""
+    if isinstance(document, dict):  # Ollama's native {"error": "..."}, FastAPI's {"detail": "..."}
+        text = next((document[k] for k in ("error", "message", "detail") if isinstance(document.get(k), str)), "")
+    if not text and document is None:
+        text = body.decode("utf-8", "replace")
+    text = " ".join(text.split())
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[:MAX_ERROR_TEXT] + "…"
+    phrase = f"{status} {PHRASES.get(status, '')}".strip()
+    message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
+    if status in (401, 403):
+        message += f" Check {KEY_VARIABLE[name]}."
+    kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
+    kept.append(JSON)
+    return Answer(status, kept, DIALECTS[dialect].error(message, UPSTREAM_ERROR_TYPES.get(status, "api_error"), None))
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
@@ -652,11 +1348,478 @@ def response_headers(headers: Headers) -> Headers:
     return kept
 
 
-async def within(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
+def is_event_stream(headers: Headers) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
+
+
+###############################################################################
+# Upstreams and their hosts ###################################################
+###############################################################################
+
+# 512 is the depth of Ollama's own queue (OLLAMA_MAX_QUEUE): more connections could only wait there.
+POOL_CONNECTIONS = 512
+
+# A host that refused a connection, or did not complete one in time, is passed over for this long while
+# another host is up (nothing was sent to it, so the request goes to the next one); then it is tried again.
+HOST_COOLDOWN_SECONDS = 30.0
+
+
+class Host:
+    """One base URL of a provider: where it lives, its connection pool, and whether it is cooling down."""
+
+    def __init__(self, number: int, base_url: str) -> None:
+        url = urlsplit(base_url)
+        self.number = number  # 1 for the first one listed: what logs, metrics and /ready show, never the URL
+        self.scheme = url.scheme.encode()
+        self.host = url.hostname.encode("idna")
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.path = url.path.rstrip("/").encode()
+        self.authority = url.netloc.encode("idna")
+        self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
+        self.down_until = 0.0  # time.monotonic() before which other hosts go first
+
+
+def upstream_failure(exc: Exception, name: str) -> GatewayError:
+    """One of the UPSTREAM_EXCEPTIONS as the error the client gets (UPSTREAM_FAILURES)."""
+    situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
+                              if isinstance(exc, exc_type))
+    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]))
+
+
+class Upstream:
+    """One provider: the key it wants, its hosts (OLLAMA_BASE_URL may list several), and how a request
+    reaches one of them."""
+
+    def __init__(self, name: str, base_urls: tuple[str, ...], api_key: str, config: Config,
+                 metrics: Metrics) -> None:
+        self.name = name
+        self.hosts = [Host(number, url) for number, url in enumerate(base_urls, 1)]
+        self.auth = [(b"authorization", b"Bearer " + api_key.encode())] if api_key else []
+        # No write timeout: a request goes out in one write to the socket's buffer, which never waits.
+        self.extensions = {"timeout": {"connect": config.connect_timeout, "pool": config.connect_timeout,
+                                       "read": config.timeout}}
+        self.metrics = metrics
+
+    def request(self, host: Host, method: bytes, path: bytes, client_headers: Headers,
+                body: bytes = b"") -> httpcore.Request:
+        """Build the outbound request explicitly from the few client headers that may travel."""
+        drop = connection_named(client_headers)
+        headers = [(b"host", host.authority), (b"accept-encoding", b"identity")]
+        for name, value in client_headers:
+            name = name.lower()
+            if name in FORWARDED_REQUEST_HEADERS and name not in drop:
+                headers.append((name, value))
+        headers += self.auth
+        if method == b"POST":
+            headers.append((b"content-length", b"%d" % len(body)))
+        url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=host.path + path)
+        return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
+
+    def by_preference(self) -> list[Host]:
+        """The hosts to try in turn: those not cooling down, fewest requests in flight first, ties as listed."""
+        if len(self.hosts) == 1:
+            return self.hosts
+        now = time.monotonic()
+        up = [host for host in self.hosts if host.down_until <= now]
+        return sorted(up or self.hosts, key=lambda host: host.pool.in_use)  # sorted() keeps ties in order
+
+    async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
+                   host: Host | None = None) -> httpcore.Response:
+        """Send to `host`, or to the hosts in preference order until one takes the request; the response's
+        head has arrived when this returns.
+
+        Only a connection that could not be opened moves on to the next host: nothing was sent yet.
+        Anything that fails later is the answer, so that no generation ever runs twice.
+        """
+        hosts = self.by_preference() if host is None else [host]
+        for tried, host in enumerate(hosts, 1):
+            try:
+                response = await host.pool.handle_async_request(
+                    self.request(host, method, path, client_headers, body))
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = self.translate(exc)
+                host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
+                if len(self.hosts) > 1:  # log: which host is passed over, without its URL
+                    log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
+                                type(exc).__name__, HOST_COOLDOWN_SECONDS)
+                if tried < len(hosts):
+                    continue
+                if tried > 1:
+                    failure = GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} "
+                                           f"{self.name} hosts tried: refused, unreachable or too slow. Check that "
+                                           f"they are running and {URL_VARIABLE[self.name]} lists them right.")
+                raise failure from exc
+            except UPSTREAM_EXCEPTIONS as exc:
+                failure = self.translate(exc)
+                # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
+                if isinstance(exc.__cause__, h11.RemoteProtocolError):
+                    failure.headers.append((b"x-should-retry", b"false"))
+                raise failure from exc
+            host.down_until = 0.0
+            return response
+
+    def count_failure(self, kind: str) -> None:
+        count(self.metrics.upstream_errors, (self.name, kind))
+
+    def translate(self, exc: Exception) -> GatewayError:
+        """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
+        self.count_failure(type(exc).__name__)
+        return upstream_failure(exc, self.name)
+
+    async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
+        """The whole body (or its first `limit` bytes); failures as in send()."""
+        chunks, size = [], 0
+        try:
+            async for chunk in response.stream:
+                chunks.append(chunk)
+                size += len(chunk)
+                if limit is not None and size >= limit:
+                    break
+        except UPSTREAM_EXCEPTIONS as exc:
+            raise self.translate(exc) from exc
+        return b"".join(chunks)
+
+    async def error_answer(self, response: httpcore.Response, dialect: str = "openai") -> Answer:
+        self.count_failure(f"http_{response.status}")
+        body = await self.read(response, MAX_ERROR_BODY)
+        return upstream_error(self.name, response.status, response.headers, body, dialect)
+
+    async def get_json(self, path: bytes, client_headers: Headers, host: Host) -> Any:
+        """GET a JSON document from one host; an error status is returned as its error Answer."""
+        response = await self.send(b"GET", path, client_headers, host=host)
+        try:
+            if response.status >= 400:
+                return await self.error_answer(response)
+            body = await self.read(response)
+        finally:
+            await response.aclose()
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise GatewayError("upstream_unavailable", f"{self.name} answered {path.decode()} with something "
+                               f"that is not JSON. Check that {URL_VARIABLE[self.name]} points at its API.") from None
+
+    async def list_models(self, headers: Headers) -> list[dict] | Answer:
+        """The provider's models, ids prefixed, from all its hosts without duplicates; when no host
+        answered, the first failure."""
+        documents = await gather_answers(self.get_json(b"/models", headers, host) for host in self.hosts)
+        if isinstance(documents, Answer):
+            return documents
+        models: dict[str, dict] = {}
+        for document in documents:
+            items = document.get("data") if isinstance(document, dict) else None
+            for item in items if isinstance(items, list) else ():  # Ollama answers "data": null with no model
+                if isinstance(item, dict) and isinstance(item.get("id"), str):
+                    models.setdefault(item["id"], {**item, "id": f"{self.name}/{item['id']}"})
+        return list(models.values())
+
+    async def aclose(self) -> None:
+        for host in self.hosts:
+            await host.pool.aclose()
+
+
+async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | Answer:
+    """What those that answered returned, in order. When none did, the first failure: an upstream's error
+    Answer is returned, a GatewayError raised, to say why rather than list nothing. Anything else raised
+    is a bug: raised."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    answers = []
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, GatewayError):
+            raise result
+        if not isinstance(result, (BaseException, Answer)):
+            answers.append(result)
+    if answers:
+        return answers
+    if isinstance(results[0], GatewayError):
+        raise results[0]
+    return results[0]
+
+
+###############################################################################
+# Coalescing identical requests in flight #####################################
+###############################################################################
+
+class Flight:
+    """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task, self.waiters = task, 0
+
+
+class Coalescer:
+    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
+
+    Identical means the same token, provider, path and body as it goes upstream. The upstream request
+    runs in a task of its own, so that a client leaving does not end it while others still wait; the
+    last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.flights: dict[tuple, Flight] = {}
+        self.metrics = metrics
+
+    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
+        key = (ex.token, upstream.name, path, body)
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = self.flights[key] = Flight(asyncio.ensure_future(
+                relay(gw, ex, upstream, path, body, stream=False)))
+            flight.task.add_done_callback(lambda task: self.forget(key, flight))
+        else:
+            ex.coalesced = True
+            count(self.metrics.coalesced, (ex.token,))
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.task.done():
+                flight.task.cancel()  # nobody is left to answer
+                self.forget(key, flight)
+
+    def forget(self, key: tuple, flight: Flight) -> None:
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+        if flight.task.done() and not flight.task.cancelled():
+            flight.task.exception()  # seen, even when every waiter had gone
+
+
+###############################################################################
+# Readiness ###################################################################
+###############################################################################
+
+# GET /ready asks each host of the default provider for its models, waits Gateway(ready_timeout=) for an
+# answer (2 s), and keeps the result this long, so that probes every few seconds cost the upstream one
+# cheap request.
+READY_CACHE_SECONDS = 5.0
+
+
+class Readiness:
+    """The last /ready probe of the default provider's hosts, shared by the probes until it expires."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.probe: asyncio.Task | None = None
+        self.expires = 0.0
+
+    async def check(self, upstream: Upstream) -> dict[str, str]:
+        """`provider/number` of each host -> "ok", or the kind of failure (as in modelgate_upstream_errors_total)."""
+        if self.probe is None or time.monotonic() >= self.expires:
+            self.probe = asyncio.ensure_future(self.probe_hosts(upstream))
+            self.expires = time.monotonic() + READY_CACHE_SECONDS
+        return await asyncio.shield(self.probe)
+
+    async def probe_hosts(self, upstream: Upstream) -> dict[str, str]:
+        async def probe(host: Host) -> str:
+            try:
+                result = await asyncio.wait_for(upstream.get_json(b"/models", [], host), self.timeout)
+            except asyncio.TimeoutError:
+                return "timeout"
+            except GatewayError as failure:  # raised from the httpcore exception, if there was one
+                return type(failure.__cause__).__name__ if failure.__cause__ else failure.situation
+            return f"http_{result.status}" if isinstance(result, Answer) else "ok"
+
+        results = await asyncio.gather(*(probe(host) for host in upstream.hosts))
+        return {f"{upstream.name}/{host.number}": result for host, result in zip(upstream.hosts, results)}
+
+    def stop(self) -> None:
+        if self.probe is not None:
+            self.probe.cancel()
+
+
+###############################################################################
+# Metrics and the log line ####################################################
+###############################################################################
+
+# Bucket bounds in seconds. An answer takes from a fraction of a second (a short reply from a loaded model)
+# to minutes (a cold model, a long answer); the first byte of a stream comes within seconds once loaded.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# The Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def count(counter: dict[tuple, int], key: tuple) -> None:
+    counter[key] = counter.get(key, 0) + 1
+
+
+def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
+    counts = histogram.get(key)
+    if counts is None:  # one count per bucket, one for +Inf, then the sum
+        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
+    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
+    counts[-1] += value
+
+
+class Metrics:
+    """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values, and
+    two gauges.
+
+    Every label value comes from a closed set (the route table, configured token names, providers,
+    statuses, exception names), so no client can make the number of series grow.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple, int] = {}  # (route, provider, token, status)
+        self.durations: dict[tuple, list] = {}  # (route,)
+        self.first_bytes: dict[tuple, list] = {}  # (route,), streams only
+        self.upstream_errors: dict[tuple, int] = {}  # (provider, kind)
+        self.coalesced: dict[tuple, int] = {}  # (token,)
+        self.rate_limited: dict[tuple, int] = {}  # (token, limit)
+        self.in_flight = self.streams = 0
+
+    def record(self, ex: Exchange, seconds: float) -> None:
+        count(self.requests, (ex.route, ex.provider, ex.token, ex.status))
+        observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
+        if ex.ttfb is not None:
+            observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
+
+    def render(self, upstreams: Iterable[Upstream]) -> bytes:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, text: str, labels: tuple[str, ...], samples: Any) -> None:
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} {kind}")
+            for values, value in sorted(samples):
+                lines.append(f"{name}{label_set(labels, values)} {number(value)}")
+
+        def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...]) -> None:
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} histogram")
+            for (route,), counts in sorted(series.items()):
+                total = 0
+                for bound, n in zip((*bounds, math.inf), counts):
+                    total += n
+                    lines.append(f"{name}_bucket{label_set(('route', 'le'), (route, number(bound)))} {total}")
+                lines.append(f"{name}_sum{label_set(('route',), (route,))} {number(counts[-1])}")
+                lines.append(f"{name}_count{label_set(('route',), (route,))} {total}")
+
+        hosts = [(upstream.name, host) for upstream in upstreams for host in upstream.hosts]
+        now = time.monotonic()
+        family("modelgate_requests_total", "counter", "Requests answered, by route, provider, token name "
+               "and status (499: the client left first).", ("route", "provider", "token", "status"),
+               self.requests.items())
+        histogram("modelgate_request_duration_seconds", "Time from request to complete answer.",
+                  self.durations, DURATION_BUCKETS)
+        histogram("modelgate_stream_first_byte_seconds", "Time from request to the first streamed bytes.",
+                  self.first_bytes, FIRST_BYTE_BUCKETS)
+        family("modelgate_upstream_errors_total", "counter", "Upstream failures, by provider and kind: the "
+               "httpcore exception, http_<status>, or IncompleteStream.", ("provider", "kind"),
+               self.upstream_errors.items())
+        family("modelgate_requests_in_flight", "gauge", "Requests being answered, streams included.", (),
+               [((), self.in_flight)])
+        family("modelgate_streams_in_flight", "gauge", "Streams being relayed.", (), [((), self.streams)])
+        family("modelgate_coalesced_requests_total", "counter", "Requests answered with an identical request's "
+               "upstream answer (COALESCE), by token name.", ("token",), self.coalesced.items())
+        family("modelgate_rate_limited_requests_total", "counter", "Requests refused with 429, by token name "
+               "and limit (rpm: RATE_LIMIT_RPM, concurrency: MAX_CONCURRENT_PER_TOKEN).", ("token", "limit"),
+               self.rate_limited.items())
+        family("modelgate_upstream_up", "gauge", "1 when the host is not cooling down after a failed "
+               "connection.", ("provider", "host"),
+               [((name, str(host.number)), int(host.down_until <= now)) for name, host in hosts])
+        family("modelgate_upstream_in_flight", "gauge", "Requests in flight to the host.", ("provider", "host"),
+               [((name, str(host.number)), host.pool.in_use) for name, host in hosts])
+        return ("\n".join(lines) + "\n").encode()
+
+
+def label_set(names: tuple[str, ...], values: tuple) -> str:
+    if not names:
+        return ""
+    pairs = (f'{name}="{escape_label(str(value))}"' for name, value in zip(names, values))
+    return "{" + ",".join(pairs) + "}"
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def number(value: float) -> str:
+    return "+Inf" if value == math.inf else str(value)
+
+
+def log_exchange(ex: Exchange, seconds: float) -> None:
+    # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
+    # writes the same fields (exchange_fields) as an object.
+    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
+    coalesced = " coalesced" if ex.coalesced else ""
+    error = f" error={ex.error}" if ex.error else ""
+    log.info("%s %s %d %s %s %.0fms %dB%s token=%s client=%s%s%s id=%s", ex.method, printable(ex.path), ex.status,
+             ex.provider, printable(ex.model), seconds * 1000, ex.bytes_out, ttfb, ex.token, ex.client, coalesced,
+             error, ex.request_id.decode("latin-1") or "-", extra={"exchange": (ex, seconds)})
+
+
+def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
+    return {
+        "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
+        "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
+        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "token": ex.token, "client": ex.client,
+        "coalesced": ex.coalesced, "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
+    }
+
+
+def printable(text: str) -> str:
+    # A path or model with a line break would forge a log line of its own.
+    return text if text.isprintable() else ascii(text)
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line; a request line carries its fields, others a message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname}
+        exchange = getattr(record, "exchange", None)
+        line.update(exchange_fields(*exchange) if exchange else {"message": record.getMessage()})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(log_format: str, logger: logging.Logger = log) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+app = Gateway()
+
+
+###############################################################################
+# The connection pool and socket stream under httpcore's HTTP/1.1 #############
+###############################################################################
+
+# Why our own: httpcore's AsyncConnectionPool and its anyio network backend cost more than the relay
+# itself. Measured with bench_modelgate.py on a 2-core VM before they were replaced: with httpcore's pool,
+# most of the gateway's time at 64 connections went to re-examining every pooled connection on every
+# request, and anyio's cancel scope around each read cost more than the read. httpcore's
+# AsyncHTTP11Connection (h11) still speaks the protocol: what is here is only where connections wait
+# between requests and how bytes reach the socket. The floor this leaves (`bench_modelgate.py --floor`)
+# is in docs/benchmark.md.
+
+# How much of an upstream's answer may wait here for the client before we stop reading from the upstream.
+READ_BUFFER_LIMIT = 1024 * 1024
+
+# An idle upstream connection is dropped after 4 s, before the 5 s idle limit of uvicorn and Node
+# servers, so that we never send a request on a connection the server is closing at that moment.
+KEEPALIVE_SECONDS = 4.0
+
+
+async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
     """Await with a deadline, raising `timeout_error` when it passes.
 
     asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
-    and the disconnect watch cancels exactly once: a client leaving then would go unnoticed.
+    and the client watch cancels exactly once: a client leaving then would go unnoticed.
     """
     task = asyncio.current_task()
     expired = False
@@ -679,15 +1842,14 @@ async def within(seconds: float, awaitable: Awaitable[Any], timeout_error: Excep
         timer.cancel()
 
 
-class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
-    """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with timeouts.
+class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
+    """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with a read
+    timeout.
 
-    httpcore's own backend goes through anyio, whose cancel scope around every read and write costs
-    more than the read itself. This is the same contract on asyncio's protocol callbacks: incoming
-    data waits in a list and a reader waits on one future. The read timeout is one timer per
-    connection that moves its deadline on instead of one timer per read (a stream reads once per
-    token). httpcore writes a request as headers, body and end in three calls; they leave in one
-    send when it starts to read.
+    The same contract as httpcore's own backend, on asyncio's protocol callbacks: incoming data waits
+    in a list and a reader waits on one future. The read timeout is one timer per connection that moves
+    its deadline on instead of one timer per read (a stream reads once per token). httpcore writes a
+    request as headers, body and end in three calls; they leave in one send when it starts to read.
     """
 
     def __init__(self) -> None:
@@ -702,11 +1864,11 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self.timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> Stream:
+    async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> SocketStream:
         loop = asyncio.get_running_loop()
         try:
-            _, stream = await within(timeout, loop.create_connection(cls, host, port, ssl=tls),
-                                     httpcore.ConnectTimeout(f"no connection within {timeout} s"))
+            _, stream = await wait_at_most(timeout, loop.create_connection(cls, host, port, ssl=tls),
+                                           httpcore.ConnectTimeout(f"no connection within {timeout} s"))
         except OSError as exc:  # refused, unreachable, unknown host, TLS failure (ssl.SSLError)
             raise httpcore.ConnectError(str(exc)) from exc
         return stream
@@ -779,6 +1941,7 @@ class Stream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        # Never waits, so no write timeout applies: the bytes go to the transport's buffer with the next read.
         if self.transport.is_closing():
             raise httpcore.WriteError("the connection is closed")
         self.outgoing.append(buffer)
@@ -802,10 +1965,11 @@ class Connection(httpcore.AsyncHTTP11Connection):
 
     The lock guards a connection shared by concurrent requests, as in httpcore's pool. Ours hands a
     connection to one request at a time, and anyio's lock costs a trip through the event loop on
-    every acquire, twice per request. Should httpcore rename the attribute, this only gets slower.
+    every acquire, twice per request. `_state_lock` is private to httpcore: the test suite checks that
+    httpcore still has it, and requirements.txt keeps httpcore to the 1.0 series it was checked with.
     """
 
-    def __init__(self, origin: httpcore.Origin, stream: Stream, keepalive_expiry: float) -> None:
+    def __init__(self, origin: httpcore.Origin, stream: SocketStream, keepalive_expiry: float) -> None:
         super().__init__(origin, stream, keepalive_expiry)
         self._state_lock = NO_LOCK
         self.stream = stream
@@ -822,20 +1986,20 @@ class NoLock:
 NO_LOCK = NoLock()
 
 
-class PooledStream:
+class PooledBody:
     """A response body that gives its connection back to the pool when it is closed."""
 
-    def __init__(self, pool: Pool, connection: Connection, stream: Any) -> None:
-        self.pool, self.connection, self.stream = pool, connection, stream
+    def __init__(self, pool: Pool, connection: Connection, body: Any) -> None:
+        self.pool, self.connection, self.body = pool, connection, body
 
     def __aiter__(self) -> Any:
-        return self.stream.__aiter__()
+        return self.body.__aiter__()
 
     async def aclose(self) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
             try:
-                await self.stream.aclose()  # h11 decides: ready for the next request, or closed
+                await self.body.aclose()  # h11 decides: ready for the next request, or closed
             finally:
                 pool.checkin(self.connection)
 
@@ -848,7 +2012,7 @@ class Pool:
     origin and HTTP/1.1 need less: the idle connection used last is the one most likely still open.
     A request owns its connection from checkout until its response is closed, so a cancellation at
     any point, even while the connection opens, leaves nothing half-done in shared state (the trap
-    of httpcore PRs #1094/#1099). httpcore's AsyncHTTP11Connection still speaks the protocol.
+    of httpcore PRs #1094/#1099).
     """
 
     def __init__(self, scheme: bytes, host: bytes, port: int, limit: int) -> None:
@@ -862,20 +2026,21 @@ class Pool:
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         timeouts = request.extensions["timeout"]
         if self.slots.locked():  # all in use: wait for one, as long as for a connection
-            await within(timeouts["pool"], self.slots.acquire(), httpcore.PoolTimeout("every connection is in use"))
+            await wait_at_most(timeouts["pool"], self.slots.acquire(),
+                               httpcore.PoolTimeout("every connection is in use"))
         else:
             await self.slots.acquire()
         self.in_use += 1
         try:
             connection = self.checkout()
             if connection is None:
-                stream = await Stream.connect(self.host, self.port, self.tls, timeouts["connect"])
+                stream = await SocketStream.connect(self.host, self.port, self.tls, timeouts["connect"])
                 connection = Connection(self.origin, stream, KEEPALIVE_SECONDS)
             response = await connection.handle_async_request(request)
         except BaseException:
             self.release()  # httpcore has closed the connection, or it never opened
             raise
-        response.stream = PooledStream(self, connection, response.stream)
+        response.stream = PooledBody(self, connection, response.stream)
         return response
 
     def checkout(self) -> Connection | None:
@@ -902,1084 +2067,9 @@ class Pool:
             await self.idle.pop().aclose()
 
 
-# A host that refused a connection, or did not complete one in time, is passed over for this long while
-# another host is up (nothing was sent to it, so the request goes to the next one); then it is tried again.
-HOST_COOLDOWN_SECONDS = 30.0
-
-
-class Host:
-    """One base URL of a provider: where it lives, its connection pool, and whether it is cooling down."""
-
-    def __init__(self, number: int, base_url: str) -> None:
-        url = urlsplit(base_url)
-        self.number = number  # 1 for the first one listed: what logs, metrics and /ready show, never the URL
-        self.scheme = url.scheme.encode()
-        self.host = url.hostname.encode("idna")
-        self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.path = url.path.rstrip("/").encode()
-        self.authority = url.netloc.encode("idna")
-        self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
-        self.down_until = 0.0  # time.monotonic() before which other hosts go first
-
-
-class Upstream:
-    """One provider: the key it wants, its hosts (OLLAMA_BASE_URL may list several), and how a request
-    reaches one of them."""
-
-    def __init__(self, name: str, base_urls: tuple[str, ...], api_key: str, config: Config,
-                 metrics: Metrics) -> None:
-        self.name = name
-        self.hosts = [Host(number, url) for number, url in enumerate(base_urls, 1)]
-        self.auth = [(b"authorization", b"Bearer " + api_key.encode())] if api_key else []
-        self.extensions = {"timeout": {
-            "connect": config.connect_timeout, "pool": config.connect_timeout,
-            "read": config.timeout, "write": config.timeout,
-        }}
-        self.metrics = metrics
-
-    def request(self, host: Host, method: bytes, path: bytes, client_headers: Headers,
-                body: bytes = b"") -> httpcore.Request:
-        """Build the outbound request explicitly from the few client headers that may travel."""
-        drop = connection_named(client_headers)
-        headers = [(b"host", host.authority), (b"accept-encoding", b"identity")]
-        for name, value in client_headers:
-            name = name.lower()
-            if name in FORWARDED_REQUEST_HEADERS and name not in drop:
-                headers.append((name, value))
-        headers += self.auth
-        if method == b"POST":
-            headers.append((b"content-length", b"%d" % len(body)))
-        url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=host.path + path)
-        return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
-
-    def by_preference(self) -> list[Host]:
-        """The hosts to try in turn: those not cooling down, fewest requests in flight first, ties as listed."""
-        if len(self.hosts) == 1:
-            return self.hosts
-        now = time.monotonic()
-        up = [host for host in self.hosts if host.down_until <= now]
-        return sorted(up or self.hosts, key=lambda host: host.pool.in_use)  # sorted() keeps ties in order
-
-    async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
-                   host: Host | None = None) -> httpcore.Response:
-        """Send to `host`, or to the hosts in preference order until one takes the request.
-
-        Only a connection that could not be opened moves on to the next host: nothing was sent yet.
-        Anything that fails later is the answer, so that no generation ever runs twice.
-        """
-        hosts = self.by_preference() if host is None else [host]
-        for tried, host in enumerate(hosts, 1):
-            try:
-                response = await host.pool.handle_async_request(
-                    self.request(host, method, path, client_headers, body))
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = self.failure(exc)
-                host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
-                if len(self.hosts) > 1:  # log: which host is passed over, without its URL
-                    log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
-                                type(exc).__name__, HOST_COOLDOWN_SECONDS)
-                if tried < len(hosts):
-                    continue
-                if tried == 1:
-                    raise failure from exc
-                raise GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} {self.name} "
-                                   f"hosts tried: refused, unreachable or too slow. Check that they are running "
-                                   f"and {URL_VARIABLE[self.name]} lists them right.") from exc
-            except UPSTREAM_EXCEPTIONS as exc:
-                failure = self.failure(exc)
-                # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
-                if isinstance(exc.__cause__, h11.RemoteProtocolError):
-                    failure.headers.append((b"x-should-retry", b"false"))
-                raise failure from exc
-            host.down_until = 0.0
-            return response
-        raise AssertionError("unreachable: the last host tried returns or raises")
-
-    def failed(self, kind: str) -> None:
-        count(self.metrics.upstream_errors, (self.name, kind))
-
-    def failure(self, exc: Exception) -> GatewayError:
-        """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
-        self.failed(type(exc).__name__)
-        return upstream_failure(exc, self.name)
-
-    async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
-        """The whole body (or its first `limit` bytes); failures as in send()."""
-        chunks, size = [], 0
-        try:
-            async for chunk in response.stream:
-                chunks.append(chunk)
-                size += len(chunk)
-                if limit is not None and size >= limit:
-                    break
-        except UPSTREAM_EXCEPTIONS as exc:
-            raise self.failure(exc) from exc
-        return b"".join(chunks)
-
-    async def whole(self, response: httpcore.Response) -> tuple[int, Headers, bytes]:
-        """Status, headers and body as the client gets them; an error status made OpenAI-shaped."""
-        if response.status >= 400:
-            self.failed(f"http_{response.status}")
-            body = await self.read(response, MAX_ERROR_BODY)
-            return upstream_error(self.name, response.status, response.headers, body)
-        return response.status, response_headers(response.headers), await self.read(response)
-
-    async def answer(self, path: bytes, client_headers: Headers, body: bytes = b"", method: bytes = b"POST",
-                     host: Host | None = None) -> tuple[int, Headers, bytes]:
-        """Send a request that is not streamed and read its answer whole."""
-        response = await self.send(method, path, client_headers, body, host)
-        try:
-            return await self.whole(response)
-        finally:
-            await response.aclose()
-
-    async def get_json(self, path: bytes, client_headers: Headers, host: Host) -> Any:
-        """GET a JSON document from one host; an error status raises UpstreamStatus."""
-        status, headers, body = await self.answer(path, client_headers, method=b"GET", host=host)
-        if status >= 400:
-            raise UpstreamStatus(status, headers, body)
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise GatewayError("upstream_unavailable", f"{self.name} answered {path.decode()} with something "
-                               f"that is not JSON. Check that {URL_VARIABLE[self.name]} points at its API.") from None
-
-
-class UpstreamStatus(Exception):
-    """An upstream answered with an error status; carries the response to pass on."""
-
-    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
-        super().__init__(status)
-        self.status, self.headers, self.body = status, headers, body
-
-
-# The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
-UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                        404: "not_found_error", 429: "rate_limit_error"}
-
-
-def upstream_error(name: str, status: int, headers: Headers, body: bytes) -> tuple[int, Headers, bytes]:
-    """An upstream error response as the client gets it: same status, OpenAI-shaped JSON body.
-
-    A body that already is `{"error": {...}}` passes unchanged; anything else is wrapped, its text as
-    the message, so that tools which show `error.message` (FluentRead) or parse JSON (openai-translator)
-    tell the user what the upstream said.
-    """
-    kept = response_headers(headers)
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if isinstance(document, dict) and isinstance(document.get("error"), dict):
-        return status, kept, body
-    text = ""
-    if isinstance(document, dict):  # Ollama's native {"error": "..."}, FastAPI's {"detail": "..."}
-        text = next((document[k] for k in ("error", "message", "detail") if isinstance(document.get(k), str)), "")
-    if not text and document is None:
-        text = body.decode("utf-8", "replace")
-    text = " ".join(text.split())
-    if len(text) > MAX_ERROR_TEXT:
-        text = text[:MAX_ERROR_TEXT] + "…"
-    phrase = f"{status} {PHRASES.get(status, '')}".strip()
-    message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
-    if status in (401, 403):
-        message += f" Check {KEY_VARIABLE[name]}."
-    kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
-    kept.append((b"content-type", b"application/json"))
-    return status, kept, error_body(message, UPSTREAM_ERROR_TYPES.get(status, "api_error"), None)
-
-
-def last_event(tail: bytes) -> bytes:
-    """The last SSE event in the end of a stream (or as much of it as `tail` holds)."""
-    return tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
-
-
-class DoneEnd:
-    """How a chat or completions stream ends when it is whole: with `data: [DONE]`."""
-
-    marker = "data: [DONE]"
-
-    def __init__(self) -> None:
-        self.tail = b""
-
-    def feed(self, chunk: bytes) -> None:
-        self.tail = (self.tail + chunk)[-64:]
-
-    def complete(self) -> bool:
-        return last_event(self.tail).strip() in (b"data: [DONE]", b"data:[DONE]")
-
-
-# A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
-# Quotes inside JSON strings are escaped, so this cannot match the text of an answer.
-RESPONSE_END = re.compile(rb'(?m)(?:^event: ?|"type" ?: ?")response\.(?:completed|failed|incomplete)\b')
-
-
-class ResponsesEnd:
-    """How a Responses stream ends when it is whole: its last event is response.completed, .failed or
-    .incomplete; there is no [DONE].
-
-    That event carries the whole response, so only the start of the last event and the end of the
-    stream are kept: the `event:` line (and the "type" OpenAI writes first) open it, while Ollama's
-    JSON, its keys sorted, puts "type" last.
-    """
-
-    marker = "response.completed"
-    KEEP = 256
-
-    def __init__(self) -> None:
-        self.head = b""  # the first KEEP bytes of the last event begun
-        self.tail = b""  # the last KEEP bytes of the stream
-
-    def feed(self, chunk: bytes) -> None:
-        data = self.tail[-3:] + chunk  # a blank line may straddle two chunks
-        body = data.rstrip(b"\r\n")  # the blank line that ends the last event does not begin a new one
-        lf, crlf = body.rfind(b"\n\n"), body.rfind(b"\n\r\n")
-        start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-        if start:
-            self.head = data[start:start + self.KEEP]
-        elif len(self.head) < self.KEEP:
-            self.head = (self.head + chunk)[:self.KEEP]
-        self.tail = (self.tail + chunk)[-self.KEEP:]
-
-    def complete(self) -> bool:
-        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.tail)))
-
-
-# How each streamed route ends when the stream is whole; any other ends with [DONE].
-STREAM_ENDS: dict[str, type[DoneEnd] | type[ResponsesEnd]] = {"/v1/responses": ResponsesEnd}
-
-
-def is_event_stream(headers: Headers) -> bool:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
-
-
-###############################################################################
-# Metrics #####################################################################
-###############################################################################
-
-# Bucket bounds in seconds. An answer takes from a fraction of a second (a short reply from a loaded model)
-# to minutes (a cold model, a long answer); the first byte of a stream comes within seconds once loaded.
-DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-# The Prometheus text exposition format, version 0.0.4.
-METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-
-
-def count(counter: dict[tuple, int], key: tuple) -> None:
-    counter[key] = counter.get(key, 0) + 1
-
-
-def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
-    counts = histogram.get(key)
-    if counts is None:  # one count per bucket, one for +Inf, then the sum
-        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
-    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
-    counts[-1] += value
-
-
-class Metrics:
-    """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values.
-
-    Every label value comes from a closed set (the route table, configured token names, providers,
-    statuses, exception names), so no client can make the number of series grow.
-    """
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple, int] = {}  # (route, provider, token, status)
-        self.durations: dict[tuple, list] = {}  # (route,)
-        self.first_bytes: dict[tuple, list] = {}  # (route,), streams only
-        self.upstream_errors: dict[tuple, int] = {}  # (provider, kind)
-        self.coalesced: dict[tuple, int] = {}  # (token,)
-        self.rate_limited: dict[tuple, int] = {}  # (token, limit)
-
-    def record(self, ex: Exchange, seconds: float) -> None:
-        count(self.requests, (ex.route, ex.provider, ex.token, ex.status))
-        observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
-        if ex.ttfb is not None:
-            observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
-
-    def render(self, in_flight: int, streams: int, upstreams: list[Upstream]) -> bytes:
-        lines: list[str] = []
-
-        def family(name: str, kind: str, text: str, labels: tuple[str, ...], samples: Any) -> None:
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for values, value in sorted(samples):
-                lines.append(f"{name}{label_set(labels, values)} {number(value)}")
-
-        def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...]) -> None:
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} histogram")
-            for (route,), counts in sorted(series.items()):
-                total = 0
-                for bound, n in zip((*bounds, math.inf), counts):
-                    total += n
-                    lines.append(f"{name}_bucket{label_set(('route', 'le'), (route, number(bound)))} {total}")
-                lines.append(f"{name}_sum{label_set(('route',), (route,))} {number(counts[-1])}")
-                lines.append(f"{name}_count{label_set(('route',), (route,))} {total}")
-
-        hosts = [(upstream.name, host) for upstream in upstreams for host in upstream.hosts]
-        now = time.monotonic()
-        family("modelgate_requests_total", "counter", "Requests answered, by route, provider, token name "
-               "and status (499: the client left first).", ("route", "provider", "token", "status"),
-               self.requests.items())
-        histogram("modelgate_request_duration_seconds", "Time from request to complete answer.",
-                  self.durations, DURATION_BUCKETS)
-        histogram("modelgate_stream_first_byte_seconds", "Time from request to the first streamed bytes.",
-                  self.first_bytes, FIRST_BYTE_BUCKETS)
-        family("modelgate_upstream_errors_total", "counter", "Upstream failures, by provider and kind: the "
-               "httpcore exception, http_<status>, or IncompleteStream.", ("provider", "kind"),
-               self.upstream_errors.items())
-        family("modelgate_requests_in_flight", "gauge", "Requests being answered, streams included.", (),
-               [((), in_flight)])
-        family("modelgate_streams_in_flight", "gauge", "Streams being relayed.", (), [((), streams)])
-        family("modelgate_coalesced_requests_total", "counter", "Requests answered with an identical request's "
-               "upstream answer (COALESCE), by token name.", ("token",), self.coalesced.items())
-        family("modelgate_rate_limited_requests_total", "counter", "Requests refused with 429, by token name "
-               "and limit (rpm: RATE_LIMIT_RPM, concurrency: MAX_CONCURRENT_PER_TOKEN).", ("token", "limit"),
-               self.rate_limited.items())
-        family("modelgate_upstream_up", "gauge", "1 when the host is not cooling down after a failed "
-               "connection.", ("provider", "host"),
-               [((name, str(host.number)), int(host.down_until <= now)) for name, host in hosts])
-        family("modelgate_upstream_in_flight", "gauge", "Requests in flight to the host.", ("provider", "host"),
-               [((name, str(host.number)), host.pool.in_use) for name, host in hosts])
-        return ("\n".join(lines) + "\n").encode()
-
-
-def label_set(names: tuple[str, ...], values: tuple) -> str:
-    if not names:
-        return ""
-    pairs = (f'{name}="{escape_label(str(value))}"' for name, value in zip(names, values))
-    return "{" + ",".join(pairs) + "}"
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def number(value: float) -> str:
-    return "+Inf" if value == math.inf else str(value)
-
-
-###############################################################################
-# The ASGI application ########################################################
-###############################################################################
-
-JSON = (b"content-type", b"application/json")
-CORS_METHODS = b"GET, POST, OPTIONS"
-# Headers the openai SDKs and translation tools send; echoed requests are checked against this shape.
-CORS_DEFAULT_HEADERS = b"authorization, content-type, user-agent, accept, x-requested-with, openai-beta"
-HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
-# Chromium caps a preflight cache at two hours; asking for more is ignored.
-CORS_MAX_AGE = b"7200"
-# No token needed: liveness, and readiness for load balancers (it tells only which hosts answer).
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
-SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
-
-
-class Exchange:
-    """One request and its answer: what the handlers need and what the log line says."""
-
-    __slots__ = ("method", "path", "headers", "body", "receive", "send", "cors", "request_id", "route", "client",
-                 "token", "holds_slot", "status", "provider", "model", "bytes_out", "ttfb", "started", "coalesced",
-                 "error", "t0")
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.headers: Headers = scope["headers"]
-        self.body = b""
-        self.receive, self.send = receive, send
-        self.cors: Headers = []
-        self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
-        self.route = "other"  # the route table's key, for metrics: never the raw path
-        peer = scope.get("client")
-        self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
-        self.token = "-"  # the name of the client's token, once authorized
-        self.holds_slot = False  # counted against MAX_CONCURRENT_PER_TOKEN
-        self.status = 0
-        self.provider = self.model = "-"
-        self.bytes_out = 0
-        self.ttfb: float | None = None
-        self.started = False  # http.response.start has been sent
-        self.coalesced = False  # answered with an identical request's upstream answer
-        self.error = ""
-        self.t0 = time.perf_counter()
-
-    def header(self, name: bytes) -> bytes:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return b""
-
-    async def start(self, status: int, headers: Headers) -> None:
-        self.status, self.started = status, True
-        upstream_id = next((v for k, v in headers if k == b"x-request-id"), None)
-        if upstream_id is None:
-            headers = [*headers, (b"x-request-id", self.request_id)]
-        else:
-            self.request_id = upstream_id
-        await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
-
-    async def body_chunk(self, chunk: bytes, more: bool = True) -> None:
-        self.bytes_out += len(chunk)
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
-
-    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
-        await self.start(status, [*headers, (b"content-length", b"%d" % len(body))])
-        await self.body_chunk(body, more=False)
-
-    async def relay(self, status: int, headers: Headers, body: bytes) -> None:
-        """An upstream's whole answer, its error status (if any) noted for the log."""
-        if status >= 400:
-            self.error = "upstream_status"
-        await self.respond(status, headers, body)
-
-    async def fail(self, error: GatewayError) -> None:
-        status, type_, code = ERRORS[error.situation]
-        self.error = error.situation
-        await self.respond(status, [JSON, *error.headers], error_body(error.message, type_, code))
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was complete."""
-
-
-class DisconnectWatch:
-    """Cancels the handler's task when the client disconnects (or, for a stream, stops reading), or when
-    the shutdown grace is over, until stop() is called.
-
-    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
-    on an upstream we also wait on receive(), and stop the upstream request the moment the client
-    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
-    it runs: that is how shutdown finds what still waits on an upstream.
-    """
-
-    def __init__(self, receive: Receive, watches: set[DisconnectWatch]) -> None:
-        self.task = asyncio.current_task()
-        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
-        self.stopped = False
-        self.watches = watches
-        watches.add(self)
-        self.watcher = asyncio.ensure_future(self._watch(receive))
-        self.sending_since: float | None = None  # loop time a stream chunk began to be sent, while it is
-        self.send_check: asyncio.TimerHandle | None = None
-
-    def guard_sends(self, timeout: float) -> None:
-        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
-
-        uvicorn's send() waits for as long as the client's socket is full, and meanwhile the stream
-        would hold its upstream connection. One timer per stream looks every `timeout` seconds.
-        """
-        loop = asyncio.get_running_loop()
-
-        def check() -> None:
-            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
-                self.cut("gone")
-            elif not self.stopped:
-                self.send_check = loop.call_later(timeout, check)
-
-        self.send_check = loop.call_later(timeout, check)
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.cut("gone")
-
-    def cut(self, reason: str) -> None:
-        if not self.stopped and not self.reason:
-            self.reason = reason
-            self.task.cancel()
-
-    def absorb(self, reason: str) -> bool:
-        """True when the cancellation being handled is this watch's, for `reason`; it is then handled."""
-        if self.reason != reason:
-            return False
-        self.reason = ""
-        if sys.version_info >= (3, 11):
-            self.task.uncancel()
-        return True
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.watcher.cancel()
-        if self.send_check is not None:
-            self.send_check.cancel()
-        self.watches.discard(self)
-
-    def __enter__(self) -> DisconnectWatch:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.stop()
-        if not self.reason:
-            return
-        if exc_type is asyncio.CancelledError and sys.version_info >= (3, 11):
-            self.task.uncancel()  # the cancellation was ours, and it is handled here
-        if self.reason == "gone":  # whatever the body of the `with` ended with: nobody is left to answer
-            raise ClientGone from None
-        if exc_type is asyncio.CancelledError:
-            raise GatewayError("shutting_down", SHUTTING_DOWN) from None
-
-
-SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
-
-# What is still answered after SIGTERM; everything else gets 503 shutting_down (load balancers see /ready fail).
-SERVED_WHILE_CLOSING = frozenset({"/health", "/metrics"})
-
-# GET /ready asks each host of the default provider for its models, waits this long for an answer, and
-# keeps the result this long, so that probes every few seconds cost the upstream one cheap request.
-READY_TIMEOUT_SECONDS = 2.0
-READY_CACHE_SECONDS = 5.0
-
-
-class Flight:
-    """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
-
-    __slots__ = ("task", "waiters")
-
-    def __init__(self, task: asyncio.Task) -> None:
-        self.task, self.waiters = task, 0
-
-
-class Gateway:
-    """The ASGI application. Lifespan startup makes the config, the pools and the state below; config
-    and pools never change after, and this object holds all the mutable state there is."""
-
-    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        self.environ = environ
-        self.config: Config | None = None
-        self.upstreams: dict[str, Upstream] = {}
-        self.routes: dict[str, dict[str, Callable[[Exchange], Awaitable[None]]]] = {
-            "/v1/chat/completions": {"POST": self.completions},
-            "/v1/completions": {"POST": self.completions},
-            "/v1/responses": {"POST": self.completions},
-            "/v1/embeddings": {"POST": self.completions},
-            "/v1/models": {"GET": self.models},
-            "/v1/models/": {"GET": self.model},  # prefix: /v1/models/{id}
-            "/health": {"GET": self.health},
-            "/ready": {"GET": self.ready},
-            "/metrics": {"GET": self.metrics_page},
-        }
-        # The mutable state: made afresh by startup, where it depends on the config.
-        self.metrics = Metrics()
-        self.limiter: TokenBucket | None = None  # RATE_LIMIT_RPM
-        self.busy: dict[str, int] = {}  # token name -> requests in flight, for MAX_CONCURRENT_PER_TOKEN
-        self.flights: dict[tuple, Flight] | None = None  # identical requests in flight, for COALESCE
-        self.watches: set[DisconnectWatch] = set()  # requests waiting on an upstream
-        self.in_flight = self.streams = 0
-        self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
-        self.grace_timer: asyncio.TimerHandle | None = None
-        self.probe: asyncio.Task | None = None  # the last /ready probe, reused until probe_expires
-        self.probe_expires = 0.0
-        # Set from the config by startup: which paths need no token, and whether screening and limits are on.
-        self.public_paths = PUBLIC_PATHS
-        self.screening = self.limited = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self.http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self.lifespan(receive, send)
-
-    # Lifespan ------------------------------------------------------------------
-
-    async def lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    self.startup()
-                except ConfigError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                except Exception as exc:  # a bug of ours: fail start-up loudly rather than serve 500s
-                    log.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                for task in (self.grace_timer, self.probe):
-                    if task is not None:
-                        task.cancel()
-                for upstream in self.upstreams.values():
-                    for host in upstream.hosts:
-                        await host.pool.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    def startup(self) -> None:
-        config = load_config(self.environ)
-        if not log.handlers:  # under a bare `uvicorn modelgate:app`; main() sets it up itself
-            setup_logging(config.log_format)
-        self.metrics = Metrics()
-        self.upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config,
-                                             self.metrics)}
-        if config.openai_api_key:
-            self.upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config,
-                                                self.metrics)
-        self.public_paths = PUBLIC_PATHS | {"/metrics"} if config.metrics_public else PUBLIC_PATHS
-        # A feature that is off costs the request path one `if`.
-        self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
-        self.limited = bool(config.rate_limit_rpm or config.max_concurrent_per_token)
-        self.limiter = TokenBucket(config.rate_limit_rpm) if config.rate_limit_rpm else None
-        self.flights = {} if config.coalesce else None
-        self.config = config
-        hosts = ", ".join(f"{u.name} ({len(u.hosts)} host{'s' * (len(u.hosts) > 1)})" for u in self.upstreams.values())
-        log.info("ModelGate %s: default provider %s; providers: %s", __version__, config.default_provider, hosts)
-
-    def shut_down(self) -> None:
-        """SIGTERM: send nothing new upstream, and cut what still runs after SHUTDOWN_GRACE_SECONDS.
-
-        uvicorn stops accepting connections and waits for the open ones before the lifespan hears of
-        it; main() calls this as soon as the signal arrives.
-        """
-        if self.config is None or self.closing:
-            return
-        self.closing = True
-        # log: how much is left to finish
-        log.info("shutting down: %d requests in flight (%d streams) get %g s to finish", self.in_flight,
-                 self.streams, self.config.shutdown_grace)
-        self.grace_timer = asyncio.get_running_loop().call_later(self.config.shutdown_grace, self.end_grace)
-
-    def end_grace(self) -> None:
-        self.grace_over = True
-        for watch in list(self.watches):
-            watch.cut("shutdown")  # streams end with an error event, requests still waiting get 503
-
-    # HTTP ----------------------------------------------------------------------
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ex = Exchange(scope, receive, send)
-        self.in_flight += 1
-        try:
-            try:
-                await self.dispatch(ex)
-            except GatewayError as error:
-                await ex.fail(error)
-            except UpstreamStatus as error:
-                await ex.relay(error.status, error.headers, error.body)
-            except ClientGone:
-                ex.status = 499
-        except Exception:
-            log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
-            if ex.started:
-                raise  # all we can do is abort the response: uvicorn closes the connection
-            await ex.fail(GatewayError("internal", "ModelGate failed unexpectedly; its log says why."))
-        finally:
-            self.in_flight -= 1
-            if ex.holds_slot:
-                self.busy[ex.token] -= 1
-            seconds = time.perf_counter() - ex.t0
-            self.metrics.record(ex, seconds)
-            log_exchange(ex, seconds)
-
-    async def dispatch(self, ex: Exchange) -> None:
-        config = self.config
-        if config is None:
-            raise GatewayError("internal", "ModelGate was started without the ASGI lifespan; run it with "
-                               "`python modelgate.py` or uvicorn's default --lifespan auto.")
-        origin = ex.header(b"origin")
-        if origin:
-            ex.cors = cors_headers(config, origin)
-        if self.screening and ex.path != "/health":  # liveness stays open to the local container healthcheck
-            self.screen(ex)
-        route = "/v1/models/" if ex.path.startswith("/v1/models/") else ex.path
-        methods = self.routes.get(route)
-        if methods is None:
-            raise GatewayError("not_found", not_found_message(ex.path))
-        ex.route = route
-        if ex.method == "OPTIONS":
-            return await self.preflight(ex, methods)
-        handler = methods.get(ex.method)
-        if handler is None:
-            allow = ", ".join([*methods, "OPTIONS"])
-            raise GatewayError("method_not_allowed", f"{ex.path} takes {allow}, not {ex.method}.",
-                               [(b"allow", allow.encode())])
-        if self.closing and route not in SERVED_WHILE_CLOSING:
-            raise GatewayError("shutting_down", SHUTTING_DOWN)
-        if route not in self.public_paths:
-            name = authorized(ex.header(b"authorization"), config.tokens, config.token_names)
-            if name is None:
-                raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token as "
-                                   "`Authorization: Bearer <token>` (the API key field of your app).")
-            ex.token = name
-            if self.limited and route.startswith("/v1/"):  # not /metrics: a scraper is not an app
-                self.admit(ex)
-        await handler(ex)
-
-    def screen(self, ex: Exchange) -> None:
-        """ALLOWED_IPS, the client found through TRUSTED_PROXIES: 403 before the token is looked at."""
-        config = self.config
-        address = client_address(ex.client, ex.headers, config.trusted_proxies)
-        ex.client = "-" if address is None else str(address)
-        if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
-            raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
-                               "only serves the addresses in its ALLOWED_IPS.")
-
-    def admit(self, ex: Exchange) -> None:
-        """MAX_CONCURRENT_PER_TOKEN, then RATE_LIMIT_RPM, for the request's token: 429 when over either."""
-        config, name = self.config, ex.token
-        in_flight = self.busy.get(name, 0)
-        if config.max_concurrent_per_token and in_flight >= config.max_concurrent_per_token:
-            count(self.metrics.rate_limited, (name, "concurrency"))
-            # When one will finish cannot be known: a second is the shortest wait worth asking for.
-            raise GatewayError("too_many_in_flight", f"This token already has as many requests in flight as "
-                               f"MAX_CONCURRENT_PER_TOKEN allows ({in_flight}). Wait for one to finish.",
-                               [(b"retry-after", b"1")])
-        if self.limiter is not None:
-            wait = self.limiter.take(name, time.monotonic())
-            if wait:
-                count(self.metrics.rate_limited, (name, "rpm"))
-                seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
-                raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM "
-                                   f"({config.rate_limit_rpm} requests a minute). Try again in {seconds} s.",
-                                   [(b"retry-after", b"%d" % seconds)])
-        if config.max_concurrent_per_token:
-            self.busy[name] = in_flight + 1
-            ex.holds_slot = True
-
-    def watch(self, ex: Exchange) -> DisconnectWatch:
-        if self.grace_over:  # a request that got in just before SIGTERM and is only now ready to go upstream
-            raise GatewayError("shutting_down", SHUTTING_DOWN)
-        return DisconnectWatch(ex.receive, self.watches)
-
-    async def preflight(self, ex: Exchange, methods: dict) -> None:
-        headers = [(b"allow", ", ".join([*methods, "OPTIONS"]).encode())]
-        if ex.cors and ex.header(b"access-control-request-method"):
-            requested = ex.header(b"access-control-request-headers")
-            if not requested or not HEADER_LIST.fullmatch(requested):
-                requested = CORS_DEFAULT_HEADERS
-            headers += [(b"access-control-allow-methods", CORS_METHODS),
-                        (b"access-control-allow-headers", requested),
-                        (b"access-control-max-age", CORS_MAX_AGE)]
-        await ex.start(204, headers)
-        await ex.body_chunk(b"", more=False)
-
-    async def read_body(self, ex: Exchange) -> None:
-        limit = self.config.max_body_bytes
-        too_large = GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
-                                 f"({limit} bytes, MAX_BODY_BYTES).")
-        length = ex.header(b"content-length")
-        if length.isdigit() and int(length) > limit:
-            raise too_large  # without reading it
-        chunks, size, more = [], 0, True
-        while more:
-            message = await ex.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        ex.body = b"".join(chunks)
-
-    # Handlers ------------------------------------------------------------------
-
-    async def health(self, ex: Exchange) -> None:
-        await ex.respond(200, [JSON], b'{"status":"ok"}')
-
-    async def completions(self, ex: Exchange) -> None:
-        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings: route by model, relay."""
-        await self.read_body(ex)
-        try:
-            text = ex.body.decode("utf-8")
-            document, span = parse_body(text)
-        except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-            raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
-        except RecursionError:
-            raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
-        if not isinstance(document, dict):
-            raise GatewayError("invalid_request", "The request body must be a JSON object.")
-        model = document.get("model")
-        if not isinstance(model, str) or not model:
-            raise GatewayError("invalid_request", "The request body needs a `model` string, "
-                               "such as \"ollama/qwen2.5:7b\".")
-        ex.model = model
-        ex.provider, name = route_model(model, self.config)
-        body = ex.body
-        if name != model:
-            body = replace_model(text, span, ex.provider, name).encode()
-        upstream = self.upstreams[ex.provider]
-        path = ex.path.removeprefix("/v1").encode()
-        if document.get("stream") is True:
-            return await self.relay_stream(ex, upstream, path, body)
-        if self.flights is None:
-            with self.watch(ex):
-                status, headers, body = await upstream.answer(path, ex.headers, body)
-        else:
-            status, headers, body = await self.shared(ex, upstream, path, body)
-        await ex.relay(status, headers, body)
-
-    async def shared(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> tuple[int, Headers, bytes]:
-        """The answer to a request that is not streamed, shared by identical requests in flight (COALESCE).
-
-        Identical means the same token, provider, path and body as it goes upstream. The upstream
-        request runs in a task of its own, so that a client leaving does not end it while others still
-        wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
-        """
-        key = (ex.token, upstream.name, path, body)
-        flight = self.flights.get(key)
-        if flight is None:
-            flight = self.flights[key] = Flight(asyncio.ensure_future(upstream.answer(path, ex.headers, body)))
-            flight.task.add_done_callback(lambda task: self.landed(key, flight))
-        else:
-            ex.coalesced = True
-            count(self.metrics.coalesced, (ex.token,))
-        flight.waiters += 1
-        try:
-            with self.watch(ex):
-                status, headers, body = await asyncio.shield(flight.task)
-        finally:
-            flight.waiters -= 1
-            if not flight.waiters and not flight.task.done():
-                flight.task.cancel()  # nobody is left to answer
-                self.landed(key, flight)
-        return status, headers, body
-
-    def landed(self, key: tuple, flight: Flight) -> None:
-        if self.flights.get(key) is flight:
-            del self.flights[key]
-        if flight.task.done() and not flight.task.cancelled():
-            flight.task.exception()  # seen, even when every waiter had gone
-
-    async def relay_stream(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> None:
-        """Send a `"stream": true` request upstream and relay its answer, watching for the client to leave.
-
-        1. Until the upstream's status line and headers arrive, a failure is an error answer (502/504).
-        2. An event stream is relayed chunk by chunk (relay_events).
-        3. Anything else (an upstream error status, say) is read whole and sent with its Content-Length.
-        """
-        with self.watch(ex) as watch:
-            response = await upstream.send(b"POST", path, ex.headers, body)
-            try:
-                if response.status < 400 and is_event_stream(response.headers):
-                    return await self.relay_events(ex, upstream, response, watch)
-                status, headers, body = await upstream.whole(response)
-            finally:
-                await response.aclose()
-        await ex.relay(status, headers, body)
-
-    async def relay_events(self, ex: Exchange, upstream: Upstream, response: httpcore.Response,
-                           watch: DisconnectWatch) -> None:
-        """Relay an SSE stream as it arrives: one ASGI body message per upstream chunk, nothing held back.
-
-        A stream that breaks off, or ends otherwise than its route's streams end (STREAM_ENDS: [DONE]
-        for chat), gets one error event instead, so that no client takes a cut answer for a whole one.
-        So does a stream still running when the shutdown grace is over.
-        """
-        chunks = response.stream.__aiter__()
-        try:  # until the first bytes arrive, a failure is still answered with its plain status (502/504)
-            chunk = await anext(chunks, None)
-        except UPSTREAM_EXCEPTIONS as exc:
-            raise upstream.failure(exc) from exc
-        ex.ttfb = time.perf_counter() - ex.t0
-        headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
-        end, failure = STREAM_ENDS.get(ex.path, DoneEnd)(), ""
-        loop = asyncio.get_running_loop()
-        watch.guard_sends(self.config.timeout)
-        self.streams += 1
-        try:
-            await ex.start(response.status, headers + SSE_HEADERS)
-            while chunk is not None:
-                watch.sending_since = loop.time()
-                await ex.body_chunk(chunk)
-                watch.sending_since = None
-                end.feed(chunk)
-                chunk = await anext(chunks, None)
-        except UPSTREAM_EXCEPTIONS as exc:
-            upstream.failed(type(exc).__name__)
-            failure = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
-            ex.error = f"upstream_stream_error ({type(exc).__name__}: {exc})"
-        except asyncio.CancelledError:
-            if not watch.absorb("shutdown"):
-                raise  # the client left: there is nobody to tell
-            failure, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
-        else:
-            if not end.complete():
-                upstream.failed("IncompleteStream")
-                failure = f"ended without {end.marker}"
-                ex.error = f"upstream_stream_error (no {end.marker})"
-        finally:
-            self.streams -= 1
-        watch.stop()
-        if failure:
-            event = error_body(f"The answer was cut off: the stream from {upstream.name} {failure}. Try again.",
-                               "api_error", "upstream_stream_error")
-            await ex.body_chunk(b"data: " + event + b"\n\n")
-        await ex.body_chunk(b"", more=False)
-
-    async def models(self, ex: Exchange) -> None:
-        """GET /v1/models: every provider's list, ids prefixed; a provider that fails is left out."""
-        ex.provider = "+".join(self.upstreams)
-        with self.watch(ex):
-            lists = await answered(self.list_models(u, ex.headers) for u in self.upstreams.values())
-        data = [item for models in lists for item in models]
-        await ex.respond(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
-
-    async def list_models(self, upstream: Upstream, headers: Headers) -> list[dict]:
-        """A provider's models, ids prefixed, from all its hosts without duplicates; raises if no host answers."""
-        documents = await answered(upstream.get_json(b"/models", headers, host) for host in upstream.hosts)
-        models: dict[str, dict] = {}
-        for document in documents:
-            items = document.get("data") if isinstance(document, dict) else None
-            for item in items if isinstance(items, list) else ():  # Ollama answers "data": null with no model
-                if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    models.setdefault(item["id"], {**item, "id": f"{upstream.name}/{item['id']}"})
-        return list(models.values())
-
-    async def model(self, ex: Exchange) -> None:
-        """GET /v1/models/{id}: one model of the provider the id routes to, or 404."""
-        ex.model = ex.path.removeprefix("/v1/models/")
-        try:
-            ex.provider, name = route_model(ex.model, self.config)
-        except GatewayError as error:  # openai/... without OpenAI: no such model here
-            raise GatewayError("model_not_found", error.message) from None
-        upstream = self.upstreams[ex.provider]
-        with self.watch(ex):
-            models = await self.list_models(upstream, ex.headers)
-        wanted = f"{upstream.name}/{name}"
-        for item in models:
-            if item["id"] == wanted:
-                return await ex.respond(200, [JSON], json.dumps(item).encode())
-        raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
-                           "GET /v1/models lists the models you can use.")
-
-    async def ready(self, ex: Exchange) -> None:
-        """GET /ready: 200 when a host of the default provider lists its models, else 503 naming the failures."""
-        upstream = self.upstreams[self.config.default_provider]
-        ex.provider = upstream.name
-        if self.probe is None or time.monotonic() >= self.probe_expires:
-            self.probe = asyncio.ensure_future(self.probe_hosts(upstream))
-            self.probe_expires = time.monotonic() + READY_CACHE_SECONDS
-        with self.watch(ex):
-            hosts = await asyncio.shield(self.probe)
-        if "ok" not in hosts.values():
-            failed = ", ".join(f"{host} {result}" for host, result in hosts.items())
-            raise GatewayError("not_ready", f"Not ready: no {upstream.name} host listed its models within "
-                               f"{READY_TIMEOUT_SECONDS:g} s ({failed}).")
-        await ex.respond(200, [JSON], json.dumps({"status": "ready", "upstreams": hosts}).encode())
-
-    async def probe_hosts(self, upstream: Upstream) -> dict[str, str]:
-        """`provider/number` of each host -> "ok", or the kind of failure (as in modelgate_upstream_errors_total)."""
-
-        async def probe(host: Host) -> str:
-            try:
-                await asyncio.wait_for(upstream.get_json(b"/models", [], host), READY_TIMEOUT_SECONDS)
-            except asyncio.TimeoutError:
-                return "timeout"
-            except UpstreamStatus as failure:
-                return f"http_{failure.status}"
-            except GatewayError as failure:  # raised from the httpcore exception, if there was one
-                return type(failure.__cause__).__name__ if failure.__cause__ else failure.situation
-            return "ok"
-
-        results = await asyncio.gather(*(probe(host) for host in upstream.hosts))
-        return {f"{upstream.name}/{host.number}": result for host, result in zip(upstream.hosts, results)}
-
-    async def metrics_page(self, ex: Exchange) -> None:
-        """GET /metrics: the counters in Prometheus text format."""
-        page = self.metrics.render(self.in_flight, self.streams, list(self.upstreams.values()))
-        await ex.respond(200, [(b"content-type", METRICS_CONTENT_TYPE)], page)
-
-
-async def answered(awaitables: Iterable[Awaitable[Any]]) -> list[Any]:
-    """The results of those that answered, in order; when none did, the first failure (GatewayError or
-    UpstreamStatus) is raised, to say why rather than list nothing. Anything else raised is a bug: raised."""
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    answers = []
-    for result in results:
-        if not isinstance(result, BaseException):
-            answers.append(result)
-        elif not isinstance(result, (GatewayError, UpstreamStatus)):
-            raise result
-    if not answers:
-        raise results[0]
-    return answers
-
-
-def cors_headers(config: Config, origin: bytes) -> Headers:
-    """Access-Control-Allow-Origin for an allowed origin; nothing (but no refusal) for another."""
-    if "*" in config.cors_allow_origins:
-        return [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"x-request-id")]
-    if origin.decode("latin-1") in config.cors_allow_origins:
-        return [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"x-request-id"),
-                (b"vary", b"origin")]
-    return []
-
-
-def not_found_message(path: str) -> str:
-    hint = ""
-    if path.startswith("/api/"):
-        hint = " ModelGate speaks the OpenAI API under /v1, not Ollama's native /api."
-    elif path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
-        hint = f" Did you mean /v1{path}? Base URLs end in /v1."
-    return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
-            "/v1/embeddings, /v1/models.")
-
-
-def log_exchange(ex: Exchange, seconds: float) -> None:
-    # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
-    # writes the same fields (exchange_fields) as an object.
-    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
-    coalesced = " coalesced" if ex.coalesced else ""
-    error = f" error={ex.error}" if ex.error else ""
-    log.info("%s %s %d %s %s %.0fms %dB%s token=%s client=%s%s%s id=%s", ex.method, printable(ex.path), ex.status,
-             ex.provider, printable(ex.model), seconds * 1000, ex.bytes_out, ttfb, ex.token, ex.client, coalesced,
-             error, ex.request_id.decode("latin-1") or "-", extra={"exchange": (ex, seconds)})
-
-
-def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
-    return {
-        "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
-        "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
-        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "token": ex.token, "client": ex.client,
-        "coalesced": ex.coalesced, "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
-    }
-
-
-def printable(text: str) -> str:
-    # A path or model with a line break would forge a log line of its own.
-    return text if text.isprintable() else ascii(text)
-
-
-class JsonFormatter(logging.Formatter):
-    """LOG_FORMAT=json: one JSON object per line; a request line carries its fields, others a message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.formatTime(record), "level": record.levelname}
-        exchange = getattr(record, "exchange", None)
-        line.update(exchange_fields(*exchange) if exchange else {"message": record.getMessage()})
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def setup_logging(log_format: str, logger: logging.Logger = log) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-app = Gateway()
-
-
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
 
 def main() -> None:
     """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C."""

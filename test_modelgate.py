@@ -1675,7 +1675,7 @@ async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
     error = assert_error(refused, 429, "rate_limit_error", "concurrency_limit_exceeded")
     assert "MAX_CONCURRENT_PER_TOKEN" in error["message"] and refused.header(b"retry-after") == b"1"
     assert other.status == 200 and again.status == 200
-    assert app.busy == {label(TOKEN.encode()): 0,
+    assert app.limits.in_flight == {label(TOKEN.encode()): 0,
                         label(OTHER_TOKEN.encode()): 0}
 
 
@@ -1825,7 +1825,7 @@ async def test_four_identical_requests_reach_the_upstream_once() -> None:
         await until(lambda: joined(app) == 3)
         up.release.set()
         answers = await asyncio.gather(*tasks)
-        assert app.flights == {}  # nothing is kept once answered: this is no cache
+        assert app.coalescer.flights == {}  # nothing is kept once answered: this is no cache
         again = await chat(app)
     assert [a.status for a in answers] == [200] * 4 and all(a.json() == COMPLETION for a in answers)
     assert len({a.header(b"x-request-id") for a in answers}) == 4  # each answer is its own response
@@ -1874,7 +1874,7 @@ async def test_the_last_client_to_leave_cancels_the_shared_request(leaving: list
         assert not up.saw_close.is_set() or cancelled
         up.release.set()
         answers = {"leader": await leader, "follower": await follower}
-        assert app.flights == {}
+        assert app.coalescer.flights == {}
     for name, answer in answers.items():
         assert answer.complete == (name not in leaving)
         if answer.complete:
@@ -2198,7 +2198,7 @@ async def test_ready_is_up_when_a_host_lists_its_models_and_down_when_none_does(
         ready = await call(app, "GET", "/ready", headers=[])
         cached = await call(app, "GET", "/ready", headers=[])
         assert len(up.requests) == 1
-        app.probe_expires = 0.0  # as if READY_CACHE_SECONDS had passed
+        app.readiness.expires = 0.0  # as if READY_CACHE_SECONDS had passed
         up.reply = json_reply(500, raw=b"oops")
         down = await call(app, "GET", "/ready", headers=[])
     assert ready.status == 200 and ready.json() == {"status": "ready",
