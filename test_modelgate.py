@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+from pathlib import Path
 import shutil
 import signal
 import socket
@@ -2314,3 +2315,68 @@ async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> 
     # LOG_FORMAT=json: every line, uvicorn's too
     logged = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert any(entry.get("status") == 200 and entry.get("error") == "shutting_down" for entry in logged)
+
+
+###############################################################################
+# The settings are declared once ##############################################
+###############################################################################
+
+# Variables that .env.example sets for Docker Compose itself, not for the gateway.
+COMPOSE_VARIABLES = {"MODELGATE_PORT", "COMPOSE_PROFILES"}
+
+
+def documented_default(text: str) -> str:
+    """A default as the documents write it: `120`, `0` (off), empty (everyone), — (required)."""
+    text = text.strip()
+    if text.startswith(("empty", "—", "required")):
+        return ""
+    quoted = re.search(r"`([^`]*)`", text)
+    return quoted.group(1) if quoted else text.split(": ")[0]
+
+
+def docstring_settings() -> dict[str, str]:
+    """The module docstring's settings: `    NAME   what it is   (default)`, the entry maybe on two lines."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in modelgate.__doc__.split("Environment")[1].splitlines():
+        match = re.match(r"    ([A-Z][A-Z0-9_]+)\s", line)
+        if match:
+            name = match.group(1)
+            entries[name] = ""
+        if name:
+            entries[name] += line
+    return {name: documented_default(re.findall(r"\(([^()]*)\)\s*$", entry)[-1])
+            if re.search(r"\(([^()]*)\)\s*$", entry) else "" for name, entry in entries.items()}
+
+
+def readme_settings() -> dict[str, str]:
+    """README's settings table: `| `NAME` | default | meaning |`."""
+    text = (Path(modelgate.__file__).parent / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| ([^|]*) \|", text, re.MULTILINE)
+    return {name: documented_default(default) for name, default in rows}
+
+
+def env_example_settings() -> dict[str, str]:
+    """.env.example: the first `NAME=value` or `# NAME=value` line of each variable shows its default."""
+    text = (Path(modelgate.__file__).parent / ".env.example").read_text(encoding="utf-8")
+    found: dict[str, str] = {}
+    for name, value in re.findall(r"^(?:# )?([A-Z][A-Z0-9_]+)=(.*)$", text, re.MULTILINE):
+        found.setdefault(name, value.strip())
+    return {name: value for name, value in found.items() if name not in COMPOSE_VARIABLES}
+
+
+def test_every_setting_is_documented_alike_everywhere() -> None:
+    """The module docstring, README's table and .env.example name exactly the settings the gateway reads,
+    each with its real default, so that none can drift from the others."""
+    declared = {setting.name: setting.default for setting in modelgate.SETTINGS}
+    assert "TIMEOUT_SECONDS" in declared and declared["TIMEOUT_SECONDS"] == "120"
+    assert docstring_settings() == declared
+    assert readme_settings() == declared
+    assert env_example_settings() == declared
+
+
+def test_httpcore_still_has_the_lock_modelgate_replaces() -> None:
+    """modelgate's Connection replaces httpcore's private `_state_lock`; should httpcore rename it, the
+    replacement would silently do nothing: this says so instead."""
+    origin = httpcore.Origin(b"http", b"127.0.0.1", 80)
+    assert hasattr(httpcore.AsyncHTTP11Connection(origin, None), "_state_lock")
