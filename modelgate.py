@@ -1746,13 +1746,18 @@ def number(value: float) -> str:
 
 def log_exchange(ex: Exchange, seconds: float) -> None:
     # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
-    # writes the same fields (exchange_fields) as an object.
+    # writes the same fields (exchange_fields) as an object. The record is made here and handed to the
+    # handlers directly: log.info() would first walk the stack to find its caller, a third of the cost.
+    if not log.isEnabledFor(logging.INFO):
+        return
     ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
     coalesced = " coalesced" if ex.coalesced else ""
     error = f" error={ex.error}" if ex.error else ""
-    log.info("%s %s %d %s %s %.0fms %dB%s token=%s client=%s%s%s id=%s", ex.method, printable(ex.path), ex.status,
-             ex.provider, printable(ex.model), seconds * 1000, ex.bytes_out, ttfb, ex.token, ex.client, coalesced,
-             error, ex.request_id.decode("latin-1") or "-", extra={"exchange": (ex, seconds)})
+    line = (f"{ex.method} {printable(ex.path)} {ex.status} {ex.provider} {printable(ex.model)} {seconds * 1000:.0f}ms "
+            f"{ex.bytes_out}B{ttfb} token={ex.token} client={ex.client}{coalesced}{error} "
+            f"id={ex.request_id.decode('latin-1') or '-'}")
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
+                              extra={"exchange": (ex, seconds)}))
 
 
 def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
