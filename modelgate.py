@@ -1265,19 +1265,19 @@ class ResponsesEnd:
 STREAM_ENDS: dict[str, type[DoneEnd] | type[ResponsesEnd]] = {"[DONE]": DoneEnd, "response.completed": ResponsesEnd}
 
 
-def openai_error(message: str, type_: str, code: str | None) -> bytes:
+def openai_error(status: int, message: str, type_: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
 def openai_cut_event(message: str) -> bytes:
     # openai-python raises APIError for any `data:` object with an "error" key (CLIENTS.md §4).
-    return b"data: " + openai_error(message, "api_error", "upstream_stream_error") + b"\n\n"
+    return b"data: " + openai_error(502, message, "api_error", "upstream_stream_error") + b"\n\n"
 
 
 class Dialect(NamedTuple):
     """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
     stream that was cut off; and whether an upstream's error body is in that shape already."""
-    error: Callable[[str, str, str | None], bytes]  # (message, type, code) -> body
+    error: Callable[[int, str, str, str | None], bytes]  # (status, message, OpenAI type, code) -> body
     cut_event: Callable[[str], bytes]  # message -> the last chunk of a cut stream
     own_error: Callable[[Any], bool]  # a parsed upstream error body that passes unchanged
 
@@ -1287,12 +1287,16 @@ DIALECTS: dict[str, Dialect] = {
                       lambda document: isinstance(document, dict) and isinstance(document.get("error"), dict)),
 }
 
-error_body = openai_error  # the OpenAI shape, which every error had before there were dialects
+
+
+def error_body(message: str, type_: str, code: str | None) -> bytes:
+    """An error in the OpenAI shape, which every error had before there were dialects."""
+    return openai_error(0, message, type_, code)
 
 
 def error_answer(error: GatewayError, ex: Exchange) -> Answer:
     """A GatewayError as the client's dialect writes it."""
-    body = DIALECTS[ex.dialect].error(error.message, error.type, error.code)
+    body = DIALECTS[ex.dialect].error(error.status, error.message, error.type, error.code)
     return Answer(error.status, [JSON, *error.headers], body)
 
 
@@ -1324,7 +1328,8 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
         message += f" Check {KEY_VARIABLE[name]}."
     kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
     kept.append(JSON)
-    return Answer(status, kept, DIALECTS[dialect].error(message, UPSTREAM_ERROR_TYPES.get(status, "api_error"), None))
+    return Answer(status, kept, DIALECTS[dialect].error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
+                                                        None))
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
