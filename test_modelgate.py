@@ -455,6 +455,15 @@ async def until(condition: Callable[[], bool]) -> None:
     assert condition()
 
 
+async def happens(event: asyncio.Event, seconds: float = 10) -> bool:
+    """Whether `event` is set within `seconds`: for what must follow at once from what a test has seen."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 def joined(app: modelgate.Gateway) -> int:
     return sum(app.metrics.coalesced.values())
 
@@ -516,12 +525,32 @@ async def read_until_serving(process: asyncio.subprocess.Process, timeout: float
     return output
 
 
+class Log(list):
+    """What captured_log keeps, in order; `logged` waits for a line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grew = asyncio.Event()
+
+    async def logged(self, prefix: str) -> str:
+        """The first line that starts with `prefix`, as soon as there is one (a request's, once it is over)."""
+        while not (found := [line for line in self if isinstance(line, str) and line.startswith(prefix)]):
+            self.grew.clear()
+            await asyncio.wait_for(self.grew.wait(), 30)
+        return found[0]
+
+
 @asynccontextmanager
-async def captured_log(keep: Callable[[logging.LogRecord], Any] = logging.LogRecord.getMessage) -> AsyncIterator[list]:
+async def captured_log(keep: Callable[[logging.LogRecord], Any] = logging.LogRecord.getMessage) -> AsyncIterator[Log]:
     """What modelgate logs at INFO and above while inside: each record's message, or what `keep` makes of it."""
-    lines: list = []
+    lines = Log()
     handler = logging.Handler()
-    handler.emit = lambda record: lines.append(keep(record))  # type: ignore[method-assign]
+
+    def emit(record: logging.LogRecord) -> None:
+        lines.append(keep(record))
+        lines.grew.set()
+
+    handler.emit = emit  # type: ignore[method-assign]
     modelgate.log.addHandler(handler)
     level = modelgate.log.level
     modelgate.log.setLevel(logging.INFO)  # setLevel, not `.level =`: it also clears the logger's level cache
@@ -1789,15 +1818,23 @@ async def test_client_disconnect_closes_the_upstream_request(reply: Reply, body:
 
 
 async def test_client_disconnect_mid_stream_over_a_real_socket() -> None:
-    """Over uvicorn: a client that closes its socket mid-stream makes the gateway close the upstream."""
-    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app, \
-            serve(app) as base:
+    """Over uvicorn: a client that closes its socket mid-stream makes the gateway hang up on the upstream at
+    once, while the upstream still holds the rest of the stream, and the request is logged as 499."""
+    async with captured_log() as lines, upstream(sse_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app, serve(app) as base:
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(STREAM_CHAT_REQUEST)
         await reader.readuntil(b"data: ")
         writer.close()
-        await asyncio.wait_for(up.saw_close.wait(), 5)
+        # The request is over either way: at once when the gateway noticed that its client left, or after
+        # TIMEOUT_SECONDS (5 s) of the upstream's silence when it did not.
+        line = await lines.logged("POST ")
+        hung_up = await happens(up.saw_close)  # on its way: the gateway hangs up before it logs
+    assert line.startswith("POST /v1/chat/completions 499 "), line
+    # What the upstream saw: one request on one connection, hung up on while it held all but the first event.
+    assert hung_up, "the gateway let its client go but kept the upstream connection"
+    assert len(up.requests) == 1 and up.connections == 1
 
 
 @pytest.mark.parametrize("turns", range(6))
