@@ -367,9 +367,10 @@ def environ(**overrides: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def gateway(**overrides: str) -> AsyncIterator[modelgate.Gateway]:
-    """A Gateway through its ASGI lifespan: started, yielded, shut down."""
-    app = modelgate.Gateway(environ(**overrides))
+async def gateway(ready_timeout: float | None = None, **overrides: str) -> AsyncIterator[modelgate.Gateway]:
+    """A Gateway through its ASGI lifespan: started, yielded, shut down. `overrides` are settings;
+    `ready_timeout`, when given, is how long its GET /ready waits for a host (2 s unless told)."""
+    app = modelgate.Gateway(environ(**overrides), **({} if ready_timeout is None else {"ready_timeout": ready_timeout}))
     inbox: asyncio.Queue = asyncio.Queue()
     outbox: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
@@ -2178,10 +2179,12 @@ async def test_ready_is_up_when_a_host_lists_its_models_and_down_when_none_does(
 
 
 async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
-    """A host that accepts but does not answer makes /ready 503 after READY_TIMEOUT_SECONDS, not later."""
-    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    """A host that accepts but does not answer makes /ready 503 once the gateway's ready timeout is over,
+    and the message says how long it waited."""
+    async with upstream(hang_reply) as up, gateway(ready_timeout=0.05, OLLAMA_BASE_URL=up.url) as app:
         down = await call(app, "GET", "/ready", headers=[])
-    assert "ollama/1 timeout" in assert_error(down, 503, "api_error", "not_ready")["message"]
+    message = assert_error(down, 503, "api_error", "not_ready")["message"]
+    assert "ollama/1 timeout" in message and "within 0.05 s" in message
 
 
 ###############################################################################
