@@ -60,6 +60,11 @@ EVENTS = [
     b"data: [DONE]\n\n",
 ]
 
+# TIMEOUT_SECONDS where the upstream first sends something and then falls silent until the timeout: a second,
+# far more than any pause of a busy machine between its sending and the gateway's reading, so that only the
+# silence can time out. Where it never sends a byte, or ends the exchange itself, nothing else can happen
+# first, and those tests take a short timeout or the default.
+TIMEOUT_AFTER_SENDING = "1"
 OLLAMA_MODELS = {"object": "list", "data": [
     {"id": "qwen2.5:7b", "object": "model", "created": 1, "owned_by": "library"},
     {"id": "hf.co/x/y:Q4", "object": "model", "created": 2, "owned_by": "hf.co"},
@@ -1626,7 +1631,8 @@ async def test_stream_cut_midway_ends_with_an_error_event_not_done() -> None:
 
 async def test_stream_silent_past_the_timeout_ends_with_an_error_event() -> None:
     """An upstream that stops sending mid-stream for longer than TIMEOUT_SECONDS: error event, no [DONE]."""
-    async with upstream(sse_reply(hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+    async with upstream(sse_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=TIMEOUT_AFTER_SENDING) as app:
         answer = await chat(app, STREAM_CHAT)
     assert answer.chunks[0] == EVENTS[0]
     assert "TIMEOUT_SECONDS" in assert_error_event(answer.chunks[1])["message"]
@@ -1639,12 +1645,14 @@ async def test_stream_failing_before_first_byte_is_a_plain_error() -> None:
     assert_error(answer, 502, "api_error", "upstream_unavailable")
 
 
-@pytest.mark.parametrize("after, status, code", [("silence", 504, "upstream_timeout"),
-                                                 ("reset", 502, "upstream_unavailable")])
-async def test_stream_failing_after_headers_before_first_byte_is_a_plain_error(after: str, status: int,
-                                                                              code: str) -> None:
+@pytest.mark.parametrize("after, timeout, status, code", [
+    ("silence", "0.2", 504, "upstream_timeout"),  # late headers would time out all the same
+    ("reset", "5", 502, "upstream_unavailable"),  # the reset ends it: the timeout must not come first
+])
+async def test_stream_failing_after_headers_before_first_byte_is_a_plain_error(after: str, timeout: str,
+                                                                              status: int, code: str) -> None:
     """Headers but no event yet (a cold model, say), then a timeout or a reset: the plain status, no event stream."""
-    async with upstream(headers_then(after)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+    async with upstream(headers_then(after)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=timeout) as app:
         answer = await chat(app, STREAM_CHAT)
     assert_error(answer, status, "api_error", code)
 
@@ -1869,7 +1877,8 @@ async def test_client_leaving_as_the_upstream_connection_opens_is_noticed(moment
 async def test_client_that_stops_reading_a_stream_is_let_go() -> None:
     """A client whose socket stays full (it stopped reading) for TIMEOUT_SECONDS is treated as gone: the
     upstream request is closed and its connection slot comes back."""
-    async with upstream(sse_reply(hold_before=2)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+    async with upstream(sse_reply(hold_before=2)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=TIMEOUT_AFTER_SENDING) as app:
         full = asyncio.Event()  # never set: uvicorn's send() waits like this while the client's window is full
 
         async def stalled_send(message: dict) -> None:
@@ -2026,18 +2035,18 @@ async def test_a_host_that_refuses_is_passed_over_and_tried_again_later() -> Non
 
 
 HOST_FAILURES_AFTER_CONNECTING = [
-    # (reply of host 1, status, error code): it accepted, so the request may be running there
-    (raw_reply(b""), 502, "upstream_unavailable"),  # reads the request, hangs up without a word
-    (hang_reply, 504, "upstream_timeout"),  # reads the request, never answers
-    (sse_reply(cut_before=1), 200, None),  # starts a stream, breaks off
+    # (reply of host 1, TIMEOUT_SECONDS, status, error code): it accepted, so the request may be running there
+    (raw_reply(b""), "5", 502, "upstream_unavailable"),  # reads the request, hangs up without a word
+    (hang_reply, "0.3", 504, "upstream_timeout"),  # reads the request, never answers
+    (sse_reply(cut_before=1), "5", 200, None),  # starts a stream, breaks off
 ]
 
 
-@pytest.mark.parametrize("reply, status, code", HOST_FAILURES_AFTER_CONNECTING)
-async def test_no_failover_once_the_request_was_sent(reply: Reply, status: int, code: str | None) -> None:
+@pytest.mark.parametrize("reply, timeout, status, code", HOST_FAILURES_AFTER_CONNECTING)
+async def test_no_failover_once_the_request_was_sent(reply: Reply, timeout: str, status: int, code: str | None) -> None:
     """A host that accepted the request and then failed is the answer: the next host never runs it again."""
     async with upstream(reply) as first, upstream(json_reply()) as second, \
-            gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}", TIMEOUT_SECONDS="0.3") as app:
+            gateway(OLLAMA_BASE_URL=f"{first.url},{second.url}", TIMEOUT_SECONDS=timeout) as app:
         answer = await chat(app, STREAM_CHAT if status == 200 else CHAT)
     if code:
         assert_error(answer, status, "api_error", code)
@@ -2399,8 +2408,10 @@ async def test_what_still_runs_when_the_grace_is_over_is_ended() -> None:
     """After SHUTDOWN_GRACE_SECONDS a running stream ends with the error event, a waiting request gets 503."""
     async with upstream(sse_reply(hold_before=1)) as up, \
             gateway(OLLAMA_BASE_URL=up.url, SHUTDOWN_GRACE_SECONDS="0.05") as app:
-        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
-        await up.received(1)
+        first_event = asyncio.Event()  # the client has it: only then may the grace begin, however short
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT,
+                                            on_message=lambda m: m.get("body") == EVENTS[0] and first_event.set()))
+        await asyncio.wait_for(first_event.wait(), 10)
         up.reply = json_reply(held=True)
         waiting = asyncio.ensure_future(chat(app))
         await up.received(2)
