@@ -9,6 +9,8 @@ httpcore) installed:
     python bench_modelgate.py --loop uvloop --http httptools   # with uvicorn's optional accelerators
     python bench_modelgate.py --json           # the same figures as JSON on stdout
     python bench_modelgate.py --floor          # the relay floor (below) in place of the gateway
+    python bench_modelgate.py --alternate 3    # gateway, floor, gateway, floor, ...: three rounds of both
+    python bench_modelgate.py --markdown docs/benchmark.md   # also write the figures as a markdown table
 
 It starts a fake OpenAI-compatible model server (a plain asyncio protocol with canned answers and
 keep-alive connections) and the gateway (`uvicorn modelgate:app`, one worker) in front of it. The fake
@@ -41,7 +43,14 @@ gateway / direct of the figure named beside it):
 --floor measures, in place of the gateway, the least any gateway on ModelGate's libraries can cost: uvicorn
 serving an app that relays every request through ModelGate's upstream pool and httpcore's HTTP/1.1 connection
 and does nothing else (no token, routing, JSON, log line or metrics). The gateway's figures minus the
-floor's are what ModelGate's own work costs.
+floor's are what ModelGate's own work costs. --alternate N measures both in one invocation, ModelGate then
+the floor, N times over (the direct figures once, in the first round), and gives per round, and as the
+median of the rounds: ModelGate's chat_c64 requests/s as a percentage of the floor's, and its CPU time per
+relayed chunk as a multiple of the floor's. Runs side by side see the same machine, which a shared one
+does not stay from one invocation to the next.
+
+--markdown FILE writes the figures, the date, the machine (CPU model, cores) and the versions of Python,
+uvicorn, httpcore and h11 as markdown tables to FILE; with --alternate, also the two ratios per round.
 
 The script asserts no figure: it prints them. It exits with status 1 when something fails to run: the
 gateway does not start, a response is not a 2xx, a body or stream is incomplete or malformed (such errors
@@ -850,13 +859,15 @@ class Bench:
     """Runs the scenarios against the fake server ("direct") and the gateway; collects figures and errors."""
 
     def __init__(self, settings: Settings, gateway: Gateway, upstream_port: int, wrk: str | None,
-                 workdir: Path):
+                 workdir: Path, direct: dict | None = None):
         self.settings = settings
         self.gateway = gateway
         self.upstream_port = upstream_port
         self.wrk = wrk
         self.workdir = workdir
         self.errors: dict[str, Counter] = {}
+        # Direct runs by scenario: the fake server does not change between rounds, so it is measured once.
+        self.direct = {} if direct is None else direct
 
     @property
     def ports(self) -> dict[str, int]:
@@ -907,6 +918,14 @@ class Bench:
 
     def measure_requests(self, scenario: str, target: str, kind: str, path: str, body: dict,
                          connections: int) -> tuple[LoadResult, float]:
+        if target == "direct":
+            if scenario not in self.direct:
+                self.direct[scenario] = self._measure_requests(scenario, target, kind, path, body, connections)
+            return self.direct[scenario]
+        return self._measure_requests(scenario, target, kind, path, body, connections)
+
+    def _measure_requests(self, scenario: str, target: str, kind: str, path: str, body: dict,
+                          connections: int) -> tuple[LoadResult, float]:
         port, requests, duration = self.ports[target], request_maker(path, body), self.settings.duration
         request = requests()
 
@@ -952,7 +971,9 @@ class Bench:
 
     def stream_c200(self) -> dict:
         rss = PeakRss(self.gateway.pid)
-        direct, _ = self.measure_streams("direct")
+        if "stream_c200" not in self.direct:
+            self.direct["stream_c200"] = self.measure_streams("direct")
+        direct, _ = self.direct["stream_c200"]
         gateway, cpu = self.measure_streams("gateway", rss)
 
         def figures(run: StreamRun) -> dict:
@@ -1018,12 +1039,14 @@ def environment(args: argparse.Namespace, plan: tuple[int, int] | None, wrk: str
     return {"date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "python": platform.python_version(),
             "uvicorn": package_version("uvicorn"), "httpcore": package_version("httpcore"),
+            "h11": package_version("h11"),
             "uvloop": package_version("uvloop"), "httptools": package_version("httptools"),
             "loop": resolve(args.loop, "uvloop", "asyncio"), "http": resolve(args.http, "httptools", "h11"),
             "cpu": cpu_model(), "cores": os.cpu_count(), "pinning": pinning,
             "load_generator": f"{requests_by} for chat/embed, built-in asyncio client for streams",
             "mode": "quick" if args.quick else "full",
-            "gateway": f"relay floor ({FLOOR_APP})" if args.floor else GATEWAY_APP, "floor": args.floor}
+            "gateway": f"relay floor ({FLOOR_APP})" if args.floor else GATEWAY_APP, "floor": args.floor,
+            "alternate": args.alternate}
 
 
 def num(value: float) -> str:
@@ -1066,28 +1089,177 @@ def table(results: dict) -> list[tuple[str, ...]]:
     return rows
 
 
-def print_report(env: dict, results: dict, errors: dict[str, Counter]) -> None:
+def print_report(env: dict, runs: list[dict], errors: dict[str, Counter]) -> None:
+    """The table of each run, and with --alternate the ratios of ModelGate to the floor."""
     print(f"ModelGate benchmark, {env['mode']} run, {env['date']}")
     if env["floor"]:
         print(f"in place of the gateway: the {env['gateway']}")
-    print(f"Python {env['python']}, uvicorn {env['uvicorn']}, httpcore {env['httpcore']}, "
+    if env["alternate"]:
+        print(f"alternated: ModelGate ({GATEWAY_APP}) and the relay floor ({FLOOR_APP}), {rounds(env['alternate'])}")
+    print(f"Python {env['python']}, uvicorn {env['uvicorn']}, httpcore {env['httpcore']}, h11 {env['h11']}, "
           f"uvloop {env['uvloop']}, httptools {env['httptools']}; "
           f"gateway loop {env['loop']}, http {env['http']}")
     print(f"CPU {env['cpu']}, {env['cores']} cores; pinning: {env['pinning']}")
     print(f"load: {env['load_generator']}; latencies as p50/p99")
-    print()
-    rows = table(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for run in runs:
+        print()
+        if env["alternate"]:
+            print(f"round {run['round']}: {TARGET_NAMES[run['target']]}")
+        rows = table(run["results"])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if env["alternate"]:
+        print()
+        ratios = floor_ratios(runs)
+        named = [(f"round {n}", each) for n, each in enumerate(ratios["rounds"], 1)] + [("median", ratios["median"])]
+        for name, each in named:
+            print(f"{name}: ModelGate's chat_c64 requests/s {num(each['chat_c64_percent_of_floor'])} % of the "
+                  f"floor's; its CPU per relayed chunk {num(each['cpu_per_chunk_times_floor'])} times the floor's")
     for label, counts in errors.items():
         print(f"ERRORS {label}: " + ", ".join(f"{what} x{count}" for what, count in counts.items()))
+
+
+TARGET_NAMES = {"gateway": "ModelGate", "floor": "relay floor"}
+
+
+def rounds(count: int) -> str:
+    return f"{count} round{'s' * (count != 1)}"
+
+
+def floor_ratios(runs: list[dict]) -> dict:
+    """ModelGate against the floor measured right after it, per round and the median of the rounds: its
+    chat_c64 requests/s as a percentage of the floor's, its CPU per relayed chunk as a multiple."""
+    rounds = []
+    for gateway, floor in zip(runs[0::2], runs[1::2]):
+        g, f = gateway["results"], floor["results"]
+        rounds.append({
+            "chat_c64_percent_of_floor": 100 * ratio(g["chat_c64"]["gateway"]["requests_per_s"],
+                                                     f["chat_c64"]["gateway"]["requests_per_s"]),
+            "cpu_per_chunk_times_floor": ratio(g["stream_c200"]["gateway"]["cpu_us_per_chunk"],
+                                               f["stream_c200"]["gateway"]["cpu_us_per_chunk"])})
+    return {"rounds": rounds, "median": {key: median([r[key] for r in rounds]) for key in rounds[0]}}
+
+
+def median(values: list[float]) -> float:
+    values = sorted(v for v in values if not math.isnan(v))
+    if not values:
+        return math.nan
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def median_results(results: list[dict]) -> dict:
+    """Each figure of several runs' results (of the same shape): its median."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {key: median_results([r[key] for r in results]) for key in first}
+    if isinstance(first, (int, float)):
+        return median([float(r) for r in results])
+    return first
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown (--markdown FILE)
+# ---------------------------------------------------------------------------------------------------
+
+def markdown_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
+    """(scenario, figure, direct, then one column per target) for results by target ("gateway", "floor")."""
+    targets = list(results)
+    some = results[targets[0]]
+    rows = []
+
+    def row(scenario: str, figure: str, direct: str, cell: Callable[[dict], str]) -> None:
+        rows.append((f"`{scenario}`", figure, direct, *(cell(results[t][scenario]) for t in targets)))
+
+    def pair(figures: dict, prefix: str = "") -> str:
+        return f"{num(figures[prefix + 'p50_ms'])} / {num(figures[prefix + 'p99_ms'])} ms"
+
+    r = some["chat_c1"]
+    row("chat_c1", "latency p50 / p99", pair(r["direct"]), lambda r: pair(r["gateway"]))
+    row("chat_c1", "added p50 / p99", "-",
+        lambda r: f"{num(r['added_p50_ms'])} / {num(r['added_p99_ms'])} ms")
+    for name in ("chat_c64", "embed_c64"):
+        r = some[name]
+        row(name, "requests/s", num(r["direct"]["requests_per_s"]), lambda r: num(r["gateway"]["requests_per_s"]))
+        row(name, "latency p50 / p99", pair(r["direct"]), lambda r: pair(r["gateway"]))
+        row(name, "CPU per request", "-", lambda r: f"{num(r['gateway']['cpu_ms_per_request'])} ms")
+    r = some["stream_c200"]
+    row("stream_c200", "ttfb p50 / p99", pair(r["direct"], "ttfb_"), lambda r: pair(r["gateway"], "ttfb_"))
+    row("stream_c200", "gap p50 / p99", pair(r["direct"], "gap_"), lambda r: pair(r["gateway"], "gap_"))
+    row("stream_c200", "batched gaps", f"{num(r['direct']['batched_percent'])} %",
+        lambda r: f"{num(r['gateway']['batched_percent'])} %")
+    row("stream_c200", "CPU per relayed chunk", "-", lambda r: f"{num(r['gateway']['cpu_us_per_chunk'])} µs")
+    row("cold_start", "median of 5 starts", "-", lambda r: f"{num(r['median_s'])} s")
+    row("memory", "RSS idle / peak in `stream_c200`", "-",
+        lambda r: f"{num(r['idle_rss_mib'])} / {num(r['stream_c200_peak_rss_mib'])} MiB")
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
+
+
+def markdown(env: dict, runs: list[dict], errors: dict[str, Counter]) -> str:
+    """The figures as markdown: what ran where, the ratios to the floor (--alternate), then every figure."""
+    if env["alternate"]:
+        what = f"ModelGate and the relay floor alternated, {rounds(env['alternate'])}; figures are medians of the rounds"
+    else:
+        what = f"{env['gateway']} in the gateway's place" if env["floor"] else f"ModelGate ({GATEWAY_APP})"
+    lines = ["# ModelGate benchmark", "",
+             f"Written by `bench_modelgate.py`: {env['mode']} run, {what}.", ""]
+    lines += markdown_table([
+        ("", ""),
+        ("date", env["date"]),
+        ("machine", f"{env['cpu']}, {env['cores']} cores"),
+        ("pinning", env["pinning"]),
+        ("Python", env["python"]),
+        ("uvicorn", f"{env['uvicorn']} (loop {env['loop']}, http {env['http']})"),
+        ("httpcore", env["httpcore"]),
+        ("h11", env["h11"]),
+        ("uvloop, httptools", f"{env['uvloop']}, {env['httptools']}"),
+        ("load", env["load_generator"]),
+    ])
+    if env["alternate"]:
+        ratios = floor_ratios(runs)
+        lines += ["", "## ModelGate against the relay floor", "",
+                  "Each round measures ModelGate, then the floor; each ratio compares the two of one round.", ""]
+        rows = [("round", "`chat_c64` requests/s: ModelGate", "relay floor", "ModelGate as % of the floor",
+                 "CPU per relayed chunk: ModelGate", "relay floor", "ModelGate / floor")]
+        for number, (gateway, floor) in enumerate(zip(runs[0::2], runs[1::2]), 1):
+            g, f = gateway["results"], floor["results"]
+            rows.append((str(number), num(g["chat_c64"]["gateway"]["requests_per_s"]),
+                         num(f["chat_c64"]["gateway"]["requests_per_s"]),
+                         f"{num(ratios['rounds'][number - 1]['chat_c64_percent_of_floor'])} %",
+                         f"{num(g['stream_c200']['gateway']['cpu_us_per_chunk'])} µs",
+                         f"{num(f['stream_c200']['gateway']['cpu_us_per_chunk'])} µs",
+                         num(ratios["rounds"][number - 1]["cpu_per_chunk_times_floor"])))
+        rows.append(("median", "", "", f"{num(ratios['median']['chat_c64_percent_of_floor'])} %", "", "",
+                     num(ratios["median"]["cpu_per_chunk_times_floor"])))
+        lines += markdown_table(rows)
+    by_target: dict[str, list[dict]] = {}
+    for run in runs:
+        by_target.setdefault(run["target"], []).append(run["results"])
+    results = {target: median_results(each) for target, each in by_target.items()}
+    lines += ["", "## Figures", "",
+              "Latencies are from sending a request to receiving its response completely. **direct** is the "
+              "fake model server without a gateway: the limit of the harness.", ""]
+    lines += markdown_table([("scenario", "figure", "direct", *(TARGET_NAMES[t] for t in results)),
+                             *markdown_rows(results)])
+    if errors:
+        lines += ["", "## Errors", ""]
+        lines += [f"- {label}: " + ", ".join(f"{what} x{count}" for what, count in counts.items())
+                  for label, counts in errors.items()]
+    return "\n".join(lines) + "\n"
 
 
 def json_ready(value):
     """Figures rounded to 4 decimals, and NaN (no data) as null so that the JSON is standard."""
     if isinstance(value, dict):
         return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_ready(item) for item in value]
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 4)
     return value
@@ -1114,9 +1286,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--floor", action="store_true",
                         help="measure the relay floor (uvicorn, ModelGate's pool and httpcore, nothing else) "
                              "in place of the gateway")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="measure ModelGate and the relay floor one after the other, N rounds, and compare them")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the figures as markdown tables to FILE")
     parser.add_argument("--serve-upstream", nargs=3, type=int, metavar=("FD", "CHUNKS", "INTERVAL_MS"),
                         help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.alternate < 0 or (args.alternate and args.floor):
+        parser.error("--alternate takes a number of rounds, and measures the floor itself (no --floor)")
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1128,26 +1306,48 @@ def run(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, {plan[1]})    # this process, the fake server and wrk inherit it
     wrk = None if args.no_wrk else shutil.which("wrk")
     env = environment(args, plan, wrk)
+    if args.alternate:
+        targets = ["gateway", "floor"] * args.alternate
+    else:
+        targets = ["floor" if args.floor else "gateway"]
+    runs: list[dict] = []
+    errors: dict[str, Counter] = {}
+    direct: dict = {}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_modelgate-")))
-        log = workdir / "gateway.log"
         upstream_port = start_upstream(settings.chunks, stack)
-        gateway = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, log,
-                          FLOOR_APP if args.floor else GATEWAY_APP)
-        stack.callback(gateway.stop)
-        bench = Bench(settings, gateway, upstream_port, wrk, workdir)
-        try:
-            results = bench.run_all()
-        except BenchError:
-            if log.exists():
-                progress(f"last lines of the gateway's stderr:\n{gateway.log_tail()}")
-            raise
+        for number, target in enumerate(targets):
+            log = workdir / f"{target}.log"
+            gateway = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, log,
+                              FLOOR_APP if target == "floor" else GATEWAY_APP)
+            stack.callback(gateway.stop)
+            bench = Bench(settings, gateway, upstream_port, wrk, workdir, direct)
+            round_ = number // 2 + 1
+            if args.alternate:
+                progress(f"round {round_} of {args.alternate}: {TARGET_NAMES[target]}")
+            try:
+                results = bench.run_all()
+            except BenchError:
+                if log.exists():
+                    progress(f"last lines of the gateway's stderr:\n{gateway.log_tail()}")
+                raise
+            runs.append({"round": round_, "target": target, "results": results})
+            for label, counts in bench.errors.items():
+                errors[f"round {round_} {TARGET_NAMES[target]}: {label}" if args.alternate else label] = counts
     if args.json:
-        errors = {label: dict(counts) for label, counts in bench.errors.items()}
-        print(json.dumps(json_ready({"environment": env, "results": results, "errors": errors}), indent=2))
+        counts = {label: dict(each) for label, each in errors.items()}
+        if args.alternate:
+            document = {"environment": env, "runs": runs, "ratios": floor_ratios(runs), "errors": counts}
+        else:
+            document = {"environment": env, "results": runs[0]["results"], "errors": counts}
+        print(json.dumps(json_ready(document), indent=2))
     else:
-        print_report(env, results, bench.errors)
-    return 1 if bench.errors else 0
+        print_report(env, runs, errors)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown(env, runs, errors))
+        progress(f"figures written to {args.markdown}")
+    return 1 if errors else 0
 
 
 def main() -> int:
