@@ -2151,7 +2151,7 @@ async def test_the_last_client_to_leave_cancels_the_shared_request(leaving: list
             gone[name].set()
         if cancelled:
             await asyncio.wait_for(up.saw_close.wait(), 5)
-        await until(lambda: sum(t.done() for t in (leader, follower)) == len(leaving))
+        await asyncio.wait_for(asyncio.gather(*({"leader": leader, "follower": follower}[n] for n in leaving)), 5)
         up.release.set()
         answers = {"leader": await leader, "follower": await follower}
         assert app.coalescer.flights == {}
