@@ -13,6 +13,7 @@ readiness; metrics and logging; the connection pool; the command line.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -485,15 +486,216 @@ def joined(app: modelgate.Gateway) -> int:
     return sum(app.metrics.coalesced.values())
 
 
-async def cancel_many(app: Any, count: int, body: bytes | list[bytes], ready: Callable[[], Awaitable[None]]) -> None:
-    """Start `count` requests, wait until each waits on the network, then make every client leave."""
+V1_CHAT = "/v1/chat/completions"
+NATIVE_STREAM = b'{"model": "ollama/qwen2.5:7b", "messages": []}'  # Ollama's native API streams unless told not to
+
+
+async def cancel_many(app: Any, requests: list[tuple[str, bytes]], ready: Callable[[], Awaitable[None]]) -> None:
+    """Start the requests (path, body), wait until each waits on the network, then make every client leave."""
     gone = asyncio.Event()
-    bodies = body if isinstance(body, list) else [body] * count
-    tasks = [asyncio.ensure_future(chat(app, bodies[n], disconnect=gone)) for n in range(count)]
+    tasks = [asyncio.ensure_future(call(app, "POST", path, body, disconnect=gone)) for path, body in requests]
     await ready()
     gone.set()
     answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     assert not any(a.complete for a in answers)
+
+
+###############################################################################
+# Helpers: a fake Ollama that speaks its own API and Anthropic Messages #######
+###############################################################################
+
+# What a real Ollama answers on its native API (docs/api.md; server/routes.go) and on its Anthropic door
+# (anthropic/anthropic.go): a fake that answers each route as Ollama does, and the requests the `ollama` and
+# `anthropic` Python libraries, FluentRead and kiss-translator send, byte for byte where it matters.
+
+ADMIN = "admin-token-3c1d"
+ADMIN_SETTINGS = {"MODELGATE_TOKEN": f"webui:{TOKEN},janitor:{ADMIN}", "OLLAMA_ADMIN_TOKENS": "janitor"}
+ADMIN_AUTH = [(b"authorization", b"Bearer " + ADMIN.encode())]
+# The `ollama` library's own headers (ollama-python _client.py): the app adds Authorization through headers=.
+OLLAMA_PY_HEADERS = [(b"content-type", b"application/json"), (b"accept", b"application/json"),
+                     (b"user-agent", b"ollama-python/0.6.1 (x86_64 linux) Python/3.12.3")]
+DETAILS = {"parent_model": "", "format": "gguf", "family": "qwen2", "families": ["qwen2"],
+           "parameter_size": "7.6B", "quantization_level": "Q4_K_M"}
+
+
+def tag(name: str, digest: str = "a" * 64) -> dict:
+    return {"name": name, "model": name, "modified_at": "2026-11-02T10:00:00.1+01:00", "size": 4683087332,
+            "digest": digest, "details": DETAILS}
+
+
+TAGS = {"models": [tag("qwen2.5:7b"), tag("nomic-embed-text:latest", "b" * 64)]}
+PS = {"models": [{**tag("qwen2.5:7b"), "expires_at": "2026-11-02T10:05:00+01:00", "size_vram": 4683087332,
+                  "context_length": 4096}]}
+SHOW = {"modelfile": "FROM qwen2.5:7b", "parameters": "stop \"<|im_end|>\"", "template": "{{ .Prompt }}",
+        "details": DETAILS, "model_info": {"general.architecture": "qwen2"}, "capabilities": ["completion"],
+        "modified_at": "2026-11-02T10:00:00.1+01:00"}
+EMBED = {"model": "nomic-embed-text", "embeddings": [[0.25, -0.5, 0.125]], "total_duration": 14143917,
+         "load_duration": 1019500, "prompt_eval_count": 8}
+
+
+def ndjson(*documents: dict) -> list[bytes]:
+    """Lines as Ollama's streamResponse writes them: compact JSON, one object per line."""
+    return [json.dumps(d, separators=(",", ":")).encode() + b"\n" for d in documents]
+
+
+STAMP = {"model": "qwen2.5:7b", "created_at": "2026-11-02T10:00:00.1Z"}
+FINAL = {"done": True, "done_reason": "stop", "total_duration": 1200, "load_duration": 100, "prompt_eval_count": 5,
+         "prompt_eval_duration": 300, "eval_count": 2, "eval_duration": 800}
+CHAT_LINES = ndjson({**STAMP, "message": {"role": "assistant", "content": "Hel"}, "done": False},
+                    {**STAMP, "message": {"role": "assistant", "content": "lo"}, "done": False},
+                    {**STAMP, "message": {"role": "assistant", "content": ""}, **FINAL})
+GENERATE_LINES = ndjson({**STAMP, "response": "Hel", "done": False}, {**STAMP, "response": "lo", "done": False},
+                        {**STAMP, "response": "", **FINAL, "context": [1, 2, 3]})
+PULL_LINES = ndjson({"status": "pulling manifest"},
+                    {"status": "pulling 2bada8a74506", "digest": "sha256:" + "2b" * 32, "total": 4683073184,
+                     "completed": 1048576},
+                    {"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"})
+MESSAGE = {"id": "msg_01", "type": "message", "role": "assistant", "model": "qwen2.5:7b",
+           "content": [{"type": "text", "text": "Hallo"}], "stop_reason": "end_turn", "stop_sequence": None,
+           "usage": {"input_tokens": 12, "output_tokens": 2}}
+
+
+def sse(kind: str, data: dict) -> bytes:
+    """An event as Ollama's writeSSE writes it."""
+    return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps(data, separators=(",", ":")).encode())
+
+
+MESSAGE_EVENTS = [
+    sse("message_start", {"type": "message_start", "message": {**MESSAGE, "content": [], "stop_reason": None,
+                                                              "usage": {"input_tokens": 12, "output_tokens": 0}}}),
+    sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                "content_block": {"type": "text", "text": ""}}),
+    sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                "delta": {"type": "text_delta", "text": "Hal"}}),
+    sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                "delta": {"type": "text_delta", "text": "lo"}}),
+    sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                          "usage": {"output_tokens": 2}}),
+    sse("message_stop", {"type": "message_stop"}),
+]
+
+
+async def write_answer(writer: asyncio.StreamWriter, status: int, content_type: str, body: bytes) -> None:
+    head = f"HTTP/1.1 {status} Whatever\r\n"
+    if content_type:
+        head += f"content-type: {content_type}\r\n"
+    writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+
+
+async def write_stream(up: FakeUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       content_type: str, chunks: list[bytes], hold_before: int | None = None,
+                       cut_before: int | None = None) -> None:
+    """A chunked stream, one HTTP chunk per item; it may wait for `release` or hang up before an item."""
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n" % content_type.encode())
+    for number, chunk in enumerate(chunks):
+        if number == cut_before:
+            writer.transport.abort()
+            return
+        if number == hold_before:
+            await writer.drain()
+            await up.hold(reader)
+        writer.write(chunked(chunk))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+def ndjson_reply(lines: list[bytes] = CHAT_LINES, hold_before: int | None = None,
+                 cut_before: int | None = None) -> Reply:
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await write_stream(up, reader, writer, "application/x-ndjson", lines, hold_before, cut_before)
+
+    return reply
+
+
+def routed_reply(replies: dict[str, Reply]) -> Reply:
+    """Each request answered by the reply for its path."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await replies[request.target](up, request, reader, writer)
+
+    return reply
+
+
+def merged(lines: list[bytes]) -> dict:
+    """What Ollama answers with "stream": false: the stream's last object, with the text of them all."""
+    documents = [json.loads(line) for line in lines]
+    whole = documents[-1]
+    for key in ("response", "message"):
+        if key in whole:
+            text = "".join(d["response"] if key == "response" else d["message"]["content"] for d in documents)
+            whole[key] = text if key == "response" else {**whole[key], "content": text}
+    return whole
+
+
+OLLAMA_JSON = {"/api/tags": TAGS, "/api/ps": PS, "/api/version": {"version": "0.33.0"}, "/api/show": SHOW,
+               "/api/embed": EMBED, "/api/embeddings": {"embedding": [0.25, -0.5, 0.125]}}
+OLLAMA_STREAMS = {"/api/chat": CHAT_LINES, "/api/generate": GENERATE_LINES, "/api/pull": PULL_LINES,
+                  "/api/push": PULL_LINES, "/api/create": PULL_LINES}
+
+
+async def fake_ollama(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+    """Ollama itself, as far as its clients can tell: every native route and /v1/messages, streamed or not."""
+    path = request.target
+    body = json.loads(request.body) if request.body.startswith(b"{") else {}
+    if body.get("model") == "missing":
+        error = {"error": "model 'missing' not found"}
+        if path == "/v1/messages":
+            error = {"type": "error", "error": {"type": "not_found_error", "message": "model 'missing' not found"},
+                     "request_id": "req_1"}
+        return await write_answer(writer, 404, "application/json", json.dumps(error).encode())
+    if path in OLLAMA_JSON:
+        return await write_answer(writer, 200, "application/json; charset=utf-8", json.dumps(OLLAMA_JSON[path]).encode())
+    if path in OLLAMA_STREAMS:  # Ollama streams unless told "stream": false
+        if body.get("stream") is False:
+            document = merged(OLLAMA_STREAMS[path])
+            return await write_answer(writer, 200, "application/json; charset=utf-8", json.dumps(document).encode())
+        return await write_stream(up, reader, writer, "application/x-ndjson", OLLAMA_STREAMS[path])
+    if path in ("/api/copy", "/api/delete") or path.startswith("/api/blobs/"):
+        return await write_answer(writer, 201 if request.method == "POST" and "blobs" in path else 200, "", b"")
+    if path == "/v1/messages":
+        if body.get("stream") is True:
+            return await write_stream(up, reader, writer, "text/event-stream", MESSAGE_EVENTS)
+        return await write_answer(writer, 200, "application/json", json.dumps(MESSAGE).encode())
+    await write_answer(writer, 404, "text/plain", b"404 page not found")  # gin's answer to an unknown route
+
+
+def native(app: Any, path: str, body: bytes | dict = b"", headers: list | None = None, method: str = "POST",
+           **kwargs: Any) -> Awaitable[Answer]:
+    """A request as the `ollama` library sends it, with the gateway's token as its Bearer header."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    headers = [*(AUTH if headers is None else headers), *OLLAMA_PY_HEADERS]
+    return call(app, method, path, body, headers, **kwargs)
+
+
+def assert_ollama_error(answer: Answer, status: int) -> str:
+    """Ollama's own error shape, {"error": "<message>"}: what ollama-python's ResponseError.error expects (a str)."""
+    assert answer.status == status, (answer.status, answer.body)
+    assert answer.header(b"content-type") == b"application/json"
+    assert answer.header(b"x-request-id")
+    document = answer.json()
+    assert list(document) == ["error"] and isinstance(document["error"], str) and document["error"]
+    return document["error"]
+
+
+def assert_anthropic_error(answer: Answer, status: int, type_: str) -> str:
+    """Anthropic's error shape: {"type": "error", "error": {"type": ..., "message": ...}}."""
+    assert answer.status == status, (answer.status, answer.body)
+    assert answer.header(b"content-type") == b"application/json"
+    document = answer.json()
+    assert document["type"] == "error" and document["error"]["type"] == type_, document
+    assert isinstance(document["error"]["message"], str) and document["error"]["message"]
+    return document["error"]["message"]
+
+
+def lines_of(answer: Answer) -> list[dict]:
+    return [json.loads(line) for line in answer.body.split(b"\n") if line.strip()]
 
 
 ###############################################################################
@@ -1072,10 +1274,10 @@ ROUTE_TABLE = [
     ("PUT", "/v1/embeddings", 405),
     ("POST", "/v1/models", 405),
     ("DELETE", "/v1/models/ollama/x", 405),
-    ("GET", "/", 404),
+    ("GET", "/nope", 404),
     ("GET", "/v1", 404),
     ("POST", "/v1/completions/", 404),
-    ("POST", "/api/chat", 404),
+    ("POST", "/chat", 404),
     ("GET", "/v1/chat/completions/extra", 404),
 ]
 
@@ -2342,7 +2544,8 @@ async def test_connections_are_reused_and_closed_ones_replaced() -> None:
 
 
 async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
-    """1,000 clients leaving mid-request (during connect, while waiting, mid-stream) leak no pool slot.
+    """1,000 clients leaving mid-request (during connect, while waiting, mid-stream), half of them on Ollama's
+    native API, leak no pool slot.
 
     httpcore PRs #1094/#1099 describe a request cancelled while its connection opens keeping a slot
     forever; with 1,000 cancellations and 512 slots, one leak per cancellation would exhaust the pool.
@@ -2360,13 +2563,17 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
                     await asyncio.sleep(0)
                 assert connecting(port) >= 500
 
-            await cancel_many(app, 500, STREAM_CHAT, all_connecting)
+            await cancel_many(app, [(V1_CHAT, STREAM_CHAT)] * 250 + [("/api/chat", NATIVE_STREAM)] * 250,
+                              all_connecting)
             # 2. The same upstream starts answering: cancelled mid-stream, then while it holds its answers.
-            up = await FakeUpstream(sse_reply(hold_before=1)).start(sock=backlog.accept())
-            await cancel_many(app, 250, STREAM_CHAT, lambda: up.received(250))
+            up = await FakeUpstream(routed_reply({V1_CHAT: sse_reply(hold_before=1),
+                                                  "/api/chat": ndjson_reply(hold_before=1)})).start(sock=backlog.accept())
+            await cancel_many(app, [(V1_CHAT, STREAM_CHAT)] * 125 + [("/api/chat", NATIVE_STREAM)] * 125,
+                              lambda: up.received(250))
             up.reply = json_reply(held=True)
-            distinct = [CHAT[:-1] + b', "user": "%d"}' % n for n in range(250)]  # identical ones would share one
-            await cancel_many(app, 250, distinct, lambda: up.received(500))
+            distinct = [(path, CHAT[:-1] + b', "stream": false, "user": "%d"}' % n)  # identical ones would share one
+                        for n in range(125) for path in (V1_CHAT, "/api/chat")]
+            await cancel_many(app, distinct, lambda: up.received(500))
             # 3. Every slot is free again, and the pool serves.
             up.reply = json_reply()
             answers = await asyncio.gather(*(chat(app) for _ in range(20)))
@@ -2503,3 +2710,629 @@ async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> No
         answer = await reader.read()
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
+
+
+###############################################################################
+# Issue 11: Ollama's native API, Anthropic Messages, and the three ways #######
+# to send the token ###########################################################
+###############################################################################
+
+# Native routes ---------------------------------------------------------------
+
+NATIVE_ROUTE_TABLE = [
+    # (method, path, body, status with the fake Ollama up and an ordinary token)
+    ("GET", "/api/tags", b"", 200),
+    ("GET", "/api/ps", b"", 200),
+    ("GET", "/api/version", b"", 200),
+    ("POST", "/api/show", b'{"model": "qwen2.5:7b"}', 200),
+    ("POST", "/api/embed", b'{"model": "nomic-embed-text", "input": "hi"}', 200),
+    ("POST", "/api/embeddings", b'{"model": "nomic-embed-text", "prompt": "hi"}', 200),
+    ("POST", "/api/chat", b'{"model": "qwen2.5:7b", "messages": [], "stream": false}', 200),
+    ("POST", "/api/generate", b'{"model": "qwen2.5:7b", "prompt": "hi", "stream": false}', 200),
+    ("POST", "/api/pull", b'{"model": "qwen2.5:7b"}', 403),
+    ("POST", "/api/push", b'{"model": "me/qwen:7b"}', 403),
+    ("POST", "/api/create", b'{"model": "mine", "from": "qwen2.5:7b"}', 403),
+    ("POST", "/api/copy", b'{"source": "qwen2.5:7b", "destination": "mine"}', 403),
+    ("DELETE", "/api/delete", b'{"model": "qwen2.5:7b"}', 403),
+    ("HEAD", "/api/blobs/sha256:" + "2b" * 32, b"", 403),
+    ("POST", "/api/blobs/sha256:" + "2b" * 32, b"GGUF...", 403),
+    ("GET", "/api/chat", b"", 405),
+    ("POST", "/api/tags", b"", 405),
+    ("GET", "/api/delete", b"", 405),
+    ("POST", "/api/nope", b"{}", 404),
+    ("GET", "/api", b"", 404),
+    ("GET", "/api/", b"", 404),
+    ("POST", "/api/chat/", b"{}", 404),
+    ("POST", "/", b"", 405),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", NATIVE_ROUTE_TABLE)
+async def test_native_route_table(method: str, path: str, body: bytes, status: int) -> None:
+    """Every native route answers as Ollama does; admin routes are 403 for an ordinary token; other /api/... paths
+    are 404 and other methods 405, each in Ollama's own error shape."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await native(app, path, body, method=method)
+    if status == 200:
+        assert answer.status == 200, answer.body
+        assert [r.target for r in up.requests] == [path] * len(up.requests) and up.requests
+        return
+    assert answer.status == status
+    message = assert_ollama_error(answer, status) if method != "HEAD" else ""
+    assert up.requests == []
+    if status == 405:
+        assert method.encode() not in answer.header(b"allow")
+    if status == 403 and method != "HEAD":
+        assert "OLLAMA_ADMIN_TOKENS" in message
+
+
+async def test_native_chat_reaches_ollama_at_its_root_byte_for_byte() -> None:
+    """POST /api/chat goes to OLLAMA_BASE_URL without its /v1, the ollama/ prefix removed and every other byte as
+    sent; Ollama's plain answer comes back unchanged."""
+    body = b'{"model":"ollama/qwen2.5:7b","messages":[{"role":"user","content":"Hallo \\u00e4"}],"stream":false,' \
+           b'"think":false,"options":{"num_ctx":8192},"keep_alive":"10m"}'
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app:
+        answer = await native(app, "/api/chat", body)
+    assert answer.status == 200 and answer.json() == merged(CHAT_LINES)
+    assert answer.header(b"content-length") == str(len(answer.body)).encode()
+    [request] = up.requests
+    assert (request.method, request.target) == ("POST", "/api/chat")
+    assert request.body == body.replace(b"ollama/qwen2.5:7b", b"qwen2.5:7b")
+    assert request.header("authorization") == f"Bearer {OLLAMA_KEY}"
+    assert request.header("user-agent").startswith("ollama-python/")
+
+
+@pytest.mark.parametrize("path, lines", [("/api/chat", CHAT_LINES), ("/api/generate", GENERATE_LINES)])
+async def test_native_streams_are_relayed_line_by_line(path: str, lines: list[bytes]) -> None:
+    """Without "stream": false Ollama streams NDJSON: each line reaches the client as its own chunk, before the
+    upstream sends the next, with the headers that keep proxies from buffering and no Content-Length."""
+    async with upstream(ndjson_reply(lines, hold_before=1)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+
+        def on_message(message: dict) -> None:
+            if message.get("body") == lines[0]:
+                up.release.set()
+
+        answer = await native(app, path, {"model": "qwen2.5:7b", "prompt": "hi"}, on_message=on_message)
+    assert answer.status == 200 and answer.complete
+    assert answer.header(b"content-type") == b"application/x-ndjson"
+    assert answer.header(b"cache-control") == b"no-cache" and answer.header(b"x-accel-buffering") == b"no"
+    assert answer.header(b"content-length") is None
+    assert answer.chunks == lines
+
+
+NATIVE_BASES = [
+    # (OLLAMA_BASE_URL path, where /api/chat lands upstream)
+    ("/v1", "/api/chat"),
+    ("/ollama/v1", "/ollama/api/chat"),
+    ("/ollama/v1/", "/ollama/api/chat"),
+    ("/ollama", "/ollama/api/chat"),  # no /v1 to remove: the base as it is
+]
+
+
+@pytest.mark.parametrize("base, target", NATIVE_BASES)
+async def test_the_native_base_is_the_base_url_without_its_v1(base: str, target: str) -> None:
+    """The native base is OLLAMA_BASE_URL with a final /v1 removed; a path prefix in front of it is kept."""
+    async with upstream(json_reply(document=merged(CHAT_LINES))) as up, \
+            gateway(OLLAMA_BASE_URL=up.url.removesuffix("/v1") + base) as app:
+        answer = await native(app, "/api/chat", {"model": "m", "stream": False})
+        tags = await native(app, "/api/tags", method="GET")
+    assert answer.status == 200 and tags.status == 200
+    assert [r.target for r in up.requests] == [target, target.replace("/chat", "/tags")]
+
+
+async def test_native_embed_show_and_legacy_embeddings_are_relayed() -> None:
+    """/api/embed, /api/embeddings and /api/show reach Ollama with the model's prefix removed; answers unchanged."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        embed = await native(app, "/api/embed", {"model": "ollama/nomic-embed-text", "input": ["a", "b"]})
+        legacy = await native(app, "/api/embeddings", {"model": "nomic-embed-text", "prompt": "a"})
+        show = await native(app, "/api/show", {"model": "ollama/qwen2.5:7b"})
+    assert embed.json() == EMBED and legacy.json() == OLLAMA_JSON["/api/embeddings"] and show.json() == SHOW
+    assert [r.json()["model"] for r in up.requests] == ["nomic-embed-text", "nomic-embed-text", "qwen2.5:7b"]
+
+
+async def test_an_openai_model_on_the_native_api_is_a_400_that_says_why() -> None:
+    """openai/... on /api/chat: 400 in Ollama's shape saying this door leads to Ollama only; nothing is sent,
+    even with OpenAI configured and DEFAULT_PROVIDER=openai (a bare model still goes to Ollama here)."""
+    async with upstream(fake_ollama) as ollama, upstream(json_reply()) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY,
+                    DEFAULT_PROVIDER="openai") as app:
+        refused = await native(app, "/api/chat", {"model": "openai/gpt-4o", "messages": [], "stream": False})
+        bare = await native(app, "/api/chat", {"model": "qwen2.5:7b", "messages": [], "stream": False})
+    assert "Ollama" in assert_ollama_error(refused, 400)
+    assert bare.status == 200
+    assert [r.target for r in ollama.requests] == ["/api/chat"] and openai.requests == []
+
+
+NATIVE_BAD_BODIES = [b"", b"not json", b"[1]", b'{"model": 7}', b'{"model": ""}', b"{}", b'{"model": "ollama/"}',
+                     b'\xff{"model": "x"}']
+
+
+@pytest.mark.parametrize("body", NATIVE_BAD_BODIES)
+async def test_a_bad_native_body_is_a_400_in_ollamas_shape(body: bytes) -> None:
+    """A body that is not a JSON object with a `model` string: 400 {"error": "..."}, and nothing goes upstream."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await native(app, "/api/generate", body)
+    assert_ollama_error(answer, 400)
+    assert up.requests == []
+
+
+async def test_native_errors_keep_the_statuses_of_the_error_table() -> None:
+    """On /api/* every error of today's table comes with its status in Ollama's shape: no token, rate limit, body too
+    large, upstream refused, silent, or answering an error (passed on as Ollama wrote it, or wrapped)."""
+    chat_body = {"model": "qwen2.5:7b", "messages": [], "stream": False}
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="2", MAX_BODY_BYTES="200") as app:
+        no_token = await native(app, "/api/chat", chat_body, headers=[])
+        missing = await native(app, "/api/chat", {**chat_body, "model": "missing"})
+        up.reply = json_reply(500, raw=b"runner crashed", content_type="text/plain")
+        crashed = await native(app, "/api/chat", chat_body)
+        limited = await native(app, "/api/chat", chat_body)
+        too_large = await native(app, "/api/chat", b'{"model": "m", "x": "' + b"x" * 200 + b'"}', headers=OTHER_AUTH)
+        up.reply = fake_ollama
+    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+        silent = await native(app, "/api/chat", chat_body)
+    async with gateway() as app:
+        refused = await native(app, "/api/chat", chat_body)
+        tags_down = await native(app, "/api/tags", method="GET")
+    assert "Bearer" in assert_ollama_error(no_token, 401)
+    assert missing.status == 404 and missing.json() == {"error": "model 'missing' not found"}
+    assert "runner crashed" in assert_ollama_error(crashed, 500)
+    assert "RATE_LIMIT_RPM" in assert_ollama_error(limited, 429) and limited.header(b"retry-after")
+    assert "MAX_BODY_BYTES" in assert_ollama_error(too_large, 413)
+    assert "TIMEOUT_SECONDS" in assert_ollama_error(silent, 504)
+    for answer in (refused, tags_down):
+        message = assert_ollama_error(answer, 502)
+        assert "OLLAMA_BASE_URL" in message and "127.0.0.1" not in message
+
+
+# How a native stream ends ------------------------------------------------------
+
+DONE = b'{"model":"m","created_at":"t","message":{"role":"assistant","content":""},"done":true}\n'
+NATIVE_STREAM_ENDS = [
+    # (lines the upstream sends, whether the stream is whole)
+    (CHAT_LINES, True),
+    (GENERATE_LINES, True),
+    ([DONE[:-1]], True),  # the last line without its newline
+    ([DONE, b"\n"], True),  # a blank line after it
+    ([DONE[:30], DONE[30:]], True),  # the line split over two chunks
+    (CHAT_LINES[:2], False),  # no "done": true line
+    ([b'{"message":{"role":"assistant","content":"\\"done\\":true"},"done":false}\n'], False),
+    ([b'{"message":{"tool_calls":[{"function":{"name":"f","arguments":{"done":true}}}]},"done":false}\n'], False),
+    ([DONE, b'{"message":{"content":"more"},"done":false}\n'], False),  # "done" must be the last line
+    ([CHAT_LINES[0], b'{"error":"an error was encountered while running the model"}\n'], False),
+    ([b"garbage\n"], False),
+]
+
+
+@pytest.mark.parametrize("lines, whole", NATIVE_STREAM_ENDS)
+async def test_a_native_stream_is_whole_only_when_its_last_line_is_done(lines: list[bytes], whole: bool) -> None:
+    """A stream whose last line has "done": true arrives as sent; any other gets one final {"error": ...} line,
+    so that no client takes a cut answer for a whole one."""
+    async with upstream(ndjson_reply(lines)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await native(app, "/api/chat", {"model": "m", "messages": []})
+    assert answer.status == 200 and answer.complete
+    assert answer.chunks[:len(lines)] == lines
+    if whole:
+        assert len(answer.chunks) == len(lines)
+    else:
+        last = answer.chunks[-1]
+        assert last.endswith(b"\n") and last.count(b"\n") == 1 and len(answer.chunks) == len(lines) + 1
+        assert list(json.loads(last)) == ["error"] and "done" in json.loads(last)["error"]
+
+
+async def test_a_native_stream_cut_or_silent_ends_with_an_error_line() -> None:
+    """Ollama hanging up mid-stream, or going silent past TIMEOUT_SECONDS: the lines so far, then one error line
+    (what Ollama itself writes when it fails mid-stream), never "done": true."""
+    async with upstream(ndjson_reply(cut_before=2)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        cut = await native(app, "/api/chat", {"model": "m"})
+    async with upstream(ndjson_reply(hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=TIMEOUT_AFTER_SENDING) as app:
+        silent = await native(app, "/api/generate", {"model": "m"})
+    assert cut.chunks[:2] == CHAT_LINES[:2] and len(cut.chunks) == 3
+    assert list(json.loads(cut.chunks[2])) == ["error"] and b'"done": true' not in cut.body
+    assert silent.chunks[0] == CHAT_LINES[0]
+    assert "TIMEOUT_SECONDS" in json.loads(silent.chunks[1])["error"]
+
+
+NDJSON_PAYLOAD = b"".join(GENERATE_LINES)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(NDJSON_PAYLOAD) - 1), max_size=12, unique=True).map(sorted))
+async def test_native_relay_is_invariant_to_how_upstream_bytes_are_split(cuts: list[int]) -> None:
+    """However Ollama's NDJSON is cut into chunks, the client gets the same bytes, judged whole."""
+    pieces = [NDJSON_PAYLOAD[a:b] for a, b in zip([0, *cuts], [*cuts, len(NDJSON_PAYLOAD)])]
+    async with upstream(ndjson_reply(pieces)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await native(app, "/api/generate", {"model": "m", "prompt": "hi"})
+    assert answer.body == NDJSON_PAYLOAD
+
+
+# Lists, version and the root --------------------------------------------------
+
+async def test_tags_and_ps_merge_the_hosts_that_answer() -> None:
+    """/api/tags and /api/ps list every model of every host once; a host that is down is left out."""
+    second_tags = {"models": [tag("nomic-embed-text:latest", "b" * 64), tag("llama3.2:3b", "c" * 64)]}
+    second_ps = {"models": [{**tag("llama3.2:3b", "c" * 64), "expires_at": "2026-11-02T10:05:00Z"}]}
+    second = routed_reply({"/api/tags": json_reply(document=second_tags), "/api/ps": json_reply(document=second_ps)})
+    async with upstream(fake_ollama) as first, upstream(second) as other, \
+            gateway(OLLAMA_BASE_URL=f"{first.url},{refused_url()},{other.url}") as app:
+        tags = await native(app, "/api/tags", method="GET")
+        ps = await native(app, "/api/ps", method="GET")
+    assert tags.status == 200 and [m["name"] for m in tags.json()["models"]] == \
+        ["qwen2.5:7b", "nomic-embed-text:latest", "llama3.2:3b"]
+    assert tags.json()["models"][0] == TAGS["models"][0]
+    assert ps.status == 200 and [m["name"] for m in ps.json()["models"]] == ["qwen2.5:7b", "llama3.2:3b"]
+    assert ps.json()["models"][0] == PS["models"][0]
+
+
+async def test_version_is_the_first_host_that_answers() -> None:
+    """/api/version: host 1 refuses, so host 2 answers; its document comes back as Ollama wrote it."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=f"{refused_url()},{up.url}") as app:
+        answer = await native(app, "/api/version", method="GET")
+    assert answer.status == 200 and answer.json() == {"version": "0.33.0"}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_the_root_answers_ollama_is_running_without_a_token(method: str) -> None:
+    """GET / and HEAD / answer what Ollama answers (200, text/plain, `Ollama is running`), as clients probe it."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, method, "/", headers=[(b"accept", b"*/*")])
+    assert answer.status == 200
+    assert answer.header(b"content-type") == b"text/plain; charset=utf-8"
+    assert answer.header(b"content-length") == b"17"
+    assert answer.body == (b"Ollama is running" if method == "GET" else b"")
+    assert up.requests == []
+
+
+async def test_head_of_the_root_over_uvicorn_has_no_body() -> None:
+    """Over a real socket, HEAD / is a 200 with the length of the GET answer and no body."""
+    async with gateway() as app, serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HEAD / HTTP/1.1\r\nhost: gw\r\n\r\nGET / HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    head, get = answer.split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 ") and head.endswith(b"\r\n\r\n") and b"content-length: 17" in head
+    assert get.startswith(b"200 ") and get.endswith(b"\r\n\r\nOllama is running")
+
+
+# Admin routes: OLLAMA_ADMIN_TOKENS ---------------------------------------------
+
+ADMIN_ROUTES = [
+    # (method, path, body, status from the fake Ollama)
+    ("POST", "/api/pull", b'{"model": "ollama/qwen2.5:7b", "stream": false}', 200),
+    ("POST", "/api/push", b'{"model": "me/qwen:7b", "stream": false}', 200),
+    ("POST", "/api/create", b'{"model": "mine", "from": "qwen2.5:7b", "stream": false}', 200),
+    ("POST", "/api/copy", b'{"source": "qwen2.5:7b", "destination": "mine"}', 200),
+    ("DELETE", "/api/delete", b'{"model": "mine"}', 200),
+    ("HEAD", "/api/blobs/sha256:" + "2b" * 32, b"", 200),
+    ("POST", "/api/blobs/sha256:" + "2b" * 32, b"GGUF\x03\x00\x00\x00 not json", 201),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", ADMIN_ROUTES)
+async def test_admin_routes_are_only_for_the_tokens_named_in_ollama_admin_tokens(method: str, path: str, body: bytes,
+                                                                                  status: int) -> None:
+    """Pull, push, create, copy, delete and blobs: 403 for a token whose name is not in OLLAMA_ADMIN_TOKENS (nothing
+    sent), relayed for one whose name is; by default nobody may."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
+        refused = await native(app, path, body, method=method)
+        allowed = await native(app, path, body, headers=ADMIN_AUTH, method=method)
+    async with upstream(fake_ollama) as nobody_up, gateway(OLLAMA_BASE_URL=nobody_up.url) as app:
+        by_default = await native(app, path, body, headers=AUTH, method=method)
+    for answer in (refused, by_default):
+        assert answer.status == 403
+        if method != "HEAD":
+            message = assert_ollama_error(answer, 403)
+            assert "OLLAMA_ADMIN_TOKENS" in message and TOKEN not in message
+    assert allowed.status == status, allowed.body
+    [request] = up.requests
+    assert (request.method, request.target) == (method, path) and nobody_up.requests == []
+    assert request.body == body.replace(b"ollama/", b"")
+
+
+async def test_a_pull_streams_its_progress_and_a_cancelled_one_stops_the_download() -> None:
+    """An admin's pull streams Ollama's progress lines as they come and ends with "success"; one whose client
+    leaves mid-download closes the upstream request, so Ollama stops pulling."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
+        pulled = await native(app, "/api/pull", {"model": "qwen2.5:7b"}, headers=ADMIN_AUTH)
+        up.reply = ndjson_reply(PULL_LINES, hold_before=2)
+        gone = asyncio.Event()
+        task = asyncio.ensure_future(native(app, "/api/pull", {"model": "qwen2.5:7b"}, headers=ADMIN_AUTH,
+                                            disconnect=gone, on_message=lambda m: m.get("body") == PULL_LINES[1]
+                                            and gone.set()))
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+        cancelled = await task
+    assert pulled.chunks == PULL_LINES and pulled.complete
+    assert cancelled.chunks == PULL_LINES[:2] and not cancelled.complete
+
+
+async def test_a_pull_that_ends_without_success_gets_an_error_line() -> None:
+    """A pull stream is whole when its last line says "success"; one that stops before gets an error line."""
+    async with upstream(ndjson_reply(PULL_LINES[:3])) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
+        answer = await native(app, "/api/pull", {"model": "qwen2.5:7b"}, headers=ADMIN_AUTH)
+    assert answer.chunks[:3] == PULL_LINES[:3] and list(json.loads(answer.chunks[3])) == ["error"]
+
+
+def test_ollama_admin_tokens_names_configured_tokens_only() -> None:
+    """OLLAMA_ADMIN_TOKENS is empty by default (nobody); it lists token names, a hash label too; a name that is
+    not a token's stops start-up naming the variable."""
+    assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN}).ollama_admin_tokens == frozenset()
+    config = modelgate.load_config({"MODELGATE_TOKEN": f"webui:a1b2c3,{TOKEN}",
+                                    "OLLAMA_ADMIN_TOKENS": f" webui , {label(TOKEN.encode())}"})
+    assert config.ollama_admin_tokens == {"webui", label(TOKEN.encode())}
+    with pytest.raises(modelgate.ConfigError, match="OLLAMA_ADMIN_TOKENS") as failure:
+        modelgate.load_config({"MODELGATE_TOKEN": "webui:a1b2c3", "OLLAMA_ADMIN_TOKENS": "webui,janitor"})
+    assert "janitor" in str(failure.value) and "a1b2c3" not in str(failure.value)
+    with pytest.raises(modelgate.ConfigError, match="OLLAMA_ADMIN_TOKENS") as failure:  # the token, not its name
+        modelgate.load_config({"MODELGATE_TOKEN": "webui:a1b2c3", "OLLAMA_ADMIN_TOKENS": "a1b2c3"})
+    assert "a1b2c3" not in str(failure.value)
+
+
+@pytest.mark.parametrize("digest", ["sha256:" + "2b" * 31, "sha256:" + "2B" * 32, "md5:" + "2b" * 16, "",
+                                    "sha256:" + "2b" * 32 + "/../../api/delete"])
+async def test_a_blob_that_is_not_a_digest_is_a_400_and_sends_nothing(digest: str) -> None:
+    """/api/blobs/<digest> takes Ollama's sha256 digests only: anything else is a 400, never a path upstream."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
+        answer = await native(app, "/api/blobs/" + digest, b"GGUF", headers=ADMIN_AUTH)
+    assert "digest" in assert_ollama_error(answer, 400)
+    assert up.requests == []
+
+
+# Anthropic Messages -------------------------------------------------------------
+
+# FluentRead's Claude service (entrypoints/service/claude.ts, claudeMsgTemplate): plain, its own browser headers.
+FLUENTREAD_CLAUDE = (
+    [(b"content-type", b"application/json"), (b"x-api-key", TOKEN.encode()), (b"anthropic-version", b"2023-06-01"),
+     (b"anthropic-dangerous-direct-browser-access", b"true"), (b"origin", b"chrome-extension://fluentread")],
+    b'{"model":"ollama/qwen2.5:7b","max_tokens":4096,"stream":false,"system":"You are a translator.",'
+    b'"messages":[{"role":"user","content":"Translate: Hallo"}]}')
+# kiss-translator's genClaude (src/apis/trans.js): streamed by default (useStream).
+KISS_CLAUDE = (
+    [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01"),
+     (b"anthropic-dangerous-direct-browser-access", b"true"), (b"x-api-key", TOKEN.encode()),
+     (b"origin", b"chrome-extension://kiss")],
+    b'{"model":"qwen2.5:7b","system":"Translate into German.","messages":[{"role":"user","content":"Hello"}],'
+    b'"temperature":0,"max_tokens":20480,"stream":true}')
+# The anthropic SDK: x-api-key, anthropic-version, its x-stainless-* headers, and maybe a beta.
+SDK_HEADERS = [(b"x-api-key", TOKEN.encode()), (b"anthropic-version", b"2023-06-01"),
+               (b"anthropic-beta", b"prompt-caching-2024-07-31"), (b"content-type", b"application/json"),
+               (b"accept", b"application/json"), (b"user-agent", b"Anthropic/Python 0.75.0"),
+               (b"x-stainless-lang", b"python"), (b"x-stainless-retry-count", b"0")]
+
+
+def messages(app: Any, body: bytes, headers: list | None = None, **kwargs: Any) -> Awaitable[Answer]:
+    return call(app, "POST", "/v1/messages", body, SDK_HEADERS if headers is None else headers, **kwargs)
+
+
+async def test_fluentreads_claude_request_gets_its_answer() -> None:
+    """FluentRead's exact Claude request reaches Ollama's /v1/messages; it reads content[0].text of the answer."""
+    headers, body = FLUENTREAD_CLAUDE
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await messages(app, body, headers)
+    assert answer.status == 200 and answer.json()["content"][0]["text"] == "Hallo"
+    assert answer.header(b"access-control-allow-origin") == b"*"
+    [request] = up.requests
+    assert request.target == "/v1/messages" and request.body == body.replace(b"ollama/", b"")
+
+
+async def test_kiss_translators_claude_stream_is_relayed_event_by_event() -> None:
+    """kiss-translator's streamed Claude request: Ollama's SSE events arrive one by one, ending with message_stop."""
+    headers, body = KISS_CLAUDE
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await messages(app, body, headers)
+    assert answer.status == 200 and answer.header(b"content-type") == b"text/event-stream"
+    assert answer.chunks == MESSAGE_EVENTS and answer.complete
+    assert up.requests[0].body == body
+
+
+async def test_anthropic_headers_travel_but_the_token_does_not() -> None:
+    """anthropic-version and anthropic-beta reach Ollama; x-api-key and the x-stainless headers do not; Ollama gets
+    its own key, if any."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app:
+        answer = await messages(app, b'{"model": "qwen2.5:7b", "max_tokens": 10, "messages": []}')
+    assert answer.status == 200
+    [request] = up.requests
+    names = {k.lower() for k, _ in request.headers}
+    assert request.header("anthropic-version") == "2023-06-01"
+    assert request.header("anthropic-beta") == "prompt-caching-2024-07-31"
+    assert "x-api-key" not in names and "x-stainless-lang" not in names
+    assert request.header("authorization") == f"Bearer {OLLAMA_KEY}"
+    assert TOKEN not in "".join(v for _, v in request.headers)
+
+
+ANTHROPIC_STREAM_ENDS = [
+    (MESSAGE_EVENTS, True),
+    (MESSAGE_EVENTS[:-1], False),
+    (MESSAGE_EVENTS[:2], False),
+    ([*MESSAGE_EVENTS[:-1], b"event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n"], True),
+    ([*MESSAGE_EVENTS[:-1], MESSAGE_EVENTS[-1][:20], MESSAGE_EVENTS[-1][20:]], True),
+    ([*MESSAGE_EVENTS[:3], sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "text_delta", "text": "event: message_stop\n"}})], False),
+]
+
+
+@pytest.mark.parametrize("events, whole", ANTHROPIC_STREAM_ENDS)
+async def test_an_anthropic_stream_is_whole_only_when_it_ends_with_message_stop(events: list[bytes],
+                                                                                whole: bool) -> None:
+    """A Messages stream whose last event is message_stop arrives as sent; any other ends with Anthropic's
+    mid-stream error event (event: error, type api_error), which the SDKs raise."""
+    async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await messages(app, b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}')
+    assert answer.status == 200 and answer.chunks[:len(events)] == events and answer.complete
+    if whole:
+        assert len(answer.chunks) == len(events)
+    else:
+        assert_anthropic_error_event(answer.chunks[-1])
+
+
+def assert_anthropic_error_event(event: bytes) -> str:
+    name, data = event.split(b"\n", 1)
+    assert name == b"event: error" and data.startswith(b"data: ") and data.endswith(b"\n\n")
+    document = json.loads(data[6:])
+    assert document["type"] == "error" and document["error"]["type"] == "api_error"
+    return document["error"]["message"]
+
+
+async def test_an_anthropic_stream_cut_midway_ends_with_the_error_event() -> None:
+    """Ollama hanging up mid-stream: the events so far, then event: error; never message_stop."""
+    async with upstream(sse_reply(events=MESSAGE_EVENTS, cut_before=3)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await messages(app, b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}')
+    assert answer.chunks[:3] == MESSAGE_EVENTS[:3] and len(answer.chunks) == 4
+    assert "cut off" in assert_anthropic_error_event(answer.chunks[3])
+
+
+async def test_anthropic_errors_keep_the_statuses_of_the_error_table() -> None:
+    """On /v1/messages every error is in Anthropic's shape with the type the SDK maps its exception from; an
+    Anthropic-shaped upstream error passes unchanged."""
+    body = b'{"model": "qwen2.5:7b", "max_tokens": 9, "messages": []}'
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="3", MAX_BODY_BYTES="100",
+                    OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=refused_url()) as app:
+        no_token = await messages(app, body, [(b"x-api-key", b"wrong")])
+        bad = await messages(app, b"{not json")
+        openai = await messages(app, b'{"model": "openai/gpt-4o", "max_tokens": 9, "messages": []}')
+        missing = await messages(app, b'{"model": "missing", "max_tokens": 9, "messages": []}')
+        other = [(b"x-api-key", OTHER_TOKEN.encode()), *SDK_HEADERS[1:]]
+        too_large = await messages(app, b'{"model": "m", "x": "' + b"x" * 100 + b'"}', other)
+        limited = await messages(app, body)
+        up.reply = json_reply(404, raw=b"404 page not found", content_type="text/plain")  # an Ollama before v0.14
+        async with gateway(OLLAMA_BASE_URL=up.url) as old_app:
+            old = await messages(old_app, body)
+        app.shut_down()
+        closing = await messages(app, body, other)
+    async with gateway() as app:
+        refused = await messages(app, body)
+    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+        silent = await messages(app, body)
+    assert "x-api-key" in assert_anthropic_error(no_token, 401, "authentication_error")
+    assert_anthropic_error(bad, 400, "invalid_request_error")
+    assert "OpenAI" in assert_anthropic_error(openai, 400, "invalid_request_error")
+    assert missing.status == 404 and missing.json()["error"] == {"type": "not_found_error",
+                                                                  "message": "model 'missing' not found"}
+    assert_anthropic_error(too_large, 413, "request_too_large")
+    assert_anthropic_error(limited, 429, "rate_limit_error")
+    assert "v0.14" in assert_anthropic_error(old, 404, "not_found_error")
+    assert_anthropic_error(closing, 503, "overloaded_error")
+    assert_anthropic_error(refused, 502, "api_error")
+    assert_anthropic_error(silent, 504, "api_error")
+
+
+# The three ways to send the token ----------------------------------------------
+
+def basic(user: bytes, password: bytes) -> bytes:
+    return b"Basic " + base64.b64encode(user + b":" + password)
+
+
+CREDENTIALS = [
+    # (headers carrying the credential, status)
+    ([(b"authorization", b"Bearer " + TOKEN.encode())], 200),
+    ([(b"x-api-key", TOKEN.encode())], 200),
+    ([(b"X-Api-Key", OTHER_TOKEN.encode())], 200),
+    ([(b"authorization", basic(b"anything", TOKEN.encode()))], 200),  # http://anything:<token>@gateway
+    ([(b"authorization", basic(b"", TOKEN.encode()))], 200),
+    ([(b"authorization", basic(b"user", b"x:" + TOKEN.encode()))], 401),  # only the first ':' separates
+    ([(b"authorization", basic(TOKEN.encode(), b""))], 401),  # the token is the password, not the user
+    ([(b"authorization", b"Basic " + base64.b64encode(TOKEN.encode()))], 401),  # no ':' at all
+    ([(b"authorization", b"Basic !!not-base64")], 401),
+    ([(b"authorization", basic(b"u", TOKEN.encode() + b"x"))], 401),
+    ([(b"x-api-key", b"wrong-key")], 401),
+    ([(b"x-api-key", b"")], 401),
+    ([(b"authorization", b"Bearer wrong"), (b"x-api-key", TOKEN.encode())], 200),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat", "/v1/messages"])
+@pytest.mark.parametrize("headers, status", CREDENTIALS)
+async def test_the_token_as_bearer_x_api_key_or_basic_password(path: str, headers: list, status: int) -> None:
+    """Every door takes the token as `Authorization: Bearer`, as `x-api-key` or as the password of HTTP Basic;
+    none of these headers reaches the upstream or the log."""
+    body = b'{"model": "ollama/m", "messages": [], "stream": false, "max_tokens": 9}'
+    reply = routed_reply({"/v1/chat/completions": json_reply(), "/api/chat": json_reply(document=merged(CHAT_LINES)),
+                          "/v1/messages": json_reply(document=MESSAGE)})
+    async with captured_log() as lines, upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", path, body, [*headers, (b"content-type", b"application/json")])
+    assert answer.status == status, answer.body
+    sent = "".join(f"{k}: {v}\n" for r in up.requests for k, v in r.headers)
+    assert "x-api-key" not in sent.lower() and "authorization" not in sent.lower()
+    assert TOKEN not in "\n".join(lines) and OTHER_TOKEN not in "\n".join(lines)
+    assert len(up.requests) == (status == 200)
+
+
+async def test_preflights_allow_the_headers_anthropic_and_ollama_clients_send() -> None:
+    """A browser's preflight to /v1/messages or /api/chat needs no token and allows x-api-key and the anthropic-*
+    headers, echoed when listed and in the default list otherwise."""
+    requested = b"anthropic-dangerous-direct-browser-access,anthropic-version,content-type,x-api-key"
+    asked = [(b"origin", b"https://app.example"), (b"access-control-request-method", b"POST"),
+             (b"access-control-request-headers", requested)]
+    odd = [(b"origin", b"https://app.example"), (b"access-control-request-method", b"POST"),
+           (b"access-control-request-headers", b"x-api-key\r\nx: y")]
+    async with gateway() as app:
+        echoed = await call(app, "OPTIONS", "/v1/messages", headers=asked)
+        native_route = await call(app, "OPTIONS", "/api/chat", headers=asked)
+        default = await call(app, "OPTIONS", "/v1/messages", headers=odd)
+    for answer in (echoed, native_route):
+        assert answer.status == 204 and answer.header(b"access-control-allow-headers") == requested
+        assert answer.header(b"access-control-allow-origin") == b"*"
+    allowed = {h.strip() for h in default.header(b"access-control-allow-headers").split(b",")}
+    assert {b"x-api-key", b"anthropic-version", b"anthropic-beta", b"anthropic-dangerous-direct-browser-access",
+            b"authorization", b"content-type"} <= allowed
+
+
+# Everything else applies unchanged ------------------------------------------------
+
+NATIVE_DISCONNECTS = [
+    # (path, request body, upstream reply, the phase the client leaves in)
+    ("/api/chat", {"model": "m", "stream": False}, json_reply(held=True), "plain, before Ollama answered"),
+    ("/api/chat", {"model": "m"}, hang_reply, "stream, before Ollama answered"),
+    ("/api/generate", {"model": "m"}, ndjson_reply(GENERATE_LINES, hold_before=1), "mid-stream"),
+    ("/api/embed", {"model": "m", "input": "x"}, json_reply(held=True), "embed"),
+    ("/api/tags", None, json_reply(held=True), "listing"),
+    ("/api/pull", {"model": "m"}, hang_reply, "pull, before Ollama answered"),
+    ("/api/pull", {"model": "m"}, ndjson_reply(PULL_LINES, hold_before=1), "pull, mid-download"),
+    ("/v1/messages", {"model": "m", "max_tokens": 9, "stream": True}, sse_reply(MESSAGE_EVENTS, hold_before=1),
+     "messages, mid-stream"),
+    ("/v1/messages", {"model": "m", "max_tokens": 9}, json_reply(held=True), "messages, plain"),
+]
+
+
+@pytest.mark.parametrize("path, body, reply, phase", NATIVE_DISCONNECTS, ids=[d[3] for d in NATIVE_DISCONNECTS])
+async def test_client_disconnect_closes_the_upstream_request_on_every_door(path: str, body: dict | None,
+                                                                           reply: Reply, phase: str) -> None:
+    """When the client leaves, in any phase of any native or Anthropic route, the upstream connection is closed,
+    so Ollama stops generating or downloading; the gateway serves on."""
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
+        gone = asyncio.Event()
+        method = "GET" if body is None else "POST"
+        task = asyncio.ensure_future(native(app, path, body or b"", headers=ADMIN_AUTH, method=method,
+                                            disconnect=gone))
+        await up.received(1)
+        gone.set()
+        await asyncio.wait_for(up.saw_close.wait(), 5)
+        answer = await task
+        up.reply, up.release = fake_ollama, asyncio.Event()
+        assert (await native(app, "/api/tags", method="GET")).status == 200
+    assert not answer.complete
+
+
+async def test_native_plain_requests_coalesce_and_are_logged_and_counted_by_route() -> None:
+    """Identical plain /api/chat requests in flight share one upstream request; each is one log line and counts
+    under its route in /metrics, never with a token or a body."""
+    body = {"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}], "stream": False}
+    async with captured_log() as lines, upstream(json_reply(document=merged(CHAT_LINES), held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        tasks = [asyncio.ensure_future(native(app, "/api/chat", body)) for _ in range(3)]
+        await up.received(1)
+        await until(lambda: joined(app) == 2)
+        up.release.set()
+        answers = await asyncio.gather(*tasks)
+        up.reply = fake_ollama
+        await messages(app, b'{"model": "m", "max_tokens": 9, "messages": []}')
+        page = (await call(app, "GET", "/metrics")).body.decode()
+    assert [a.status for a in answers] == [200] * 3 and len(up.requests) == 2
+    posts = [line for line in lines if line.startswith("POST ")]
+    assert sum(line.startswith("POST /api/chat 200 ollama ollama/qwen2.5:7b ") for line in posts) == 3
+    assert any(line.startswith("POST /v1/messages 200 ollama m ") for line in posts)
+    assert 'route="/api/chat"' in page and 'route="/v1/messages"' in page
+    assert TOKEN not in "\n".join(lines) + page and "Hallo" not in "\n".join(lines)
