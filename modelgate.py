@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""ModelGate: one OpenAI-compatible endpoint and one token in front of Ollama and, if you want, OpenAI.
+"""ModelGate: one token in front of every door of Ollama (its OpenAI API, its own API, Anthropic Messages)
+and, if you want, OpenAI.
 
 All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[asyncio] at run time and
 nothing else.
@@ -7,7 +8,8 @@ nothing else.
     python modelgate.py               # reads ./.env if present, serves on HOST:PORT (0.0.0.0:8010)
     uvicorn modelgate:app --port 8010 --no-proxy-headers
 
-Routes (every one but /health, /ready and preflights wants `Authorization: Bearer <MODELGATE_TOKEN>`):
+Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
+`Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
 
     POST /v1/chat/completions   plain or `"stream": true` (SSE relayed chunk by chunk)
     POST /v1/completions        the same for legacy completions
@@ -20,14 +22,28 @@ Routes (every one but /health, /ready and preflights wants `Authorization: Beare
     GET  /metrics               Prometheus text format (no token with METRICS_PUBLIC=1)
     OPTIONS <any route>         CORS preflight
 
+    POST /v1/messages           Anthropic Messages, to Ollama's own /v1/messages (SSE with "stream": true)
+    GET|HEAD /                  `Ollama is running`, as Ollama answers a client that probes it
+    POST /api/chat, /api/generate   Ollama's native API, at OLLAMA_BASE_URL without its /v1; NDJSON
+                                streamed line by line unless "stream": false
+    POST /api/embed, /api/embeddings, /api/show
+    GET  /api/tags, /api/ps     the models of every Ollama host that answers
+    GET  /api/version           the first Ollama host that answers
+    POST /api/pull, /api/push, /api/create, /api/copy, DELETE /api/delete, HEAD|POST /api/blobs/<digest>
+                                only for the tokens named in OLLAMA_ADMIN_TOKENS; 403 for the others
+
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
-model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up; SETTINGS below is the table):
+model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
+an `ollama/` prefix is removed there too, and `openai/...` is a 400. Environment (read once at start-up;
+SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
     OLLAMA_BASE_URL          Ollama's OpenAI-compatible base URL; comma-separated for several hosts
                                                                    (http://127.0.0.1:11434/v1)
     OLLAMA_API_KEY           Bearer token sent to Ollama, if set   (empty)
+    OLLAMA_ADMIN_TOKENS      token names that may pull, push, create, copy and delete Ollama's models
+                                                                   (empty: nobody)
     OPENAI_API_KEY           enables the openai provider           (empty: nothing goes to OpenAI)
     OPENAI_BASE_URL          any OpenAI-compatible base URL        (https://api.openai.com/v1)
     TIMEOUT_SECONDS          longest wait for the next upstream bytes (120)
@@ -51,6 +67,7 @@ model goes to DEFAULT_PROVIDER unchanged. Environment (read once at start-up; SE
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import dataclasses
 import hashlib
@@ -108,6 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OLLAMA_BASE_URL", "ollama_base_urls", "http://127.0.0.1:11434/v1", "urls",
             "Ollama's OpenAI-compatible base URL; comma-separated for several hosts"),
     Setting("OLLAMA_API_KEY", "ollama_api_key", "", "key", "Bearer token sent to Ollama, if set"),
+    # Nobody: a token in a browser extension must not be able to delete models or fill the disk. ParisNeo's
+    # ollama_proxy_server also keeps pull, push, create, copy and delete from its keys by default.
+    Setting("OLLAMA_ADMIN_TOKENS", "ollama_admin_tokens", "", "names",
+            "token names that may pull, push, create, copy and delete Ollama's models"),
     Setting("OPENAI_API_KEY", "openai_api_key", "", "key", "enables the openai provider"),
     Setting("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1", "url",
             "any OpenAI-compatible base URL"),
@@ -146,9 +167,14 @@ class Route(NamedTuple):
     screened: bool = True  # ALLOWED_IPS applies; liveness stays open to the local container healthcheck
     while_closing: bool = False  # still answered after SIGTERM (everything else gets 503 shutting_down)
     dialect: str = "openai"  # the shape of its errors and of a cut stream's last event: a key of DIALECTS
+    # Ollama's native API streams unless the request says "stream": false (server/routes.go:
+    # `req.Stream != nil && !*req.Stream`); everything else streams only when it says "stream": true.
+    streams_unless_false: bool = False
+    model_required: bool = True  # the body must name a model (else it may, or call it `name`, as Ollama's do)
+    admin: bool = False  # changes what Ollama holds: only for the token names in OLLAMA_ADMIN_TOKENS
 
 
-# A path ending in / is a prefix: /v1/models/{id}. Anything else is 404.
+# A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
     "/v1/chat/completions": Route({"POST": "relay_request"}, end="[DONE]"),
     "/v1/completions": Route({"POST": "relay_request"}, end="[DONE]"),
@@ -159,7 +185,31 @@ ROUTES: dict[str, Route] = {
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
+    # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
+    "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect="anthropic"),
+    # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
+    # just works. The root answers what Ollama answers there, to the clients that probe it.
+    "/": Route({"GET": "ollama_root", "HEAD": "ollama_root"}, access="public", limited=False, dialect="ollama"),
+    "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama", streams_unless_false=True),
+    "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama",
+                           streams_unless_false=True),
+    "/api/embed": Route({"POST": "relay_request"}, dialect="ollama"),
+    "/api/embeddings": Route({"POST": "relay_request"}, dialect="ollama"),
+    "/api/show": Route({"POST": "relay_request"}, dialect="ollama", model_required=False),
+    "/api/tags": Route({"GET": "ollama_models"}, dialect="ollama"),
+    "/api/ps": Route({"GET": "ollama_models"}, dialect="ollama"),
+    "/api/version": Route({"GET": "ollama_version"}, dialect="ollama"),
+    "/api/pull": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
+                       streams_unless_false=True, model_required=False, admin=True),
+    "/api/push": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
+                       streams_unless_false=True, model_required=False, admin=True),
+    "/api/create": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
+                         streams_unless_false=True, model_required=False, admin=True),
+    "/api/copy": Route({"POST": "relay_request"}, dialect="ollama", model_required=False, admin=True),
+    "/api/delete": Route({"DELETE": "relay_request"}, dialect="ollama", model_required=False, admin=True),
+    "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect="ollama", admin=True),
 }
+PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
 
 # Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
 # backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
@@ -172,7 +222,8 @@ HOP_BY_HOP = frozenset({
 
 # What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
 # fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
-# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked.
+# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked;
+# x-api-key is the gateway's token too. A dialect may let more through (Anthropic's version and beta).
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
 
 # What of an upstream's response does not reach the client, besides hop-by-hop headers:
@@ -189,6 +240,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
     # The client's address is not in ALLOWED_IPS: decided before the token is even looked at.
     "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),
+    # Ollama's pull, push, create, copy, delete and blobs, for a token not named in OLLAMA_ADMIN_TOKENS.
+    "admin_only": (403, "permission_error", "admin_only"),
     "not_found": (404, "invalid_request_error", "not_found"),
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "method_not_allowed": (405, "invalid_request_error", "method_not_allowed"),
@@ -281,6 +334,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         text = environ.get(setting.name, "").strip(" \t\r\n") or setting.default
         values[setting.field] = PARSERS[setting.kind](setting.name, text)
     values["tokens"], values["token_names"] = values["tokens"]
+    check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
     if values["default_provider"] == "openai" and not values["openai_api_key"]:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
@@ -315,6 +369,15 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
     if not tokens:
         raise ConfigError(f"{name} is empty: set it to the token clients must send; {TOKEN_HELP}")
     return tuple(token for token, _ in tokens), tuple(label for _, label in tokens)
+
+
+def check_admin_tokens(admins: frozenset[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
+    """OLLAMA_ADMIN_TOKENS names tokens of MODELGATE_TOKEN (a hash label for one given without a name)."""
+    for entry in sorted(admins - set(names)):
+        if entry.encode() in tokens:  # never repeat a token in a message
+            raise ConfigError("OLLAMA_ADMIN_TOKENS lists a token itself; list its name (`name:token` in "
+                              "MODELGATE_TOKEN gives it one)")
+        raise ConfigError(f"OLLAMA_ADMIN_TOKENS names {entry!r}, but no token of MODELGATE_TOKEN has that name")
 
 
 def token_label(token: str) -> str:
@@ -428,6 +491,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "networks": parse_networks,
     "allowlist": lambda name, value: parse_networks(name, value) if value else None,  # None: everyone
     "origins": lambda name, value: frozenset(o.strip() for o in value.split(",") if o.strip()),  # {"*"}: any
+    "names": lambda name, value: frozenset(n.strip() for n in value.split(",") if n.strip()),  # token names
     "log format": one_of("text", "json"),
     "text": lambda name, value: value,
 }
@@ -517,15 +581,38 @@ def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) ->
     return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
 
 
-def authorized(authorization: bytes, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str | None:
-    """The name of the token in `Bearer <token>`, or None; compared in constant time against every token."""
-    scheme, _, token = authorization.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return None
-    token = token.strip()
-    # Every token is compared, no early exit: the time taken does not tell which one (nearly) matched.
-    matches = [hmac.compare_digest(token, expected) for expected in tokens]
-    return names[matches.index(True)] if True in matches else None
+def presented(headers: Headers) -> list[bytes]:
+    """What a client sends as its token, in any of the three ways clients do:
+    `Authorization: Bearer <token>` (OpenAI SDKs, the ollama libraries), `x-api-key: <token>` (Anthropic
+    SDKs, FluentRead's and kiss-translator's Claude services) and HTTP Basic with the token as the password
+    (`http://anything:<token>@gateway`, for a client that only takes a URL; llama-swap accepts the same)."""
+    found = []
+    for name, value in headers:
+        name = name.lower()
+        if name == b"authorization":
+            scheme, _, credential = value.partition(b" ")
+            scheme = scheme.lower()
+            if scheme == b"bearer":
+                found.append(credential.strip())
+            elif scheme == b"basic":
+                try:
+                    pair = base64.b64decode(credential.strip(), validate=True)
+                except ValueError:  # binascii.Error
+                    continue
+                _, colon, password = pair.partition(b":")  # RFC 7617: the user name holds no ':'
+                if colon:
+                    found.append(password)
+        elif name == b"x-api-key":
+            found.append(value.strip())
+    return found
+
+
+def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str | None:
+    """The name of the token the client sent, or None; compared in constant time against every token."""
+    # Every credential is compared with every token, no early exit: the time taken does not tell which one
+    # (nearly) matched.
+    matches = [hmac.compare_digest(credential, expected) for credential in presented(headers) for expected in tokens]
+    return names[matches.index(True) % len(tokens)] if True in matches else None
 
 
 class TokenBucket:
@@ -591,10 +678,14 @@ class Limits:
 JSON = (b"content-type", b"application/json")
 CORS_METHODS = b"GET, POST, OPTIONS"
 # Headers the openai SDKs and translation tools send; echoed requests are checked against this shape.
-CORS_DEFAULT_HEADERS = b"authorization, content-type, user-agent, accept, x-requested-with, openai-beta"
+CORS_DEFAULT_HEADERS = (b"authorization, content-type, user-agent, accept, x-requested-with, openai-beta, "
+                        # the Anthropic SDKs, and FluentRead's and kiss-translator's Claude services
+                        b"x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access")
 HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
 # Chromium caps a preflight cache at two hours; asking for more is ignored.
 CORS_MAX_AGE = b"7200"
+
+BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")  # as Ollama names its blobs
 
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
 
@@ -654,7 +745,7 @@ class Exchange:
 
     async def respond(self, answer: Answer) -> None:
         await self.start(answer.status, [*answer.headers, (b"content-length", b"%d" % len(answer.body))])
-        await self.body_chunk(answer.body, more=False)
+        await self.body_chunk(b"" if self.method == "HEAD" else answer.body, more=False)  # HEAD: its length only
 
 
 class Gateway:
@@ -721,13 +812,14 @@ class Gateway:
         origin = ex.header(b"origin")
         if origin:
             ex.cors = cors_headers(config, origin)
-        key = "/v1/models/" if ex.path.startswith("/v1/models/") else ex.path
+        key = next((prefix for prefix in PREFIX_ROUTES if ex.path.startswith(prefix)), ex.path)
         route = ROUTES.get(key)
+        ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)
         if self.screening and (route is None or route.screened):
             self.screen(ex)
         if route is None:
             raise GatewayError("not_found", not_found_message(ex.path))
-        ex.route, ex.dialect = key, route.dialect
+        ex.route = key
         if ex.method == "OPTIONS":
             return preflight(ex, route)
         handler = self.handlers[key].get(ex.method)
@@ -738,11 +830,15 @@ class Gateway:
         if self.closing and not route.while_closing:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
         if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
-            name = authorized(ex.header(b"authorization"), config.tokens, config.token_names)
+            name = authorized(ex.headers, config.tokens, config.token_names)
             if name is None:
-                raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token as "
-                                   "`Authorization: Bearer <token>` (the API key field of your app).")
+                raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token (the API key "
+                                   "field of your app) as `Authorization: Bearer <token>`, as `x-api-key: <token>`, "
+                                   "or as the password of HTTP Basic.")
             ex.token = name
+            if route.admin and name not in config.ollama_admin_tokens:
+                raise GatewayError("admin_only", f"The token named {name!r} may not pull, push, create, copy or "
+                                   "delete models: only the tokens named in OLLAMA_ADMIN_TOKENS may.")
             if self.limits is not None and route.limited:  # not /metrics: a scraper is not an app
                 ex.holds_slot = self.limits.admit(name)
         return await handler(ex)
@@ -804,18 +900,60 @@ class Gateway:
     # Handlers: ROUTES names them ----------------------------------------------
 
     async def relay_request(self, ex: Exchange) -> Answer | None:
-        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings: route by model, relay."""
+        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
+        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): route by model, relay."""
         body = await self.read_body(ex)
         if body is None:
             return None
+        route = ROUTES[ex.route]
         document, body = routed_body(ex, body, self.config)
         upstream = self.upstreams[ex.provider]
-        path = ex.path.removeprefix("/v1").encode()
-        if document.get("stream") is True:
+        # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
+        path = (ex.path if DIALECTS[ex.dialect].native else ex.path.removeprefix("/v1")).encode()
+        stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
+        if stream:
             return await self.watched(ex, relay(self, ex, upstream, path, body, stream=True))
-        if self.coalescer is None:
+        if self.coalescer is None or route.admin:  # an admin's request is never joined to another
             return await self.watched(ex, relay(self, ex, upstream, path, body, stream=False))
         return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+
+    async def ollama_models(self, ex: Exchange) -> Answer | None:
+        """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
+        fails is left out, as on /v1/models."""
+        upstream, ex.provider = self.upstreams["ollama"], "ollama"
+        path = ex.route.encode()
+        listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.headers, host, "ollama")
+                                                       for host in upstream.hosts))
+        if listed is None or isinstance(listed, Answer):
+            return listed
+        models: dict[str, dict] = {}
+        for document in listed:
+            items = document.get("models") if isinstance(document, dict) else None
+            for item in items if isinstance(items, list) else ():
+                key = item.get("model", item.get("name")) if isinstance(item, dict) else None
+                if isinstance(key, str):
+                    models.setdefault(key, item)
+        return Answer(200, [JSON], json.dumps({"models": list(models.values())}).encode())
+
+    async def ollama_version(self, ex: Exchange) -> Answer | None:
+        """GET /api/version: the first Ollama host that answers (a host that refuses is passed over)."""
+        ex.provider = "ollama"
+        return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], b"/api/version", b"", stream=False))
+
+    async def ollama_blob(self, ex: Exchange) -> Answer | None:
+        """HEAD and POST /api/blobs/<digest>: a model file Ollama has, or is given (admins only)."""
+        digest = ex.path.removeprefix("/api/blobs/")
+        if not BLOB_DIGEST.fullmatch(digest):
+            raise GatewayError("invalid_request", f"{printable(digest)!r} is not a blob digest (sha256:<64 hex>).")
+        body = await self.read_body(ex) if ex.method == "POST" else b""
+        if body is None:
+            return None
+        ex.provider = "ollama"
+        return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], ex.path.encode(), body, stream=False))
+
+    async def ollama_root(self, ex: Exchange) -> Answer:
+        """GET and HEAD /: what Ollama answers there, for the clients that probe it."""
+        return Answer(200, [(b"content-type", b"text/plain; charset=utf-8")], b"Ollama is running")
 
     async def models(self, ex: Exchange) -> Answer | None:
         """GET /v1/models: every provider's list, ids prefixed; a provider that fails is left out."""
@@ -929,7 +1067,11 @@ class Gateway:
 
 def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
     """The request's JSON object, and the body as it goes upstream: with the provider prefix cut from the
-    model, and every other byte as the client sent it. Notes provider and model on the exchange."""
+    model, and every other byte as the client sent it. Notes provider and model on the exchange.
+
+    A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
+    `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
+    """
     try:
         text = body.decode("utf-8")
         document, span = parse_body(text)
@@ -939,15 +1081,37 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if not isinstance(document, dict):
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
+    dialect = DIALECTS[ex.dialect]
     model = document.get("model")
+    if model is None and not ROUTES[ex.route].model_required:  # Ollama's show, pull, ...: maybe `name`
+        ex.provider = dialect.provider
+        return document, body
     if not isinstance(model, str) or not model:
         raise GatewayError("invalid_request", "The request body needs a `model` string, "
                            "such as \"ollama/qwen2.5:7b\".")
     ex.model = model
-    ex.provider, name = route_model(model, config)
+    if dialect.provider is None:
+        ex.provider, name = route_model(model, config)
+    else:
+        ex.provider, name = dialect.provider, route_to_only(dialect, model)
     if name != model:
         body = replace_model(text, span, ex.provider, name).encode()
     return document, body
+
+
+def route_to_only(dialect: Dialect, model: str) -> str:
+    """The model named on a door that leads to one provider only: its prefix cut, another's refused; any
+    other model goes there as it is, whatever DEFAULT_PROVIDER says."""
+    prefix, slash, name = model.partition("/")
+    if slash and prefix in PROVIDERS and prefix != dialect.provider:
+        raise GatewayError("invalid_request", f"Model {model!r} asks for {prefix}, but {dialect.door} leads to "
+                           f"{dialect.provider} only: use an {dialect.provider} model, as `{dialect.provider}/<name>` "
+                           "or `<name>`.")
+    if slash and prefix == dialect.provider:
+        if not name:
+            raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
+        return name
+    return model
 
 
 def route_model(model: str, config: Config) -> tuple[str, str]:
@@ -1031,7 +1195,8 @@ def preflight(ex: Exchange, route: Route) -> Answer:
         requested = ex.header(b"access-control-request-headers")
         if not requested or not HEADER_LIST.fullmatch(requested):
             requested = CORS_DEFAULT_HEADERS
-        headers += [(b"access-control-allow-methods", CORS_METHODS),
+        methods = CORS_METHODS + b", DELETE" * ("DELETE" in route.handlers)  # Ollama's /api/delete
+        headers += [(b"access-control-allow-methods", methods),
                     (b"access-control-allow-headers", requested),
                     (b"access-control-max-age", CORS_MAX_AGE)]
     return Answer(204, headers, b"")
@@ -1047,14 +1212,21 @@ def cors_headers(config: Config, origin: bytes) -> Headers:
     return []
 
 
+def unrouted_dialect(path: str) -> str:
+    """The dialect of a path no route has: that of the routes around it (Ollama's under /api)."""
+    return "ollama" if path == "/api" or path.startswith("/api/") else "openai"
+
+
 def not_found_message(path: str) -> str:
     hint = ""
-    if path.startswith("/api/"):
-        hint = " ModelGate speaks the OpenAI API under /v1, not Ollama's native /api."
-    elif path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
+    if unrouted_dialect(path) == "ollama":
+        return (f"There is no {path} here. Ollama's API here: /api/chat, /api/generate, /api/embed, "
+                "/api/embeddings, /api/show, /api/tags, /api/ps, /api/version; for the tokens named in "
+                "OLLAMA_ADMIN_TOKENS also /api/pull, /api/push, /api/create, /api/copy, /api/delete, /api/blobs.")
+    if path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
         hint = f" Did you mean /v1{path}? Base URLs end in /v1."
     return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
-            "/v1/embeddings, /v1/models.")
+            "/v1/embeddings, /v1/models, /v1/messages, and Ollama's own under /api.")
 
 
 # Ollama stops generating when its connection closes; 50 ms of it for nobody costs nothing worth a task.
@@ -1141,6 +1313,7 @@ class ClientWatch:
 MAX_ERROR_BODY = 64 * 1024
 MAX_ERROR_TEXT = 400
 
+# Streams are relayed unbuffered; these keep a proxy in front (nginx) from buffering them too.
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
@@ -1153,15 +1326,16 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
        before the answer's head arrives is a GatewayError (502, 503, 504).
     2. An error status becomes the error answer: the upstream's status, its body made OpenAI-shaped.
     3. A plain answer is read whole and answered with its Content-Length.
-    4. An event stream, to a `"stream": true` request, is relayed chunk by chunk as it arrives, and its
-       end checked against the route's (relay_events).
+    4. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
+       streams, is relayed chunk by chunk as it arrives, and its end checked against the route's
+       (relay_events).
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
-    response = await upstream.send(b"POST", path, ex.headers, body)
+    response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect)
     try:
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect)
-        if stream and is_event_stream(response.headers):
+        if stream and media_type(response.headers) == DIALECTS[ex.dialect].stream_type:
             await relay_events(gw, ex, upstream, response)
             return None
         return Answer(response.status, response_headers(response.headers), await upstream.read(response))
@@ -1184,7 +1358,7 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
         raise upstream.translate(exc) from exc
     ex.ttfb = time.perf_counter() - ex.t0
     headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
-    end, cut = STREAM_ENDS[ROUTES[ex.route].end](), ""
+    end, cut, last = STREAM_ENDS[ROUTES[ex.route].end](), "", b""
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)
     gw.metrics.streams += 1
@@ -1195,6 +1369,7 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
             await ex.body_chunk(chunk)
             watch.sending_since = None
             end.feed(chunk)
+            last = chunk or last
             chunk = await anext(chunks, None)
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
@@ -1215,7 +1390,9 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
     watch.stop()
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
-        await ex.body_chunk(DIALECTS[ex.dialect].cut_event(message))
+        dialect = DIALECTS[ex.dialect]
+        separator = dialect.separator if dialect.separator and not last.endswith(dialect.separator) else b""
+        await ex.body_chunk(separator + dialect.cut_event(message))
     await ex.body_chunk(b"", more=False)
 
 
@@ -1275,8 +1452,83 @@ class ResponsesEnd:
         return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.tail)))
 
 
+# Anthropic's stream ends with `event: message_stop` / `data: {"type":"message_stop"}` (Ollama writes both).
+MESSAGE_STOP = re.compile(rb'(?m)^(?:event: ?message_stop[ \t]*$|data: ?\{"type": ?"message_stop")')
+
+
+class MessageStopEnd:
+    """How an Anthropic Messages stream ends when it is whole: its last event is message_stop.
+
+    That event is short: a last event whose start is no longer in `tail` is another one.
+    """
+
+    marker = "message_stop"
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self.tail = b""
+        self.truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail += chunk
+        if len(self.tail) > self.KEEP:
+            self.tail, self.truncated = self.tail[-self.KEEP:], True
+
+    def complete(self) -> bool:
+        text = self.tail.replace(b"\r\n", b"\n").rstrip(b"\n")
+        if self.truncated and b"\n\n" not in text:
+            return False
+        return bool(MESSAGE_STOP.search(text.rsplit(b"\n\n", 1)[-1]))
+
+
+class LastLineEnd:
+    """How a stream of Ollama's native API ends when it is whole: its last line is a JSON object whose
+    `key` is `value` ("done": true for chat and generate, "status": "success" for pull, push and create).
+
+    The last line is parsed, not searched: a tool call's arguments may hold a "done" of their own, and an
+    answer's text may hold anything. A line longer than LIMIT is not kept whole, and so not whole.
+    """
+
+    LIMIT = 4 * 1024 * 1024  # generate's last line carries the context: 128k tokens are about 1 MB
+
+    def __init__(self, key: str, value: Any) -> None:
+        self.key, self.value = key, value
+        self.marker = json.dumps({key: value})[1:-1]  # '"done": true', as messages say it
+        self.last = b""  # the last complete line that is not blank
+        self.partial: list[bytes] = []  # the line being received
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        *complete, rest = chunk.split(b"\n")
+        if complete:
+            lines = [b"".join([*self.partial, complete[0]]), *complete[1:]]
+            self.last = next((line for line in reversed(lines) if line.strip()), self.last)
+            self.partial, self.size = [], 0
+        if rest and self.size <= self.LIMIT:
+            self.partial.append(rest)
+            self.size += len(rest)
+
+    def complete(self) -> bool:
+        partial = b"".join(self.partial)
+        line = partial if partial.strip() else self.last
+        if not line.strip() or self.size > self.LIMIT:
+            return False
+        try:
+            document = json.loads(line)
+        except (ValueError, RecursionError):
+            return False
+        found = document.get(self.key) if isinstance(document, dict) else None
+        return type(found) is type(self.value) and found == self.value  # True, not 1
+
+
 # Route.end -> how a stream of that route is checked for being whole.
-STREAM_ENDS: dict[str, type[DoneEnd] | type[ResponsesEnd]] = {"[DONE]": DoneEnd, "response.completed": ResponsesEnd}
+STREAM_ENDS: dict[str, Callable[[], Any]] = {
+    "[DONE]": DoneEnd,
+    "response.completed": ResponsesEnd,
+    "message_stop": MessageStopEnd,
+    '"done": true': lambda: LastLineEnd("done", True),
+    '"status": "success"': lambda: LastLineEnd("status", "success"),
+}
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None) -> bytes:
@@ -1288,17 +1540,61 @@ def openai_cut_event(message: str) -> bytes:
     return b"data: " + openai_error(502, message, "api_error", "upstream_stream_error") + b"\n\n"
 
 
+def ollama_error(status: int, message: str, type_: str, code: str | None) -> bytes:
+    # docs/api/errors.mdx; ollama-python's ResponseError reads json.loads(body).get("error"), a str.
+    return json.dumps({"error": message}).encode()
+
+
+def ollama_cut_event(message: str) -> bytes:
+    # What Ollama itself writes when it fails mid-stream (streamResponse); ollama-python raises ResponseError.
+    return ollama_error(502, message, "api_error", None) + b"\n"
+
+
+# Anthropic's error type for a status (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError maps
+# 503 to overloaded_error too). "We may also use this error type for other 4XX status codes": so do we.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str, type_: str, code: str | None) -> bytes:
+    anthropic_type = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return json.dumps({"type": "error", "error": {"type": anthropic_type, "message": message}}).encode()
+
+
+def anthropic_cut_event(message: str) -> bytes:
+    # Anthropic's documented mid-stream error event; the anthropic SDKs raise on `event: error`.
+    return b"event: error\ndata: " + anthropic_error(500, message, "api_error", None) + b"\n\n"
+
+
 class Dialect(NamedTuple):
     """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
-    stream that was cut off; and whether an upstream's error body is in that shape already."""
+    stream that was cut off; whether an upstream's error body is in that shape already; how its streams
+    are framed; which client headers reach the upstream, where on it the API lives, and who serves it."""
     error: Callable[[int, str, str, str | None], bytes]  # (status, message, OpenAI type, code) -> body
     cut_event: Callable[[str], bytes]  # message -> the last chunk of a cut stream
     own_error: Callable[[Any], bool]  # a parsed upstream error body that passes unchanged
+    stream_type: bytes = b"text/event-stream"  # the media type of its streams
+    separator: bytes = b""  # what a cut stream must end with before the cut event (NDJSON: a line of its own)
+    forwarded: frozenset[bytes] = FORWARDED_REQUEST_HEADERS  # the client's request headers that travel
+    native: bool = False  # at OLLAMA_BASE_URL without its /v1, rather than at the base URL itself
+    provider: str | None = None  # None: routed by model (PROVIDERS); else the one provider that serves it
+    door: str = ""  # what its messages call it
 
 
 DIALECTS: dict[str, Dialect] = {
     "openai": Dialect(openai_error, openai_cut_event,
                       lambda document: isinstance(document, dict) and isinstance(document.get("error"), dict)),
+    "ollama": Dialect(ollama_error, ollama_cut_event,
+                      lambda document: isinstance(document, dict) and isinstance(document.get("error"), str),
+                      # Never a blank line between: ollama-python json.loads every line it reads.
+                      stream_type=b"application/x-ndjson", separator=b"\n", native=True, provider="ollama",
+                      door="Ollama's own API (/api/...)"),
+    "anthropic": Dialect(anthropic_error, anthropic_cut_event,
+                         lambda document: (isinstance(document, dict) and document.get("type") == "error"
+                                           and isinstance(document.get("error"), dict)),
+                         forwarded=FORWARDED_REQUEST_HEADERS | {b"anthropic-version", b"anthropic-beta"},
+                         provider="ollama", door="Anthropic Messages (/v1/messages, which OpenAI does not serve)"),
 }
 
 
@@ -1331,6 +1627,9 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
     text = ""
     if isinstance(document, dict):  # Ollama's native {"error": "..."}, FastAPI's {"detail": "..."}
         text = next((document[k] for k in ("error", "message", "detail") if isinstance(document.get(k), str)), "")
+        inner = document.get("error")
+        if not text and isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            text = inner["message"]  # OpenAI's or Anthropic's shape, wrapped for another dialect
     if not text and document is None:
         text = body.decode("utf-8", "replace")
     text = " ".join(text.split())
@@ -1340,6 +1639,8 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
     message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
     if status in (401, 403):
         message += f" Check {KEY_VARIABLE[name]}."
+    if dialect == "anthropic" and status == 404 and document is None:  # gin's "404 page not found"
+        message += " Ollama serves the Anthropic Messages API since v0.14: update it."
     kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
     kept.append(JSON)
     return Answer(status, kept, DIALECTS[dialect].error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
@@ -1367,11 +1668,15 @@ def response_headers(headers: Headers) -> Headers:
     return kept
 
 
-def is_event_stream(headers: Headers) -> bool:
+def media_type(headers: Headers) -> bytes:
     for name, value in headers:
         if name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
+            return value.split(b";", 1)[0].strip().lower()
+    return b""
+
+
+def is_event_stream(headers: Headers) -> bool:
+    return media_type(headers) == b"text/event-stream"
 
 
 ###############################################################################
@@ -1396,6 +1701,8 @@ class Host:
         self.host = url.hostname.encode("idna")
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.path = url.path.rstrip("/").encode()
+        # Ollama's native API lives at the base URL without its /v1 (a path prefix in front of it stays).
+        self.native_path = self.path.removesuffix(b"/v1")
         self.authority = url.netloc.encode("idna")
         self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
         self.down_until = 0.0  # time.monotonic() before which other hosts go first
@@ -1423,18 +1730,20 @@ class Upstream:
         self.metrics = metrics
 
     def request(self, host: Host, method: bytes, path: bytes, client_headers: Headers,
-                body: bytes = b"") -> httpcore.Request:
+                body: bytes = b"", dialect: str = "openai") -> httpcore.Request:
         """Build the outbound request explicitly from the few client headers that may travel."""
         drop = connection_named(client_headers)
+        forwarded = DIALECTS[dialect].forwarded
         headers = [(b"host", host.authority), (b"accept-encoding", b"identity")]
         for name, value in client_headers:
             name = name.lower()
-            if name in FORWARDED_REQUEST_HEADERS and name not in drop:
+            if name in forwarded and name not in drop:
                 headers.append((name, value))
         headers += self.auth
-        if method == b"POST":
+        if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
             headers.append((b"content-length", b"%d" % len(body)))
-        url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=host.path + path)
+        base = host.native_path if DIALECTS[dialect].native else host.path
+        url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=base + path)
         return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
 
     def by_preference(self) -> list[Host]:
@@ -1446,7 +1755,7 @@ class Upstream:
         return sorted(up or self.hosts, key=lambda host: host.pool.in_use)  # sorted() keeps ties in order
 
     async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
-                   host: Host | None = None) -> httpcore.Response:
+                   host: Host | None = None, dialect: str = "openai") -> httpcore.Response:
         """Send to `host`, or to the hosts in preference order until one takes the request; the response's
         head has arrived when this returns.
 
@@ -1457,7 +1766,7 @@ class Upstream:
         for tried, host in enumerate(hosts, 1):
             try:
                 response = await host.pool.handle_async_request(
-                    self.request(host, method, path, client_headers, body))
+                    self.request(host, method, path, client_headers, body, dialect))
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = self.translate(exc)
                 host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
@@ -1506,12 +1815,12 @@ class Upstream:
         body = await self.read(response, MAX_ERROR_BODY)
         return upstream_error(self.name, response.status, response.headers, body, dialect)
 
-    async def get_json(self, path: bytes, client_headers: Headers, host: Host) -> Any:
+    async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: str = "openai") -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
-        response = await self.send(b"GET", path, client_headers, host=host)
+        response = await self.send(b"GET", path, client_headers, host=host, dialect=dialect)
         try:
             if response.status >= 400:
-                return await self.error_answer(response)
+                return await self.error_answer(response, dialect)
             body = await self.read(response)
         finally:
             await response.aclose()
