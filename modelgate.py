@@ -1104,9 +1104,9 @@ def route_to_only(dialect: Dialect, model: str) -> str:
     other model goes there as it is, whatever DEFAULT_PROVIDER says."""
     prefix, slash, name = model.partition("/")
     if slash and prefix in PROVIDERS and prefix != dialect.provider:
-        raise GatewayError("invalid_request", f"Model {model!r} asks for {prefix}, but {dialect.door} leads to "
-                           f"{dialect.provider} only: use an {dialect.provider} model, as `{dialect.provider}/<name>` "
-                           "or `<name>`.")
+        only = dialect.provider
+        raise GatewayError("invalid_request", f"Model {model!r} goes to {prefix}, but {dialect.door} leads to "
+                           f"{only} only: name a model of {only}, as `{only}/<name>` or just `<name>`.")
     if slash and prefix == dialect.provider:
         if not name:
             raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
