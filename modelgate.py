@@ -1089,6 +1089,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     if not isinstance(model, str) or not model:
         raise GatewayError("invalid_request", "The request body needs a `model` string, "
                            "such as \"ollama/qwen2.5:7b\".")
+    if not encodable(model):
+        raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
+                           "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
     ex.model = model
     if dialect.provider is None:
         ex.provider, name = route_model(model, config)
@@ -1175,6 +1178,15 @@ def parse_body(text: str) -> tuple[Any, tuple[int, int] | None]:
         json.loads(text)  # raises json's own error, with its line and column
         raise AssertionError("json.loads read an object that parse_body did not") from None
     return document, span
+
+
+def encodable(text: str) -> bool:
+    """False for a string that UTF-8 cannot encode: JSON's \\ud800 escapes can put a lone surrogate in one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def replace_model(text: str, span: tuple[int, int], prefix: str, name: str) -> str:

@@ -457,6 +457,10 @@ def assert_error(answer: Answer, status: int, type_: str, code: str | None = Non
     return error
 
 
+def free_of_surrogates(text: str) -> bool:
+    return not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
 def assert_error_event(event: bytes) -> dict:
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     error = json.loads(event[6:])["error"]
@@ -1329,6 +1333,12 @@ BAD_BODIES = [
     b'{"model": "ollama/"}',
     b'\xff\xfe{"model": "x"}',
     b'\xef\xbb\xbf{"model": "x"}',
+    # A lone surrogate in the model name, which UTF-8 cannot encode: behind an escaped prefix (the name is then
+    # written anew), behind a plain one, and without one.
+    b'{"model":"\\u006fllama/\\ud800","messages":[]}',
+    b'{"model":"ollama\\/x\\udc00"}',
+    b'{"model":"ollama/\\udfff"}',
+    b'{"model":"\\ud83d"}',
     # Valid, but nested deeper than Python's json reads (3.13 reads 5,000 levels; none of 3.10-3.13 reads 100,000).
     b'{"model": "ollama/x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 ]
@@ -1519,6 +1529,31 @@ async def test_escaped_prefix_is_still_routed() -> None:
         answer = await chat(app, b'{"model":"ollama\\/m\\u00e9","messages":[]}')
     assert answer.status == 200
     assert up.requests[0].json() == {"model": "m\u00e9", "messages": []}
+
+
+# Model names of any code points, lone surrogates too (JSON's \\u escapes can spell them), behind a provider
+# prefix written plainly, with escapes, or not at all; the name itself escaped to ASCII or written as UTF-8.
+MODEL_NAMES = st.lists(st.characters() | st.integers(0xD800, 0xDFFF).map(chr), max_size=8).map("".join)
+PREFIXES = st.sampled_from(["ollama/", "\\u006fllama/", "ollama\\/", "\\u006f\\u006c\\u006cama\\u002f", ""])
+
+
+@settings(max_examples=50, deadline=None)
+@given(PREFIXES, MODEL_NAMES, st.booleans())
+async def test_any_model_name_reaches_the_upstream_as_written_or_is_a_400(prefix: str, name: str,
+                                                                          ascii_only: bool) -> None:
+    """Whatever model name a client writes, the upstream gets that name (less the ollama/ prefix), or the client
+    gets a 400 and nothing is sent: never a 500, also not for a name UTF-8 cannot encode."""
+    written = json.dumps(name, ensure_ascii=ascii_only or not free_of_surrogates(name))[1:-1]
+    body = ('{"model": "' + prefix + written + '", "messages": []}').encode()
+    model = json.loads(body)["model"]
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, body)
+    if free_of_surrogates(model) and model not in ("", "ollama/") and not model.startswith("openai/"):
+        assert answer.status == 200, answer.body
+        assert up.requests[0].json()["model"] == model.removeprefix("ollama/")
+    else:
+        assert_error(answer, 400, "invalid_request_error")
+        assert up.requests == []
 
 
 async def test_unprefixed_body_is_not_touched() -> None:
