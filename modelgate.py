@@ -236,6 +236,8 @@ DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"s
 # client that leaves early is logged as 499, as nginx and Caddy do; it is never sent.
 ERRORS: dict[str, tuple[int, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request"),
+    # Content-Length and Transfer-Encoding both: answered with `connection: close` (RFC 9112 §6.1).
+    "ambiguous_framing": (400, "invalid_request_error", "ambiguous_framing"),
     "provider_not_configured": (400, "invalid_request_error", "provider_not_configured"),
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
     # The client's address is not in ALLOWED_IPS: decided before the token is even looked at.
@@ -815,6 +817,13 @@ class Gateway:
         key = next((prefix for prefix in PREFIX_ROUTES if ex.path.startswith(prefix)), ex.path)
         route = ROUTES.get(key)
         ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)
+        if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
+            # uvicorn's h11 reads such a request by its chunks and keeps the connection; a front proxy that
+            # went by the Content-Length would take what follows for the body, and we would run it as the
+            # next request (request smuggling). RFC 9112 §6.1: an error, and the connection is closed after.
+            raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
+                               "so where it ends is ambiguous; send one of them. The connection is closed.",
+                               [(b"connection", b"close")])
         if self.screening and (route is None or route.screened):
             self.screen(ex)
         if route is None:
