@@ -398,17 +398,18 @@ def one_of(*choices: str) -> Callable[[str, str], str]:
 
 
 def parse_url(name: str, value: str) -> str:
+    # Every message shows the URL through shown_url(): a start-up error ends up in logs and bug reports.
+    no_credentials(name, value)
+    shown = shown_url(value)
     try:
         url = urlsplit(value)
         _ = url.port  # raises ValueError for a port that is not a number or out of range
     except ValueError:
-        raise ConfigError(f"{name} is not a valid URL: {value!r}") from None
+        raise ConfigError(f"{name} is not a valid URL: {shown!r}") from None
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{name} must look like http://host:port/v1, not {value!r}")
-    if url.username is not None or url.password is not None:
-        raise ConfigError(f"{name} must not hold credentials; put the key in {name[:-8]}API_KEY")
+        raise ConfigError(f"{name} must look like http://host:port/v1, not {shown!r}")
     if url.query or url.fragment:
-        raise ConfigError(f"{name} must not have a query or fragment: {value!r}")
+        raise ConfigError(f"{name} must not have a query or fragment: {shown!r}")
     try:
         url.hostname.encode("idna")
     except UnicodeError:
@@ -416,7 +417,34 @@ def parse_url(name: str, value: str) -> str:
     return value.rstrip("/")
 
 
+def no_credentials(name: str, value: str) -> None:
+    if "@" in value:  # user:password@ (an @ has no other place in a base URL)
+        raise ConfigError(f"{name} must not hold credentials ({shown_url(value)}); put the key in "
+                          f"{name[:-8]}API_KEY")
+
+
+def shown_url(url: str) -> str:
+    """A URL as a message may show it: the password (or a user name given alone, often a token) and the
+    query and fragment replaced by ***: http://u:***@host/v1?***.
+
+    Done on the text, not with urlsplit(), which refuses some of the very URLs a message is about (a port
+    that is no number, a bracket left open). Everything up to the last @ before the query is userinfo:
+    a password with a / in it then still counts as one.
+    """
+    end = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    shown, rest = url[:end], url[end:]
+    start = shown.find("//") + 2 if "//" in shown else 0
+    at = shown.rfind("@")
+    if at >= start:
+        user, colon, _ = shown[start:at].partition(":")
+        shown = shown[:start] + (f"{user}:***" if colon else "***") + shown[at:]
+    return shown + (rest[:1] + "***" if rest else "")
+
+
 def parse_urls(name: str, value: str) -> tuple[str, ...]:
+    # Credentials are looked for in the whole value first: a password may hold a comma, and what follows
+    # it must not be shown as a URL of its own.
+    no_credentials(name, value)
     urls = tuple(parse_url(name, url.strip()) for url in value.split(",") if url.strip())
     if not urls:
         raise ConfigError(f"{name} is empty: set it to Ollama's base URL, such as http://127.0.0.1:11434/v1")

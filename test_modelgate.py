@@ -960,6 +960,33 @@ def test_bad_config_names_the_variable(settings_: dict, variable: str) -> None:
     assert variable in message and "\n" not in message
 
 
+# Base URLs that are wrong and hold a secret where a password, a token or a key goes; each is refused with a
+# message that shows the URL with the secret replaced.
+SECRET_URLS = [
+    "http://u:S3CRET@127.0.0.1:99999/v1",  # a port out of range
+    "http://u:S3CRET@127.0.0.1:port/v1",  # a port that is no number
+    "http://127.0.0.1:11434/v1?api_key=S3CRET",  # a query
+    "http://127.0.0.1:11434/v1#S3CRET",
+    "ftp://u:S3CRET@127.0.0.1/v1",  # not http
+    "u:S3CRET@127.0.0.1:11434/v1",  # no scheme
+    "http://S3CRET@127.0.0.1:11434/v1",  # a token as the user name
+    "http://u:S3/CRET@127.0.0.1:11434/v1",  # a password with a slash
+    "http://127.0.0.1:11434/v1,http://u:a,S3CRET@127.0.0.1/v1",  # a password with a comma
+    "http://[::1/v1?key=S3CRET",  # a bracket left open, which urlsplit() refuses
+]
+
+
+@pytest.mark.parametrize("variable", ["OLLAMA_BASE_URL", "OPENAI_BASE_URL"])
+@pytest.mark.parametrize("url", SECRET_URLS)
+def test_a_bad_base_url_is_shown_without_its_secret(variable: str, url: str) -> None:
+    """A message about a base URL names the variable and shows the URL with password and query replaced."""
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, variable: url})
+    message = str(failure.value)
+    assert variable in message and "\n" not in message
+    assert "S3CRET" not in message and "CRET" not in message
+
+
 def test_defaults() -> None:
     """Only MODELGATE_TOKEN is required; everything else has the documented default."""
     config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN})
@@ -2751,6 +2778,16 @@ async def test_command_line_bad_config_is_one_line_and_fails(tmp_path: Any) -> N
     output = await asyncio.wait_for(process.stdout.read(), 10)
     assert await process.wait() != 0
     assert output.decode().strip().count("\n") == 0 and b"TIMEOUT_SECONDS" in output
+
+
+async def test_command_line_start_up_error_hides_the_password(tmp_path: Any) -> None:
+    """The issue's reproduction: `python modelgate.py` says what is wrong with the URL, without the password."""
+    process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN,
+                                                  "OLLAMA_BASE_URL": "http://u:S3CRET@127.0.0.1:99999/v1"})
+    output = await asyncio.wait_for(process.stdout.read(), 10)
+    assert await process.wait() != 0
+    assert b"OLLAMA_BASE_URL" in output and b"http://u:***@127.0.0.1:99999/v1" in output
+    assert b"S3CRET" not in output
 
 
 async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
