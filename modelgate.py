@@ -1112,8 +1112,11 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     try:
         text = body.decode("utf-8")
         document, span = parse_body(text)
-    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
+    except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
+        raise GatewayError("invalid_request", f"The request body holds an integer of more than "
+                           f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None
     except RecursionError:
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if not isinstance(document, dict):

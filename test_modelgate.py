@@ -1380,6 +1380,16 @@ async def test_bad_body_is_400_and_sends_nothing(body: bytes) -> None:
     assert up.requests == []
 
 
+async def test_an_integer_longer_than_python_reads_is_a_400_that_says_the_limit() -> None:
+    """Valid JSON with an integer of 5,000 digits: Python converts at most 4,300 (sys.get_int_max_str_digits),
+    and the message says so rather than call the JSON invalid."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, b'{"model": "ollama/x", "seed": ' + b"7" * 5000 + b"}")
+    message = assert_error(answer, 400, "invalid_request_error")["message"]
+    assert f"more than {sys.get_int_max_str_digits()} digits" in message and "not valid JSON" not in message
+    assert up.requests == []
+
+
 async def test_body_over_the_limit_is_413_without_reading_it_all() -> None:
     """A body over MAX_BODY_BYTES is refused with 413 by its Content-Length, or as soon as it grows too big."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, MAX_BODY_BYTES="100") as app:
