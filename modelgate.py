@@ -253,6 +253,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "too_many_in_flight": (429, "rate_limit_error", "concurrency_limit_exceeded"),
     "internal": (500, "api_error", "internal_error"),
     "upstream_unavailable": (502, "api_error", "upstream_unavailable"),
+    # An answer larger than MAX_HELD_ANSWER where it must be held whole (COALESCE, model lists).
+    "answer_too_large": (502, "api_error", "upstream_answer_too_large"),
     # Our own pool to that upstream is full: we are the ones who are busy, so 503, not a gateway timeout.
     "gateway_busy": (503, "api_error", "gateway_busy"),
     # After SIGTERM; a 503 is retried by the SDKs, by then against a gateway that is up again.
@@ -1365,22 +1367,36 @@ class ClientWatch:
 MAX_ERROR_BODY = 64 * 1024
 MAX_ERROR_TEXT = 400
 
+# Memory per request is bounded whatever an upstream sends. An answer is held whole only where it must be:
+# to share it between identical requests (COALESCE) and to read a model list. A chat answer is kilobytes
+# (megabytes with logprobs), a model list tens of kilobytes; 16 MiB is what MAX_BODY_BYTES takes of a
+# request by default. A larger answer is a 502 (answer_too_large); with COALESCE=off answers of any size
+# are relayed as they arrive.
+MAX_HELD_ANSWER = 16 * 1024 * 1024
+
+# A relayed answer up to this size is read whole before any of it is sent, so that one cut short is still
+# a clean 502; a larger one is sent as it arrives, and a failure can then only cut the connection.
+RELAY_HOLD_BYTES = 1024 * 1024
+
 # Streams are relayed unbuffered; these keep a proxy in front (nginx) from buffering them too.
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
 
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
-                stream: bool) -> Answer | None:
+                stream: bool, shared: bool = False) -> Answer | None:
     """Send one request upstream with the client's headers, and relay its answer:
 
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
-    2. An error status becomes the error answer: the upstream's status, its body made OpenAI-shaped.
-    3. A plain answer is read whole and answered with its Content-Length.
-    4. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
+    2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY)
+       made OpenAI-shaped.
+    3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is relayed chunk by chunk as it arrives, and its end checked against the route's
        (relay_events).
+    4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to
+       MAX_HELD_ANSWER, and answered with its Content-Length; any other is relayed as it arrives,
+       whatever its size (relay_plain).
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect)
@@ -1390,9 +1406,54 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
         if stream and media_type(response.headers) == DIALECTS[ex.dialect].stream_type:
             await relay_events(gw, ex, upstream, response)
             return None
-        return Answer(response.status, response_headers(response.headers), await upstream.read(response))
+        if shared:
+            return Answer(response.status, response_headers(response.headers), await upstream.read_held(response))
+        return await relay_plain(gw, ex, upstream, response)
     finally:
         await response.aclose()
+
+
+async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> Answer | None:
+    """Relay an answer that is not an event stream, holding at most RELAY_HOLD_BYTES of it.
+
+    An answer that fits is read whole first and returned, so that one cut short is still a 502 and
+    nothing of it was sent. A larger one is sent as it arrives, with the upstream's Content-Length if it
+    gave one (uvicorn sends it chunked if not). From then on an upstream failure can only cut the
+    connection: the client sees an incomplete answer, never a short one that looks whole.
+    """
+    chunks, held, size = response.stream.__aiter__(), [], 0
+    try:
+        while size <= RELAY_HOLD_BYTES:
+            chunk = await anext(chunks, None)
+            if chunk is None:  # the whole answer: answered like any other, with its length
+                return Answer(response.status, response_headers(response.headers), b"".join(held))
+            held.append(chunk)
+            size += len(chunk)
+    except UPSTREAM_EXCEPTIONS as exc:
+        raise upstream.translate(exc) from exc
+    length = [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"]
+    watch, loop = ex.watch, asyncio.get_running_loop()
+    watch.guard_sends(gw.config.timeout)  # a client that stops reading lets the upstream go
+    await ex.start(response.status, response_headers(response.headers) + length[:1])
+    chunk, held = b"".join(held), None
+    try:
+        while chunk is not None:
+            watch.sending_since = loop.time()
+            await ex.body_chunk(chunk)
+            watch.sending_since = None
+            chunk = await anext(chunks, None)
+    except UPSTREAM_EXCEPTIONS as exc:
+        upstream.count_failure(type(exc).__name__)
+        ex.error = f"upstream_body_error ({type(exc).__name__}: {exc})"
+        return None  # the response stays incomplete and uvicorn closes the connection: all we can do
+    except asyncio.CancelledError as exc:
+        if watch.reason != "shutdown":
+            raise  # the client left: there is nobody to tell
+        watch.claim(exc)
+        ex.error = "shutting_down"
+        return None  # cut, as above
+    await ex.body_chunk(b"", more=False)
+    return None
 
 
 async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> None:
@@ -1849,22 +1910,35 @@ class Upstream:
         self.count_failure(type(exc).__name__)
         return upstream_failure(exc, self.name)
 
-    async def read(self, response: httpcore.Response, limit: int | None = None) -> bytes:
-        """The whole body (or its first `limit` bytes); failures as in send()."""
+    async def read(self, response: httpcore.Response, limit: int, cut: bool = False) -> tuple[bytes, bool]:
+        """The body and True; or for a body of more than `limit` bytes, False and, with `cut`, its first
+        `limit` bytes (and at most a chunk more), else nothing. Failures as in send()."""
         chunks, size = [], 0
         try:
             async for chunk in response.stream:
                 chunks.append(chunk)
                 size += len(chunk)
-                if limit is not None and size >= limit:
-                    break
+                if size > limit:
+                    return b"".join(chunks) if cut else b"", False
         except UPSTREAM_EXCEPTIONS as exc:
             raise self.translate(exc) from exc
-        return b"".join(chunks)
+        return b"".join(chunks), True
+
+    async def read_held(self, response: httpcore.Response) -> bytes:
+        """A body that must be held whole (an answer to share, a model list): a 502 past MAX_HELD_ANSWER."""
+        body, complete = await self.read(response, MAX_HELD_ANSWER)
+        if not complete:
+            self.count_failure("AnswerTooLarge")
+            raise GatewayError("answer_too_large", f"{self.name} answered with more than "
+                               f"{MAX_HELD_ANSWER >> 20} MiB, more than ModelGate holds whole (it does so to "
+                               "share one answer between identical requests, COALESCE, and to read a model "
+                               "list). With COALESCE=off, answers of any size are relayed as they arrive.",
+                               [(b"x-should-retry", b"false")])
+        return body
 
     async def error_answer(self, response: httpcore.Response, dialect: str = "openai") -> Answer:
         self.count_failure(f"http_{response.status}")
-        body = await self.read(response, MAX_ERROR_BODY)
+        body, _ = await self.read(response, MAX_ERROR_BODY, cut=True)
         return upstream_error(self.name, response.status, response.headers, body, dialect)
 
     async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: str = "openai") -> Any:
@@ -1873,7 +1947,7 @@ class Upstream:
         try:
             if response.status >= 400:
                 return await self.error_answer(response, dialect)
-            body = await self.read(response)
+            body = await self.read_held(response)
         finally:
             await response.aclose()
         try:
@@ -1949,7 +2023,7 @@ class Coalescer:
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(
-                relay(gw, ex, upstream, path, body, stream=False)))
+                relay(gw, ex, upstream, path, body, stream=False, shared=True)))
             flight.task.add_done_callback(lambda task: self.forget(key, flight))
         else:
             ex.coalesced = True
@@ -2091,7 +2165,7 @@ class Metrics:
         histogram("modelgate_stream_first_byte_seconds", "Time from request to the first streamed bytes.",
                   self.first_bytes, FIRST_BYTE_BUCKETS)
         family("modelgate_upstream_errors_total", "counter", "Upstream failures, by provider and kind: the "
-               "httpcore exception, http_<status>, or IncompleteStream.", ("provider", "kind"),
+               "httpcore exception, http_<status>, IncompleteStream or AnswerTooLarge.", ("provider", "kind"),
                self.upstream_errors.items())
         family("modelgate_requests_in_flight", "gauge", "Requests being answered, streams included.", (),
                [((), self.in_flight)])

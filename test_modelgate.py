@@ -262,6 +262,43 @@ def openai_event(kind: str, **data: Any) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (kind.encode(), json.dumps({"type": kind, **data}).encode())
 
 
+MIB = 1024 * 1024
+BIG_ANSWER_MIB = 200  # the issue's figure; through a bounded relay on loopback it takes well under a second
+BIG_PREFIX = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"content":"'
+BIG_SUFFIX = b'"},"finish_reason":"stop"}]}'
+WARM_UP = b'{"model": "ollama/warm-up", "messages": []}'
+
+
+def big_reply(mib: int | None) -> Reply:
+    """A JSON answer of `mib` MiB with its Content-Length, or (None) a chunked application/json body that never
+    ends, written a MiB at a time as fast as the gateway takes it; a request for the model warm-up gets COMPLETION.
+    `saw_close` is set when the gateway hangs up while it is being written."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if b"warm-up" in request.body:
+            return await json_reply()(up, request, reader, writer)
+        block = b"x" * MIB
+        try:
+            if mib is None:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                while True:
+                    writer.write(chunked(block))
+                    await writer.drain()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                         % (len(BIG_PREFIX) + mib * MIB + len(BIG_SUFFIX)) + BIG_PREFIX)
+            for _ in range(mib):
+                writer.write(block)
+                await writer.drain()
+            writer.write(BIG_SUFFIX)
+            await writer.drain()
+        except ConnectionError:
+            up.saw_close.set()
+            raise
+
+    return reply
+
+
 @asynccontextmanager
 async def upstream(reply: Reply) -> AsyncIterator[FakeUpstream]:
     up = await FakeUpstream(reply).start()
@@ -730,12 +767,12 @@ async def serve(app: Any) -> AsyncIterator[str]:
         yield base
 
 
-async def start_command_line(tmp_path: Any, env: dict[str, str]) -> asyncio.subprocess.Process:
-    """`python modelgate.py` in a directory of its own, as a user starts it."""
+async def start_command_line(tmp_path: Any, env: dict[str, str], **options: Any) -> asyncio.subprocess.Process:
+    """`python modelgate.py` in a directory of its own, as a user starts it (`options` for the subprocess)."""
     shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
     return await asyncio.create_subprocess_exec(
         sys.executable, "modelgate.py", cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **options)
 
 
 async def read_until_serving(process: asyncio.subprocess.Process, timeout: float) -> bytes:
@@ -746,6 +783,67 @@ async def read_until_serving(process: asyncio.subprocess.Process, timeout: float
         assert line, output
         output += line
     return output
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (the most resident so far) of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
+
+
+def address_space_of_1_gib() -> None:
+    # In the gateway's process, before it starts: should it hold an endless answer, it fails at 1 GiB
+    # (MemoryError) rather than take the machine's memory, and the test fails on that.
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (1024 * MIB, 1024 * MIB))
+
+
+async def post_over_a_socket(port: int, body: bytes, keep: int) -> tuple[bytes, int, bytes]:
+    """POST a chat request to the gateway; read the answer until the gateway ends it or `keep` body bytes came.
+    Returns the head, the number of body bytes (framing and all) and their last KiB."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: close\r\nauthorization: Bearer "
+                 + TOKEN.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    size, tail = 0, b""
+    while size < keep:
+        data = await asyncio.wait_for(reader.read(MIB), 30)
+        if not data:
+            break
+        size += len(data)
+        tail = (tail + data)[-1024:]
+    writer.close()
+    return head, size, tail
+
+
+@dataclass
+class GatewayProcess:
+    port: int
+    pid: int
+    rss: int  # bytes resident after start-up and one small answer
+
+
+@asynccontextmanager
+async def gateway_process(tmp_path: Any, up: FakeUpstream, **overrides: str) -> AsyncIterator[GatewayProcess]:
+    """`python modelgate.py` in front of `up`, warmed up by one small answer."""
+    port = free_port()
+    process = await start_command_line(tmp_path, {
+        "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port), **overrides},
+        preexec_fn=address_space_of_1_gib)
+    output = None
+    try:
+        await read_until_serving(process, 30)
+        output = asyncio.ensure_future(process.stdout.read())  # keep reading, so that the log never blocks it
+        head, _, _ = await post_over_a_socket(port, WARM_UP, keep=MIB)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        yield GatewayProcess(port, process.pid, memory(process.pid)["VmRSS"])
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        if output is not None:
+            await output
 
 
 class Log(list):
@@ -1784,6 +1882,43 @@ async def test_over_uvicorn_plain_and_streamed() -> None:
 ###############################################################################
 
 
+async def test_a_large_plain_answer_is_relayed_in_bounded_memory(tmp_path: Any) -> None:
+    """A 200 MiB plain answer reaches the client whole, with its length, while the gateway's memory grows by a
+    small part of it (it used to hold the answer whole, three times over: 590 MiB)."""
+    size = len(BIG_PREFIX) + BIG_ANSWER_MIB * MIB + len(BIG_SUFFIX)
+    async with upstream(big_reply(BIG_ANSWER_MIB)) as up, gateway_process(tmp_path, up, COALESCE="off") as gw:
+        head, received, tail = await post_over_a_socket(gw.port, CHAT, keep=size + 1)
+        growth = memory(gw.pid)["VmHWM"] - gw.rss
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: %d\r\n" % size in head
+    assert received == size and tail.endswith(BIG_SUFFIX)
+    assert growth < size / 4, f"the gateway grew by {growth / MIB:.0f} MiB for a {size / MIB:.0f} MiB answer"
+
+
+async def test_an_endless_answer_to_a_stream_request_is_relayed_in_bounded_memory(tmp_path: Any) -> None:
+    """An application/json body that never ends, to a `"stream": true` request: relayed as it arrives, in
+    memory that grows by a small part of what passed through; when the client leaves, the upstream is let go
+    (it used to be read for ever, until the machine ran out of memory)."""
+    async with upstream(big_reply(None)) as up, gateway_process(tmp_path, up) as gw:
+        head, received, _ = await post_over_a_socket(gw.port, STREAM_CHAT, keep=BIG_ANSWER_MIB * MIB)
+        growth = memory(gw.pid)["VmHWM"] - gw.rss
+        assert await happens(up.saw_close)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-type: application/json" in head
+    assert received >= BIG_ANSWER_MIB * MIB
+    assert growth < received / 4, f"the gateway grew by {growth / MIB:.0f} MiB for {received / MIB:.0f} MiB relayed"
+
+
+async def test_a_large_plain_answer_cut_midway_reaches_the_client_incomplete() -> None:
+    """Past the part held before sending, an upstream that hangs up can only be passed on as a cut connection:
+    the client never gets a short answer that looks whole, and the log says what happened."""
+    big = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (4 * MIB)
+    async with upstream(raw_reply(big + b"x" * (3 * MIB))) as up, gateway(OLLAMA_BASE_URL=up.url, COALESCE="off") as app, \
+            captured_log() as lines:
+        answer = await chat(app)
+    assert answer.status == 200 and answer.header(b"content-length") == b"%d" % (4 * MIB)
+    assert not answer.complete and len(answer.body) < 4 * MIB
+    assert any("error=upstream_body_error" in line for line in lines)
+
+
 async def test_stream_without_done_ends_with_an_error_event() -> None:
     """An upstream stream that ends cleanly but without data: [DONE] (Ollama's mid-stream failure) is cut."""
     async with upstream(sse_reply(events=EVENTS[:2])) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
@@ -2398,6 +2533,19 @@ async def test_models_of_several_hosts_are_merged_without_duplicates() -> None:
 ###############################################################################
 # Coalescing identical requests in flight #####################################
 ###############################################################################
+
+
+async def test_a_large_answer_that_must_be_held_is_a_502_in_bounded_memory(tmp_path: Any) -> None:
+    """With COALESCE on, a plain answer is held whole to be shared; a 200 MiB one is a 502 that says so, and the
+    gateway stops reading it long before its end: memory grows by a small part of it."""
+    size = len(BIG_PREFIX) + BIG_ANSWER_MIB * MIB + len(BIG_SUFFIX)
+    async with upstream(big_reply(BIG_ANSWER_MIB)) as up, gateway_process(tmp_path, up) as gw:
+        head, received, tail = await post_over_a_socket(gw.port, CHAT, keep=size + 1)
+        growth = memory(gw.pid)["VmHWM"] - gw.rss
+        assert await happens(up.saw_close)
+    assert head.startswith(b"HTTP/1.1 502 ") and received < MIB
+    assert json.loads(tail)["error"]["code"] == "upstream_answer_too_large"
+    assert growth < size / 4, f"the gateway grew by {growth / MIB:.0f} MiB for a {size / MIB:.0f} MiB answer"
 
 
 async def test_four_identical_requests_reach_the_upstream_once() -> None:
