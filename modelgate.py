@@ -6,7 +6,11 @@ All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[as
 nothing else.
 
     python modelgate.py               # reads ./.env if present, serves on HOST:PORT (0.0.0.0:8010)
-    uvicorn modelgate:app --port 8010 --no-proxy-headers
+    uvicorn modelgate:app --port 8010 --no-proxy-headers --no-server-header
+
+`python modelgate.py` also closes connections that send no complete request head within 30 s, raises the
+soft limit on open files to the hard one, and logs asyncio's errors once per kind; the uvicorn command does
+not (README: Slow and silent clients).
 
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
@@ -90,7 +94,7 @@ from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
 from urllib.parse import urlsplit
 
-import h11  # comes with httpcore and uvicorn; only its error class is named here
+import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
 import httpcore
 
 __version__ = "1.0.0"
@@ -1070,6 +1074,9 @@ class Gateway:
         config = load_config(self.environ)
         if not log.handlers:  # under a bare `uvicorn modelgate:app`; main() sets it up itself
             setup_logging(config.log_format)
+        # uvicorn's access log writes each request line with its query string, where a client may have put
+        # a key (?api_key=...); ours (log_exchange) has the path only. Off however uvicorn was started.
+        logging.getLogger("uvicorn.access").disabled = True
         self.metrics = metrics = Metrics()
         self.upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config,
                                              metrics)}
@@ -2540,6 +2547,7 @@ def main() -> None:
         sys.exit(f"modelgate: {exc}")
     setup_logging(config.log_format)
     setup_logging(config.log_format, logging.getLogger("uvicorn"))  # its start and stop lines, in our format
+    raise_file_limit()
     server = uvicorn_server(config)
     # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
@@ -2551,13 +2559,26 @@ def main() -> None:
         pass
 
 
-def uvicorn_server(config: Config, gateway: Gateway = app) -> Any:
-    """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, and our part of SIGTERM."""
+# A connection must deliver a complete request head this long after it opens (or, on a kept-alive
+# connection, after the first byte of the next request). uvicorn's own idle timer only starts after a
+# response, so a client that sends nothing, or a head a byte at a time, would hold its connection, a file
+# descriptor, for ever: 1,100 of them made a gateway with systemd's file limit of 1,024 unreachable.
+# nginx's client_header_timeout is 60 s, Apache's RequestReadTimeout 20-40 s; a real client sends its
+# head in one packet.
+HEAD_TIMEOUT_SECONDS = 30.0
+
+
+def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float = HEAD_TIMEOUT_SECONDS) -> Any:
+    """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, a bound on
+    the wait for a request head, and asyncio's errors one line per kind."""
     import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
 
     server = uvicorn.Server(uvicorn.Config(
         gateway, host=config.host, port=config.port,
         ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
+        # uvicorn's h11 protocol, which closes a connection without a complete request head after
+        # `head_timeout`. Named, so that httptools, if installed, is not picked instead: it would lack that.
+        http=head_timeout_protocol(head_timeout),
         access_log=False,  # we log one line per request ourselves
         log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,
@@ -2565,7 +2586,7 @@ def uvicorn_server(config: Config, gateway: Gateway = app) -> Any:
         # A backstop for a client that stops reading the error event: uvicorn cancels what still runs.
         timeout_graceful_shutdown=config.shutdown_grace + 5,
     ))
-    uvicorn_exit = server.handle_exit
+    uvicorn_exit, uvicorn_serve = server.handle_exit, server.serve
 
     def handle_exit(sig: int, frame: Any) -> None:
         # uvicorn stops accepting connections, then waits for the open ones, however long a stream runs,
@@ -2573,8 +2594,107 @@ def uvicorn_server(config: Config, gateway: Gateway = app) -> Any:
         asyncio.get_running_loop().call_soon_threadsafe(gateway.shut_down)
         uvicorn_exit(sig, frame)
 
+    async def serve(sockets: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        before = loop.get_exception_handler()
+        loop.set_exception_handler(LoopErrors())
+        try:
+            await uvicorn_serve(sockets)
+        finally:
+            loop.set_exception_handler(before)
+
     server.handle_exit = handle_exit  # what uvicorn installs as the SIGTERM and SIGINT handler
+    server.serve = serve  # what server.run() runs
     return server
+
+
+def head_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, and a timer that closes the connection while h11 still waits for a
+    complete request head (their_state IDLE) `seconds` after it began to wait."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.watch_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def watch_head(self) -> None:
+            # Armed once per head: bytes that keep coming do not move the deadline. Between a response
+            # and the next request's first byte, uvicorn's keep-alive timer closes an idle connection.
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self.head_timer is None:
+                self.head_timer = self.loop.call_later(seconds, self.timeout_keep_alive_handler)
+            elif not waiting and self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+    return HeadTimeoutProtocol
+
+
+# How often LoopErrors logs how many more of a kind of failure there were, while they go on.
+LOOP_ERROR_SECONDS = 60.0
+
+
+class LoopErrors:
+    """asyncio's exception handler under `python modelgate.py`: one log line per kind of failure, then a count.
+
+    Out of file descriptors, asyncio's accept loop reports its OSError for every connection waiting in
+    the backlog, again and again, each with a traceback (tens of thousands a second). Here the first
+    of a kind is logged (an OSError in one line, anything else with asyncio's traceback), and those
+    that follow are counted and logged as one line a minute while they go on.
+    """
+
+    def __init__(self) -> None:
+        self.repeats: dict[str, int] = {}  # kind -> how many since its last line
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        kind = context.get("message") or "asyncio error"
+        if exc is not None:
+            kind += f": {exc}" if isinstance(exc, OSError) else f": {type(exc).__name__}"
+        if kind not in self.repeats:
+            self.repeats[kind] = 0
+            if isinstance(exc, OSError):  # log: the first of its kind; a count follows if it goes on
+                log.error("%s; more of the same are counted", kind)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.repeats[kind] += 1
+        if self.repeats[kind] == 1:
+            loop.call_later(LOOP_ERROR_SECONDS, self.report, kind)
+
+    def report(self, kind: str) -> None:
+        # log: how often a kind of failure came again within a minute
+        log.error("%s: %d more in the last %.0f s", kind, self.repeats[kind], LOOP_ERROR_SECONDS)
+        self.repeats[kind] = 0
+
+
+def raise_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one: each connection holds one, and systemd's
+    default soft limit (1,024) is soon reached by clients that keep their connections open."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # macOS: an unlimited hard limit is more than the kernel allows
+        return
+    log.info("open files: the soft limit was raised from %d to the hard limit, %d", soft, hard)
 
 
 if __name__ == "__main__":

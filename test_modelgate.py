@@ -846,6 +846,31 @@ async def gateway_process(tmp_path: Any, up: FakeUpstream, **overrides: str) -> 
             await output
 
 
+def command_line_server(app: Any, head_timeout: float) -> uvicorn.Server:
+    """The server `python modelgate.py` runs, with a request head due within `head_timeout` seconds."""
+    config = modelgate.load_config(environ(HOST="127.0.0.1", PORT="1"))
+    return modelgate.uvicorn_server(config, app, head_timeout=head_timeout)
+
+
+async def closed_by_the_gateway(reader: asyncio.StreamReader) -> bool:
+    """Read what the gateway still sends until it closes the connection; True then (False if it did not)."""
+    try:
+        await asyncio.wait_for(reader.read(), 10)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def file_limit_leaving(free: int) -> int:
+    """The file limit that leaves this process `free` more descriptors than it has open now."""
+    used = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    limit = 0
+    while free:
+        free -= limit not in used
+        limit += 1
+    return limit
+
+
 class Log(list):
     """What captured_log keeps, in order; `logged` waits for a line."""
 
@@ -2839,7 +2864,7 @@ def test_httpcore_still_has_the_lock_modelgate_replaces() -> None:
 
 
 ###############################################################################
-# The command line: SIGTERM, bad config, TLS ##################################
+# The command line: SIGTERM, bad config, TLS, connections #####################
 ###############################################################################
 
 
@@ -2969,6 +2994,118 @@ async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> No
         answer = await reader.read()
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}')
+
+
+async def test_a_connection_without_a_complete_request_head_is_closed() -> None:
+    """A connection that sends nothing, or part of a head (also as its second request), is closed when the
+    head is not complete in time; one whose request waits for a slow upstream is not."""
+    async with upstream(json_reply(held=True)) as up, \
+            serve_with(command_line_server(modelgate.Gateway(environ(OLLAMA_BASE_URL=up.url)), 0.2)) as base:
+        host, port = base.removeprefix("http://").split(":")
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection(host, int(port))
+
+        waiting_reader, waiting = await connect()
+        waiting.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+                      + b"\r\ncontent-length: %d\r\n\r\n" % len(CHAT) + CHAT)
+        await up.received(1)
+        silent_reader, silent = await connect()
+        partial_reader, partial = await connect()
+        partial.write(b"GET /health HTTP/1.1\r\nhost: gw\r\n")
+        second_reader, second = await connect()
+        second.write(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+        first_answer = await asyncio.wait_for(second_reader.readuntil(b'{"status":"ok"}'), 10)
+        second.write(b"GET /health HTTP/1.1\r\n")
+        closed = [await closed_by_the_gateway(r) for r in (silent_reader, partial_reader, second_reader)]
+        up.release.set()  # the waiting request's head was complete long before the others were closed
+        answer = await asyncio.wait_for(waiting_reader.readuntil(b"}"), 10)
+        for writer in (waiting, silent, partial, second):
+            writer.close()
+    assert closed == [True, True, True]
+    assert first_answer.startswith(b"HTTP/1.1 200 ") and b"\r\nserver:" not in first_answer.lower()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_out_of_file_descriptors_is_one_log_line_and_the_gateway_recovers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With more silent connections than file descriptors left, asyncio fails to accept, thousands of times:
+    one log line says so (not a traceback each time), the silent ones are closed, and the gateway serves again."""
+    import resource
+
+    async with serve_with(command_line_server(modelgate.Gateway(environ()), 0.2)) as base, \
+            captured_log() as lines:
+        host, port = base.removeprefix("http://").split(":")
+        # Connected in the listening socket's backlog before the server runs again to accept them.
+        silent = [socket.create_connection((host, int(port))) for _ in range(12)]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit_leaving(4), hard))
+        try:
+            loop = asyncio.get_running_loop()
+            for sock in silent:
+                sock.setblocking(False)
+                assert await asyncio.wait_for(loop.sock_recv(sock, 1), 30) == b""  # closed by the gateway
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for sock in silent:
+                sock.close()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        health = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        # Before the server closes its socket: asyncio's own retries, still scheduled then, fail on a closed one.
+        from_asyncio = [record for record in caplog.records if record.name == "asyncio"]
+    assert health.startswith(b"HTTP/1.1 200 ")
+    accept_lines = [line for line in lines if "out of system resource" in line]
+    assert len(accept_lines) == 1 and "Too many open files" in accept_lines[0]
+    assert from_asyncio == []
+
+
+async def test_command_line_raises_the_soft_file_limit_to_the_hard_one(tmp_path: Any) -> None:
+    """Each connection holds a file descriptor: `python modelgate.py` raises a low soft limit (systemd's 1,024)
+    to the hard limit before it serves, and says so."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > 256, "the test needs a hard limit above 256"
+    port = free_port()
+    process = await start_command_line(
+        tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": "127.0.0.1", "PORT": str(port)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        output = await read_until_serving(process, 10)
+        with open(f"/proc/{process.pid}/limits") as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+    finally:
+        process.kill()
+        await process.wait()
+    assert line.split()[3:5] == [str(hard), str(hard)]
+    assert b"raised from 256" in output
+
+
+async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
+    """Under `uvicorn modelgate:app` with uvicorn's defaults, uvicorn's access log would print a key sent as
+    `?api_key=`: the gateway turns that log off, and its own line has the path only."""
+    shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uvicorn", "modelgate:app", "--host", "127.0.0.1", "--port", str(port),
+        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "MODELGATE_TOKEN": TOKEN},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output = await read_until_serving(process, 10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health?api_key=S3CRET HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        process.send_signal(signal.SIGTERM)
+        output += await asyncio.wait_for(process.stdout.read(), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"GET /health" in output and b"S3CRET" not in output  # our own line, with the path only
 
 
 ###############################################################################
