@@ -19,8 +19,9 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     POST /v1/completions        the same for legacy completions
     POST /v1/responses          the same for the Responses API
     POST /v1/embeddings
-    GET  /v1/models             Ollama's models as `ollama/<name>`, OpenAI's as `openai/<name>`
-    GET  /v1/models/{id}
+    GET  /v1/models             Ollama's models as `ollama/<name>`, OpenAI's as `openai/<name>`, then the aliases;
+                                a token sees only what TOKEN_MODELS lets it use
+    GET  /v1/models/{id}        a model or an alias
     GET  /health                liveness, no upstream call
     GET  /ready                 200 when an upstream of DEFAULT_PROVIDER answers, else 503
     GET  /metrics               Prometheus text format (no token with METRICS_PUBLIC=1)
@@ -38,8 +39,9 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
 
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
 model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
-an `ollama/` prefix is removed there too, and `openai/...` is a 400. Environment (read once at start-up;
-SETTINGS below is the table):
+an `ollama/` prefix is removed there too, and `openai/...` is a 400. An alias (MODEL_ALIASES) is replaced by
+its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent) and missing fields are
+filled in (MODEL_DEFAULTS). Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
@@ -66,6 +68,9 @@ SETTINGS below is the table):
     PORT                     the port it listens on                (8010)
     TLS_CERT_FILE            `python modelgate.py` serves HTTPS with this certificate (empty: plain HTTP)
     TLS_KEY_FILE             and this key                          (empty)
+    MODEL_ALIASES            alias=target,...: model names tools ship with, for models you have (empty)
+    TOKEN_MODELS             name=pattern|pattern,...: the models a token name may use (empty: any)
+    MODEL_DEFAULTS           {"pattern": {"field": value}, ...}: request fields added where absent (empty)
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import fnmatch
 import dataclasses
 import hashlib
 import hmac
@@ -160,6 +166,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PORT", "port", "8010", "port", "the port it listens on"),
     Setting("TLS_CERT_FILE", "tls_cert_file", "", "text", "PEM certificate: `python modelgate.py` serves HTTPS"),
     Setting("TLS_KEY_FILE", "tls_key_file", "", "text", "its private key"),
+    # One policy per app, each off when empty, so that today's configurations keep working unchanged.
+    Setting("MODEL_ALIASES", "model_aliases", "", "aliases",
+            "alias=target,...: model names tools ship with, for models you have"),
+    Setting("TOKEN_MODELS", "token_models", "", "scopes", "name=pattern|pattern,...: the models a token name may use"),
+    Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults",
+            '{"pattern": {"field": value}, ...}: request fields added where absent'),
 )
 
 
@@ -248,6 +260,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),
     # Ollama's pull, push, create, copy, delete and blobs, for a token not named in OLLAMA_ADMIN_TOKENS.
     "admin_only": (403, "permission_error", "admin_only"),
+    # TOKEN_MODELS: the model, an alias resolved, is outside the token's patterns. Nothing goes upstream.
+    "model_not_allowed": (403, "permission_error", "model_not_allowed"),
     "not_found": (404, "invalid_request_error", "not_found"),
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "method_not_allowed": (405, "invalid_request_error", "method_not_allowed"),
@@ -343,6 +357,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         values[setting.field] = PARSERS[setting.kind](setting.name, text)
     values["tokens"], values["token_names"] = values["tokens"]
     check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
+    check_scopes(values["token_models"], values["token_names"])
     if values["default_provider"] == "openai" and not values["openai_api_key"]:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
@@ -513,6 +528,112 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+# One policy per app -------------------------------------------------------------------------------------
+# MODEL_ALIASES maps names that tools ship with to models (llama-swap `aliases`, LiteLLM `model_group_alias`);
+# TOKEN_MODELS gives a token name the models it may use (LiteLLM's and Bifrost's virtual keys carry such a
+# list); MODEL_DEFAULTS fills in request fields per model (llama-swap `setParams`). The patterns of the last
+# two are globs (fnmatch, case-sensitive: `*` also matches `/` and `:`) over the model as routed,
+# `provider/name`.
+
+# Fields that no default may set: they decide where a request goes and what kind of answer the client
+# gets, and stream_options is ModelGate's own (it asks for usage).
+NOT_DEFAULTS = frozenset({"model", "stream", "stream_options"})
+
+
+def parse_aliases(name: str, value: str) -> dict[str, str]:
+    """MODEL_ALIASES: `alias=target,...`, one level deep, so that a scope is checked on a real model."""
+    aliases: dict[str, str] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        alias, equals, target = (part.strip() for part in entry.partition("="))
+        if not (equals and alias and target) or "=" in target:
+            raise ConfigError(f"{name}: {entry!r} is not alias=target, such as gpt-4o-mini=ollama/qwen2.5:7b")
+        prefix, slash, model = target.partition("/")
+        if slash and prefix in PROVIDERS and not model:
+            raise ConfigError(f"{name}: {entry!r} names no model after {prefix}/")
+        if alias in aliases:
+            raise ConfigError(f"{name} names the alias {alias!r} twice; give each alias one target")
+        aliases[alias] = target
+    for alias, target in aliases.items():
+        if target in aliases:
+            raise ConfigError(f"{name}: the target of {alias}={target} is itself an alias; aliases go one level "
+                              f"deep, so point {alias!r} at {aliases[target]!r} instead")
+    return aliases
+
+
+def parse_scopes(name: str, value: str) -> dict[str, tuple[str, ...]]:
+    """TOKEN_MODELS: `name=pattern|pattern,...`; that the names exist is checked with MODELGATE_TOKEN."""
+    scopes: dict[str, tuple[str, ...]] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        token, equals, listed = (part.strip() for part in entry.partition("="))
+        patterns = tuple(p.strip() for p in listed.split("|") if p.strip())
+        if not (equals and token and patterns):
+            raise ConfigError(f"{name}: {entry!r} is not name=pattern|pattern, such as "
+                              "fluentread=ollama/qwen*|ollama/gemma*")
+        if token in scopes:
+            raise ConfigError(f"{name} names {token!r} twice; list all its patterns in one entry, with |")
+        for pattern in patterns:
+            check_model_pattern(name, pattern)
+        scopes[token] = patterns
+    return scopes
+
+
+def check_scopes(scopes: Mapping[str, tuple[str, ...]], names: tuple[str, ...]) -> None:
+    for token in scopes:
+        if token not in names:
+            raise ConfigError(f"TOKEN_MODELS names {token!r}, but MODELGATE_TOKEN has no token of that name (it "
+                              f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
+
+
+def parse_defaults(name: str, value: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """MODEL_DEFAULTS: one JSON object, pattern -> fields. Returned longest pattern first (ties as written),
+    each field's value as the JSON text that is spliced into a request."""
+    if not value:
+        return ()
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        twice = next((key for key in keys if keys.count(key) > 1), None)
+        if twice is not None:
+            raise ConfigError(f"{name} has {twice!r} twice; write it once")
+        return dict(pairs)
+
+    try:
+        document = json.loads(value, object_pairs_hook=unique)
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not valid JSON ({exc}); it is one object on one line, such as "
+                          '{"ollama/qwen3*": {"reasoning_effort": "none"}}') from None
+    if not isinstance(document, dict):
+        raise ConfigError(f'{name} must be a JSON object of patterns, such as {{"ollama/qwen3*": '
+                          '{"reasoning_effort": "none"}}')
+    defaults = []
+    for pattern, fields in document.items():
+        check_model_pattern(name, pattern)
+        if not isinstance(fields, dict) or not fields:
+            raise ConfigError(f"{name}: the value for {pattern!r} must be an object of request fields, "
+                              'such as {"reasoning_effort": "none"}')
+        reserved = sorted(NOT_DEFAULTS.intersection(fields))
+        if reserved:
+            raise ConfigError(f"{name}: {pattern!r} sets {reserved[0]!r}, which is the client's to choose "
+                              "(model, stream) or ModelGate's own (stream_options)")
+        defaults.append((pattern, tuple((field, compact_json(v)) for field, v in fields.items())))
+    return tuple(sorted(defaults, key=lambda item: -len(item[0])))
+
+
+def check_model_pattern(name: str, pattern: str) -> None:
+    # Patterns are matched against provider/name: one that starts otherwise (`qwen*`) could never match.
+    if not pattern.startswith(tuple(f"{p}/" for p in PROVIDERS) + ("*", "?", "[")):
+        raise ConfigError(f"{name}: the pattern {pattern!r} never matches: patterns are matched against "
+                          f"provider/model, so write ollama/{pattern}")
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 PARSERS: dict[str, Callable[[str, str], Any]] = {
     "tokens": parse_tokens,
     "provider": one_of(*PROVIDERS),
@@ -530,6 +651,9 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "names": lambda name, value: frozenset(n.strip() for n in value.split(",") if n.strip()),  # token names
     "log format": one_of("text", "json"),
     "text": lambda name, value: value,
+    "aliases": parse_aliases,
+    "scopes": parse_scopes,
+    "defaults": parse_defaults,
 }
 
 
@@ -999,29 +1123,50 @@ class Gateway:
         return Answer(200, [(b"content-type", b"text/plain; charset=utf-8")], b"Ollama is running")
 
     async def models(self, ex: Exchange) -> Answer | None:
-        """GET /v1/models: every provider's list, ids prefixed; a provider that fails is left out."""
+        """GET /v1/models: every provider's list, ids prefixed, then the aliases whose targets are listed, each
+        as its own id; a provider that fails is left out. A token sees only what TOKEN_MODELS lets it use."""
         ex.provider = "+".join(self.upstreams)
         listed = await self.watched(ex, gather_answers(u.list_models(ex.headers) for u in self.upstreams.values()))
         if listed is None or isinstance(listed, Answer):
             return listed
-        data = [item for models in listed for item in models]
+        config = self.config
+        models = {item["id"]: item for items in listed for item in items}
+        data = [item for item in models.values() if may_use(config, ex.token, item["id"])]
+        for alias, target in config.model_aliases.items():
+            try:
+                provider, name = route_model(target, config)
+            except GatewayError:  # openai/... without OPENAI_API_KEY: nothing there to list
+                continue
+            item = listed_as(models, f"{provider}/{name}")
+            if item is not None and may_use(config, ex.token, f"{provider}/{name}"):
+                data.append({**item, "id": alias})
         return Answer(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
 
     async def model(self, ex: Exchange) -> Answer | None:
-        """GET /v1/models/{id}: one model of the provider the id routes to, or 404."""
+        """GET /v1/models/{id}: one model of the provider the id routes to (an alias: its target's entry, as the
+        alias), or 404; outside the token's TOKEN_MODELS, 403 without asking the upstream."""
         ex.model = ex.path.removeprefix("/v1/models/")
+        config = self.config
         try:
-            ex.provider, name = route_model(ex.model, self.config)
+            ex.provider, name = resolve(ex.model, config)
         except GatewayError as error:  # openai/... without OpenAI: no such model here
             raise GatewayError("model_not_found", error.message) from None
+        wanted = f"{ex.provider}/{name}"
+        if config.token_models:
+            check_scope(config, ex.token, wanted, ex.model)
         upstream = self.upstreams[ex.provider]
-        models = await self.watched(ex, upstream.list_models(ex.headers))
-        if models is None or isinstance(models, Answer):
-            return models
-        wanted = f"{upstream.name}/{name}"
-        for item in models:
-            if item["id"] == wanted:
-                return Answer(200, [JSON], json.dumps(item).encode())
+        listed = await self.watched(ex, upstream.list_models(ex.headers))
+        if listed is None or isinstance(listed, Answer):
+            return listed
+        models = {item["id"]: item for item in listed}
+        if ex.model in config.model_aliases:
+            item = listed_as(models, wanted)
+            if item is not None:
+                return Answer(200, [JSON], json.dumps({**item, "id": ex.model}).encode())
+            raise GatewayError("model_not_found", f"Model {ex.model!r} stands for {wanted!r} (MODEL_ALIASES), "
+                               f"which {upstream.name} does not have. GET /v1/models lists the models you can use.")
+        if wanted in models:
+            return Answer(200, [JSON], json.dumps(models[wanted]).encode())
         raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
                            "GET /v1/models lists the models you can use.")
 
@@ -1112,15 +1257,18 @@ class Gateway:
 
 
 def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream: with the provider prefix cut from the
-    model, and every other byte as the client sent it. Notes provider and model on the exchange.
+    """The request's JSON object, and the body as it goes upstream. Decided here, in this order: where the
+    model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403 before
+    anything is sent); the model's value (its target's name, or the provider prefix cut); and the fields of
+    MODEL_DEFAULTS the client did not send, spliced in. Every other byte is as the client sent it. Notes
+    provider and model on the exchange.
 
     A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
     `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
     """
     try:
         text = body.decode("utf-8")
-        document, span = parse_body(text)
+        document, spans = parse_body(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
     except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
@@ -1142,12 +1290,18 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
                            "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
     ex.model = model
-    if dialect.provider is None:
-        ex.provider, name = route_model(model, config)
-    else:
-        ex.provider, name = dialect.provider, route_to_only(dialect, model)
-    if name != model:
-        body = replace_model(text, span, ex.provider, name).encode()
+    ex.provider, name = resolve(model, config, dialect)
+    model_id = f"{ex.provider}/{name}"
+    if config.token_models:
+        check_scope(config, ex.token, model_id, model)
+    replaced: dict[str, str] = {}
+    if model in config.model_aliases:
+        replaced["model"] = json.dumps(name, ensure_ascii=False)
+    elif name != model:
+        replaced["model"] = model_value(text, spans["model"], ex.provider, name)
+    added = defaults_for(config, model_id, document) if config.model_defaults else []
+    if replaced or added:
+        body = spliced(text, spans, replaced, added).encode()
     return document, body
 
 
@@ -1182,24 +1336,71 @@ def route_model(model: str, config: Config) -> tuple[str, str]:
     return prefix, name
 
 
+# One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
+# (TOKEN_MODELS), and what is filled in for it (MODEL_DEFAULTS); all three look at `provider/name`.
+
+
+def resolve(model: str, config: Config, dialect: Dialect | None = None) -> tuple[str, str]:
+    """(provider, upstream model name) of the model a client sent: an alias is replaced by its target first,
+    then routed by its prefix, or, on a door that leads to one provider only, taken there (route_to_only)."""
+    target = config.model_aliases.get(model, model)
+    if dialect is None or dialect.provider is None:
+        return route_model(target, config)
+    return dialect.provider, route_to_only(dialect, target)
+
+
+def may_use(config: Config, token: str, model_id: str) -> bool:
+    """Whether TOKEN_MODELS lets the token of that name use `provider/name`; a token without an entry may."""
+    patterns = config.token_models.get(token)
+    return patterns is None or any(fnmatch.fnmatchcase(model_id, pattern) for pattern in patterns)
+
+
+def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
+    """403 model_not_allowed unless the token may use the model: never the token, but its name."""
+    if not may_use(config, token, model_id):
+        via = f" (which {asked!r} stands for)" if asked != model_id else ""
+        raise GatewayError("model_not_allowed", f"The token {token!r} may not use the model {model_id!r}{via}: "
+                           f"TOKEN_MODELS lets it use {' | '.join(config.token_models[token])}. Use one of "
+                           "those, or ask the gateway's owner to add the model to its TOKEN_MODELS entry.")
+
+
+def defaults_for(config: Config, model_id: str, document: dict) -> list[tuple[str, str]]:
+    """MODEL_DEFAULTS for the model: each field the request lacks, from the longest pattern that sets it."""
+    added: dict[str, str] = {}
+    for pattern, fields in config.model_defaults:
+        if fnmatch.fnmatchcase(model_id, pattern):
+            for field, value in fields:
+                if field not in document:
+                    added.setdefault(field, value)
+    return list(added.items())
+
+
+def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
+    """The entry of `provider/name` in a model list; a name without a tag is Ollama's `name:latest`."""
+    item = models.get(model_id)
+    if item is None and ":" not in model_id.rpartition("/")[2]:
+        item = models.get(model_id + ":latest")
+    return item
+
+
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
 
 
-def parse_body(text: str) -> tuple[Any, tuple[int, int] | None]:
-    """json.loads(text), and where the value of a top-level "model" key lies in the text (the last one,
-    as json.loads keeps the last); None when there is none.
+def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """json.loads(text), and where the value of each top-level key lies in the text (the last one of a key
+    written twice, as json.loads keeps the last); empty for anything but an object.
 
     An object is walked key by key with json's own scanner, so that each value (images in base64, say)
-    is parsed once and the "model" value is found on the way. Anything else goes to json.loads, which
-    returns what it is or raises json's own error for what is not JSON.
+    is parsed once and the place of each value found on the way. Anything else goes to json.loads,
+    which returns what it is or raises json's own error for what is not JSON.
     """
     ws = _WHITESPACE.match
     at = ws(text, 0).end()
     if not text.startswith("{", at):
-        return json.loads(text), None
+        return json.loads(text), {}
     document: dict[str, Any] = {}
-    span = None
+    spans: dict[str, tuple[int, int]] = {}
     try:
         at = ws(text, at + 1).end()
         more = text[at] != "}"
@@ -1213,8 +1414,7 @@ def parse_body(text: str) -> tuple[Any, tuple[int, int] | None]:
             at = ws(text, at + 1).end()
             value, end = _scan_value(text, at)
             document[key] = value
-            if key == "model":
-                span = (at, end)
+            spans[key] = (at, end)
             at = ws(text, end).end()
             more = text[at] == ","
             if more:
@@ -1226,7 +1426,7 @@ def parse_body(text: str) -> tuple[Any, tuple[int, int] | None]:
     except (ValueError, IndexError, StopIteration):
         json.loads(text)  # raises json's own error, with its line and column
         raise AssertionError("json.loads read an object that parse_body did not") from None
-    return document, span
+    return document, spans
 
 
 def encodable(text: str) -> bool:
@@ -1238,15 +1438,28 @@ def encodable(text: str) -> bool:
     return True
 
 
-def replace_model(text: str, span: tuple[int, int], prefix: str, name: str) -> str:
-    """Put `name` in place of the "model" string at `span` (from parse_body), all else byte for byte."""
-    start, end = span
-    value = text[start:end]
+def model_value(text: str, span: tuple[int, int], prefix: str, name: str) -> str:
+    """The "model" value at `span` (from parse_body) with its provider prefix cut, the rest as written."""
+    value = text[span[0]:span[1]]
     if value.startswith(f'"{prefix}/'):  # the usual case: cut the prefix, keep the rest as sent
-        value = '"' + value[len(prefix) + 2:]
-    else:  # the prefix was written with escapes, such as "ollama\/x"
-        value = json.dumps(name, ensure_ascii=False)
-    return text[:start] + value + text[end:]
+        return '"' + value[len(prefix) + 2:]
+    return json.dumps(name, ensure_ascii=False)  # the prefix was written with escapes, such as "ollama\/x"
+
+
+def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
+            added: list[tuple[str, str]]) -> str:
+    """The client's JSON object with the values of some top-level keys replaced and members added after
+    its last value (compact: `,"key":value`); every other character exactly as the client wrote it."""
+    edits = [(*spans[key], value) for key, value in replaced.items()]
+    if added:
+        last = max(end for _, end in spans.values())
+        edits.append((last, last, "".join(f",{compact_json(key)}:{value}" for key, value in added)))
+    parts, at = [], 0
+    for start, end, value in sorted(edits):
+        parts += [text[at:start], value]
+        at = end
+    parts.append(text[at:])
+    return "".join(parts)
 
 
 def preflight(ex: Exchange, route: Route) -> Answer:

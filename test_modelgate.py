@@ -73,6 +73,21 @@ OLLAMA_MODELS = {"object": "list", "data": [
 OPENAI_MODELS = {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 3,
                                              "owned_by": "openai"}]}
 
+# One policy per app: two named apps (AUTH is FluentRead's token, OTHER_AUTH Open WebUI's), and the exact
+# requests of the clients the policy is for.
+APPS = f"fluentread:{TOKEN},webui:{OTHER_TOKEN}"
+# FluentRead's body (entrypoints/utils/template.ts, JSON.stringify): model and messages, nothing else; its
+# "OpenAI" service offers OpenAI's model names only (entrypoints/utils/option.ts).
+FLUENTREAD = (b'{"model":"gpt-4.1-mini","messages":[{"role":"system","content":"You are a translator."},'
+              b'{"role":"user","content":"Translate into German: Hello"}]}')
+# kiss-translator's genOpenAI body with its default thinkingMode "disabled" (src/apis/trans.js): streamed.
+KISS = (b'{"model":"ollama/qwen3:8b","messages":[{"role":"system","content":"Translate."},{"role":"user",'
+        b'"content":"Hello"}],"temperature":0,"max_completion_tokens":20480,"stream":true,"reasoning_effort":"none"}')
+# What the openai SDK sends for client.chat.completions.create(model="gpt-4o-mini", messages=[...]).
+SDK_HEADERS = [(b"x-stainless-lang", b"python"), (b"x-stainless-package-version", b"3.3.1"),
+               (b"user-agent", b"OpenAI/Python 3.3.1"), (b"accept", b"application/json")]
+SDK_CHAT = b'{"messages":[{"role":"user","content":"Hi"}],"model":"gpt-4o-mini"}'
+
 
 def label(token: bytes) -> str:
     """The name a token given without one is shown by: a slow hash, never a part of the token."""
@@ -1822,6 +1837,217 @@ async def test_one_model_or_404() -> None:
     assert bare.status == 200 and bare.json()["id"] == "ollama/qwen2.5:7b"
     error = assert_error(missing, 404, "invalid_request_error", "model_not_found")
     assert "/v1/models" in error["message"]
+
+
+###############################################################################
+# One policy per app: aliases, what a token may reach, per-model defaults #####
+###############################################################################
+
+
+def test_the_policy_settings_are_off_by_default() -> None:
+    """Without MODEL_ALIASES, TOKEN_MODELS and MODEL_DEFAULTS there are no aliases, no scopes, no defaults."""
+    config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN})
+    assert (config.model_aliases, config.token_models, config.model_defaults) == ({}, {}, ())
+
+
+def test_the_policy_settings_read_as_documented() -> None:
+    """`alias=target` and `name=pattern|pattern`, comma-separated, spaces around separators allowed; one JSON
+    object of defaults, longest pattern first."""
+    config = modelgate.load_config({
+        "MODELGATE_TOKEN": APPS, "MODEL_ALIASES": " gpt-4o-mini = ollama/qwen2.5:7b , gpt-4=qwen3:8b,",
+        "TOKEN_MODELS": " fluentread = ollama/qwen* | ollama/gemma* , webui=* ",
+        "MODEL_DEFAULTS": '{"ollama/*": {"keep_alive": "30m"}, "ollama/qwen3*": {"reasoning_effort": "none"}}'})
+    assert config.model_aliases == {"gpt-4o-mini": "ollama/qwen2.5:7b", "gpt-4": "qwen3:8b"}
+    assert config.token_models == {"fluentread": ("ollama/qwen*", "ollama/gemma*"), "webui": ("*",)}
+    assert [pattern for pattern, _ in config.model_defaults] == ["ollama/qwen3*", "ollama/*"]
+
+
+POLICY_CONFIG_ERRORS = [
+    # (settings, what the one-line message must name besides the variable)
+    ({"MODEL_ALIASES": "gpt-4o"}, "gpt-4o"),
+    ({"MODEL_ALIASES": "gpt-4o="}, "gpt-4o="),
+    ({"MODEL_ALIASES": "=ollama/qwen2.5:7b"}, "=ollama/qwen2.5:7b"),
+    ({"MODEL_ALIASES": "mini=ollama/a,mini=ollama/b"}, "mini"),
+    ({"MODEL_ALIASES": "mini=fast,fast=ollama/qwen2.5:7b"}, "mini=fast"),
+    ({"MODEL_ALIASES": "mini=ollama/"}, "mini=ollama/"),
+    ({"TOKEN_MODELS": "nobody=ollama/*"}, "nobody"),
+    ({"TOKEN_MODELS": "fluentread="}, "fluentread="),
+    ({"TOKEN_MODELS": "fluentread"}, "fluentread"),
+    ({"TOKEN_MODELS": "fluentread=ollama/*,fluentread=openai/*"}, "fluentread"),
+    ({"TOKEN_MODELS": "fluentread=qwen*"}, "qwen*"),
+    ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"reasoning_effort": "none"}'}, "Expecting ',' delimiter"),
+    ({"MODEL_DEFAULTS": '[{"reasoning_effort": "none"}]'}, "object"),
+    ({"MODEL_DEFAULTS": '{"ollama/qwen3*": "none"}'}, "ollama/qwen3*"),
+    ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"stream": true}}'}, "stream"),
+    ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"model": "x"}}'}, "model"),
+    ({"MODEL_DEFAULTS": '{"qwen3*": {"reasoning_effort": "none"}}'}, "qwen3*"),
+    ({"MODEL_DEFAULTS": '{"ollama/*": {"a": 1}, "ollama/*": {"b": 2}}'}, "ollama/*"),
+]
+
+
+@pytest.mark.parametrize("settings_, named", POLICY_CONFIG_ERRORS)
+def test_a_bad_policy_setting_stops_start_up_naming_the_entry(settings_: dict, named: str) -> None:
+    """A bad alias, scope or default stops start-up with one line that names the variable and the entry."""
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config({"MODELGATE_TOKEN": APPS, **settings_})
+    message = str(failure.value)
+    assert next(iter(settings_)) in message and named in message and "\n" not in message
+    assert TOKEN not in message and OTHER_TOKEN not in message
+
+
+ALIAS_TABLE = [
+    # (MODEL_ALIASES, DEFAULT_PROVIDER, model sent, where it goes, model name upstream)
+    ("gpt-4o-mini=ollama/qwen2.5:7b", "ollama", "gpt-4o-mini", "ollama", "qwen2.5:7b"),
+    ("gpt-4o-mini=qwen2.5:7b", "openai", "gpt-4o-mini", "openai", "qwen2.5:7b"),  # no prefix: DEFAULT_PROVIDER
+    ("openai/gpt-4o=ollama/qwen2.5:14b", "ollama", "openai/gpt-4o", "ollama", "qwen2.5:14b"),
+    ("fast=ollama/qwen2.5:7b", "ollama", "ollama/fast", "ollama", "fast"),  # only the name as sent is looked up
+    ("fast=ollama/qwen2.5:7b", "ollama", "Fast", "ollama", "Fast"),
+]
+
+
+@pytest.mark.parametrize("aliases, default, model, provider, name", ALIAS_TABLE)
+async def test_an_alias_is_replaced_by_its_target_then_routed(aliases: str, default: str, model: str, provider: str,
+                                                              name: str) -> None:
+    """The model sent is looked up in MODEL_ALIASES first; the target is routed like any model."""
+    async with upstream(json_reply()) as ollama, upstream(json_reply()) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY,
+                    DEFAULT_PROVIDER=default, MODEL_ALIASES=aliases) as app:
+        answer = await chat(app, json.dumps({"model": model, "messages": []}).encode())
+    assert answer.status == 200
+    reached = {"ollama": ollama, "openai": openai}
+    assert [r.json()["model"] for r in reached[provider].requests] == [name]
+    assert all(not up.requests for key, up in reached.items() if key != provider)
+
+
+async def test_an_alias_the_openai_sdk_sends_reaches_its_target_and_nothing_else_changes() -> None:
+    """The openai SDK's request for gpt-4o-mini reaches qwen2.5:7b: the body differs only in the model's value,
+    and the upstream's answer (which names its own model) comes back unchanged."""
+    async with upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_ALIASES="gpt-4o-mini=ollama/qwen2.5:7b") as app:
+        answer = await call(app, "POST", "/v1/chat/completions", SDK_CHAT,
+                            [*AUTH, (b"content-type", b"application/json"), *SDK_HEADERS])
+    assert answer.status == 200 and answer.json() == COMPLETION
+    [request] = up.requests
+    assert request.body == SDK_CHAT.replace(b'"gpt-4o-mini"', b'"qwen2.5:7b"')
+
+
+async def test_aliases_are_listed_as_their_own_ids_and_answer() -> None:
+    """/v1/models lists each alias whose target the upstream has, as its own id with the target's fields;
+    /v1/models/{alias} answers it; an alias whose target is missing is neither listed nor found."""
+    aliases = "gpt-4o-mini=ollama/qwen2.5:7b,gpt-4=ollama/hf.co/x/y:Q4,gone=ollama/not-installed"
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_ALIASES=aliases) as app:
+        listed = await call(app, "GET", "/v1/models")
+        one = await call(app, "GET", "/v1/models/gpt-4o-mini")
+        missing = await call(app, "GET", "/v1/models/gone")
+    assert [m["id"] for m in listed.json()["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4", "gpt-4o-mini",
+                                                        "gpt-4"]
+    assert listed.json()["data"][2] == {**OLLAMA_MODELS["data"][0], "id": "gpt-4o-mini"}
+    assert one.status == 200 and one.json() == {**OLLAMA_MODELS["data"][0], "id": "gpt-4o-mini"}
+    assert "ollama/not-installed" in assert_error(missing, 404, "invalid_request_error", "model_not_found")["message"]
+
+
+async def test_an_alias_to_a_tagless_name_finds_ollamas_latest() -> None:
+    """An alias to `ollama/llama3` is listed when Ollama lists `llama3:latest`, the model that name means."""
+    models = {"object": "list", "data": [{"id": "llama3:latest", "object": "model", "created": 1, "owned_by": "library"}]}
+    async with upstream(json_reply(document=models)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_ALIASES="gpt-4=ollama/llama3") as app:
+        listed = await call(app, "GET", "/v1/models")
+    assert [m["id"] for m in listed.json()["data"]] == ["ollama/llama3:latest", "gpt-4"]
+
+
+SCOPE_TABLE = [
+    # (token, path, model sent, allowed)
+    (AUTH, "/v1/chat/completions", "ollama/qwen2.5:7b", True),
+    (AUTH, "/v1/chat/completions", "qwen2.5:7b", True),  # DEFAULT_PROVIDER ollama: ollama/qwen2.5:7b
+    (AUTH, "/v1/chat/completions", "ollama/gemma3:1b", True),
+    (AUTH, "/v1/chat/completions", "translate", True),  # an alias to an allowed model
+    (AUTH, "/v1/chat/completions", "ollama/llama3.1:8b", False),
+    (AUTH, "/v1/chat/completions", "gpt-4o-mini", False),  # an alias to a model outside the scope
+    (AUTH, "/v1/chat/completions", "openai/gpt-4o-mini", False),
+    (AUTH, "/v1/embeddings", "ollama/nomic-embed-text", False),
+    (AUTH, "/v1/responses", "ollama/llama3.1:8b", False),
+    (AUTH, "/v1/completions", "ollama/llama3.1:8b", False),
+    (OTHER_AUTH, "/v1/chat/completions", "gpt-4o-mini", True),  # no entry: everything, as without TOKEN_MODELS
+    (OTHER_AUTH, "/v1/chat/completions", "openai/gpt-4o-mini", True),
+]
+
+
+@pytest.mark.parametrize("auth, path, model, allowed", SCOPE_TABLE)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_scoped_token_reaches_only_its_models_and_an_alias_never_widens_that(
+        auth: list, path: str, model: str, allowed: bool, stream: bool) -> None:
+    """TOKEN_MODELS: a model outside the token's patterns (also through an alias) is a 403 permission_error
+    naming the token's name, the model and the setting, and nothing reaches any upstream."""
+    async with upstream(sse_reply() if stream else json_reply()) as ollama, \
+            upstream(sse_reply() if stream else json_reply()) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY,
+                    MODELGATE_TOKEN=APPS, TOKEN_MODELS="fluentread=ollama/qwen*|ollama/gemma*",
+                    MODEL_ALIASES="gpt-4o-mini=ollama/llama3.1:8b,translate=ollama/qwen2.5:7b") as app:
+        answer = await call(app, "POST", path, json.dumps({"model": model, "stream": stream}).encode(), auth)
+    if allowed:
+        assert answer.status == 200 and len(ollama.requests + openai.requests) == 1
+        return
+    message = assert_error(answer, 403, "permission_error", "model_not_allowed")["message"]
+    resolved = {"gpt-4o-mini": "ollama/llama3.1:8b"}.get(model, model)
+    assert "fluentread" in message and resolved in message and "TOKEN_MODELS" in message
+    assert TOKEN not in message
+    assert ollama.requests == [] and openai.requests == []
+
+
+async def test_model_lists_show_a_token_only_what_it_may_use() -> None:
+    """/v1/models shows a scoped token only the models (and aliases) it may use; /v1/models/{id} outside its
+    scope is a 403 that asks no upstream; a token without an entry sees everything."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as ollama, \
+            upstream(json_reply(document=OPENAI_MODELS)) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY,
+                    MODELGATE_TOKEN=APPS, TOKEN_MODELS="fluentread=ollama/qwen*",
+                    MODEL_ALIASES="translate=ollama/qwen2.5:7b,big=ollama/hf.co/x/y:Q4,mini=openai/gpt-4o-mini") as app:
+        scoped = await call(app, "GET", "/v1/models")
+        everything = await call(app, "GET", "/v1/models", headers=OTHER_AUTH)
+        asked = len(ollama.requests + openai.requests)
+        outside = await call(app, "GET", "/v1/models/big")
+        nothing_asked = len(ollama.requests + openai.requests) == asked
+    assert [m["id"] for m in scoped.json()["data"]] == ["ollama/qwen2.5:7b", "translate"]
+    assert [m["id"] for m in everything.json()["data"]] == ["ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4",
+                                                            "openai/gpt-4o-mini", "translate", "big", "mini"]
+    message = assert_error(outside, 403, "permission_error", "model_not_allowed")["message"]
+    assert "ollama/hf.co/x/y:Q4" in message and "fluentread" in message and nothing_asked
+
+
+DEFAULTS_SETTING = json.dumps({"ollama/*": {"keep_alive": "5m", "temperature": 0.2},
+                               "ollama/qwen3*": {"reasoning_effort": "none", "keep_alive": "30m"}})
+DEFAULTS_TABLE = [
+    # (client body, body the upstream gets): added fields go after the last member, compact, longest pattern first
+    (FLUENTREAD.replace(b"gpt-4.1-mini", b"ollama/qwen3:8b"),
+     FLUENTREAD.replace(b'"gpt-4.1-mini"', b'"qwen3:8b"')[:-1]
+     + b',"reasoning_effort":"none","keep_alive":"30m","temperature":0.2}'),
+    # an alias gets the defaults of its target
+    (FLUENTREAD, FLUENTREAD.replace(b'"gpt-4.1-mini"', b'"qwen3:8b"')[:-1]
+     + b',"reasoning_effort":"none","keep_alive":"30m","temperature":0.2}'),
+    # a field the client sent wins, whatever its value
+    (b'{"model":"ollama/qwen3:8b","reasoning_effort":"high","temperature":null}',
+     b'{"model":"qwen3:8b","reasoning_effort":"high","temperature":null,"keep_alive":"30m"}'),
+    (b'{\n  "model": "ollama/llama3.1:8b",\n  "messages": [ ]\n}\n',
+     b'{\n  "model": "llama3.1:8b",\n  "messages": [ ],"keep_alive":"5m","temperature":0.2\n}\n'),
+    (b'{"model":"openai/gpt-4o-mini","messages":[]}', b'{"model":"gpt-4o-mini","messages":[]}'),
+    (b'{"messages":[],"model":"ollama/qwen3:8b","\\u0074emperature":1}',  # the same key, written with an escape
+     b'{"messages":[],"model":"qwen3:8b","\\u0074emperature":1,"reasoning_effort":"none","keep_alive":"30m"}'),
+]
+
+
+@pytest.mark.parametrize("body, expected", DEFAULTS_TABLE)
+async def test_defaults_are_added_only_where_absent_and_the_rest_is_byte_identical(body: bytes,
+                                                                                  expected: bytes) -> None:
+    """MODEL_DEFAULTS: the fields of every pattern that matches the resolved model, the longest pattern first,
+    are spliced into the top-level object when the client did not send them; every other byte stays."""
+    async with upstream(json_reply()) as ollama, upstream(json_reply()) as openai, \
+            gateway(OLLAMA_BASE_URL=ollama.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY,
+                    MODEL_DEFAULTS=DEFAULTS_SETTING, MODEL_ALIASES="gpt-4.1-mini=ollama/qwen3:8b") as app:
+        answer = await chat(app, body)
+    assert answer.status == 200
+    [request] = ollama.requests + openai.requests
+    assert request.body == expected
 
 
 ###############################################################################
