@@ -41,7 +41,10 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
 model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
 an `ollama/` prefix is removed there too, and `openai/...` is a 400. An alias (MODEL_ALIASES) is replaced by
 its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent) and missing fields are
-filled in (MODEL_DEFAULTS). Environment (read once at start-up; SETTINGS below is the table):
+filled in (MODEL_DEFAULTS). Prompt and completion tokens are counted per token name, provider and model from
+the upstream's own figures; a chat or completions stream whose client did not ask for usage is asked for it,
+and that client does not get the usage event. Environment (read once at start-up; SETTINGS below is the
+table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
@@ -112,6 +115,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+Usage = tuple[int | None, int | None]  # (prompt, completion) tokens; None where an answer does not say
 
 log = logging.getLogger("modelgate")
 
@@ -188,14 +192,16 @@ class Route(NamedTuple):
     streams_unless_false: bool = False
     model_required: bool = True  # the body must name a model (else it may, or call it `name`, as Ollama's do)
     admin: bool = False  # changes what Ollama holds: only for the token names in OLLAMA_ADMIN_TOKENS
+    usage: str = ""  # where its answers say what tokens they used: a key of USAGE_READERS ("": nowhere)
+    asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
 
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, end="[DONE]"),
-    "/v1/completions": Route({"POST": "relay_request"}, end="[DONE]"),
-    "/v1/responses": Route({"POST": "relay_request"}, end="response.completed"),
-    "/v1/embeddings": Route({"POST": "relay_request"}),
+    "/v1/chat/completions": Route({"POST": "relay_request"}, end="[DONE]", usage="openai", asks_usage=True),
+    "/v1/completions": Route({"POST": "relay_request"}, end="[DONE]", usage="openai", asks_usage=True),
+    "/v1/responses": Route({"POST": "relay_request"}, end="response.completed", usage="responses"),
+    "/v1/embeddings": Route({"POST": "relay_request"}, usage="openai"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
@@ -322,6 +328,7 @@ class Answer(NamedTuple):
     status: int
     headers: Headers
     body: bytes
+    usage: Usage | None = None  # the (prompt, completion) tokens an upstream's answer says it used
 
 
 PROVIDERS = ("ollama", "openai")
@@ -854,8 +861,8 @@ class Exchange:
     """One request and its answer, grouped as uvicorn groups a request-response cycle."""
 
     __slots__ = ("method", "path", "headers", "receive", "route", "dialect", "client", "token", "holds_slot",
-                 "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "provider", "model", "ttfb", "coalesced", "error", "t0")
+                 "hides_usage", "send", "cors", "started", "status", "bytes_out", "watch",
+                 "request_id", "provider", "model", "upstream_model", "usage", "ttfb", "coalesced", "error", "t0")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -869,6 +876,7 @@ class Exchange:
         self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
         self.token = "-"  # the name of the client's token, once authorized
         self.holds_slot = False  # counted against MAX_CONCURRENT_PER_TOKEN until it ends
+        self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
         # The response
         self.send = send
         self.cors: Headers = []
@@ -879,6 +887,8 @@ class Exchange:
         # The log record
         self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
         self.provider = self.model = "-"
+        self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
+        self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
         self.ttfb: float | None = None  # streams: seconds to the first chunk
         self.coalesced = False  # answered with an identical request's upstream answer
         self.error = ""  # the situation of an error answered, or what cut a stream
@@ -1078,11 +1088,12 @@ class Gateway:
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
         path = (ex.path if DIALECTS[ex.dialect].native else ex.path.removeprefix("/v1")).encode()
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
-        if stream:
-            return await self.watched(ex, relay(self, ex, upstream, path, body, stream=True))
-        if self.coalescer is None or route.admin:  # an admin's request is never joined to another
-            return await self.watched(ex, relay(self, ex, upstream, path, body, stream=False))
-        return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+        if not stream and self.coalescer is not None and not route.admin:  # an admin's request is never joined
+            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+        answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream))
+        if answer is not None:  # (a stream relayed as it came has noted its usage itself)
+            ex.usage = answer.usage
+        return answer
 
     async def ollama_models(self, ex: Exchange) -> Answer | None:
         """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
@@ -1260,8 +1271,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     """The request's JSON object, and the body as it goes upstream. Decided here, in this order: where the
     model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403 before
     anything is sent); the model's value (its target's name, or the provider prefix cut); and the fields of
-    MODEL_DEFAULTS the client did not send, spliced in. Every other byte is as the client sent it. Notes
-    provider and model on the exchange.
+    MODEL_DEFAULTS the client did not send, spliced in; and for a chat or completions stream whose client
+    did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the
+    client sent it. Notes provider and model on the exchange.
 
     A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
     `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
@@ -1291,6 +1303,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
                            "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
     ex.model = model
     ex.provider, name = resolve(model, config, dialect)
+    ex.upstream_model = name
     model_id = f"{ex.provider}/{name}"
     if config.token_models:
         check_scope(config, ex.token, model_id, model)
@@ -1300,6 +1313,14 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     elif name != model:
         replaced["model"] = model_value(text, spans["model"], ex.provider, name)
     added = defaults_for(config, model_id, document) if config.model_defaults else []
+    if ROUTES[ex.route].asks_usage and document.get("stream") is True:
+        options = usage_options(document)
+        if options is not None:  # counted from the usage event, which its client did not ask for
+            ex.hides_usage = True
+            if "stream_options" in spans:
+                replaced["stream_options"] = options
+            else:
+                added.append(("stream_options", options))
     if replaced or added:
         body = spliced(text, spans, replaced, added).encode()
     return document, body
@@ -1373,6 +1394,17 @@ def defaults_for(config: Config, model_id: str, document: dict) -> list[tuple[st
                 if field not in document:
                     added.setdefault(field, value)
     return list(added.items())
+
+
+def usage_options(document: dict) -> str | None:
+    """The stream_options to send in place of the client's when it did not ask for usage; None when it did
+    (or sent something that is not an object, left for the upstream to judge)."""
+    options = document.get("stream_options")
+    if options is None:
+        return '{"include_usage":true}'
+    if isinstance(options, dict) and options.get("include_usage") is not True:
+        return compact_json({**options, "include_usage": True})
+    return None
 
 
 def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
@@ -1616,7 +1648,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
        (relay_events).
     4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to
        MAX_HELD_ANSWER, and answered with its Content-Length; any other is relayed as it arrives,
-       whatever its size (relay_plain).
+       whatever its size (relay_plain). Either way the tokens it says it used are read from its end
+       (Route.usage).
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect)
@@ -1627,7 +1660,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
             await relay_events(gw, ex, upstream, response)
             return None
         if shared:
-            return Answer(response.status, response_headers(response.headers), await upstream.read_held(response))
+            body = await upstream.read_held(response)
+            return Answer(response.status, response_headers(response.headers), body, usage_in_answer(ex.route, body))
         return await relay_plain(gw, ex, upstream, response)
     finally:
         await response.aclose()
@@ -1646,7 +1680,9 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
         while size <= RELAY_HOLD_BYTES:
             chunk = await anext(chunks, None)
             if chunk is None:  # the whole answer: answered like any other, with its length
-                return Answer(response.status, response_headers(response.headers), b"".join(held))
+                body = b"".join(held)
+                return Answer(response.status, response_headers(response.headers), body,
+                              usage_in_answer(ex.route, body))
             held.append(chunk)
             size += len(chunk)
     except UPSTREAM_EXCEPTIONS as exc:
@@ -1655,12 +1691,13 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)  # a client that stops reading lets the upstream go
     await ex.start(response.status, response_headers(response.headers) + length[:1])
-    chunk, held = b"".join(held), None
+    chunk, held, tail = b"".join(held), None, b""
     try:
         while chunk is not None:
             watch.sending_since = loop.time()
             await ex.body_chunk(chunk)
             watch.sending_since = None
+            tail = (tail + chunk)[-TAIL_BYTES:]  # where the answer's usage is (a plain answer's chunks are big)
             chunk = await anext(chunks, None)
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
@@ -1673,16 +1710,19 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
         ex.error = "shutting_down"
         return None  # cut, as above
     await ex.body_chunk(b"", more=False)
+    ex.usage = usage_in_answer(ex.route, tail)
     return None
 
 
 async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> None:
-    """Relay an event stream as it arrives: one ASGI body message per upstream chunk, nothing held back.
+    """Relay an event stream as it arrives: one ASGI body message per upstream chunk, nothing held back but
+    the usage event that ModelGate asked for when the client did not (Exchange.hides_usage).
 
     Until its first bytes arrive, a failure is still answered with its plain status (502, 504). After,
     a stream that breaks off, or ends otherwise than its route's streams end (Route.end), gets the
     dialect's error event as its last chunk, so that no client takes a cut answer for a whole one. So
-    does a stream still running when the shutdown grace is over.
+    does a stream still running when the shutdown grace is over. The tokens it used are read once, from
+    its end, after the last chunk: per chunk there is nothing but keeping the tail.
     """
     chunks = response.stream.__aiter__()
     try:
@@ -1692,18 +1732,26 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
     ex.ttfb = time.perf_counter() - ex.t0
     headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
     end, cut, last = STREAM_ENDS[ROUTES[ex.route].end](), "", b""
+    hidden = HiddenUsage() if ex.hides_usage else None
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)
     gw.metrics.streams += 1
     try:
         await ex.start(response.status, headers + SSE_HEADERS)
         while chunk is not None:
-            watch.sending_since = loop.time()
-            await ex.body_chunk(chunk)
-            watch.sending_since = None
-            end.feed(chunk)
-            last = chunk or last
+            if hidden is not None:
+                chunk = hidden.take(chunk)
+            if chunk:
+                watch.sending_since = loop.time()
+                await ex.body_chunk(chunk)
+                watch.sending_since = None
+                end.feed(chunk)
+                last = chunk
             chunk = await anext(chunks, None)
+        if hidden is not None and hidden.held:  # the stream ended inside an event held back: the client's
+            await ex.body_chunk(hidden.held)
+            end.feed(hidden.held)
+            last = hidden.held
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
@@ -1721,6 +1769,8 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
     finally:
         gw.metrics.streams -= 1
     watch.stop()
+    # Whole or cut, what the upstream says it used is counted: from the usage event taken out, or the end.
+    ex.usage = usage_in_answer(ex.route, hidden.event if hidden is not None and hidden.event else end.end())
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
         dialect = DIALECTS[ex.dialect]
@@ -1734,19 +1784,31 @@ def last_event(tail: bytes) -> bytes:
     return tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
 
 
+# How much of a stream's end is kept, to judge whether it is whole and to read the tokens it used: OpenAI's
+# usage event with its token details is about 500 bytes, and a Responses stream's last event carries its
+# usage near its end, followed only by `user` and `metadata`.
+TAIL_BYTES = 4096
+
+
 class DoneEnd:
     """How a chat or completions stream ends when it is whole: with `data: [DONE]`."""
 
     marker = "data: [DONE]"
 
     def __init__(self) -> None:
-        self.tail = b""
+        self.tail = bytearray()  # at least the last TAIL_BYTES of the stream, at most twice as many
 
     def feed(self, chunk: bytes) -> None:
-        self.tail = (self.tail + chunk)[-64:]
+        self.tail += chunk
+        if len(self.tail) > 2 * TAIL_BYTES:
+            del self.tail[:-TAIL_BYTES]
+
+    def end(self) -> bytes:
+        """The last TAIL_BYTES of the stream."""
+        return bytes(self.tail[-TAIL_BYTES:])
 
     def complete(self) -> bool:
-        return last_event(self.tail).strip() in (b"data: [DONE]", b"data:[DONE]")
+        return last_event(self.end()).strip() in (b"data: [DONE]", b"data:[DONE]")
 
 
 # A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
@@ -1754,7 +1816,7 @@ class DoneEnd:
 RESPONSE_END = re.compile(rb'(?m)(?:^event: ?|"type" ?: ?")response\.(?:completed|failed|incomplete)\b')
 
 
-class ResponsesEnd:
+class ResponsesEnd(DoneEnd):
     """How a Responses stream ends when it is whole: its last event is response.completed, .failed or
     .incomplete; there is no [DONE].
 
@@ -1767,11 +1829,11 @@ class ResponsesEnd:
     KEEP = 256
 
     def __init__(self) -> None:
+        super().__init__()
         self.head = b""  # the first KEEP bytes of the last event begun
-        self.tail = b""  # the last KEEP bytes of the stream
 
     def feed(self, chunk: bytes) -> None:
-        data = self.tail[-3:] + chunk  # a blank line may straddle two chunks
+        data = bytes(self.tail[-3:]) + chunk  # a blank line may straddle two chunks
         body = data.rstrip(b"\r\n")  # the blank line that ends the last event does not begin a new one
         lf, crlf = body.rfind(b"\n\n"), body.rfind(b"\n\r\n")
         start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
@@ -1779,10 +1841,10 @@ class ResponsesEnd:
             self.head = data[start:start + self.KEEP]
         elif len(self.head) < self.KEEP:
             self.head = (self.head + chunk)[:self.KEEP]
-        self.tail = (self.tail + chunk)[-self.KEEP:]
+        super().feed(chunk)
 
     def complete(self) -> bool:
-        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.tail)))
+        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.end())))
 
 
 # Anthropic's stream ends with `event: message_stop` / `data: {"type":"message_stop"}` (Ollama writes both).
@@ -1806,6 +1868,9 @@ class MessageStopEnd:
         self.tail += chunk
         if len(self.tail) > self.KEEP:
             self.tail, self.truncated = self.tail[-self.KEEP:], True
+
+    def end(self) -> bytes:
+        return self.tail
 
     def complete(self) -> bool:
         text = self.tail.replace(b"\r\n", b"\n").rstrip(b"\n")
@@ -1841,6 +1906,11 @@ class LastLineEnd:
             self.partial.append(rest)
             self.size += len(rest)
 
+    def end(self) -> bytes:
+        """The last line that is not blank, as far as it is kept."""
+        partial = b"".join(self.partial)
+        return partial if partial.strip() else self.last
+
     def complete(self) -> bool:
         partial = b"".join(self.partial)
         line = partial if partial.strip() else self.last
@@ -1862,6 +1932,121 @@ STREAM_ENDS: dict[str, Callable[[], Any]] = {
     '"done": true': lambda: LastLineEnd("done", True),
     '"status": "success"': lambda: LastLineEnd("status", "success"),
 }
+
+
+# Tokens counted per app: from the upstream's own figures, read once from the end of an answer (the
+# whole body of a plain one, the kept tail of a stream, or the usage event taken out of it).
+
+USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
+
+
+def usage_in(data: bytes, prompt_key: str, completion_key: str) -> Usage | None:
+    """The counts of the last `"usage": {...}` in `data` that has either key; None when none has.
+
+    Searched from the end, where every dialect puts it: a quote inside a JSON string is escaped, so
+    `"usage"` is a key wherever it appears. The object is read with json's own scanner.
+    """
+    end = len(data)
+    for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
+        at = data.rfind(b'"usage"', 0, end)
+        if at < 0:
+            return None
+        end = at
+        match = USAGE_KEY.match(data, at)
+        if match is None:
+            continue
+        try:
+            usage, _ = _scan_value(data[match.end():].decode("utf-8", "replace"), 0)
+        except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
+            continue
+        counts = tuple(usage.get(key) for key in (prompt_key, completion_key))
+        counts = tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
+        if counts != (None, None):
+            return counts
+    return None
+
+
+# Route.usage -> how the tokens an answer used are read from its end. A new dialect is a row: a function of
+# the end of its answers (Ollama's native API: prompt_eval_count and eval_count on its last line).
+USAGE_READERS: dict[str, Callable[[bytes], Usage | None]] = {
+    "openai": lambda end: usage_in(end, "prompt_tokens", "completion_tokens"),  # chat, completions, embeddings
+    "responses": lambda end: usage_in(end, "input_tokens", "output_tokens"),
+}
+
+
+def usage_in_answer(route: str, end: bytes) -> Usage | None:
+    reader = ROUTES[route].usage
+    return USAGE_READERS[reader](end) if reader else None
+
+
+# For a stream whose client did not ask for usage: an event with "choices": [] and a usage object is the one
+# ModelGate asked for. Quotes inside JSON strings are escaped, so these cannot match the text of an answer.
+EMPTY_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\]')
+SOME_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\{')
+EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An unfinished event held back longer than this is passed on as it is: no usage event is that long.
+MAX_HELD = 64 * 1024
+
+
+class HiddenUsage:
+    """Takes the usage-only event out of a chat or completions stream for which ModelGate, not its client,
+    asked for usage, so that clients that index choices[0] never see it (OpenAI: its "choices field will
+    always be an empty array"; Ollama's /v1 writes it the same way, just before [DONE]).
+
+    A chunk that ends between events is the fast path: one search for "choices": [] in it. An event that a
+    chunk leaves unfinished is held back until its end arrives only while it may still be the usage event
+    (an object whose choices have not been seen non-empty); a client cannot use part of an event anyway.
+    Every other byte passes as it came.
+    """
+
+    def __init__(self) -> None:
+        self.held = b""
+        self.event = b""  # the usage event taken out, for USAGE_READERS
+
+    def take(self, chunk: bytes) -> bytes:
+        """What of the upstream's bytes so far goes to the client now."""
+        if self.held:
+            chunk, self.held = self.held + chunk, b""
+        if not chunk.endswith(EVENT_ENDS):
+            cut = max((m.end() for m in EVENT_END.finditer(chunk)), default=0)
+            if len(chunk) - cut <= MAX_HELD and may_be_usage(chunk[cut:]):
+                chunk, self.held = chunk[:cut], chunk[cut:]
+        if EMPTY_CHOICES.search(chunk):
+            chunk = self.without_usage(chunk)
+        return chunk
+
+    def without_usage(self, data: bytes) -> bytes:
+        kept, at = [], 0
+        for match in EVENT_END.finditer(data):
+            event = data[at:match.end()]
+            if EMPTY_CHOICES.search(event) and is_usage_event(event):
+                self.event = event
+                event = event[:len(event) - len(event.lstrip(b"\r\n"))]  # the end of the event before it
+            kept.append(event)
+            at = match.end()
+        kept.append(data[at:])
+        return b"".join(kept)
+
+
+def may_be_usage(partial: bytes) -> bool:
+    # The start of an event `data: {...` whose choices are not known to be non-empty yet (after the rest of
+    # the blank line that ended the event before it).
+    partial = partial.lstrip(b"\r\n")
+    head = partial[:7]
+    if not (b"data: {".startswith(head) or b"data:{".startswith(head[:6])):
+        return False
+    return not SOME_CHOICES.search(partial)
+
+
+def is_usage_event(event: bytes) -> bool:
+    lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:"))
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None) -> bytes:
@@ -2220,10 +2405,11 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
 class Flight:
     """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
 
-    __slots__ = ("task", "waiters")
+    __slots__ = ("task", "waiters", "counted")
 
     def __init__(self, task: asyncio.Task) -> None:
         self.task, self.waiters = task, 0
+        self.counted = False  # a waiter has taken the answer's usage: tokens used once are counted once
 
 
 class Coalescer:
@@ -2250,12 +2436,15 @@ class Coalescer:
             count(self.metrics.coalesced, (ex.token,))
         flight.waiters += 1
         try:
-            return await asyncio.shield(flight.task)
+            answer = await asyncio.shield(flight.task)
         finally:
             flight.waiters -= 1
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody is left to answer
                 self.forget(key, flight)
+        if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left
+            flight.counted, ex.usage = True, answer.usage
+        return answer
 
     def forget(self, key: tuple, flight: Flight) -> None:
         if self.flights.get(key) is flight:
@@ -2316,6 +2505,9 @@ class Readiness:
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
+# modelgate_tokens_total keeps at most this many models per token name and provider (Metrics.count_tokens).
+MAX_MODEL_SERIES = 100
+
 # The Prometheus text exposition format, version 0.0.4.
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -2337,7 +2529,8 @@ class Metrics:
     two gauges.
 
     Every label value comes from a closed set (the route table, configured token names, providers,
-    statuses, exception names), so no client can make the number of series grow.
+    statuses, exception names), so no client can make the number of series grow; the one exception, the
+    model of modelgate_tokens_total, is capped (MAX_MODEL_SERIES).
     """
 
     def __init__(self) -> None:
@@ -2347,6 +2540,8 @@ class Metrics:
         self.upstream_errors: dict[tuple, int] = {}  # (provider, kind)
         self.coalesced: dict[tuple, int] = {}  # (token,)
         self.rate_limited: dict[tuple, int] = {}  # (token, limit)
+        self.tokens: dict[tuple, int] = {}  # (token, provider, model, kind)
+        self.models_counted: dict[tuple, set[str]] = {}  # (token, provider) -> the models in `tokens`
         self.in_flight = self.streams = 0
 
     def record(self, ex: Exchange, seconds: float) -> None:
@@ -2354,6 +2549,21 @@ class Metrics:
         observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
         if ex.ttfb is not None:
             observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
+        if ex.usage is not None:
+            self.count_tokens(ex.token, ex.provider, ex.upstream_model, ex.usage)
+
+    def count_tokens(self, token: str, provider: str, model: str, usage: Usage) -> None:
+        # The model is the client's word, which the upstream accepted (Ollama takes Qwen2.5 for qwen2.5): past
+        # MAX_MODEL_SERIES models per token name and provider, further ones are counted as "other".
+        models = self.models_counted.setdefault((token, provider), set())
+        if model not in models:
+            if len(models) >= MAX_MODEL_SERIES:
+                model = "other"
+            models.add(model)
+        for kind, tokens in zip(("prompt", "completion"), usage):
+            if tokens is not None:
+                key = (token, provider, model, kind)
+                self.tokens[key] = self.tokens.get(key, 0) + tokens
 
     def render(self, upstreams: Iterable[Upstream]) -> bytes:
         lines: list[str] = []
@@ -2395,6 +2605,9 @@ class Metrics:
         family("modelgate_rate_limited_requests_total", "counter", "Requests refused with 429, by token name "
                "and limit (rpm: RATE_LIMIT_RPM, concurrency: MAX_CONCURRENT_PER_TOKEN).", ("token", "limit"),
                self.rate_limited.items())
+        family("modelgate_tokens_total", "counter", "Tokens the upstreams said they used, by token name, "
+               "provider, model (as sent upstream) and kind (prompt or completion).",
+               ("token", "provider", "model", "kind"), self.tokens.items())
         family("modelgate_upstream_up", "gauge", "1 when the host is not cooling down after a failed "
                "connection.", ("provider", "host"),
                [((name, str(host.number)), int(host.down_until <= now)) for name, host in hosts])
@@ -2425,21 +2638,28 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
+    used = ""
+    if ex.usage is not None:
+        prompt, completion = ex.usage
+        used = (f" prompt_tokens={prompt}" if prompt is not None else "") + \
+            (f" completion_tokens={completion}" if completion is not None else "")
     coalesced = " coalesced" if ex.coalesced else ""
     error = f" error={ex.error}" if ex.error else ""
     line = (f"{ex.method} {printable(ex.path)} {ex.status} {ex.provider} {printable(ex.model)} {seconds * 1000:.0f}ms "
-            f"{ex.bytes_out}B{ttfb} token={ex.token} client={ex.client}{coalesced}{error} "
+            f"{ex.bytes_out}B{ttfb}{used} token={ex.token} client={ex.client}{coalesced}{error} "
             f"id={ex.request_id.decode('latin-1') or '-'}")
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
                               extra={"exchange": (ex, seconds)}))
 
 
 def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
+    prompt, completion = ex.usage or (None, None)
     return {
         "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
         "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
-        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "token": ex.token, "client": ex.client,
-        "coalesced": ex.coalesced, "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
+        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "prompt_tokens": prompt,
+        "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
+        "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
     }
 
 

@@ -87,6 +87,11 @@ KISS = (b'{"model":"ollama/qwen3:8b","messages":[{"role":"system","content":"Tra
 SDK_HEADERS = [(b"x-stainless-lang", b"python"), (b"x-stainless-package-version", b"3.3.1"),
                (b"user-agent", b"OpenAI/Python 3.3.1"), (b"accept", b"application/json")]
 SDK_CHAT = b'{"messages":[{"role":"user","content":"Hi"}],"model":"gpt-4o-mini"}'
+USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+# Ollama's usage-only event (middleware/openai.go: the finish chunk again with "choices": [] and "usage").
+USAGE_EVENT = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"qwen2.5:7b",'
+               b'"system_fingerprint":"fp_ollama","choices":[],"usage":' + json.dumps(USAGE).encode() + b'}\n\n')
+WITH_USAGE = b"".join(EVENTS[:-1]) + USAGE_EVENT + EVENTS[-1]
 
 
 def label(token: bytes) -> str:
@@ -233,6 +238,24 @@ def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_
             await writer.drain()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+
+    return reply
+
+
+def ollama_stream(cuts: list[int] | None = None) -> Reply:
+    """Ollama's /v1 chat stream: the usage-only event before [DONE] only when the request asked for it; one
+    chunk per event, or the bytes split into chunks at `cuts`."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        options = request.json().get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        events = [*EVENTS[:-1], USAGE_EVENT, EVENTS[-1]] if asked else EVENTS
+        if cuts is not None:
+            payload = b"".join(events)
+            cut = [c for c in cuts if c < len(payload)]
+            events = [payload[a:b] for a, b in zip([0, *cut], [*cut, len(payload)])]
+        await sse_reply(events)(up, request, reader, writer)
 
     return reply
 
@@ -994,6 +1017,15 @@ def check_histogram(name: str, samples: list[tuple[str, dict, float]]) -> None:
         counts = [count for _, count in parts["buckets"]]
         assert bounds == sorted(bounds) and bounds[-1] == math.inf, key
         assert counts == sorted(counts) and counts[-1] == parts["_count"] and "_sum" in parts, key
+
+
+def token_counts(page: bytes) -> dict[tuple[str, str, str, str], float]:
+    """modelgate_tokens_total of a /metrics page, checked against the text format: (token, provider, model,
+    kind) -> tokens."""
+    families = parse_exposition(page.decode())
+    family = families.get("modelgate_tokens_total", {"type": "counter", "samples": []})
+    assert family["type"] == "counter"
+    return {(s["token"], s["provider"], s["model"], s["kind"]): v for _, s, v in family["samples"]}
 
 
 ###############################################################################
@@ -3007,7 +3039,8 @@ async def test_json_log_lines_carry_the_same_fields() -> None:
     assert all("\n" not in line for line in lines)
     stream, odd = [json.loads(line) for line in lines]
     assert set(stream) == {"time", "level", "method", "path", "status", "provider", "model", "ms", "bytes",
-                           "ttfb_ms", "token", "client", "coalesced", "error", "id"}
+                           "ttfb_ms", "prompt_tokens", "completion_tokens", "token", "client", "coalesced", "error",
+                           "id"}
     assert (stream["method"], stream["path"], stream["status"], stream["model"]) == \
            ("POST", "/v1/chat/completions", 200, "ollama/qwen2.5:7b")
     assert stream["ttfb_ms"] is not None and stream["client"] == "127.0.0.1" and stream["error"] is None
@@ -3024,6 +3057,203 @@ async def test_a_line_break_in_a_path_or_model_cannot_forge_a_log_line() -> None
         await chat(app, b'{"model": "ollama/m\\nPOST /forged 200", "messages": []}')
     requests = [line for line in lines if line.startswith(("GET ", "POST "))]
     assert len(requests) == 2 and all("\n" not in line for line in requests)
+
+
+###############################################################################
+# Metrics and logging: tokens counted per app (one policy per app) ############
+###############################################################################
+
+
+async def test_plain_answers_count_their_tokens_per_token_provider_and_model() -> None:
+    """The usage of plain answers, as the upstream reports it, is added up in /metrics per token name, provider,
+    upstream model and kind, and appears in the log line; an answer without usage adds nothing."""
+    answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+    embedded = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                "model": "nomic-embed-text", "usage": {"prompt_tokens": 5, "total_tokens": 5}}
+    async with captured_log() as lines, upstream(json_reply(document=answer_with_usage)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, COALESCE="off",
+                    MODEL_ALIASES="gpt-4o-mini=ollama/qwen2.5:7b") as app:
+        await chat(app)
+        await chat(app, SDK_CHAT)
+        await chat(app, headers=OTHER_AUTH)
+        up.reply = json_reply(document=embedded)
+        await call(app, "POST", "/v1/embeddings", b'{"model":"ollama/nomic-embed-text","input":"hi"}')
+        up.reply = json_reply()
+        await chat(app)
+        page = (await call(app, "GET", "/metrics")).body
+    assert token_counts(page) == {
+        ("fluentread", "ollama", "qwen2.5:7b", "prompt"): 22, ("fluentread", "ollama", "qwen2.5:7b", "completion"): 14,
+        ("webui", "ollama", "qwen2.5:7b", "prompt"): 11, ("webui", "ollama", "qwen2.5:7b", "completion"): 7,
+        ("fluentread", "ollama", "nomic-embed-text", "prompt"): 5}
+    posts = [line for line in lines if line.startswith("POST ")]
+    assert " prompt_tokens=11 completion_tokens=7 " in posts[0] and " prompt_tokens=5 " in posts[3]
+    assert "tokens=" not in posts[4]
+
+
+async def test_a_stream_whose_client_did_not_ask_is_counted_and_never_shows_it_the_usage_event() -> None:
+    """FluentRead's and kiss-translator's streams ask for no usage: ModelGate asks for it, counts it, and the
+    client receives the stream without the usage-only event, every other byte as the upstream sent it."""
+    body = b'{"model":"ollama/qwen2.5:7b","stream":true,"messages":[]}'
+    async with captured_log() as lines, upstream(ollama_stream()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+        answer = await chat(app, body)
+        page = (await call(app, "GET", "/metrics")).body
+    assert up.requests[0].body == body.replace(b'"ollama/', b'"')[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert answer.chunks == EVENTS and answer.complete
+    assert token_counts(page) == {("fluentread", "ollama", "qwen2.5:7b", "prompt"): 12,
+                                  ("fluentread", "ollama", "qwen2.5:7b", "completion"): 3}
+    assert " prompt_tokens=12 completion_tokens=3 " in await lines.logged("POST ")
+
+
+STREAM_OPTIONS_TABLE = [
+    # (stream_options the client sent, what the upstream gets in its place, client gets the usage event)
+    (b'{"include_usage":true}', b'{"include_usage":true}', True),
+    (b'{"include_usage": false}', b'{"include_usage":true}', False),  # the value is written anew, compact
+    (b'null', b'{"include_usage":true}', False),
+    (b'{"continuous_usage_stats": false}', b'{"continuous_usage_stats":false,"include_usage":true}', False),
+]
+
+
+@pytest.mark.parametrize("sent, forwarded, shown", STREAM_OPTIONS_TABLE)
+async def test_a_client_that_asked_for_usage_gets_it_as_before_and_others_are_asked_for(
+        sent: bytes, forwarded: bytes, shown: bool) -> None:
+    """stream_options with include_usage true is left alone and its usage event relayed; any other
+    stream_options gets include_usage true and the client does not see the event. Counted either way."""
+    body = b'{"model":"ollama/qwen2.5:7b","stream_options":%s,"stream":true}' % sent
+    async with upstream(ollama_stream()) as up, gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+        answer = await chat(app, body)
+        page = (await call(app, "GET", "/metrics")).body
+    assert up.requests[0].body == body.replace(sent, forwarded).replace(b'"ollama/', b'"')
+    assert answer.body == (WITH_USAGE if shown else SSE_PAYLOAD) and answer.complete
+    assert token_counts(page)[("fluentread", "ollama", "qwen2.5:7b", "completion")] == 3
+
+
+# The stream with the usage event, cut at arbitrary points into the upstream's chunks.
+USAGE_CUTS = st.lists(st.integers(min_value=1, max_value=len(WITH_USAGE) - 1), max_size=12, unique=True).map(sorted)
+
+
+@settings(max_examples=40, deadline=None)
+@given(USAGE_CUTS)
+async def test_the_usage_event_is_hidden_however_the_upstream_splits_it(cuts: list[int]) -> None:
+    """However the upstream's bytes are cut into chunks, a client that did not ask receives the stream without
+    the usage-only event, byte for byte otherwise, and its tokens are counted."""
+    async with upstream(ollama_stream(cuts)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+        page = (await call(app, "GET", "/metrics")).body
+    assert answer.body == SSE_PAYLOAD and answer.complete
+    assert sum(token_counts(page).values()) == 15
+
+
+async def test_kiss_translators_stream_gets_defaults_and_is_asked_for_usage() -> None:
+    """kiss-translator's streamed request (it sends reasoning_effort itself): the upstream gets its body with
+    the missing default and stream_options.include_usage spliced in, and nothing else changed."""
+    async with upstream(ollama_stream()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_DEFAULTS=DEFAULTS_SETTING) as app:
+        answer = await chat(app, KISS)
+    assert answer.status == 200 and answer.body == SSE_PAYLOAD
+    assert up.requests[0].body == KISS.replace(b'"ollama/qwen3:8b"', b'"qwen3:8b"')[:-1] + \
+        b',"keep_alive":"30m","stream_options":{"include_usage":true}}'
+
+
+async def test_legacy_completion_streams_are_asked_for_usage_too() -> None:
+    """POST /v1/completions with stream: Ollama then puts zero usage on every chunk and the real figures on a
+    last chunk with no choices: that chunk is not passed on, and the real figures are counted."""
+    chunk = b'data: {"id":"cmpl-1","object":"text_completion","choices":[{"text":"Hi","index":0,"finish_reason":null}],' \
+            b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}\n\n'
+    last = b'data: {"id":"cmpl-1","object":"text_completion","choices":[],' \
+           b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
+    async with upstream(sse_reply([chunk, last, b"data: [DONE]\n\n"])) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/completions", b'{"model":"ollama/m","prompt":"Hi","stream":true}')
+        page = (await call(app, "GET", "/metrics")).body
+    assert up.requests[0].json()["stream_options"] == {"include_usage": True}
+    assert answer.body == chunk + b"data: [DONE]\n\n"
+    assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 4,
+                                  (label(TOKEN.encode()), "ollama", "m", "completion"): 2}
+
+
+async def test_responses_usage_is_counted_from_the_last_event_and_nothing_is_added_to_the_request() -> None:
+    """A Responses answer carries its usage (in a stream: in response.completed); counted, plain and streamed,
+    and the request body is left as sent (but the prefix)."""
+    usage = {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 4,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 13}
+    events = [openai_event("response.created", response={}), openai_event("response.output_text.delta", delta="Hi"),
+              openai_event("response.completed", sequence_number=3, response={**BIG_RESPONSE, "usage": usage,
+                                                                             "user": None, "metadata": {}})]
+    body = b'{"model": "ollama/m", "input": "Hi", "stream": true}'
+    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/responses", body)
+        up.reply = json_reply(document={**BIG_RESPONSE, "usage": usage})
+        await call(app, "POST", "/v1/responses", b'{"model": "ollama/m", "input": "Hi"}')
+        page = (await call(app, "GET", "/metrics")).body
+    assert up.requests[0].body == body.replace(b'"ollama/', b'"') and answer.chunks == events
+    assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 18,
+                                  (label(TOKEN.encode()), "ollama", "m", "completion"): 8}
+
+
+async def test_requests_answered_once_count_their_tokens_once() -> None:
+    """Identical requests joined into one upstream request (COALESCE) count the upstream's figures once."""
+    answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+    async with upstream(json_reply(document=answer_with_usage, held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        tasks = [asyncio.ensure_future(chat(app)) for _ in range(3)]
+        await up.received(1)
+        await until(lambda: joined(app) == 2)
+        up.release.set()
+        await asyncio.gather(*tasks)
+        page = (await call(app, "GET", "/metrics")).body
+    assert len(up.requests) == 1
+    assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "qwen2.5:7b", "prompt"): 11,
+                                  (label(TOKEN.encode()), "ollama", "qwen2.5:7b", "completion"): 7}
+
+
+async def test_model_names_cannot_grow_the_token_series_without_end() -> None:
+    """Models are the client's word (Ollama takes Qwen2.5 for qwen2.5): past MAX_MODEL_SERIES models per token
+    and provider, tokens are counted as model="other", none lost."""
+    answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    spellings = modelgate.MAX_MODEL_SERIES + 5
+    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        for number in range(spellings):
+            await chat(app, b'{"model":"ollama/qwen2.5:%d"}' % number)
+        page = (await call(app, "GET", "/metrics")).body
+    counts = token_counts(page)
+    assert len({model for _, _, model, _ in counts}) == modelgate.MAX_MODEL_SERIES + 1
+    assert counts[(label(TOKEN.encode()), "ollama", "other", "completion")] == 2 * 5
+    assert sum(v for (_, _, _, kind), v in counts.items() if kind == "prompt") == spellings
+
+
+async def test_json_log_lines_carry_the_token_counts() -> None:
+    """LOG_FORMAT=json: prompt_tokens and completion_tokens are fields of every request line (null if unknown)."""
+    async with captured_log(keep=lambda record: record) as records, upstream(ollama_stream()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        await chat(app, STREAM_CHAT)
+        await call(app, "GET", "/health")
+    formatter = modelgate.JsonFormatter()
+    stream, health = [json.loads(formatter.format(r)) for r in records if getattr(r, "exchange", None)]
+    assert (stream["prompt_tokens"], stream["completion_tokens"]) == (12, 3)
+    assert (health["prompt_tokens"], health["completion_tokens"]) == (None, None)
+
+
+async def test_the_worked_example_of_env_example_does_what_it_says(tmp_path: Any) -> None:
+    """.env.example's FluentRead-plus-thinking-model lines, as a .env: FluentRead keeps gpt-4.1-mini and reaches
+    qwen3:8b without thinking, its token reaches nothing else, and its tokens are counted under its name."""
+    text = (Path(modelgate.__file__).parent / ".env.example").read_text(encoding="utf-8")
+    example = text[text.index("# Together, for FluentRead"):].split("\n\n")[0].splitlines()
+    lines = [line.removeprefix("#   ") for line in example if re.match(r"#   [A-Z_]+=", line)]
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("\n".join(lines).replace("<token one>", TOKEN).replace("<token two>", OTHER_TOKEN) + "\n")
+    read: dict[str, str] = {}
+    modelgate.read_dotenv(str(dotenv), read)
+    assert set(read) == {"MODELGATE_TOKEN", "MODEL_ALIASES", "TOKEN_MODELS", "MODEL_DEFAULTS"}
+    answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 38, "completion_tokens": 12, "total_tokens": 50}}
+    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(OLLAMA_BASE_URL=up.url, **read) as app:
+        translated = await chat(app, FLUENTREAD)
+        refused = await chat(app, b'{"model":"ollama/llama3.1:8b","messages":[]}')
+        page = (await call(app, "GET", "/metrics")).body
+    assert translated.status == 200 and len(up.requests) == 1
+    assert up.requests[0].body == FLUENTREAD.replace(b'"gpt-4.1-mini"', b'"qwen3:8b"')[:-1] + \
+        b',"reasoning_effort":"none"}'
+    assert_error(refused, 403, "permission_error", "model_not_allowed")
+    assert token_counts(page) == {("fluentread", "ollama", "qwen3:8b", "prompt"): 38,
+                                  ("fluentread", "ollama", "qwen3:8b", "completion"): 12}
 
 
 ###############################################################################
