@@ -208,14 +208,15 @@ ROUTES: dict[str, Route] = {
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
-    "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect="anthropic"),
+    "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect="anthropic", usage="anthropic"),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it.
     "/": Route({"GET": "ollama_root", "HEAD": "ollama_root"}, access="public", limited=False, dialect="ollama"),
-    "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama", streams_unless_false=True),
+    "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama", streams_unless_false=True,
+                       usage="ollama"),
     "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama",
-                           streams_unless_false=True),
-    "/api/embed": Route({"POST": "relay_request"}, dialect="ollama"),
+                           streams_unless_false=True, usage="ollama"),
+    "/api/embed": Route({"POST": "relay_request"}, dialect="ollama", usage="ollama"),
     "/api/embeddings": Route({"POST": "relay_request"}, dialect="ollama"),
     "/api/show": Route({"POST": "relay_request"}, dialect="ollama", model_required=False),
     "/api/tags": Route({"GET": "ollama_models"}, dialect="ollama"),
@@ -1097,21 +1098,32 @@ class Gateway:
 
     async def ollama_models(self, ex: Exchange) -> Answer | None:
         """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
-        fails is left out, as on /v1/models."""
+        fails is left out, as on /v1/models. As there, a token sees only what TOKEN_MODELS lets it use, and
+        /api/tags lists the aliases to Ollama's models that it has, each as a model of its own."""
         upstream, ex.provider = self.upstreams["ollama"], "ollama"
         path = ex.route.encode()
         listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.headers, host, "ollama")
                                                        for host in upstream.hosts))
         if listed is None or isinstance(listed, Answer):
             return listed
+        config = self.config
         models: dict[str, dict] = {}
         for document in listed:
             items = document.get("models") if isinstance(document, dict) else None
             for item in items if isinstance(items, list) else ():
                 key = item.get("model", item.get("name")) if isinstance(item, dict) else None
                 if isinstance(key, str):
-                    models.setdefault(key, item)
-        return Answer(200, [JSON], json.dumps({"models": list(models.values())}).encode())
+                    models.setdefault(f"ollama/{key}", item)
+        data = [item for model_id, item in models.items() if may_use(config, ex.token, model_id)]
+        for alias in config.model_aliases if ex.route == "/api/tags" else ():
+            try:
+                _, name = resolve(alias, config, DIALECTS["ollama"])
+            except GatewayError:  # an alias to openai/...: not behind this door
+                continue
+            item = listed_as(models, f"ollama/{name}")
+            if item is not None and may_use(config, ex.token, f"ollama/{name}"):
+                data.append({**item, "name": alias, "model": alias})
+        return Answer(200, [JSON], json.dumps({"models": data}).encode())
 
     async def ollama_version(self, ex: Exchange) -> Answer | None:
         """GET /api/version: the first Ollama host that answers (a host that refuses is passed over)."""
@@ -1302,18 +1314,21 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
                            "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
     ex.model = model
-    ex.provider, name = resolve(model, config, dialect)
+    route = ROUTES[ex.route]
+    aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
+    ex.provider, name = resolve(model, config, dialect, aliases=not route.admin)
     ex.upstream_model = name
     model_id = f"{ex.provider}/{name}"
     if config.token_models:
         check_scope(config, ex.token, model_id, model)
     replaced: dict[str, str] = {}
-    if model in config.model_aliases:
+    if aliased:
         replaced["model"] = json.dumps(name, ensure_ascii=False)
     elif name != model:
         replaced["model"] = model_value(text, spans["model"], ex.provider, name)
-    added = defaults_for(config, model_id, document) if config.model_defaults else []
-    if ROUTES[ex.route].asks_usage and document.get("stream") is True:
+    # Defaults are for running a model, not for Ollama's show, pull, create, copy and delete.
+    added = defaults_for(config, model_id, document) if config.model_defaults and route.model_required else []
+    if route.asks_usage and document.get("stream") is True:
         options = usage_options(document)
         if options is not None:  # counted from the usage event, which its client did not ask for
             ex.hides_usage = True
@@ -1361,10 +1376,10 @@ def route_model(model: str, config: Config) -> tuple[str, str]:
 # (TOKEN_MODELS), and what is filled in for it (MODEL_DEFAULTS); all three look at `provider/name`.
 
 
-def resolve(model: str, config: Config, dialect: Dialect | None = None) -> tuple[str, str]:
+def resolve(model: str, config: Config, dialect: Dialect | None = None, aliases: bool = True) -> tuple[str, str]:
     """(provider, upstream model name) of the model a client sent: an alias is replaced by its target first,
     then routed by its prefix, or, on a door that leads to one provider only, taken there (route_to_only)."""
-    target = config.model_aliases.get(model, model)
+    target = config.model_aliases.get(model, model) if aliases else model
     if dialect is None or dialect.provider is None:
         return route_model(target, config)
     return dialect.provider, route_to_only(dialect, target)
@@ -1661,7 +1676,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
             return None
         if shared:
             body = await upstream.read_held(response)
-            return Answer(response.status, response_headers(response.headers), body, usage_in_answer(ex.route, body))
+            return Answer(response.status, response_headers(response.headers), body,
+                          usage_in_answer(ex.route, body, body))
         return await relay_plain(gw, ex, upstream, response)
     finally:
         await response.aclose()
@@ -1682,7 +1698,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
             if chunk is None:  # the whole answer: answered like any other, with its length
                 body = b"".join(held)
                 return Answer(response.status, response_headers(response.headers), body,
-                              usage_in_answer(ex.route, body))
+                              usage_in_answer(ex.route, body, body))
             held.append(chunk)
             size += len(chunk)
     except UPSTREAM_EXCEPTIONS as exc:
@@ -1692,6 +1708,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
     watch.guard_sends(gw.config.timeout)  # a client that stops reading lets the upstream go
     await ex.start(response.status, response_headers(response.headers) + length[:1])
     chunk, held, tail = b"".join(held), None, b""
+    head = chunk[:TAIL_BYTES]
     try:
         while chunk is not None:
             watch.sending_since = loop.time()
@@ -1710,7 +1727,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
         ex.error = "shutting_down"
         return None  # cut, as above
     await ex.body_chunk(b"", more=False)
-    ex.usage = usage_in_answer(ex.route, tail)
+    ex.usage = usage_in_answer(ex.route, head, tail)
     return None
 
 
@@ -1731,7 +1748,7 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
         raise upstream.translate(exc) from exc
     ex.ttfb = time.perf_counter() - ex.t0
     headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
-    end, cut, last = STREAM_ENDS[ROUTES[ex.route].end](), "", b""
+    end, cut, last, first = STREAM_ENDS[ROUTES[ex.route].end](), "", b"", chunk or b""
     hidden = HiddenUsage() if ex.hides_usage else None
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)
@@ -1770,7 +1787,8 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
         gw.metrics.streams -= 1
     watch.stop()
     # Whole or cut, what the upstream says it used is counted: from the usage event taken out, or the end.
-    ex.usage = usage_in_answer(ex.route, hidden.event if hidden is not None and hidden.event else end.end())
+    ex.usage = usage_in_answer(ex.route, first[:TAIL_BYTES],
+                               hidden.event if hidden is not None and hidden.event else end.end())
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
         dialect = DIALECTS[ex.dialect]
@@ -1851,29 +1869,26 @@ class ResponsesEnd(DoneEnd):
 MESSAGE_STOP = re.compile(rb'(?m)^(?:event: ?message_stop[ \t]*$|data: ?\{"type": ?"message_stop")')
 
 
-class MessageStopEnd:
+class MessageStopEnd(DoneEnd):
     """How an Anthropic Messages stream ends when it is whole: its last event is message_stop.
 
-    That event is short: a last event whose start is no longer in `tail` is another one.
+    That event is short: a last event whose start is no longer in the kept tail is another one.
     """
 
     marker = "message_stop"
-    KEEP = 256
 
     def __init__(self) -> None:
-        self.tail = b""
+        super().__init__()
         self.truncated = False
 
     def feed(self, chunk: bytes) -> None:
         self.tail += chunk
-        if len(self.tail) > self.KEEP:
-            self.tail, self.truncated = self.tail[-self.KEEP:], True
-
-    def end(self) -> bytes:
-        return self.tail
+        if len(self.tail) > 2 * TAIL_BYTES:
+            del self.tail[:-TAIL_BYTES]
+            self.truncated = True
 
     def complete(self) -> bool:
-        text = self.tail.replace(b"\r\n", b"\n").rstrip(b"\n")
+        text = bytes(self.tail).replace(b"\r\n", b"\n").rstrip(b"\n")
         if self.truncated and b"\n\n" not in text:
             return False
         return bool(MESSAGE_STOP.search(text.rsplit(b"\n\n", 1)[-1]))
@@ -1940,18 +1955,19 @@ STREAM_ENDS: dict[str, Callable[[], Any]] = {
 USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
 
 
-def usage_in(data: bytes, prompt_key: str, completion_key: str) -> Usage | None:
-    """The counts of the last `"usage": {...}` in `data` that has either key; None when none has.
+def usage_in(data: bytes, prompt_key: str, completion_key: str, first: bool = False) -> Usage | None:
+    """The counts of the last (or first) `"usage": {...}` in `data` that has either key; None when none has.
 
-    Searched from the end, where every dialect puts it: a quote inside a JSON string is escaped, so
-    `"usage"` is a key wherever it appears. The object is read with json's own scanner.
+    Searched from the end, where dialects put it (Anthropic's message_start: from the start): a quote
+    inside a JSON string is escaped, so `"usage"` is a key wherever it appears. The object is read with
+    json's own scanner.
     """
-    end = len(data)
+    start, end = 0, len(data)
     for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
-        at = data.rfind(b'"usage"', 0, end)
+        at = data.find(b'"usage"', start) if first else data.rfind(b'"usage"', 0, end)
         if at < 0:
             return None
-        end = at
+        start, end = at + 1, at
         match = USAGE_KEY.match(data, at)
         if match is None:
             continue
@@ -1966,17 +1982,41 @@ def usage_in(data: bytes, prompt_key: str, completion_key: str) -> Usage | None:
     return None
 
 
-# Route.usage -> how the tokens an answer used are read from its end. A new dialect is a row: a function of
-# the end of its answers (Ollama's native API: prompt_eval_count and eval_count on its last line).
-USAGE_READERS: dict[str, Callable[[bytes], Usage | None]] = {
-    "openai": lambda end: usage_in(end, "prompt_tokens", "completion_tokens"),  # chat, completions, embeddings
-    "responses": lambda end: usage_in(end, "input_tokens", "output_tokens"),
+def anthropic_usage(head: bytes, end: bytes) -> Usage | None:
+    # message_delta's usage is cumulative; Ollama's has input_tokens too (anthropic/anthropic.go, DeltaUsage),
+    # Anthropic's may have output_tokens only: then input_tokens are message_start's, the stream's first event.
+    prompt, completion = usage_in(end, "input_tokens", "output_tokens") or (None, None)
+    if prompt is None:
+        prompt = (usage_in(head, "input_tokens", "output_tokens", first=True) or (None, None))[0]
+    return None if prompt is None and completion is None else (prompt, completion)
+
+
+def ollama_usage(head: bytes, end: bytes) -> Usage | None:
+    # The native API's last line (or whole answer) carries prompt_eval_count and eval_count (embed: the first).
+    try:
+        document = json.loads(end.rstrip().rpartition(b"\n")[2] or b"null")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    counts = tuple(document.get(key) for key in ("prompt_eval_count", "eval_count"))
+    counts = tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
+    return None if counts == (None, None) else counts
+
+
+# Route.usage -> how the tokens an answer used are read: a function of its start and its end (the whole
+# body twice for a plain answer; a stream's first chunk and kept tail). A new dialect is a row.
+USAGE_READERS: dict[str, Callable[[bytes, bytes], Usage | None]] = {
+    "openai": lambda head, end: usage_in(end, "prompt_tokens", "completion_tokens"),  # chat, completions, embeddings
+    "responses": lambda head, end: usage_in(end, "input_tokens", "output_tokens"),
+    "anthropic": anthropic_usage,
+    "ollama": ollama_usage,
 }
 
 
-def usage_in_answer(route: str, end: bytes) -> Usage | None:
+def usage_in_answer(route: str, head: bytes, end: bytes) -> Usage | None:
     reader = ROUTES[route].usage
-    return USAGE_READERS[reader](end) if reader else None
+    return USAGE_READERS[reader](head, end) if reader else None
 
 
 # For a stream whose client did not ask for usage: an event with "choices": [] and a usage object is the one

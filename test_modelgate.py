@@ -84,8 +84,8 @@ FLUENTREAD = (b'{"model":"gpt-4.1-mini","messages":[{"role":"system","content":"
 KISS = (b'{"model":"ollama/qwen3:8b","messages":[{"role":"system","content":"Translate."},{"role":"user",'
         b'"content":"Hello"}],"temperature":0,"max_completion_tokens":20480,"stream":true,"reasoning_effort":"none"}')
 # What the openai SDK sends for client.chat.completions.create(model="gpt-4o-mini", messages=[...]).
-SDK_HEADERS = [(b"x-stainless-lang", b"python"), (b"x-stainless-package-version", b"3.3.1"),
-               (b"user-agent", b"OpenAI/Python 3.3.1"), (b"accept", b"application/json")]
+OPENAI_SDK_HEADERS = [(b"x-stainless-lang", b"python"), (b"x-stainless-package-version", b"3.3.1"),
+                      (b"user-agent", b"OpenAI/Python 3.3.1"), (b"accept", b"application/json")]
 SDK_CHAT = b'{"messages":[{"role":"user","content":"Hi"}],"model":"gpt-4o-mini"}'
 USAGE = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
 # Ollama's usage-only event (middleware/openai.go: the finish chunk again with "choices": [] and "usage").
@@ -1957,7 +1957,7 @@ async def test_an_alias_the_openai_sdk_sends_reaches_its_target_and_nothing_else
     async with upstream(json_reply()) as up, \
             gateway(OLLAMA_BASE_URL=up.url, MODEL_ALIASES="gpt-4o-mini=ollama/qwen2.5:7b") as app:
         answer = await call(app, "POST", "/v1/chat/completions", SDK_CHAT,
-                            [*AUTH, (b"content-type", b"application/json"), *SDK_HEADERS])
+                            [*AUTH, (b"content-type", b"application/json"), *OPENAI_SDK_HEADERS])
     assert answer.status == 200 and answer.json() == COMPLETION
     [request] = up.requests
     assert request.body == SDK_CHAT.replace(b'"gpt-4o-mini"', b'"qwen2.5:7b"')
@@ -2080,6 +2080,64 @@ async def test_defaults_are_added_only_where_absent_and_the_rest_is_byte_identic
     assert answer.status == 200
     [request] = ollama.requests + openai.requests
     assert request.body == expected
+
+
+POLICY_DOORS = [
+    # (path, body for a model, how its errors read)
+    ("/api/chat", {"messages": [], "stream": False}, "ollama"),
+    ("/api/generate", {"prompt": "Hi", "stream": False}, "ollama"),
+    ("/api/embed", {"input": "Hi"}, "ollama"),
+    ("/v1/messages", {"max_tokens": 9, "messages": []}, "anthropic"),
+]
+
+
+@pytest.mark.parametrize("path, body, dialect", POLICY_DOORS)
+async def test_the_policy_holds_on_ollamas_own_api_and_anthropic_messages(path: str, body: dict, dialect: str) -> None:
+    """Behind the other doors too: an alias reaches its target, a default is added where absent, and a model
+    outside the token's scope (also through an alias) is a 403 in the door's own error shape, sent nowhere."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, TOKEN_MODELS="fluentread=ollama/qwen*",
+                    MODEL_ALIASES="translate=ollama/qwen3:8b,big=ollama/llama3.1:70b",
+                    MODEL_DEFAULTS='{"ollama/qwen3*": {"think": false}}') as app:
+        allowed = await native(app, path, {"model": "translate", **body}, headers=AUTH)
+        refused = [await native(app, path, {"model": model, **body}, headers=AUTH)
+                   for model in ("big", "llama3.1:70b", "ollama/llama3.1:70b")]
+    assert allowed.status == 200 and len(up.requests) == 1
+    assert up.requests[0].body == json.dumps({"model": "qwen3:8b", **body}).encode()[:-1] + b',"think":false}'
+    for answer in refused:
+        if dialect == "ollama":
+            message = assert_ollama_error(answer, 403)
+        else:
+            message = assert_anthropic_error(answer, 403, "permission_error")
+        assert "fluentread" in message and "ollama/llama3.1:70b" in message and "TOKEN_MODELS" in message
+
+
+async def test_ollamas_model_list_shows_aliases_and_only_what_a_token_may_use() -> None:
+    """/api/tags lists the aliases to models Ollama has, as models of their own, and, like /api/ps, shows a
+    scoped token only what it may use."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, TOKEN_MODELS="fluentread=ollama/qwen*",
+                    MODEL_ALIASES="gpt-4o-mini=ollama/qwen2.5:7b,embed=ollama/nomic-embed-text,gone=ollama/x") as app:
+        scoped = await native(app, "/api/tags", method="GET", headers=AUTH)
+        everything = await native(app, "/api/tags", method="GET", headers=OTHER_AUTH)
+        running = await native(app, "/api/ps", method="GET", headers=AUTH)
+    assert [m["name"] for m in scoped.json()["models"]] == ["qwen2.5:7b", "gpt-4o-mini"]
+    assert scoped.json()["models"][1] == {**tag("qwen2.5:7b"), "name": "gpt-4o-mini", "model": "gpt-4o-mini"}
+    assert [m["name"] for m in everything.json()["models"]] == ["qwen2.5:7b", "nomic-embed-text:latest",
+                                                               "gpt-4o-mini", "embed"]
+    assert [m["name"] for m in running.json()["models"]] == ["qwen2.5:7b"]
+
+
+async def test_ollamas_admin_routes_take_model_names_as_they_are() -> None:
+    """Pulling or deleting `gpt-4o-mini` means that name, not the model an alias points at, and no default is
+    added to a request that runs no model."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS, MODEL_ALIASES="gpt-4o-mini=ollama/qwen2.5:7b",
+                    MODEL_DEFAULTS='{"*": {"keep_alive": "30m"}}') as app:
+        deleted = await native(app, "/api/delete", b'{"model":"gpt-4o-mini"}', headers=ADMIN_AUTH, method="DELETE")
+        shown = await native(app, "/api/show", b'{"model":"gpt-4o-mini"}', headers=ADMIN_AUTH)
+    assert deleted.status == 200 and shown.status == 200
+    assert [r.body for r in up.requests] == [b'{"model":"gpt-4o-mini"}', b'{"model":"qwen2.5:7b"}']
 
 
 ###############################################################################
@@ -3218,6 +3276,40 @@ async def test_model_names_cannot_grow_the_token_series_without_end() -> None:
     assert len({model for _, _, model, _ in counts}) == modelgate.MAX_MODEL_SERIES + 1
     assert counts[(label(TOKEN.encode()), "ollama", "other", "completion")] == 2 * 5
     assert sum(v for (_, _, _, kind), v in counts.items() if kind == "prompt") == spellings
+
+
+async def test_ollamas_own_api_and_anthropic_messages_count_their_tokens() -> None:
+    """The native API's prompt_eval_count and eval_count (on a stream's last line, or the whole answer), and
+    Anthropic's usage (message_start's input_tokens, message_delta's output_tokens), as the upstream said."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+        for path in ("/api/chat", "/api/generate"):
+            assert (await native(app, path, {"model": "qwen2.5:7b"})).status == 200  # streamed
+            assert (await native(app, path, {"model": "qwen2.5:7b", "stream": False})).status == 200
+        assert (await native(app, "/api/embed", {"model": "nomic-embed-text", "input": "Hi"})).status == 200
+        for stream in (True, False):
+            body = json.dumps({"model": "qwen2.5:7b", "max_tokens": 9, "stream": stream, "messages": []}).encode()
+            assert (await messages(app, body, [*AUTH, (b"anthropic-version", b"2023-06-01")])).status == 200
+        page = (await call(app, "GET", "/metrics")).body
+    assert token_counts(page) == {
+        ("fluentread", "ollama", "qwen2.5:7b", "prompt"): 4 * FINAL["prompt_eval_count"] + 2 * 12,
+        ("fluentread", "ollama", "qwen2.5:7b", "completion"): 4 * FINAL["eval_count"] + 2 * 2,
+        ("fluentread", "ollama", "nomic-embed-text", "prompt"): EMBED["prompt_eval_count"]}
+
+
+async def test_ollamas_anthropic_stream_is_counted_from_its_message_delta() -> None:
+    """Ollama's message_delta carries input_tokens too (final, where message_start's were an estimate):
+    those are counted; an answer cut before it is counted from what came."""
+    start = sse("message_start", {"type": "message_start", "message": {**MESSAGE, "content": [],
+                                                                      "usage": {"input_tokens": 10, "output_tokens": 0}}})
+    delta = sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                  "usage": {"input_tokens": 13, "output_tokens": 4}})
+    events = [start, *MESSAGE_EVENTS[1:5], delta, MESSAGE_EVENTS[-1]]
+    body = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
+    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        assert (await messages(app, body, AUTH)).chunks == events
+        page = (await call(app, "GET", "/metrics")).body
+    assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 13,
+                                  (label(TOKEN.encode()), "ollama", "m", "completion"): 4}
 
 
 async def test_json_log_lines_carry_the_token_counts() -> None:
