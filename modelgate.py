@@ -639,7 +639,9 @@ def check_model_pattern(name: str, pattern: str) -> None:
 
 
 def compact_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # ASCII, with \u escapes: a lone surrogate (a client's "\ud800" in stream_options, say) is written as it
+    # came, where UTF-8 could not encode it.
+    return json.dumps(value, separators=(",", ":"))
 
 
 PARSERS: dict[str, Callable[[str, str], Any]] = {
@@ -1323,7 +1325,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         check_scope(config, ex.token, model_id, model)
     replaced: dict[str, str] = {}
     if aliased:
-        replaced["model"] = json.dumps(name, ensure_ascii=False)
+        replaced["model"] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
     elif name != model:
         replaced["model"] = model_value(text, spans["model"], ex.provider, name)
     # Defaults are for running a model, not for Ollama's show, pull, create, copy and delete.

@@ -3169,6 +3169,8 @@ STREAM_OPTIONS_TABLE = [
     (b'{"include_usage": false}', b'{"include_usage":true}', False),  # the value is written anew, compact
     (b'null', b'{"include_usage":true}', False),
     (b'{"continuous_usage_stats": false}', b'{"continuous_usage_stats":false,"include_usage":true}', False),
+    # a lone surrogate escape, which UTF-8 cannot encode: written again as the escape it came as
+    (b'{"x": "\\ud800"}', b'{"x":"\\ud800","include_usage":true}', False),
 ]
 
 
@@ -3310,6 +3312,47 @@ async def test_ollamas_anthropic_stream_is_counted_from_its_message_delta() -> N
         page = (await call(app, "GET", "/metrics")).body
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 13,
                                   (label(TOKEN.encode()), "ollama", "m", "completion"): 4}
+
+
+# Request bodies with the fields the policy reads and writes, odd values included (a lone surrogate escape).
+POLICY_BODIES = st.fixed_dictionaries({"model": st.sampled_from(["gpt-4o-mini", "ollama/qwen3:8b", "ollama/llama3",
+                                                               "openai/gpt-4o", "x"])},
+                                      optional={"stream": st.sampled_from([True, False, None, "true"]),
+                                                "stream_options": st.sampled_from([None, {}, {"include_usage": False},
+                                                                                   {"include_usage": True}, "yes",
+                                                                                   {"x": "\ud800"}]),
+                                                "think": st.booleans(), "messages": st.just([])})
+
+
+@settings(max_examples=60, deadline=None)
+@given(POLICY_BODIES, st.sampled_from(["/v1/chat/completions", "/v1/completions", "/api/chat", "/v1/messages"]))
+async def test_no_request_meets_the_policy_with_a_500(document: dict, path: str) -> None:
+    """Whatever a request asks of aliases, scopes, defaults and stream_options, it gets an answer, never a 500;
+    and whatever it sent but the model and what the policy adds reaches the upstream as sent."""
+    body = json.dumps(document).encode()
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=up.url, MODELGATE_TOKEN=APPS,
+                    TOKEN_MODELS="fluentread=ollama/qwen*", MODEL_ALIASES="gpt-4o-mini=ollama/qwen3:8b",
+                    MODEL_DEFAULTS='{"ollama/*": {"think": true, "keep_alive": "5m"}}') as app:
+        answer = await call(app, "POST", path, body, [*AUTH, (b"anthropic-version", b"2023-06-01")])
+    assert answer.complete and answer.status != 500
+    for request in up.requests:
+        sent = json.loads(request.body)
+        assert {k: v for k, v in sent.items() if k not in ("model", "stream_options", "keep_alive", "think")} == \
+            {k: v for k, v in document.items() if k not in ("model", "stream_options", "think")}
+        assert sent.get("think", True) == document.get("think", True)
+
+
+async def test_a_large_plain_answer_relayed_as_it_arrives_is_counted_too() -> None:
+    """A plain answer over RELAY_HOLD_BYTES is sent on as it arrives; its usage, at its end, is still counted."""
+    vectors = {"object": "list", "data": [{"object": "embedding", "index": 0,
+                                           "embedding": [0.125] * (modelgate.RELAY_HOLD_BYTES // 5)}],
+               "model": "nomic-embed-text", "usage": {"prompt_tokens": 7, "total_tokens": 7}}
+    async with upstream(json_reply(document=vectors)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/embeddings", b'{"model":"ollama/nomic-embed-text","input":"hi"}')
+        page = (await call(app, "GET", "/metrics")).body
+    assert answer.status == 200 and len(answer.body) > modelgate.RELAY_HOLD_BYTES and answer.json() == vectors
+    assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "nomic-embed-text", "prompt"): 7}
 
 
 async def test_json_log_lines_carry_the_token_counts() -> None:
