@@ -1828,7 +1828,7 @@ class DoneEnd:
         return bytes(self.tail[-TAIL_BYTES:])
 
     def complete(self) -> bool:
-        return last_event(self.end()).strip() in (b"data: [DONE]", b"data:[DONE]")
+        return last_event(bytes(self.tail[-64:])).strip() in (b"data: [DONE]", b"data:[DONE]")
 
 
 # A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
@@ -1864,7 +1864,7 @@ class ResponsesEnd(DoneEnd):
         super().feed(chunk)
 
     def complete(self) -> bool:
-        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(self.end())))
+        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(bytes(self.tail[-self.KEEP:]))))
 
 
 # Anthropic's stream ends with `event: message_stop` / `data: {"type":"message_stop"}` (Ollama writes both).
@@ -1874,24 +1874,15 @@ MESSAGE_STOP = re.compile(rb'(?m)^(?:event: ?message_stop[ \t]*$|data: ?\{"type"
 class MessageStopEnd(DoneEnd):
     """How an Anthropic Messages stream ends when it is whole: its last event is message_stop.
 
-    That event is short: a last event whose start is no longer in the kept tail is another one.
+    That event is short: a last event whose start is not in the last KEEP bytes is another one.
     """
 
     marker = "message_stop"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.truncated = False
-
-    def feed(self, chunk: bytes) -> None:
-        self.tail += chunk
-        if len(self.tail) > 2 * TAIL_BYTES:
-            del self.tail[:-TAIL_BYTES]
-            self.truncated = True
+    KEEP = 256
 
     def complete(self) -> bool:
-        text = bytes(self.tail).replace(b"\r\n", b"\n").rstrip(b"\n")
-        if self.truncated and b"\n\n" not in text:
+        text = bytes(self.tail[-self.KEEP:]).replace(b"\r\n", b"\n").rstrip(b"\n")
+        if len(self.tail) > self.KEEP and b"\n\n" not in text:
             return False
         return bool(MESSAGE_STOP.search(text.rsplit(b"\n\n", 1)[-1]))
 
