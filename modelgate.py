@@ -1396,7 +1396,7 @@ def may_use(config: Config, token: str, model_id: str) -> bool:
 def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
     """403 model_not_allowed unless the token may use the model: never the token, but its name."""
     if not may_use(config, token, model_id):
-        via = f" (which {asked!r} stands for)" if asked != model_id else ""
+        via = f" (asked for as {asked!r})" if asked != model_id else ""
         raise GatewayError("model_not_allowed", f"The token {token!r} may not use the model {model_id!r}{via}: "
                            f"TOKEN_MODELS lets it use {' | '.join(config.token_models[token])}. Use one of "
                            "those, or ask the gateway's owner to add the model to its TOKEN_MODELS entry.")
