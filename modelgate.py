@@ -1331,13 +1331,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     # Defaults are for running a model, not for Ollama's show, pull, create, copy and delete.
     added = defaults_for(config, model_id, document) if config.model_defaults and route.model_required else []
     if route.asks_usage and document.get("stream") is True:
-        options = usage_options(document)
-        if options is not None:  # counted from the usage event, which its client did not ask for
-            ex.hides_usage = True
-            if "stream_options" in spans:
-                replaced["stream_options"] = options
-            else:
-                added.append(("stream_options", options))
+        ex.hides_usage = asked_for_usage(document, spans, replaced, added)
     if replaced or added:
         body = spliced(text, spans, replaced, added).encode()
     return document, body
@@ -1413,15 +1407,20 @@ def defaults_for(config: Config, model_id: str, document: dict) -> list[tuple[st
     return list(added.items())
 
 
-def usage_options(document: dict) -> str | None:
-    """The stream_options to send in place of the client's when it did not ask for usage; None when it did
-    (or sent something that is not an object, left for the upstream to judge)."""
+def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
+                    added: list[tuple[str, str]]) -> bool:
+    """For a stream whose client did not ask for usage, stream_options with include_usage in place of the
+    client's, or added; True then (the usage event is ModelGate's). False when the client asked, or sent
+    stream_options that are not an object (left for the upstream to judge)."""
     options = document.get("stream_options")
-    if options is None:
-        return '{"include_usage":true}'
-    if isinstance(options, dict) and options.get("include_usage") is not True:
-        return compact_json({**options, "include_usage": True})
-    return None
+    if options is not None and not (isinstance(options, dict) and options.get("include_usage") is not True):
+        return False
+    text = compact_json({**(options or {}), "include_usage": True})
+    if "stream_options" in spans:
+        replaced["stream_options"] = text
+    else:
+        added.append(("stream_options", text))
+    return True
 
 
 def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
