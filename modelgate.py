@@ -78,6 +78,14 @@ table):
 
 from __future__ import annotations
 
+import sys
+
+# Before anything that needs 3.10 runs (`X | Y` between types, below): one line instead of a TypeError.
+if sys.version_info < (3, 10):
+    sys.exit("modelgate: needs Python 3.10 or newer, and this is Python %d.%d (%s). Install a newer Python "
+             "and make the venv with it, for example: python3.12 -m venv .venv"
+             % (sys.version_info[0], sys.version_info[1], sys.executable))
+
 import asyncio
 import base64
 import bisect
@@ -96,7 +104,6 @@ import random
 import re
 import signal
 import ssl
-import sys
 import time
 from collections import deque
 from http import HTTPStatus
@@ -3033,6 +3040,12 @@ def main() -> None:
 HEAD_TIMEOUT_SECONDS = 30.0
 
 
+# How long an idle client connection stays open: nginx's default keep-alive. uvicorn's own 5 s is exactly
+# how long httpx (openai-python, LangChain, LiteLLM, the ollama client) reuses an idle connection, so a
+# request sent at 5 s idle could meet a socket being closed; Node's undici keeps 4 s, aiohttp 15 s.
+CLIENT_KEEPALIVE_SECONDS = 75
+
+
 def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float = HEAD_TIMEOUT_SECONDS) -> Any:
     """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, a bound on
     the wait for a request head, and asyncio's errors one line per kind."""
@@ -3047,6 +3060,7 @@ def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float =
         access_log=False,  # we log one line per request ourselves
         log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,
+        timeout_keep_alive=CLIENT_KEEPALIVE_SECONDS,
         proxy_headers=False,  # X-Forwarded-For is for the app to judge (TRUSTED_PROXIES), not uvicorn
         # A backstop for a client that stops reading the error event: uvicorn cancels what still runs.
         timeout_graceful_shutdown=config.shutdown_grace + 5,

@@ -12,6 +12,7 @@ readiness; metrics and logging; the connection pool; the command line.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import hashlib
@@ -4323,3 +4324,45 @@ async def test_native_plain_requests_coalesce_and_are_logged_and_counted_by_rout
     assert any(line.startswith("POST /v1/messages 200 ollama m ") for line in posts)
     assert 'route="/api/chat"' in page and 'route="/v1/messages"' in page
     assert TOKEN not in "\n".join(lines) + page and "Hallo" not in "\n".join(lines)
+
+
+async def test_an_older_python_gets_one_line_naming_the_version_it_needs(tmp_path: Any) -> None:
+    """Under Python 3.9 (macOS's own python3), `python modelgate.py` says in one line that it needs 3.10+.
+
+    3.9's parser must read the whole module for the check at its top to run at all; the check itself
+    runs here under this interpreter, told it is 3.9.
+    """
+    shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    module = ast.parse((tmp_path / "modelgate.py").read_text(encoding="utf-8"), feature_version=(3, 9))
+    # Nothing that 3.9 cannot run (a `X | Y` between types) may come before the check: only these.
+    before = [ast.unparse(node) for node in module.body[1:4]]
+    assert before[:2] == ["from __future__ import annotations", "import sys"]
+    assert before[2].startswith("if sys.version_info < (3, 10):")
+    as_if_39 = ("import runpy, sys; sys.version_info = (3, 9, 18, 'final', 0); "
+                "runpy.run_path('modelgate.py', run_name='__main__')")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", as_if_39, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+    assert await process.wait() == 1
+    assert output.count("\n") == 1 and "Python 3.10 or newer" in output and "Python 3.9" in output, output
+
+
+async def test_a_client_connection_idle_for_6_s_is_still_usable() -> None:
+    """The server `python modelgate.py` runs keeps an idle client connection open past httpx's 5 s pool
+    expiry: a request sent on it after 6 s idle is answered on the same connection."""
+    health = b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n"
+    settings = environ(HOST="127.0.0.1", PORT="1")
+    server = modelgate.uvicorn_server(modelgate.load_config(settings), modelgate.Gateway(settings))
+    async with serve_with(server) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for idle in (0, 6):
+                await asyncio.sleep(idle)  # the idle time is what is tested, not a wait for something else
+                writer.write(health)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                assert await reader.readexactly(len(b'{"status":"ok"}')) == b'{"status":"ok"}'
+        finally:
+            writer.close()
