@@ -91,6 +91,7 @@ import base64
 import bisect
 import fnmatch
 import dataclasses
+import difflib
 import hashlib
 import hmac
 import ipaddress
@@ -108,7 +109,7 @@ import time
 from collections import deque
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
 import httpcore
@@ -692,9 +693,22 @@ def check_tls_files(cert: str, key: str) -> None:
         raise ConfigError(f"TLS_CERT_FILE and TLS_KEY_FILE are not a PEM certificate and its key ({exc})") from None
 
 
-def read_dotenv(path: str, environ: MutableMapping[str, str]) -> None:
-    """Add KEY=VALUE lines of a .env file to environ; variables already set win."""
-    with open(path, encoding="utf-8") as lines:
+# What docker compose itself reads from the same .env (docker-compose.yml, .env.example): no "did you mean".
+COMPOSE_VARIABLES = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"})
+
+
+def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
+    """The KEY=VALUE lines of a .env file, read as docker compose reads the same file (both 1.29 and 2.x,
+    for its own variables and for env_file), and the warnings a person should see.
+
+    A key given twice takes its last line (so `cp .env.example .env` plus an appended line works); a
+    UTF-8 BOM is skipped; `export `, blank lines and `#` comments are allowed; a value may be quoted. A
+    line that is not KEY=VALUE, or a quote left open, is an error naming the line.
+    """
+    values: dict[str, str] = {}
+    lines_of: dict[str, int] = {}
+    warnings = []
+    with open(path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows' Notepad) is not part of the key
         for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -703,11 +717,134 @@ def read_dotenv(path: str, environ: MutableMapping[str, str]) -> None:
             key, value = key.strip(), value.strip()
             if not sep or not key.isidentifier():
                 raise ConfigError(f"{path} line {number}: expected KEY=VALUE")
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            else:
-                value = re.split(r"\s+#", value, maxsplit=1)[0]
-            environ.setdefault(key, value)
+            if key in lines_of:  # log: which line is ignored
+                warnings.append(f"{path} line {lines_of[key]} is ignored: line {number} sets {key} again, "
+                                "and the last one counts (as docker compose reads the file)")
+            elif hint := misspelt(key):
+                warnings.append(f"{path} line {number}: {hint}")
+            values[key], lines_of[key] = dotenv_value(value, f"{path} line {number}"), number
+    return values, warnings
+
+
+def dotenv_value(value: str, where: str) -> str:
+    if value[:1] not in ("'", '"'):
+        return re.split(r"\s+#", value, maxsplit=1)[0]  # `KEY=value # comment`, but `a#b` is a value
+    quote, end = value[0], 1
+    while True:  # the closing quote; in double quotes, \" is a quote inside the value
+        end = value.find(quote, end)
+        if end < 0:
+            raise ConfigError(f"{where}: the value opens a {quote} quote that is never closed; "
+                              "close it on the same line, or write the value without quotes")
+        if quote == "'" or value[end - 1] != "\\":
+            break
+        end += 1
+    rest = value[end + 1:].strip()
+    if rest and not rest.startswith("#"):
+        raise ConfigError(f"{where}: unexpected text after the closing {quote} quote")
+    inside = value[1:end]
+    return inside.replace('\\"', '"') if quote == '"' else inside
+
+
+def misspelt(key: str) -> str:
+    """"did you mean" for a key that is not a setting but close to one; "" for anything else."""
+    names = [setting.name for setting in SETTINGS]
+    if key in names or key in COMPOSE_VARIABLES:
+        return ""
+    close = difflib.get_close_matches(key.upper(), names, n=2, cutoff=0.8)
+    return f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?" if close else ""
+
+
+class Sources(NamedTuple):
+    """Where `python modelgate.py` found its settings, for the start-up summary: names, never values."""
+    directory: str  # where .env was looked for
+    dotenv: str | None  # the .env read, or None when there was none
+    from_environment: tuple[str, ...]  # settings set in the environment: these win over .env
+    overridden: tuple[str, ...]  # of those, the ones .env sets too, to no effect
+    warnings: tuple[str, ...]  # .env lines ignored, keys that look misspelt
+
+
+def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
+    """Add what `directory/.env` sets to environ, where the environment does not set it to something."""
+    from_environment = tuple(s.name for s in SETTINGS if environ.get(s.name, "").strip(" \t\r\n"))
+    path = os.path.join(directory, ".env")
+    if not os.path.exists(path):
+        return Sources(directory, None, from_environment, (), ())
+    try:
+        values, warnings = read_dotenv(path)
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    for key, value in values.items():
+        if not environ.get(key, "").strip(" \t\r\n"):  # set to nothing counts as not set, as for a default
+            environ[key] = value
+    overridden = tuple(name for name in from_environment if name in values)
+    return Sources(directory, path, from_environment, overridden, tuple(warnings))
+
+
+# Shorter than this, a token gets a warning at start-up (token_urlsafe(32) makes 43 characters).
+MIN_TOKEN_LENGTH = 16
+
+
+def summary(config: Config, sources: Sources | None, listening: str | None,
+            environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The start-up summary (also what --check prints): what runs, where, with which upstreams, and where
+    each setting came from. Names and counts only: never a token or key."""
+    lines = [f"ModelGate {__version__}"]
+    if listening:
+        lines.append(listening)
+    for number, url in enumerate(config.ollama_base_urls, 1):
+        name = "ollama" if len(config.ollama_base_urls) == 1 else f"ollama/{number}"
+        lines.append(f"{name}: {shown_url(url)}" + " (default provider)" * (config.default_provider == "ollama"))
+    if config.openai_api_key:
+        lines.append(f"openai: {shown_url(config.openai_base_url)}"
+                     + " (default provider)" * (config.default_provider == "openai"))
+    else:
+        lines.append("openai: off (no OPENAI_API_KEY)")
+    if sources is None:
+        lines.append(".env: not read under `uvicorn modelgate:app` (give uvicorn --env-file .env)")
+        from_environment = [s.name for s in SETTINGS if environ.get(s.name, "").strip(" \t\r\n")]
+    else:
+        lines.append(f".env: {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}")
+        from_environment = list(sources.from_environment)
+    lines.append(f"tokens: {len(config.tokens)} ({', '.join(config.token_names)})")
+    if not from_environment:
+        lines.append("from the environment: no setting")
+    elif sources is not None and sources.dotenv:
+        lines.append(f"from the environment, winning over .env: {', '.join(from_environment)}")
+    else:
+        lines.append(f"from the environment: {', '.join(from_environment)}")
+    return lines
+
+
+def config_warnings(config: Config, sources: Sources | None) -> list[str]:
+    """What is allowed but most likely a mistake, each with what to do instead."""
+    warnings = list(sources.warnings) if sources is not None else []
+    for name in sources.overridden if sources is not None else ():
+        warnings.append(f"{name} is set in the environment, so the {name} in {sources.dotenv} is not used; "
+                        f"to use the file's, unset it (unset {name}) and start again")
+    for name, token in zip(config.token_names, config.tokens):
+        if len(token) < MIN_TOKEN_LENGTH:
+            warnings.append(f"MODELGATE_TOKEN: the token {name} is shorter than {MIN_TOKEN_LENGTH} characters, "
+                            f"easy to guess for anyone who can reach the gateway; {TOKEN_HELP}")
+    for url in config.ollama_base_urls:
+        if not urlsplit(url).path.rstrip("/").endswith("/v1"):
+            warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} does not end in /v1, where Ollama's "
+                            f"OpenAI-compatible API is: write {with_v1(url)}")
+    return warnings
+
+
+def with_v1(url: str) -> str:
+    """Where a base URL without /v1 most likely meant to point: the /v1 under its origin, or under its path."""
+    parts = urlsplit(shown_url(url))
+    path = parts.path.rstrip("/")
+    if "/v1/" in path:  # the URL of an endpoint, such as .../v1/chat/completions
+        path = path[:path.index("/v1/")] + "/v1"
+    elif path.endswith("/api"):  # Ollama's native API
+        path = path.removesuffix("/api") + "/v1"
+    else:
+        path += "/v1"
+    return urlunsplit(parts._replace(path=path))
 
 
 ###############################################################################
@@ -947,6 +1084,9 @@ class Gateway:
         self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
         self.grace_timer: asyncio.TimerHandle | None = None
         self.screening = False  # ALLOWED_IPS or TRUSTED_PROXIES is set
+        # Set by `python modelgate.py`, for the start-up summary: where the settings came from, where it listens.
+        self.sources: Sources | None = None
+        self.listening: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -1265,8 +1405,10 @@ class Gateway:
         self.limits = Limits(config, metrics) if config.rate_limit_rpm or config.max_concurrent_per_token else None
         self.coalescer = Coalescer(metrics) if config.coalesce else None
         self.config = config
-        hosts = ", ".join(f"{u.name} ({len(u.hosts)} host{'s' * (len(u.hosts) > 1)})" for u in self.upstreams.values())
-        log.info("ModelGate %s: default provider %s; providers: %s", __version__, config.default_provider, hosts)
+        for line in summary(config, self.sources, self.listening, self.environ):  # log: the start-up summary
+            log.info("%s", line)
+        for warning in config_warnings(config, self.sources):
+            log.warning("%s", warning)
 
     def shut_down(self) -> None:
         """SIGTERM: send nothing new upstream, and cancel what still runs after SHUTDOWN_GRACE_SECONDS.
@@ -2155,7 +2297,6 @@ DIALECTS: dict[str, Dialect] = {
 }
 
 
-
 def error_body(message: str, type_: str, code: str | None) -> bytes:
     """An error in the OpenAI shape, which every error had before there were dialects."""
     return openai_error(0, message, type_, code)
@@ -3011,15 +3152,11 @@ class Pool:
 
 def main() -> None:
     """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C."""
-    try:
-        if os.path.exists(".env"):
-            read_dotenv(".env", os.environ)
-        config = load_config(os.environ)
-    except (ConfigError, OSError, UnicodeDecodeError) as exc:
-        sys.exit(f"modelgate: {exc}")
+    config, sources = settings()
     setup_logging(config.log_format)
     setup_logging(config.log_format, logging.getLogger("uvicorn"))  # its start and stop lines, in our format
     raise_file_limit()
+    app.sources = sources
     server = uvicorn_server(config)
     # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
@@ -3029,6 +3166,21 @@ def main() -> None:
         server.run()
     except KeyboardInterrupt:
         pass
+
+
+def settings() -> tuple[Config, Sources]:
+    """The settings from ./.env and the environment, or exit 1 with one line saying what is wrong."""
+    try:
+        sources = read_settings(os.getcwd(), os.environ)
+    except ConfigError as exc:
+        sys.exit(f"modelgate: {exc}")
+    try:
+        return load_config(os.environ), sources
+    except ConfigError as exc:
+        for warning in sources.warnings:  # a misspelt key may be why a setting is missing
+            print(f"modelgate: warning: {warning}", file=sys.stderr)
+        where = f"read {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}"
+        sys.exit(f"modelgate: {exc} ({where})")
 
 
 # A connection must deliver a complete request head this long after it opens (or, on a kept-alive

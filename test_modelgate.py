@@ -1229,14 +1229,15 @@ def test_empty_values_mean_the_default() -> None:
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path: Any) -> None:
-    """.env lines (comments, quotes, export) fill in what the environment does not already set."""
-    path = tmp_path / ".env"
-    path.write_text("# ModelGate\nMODELGATE_TOKEN='from-file'\nexport PORT=9000 # the port\n\n"
-                    'OLLAMA_BASE_URL="http://ollama:11434/v1"\nCORS_ALLOW_ORIGINS=a#b\n')
-    env = {"PORT": "8011"}
-    modelgate.read_dotenv(str(path), env)
+    """.env lines (comments, quotes, export) fill in what the environment does not already set to something."""
+    (tmp_path / ".env").write_text("# ModelGate\nMODELGATE_TOKEN='from-file'\nexport PORT=9000 # the port\n\n"
+                                   'OLLAMA_BASE_URL="http://ollama:11434/v1" # Ollama\nCORS_ALLOW_ORIGINS=a#b\n'
+                                   "HOST=127.0.0.1\nLOG_FORMAT=\"a \\\"b\\\"\"\n")
+    env = {"PORT": "8011", "HOST": "", "TZ": "UTC"}
+    sources = modelgate.read_settings(str(tmp_path), env)
     assert env == {"MODELGATE_TOKEN": "from-file", "PORT": "8011", "OLLAMA_BASE_URL": "http://ollama:11434/v1",
-                   "CORS_ALLOW_ORIGINS": "a#b"}
+                   "CORS_ALLOW_ORIGINS": "a#b", "HOST": "127.0.0.1", "LOG_FORMAT": 'a "b"', "TZ": "UTC"}
+    assert sources == modelgate.Sources(str(tmp_path), str(tmp_path / ".env"), ("PORT",), ("PORT",), ())
 
 
 def test_dotenv_bad_line_names_the_line(tmp_path: Any) -> None:
@@ -1244,7 +1245,101 @@ def test_dotenv_bad_line_names_the_line(tmp_path: Any) -> None:
     path = tmp_path / ".env"
     path.write_text("MODELGATE_TOKEN=x\nthis is not a setting\n")
     with pytest.raises(modelgate.ConfigError, match="line 2"):
-        modelgate.read_dotenv(str(path), {})
+        modelgate.read_dotenv(str(path))
+
+
+DOTENV_QUOTES_LEFT_OPEN = ['MODELGATE_TOKEN="abc', "MODELGATE_TOKEN='abc", 'MODELGATE_TOKEN="abc\\"',
+                           "MODELGATE_TOKEN='abc\"", 'MODELGATE_TOKEN="abc" def']
+
+
+@pytest.mark.parametrize("line", DOTENV_QUOTES_LEFT_OPEN)
+def test_dotenv_quote_left_open_is_an_error_naming_the_line(tmp_path: Any, line: str) -> None:
+    """A quoted value that is never closed (or has text after its closing quote) stops start-up, naming the line."""
+    (tmp_path / ".env").write_text(f"PORT=8010\n{line}\nHOST=127.0.0.1\n")
+    with pytest.raises(modelgate.ConfigError, match=r"\.env line 2: .*quote") as failure:
+        modelgate.read_settings(str(tmp_path), {})
+    assert "abc" not in str(failure.value)  # the value may be a token
+
+
+def test_dotenv_key_given_twice_takes_the_last_line_as_docker_compose_does(tmp_path: Any) -> None:
+    """`cp .env.example .env` and an appended MODELGATE_TOKEN line: the appended token counts, as it does for
+    docker compose (1.29 and 2.x both take the last line), and the log names the line that was ignored."""
+    example = (Path(modelgate.__file__).parent / ".env.example").read_text(encoding="utf-8")
+    (tmp_path / ".env").write_text(example + f"MODELGATE_TOKEN={TOKEN}\n")
+    env: dict[str, str] = {}
+    sources = modelgate.read_settings(str(tmp_path), env)
+    assert modelgate.load_config(env).tokens == (TOKEN.encode(),)
+    ignored = 1 + example.splitlines().index("MODELGATE_TOKEN=")
+    assert sources.warnings == (f"{tmp_path / '.env'} line {ignored} is ignored: line "
+                                f"{example.count(chr(10)) + 1} sets MODELGATE_TOKEN again, and the last one counts "
+                                "(as docker compose reads the file)",)
+    assert TOKEN not in sources.warnings[0]
+
+
+DOTENV_KEYS = [
+    # (key in .env, what the start-up log says about it: "" for nothing)
+    ("OLAMA_BASE_URL", "did you mean OLLAMA_BASE_URL?"),
+    ("MODELGATE_TOKN", "did you mean MODELGATE_TOKEN?"),
+    ("ollama_base_url", "did you mean OLLAMA_BASE_URL?"),
+    ("OPENAI_KEY", "did you mean OPENAI_API_KEY?"),
+    ("OLLAMA_BASE_URL", ""),
+    ("MODELGATE_PORT", ""),  # docker compose's, close to MODELGATE_TOKEN
+    ("COMPOSE_PROFILES", ""),
+    ("TZ", ""),
+    ("OLLAMA_MODELS", ""),
+]
+
+
+@pytest.mark.parametrize("key, hint", DOTENV_KEYS)
+def test_dotenv_key_close_to_a_setting_gets_did_you_mean(tmp_path: Any, key: str, hint: str) -> None:
+    """A .env key that is not a setting but close to one is named with the setting it may have meant."""
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\n{key}=http://ollama:11434/v1\n")
+    warnings = modelgate.read_settings(str(tmp_path), {}).warnings
+    if hint:
+        assert warnings == (f"{tmp_path / '.env'} line 2: {key} is not a setting of ModelGate; {hint}",)
+    else:
+        assert warnings == ()
+
+
+def test_dotenv_with_a_byte_order_mark_is_read(tmp_path: Any) -> None:
+    """A .env saved with a UTF-8 BOM (Windows' Notepad) reads its first line like any other."""
+    (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfMODELGATE_TOKEN=" + TOKEN.encode() + b"\r\nPORT=9000\r\n")
+    env: dict[str, str] = {}
+    assert modelgate.read_settings(str(tmp_path), env).warnings == ()
+    assert env == {"MODELGATE_TOKEN": TOKEN, "PORT": "9000"}
+
+
+BASE_URL_WARNINGS = [
+    # (OLLAMA_BASE_URL, what the warning says to write instead, or None for no warning)
+    ("http://nas:11434", "http://nas:11434/v1"),
+    ("http://nas:11434/", "http://nas:11434/v1"),
+    ("http://nas:11434/api", "http://nas:11434/v1"),
+    ("http://nas:11434/v1/chat/completions", "http://nas:11434/v1"),
+    ("https://proxy.lan/ollama", "https://proxy.lan/ollama/v1"),
+    ("http://[::1]:11434", "http://[::1]:11434/v1"),
+    ("http://nas:11434/v1", None),
+    ("http://nas:11434/v1/", None),
+    ("https://proxy.lan/ollama/v1", None),
+]
+
+
+@pytest.mark.parametrize("url, write", BASE_URL_WARNINGS)
+async def test_an_ollama_base_url_without_v1_gets_a_warning_saying_what_to_write(url: str, write: str | None) -> None:
+    """OLLAMA_BASE_URL whose path does not end in /v1 (the most common mistake) is a start-up warning that
+    says what to write, also under `uvicorn modelgate:app`."""
+    async with captured_log(keep=lambda record: (record.levelname, record.getMessage())) as records:
+        async with gateway(OLLAMA_BASE_URL=url):
+            pass
+    shown = url.rstrip("/")  # as the gateway uses it
+    warnings = [message for level, message in records if level == "WARNING"]
+    if write is None:
+        assert warnings == []
+    else:
+        assert warnings == [f"OLLAMA_BASE_URL {shown} does not end in /v1, where Ollama's OpenAI-compatible API "
+                            f"is: write {write}"]
+    infos = [message for level, message in records if level == "INFO"]
+    assert infos[0] == f"ModelGate {modelgate.__version__}" and f"ollama: {shown} (default provider)" in infos
+    assert ".env: not read under `uvicorn modelgate:app` (give uvicorn --env-file .env)" in infos
 
 
 def test_tls_files_that_are_not_a_certificate_and_key_stop_startup(tmp_path: Any) -> None:
@@ -3377,7 +3472,7 @@ async def test_the_worked_example_of_env_example_does_what_it_says(tmp_path: Any
     dotenv = tmp_path / ".env"
     dotenv.write_text("\n".join(lines).replace("<token one>", TOKEN).replace("<token two>", OTHER_TOKEN) + "\n")
     read: dict[str, str] = {}
-    modelgate.read_dotenv(str(dotenv), read)
+    assert modelgate.read_settings(str(tmp_path), read).warnings == ()
     assert set(read) == {"MODELGATE_TOKEN", "MODEL_ALIASES", "TOKEN_MODELS", "MODEL_DEFAULTS"}
     answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 38, "completion_tokens": 12, "total_tokens": 50}}
     async with upstream(json_reply(document=answer_with_usage)) as up, gateway(OLLAMA_BASE_URL=up.url, **read) as app:
@@ -3563,6 +3658,25 @@ async def test_command_line_start_up_error_hides_the_password(tmp_path: Any) -> 
     assert await process.wait() != 0
     assert b"OLLAMA_BASE_URL" in output and b"http://u:***@127.0.0.1:99999/v1" in output
     assert b"S3CRET" not in output
+
+
+async def test_command_line_without_a_token_says_which_env_it_read_or_missed(tmp_path: Any) -> None:
+    """Started where there is no .env (as systemd does), the error says so; with a .env whose token key is
+    misspelt, it names that line and the key it meant."""
+    process = await start_command_line(tmp_path, {})
+    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+    assert await process.wait() == 1
+    assert output.count("\n") == 1 and "MODELGATE_TOKEN is empty" in output and f"no .env in {tmp_path}" in output
+
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKN={TOKEN}\n")
+    process = await start_command_line(tmp_path, {})
+    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+    assert await process.wait() == 1
+    warning, error = output.splitlines()
+    assert f"{tmp_path / '.env'} line 1: MODELGATE_TOKN is not a setting" in warning
+    assert "did you mean MODELGATE_TOKEN?" in warning
+    assert "MODELGATE_TOKEN is empty" in error and f"read {tmp_path / '.env'}" in error
+    assert TOKEN not in output
 
 
 async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
