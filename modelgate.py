@@ -315,6 +315,21 @@ UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
 # The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
 UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
 
+# Why a request is refused with 401 (ERRORS' "unauthorized"), in words that tell the person what to fix and
+# tell nothing about the tokens the gateway holds: not how many, nor how close the one sent came.
+AUTH_FAILURES = {
+    "no credentials": "No token was sent. Put the gateway's token in the API key field of your app; it is sent "
+                      "as `Authorization: Bearer <token>` (or as `x-api-key`, or as the password of HTTP Basic).",
+    "empty token": "The request names no token: `Bearer` (or `x-api-key`) with nothing after it. Put the "
+                   "gateway's token in the API key field of your app.",
+    "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the "
+                  "password. Send the gateway's token as `Authorization: Bearer <token>` (the API key field of "
+                  "your app).",
+    "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
+                     "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
+                     "tokens (MODELGATE_TOKEN).",
+}
+
 # The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
 UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                         404: "not_found_error", 429: "rate_limit_error"}
@@ -324,12 +339,13 @@ class GatewayError(Exception):
     """A failure answered before the response started, with the status, type and code ERRORS gives its
     situation (as h11's ProtocolError carries its error_status_hint)."""
 
-    def __init__(self, situation: str, message: str, headers: Headers | None = None) -> None:
+    def __init__(self, situation: str, message: str, headers: Headers | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.situation = situation
         self.status, self.type, self.code = ERRORS[situation]
         self.message = message
         self.headers = headers or []
+        self.detail = detail  # for the log line only: the cause, the host; never a secret
 
 
 class Answer(NamedTuple):
@@ -895,38 +911,52 @@ def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) ->
     return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
 
 
-def presented(headers: Headers) -> list[bytes]:
+def presented(headers: Headers) -> tuple[list[bytes], str]:
     """What a client sends as its token, in any of the three ways clients do:
     `Authorization: Bearer <token>` (OpenAI SDKs, the ollama libraries), `x-api-key: <token>` (Anthropic
     SDKs, FluentRead's and kiss-translator's Claude services) and HTTP Basic with the token as the password
-    (`http://anything:<token>@gateway`, for a client that only takes a URL; llama-swap accepts the same)."""
-    found = []
+    (`http://anything:<token>@gateway`, for a client that only takes a URL; llama-swap accepts the same);
+    and, for when nothing of it is a token, why not: a key of AUTH_FAILURES."""
+    found, problems = [], set()
     for name, value in headers:
         name = name.lower()
         if name == b"authorization":
-            scheme, _, credential = value.partition(b" ")
-            scheme = scheme.lower()
-            if scheme == b"bearer":
-                found.append(credential.strip())
-            elif scheme == b"basic":
+            scheme, _, credential = value.strip().partition(b" ")
+            scheme, credential = scheme.lower(), credential.strip()
+            if scheme == b"basic":
                 try:
-                    pair = base64.b64decode(credential.strip(), validate=True)
+                    pair = base64.b64decode(credential, validate=True)
                 except ValueError:  # binascii.Error
+                    pair = b""
+                _, colon, credential = pair.partition(b":")  # RFC 7617: the user name holds no ':'
+                if not colon:
+                    problems.add("not Bearer")
                     continue
-                _, colon, password = pair.partition(b":")  # RFC 7617: the user name holds no ':'
-                if colon:
-                    found.append(password)
+            elif scheme != b"bearer":
+                problems.add("not Bearer" if scheme else "no credentials")
+                continue
         elif name == b"x-api-key":
-            found.append(value.strip())
-    return found
+            credential = value.strip()
+        else:
+            continue
+        if credential:
+            found.append(credential)
+        else:
+            problems.add("empty token")
+    return found, next((p for p in ("not Bearer", "empty token") if p in problems), "no credentials")
 
 
-def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str | None:
-    """The name of the token the client sent, or None; compared in constant time against every token."""
+def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
+    """The name of the token the client sent, compared in constant time against every token; a
+    GatewayError saying which of AUTH_FAILURES it was when there is none."""
+    credentials, failure = presented(headers)
     # Every credential is compared with every token, no early exit: the time taken does not tell which one
     # (nearly) matched.
-    matches = [hmac.compare_digest(credential, expected) for credential in presented(headers) for expected in tokens]
-    return names[matches.index(True) % len(tokens)] if True in matches else None
+    matches = [hmac.compare_digest(credential, expected) for credential in credentials for expected in tokens]
+    if True in matches:
+        return names[matches.index(True) % len(tokens)]
+    raise GatewayError("unauthorized", AUTH_FAILURES["unknown token" if credentials else failure],
+                       detail="unknown token" if credentials else failure)
 
 
 class TokenBucket:
@@ -1102,7 +1132,7 @@ class Gateway:
             try:
                 answer = await self.dispatch(ex)
             except GatewayError as error:
-                ex.error = error.situation
+                ex.error = f"{error.situation} ({error.detail})" if error.detail else error.situation
                 answer = error_answer(error, ex)
             if answer is not None:  # None: streamed already, or nobody is left to answer
                 if answer.status >= 400 and not ex.error:
@@ -1157,17 +1187,12 @@ class Gateway:
         if self.closing and not route.while_closing:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
         if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
-            name = authorized(ex.headers, config.tokens, config.token_names)
-            if name is None:
-                raise GatewayError("unauthorized", "Missing or wrong token. Send the gateway's token (the API key "
-                                   "field of your app) as `Authorization: Bearer <token>`, as `x-api-key: <token>`, "
-                                   "or as the password of HTTP Basic.")
-            ex.token = name
+            ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
             if route.admin and name not in config.ollama_admin_tokens:
                 raise GatewayError("admin_only", f"The token named {name!r} may not pull, push, create, copy or "
                                    "delete models: only the tokens named in OLLAMA_ADMIN_TOKENS may.")
             if self.limits is not None and route.limited:  # not /metrics: a scraper is not an app
-                ex.holds_slot = self.limits.admit(name)
+                ex.holds_slot = self.limits.admit(ex.token)
         return await handler(ex)
 
     def screen(self, ex: Exchange) -> None:

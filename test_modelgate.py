@@ -1465,31 +1465,50 @@ async def test_spoofed_forwarded_for_is_ignored_over_uvicorn() -> None:
 ###############################################################################
 
 AUTH_TABLE = [
-    # (Authorization header or None, status)
-    (None, 401),
-    (b"", 401),
-    (b"Bearer", 401),
-    (b"Bearer ", 401),
-    (b"Basic " + TOKEN.encode(), 401),
-    (b"Bearer wrong-token", 401),
-    (b"Bearer " + TOKEN.encode() + b"x", 401),
-    (b"Bearer " + TOKEN[:-1].encode(), 401),
-    (b"Bearer " + TOKEN.encode(), 200),
-    (b"bearer " + TOKEN.encode(), 200),
-    (b"Bearer " + OTHER_TOKEN.encode(), 200),
+    # (the request's credential headers, status, what the 401 says was wrong)
+    ([], 401, "No token was sent."),
+    ([(b"authorization", b"")], 401, "No token was sent."),
+    ([(b"authorization", b"Bearer")], 401, "names no token"),
+    ([(b"authorization", b"Bearer ")], 401, "names no token"),
+    ([(b"x-api-key", b"")], 401, "names no token"),
+    ([(b"authorization", b"Basic " + TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
+    ([(b"authorization", TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
+    ([(b"authorization", b"Token " + TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
+    ([(b"authorization", b"Bearer wrong-token")], 401, "not one this gateway accepts"),
+    ([(b"authorization", b"Bearer " + TOKEN.encode() + b"x")], 401, "not one this gateway accepts"),
+    ([(b"authorization", b"Bearer " + TOKEN[:-1].encode())], 401, "not one this gateway accepts"),
+    ([(b"x-api-key", b"wrong-token")], 401, "not one this gateway accepts"),
+    ([(b"authorization", b"Token x"), (b"x-api-key", b"wrong-token")], 401, "not one this gateway accepts"),
+    ([(b"authorization", b"Bearer " + TOKEN.encode())], 200, None),
+    ([(b"authorization", b"bearer " + TOKEN.encode())], 200, None),
+    ([(b"authorization", b"Bearer " + OTHER_TOKEN.encode())], 200, None),
 ]
 
 
-@pytest.mark.parametrize("authorization, status", AUTH_TABLE)
-async def test_auth_table(authorization: bytes | None, status: int) -> None:
-    """Only `Bearer <a configured token>` gets through; anything else is an OpenAI-style 401."""
-    headers = [] if authorization is None else [(b"authorization", authorization)]
-    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+@pytest.mark.parametrize("headers, status, reason", AUTH_TABLE)
+async def test_auth_table(headers: list, status: int, reason: str | None) -> None:
+    """Only a configured token gets through; anything else is an OpenAI-style 401 that says which it was: no
+    token sent, one named empty, an Authorization header of another kind, or a token the gateway does not hold."""
+    async with captured_log() as lines, upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await chat(app, headers=headers)
     assert answer.status == status
     if status == 401:
-        assert_error(answer, 401, "authentication_error")
+        assert reason in assert_error(answer, 401, "authentication_error", "invalid_api_key")["message"]
         assert up.requests == []
+        [line] = [line for line in lines if line.startswith("POST ")]
+        assert re.search(r" error=unauthorized \((no credentials|empty token|not Bearer|unknown token)\) ", line)
+
+
+async def test_a_wrong_token_tells_nothing_about_the_right_ones() -> None:
+    """A token one character off and one nothing like any configured token get the very same 401, which
+    names no token, no token name and no count."""
+    async with gateway(MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
+        near = await chat(app, headers=[(b"authorization", b"Bearer " + TOKEN[:-1].encode())])
+        far = await chat(app, headers=[(b"authorization", b"Bearer x")])
+    assert near.body == far.body
+    message = assert_error(near, 401, "authentication_error")["message"]
+    for secret in (TOKEN, TOKEN[:8], OTHER_TOKEN[:8], "fluentread", "2", "two"):
+        assert secret not in message
 
 
 async def test_metrics_need_a_token_unless_public() -> None:
