@@ -104,6 +104,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import time
 from collections import deque
@@ -296,6 +297,11 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "upstream_timeout": (504, "api_error", "upstream_timeout"),
 }
 
+
+class TLSError(httpcore.ConnectError):
+    """The TLS handshake with an upstream failed: most often an https:// URL for a plain-HTTP server."""
+
+
 # How an httpcore failure before the response started is told to the client, first match wins
 # (httpcore's map_exceptions, Caddy's statusError). {name} is the provider, {url} its URL variable.
 UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
@@ -305,6 +311,9 @@ UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
     (httpcore.TimeoutException, "upstream_timeout",
      "{name} did not answer within TIMEOUT_SECONDS. The model may still be loading: try again, "
      "or raise TIMEOUT_SECONDS."),
+    (TLSError, "upstream_unavailable",
+     "The TLS handshake with {name} failed: is this upstream plain http? Then write http:// in {url}. "
+     "If it does speak https, check its certificate."),
     (httpcore.ConnectError, "upstream_unavailable",
      "Could not connect to {name}: refused or unreachable. Check that it is running and {url} is right."),
     (httpcore.RemoteProtocolError, "upstream_unavailable",
@@ -1259,16 +1268,25 @@ class Gateway:
             return None
         route = ROUTES[ex.route]
         document, body = routed_body(ex, body, self.config)
+        not_found = self.unprefixed(ex.model, ex.provider) if by_default(ex.model, self.config, ex.dialect) else ""
         upstream = self.upstreams[ex.provider]
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
         path = (ex.path if DIALECTS[ex.dialect].native else ex.path.removeprefix("/v1")).encode()
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
         if not stream and self.coalescer is not None and not route.admin:  # an admin's request is never joined
-            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
-        answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream))
+            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body, not_found))
+        answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream, not_found=not_found))
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
             ex.usage = answer.usage
         return answer
+
+    def unprefixed(self, model: str, provider: str) -> str:
+        """What a 404 for a model given without a prefix adds: where it went, and how to send it elsewhere."""
+        said = f" ModelGate sent {model!r} to {provider}, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix"
+        other = "openai" if provider == "ollama" else "ollama"
+        if other in self.upstreams:
+            return f"{said}; to send it to {other}, write {other}/{model}."
+        return f"{said}. GET /v1/models lists the models there."
 
     async def ollama_models(self, ex: Exchange) -> Answer | None:
         """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
@@ -1555,6 +1573,13 @@ def resolve(model: str, config: Config, dialect: Dialect | None = None, aliases:
     return dialect.provider, route_to_only(dialect, target)
 
 
+def by_default(model: str, config: Config, dialect: str) -> bool:
+    """Whether the model went to DEFAULT_PROVIDER for want of a prefix: no alias, no door of one provider."""
+    prefix, slash, _ = model.partition("/")
+    return (DIALECTS[dialect].provider is None and model not in config.model_aliases
+            and not (slash and prefix in PROVIDERS))
+
+
 def may_use(config: Config, token: str, model_id: str) -> bool:
     """Whether TOKEN_MODELS lets the token of that name use `provider/name`; a token without an entry may."""
     patterns = config.token_models.get(token)
@@ -1826,13 +1851,14 @@ SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
 
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
-                stream: bool, shared: bool = False) -> Answer | None:
+                stream: bool, shared: bool = False, not_found: str = "") -> Answer | None:
     """Send one request upstream with the client's headers, and relay its answer:
 
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
     2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY)
-       made OpenAI-shaped.
+       made OpenAI-shaped; a 404 also says what to check (`not_found`: where a model without a prefix
+       went).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is relayed chunk by chunk as it arrives, and its end checked against the route's
        (relay_events).
@@ -1845,7 +1871,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect)
     try:
         if response.status >= 400:
-            return await upstream.error_answer(response, ex.dialect)
+            return await upstream.error_answer(response, ex.dialect, not_found)
         if stream and media_type(response.headers) == DIALECTS[ex.dialect].stream_type:
             await relay_events(gw, ex, upstream, response)
             return None
@@ -1877,7 +1903,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
             held.append(chunk)
             size += len(chunk)
     except UPSTREAM_EXCEPTIONS as exc:
-        raise upstream.translate(exc) from exc
+        raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
     length = [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"]
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)  # a client that stops reading lets the upstream go
@@ -1893,7 +1919,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
             chunk = await anext(chunks, None)
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
-        ex.error = f"upstream_body_error ({type(exc).__name__}: {exc})"
+        ex.error = f"upstream_body_error ({upstream.where(response.extensions.get(HOST_EXTENSION))} {cause(exc)})"
         return None  # the response stays incomplete and uvicorn closes the connection: all we can do
     except asyncio.CancelledError as exc:
         if watch.reason != "shutdown":
@@ -1920,7 +1946,7 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
     try:
         chunk = await anext(chunks, None)
     except UPSTREAM_EXCEPTIONS as exc:
-        raise upstream.translate(exc) from exc
+        raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
     ex.ttfb = time.perf_counter() - ex.t0
     headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
     end, cut, last, first = STREAM_ENDS[ROUTES[ex.route].end](), "", b"", chunk or b""
@@ -1947,7 +1973,8 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
-        ex.error = f"upstream_stream_error ({type(exc).__name__}: {exc})"
+        where = upstream.where(response.extensions.get(HOST_EXTENSION))
+        ex.error = f"upstream_stream_error ({where} {cause(exc)})"
     except asyncio.CancelledError as exc:
         if watch.reason != "shutdown":
             raise  # the client left: there is nobody to tell
@@ -2333,12 +2360,13 @@ def error_answer(error: GatewayError, ex: Exchange) -> Answer:
     return Answer(error.status, [JSON, *error.headers], body)
 
 
-def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: str = "openai") -> Answer:
+def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: str = "openai",
+                   hint: str = "") -> Answer:
     """An upstream error response as the client gets it: same status, in the client's dialect.
 
-    A body already in that shape passes unchanged; anything else is wrapped, its text as the message,
-    so that tools which show `error.message` (FluentRead) or parse JSON (openai-translator) tell the
-    user what the upstream said.
+    A body already in that shape passes unchanged, but for `hint` added to its message; anything else
+    is wrapped, its text as the message, so that tools which show `error.message` (FluentRead) or parse
+    JSON (openai-translator) tell the user what the upstream said.
     """
     kept = response_headers(headers)
     try:
@@ -2346,6 +2374,10 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
     except ValueError:
         document = None
     if DIALECTS[dialect].own_error(document):
+        error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
+        if hint and isinstance(error, dict) and isinstance(error.get("message"), str):
+            error["message"] = sentence(error["message"]) + hint
+            body = json.dumps(document).encode()
         return Answer(status, kept, body)
     text = ""
     if isinstance(document, dict):  # Ollama's native {"error": "..."}, FastAPI's {"detail": "..."}
@@ -2361,13 +2393,21 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
     phrase = f"{status} {PHRASES.get(status, '')}".strip()
     message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
     if status in (401, 403):
-        message += f" Check {KEY_VARIABLE[name]}."
+        message = sentence(message) + f" Check {KEY_VARIABLE[name]}."
     if dialect == "anthropic" and status == 404 and document is None:  # gin's "404 page not found"
-        message += " Ollama serves the Anthropic Messages API since v0.14: update it."
+        message = sentence(message) + " Ollama serves the Anthropic Messages API since v0.14: update it."
+    if hint:
+        message = sentence(message) + hint
     kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
     kept.append(JSON)
     return Answer(status, kept, DIALECTS[dialect].error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
                                                         None))
+
+
+def sentence(text: str) -> str:
+    """`text` ending as a sentence does, so that more can follow."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?", "…")) else text + "."
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
@@ -2420,6 +2460,7 @@ class Host:
     def __init__(self, number: int, base_url: str) -> None:
         url = urlsplit(base_url)
         self.number = number  # 1 for the first one listed: what logs, metrics and /ready show, never the URL
+        self.base_url = base_url  # for the start-up summary and --check only
         self.scheme = url.scheme.encode()
         self.host = url.hostname.encode("idna")
         self.port = url.port or (443 if url.scheme == "https" else 80)
@@ -2431,11 +2472,34 @@ class Host:
         self.down_until = 0.0  # time.monotonic() before which other hosts go first
 
 
-def upstream_failure(exc: Exception, name: str) -> GatewayError:
-    """One of the UPSTREAM_EXCEPTIONS as the error the client gets (UPSTREAM_FAILURES)."""
+# Where an upstream response notes the Host it came from (httpcore keeps its own keys in the same dict).
+HOST_EXTENSION = "modelgate.host"
+
+
+def upstream_failure(exc: Exception, name: str, where: str = "") -> GatewayError:
+    """One of the UPSTREAM_EXCEPTIONS as the error the client gets (UPSTREAM_FAILURES); the log line gets
+    where (`ollama/1`) and the cause."""
     situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
                               if isinstance(exc, exc_type))
-    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]))
+    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]),
+                        detail=f"{where or name} {cause(exc)}")
+
+
+def cause(exc: BaseException) -> str:
+    """What went wrong under an httpcore exception, for the log: its class and the system's or TLS's
+    reason, without addresses (hosts are named by number) and cut short."""
+    root = exc.__cause__ or exc
+    if isinstance(root, ssl.SSLCertVerificationError):
+        reason = root.verify_message
+    elif isinstance(root, ssl.SSLError):
+        reason = root.reason or str(root)
+    elif isinstance(root, OSError) and root.errno and not isinstance(root, socket.gaierror):
+        reason = os.strerror(root.errno)  # "Connection refused", not "Connect call failed ('10.0.0.5', 11434)"
+    elif isinstance(root, OSError) and root.strerror:
+        reason = root.strerror
+    else:
+        reason = str(root) or type(root).__name__
+    return printable(f"{type(exc).__name__}: {reason}"[:160])
 
 
 class Upstream:
@@ -2486,39 +2550,46 @@ class Upstream:
         Anything that fails later is the answer, so that no generation ever runs twice.
         """
         hosts = self.by_preference() if host is None else [host]
+        causes = []
         for tried, host in enumerate(hosts, 1):
             try:
                 response = await host.pool.handle_async_request(
                     self.request(host, method, path, client_headers, body, dialect))
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = self.translate(exc)
+                failure = self.translate(exc, host)
+                causes.append(failure.detail)
                 host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
                 if len(self.hosts) > 1:  # log: which host is passed over, without its URL
                     log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
-                                type(exc).__name__, HOST_COOLDOWN_SECONDS)
+                                cause(exc), HOST_COOLDOWN_SECONDS)
                 if tried < len(hosts):
                     continue
                 if tried > 1:
                     failure = GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} "
                                            f"{self.name} hosts tried: refused, unreachable or too slow. Check that "
-                                           f"they are running and {URL_VARIABLE[self.name]} lists them right.")
+                                           f"they are running and {URL_VARIABLE[self.name]} lists them right.",
+                                           detail=", ".join(causes))
                 raise failure from exc
             except UPSTREAM_EXCEPTIONS as exc:
-                failure = self.translate(exc)
+                failure = self.translate(exc, host)
                 # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
                 if isinstance(exc.__cause__, h11.RemoteProtocolError):
                     failure.headers.append((b"x-should-retry", b"false"))
                 raise failure from exc
             host.down_until = 0.0
+            response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
             return response
 
     def count_failure(self, kind: str) -> None:
         count(self.metrics.upstream_errors, (self.name, kind))
 
-    def translate(self, exc: Exception) -> GatewayError:
+    def translate(self, exc: Exception, host: Host | None) -> GatewayError:
         """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
         self.count_failure(type(exc).__name__)
-        return upstream_failure(exc, self.name)
+        return upstream_failure(exc, self.name, self.where(host))
+
+    def where(self, host: Host | None) -> str:
+        return f"{self.name}/{host.number}" if host is not None else self.name
 
     async def read(self, response: httpcore.Response, limit: int, cut: bool = False) -> tuple[bytes, bool]:
         """The body and True; or for a body of more than `limit` bytes, False and, with `cut`, its first
@@ -2531,7 +2602,7 @@ class Upstream:
                 if size > limit:
                     return b"".join(chunks) if cut else b"", False
         except UPSTREAM_EXCEPTIONS as exc:
-            raise self.translate(exc) from exc
+            raise self.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
         return b"".join(chunks), True
 
     async def read_held(self, response: httpcore.Response) -> bytes:
@@ -2546,10 +2617,19 @@ class Upstream:
                                [(b"x-should-retry", b"false")])
         return body
 
-    async def error_answer(self, response: httpcore.Response, dialect: str = "openai") -> Answer:
+    async def error_answer(self, response: httpcore.Response, dialect: str = "openai", not_found: str = "") -> Answer:
+        """The upstream's error status as the client gets it; a 404 says what to check (`not_found` from the
+        caller, a base URL without /v1 from here)."""
         self.count_failure(f"http_{response.status}")
         body, _ = await self.read(response, MAX_ERROR_BODY, cut=True)
-        return upstream_error(self.name, response.status, response.headers, body, dialect)
+        hint = ""
+        if response.status == 404:
+            host = response.extensions.get(HOST_EXTENSION)
+            if (self.name == "ollama" and not DIALECTS[dialect].native and host is not None
+                    and not host.path.endswith(b"/v1")):
+                hint = " Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1."
+            hint += not_found
+        return upstream_error(self.name, response.status, response.headers, body, dialect, hint)
 
     async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: str = "openai") -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
@@ -2564,7 +2644,8 @@ class Upstream:
             return json.loads(body)
         except ValueError:
             raise GatewayError("upstream_unavailable", f"{self.name} answered {path.decode()} with something "
-                               f"that is not JSON. Check that {URL_VARIABLE[self.name]} points at its API.") from None
+                               f"that is not JSON. Check that {URL_VARIABLE[self.name]} points at its API.",
+                               detail=f"{self.where(host)} answered {path.decode()} with no JSON") from None
 
     async def list_models(self, headers: Headers) -> list[dict] | Answer:
         """The provider's models, ids prefixed, from all its hosts without duplicates; when no host
@@ -2629,12 +2710,13 @@ class Coalescer:
         self.flights: dict[tuple, Flight] = {}
         self.metrics = metrics
 
-    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
+    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
+                     not_found: str = "") -> Answer:
         key = (ex.token, upstream.name, path, body)
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(
-                relay(gw, ex, upstream, path, body, stream=False, shared=True)))
+                relay(gw, ex, upstream, path, body, stream=False, shared=True, not_found=not_found)))
             flight.task.add_done_callback(lambda task: self.forget(key, flight))
         else:
             ex.coalesced = True
@@ -2973,7 +3055,13 @@ class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         try:
             _, stream = await wait_at_most(timeout, loop.create_connection(cls, host, port, ssl=tls),
                                            httpcore.ConnectTimeout(f"no connection within {timeout} s"))
-        except OSError as exc:  # refused, unreachable, unknown host, TLS failure (ssl.SSLError)
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            # With TCP connected, only the handshake is left to fail: a plain-HTTP server answers the
+            # ClientHello with a 400 (WRONG_VERSION_NUMBER) or hangs up.
+            if tls is None:
+                raise httpcore.ConnectError(str(exc)) from exc
+            raise TLSError(str(exc)) from exc
+        except OSError as exc:  # refused, unreachable, unknown host
             raise httpcore.ConnectError(str(exc)) from exc
         return stream
 

@@ -348,6 +348,33 @@ async def upstream(reply: Reply) -> AsyncIterator[FakeUpstream]:
         up.server.close()
 
 
+async def answer_400(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A plain-HTTP server's answer to bytes that are no request, such as a TLS ClientHello (Go's net/http,
+    and so Ollama, answers 400 and closes)."""
+    await reader.read(1)
+    writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n"
+                 b"400 Bad Request")
+    await writer.drain()
+    writer.close()
+
+
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server that closes the connection at the first bytes it gets."""
+    await reader.read(1)
+    writer.close()
+
+
+@asynccontextmanager
+async def listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                   ) -> AsyncIterator[int]:
+    """A loopback server that answers each connection with `handler`, below HTTP; yields its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
 def free_port() -> int:
     """A loopback port nothing holds (the socket that found it is closed again)."""
     with socket.socket() as sock:
@@ -1498,7 +1525,6 @@ async def test_auth_table(headers: list, status: int, reason: str | None) -> Non
         [line] = [line for line in lines if line.startswith("POST ")]
         assert re.search(r" error=unauthorized \((no credentials|empty token|not Bearer|unknown token)\) ", line)
 
-
 async def test_a_wrong_token_tells_nothing_about_the_right_ones() -> None:
     """A token one character off and one nothing like any configured token get the very same 401, which
     names no token, no token name and no count."""
@@ -2587,6 +2613,77 @@ async def test_upstream_error_status_is_passed_through(status: int, body: str, c
             assert answer.header(b"retry-after") == b"7"
 
 
+@pytest.mark.parametrize("handler", [answer_400, hang_up])
+async def test_https_to_a_plain_http_upstream_is_reported_as_tls(handler: Callable) -> None:
+    """https:// in OLLAMA_BASE_URL for an Ollama that speaks plain HTTP: the 502 says the TLS handshake failed
+    and asks whether it is plain http, not "refused"; the log line names the host by number and the cause."""
+    async with captured_log() as lines, listener(handler) as port, \
+            gateway(OLLAMA_BASE_URL=f"https://127.0.0.1:{port}/v1") as app:
+        answer = await chat(app)
+    message = assert_error(answer, 502, "api_error", "upstream_unavailable")["message"]
+    assert "TLS handshake with ollama failed" in message and "plain http?" in message
+    assert "write http:// in OLLAMA_BASE_URL" in message and "refused" not in message
+    [line] = [line for line in lines if line.startswith("POST ")]
+    assert " error=upstream_unavailable (ollama/1 TLSError: " in line and "127.0.0.1:" not in line
+
+
+LOGGED_CAUSES = [
+    # (upstream, settings, status, what the log line's error says)
+    ("refused", {}, 502, "error=upstream_unavailable (ollama/1 ConnectError: Connection refused)"),
+    ("silent", {"TIMEOUT_SECONDS": "0.2"}, 504, "error=upstream_timeout (ollama/1 ReadTimeout: "),
+    ("not http", {}, 502, "error=upstream_unavailable (ollama/1 RemoteProtocolError: "),
+    ("refused twice", {}, 502, "error=upstream_unavailable (ollama/1 ConnectError: Connection refused, "
+                               "ollama/2 ConnectError: Connection refused)"),
+]
+
+
+@pytest.mark.parametrize("kind, settings_, status, logged", LOGGED_CAUSES)
+async def test_the_502_or_504_log_line_carries_the_cause_and_host_number(kind: str, settings_: dict, status: int,
+                                                                         logged: str) -> None:
+    """The log line of a 502 or 504 says which host (by number, never its URL) and what happened."""
+    replies = {"silent": hang_reply, "not http": raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n")}
+    async with captured_log() as lines, upstream(replies.get(kind, hang_reply)) as up:
+        urls = {"refused": refused_url(), "refused twice": f"{refused_url()},{refused_url()}"}
+        async with gateway(OLLAMA_BASE_URL=urls.get(kind, up.url), **settings_) as app:
+            answer = await chat(app)
+    assert answer.status == status
+    [line] = [line for line in lines if line.startswith("POST ")]
+    assert logged in line and "127.0.0.1" not in line.partition(" client=")[0]
+
+
+NOT_FOUND_HINTS = [
+    # (base URL path, what the upstream's 404 says, model sent, OpenAI configured, what the message adds)
+    ("", b"404 page not found", "ollama/qwen2.5:7b", False,
+     "ollama answered 404 Not Found: 404 page not found. Check that OLLAMA_BASE_URL ends in /v1"),
+    ("/api", b"404 page not found", "ollama/qwen2.5:7b", False, "Check that OLLAMA_BASE_URL ends in /v1"),
+    ("/v1", b'{"error":{"message":"model \\"llama3\\" not found, try pulling it first","type":"api_error",'
+            b'"param":null,"code":null}}', "llama3", True,
+     'model "llama3" not found, try pulling it first. ModelGate sent \'llama3\' to ollama, the DEFAULT_PROVIDER, '
+     "as it has no ollama/ or openai/ prefix; to send it to openai, write openai/llama3."),
+    ("/v1", b'{"error":"model \\"llama3\\" not found, try pulling it first"}', "llama3", False,
+     "ModelGate sent 'llama3' to ollama, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix. "
+     "GET /v1/models lists the models there."),
+]
+
+
+@pytest.mark.parametrize("path, said, model, openai, hint", NOT_FOUND_HINTS)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_404_says_what_to_check(path: str, said: bytes, model: str, openai: bool, hint: str,
+                                        stream: bool) -> None:
+    """A 404 from an OLLAMA_BASE_URL that does not end in /v1 says to check that; a 404 for a model sent
+    without a prefix says where it went and how to send it to the other provider."""
+    content_type = "application/json" if said.startswith(b"{") else "text/plain"
+    async with upstream(json_reply(404, raw=said, content_type=content_type)) as up:
+        more = {"OPENAI_API_KEY": OPENAI_KEY, "OPENAI_BASE_URL": refused_url()} if openai else {}
+        async with gateway(OLLAMA_BASE_URL=up.url.removesuffix("/v1") + path, **more) as app:
+            answer = await chat(app, json.dumps({"model": model, "stream": stream}).encode())
+    passed_on = said.startswith(b'{"error":{')  # an OpenAI-shaped error keeps its type; others are wrapped
+    message = assert_error(answer, 404, "api_error" if passed_on else "not_found_error")["message"]
+    assert hint in message
+    assert ("ends in /v1" in message) == (path != "/v1")
+    assert ("DEFAULT_PROVIDER" in message) == ("/" not in model)
+
+
 UPSTREAM_FAILURE_STATUSES = [
     # (httpcore failure before the answer began, status, code, a variable the message must name or None),
     # as the README's error table documents them; {} is the provider.
@@ -2594,6 +2691,7 @@ UPSTREAM_FAILURE_STATUSES = [
     (httpcore.ConnectTimeout, 504, "upstream_timeout", "CONNECT_TIMEOUT_SECONDS"),
     (httpcore.ReadTimeout, 504, "upstream_timeout", "TIMEOUT_SECONDS"),
     (httpcore.WriteTimeout, 504, "upstream_timeout", "TIMEOUT_SECONDS"),
+    (modelgate.TLSError, 502, "upstream_unavailable", "{}_BASE_URL"),  # an https:// URL for plain HTTP
     (httpcore.ConnectError, 502, "upstream_unavailable", "{}_BASE_URL"),
     (httpcore.RemoteProtocolError, 502, "upstream_unavailable", "{}_BASE_URL"),
     (httpcore.ReadError, 502, "upstream_unavailable", None),
