@@ -94,6 +94,7 @@ import dataclasses
 import difflib
 import hashlib
 import hmac
+import html
 import ipaddress
 import json
 import json.decoder
@@ -219,8 +220,9 @@ ROUTES: dict[str, Route] = {
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
     "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect="anthropic", usage="anthropic"),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
-    # just works. The root answers what Ollama answers there, to the clients that probe it.
-    "/": Route({"GET": "ollama_root", "HEAD": "ollama_root"}, access="public", limited=False, dialect="ollama"),
+    # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
+    # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
+    "/": Route({"GET": "home", "HEAD": "ollama_root"}, access="public", limited=False, dialect="ollama"),
     "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama", streams_unless_false=True,
                        usage="ollama"),
     "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama",
@@ -1042,18 +1044,57 @@ BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")  # as Ollama names its blobs
 
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
 
+# GET / in a browser. The page runs no script, loads nothing and may not be framed.
+HOME_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"vary", b"accept"),
+                (b"x-content-type-options", b"nosniff"),
+                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
+HOME_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ModelGate is running</title>
+<style>
+body { font: 17px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 42rem; margin: 3rem auto;
+       padding: 0 1.25rem; color: #1d1d1f; background: #fff; }
+h1 { font-size: 1.8rem; margin-bottom: .2rem; }
+.version { color: #6e6e73; margin-top: 0; }
+.url { font: 1.3rem ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 6px;
+       padding: .6rem .9rem; user-select: all; overflow-wrap: anywhere; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 4px;
+       padding: .05rem .3rem; overflow-wrap: anywhere; }
+</style>
+</head>
+<body>
+<h1>ModelGate is running</h1>
+<p class="version">Version {version}</p>
+<p>This is an OpenAI-compatible gateway. Your apps talk to it at this base URL:</p>
+<p class="url">{base}</p>
+<p>Paste it where an app asks for the OpenAI base URL or API address, with the gateway's token as the API
+key, and pick a model such as <code>ollama/qwen2.5:7b</code>. Apps that want the whole address of the
+chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{base}/chat/completions</code>;
+apps that speak Ollama's own API (Open WebUI, Home Assistant, the ollama libraries) or Anthropic's take
+<code>{origin}</code>.</p>
+<p>How to set up each app: see <code>README.md</code>, beside <code>modelgate.py</code> where ModelGate was
+installed, under "Point your tools at it".</p>
+</body>
+</html>
+"""
+
 
 class Exchange:
     """One request and its answer, grouped as uvicorn groups a request-response cycle."""
 
-    __slots__ = ("method", "path", "headers", "receive", "route", "dialect", "client", "token", "holds_slot",
-                 "hides_usage", "send", "cors", "started", "status", "bytes_out", "watch",
+    __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
+                 "holds_slot", "hides_usage", "send", "cors", "started", "status", "bytes_out", "watch",
                  "request_id", "provider", "model", "upstream_model", "usage", "ttfb", "coalesced", "error", "t0")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
         self.method: str = scope["method"]
         self.path: str = scope["path"]
+        self.scheme: str = scope.get("scheme", "http")
+        self.server: tuple[str, int] | None = scope.get("server")
         self.headers: Headers = scope["headers"]
         self.receive = receive
         self.route = "other"  # the route table's key, for metrics: never the raw path
@@ -1335,7 +1376,8 @@ class Gateway:
 
     async def ollama_root(self, ex: Exchange) -> Answer:
         """GET and HEAD /: what Ollama answers there, for the clients that probe it."""
-        return Answer(200, [(b"content-type", b"text/plain; charset=utf-8")], b"Ollama is running")
+        return Answer(200, [(b"content-type", b"text/plain; charset=utf-8"), (b"vary", b"accept")],
+                      b"Ollama is running")  # Vary: a browser gets the page of home() at the same address
 
     async def models(self, ex: Exchange) -> Answer | None:
         """GET /v1/models: every provider's list, ids prefixed, then the aliases whose targets are listed, each
@@ -1387,6 +1429,19 @@ class Gateway:
 
     async def health(self, ex: Exchange) -> Answer:
         return Answer(200, [JSON], b'{"status":"ok"}')
+
+    async def home(self, ex: Exchange) -> Answer:
+        """GET /: a page for a person who opens the gateway's address in a browser (which asks for
+        text/html); what Ollama answers for any other client. Nothing about the configuration or upstreams."""
+        if b"text/html" not in ex.header(b"accept").lower():
+            return await self.ollama_root(ex)
+        host = ex.header(b"host").decode("latin-1")
+        if not host and ex.server:  # HTTP/1.0 without Host: the address the request came in on
+            host = f"{ex.server[0]}:{ex.server[1]}"
+        origin = html.escape(f"{ex.scheme}://{host}")  # the Host header is whatever the client wrote
+        page = HOME_PAGE.replace("{version}", html.escape(__version__)).replace("{base}", origin + "/v1")
+        page = page.replace("{origin}", origin)
+        return Answer(200, HOME_HEADERS, page.encode())
 
     async def ready(self, ex: Exchange) -> Answer | None:
         """GET /ready: 200 when a host of the default provider lists its models, else 503 naming the failures."""

@@ -496,11 +496,11 @@ async def gateway(ready_timeout: float | None = None, **overrides: str) -> Async
 
 async def call(app: Any, method: str, path: str, body: bytes = b"", headers: list | None = None,
                disconnect: asyncio.Event | None = None, on_message: Callable[[dict], None] | None = None,
-               body_parts: list[bytes] | None = None, client: str = "127.0.0.1") -> Answer:
+               body_parts: list[bytes] | None = None, client: str = "127.0.0.1", scheme: str = "http") -> Answer:
     """One request through the ASGI interface, as uvicorn would make it; checks message order.
 
     `disconnect`, when set, makes receive() report that the client left (as uvicorn does); `client` is
-    the peer's address.
+    the peer's address, `scheme` the request's.
     """
     headers = AUTH if headers is None else headers
     messages: list[dict] = []
@@ -536,7 +536,7 @@ async def call(app: Any, method: str, path: str, body: bytes = b"", headers: lis
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
              "headers": list(headers), "client": (client, 50000), "server": ("127.0.0.1", 8010),
-             "scheme": "http", "root_path": ""}
+             "scheme": scheme, "root_path": ""}
     await asyncio.wait_for(app(scope, receive, send), 10)
     return Answer(messages)
 
@@ -1617,6 +1617,7 @@ ROUTE_TABLE = [
     ("POST", "/v1/models", 405),
     ("DELETE", "/v1/models/ollama/x", 405),
     ("GET", "/nope", 404),
+    ("GET", "/", 200),
     ("GET", "/v1", 404),
     ("POST", "/v1/completions/", 404),
     ("POST", "/chat", 404),
@@ -1643,6 +1644,51 @@ async def test_health_needs_no_token_and_calls_no_upstream() -> None:
         answer = await call(app, "GET", "/health", headers=[])
     assert answer.status == 200 and answer.json() == {"status": "ok"}
     assert up.requests == []
+
+
+BROWSER_ACCEPT = b"text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+async def test_the_address_opened_in_a_browser_shows_a_page_with_the_base_url() -> None:
+    """GET / from a browser: a page saying ModelGate is running, its version, the base URL to paste (from
+    the request's own scheme and Host) and where the README is; no token needed, nothing about the
+    configuration, no upstream asked."""
+    async with upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN}", OLLAMA_API_KEY=OLLAMA_KEY) as app:
+        answer = await call(app, "GET", "/", headers=[(b"host", b"nas.lan:8010"), (b"accept", BROWSER_ACCEPT)])
+    assert answer.status == 200 and answer.header(b"content-type") == b"text/html; charset=utf-8"
+    page = answer.body.decode()
+    assert "<h1>ModelGate is running</h1>" in page and f"Version {modelgate.__version__}" in page
+    assert '<p class="url">http://nas.lan:8010/v1</p>' in page and "http://nas.lan:8010/v1/chat/completions" in page
+    assert "<code>http://nas.lan:8010</code>" in page  # for Ollama's and Anthropic's clients
+    assert "README.md" in page
+    for secret in (TOKEN, "fluentread", OLLAMA_KEY, up.url, up.url.split("/")[2]):
+        assert secret not in page
+    assert up.requests == []
+
+
+async def test_the_page_escapes_the_host_it_was_asked_for() -> None:
+    """Whatever the Host header holds is shown as text, never as markup; https when the request came so."""
+    async with gateway() as app:
+        hostile = await call(app, "GET", "/", headers=[(b"host", b'x"><script>alert(1)</script>'),
+                                                        (b"accept", b"text/html")])
+        secure = await call(app, "GET", "/", headers=[(b"host", b"gw.example"), (b"accept", b"text/html")],
+                                     scheme="https")
+    page = hostile.body.decode()
+    assert "<script>" not in page and "http://x&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;/v1" in page
+    assert b"https://gw.example/v1" in secure.body
+    assert b"script-src" not in hostile.header(b"content-security-policy")  # no script may run at all
+    assert hostile.header(b"content-security-policy").startswith(b"default-src 'none'")
+
+
+async def test_a_program_asking_for_the_root_gets_what_ollama_answers() -> None:
+    """GET / without text/html in Accept (curl, an Ollama client probing it) gets `Ollama is running`, not the
+    page; the answer varies by Accept, so that no cache hands one to the other."""
+    async with gateway() as app:
+        answer = await call(app, "GET", "/", headers=[(b"accept", b"*/*")])
+        page = await call(app, "GET", "/", headers=[(b"accept", BROWSER_ACCEPT)])
+    assert answer.status == 200 and answer.body == b"Ollama is running"
+    assert answer.header(b"vary") == page.header(b"vary") == b"accept"
 
 
 async def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
