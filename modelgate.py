@@ -92,6 +92,7 @@ import bisect
 import fnmatch
 import dataclasses
 import difflib
+import errno
 import hashlib
 import hmac
 import html
@@ -3318,22 +3319,46 @@ class Pool:
 # Command line ################################################################
 ###############################################################################
 
-def main() -> None:
-    """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C."""
+def main(argv: list[str] | None = None) -> None:
+    """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C;
+    or, with --check, check them and each upstream, and exit."""
+    arguments = command_line().parse_args(argv)  # --help, --version and a wrong argument exit here
     config, sources = settings()
+    if arguments.check:
+        sys.exit(asyncio.run(check(config, sources)))
+    try:
+        sockets = listen(config.host, config.port)
+    except ConfigError as exc:
+        sys.exit(f"modelgate: {exc}")
     setup_logging(config.log_format)
     setup_logging(config.log_format, logging.getLogger("uvicorn"))  # its start and stop lines, in our format
     raise_file_limit()
     app.sources = sources
+    scheme = "https" if config.tls_cert_file else "http"
+    app.listening = "listening on " + ", ".join(f"{scheme}://{address(sock)}" for sock in sockets)
     server = uvicorn_server(config)
     # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
     # caught below as uvicorn.run() catches Ctrl+C. Exit status 0, a clean stop to service managers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
+
+
+def command_line() -> Any:
+    import argparse  # only the command line needs it
+
+    parser = argparse.ArgumentParser(
+        prog="modelgate.py", description="ModelGate: one OpenAI-compatible endpoint and one token in front of "
+        "Ollama and, if you want, OpenAI. Without options it serves on HOST:PORT until SIGTERM or Ctrl+C.",
+        epilog="Settings come from the environment and from ./.env (the environment wins); README.md lists "
+        "them all, and .env.example shows each with its default.")
+    parser.add_argument("--version", action="version", version=f"ModelGate {__version__}")
+    parser.add_argument("--check", action="store_true", help="read the settings, print the start-up summary, "
+                        "ask each upstream once for its models, and exit: 0 when every one answers, 1 otherwise")
+    return parser
 
 
 def settings() -> tuple[Config, Sources]:
@@ -3349,6 +3374,143 @@ def settings() -> tuple[Config, Sources]:
             print(f"modelgate: warning: {warning}", file=sys.stderr)
         where = f"read {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}"
         sys.exit(f"modelgate: {exc} ({where})")
+
+
+# uvicorn's default --backlog.
+BACKLOG = 2048
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets on HOST:PORT, bound as uvicorn would bind them (asyncio's create_server: one per address
+    HOST resolves to, IPv6 ones IPv6-only), but before the lifespan starts: a HOST that does not resolve
+    and a PORT in use stop start-up with a line naming them, never after "Application startup complete"."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a label longer than DNS allows
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        raise ConfigError(f"HOST={host!r} does not resolve to an address ({reason}). Set HOST to an address "
+                          "of this machine: 0.0.0.0 for every interface, 127.0.0.1 for itself only") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)  # from here on, connections wait in the backlog until uvicorn serves
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise (PortInUse if exc.errno == errno.EADDRINUSE else ConfigError)(bind_failure(host, port, exc)) from None
+    return sockets
+
+
+class PortInUse(ConfigError):
+    """PORT is taken: by another program, or by this very gateway when --check runs beside it."""
+
+
+def address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def bind_failure(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"PORT={port} is in use on {host}: another program (another ModelGate?) listens there. Stop "
+                "it, or set PORT to a free port")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"HOST={host!r} is not an address of this machine. Set HOST to one of its addresses: 0.0.0.0 "
+                "for every interface, 127.0.0.1 for itself only")
+    if exc.errno == errno.EACCES:
+        return f"PORT={port} needs privileges this process lacks (ports below 1024 do): use a port such as 8010"
+    return f"cannot listen on HOST={host!r} PORT={port}: {exc.strerror}"
+
+
+# --check waits this long for each host's model list (listing models loads none: it is quick when all is well).
+CHECK_TIMEOUT_SECONDS = 10.0
+
+
+async def check(config: Config, sources: Sources) -> int:
+    """--check: the start-up summary and its warnings, then each upstream host asked once for its models.
+    Exit status 0 when every one answers, 1 with a line saying why for each that does not."""
+    log.addHandler(logging.NullHandler())  # what the gateway would log while serving is said here in full
+    log.propagate = False
+    scheme = "https" if config.tls_cert_file else "http"
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    for line in summary(config, sources, f"would listen on {scheme}://{host}:{config.port}"):
+        print(line)
+    for warning in config_warnings(config, sources):
+        print(f"warning: {warning}")
+    problems = 0
+    try:
+        for sock in listen(config.host, config.port):
+            sock.close()
+    except PortInUse as exc:
+        print(f"note: {exc}; that is fine if it is this gateway, already running")
+    except ConfigError as exc:
+        print(f"FAILED: {exc}")
+        problems += 1
+    metrics = Metrics()
+    upstreams = [Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config, metrics)]
+    if config.openai_api_key:
+        upstreams.append(Upstream("openai", (config.openai_base_url,), config.openai_api_key, config, metrics))
+    try:
+        results = await asyncio.gather(*(probe(upstream, host) for upstream in upstreams for host in upstream.hosts))
+    finally:
+        for host in (host for upstream in upstreams for host in upstream.hosts):
+            await host.pool.aclose()
+    for answered_, line in results:
+        print(line)
+        problems += not answered_
+    if problems:
+        print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above")
+        return 1
+    print("check passed: every upstream answers")
+    return 0
+
+
+async def probe(upstream: Upstream, host: Host) -> tuple[bool, str]:
+    """Ask one host for its models: (whether it answered, a line saying what it answered)."""
+    where = f"{upstream.where(host)} {shown_url(host.base_url)}"
+    try:
+        document = await asyncio.wait_for(upstream.get_json(b"/models", [], host), CHECK_TIMEOUT_SECONDS)
+    except asyncio.TimeoutError:
+        return False, f"FAILED {where}: no answer to GET /models within {CHECK_TIMEOUT_SECONDS:g} s"
+    except GatewayError as failure:
+        return False, f"FAILED {where}: {failure.message} ({failure.detail.removeprefix(upstream.where(host) + ' ')})"
+    if isinstance(document, Answer):  # an error status
+        if document.status == 404 and upstream.name == "ollama":
+            native = await ollama_native_api(upstream, host)
+            if native:
+                return False, f"FAILED {where}: {native}"
+        message = json.loads(document.body)["error"].get("message")  # upstream_error made it OpenAI-shaped
+        return False, f"FAILED {where}: GET /models: {message}"
+    models = document.get("data") if isinstance(document, dict) else None
+    return True, f"ok {where}: answers, {len(models) if isinstance(models, list) else 0} models"
+
+
+async def ollama_native_api(upstream: Upstream, host: Host) -> str:
+    """For a host that answered 404 to /models: whether Ollama's native API answers beside it, and then
+    what OLLAMA_BASE_URL should say. "" when it does not answer either."""
+    url = urlsplit(host.base_url)
+    root = url.path.rstrip("/").removesuffix("/v1").removesuffix("/api")
+    native = Host(host.number, urlunsplit((url.scheme, url.netloc, root, "", "")))
+    try:
+        tags = await asyncio.wait_for(upstream.get_json(b"/api/tags", [], native), CHECK_TIMEOUT_SECONDS)
+    except (GatewayError, asyncio.TimeoutError):
+        return ""
+    finally:
+        await native.pool.aclose()
+    if not (isinstance(tags, dict) and "models" in tags):
+        return ""
+    wanted = shown_url(urlunsplit((url.scheme, url.netloc, root + "/v1", "", "")))
+    if url.path.rstrip("/") == root + "/v1":
+        return (f"Ollama answers {root}/api/tags but 404 on {root}/v1/models: this Ollama has no "
+                "OpenAI-compatible API; update it")
+    return (f"Ollama answers {root}/api/tags but 404 on {url.path.rstrip('/')}/models: OLLAMA_BASE_URL is "
+            f"missing /v1; write {wanted}")
 
 
 # A connection must deliver a complete request head this long after it opens (or, on a kept-alive

@@ -375,6 +375,20 @@ async def listener(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter
         server.close()
 
 
+def ollama_like(models: Any = OLLAMA_MODELS, native: bool = True) -> Reply:
+    """An Ollama with its OpenAI-compatible API under /v1 and its native one under /api."""
+    found = {"/v1/models": json_reply(document=models),
+             "/api/tags": json_reply(document={"models": [{"name": "qwen2.5:7b"}]})}
+    missing = json_reply(404, raw=b"404 page not found", content_type="text/plain")
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        chosen = found.get(request.target) if native or request.target != "/api/tags" else None
+        await (chosen or missing)(up, request, reader, writer)
+
+    return reply
+
+
 def free_port() -> int:
     """A loopback port nothing holds (the socket that found it is closed again)."""
     with socket.socket() as sock:
@@ -833,18 +847,21 @@ async def serve(app: Any) -> AsyncIterator[str]:
         yield base
 
 
-async def start_command_line(tmp_path: Any, env: dict[str, str], **options: Any) -> asyncio.subprocess.Process:
-    """`python modelgate.py` in a directory of its own, as a user starts it (`options` for the subprocess)."""
+async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str,
+                             **options: Any) -> asyncio.subprocess.Process:
+    """`python modelgate.py ARGUMENTS` in a directory of its own, as a user starts it (`options` for the
+    subprocess)."""
     shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
     return await asyncio.create_subprocess_exec(
-        sys.executable, "modelgate.py", cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
+        sys.executable, "modelgate.py", *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **options)
 
 
 async def read_until_serving(process: asyncio.subprocess.Process, timeout: float) -> bytes:
-    """Read the command line's output, line by line, until uvicorn says it serves; return all that was read."""
+    """Read the command line's output, line by line, until start-up is complete; return all that was read.
+    (Its socket listens from before start-up on: a connection made now waits in the backlog.)"""
     output = b""
-    while b"Uvicorn running on" not in output:
+    while b"Application startup complete" not in output:
         line = await asyncio.wait_for(process.stdout.readline(), timeout)
         assert line, output
         output += line
@@ -935,6 +952,13 @@ def file_limit_leaving(free: int) -> int:
         free -= limit not in used
         limit += 1
     return limit
+
+
+async def run_command_line(tmp_path: Any, env: dict[str, str], *arguments: str) -> tuple[int, str]:
+    """`python modelgate.py ARGUMENTS` run to its end: its exit status and all it printed."""
+    process = await start_command_line(tmp_path, env, *arguments)
+    output = await asyncio.wait_for(process.stdout.read(), 30)
+    return await process.wait(), output.decode()
 
 
 class Log(list):
@@ -3714,7 +3738,7 @@ def test_httpcore_still_has_the_lock_modelgate_replaces() -> None:
 
 
 ###############################################################################
-# The command line: SIGTERM, bad config, TLS, connections #####################
+# The command line: SIGTERM, bad config, TLS, connections, --check ############
 ###############################################################################
 
 
@@ -3840,6 +3864,171 @@ async def test_command_line_without_a_token_says_which_env_it_read_or_missed(tmp
     assert "did you mean MODELGATE_TOKEN?" in warning
     assert "MODELGATE_TOKEN is empty" in error and f"read {tmp_path / '.env'}" in error
     assert TOKEN not in output
+
+
+async def test_command_line_prints_a_start_up_summary_without_secrets(tmp_path: Any) -> None:
+    """`python modelgate.py` says, before start-up is complete: its version, where it listens, each upstream
+    by URL, the .env it read, how many tokens and their names, which settings the environment overrides;
+    then a warning for each likely mistake. Never a token or a key."""
+    port, short = free_port(), "abc"
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN=fluentread:{short},{TOKEN}\nPORT=9\nHOST=127.0.0.1\n"
+                                   "OLLAMA_BASE_URL=http://127.0.0.1:11434\nOLLAMA_API_KEY=" + OLLAMA_KEY + "\n"
+                                   f"OPENAI_API_KEY={OPENAI_KEY}\nOPENAI_BASE_URL=http://127.0.0.1:1/api/v1\n")
+    process = await start_command_line(tmp_path, {"PORT": str(port)})
+    try:
+        output = (await read_until_serving(process, 10)).decode()
+    finally:
+        process.kill()
+        await process.wait()
+    said = [line.split(" ", 3)[-1] for line in output.splitlines()]  # without time and level
+    summary = said[said.index("Waiting for application startup.") + 1:said.index("Application startup complete.")]
+    assert summary == [
+        f"ModelGate {modelgate.__version__}",
+        f"listening on http://127.0.0.1:{port}",
+        "ollama: http://127.0.0.1:11434 (default provider)",
+        "openai: http://127.0.0.1:1/api/v1",
+        f".env: {tmp_path / '.env'}",
+        f"tokens: 2 (fluentread, {label(TOKEN.encode())})",
+        "from the environment, winning over .env: PORT",
+        f"PORT is set in the environment, so the PORT in {tmp_path / '.env'} is not used; to use the file's, "
+        "unset it (unset PORT) and start again",
+        "MODELGATE_TOKEN: the token fluentread is shorter than 16 characters, easy to guess for anyone who can "
+        f"reach the gateway; {modelgate.TOKEN_HELP}",
+        "OLLAMA_BASE_URL http://127.0.0.1:11434 does not end in /v1, where Ollama's OpenAI-compatible API is: "
+        "write http://127.0.0.1:11434/v1",
+    ]
+    for secret in (TOKEN, OLLAMA_KEY, OPENAI_KEY, f"fluentread:{short}"):
+        assert secret not in output
+
+
+# HOST and PORT that `python modelgate.py` cannot listen on, and what its one line must say. The host name
+# is longer than DNS allows (292 characters), so the resolver library fails it without asking any server;
+# 192.0.2.1 (TEST-NET-1) is no address of this machine, so bind() fails without any packet sent.
+UNUSABLE_LISTEN = [
+    (".".join(["my-nas" + "x" * 50] * 5) + ".invalid", None, "HOST='my-nas"),
+    ("192.0.2.1", None, "HOST='192.0.2.1' is not an address of this machine"),
+    ("127.0.0.1", "taken", "PORT={port} is in use on 127.0.0.1"),
+]
+
+
+@pytest.mark.parametrize("host, port, says", UNUSABLE_LISTEN)
+async def test_unusable_host_or_port_is_named_before_startup_completes(tmp_path: Any, host: str, port: str | None,
+                                                                      says: str) -> None:
+    """A HOST that does not resolve (or is not this machine's) and a PORT in use stop `python modelgate.py`
+    with one line naming the variable and a non-zero status, before anything claims start-up is complete."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        taken = holder.getsockname()[1]
+        process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": host,
+                                                      "PORT": str(taken if port else free_port())})
+        output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+        assert await process.wait() == 1
+    assert output.count("\n") == 1 and says.format(port=taken) in output, output
+    assert "startup complete" not in output and "Uvicorn running" not in output
+
+
+ARGUMENTS = [
+    # (command line, exit status, what it prints)
+    (["--help"], 0, "usage: modelgate.py [-h] [--version] [--check]"),
+    (["-h"], 0, "--check"),
+    (["--version"], 0, f"ModelGate {modelgate.__version__}"),
+    (["--bogus"], 2, "usage: modelgate.py [-h] [--version] [--check]\nmodelgate.py: error: unrecognized arguments: "
+                     "--bogus"),
+    (["serve"], 2, "error: unrecognized arguments: serve"),
+    (["--check", "--port=1"], 2, "error: unrecognized arguments: --port=1"),
+]
+
+
+@pytest.mark.parametrize("arguments, status, says", ARGUMENTS)
+async def test_command_line_arguments_never_start_a_server_by_mistake(tmp_path: Any, arguments: list[str],
+                                                                       status: int, says: str) -> None:
+    """--help and --version answer and exit; an unknown argument is an error showing the usage. None of them
+    starts a server, even with every setting in place."""
+    port = free_port()
+    code, output = await run_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": "127.0.0.1",
+                                                     "PORT": str(port)}, *arguments)
+    assert code == status and says in output, output
+    assert "startup" not in output and "listening on" not in output
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # nothing holds the port
+
+
+async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_path: Any) -> None:
+    """--check: the start-up summary, each upstream asked once for its models, exit 0 when all answer.
+    It serves nothing, and prints no token or key."""
+    async with upstream(ollama_like()) as ollama, upstream(json_reply(document=OPENAI_MODELS)) as openai:
+        (tmp_path / ".env").write_text(f"MODELGATE_TOKEN=app:{TOKEN}\nOLLAMA_BASE_URL={ollama.url}\n"
+                                       f"OPENAI_API_KEY={OPENAI_KEY}\nOPENAI_BASE_URL={openai.url}\nHOST=127.0.0.1\n")
+        port = free_port()
+        status, output = await run_command_line(tmp_path, {"PORT": str(port)}, "--check")
+    assert status == 0, output
+    assert output.splitlines() == [
+        f"ModelGate {modelgate.__version__}",
+        f"would listen on http://127.0.0.1:{port}",
+        f"ollama: {ollama.url} (default provider)",
+        f"openai: {openai.url}",
+        f".env: {tmp_path / '.env'}",
+        "tokens: 1 (app)",
+        "from the environment, winning over .env: PORT",
+        f"ok ollama/1 {ollama.url}: answers, 2 models",
+        f"ok openai/1 {openai.url}: answers, 1 models",
+        "check passed: every upstream answers",
+    ]
+    assert [r.target for r in ollama.requests] == ["/v1/models"] and len(openai.requests) == 1
+    assert openai.requests[0].header("authorization") == f"Bearer {OPENAI_KEY}"
+    assert TOKEN not in output and OPENAI_KEY not in output
+
+
+CHECK_FAILURES = [
+    # (what is at OLLAMA_BASE_URL, what --check says about it)
+    ("refusing", "Could not connect to ollama: refused or unreachable. Check that it is running and OLLAMA_BASE_URL "
+                 "is right. (ConnectError: Connection refused)"),
+    ("no /v1", "Ollama answers /api/tags but 404 on /models: OLLAMA_BASE_URL is missing /v1; write {url}/v1"),
+    ("/api", "Ollama answers /api/tags but 404 on /api/models: OLLAMA_BASE_URL is missing /v1; write {url}/v1"),
+    ("not Ollama", "GET /models: ollama answered 404 Not Found: 404 page not found. Check that OLLAMA_BASE_URL "
+                   "ends in /v1"),
+    ("not http", "ollama closed the connection or did not answer with HTTP. Check that OLLAMA_BASE_URL points at "
+                 "its API. (RemoteProtocolError: "),
+    ("https to http", "The TLS handshake with ollama failed: is this upstream plain http? Then write http:// in "
+                      "OLLAMA_BASE_URL."),
+    ("key refused", "GET /models: ollama answered 401 Unauthorized: unauthorized. Check OLLAMA_API_KEY."),
+]
+
+
+@pytest.mark.parametrize("kind, says", CHECK_FAILURES)
+async def test_check_names_what_is_wrong_with_each_upstream_and_exits_1(tmp_path: Any, kind: str, says: str) -> None:
+    """--check against an upstream that refuses, one without /v1 in the URL, one that is not HTTP, plain HTTP
+    asked for https, a key refused: one line saying what is wrong and what to do, exit 1."""
+    replies = {"not http": raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n"), "not Ollama": ollama_like(native=False),
+               "key refused": json_reply(401, raw=b"unauthorized", content_type="text/plain")}
+    async with upstream(replies.get(kind, ollama_like())) as up, listener(answer_400) as tls_port:
+        origin = up.url.removesuffix("/v1")
+        url = {"refusing": refused_url(), "no /v1": origin, "/api": origin + "/api", "not Ollama": origin,
+               "https to http": f"https://127.0.0.1:{tls_port}/v1"}.get(kind, up.url)
+        env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": url, "HOST": "127.0.0.1", "PORT": str(free_port()),
+               "OLLAMA_API_KEY": OLLAMA_KEY}
+        status, output = await run_command_line(tmp_path, env, "--check")
+    assert status == 1, output
+    [failed] = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert failed.startswith(f"FAILED ollama/1 {url}: ") and says.format(url=origin) in failed, failed
+    assert output.splitlines()[-1] == "check failed: 1 problem, each said above"
+    assert OLLAMA_KEY not in output and TOKEN not in output
+
+
+async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_use(tmp_path: Any) -> None:
+    """--check also says when HOST does not resolve (a failure), and when PORT is in use (a note: that may be
+    this gateway, already running)."""
+    async with upstream(ollama_like()) as up:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            taken = holder.getsockname()[1]
+            env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(taken)}
+            in_use = await run_command_line(tmp_path, env, "--check")
+        unresolved = await run_command_line(tmp_path, {**env, "HOST": UNUSABLE_LISTEN[0][0]}, "--check")
+    assert in_use[0] == 0 and f"note: PORT={taken} is in use on 127.0.0.1" in in_use[1]
+    assert unresolved[0] == 1 and "FAILED: HOST='my-nas" in unresolved[1]
 
 
 async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
