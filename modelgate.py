@@ -6,11 +6,13 @@ All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[as
 nothing else.
 
     python modelgate.py               # reads ./.env if present, serves on HOST:PORT (0.0.0.0:8010)
-    uvicorn modelgate:app --port 8010 --no-proxy-headers --no-server-header
+    python modelgate.py --check       # prints the start-up summary, asks each upstream once, exits 0 or 1
+    python modelgate.py --help        # and --version
+    uvicorn modelgate:app --port 8010 --no-proxy-headers --no-server-header --timeout-keep-alive 75
 
-`python modelgate.py` also closes connections that send no complete request head within 30 s, raises the
-soft limit on open files to the hard one, and logs asyncio's errors once per kind; the uvicorn command does
-not (README: Slow and silent clients).
+`python modelgate.py` also keeps idle connections open 75 s, closes connections that send no complete
+request head within 30 s, raises the soft limit on open files to the hard one, and logs asyncio's errors
+once per kind; the uvicorn command does not (README: Slow and silent clients).
 
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
@@ -28,7 +30,8 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     OPTIONS <any route>         CORS preflight
 
     POST /v1/messages           Anthropic Messages, to Ollama's own /v1/messages (SSE with "stream": true)
-    GET|HEAD /                  `Ollama is running`, as Ollama answers a client that probes it
+    GET|HEAD /                  `Ollama is running`, as Ollama answers a client that probes it; a browser
+                                (Accept: text/html) gets a page: ModelGate runs, its version, the base URL
     POST /api/chat, /api/generate   Ollama's native API, at OLLAMA_BASE_URL without its /v1; NDJSON
                                 streamed line by line unless "stream": false
     POST /api/embed, /api/embeddings, /api/show

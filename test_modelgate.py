@@ -1119,6 +1119,12 @@ def readme_settings() -> dict[str, str]:
     return {name: documented_default(default) for name, default in rows}
 
 
+def readme_shell_blocks() -> list[str]:
+    """The README's shell blocks, in order: the first installs and starts, the second runs the tests."""
+    readme = (Path(modelgate.__file__).parent / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"```sh\n(.*?)```", readme, re.S)
+
+
 def env_example_settings() -> dict[str, str]:
     """.env.example: the first `NAME=value` or `# NAME=value` line of each variable shows its default."""
     text = (Path(modelgate.__file__).parent / ".env.example").read_text(encoding="utf-8")
@@ -1548,6 +1554,7 @@ async def test_auth_table(headers: list, status: int, reason: str | None) -> Non
         assert up.requests == []
         [line] = [line for line in lines if line.startswith("POST ")]
         assert re.search(r" error=unauthorized \((no credentials|empty token|not Bearer|unknown token)\) ", line)
+
 
 async def test_a_wrong_token_tells_nothing_about_the_right_ones() -> None:
     """A token one character off and one nothing like any configured token get the very same 401, which
@@ -4029,6 +4036,33 @@ async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_u
         unresolved = await run_command_line(tmp_path, {**env, "HOST": UNUSABLE_LISTEN[0][0]}, "--check")
     assert in_use[0] == 0 and f"note: PORT={taken} is in use on 127.0.0.1" in in_use[1]
     assert unresolved[0] == 1 and "FAILED: HOST='my-nas" in unresolved[1]
+
+
+@pytest.mark.parametrize("start_from", ["nothing", ".env.example"])
+async def test_the_quick_start_writes_one_strong_token_into_env_and_keeps_it(tmp_path: Any, start_from: str) -> None:
+    """The README's first block installs, writes a random token into .env with a POSIX sh command (Linux and
+    macOS alike, nothing exported) and starts; run again, it keeps that token instead of making a new one.
+    After `cp .env.example .env`, the token it appends is the one read."""
+    install, write_token, start = readme_shell_blocks()[0].splitlines()
+    assert install == "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+    assert start == ".venv/bin/python modelgate.py" and "export" not in write_token
+    if start_from == ".env.example":
+        shutil.copy(Path(modelgate.__file__).parent / ".env.example", tmp_path / ".env")
+    written = []
+    for _ in range(2):
+        shell = await asyncio.create_subprocess_exec("sh", "-c", write_token, cwd=tmp_path)
+        assert await shell.wait() == 0
+        env: dict[str, str] = {}
+        modelgate.read_settings(str(tmp_path), env)
+        written.append(modelgate.load_config(env).tokens)
+    assert written[0] == written[1] and len(written[0]) == 1 and len(written[0][0]) >= 32
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    """The README's second block, the test command, is what CI runs, word for word."""
+    [test_command] = readme_shell_blocks()[1].splitlines()
+    assert test_command.endswith(".venv/bin/python -m pytest -q test_modelgate.py")
+    assert test_command in (Path(modelgate.__file__).parent / ".ci" / "run").read_text(encoding="utf-8").splitlines()
 
 
 async def test_tls_handshake_with_a_self_signed_certificate(tmp_path: Any) -> None:
