@@ -206,6 +206,10 @@ class Route(NamedTuple):
     streams_unless_false: bool = False
     model_required: bool = True  # the body must name a model (else it may, or call it `name`, as Ollama's do)
     admin: bool = False  # changes what Ollama holds: only for the token names in OLLAMA_ADMIN_TOKENS
+    # Identical plain requests in flight share one answer (COALESCE): chat's, which FluentRead sends again
+    # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
+    # sent twice by the tools served; not an admin's, which changes what Ollama holds.
+    shared: bool = True
     usage: str = ""  # where its answers say what tokens they used: a key of USAGE_READERS ("": nowhere)
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
 
@@ -215,7 +219,7 @@ ROUTES: dict[str, Route] = {
     "/v1/chat/completions": Route({"POST": "relay_request"}, end="[DONE]", usage="openai", asks_usage=True),
     "/v1/completions": Route({"POST": "relay_request"}, end="[DONE]", usage="openai", asks_usage=True),
     "/v1/responses": Route({"POST": "relay_request"}, end="response.completed", usage="responses"),
-    "/v1/embeddings": Route({"POST": "relay_request"}, usage="openai"),
+    "/v1/embeddings": Route({"POST": "relay_request"}, usage="openai", shared=False),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
@@ -231,21 +235,21 @@ ROUTES: dict[str, Route] = {
                        usage="ollama"),
     "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama",
                            streams_unless_false=True, usage="ollama"),
-    "/api/embed": Route({"POST": "relay_request"}, dialect="ollama", usage="ollama"),
-    "/api/embeddings": Route({"POST": "relay_request"}, dialect="ollama"),
+    "/api/embed": Route({"POST": "relay_request"}, dialect="ollama", usage="ollama", shared=False),
+    "/api/embeddings": Route({"POST": "relay_request"}, dialect="ollama", shared=False),
     "/api/show": Route({"POST": "relay_request"}, dialect="ollama", model_required=False),
     "/api/tags": Route({"GET": "ollama_models"}, dialect="ollama"),
     "/api/ps": Route({"GET": "ollama_models"}, dialect="ollama"),
     "/api/version": Route({"GET": "ollama_version"}, dialect="ollama"),
     "/api/pull": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
-                       streams_unless_false=True, model_required=False, admin=True),
+                       streams_unless_false=True, model_required=False, admin=True, shared=False),
     "/api/push": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
-                       streams_unless_false=True, model_required=False, admin=True),
+                       streams_unless_false=True, model_required=False, admin=True, shared=False),
     "/api/create": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
-                         streams_unless_false=True, model_required=False, admin=True),
-    "/api/copy": Route({"POST": "relay_request"}, dialect="ollama", model_required=False, admin=True),
-    "/api/delete": Route({"DELETE": "relay_request"}, dialect="ollama", model_required=False, admin=True),
-    "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect="ollama", admin=True),
+                         streams_unless_false=True, model_required=False, admin=True, shared=False),
+    "/api/copy": Route({"POST": "relay_request"}, dialect="ollama", model_required=False, admin=True, shared=False),
+    "/api/delete": Route({"DELETE": "relay_request"}, dialect="ollama", model_required=False, admin=True, shared=False),
+    "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect="ollama", admin=True, shared=False),
 }
 PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
 
@@ -1020,7 +1024,8 @@ class Limits:
                 count(self.metrics.rate_limited, (name, "rpm"))
                 seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
                 raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM ({self.rpm} "
-                                   f"requests a minute). Try again in {seconds} s.", [(b"retry-after", b"%d" % seconds)])
+                                   f"requests a minute). Try again in {seconds} s.",
+                                   [(b"retry-after", b"%d" % seconds)])
         if not self.max_in_flight:
             return False
         self.in_flight[name] = in_flight + 1
@@ -1318,7 +1323,7 @@ class Gateway:
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
         path = (ex.path if DIALECTS[ex.dialect].native else ex.path.removeprefix("/v1")).encode()
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
-        if not stream and self.coalescer is not None and not route.admin:  # an admin's request is never joined
+        if not stream and self.coalescer is not None and route.shared:
             return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body, not_found))
         answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream, not_found=not_found))
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)

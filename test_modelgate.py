@@ -3196,6 +3196,22 @@ async def test_four_identical_requests_reach_the_upstream_once() -> None:
     assert sum(" coalesced " in line for line in lines if line.startswith("POST ")) == 3
 
 
+async def test_embeddings_are_never_joined_so_a_large_one_is_relayed_whole() -> None:
+    """Identical embeddings requests each reach the upstream: their answers are not held to be shared, so one
+    larger than ModelGate holds whole (a big batch of vectors) is relayed in full with COALESCE on, not a 502."""
+    vectors = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.123456789] * 1_700_000}]}
+    big = json.dumps(vectors).encode()
+    assert len(big) > modelgate.MAX_HELD_ANSWER
+    embed = b'{"model": "ollama/nomic-embed-text", "input": ["Hallo"]}'
+    async with upstream(json_reply(raw=big, held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        tasks = [asyncio.ensure_future(call(app, "POST", "/v1/embeddings", embed)) for _ in range(2)]
+        await up.received(2)
+        up.release.set()
+        answers = await asyncio.gather(*tasks)
+    assert [a.status for a in answers] == [200, 200] and all(a.body == big for a in answers)
+    assert joined(app) == 0
+
+
 async def test_different_tokens_bodies_or_streams_are_never_joined() -> None:
     """Only the same token, provider, path and body join; streams never do; COALESCE=off joins nothing."""
     other_body = CHAT.replace(b"Hallo", b"Hello")
