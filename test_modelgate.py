@@ -857,11 +857,13 @@ async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **options)
 
 
-async def read_until_serving(process: asyncio.subprocess.Process, timeout: float) -> bytes:
+async def read_until_serving(process: asyncio.subprocess.Process, timeout: float,
+                             serving: bytes = b"Application startup complete") -> bytes:
     """Read the command line's output, line by line, until start-up is complete; return all that was read.
-    (Its socket listens from before start-up on: a connection made now waits in the backlog.)"""
+    (Its socket listens from before start-up on: a connection made now waits in the backlog. The bare
+    uvicorn command binds only after start-up: wait there for its "Uvicorn running on".)"""
     output = b""
-    while b"Application startup complete" not in output:
+    while serving not in output:
         line = await asyncio.wait_for(process.stdout.readline(), timeout)
         assert line, output
         output += line
@@ -4201,7 +4203,7 @@ async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
         cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "MODELGATE_TOKEN": TOKEN},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        output = await read_until_serving(process, 10)
+        output = await read_until_serving(process, 10, b"Uvicorn running on")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /health?api_key=S3CRET HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 10)
