@@ -1560,6 +1560,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if not isinstance(document, dict):
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
+    one_model_key(document)
     dialect = DIALECTS[ex.dialect]
     model = document.get("model")
     if model is None and not ROUTES[ex.route].model_required:  # Ollama's show, pull, ...: maybe `name`
@@ -1591,6 +1592,15 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     if replaced or added:
         body = spliced(text, spans, replaced, added).encode()
     return document, body
+
+
+def one_model_key(document: dict) -> None:
+    """Ollama is written in Go, whose encoding/json takes "Model" or "MODEL" for "model", the last one
+    winning: such a key would make Ollama run a model other than the one routed and checked here."""
+    for key in document:
+        if key != "model" and key.casefold() == "model":
+            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
+                               "as `model` whatever its case: name the model once, as `model` in lower case.")
 
 
 def route_to_only(dialect: Dialect, model: str) -> str:

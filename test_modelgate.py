@@ -2247,6 +2247,35 @@ async def test_a_scoped_token_reaches_only_its_models_and_an_alias_never_widens_
     assert ollama.requests == [] and openai.requests == []
 
 
+MODEL_IN_ANOTHER_CASE = [
+    # (path, body): Ollama is written in Go, whose encoding/json matches keys regardless of case and keeps
+    # the last, so Ollama runs the model of "Model" or "MODEL" while ModelGate would check that of "model".
+    ("/v1/chat/completions", b'{"model": "ollama/qwen2.5:7b", "MODEL": "llama3.1:70b", "messages": []}'),
+    ("/v1/chat/completions", b'{"Model": "llama3.1:70b", "model": "ollama/qwen2.5:7b", "messages": []}'),
+    ("/v1/embeddings", b'{"model": "ollama/qwen2.5:7b", "mOdEl": "llama3.1:70b", "input": "hi"}'),
+    ("/api/chat", b'{"model": "qwen2.5:7b", "Model": "llama3.1:70b", "messages": []}'),
+    ("/v1/messages", b'{"model": "qwen2.5:7b", "MODEL": "llama3.1:70b", "max_tokens": 9, "messages": []}'),
+]
+
+
+@pytest.mark.parametrize("path, body", MODEL_IN_ANOTHER_CASE)
+async def test_a_second_model_key_in_another_case_is_refused_not_sent_past_token_models(
+        path: str, body: bytes) -> None:
+    """A body naming its model as `model` and again as `Model` (any case) is a 400 naming both, in the door's
+    own shape, and reaches no upstream: Ollama would run the other one, outside the token's TOKEN_MODELS."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, TOKEN_MODELS="fluentread=ollama/qwen*") as app:
+        answer = await call(app, "POST", path, body, AUTH)
+    if path.startswith("/api/"):
+        message = assert_ollama_error(answer, 400)
+    elif path == "/v1/messages":
+        message = assert_anthropic_error(answer, 400, "invalid_request_error")
+    else:
+        message = assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+    assert "`model`" in message and "case" in message
+    assert up.requests == []
+
+
 async def test_model_lists_show_a_token_only_what_it_may_use() -> None:
     """/v1/models shows a scoped token only the models (and aliases) it may use; /v1/models/{id} outside its
     scope is a 403 that asks no upstream; a token without an entry sees everything."""
