@@ -657,6 +657,8 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, tuple[tuple[str, s
     except ValueError as exc:
         raise ConfigError(f"{name} is not valid JSON ({exc}); it is one object on one line, such as "
                           '{"ollama/qwen3*": {"reasoning_effort": "none"}}') from None
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply to be read; request fields are a few levels deep") from None
     if not isinstance(document, dict):
         raise ConfigError(f'{name} must be a JSON object of patterns, such as {{"ollama/qwen3*": '
                           '{"reasoning_effort": "none"}}')
@@ -2351,7 +2353,7 @@ def is_usage_event(event: bytes) -> bool:
     data = b"\n".join(line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:"))
     try:
         document = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
 
@@ -2445,7 +2447,7 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
     kept = response_headers(headers)
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: valid, but nested deeper than json reads
         document = None
     if DIALECTS[dialect].own_error(document):
         error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
@@ -2716,7 +2718,7 @@ class Upstream:
             await response.aclose()
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise GatewayError("upstream_unavailable", f"{self.name} answered {path.decode()} with something "
                                f"that is not JSON. Check that {URL_VARIABLE[self.name]} points at its API.",
                                detail=f"{self.where(host)} answered {path.decode()} with no JSON") from None

@@ -2134,6 +2134,7 @@ POLICY_CONFIG_ERRORS = [
     ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"model": "x"}}'}, "model"),
     ({"MODEL_DEFAULTS": '{"qwen3*": {"reasoning_effort": "none"}}'}, "qwen3*"),
     ({"MODEL_DEFAULTS": '{"ollama/*": {"a": 1}, "ollama/*": {"b": 2}}'}, "ollama/*"),
+    ({"MODEL_DEFAULTS": '{"ollama/*": {"a": ' + "[" * 10_000 + "]" * 10_000 + "}}"}, "nested too deeply"),
 ]
 
 
@@ -2719,6 +2720,39 @@ async def test_upstream_error_status_is_passed_through(status: int, body: str, c
                 assert text in error["message"]
         if status in (429, 503):
             assert answer.header(b"retry-after") == b"7"
+
+
+# Valid JSON nested deeper than Python's json reads (3.13 reads 5,000 levels), yet well inside MAX_ERROR_BODY and
+# the 64 KiB an unfinished event may be held back.
+DEEP_JSON = b"[" * 10_000 + b"]" * 10_000
+
+
+async def test_an_upstream_error_nested_too_deeply_keeps_its_status() -> None:
+    """An upstream error body that json cannot read for its depth is wrapped like any other, with its status,
+    in the dialect of the route: not a 500 from ModelGate."""
+    async with upstream(json_reply(503, raw=DEEP_JSON)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        plain = await chat(app)
+        native = await call(app, "POST", "/api/chat", b'{"model": "qwen2.5:7b", "stream": false}')
+    assert assert_error(plain, 503, "api_error")["message"].startswith("ollama answered 503")
+    assert native.status == 503 and native.json()["error"].startswith("ollama answered 503")
+
+
+async def test_a_model_list_nested_too_deeply_is_a_502() -> None:
+    """A model list that json cannot read for its depth is an upstream that answered no JSON: a 502 saying so."""
+    async with upstream(json_reply(raw=DEEP_JSON)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "GET", "/v1/models")
+    assert "not JSON" in assert_error(answer, 502, "api_error", "upstream_unavailable")["message"]
+
+
+async def test_a_usage_like_event_nested_too_deeply_is_relayed_and_the_stream_ends_whole() -> None:
+    """An event with "choices": [] that json cannot read for its depth is not the usage event: the client gets
+    it as sent, and the rest of the stream, to its [DONE]."""
+    deep = b'data: {"choices": [], "x": ' + DEEP_JSON + b"}\n\n"
+    events = [*EVENTS[:-1], deep, EVENTS[-1]]
+    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.status == 200 and answer.complete
+    assert answer.body == b"".join(events)
 
 
 @pytest.mark.parametrize("handler", [answer_400, hang_up])
