@@ -1933,8 +1933,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
     2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY)
-       made OpenAI-shaped; a 404 also says what to check (`not_found`: where a model without a prefix
-       went).
+       in the client's dialect (upstream_error); a 404 also says what to check (`not_found`: where a model
+       without a prefix went).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is relayed chunk by chunk as it arrives, and its end checked against the route's
        (relay_events).
@@ -2425,11 +2425,6 @@ DIALECTS: dict[str, Dialect] = {
 }
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    """An error in the OpenAI shape, which every error had before there were dialects."""
-    return openai_error(0, message, type_, code)
-
-
 def error_answer(error: GatewayError, ex: Exchange) -> Answer:
     """A GatewayError as the client's dialect writes it."""
     body = DIALECTS[ex.dialect].error(error.status, error.message, error.type, error.code)
@@ -2512,10 +2507,6 @@ def media_type(headers: Headers) -> bytes:
         if name.lower() == b"content-type":
             return value.split(b";", 1)[0].strip().lower()
     return b""
-
-
-def is_event_stream(headers: Headers) -> bool:
-    return media_type(headers) == b"text/event-stream"
 
 
 ###############################################################################
