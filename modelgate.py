@@ -1320,20 +1320,23 @@ class Gateway:
             return None
         route = ROUTES[ex.route]
         document, body = routed_body(ex, body, self.config)
-        not_found = self.unprefixed(ex.model, ex.provider) if by_default(ex.model, self.config, ex.dialect) else ""
         upstream = self.upstreams[ex.provider]
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
         path = (ex.path if DIALECTS[ex.dialect].native else ex.path.removeprefix("/v1")).encode()
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
         if not stream and self.coalescer is not None and route.shared:
-            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body, not_found))
-        answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream, not_found=not_found))
+            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+        answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream))
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
             ex.usage = answer.usage
         return answer
 
-    def unprefixed(self, model: str, provider: str) -> str:
-        """What a 404 for a model given without a prefix adds: where it went, and how to send it elsewhere."""
+    def not_found_hint(self, ex: Exchange) -> str:
+        """What an upstream's 404 adds for a model given without a prefix: where it went, and how to send it
+        elsewhere; "" for any other model. Worded only for an error, never on the way up."""
+        if not by_default(ex.model, self.config, ex.dialect):
+            return ""
+        model, provider = ex.model, ex.provider
         said = f" ModelGate sent {model!r} to {provider}, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix"
         other = "openai" if provider == "ollama" else "ollama"
         if other in self.upstreams:
@@ -1927,14 +1930,14 @@ SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
 
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
-                stream: bool, shared: bool = False, not_found: str = "") -> Answer | None:
+                stream: bool, shared: bool = False) -> Answer | None:
     """Send one request upstream with the client's headers, and relay its answer:
 
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
     2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY)
-       in the client's dialect (upstream_error); a 404 also says what to check (`not_found`: where a model
-       without a prefix went).
+       in the client's dialect (upstream_error); a 404 also says what to check (Gateway.not_found_hint: where a
+       model without a prefix went).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is relayed chunk by chunk as it arrives, and its end checked against the route's
        (relay_events).
@@ -1947,7 +1950,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect)
     try:
         if response.status >= 400:
-            return await upstream.error_answer(response, ex.dialect, not_found)
+            return await upstream.error_answer(response, ex.dialect, gw.not_found_hint(ex))
         if stream and media_type(response.headers) == DIALECTS[ex.dialect].stream_type:
             await relay_events(gw, ex, upstream, response)
             return None
@@ -1991,7 +1994,8 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
             watch.sending_since = loop.time()
             await ex.body_chunk(chunk)
             watch.sending_since = None
-            tail = (tail + chunk)[-TAIL_BYTES:]  # where the answer's usage is (a plain answer's chunks are big)
+            # Where the answer's usage is. Its chunks are big: only their ends are copied.
+            tail = (tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
             chunk = await anext(chunks, None)
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
@@ -2777,13 +2781,12 @@ class Coalescer:
         self.flights: dict[tuple, Flight] = {}
         self.metrics = metrics
 
-    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
-                     not_found: str = "") -> Answer:
+    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
         key = (ex.token, upstream.name, path, body)
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(
-                relay(gw, ex, upstream, path, body, stream=False, shared=True, not_found=not_found)))
+                relay(gw, ex, upstream, path, body, stream=False, shared=True)))
             flight.task.add_done_callback(lambda task: self.forget(key, flight))
         else:
             ex.coalesced = True
