@@ -227,18 +227,7 @@ def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_
 
     async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-        for number, event in enumerate(events):
-            if number == cut_before:
-                writer.transport.abort()
-                return
-            if number == hold_before:
-                await writer.drain()
-                await up.hold(reader)
-            writer.write(chunked(event))
-            await writer.drain()
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
+        await write_stream(up, reader, writer, "text/event-stream", events, hold_before, cut_before)
 
     return reply
 
