@@ -1216,6 +1216,9 @@ class Gateway:
 
     async def dispatch(self, ex: Exchange) -> Answer | None:
         """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
+        key = next((prefix for prefix in PREFIX_ROUTES if ex.path.startswith(prefix)), ex.path)
+        route = ROUTES.get(key)
+        ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it
         config = self.config
         if config is None:
             raise GatewayError("internal", "ModelGate was started without the ASGI lifespan; run it with "
@@ -1223,9 +1226,6 @@ class Gateway:
         origin = ex.header(b"origin")
         if origin:
             ex.cors = cors_headers(config, origin)
-        key = next((prefix for prefix in PREFIX_ROUTES if ex.path.startswith(prefix)), ex.path)
-        route = ROUTES.get(key)
-        ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)
         if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
             # uvicorn's h11 reads such a request by its chunks and keeps the connection; a front proxy that
             # went by the Content-Length would take what follows for the body, and we would run it as the

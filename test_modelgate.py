@@ -1241,6 +1241,19 @@ async def test_bad_config_fails_lifespan_startup() -> None:
     assert message["type"] == "lifespan.startup.failed" and "MODELGATE_TOKEN" in message["message"]
 
 
+async def test_a_gateway_run_without_the_lifespan_says_so_in_the_dialect_of_the_route() -> None:
+    """Under `uvicorn --lifespan off` every request is a 500 that says to run the lifespan, in the error
+    shape the client reads: OpenAI's on /v1, Ollama's on /api, Anthropic's on /v1/messages."""
+    app = modelgate.Gateway(environ())
+    openai = await chat(app)
+    ollama = await call(app, "POST", "/api/chat", NATIVE_STREAM)
+    anthropic = await call(app, "POST", "/v1/messages", b'{"model": "qwen2.5:7b", "max_tokens": 8}')
+    assert "lifespan" in assert_error(openai, 500, "api_error", "internal_error")["message"]
+    assert ollama.status == 500 and "lifespan" in ollama.json()["error"]
+    assert anthropic.status == 500 and anthropic.json()["type"] == "error"
+    assert anthropic.json()["error"]["type"] == "api_error" and "lifespan" in anthropic.json()["error"]["message"]
+
+
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
 def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> None:
     """TIMEOUT_SECONDS accepts any positive finite number, written any way float() reads, and nothing else
