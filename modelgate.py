@@ -1986,10 +1986,11 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
     length = [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"]
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)  # a client that stops reading lets the upstream go
-    await ex.start(response.status, response_headers(response.headers) + length[:1])
     chunk, held, tail = b"".join(held), None, b""
     head = chunk[:TAIL_BYTES]
     try:
+        # Inside: the end of the shutdown grace may come while the head is being sent, and then it is cut too.
+        await ex.start(response.status, response_headers(response.headers) + length[:1])
         while chunk is not None:
             watch.sending_since = loop.time()
             await ex.body_chunk(chunk)

@@ -3868,6 +3868,39 @@ async def test_what_still_runs_when_the_grace_is_over_is_ended() -> None:
     assert_error(plain, 503, "api_error", "shutting_down")
 
 
+async def test_a_large_answer_whose_head_is_being_sent_when_the_grace_ends_is_cut_not_answered_twice() -> None:
+    """A plain answer of more than a MiB whose head is being sent as the shutdown grace ends is cut, as once its
+    first bytes are out; the client never gets a second response (a 503) after the head of the first."""
+    async with upstream(big_reply(4)) as up, gateway(OLLAMA_BASE_URL=up.url, COALESCE="off") as app:
+        sending, go, messages = asyncio.Event(), asyncio.Event(), []
+        parts = [{"type": "http.request", "body": CHAT, "more_body": False}]
+
+        async def receive() -> dict:
+            if parts:
+                return parts.pop()
+            await asyncio.Event().wait()  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+            if message["type"] == "http.response.start":
+                sending.set()
+                await go.wait()  # a client slow to take the head
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "path": V1_CHAT, "raw_path": V1_CHAT.encode(), "query_string": b"",
+                 "headers": [*AUTH, (b"content-type", b"application/json")], "client": ("127.0.0.1", 50000),
+                 "server": ("127.0.0.1", 8010), "scheme": "http", "root_path": ""}
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(sending.wait(), 10)
+        app.shut_down()
+        app.end_grace()  # what the grace timer calls
+        go.set()
+        await asyncio.wait_for(request, 10)
+    assert [m["type"] for m in messages].count("http.response.start") == 1 and messages[0]["status"] == 200
+    assert all(m.get("more_body", False) for m in messages[1:])  # cut: nothing says the answer is whole
+
+
 async def test_command_line_serves_and_exits_0_on_sigterm(tmp_path: Any) -> None:
     """`python modelgate.py` reads .env, serves on HOST:PORT, and exits 0 after a graceful SIGTERM."""
     port = free_port()
