@@ -156,7 +156,7 @@ async def relay_floor(scope: dict, receive: Callable, send: Callable) -> None:
     response = await host.pool.handle_async_request(
         httpcore.Request(b"POST", url, headers=headers, content=body, extensions=FLOOR_TIMEOUTS))
     try:
-        if modelgate.is_event_stream(response.headers):
+        if modelgate.media_type(response.headers) == b"text/event-stream":
             await send({"type": "http.response.start", "status": response.status,
                         "headers": [(b"content-type", b"text/event-stream")]})
             async for chunk in response.stream:
