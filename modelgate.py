@@ -2773,9 +2773,9 @@ class Flight:
 class Coalescer:
     """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
 
-    Identical means the same token, provider, path and body as it goes upstream. The upstream request
-    runs in a task of its own, so that a client leaving does not end it while others still wait; the
-    last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
+    Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
+    anthropic-beta of its own may change the answer). The upstream request runs in a task of its own,
+    so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -2783,7 +2783,9 @@ class Coalescer:
         self.metrics = metrics
 
     async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
-        key = (ex.token, upstream.name, path, body)
+        forwarded = DIALECTS[ex.dialect].forwarded
+        headers = tuple((name.lower(), value) for name, value in ex.headers if name.lower() in forwarded)
+        key = (ex.token, upstream.name, path, body, headers)
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(

@@ -3263,6 +3263,23 @@ async def test_four_identical_requests_reach_the_upstream_once() -> None:
     assert sum(" coalesced " in line for line in lines if line.startswith("POST ")) == 3
 
 
+async def test_requests_whose_forwarded_headers_differ_are_never_joined() -> None:
+    """Two Anthropic requests alike but for anthropic-beta (which Ollama is sent, and may answer by) each reach
+    the upstream; the same two headers alike are joined."""
+    body = b'{"model": "qwen2.5:7b", "max_tokens": 8, "messages": []}'
+    beta = [*AUTH, (b"anthropic-version", b"2023-06-01"), (b"anthropic-beta", b"a-beta-2025")]
+    plain = [*AUTH, (b"anthropic-version", b"2023-06-01")]
+    async with upstream(json_reply(document={"type": "message"}, held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        tasks = [asyncio.ensure_future(call(app, "POST", "/v1/messages", body, headers)) for headers in (beta, plain)]
+        await up.received(2)
+        tasks.append(asyncio.ensure_future(call(app, "POST", "/v1/messages", body, plain)))
+        await until(lambda: joined(app) == 1)
+        up.release.set()
+        answers = await asyncio.gather(*tasks)
+    assert [a.status for a in answers] == [200, 200, 200] and len(up.requests) == 2
+
+
 async def test_embeddings_are_never_joined_so_a_large_one_is_relayed_whole() -> None:
     """Identical embeddings requests each reach the upstream: their answers are not held to be shared, so one
     larger than ModelGate holds whole (a big batch of vectors) is relayed in full with COALESCE on, not a 502."""
