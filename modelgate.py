@@ -1566,9 +1566,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     if not isinstance(document, dict):
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
     one_model_key(document)
-    dialect = DIALECTS[ex.dialect]
+    dialect, route = DIALECTS[ex.dialect], ROUTES[ex.route]
     model = document.get("model")
-    if model is None and not ROUTES[ex.route].model_required:  # Ollama's show, pull, ...: maybe `name`
+    if model is None and not route.model_required:  # Ollama's show, pull, ...: maybe `name`
         ex.provider = dialect.provider
         return document, body
     if not isinstance(model, str) or not model:
@@ -1578,7 +1578,6 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
                            "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
     ex.model = model
-    route = ROUTES[ex.route]
     aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
     ex.provider, name = resolve(model, config, dialect, aliases=not route.admin)
     ex.upstream_model = name
