@@ -43,10 +43,10 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
 model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
 an `ollama/` prefix is removed there too, and `openai/...` is a 400. An alias (MODEL_ALIASES) is replaced by
-its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent) and missing fields are
-filled in (MODEL_DEFAULTS). Prompt and completion tokens are counted per token name, provider and model from
-the upstream's own figures; a chat or completions stream whose client did not ask for usage is asked for it,
-and that client does not get the usage event. Environment (read once at start-up; SETTINGS below is the
+its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent), missing fields are
+filled in (MODEL_DEFAULTS) and fields set (MODEL_OVERRIDES). Prompt and completion tokens are counted per
+token name, provider and model from the upstream's own figures; a chat or completions stream whose client did
+not ask for usage is asked for it, and that client does not get the usage event. Environment (read once at start-up; SETTINGS below is the
 table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
@@ -77,6 +77,7 @@ table):
     MODEL_ALIASES            alias=target,...: model names tools ship with, for models you have (empty)
     TOKEN_MODELS             name=pattern|pattern,...: the models a token name may use (empty: any)
     MODEL_DEFAULTS           {"pattern": {"field": value}, ...}: request fields added where absent (empty)
+    MODEL_OVERRIDES          {"pattern": {"field": value}, ...}: request fields set, replacing the client's (empty)
 """
 
 from __future__ import annotations
@@ -190,6 +191,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TOKEN_MODELS", "token_models", "", "scopes", "name=pattern|pattern,...: the models a token name may use"),
     Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults",
             '{"pattern": {"field": value}, ...}: request fields added where absent'),
+    # What a model runs with is the owner's choice: Home Assistant's integration sends keep_alive -1 and
+    # num_ctx 8192 with every request (home-assistant/core components/ollama/const.py), and Ollama reloads a
+    # model whenever num_ctx differs from the loaded runner's (ollama #12783).
+    Setting("MODEL_OVERRIDES", "model_overrides", "", "defaults",
+            '{"pattern": {"field": value}, ...}: request fields set, replacing the client\'s'),
 )
 
 
@@ -582,11 +588,12 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
 # One policy per app -------------------------------------------------------------------------------------
 # MODEL_ALIASES maps names that tools ship with to models (llama-swap `aliases`, LiteLLM `model_group_alias`);
 # TOKEN_MODELS gives a token name the models it may use (LiteLLM's and Bifrost's virtual keys carry such a
-# list); MODEL_DEFAULTS fills in request fields per model (llama-swap `setParams`). The patterns of the last
-# two are globs (fnmatch, case-sensitive: `*` also matches `/` and `:`) over the model as routed,
+# list); MODEL_DEFAULTS fills in request fields per model (llama-swap `setParams`), MODEL_OVERRIDES sets them
+# whatever the client sent (Ollama reloads a model for another num_ctx: ollama #12783). The patterns of the
+# last three are globs (fnmatch, case-sensitive: `*` also matches `/` and `:`) over the model as routed,
 # `provider/name`.
 
-# Fields that no default may set: they decide where a request goes and what kind of answer the client
+# Fields that no default or override may set: they decide where a request goes and what kind of answer the client
 # gets, and stream_options is ModelGate's own (it asks for usage).
 NOT_DEFAULTS = frozenset({"model", "stream", "stream_options"})
 
@@ -639,9 +646,9 @@ def check_scopes(scopes: Mapping[str, tuple[str, ...]], names: tuple[str, ...]) 
                               f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
 
 
-def parse_defaults(name: str, value: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
-    """MODEL_DEFAULTS: one JSON object, pattern -> fields. Returned longest pattern first (ties as written),
-    each field's value as the JSON text that is spliced into a request."""
+def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """MODEL_DEFAULTS and MODEL_OVERRIDES: one JSON object, pattern -> fields. Returned longest pattern first
+    (ties as written), each with its fields as read (fields_for merges them, request_edits writes them)."""
     if not value:
         return ()
 
@@ -672,7 +679,7 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, tuple[tuple[str, s
         if reserved:
             raise ConfigError(f"{name}: {pattern!r} sets {reserved[0]!r}, which is the client's to choose "
                               "(model, stream) or ModelGate's own (stream_options)")
-        defaults.append((pattern, tuple((field, compact_json(v)) for field, v in fields.items())))
+        defaults.append((pattern, fields))
     return tuple(sorted(defaults, key=lambda item: -len(item[0])))
 
 
@@ -1545,8 +1552,8 @@ class Gateway:
 def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
     """The request's JSON object, and the body as it goes upstream. Decided here, in this order: where the
     model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403 before
-    anything is sent); the model's value (its target's name, or the provider prefix cut); and the fields of
-    MODEL_DEFAULTS the client did not send, spliced in; and for a chat or completions stream whose client
+    anything is sent); the model's value (its target's name, or the provider prefix cut); the fields of
+    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a chat or completions stream whose client
     did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the
     client sent it. Notes provider and model on the exchange.
 
@@ -1589,8 +1596,11 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         replaced["model"] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
     elif name != model:
         replaced["model"] = model_value(text, spans["model"], ex.provider, name)
-    # Defaults are for running a model, not for Ollama's show, pull, create, copy and delete.
-    added = defaults_for(config, model_id, document) if config.model_defaults and route.model_required else []
+    # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
+    added: list[tuple[str, str]] = []
+    if (config.model_defaults or config.model_overrides) and route.model_required:
+        request_edits(text, document, spans, fields_for(config.model_defaults, model_id),
+                      fields_for(config.model_overrides, model_id), replaced, added)
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, spans, replaced, added)
     if replaced or added:
@@ -1639,7 +1649,8 @@ def route_model(model: str, config: Config) -> tuple[str, str]:
 
 
 # One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
-# (TOKEN_MODELS), and what is filled in for it (MODEL_DEFAULTS); all three look at `provider/name`.
+# (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
+# `provider/name`.
 
 
 def resolve(model: str, config: Config, dialect: Dialect | None = None, aliases: bool = True) -> tuple[str, str]:
@@ -1673,15 +1684,53 @@ def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
                            "those, or ask the gateway's owner to add the model to its TOKEN_MODELS entry.")
 
 
-def defaults_for(config: Config, model_id: str, document: dict) -> list[tuple[str, str]]:
-    """MODEL_DEFAULTS for the model: each field the request lacks, from the longest pattern that sets it."""
-    added: dict[str, str] = {}
-    for pattern, fields in config.model_defaults:
+def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:
+    """The fields of MODEL_DEFAULTS or MODEL_OVERRIDES for the model: those of every pattern that matches it,
+    the longest pattern's value first, objects merged key by key."""
+    merged: dict[str, Any] = {}
+    for pattern, fields in patterns:
         if fnmatch.fnmatchcase(model_id, pattern):
-            for field, value in fields:
-                if field not in document:
-                    added.setdefault(field, value)
-    return list(added.items())
+            merged = over(merged, fields)
+    return merged
+
+
+def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """`second`'s members under `first`'s: a key of both keeps first's value; two objects are merged so too."""
+    result = dict(first)
+    for key, value in second.items():
+        if key not in result:
+            result[key] = value
+        elif isinstance(result[key], dict) and isinstance(value, dict):
+            result[key] = over(result[key], value)
+    return result
+
+
+def request_edits(text: str, document: dict, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
+                  overrides: dict[str, Any], replaced: dict[str, str], added: list[tuple[str, str]]) -> None:
+    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text` (parsed as `document`, `spans`),
+    as edits for spliced(): an override replaces the client's value, a default fills in only what it lacks,
+    and where the client's value and theirs are both objects (Ollama's `options`) that is decided key by
+    key inside the client's object, whose other bytes stay as they are."""
+    for field in {**defaults, **overrides}:
+        default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
+        if field not in document:
+            value = default if override is NOT_SET else override
+            if isinstance(default, dict) and isinstance(override, dict):
+                value = over(override, default)
+            added.append((field, compact_json(value)))
+        elif isinstance(document[field], dict) and isinstance(default if override is NOT_SET else override, dict):
+            start, end = spans[field]
+            inner, inner_replaced, inner_added = text[start:end], {}, []
+            inner_document, inner_spans = parse_body(inner)
+            request_edits(inner, inner_document, inner_spans, default if isinstance(default, dict) else {},
+                          override if isinstance(override, dict) else {}, inner_replaced, inner_added)
+            if inner_replaced or inner_added:
+                replaced[field] = spliced(inner, inner_spans, inner_replaced, inner_added)
+        elif override is not NOT_SET:
+            replaced[field] = compact_json(override)
+
+
+NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not set
 
 
 def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
@@ -1774,11 +1823,15 @@ def model_value(text: str, span: tuple[int, int], prefix: str, name: str) -> str
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
             added: list[tuple[str, str]]) -> str:
     """The client's JSON object with the values of some top-level keys replaced and members added after
-    its last value (compact: `,"key":value`); every other character exactly as the client wrote it."""
+    its last value (compact: `,"key":value`), or, in an empty object, after its `{`; every other character
+    exactly as the client wrote it."""
     edits = [(*spans[key], value) for key, value in replaced.items()]
     if added:
-        last = max(end for _, end in spans.values())
-        edits.append((last, last, "".join(f",{compact_json(key)}:{value}" for key, value in added)))
+        members = "".join(f",{compact_json(key)}:{value}" for key, value in added)
+        last = max((end for _, end in spans.values()), default=None)
+        if last is None:  # {} or { }: the first member needs no comma
+            last, members = text.index("{") + 1, members[1:]
+        edits.append((last, last, members))
     parts, at = [], 0
     for start, end, value in sorted(edits):
         parts += [text[at:start], value]

@@ -2137,6 +2137,9 @@ POLICY_CONFIG_ERRORS = [
     ({"MODEL_DEFAULTS": '{"qwen3*": {"reasoning_effort": "none"}}'}, "qwen3*"),
     ({"MODEL_DEFAULTS": '{"ollama/*": {"a": 1}, "ollama/*": {"b": 2}}'}, "ollama/*"),
     ({"MODEL_DEFAULTS": '{"ollama/*": {"a": ' + "[" * 10_000 + "]" * 10_000 + "}}"}, "nested too deeply"),
+    ({"MODEL_OVERRIDES": '{"ollama/*": {"stream": false}}'}, "stream"),
+    ({"MODEL_OVERRIDES": '{"ollama/*": {"keep_alive": "30m"}'}, "Expecting ',' delimiter"),
+    ({"MODEL_OVERRIDES": '{"qwen2.5*": {"keep_alive": "30m"}}'}, "qwen2.5*"),
 ]
 
 
@@ -2332,6 +2335,62 @@ async def test_defaults_are_added_only_where_absent_and_the_rest_is_byte_identic
     assert answer.status == 200
     [request] = ollama.requests + openai.requests
     assert request.body == expected
+
+
+# Home Assistant's request (home-assistant/core components/ollama: keep_alive -1, num_ctx 8192) and Open WebUI's
+# (its own options, no keep_alive), as Ollama's /api/chat gets them from each.
+HOME_ASSISTANT = (b'{"model":"qwen2.5:7b","messages":[{"role":"user","content":"Lights off"}],"stream":false,'
+                  b'"keep_alive":-1,"options":{"num_ctx":8192,"top_p":0.9}}')
+OPEN_WEBUI = b'{"stream": false, "model": "qwen2.5:7b", "messages": [], "options": {"temperature": 0.7}}'
+RESIDENT = '{"ollama/qwen2.5:7b": {"keep_alive": "30m", "options": {"num_ctx": 4096}}}'
+OVERRIDES_TABLE = [
+    # (MODEL_DEFAULTS, MODEL_OVERRIDES, body sent to /api/chat, body Ollama gets)
+    ("", RESIDENT, HOME_ASSISTANT,  # an override replaces the client's value, in the client's options only its key
+     HOME_ASSISTANT.replace(b'"keep_alive":-1', b'"keep_alive":"30m"').replace(b"8192", b"4096")),
+    ("", RESIDENT, OPEN_WEBUI,  # and fills in what the client lacks, after the object's last member
+     OPEN_WEBUI.replace(b'{"temperature": 0.7}', b'{"temperature": 0.7,"num_ctx":4096}')[:-1] + b',"keep_alive":"30m"}'),
+    ('{"ollama/*": {"options": {"num_ctx": 8192, "temperature": 0.2}}}', "", OPEN_WEBUI,  # a default fills a key in
+     OPEN_WEBUI.replace(b'{"temperature": 0.7}', b'{"temperature": 0.7,"num_ctx":8192}')),
+    ('{"ollama/*": {"options": {"num_ctx": 2048, "top_k": 20}}}', RESIDENT,  # both, where the client sent none
+     b'{"model":"qwen2.5:7b","messages":[]}',
+     b'{"model":"qwen2.5:7b","messages":[],"options":{"num_ctx":4096,"top_k":20},"keep_alive":"30m"}'),
+    ('{"ollama/*": {"options": {"num_ctx": 8192}}}', "", b'{"model":"qwen2.5:7b","options":{ }}',  # an empty object
+     b'{"model":"qwen2.5:7b","options":{"num_ctx":8192 }}'),
+    ('{"ollama/*": {"options": {"num_ctx": 8192}}}', "", b'{"model":"qwen2.5:7b","options":null}',  # the client's null
+     b'{"model":"qwen2.5:7b","options":null}'),
+    ("", RESIDENT, b'{"model":"qwen2.5:7b","options":null,"keep_alive":"5m"}',  # replaced by the override
+     b'{"model":"qwen2.5:7b","options":{"num_ctx":4096},"keep_alive":"30m"}'),
+    ("", RESIDENT, b'{\n  "model": "qwen2.5:7b",\n  "options": {\n    "num\\u005fctx": 2048\n  },\n  "keep_alive": 0\n}\n',
+     b'{\n  "model": "qwen2.5:7b",\n  "options": {\n    "num\\u005fctx": 4096\n  },\n  "keep_alive": "30m"\n}\n'),
+    ('{"ollama/*": {"options": {"num_ctx": 1024}}, "ollama/qwen*": {"options": {"num_ctx": 2048, "seed": 7}}}', "",
+     b'{"model":"qwen2.5:7b","options":{"seed":1}}',  # the longest pattern's value, key by key
+     b'{"model":"qwen2.5:7b","options":{"seed":1,"num_ctx":2048}}'),
+    ("", RESIDENT, b'{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":8192}}',  # another model: untouched
+     b'{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":8192}}'),
+]
+
+
+@pytest.mark.parametrize("defaults, overrides, body, expected", OVERRIDES_TABLE)
+async def test_overrides_and_nested_defaults_change_only_their_own_keys(defaults: str, overrides: str, body: bytes,
+                                                                       expected: bytes) -> None:
+    """MODEL_OVERRIDES replaces what the client sent, MODEL_DEFAULTS fills in what it lacks; inside an object of
+    both (Ollama's options) key by key; every other byte reaches Ollama as the client wrote it."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_DEFAULTS=defaults, MODEL_OVERRIDES=overrides) as app:
+        answer = await native(app, "/api/chat", body)
+    assert answer.status == 200, answer.body
+    assert up.requests[0].body == expected
+
+
+async def test_an_override_reaches_every_door_that_runs_a_model() -> None:
+    """On the OpenAI door too (kiss-translator's own reasoning_effort is replaced), and not on /api/show."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_OVERRIDES='{"ollama/qwen3*": {"reasoning_effort": "low"}}') as app:
+        await chat(app, KISS)
+        await native(app, "/api/show", b'{"model":"qwen3:8b"}')
+    assert up.requests[0].body == KISS.replace(b'"ollama/qwen3:8b"', b'"qwen3:8b"').replace(
+        b'"reasoning_effort":"none"', b'"reasoning_effort":"low"')[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert up.requests[1].body == b'{"model":"qwen3:8b"}'
 
 
 POLICY_DOORS = [
