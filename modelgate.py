@@ -14,6 +14,11 @@ nothing else.
 request head within 30 s, raises the soft limit on open files to the hard one, and logs asyncio's errors
 once per kind; the uvicorn command does not (README: Slow and silent clients).
 
+The module reads in the order a request travels: the tables, the configuration, then the trust boundary
+(from its banner down to "The app"): everything that decides who may do what and what crosses the gateway,
+in one section; then the app, the relay, the upstreams, coalescing, readiness, metrics and the log, the
+connection pool under httpcore, and the command line.
+
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
 
@@ -199,6 +204,72 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def openai_error(status: int, message: str, type_: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+def openai_cut_event(message: str) -> bytes:
+    # openai-python raises APIError for any `data:` object with an "error" key (CLIENTS.md §4).
+    return b"data: " + openai_error(502, message, "api_error", "upstream_stream_error") + b"\n\n"
+
+
+def ollama_error(status: int, message: str, type_: str, code: str | None) -> bytes:
+    # docs/api/errors.mdx; ollama-python's ResponseError reads json.loads(body).get("error"), a str.
+    return json.dumps({"error": message}).encode()
+
+
+def ollama_cut_event(message: str) -> bytes:
+    # What Ollama itself writes when it fails mid-stream (streamResponse); ollama-python raises ResponseError.
+    return ollama_error(502, message, "api_error", None) + b"\n"
+
+
+# Anthropic's error type for a status (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError maps
+# 503 to overloaded_error too). "We may also use this error type for other 4XX status codes": so do we.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str, type_: str, code: str | None) -> bytes:
+    anthropic_type = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return json.dumps({"type": "error", "error": {"type": anthropic_type, "message": message}}).encode()
+
+
+def anthropic_cut_event(message: str) -> bytes:
+    # Anthropic's documented mid-stream error event; the anthropic SDKs raise on `event: error`.
+    return b"event: error\ndata: " + anthropic_error(500, message, "api_error", None) + b"\n\n"
+
+
+class Dialect(NamedTuple):
+    """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
+    stream that was cut off; whether an upstream's error body is in that shape already; how its streams
+    are framed; which client headers reach the upstream, where on it the API lives, and who serves it."""
+    name: str
+    error: Callable[[int, str, str, str | None], bytes]  # (status, message, OpenAI type, code) -> body
+    cut_event: Callable[[str], bytes]  # message -> the last chunk of a cut stream
+    own_error: Callable[[Any], bool]  # a parsed upstream error body that passes unchanged
+    stream_type: bytes = b"text/event-stream"  # the media type of its streams
+    separator: bytes = b""  # what a cut stream must end with before the cut event (NDJSON: a line of its own)
+    forwarded: frozenset[bytes] = frozenset()  # client request headers that travel besides FORWARDED_REQUEST_HEADERS
+    native: bool = False  # at OLLAMA_BASE_URL without its /v1, rather than at the base URL itself
+    provider: str | None = None  # None: routed by model (PROVIDERS); else the one provider that serves it
+    door: str = ""  # what its messages call it
+
+
+OPENAI = Dialect("openai", openai_error, openai_cut_event,
+                 lambda document: isinstance(document, dict) and isinstance(document.get("error"), dict))
+OLLAMA = Dialect("ollama", ollama_error, ollama_cut_event,
+                 lambda document: isinstance(document, dict) and isinstance(document.get("error"), str),
+                 # Never a blank line between: ollama-python json.loads every line it reads.
+                 stream_type=b"application/x-ndjson", separator=b"\n", native=True, provider="ollama",
+                 door="Ollama's own API (/api/...)")
+ANTHROPIC = Dialect("anthropic", anthropic_error, anthropic_cut_event,
+                    lambda document: (isinstance(document, dict) and document.get("type") == "error"
+                                      and isinstance(document.get("error"), dict)),
+                    forwarded=frozenset({b"anthropic-version", b"anthropic-beta"}),
+                    provider="ollama", door="Anthropic Messages (/v1/messages, which OpenAI does not serve)")
+
+
 class Route(NamedTuple):
     handlers: dict[str, str]  # method -> the Gateway method that answers it
     access: str = "token"  # "token", "public" (no token, no limits), or "metrics" (public with METRICS_PUBLIC)
@@ -206,7 +277,7 @@ class Route(NamedTuple):
     limited: bool = True  # counted against RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN
     screened: bool = True  # ALLOWED_IPS applies; liveness stays open to the local container healthcheck
     while_closing: bool = False  # still answered after SIGTERM (everything else gets 503 shutting_down)
-    dialect: str = "openai"  # the shape of its errors and of a cut stream's last event: a key of DIALECTS
+    dialect: Dialect = OPENAI  # the shape of its errors and of a cut stream's last event
     # Ollama's native API streams unless the request says "stream": false (server/routes.go:
     # `req.Stream != nil && !*req.Stream`); everything else streams only when it says "stream": true.
     streams_unless_false: bool = False
@@ -232,52 +303,32 @@ ROUTES: dict[str, Route] = {
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
-    "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect="anthropic", usage="anthropic"),
+    "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect=ANTHROPIC, usage="anthropic"),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
     # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
-    "/": Route({"GET": "home", "HEAD": "ollama_root"}, access="public", limited=False, dialect="ollama"),
-    "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama", streams_unless_false=True,
+    "/": Route({"GET": "home", "HEAD": "ollama_root"}, access="public", limited=False, dialect=OLLAMA),
+    "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect=OLLAMA, streams_unless_false=True,
                        usage="ollama"),
-    "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect="ollama",
+    "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect=OLLAMA,
                            streams_unless_false=True, usage="ollama"),
-    "/api/embed": Route({"POST": "relay_request"}, dialect="ollama", usage="ollama", shared=False),
-    "/api/embeddings": Route({"POST": "relay_request"}, dialect="ollama", shared=False),
-    "/api/show": Route({"POST": "relay_request"}, dialect="ollama", model_required=False),
-    "/api/tags": Route({"GET": "ollama_models"}, dialect="ollama"),
-    "/api/ps": Route({"GET": "ollama_models"}, dialect="ollama"),
-    "/api/version": Route({"GET": "ollama_version"}, dialect="ollama"),
-    "/api/pull": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
+    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage="ollama", shared=False),
+    "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False),
+    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False),
+    "/api/tags": Route({"GET": "ollama_models"}, dialect=OLLAMA),
+    "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
+    "/api/version": Route({"GET": "ollama_version"}, dialect=OLLAMA),
+    "/api/pull": Route({"POST": "relay_request"}, end='"status": "success"', dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False),
-    "/api/push": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
+    "/api/push": Route({"POST": "relay_request"}, end='"status": "success"', dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False),
-    "/api/create": Route({"POST": "relay_request"}, end='"status": "success"', dialect="ollama",
+    "/api/create": Route({"POST": "relay_request"}, end='"status": "success"', dialect=OLLAMA,
                          streams_unless_false=True, model_required=False, admin=True, shared=False),
-    "/api/copy": Route({"POST": "relay_request"}, dialect="ollama", model_required=False, admin=True, shared=False),
-    "/api/delete": Route({"DELETE": "relay_request"}, dialect="ollama", model_required=False, admin=True, shared=False),
-    "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect="ollama", admin=True, shared=False),
+    "/api/copy": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False),
+    "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False),
+    "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect=OLLAMA, admin=True, shared=False),
 }
 PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
-
-# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
-# backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
-# They describe one connection and never cross the gateway, in either direction, nor does any header
-# that a Connection header names.
-HOP_BY_HOP = frozenset({
-    b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
-
-# What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
-# fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
-# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked;
-# x-api-key is the gateway's token too. A dialect may let more through (Anthropic's version and beta).
-FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
-
-# What of an upstream's response does not reach the client, besides hop-by-hop headers:
-# uvicorn writes its own Date (and Server, if enabled), we compute Content-Length, CORS is ours,
-# and an upstream's cookies belong to its domain, not ours.
-DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
 
 # Every status ModelGate chooses itself is chosen here: situation -> (status, OpenAI error type, code).
 # Besides these, an upstream's own error status is passed through unchanged (upstream_error), and a
@@ -339,21 +390,6 @@ UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
 
 # The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
 UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
-
-# Why a request is refused with 401 (ERRORS' "unauthorized"), in words that tell the person what to fix and
-# tell nothing about the tokens the gateway holds: not how many, nor how close the one sent came.
-AUTH_FAILURES = {
-    "no credentials": "No token was sent. Put the gateway's token in the API key field of your app; it is sent "
-                      "as `Authorization: Bearer <token>` (or as `x-api-key`, or as the password of HTTP Basic).",
-    "empty token": "The request names no token: `Bearer` (or `x-api-key`) with nothing after it. Put the "
-                   "gateway's token in the API key field of your app.",
-    "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the "
-                  "password. Send the gateway's token as `Authorization: Bearer <token>` (the API key field of "
-                  "your app).",
-    "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
-                     "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
-                     "tokens (MODELGATE_TOKEN).",
-}
 
 # The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
 UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -892,11 +928,30 @@ def with_v1(url: str) -> str:
 
 
 ###############################################################################
-# Access: who may ask #########################################################
+# The trust boundary ##########################################################
 ###############################################################################
 
-# In the order it is decided: an address that ALLOWED_IPS lets in (found through TRUSTED_PROXIES), a
-# configured token, and that token within MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM.
+# Everything that decides who may do what, and what crosses the gateway in either direction, is in this
+# section and nowhere else, in the order a request meets it (Go's x/net/http/httpproxy holds its rules the
+# same way):
+#   1. the client's address: ALLOWED_IPS, found through TRUSTED_PROXIES (screen);
+#   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
+#      Ollama holds, and that token within MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
+#   3. where its model goes and whether the token may use it: MODEL_ALIASES, the provider prefix or the one
+#      provider of a door, TOKEN_MODELS (routed_body);
+#   4. the body: what is checked, and the few edits made to it (the model's name, MODEL_DEFAULTS and
+#      MODEL_OVERRIDES, asking a stream for its usage); every other byte goes as the client sent it;
+#   5. the headers: the few of the client's that travel, and those of an upstream's answer that come back;
+#   6. what the log line may hold: never a body, a token or a key.
+
+
+def screen(ex: Exchange, config: Config) -> None:
+    """ALLOWED_IPS, the client found through TRUSTED_PROXIES: 403 before the token is looked at."""
+    address = client_address(ex.client, ex.headers, config.trusted_proxies)
+    ex.client = "-" if address is None else str(address)
+    if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
+        raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
+                           "only serves the addresses in its ALLOWED_IPS.")
 
 
 def parse_ip(text: str) -> Address | None:
@@ -937,6 +992,21 @@ def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) ->
         if address is None or not in_networks(address, trusted):
             return address
     return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
+
+# Why a request is refused with 401 (ERRORS' "unauthorized"), in words that tell the person what to fix and
+# tell nothing about the tokens the gateway holds: not how many, nor how close the one sent came.
+AUTH_FAILURES = {
+    "no credentials": "No token was sent. Put the gateway's token in the API key field of your app; it is sent "
+                      "as `Authorization: Bearer <token>` (or as `x-api-key`, or as the password of HTTP Basic).",
+    "empty token": "The request names no token: `Bearer` (or `x-api-key`) with nothing after it. Put the "
+                   "gateway's token in the API key field of your app.",
+    "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the "
+                  "password. Send the gateway's token as `Authorization: Bearer <token>` (the API key field of "
+                  "your app).",
+    "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
+                     "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
+                     "tokens (MODELGATE_TOKEN).",
+}
 
 
 def presented(headers: Headers) -> tuple[list[bytes], str]:
@@ -985,6 +1055,18 @@ def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ..
         return names[matches.index(True) % len(tokens)]
     raise GatewayError("unauthorized", AUTH_FAILURES["unknown token" if credentials else failure],
                        detail="unknown token" if credentials else failure)
+
+
+def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None) -> None:
+    """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
+    Ollama holds, and that token within its limits."""
+    if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
+        ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
+        if route.admin and name not in config.ollama_admin_tokens:
+            raise GatewayError("admin_only", f"The token named {name!r} may not pull, push, create, copy or "
+                               "delete models: only the tokens named in OLLAMA_ADMIN_TOKENS may.")
+        if limits is not None and route.limited:  # not /metrics: a scraper is not an app
+            ex.holds_slot = limits.admit(ex.token)
 
 
 class TokenBucket:
@@ -1042,6 +1124,373 @@ class Limits:
 
     def release(self, name: str) -> None:
         self.in_flight[name] -= 1
+
+
+def one_model_key(document: dict) -> None:
+    """Ollama is written in Go, whose encoding/json takes "Model" or "MODEL" for "model", the last one
+    winning: such a key would make Ollama run a model other than the one routed and checked here."""
+    for key in document:
+        if key != "model" and key.casefold() == "model":
+            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
+                               "as `model` whatever its case: name the model once, as `model` in lower case.")
+
+
+def route_to_only(dialect: Dialect, model: str) -> str:
+    """The model named on a door that leads to one provider only: its prefix cut, another's refused; any
+    other model goes there as it is, whatever DEFAULT_PROVIDER says."""
+    prefix, slash, name = model.partition("/")
+    if slash and prefix in PROVIDERS and prefix != dialect.provider:
+        only = dialect.provider
+        raise GatewayError("invalid_request", f"Model {model!r} goes to {prefix}, but {dialect.door} leads to "
+                           f"{only} only: name a model of {only}, as `{only}/<name>` or just `<name>`.")
+    if slash and prefix == dialect.provider:
+        if not name:
+            raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
+        return name
+    return model
+
+
+def route_model(model: str, config: Config) -> tuple[str, str]:
+    """(provider, upstream model name): only the first `/` decides."""
+    prefix, slash, name = model.partition("/")
+    if not slash or prefix not in PROVIDERS:
+        return config.default_provider, model
+    if prefix == "openai" and not config.openai_api_key:
+        raise GatewayError(
+            "provider_not_configured",
+            f"Model {model!r} asks for OpenAI, but this gateway has no OPENAI_API_KEY. "
+            "Use an ollama/ model, or ask the gateway's owner to set OPENAI_API_KEY.",
+        )
+    if not name:
+        raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
+    return prefix, name
+
+
+# One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
+# (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
+# `provider/name`.
+
+
+def resolve(model: str, config: Config, dialect: Dialect | None = None, aliases: bool = True) -> tuple[str, str]:
+    """(provider, upstream model name) of the model a client sent: an alias is replaced by its target first,
+    then routed by its prefix, or, on a door that leads to one provider only, taken there (route_to_only)."""
+    target = config.model_aliases.get(model, model) if aliases else model
+    if dialect is None or dialect.provider is None:
+        return route_model(target, config)
+    return dialect.provider, route_to_only(dialect, target)
+
+
+def by_default(model: str, config: Config, dialect: Dialect) -> bool:
+    """Whether the model went to DEFAULT_PROVIDER for want of a prefix: no alias, no door of one provider."""
+    prefix, slash, _ = model.partition("/")
+    return (dialect.provider is None and model not in config.model_aliases
+            and not (slash and prefix in PROVIDERS))
+
+
+def may_use(config: Config, token: str, model_id: str) -> bool:
+    """Whether TOKEN_MODELS lets the token of that name use `provider/name`; a token without an entry may."""
+    patterns = config.token_models.get(token)
+    return patterns is None or any(fnmatch.fnmatchcase(model_id, pattern) for pattern in patterns)
+
+
+def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
+    """403 model_not_allowed unless the token may use the model: never the token, but its name."""
+    if not may_use(config, token, model_id):
+        via = f" (asked for as {asked!r})" if asked != model_id else ""
+        raise GatewayError("model_not_allowed", f"The token {token!r} may not use the model {model_id!r}{via}: "
+                           f"TOKEN_MODELS lets it use {' | '.join(config.token_models[token])}. Use one of "
+                           "those, or ask the gateway's owner to add the model to its TOKEN_MODELS entry.")
+
+
+def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
+    """The entry of `provider/name` in a model list; a name without a tag is Ollama's `name:latest`."""
+    item = models.get(model_id)
+    if item is None and ":" not in model_id.rpartition("/")[2]:
+        item = models.get(model_id + ":latest")
+    return item
+
+
+def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
+    """The request's JSON object, and the body as it goes upstream. Decided here, in this order: where the
+    model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403 before
+    anything is sent); the model's value (its target's name, or the provider prefix cut); the fields of
+    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a chat or completions stream whose client
+    did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the
+    client sent it. Notes provider and model on the exchange.
+
+    A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
+    `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
+    """
+    try:
+        text = body.decode("utf-8")
+        document, spans = parse_body(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
+    except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
+        raise GatewayError("invalid_request", f"The request body holds an integer of more than "
+                           f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None
+    except RecursionError:
+        raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
+    if not isinstance(document, dict):
+        raise GatewayError("invalid_request", "The request body must be a JSON object.")
+    one_model_key(document)
+    dialect, route = ex.dialect, ROUTES[ex.route]
+    model = document.get("model")
+    if model is None and not route.model_required:  # Ollama's show, pull, ...: maybe `name`
+        ex.provider = dialect.provider
+        return document, body
+    if not isinstance(model, str) or not model:
+        raise GatewayError("invalid_request", "The request body needs a `model` string, "
+                           "such as \"ollama/qwen2.5:7b\".")
+    if not encodable(model):
+        raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
+                           "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
+    ex.model = model
+    aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
+    ex.provider, name = resolve(model, config, dialect, aliases=not route.admin)
+    ex.upstream_model = name
+    model_id = f"{ex.provider}/{name}"
+    if config.token_models:
+        check_scope(config, ex.token, model_id, model)
+    replaced: dict[str, str] = {}
+    if aliased:
+        replaced["model"] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
+    elif name != model:
+        replaced["model"] = model_value(text, spans["model"], ex.provider, name)
+    # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
+    added: list[tuple[str, str]] = []
+    if (config.model_defaults or config.model_overrides) and route.model_required:
+        request_edits(text, document, spans, fields_for(config.model_defaults, model_id),
+                      fields_for(config.model_overrides, model_id), replaced, added)
+    if route.asks_usage and document.get("stream") is True:
+        ex.hides_usage = asked_for_usage(document, spans, replaced, added)
+    if replaced or added:
+        body = spliced(text, spans, replaced, added).encode()
+    return document, body
+
+
+def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:
+    """The fields of MODEL_DEFAULTS or MODEL_OVERRIDES for the model: those of every pattern that matches it,
+    the longest pattern's value first, objects merged key by key."""
+    merged: dict[str, Any] = {}
+    for pattern, fields in patterns:
+        if fnmatch.fnmatchcase(model_id, pattern):
+            merged = over(merged, fields)
+    return merged
+
+
+def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """`second`'s members under `first`'s: a key of both keeps first's value; two objects are merged so too."""
+    result = dict(first)
+    for key, value in second.items():
+        if key not in result:
+            result[key] = value
+        elif isinstance(result[key], dict) and isinstance(value, dict):
+            result[key] = over(result[key], value)
+    return result
+
+
+def request_edits(text: str, document: dict, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
+                  overrides: dict[str, Any], replaced: dict[str, str], added: list[tuple[str, str]]) -> None:
+    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text` (parsed as `document`, `spans`),
+    as edits for spliced(): an override replaces the client's value, a default fills in only what it lacks,
+    and where the client's value and theirs are both objects (Ollama's `options`) that is decided key by
+    key inside the client's object, whose other bytes stay as they are."""
+    for field in {**defaults, **overrides}:
+        default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
+        if field not in document:
+            value = default if override is NOT_SET else override
+            if isinstance(default, dict) and isinstance(override, dict):
+                value = over(override, default)
+            added.append((field, compact_json(value)))
+        elif isinstance(document[field], dict) and isinstance(default if override is NOT_SET else override, dict):
+            start, end = spans[field]
+            inner, inner_replaced, inner_added = text[start:end], {}, []
+            inner_document, inner_spans = parse_body(inner)
+            request_edits(inner, inner_document, inner_spans, default if isinstance(default, dict) else {},
+                          override if isinstance(override, dict) else {}, inner_replaced, inner_added)
+            if inner_replaced or inner_added:
+                replaced[field] = spliced(inner, inner_spans, inner_replaced, inner_added)
+        elif override is not NOT_SET:
+            replaced[field] = compact_json(override)
+
+
+NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not set
+
+
+def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
+                    added: list[tuple[str, str]]) -> bool:
+    """For a stream whose client did not ask for usage, stream_options with include_usage in place of the
+    client's, or added; True then (the usage event is ModelGate's). False when the client asked, or sent
+    stream_options that are not an object (left for the upstream to judge)."""
+    options = document.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and options.get("include_usage") is not True):
+        return False
+    text = compact_json({**(options or {}), "include_usage": True})
+    if "stream_options" in spans:
+        replaced["stream_options"] = text
+    else:
+        added.append(("stream_options", text))
+    return True
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_scan_value = json.scanner.make_scanner(json.JSONDecoder())
+
+
+def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """json.loads(text), and where the value of each top-level key lies in the text (the last one of a key
+    written twice, as json.loads keeps the last); empty for anything but an object.
+
+    An object is walked key by key with json's own scanner, so that each value (images in base64, say)
+    is parsed once and the place of each value found on the way. Anything else goes to json.loads,
+    which returns what it is or raises json's own error for what is not JSON.
+    """
+    ws = _WHITESPACE.match
+    at = ws(text, 0).end()
+    if not text.startswith("{", at):
+        return json.loads(text), {}
+    document: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    try:
+        at = ws(text, at + 1).end()
+        more = text[at] != "}"
+        while more:
+            if text[at] != '"':
+                raise ValueError
+            key, at = json.decoder.scanstring(text, at + 1)
+            at = ws(text, at).end()
+            if text[at] != ":":
+                raise ValueError
+            at = ws(text, at + 1).end()
+            value, end = _scan_value(text, at)
+            document[key] = value
+            spans[key] = (at, end)
+            at = ws(text, end).end()
+            more = text[at] == ","
+            if more:
+                at = ws(text, at + 1).end()
+            elif text[at] != "}":
+                raise ValueError
+        if ws(text, at + 1).end() != len(text):
+            raise ValueError
+    except (ValueError, IndexError, StopIteration):
+        json.loads(text)  # raises json's own error, with its line and column
+        raise AssertionError("json.loads read an object that parse_body did not") from None
+    return document, spans
+
+
+def encodable(text: str) -> bool:
+    """False for a string that UTF-8 cannot encode: JSON's \\ud800 escapes can put a lone surrogate in one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def model_value(text: str, span: tuple[int, int], prefix: str, name: str) -> str:
+    """The "model" value at `span` (from parse_body) with its provider prefix cut, the rest as written."""
+    value = text[span[0]:span[1]]
+    if value.startswith(f'"{prefix}/'):  # the usual case: cut the prefix, keep the rest as sent
+        return '"' + value[len(prefix) + 2:]
+    return json.dumps(name, ensure_ascii=False)  # the prefix was written with escapes, such as "ollama\/x"
+
+
+def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
+            added: list[tuple[str, str]]) -> str:
+    """The client's JSON object with the values of some top-level keys replaced and members added after
+    its last value (compact: `,"key":value`), or, in an empty object, after its `{`; every other character
+    exactly as the client wrote it."""
+    edits = [(*spans[key], value) for key, value in replaced.items()]
+    if added:
+        members = "".join(f",{compact_json(key)}:{value}" for key, value in added)
+        last = max((end for _, end in spans.values()), default=None)
+        if last is None:  # {} or { }: the first member needs no comma
+            last, members = text.index("{") + 1, members[1:]
+        edits.append((last, last, members))
+    parts, at = [], 0
+    for start, end, value in sorted(edits):
+        parts += [text[at:start], value]
+        at = end
+    parts.append(text[at:])
+    return "".join(parts)
+
+# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
+# backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
+# They describe one connection and never cross the gateway, in either direction, nor does any header
+# that a Connection header names.
+HOP_BY_HOP = frozenset({
+    b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+
+# What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
+# fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
+# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked;
+# x-api-key is the gateway's token too. A dialect may let more through (Anthropic's version and beta).
+FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
+
+# What of an upstream's response does not reach the client, besides hop-by-hop headers:
+# uvicorn writes its own Date (and Server, if enabled), we compute Content-Length, CORS is ours,
+# and an upstream's cookies belong to its domain, not ours.
+DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
+
+
+def connection_named(headers: Headers) -> frozenset[bytes]:
+    """The hop-by-hop set plus every header a Connection header names (RFC 9110 §7.6.1)."""
+    named = [
+        token.strip().lower()
+        for name, value in headers if name.lower() == b"connection"
+        for token in value.split(b",")
+    ]
+    return HOP_BY_HOP.union(named) if named else HOP_BY_HOP
+
+
+def forwarded_headers(headers: Headers, dialect: Dialect) -> Headers:
+    """The client's request headers that may travel upstream (FORWARDED_REQUEST_HEADERS and the dialect's
+    own), names lowercased, order and duplicates kept."""
+    drop = connection_named(headers)
+    travel = FORWARDED_REQUEST_HEADERS | dialect.forwarded
+    return [(name, value) for name, value in ((name.lower(), value) for name, value in headers)
+            if name in travel and name not in drop]
+
+
+def response_headers(headers: Headers) -> Headers:
+    """An upstream's response headers as the client may see them, order and duplicates kept."""
+    drop = connection_named(headers)
+    kept = []
+    for name, value in headers:
+        name = name.lower()
+        if name not in drop and name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-"):
+            kept.append((name, value))
+    return kept
+
+
+def cors_headers(config: Config, origin: bytes) -> Headers:
+    """Access-Control-Allow-Origin for an allowed origin; nothing (but no refusal) for another."""
+    if "*" in config.cors_allow_origins:
+        return [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"x-request-id")]
+    if origin.decode("latin-1") in config.cors_allow_origins:
+        return [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"x-request-id"),
+                (b"vary", b"origin")]
+    return []
+
+
+def printable(text: str) -> str:
+    # A path or model with a line break would forge a log line of its own.
+    return text if text.isprintable() else ascii(text)
+
+
+def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
+    prompt, completion = ex.usage or (None, None)
+    return {
+        "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
+        "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
+        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "prompt_tokens": prompt,
+        "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
+        "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
+    }
 
 
 ###############################################################################
@@ -1116,7 +1565,7 @@ class Exchange:
         self.headers: Headers = scope["headers"]
         self.receive = receive
         self.route = "other"  # the route table's key, for metrics: never the raw path
-        self.dialect = "openai"  # the API it speaks: its route's, a key of DIALECTS
+        self.dialect = OPENAI  # the API it speaks: its route's
         peer = scope.get("client")
         self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
         self.token = "-"  # the name of the client's token, once authorized
@@ -1241,7 +1690,7 @@ class Gateway:
                                "so where it ends is ambiguous; send one of them. The connection is closed.",
                                [(b"connection", b"close")])
         if self.screening and (route is None or route.screened):
-            self.screen(ex)
+            screen(ex, config)
         if route is None:
             raise GatewayError("not_found", not_found_message(ex.path))
         ex.route = key
@@ -1254,23 +1703,8 @@ class Gateway:
                                [(b"allow", allow.encode())])
         if self.closing and not route.while_closing:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
-        if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
-            ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
-            if route.admin and name not in config.ollama_admin_tokens:
-                raise GatewayError("admin_only", f"The token named {name!r} may not pull, push, create, copy or "
-                                   "delete models: only the tokens named in OLLAMA_ADMIN_TOKENS may.")
-            if self.limits is not None and route.limited:  # not /metrics: a scraper is not an app
-                ex.holds_slot = self.limits.admit(ex.token)
+        admit(ex, route, config, self.limits)
         return await handler(ex)
-
-    def screen(self, ex: Exchange) -> None:
-        """ALLOWED_IPS, the client found through TRUSTED_PROXIES: 403 before the token is looked at."""
-        config = self.config
-        address = client_address(ex.client, ex.headers, config.trusted_proxies)
-        ex.client = "-" if address is None else str(address)
-        if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
-            raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
-                               "only serves the addresses in its ALLOWED_IPS.")
 
     async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
         """What `awaitable` returns, while a ClientWatch cancels it when the client leaves (then None, and
@@ -1329,7 +1763,7 @@ class Gateway:
         document, body = routed_body(ex, body, self.config)
         upstream = self.upstreams[ex.provider]
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
-        path = (ex.path if DIALECTS[ex.dialect].native else ex.path.removeprefix("/v1")).encode()
+        path = (ex.path if ex.dialect.native else ex.path.removeprefix("/v1")).encode()
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
         if not stream and self.coalescer is not None and route.shared:
             return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
@@ -1356,7 +1790,7 @@ class Gateway:
         /api/tags lists the aliases to Ollama's models that it has, each as a model of its own."""
         upstream, ex.provider = self.upstreams["ollama"], "ollama"
         path = ex.route.encode()
-        listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.headers, host, "ollama")
+        listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.headers, host, OLLAMA)
                                                        for host in upstream.hosts))
         if listed is None or isinstance(listed, Answer):
             return listed
@@ -1371,7 +1805,7 @@ class Gateway:
         data = [item for model_id, item in models.items() if may_use(config, ex.token, model_id)]
         for alias in config.model_aliases if ex.route == "/api/tags" else ():
             try:
-                _, name = resolve(alias, config, DIALECTS["ollama"])
+                _, name = resolve(alias, config, OLLAMA)
             except GatewayError:  # an alias to openai/...: not behind this door
                 continue
             item = listed_as(models, f"ollama/{name}")
@@ -1549,297 +1983,6 @@ class Gateway:
             watch.cancel("shutdown")  # streams end with an error event, requests still waiting get 503
 
 
-def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream. Decided here, in this order: where the
-    model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403 before
-    anything is sent); the model's value (its target's name, or the provider prefix cut); the fields of
-    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a chat or completions stream whose client
-    did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the
-    client sent it. Notes provider and model on the exchange.
-
-    A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
-    `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
-    """
-    try:
-        text = body.decode("utf-8")
-        document, spans = parse_body(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
-    except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
-        raise GatewayError("invalid_request", f"The request body holds an integer of more than "
-                           f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None
-    except RecursionError:
-        raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
-    if not isinstance(document, dict):
-        raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    one_model_key(document)
-    dialect, route = DIALECTS[ex.dialect], ROUTES[ex.route]
-    model = document.get("model")
-    if model is None and not route.model_required:  # Ollama's show, pull, ...: maybe `name`
-        ex.provider = dialect.provider
-        return document, body
-    if not isinstance(model, str) or not model:
-        raise GatewayError("invalid_request", "The request body needs a `model` string, "
-                           "such as \"ollama/qwen2.5:7b\".")
-    if not encodable(model):
-        raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
-                           "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
-    ex.model = model
-    aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
-    ex.provider, name = resolve(model, config, dialect, aliases=not route.admin)
-    ex.upstream_model = name
-    model_id = f"{ex.provider}/{name}"
-    if config.token_models:
-        check_scope(config, ex.token, model_id, model)
-    replaced: dict[str, str] = {}
-    if aliased:
-        replaced["model"] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
-    elif name != model:
-        replaced["model"] = model_value(text, spans["model"], ex.provider, name)
-    # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
-    added: list[tuple[str, str]] = []
-    if (config.model_defaults or config.model_overrides) and route.model_required:
-        request_edits(text, document, spans, fields_for(config.model_defaults, model_id),
-                      fields_for(config.model_overrides, model_id), replaced, added)
-    if route.asks_usage and document.get("stream") is True:
-        ex.hides_usage = asked_for_usage(document, spans, replaced, added)
-    if replaced or added:
-        body = spliced(text, spans, replaced, added).encode()
-    return document, body
-
-
-def one_model_key(document: dict) -> None:
-    """Ollama is written in Go, whose encoding/json takes "Model" or "MODEL" for "model", the last one
-    winning: such a key would make Ollama run a model other than the one routed and checked here."""
-    for key in document:
-        if key != "model" and key.casefold() == "model":
-            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
-                               "as `model` whatever its case: name the model once, as `model` in lower case.")
-
-
-def route_to_only(dialect: Dialect, model: str) -> str:
-    """The model named on a door that leads to one provider only: its prefix cut, another's refused; any
-    other model goes there as it is, whatever DEFAULT_PROVIDER says."""
-    prefix, slash, name = model.partition("/")
-    if slash and prefix in PROVIDERS and prefix != dialect.provider:
-        only = dialect.provider
-        raise GatewayError("invalid_request", f"Model {model!r} goes to {prefix}, but {dialect.door} leads to "
-                           f"{only} only: name a model of {only}, as `{only}/<name>` or just `<name>`.")
-    if slash and prefix == dialect.provider:
-        if not name:
-            raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
-        return name
-    return model
-
-
-def route_model(model: str, config: Config) -> tuple[str, str]:
-    """(provider, upstream model name): only the first `/` decides."""
-    prefix, slash, name = model.partition("/")
-    if not slash or prefix not in PROVIDERS:
-        return config.default_provider, model
-    if prefix == "openai" and not config.openai_api_key:
-        raise GatewayError(
-            "provider_not_configured",
-            f"Model {model!r} asks for OpenAI, but this gateway has no OPENAI_API_KEY. "
-            "Use an ollama/ model, or ask the gateway's owner to set OPENAI_API_KEY.",
-        )
-    if not name:
-        raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
-    return prefix, name
-
-
-# One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
-# (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
-# `provider/name`.
-
-
-def resolve(model: str, config: Config, dialect: Dialect | None = None, aliases: bool = True) -> tuple[str, str]:
-    """(provider, upstream model name) of the model a client sent: an alias is replaced by its target first,
-    then routed by its prefix, or, on a door that leads to one provider only, taken there (route_to_only)."""
-    target = config.model_aliases.get(model, model) if aliases else model
-    if dialect is None or dialect.provider is None:
-        return route_model(target, config)
-    return dialect.provider, route_to_only(dialect, target)
-
-
-def by_default(model: str, config: Config, dialect: str) -> bool:
-    """Whether the model went to DEFAULT_PROVIDER for want of a prefix: no alias, no door of one provider."""
-    prefix, slash, _ = model.partition("/")
-    return (DIALECTS[dialect].provider is None and model not in config.model_aliases
-            and not (slash and prefix in PROVIDERS))
-
-
-def may_use(config: Config, token: str, model_id: str) -> bool:
-    """Whether TOKEN_MODELS lets the token of that name use `provider/name`; a token without an entry may."""
-    patterns = config.token_models.get(token)
-    return patterns is None or any(fnmatch.fnmatchcase(model_id, pattern) for pattern in patterns)
-
-
-def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
-    """403 model_not_allowed unless the token may use the model: never the token, but its name."""
-    if not may_use(config, token, model_id):
-        via = f" (asked for as {asked!r})" if asked != model_id else ""
-        raise GatewayError("model_not_allowed", f"The token {token!r} may not use the model {model_id!r}{via}: "
-                           f"TOKEN_MODELS lets it use {' | '.join(config.token_models[token])}. Use one of "
-                           "those, or ask the gateway's owner to add the model to its TOKEN_MODELS entry.")
-
-
-def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:
-    """The fields of MODEL_DEFAULTS or MODEL_OVERRIDES for the model: those of every pattern that matches it,
-    the longest pattern's value first, objects merged key by key."""
-    merged: dict[str, Any] = {}
-    for pattern, fields in patterns:
-        if fnmatch.fnmatchcase(model_id, pattern):
-            merged = over(merged, fields)
-    return merged
-
-
-def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """`second`'s members under `first`'s: a key of both keeps first's value; two objects are merged so too."""
-    result = dict(first)
-    for key, value in second.items():
-        if key not in result:
-            result[key] = value
-        elif isinstance(result[key], dict) and isinstance(value, dict):
-            result[key] = over(result[key], value)
-    return result
-
-
-def request_edits(text: str, document: dict, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
-                  overrides: dict[str, Any], replaced: dict[str, str], added: list[tuple[str, str]]) -> None:
-    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text` (parsed as `document`, `spans`),
-    as edits for spliced(): an override replaces the client's value, a default fills in only what it lacks,
-    and where the client's value and theirs are both objects (Ollama's `options`) that is decided key by
-    key inside the client's object, whose other bytes stay as they are."""
-    for field in {**defaults, **overrides}:
-        default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
-        if field not in document:
-            value = default if override is NOT_SET else override
-            if isinstance(default, dict) and isinstance(override, dict):
-                value = over(override, default)
-            added.append((field, compact_json(value)))
-        elif isinstance(document[field], dict) and isinstance(default if override is NOT_SET else override, dict):
-            start, end = spans[field]
-            inner, inner_replaced, inner_added = text[start:end], {}, []
-            inner_document, inner_spans = parse_body(inner)
-            request_edits(inner, inner_document, inner_spans, default if isinstance(default, dict) else {},
-                          override if isinstance(override, dict) else {}, inner_replaced, inner_added)
-            if inner_replaced or inner_added:
-                replaced[field] = spliced(inner, inner_spans, inner_replaced, inner_added)
-        elif override is not NOT_SET:
-            replaced[field] = compact_json(override)
-
-
-NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not set
-
-
-def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
-                    added: list[tuple[str, str]]) -> bool:
-    """For a stream whose client did not ask for usage, stream_options with include_usage in place of the
-    client's, or added; True then (the usage event is ModelGate's). False when the client asked, or sent
-    stream_options that are not an object (left for the upstream to judge)."""
-    options = document.get("stream_options")
-    if options is not None and not (isinstance(options, dict) and options.get("include_usage") is not True):
-        return False
-    text = compact_json({**(options or {}), "include_usage": True})
-    if "stream_options" in spans:
-        replaced["stream_options"] = text
-    else:
-        added.append(("stream_options", text))
-    return True
-
-
-def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
-    """The entry of `provider/name` in a model list; a name without a tag is Ollama's `name:latest`."""
-    item = models.get(model_id)
-    if item is None and ":" not in model_id.rpartition("/")[2]:
-        item = models.get(model_id + ":latest")
-    return item
-
-
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-_scan_value = json.scanner.make_scanner(json.JSONDecoder())
-
-
-def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
-    """json.loads(text), and where the value of each top-level key lies in the text (the last one of a key
-    written twice, as json.loads keeps the last); empty for anything but an object.
-
-    An object is walked key by key with json's own scanner, so that each value (images in base64, say)
-    is parsed once and the place of each value found on the way. Anything else goes to json.loads,
-    which returns what it is or raises json's own error for what is not JSON.
-    """
-    ws = _WHITESPACE.match
-    at = ws(text, 0).end()
-    if not text.startswith("{", at):
-        return json.loads(text), {}
-    document: dict[str, Any] = {}
-    spans: dict[str, tuple[int, int]] = {}
-    try:
-        at = ws(text, at + 1).end()
-        more = text[at] != "}"
-        while more:
-            if text[at] != '"':
-                raise ValueError
-            key, at = json.decoder.scanstring(text, at + 1)
-            at = ws(text, at).end()
-            if text[at] != ":":
-                raise ValueError
-            at = ws(text, at + 1).end()
-            value, end = _scan_value(text, at)
-            document[key] = value
-            spans[key] = (at, end)
-            at = ws(text, end).end()
-            more = text[at] == ","
-            if more:
-                at = ws(text, at + 1).end()
-            elif text[at] != "}":
-                raise ValueError
-        if ws(text, at + 1).end() != len(text):
-            raise ValueError
-    except (ValueError, IndexError, StopIteration):
-        json.loads(text)  # raises json's own error, with its line and column
-        raise AssertionError("json.loads read an object that parse_body did not") from None
-    return document, spans
-
-
-def encodable(text: str) -> bool:
-    """False for a string that UTF-8 cannot encode: JSON's \\ud800 escapes can put a lone surrogate in one."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def model_value(text: str, span: tuple[int, int], prefix: str, name: str) -> str:
-    """The "model" value at `span` (from parse_body) with its provider prefix cut, the rest as written."""
-    value = text[span[0]:span[1]]
-    if value.startswith(f'"{prefix}/'):  # the usual case: cut the prefix, keep the rest as sent
-        return '"' + value[len(prefix) + 2:]
-    return json.dumps(name, ensure_ascii=False)  # the prefix was written with escapes, such as "ollama\/x"
-
-
-def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
-            added: list[tuple[str, str]]) -> str:
-    """The client's JSON object with the values of some top-level keys replaced and members added after
-    its last value (compact: `,"key":value`), or, in an empty object, after its `{`; every other character
-    exactly as the client wrote it."""
-    edits = [(*spans[key], value) for key, value in replaced.items()]
-    if added:
-        members = "".join(f",{compact_json(key)}:{value}" for key, value in added)
-        last = max((end for _, end in spans.values()), default=None)
-        if last is None:  # {} or { }: the first member needs no comma
-            last, members = text.index("{") + 1, members[1:]
-        edits.append((last, last, members))
-    parts, at = [], 0
-    for start, end, value in sorted(edits):
-        parts += [text[at:start], value]
-        at = end
-    parts.append(text[at:])
-    return "".join(parts)
-
-
 def preflight(ex: Exchange, route: Route) -> Answer:
     """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them."""
     headers = [(b"allow", ", ".join([*route.handlers, "OPTIONS"]).encode())]
@@ -1854,24 +1997,14 @@ def preflight(ex: Exchange, route: Route) -> Answer:
     return Answer(204, headers, b"")
 
 
-def cors_headers(config: Config, origin: bytes) -> Headers:
-    """Access-Control-Allow-Origin for an allowed origin; nothing (but no refusal) for another."""
-    if "*" in config.cors_allow_origins:
-        return [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"x-request-id")]
-    if origin.decode("latin-1") in config.cors_allow_origins:
-        return [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"x-request-id"),
-                (b"vary", b"origin")]
-    return []
-
-
-def unrouted_dialect(path: str) -> str:
+def unrouted_dialect(path: str) -> Dialect:
     """The dialect of a path no route has: that of the routes around it (Ollama's under /api)."""
-    return "ollama" if path == "/api" or path.startswith("/api/") else "openai"
+    return OLLAMA if path == "/api" or path.startswith("/api/") else OPENAI
 
 
 def not_found_message(path: str) -> str:
     hint = ""
-    if unrouted_dialect(path) == "ollama":
+    if unrouted_dialect(path) is OLLAMA:
         return (f"There is no {path} here. Ollama's API here: /api/chat, /api/generate, /api/embed, "
                 "/api/embeddings, /api/show, /api/tags, /api/ps, /api/version; for the tokens named in "
                 "OLLAMA_ADMIN_TOKENS also /api/pull, /api/push, /api/create, /api/copy, /api/delete, /api/blobs.")
@@ -1957,6 +2090,12 @@ class ClientWatch:
         self.watches.discard(self)
 
 
+def error_answer(error: GatewayError, ex: Exchange) -> Answer:
+    """A GatewayError as the client's dialect writes it."""
+    body = ex.dialect.error(error.status, error.message, error.type, error.code)
+    return Answer(error.status, [JSON, *error.headers], body)
+
+
 ###############################################################################
 # The relay ###################################################################
 ###############################################################################
@@ -2003,7 +2142,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     try:
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect, gw.not_found_hint(ex))
-        if stream and media_type(response.headers) == DIALECTS[ex.dialect].stream_type:
+        if stream and media_type(response.headers) == ex.dialect.stream_type:
             await relay_events(gw, ex, upstream, response)
             return None
         if shared:
@@ -2126,7 +2265,7 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
                                hidden.event if hidden is not None and hidden.event else end.end())
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
-        dialect = DIALECTS[ex.dialect]
+        dialect = ex.dialect
         separator = dialect.separator if dialect.separator and not last.endswith(dialect.separator) else b""
         await ex.body_chunk(separator + dialect.cut_event(message))
     await ex.body_chunk(b"", more=False)
@@ -2415,80 +2554,7 @@ def is_usage_event(event: bytes) -> bool:
     return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
 
 
-def openai_error(status: int, message: str, type_: str, code: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
-
-
-def openai_cut_event(message: str) -> bytes:
-    # openai-python raises APIError for any `data:` object with an "error" key (CLIENTS.md §4).
-    return b"data: " + openai_error(502, message, "api_error", "upstream_stream_error") + b"\n\n"
-
-
-def ollama_error(status: int, message: str, type_: str, code: str | None) -> bytes:
-    # docs/api/errors.mdx; ollama-python's ResponseError reads json.loads(body).get("error"), a str.
-    return json.dumps({"error": message}).encode()
-
-
-def ollama_cut_event(message: str) -> bytes:
-    # What Ollama itself writes when it fails mid-stream (streamResponse); ollama-python raises ResponseError.
-    return ollama_error(502, message, "api_error", None) + b"\n"
-
-
-# Anthropic's error type for a status (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError maps
-# 503 to overloaded_error too). "We may also use this error type for other 4XX status codes": so do we.
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                         500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
-
-
-def anthropic_error(status: int, message: str, type_: str, code: str | None) -> bytes:
-    anthropic_type = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    return json.dumps({"type": "error", "error": {"type": anthropic_type, "message": message}}).encode()
-
-
-def anthropic_cut_event(message: str) -> bytes:
-    # Anthropic's documented mid-stream error event; the anthropic SDKs raise on `event: error`.
-    return b"event: error\ndata: " + anthropic_error(500, message, "api_error", None) + b"\n\n"
-
-
-class Dialect(NamedTuple):
-    """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
-    stream that was cut off; whether an upstream's error body is in that shape already; how its streams
-    are framed; which client headers reach the upstream, where on it the API lives, and who serves it."""
-    error: Callable[[int, str, str, str | None], bytes]  # (status, message, OpenAI type, code) -> body
-    cut_event: Callable[[str], bytes]  # message -> the last chunk of a cut stream
-    own_error: Callable[[Any], bool]  # a parsed upstream error body that passes unchanged
-    stream_type: bytes = b"text/event-stream"  # the media type of its streams
-    separator: bytes = b""  # what a cut stream must end with before the cut event (NDJSON: a line of its own)
-    forwarded: frozenset[bytes] = FORWARDED_REQUEST_HEADERS  # the client's request headers that travel
-    native: bool = False  # at OLLAMA_BASE_URL without its /v1, rather than at the base URL itself
-    provider: str | None = None  # None: routed by model (PROVIDERS); else the one provider that serves it
-    door: str = ""  # what its messages call it
-
-
-DIALECTS: dict[str, Dialect] = {
-    "openai": Dialect(openai_error, openai_cut_event,
-                      lambda document: isinstance(document, dict) and isinstance(document.get("error"), dict)),
-    "ollama": Dialect(ollama_error, ollama_cut_event,
-                      lambda document: isinstance(document, dict) and isinstance(document.get("error"), str),
-                      # Never a blank line between: ollama-python json.loads every line it reads.
-                      stream_type=b"application/x-ndjson", separator=b"\n", native=True, provider="ollama",
-                      door="Ollama's own API (/api/...)"),
-    "anthropic": Dialect(anthropic_error, anthropic_cut_event,
-                         lambda document: (isinstance(document, dict) and document.get("type") == "error"
-                                           and isinstance(document.get("error"), dict)),
-                         forwarded=FORWARDED_REQUEST_HEADERS | {b"anthropic-version", b"anthropic-beta"},
-                         provider="ollama", door="Anthropic Messages (/v1/messages, which OpenAI does not serve)"),
-}
-
-
-def error_answer(error: GatewayError, ex: Exchange) -> Answer:
-    """A GatewayError as the client's dialect writes it."""
-    body = DIALECTS[ex.dialect].error(error.status, error.message, error.type, error.code)
-    return Answer(error.status, [JSON, *error.headers], body)
-
-
-def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: str = "openai",
+def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: Dialect = OPENAI,
                    hint: str = "") -> Answer:
     """An upstream error response as the client gets it: same status, in the client's dialect.
 
@@ -2501,7 +2567,7 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
         document = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: valid, but nested deeper than json reads
         document = None
-    if DIALECTS[dialect].own_error(document):
+    if dialect.own_error(document):
         error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
         if hint and isinstance(error, dict) and isinstance(error.get("message"), str):
             error["message"] = sentence(error["message"]) + hint
@@ -2522,13 +2588,13 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
     message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
     if status in (401, 403):
         message = sentence(message) + f" Check {KEY_VARIABLE[name]}."
-    if dialect == "anthropic" and status == 404 and document is None:  # gin's "404 page not found"
+    if dialect is ANTHROPIC and status == 404 and document is None:  # gin's "404 page not found"
         message = sentence(message) + " Ollama serves the Anthropic Messages API since v0.14: update it."
     if hint:
         message = sentence(message) + hint
     kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
     kept.append(JSON)
-    return Answer(status, kept, DIALECTS[dialect].error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
+    return Answer(status, kept, dialect.error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
                                                         None))
 
 
@@ -2536,27 +2602,6 @@ def sentence(text: str) -> str:
     """`text` ending as a sentence does, so that more can follow."""
     text = text.rstrip()
     return text if text.endswith((".", "!", "?", "…")) else text + "."
-
-
-def connection_named(headers: Headers) -> frozenset[bytes]:
-    """The hop-by-hop set plus every header a Connection header names (RFC 9110 §7.6.1)."""
-    named = [
-        token.strip().lower()
-        for name, value in headers if name.lower() == b"connection"
-        for token in value.split(b",")
-    ]
-    return HOP_BY_HOP.union(named) if named else HOP_BY_HOP
-
-
-def response_headers(headers: Headers) -> Headers:
-    """An upstream's response headers as the client may see them, order and duplicates kept."""
-    drop = connection_named(headers)
-    kept = []
-    for name, value in headers:
-        name = name.lower()
-        if name not in drop and name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-"):
-            kept.append((name, value))
-    return kept
 
 
 def media_type(headers: Headers) -> bytes:
@@ -2641,19 +2686,13 @@ class Upstream:
         self.metrics = metrics
 
     def request(self, host: Host, method: bytes, path: bytes, client_headers: Headers,
-                body: bytes = b"", dialect: str = "openai") -> httpcore.Request:
+                body: bytes = b"", dialect: Dialect = OPENAI) -> httpcore.Request:
         """Build the outbound request explicitly from the few client headers that may travel."""
-        drop = connection_named(client_headers)
-        forwarded = DIALECTS[dialect].forwarded
-        headers = [(b"host", host.authority), (b"accept-encoding", b"identity")]
-        for name, value in client_headers:
-            name = name.lower()
-            if name in forwarded and name not in drop:
-                headers.append((name, value))
-        headers += self.auth
+        headers = [(b"host", host.authority), (b"accept-encoding", b"identity"),
+                   *forwarded_headers(client_headers, dialect), *self.auth]
         if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
             headers.append((b"content-length", b"%d" % len(body)))
-        base = host.native_path if DIALECTS[dialect].native else host.path
+        base = host.native_path if dialect.native else host.path
         url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=base + path)
         return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
 
@@ -2666,7 +2705,7 @@ class Upstream:
         return sorted(up or self.hosts, key=lambda host: host.pool.in_use)  # sorted() keeps ties in order
 
     async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
-                   host: Host | None = None, dialect: str = "openai") -> httpcore.Response:
+                   host: Host | None = None, dialect: Dialect = OPENAI) -> httpcore.Response:
         """Send to `host`, or to the hosts in preference order until one takes the request; the response's
         head has arrived when this returns.
 
@@ -2741,7 +2780,7 @@ class Upstream:
                                [(b"x-should-retry", b"false")])
         return body
 
-    async def error_answer(self, response: httpcore.Response, dialect: str = "openai", not_found: str = "") -> Answer:
+    async def error_answer(self, response: httpcore.Response, dialect: Dialect = OPENAI, not_found: str = "") -> Answer:
         """The upstream's error status as the client gets it; a 404 says what to check (`not_found` from the
         caller, a base URL without /v1 from here)."""
         self.count_failure(f"http_{response.status}")
@@ -2749,13 +2788,13 @@ class Upstream:
         hint = ""
         if response.status == 404:
             host = response.extensions.get(HOST_EXTENSION)
-            if (self.name == "ollama" and not DIALECTS[dialect].native and host is not None
+            if (self.name == "ollama" and not dialect.native and host is not None
                     and not host.path.endswith(b"/v1")):
                 hint = " Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1."
             hint += not_found
         return upstream_error(self.name, response.status, response.headers, body, dialect, hint)
 
-    async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: str = "openai") -> Any:
+    async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: Dialect = OPENAI) -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
         response = await self.send(b"GET", path, client_headers, host=host, dialect=dialect)
         try:
@@ -2835,8 +2874,7 @@ class Coalescer:
         self.metrics = metrics
 
     async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
-        forwarded = DIALECTS[ex.dialect].forwarded
-        headers = tuple((name.lower(), value) for name, value in ex.headers if name.lower() in forwarded)
+        headers = tuple(forwarded_headers(ex.headers, ex.dialect))
         key = (ex.token, upstream.name, path, body, headers)
         flight = self.flights.get(key)
         if flight is None:
@@ -3062,22 +3100,6 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
             f"id={ex.request_id.decode('latin-1') or '-'}")
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
                               extra={"exchange": (ex, seconds)}))
-
-
-def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
-    prompt, completion = ex.usage or (None, None)
-    return {
-        "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
-        "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
-        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "prompt_tokens": prompt,
-        "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
-        "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
-    }
-
-
-def printable(text: str) -> str:
-    # A path or model with a line break would forge a log line of its own.
-    return text if text.isprintable() else ascii(text)
 
 
 class JsonFormatter(logging.Formatter):
