@@ -3619,9 +3619,10 @@ HEAD_TIMEOUT_SECONDS = 30.0
 CLIENT_KEEPALIVE_SECONDS = 75
 
 
-def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float = HEAD_TIMEOUT_SECONDS) -> Any:
+def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float = HEAD_TIMEOUT_SECONDS,
+                   keep_alive: float = CLIENT_KEEPALIVE_SECONDS) -> Any:
     """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, a bound on
-    the wait for a request head, and asyncio's errors one line per kind."""
+    the wait for a request head, how long an idle connection is kept, and asyncio's errors one line per kind."""
     import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
 
     server = uvicorn.Server(uvicorn.Config(
@@ -3633,7 +3634,7 @@ def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float =
         access_log=False,  # we log one line per request ourselves
         log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,
-        timeout_keep_alive=CLIENT_KEEPALIVE_SECONDS,
+        timeout_keep_alive=keep_alive,
         proxy_headers=False,  # X-Forwarded-For is for the app to judge (TRUSTED_PROXIES), not uvicorn
         # A backstop for a client that stops reading the error event: uvicorn cancels what still runs.
         timeout_graceful_shutdown=config.shutdown_grace + 5,
