@@ -1720,14 +1720,37 @@ async def test_the_page_escapes_the_host_it_was_asked_for() -> None:
     assert hostile.header(b"content-security-policy").startswith(b"default-src 'none'")
 
 
-async def test_a_program_asking_for_the_root_gets_what_ollama_answers() -> None:
-    """GET / without text/html in Accept (curl, an Ollama client probing it) gets `Ollama is running`, not the
-    page; the answer varies by Accept, so that no cache hands one to the other."""
-    async with gateway() as app:
-        answer = await call(app, "GET", "/", headers=[(b"accept", b"*/*")])
-        page = await call(app, "GET", "/", headers=[(b"accept", BROWSER_ACCEPT)])
-    assert answer.status == 200 and answer.body == b"Ollama is running"
-    assert answer.header(b"vary") == page.header(b"vary") == b"accept"
+ROOT_ANSWERS = [
+    # (method, Accept, content type, body): a program probing the root (curl, an Ollama client) gets what Ollama
+    # answers, a browser the page (its body is tested above)
+    ("GET", b"*/*", b"text/plain; charset=utf-8", b"Ollama is running"),
+    ("HEAD", b"*/*", b"text/plain; charset=utf-8", b""),
+    ("GET", BROWSER_ACCEPT, b"text/html; charset=utf-8", None),
+]
+
+
+@pytest.mark.parametrize("method, accept, content_type, body", ROOT_ANSWERS)
+async def test_the_root_answers_a_program_as_ollama_does_and_a_browser_with_the_page(
+        method: str, accept: bytes, content_type: bytes, body: bytes | None) -> None:
+    """GET / and HEAD / without text/html in Accept answer what Ollama answers (200, text/plain, `Ollama is
+    running`), a browser gets the page; no token, no upstream asked; the answer varies by Accept, so that no cache
+    hands one to the other; over a real socket the same answer comes, HEAD's with the GET length and no body."""
+    headers = [(b"host", b"gw"), (b"accept", accept)]
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app, serve(app) as base:
+        answer = await call(app, method, "/", headers=headers)
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"%s / HTTP/1.1\r\nhost: gw\r\naccept: %s\r\nconnection: close\r\n\r\n"
+                     % (method.encode(), accept))
+        head, _, rest = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+        writer.close()
+    assert answer.status == 200 and answer.header(b"content-type") == content_type
+    assert answer.header(b"vary") == b"accept"
+    if body is not None:
+        assert answer.header(b"content-length") == b"17" and answer.body == body
+    assert up.requests == []
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\ncontent-length: %s" % answer.header(b"content-length") in head
+    assert rest == answer.body
 
 
 async def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
@@ -2662,55 +2685,63 @@ async def test_plain_responses_request_is_relayed() -> None:
 ###############################################################################
 
 
-async def test_refused_upstream_is_502() -> None:
-    """Nothing listening at OLLAMA_BASE_URL: 502 upstream_unavailable naming Ollama and the variable to check."""
-    async with gateway() as app:
-        answer = await chat(app)
-    error = assert_error(answer, 502, "api_error", "upstream_unavailable")
-    assert "ollama" in error["message"] and "OLLAMA_BASE_URL" in error["message"]
-    assert "127.0.0.1" not in error["message"]
+@asynccontextmanager
+async def answering(reply: Reply) -> AsyncIterator[str]:
+    async with upstream(reply) as up:
+        yield up.url
 
 
-async def test_upstream_that_never_answers_is_504() -> None:
-    """An upstream that accepts but stays silent past TIMEOUT_SECONDS: 504 upstream_timeout."""
-    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
-        answer = await chat(app)
-    error = assert_error(answer, 504, "api_error", "upstream_timeout")
-    assert "TIMEOUT_SECONDS" in error["message"]
+@asynccontextmanager
+async def refusing() -> AsyncIterator[str]:
+    yield refused_url()
 
 
-async def test_connect_timeout_is_504() -> None:
-    """An upstream whose listen queue is full never completes the handshake: 504 after the connect timeout."""
+@asynccontextmanager
+async def full_backlog() -> AsyncIterator[str]:
     with FullBacklog() as url:
-        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="0.2") as app:
-            answer = await chat(app)
-    error = assert_error(answer, 504, "api_error", "upstream_timeout")
-    assert "CONNECT_TIMEOUT_SECONDS" in error["message"]
+        yield url
 
 
-async def test_upstream_reset_before_answering_is_502() -> None:
-    """An upstream that hangs up without a word: 502, and a retry may help, so no x-should-retry: false."""
-    async with upstream(raw_reply(b"")) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        answer = await chat(app)
-    assert_error(answer, 502, "api_error", "upstream_unavailable")
-    assert answer.header(b"x-should-retry") is None
+CUT_PLAIN_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\": "
+FAILURES_BEFORE_AN_ANSWER = [
+    # (what is at OLLAMA_BASE_URL, settings, request, status, code, x-should-retry (... = either), the message names)
+    # Nothing listening: the message names Ollama and the variable to check.
+    (refusing, {}, CHAT, 502, "upstream_unavailable", ..., ["ollama", "OLLAMA_BASE_URL"]),
+    # A streamed request whose upstream is down gets the plain 502 JSON, not a 200 event stream.
+    (refusing, {}, STREAM_CHAT, 502, "upstream_unavailable", ..., []),
+    # An upstream that accepts but stays silent past TIMEOUT_SECONDS.
+    (lambda: answering(hang_reply), {"TIMEOUT_SECONDS": "0.2"}, CHAT, 504, "upstream_timeout", ...,
+     ["TIMEOUT_SECONDS"]),
+    # An upstream whose listen queue is full never completes the handshake.
+    (full_backlog, {"CONNECT_TIMEOUT_SECONDS": "0.2"}, CHAT, 504, "upstream_timeout", ..., ["CONNECT_TIMEOUT_SECONDS"]),
+    # An upstream that hangs up without a word: a retry may help, so no x-should-retry: false.
+    (lambda: answering(raw_reply(b"")), {}, CHAT, 502, "upstream_unavailable", None, []),
+    # Something that is not HTTP (an SSH port, say): a retry will not help.
+    (lambda: answering(raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n")), {}, CHAT, 502, "upstream_unavailable",
+     b"false", []),
+    # An upstream that hangs up in the middle of a plain answer: a retry may help.
+    (lambda: answering(raw_reply(CUT_PLAIN_ANSWER)), {}, CHAT, 502, "upstream_unavailable", None, []),
+    # Headers but no event yet (a cold model, say), then silence: late headers would time out all the same.
+    (lambda: answering(headers_then("silence")), {"TIMEOUT_SECONDS": "0.2"}, STREAM_CHAT, 504, "upstream_timeout",
+     ..., []),
+    # Headers but no event yet, then a reset: the reset ends it, the timeout must not come first.
+    (lambda: answering(headers_then("reset")), {"TIMEOUT_SECONDS": "5"}, STREAM_CHAT, 502, "upstream_unavailable",
+     ..., []),
+]
 
 
-async def test_upstream_that_is_not_http_is_502_without_retry() -> None:
-    """Something that is not HTTP at OLLAMA_BASE_URL (an SSH port, say): 502 and x-should-retry: false."""
-    async with upstream(raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n")) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        answer = await chat(app)
-    assert_error(answer, 502, "api_error", "upstream_unavailable")
-    assert answer.header(b"x-should-retry") == b"false"
-
-
-async def test_plain_answer_cut_midway_is_502() -> None:
-    """An upstream that hangs up in the middle of a plain answer: 502, and a retry may help."""
-    cut = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\": "
-    async with upstream(raw_reply(cut)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        answer = await chat(app)
-    assert_error(answer, 502, "api_error", "upstream_unavailable")
-    assert answer.header(b"x-should-retry") is None
+@pytest.mark.parametrize("at, settings_, body, status, code, retry, names", FAILURES_BEFORE_AN_ANSWER)
+async def test_an_upstream_failing_before_its_answer_is_a_plain_error_saying_what_to_check(
+        at: Callable, settings_: dict, body: bytes, status: int, code: str, retry: Any, names: list[str]) -> None:
+    """A refused, silent, unreachable, non-HTTP or cut upstream, before the first byte of an answer (plain or
+    streamed): the plain 502 or 504 in OpenAI's shape, never a 200 event stream, without the upstream's address."""
+    async with at() as url, gateway(OLLAMA_BASE_URL=url, **settings_) as app:
+        answer = await chat(app, body)
+    error = assert_error(answer, status, "api_error", code)
+    assert all(name in error["message"] for name in names)
+    assert "127.0.0.1" not in error["message"]
+    if retry is not ...:
+        assert answer.header(b"x-should-retry") == retry
 
 
 async def test_stream_cut_midway_ends_with_an_error_event_not_done() -> None:
@@ -2730,25 +2761,6 @@ async def test_stream_silent_past_the_timeout_ends_with_an_error_event() -> None
         answer = await chat(app, STREAM_CHAT)
     assert answer.chunks[0] == EVENTS[0]
     assert "TIMEOUT_SECONDS" in assert_error_event(answer.chunks[1])["message"]
-
-
-async def test_stream_failing_before_first_byte_is_a_plain_error() -> None:
-    """A streamed request whose upstream is down gets the plain 502 JSON, not a 200 event stream."""
-    async with gateway() as app:
-        answer = await chat(app, STREAM_CHAT)
-    assert_error(answer, 502, "api_error", "upstream_unavailable")
-
-
-@pytest.mark.parametrize("after, timeout, status, code", [
-    ("silence", "0.2", 504, "upstream_timeout"),  # late headers would time out all the same
-    ("reset", "5", 502, "upstream_unavailable"),  # the reset ends it: the timeout must not come first
-])
-async def test_stream_failing_after_headers_before_first_byte_is_a_plain_error(after: str, timeout: str,
-                                                                              status: int, code: str) -> None:
-    """Headers but no event yet (a cold model, say), then a timeout or a reset: the plain status, no event stream."""
-    async with upstream(headers_then(after)) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=timeout) as app:
-        answer = await chat(app, STREAM_CHAT)
-    assert_error(answer, status, "api_error", code)
 
 
 UPSTREAM_STATUS_TABLE = [
@@ -4654,31 +4666,6 @@ async def test_version_is_the_first_host_that_answers() -> None:
     async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=f"{refused_url()},{up.url}") as app:
         answer = await native(app, "/api/version", method="GET")
     assert answer.status == 200 and answer.json() == {"version": "0.33.0"}
-
-
-@pytest.mark.parametrize("method", ["GET", "HEAD"])
-async def test_the_root_answers_ollama_is_running_without_a_token(method: str) -> None:
-    """GET / and HEAD / answer what Ollama answers (200, text/plain, `Ollama is running`), as clients probe it."""
-    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        answer = await call(app, method, "/", headers=[(b"accept", b"*/*")])
-    assert answer.status == 200
-    assert answer.header(b"content-type") == b"text/plain; charset=utf-8"
-    assert answer.header(b"content-length") == b"17"
-    assert answer.body == (b"Ollama is running" if method == "GET" else b"")
-    assert up.requests == []
-
-
-async def test_head_of_the_root_over_uvicorn_has_no_body() -> None:
-    """Over a real socket, HEAD / is a 200 with the length of the GET answer and no body."""
-    async with gateway() as app, serve(app) as base:
-        host, port = base.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"HEAD / HTTP/1.1\r\nhost: gw\r\n\r\nGET / HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-    head, get = answer.split(b"HTTP/1.1 ")[1:]
-    assert head.startswith(b"200 ") and head.endswith(b"\r\n\r\n") and b"content-length: 17" in head
-    assert get.startswith(b"200 ") and get.endswith(b"\r\n\r\nOllama is running")
 
 
 # Admin routes: OLLAMA_ADMIN_TOKENS ---------------------------------------------
