@@ -2491,6 +2491,20 @@ async def test_no_sse_without_stream_true() -> None:
     assert answer.header(b"x-accel-buffering") is None
 
 
+@pytest.mark.parametrize("value", [b'"true"', b"1"])
+async def test_a_stream_that_is_not_json_true_is_sent_and_answered_as_a_plain_request(value: bytes) -> None:
+    """Issue 16: "stream": "true" or 1 is not JSON true, so it is no stream: the body reaches the upstream as
+    sent (no stream_options asking for usage), and even an event stream coming back is relayed as a plain
+    answer, whole with its length and nothing added (a stream's end check would append an error event here)."""
+    body = b'{"model": "ollama/m", "stream": %s, "messages": []}' % value
+    async with upstream(sse_reply(EVENTS[:-1])) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, body)
+    [request] = up.requests
+    assert request.body == body.replace(b"ollama/m", b"m")
+    assert answer.status == 200 and answer.body == b"".join(EVENTS[:-1])
+    assert answer.header(b"content-length") == str(len(answer.body)).encode()
+
+
 async def test_stream_is_relayed_event_by_event() -> None:
     """A streamed chat arrives as the upstream sent it, one body message per upstream chunk, with SSE headers."""
     async with upstream(sse_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
