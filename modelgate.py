@@ -1607,9 +1607,22 @@ class Exchange:
         self.bytes_out += len(chunk)
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
+    async def write(self, chunk: bytes, more: bool = True) -> None:
+        """A chunk sent under the send guard of the exchange's watch (ClientWatch.guard_sends)."""
+        watch = self.watch
+        watch.sending_since = watch.loop.time()
+        await self.body_chunk(chunk, more)
+        watch.sending_since = None
+
     async def respond(self, answer: Answer) -> None:
+        """The answer with its length; one larger than WRITE_PIECE in pieces, under the send guard (Gateway.deliver)."""
+        body = b"" if self.method == "HEAD" else answer.body  # HEAD: its length only
         await self.start(answer.status, [*answer.headers, (b"content-length", b"%d" % len(answer.body))])
-        await self.body_chunk(b"" if self.method == "HEAD" else answer.body, more=False)  # HEAD: its length only
+        if len(body) <= WRITE_PIECE:
+            return await self.body_chunk(body, more=False)
+        for at in range(0, len(body), WRITE_PIECE):
+            await self.write(body[at:at + WRITE_PIECE])
+        await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
 
 
 class Gateway:
@@ -1654,7 +1667,7 @@ class Gateway:
             if answer is not None:  # None: streamed already, or nobody is left to answer
                 if answer.status >= 400 and not ex.error:
                     ex.error = "upstream_status"
-                await ex.respond(answer)
+                await self.deliver(ex, answer)
         except Exception:
             log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
             if ex.started:
@@ -1705,6 +1718,29 @@ class Gateway:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
         admit(ex, route, config, self.limits)
         return await handler(ex)
+
+    async def deliver(self, ex: Exchange, answer: Answer) -> None:
+        """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
+        written (issue 17): one larger than WRITE_PIECE goes in pieces, each sent once the client has taken
+        the one before (uvicorn's send() waits so), and a client that takes nothing for TIMEOUT_SECONDS is
+        let go (499), the answer's memory with it. Until then it counts against MAX_CONCURRENT_PER_TOKEN,
+        as a request still running does; uvicorn alone would hold the rest for as long as the client likes."""
+        if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
+            return await ex.respond(answer)
+        watch = ex.watch = ClientWatch(ex.receive, self.watches)
+        watch.guard_sends(self.config.timeout)
+        try:
+            await ex.respond(answer)
+        except asyncio.CancelledError as exc:
+            reason = watch.claim(exc)
+            if not reason:
+                raise
+            if reason == "gone":
+                ex.status = 499
+            else:
+                ex.error = "shutting_down"  # cut: uvicorn closes the connection of an answer left unfinished
+        finally:
+            watch.stop()
 
     async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
         """What `awaitable` returns, while a ClientWatch cancels it when the client leaves (then None, and
@@ -2034,13 +2070,14 @@ class ClientWatch:
 
     def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
         self.task = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
         self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
         self.stopped = False
         self.watches = watches
         watches.add(self)
         self.listener: asyncio.Task | None = None
-        self.listen_later = asyncio.get_running_loop().call_later(LISTEN_AFTER_SECONDS, self._start, receive)
-        self.sending_since: float | None = None  # loop time a stream chunk began to be sent, while it is
+        self.listen_later = self.loop.call_later(LISTEN_AFTER_SECONDS, self._start, receive)
+        self.sending_since: float | None = None  # loop time a chunk began to be sent, while it is
         self.send_check: asyncio.TimerHandle | None = None
 
     def _start(self, receive: Receive) -> None:
@@ -2067,10 +2104,11 @@ class ClientWatch:
     def guard_sends(self, timeout: float) -> None:
         """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
 
-        uvicorn's send() waits for as long as the client's socket is full, and meanwhile the stream
-        would hold its upstream connection. One timer per stream looks every `timeout` seconds.
+        uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
+        hold its upstream connection, an answer held whole its memory. One timer per answer looks every
+        `timeout` seconds.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop
 
         def check() -> None:
             if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
@@ -2114,6 +2152,11 @@ MAX_HELD_ANSWER = 16 * 1024 * 1024
 # A relayed answer up to this size is read whole before any of it is sent, so that one cut short is still
 # a clean 502; a larger one is sent as it arrives, and a failure can then only cut the connection.
 RELAY_HOLD_BYTES = 1024 * 1024
+
+# An answer held whole is written in pieces of this size (Exchange.respond), so that uvicorn's send() waits for
+# the client to take each one (it waits before writing while its transport holds more than 64 KiB, asyncio's
+# high-water mark) and no more than about two pieces wait in memory for a client that reads slowly.
+WRITE_PIECE = 64 * 1024
 
 # Streams are relayed unbuffered; these keep a proxy in front (nginx) from buffering them too.
 SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]

@@ -3125,6 +3125,47 @@ async def test_client_that_stops_reading_a_stream_is_let_go() -> None:
         assert app.upstreams["ollama"].hosts[0].pool.in_use == 0
 
 
+async def send_and_never_read(port: int, request: bytes) -> socket.socket:
+    """Send a request on a socket with the smallest receive buffer, read the answer's head and nothing more."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window follows it
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 1), 10)  # byte by byte: no more than the head
+        assert data, head
+        head += data
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return sock
+
+
+@pytest.mark.parametrize("coalesce", ["on", "off"])
+async def test_client_that_never_reads_a_held_answer_is_let_go_and_counts_until_then(coalesce: str) -> None:
+    """Issue 17, hole 5: a plain answer (an /api/show, shared or not) whose client takes none of it is written as a
+    stream is: it counts against MAX_CONCURRENT_PER_TOKEN while it waits for the client (a second request is a
+    429), and after TIMEOUT_SECONDS the client is let go, logged as 499; then the token may ask again."""
+    show = {"license": "x" * (8 * MIB)}  # ten times what loopback's socket buffers can hold of it
+    body = b'{"model": "qwen2.5:7b"}'
+    request = (b"POST /api/show HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+               + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    async with captured_log() as lines, upstream(json_reply(document=show)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1", COALESCE=coalesce,
+                    TIMEOUT_SECONDS=TIMEOUT_AFTER_SENDING) as app, serve(app) as base:
+        sock = await send_and_never_read(int(base.rpartition(":")[2]), request)
+        try:
+            meanwhile = await call(app, "POST", "/api/show", body)
+            line = await lines.logged("POST /api/show 499 ")
+            after = await call(app, "POST", "/api/show", body)
+        finally:
+            sock.close()
+    assert meanwhile.status == 429, "the answer being written no longer counted against the token's limit"
+    assert after.status == 200 and after.json() == show
+    assert " error=" not in line, line
+
+
 ###############################################################################
 # The relay: header hygiene ###################################################
 ###############################################################################
