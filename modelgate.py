@@ -11,8 +11,8 @@ nothing else.
     uvicorn modelgate:app --port 8010 --no-proxy-headers --no-server-header --timeout-keep-alive 75
 
 `python modelgate.py` also keeps idle connections open 75 s, closes connections that send no complete
-request head within 30 s, raises the soft limit on open files to the hard one, and logs asyncio's errors
-once per kind; the uvicorn command does not (README: Slow and silent clients).
+request head within CLIENT_TIMEOUT_SECONDS, raises the soft limit on open files to the hard one, and logs
+asyncio's errors once per kind; the uvicorn command does not (docs/exposing.md: Slow and silent clients).
 
 The module reads in the order a request travels: the tables, the configuration, then the trust boundary
 (from its banner down to "The app"): everything that decides who may do what and what crosses the gateway,
@@ -65,6 +65,7 @@ table):
     OPENAI_BASE_URL          any OpenAI-compatible base URL        (https://api.openai.com/v1)
     TIMEOUT_SECONDS          longest wait for the next upstream bytes (120)
     CONNECT_TIMEOUT_SECONDS  longest wait to open an upstream connection (10)
+    CLIENT_TIMEOUT_SECONDS   longest wait for a client's request head, and for the next bytes of its body (30)
     MAX_BODY_BYTES           larger request bodies get 413         (16777216)
     CORS_ALLOW_ORIGINS       comma-separated origins, * for any    (*)
     RATE_LIMIT_RPM           requests per minute per token         (0: off)
@@ -170,6 +171,12 @@ SETTINGS: tuple[Setting, ...] = (
     # OLLAMA_LOAD_TIMEOUT is 5 minutes; cline raised a 30 s limit to 5 min for the same reason).
     Setting("TIMEOUT_SECONDS", "timeout", "120", "seconds", "longest wait for the next upstream bytes"),
     Setting("CONNECT_TIMEOUT_SECONDS", "connect_timeout", "10", "seconds", "longest wait to open a connection"),
+    # A client that goes silent holds its connection, a file descriptor, until it is closed: 1,100 of them
+    # made a gateway with systemd's file limit of 1,024 unreachable (issue 17). nginx's client_header_timeout
+    # and client_body_timeout are 60 s, Apache's RequestReadTimeout 20-40 s; a real client sends its head
+    # in one packet and its body as fast as its link allows.
+    Setting("CLIENT_TIMEOUT_SECONDS", "client_timeout", "30", "seconds",
+            "longest wait for a client's request head, and for the next bytes of its body"),
     # A chat with a few base64 images fits; OpenAI itself takes up to 20 MB per image request.
     Setting("MAX_BODY_BYTES", "max_body_bytes", "16777216", "size", "larger request bodies get 413"),
     Setting("CORS_ALLOW_ORIGINS", "cors_allow_origins", "*", "origins", "comma-separated origins, * for any"),
@@ -349,6 +356,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "method_not_allowed": (405, "invalid_request_error", "method_not_allowed"),
     "body_too_large": (413, "invalid_request_error", "request_too_large"),
+    # Nothing more of the request body came for CLIENT_TIMEOUT_SECONDS (nginx: client_body_timeout, 408).
+    "body_timeout": (408, "invalid_request_error", "request_timeout"),
     # RATE_LIMIT_RPM (with Retry-After) and MAX_CONCURRENT_PER_TOKEN: the SDKs wait and retry a 429.
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
     "too_many_in_flight": (429, "rate_limit_error", "concurrency_limit_exceeded"),
@@ -1498,6 +1507,7 @@ def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
 ###############################################################################
 
 JSON = (b"content-type", b"application/json")
+CLOSE = (b"connection", b"close")
 CORS_METHODS = b"GET, POST, OPTIONS"
 # Headers the openai SDKs and translation tools send; echoed requests are checked against this shape.
 CORS_DEFAULT_HEADERS = (b"authorization, content-type, user-agent, accept, x-requested-with, openai-beta, "
@@ -1553,7 +1563,7 @@ class Exchange:
     """One request and its answer, grouped as uvicorn groups a request-response cycle."""
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
-                 "holds_slot", "hides_usage", "send", "cors", "started", "status", "bytes_out", "watch",
+                 "holds_slot", "hides_usage", "body_read", "send", "cors", "started", "status", "bytes_out", "watch",
                  "request_id", "provider", "model", "upstream_model", "usage", "ttfb", "coalesced", "error", "t0")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1571,6 +1581,7 @@ class Exchange:
         self.token = "-"  # the name of the client's token, once authorized
         self.holds_slot = False  # counted against MAX_CONCURRENT_PER_TOKEN until it ends
         self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
+        self.body_read = False  # read_body has read the request body to its end
         # The response
         self.send = send
         self.cors: Headers = []
@@ -1593,6 +1604,9 @@ class Exchange:
             if key.lower() == name:
                 return value
         return b""
+
+    def has_body(self) -> bool:
+        return self.header(b"content-length") not in (b"", b"0") or bool(self.header(b"transfer-encoding"))
 
     async def start(self, status: int, headers: Headers) -> None:
         self.status, self.started = status, True
@@ -1617,7 +1631,13 @@ class Exchange:
     async def respond(self, answer: Answer) -> None:
         """The answer with its length; one larger than WRITE_PIECE in pieces, under the send guard (Gateway.deliver)."""
         body = b"" if self.method == "HEAD" else answer.body  # HEAD: its length only
-        await self.start(answer.status, [*answer.headers, (b"content-length", b"%d" % len(answer.body))])
+        headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
+        if not self.body_read and self.has_body():
+            # An answer before the body was read (a refusal, most often) ends the connection: uvicorn stops
+            # its idle timer at the first body byte and never restarts it, so a client that sent one and
+            # went silent would hold the connection for ever (issue 17).
+            headers.append(CLOSE)
+        await self.start(answer.status, headers)
         if len(body) <= WRITE_PIECE:
             return await self.body_chunk(body, more=False)
         for at in range(0, len(body), WRITE_PIECE):
@@ -1700,8 +1720,7 @@ class Gateway:
             # went by the Content-Length would take what follows for the body, and we would run it as the
             # next request (request smuggling). RFC 9112 §6.1: an error, and the connection is closed after.
             raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
-                               "so where it ends is ambiguous; send one of them. The connection is closed.",
-                               [(b"connection", b"close")])
+                               "so where it ends is ambiguous; send one of them. The connection is closed.")
         if self.screening and (route is None or route.screened):
             screen(ex, config)
         if route is None:
@@ -1766,16 +1785,20 @@ class Gateway:
         return result
 
     async def read_body(self, ex: Exchange) -> bytes | None:
-        """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES."""
-        limit = self.config.max_body_bytes
+        """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
+        when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
+        config = self.config
+        limit, wait = config.max_body_bytes, config.client_timeout
         too_large = GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
                                  f"({limit} bytes, MAX_BODY_BYTES).")
         length = ex.header(b"content-length")
         if length.isdigit() and int(length) > limit:
             raise too_large  # without reading it
+        stalled = GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
+                               f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.")
         chunks, size, more = [], 0, True
         while more:
-            message = await ex.receive()
+            message = await wait_at_most(wait, ex.receive(), stalled)
             if message["type"] == "http.disconnect":
                 ex.status = 499
                 return None
@@ -1785,6 +1808,7 @@ class Gateway:
                 raise too_large
             chunks.append(chunk)
             more = message.get("more_body", False)
+        ex.body_read = True
         return b"".join(chunks)
 
     # Handlers: ROUTES names them ----------------------------------------------
@@ -3647,33 +3671,24 @@ async def ollama_native_api(upstream: Upstream, host: Host) -> str:
             f"missing /v1; write {wanted}")
 
 
-# A connection must deliver a complete request head this long after it opens (or, on a kept-alive
-# connection, after the first byte of the next request). uvicorn's own idle timer only starts after a
-# response, so a client that sends nothing, or a head a byte at a time, would hold its connection, a file
-# descriptor, for ever: 1,100 of them made a gateway with systemd's file limit of 1,024 unreachable.
-# nginx's client_header_timeout is 60 s, Apache's RequestReadTimeout 20-40 s; a real client sends its
-# head in one packet.
-HEAD_TIMEOUT_SECONDS = 30.0
-
-
 # How long an idle client connection stays open: nginx's default keep-alive. uvicorn's own 5 s is exactly
 # how long httpx (openai-python, LangChain, LiteLLM, the ollama client) reuses an idle connection, so a
 # request sent at 5 s idle could meet a socket being closed; Node's undici keeps 4 s, aiohttp 15 s.
 CLIENT_KEEPALIVE_SECONDS = 75
 
 
-def uvicorn_server(config: Config, gateway: Gateway = app, head_timeout: float = HEAD_TIMEOUT_SECONDS,
-                   keep_alive: float = CLIENT_KEEPALIVE_SECONDS) -> Any:
+def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = CLIENT_KEEPALIVE_SECONDS) -> Any:
     """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, a bound on
-    the wait for a request head, how long an idle connection is kept, and asyncio's errors one line per kind."""
+    the wait for a request head (CLIENT_TIMEOUT_SECONDS), how long an idle connection is kept, and asyncio's
+    errors one line per kind."""
     import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
 
     server = uvicorn.Server(uvicorn.Config(
         gateway, host=config.host, port=config.port,
         ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
         # uvicorn's h11 protocol, which closes a connection without a complete request head after
-        # `head_timeout`. Named, so that httptools, if installed, is not picked instead: it would lack that.
-        http=head_timeout_protocol(head_timeout),
+        # CLIENT_TIMEOUT_SECONDS. Named, so that httptools, if installed, is not picked instead: it would lack that.
+        http=head_timeout_protocol(config.client_timeout),
         access_log=False,  # we log one line per request ourselves
         log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,

@@ -50,6 +50,7 @@ OTHER_TOKEN = "second-app-token-77"
 OLLAMA_KEY = "ollama-key-should-never-leak"
 OPENAI_KEY = "sk-openai-key-should-never-leak"
 AUTH = [(b"authorization", b"Bearer " + TOKEN.encode())]
+AUTH_LINE = b"authorization: Bearer " + TOKEN.encode() + b"\r\n"  # as sent on a socket
 OTHER_AUTH = [(b"authorization", b"Bearer " + OTHER_TOKEN.encode())]
 CHAT = b'{"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}]}'
 STREAM_CHAT = b'{"model": "ollama/qwen2.5:7b", "stream": true, "messages": []}'
@@ -924,10 +925,11 @@ async def gateway_process(tmp_path: Any, up: FakeUpstream, **overrides: str) -> 
             await output
 
 
-def command_line_server(app: Any, head_timeout: float) -> uvicorn.Server:
-    """The server `python modelgate.py` runs, with a request head due within `head_timeout` seconds."""
-    config = modelgate.load_config(environ(HOST="127.0.0.1", PORT="1"))
-    return modelgate.uvicorn_server(config, app, head_timeout=head_timeout)
+def command_line_server(app: Any, client_timeout: float) -> uvicorn.Server:
+    """The server `python modelgate.py` runs, with a request head due within `client_timeout` seconds
+    (CLIENT_TIMEOUT_SECONDS; give `app` the same to bound the wait for a request body too)."""
+    config = modelgate.load_config(environ(HOST="127.0.0.1", PORT="1", CLIENT_TIMEOUT_SECONDS=str(client_timeout)))
+    return modelgate.uvicorn_server(config, app)
 
 
 async def closed_by_the_gateway(reader: asyncio.StreamReader) -> bool:
@@ -4436,6 +4438,154 @@ async def test_command_line_raises_the_soft_file_limit_to_the_hard_one(tmp_path:
         await process.wait()
     assert line.split()[3:5] == [str(hard), str(hard)]
     assert b"raised from 256" in output
+
+
+# Issue 17: what a client may send and then hold its connection with. Each announces 100 bytes of body
+# and sends one (then goes silent): (what it is, its request line and headers, the settings, the status).
+EARLY_ANSWERS = [
+    ("no token", b"POST /v1/chat/completions", {}, 401),
+    ("an address not allowed", b"POST /v1/chat/completions", {"ALLOWED_IPS": "192.0.2.0/24"}, 403),
+    ("an unknown path", b"POST /v1/nothing-here", {}, 404),
+    ("a method the route does not take", b"PUT /v1/chat/completions", {}, 405),
+    ("a body larger than MAX_BODY_BYTES", b"POST /v1/chat/completions\r\n" + AUTH_LINE, {"MAX_BODY_BYTES": "50"},
+     413),
+    ("an admin route without an admin token", b"POST /api/pull\r\n" + AUTH_LINE, {}, 403),
+    ("a token over its RATE_LIMIT_RPM", b"POST /v1/chat/completions\r\n" + AUTH_LINE, {"RATE_LIMIT_RPM": "1"}, 429),
+    ("a public route that reads no body", b"GET /health", {}, 200),
+]
+
+
+@pytest.mark.parametrize("server", SERVERS.values(), ids=SERVERS.keys())
+@pytest.mark.parametrize("what, request_line, settings_, status", EARLY_ANSWERS, ids=[row[0] for row in EARLY_ANSWERS])
+async def test_an_answer_before_the_body_was_read_closes_the_connection(
+        server: Any, what: str, request_line: bytes, settings_: dict[str, str], status: int) -> None:
+    """Issue 17: a request answered before its body was read (a refusal, most often) gets `Connection: close`
+    and its connection is closed, so that a client that sends one byte of its body and goes silent does not
+    hold the connection for ever."""
+    async with serve_with(server(modelgate.Gateway(environ(**settings_)))) as base:
+        host, port = base.removeprefix("http://").split(":")
+        if "RATE_LIMIT_RPM" in settings_:  # the one request the minute allows
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n" + AUTH_LINE + b"\r\n")
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request_line.partition(b"\r\n")[0] + b" HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
+                     + request_line.partition(b"\r\n")[2] + b"\r\n{")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        closed = await closed_by_the_gateway(reader)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"\r\nconnection: close\r\n" in head.lower()
+    assert closed
+
+
+async def test_a_refusal_of_a_request_without_a_body_keeps_the_connection() -> None:
+    """A request without a body that is refused (401 here) leaves its connection open for the next one."""
+    async with serve_with(command_line_server(modelgate.Gateway(environ()), 5)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n")
+        refused = await asyncio.wait_for(reader.readuntil(b"}}"), 10)
+        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+        health = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 10)
+        writer.close()
+    assert refused.startswith(b"HTTP/1.1 401 ") and b"connection: close" not in refused.lower()
+    assert health.startswith(b"HTTP/1.1 200 ")
+
+
+STALLED_BODIES = [  # (the route, how its 408 names the error)
+    ("/v1/chat/completions", lambda document: document["error"]["code"] == "request_timeout"),
+    ("/api/chat", lambda document: "CLIENT_TIMEOUT_SECONDS" in document["error"]),
+    ("/v1/messages", lambda document: document["type"] == "error"
+     and document["error"]["type"] == "invalid_request_error"),
+]
+
+
+@pytest.mark.parametrize("path, in_its_dialect", STALLED_BODIES, ids=[row[0] for row in STALLED_BODIES])
+async def test_a_request_body_that_stops_arriving_gets_408_and_the_connection_closes(
+        path: str, in_its_dialect: Callable[[Any], bool]) -> None:
+    """Issue 17: with a valid token, a request body that stops arriving for CLIENT_TIMEOUT_SECONDS gets 408, in
+    the error shape of its door, and the connection is closed; nothing goes upstream."""
+    async with upstream(json_reply()) as up:
+        app = modelgate.Gateway(environ(OLLAMA_BASE_URL=up.url, CLIENT_TIMEOUT_SECONDS="0.2"))
+        async with serve_with(command_line_server(app, 0.2)) as base:
+            host, port = base.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n" + AUTH_LINE
+                         + b"\r\n" + CHAT[:20])
+            received = await asyncio.wait_for(reader.read(), 30)  # all until the gateway closes the connection
+            writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nconnection: close" in head.lower(), received
+    assert in_its_dialect(json.loads(body)), body
+    assert up.requests == []
+
+
+# Issue 17's siege: what a client may hold a connection with, in waves of 1,100 connections, more than a
+# file limit of 1,024 leaves the gateway: each connection (where it comes from, what it sends). The gateway
+# lets in 127.0.0.1 only (ALLOWED_IPS).
+SIEGE_SIZE = 1100
+NO_TOKEN = ("127.0.0.1", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{")
+NOT_ALLOWED = ("127.0.0.2", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
+               + AUTH_LINE + b"\r\n{")
+UNKNOWN_PATH = ("127.0.0.1", b"POST /nothing-here HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{")
+SILENT = ("127.0.0.1", b"")
+STALLED_BODY = ("127.0.0.1", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
+                + AUTH_LINE + b"\r\n{")
+SIEGE = {  # each wave: its kinds of connection, taking turns
+    "refused, then one body byte": (NO_TOKEN, NOT_ALLOWED, UNKNOWN_PATH),
+    "silent": (SILENT,),
+    "a token, then the body stalls": (STALLED_BODY,),
+}
+
+
+async def test_a_siege_of_held_connections_leaves_the_gateway_answering(tmp_path: Any) -> None:
+    """Issue 17: under `python modelgate.py` with a file limit of 1,024 (a service's LimitNOFILE=, a container's
+    --ulimit), 1,100 connections of each kind a client can hold one with are let go, so that after each kind
+    a request with a token is answered; running out of descriptors is logged once, never a line per accept.
+    (The silent ones were let go before issue 17, by the head timeout.)"""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > SIEGE_SIZE + 256, "the test holds 1,100 connections itself"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    answered: dict[str, bytes] = {}
+    try:
+        async with upstream(json_reply()) as up:
+            port = free_port()
+            process = await start_command_line(tmp_path, {
+                "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port),
+                "ALLOWED_IPS": "127.0.0.1", "CLIENT_TIMEOUT_SECONDS": "0.5"},
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
+            output = None
+            try:
+                await read_until_serving(process, 30)
+                output = asyncio.ensure_future(process.stdout.read())  # so that the log never blocks it
+                for wave, kinds in SIEGE.items():
+                    # Stopped, the gateway accepts none: all 1,100 wait in its backlog, and it meets them at once.
+                    process.send_signal(signal.SIGSTOP)
+                    held = []
+                    for number in range(SIEGE_SIZE):
+                        source, sent = kinds[number % len(kinds)]
+                        held.append(socket.create_connection(("127.0.0.1", port), source_address=(source, 0)))
+                        held[-1].sendall(sent)
+                    process.send_signal(signal.SIGCONT)
+                    answered[wave], _, _ = await post_over_a_socket(port, CHAT, keep=MIB)
+                    for sock in held:
+                        sock.close()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+                log_lines = (await output).decode().splitlines() if output is not None else []
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert {wave: head[:13] for wave, head in answered.items()} == {wave: b"HTTP/1.1 200 " for wave in SIEGE}
+    out_of_files = [line for line in log_lines if "Too many open files" in line]
+    assert len([line for line in out_of_files if "more of the same are counted" in line]) == 1, out_of_files
+    assert all(re.search(r"more of the same are counted|\d+ more in the last 60 s", line) for line in out_of_files)
+    assert not any("Traceback" in line for line in log_lines)
 
 
 async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
