@@ -277,10 +277,94 @@ ANTHROPIC = Dialect("anthropic", anthropic_error, anthropic_cut_event,
                     provider="ollama", door="Anthropic Messages (/v1/messages, which OpenAI does not serve)")
 
 
+class End(NamedTuple):
+    """How a whole stream of a route ends: its last record (an SSE event, a line of NDJSON, as Frames splits
+    them) has `key` set to one of `values`. "data" is an event's data as it is ([DONE] is no JSON); "type" is an
+    event's own name (the SSE specification's event type), or else the "type" of its JSON; any other key is one
+    of the JSON object. A stream that ends with the upstream's own error (Dialect.own_error) is whole too: its
+    client has been told why (issue 19: Ollama ends a pull that fails with an {"error": ...} line)."""
+    key: str
+    values: tuple[Any, ...]
+
+    @property
+    def marker(self) -> str:  # as messages name it
+        return f"data: {self.values[0]}" if self.key == "data" else f'"{self.key}": {json.dumps(self.values[0])}'
+
+
+DONE = End("data", ("[DONE]",))  # chat and completions
+RESPONSE_END = End("type", ("response.completed", "response.failed", "response.incomplete"))
+MESSAGE_STOP = End("type", ("message_stop",))  # Anthropic's (Ollama writes its `event:` line and its "type")
+DONE_LINE = End("done", (True,))  # Ollama's chat and generate
+SUCCESS_LINE = End("status", ("success",))  # Ollama's pull, push and create
+
+
+# Where an answer says what tokens it used, for Route.usage: a function of its start and its end (the whole body
+# twice for a plain answer; a stream's first and last TAIL_BYTES). Tokens are counted per app from the upstream's
+# own figures, read once. Quotes inside JSON strings are escaped: a key found is a key, never an answer's text.
+
+USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
+# Ollama's native counts come after the message and its tool calls (api.ChatResponse's Metrics): the last wins.
+OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]+)(?=[ \t\r\n]*[,}])')
+
+
+def usage_in(data: bytes, prompt_key: str, completion_key: str, first: bool = False) -> Usage | None:
+    """The counts of the last (or first) `"usage": {...}` in `data` that has either key; None when none has.
+
+    Searched from the end, where dialects put it (Anthropic's message_start: from the start). The object is
+    read with json's own scanner.
+    """
+    start, end = 0, len(data)
+    for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
+        at = data.find(b'"usage"', start) if first else data.rfind(b'"usage"', 0, end)
+        if at < 0:
+            return None
+        start, end = at + 1, at
+        match = USAGE_KEY.match(data, at)
+        if match is None:
+            continue
+        try:
+            usage, _ = _scan_value(data[match.end():].decode("utf-8", "replace"), 0)
+        except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
+            continue
+        counts = tuple(usage.get(key) for key in (prompt_key, completion_key))
+        counts = tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
+        if counts != (None, None):
+            return counts
+    return None
+
+
+def no_usage(head: bytes, end: bytes) -> None:
+    return None
+
+
+def openai_usage(head: bytes, end: bytes) -> Usage | None:  # chat, completions, embeddings
+    return usage_in(end, "prompt_tokens", "completion_tokens")
+
+
+def responses_usage(head: bytes, end: bytes) -> Usage | None:
+    return usage_in(end, "input_tokens", "output_tokens")
+
+
+def anthropic_usage(head: bytes, end: bytes) -> Usage | None:
+    # message_delta's usage is cumulative; Ollama's has input_tokens too (anthropic/anthropic.go, DeltaUsage),
+    # Anthropic's may have output_tokens only: then input_tokens are message_start's, the stream's first event.
+    prompt, completion = usage_in(end, "input_tokens", "output_tokens") or (None, None)
+    if prompt is None:
+        prompt = (usage_in(head, "input_tokens", "output_tokens", first=True) or (None, None))[0]
+    return None if prompt is None and completion is None else (prompt, completion)
+
+
+def ollama_usage(head: bytes, end: bytes) -> Usage | None:
+    # The native API's last line (or whole answer) has prompt_eval_count and eval_count (embed: the first).
+    counts = {key: int(n) for key, n in OLLAMA_COUNT.findall(end)}
+    usage = (counts.get(b"prompt_eval_count"), counts.get(b"eval_count"))
+    return None if usage == (None, None) else usage
+
+
 class Route(NamedTuple):
     handlers: dict[str, str]  # method -> the Gateway method that answers it
     access: str = "token"  # "token", "public" (no token, no limits), or "metrics" (public with METRICS_PUBLIC)
-    end: str = "[DONE]"  # how a whole event stream of this route ends: a key of STREAM_ENDS (The relay)
+    end: End = DONE  # how a whole stream of this route ends
     limited: bool = True  # counted against RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN
     screened: bool = True  # ALLOWED_IPS applies; liveness stays open to the local container healthcheck
     while_closing: bool = False  # still answered after SIGTERM (everything else gets 503 shutting_down)
@@ -294,42 +378,42 @@ class Route(NamedTuple):
     # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
     # sent twice by the tools served; not an admin's, which changes what Ollama holds.
     shared: bool = True
-    usage: str = ""  # where its answers say what tokens they used: a key of USAGE_READERS ("": nowhere)
+    usage: Callable[[bytes, bytes], Usage | None] = no_usage  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
 
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, end="[DONE]", usage="openai", asks_usage=True),
-    "/v1/completions": Route({"POST": "relay_request"}, end="[DONE]", usage="openai", asks_usage=True),
-    "/v1/responses": Route({"POST": "relay_request"}, end="response.completed", usage="responses"),
-    "/v1/embeddings": Route({"POST": "relay_request"}, usage="openai", shared=False),
+    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True),
+    "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True),
+    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage),
+    "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
-    "/v1/messages": Route({"POST": "relay_request"}, end="message_stop", dialect=ANTHROPIC, usage="anthropic"),
+    "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
     # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
     "/": Route({"GET": "home", "HEAD": "ollama_root"}, access="public", limited=False, dialect=OLLAMA),
-    "/api/chat": Route({"POST": "relay_request"}, end='"done": true', dialect=OLLAMA, streams_unless_false=True,
-                       usage="ollama"),
-    "/api/generate": Route({"POST": "relay_request"}, end='"done": true', dialect=OLLAMA,
-                           streams_unless_false=True, usage="ollama"),
-    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage="ollama", shared=False),
+    "/api/chat": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
+                       usage=ollama_usage),
+    "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
+                           streams_unless_false=True, usage=ollama_usage),
+    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False),
     "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False),
     "/api/tags": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version"}, dialect=OLLAMA),
-    "/api/pull": Route({"POST": "relay_request"}, end='"status": "success"', dialect=OLLAMA,
+    "/api/pull": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False),
-    "/api/push": Route({"POST": "relay_request"}, end='"status": "success"', dialect=OLLAMA,
+    "/api/push": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False),
-    "/api/create": Route({"POST": "relay_request"}, end='"status": "success"', dialect=OLLAMA,
+    "/api/create": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                          streams_unless_false=True, model_required=False, admin=True, shared=False),
     "/api/copy": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False),
     "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False),
@@ -2215,7 +2299,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
         if shared:
             body = await upstream.read_held(response)
             return Answer(response.status, response_headers(response.headers), body,
-                          usage_in_answer(ex.route, body, body))
+                          ROUTES[ex.route].usage(body, body))
         return await relay_plain(gw, ex, upstream, response)
     finally:
         await response.aclose()
@@ -2236,7 +2320,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
             if chunk is None:  # the whole answer: answered like any other, with its length
                 body = b"".join(held)
                 return Answer(response.status, response_headers(response.headers), body,
-                              usage_in_answer(ex.route, body, body))
+                              ROUTES[ex.route].usage(body, body))
             held.append(chunk)
             size += len(chunk)
     except UPSTREAM_EXCEPTIONS as exc:
@@ -2267,7 +2351,7 @@ async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: h
         ex.error = "shutting_down"
         return None  # cut, as above
     await ex.body_chunk(b"", more=False)
-    ex.usage = usage_in_answer(ex.route, head, tail)
+    ex.usage = ROUTES[ex.route].usage(head, tail)
     return None
 
 
@@ -2288,27 +2372,24 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
         raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
     ex.ttfb = time.perf_counter() - ex.t0
     headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
-    end, cut, last, first = STREAM_ENDS[ROUTES[ex.route].end](), "", b"", chunk or b""
-    hidden = HiddenUsage() if ex.hides_usage else None
+    frames, cut, last = Frames(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
     watch, loop = ex.watch, asyncio.get_running_loop()
     watch.guard_sends(gw.config.timeout)
     gw.metrics.streams += 1
     try:
         await ex.start(response.status, headers + SSE_HEADERS)
         while chunk is not None:
-            if hidden is not None:
-                chunk = hidden.take(chunk)
+            chunk = frames.feed(chunk)
             if chunk:
                 watch.sending_since = loop.time()
                 await ex.body_chunk(chunk)
                 watch.sending_since = None
-                end.feed(chunk)
                 last = chunk
             chunk = await anext(chunks, None)
-        if hidden is not None and hidden.held:  # the stream ended inside an event held back: the client's
-            await ex.body_chunk(hidden.held)
-            end.feed(hidden.held)
-            last = hidden.held
+        rest = frames.rest()  # the stream ended inside an event held back: the client's
+        if rest:
+            await ex.body_chunk(rest)
+            last = rest
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
@@ -2320,16 +2401,15 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
         watch.claim(exc)
         cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
     else:
-        if not end.complete():
+        if not frames.whole():
             upstream.count_failure("IncompleteStream")
-            cut = f"ended without {end.marker}"
-            ex.error = f"upstream_stream_error (no {end.marker})"
+            cut = f"ended without {frames.end.marker}"
+            ex.error = f"upstream_stream_error (no {frames.end.marker})"
     finally:
         gw.metrics.streams -= 1
     watch.stop()
-    # Whole or cut, what the upstream says it used is counted: from the usage event taken out, or the end.
-    ex.usage = usage_in_answer(ex.route, first[:TAIL_BYTES],
-                               hidden.event if hidden is not None and hidden.event else end.end())
+    # Whole or cut, what the upstream says it used is counted, read from its end.
+    ex.usage = frames.usage()
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
         dialect = ex.dialect
@@ -2338,267 +2418,156 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
     await ex.body_chunk(b"", more=False)
 
 
-def last_event(tail: bytes) -> bytes:
-    """The last SSE event in the end of a stream (or as much of it as `tail` holds)."""
-    return tail.replace(b"\r\n", b"\n").rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
-
+# Framing of streams: one splitter per kind, for the end check, the usage and hiding the usage event alike. An
+# SSE event ends at a blank line and a line at CRLF, LF or CR, mixed as they come (the SSE specification,
+# html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream): so every blank line holds
+# LF LF, CR CR or LF CR, and one that ends in CR runs on over an LF that follows. An NDJSON record is a line.
+SSE_BLANK = re.compile(rb"\n\n|\r\r\n?|\n\r\n?")
+SSE_LINE = re.compile(rb"\r\n|\r|\n")
+NDJSON_LINE = re.compile(rb"\n")
+SSE_ENDS = (b"\n\n", b"\n\r\n", b"\r\r\n")  # blank lines that nothing after them can run on
 
 # How much of a stream's end is kept, to judge whether it is whole and to read the tokens it used: OpenAI's
 # usage event with its token details is about 500 bytes, and a Responses stream's last event carries its
 # usage near its end, followed only by `user` and `metadata`.
 TAIL_BYTES = 4096
+# And how much of the start of a last record longer than that: where a Responses event has its name, and a
+# generate line the "done" before a context of megabytes.
+HEAD_BYTES = 1024
 
 
-class DoneEnd:
-    """How a chat or completions stream ends when it is whole: with `data: [DONE]`."""
-
-    marker = "data: [DONE]"
-
-    def __init__(self) -> None:
-        self.tail = bytearray()  # at least the last TAIL_BYTES of the stream, at most twice as many
-
-    def feed(self, chunk: bytes) -> None:
-        self.tail += chunk
-        if len(self.tail) > 2 * TAIL_BYTES:
-            del self.tail[:-TAIL_BYTES]
-
-    def end(self) -> bytes:
-        """The last TAIL_BYTES of the stream."""
-        return bytes(self.tail[-TAIL_BYTES:])
-
-    def complete(self) -> bool:
-        return last_event(bytes(self.tail[-64:])).strip() in (b"data: [DONE]", b"data:[DONE]")
+def event_fields(event: bytes) -> tuple[str, bytes]:
+    """An SSE event's type and its data, the data lines joined by LF (as the specification reads fields)."""
+    name, data = "", []
+    for line in SSE_LINE.split(event):
+        field, _, value = line.partition(b":")
+        value = value[1:] if value[:1] == b" " else value
+        if field == b"event":
+            name = value.decode("utf-8", "replace")
+        elif field == b"data":
+            data.append(value)
+    return name, b"\n".join(data)
 
 
-# A Responses stream's last event names itself twice: `event: response.completed` and "type" in its JSON.
-# Quotes inside JSON strings are escaped, so this cannot match the text of an answer.
-RESPONSE_END = re.compile(rb'(?m)(?:^event: ?|"type" ?: ?")response\.(?:completed|failed|incomplete)\b')
+def line_fields(line: bytes) -> tuple[str, bytes]:
+    return "", line.strip()
 
 
-class ResponsesEnd(DoneEnd):
-    """How a Responses stream ends when it is whole: its last event is response.completed, .failed or
-    .incomplete; there is no [DONE].
-
-    That event carries the whole response, so only the start of the last event and the end of the
-    stream are kept: the `event:` line (and the "type" OpenAI writes first) open it, while Ollama's
-    JSON, its keys sorted, puts "type" last.
-    """
-
-    marker = "response.completed"
-    KEEP = 256
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = b""  # the first KEEP bytes of the last event begun
-
-    def feed(self, chunk: bytes) -> None:
-        data = bytes(self.tail[-3:]) + chunk  # a blank line may straddle two chunks
-        body = data.rstrip(b"\r\n")  # the blank line that ends the last event does not begin a new one
-        lf, crlf = body.rfind(b"\n\n"), body.rfind(b"\n\r\n")
-        start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-        if start:
-            self.head = data[start:start + self.KEEP]
-        elif len(self.head) < self.KEEP:
-            self.head = (self.head + chunk)[:self.KEEP]
-        super().feed(chunk)
-
-    def complete(self) -> bool:
-        return bool(RESPONSE_END.search(self.head) or RESPONSE_END.search(last_event(bytes(self.tail[-self.KEEP:]))))
-
-
-# Anthropic's stream ends with `event: message_stop` / `data: {"type":"message_stop"}` (Ollama writes both).
-MESSAGE_STOP = re.compile(rb'(?m)^(?:event: ?message_stop[ \t]*$|data: ?\{"type": ?"message_stop")')
-
-
-class MessageStopEnd(DoneEnd):
-    """How an Anthropic Messages stream ends when it is whole: its last event is message_stop.
-
-    That event is short: a last event whose start is not in the last KEEP bytes is another one.
-    """
-
-    marker = "message_stop"
-    KEEP = 256
-
-    def complete(self) -> bool:
-        text = bytes(self.tail[-self.KEEP:]).replace(b"\r\n", b"\n").rstrip(b"\n")
-        if len(self.tail) > self.KEEP and b"\n\n" not in text:
-            return False
-        return bool(MESSAGE_STOP.search(text.rsplit(b"\n\n", 1)[-1]))
-
-
-class LastLineEnd:
-    """How a stream of Ollama's native API ends when it is whole: its last line is a JSON object whose
-    `key` is `value` ("done": true for chat and generate, "status": "success" for pull, push and create).
-
-    The last line is parsed, not searched: a tool call's arguments may hold a "done" of their own, and an
-    answer's text may hold anything. A line longer than LIMIT is not kept whole, and so not whole.
-    """
-
-    LIMIT = 4 * 1024 * 1024  # generate's last line carries the context: 128k tokens are about 1 MB
-
-    def __init__(self, key: str, value: Any) -> None:
-        self.key, self.value = key, value
-        self.marker = json.dumps({key: value})[1:-1]  # '"done": true', as messages say it
-        self.last = b""  # the last complete line that is not blank
-        self.partial: list[bytes] = []  # the line being received
-        self.size = 0
-
-    def feed(self, chunk: bytes) -> None:
-        *complete, rest = chunk.split(b"\n")
-        if complete:
-            lines = [b"".join([*self.partial, complete[0]]), *complete[1:]]
-            self.last = next((line for line in reversed(lines) if line.strip()), self.last)
-            self.partial, self.size = [], 0
-        if rest and self.size <= self.LIMIT:
-            self.partial.append(rest)
-            self.size += len(rest)
-
-    def end(self) -> bytes:
-        """The last line that is not blank, as far as it is kept."""
-        partial = b"".join(self.partial)
-        return partial if partial.strip() else self.last
-
-    def complete(self) -> bool:
-        partial = b"".join(self.partial)
-        line = partial if partial.strip() else self.last
-        if not line.strip() or self.size > self.LIMIT:
-            return False
-        try:
-            document = json.loads(line)
-        except (ValueError, RecursionError):
-            return False
-        found = document.get(self.key) if isinstance(document, dict) else None
-        return type(found) is type(self.value) and found == self.value  # True, not 1
-
-
-# Route.end -> how a stream of that route is checked for being whole.
-STREAM_ENDS: dict[str, Callable[[], Any]] = {
-    "[DONE]": DoneEnd,
-    "response.completed": ResponsesEnd,
-    "message_stop": MessageStopEnd,
-    '"done": true': lambda: LastLineEnd("done", True),
-    '"status": "success"': lambda: LastLineEnd("status", "success"),
-}
-
-
-# Tokens counted per app: from the upstream's own figures, read once from the end of an answer (the
-# whole body of a plain one, the kept tail of a stream, or the usage event taken out of it).
-
-USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
-
-
-def usage_in(data: bytes, prompt_key: str, completion_key: str, first: bool = False) -> Usage | None:
-    """The counts of the last (or first) `"usage": {...}` in `data` that has either key; None when none has.
-
-    Searched from the end, where dialects put it (Anthropic's message_start: from the start): a quote
-    inside a JSON string is escaped, so `"usage"` is a key wherever it appears. The object is read with
-    json's own scanner.
-    """
-    start, end = 0, len(data)
-    for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
-        at = data.find(b'"usage"', start) if first else data.rfind(b'"usage"', 0, end)
-        if at < 0:
-            return None
-        start, end = at + 1, at
-        match = USAGE_KEY.match(data, at)
-        if match is None:
-            continue
-        try:
-            usage, _ = _scan_value(data[match.end():].decode("utf-8", "replace"), 0)
-        except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
-            continue
-        counts = tuple(usage.get(key) for key in (prompt_key, completion_key))
-        counts = tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
-        if counts != (None, None):
-            return counts
-    return None
-
-
-def anthropic_usage(head: bytes, end: bytes) -> Usage | None:
-    # message_delta's usage is cumulative; Ollama's has input_tokens too (anthropic/anthropic.go, DeltaUsage),
-    # Anthropic's may have output_tokens only: then input_tokens are message_start's, the stream's first event.
-    prompt, completion = usage_in(end, "input_tokens", "output_tokens") or (None, None)
-    if prompt is None:
-        prompt = (usage_in(head, "input_tokens", "output_tokens", first=True) or (None, None))[0]
-    return None if prompt is None and completion is None else (prompt, completion)
-
-
-def ollama_usage(head: bytes, end: bytes) -> Usage | None:
-    # The native API's last line (or whole answer) carries prompt_eval_count and eval_count (embed: the first).
+def parsed(data: bytes) -> Any:
     try:
-        document = json.loads(end.rstrip().rpartition(b"\n")[2] or b"null")
-    except (ValueError, RecursionError):
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: valid, but nested deeper than json reads
         return None
-    if not isinstance(document, dict):
-        return None
-    counts = tuple(document.get(key) for key in ("prompt_eval_count", "eval_count"))
-    counts = tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
-    return None if counts == (None, None) else counts
 
 
-# Route.usage -> how the tokens an answer used are read: a function of its start and its end (the whole
-# body twice for a plain answer; a stream's first chunk and kept tail). A new dialect is a row.
-USAGE_READERS: dict[str, Callable[[bytes, bytes], Usage | None]] = {
-    "openai": lambda head, end: usage_in(end, "prompt_tokens", "completion_tokens"),  # chat, completions, embeddings
-    "responses": lambda head, end: usage_in(end, "input_tokens", "output_tokens"),
-    "anthropic": anthropic_usage,
-    "ollama": ollama_usage,
-}
+class Frames:
+    """One stream on its way to the client, split as its dialect frames it: what of each chunk goes on now
+    (feed, and rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it
+    says it used (usage: Route.usage).
 
-
-def usage_in_answer(route: str, head: bytes, end: bytes) -> Usage | None:
-    reader = ROUTES[route].usage
-    return USAGE_READERS[reader](head, end) if reader else None
-
-
-# For a stream whose client did not ask for usage: an event with "choices": [] and a usage object is the one
-# ModelGate asked for. Quotes inside JSON strings are escaped, so these cannot match the text of an answer.
-EMPTY_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\]')
-SOME_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\{')
-EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-# An unfinished event held back longer than this is passed on as it is: no usage event is that long.
-MAX_HELD = 64 * 1024
-
-
-class HiddenUsage:
-    """Takes the usage-only event out of a chat or completions stream for which ModelGate, not its client,
-    asked for usage, so that clients that index choices[0] never see it (OpenAI: its "choices field will
-    always be an empty array"; Ollama's /v1 writes it the same way, just before [DONE]).
-
-    A chunk that ends between events is the fast path: one search for "choices": [] in it. An event that a
-    chunk leaves unfinished is held back until its end arrives only while it may still be the usage event
-    (an object whose choices have not been seen non-empty); a client cannot use part of an event anyway.
-    Every other byte passes as it came.
+    The hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once, when the stream is judged;
+    when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins inside is kept too.
+    Only a stream whose usage event is hidden (Exchange.hides_usage) is split chunk by chunk (hide).
     """
 
-    def __init__(self) -> None:
-        self.held = b""
-        self.event = b""  # the usage event taken out, for USAGE_READERS
+    def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
+        self.end, self.reader, self.own_error = route.end, route.usage, dialect.own_error
+        sse = dialect.stream_type == b"text/event-stream"
+        self.blank, self.fields = (SSE_BLANK, event_fields) if sse else (NDJSON_LINE, line_fields)
+        self.first = b""  # the stream's first TAIL_BYTES: Anthropic's usage starts there
+        self.kept = bytearray()  # the upstream's last TAIL_BYTES at least, twice as many at most
+        self.start: int | None = 0  # where in `kept` the record it begins inside began; None: before it
+        self.head = b""  # the first HEAD_BYTES of that record, when it began before `kept`
+        self.held: bytes | None = b"" if hides_usage else None  # the start of an event that may be the usage event
 
-    def take(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> bytes:
         """What of the upstream's bytes so far goes to the client now."""
-        if self.held:
-            chunk, self.held = self.held + chunk, b""
-        if not chunk.endswith(EVENT_ENDS):
-            cut = max((m.end() for m in EVENT_END.finditer(chunk)), default=0)
-            if len(chunk) - cut <= MAX_HELD and may_be_usage(chunk[cut:]):
-                chunk, self.held = chunk[:cut], chunk[cut:]
-        if EMPTY_CHOICES.search(chunk):
-            chunk = self.without_usage(chunk)
-        return chunk
+        if len(self.first) < TAIL_BYTES:
+            self.first += chunk[:TAIL_BYTES - len(self.first)]
+        self.kept += chunk
+        if len(self.kept) > 2 * TAIL_BYTES:
+            self.trim()
+        return chunk if self.held is None else self.hide(chunk)
+
+    def rest(self) -> bytes:
+        """What was held back when the stream ends: the client's, but for the usage event."""
+        held, self.held = self.held or b"", b""
+        return self.without_usage(held) if EMPTY_CHOICES.search(held) else held
+
+    def trim(self) -> None:
+        cut, start = len(self.kept) - TAIL_BYTES, self.start
+        for match in self.blank.finditer(self.kept):
+            if match.end() > cut:
+                cut = min(cut, match.start())  # never inside a blank line
+                break
+            start = match.end()
+        if start is not None and start < cut:
+            self.head = bytes(self.kept[start:start + HEAD_BYTES])
+        self.start = 0 if start == cut else None
+        del self.kept[:cut]
+
+    def last(self) -> tuple[bytes, bytes]:
+        """The last record that is not blank: (b"", all of it) if it began in the last TAIL_BYTES, else (its
+        first HEAD_BYTES, the last TAIL_BYTES)."""
+        kept, start = bytes(self.kept).rstrip(b" \t\r\n"), self.start
+        for match in self.blank.finditer(kept):
+            start = match.end()
+        if start is not None and start >= len(kept) - TAIL_BYTES:
+            return b"", kept[start:]
+        return self.head if start is None else kept[start:start + HEAD_BYTES], kept[-TAIL_BYTES:]
+
+    def whole(self) -> bool:
+        """Whether the stream ended as its route's streams end, or with the upstream's own error."""
+        head, end = self.last()
+        name, data = self.fields(head or end)
+        key, values = self.end
+        if key == "type" and name:
+            return name in values or self.own_error(parsed(data))
+        if head:  # too long to be read as JSON: the key is looked for where it can be, the start and the end
+            found = b"|".join(re.escape(json.dumps(value).encode()) for value in values)
+            pattern = rb'"%s"[ \t\r\n]*:[ \t\r\n]*(?:%s)' % (re.escape(key.encode()), found)
+            return key != "data" and bool(re.search(pattern, head) or re.search(pattern, end))
+        if key == "data":
+            return data.decode("utf-8", "replace") in values
+        document = parsed(data)
+        value = document.get(key) if isinstance(document, dict) else None
+        return any(type(value) is type(v) and value == v for v in values) or self.own_error(document)
+
+    def usage(self) -> Usage | None:
+        return self.reader(self.first, bytes(self.kept[-TAIL_BYTES:]))
+
+    def hide(self, chunk: bytes) -> bytes:
+        """The chunk without the usage event that ModelGate, not its client, asked for (OpenAI: its "choices
+        field will always be an empty array"; Ollama's /v1 writes it so too, just before [DONE]), so that
+        clients that index choices[0] never see it. An event a chunk leaves unfinished is held back until it
+        ends only while it may be that event (an object whose choices have not been seen non-empty); a client
+        cannot use part of an event anyway. Every other byte passes as it came."""
+        data, self.held = self.held + chunk, b""
+        if not data.endswith(SSE_ENDS):  # it ends inside an event, or in a blank line that may run on
+            ends = SSE_BLANK.finditer(data, 0, len(data) - data.endswith(b"\r"))
+            cut = max((match.end() for match in ends), default=0)
+            if len(data) - cut <= MAX_HELD and may_be_usage(data[cut:]):
+                data, self.held = data[:cut], data[cut:]
+        return self.without_usage(data) if EMPTY_CHOICES.search(data) else data
 
     def without_usage(self, data: bytes) -> bytes:
         kept, at = [], 0
-        for match in EVENT_END.finditer(data):
+        for match in SSE_BLANK.finditer(data):
             event = data[at:match.end()]
             if EMPTY_CHOICES.search(event) and is_usage_event(event):
-                self.event = event
-                event = event[:len(event) - len(event.lstrip(b"\r\n"))]  # the end of the event before it
+                event = event[:len(event) - len(event.lstrip(b"\r\n"))]  # the end of the blank line before it
             kept.append(event)
             at = match.end()
         kept.append(data[at:])
         return b"".join(kept)
+
+
+# An event with "choices": [] and a usage object is the one ModelGate asked for. Quotes inside JSON strings
+# are escaped, so these cannot match the text of an answer.
+EMPTY_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\]')
+SOME_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\{')
+# An unfinished event held back longer than this is passed on as it is: no usage event is that long.
+MAX_HELD = 64 * 1024
 
 
 def may_be_usage(partial: bytes) -> bool:
@@ -2612,12 +2581,7 @@ def may_be_usage(partial: bytes) -> bool:
 
 
 def is_usage_event(event: bytes) -> bool:
-    lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    data = b"\n".join(line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:"))
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):
-        return False
+    document = parsed(event_fields(event)[1])
     return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
 
 

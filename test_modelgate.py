@@ -2540,6 +2540,30 @@ async def test_stream_done_split_across_chunks_counts() -> None:
     assert answer.chunks == events
 
 
+# The line ends the SSE specification allows, each event ending with a line end and a blank line: LF, CRLF,
+# CR, and mixed (a CR never followed by LF, which would make the two one CRLF).
+LINE_ENDS = {"LF": [b"\n\n"], "CRLF": [b"\r\n\r\n"], "CR": [b"\r\r"],
+             "mixed": [b"\r\n\n", b"\n\r\n", b"\r\r\n", b"\n\r", b"\r\n\r"]}
+
+
+def with_line_ends(events: list[bytes], ends: list[bytes]) -> list[bytes]:
+    """One-line `events` (written with LF) ending in turn with each of `ends`."""
+    return [event.removesuffix(b"\n\n") + ends[i % len(ends)] for i, event in enumerate(events)]
+
+
+@pytest.mark.parametrize("ends", LINE_ENDS.values(), ids=list(LINE_ENDS))
+async def test_a_stream_is_whole_whatever_line_ends_the_sse_specification_allows(ends: list[bytes]) -> None:
+    """A chat stream with CRLF, LF, bare CR or mixed line ends arrives as sent, with no error event after its
+    [DONE]; without its [DONE] it gets one (issue 16: bare CR was judged cut)."""
+    events = with_line_ends(EVENTS, ends)
+    async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        whole = await chat(app, STREAM_CHAT)
+        up.reply = sse_reply(events=events[:-1])
+        cut = await chat(app, STREAM_CHAT)
+    assert whole.chunks == events and whole.complete
+    assert cut.chunks[:-1] == events[:-1] and "data: [DONE]" in assert_error_event(cut.chunks[-1])["message"]
+
+
 # An SSE payload cut at arbitrary points into the upstream's chunks.
 SSE_PAYLOAD = b"".join(EVENTS)
 CUTS = st.lists(st.integers(min_value=1, max_value=len(SSE_PAYLOAD) - 1), max_size=12, unique=True).map(sorted)
@@ -2643,6 +2667,8 @@ async def test_legacy_completions_are_relayed_like_chat() -> None:
 
 BIG_RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "output": [
     {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello " * 200}]}]}
+LONG_RESPONSE = {**BIG_RESPONSE, "output": [{"type": "message", "role": "assistant", "content": [
+    {"type": "output_text", "text": "Hello " * 2000}]}]}
 RESPONSE_STREAMS = [
     # (events, whole)
     ([ollama_event("response.created", response={}), ollama_event("response.output_text.delta", delta="Hi"),
@@ -2659,6 +2685,11 @@ RESPONSE_STREAMS = [
      False),
     ([openai_event("response.output_text.delta", delta="event: response.completed\n")], False),
     ([ollama_event("response.created", response=BIG_RESPONSE), b"data: [DONE]\n\n"], False),
+    # a last event longer than the end of a stream that is kept (TAIL_BYTES): judged by its start and its end
+    ([openai_event("response.completed", response=LONG_RESPONSE)], True),
+    ([b"data: " + json.dumps({"type": "response.completed", "response": LONG_RESPONSE}).encode() + b"\n\n"], True),
+    ([b"data: " + json.dumps({"response": LONG_RESPONSE, "type": "response.completed"}).encode() + b"\r\r"], True),
+    ([openai_event("response.output_text.delta", delta="Hello " * 2000)], False),
 ]
 
 
@@ -2674,19 +2705,6 @@ async def test_responses_streams_end_with_their_last_event(events: list[bytes], 
         assert len(answer.chunks) == len(events)
     else:
         assert "response.completed" in assert_error_event(answer.chunks[-1])["message"]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.sampled_from(RESPONSE_STREAMS), st.data())
-def test_the_responses_end_check_is_invariant_to_chunking(stream: tuple[list[bytes], bool], data: Any) -> None:
-    """However a Responses stream is cut into chunks, whether it is whole is judged the same."""
-    events, whole = stream
-    payload = b"".join(events)
-    cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
-    end = modelgate.ResponsesEnd()
-    for a, b in zip([0, *cuts], [*cuts, len(payload)]):
-        end.feed(payload[a:b])
-    assert end.complete() == whole
 
 
 async def test_plain_responses_request_is_relayed() -> None:
@@ -3723,6 +3741,18 @@ async def test_the_usage_event_is_hidden_however_the_upstream_splits_it(cuts: li
         answer = await chat(app, STREAM_CHAT)
         page = (await call(app, "GET", "/metrics")).body
     assert answer.body == SSE_PAYLOAD and answer.complete
+    assert sum(token_counts(page).values()) == 15
+
+
+@pytest.mark.parametrize("ends", LINE_ENDS.values(), ids=list(LINE_ENDS))
+async def test_the_usage_event_is_hidden_whatever_its_line_ends(ends: list[bytes]) -> None:
+    """With CRLF, LF, bare CR or mixed line ends, a client that did not ask receives the stream without the
+    usage-only event, byte for byte otherwise, and its tokens are counted."""
+    events = with_line_ends([*EVENTS[:-1], USAGE_EVENT, EVENTS[-1]], ends)
+    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+        page = (await call(app, "GET", "/metrics")).body
+    assert answer.body == b"".join(events[:3] + events[4:]) and answer.complete
     assert sum(token_counts(page).values()) == 15
 
 
@@ -4800,15 +4830,19 @@ NATIVE_STREAM_ENDS = [
     ([b'{"message":{"role":"assistant","content":"\\"done\\":true"},"done":false}\n'], False),
     ([b'{"message":{"tool_calls":[{"function":{"name":"f","arguments":{"done":true}}}]},"done":false}\n'], False),
     ([DONE, b'{"message":{"content":"more"},"done":false}\n'], False),  # "done" must be the last line
-    ([CHAT_LINES[0], b'{"error":"an error was encountered while running the model"}\n'], False),
+    # Ollama's own error line: the client has been told why (issue 19), it gets no second one
+    ([CHAT_LINES[0], b'{"error":"an error was encountered while running the model"}\n'], True),
     ([b"garbage\n"], False),
+    # a last line longer than the end of a stream that is kept (TAIL_BYTES): generate's context
+    (ndjson({**STAMP, "response": "", **FINAL, "context": list(range(3000))}), True),
+    (ndjson({**STAMP, "response": "x" * 10000, "done": False}), False),
 ]
 
 
 @pytest.mark.parametrize("lines, whole", NATIVE_STREAM_ENDS)
 async def test_a_native_stream_is_whole_only_when_its_last_line_is_done(lines: list[bytes], whole: bool) -> None:
-    """A stream whose last line has "done": true arrives as sent; any other gets one final {"error": ...} line,
-    so that no client takes a cut answer for a whole one."""
+    """A stream whose last line has "done": true, or is Ollama's own {"error": ...}, arrives as sent; any other gets
+    one final {"error": ...} line, so that no client takes a cut answer for a whole one."""
     async with upstream(ndjson_reply(lines)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await native(app, "/api/chat", {"model": "m", "messages": []})
     assert answer.status == 200 and answer.complete
@@ -4929,6 +4963,19 @@ async def test_a_pull_that_ends_without_success_gets_an_error_line() -> None:
     async with upstream(ndjson_reply(PULL_LINES[:3])) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
         answer = await native(app, "/api/pull", {"model": "qwen2.5:7b"}, headers=ADMIN_AUTH)
     assert answer.chunks[:3] == PULL_LINES[:3] and list(json.loads(answer.chunks[3])) == ["error"]
+
+
+# A streamed pull that fails, as Ollama 0.32.15 answers it: 200, then its own error line.
+PULL_FAILED = [b'{"status":"pulling manifest"}\n', b'{"error":"pull model manifest: Get \\"https://registry.ollama.ai/'
+               b'v2/library/qwen2.5/manifests/0.5b\\": dial tcp: lookup registry.ollama.ai: no such host"}\n']
+
+
+async def test_a_pull_that_ollama_ends_with_its_own_error_line_gets_no_second_one() -> None:
+    """Issue 19: a stream that ends with Ollama's own {"error": ...} line is not cut: the client gets exactly
+    Ollama's lines, so a UI showing the last line shows Ollama's reason, not ModelGate's "cut off"."""
+    async with upstream(ndjson_reply(PULL_FAILED)) as up, gateway(OLLAMA_BASE_URL=up.url, **ADMIN_SETTINGS) as app:
+        answer = await native(app, "/api/pull", {"model": "qwen2.5:0.5b"}, headers=ADMIN_AUTH)
+    assert answer.status == 200 and answer.chunks == PULL_FAILED and answer.complete
 
 
 def test_ollama_admin_tokens_names_configured_tokens_only() -> None:
@@ -5057,6 +5104,47 @@ async def test_an_anthropic_stream_cut_midway_ends_with_the_error_event() -> Non
         answer = await messages(app, b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}')
     assert answer.chunks[:3] == MESSAGE_EVENTS[:3] and len(answer.chunks) == 4
     assert "cut off" in assert_anthropic_error_event(answer.chunks[3])
+
+
+# Every route's end, with the streams of the tables above: (route, events, whole).
+STREAM_ENDS = [("/v1/chat/completions", with_line_ends(EVENTS, ends), True) for ends in LINE_ENDS.values()] + \
+    [("/v1/chat/completions", with_line_ends(EVENTS[:-1], ends), False) for ends in LINE_ENDS.values()] + \
+    [("/v1/responses", events, whole) for events, whole in RESPONSE_STREAMS] + \
+    [("/v1/messages", events, whole) for events, whole in ANTHROPIC_STREAM_ENDS] + \
+    [("/api/chat", lines, whole) for lines, whole in NATIVE_STREAM_ENDS] + \
+    [("/api/pull", PULL_LINES, True), ("/api/pull", PULL_LINES[:3], False), ("/api/pull", PULL_FAILED, True)]
+
+
+def fed(frames: modelgate.Frames, payload: bytes, cuts: list[int]) -> bytes:
+    """What the client gets of `payload` cut into chunks at `cuts`."""
+    pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)])]
+    return b"".join(frames.feed(piece) for piece in pieces) + frames.rest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(STREAM_ENDS), st.data())
+def test_every_route_end_is_judged_the_same_however_the_stream_is_cut(stream: tuple[str, list[bytes], bool],
+                                                                     data: Any) -> None:
+    """However an upstream's stream is cut into chunks, its client gets it byte for byte and it is judged whole
+    or cut as its table says."""
+    path, events, whole = stream
+    payload = b"".join(events)
+    cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
+    frames = modelgate.Frames(modelgate.ROUTES[path], modelgate.ROUTES[path].dialect)
+    assert fed(frames, payload, cuts) == payload and frames.whole() == whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(LINE_ENDS.values())), st.data())
+def test_the_usage_event_is_hidden_the_same_however_the_stream_is_cut(ends: list[bytes], data: Any) -> None:
+    """However a stream with the usage event is cut into chunks, with any line ends, the client gets it without
+    that event, byte for byte otherwise; it is whole, and its usage is read."""
+    events = with_line_ends([*EVENTS[:-1], USAGE_EVENT, EVENTS[-1]], ends)
+    payload = b"".join(events)
+    cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
+    frames = modelgate.Frames(modelgate.ROUTES["/v1/chat/completions"], modelgate.OPENAI, hides_usage=True)
+    assert fed(frames, payload, cuts) == b"".join(events[:3] + events[4:])
+    assert frames.whole() and frames.usage() == (12, 3)
 
 
 async def test_anthropic_errors_keep_the_statuses_of_the_error_table() -> None:
