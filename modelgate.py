@@ -372,7 +372,12 @@ class Route(NamedTuple):
     # Ollama's native API streams unless the request says "stream": false (server/routes.go:
     # `req.Stream != nil && !*req.Stream`); everything else streams only when it says "stream": true.
     streams_unless_false: bool = False
-    model_required: bool = True  # the body must name a model (else it may, or call it `name`, as Ollama's do)
+    model_required: bool = True  # the body must name a model (else the upstream judges a body that names none)
+    # The body fields through which the upstream names a model, a tuple per model named: of one tuple, Ollama
+    # takes the first that is set (not absent, null or ""): ShowHandler reads `name` when `model` is empty,
+    # pull, push, create and delete `cmp.Or(req.Model, req.Name)` (ollama server/routes.go, server/create.go).
+    # Every one is routed, resolved and checked against TOKEN_MODELS as `model` is (routed_body).
+    models: tuple[tuple[str, ...], ...] = (("model",),)
     admin: bool = False  # changes what Ollama holds: only for the token names in OLLAMA_ADMIN_TOKENS
     # Identical plain requests in flight share one answer (COALESCE): chat's, which FluentRead sends again
     # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
@@ -381,6 +386,8 @@ class Route(NamedTuple):
     usage: Callable[[bytes, bytes], Usage | None] = no_usage  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
 
+
+MODEL_OR_NAME = ("model", "name")  # Route.models of Ollama's show, pull, push, create and delete
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
@@ -405,21 +412,29 @@ ROUTES: dict[str, Route] = {
                            streams_unless_false=True, usage=ollama_usage),
     "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False),
     "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False),
-    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False),
+    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,)),
     "/api/tags": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version"}, dialect=OLLAMA),
     "/api/pull": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
-                       streams_unless_false=True, model_required=False, admin=True, shared=False),
+                       streams_unless_false=True, model_required=False, admin=True, shared=False,
+                       models=(MODEL_OR_NAME,)),
     "/api/push": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
-                       streams_unless_false=True, model_required=False, admin=True, shared=False),
+                       streams_unless_false=True, model_required=False, admin=True, shared=False,
+                       models=(MODEL_OR_NAME,)),
     "/api/create": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
-                         streams_unless_false=True, model_required=False, admin=True, shared=False),
-    "/api/copy": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False),
-    "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False),
+                         streams_unless_false=True, model_required=False, admin=True, shared=False,
+                         models=(MODEL_OR_NAME, ("from",))),
+    "/api/copy": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
+                       models=(("source",), ("destination",))),
+    "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
+                         models=(MODEL_OR_NAME,)),
     "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect=OLLAMA, admin=True, shared=False),
 }
 PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
+# Route -> every body field that names a model, `model` always (Go would read "Model" as `model` on any route).
+ROUTE_FIELDS = {path: frozenset({"model", *(field for fields in route.models for field in fields)})
+                for path, route in ROUTES.items()}
 
 # Every status ModelGate chooses itself is chosen here: situation -> (status, OpenAI error type, code).
 # Besides these, an upstream's own error status is passed through unchanged (upstream_error), and a
@@ -1219,13 +1234,14 @@ class Limits:
         self.in_flight[name] -= 1
 
 
-def one_model_key(document: dict) -> None:
-    """Ollama is written in Go, whose encoding/json takes "Model" or "MODEL" for "model", the last one
+def one_spelling(document: dict, fields: frozenset[str]) -> None:
+    """Ollama is written in Go, whose encoding/json takes "Model" or "NAME" for "model" or "name", the last one
     winning: such a key would make Ollama run a model other than the one routed and checked here."""
     for key in document:
-        if key != "model" and key.casefold() == "model":
-            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
-                               "as `model` whatever its case: name the model once, as `model` in lower case.")
+        folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
+        if folded in fields and key != folded:
+            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads as "
+                               f"`{folded}` whatever its case: name the model once, as `{folded}` in lower case.")
 
 
 def route_to_only(dialect: Dialect, model: str) -> str:
@@ -1304,12 +1320,13 @@ def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
 
 
 def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream. Decided here, in this order: where the
-    model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403 before
-    anything is sent); the model's value (its target's name, or the provider prefix cut); the fields of
-    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a chat or completions stream whose client
-    did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the
-    client sent it. Notes provider and model on the exchange.
+    """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
+    field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
+    too): where the model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403
+    before anything is sent); its value (its target's name, or the provider prefix cut); then the fields of
+    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a
+    chat or completions stream whose client did not ask for usage, stream_options.include_usage
+    (Route.asks_usage). Every other byte is as the client sent it. Notes provider and model on the exchange.
 
     A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
     `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
@@ -1326,30 +1343,19 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if not isinstance(document, dict):
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    one_model_key(document)
     dialect, route = ex.dialect, ROUTES[ex.route]
-    model = document.get("model")
-    if model is None and not route.model_required:  # Ollama's show, pull, ...: maybe `name`
-        ex.provider = dialect.provider
-        return document, body
-    if not isinstance(model, str) or not model:
+    one_spelling(document, ROUTE_FIELDS[ex.route])
+    replaced: dict[str, str] = {}
+    named = [named_model(ex, document, group, config, replaced, text, spans) for group in route.models]
+    if named[0] is None and route.model_required:
         raise GatewayError("invalid_request", "The request body needs a `model` string, "
                            "such as \"ollama/qwen2.5:7b\".")
-    if not encodable(model):
-        raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
-                           "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
-    ex.model = model
-    aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
-    ex.provider, name = resolve(model, config, dialect, aliases=not route.admin)
-    ex.upstream_model = name
-    model_id = f"{ex.provider}/{name}"
-    if config.token_models:
-        check_scope(config, ex.token, model_id, model)
-    replaced: dict[str, str] = {}
-    if aliased:
-        replaced["model"] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
-    elif name != model:
-        replaced["model"] = model_value(text, spans["model"], ex.provider, name)
+    first = next((found for found in named if found is not None), None)
+    if first is None:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
+        ex.provider = dialect.provider
+        return document, body
+    ex.model, (ex.provider, ex.upstream_model) = first
+    model_id = f"{ex.provider}/{ex.upstream_model}"
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
@@ -1360,6 +1366,38 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     if replaced or added:
         body = spliced(text, spans, replaced, added).encode()
     return document, body
+
+
+def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
+                text: str, spans: dict[str, tuple[int, int]]) -> tuple[str, tuple[str, str]] | None:
+    """The model that one tuple of Route.models names, as (what was sent, (provider, upstream name)), each of
+    its fields that is set routed, checked against TOKEN_MODELS and its new value put in `replaced`; None when
+    none is set (absent, null or "", which Go leaves empty). 400 when two of them name different models."""
+    found = None
+    for field in fields:
+        model = document.get(field)
+        if model is None or model == "":
+            continue
+        if not isinstance(model, str):
+            raise GatewayError("invalid_request", f"`{field}` in the request body must be a string naming a model, "
+                               "such as \"ollama/qwen2.5:7b\".")
+        if not encodable(model):
+            raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
+                               "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
+        route = ROUTES[ex.route]
+        aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
+        provider, name = resolve(model, config, ex.dialect, aliases=not route.admin)
+        if found is not None and found[1] != (provider, name):
+            raise GatewayError("invalid_request", f"The request body names two models: {found[0]!r} as `{fields[0]}` "
+                               f"and {model!r} as `{field}`. Ollama would run only one of them: name it once.")
+        if config.token_models:
+            check_scope(config, ex.token, f"{provider}/{name}", model)
+        if aliased:
+            replaced[field] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
+        elif name != model:
+            replaced[field] = model_value(text, spans[field], provider, name)
+        found = found or (model, (provider, name))
+    return found
 
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:

@@ -2311,6 +2311,79 @@ async def test_a_second_model_key_in_another_case_is_refused_not_sent_past_token
     assert up.requests == []
 
 
+# Every body field through which Ollama names a model (server/routes.go): (method, path, field, the rest of a
+# body whose other models are within ollama/qwen*). A scoped admin token may not reach past its patterns either.
+NAMING_FIELDS = [
+    ("POST", "/api/show", "model", {}),
+    ("POST", "/api/show", "name", {}),  # ShowHandler reads `name` when `model` is empty
+    ("POST", "/api/pull", "model", {"stream": False}),
+    ("POST", "/api/pull", "name", {"stream": False}),  # cmp.Or(req.Model, req.Name)
+    ("POST", "/api/push", "model", {"stream": False}),
+    ("POST", "/api/push", "name", {"stream": False}),
+    ("DELETE", "/api/delete", "model", {}),
+    ("DELETE", "/api/delete", "name", {}),
+    ("POST", "/api/create", "model", {"from": "qwen2.5:7b", "stream": False}),
+    ("POST", "/api/create", "name", {"from": "qwen2.5:7b", "stream": False}),
+    ("POST", "/api/create", "from", {"model": "qwen-mine", "stream": False}),  # the model it is made from
+    ("POST", "/api/copy", "source", {"destination": "qwen-copy"}),
+    ("POST", "/api/copy", "destination", {"source": "qwen2.5:7b"}),
+]
+SCOPED_ADMIN = {"MODELGATE_TOKEN": f"fluentread:{TOKEN},janitor:{ADMIN}", "OLLAMA_ADMIN_TOKENS": "janitor",
+                "TOKEN_MODELS": "fluentread=ollama/qwen*,janitor=ollama/qwen*",
+                "MODEL_ALIASES": "translate=ollama/qwen2.5:7b,big=ollama/llama3.1:70b"}
+
+
+def naming(field: str, value: Any, rest: dict, key: str | None = None, null_model: bool = False) -> bytes:
+    body = {"model": None} if null_model else {}
+    return json.dumps({**body, key or field: value, **rest}).encode()
+
+
+@pytest.mark.parametrize("method, path, field, rest", NAMING_FIELDS)
+async def test_every_field_that_names_a_model_is_routed_and_checked_as_model_is(
+        method: str, path: str, field: str, rest: dict) -> None:
+    """Issue 17, holes 1 and 2: `name` of show, pull, push and delete (also after "model": null), `from` and `name`
+    of create, `source` and `destination` of copy reach only the models of the token's TOKEN_MODELS, admin or
+    not (403, nothing sent); the same field in another case, or disagreeing with `model`, is a 400; a model
+    within scope goes with its ollama/ prefix cut."""
+    auth = AUTH if path == "/api/show" else ADMIN_AUTH
+    outside = "llama3.1:70b"
+    refused = [(naming(field, outside, rest), 403), (naming(field, "ollama/" + outside, rest), 403),
+               (naming(field, outside, rest, key=field.upper()), 400),
+               (naming(field, outside, rest, key=field.title()), 400)]
+    if "s" in field:  # Go folds U+017F, the long s, to an s
+        refused.append((naming(field, outside, rest, key=field.replace("s", "\u017f")), 400))
+    if field == "name":
+        refused += [(naming(field, outside, rest, null_model=True), 403),
+                    (json.dumps({"model": "", "name": outside, **rest}).encode(), 403),
+                    (json.dumps({"model": "qwen2.5:7b", "name": outside, **rest}).encode(), 400),
+                    (json.dumps({"name": outside, "model": "qwen2.5:7b", **rest}).encode(), 400)]
+    if path == "/api/show":  # not an admin route: an alias stands for its target, as for `model`
+        refused.append((naming(field, "big", rest), 403))
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, **SCOPED_ADMIN) as app:
+        for body, status in refused:
+            answer = await native(app, path, body, headers=auth, method=method)
+            message = assert_ollama_error(answer, status)
+            assert ("llama3.1:70b" in message and "TOKEN_MODELS" in message) if status == 403 else "`" in message
+            assert up.requests == [], body
+        allowed = await native(app, path, naming(field, "ollama/qwen2.5:7b", rest), headers=auth, method=method)
+        sent = [request.body for request in up.requests]
+    assert allowed.status == 200, allowed.body
+    assert sent == [naming(field, "qwen2.5:7b", rest)]
+
+
+async def test_a_name_that_is_an_alias_goes_as_its_target_on_show() -> None:
+    """`name` on /api/show stands for its alias's target, as `model` does, and both go as that target when they
+    agree; a `name` that is no string is a 400."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, **SCOPED_ADMIN) as app:
+        by_name = await native(app, "/api/show", b'{"name": "translate"}')
+        both = await native(app, "/api/show", b'{"model": "translate", "name": "ollama/qwen2.5:7b"}')
+        not_a_string = await native(app, "/api/show", b'{"model": null, "name": ["llama3.1:70b"]}')
+    assert by_name.status == 200 and both.status == 200
+    assert "`name`" in assert_ollama_error(not_a_string, 400)
+    assert [r.body for r in up.requests] == [b'{"name": "qwen2.5:7b"}',
+                                             b'{"model": "qwen2.5:7b", "name": "qwen2.5:7b"}']
+
+
 async def test_model_lists_show_a_token_only_what_it_may_use() -> None:
     """/v1/models shows a scoped token only the models (and aliases) it may use; /v1/models/{id} outside its
     scope is a 403 that asks no upstream; a token without an entry sees everything."""
