@@ -1234,9 +1234,14 @@ class Limits:
         self.in_flight[name] -= 1
 
 
-def one_spelling(document: dict, fields: frozenset[str]) -> None:
-    """Ollama is written in Go, whose encoding/json takes "Model" or "NAME" for "model" or "name", the last one
-    winning: such a key would make Ollama run a model other than the one routed and checked here."""
+def one_spelling(document: dict, repeated: set[str], fields: frozenset[str]) -> None:
+    """Each field that names a model written once, in lower case. Ollama is written in Go, whose encoding/json
+    takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make Ollama run a
+    model other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but
+    an OpenAI-compatible server that keeps the first would run the other model."""
+    for key in repeated & fields:
+        raise GatewayError("invalid_request", f"The request body has the key `{key}` twice; servers differ on "
+                           "which one they read: name the model once.")
     for key in document:
         folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
         if folded in fields and key != folded:
@@ -1333,7 +1338,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     """
     try:
         text = body.decode("utf-8")
-        document, spans = parse_body(text)
+        document, spans, repeated = parse_body(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
     except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
@@ -1344,7 +1349,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     if not isinstance(document, dict):
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
     dialect, route = ex.dialect, ROUTES[ex.route]
-    one_spelling(document, ROUTE_FIELDS[ex.route])
+    one_spelling(document, repeated, ROUTE_FIELDS[ex.route])
     replaced: dict[str, str] = {}
     named = [named_model(ex, document, group, config, replaced, text, spans) for group in route.models]
     if named[0] is None and route.model_required:
@@ -1437,7 +1442,7 @@ def request_edits(text: str, document: dict, spans: dict[str, tuple[int, int]], 
         elif isinstance(document[field], dict) and isinstance(default if override is NOT_SET else override, dict):
             start, end = spans[field]
             inner, inner_replaced, inner_added = text[start:end], {}, []
-            inner_document, inner_spans = parse_body(inner)
+            inner_document, inner_spans, _ = parse_body(inner)
             request_edits(inner, inner_document, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_replaced, inner_added)
             if inner_replaced or inner_added:
@@ -1469,9 +1474,9 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
 
 
-def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
-    """json.loads(text), and where the value of each top-level key lies in the text (the last one of a key
-    written twice, as json.loads keeps the last); empty for anything but an object.
+def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]], set[str]]:
+    """json.loads(text), where the value of each top-level key lies in the text (the last one of a key
+    written twice, as json.loads keeps the last; empty for anything but an object), and the keys written twice.
 
     An object is walked key by key with json's own scanner, so that each value (images in base64, say)
     is parsed once and the place of each value found on the way. Anything else goes to json.loads,
@@ -1480,9 +1485,10 @@ def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
     ws = _WHITESPACE.match
     at = ws(text, 0).end()
     if not text.startswith("{", at):
-        return json.loads(text), {}
+        return json.loads(text), {}, set()
     document: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
+    repeated: set[str] = set()
     try:
         at = ws(text, at + 1).end()
         more = text[at] != "}"
@@ -1495,6 +1501,8 @@ def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
                 raise ValueError
             at = ws(text, at + 1).end()
             value, end = _scan_value(text, at)
+            if key in spans:
+                repeated.add(key)
             document[key] = value
             spans[key] = (at, end)
             at = ws(text, end).end()
@@ -1508,7 +1516,7 @@ def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
     except (ValueError, IndexError, StopIteration):
         json.loads(text)  # raises json's own error, with its line and column
         raise AssertionError("json.loads read an object that parse_body did not") from None
-    return document, spans
+    return document, spans, repeated
 
 
 def encodable(text: str) -> bool:

@@ -2384,6 +2384,36 @@ async def test_a_name_that_is_an_alias_goes_as_its_target_on_show() -> None:
                                              b'{"model": "qwen2.5:7b", "name": "qwen2.5:7b"}']
 
 
+MODEL_KEY_TWICE = [
+    # (path, body, the model a server that keeps the first key runs): Go and Python keep the last key written
+    # twice, so ModelGate checked the last; an OpenAI-compatible server that keeps the first runs that one.
+    ("/v1/chat/completions", b'{"model": "openai/gpt-4o", "model": "openai/gpt-4o-mini", "messages": []}'),
+    ("/v1/embeddings", b'{"model": "ollama/llama3.1:70b", "input": "hi", "model": "ollama/qwen2.5:7b"}'),
+    ("/api/chat", b'{"model": "llama3.1:70b", "model": "qwen2.5:7b", "messages": []}'),
+    ("/v1/messages", b'{"model": "llama3.1:70b","max_tokens": 9, "model": "qwen2.5:7b", "messages": []}'),
+    ("/api/show", b'{"name": "llama3.1:70b", "name": "qwen2.5:7b"}'),
+    ("/api/show", b'{"model": "qwen2.5:7b", "model": "qwen2.5:7b"}'),  # even the same model twice
+]
+
+
+@pytest.mark.parametrize("path, body", MODEL_KEY_TWICE)
+async def test_a_model_key_written_twice_is_refused(path: str, body: bytes) -> None:
+    """Issue 17: a body with the same model-naming key twice is a 400 in the door's own shape, and reaches no
+    upstream: which of the two a server reads differs between servers, and ModelGate checked only one."""
+    async with upstream(fake_ollama) as up, upstream(json_reply()) as openai, \
+            gateway(OLLAMA_BASE_URL=up.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY, MODELGATE_TOKEN=APPS,
+                    TOKEN_MODELS="fluentread=ollama/qwen*|openai/gpt-4o-mini") as app:
+        answer = await call(app, "POST", path, body, AUTH)
+    if path.startswith("/api/"):
+        message = assert_ollama_error(answer, 400)
+    elif path == "/v1/messages":
+        message = assert_anthropic_error(answer, 400, "invalid_request_error")
+    else:
+        message = assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+    assert "twice" in message
+    assert up.requests == [] and openai.requests == []
+
+
 async def test_model_lists_show_a_token_only_what_it_may_use() -> None:
     """/v1/models shows a scoped token only the models (and aliases) it may use; /v1/models/{id} outside its
     scope is a 403 that asks no upstream; a token without an entry sees everything."""
