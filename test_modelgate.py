@@ -1996,7 +1996,6 @@ BODY_PRESERVATION = [
     b'{"model":"ollama/m","messages":[{"role":"user","content":"\xc3\xa4\\u00e4 \\"model\\": 1"}],"x":1.50}',
     b'{\n  "temperature": 0,\n  "model" : "ollama/m" ,\n  "keep_alive": "5m"\n}\n',
     b'{"response_format":{"json_schema":{"model":"ollama/keep"}},"model":"ollama/m"}',
-    b'{"model":"first","model":"ollama/m"}',  # json.loads takes the last one, so do we
 ]
 
 
