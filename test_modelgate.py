@@ -4572,8 +4572,9 @@ async def test_command_line_raises_the_soft_file_limit_to_the_hard_one(tmp_path:
     assert b"raised from 256" in output
 
 
-# Issue 17: what a client may send and then hold its connection with. Each announces 100 bytes of body
-# and sends one (then goes silent): (what it is, its request line and headers, the settings, the status).
+# Issue 17: what a client may send and then hold its connection with. Each announces 100 bytes of body,
+# gets its answer, sends one byte (which stops uvicorn's idle timer) and goes silent:
+# (what it is, its request line and headers, the settings, the status).
 EARLY_ANSWERS = [
     ("no token", b"POST /v1/chat/completions", {}, 401),
     ("an address not allowed", b"POST /v1/chat/completions", {"ALLOWED_IPS": "192.0.2.0/24"}, 403),
@@ -4592,8 +4593,8 @@ EARLY_ANSWERS = [
 async def test_an_answer_before_the_body_was_read_closes_the_connection(
         server: Any, what: str, request_line: bytes, settings_: dict[str, str], status: int) -> None:
     """Issue 17: a request answered before its body was read (a refusal, most often) gets `Connection: close`
-    and its connection is closed, so that a client that sends one byte of its body and goes silent does not
-    hold the connection for ever."""
+    and its connection is closed, so that a client that then sends one byte of its body and goes silent does
+    not hold the connection for ever."""
     async with serve_with(server(modelgate.Gateway(environ(**settings_)))) as base:
         host, port = base.removeprefix("http://").split(":")
         if "RATE_LIMIT_RPM" in settings_:  # the one request the minute allows
@@ -4603,8 +4604,9 @@ async def test_an_answer_before_the_body_was_read_closes_the_connection(
             writer.close()
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(request_line.partition(b"\r\n")[0] + b" HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
-                     + request_line.partition(b"\r\n")[2] + b"\r\n{")
+                     + request_line.partition(b"\r\n")[2] + b"\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.write(b"{")
         closed = await closed_by_the_gateway(reader)
         writer.close()
     assert head.startswith(b"HTTP/1.1 %d " % status), head
@@ -4655,21 +4657,32 @@ async def test_a_request_body_that_stops_arriving_gets_408_and_the_connection_cl
 
 
 # Issue 17's siege: what a client may hold a connection with, in waves of 1,100 connections, more than a
-# file limit of 1,024 leaves the gateway: each connection (where it comes from, what it sends). The gateway
-# lets in 127.0.0.1 only (ALLOWED_IPS).
+# file limit of 1,024 leaves the gateway: each connection (where it comes from, what it sends, what it sends
+# once it has an answer). The gateway lets in 127.0.0.1 only (ALLOWED_IPS).
 SIEGE_SIZE = 1100
-NO_TOKEN = ("127.0.0.1", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{")
+NO_TOKEN = ("127.0.0.1", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n", b"{")
 NOT_ALLOWED = ("127.0.0.2", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
-               + AUTH_LINE + b"\r\n{")
-UNKNOWN_PATH = ("127.0.0.1", b"POST /nothing-here HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n{")
-SILENT = ("127.0.0.1", b"")
+               + AUTH_LINE + b"\r\n", b"{")
+UNKNOWN_PATH = ("127.0.0.1", b"POST /nothing-here HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n\r\n", b"{")
+SILENT = ("127.0.0.1", b"", b"")
 STALLED_BODY = ("127.0.0.1", b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
-                + AUTH_LINE + b"\r\n{")
+                + AUTH_LINE + b"\r\n{", b"")
 SIEGE = {  # each wave: its kinds of connection, taking turns
     "refused, then one body byte": (NO_TOKEN, NOT_ALLOWED, UNKNOWN_PATH),
     "silent": (SILENT,),
     "a token, then the body stalls": (STALLED_BODY,),
 }
+
+
+async def after_the_answer(sock: socket.socket, data: bytes) -> None:
+    """Once the gateway has answered on `sock`, send `data`, unless it has closed the connection."""
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        if await loop.sock_recv(sock, 64 * 1024):
+            await loop.sock_sendall(sock, data)
+    except ConnectionError:
+        pass
 
 
 async def test_a_siege_of_held_connections_leaves_the_gateway_answering(tmp_path: Any) -> None:
@@ -4697,13 +4710,18 @@ async def test_a_siege_of_held_connections_leaves_the_gateway_answering(tmp_path
                 for wave, kinds in SIEGE.items():
                     # Stopped, the gateway accepts none: all 1,100 wait in its backlog, and it meets them at once.
                     process.send_signal(signal.SIGSTOP)
-                    held = []
+                    held, followers = [], []
                     for number in range(SIEGE_SIZE):
-                        source, sent = kinds[number % len(kinds)]
+                        source, sent, then = kinds[number % len(kinds)]
                         held.append(socket.create_connection(("127.0.0.1", port), source_address=(source, 0)))
                         held[-1].sendall(sent)
+                        if then:
+                            followers.append(asyncio.ensure_future(after_the_answer(held[-1], then)))
                     process.send_signal(signal.SIGCONT)
                     answered[wave], _, _ = await post_over_a_socket(port, CHAT, keep=MIB)
+                    for task in followers:
+                        task.cancel()
+                    await asyncio.gather(*followers, return_exceptions=True)
                     for sock in held:
                         sock.close()
             finally:
