@@ -51,8 +51,9 @@ an `ollama/` prefix is removed there too, and `openai/...` is a 400. An alias (M
 its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent), missing fields are
 filled in (MODEL_DEFAULTS) and fields set (MODEL_OVERRIDES). Prompt and completion tokens are counted per
 token name, provider and model from the upstream's own figures; a chat or completions stream whose client did
-not ask for usage is asked for it, and that client does not get the usage event. Environment (read once at start-up; SETTINGS below is the
-table):
+not ask for usage is asked for it, and that client does not get the usage event. To Ollama, a request that
+runs a model waits for its turn when OLLAMA_NUM_PARALLEL of its host and model are running (The queue).
+Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
@@ -84,6 +85,10 @@ table):
     TOKEN_MODELS             name=pattern|pattern,...: the models a token name may use (empty: any)
     MODEL_DEFAULTS           {"pattern": {"field": value}, ...}: request fields added where absent (empty)
     MODEL_OVERRIDES          {"pattern": {"field": value}, ...}: request fields set, replacing the client's (empty)
+    OLLAMA_NUM_PARALLEL      inference requests each Ollama host runs at once per model; more wait in
+                             ModelGate's queue, in turns by TOKEN_SHARES; 0: no queue (1)
+    TOKEN_SHARES             name=weight,...: turns in proportion when apps wait for a model (empty: every name 1)
+    QUEUE_TIMEOUT_SECONDS    longest wait in ModelGate's queue, then 503 queue_timeout (300)
 """
 
 from __future__ import annotations
@@ -208,6 +213,15 @@ SETTINGS: tuple[Setting, ...] = (
     # model whenever num_ctx differs from the loaded runner's (ollama #12783).
     Setting("MODEL_OVERRIDES", "model_overrides", "", "defaults",
             '{"pattern": {"field": value}, ...}: request fields set, replacing the client\'s'),
+    # The queue (The queue, below). Ollama's own default: OLLAMA_NUM_PARALLEL is 1 since v0.10.0 (ollama
+    # PR #11330); what ModelGate sends beyond it would only wait in Ollama's FIFO, where no app comes first.
+    Setting("OLLAMA_NUM_PARALLEL", "ollama_num_parallel", "1", "limit",
+            "requests each Ollama host runs at once per model (0: no queue)"),
+    Setting("TOKEN_SHARES", "token_shares", "", "shares",
+            "name=weight,...: turns in proportion when apps wait for a model (empty: every name 1)"),
+    # Ollama's own load timeout is 5 minutes (OLLAMA_LOAD_TIMEOUT): a request that waited longer than a
+    # model takes to load is better told to come back.
+    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", "300", "seconds", "longest wait in ModelGate's queue"),
 )
 
 
@@ -385,33 +399,35 @@ class Route(NamedTuple):
     shared: bool = True
     usage: Callable[[bytes, bytes], Usage | None] = no_usage  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
+    queued: bool = False  # runs a model: to Ollama, it waits for its turn (OLLAMA_NUM_PARALLEL, The queue)
 
 
 MODEL_OR_NAME = ("model", "name")  # Route.models of Ollama's show, pull, push, create and delete
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True),
-    "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True),
-    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage),
-    "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False),
+    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True),
+    "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True),
+    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage, queued=True),
+    "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False, queued=True),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
-    "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage),
+    "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage,
+                          queued=True),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
     # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
     "/": Route({"GET": "home", "HEAD": "ollama_root"}, access="public", limited=False, dialect=OLLAMA),
     "/api/chat": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
-                       usage=ollama_usage),
+                       usage=ollama_usage, queued=True),
     "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
-                           streams_unless_false=True, usage=ollama_usage),
-    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False),
-    "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False),
+                           streams_unless_false=True, usage=ollama_usage, queued=True),
+    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False, queued=True),
+    "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,)),
     "/api/tags": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
@@ -469,6 +485,10 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # After SIGTERM; a 503 is retried by the SDKs, by then against a gateway that is up again.
     "shutting_down": (503, "api_error", "shutting_down"),
     "not_ready": (503, "api_error", "not_ready"),
+    # The queue (OLLAMA_NUM_PARALLEL): waited QUEUE_TIMEOUT_SECONDS, or MAX_QUEUED / MAX_QUEUED_BYTES reached.
+    # Nothing was sent; with Retry-After, which the SDKs honour.
+    "queue_timeout": (503, "api_error", "queue_timeout"),
+    "queue_full": (503, "api_error", "queue_full"),
     "upstream_timeout": (504, "api_error", "upstream_timeout"),
 }
 
@@ -559,6 +579,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     values["tokens"], values["token_names"] = values["tokens"]
     check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
     check_scopes(values["token_models"], values["token_names"])
+    check_shares(values["token_shares"], values["token_names"])
     if values["default_provider"] == "openai" and not values["openai_api_key"]:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
@@ -783,6 +804,33 @@ def parse_scopes(name: str, value: str) -> dict[str, tuple[str, ...]]:
     return scopes
 
 
+def parse_shares(name: str, value: str) -> dict[str, float]:
+    """TOKEN_SHARES: `name=weight,...`, each weight a positive number; that the names exist is checked with
+    MODELGATE_TOKEN."""
+    shares: dict[str, float] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        token, equals, weight = (part.strip() for part in entry.partition("="))
+        try:
+            share = float(weight)
+        except ValueError:
+            share = math.nan
+        if not (equals and token) or not (0 < share < math.inf):
+            raise ConfigError(f"{name}: {entry!r} is not name=weight with a weight above 0, such as webui=4")
+        if token in shares:
+            raise ConfigError(f"{name} names {token!r} twice; give each token name one weight")
+        shares[token] = share
+    return shares
+
+
+def check_shares(shares: Mapping[str, float], names: tuple[str, ...]) -> None:
+    for token in shares:
+        if token not in names:
+            raise ConfigError(f"TOKEN_SHARES names {token!r}, but MODELGATE_TOKEN has no token of that name (it "
+                              f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
+
+
 def check_scopes(scopes: Mapping[str, tuple[str, ...]], names: tuple[str, ...]) -> None:
     for token in scopes:
         if token not in names:
@@ -860,6 +908,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "aliases": parse_aliases,
     "scopes": parse_scopes,
     "defaults": parse_defaults,
+    "shares": parse_shares,
 }
 
 
@@ -996,6 +1045,10 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
         lines.append(f".env: {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}")
         from_environment = list(sources.from_environment)
     lines.append(f"tokens: {len(config.tokens)} ({', '.join(config.token_names)})")
+    lines.append(queue_summary(config))
+    if config.model_overrides:
+        lines.append("overrides: " + ", ".join(f"{pattern} ({', '.join(fields)})"
+                                               for pattern, fields in config.model_overrides))
     if not from_environment:
         lines.append("from the environment: no setting")
     elif sources is not None and sources.dotenv:
@@ -1003,6 +1056,14 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
     else:
         lines.append(f"from the environment: {', '.join(from_environment)}")
     return lines
+
+
+def queue_summary(config: Config) -> str:
+    if not config.ollama_num_parallel:
+        return "queue: off (OLLAMA_NUM_PARALLEL=0): every request is sent to Ollama at once"
+    shares = ", ".join(f"{name} {config.token_shares.get(name, 1.0):g}" for name in dict.fromkeys(config.token_names))
+    return (f"queue: {config.ollama_num_parallel} request(s) at a time per Ollama host and model "
+            f"(OLLAMA_NUM_PARALLEL), waiting at most {config.queue_timeout:g} s; shares: {shares}")
 
 
 def config_warnings(config: Config, sources: Sources | None) -> list[str]:
@@ -1626,7 +1687,8 @@ def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
     return {
         "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
         "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
-        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000), "prompt_tokens": prompt,
+        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000),
+        "queued_ms": None if ex.queued is None else round(ex.queued * 1000), "prompt_tokens": prompt,
         "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
         "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
     }
@@ -1694,7 +1756,8 @@ class Exchange:
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "provider", "model", "upstream_model", "usage", "ttfb", "coalesced", "error", "t0")
+                 "request_id", "provider", "model", "upstream_model", "usage", "ttfb", "coalesced", "error", "t0",
+                 "host", "queued")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -1728,6 +1791,9 @@ class Exchange:
         self.coalesced = False  # answered with an identical request's upstream answer
         self.error = ""  # the situation of an error answered, or what cut a stream
         self.t0 = time.perf_counter()
+        # The queue
+        self.host: Host | None = None  # the Ollama host it waited for its turn at
+        self.queued: float | None = None  # seconds it waited for its turn, on a route that waits (Route.queued)
 
     def header(self, name: bytes) -> bytes:
         for key, value in self.headers:
@@ -1745,6 +1811,8 @@ class Exchange:
             headers = [*headers, (b"x-request-id", self.request_id)]
         else:
             self.request_id = upstream_id
+        if self.queued is not None:  # browsers' developer tools show it with the request's timing
+            headers = [*headers, (b"server-timing", b"queue;dur=%.1f" % (self.queued * 1000))]
         await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
 
     async def body_chunk(self, chunk: bytes, more: bool = True) -> None:
@@ -1779,8 +1847,12 @@ class Gateway:
     """The ASGI application. Lifespan startup makes the config, the upstreams and the state below; config
     and upstreams never change after, and this object holds all the mutable state there is."""
 
-    def __init__(self, environ: Mapping[str, str] = os.environ, *, ready_timeout: float = 2.0) -> None:
+    def __init__(self, environ: Mapping[str, str] = os.environ, *, ready_timeout: float = 2.0,
+                 queue_bounds: tuple[int, int] | None = None, slot_clock: Callable[[], float] = time.monotonic) -> None:
         self.environ = environ
+        # The queue's bounds (MAX_QUEUED, MAX_QUEUED_BYTES unless told) and what it measures slot time with.
+        self.queue_bounds = queue_bounds or (MAX_QUEUED, MAX_QUEUED_BYTES)
+        self.slot_clock = slot_clock
         self.config: Config | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.handlers = {path: {method: getattr(self, name) for method, name in route.handlers.items()}
@@ -1789,6 +1861,7 @@ class Gateway:
         self.metrics = Metrics()
         self.limits: Limits | None = None  # None: neither limit is set
         self.coalescer: Coalescer | None = None  # None: COALESCE=off
+        self.queue: Queue | None = None  # None: OLLAMA_NUM_PARALLEL=0
         self.readiness = Readiness(ready_timeout)
         self.watches: set[ClientWatch] = set()  # requests waiting on an upstream, for the shutdown grace
         self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
@@ -1946,10 +2019,12 @@ class Gateway:
     async def relay_request(self, ex: Exchange) -> Answer | None:
         """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
         Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): route by model, relay."""
+        route = ROUTES[ex.route]
+        if route.queued and self.queue is not None:
+            ex.queued = 0.0
         body = await self.read_body(ex)
         if body is None:
             return None
-        route = ROUTES[ex.route]
         document, body = routed_body(ex, body, self.config)
         upstream = self.upstreams[ex.provider]
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
@@ -1957,10 +2032,29 @@ class Gateway:
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
         if not stream and self.coalescer is not None and route.shared:
             return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
-        answer = await self.watched(ex, relay(self, ex, upstream, path, body, stream))
+        answer = await self.watched(ex, self.relayed(ex, upstream, path, body, stream))
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
             ex.usage = answer.usage
         return answer
+
+    async def relayed(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
+                      shared: bool = False) -> Answer | None:
+        """relay(), in its turn: to Ollama, on a route that runs a model, the request waits for a slot of
+        the host chosen now and its model (The queue), and gives it back when the relay has ended."""
+        queue = self.queue
+        if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
+            return await relay(self, ex, upstream, path, body, stream, shared)
+        ex.host = upstream.by_preference()[0]  # the host Upstream.send would choose now
+        since = time.perf_counter()
+        try:
+            ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
+        finally:
+            ex.queued = time.perf_counter() - since
+            observe(self.metrics.queue_waits, (ex.token,), ex.queued, QUEUE_BUCKETS)
+        try:
+            return await relay(self, ex, upstream, path, body, stream, shared)
+        finally:
+            queue.release(ticket)
 
     def not_found_hint(self, ex: Exchange) -> str:
         """What an upstream's 404 adds for a model given without a prefix: where it went, and how to send it
@@ -2147,6 +2241,7 @@ class Gateway:
         self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
         self.limits = Limits(config, metrics) if config.rate_limit_rpm or config.max_concurrent_per_token else None
         self.coalescer = Coalescer(metrics) if config.coalesce else None
+        self.queue = Queue(config, metrics, self.queue_bounds, self.slot_clock) if config.ollama_num_parallel else None
         self.config = config
         for line in summary(config, self.sources, self.listening, self.environ):  # log: the start-up summary
             log.info("%s", line)
@@ -2166,6 +2261,8 @@ class Gateway:
         log.info("shutting down: %d requests in flight (%d streams) get %g s to finish", self.metrics.in_flight,
                  self.metrics.streams, self.config.shutdown_grace)
         self.grace_timer = asyncio.get_running_loop().call_later(self.config.shutdown_grace, self.end_grace)
+        if self.queue is not None:
+            self.queue.close()
 
     def end_grace(self) -> None:
         self.grace_over = True
@@ -2289,6 +2386,219 @@ def error_answer(error: GatewayError, ex: Exchange) -> Answer:
 
 
 ###############################################################################
+# The queue ###################################################################
+###############################################################################
+
+# Ollama runs OLLAMA_NUM_PARALLEL requests per model at once and keeps the rest in one FIFO that knows nothing
+# of who sent them (server/sched.go, useLoadedRunner; ollama #1956), so a translation extension's burst of
+# paragraphs holds up a chat for as long as it lasts. ModelGate knows the app behind each request: it holds
+# the queue itself. Per Ollama host and model (the name as sent, `name` and `name:latest` one model, as
+# Ollama has them), at most OLLAMA_NUM_PARALLEL inference requests are upstream at once; the others wait
+# here, and a slot that frees goes to the token name whose turn it is:
+#
+# Turns. Each token name waiting or running at a host and model has had some slot time there, divided by its
+# share (TOKEN_SHARES, 1 unless set), since it last had nothing waiting or running there. A free slot goes
+# to the name that has had the least (a running request counts the time it has run so far); within a name,
+# requests go in the order they came. A name that comes back after it had nothing there starts from the least
+# that any name now there has had, neither owing for its past turns nor owed for its absence: the virtual
+# time of start-time fair queuing (Goyal, Vin and Cheng, "Start-time Fair Queuing", SIGCOMM 1996), with
+# service measured once it is done rather than guessed from a packet's length, as a generation's length is not
+# known. So an app that had been idle goes next, and two that keep waiting get turns in proportion to their
+# shares. A slot is never left free while a request that could use it waits.
+#
+# What waits holds its body. The whole queue holds at most MAX_QUEUED requests and MAX_QUEUED_BYTES of bodies;
+# beyond either, 503 queue_full. 1,000 is five of Read Frog's bursts of 200 (read-frog constants/translate.ts)
+# and far more than a household's apps send at once; 256 MiB is sixteen bodies of MAX_BODY_BYTES' default.
+MAX_QUEUED = 1000
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+
+# Retry-After of queue_full and queue_timeout: how long the wait for a slot will last cannot be known; the
+# openai SDKs wait what it says (up to 60 s) and try again.
+QUEUE_RETRY_AFTER = b"10"
+
+
+def model_key(name: str) -> str:
+    """One model as Ollama has it: names are not case-sensitive, and a name without a tag is `name:latest`."""
+    name = name.lower()
+    return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
+
+class Waiter:
+    """One request waiting for a slot; its future is given a Ticket when its turn comes."""
+
+    __slots__ = ("share", "size", "number", "future", "timer")
+
+    def __init__(self, share: Share, size: int, number: int, future: asyncio.Future) -> None:
+        self.share, self.size, self.number, self.future = share, size, number, future
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Share:
+    """One token name at one host and model, while it has something waiting or running there."""
+
+    __slots__ = ("token", "weight", "waiters", "running", "since", "used")
+
+    def __init__(self, token: str, weight: float, since: float) -> None:
+        self.token, self.weight = token, weight
+        self.waiters: deque[Waiter] = deque()
+        self.running: list[float] = []  # when each of its running requests got its slot (the slot clock)
+        self.since = since  # where it started from (the least any other name there had had then)
+        self.used = 0.0  # slot time of its finished requests since; divided by weight only when compared, so
+        # that equal turns compare equal (six turns of a third are not quite two in floating point)
+
+    def had(self, now: float) -> float:
+        """The slot time it has had, divided by its weight, its running requests counted up to now."""
+        return self.since + (self.used + sum(now - started for started in self.running)) / self.weight
+
+
+class Slots:
+    """One host and model: how many requests it runs, and the token names there."""
+
+    __slots__ = ("running", "waiting", "shares")
+
+    def __init__(self) -> None:
+        self.running = self.waiting = 0
+        self.shares: dict[str, Share] = {}
+
+
+class Ticket(NamedTuple):
+    """A slot taken, to be given back with Queue.release."""
+    key: tuple
+    slots: Slots
+    share: Share
+    started: float
+
+
+class Queue:
+    """OLLAMA_NUM_PARALLEL slots per Ollama host and model, and the requests that wait for one, in turns.
+
+    turn() returns a Ticket at once while a slot is free, else when the request's turn comes; it raises
+    GatewayError queue_full, queue_timeout or shutting_down, and when the waiting task is cancelled (the
+    client left) the request leaves the queue. release() gives the slot to the next turn. Slots and names
+    with nothing waiting or running are forgotten, so that the clients' model names cannot make it grow.
+    """
+
+    def __init__(self, config: Config, metrics: Metrics, bounds: tuple[int, int] = (MAX_QUEUED, MAX_QUEUED_BYTES),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.parallel, self.timeout = config.ollama_num_parallel, config.queue_timeout
+        self.weights = config.token_shares
+        self.max_waiting, self.max_bytes = bounds
+        self.clock = clock  # what slot time is measured with
+        self.slots: dict[tuple, Slots] = {}
+        self.waiting = self.bytes = 0  # in the whole queue
+        self.arrivals = 0  # numbers the waiters in the order they came
+        self.closed = False
+        self.metrics = metrics
+
+    async def turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
+        key = (host, model_key(model))
+        slots = self.slots.get(key)
+        if slots is None:
+            slots = self.slots[key] = Slots()
+        share = slots.shares.get(token)
+        if share is None:
+            now = self.clock()
+            share = slots.shares[token] = Share(token, self.weights.get(token, 1.0),
+                                                min((s.had(now) for s in slots.shares.values()), default=0.0))
+        if slots.running < self.parallel:  # then nothing waits here either
+            return self.start(key, slots, share)
+        try:
+            self.check_room(size)
+        except GatewayError:
+            self.forget(key, slots, share)
+            raise
+        return await self.wait(key, slots, share, size)
+
+    def check_room(self, size: int) -> None:
+        if self.closed:
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        if self.waiting >= self.max_waiting or self.bytes + size > self.max_bytes:
+            raise GatewayError("queue_full", f"ModelGate's queue is full ({self.waiting} requests, "
+                               f"{self.bytes >> 20} MiB waiting for Ollama); try again shortly.",
+                               [(b"retry-after", QUEUE_RETRY_AFTER)])
+
+    async def wait(self, key: tuple, slots: Slots, share: Share, size: int) -> Ticket:
+        loop = asyncio.get_running_loop()
+        self.arrivals += 1
+        waiter = Waiter(share, size, self.arrivals, loop.create_future())
+        waiter.timer = loop.call_later(self.timeout, self.expire, key, slots, waiter)
+        share.waiters.append(waiter)
+        slots.waiting += 1
+        self.waiting += 1
+        self.bytes += size
+        key[0].waiting += 1
+        queued = self.metrics.queued
+        queued[share.token] = queued.get(share.token, 0) + 1
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:  # the client left
+            future = waiter.future
+            if not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # its turn had come as it left
+            elif waiter in share.waiters:
+                self.leave(key, slots, waiter)
+            raise
+
+    def dequeue(self, key: tuple, slots: Slots, waiter: Waiter) -> None:
+        share = waiter.share
+        share.waiters.remove(waiter)
+        waiter.timer.cancel()
+        slots.waiting -= 1
+        self.waiting -= 1
+        self.bytes -= waiter.size
+        key[0].waiting -= 1
+        self.metrics.queued[share.token] -= 1
+
+    def leave(self, key: tuple, slots: Slots, waiter: Waiter, error: GatewayError | None = None) -> None:
+        """Take a waiter out of the queue, and tell it `error` unless it is gone already."""
+        self.dequeue(key, slots, waiter)
+        self.forget(key, slots, waiter.share)
+        if error is not None and not waiter.future.done():
+            waiter.future.set_exception(error)
+
+    def expire(self, key: tuple, slots: Slots, waiter: Waiter) -> None:
+        self.leave(key, slots, waiter, GatewayError(
+            "queue_timeout", f"The model waited for was busy for QUEUE_TIMEOUT_SECONDS ({self.timeout:g} s) with "
+            "other requests; nothing was sent. Try again later.", [(b"retry-after", QUEUE_RETRY_AFTER)]))
+
+    def close(self) -> None:
+        """SIGTERM: whatever waits gets 503 shutting_down at once, and nothing more waits."""
+        self.closed = True
+        for key, slots in list(self.slots.items()):
+            for share in list(slots.shares.values()):
+                for waiter in list(share.waiters):
+                    self.leave(key, slots, waiter, GatewayError("shutting_down", SHUTTING_DOWN))
+
+    def start(self, key: tuple, slots: Slots, share: Share) -> Ticket:
+        started = self.clock()
+        slots.running += 1
+        share.running.append(started)
+        return Ticket(key, slots, share, started)
+
+    def release(self, ticket: Ticket) -> None:
+        key, slots, share, started = ticket
+        now = self.clock()
+        slots.running -= 1
+        share.running.remove(started)
+        share.used += now - started
+        while slots.waiting and slots.running < self.parallel:
+            turn = min((s for s in slots.shares.values() if s.waiters),
+                       key=lambda s: (s.had(now), s.waiters[0].number))
+            waiter = turn.waiters[0]
+            self.dequeue(key, slots, waiter)
+            if not waiter.future.cancelled():  # (one that left just now is taken out here)
+                waiter.future.set_result(self.start(key, slots, turn))
+            self.forget(key, slots, turn)
+        self.forget(key, slots, share)
+
+    def forget(self, key: tuple, slots: Slots, share: Share) -> None:
+        if not share.waiters and not share.running:
+            slots.shares.pop(share.token, None)
+            if not slots.shares:
+                self.slots.pop(key, None)
+
+
+###############################################################################
 # The relay ###################################################################
 ###############################################################################
 
@@ -2335,7 +2645,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
        (Route.usage).
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
-    response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect)
+    response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect, first=ex.host)
     try:
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect, gw.not_found_hint(ex))
@@ -2716,6 +3026,7 @@ class Host:
         self.authority = url.netloc.encode("idna")
         self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
         self.down_until = 0.0  # time.monotonic() before which other hosts go first
+        self.waiting = 0  # requests in ModelGate's queue for this host (The queue)
 
 
 # Where an upstream response notes the Host it came from (httpcore keeps its own keys in the same dict).
@@ -2773,23 +3084,25 @@ class Upstream:
         url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=base + path)
         return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
 
-    def by_preference(self) -> list[Host]:
-        """The hosts to try in turn: those not cooling down, fewest requests in flight first, ties as listed."""
+    def by_preference(self, first: Host | None = None) -> list[Host]:
+        """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down,
+        then the others not cooling down, fewest requests in flight or waiting first, ties as listed."""
         if len(self.hosts) == 1:
             return self.hosts
         now = time.monotonic()
         up = [host for host in self.hosts if host.down_until <= now]
-        return sorted(up or self.hosts, key=lambda host: host.pool.in_use)  # sorted() keeps ties in order
+        return sorted(up or self.hosts, key=lambda host: (host is not first, host.pool.in_use + host.waiting))
 
     async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
-                   host: Host | None = None, dialect: Dialect = OPENAI) -> httpcore.Response:
-        """Send to `host`, or to the hosts in preference order until one takes the request; the response's
-        head has arrived when this returns.
+                   host: Host | None = None, dialect: Dialect = OPENAI, first: Host | None = None
+                   ) -> httpcore.Response:
+        """Send to `host`, or to the hosts in preference order (`first` first) until one takes the request; the
+        response's head has arrived when this returns.
 
         Only a connection that could not be opened moves on to the next host: nothing was sent yet.
         Anything that fails later is the answer, so that no generation ever runs twice.
         """
-        hosts = self.by_preference() if host is None else [host]
+        hosts = self.by_preference(first) if host is None else [host]
         causes = []
         for tried, host in enumerate(hosts, 1):
             try:
@@ -2931,10 +3244,11 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
 class Flight:
     """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
 
-    __slots__ = ("task", "waiters", "counted")
+    __slots__ = ("task", "waiters", "counted", "owner")
 
-    def __init__(self, task: asyncio.Task) -> None:
+    def __init__(self, task: asyncio.Task, owner: Exchange) -> None:
         self.task, self.waiters = task, 0
+        self.owner = owner  # the request it runs for: its wait in the queue is everyone's
         self.counted = False  # a waiter has taken the answer's usage: tokens used once are counted once
 
 
@@ -2956,7 +3270,7 @@ class Coalescer:
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(
-                relay(gw, ex, upstream, path, body, stream=False, shared=True)))
+                gw.relayed(ex, upstream, path, body, stream=False, shared=True)), ex)
             flight.task.add_done_callback(lambda task: self.forget(key, flight))
         else:
             ex.coalesced = True
@@ -2969,6 +3283,8 @@ class Coalescer:
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody is left to answer
                 self.forget(key, flight)
+        if ex is not flight.owner and flight.owner.queued is not None:
+            ex.queued = flight.owner.queued
         if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left
             flight.counted, ex.usage = True, answer.usage
         return answer
@@ -3031,6 +3347,9 @@ class Readiness:
 # to minutes (a cold model, a long answer); the first byte of a stream comes within seconds once loaded.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A turn in the queue comes at once, after a few answers (seconds), or after a flood (minutes, up to
+# QUEUE_TIMEOUT_SECONDS).
+QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 # modelgate_tokens_total keeps at most this many models per token name and provider (Metrics.count_tokens).
 MAX_MODEL_SERIES = 100
@@ -3069,6 +3388,8 @@ class Metrics:
         self.rate_limited: dict[tuple, int] = {}  # (token, limit)
         self.tokens: dict[tuple, int] = {}  # (token, provider, model, kind)
         self.models_counted: dict[tuple, set[str]] = {}  # (token, provider) -> the models in `tokens`
+        self.queue_waits: dict[tuple, list] = {}  # (token,), requests on a route that waits its turn
+        self.queued: dict[str, int] = {}  # token -> requests waiting for their turn now
         self.in_flight = self.streams = 0
 
     def record(self, ex: Exchange, seconds: float) -> None:
@@ -3101,16 +3422,17 @@ class Metrics:
             for values, value in sorted(samples):
                 lines.append(f"{name}{label_set(labels, values)} {number(value)}")
 
-        def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...]) -> None:
+        def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...],
+                      label: str = "route") -> None:
             lines.append(f"# HELP {name} {text}")
             lines.append(f"# TYPE {name} histogram")
-            for (route,), counts in sorted(series.items()):
+            for (value,), counts in sorted(series.items()):
                 total = 0
                 for bound, n in zip((*bounds, math.inf), counts):
                     total += n
-                    lines.append(f"{name}_bucket{label_set(('route', 'le'), (route, number(bound)))} {total}")
-                lines.append(f"{name}_sum{label_set(('route',), (route,))} {number(counts[-1])}")
-                lines.append(f"{name}_count{label_set(('route',), (route,))} {total}")
+                    lines.append(f"{name}_bucket{label_set((label, 'le'), (value, number(bound)))} {total}")
+                lines.append(f"{name}_sum{label_set((label,), (value,))} {number(counts[-1])}")
+                lines.append(f"{name}_count{label_set((label,), (value,))} {total}")
 
         hosts = [(upstream.name, host) for upstream in upstreams for host in upstream.hosts]
         now = time.monotonic()
@@ -3132,6 +3454,10 @@ class Metrics:
         family("modelgate_rate_limited_requests_total", "counter", "Requests refused with 429, by token name "
                "and limit (rpm: RATE_LIMIT_RPM, concurrency: MAX_CONCURRENT_PER_TOKEN).", ("token", "limit"),
                self.rate_limited.items())
+        histogram("modelgate_queue_wait_seconds", "Time a request waited for its turn at Ollama "
+                  "(OLLAMA_NUM_PARALLEL), by token name.", self.queue_waits, QUEUE_BUCKETS, "token")
+        family("modelgate_queued", "gauge", "Requests waiting for their turn at Ollama now, by token name.",
+               ("token",), [((token,), n) for token, n in self.queued.items()])
         family("modelgate_tokens_total", "counter", "Tokens the upstreams said they used, by token name, "
                "provider, model (as sent upstream) and kind (prompt or completion).",
                ("token", "provider", "model", "kind"), self.tokens.items())
@@ -3171,9 +3497,10 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
         used = (f" prompt_tokens={prompt}" if prompt is not None else "") + \
             (f" completion_tokens={completion}" if completion is not None else "")
     coalesced = " coalesced" if ex.coalesced else ""
+    queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
     error = f" error={ex.error}" if ex.error else ""
     line = (f"{ex.method} {printable(ex.path)} {ex.status} {ex.provider} {printable(ex.model)} {seconds * 1000:.0f}ms "
-            f"{ex.bytes_out}B{ttfb}{used} token={ex.token} client={ex.client}{coalesced}{error} "
+            f"{ex.bytes_out}B{ttfb}{queued}{used} token={ex.token} client={ex.client}{coalesced}{error} "
             f"id={ex.request_id.decode('latin-1') or '-'}")
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
                               extra={"exchange": (ex, seconds)}))

@@ -484,10 +484,13 @@ def environ(**overrides: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def gateway(ready_timeout: float | None = None, **overrides: str) -> AsyncIterator[modelgate.Gateway]:
+async def gateway(ready_timeout: float | None = None, queue_bounds: tuple[int, int] | None = None,
+                  slot_clock: Callable[[], float] | None = None, **overrides: str) -> AsyncIterator[modelgate.Gateway]:
     """A Gateway through its ASGI lifespan: started, yielded, shut down. `overrides` are settings;
-    `ready_timeout`, when given, is how long its GET /ready waits for a host (2 s unless told)."""
-    app = modelgate.Gateway(environ(**overrides), **({} if ready_timeout is None else {"ready_timeout": ready_timeout}))
+    `ready_timeout`, when given, is how long its GET /ready waits for a host (2 s unless told); `queue_bounds`
+    its queue's (MAX_QUEUED, MAX_QUEUED_BYTES), `slot_clock` what its queue measures slot time with."""
+    given = {"ready_timeout": ready_timeout, "queue_bounds": queue_bounds, "slot_clock": slot_clock}
+    app = modelgate.Gateway(environ(**overrides), **{name: value for name, value in given.items() if value is not None})
     inbox: asyncio.Queue = asyncio.Queue()
     outbox: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
@@ -1629,7 +1632,7 @@ def test_token_bucket_refills_rpm_per_minute(rpm: int, times: list[float], waits
 async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
     """MAX_CONCURRENT_PER_TOKEN=1: while one stream runs, the same token gets 429; another token does not."""
     async with upstream(sse_reply(hold_before=1)) as up, \
-            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1") as app:
+            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1", OLLAMA_NUM_PARALLEL="0") as app:
         stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
         await up.received(1)
         refused = await chat(app)
@@ -2168,12 +2171,20 @@ POLICY_CONFIG_ERRORS = [
     ({"MODEL_OVERRIDES": '{"ollama/*": {"stream": false}}'}, "stream"),
     ({"MODEL_OVERRIDES": '{"ollama/*": {"keep_alive": "30m"}'}, "Expecting ',' delimiter"),
     ({"MODEL_OVERRIDES": '{"qwen2.5*": {"keep_alive": "30m"}}'}, "qwen2.5*"),
+    ({"TOKEN_SHARES": "webui=0"}, "webui=0"),
+    ({"TOKEN_SHARES": "webui=-1"}, "webui=-1"),
+    ({"TOKEN_SHARES": "webui=many"}, "webui=many"),
+    ({"TOKEN_SHARES": "webui=inf"}, "webui=inf"),
+    ({"TOKEN_SHARES": "webui"}, "webui"),
+    ({"TOKEN_SHARES": "nobody=4"}, "nobody"),
+    ({"TOKEN_SHARES": "webui=1,webui=2"}, "webui"),
 ]
 
 
 @pytest.mark.parametrize("settings_, named", POLICY_CONFIG_ERRORS)
 def test_a_bad_policy_setting_stops_start_up_naming_the_entry(settings_: dict, named: str) -> None:
-    """A bad alias, scope or default stops start-up with one line that names the variable and the entry."""
+    """A bad alias, scope, default, override or share stops start-up with one line that names the variable and
+    the entry."""
     with pytest.raises(modelgate.ConfigError) as failure:
         modelgate.load_config({"MODELGATE_TOKEN": APPS, **settings_})
     message = str(failure.value)
@@ -2580,6 +2591,381 @@ async def test_ollamas_admin_routes_take_model_names_as_they_are() -> None:
         shown = await native(app, "/api/show", b'{"model":"gpt-4o-mini"}', headers=ADMIN_AUTH)
     assert deleted.status == 200 and shown.status == 200
     assert [r.body for r in up.requests] == [b'{"model":"gpt-4o-mini"}', b'{"model":"qwen2.5:7b"}']
+
+
+###############################################################################
+# The queue: turns at Ollama ##################################################
+###############################################################################
+
+
+class ScheduledOllama:
+    """Ollama's scheduler as its clients meet it (server/sched.go): per model (`name` and `name:latest` one),
+    `parallel` requests run at once and the others wait in the order they came (OLLAMA_NUM_PARALLEL, 1 by
+    default). A running request answers, as fake_ollama does, when the test lets it (finish), and each answer
+    moves `ticks` on by one: the slot clock the gateway is given, so that every turn lasts one tick."""
+
+    def __init__(self, parallel: int = 1) -> None:
+        self.parallel = parallel
+        self.waiting: dict[str, list[asyncio.Future]] = {}  # model -> requests waiting in arrival order
+        self.running: dict[str, int] = {}
+        self.started: list[Received] = []  # in the order they began to run
+        self.finishing: list[asyncio.Event] = []  # one per started request, set by finish()
+        self.changed = asyncio.Condition()
+        self.ticks = 0
+
+    def clock(self) -> float:
+        return self.ticks
+
+    async def reply(self, up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if request.target == "/api/show":  # runs no model
+            return await fake_ollama(up, request, reader, writer)
+        model = request.json()["model"]
+        model = model if ":" in model else model + ":latest"
+        if self.running.get(model, 0) >= self.parallel:
+            turn = asyncio.get_running_loop().create_future()
+            self.waiting.setdefault(model, []).append(turn)
+            await turn
+        self.running[model] = self.running.get(model, 0) + 1
+        done = asyncio.Event()
+        self.started.append(request)
+        self.finishing.append(done)
+        async with self.changed:
+            self.changed.notify_all()
+        try:
+            eof = asyncio.ensure_future(reader.read(1))
+            finished = asyncio.ensure_future(done.wait())
+            await asyncio.wait({eof, finished}, return_when=asyncio.FIRST_COMPLETED)
+            eof.cancel()
+            finished.cancel()
+            await asyncio.wait({eof, finished})
+            if not done.is_set():
+                up.saw_close.set()
+                raise ConnectionResetError("the gateway closed the connection")
+            self.ticks += 1
+            await self.answer(up, request, reader, writer)
+        finally:
+            self.running[model] -= 1
+            if self.waiting.get(model):
+                self.waiting[model].pop(0).set_result(None)
+
+    async def answer(self, up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        if request.target == "/v1/chat/completions" and request.json().get("stream") is True:
+            return await write_stream(up, reader, writer, "text/event-stream", EVENTS)
+        if request.target.startswith("/v1/") and request.target != "/v1/messages":
+            return await write_answer(writer, 200, "application/json", json.dumps(COMPLETION).encode())
+        await fake_ollama(up, request, reader, writer)
+
+    async def has_started(self, count: int) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: len(self.started) >= count), 10)
+
+    async def finish(self, number: int) -> None:
+        """Let the request that started `number`th (from 1) answer, once `number` have started."""
+        await self.has_started(number)
+        self.finishing[number - 1].set()
+
+
+def asking(text: str, model: str = "qwen2.5:7b", **more: Any) -> bytes:
+    """A plain /api/chat request whose message says who sent it, as `marks` reads it back."""
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "stream": False,
+                       **more}).encode()
+
+
+def marks(requests: list[Received]) -> list[str]:
+    return [r.json()["messages"][0]["content"] for r in requests]
+
+
+def send_all(app: Any, bodies: list[tuple[bytes, list]], **kwargs: Any) -> list[asyncio.Future]:
+    return [asyncio.ensure_future(native(app, "/api/chat", body, headers=headers, **kwargs)) for body, headers in bodies]
+
+
+async def waiting(app: modelgate.Gateway, count: int) -> None:
+    """Until `count` requests wait in the gateway's queue."""
+    await until(lambda: app.queue.waiting == count)
+
+
+@asynccontextmanager
+async def scheduled(parallel: int = 1, **settings: Any) -> AsyncIterator[tuple[ScheduledOllama, FakeUpstream,
+                                                                                modelgate.Gateway]]:
+    """A ScheduledOllama and a gateway in front of it, with two named apps, its ticks as the slot clock."""
+    ollama = ScheduledOllama(parallel)
+    async with upstream(ollama.reply) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, slot_clock=ollama.clock, **settings) as app:
+        yield ollama, up, app
+
+
+async def test_a_late_app_gets_the_next_free_slot_behind_a_flood() -> None:
+    """FluentRead floods one model; Open WebUI's request, sent later, runs as soon as the running one is done,
+    and FluentRead's then go on in the order they came. Only one is at Ollama at a time; every answer says
+    how long it waited (Server-Timing), and so does the log line."""
+    async with captured_log() as log, scheduled() as (ollama, up, app):
+        flood = send_all(app, [(asking(f"page {n}"), AUTH) for n in range(1, 6)])
+        await ollama.has_started(1)
+        await waiting(app, 4)
+        chat_ = asyncio.ensure_future(native(app, "/api/chat", asking("chat"), headers=OTHER_AUTH))
+        await waiting(app, 5)
+        assert len(up.requests) == 1  # the rest wait in ModelGate, not in Ollama
+        for number in range(1, 7):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*flood, chat_)
+        line = await log.logged("POST /api/chat 200 ollama qwen2.5:7b")
+    assert marks(ollama.started) == ["page 1", "chat", "page 2", "page 3", "page 4", "page 5"]
+    assert len(up.requests) == 6 and all(a.status == 200 for a in answers)
+    for answer in answers:
+        assert re.fullmatch(rb"queue;dur=\d+(\.\d)?", answer.header(b"server-timing"))
+    assert " queued_ms=" in line
+
+
+SHARES_TABLE = [
+    # (TOKEN_SHARES, whose requests run, in order, when FluentRead's first runs and both have eight waiting)
+    ("", "F W F W F W F W F W F W F W F W F"),
+    ("webui=3", "F W W W F W W W F W W F F F F F F"),
+    ("fluentread=2,webui=1", "F W F F W F F W F F W F F W W W W"),
+]
+
+
+@pytest.mark.parametrize("shares, order", SHARES_TABLE)
+async def test_turns_go_by_token_shares_and_in_order_within_a_token(shares: str, order: str) -> None:
+    """While two apps both wait, each gets turns in proportion to its TOKEN_SHARES (every slot taking the same
+    time), a tie going to the request that came first; within an app, its requests run in the order sent."""
+    async with scheduled(TOKEN_SHARES=shares) as (ollama, up, app):
+        first = send_all(app, [(asking("F0"), AUTH)])
+        await ollama.has_started(1)
+        rest = send_all(app, [(asking(f"F{n}"), AUTH) for n in range(1, 9)])
+        await waiting(app, 8)
+        rest += send_all(app, [(asking(f"W{n}"), OTHER_AUTH) for n in range(1, 9)])
+        await waiting(app, 16)
+        for number in range(1, 18):
+            await ollama.finish(number)
+        await asyncio.gather(*first, *rest)
+    started = marks(ollama.started)
+    assert " ".join(mark[0] for mark in started) == order
+    for app_ in "FW":
+        assert [m for m in started if m[0] == app_] == sorted((m for m in started if m[0] == app_),
+                                                              key=lambda m: int(m[1:]))
+
+
+async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None:
+    """It is taken out of the queue: nothing of it reaches Ollama, the next request gets the slot, and its log
+    line says 499 and how long it waited."""
+    async with captured_log() as log, scheduled() as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        gone = asyncio.Event()
+        leaving = send_all(app, [(asking("leaving"), AUTH)], disconnect=gone)
+        await waiting(app, 1)
+        after = send_all(app, [(asking("after"), OTHER_AUTH)])
+        await waiting(app, 2)
+        gone.set()
+        assert not (await leaving[0]).messages
+        line = await log.logged("POST /api/chat 499")
+        await waiting(app, 1)
+        await ollama.finish(1)
+        await ollama.finish(2)
+        await asyncio.gather(*running, *after)
+        page = (await call(app, "GET", "/metrics")).body.decode()
+    assert marks(up.requests) == ["running", "after"]
+    assert re.search(r" queued_ms=\d+ ", line)
+    assert f'modelgate_queued{{token="fluentread"}} 0' in page and 'modelgate_queued{token="webui"} 0' in page
+    assert 'modelgate_queue_wait_seconds_count{token="fluentread"} 2' in page
+    parse_exposition(page)
+
+
+QUEUE_DOORS = [
+    # (path, body for qwen2.5:7b, how its errors read)
+    ("/v1/chat/completions", b'{"model": "ollama/qwen2.5:7b", "messages": []}', "openai"),
+    ("/v1/completions", b'{"model": "qwen2.5:7b", "prompt": "Hi"}', "openai"),
+    ("/v1/responses", b'{"model": "qwen2.5:7b", "input": "Hi"}', "openai"),
+    ("/v1/embeddings", b'{"model": "qwen2.5:7b", "input": "Hi"}', "openai"),
+    ("/v1/messages", b'{"model": "qwen2.5:7b", "max_tokens": 9, "messages": []}', "anthropic"),
+    ("/api/chat", b'{"model": "qwen2.5:7b", "messages": [], "stream": false}', "ollama"),
+    ("/api/generate", b'{"model": "qwen2.5", "prompt": "Hi", "stream": false}', "ollama"),  # :latest is one model
+    ("/api/embed", b'{"model": "Qwen2.5:7B", "input": "Hi"}', "ollama"),  # Ollama's names ignore case
+    ("/api/embeddings", b'{"model": "ollama/qwen2.5:7b", "prompt": "Hi"}', "ollama"),
+]
+
+
+@pytest.mark.parametrize("path, body, dialect", QUEUE_DOORS)
+async def test_every_door_that_runs_a_model_waits_in_the_same_queue(path: str, body: bytes, dialect: str) -> None:
+    """A request through any door for the model waits behind the one running through another, and runs next."""
+    async with scheduled() as (ollama, up, app):
+        body = body.replace(b"qwen2.5:7b", b"qwen2.5:latest") if b'"qwen2.5"' in body else body
+        running = send_all(app, [(asking("running", model="qwen2.5:latest" if "generate" in path else "qwen2.5:7b"),
+                                  AUTH)])
+        await ollama.has_started(1)
+        door = asyncio.ensure_future(call(app, "POST", path, body, [*AUTH, (b"anthropic-version", b"2023-06-01")]))
+        await waiting(app, 1)
+        assert len(up.requests) == 1
+        await ollama.finish(1)
+        await ollama.finish(2)
+        answer = await door
+        await asyncio.gather(*running)
+    assert answer.status == 200 and [r.target for r in up.requests] == ["/api/chat", path]
+    assert answer.header(b"server-timing").startswith(b"queue;dur=")
+
+
+NEVER_QUEUED = [
+    # (path, body): what is sent at once, with a request for the same model running
+    ("/api/show", b'{"model": "qwen2.5:7b"}'),
+    ("/api/chat", asking("another model", model="llama3.1:8b")),  # two models side by side
+]
+
+
+@pytest.mark.parametrize("path, body", NEVER_QUEUED)
+async def test_what_runs_no_model_or_another_is_sent_at_once(path: str, body: bytes) -> None:
+    """Ollama's /api/show (it runs nothing) and a request for another model do not wait for the model running."""
+    async with scheduled() as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        other = asyncio.ensure_future(call(app, "POST", path, body))
+        if path == "/api/show":
+            assert (await other).status == 200
+        else:
+            await ollama.has_started(2)
+            await ollama.finish(2)
+            assert (await other).status == 200
+        await ollama.finish(1)
+        await asyncio.gather(*running)
+    assert app.queue.waiting == 0 and len(up.requests) == 2
+
+
+@pytest.mark.parametrize("path, body, dialect", [QUEUE_DOORS[0], QUEUE_DOORS[4], QUEUE_DOORS[5]])
+async def test_a_request_that_waits_queue_timeout_seconds_gets_503_and_nothing_is_sent(path: str, body: bytes,
+                                                                                      dialect: str) -> None:
+    """QUEUE_TIMEOUT_SECONDS: then 503 queue_timeout with Retry-After, in the error shape of its door."""
+    async with scheduled(QUEUE_TIMEOUT_SECONDS="0.05") as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        answer = await call(app, "POST", path, body, [*AUTH, (b"anthropic-version", b"2023-06-01")])
+        await ollama.finish(1)
+        await asyncio.gather(*running)
+    assert_queue_error(answer, dialect, "QUEUE_TIMEOUT_SECONDS")
+    assert len(up.requests) == 1 and app.queue.waiting == 0
+
+
+def assert_queue_error(answer: Answer, dialect: str, named: str) -> None:
+    if dialect == "openai":
+        message = assert_error(answer, 503, "api_error", "queue_timeout" if "TIMEOUT" in named else "queue_full")
+        message = message["message"]
+    elif dialect == "ollama":
+        message = assert_ollama_error(answer, 503)
+    else:
+        message = assert_anthropic_error(answer, 503, "overloaded_error")
+    assert answer.header(b"retry-after") == modelgate.QUEUE_RETRY_AFTER
+    assert named in message or "queue is full" in message
+
+
+QUEUE_BOUNDS = [
+    # (queue_bounds, how many wait before the next is refused)
+    ((2, modelgate.MAX_QUEUED_BYTES), 2),
+    ((modelgate.MAX_QUEUED, 3 * len(asking("waiting 1")) + 1), 3),
+]
+
+
+@pytest.mark.parametrize("bounds, room", QUEUE_BOUNDS)
+async def test_a_full_queue_answers_503_queue_full(bounds: tuple[int, int], room: int) -> None:
+    """Past MAX_QUEUED requests or MAX_QUEUED_BYTES of bodies waiting, 503 queue_full with Retry-After."""
+    async with scheduled(queue_bounds=bounds) as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        queued = send_all(app, [(asking(f"waiting {n}"), OTHER_AUTH) for n in range(1, room + 1)])
+        await waiting(app, room)
+        refused = await native(app, "/api/chat", asking("waiting 9"), headers=AUTH)
+        for number in range(1, room + 2):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*running, *queued)
+    assert_queue_error(refused, "ollama", "queue is full")
+    assert all(a.status == 200 for a in answers) and len(up.requests) == room + 1
+
+
+async def test_sigterm_answers_what_waits_503_at_once_and_lets_what_runs_finish() -> None:
+    """On SIGTERM the waiting requests get 503 shutting_down at once, and none of them reaches Ollama; the
+    stream that runs goes on to its end."""
+    async with scheduled() as (ollama, up, app):
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await ollama.has_started(1)
+        queued = send_all(app, [(asking("waiting 1"), AUTH), (asking("waiting 2"), OTHER_AUTH)])
+        await waiting(app, 2)
+        app.shut_down()
+        refused = await asyncio.gather(*queued)
+        await ollama.finish(1)
+        streamed = await stream
+    for answer in refused:
+        assert_ollama_error(answer, 503)
+    assert streamed.chunks == EVENTS and streamed.complete and len(up.requests) == 1
+
+
+@pytest.mark.parametrize("parallel", ["2", "0"])
+async def test_ollama_num_parallel_is_how_many_run_at_once(parallel: str) -> None:
+    """OLLAMA_NUM_PARALLEL=2: two requests for a model at Ollama at once, the third when one is done. 0: no
+    queue at all, every request is sent at once, and the answers carry no Server-Timing."""
+    async with scheduled(parallel=3, OLLAMA_NUM_PARALLEL=parallel) as (ollama, up, app):
+        sent = send_all(app, [(asking(f"r{n}"), AUTH) for n in range(1, 4)])
+        await ollama.has_started(int(parallel) or 3)
+        assert len(up.requests) == (int(parallel) or 3)
+        for number in range(1, 4):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*sent)
+    assert all(a.status == 200 for a in answers) and len(up.requests) == 3
+    assert all((a.header(b"server-timing") is None) == (parallel == "0") for a in answers)
+
+
+async def test_identical_requests_wait_and_run_as_one() -> None:
+    """COALESCE: identical plain requests that wait for the model take one turn and one upstream request."""
+    async with scheduled() as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        twins = send_all(app, [(asking("twin"), AUTH), (asking("twin"), AUTH)])
+        await until(lambda: joined(app) == 1)
+        await waiting(app, 1)
+        await ollama.finish(1)
+        await ollama.finish(2)
+        answers = await asyncio.gather(*running, *twins)
+    assert marks(up.requests) == ["running", "twin"] and all(a.status == 200 for a in answers)
+    assert answers[1].body == answers[2].body and answers[2].header(b"server-timing")
+
+
+async def test_max_concurrent_per_token_counts_waiting_requests() -> None:
+    """MAX_CONCURRENT_PER_TOKEN=2: one running and one waiting are two in flight; a third gets 429."""
+    async with scheduled(MAX_CONCURRENT_PER_TOKEN="2") as (ollama, up, app):
+        sent = send_all(app, [(asking("running"), AUTH), (asking("waiting"), AUTH)])
+        await waiting(app, 1)
+        refused = await native(app, "/api/chat", asking("third"), headers=AUTH)
+        await ollama.finish(1)
+        await ollama.finish(2)
+        await asyncio.gather(*sent)
+    assert_ollama_error(refused, 429)
+
+
+async def test_each_ollama_host_has_its_own_slots() -> None:
+    """With two Ollama hosts, a second request for the model goes to the other host at once."""
+    first, second = ScheduledOllama(), ScheduledOllama()
+    async with upstream(first.reply) as one, upstream(second.reply) as two, \
+            gateway(OLLAMA_BASE_URL=f"{one.url},{two.url}") as app:
+        sent = send_all(app, [(asking("one"), AUTH), (asking("two"), AUTH)])
+        await first.has_started(1)
+        await second.has_started(1)
+        assert app.queue.waiting == 0
+        await first.finish(1)
+        await second.finish(1)
+        answers = await asyncio.gather(*sent)
+    assert all(a.status == 200 for a in answers)
+
+
+async def test_the_queue_shows_on_metrics_while_requests_wait() -> None:
+    """modelgate_queued counts what waits now, per token name."""
+    async with scheduled() as (ollama, up, app):
+        sent = send_all(app, [(asking("running"), AUTH), (asking("a"), AUTH), (asking("b"), OTHER_AUTH)])
+        await waiting(app, 2)
+        page = parse_exposition((await call(app, "GET", "/metrics")).body.decode())
+        for number in range(1, 4):
+            await ollama.finish(number)
+        await asyncio.gather(*sent)
+    samples = {labels["token"]: value for _, labels, value in page["modelgate_queued"]["samples"]}
+    assert samples == {"fluentread": 1, "webui": 1} and page["modelgate_queued"]["type"] == "gauge"
+    assert page["modelgate_queue_wait_seconds"]["type"] == "histogram"
 
 
 ###############################################################################
@@ -3522,7 +3908,7 @@ async def test_requests_whose_forwarded_headers_differ_are_never_joined() -> Non
     beta = [*AUTH, (b"anthropic-version", b"2023-06-01"), (b"anthropic-beta", b"a-beta-2025")]
     plain = [*AUTH, (b"anthropic-version", b"2023-06-01")]
     async with upstream(json_reply(document={"type": "message"}, held=True)) as up, \
-            gateway(OLLAMA_BASE_URL=up.url) as app:
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_NUM_PARALLEL="0") as app:  # both at the upstream at once
         tasks = [asyncio.ensure_future(call(app, "POST", "/v1/messages", body, headers)) for headers in (beta, plain)]
         await up.received(2)
         tasks.append(asyncio.ensure_future(call(app, "POST", "/v1/messages", body, plain)))
@@ -3539,7 +3925,8 @@ async def test_embeddings_are_never_joined_so_a_large_one_is_relayed_whole() -> 
     big = json.dumps(vectors).encode()
     assert len(big) > modelgate.MAX_HELD_ANSWER
     embed = b'{"model": "ollama/nomic-embed-text", "input": ["Hallo"]}'
-    async with upstream(json_reply(raw=big, held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(raw=big, held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_NUM_PARALLEL="0") as app:  # both at the upstream at once
         tasks = [asyncio.ensure_future(call(app, "POST", "/v1/embeddings", embed)) for _ in range(2)]
         await up.received(2)
         up.release.set()
@@ -3552,7 +3939,8 @@ async def test_different_tokens_bodies_or_streams_are_never_joined() -> None:
     """Only the same token, provider, path and body join; streams never do; COALESCE=off joins nothing."""
     other_body = CHAT.replace(b"Hallo", b"Hello")
     for setting, expected in (("on", 5), ("off", 6)):
-        async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, COALESCE=setting) as app:
+        async with upstream(hang_reply) as up, \
+                gateway(OLLAMA_BASE_URL=up.url, COALESCE=setting, OLLAMA_NUM_PARALLEL="0") as app:
             gone = asyncio.Event()
             tasks = [asyncio.ensure_future(chat(app, body, headers, disconnect=gone)) for body, headers in [
                 (CHAT, None), (CHAT, None), (CHAT, OTHER_AUTH), (other_body, None),
@@ -3739,8 +4127,8 @@ async def test_json_log_lines_carry_the_same_fields() -> None:
     assert all("\n" not in line for line in lines)
     stream, odd = [json.loads(line) for line in lines]
     assert set(stream) == {"time", "level", "method", "path", "status", "provider", "model", "ms", "bytes",
-                           "ttfb_ms", "prompt_tokens", "completion_tokens", "token", "client", "coalesced", "error",
-                           "id"}
+                           "ttfb_ms", "queued_ms", "prompt_tokens", "completion_tokens", "token", "client", "coalesced",
+                           "error", "id"}
     assert (stream["method"], stream["path"], stream["status"], stream["model"]) == \
            ("POST", "/v1/chat/completions", 200, "ollama/qwen2.5:7b")
     assert stream["ttfb_ms"] is not None and stream["client"] == "127.0.0.1" and stream["error"] is None
@@ -4071,7 +4459,8 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
     """
     backlog = FullBacklog()
     with backlog as url:
-        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="30") as app:
+        # No queue: every request reaches the pool at once (cancellations while waiting in the queue: below).
+        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="30", OLLAMA_NUM_PARALLEL="0") as app:
             # 1. Cancelled while the upstream connection is being opened.
             port = int(url.split(":")[2].split("/")[0])
 
@@ -4133,7 +4522,7 @@ async def test_after_sigterm_nothing_new_goes_upstream_and_streams_may_finish() 
 async def test_what_still_runs_when_the_grace_is_over_is_ended() -> None:
     """After SHUTDOWN_GRACE_SECONDS a running stream ends with the error event, a waiting request gets 503."""
     async with upstream(sse_reply(hold_before=1)) as up, \
-            gateway(OLLAMA_BASE_URL=up.url, SHUTDOWN_GRACE_SECONDS="0.05") as app:
+            gateway(OLLAMA_BASE_URL=up.url, SHUTDOWN_GRACE_SECONDS="0.05", OLLAMA_NUM_PARALLEL="0") as app:
         first_event = asyncio.Event()  # the client has it: only then may the grace begin, however short
         stream = asyncio.ensure_future(chat(app, STREAM_CHAT,
                                             on_message=lambda m: m.get("body") == EVENTS[0] and first_event.set()))
@@ -4293,6 +4682,8 @@ async def test_command_line_prints_a_start_up_summary_without_secrets(tmp_path: 
         "openai: http://127.0.0.1:1/api/v1",
         f".env: {tmp_path / '.env'}",
         f"tokens: 2 (fluentread, {label(TOKEN.encode())})",
+        "queue: 1 request(s) at a time per Ollama host and model (OLLAMA_NUM_PARALLEL), waiting at most 300 s; "
+        f"shares: fluentread 1, {label(TOKEN.encode())} 1",
         "from the environment, winning over .env: PORT",
         f"PORT is set in the environment, so the PORT in {tmp_path / '.env'} is not used; to use the file's, "
         "unset it (unset PORT) and start again",
@@ -4358,6 +4749,21 @@ async def test_command_line_arguments_never_start_a_server_by_mistake(tmp_path: 
         probe.bind(("127.0.0.1", port))  # nothing holds the port
 
 
+HOUSEHOLD = f"webui:{TOKEN},homeassistant:{OTHER_TOKEN},fluentread:{ADMIN}"
+
+
+@pytest.mark.parametrize("settings_, lines", [
+    ({"TOKEN_SHARES": "webui=4,homeassistant=4", "MODEL_OVERRIDES": RESIDENT},
+     ["queue: 1 request(s) at a time per Ollama host and model (OLLAMA_NUM_PARALLEL), waiting at most 300 s; "
+      "shares: webui 4, homeassistant 4, fluentread 1", "overrides: ollama/qwen2.5:7b (keep_alive, options)"]),
+    ({"OLLAMA_NUM_PARALLEL": "0"}, ["queue: off (OLLAMA_NUM_PARALLEL=0): every request is sent to Ollama at once"]),
+])
+def test_the_start_up_summary_shows_the_queue_and_the_overrides(settings_: dict, lines: list[str]) -> None:
+    """The queue (OLLAMA_NUM_PARALLEL, the wait, every token name's share) and the models overridden, by field."""
+    summary = modelgate.summary(modelgate.load_config({"MODELGATE_TOKEN": HOUSEHOLD, **settings_}), None, None, {})
+    assert [line for line in summary if line.startswith(("queue:", "overrides:"))] == lines
+
+
 async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_path: Any) -> None:
     """--check: the start-up summary, each upstream asked once for its models, exit 0 when all answer.
     It serves nothing, and prints no token or key."""
@@ -4374,6 +4780,8 @@ async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_p
         f"openai: {openai.url}",
         f".env: {tmp_path / '.env'}",
         "tokens: 1 (app)",
+        "queue: 1 request(s) at a time per Ollama host and model (OLLAMA_NUM_PARALLEL), waiting at most 300 s; "
+        "shares: app 1",
         "from the environment, winning over .env: PORT",
         f"ok ollama/1 {ollama.url}: answers, 2 models",
         f"ok openai/1 {openai.url}: answers, 1 models",
