@@ -93,6 +93,9 @@ RESPONSE_TIMEOUT = 10.0          # seconds a run may exceed its duration before 
 START_TIMEOUT = 30.0             # seconds the gateway may take to answer /health
 POLL_INTERVAL = 0.005            # seconds between two /health attempts
 COLD_STARTS = 5
+# The fake model server answers any number of requests at once: the gateway's queue is on but never full
+# (above the 200 streams of stream_c200). --sharing compares it with no queue (OLLAMA_NUM_PARALLEL=0).
+QUEUE_SLOTS = "1000"
 UPSTREAM_LIFETIME = 1800.0       # seconds after which the fake model server stops in any case
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -773,7 +776,7 @@ class Gateway:
         """Starts the gateway and returns the seconds until GET /health answered 200."""
         self.port = free_port()
         env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama",
-                   OLLAMA_BASE_URL=f"http://{HOST}:{self.upstream_port}/v1")
+                   OLLAMA_BASE_URL=f"http://{HOST}:{self.upstream_port}/v1", OLLAMA_NUM_PARALLEL=QUEUE_SLOTS)
         command = [sys.executable, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
                    "--workers", "1", "--no-access-log", "--loop", self.loop, "--http", self.http]
         with open(self.log, "ab") as log:
