@@ -31,7 +31,7 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     GET  /v1/models/{id}        a model or an alias
     GET  /health                liveness, no upstream call
     GET  /ready                 200 when an upstream of DEFAULT_PROVIDER answers, else 503
-    GET  /metrics               Prometheus text format (no token with METRICS_PUBLIC=1)
+    GET  /metrics               Prometheus text format (an admin's token; none with METRICS_PUBLIC=1)
     OPTIONS <any route>         CORS preflight
 
     POST /v1/messages           Anthropic Messages, to Ollama's own /v1/messages (SSE with "stream": true)
@@ -377,7 +377,8 @@ def ollama_usage(head: bytes, end: bytes) -> Usage | None:
 
 class Route(NamedTuple):
     handlers: dict[str, str]  # method -> the Gateway method that answers it
-    access: str = "token"  # "token", "public" (no token, no limits), or "metrics" (public with METRICS_PUBLIC)
+    # "token", "public" (no token, no limits), or "metrics" (an admin's token; none with METRICS_PUBLIC)
+    access: str = "token"
     end: End = DONE  # how a whole stream of this route ends
     limited: bool = True  # counted against RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN
     screened: bool = True  # ALLOWED_IPS applies; liveness stays open to the local container healthcheck
@@ -459,11 +460,14 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request"),
     # Content-Length and Transfer-Encoding both: answered with `connection: close` (RFC 9112 §6.1).
     "ambiguous_framing": (400, "invalid_request_error", "ambiguous_framing"),
+    # Two different tokens in one request (Authorization twice, or with x-api-key): which one is meant is unclear.
+    "ambiguous_credentials": (400, "invalid_request_error", "ambiguous_credentials"),
     "provider_not_configured": (400, "invalid_request_error", "provider_not_configured"),
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
     # The client's address is not in ALLOWED_IPS: decided before the token is even looked at.
     "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),
-    # Ollama's pull, push, create, copy, delete and blobs, for a token not named in OLLAMA_ADMIN_TOKENS.
+    # Ollama's pull, push, create, copy, delete and blobs, and /metrics (unless METRICS_PUBLIC), for a token not
+    # named in OLLAMA_ADMIN_TOKENS.
     "admin_only": (403, "permission_error", "admin_only"),
     # TOKEN_MODELS: the model, an alias resolved, is outside the token's patterns. Nothing goes upstream.
     "model_not_allowed": (403, "permission_error", "model_not_allowed"),
@@ -1217,6 +1221,10 @@ def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ..
     """The name of the token the client sent, compared in constant time against every token; a
     GatewayError saying which of AUTH_FAILURES it was when there is none."""
     credentials, failure = presented(headers)
+    if len(set(credentials)) > 1:  # the same one twice is fine (Anthropic's SDKs may send both headers)
+        raise GatewayError("ambiguous_credentials", "The request carries two different tokens (two Authorization "
+                           "headers, or Authorization and x-api-key): send the gateway's token once.",
+                           detail="two different tokens")
     # Every credential is compared with every token, no early exit: the time taken does not tell which one
     # (nearly) matched.
     matches = [hmac.compare_digest(credential, expected) for credential in credentials for expected in tokens]
@@ -1226,14 +1234,23 @@ def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ..
                        detail="unknown token" if credentials else failure)
 
 
+# What a token not named in OLLAMA_ADMIN_TOKENS is told, by Route.access. /metrics names every app and the
+# models each used, those the asking token may not use too (issue 17, hole 6).
+ADMIN_ONLY = {
+    "token": "The token named {name!r} may not pull, push, create, copy or delete models: only the tokens named in "
+             "OLLAMA_ADMIN_TOKENS may.",
+    "metrics": "The token named {name!r} may not read /metrics: only the tokens named in OLLAMA_ADMIN_TOKENS may, "
+               "or anyone who can reach it when the gateway's owner sets METRICS_PUBLIC=1.",
+}
+
+
 def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None) -> None:
     """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
-    Ollama holds, and that token within its limits."""
+    Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its limits."""
     if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
         ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
-        if route.admin and name not in config.ollama_admin_tokens:
-            raise GatewayError("admin_only", f"The token named {name!r} may not pull, push, create, copy or "
-                               "delete models: only the tokens named in OLLAMA_ADMIN_TOKENS may.")
+        if (route.admin or route.access == "metrics") and name not in config.ollama_admin_tokens:
+            raise GatewayError("admin_only", ADMIN_ONLY[route.access].format(name=name))
         if limits is not None and route.limited:  # not /metrics: a scraper is not an app
             ex.holds_slot = limits.admit(ex.token)
 

@@ -557,6 +557,11 @@ def chat(app: Any, body: bytes = CHAT, headers: list | None = None, **kwargs: An
     return call(app, "POST", "/v1/chat/completions", body, headers, **kwargs)
 
 
+def scrape(app: Any) -> Awaitable[Answer]:
+    """GET /metrics as a Prometheus scraper without a token reads it (the gateway has METRICS_PUBLIC=1)."""
+    return call(app, "GET", "/metrics", headers=[])
+
+
 def assert_error(answer: Answer, status: int, type_: str, code: str | None = None) -> dict:
     """An OpenAI-shaped error: {"error": {"message", "type", "param", "code"}} with a useful message."""
     assert answer.status == status, (answer.status, answer.body)
@@ -1581,14 +1586,58 @@ async def test_a_wrong_token_tells_nothing_about_the_right_ones() -> None:
         assert secret not in message
 
 
-async def test_metrics_need_a_token_unless_public() -> None:
-    """/metrics wants a token like the API; METRICS_PUBLIC=1 opens it to a scraper without one."""
-    async with gateway() as app:
+async def test_metrics_need_an_admin_token_unless_public() -> None:
+    """Issue 17, hole 6: /metrics (every app's name, the models each used) wants a token named in
+    OLLAMA_ADMIN_TOKENS: none is a 401, any other token a 403 naming that setting and METRICS_PUBLIC, which
+    opens it to a scraper without one."""
+    async with gateway(**ADMIN_SETTINGS) as app:
         closed = await call(app, "GET", "/metrics", headers=[])
+        ordinary = await call(app, "GET", "/metrics", headers=AUTH)
+        admin = await call(app, "GET", "/metrics", headers=ADMIN_AUTH)
     async with gateway(METRICS_PUBLIC="1") as app:
         public = await call(app, "GET", "/metrics", headers=[])
     assert_error(closed, 401, "authentication_error")
-    assert public.status == 200 and b"# TYPE modelgate_requests_total counter" in public.body
+    message = assert_error(ordinary, 403, "permission_error", "admin_only")["message"]
+    assert "OLLAMA_ADMIN_TOKENS" in message and "METRICS_PUBLIC" in message and TOKEN not in message
+    for answer in (admin, public):
+        assert answer.status == 200 and b"# TYPE modelgate_requests_total counter" in answer.body
+    assert b"janitor" not in ordinary.body  # nothing of the other apps
+
+
+TWO_CREDENTIALS = [
+    # (the request's credential headers, refused): two different tokens are a 400 even when one is valid;
+    # the same token twice is what a client setting both headers sends.
+    ([(b"authorization", b"Bearer " + TOKEN.encode()), (b"authorization", b"Bearer " + OTHER_TOKEN.encode())], True),
+    ([(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-api-key", OTHER_TOKEN.encode())], True),
+    ([(b"x-api-key", b"not-a-token"), (b"authorization", b"Bearer " + TOKEN.encode())], True),
+    ([(b"authorization", b"Basic " + base64.b64encode(b"x:" + TOKEN.encode())), (b"x-api-key", OTHER_TOKEN.encode())],
+     True),
+    ([(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-api-key", TOKEN.encode())], False),
+    ([(b"authorization", b"Basic " + base64.b64encode(b"x:" + TOKEN.encode())),
+      (b"authorization", b"Bearer " + TOKEN.encode())], False),
+]
+
+
+@pytest.mark.parametrize("credentials, refused", TWO_CREDENTIALS)
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/api/chat", b'{"model": "m", "stream": false}'),
+                                        ("/v1/messages", b'{"model": "m", "max_tokens": 9, "messages": []}')])
+async def test_two_different_tokens_in_one_request_are_refused(credentials: list, refused: bool, path: str,
+                                                               body: bytes) -> None:
+    """Issue 17: two different credentials in one request are a 400 saying so, in the door's own shape, with
+    nothing sent upstream (which of them would name the app?); the same token sent twice is served."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+        answer = await call(app, "POST", path, body, credentials)
+    if not refused:  # (the fake Ollama has no /v1/chat/completions: what counts is that it was asked)
+        assert answer.status != 400 and len(up.requests) == 1
+        return
+    if path == "/api/chat":
+        message = assert_ollama_error(answer, 400)
+    elif path == "/v1/messages":
+        message = assert_anthropic_error(answer, 400, "invalid_request_error")
+    else:
+        message = assert_error(answer, 400, "invalid_request_error", "ambiguous_credentials")["message"]
+    assert "two different tokens" in message and TOKEN not in message and OTHER_TOKEN not in message
+    assert up.requests == []
 
 
 ###############################################################################
@@ -3691,7 +3740,7 @@ CLIENT_HEADERS = [
     (b"x-forwarded-host", b"evil.example"),
     (b"x-forwarded-proto", b"https"),
     (b"forwarded", b"for=203.0.113.7"),
-    (b"x-api-key", b"another-secret"),
+    (b"x-api-key", TOKEN.encode()),  # the token again, as a client that sets both headers sends it
     (b"accept-encoding", b"gzip, br"),
     (b"connection", b"keep-alive, x-custom-hop"),
     (b"x-custom-hop", b"1"),
@@ -3793,12 +3842,12 @@ def test_header_filter_drops_hop_by_hop_and_keeps_the_rest_in_order(headers: lis
 async def test_a_host_that_refuses_is_passed_over_and_tried_again_later() -> None:
     """Host 1 refuses: the request goes to host 2, and host 1 is skipped until its cool-down is over."""
     sock, url = unlistened()
-    async with upstream(json_reply()) as second, gateway(OLLAMA_BASE_URL=f"{url},{second.url}") as app:
+    async with upstream(json_reply()) as second, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=f"{url},{second.url}") as app:
         assert (await chat(app)).status == 200
         sock.listen(128)
         first = await FakeUpstream(json_reply()).start(sock=sock)
         assert (await chat(app)).status == 200  # host 1 listens again, but is cooling down
-        page = (await call(app, "GET", "/metrics")).body.decode()
+        page = (await scrape(app)).body.decode()
         app.upstreams["ollama"].hosts[0].down_until = 0.0  # as if HOST_COOLDOWN_SECONDS had passed
         assert (await chat(app)).status == 200
         first.server.close()
@@ -4026,7 +4075,7 @@ async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
 async def test_metrics_follow_the_text_format_and_count_what_happened() -> None:
     """GET /metrics is valid exposition format 0.0.4 and counts requests, latencies, errors, joins and limits."""
     async with upstream(json_reply(held=True)) as up, \
-            gateway(OLLAMA_BASE_URL=f"{up.url},{refused_url()}", RATE_LIMIT_RPM="5",
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=f"{up.url},{refused_url()}", RATE_LIMIT_RPM="5",
                     MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
         tasks = [asyncio.ensure_future(chat(app)) for _ in range(2)]
         await up.received(1)
@@ -4040,7 +4089,7 @@ async def test_metrics_follow_the_text_format_and_count_what_happened() -> None:
             await chat(app)
         up.reply = json_reply(404, raw=b'{"error": "model not found"}')
         await chat(app, headers=OTHER_AUTH)
-        answer = await call(app, "GET", "/metrics")
+        answer = await scrape(app)
     assert answer.status == 200 and answer.header(b"content-type") == b"text/plain; version=0.0.4; charset=utf-8"
     families = parse_exposition(answer.body.decode())
 
@@ -4094,10 +4143,10 @@ async def test_logs_and_metrics_show_the_token_name_never_the_token() -> None:
     """The log line and /metrics name the app (or the token's hash label); the token itself appears nowhere."""
     other = label(OTHER_TOKEN.encode())
     async with captured_log() as lines, upstream(json_reply()) as up, \
-            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"fluentread:{TOKEN},{OTHER_TOKEN}") as app:
         assert (await chat(app)).status == 200
         assert (await chat(app, headers=OTHER_AUTH)).status == 200
-        page = (await call(app, "GET", "/metrics")).body.decode()
+        page = (await scrape(app)).body.decode()
     posts = [line for line in lines if line.startswith("POST ")]
     assert " token=fluentread " in posts[0] and f" token={other} " in posts[1]
     assert 'token="fluentread"' in page and f'token="{other}"' in page
@@ -4159,7 +4208,7 @@ async def test_plain_answers_count_their_tokens_per_token_provider_and_model() -
     embedded = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
                 "model": "nomic-embed-text", "usage": {"prompt_tokens": 5, "total_tokens": 5}}
     async with captured_log() as lines, upstream(json_reply(document=answer_with_usage)) as up, \
-            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, COALESCE="off",
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, COALESCE="off",
                     MODEL_ALIASES="gpt-4o-mini=ollama/qwen2.5:7b") as app:
         await chat(app)
         await chat(app, SDK_CHAT)
@@ -4168,7 +4217,7 @@ async def test_plain_answers_count_their_tokens_per_token_provider_and_model() -
         await call(app, "POST", "/v1/embeddings", b'{"model":"ollama/nomic-embed-text","input":"hi"}')
         up.reply = json_reply()
         await chat(app)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert token_counts(page) == {
         ("fluentread", "ollama", "qwen2.5:7b", "prompt"): 22, ("fluentread", "ollama", "qwen2.5:7b", "completion"): 14,
         ("webui", "ollama", "qwen2.5:7b", "prompt"): 11, ("webui", "ollama", "qwen2.5:7b", "completion"): 7,
@@ -4183,9 +4232,9 @@ async def test_a_stream_whose_client_did_not_ask_is_counted_and_never_shows_it_t
     client receives the stream without the usage-only event, every other byte as the upstream sent it."""
     body = b'{"model":"ollama/qwen2.5:7b","stream":true,"messages":[]}'
     async with captured_log() as lines, upstream(ollama_stream()) as up, \
-            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
         answer = await chat(app, body)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert up.requests[0].body == body.replace(b'"ollama/', b'"')[:-1] + b',"stream_options":{"include_usage":true}}'
     assert answer.chunks == EVENTS and answer.complete
     assert token_counts(page) == {("fluentread", "ollama", "qwen2.5:7b", "prompt"): 12,
@@ -4210,9 +4259,9 @@ async def test_a_client_that_asked_for_usage_gets_it_as_before_and_others_are_as
     """stream_options with include_usage true is left alone and its usage event relayed; any other
     stream_options gets include_usage true and the client does not see the event. Counted either way."""
     body = b'{"model":"ollama/qwen2.5:7b","stream_options":%s,"stream":true}' % sent
-    async with upstream(ollama_stream()) as up, gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+    async with upstream(ollama_stream()) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
         answer = await chat(app, body)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert up.requests[0].body == body.replace(sent, forwarded).replace(b'"ollama/', b'"')
     assert answer.body == (WITH_USAGE if shown else SSE_PAYLOAD) and answer.complete
     assert token_counts(page)[("fluentread", "ollama", "qwen2.5:7b", "completion")] == 3
@@ -4227,9 +4276,9 @@ USAGE_CUTS = st.lists(st.integers(min_value=1, max_value=len(WITH_USAGE) - 1), m
 async def test_the_usage_event_is_hidden_however_the_upstream_splits_it(cuts: list[int]) -> None:
     """However the upstream's bytes are cut into chunks, a client that did not ask receives the stream without
     the usage-only event, byte for byte otherwise, and its tokens are counted."""
-    async with upstream(ollama_stream(cuts)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(ollama_stream(cuts)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         answer = await chat(app, STREAM_CHAT)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert answer.body == SSE_PAYLOAD and answer.complete
     assert sum(token_counts(page).values()) == 15
 
@@ -4239,9 +4288,9 @@ async def test_the_usage_event_is_hidden_whatever_its_line_ends(ends: list[bytes
     """With CRLF, LF, bare CR or mixed line ends, a client that did not ask receives the stream without the
     usage-only event, byte for byte otherwise, and its tokens are counted."""
     events = with_line_ends([*EVENTS[:-1], USAGE_EVENT, EVENTS[-1]], ends)
-    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply(events)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         answer = await chat(app, STREAM_CHAT)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert answer.body == b"".join(events[:3] + events[4:]) and answer.complete
     assert sum(token_counts(page).values()) == 15
 
@@ -4264,9 +4313,9 @@ async def test_legacy_completion_streams_are_asked_for_usage_too() -> None:
             b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}\n\n'
     last = b'data: {"id":"cmpl-1","object":"text_completion","choices":[],' \
            b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
-    async with upstream(sse_reply([chunk, last, b"data: [DONE]\n\n"])) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply([chunk, last, b"data: [DONE]\n\n"])) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         answer = await call(app, "POST", "/v1/completions", b'{"model":"ollama/m","prompt":"Hi","stream":true}')
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert up.requests[0].json()["stream_options"] == {"include_usage": True}
     assert answer.body == chunk + b"data: [DONE]\n\n"
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 4,
@@ -4282,11 +4331,11 @@ async def test_responses_usage_is_counted_from_the_last_event_and_nothing_is_add
               openai_event("response.completed", sequence_number=3, response={**BIG_RESPONSE, "usage": usage,
                                                                              "user": None, "metadata": {}})]
     body = b'{"model": "ollama/m", "input": "Hi", "stream": true}'
-    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply(events)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         answer = await call(app, "POST", "/v1/responses", body)
         up.reply = json_reply(document={**BIG_RESPONSE, "usage": usage})
         await call(app, "POST", "/v1/responses", b'{"model": "ollama/m", "input": "Hi"}')
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert up.requests[0].body == body.replace(b'"ollama/', b'"') and answer.chunks == events
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 18,
                                   (label(TOKEN.encode()), "ollama", "m", "completion"): 8}
@@ -4295,13 +4344,13 @@ async def test_responses_usage_is_counted_from_the_last_event_and_nothing_is_add
 async def test_requests_answered_once_count_their_tokens_once() -> None:
     """Identical requests joined into one upstream request (COALESCE) count the upstream's figures once."""
     answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
-    async with upstream(json_reply(document=answer_with_usage, held=True)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(document=answer_with_usage, held=True)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         tasks = [asyncio.ensure_future(chat(app)) for _ in range(3)]
         await up.received(1)
         await until(lambda: joined(app) == 2)
         up.release.set()
         await asyncio.gather(*tasks)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert len(up.requests) == 1
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "qwen2.5:7b", "prompt"): 11,
                                   (label(TOKEN.encode()), "ollama", "qwen2.5:7b", "completion"): 7}
@@ -4312,10 +4361,10 @@ async def test_model_names_cannot_grow_the_token_series_without_end() -> None:
     and provider, tokens are counted as model="other", none lost."""
     answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
     spellings = modelgate.MAX_MODEL_SERIES + 5
-    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         for number in range(spellings):
             await chat(app, b'{"model":"ollama/qwen2.5:%d"}' % number)
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     counts = token_counts(page)
     assert len({model for _, _, model, _ in counts}) == modelgate.MAX_MODEL_SERIES + 1
     assert counts[(label(TOKEN.encode()), "ollama", "other", "completion")] == 2 * 5
@@ -4325,7 +4374,7 @@ async def test_model_names_cannot_grow_the_token_series_without_end() -> None:
 async def test_ollamas_own_api_and_anthropic_messages_count_their_tokens() -> None:
     """The native API's prompt_eval_count and eval_count (on a stream's last line, or the whole answer), and
     Anthropic's usage (message_start's input_tokens, message_delta's output_tokens), as the upstream said."""
-    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
+    async with upstream(fake_ollama) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS) as app:
         for path in ("/api/chat", "/api/generate"):
             assert (await native(app, path, {"model": "qwen2.5:7b"})).status == 200  # streamed
             assert (await native(app, path, {"model": "qwen2.5:7b", "stream": False})).status == 200
@@ -4333,7 +4382,7 @@ async def test_ollamas_own_api_and_anthropic_messages_count_their_tokens() -> No
         for stream in (True, False):
             body = json.dumps({"model": "qwen2.5:7b", "max_tokens": 9, "stream": stream, "messages": []}).encode()
             assert (await messages(app, body, [*AUTH, (b"anthropic-version", b"2023-06-01")])).status == 200
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert token_counts(page) == {
         ("fluentread", "ollama", "qwen2.5:7b", "prompt"): 4 * FINAL["prompt_eval_count"] + 2 * 12,
         ("fluentread", "ollama", "qwen2.5:7b", "completion"): 4 * FINAL["eval_count"] + 2 * 2,
@@ -4349,9 +4398,9 @@ async def test_ollamas_anthropic_stream_is_counted_from_its_message_delta() -> N
                                   "usage": {"input_tokens": 13, "output_tokens": 4}})
     events = [start, *MESSAGE_EVENTS[1:5], delta, MESSAGE_EVENTS[-1]]
     body = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
-    async with upstream(sse_reply(events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply(events)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         assert (await messages(app, body, AUTH)).chunks == events
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 13,
                                   (label(TOKEN.encode()), "ollama", "m", "completion"): 4}
 
@@ -4390,9 +4439,9 @@ async def test_a_large_plain_answer_relayed_as_it_arrives_is_counted_too() -> No
     vectors = {"object": "list", "data": [{"object": "embedding", "index": 0,
                                            "embedding": [0.125] * (modelgate.RELAY_HOLD_BYTES // 5)}],
                "model": "nomic-embed-text", "usage": {"prompt_tokens": 7, "total_tokens": 7}}
-    async with upstream(json_reply(document=vectors)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(document=vectors)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         answer = await call(app, "POST", "/v1/embeddings", b'{"model":"ollama/nomic-embed-text","input":"hi"}')
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert answer.status == 200 and len(answer.body) > modelgate.RELAY_HOLD_BYTES and answer.json() == vectors
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "nomic-embed-text", "prompt"): 7}
 
@@ -4421,10 +4470,10 @@ async def test_the_worked_example_of_env_example_does_what_it_says(tmp_path: Any
     assert modelgate.read_settings(str(tmp_path), read).warnings == ()
     assert set(read) == {"MODELGATE_TOKEN", "MODEL_ALIASES", "TOKEN_MODELS", "MODEL_DEFAULTS"}
     answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 38, "completion_tokens": 12, "total_tokens": 50}}
-    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(OLLAMA_BASE_URL=up.url, **read) as app:
+    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, **read) as app:
         translated = await chat(app, FLUENTREAD)
         refused = await chat(app, b'{"model":"ollama/llama3.1:8b","messages":[]}')
-        page = (await call(app, "GET", "/metrics")).body
+        page = (await scrape(app)).body
     assert translated.status == 200 and len(up.requests) == 1
     assert up.requests[0].body == FLUENTREAD.replace(b'"gpt-4.1-mini"', b'"qwen3:8b"')[:-1] + \
         b',"reasoning_effort":"none"}'
@@ -5731,7 +5780,8 @@ CREDENTIALS = [
     ([(b"authorization", basic(b"u", TOKEN.encode() + b"x"))], 401),
     ([(b"x-api-key", b"wrong-key")], 401),
     ([(b"x-api-key", b"")], 401),
-    ([(b"authorization", b"Bearer wrong"), (b"x-api-key", TOKEN.encode())], 200),
+    ([(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-api-key", TOKEN.encode())], 200),  # the same twice
+    ([(b"authorization", b"Bearer wrong"), (b"x-api-key", TOKEN.encode())], 400),  # two different ones (issue 17)
 ]
 
 
@@ -5813,7 +5863,7 @@ async def test_native_plain_requests_coalesce_and_are_logged_and_counted_by_rout
     under its route in /metrics, never with a token or a body."""
     body = {"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content": "Hallo"}], "stream": False}
     async with captured_log() as lines, upstream(json_reply(document=merged(CHAT_LINES), held=True)) as up, \
-            gateway(OLLAMA_BASE_URL=up.url) as app:
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
         tasks = [asyncio.ensure_future(native(app, "/api/chat", body)) for _ in range(3)]
         await up.received(1)
         await until(lambda: joined(app) == 2)
@@ -5821,7 +5871,7 @@ async def test_native_plain_requests_coalesce_and_are_logged_and_counted_by_rout
         answers = await asyncio.gather(*tasks)
         up.reply = fake_ollama
         await messages(app, b'{"model": "m", "max_tokens": 9, "messages": []}')
-        page = (await call(app, "GET", "/metrics")).body.decode()
+        page = (await scrape(app)).body.decode()
     assert [a.status for a in answers] == [200] * 3 and len(up.requests) == 2
     posts = [line for line in lines if line.startswith("POST ")]
     assert sum(line.startswith("POST /api/chat 200 ollama ollama/qwen2.5:7b ") for line in posts) == 3
