@@ -2795,10 +2795,24 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
 # SSE event ends at a blank line and a line at CRLF, LF or CR, mixed as they come (the SSE specification,
 # html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream): so every blank line holds
 # LF LF, CR CR or LF CR, and one that ends in CR runs on over an LF that follows. An NDJSON record is a line.
+# Blank lines are found from the start in a chunk (SSE_BLANK), and from the end in what is kept of a stream
+# (blank_end: rfind, for the regular expression would look at every byte of it).
 SSE_BLANK = re.compile(rb"\n\n|\r\r\n?|\n\r\n?")
 SSE_LINE = re.compile(rb"\r\n|\r|\n")
-NDJSON_LINE = re.compile(rb"\n")
 SSE_ENDS = (b"\n\n", b"\n\r\n", b"\r\r\n")  # blank lines that nothing after them can run on
+
+
+def blank_end(data: bytes | bytearray, end: int) -> int:
+    """Where the last blank line in data[:end] ends; -1 if there is none."""
+    at = -1
+    for pair in (b"\n\n", b"\r\r", b"\n\r"):  # each looked for after the last found: not through all of it
+        at = max(at, data.rfind(pair, at + 1, end))
+    return -1 if at < 0 else at + 3 if data[at + 1:at + 3] == b"\r\n" else at + 2
+
+
+def line_end(data: bytes | bytearray, end: int) -> int:
+    at = data.rfind(b"\n", 0, end)
+    return -1 if at < 0 else at + 1
 
 # How much of a stream's end is kept, to judge whether it is whole and to read the tokens it used: OpenAI's
 # usage event with its token details is about 500 bytes, and a Responses stream's last event carries its
@@ -2846,17 +2860,14 @@ class Frames:
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
         self.end, self.reader, self.own_error = route.end, route.usage, dialect.own_error
         sse = dialect.stream_type == b"text/event-stream"
-        self.blank, self.fields = (SSE_BLANK, event_fields) if sse else (NDJSON_LINE, line_fields)
-        self.first = b""  # the stream's first TAIL_BYTES: Anthropic's usage starts there
+        self.blank_end, self.fields = (blank_end, event_fields) if sse else (line_end, line_fields)
+        self.first = b""  # the stream's first TAIL_BYTES, once `kept` moves on: Anthropic's usage starts there
         self.kept = bytearray()  # the upstream's last TAIL_BYTES at least, twice as many at most
-        self.start: int | None = 0  # where in `kept` the record it begins inside began; None: before it
-        self.head = b""  # the first HEAD_BYTES of that record, when it began before `kept`
+        self.head: bytes | None = None  # the first HEAD_BYTES of the record `kept` begins inside; None: no such
         self.held: bytes | None = b"" if hides_usage else None  # the start of an event that may be the usage event
 
     def feed(self, chunk: bytes) -> bytes:
         """What of the upstream's bytes so far goes to the client now."""
-        if len(self.first) < TAIL_BYTES:
-            self.first += chunk[:TAIL_BYTES - len(self.first)]
         self.kept += chunk
         if len(self.kept) > 2 * TAIL_BYTES:
             self.trim()
@@ -2868,26 +2879,24 @@ class Frames:
         return self.without_usage(held) if EMPTY_CHOICES.search(held) else held
 
     def trim(self) -> None:
-        cut, start = len(self.kept) - TAIL_BYTES, self.start
-        for match in self.blank.finditer(self.kept):
-            if match.end() > cut:
-                cut = min(cut, match.start())  # never inside a blank line
-                break
-            start = match.end()
-        if start is not None and start < cut:
-            self.head = bytes(self.kept[start:start + HEAD_BYTES])
-        self.start = 0 if start == cut else None
+        cut, self.first = len(self.kept) - TAIL_BYTES, self.first or bytes(self.kept[:TAIL_BYTES])
+        while self.kept[cut - 1] in b"\r\n":  # never inside a blank line
+            cut -= 1
+        start = self.blank_end(self.kept, cut)
+        if start >= 0 or self.head is None:  # else it began before what was kept, whose start we have
+            self.head = bytes(self.kept[max(start, 0):max(start, 0) + HEAD_BYTES])
         del self.kept[:cut]
 
     def last(self) -> tuple[bytes, bytes]:
         """The last record that is not blank: (b"", all of it) if it began in the last TAIL_BYTES, else (its
         first HEAD_BYTES, the last TAIL_BYTES)."""
-        kept, start = bytes(self.kept).rstrip(b" \t\r\n"), self.start
-        for match in self.blank.finditer(kept):
-            start = match.end()
-        if start is not None and start >= len(kept) - TAIL_BYTES:
+        kept = bytes(self.kept).rstrip(b" \t\r\n")
+        start = self.blank_end(kept, len(kept))
+        if start < 0 and self.head is None:  # the first record
+            start = 0
+        if start >= 0 and len(kept) - start <= TAIL_BYTES:
             return b"", kept[start:]
-        return self.head if start is None else kept[start:start + HEAD_BYTES], kept[-TAIL_BYTES:]
+        return self.head if start < 0 else kept[start:start + HEAD_BYTES], kept[-TAIL_BYTES:]
 
     def whole(self) -> bool:
         """Whether the stream ended as its route's streams end, or with the upstream's own error."""
@@ -2907,7 +2916,7 @@ class Frames:
         return any(type(value) is type(v) and value == v for v in values) or self.own_error(document)
 
     def usage(self) -> Usage | None:
-        return self.reader(self.first, bytes(self.kept[-TAIL_BYTES:]))
+        return self.reader(self.first or bytes(self.kept[:TAIL_BYTES]), bytes(self.kept[-TAIL_BYTES:]))
 
     def hide(self, chunk: bytes) -> bytes:
         """The chunk without the usage event that ModelGate, not its client, asked for (OpenAI: its "choices
@@ -2917,8 +2926,7 @@ class Frames:
         cannot use part of an event anyway. Every other byte passes as it came."""
         data, self.held = self.held + chunk, b""
         if not data.endswith(SSE_ENDS):  # it ends inside an event, or in a blank line that may run on
-            ends = SSE_BLANK.finditer(data, 0, len(data) - data.endswith(b"\r"))
-            cut = max((match.end() for match in ends), default=0)
+            cut = max(blank_end(data, len(data) - data.endswith(b"\r")), 0)
             if len(data) - cut <= MAX_HELD and may_be_usage(data[cut:]):
                 data, self.held = data[:cut], data[cut:]
         return self.without_usage(data) if EMPTY_CHOICES.search(data) else data
