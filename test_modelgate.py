@@ -2799,7 +2799,7 @@ async def test_turns_go_by_token_shares_and_in_order_within_a_token(shares: str,
 async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None:
     """It is taken out of the queue: nothing of it reaches Ollama, the next request gets the slot, and its log
     line says 499 and how long it waited."""
-    async with captured_log() as log, scheduled() as (ollama, up, app):
+    async with captured_log() as log, scheduled(METRICS_PUBLIC="1") as (ollama, up, app):
         running = send_all(app, [(asking("running"), AUTH)])
         await ollama.has_started(1)
         gone = asyncio.Event()
@@ -2814,7 +2814,7 @@ async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None
         await ollama.finish(1)
         await ollama.finish(2)
         await asyncio.gather(*running, *after)
-        page = (await call(app, "GET", "/metrics")).body.decode()
+        page = (await scrape(app)).body.decode()
     assert marks(up.requests) == ["running", "after"]
     assert re.search(r" queued_ms=\d+ ", line)
     assert f'modelgate_queued{{token="fluentread"}} 0' in page and 'modelgate_queued{token="webui"} 0' in page
@@ -3005,10 +3005,10 @@ async def test_each_ollama_host_has_its_own_slots() -> None:
 
 async def test_the_queue_shows_on_metrics_while_requests_wait() -> None:
     """modelgate_queued counts what waits now, per token name."""
-    async with scheduled() as (ollama, up, app):
+    async with scheduled(METRICS_PUBLIC="1") as (ollama, up, app):
         sent = send_all(app, [(asking("running"), AUTH), (asking("a"), AUTH), (asking("b"), OTHER_AUTH)])
         await waiting(app, 2)
-        page = parse_exposition((await call(app, "GET", "/metrics")).body.decode())
+        page = parse_exposition((await scrape(app)).body.decode())
         for number in range(1, 4):
             await ollama.finish(number)
         await asyncio.gather(*sent)
