@@ -579,6 +579,8 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         # Spaces, tabs and the CR of a .env saved on Windows; not str.strip()'s control characters.
         # A variable set to nothing (NAME= in .env) means its default.
         text = environ.get(setting.name, "").strip(" \t\r\n") or setting.default
+        if setting.kind in NAME_KINDS:
+            no_control_characters(setting.name, text)
         values[setting.field] = PARSERS[setting.kind](setting.name, text)
     values["tokens"], values["token_names"] = values["tokens"]
     check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
@@ -588,6 +590,21 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
     return Config(**values)
+
+
+# The kinds of setting that hold URLs, hosts and names (MODEL_DEFAULTS' patterns too: check_model_pattern).
+# They end up in request lines, headers and log lines, where a control character forges what follows it: a
+# newline in OLLAMA_BASE_URL, which urlsplit drops without a word, was sent as a path of its own and logged
+# as two lines (issue 16). Unicode's line and paragraph separators end a line for str.splitlines too.
+NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes"})
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def no_control_characters(name: str, value: str) -> None:
+    found = CONTROL_CHARACTER.search(value)
+    if found:  # where and which, never the value: it may hold a token or a password
+        raise ConfigError(f"{name} holds a control character ({found.group()!r}, character {found.start() + 1}), "
+                          "which no URL, host or name may hold: retype the value on one line")
 
 
 TOKEN_HELP = 'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
@@ -880,6 +897,7 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
 
 
 def check_model_pattern(name: str, pattern: str) -> None:
+    no_control_characters(name, pattern)  # MODEL_DEFAULTS' patterns may be written with JSON escapes
     # Patterns are matched against provider/name: one that starts otherwise (`qwen*`) could never match.
     if not pattern.startswith(tuple(f"{p}/" for p in PROVIDERS) + ("*", "?", "[")):
         raise ConfigError(f"{name}: the pattern {pattern!r} never matches: patterns are matched against "

@@ -1193,6 +1193,57 @@ def test_bad_config_names_the_variable(settings_: dict, variable: str) -> None:
     assert variable in message and "\n" not in message
 
 
+# Issue 16: every setting that holds URLs, hosts or names, with a value that is good but for a control
+# character where ^ is: (variable, value, the settings that make the rest of it valid).
+NAME_SETTINGS = [
+    ("MODELGATE_TOKEN", f"app:{TOKEN},ot^her:{OTHER_TOKEN}", {}),
+    ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v^1", {}),
+    ("OPENAI_BASE_URL", "https://api.openai.com/v^1", {}),
+    ("OLLAMA_ADMIN_TOKENS", "adm^in", {"MODELGATE_TOKEN": f"admin:{TOKEN}"}),
+    ("CORS_ALLOW_ORIGINS", "https://app.exam^ple", {}),
+    ("HOST", "127.0.0^.1", {}),
+    ("TLS_CERT_FILE", "/etc/modelgate/ce^rt.pem", {"TLS_KEY_FILE": "/etc/modelgate/key.pem"}),
+    ("TLS_KEY_FILE", "/etc/modelgate/k^ey.pem", {"TLS_CERT_FILE": "/etc/modelgate/cert.pem"}),
+    ("MODEL_ALIASES", "gpt-4o-mini=ollama/qwen^2.5:7b", {}),
+    ("TOKEN_MODELS", "app=ollama/qwen^*", {"MODELGATE_TOKEN": f"app:{TOKEN}"}),
+    # One JSON object: the character is in a pattern, written as JSON escapes it.
+    ("MODEL_DEFAULTS", '{"ollama/qwen^*": {"temperature": 0}}', {}),
+    ("MODEL_OVERRIDES", '{"ollama/qwen^*": {"temperature": 0}}', {}),
+]
+# What the others hold: numbers, flags, choices, keys and networks, each read by a parser of its own.
+NOT_NAME_SETTINGS = {"DEFAULT_PROVIDER", "OLLAMA_API_KEY", "OPENAI_API_KEY", "TIMEOUT_SECONDS",
+                     "CONNECT_TIMEOUT_SECONDS", "CLIENT_TIMEOUT_SECONDS", "MAX_BODY_BYTES", "RATE_LIMIT_RPM",
+                     "MAX_CONCURRENT_PER_TOKEN", "ALLOWED_IPS", "TRUSTED_PROXIES", "COALESCE", "METRICS_PUBLIC",
+                     "LOG_FORMAT", "SHUTDOWN_GRACE_SECONDS", "PORT"}
+# C0 controls (a line break copied along, an escape sequence), DEL, C1 (NEL, which str.strip() drops) and
+# Unicode's line separator (a line end to str.splitlines()).
+CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028"]
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS, ids=[repr(c) for c in CONTROL_CHARACTERS])
+@pytest.mark.parametrize("variable, value, others", NAME_SETTINGS, ids=[row[0] for row in NAME_SETTINGS])
+def test_a_setting_that_holds_urls_hosts_or_names_refuses_control_characters(
+        variable: str, value: str, others: dict[str, str], character: str) -> None:
+    """Issue 16: a control character in a URL, host or name setting stops start-up with one line naming the
+    variable (OLLAMA_BASE_URL with a newline was accepted, logged as two lines and sent as a forged path)."""
+    escaped = json.dumps(character)[1:-1] if variable.startswith("MODEL_") and value.startswith("{") else character
+    settings_ = {"MODELGATE_TOKEN": f"app:{TOKEN}", "OPENAI_API_KEY": "sk-test", **others,
+                 variable: value.replace("^", escaped)}
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config(settings_)
+    message = str(failure.value)
+    assert message.startswith(variable) and "control character" in message and "\n" not in message, message
+    assert not CONTROL_CHARACTER.search(message)
+
+
+def test_every_setting_is_known_to_hold_names_or_not() -> None:
+    """Each setting is in one of the two lists above, so that a new one that holds a URL, a host or a name is
+    tested for control characters too."""
+    named = [row[0] for row in NAME_SETTINGS]
+    assert sorted(named + sorted(NOT_NAME_SETTINGS)) == sorted(setting.name for setting in modelgate.SETTINGS)
+
+
 # Base URLs that are wrong and hold a secret where a password, a token or a key goes; each is refused with a
 # message that shows the URL with the secret replaced.
 SECRET_URLS = [
