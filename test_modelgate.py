@@ -1214,7 +1214,7 @@ NAME_SETTINGS = [
 NOT_NAME_SETTINGS = {"DEFAULT_PROVIDER", "OLLAMA_API_KEY", "OPENAI_API_KEY", "TIMEOUT_SECONDS",
                      "CONNECT_TIMEOUT_SECONDS", "CLIENT_TIMEOUT_SECONDS", "MAX_BODY_BYTES", "RATE_LIMIT_RPM",
                      "MAX_CONCURRENT_PER_TOKEN", "ALLOWED_IPS", "TRUSTED_PROXIES", "COALESCE", "METRICS_PUBLIC",
-                     "LOG_FORMAT", "SHUTDOWN_GRACE_SECONDS", "PORT"}
+                     "LOG_FORMAT", "SHUTDOWN_GRACE_SECONDS", "PORT", "OLLAMA_NUM_PARALLEL"}
 # C0 controls (a line break copied along, an escape sequence), DEL, C1 (NEL, which str.strip() drops) and
 # Unicode's line separator (a line end to str.splitlines()).
 CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028"]
