@@ -1209,12 +1209,14 @@ NAME_SETTINGS = [
     # One JSON object: the character is in a pattern, written as JSON escapes it.
     ("MODEL_DEFAULTS", '{"ollama/qwen^*": {"temperature": 0}}', {}),
     ("MODEL_OVERRIDES", '{"ollama/qwen^*": {"temperature": 0}}', {}),
+    ("TOKEN_SHARES", "app=2,ot^her=1", {"MODELGATE_TOKEN": f"app:{TOKEN},other:{OTHER_TOKEN}"}),
 ]
 # What the others hold: numbers, flags, choices, keys and networks, each read by a parser of its own.
 NOT_NAME_SETTINGS = {"DEFAULT_PROVIDER", "OLLAMA_API_KEY", "OPENAI_API_KEY", "TIMEOUT_SECONDS",
                      "CONNECT_TIMEOUT_SECONDS", "CLIENT_TIMEOUT_SECONDS", "MAX_BODY_BYTES", "RATE_LIMIT_RPM",
                      "MAX_CONCURRENT_PER_TOKEN", "ALLOWED_IPS", "TRUSTED_PROXIES", "COALESCE", "METRICS_PUBLIC",
-                     "LOG_FORMAT", "SHUTDOWN_GRACE_SECONDS", "PORT", "OLLAMA_NUM_PARALLEL"}
+                     "LOG_FORMAT", "SHUTDOWN_GRACE_SECONDS", "PORT", "OLLAMA_NUM_PARALLEL",
+                     "QUEUE_TIMEOUT_SECONDS"}
 # C0 controls (a line break copied along, an escape sequence), DEL, C1 (NEL, which str.strip() drops) and
 # Unicode's line separator (a line end to str.splitlines()).
 CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028"]
