@@ -11,6 +11,7 @@ httpcore) installed:
     python bench_modelgate.py --floor          # the relay floor (below) in place of the gateway
     python bench_modelgate.py --alternate 3    # gateway, floor, gateway, floor, ...: three rounds of both
     python bench_modelgate.py --markdown docs/benchmark.md   # also write the figures as a markdown table
+    python bench_modelgate.py --sharing        # apps sharing one model: ModelGate's queue (below)
 
 It starts a fake OpenAI-compatible model server (a plain asyncio protocol with canned answers and
 keep-alive connections) and the gateway (`uvicorn modelgate:app`, one worker) in front of it. The fake
@@ -51,6 +52,16 @@ does not stay from one invocation to the next.
 
 --markdown FILE writes the figures, the date, the machine (CPU model, cores) and the versions of Python,
 uvicorn, httpcore and h11 as markdown tables to FILE; with --alternate, also the two ratios per round.
+
+--sharing measures ModelGate's queue (OLLAMA_NUM_PARALLEL, TOKEN_SHARES) against a fake Ollama that schedules as
+Ollama does: one request per model at a time, the others first come first served, each streamed for 100 ms.
+  late_stream  one token sends 40 streams at once, a second token one stream 0.5 s later, straight to the fake
+               Ollama and through ModelGate: the late stream's time to first byte, in service times (direct it
+               waits for the whole flood), and the flood's total time through ModelGate against direct.
+  shares       two tokens each send 24 streams at once, with TOKEN_SHARES 1:1 and 3:1: their turns (streams
+               begun at the fake Ollama) while both still wait, and their ratio against the shares.
+  queue_cost   chat_c64 and the gateway's CPU per request against the ordinary fake server, with the queue on
+               but never full (OLLAMA_NUM_PARALLEL=1000) and off (0), alternated, three rounds: the medians.
 
 The script asserts no figure: it prints them. It exits with status 1 when something fails to run: the
 gateway does not start, a response is not a 2xx, a body or stream is incomplete or malformed (such errors
@@ -766,17 +777,20 @@ def start_upstream(chunks: int, stack: contextlib.ExitStack) -> int:
 class Gateway:
     """`uvicorn APP` (GATEWAY_APP or FLOOR_APP), one worker, on CPU `cpu` when given."""
 
-    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path, app: str):
+    def __init__(self, upstream_port: int, loop: str, http: str, cpu: int | None, log: Path, app: str,
+                 settings: dict[str, str] | None = None):
         self.upstream_port, self.loop, self.http, self.cpu, self.log = upstream_port, loop, http, cpu, log
         self.app = app
+        self.settings = settings or {}  # the gateway's settings beyond the token and the upstream
         self.port = 0
         self.process: subprocess.Popen | None = None
 
     def start(self) -> float:
         """Starts the gateway and returns the seconds until GET /health answered 200."""
         self.port = free_port()
-        env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama",
-                   OLLAMA_BASE_URL=f"http://{HOST}:{self.upstream_port}/v1", OLLAMA_NUM_PARALLEL=QUEUE_SLOTS)
+        env = {**os.environ, "MODELGATE_TOKEN": TOKEN, "DEFAULT_PROVIDER": "ollama",
+               "OLLAMA_BASE_URL": f"http://{HOST}:{self.upstream_port}/v1", "OLLAMA_NUM_PARALLEL": QUEUE_SLOTS,
+               **self.settings}
         command = [sys.executable, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
                    "--workers", "1", "--no-access-log", "--loop", self.loop, "--http", self.http]
         with open(self.log, "ab") as log:
@@ -1273,6 +1287,202 @@ def progress(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Apps sharing one model (--sharing): ModelGate's queue
+# ---------------------------------------------------------------------------------------------------
+
+SERVICE_SECONDS = 0.100          # each request to the scheduled fake Ollama streams this long
+SERVICE_EVENTS = 5               # events per such stream, the first at once, `data: [DONE]` after the last
+FLOOD = 40                       # streams the flooding token sends at once
+LATE_AFTER = 0.5                 # seconds after the flood the late token sends its one stream
+SHARE_FLOOD = 24                 # streams each of two tokens sends at once in the shares scenario
+QUEUE_COST_ROUNDS = 3
+SHARING_TOKENS = {"flood": "bench-token-flood", "late": "bench-token-late"}
+
+
+class ScheduledOllama:
+    """A fake Ollama that schedules as Ollama does with OLLAMA_NUM_PARALLEL=1 (server/sched.go): one request
+    per model at a time, the others first come first served (asyncio.Lock wakes its waiters in order). Each
+    request is an event stream of SERVICE_SECONDS; `served` lists the `user` of each request as it begins."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.served: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+                body = json.loads(await reader.readexactly(length))
+                async with self.locks.setdefault(body["model"], asyncio.Lock()):
+                    self.served.append(body.get("user", ""))
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    for index in range(SERVICE_EVENTS):
+                        if index:
+                            await asyncio.sleep(SERVICE_SECONDS / (SERVICE_EVENTS - 1))
+                        event = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+                        writer.write(http_chunk(event))
+                        await writer.drain()
+                    writer.write(http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Ends what still runs on the loop (the fake Ollama's idle connections), then closes it."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
+
+
+def sharing_request(token: str, user: str) -> bytes:
+    data = json.dumps({**STREAM_BODY, "user": user}).encode()
+    return (f"POST {CHAT_PATH} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def timed_stream(port: int, request: bytes, start: float) -> tuple[float, float]:
+    """One stream on a new connection: seconds from `start` to its first body bytes and to its end."""
+    first: list[float] = []
+    parser = ResponseParser(lambda piece: first or first.append(time.perf_counter()))
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(request)
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), RESPONSE_TIMEOUT + FLOOD * SERVICE_SECONDS)
+            if not data:
+                raise BenchError("a sharing stream was closed before it was complete")
+            if parser.feed(data):
+                if parser.status != 200:
+                    raise BenchError(f"a sharing stream was answered {parser.status}")
+                return first[0] - start, time.perf_counter() - start
+    finally:
+        writer.close()
+
+
+async def late_stream(port: int) -> dict:
+    """One stream alone (one request's service time, as this machine serves it), then FLOOD streams of one
+    token at once and one of another token LATE_AFTER later."""
+    _, service = await timed_stream(port, sharing_request(SHARING_TOKENS["late"], "alone"), time.perf_counter())
+    start = time.perf_counter()
+    flood = [asyncio.ensure_future(timed_stream(port, sharing_request(SHARING_TOKENS["flood"], f"flood-{n}"),
+                                                start)) for n in range(FLOOD)]
+    await asyncio.sleep(LATE_AFTER)
+    late_start = time.perf_counter()
+    late_ttfb, _ = await timed_stream(port, sharing_request(SHARING_TOKENS["late"], "late"), late_start)
+    ends = [end for _, end in await asyncio.gather(*flood)]
+    return {"service_s": service, "late_ttfb_s": late_ttfb, "flood_total_s": max(ends)}
+
+
+async def shares_turns(port: int, served: list[str]) -> dict:
+    """SHARE_FLOOD streams of each of two tokens at once; the turns each had while both still waited."""
+    del served[:]
+    await asyncio.gather(*(timed_stream(port, sharing_request(SHARING_TOKENS[name], f"{name}-{n}"),
+                                        time.perf_counter())
+                           for n in range(SHARE_FLOOD) for name in ("flood", "late")))
+    order = [user.split("-")[0] for user in served]
+    # While both wait: up to the turn in which one of them begins its last stream.
+    last = min(max(i for i, name in enumerate(order) if name == each) for each in ("flood", "late"))
+    turns = Counter(order[:last + 1])
+    return {"turns_flood": turns["flood"], "turns_late": turns["late"],
+            "ratio": turns["flood"] / max(turns["late"], 1)}
+
+
+def sharing(args: argparse.Namespace) -> int:
+    """--sharing: the late stream behind a flood and the turns by shares (both against ScheduledOllama),
+    and the queue's own cost; prints a report (and with --markdown FILE writes it there)."""
+    settings = QUICK if args.quick else FULL
+    plan = cpu_plan()
+    if plan:
+        os.sched_setaffinity(0, {plan[1]})
+    tokens = ",".join(f"{name}:{token}" for name, token in {"bench": TOKEN, **SHARING_TOKENS}.items())
+    results: dict = {}
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_modelgate-")))
+        loop = asyncio.new_event_loop()
+        stack.callback(close_loop, loop)
+        ollama = ScheduledOllama()
+        server = loop.run_until_complete(asyncio.start_server(ollama.handle, HOST, 0, backlog=1024))
+        ollama_port = server.sockets[0].getsockname()[1]
+
+        def gateway(upstream_port: int, name: str, **settings_: str) -> Gateway:
+            each = Gateway(upstream_port, args.loop, args.http, plan[0] if plan else None, workdir / f"{name}.log",
+                           GATEWAY_APP, {"MODELGATE_TOKEN": tokens, **settings_})
+            stack.callback(each.stop)
+            return each
+
+        progress("late_stream direct ...")
+        results["late_stream"] = {"direct": loop.run_until_complete(late_stream(ollama_port))}
+        queued = gateway(ollama_port, "queued", OLLAMA_NUM_PARALLEL="1")
+        queued.start()
+        progress("late_stream through ModelGate ...")
+        results["late_stream"]["gateway"] = loop.run_until_complete(late_stream(queued.port))
+        queued.stop()
+        results["shares"] = {}
+        for shares, weight in (("", 1), ("flood=3", 3)):
+            progress(f"shares {weight}:1 ...")
+            each = gateway(ollama_port, f"shares-{weight}", OLLAMA_NUM_PARALLEL="1", TOKEN_SHARES=shares)
+            each.start()
+            results["shares"][f"{weight}:1"] = {**loop.run_until_complete(shares_turns(each.port, ollama.served)),
+                                                "shares": weight}
+            each.stop()
+        server.close()
+        upstream_port = start_upstream(settings.chunks, stack)
+        wrk = None if args.no_wrk else shutil.which("wrk")
+        rounds_: dict[str, list] = {"on": [], "off": []}
+        for round_ in range(QUEUE_COST_ROUNDS):
+            for state, slots in (("on", QUEUE_SLOTS), ("off", "0")):
+                progress(f"queue_cost round {round_ + 1}, queue {state} ...")
+                each = gateway(upstream_port, f"cost-{state}", OLLAMA_NUM_PARALLEL=slots)
+                each.start()
+                bench = Bench(settings, each, upstream_port, wrk, workdir)
+                rounds_[state].append(bench.throughput("chat_c64", "chat", CHAT_PATH, CHAT_BODY)["gateway"])
+                each.stop()
+                if bench.errors:
+                    raise BenchError(f"queue_cost: {dict(bench.errors)}")
+        results["queue_cost"] = {state: {key: median([r[key] for r in runs]) for key in runs[0]}
+                                 for state, runs in rounds_.items()}
+    report = sharing_report(results)
+    print("\n".join(report))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(report) + "\n")
+    return 0
+
+
+def sharing_report(results: dict) -> list[str]:
+    late = results["late_stream"]
+    on, off = results["queue_cost"]["on"], results["queue_cost"]["off"]
+    lines = ["| scenario | figure | direct | ModelGate |", "|---|---|---|---|"]
+    direct, gateway = late["direct"], late["gateway"]
+    lines.append(f"| `late_stream` | one request's service time (a stream alone) | {num(direct['service_s'])} s | "
+                 f"{num(gateway['service_s'])} s |")
+    lines.append(f"| `late_stream` | late stream's time to first byte | {num(direct['late_ttfb_s'])} s "
+                 f"({num(direct['late_ttfb_s'] / direct['service_s'])} service times) | "
+                 f"{num(gateway['late_ttfb_s'])} s ({num(gateway['late_ttfb_s'] / direct['service_s'])} service "
+                 "times) |")
+    lines.append(f"| `late_stream` | flood's total time | {num(late['direct']['flood_total_s'])} s | "
+                 f"{num(late['gateway']['flood_total_s'])} s "
+                 f"({num(ratio(late['gateway']['flood_total_s'], late['direct']['flood_total_s']))} times direct) |")
+    for name, each in results["shares"].items():
+        off_by = 100 * abs(each["ratio"] / each["shares"] - 1)
+        lines.append(f"| `shares` {name} | turns while both wait | - | {each['turns_flood']} : {each['turns_late']} "
+                     f"= {num(each['ratio'])} ({num(off_by)} % from {name}) |")
+    rate = 100 * (ratio(on["requests_per_s"], off["requests_per_s"]) - 1)
+    lines.append(f"| `queue_cost` | `chat_c64` requests/s, queue on / off | - | {num(on['requests_per_s'])} / "
+                 f"{num(off['requests_per_s'])} ({num(rate)} %) |")
+    lines.append(f"| `queue_cost` | CPU per request, queue on / off | - | {num(on['cpu_ms_per_request'])} / "
+                 f"{num(off['cpu_ms_per_request'])} ms "
+                 f"({num(100 * (ratio(on['cpu_ms_per_request'], off['cpu_ms_per_request']) - 1))} %) |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------
 
@@ -1292,6 +1502,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--alternate", type=int, default=0, metavar="N",
                         help="measure ModelGate and the relay floor one after the other, N rounds, and compare them")
     parser.add_argument("--markdown", metavar="FILE", help="also write the figures as markdown tables to FILE")
+    parser.add_argument("--sharing", action="store_true",
+                        help="apps sharing one model: ModelGate's queue against a fake Ollama that schedules as "
+                             "Ollama does")
     parser.add_argument("--serve-upstream", nargs=3, type=int, metavar=("FD", "CHUNKS", "INTERVAL_MS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1360,7 +1573,7 @@ def main() -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        return run(args)
+        return sharing(args) if args.sharing else run(args)
     except BenchError as exc:
         print(f"bench_modelgate: {exc}", file=sys.stderr)
         return 1
