@@ -1347,11 +1347,13 @@ def sharing_request(token: str, user: str) -> bytes:
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
 
 
-async def timed_stream(port: int, request: bytes, start: float) -> tuple[float, float]:
-    """One stream on a new connection: seconds from `start` to its first body bytes and to its end."""
+async def timed_stream(port: int, request: bytes, start: float,
+                       connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+                       ) -> tuple[float, float]:
+    """One stream on `connection` or a new one: seconds from `start` to its first body bytes and to its end."""
     first: list[float] = []
     parser = ResponseParser(lambda piece: first or first.append(time.perf_counter()))
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = connection or await asyncio.open_connection(HOST, port)
     try:
         writer.write(request)
         while True:
@@ -1366,13 +1368,19 @@ async def timed_stream(port: int, request: bytes, start: float) -> tuple[float, 
         writer.close()
 
 
+async def connected(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` connections, opened before any request is sent, so that the requests arrive together."""
+    return list(await asyncio.gather(*(asyncio.open_connection(HOST, port) for _ in range(count))))
+
+
 async def late_stream(port: int) -> dict:
     """One stream alone (one request's service time, as this machine serves it), then FLOOD streams of one
     token at once and one of another token LATE_AFTER later."""
     _, service = await timed_stream(port, sharing_request(SHARING_TOKENS["late"], "alone"), time.perf_counter())
+    connections = await connected(port, FLOOD)
     start = time.perf_counter()
     flood = [asyncio.ensure_future(timed_stream(port, sharing_request(SHARING_TOKENS["flood"], f"flood-{n}"),
-                                                start)) for n in range(FLOOD)]
+                                                start, connection)) for n, connection in enumerate(connections)]
     await asyncio.sleep(LATE_AFTER)
     late_start = time.perf_counter()
     late_ttfb, _ = await timed_stream(port, sharing_request(SHARING_TOKENS["late"], "late"), late_start)
@@ -1383,8 +1391,10 @@ async def late_stream(port: int) -> dict:
 async def shares_turns(port: int, served: list[str]) -> dict:
     """SHARE_FLOOD streams of each of two tokens at once; the turns each had while both still waited."""
     del served[:]
-    await asyncio.gather(*(timed_stream(port, sharing_request(SHARING_TOKENS[name], f"{name}-{n}"),
-                                        time.perf_counter())
+    connections = iter(await connected(port, 2 * SHARE_FLOOD))
+    start = time.perf_counter()
+    await asyncio.gather(*(timed_stream(port, sharing_request(SHARING_TOKENS[name], f"{name}-{n}"), start,
+                                        next(connections))
                            for n in range(SHARE_FLOOD) for name in ("flood", "late")))
     order = [user.split("-")[0] for user in served]
     # While both wait: up to the turn in which one of them begins its last stream.
@@ -1436,12 +1446,13 @@ def sharing(args: argparse.Namespace) -> int:
         upstream_port = start_upstream(settings.chunks, stack)
         wrk = None if args.no_wrk else shutil.which("wrk")
         rounds_: dict[str, list] = {"on": [], "off": []}
+        direct: dict = {}  # the fake server alone, measured once
         for round_ in range(QUEUE_COST_ROUNDS):
             for state, slots in (("on", QUEUE_SLOTS), ("off", "0")):
                 progress(f"queue_cost round {round_ + 1}, queue {state} ...")
                 each = gateway(upstream_port, f"cost-{state}", OLLAMA_NUM_PARALLEL=slots)
                 each.start()
-                bench = Bench(settings, each, upstream_port, wrk, workdir)
+                bench = Bench(settings, each, upstream_port, wrk, workdir, direct)
                 rounds_[state].append(bench.throughput("chat_c64", "chat", CHAT_PATH, CHAT_BODY)["gateway"])
                 each.stop()
                 if bench.errors:

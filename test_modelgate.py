@@ -3056,6 +3056,49 @@ async def test_each_ollama_host_has_its_own_slots() -> None:
     assert all(a.status == 200 for a in answers)
 
 
+async def test_time_waiting_in_the_queue_does_not_count_against_timeout_seconds() -> None:
+    """A request that waits longer than TIMEOUT_SECONDS for its turn is sent then, and answered: the timeout is
+    for the upstream's next bytes, from when it is sent. (What runs meanwhile streams an event at a time; a
+    request for another model, which Ollama leaves silent, says when TIMEOUT_SECONDS have passed: its 504.)"""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        asked = request.json()["messages"][0]["content"]
+        if asked == "silent":
+            return await up.hold(reader)
+        if asked == "waited":
+            return await json_reply()(up, request, reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        while (event := await events.get()) is not None:
+            writer.write(chunked(event))
+        writer.write(chunked(EVENTS[-1]) + b"0\r\n\r\n")
+        await writer.drain()
+
+    def body(text: str, model: str = "qwen2.5:7b", stream: bool = False) -> bytes:
+        return json.dumps({"model": model, "messages": [{"content": text}], "stream": stream}).encode()
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=TIMEOUT_AFTER_SENDING) as app:
+        arrived = asyncio.Event()
+        running = asyncio.ensure_future(chat(app, body("running", stream=True),
+                                             on_message=lambda m: m.get("body") and arrived.set()))
+        await up.received(1)
+        waited = asyncio.ensure_future(chat(app, body("waited")))
+        await waiting(app, 1)
+        silent = asyncio.ensure_future(chat(app, body("silent", model="llama3.1:8b")))
+        while not silent.done():  # the running stream sends an event whenever the last one has arrived
+            arrived.clear()
+            await events.put(EVENTS[0])
+            got = asyncio.ensure_future(arrived.wait())
+            await asyncio.wait([silent, got], return_when=asyncio.FIRST_COMPLETED)
+            got.cancel()
+        await events.put(None)
+        answers = await asyncio.gather(running, waited, silent)
+    assert_error(answers[2], 504, "api_error", "upstream_timeout")
+    assert answers[0].complete and answers[1].status == 200
+    assert float(answers[1].header(b"server-timing").split(b"=")[1]) > 1000 * float(TIMEOUT_AFTER_SENDING)
+
+
 async def test_the_queue_shows_on_metrics_while_requests_wait() -> None:
     """modelgate_queued counts what waits now, per token name."""
     async with scheduled(METRICS_PUBLIC="1") as (ollama, up, app):
