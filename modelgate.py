@@ -2080,12 +2080,16 @@ class Gateway:
         if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
             return await relay(self, ex, upstream, path, body, stream, shared)
         ex.host = upstream.by_preference()[0]  # the host Upstream.send would choose now
-        since = time.perf_counter()
-        try:
-            ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
-        finally:
-            ex.queued = time.perf_counter() - since
-            observe(self.metrics.queue_waits, (ex.token,), ex.queued, QUEUE_BUCKETS)
+        ticket = queue.take(ex.token, ex.host, ex.upstream_model)
+        if ticket is None:
+            since = time.perf_counter()
+            try:
+                ticket = await queue.wait_turn(ex.token, ex.host, ex.upstream_model, len(body))
+            finally:
+                ex.queued = time.perf_counter() - since
+                observe(self.metrics.queue_waits, (ex.token,), ex.queued, QUEUE_BUCKETS)
+        else:
+            observe(self.metrics.queue_waits, (ex.token,), 0.0, QUEUE_BUCKETS)
         try:
             return await relay(self, ex, upstream, path, body, stream, shared)
         finally:
@@ -2507,9 +2511,9 @@ class Ticket(NamedTuple):
 class Queue:
     """OLLAMA_NUM_PARALLEL slots per Ollama host and model, and the requests that wait for one, in turns.
 
-    turn() returns a Ticket at once while a slot is free, else when the request's turn comes; it raises
-    GatewayError queue_full, queue_timeout or shutting_down, and when the waiting task is cancelled (the
-    client left) the request leaves the queue. release() gives the slot to the next turn. Slots and names
+    take() returns a Ticket while a slot is free, else None; then wait_turn() returns one when the request's
+    turn comes, or raises GatewayError queue_full, queue_timeout or shutting_down, and when the waiting task is
+    cancelled (the client left) the request leaves the queue. release() gives the slot to the next turn. Slots and names
     with nothing waiting or running are forgotten, so that the clients' model names cannot make it grow.
     """
 
@@ -2525,17 +2529,29 @@ class Queue:
         self.closed = False
         self.metrics = metrics
 
-    async def turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
+    def take(self, token: str, host: Host, model: str) -> Ticket | None:
+        """A slot at once while one is free (no task switch: the cost of the queue when it is not full)."""
         key = (host, model_key(model))
+        slots = self.slots.get(key)
+        if slots is None or slots.running < self.parallel:
+            return self.start(key, *self.share(key, token))
+        return None
+
+    def share(self, key: tuple, token: str) -> tuple[Slots, Share]:
         slots = self.slots.get(key)
         if slots is None:
             slots = self.slots[key] = Slots()
         share = slots.shares.get(token)
         if share is None:
-            now = self.clock()
-            share = slots.shares[token] = Share(token, self.weights.get(token, 1.0),
-                                                min((s.had(now) for s in slots.shares.values()), default=0.0))
-        if slots.running < self.parallel:  # then nothing waits here either
+            shares = slots.shares
+            since = min(s.had(self.clock()) for s in shares.values()) if shares else 0.0
+            share = shares[token] = Share(token, self.weights.get(token, 1.0), since)
+        return slots, share
+
+    async def wait_turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
+        key = (host, model_key(model))
+        slots, share = self.share(key, token)
+        if slots.running < self.parallel:
             return self.start(key, slots, share)
         try:
             self.check_room(size)
