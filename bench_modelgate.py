@@ -12,6 +12,9 @@ httpcore) installed:
     python bench_modelgate.py --alternate 3    # gateway, floor, gateway, floor, ...: three rounds of both
     python bench_modelgate.py --markdown docs/benchmark.md   # also write the figures as a markdown table
     python bench_modelgate.py --sharing        # apps sharing one model: ModelGate's queue (below)
+    python bench_modelgate.py --instructions   # instructions per request and per chunk, under callgrind
+    python bench_modelgate.py --instructions --env 'OLLAMA_NUM_PARALLEL=64' --env 'USAGE_DB=/tmp/u.db'
+    python bench_modelgate.py --path --verbose # the functions of modelgate.py a request enters, in order
 
 It starts a fake OpenAI-compatible model server (a plain asyncio protocol with canned answers and
 keep-alive connections) and the gateway (`uvicorn modelgate:app`, one worker) in front of it. The fake
@@ -40,6 +43,9 @@ gateway / direct of the figure named beside it):
   cold_start   from starting the gateway process until GET /health answers 200: median of 5 starts.
   memory       the gateway's resident memory (VmRSS) once started and idle, and its peak during
                stream_c200 (sampled every 50 ms).
+  instructions (--instructions) per plain request and per relayed chunk: ModelGate, the relay floor, and
+               ModelGate / floor; with --env, each variant and its difference from ModelGate's default.
+  path         (--path) definitions, long_jumps, backwards: as described below.
 
 --floor measures, in place of the gateway, the least any gateway on ModelGate's libraries can cost: uvicorn
 serving an app that relays every request through ModelGate's upstream pool and httpcore's HTTP/1.1 connection
@@ -63,6 +69,41 @@ Ollama does: one request per model at a time, the others first come first served
   queue_cost   chat_c64 and the gateway's CPU per request against the ordinary fake server, with the queue on
                but never full (OLLAMA_NUM_PARALLEL=1000) and off (0), alternated, three rounds: the medians.
 
+--instructions counts under callgrind (valgrind's; `apt-get install valgrind`) the instructions the process
+under test executes: per plain `/v1/chat/completions` request, and per relayed chunk (streams of 50 content
+chunks minus streams of 1, per chunk of difference), for ModelGate and for the relay floor, each in a
+process of its own after a warm-up (20 requests, 4 streams of each length). Unlike the figures above, these
+do not move with the machine's load: two runs agree within 1 %. The fake model server and the client run in
+this process, outside the count. How the counted parts are cut out of the process's life:
+  - The process is uvicorn as the load runs start it (`uvicorn APP`, not `python modelgate.py`, so that
+    ModelGate and the floor run on the same server settings), started by serve_counted(). On SIGUSR1 it
+    calls math.lgamma, before which callgrind writes its counts so far (--dump-before), collects all
+    garbage, calls it again (that part, the collection's, is not used) and answers on a pipe. Each counted
+    part starts with the collector at zero.
+  - The signal is sent once the process is idle (waiting in epoll_wait, no CPU time for 50 ms, per /proc):
+    what a request does after its response has left (the log line, metrics) counts with it.
+  - Per request: (the part with 50 requests - a part with none) / 50; the marking's own cost cancels out.
+    Per chunk: (4 streams of 50 chunks - 4 streams of 1) / (4 x 49). --quick counts 10 requests and 2
+    streams of 10 chunks, after a warm-up of 5 requests and 2 streams of each length.
+  - In the counted process, timers run 1000 times slower (loop.call_later): what they start is not a
+    request's own work (uvicorn's tick ten times a second, ModelGate's client listener 50 ms into a request,
+    the expiry of idle connections), and under callgrind, which runs the process dozens of times slower,
+    it would fall into requests by chance. The fake server sends each event of a stream when the client
+    has received the one before, so each reaches the gateway on its own however slowly it runs.
+    PYTHONHASHSEED is 0.
+--env 'NAME=VALUE ...' counts ModelGate once more with these settings added (once for each --env) and
+gives each against the default. --keep-callgrind DIR keeps callgrind's files for `callgrind_annotate
+--inclusive=yes`: NAME.callgrind.out.N, N = 3 the plain requests, 5 none, 7 the long streams, 9 the short
+ones. With --markdown FILE the figures, the date, the commit and the versions become FILE's section
+"Instructions (callgrind)"; the rest of FILE is kept (and a load run's --markdown keeps that section).
+
+--path follows one plain request as a reader does (issue 16): it runs `python modelgate.py` with
+sys.setprofile recording the first entry into each function of modelgate.py (each code object, so
+comprehensions too), from Gateway.__call__ to the log line of the first plain `/v1/chat/completions`
+request after start, and prints how many definitions were entered, how many of the steps between
+successive ones jump more than 300 lines (by the definitions' first lines), and how many of those jump
+backwards. --verbose lists them, name:line, in the order entered.
+
 The script asserts no figure: it prints them. It exits with status 1 when something fails to run: the
 gateway does not start, a response is not a 2xx, a body or stream is incomplete or malformed (such errors
 are counted and printed).
@@ -79,6 +120,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -253,7 +295,7 @@ class FakeUpstream(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None   # set while a stream is being sent
+        self.timer: asyncio.TimerHandle | asyncio.Future | None = None   # set while a stream is being sent
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -291,11 +333,11 @@ class FakeUpstream(asyncio.Protocol):
                 self.transport.write(BAD_REQUEST)
                 return
             if request.get("stream") is True:
-                self.start_stream()
+                self.start_stream(request)
                 return
         self.transport.write(self.answers.get((method, path), NOT_FOUND))
 
-    def start_stream(self) -> None:
+    def start_stream(self, request: dict) -> None:
         """Writes the head and the first event at once, then each further event `interval` later."""
         self.transport.write(self.stream[0])
         self.send_event(1)
@@ -303,10 +345,14 @@ class FakeUpstream(asyncio.Protocol):
     def send_event(self, index: int) -> None:
         self.transport.write(self.stream[index])
         if index + 1 < len(self.stream):
-            self.timer = self.loop.call_later(self.interval, self.send_event, index + 1)
+            self.timer = self.next_event(index + 1)
         else:
             self.timer = None
             self.answer_requests()
+
+    def next_event(self, index: int) -> asyncio.TimerHandle | asyncio.Future:
+        """Schedules event `index` of the stream being sent; what it returns is cancelled if the connection closes."""
+        return self.loop.call_later(self.interval, self.send_event, index)
 
 
 def serve_upstream(fd: int, chunks: int, interval_ms: int) -> None:
@@ -1023,6 +1069,398 @@ def cold_start(gateway: Gateway) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Instructions under callgrind (--instructions) and the reader's path (--path)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Counting:
+    """How much --instructions counts: plain requests, and streams of a long and of a short length."""
+    warmup: int          # plain requests before anything is counted (and `streams` streams of each length)
+    requests: int        # plain requests counted
+    streams: int         # streams of each length counted
+    chunks: int          # content events of a long stream; a short one has 1
+
+
+COUNT_FULL = Counting(warmup=20, requests=50, streams=4, chunks=50)
+COUNT_QUICK = Counting(warmup=5, requests=10, streams=2, chunks=10)
+
+# math.lgamma is the marker: callgrind writes the counts so far each time its C function is entered
+# (--dump-before), and neither the gateway nor the floor call it otherwise (checked: one dump per marker).
+MARKER = "math_lgamma"
+COUNT_START_TIMEOUT = 600.0      # seconds the gateway may take to answer /health under callgrind
+SETTLE_INTERVAL = 0.05           # seconds without CPU time, waiting in epoll_wait, that mean idle
+# In the counted and traced processes, timers (loop.call_later) wait this many times longer than asked.
+TIMER_DILATION = 1000
+PATH_LONG_JUMP = 300             # lines between two definitions that make a long jump for a reader
+
+
+def slow_timers() -> None:
+    """Makes asyncio's timers TIMER_DILATION times slower in this process, so that what they start does not
+    depend on how slowly callgrind or a profiler runs it: uvicorn's tick ten times a second, ModelGate's
+    listener that starts 50 ms into a request, idle connections dropped after seconds. None of it is a
+    request's own work; a request that takes half a millisecond meets none of it."""
+    call_later = asyncio.BaseEventLoop.call_later
+
+    def slow_call_later(self, delay, callback, *args, context=None):
+        return call_later(self, delay * TIMER_DILATION, callback, *args, context=context)
+
+    asyncio.BaseEventLoop.call_later = slow_call_later
+
+
+def serve_counted(ack_fd: int, listen_fd: int, app: str, loop: str, http: str) -> None:
+    """The process callgrind counts: uvicorn serving `app` as `uvicorn APP --workers 1 --no-access-log` does,
+    on the listening socket `listen_fd` (bound by the benchmark: no other process can take its port while
+    callgrind starts this one). On SIGUSR1 it marks the end of what has been counted (callgrind writes the
+    counts), collects all garbage and marks again (that dump is the collection's own), then writes a byte to
+    `ack_fd`: each counted part starts with the collector's counts at zero."""
+    import gc
+    import uvicorn
+
+    def mark(signum, frame) -> None:
+        math.lgamma(1.0)
+        gc.collect()
+        math.lgamma(1.0)
+        os.write(ack_fd, b".")
+
+    signal.signal(signal.SIGUSR1, mark)
+    slow_timers()
+    config = uvicorn.Config(app, workers=1, access_log=False, loop=loop, http=http)
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=listen_fd)])
+
+
+def serve_traced(out_fd: int) -> None:
+    """`python modelgate.py` as deployed, with its settings from the environment. On SIGUSR1 it starts to
+    record, from the next entry into Gateway.__call__ on, the first entry into each function of modelgate.py;
+    on SIGUSR2 it writes what it recorded to `out_fd` as one JSON line: [qualified name, first line], in the
+    order they were entered. (It writes "." to `out_fd` once armed.)"""
+    import runpy
+    module = str(REPO / "modelgate.py")
+    entered: dict = {}                 # code object -> None, in the order of first entry
+    state = {"armed": False, "on": False}
+
+    def profile(frame, event, arg) -> None:
+        if event != "call" or frame.f_code.co_filename != module:
+            return
+        code = frame.f_code
+        if not state["on"]:
+            if not (state["armed"] and code.co_qualname == "Gateway.__call__"):
+                return
+            state["on"] = True
+        entered.setdefault(code, None)
+
+    def arm(signum, frame) -> None:
+        entered.clear()
+        state.update(armed=True, on=False)
+        os.write(out_fd, b".")
+
+    def write(signum, frame) -> None:
+        record = [[code.co_qualname, code.co_firstlineno] for code in entered]
+        os.write(out_fd, json.dumps(record).encode() + b"\n")
+        state.update(armed=False, on=False)
+
+    signal.signal(signal.SIGUSR1, arm)
+    signal.signal(signal.SIGUSR2, write)
+    slow_timers()
+    sys.argv = [module]
+    sys.setprofile(profile)
+    runpy.run_path(module, run_name="__main__")
+
+
+class LockstepUpstream(FakeUpstream):
+    """The fake model server of --instructions and --path, in the benchmark's own process. A streamed answer
+    has `max_tokens` content events, then the stop event and `data: [DONE]`; each event is sent when the
+    client has received the one before (a future in `turns`), never on a timer: so each reaches the gateway
+    on its own, however slowly the gateway runs."""
+
+    def __init__(self, answers: dict[tuple[bytes, bytes], bytes], turns: list[asyncio.Future]):
+        super().__init__(answers, [], 0.0)
+        self.turns = turns
+
+    def start_stream(self, request: dict) -> None:
+        self.stream = stream_writes(request.get("max_tokens", 1) + 2)
+        super().start_stream(request)
+
+    def next_event(self, index: int) -> asyncio.Future:
+        turn = self.loop.create_future()
+        turn.add_done_callback(lambda done: done.cancelled() or self.send_event(index))
+        self.turns.append(turn)
+        return turn
+
+
+class Client:
+    """One keep-alive connection; one request at a time, checked in full. After each SSE event it receives,
+    it lets the lockstep upstream send the next one."""
+
+    def __init__(self, port: int, turns: list[asyncio.Future]):
+        self.port = port
+        self.turns = turns
+        self.numbers = itertools.count()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def plain(self) -> None:
+        await self.exchange("chat", CHAT_BODY, 0)
+
+    async def stream(self, chunks: int) -> None:
+        """A stream of `chunks` content events (the stop event and `data: [DONE]` follow them)."""
+        await self.exchange("stream", {**STREAM_BODY, "max_tokens": chunks}, chunks + 2)
+
+    async def exchange(self, kind: str, body: dict, events: int) -> None:
+        # Bodies of one length: a request differs from the one before only in its "user" (no coalescing).
+        request = request_bytes(CHAT_PATH, {**body, "user": f"bench-{next(self.numbers):06d}"})
+        pieces: list[bytes] = []
+        pending = bytearray()
+
+        def on_body(piece: bytes) -> None:
+            pieces.append(piece)
+            pending.extend(piece)
+            while (end := pending.find(b"\n\n")) >= 0:
+                del pending[:end + 2]
+                if self.turns:
+                    self.turns.pop(0).set_result(None)
+
+        parser = ResponseParser(on_body)
+        self.writer.write(request)
+        while True:
+            data = await asyncio.wait_for(self.reader.read(65536), RESPONSE_TIMEOUT * 10)
+            if not data:
+                raise BenchError("the gateway closed the connection before the response was complete")
+            if parser.feed(data):
+                break
+        body_bytes = b"".join(pieces)
+        error = body_error(kind, body_bytes, events) if 200 <= parser.status < 300 else f"HTTP {parser.status}"
+        if error:
+            raise BenchError(f"{kind} request: {error}")
+
+
+def run_nanoseconds(pid: int) -> int:
+    """CPU time a process's threads have run so far (schedstat), or its CPU ticks where that is missing."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir())
+    except (OSError, ValueError):
+        return round(cpu_seconds(pid) * 1e9)
+
+
+def waiting_in_epoll(pid: int) -> bool:
+    """Whether the process's main thread sleeps in epoll_wait: its event loop waits for something to do.
+    (A kernel that hides wchan leaves only the sleeping state to go by.)"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return False
+    return state == "S" and (wchan in ("", "0") or "epoll" in wchan)
+
+
+def settle(pid: int) -> None:
+    """Returns once the process has used no CPU for SETTLE_INTERVAL and waits in epoll_wait: a response that
+    has reached the client may still be followed by its log line, metrics, and the return of connections."""
+    before = -1
+    deadline = time.monotonic() + COUNT_START_TIMEOUT
+    while time.monotonic() < deadline:
+        now = run_nanoseconds(pid)
+        if now == before and waiting_in_epoll(pid):
+            return
+        before = now
+        time.sleep(SETTLE_INTERVAL)
+    raise BenchError(f"process {pid} did not settle within {COUNT_START_TIMEOUT:.0f} s")
+
+
+async def signal_and_wait(process: subprocess.Popen, signum: int, reader: int, end: bytes = b".") -> bytes:
+    """Waits until the process is idle, sends it `signum` and returns what it writes back, up to `end`."""
+    await asyncio.to_thread(settle, process.pid)
+    process.send_signal(signum)
+    answer = b""
+    while not answer.endswith(end):
+        data = await asyncio.wait_for(asyncio.to_thread(os.read, reader, 1 << 20), COUNT_START_TIMEOUT)
+        if not data:
+            raise BenchError(f"the counted process exited with status {process.wait()}")
+        answer += data
+    return answer
+
+
+async def wait_answering(process: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + COUNT_START_TIMEOUT
+    while not await asyncio.to_thread(health_ok, port):
+        if process.poll() is not None:
+            raise BenchError(f"the process under test exited with status {process.returncode}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"no answer to GET /health within {COUNT_START_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.2)
+
+
+async def first_health(process: subprocess.Popen, port: int) -> None:
+    """GET /health once, on a connection that waits in the backlog of the socket the benchmark bound until the
+    process serves: polling would leave a varying number of requests in the counted process's past."""
+    try:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), COUNT_START_TIMEOUT)
+        writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        answer = f"{type(exc).__name__}: {exc}".encode()
+    if not answer.startswith(b"HTTP/1.1 200"):
+        status = "running" if process.poll() is None else f"exited with status {process.returncode}"
+        raise BenchError(f"GET /health was not answered 200 ({status}): {answer[:100]!r}")
+
+
+def part_totals(directory: Path, name: str) -> list[int]:
+    """The instructions of each part callgrind dumped to directory/name.1, .2, ..., in order."""
+    parts = sorted((path for path in directory.glob(f"{name}.*") if path.suffix[1:].isdigit()),
+                   key=lambda path: int(path.suffix[1:]))
+    totals = []
+    for path in parts:
+        with path.open() as dump:
+            totals.append(next(int(line.split()[1]) for line in dump if line.startswith("summary:")))
+    return totals
+
+
+async def count_instructions(app: str, extra_env: dict[str, str], counting: Counting, args: argparse.Namespace,
+                             directory: Path, name: str) -> dict:
+    """Instructions per plain request and per relayed chunk of `app` under callgrind (see the docstring)."""
+    loop = asyncio.get_running_loop()
+    turns: list[asyncio.Future] = []
+    upstream = await loop.create_server(lambda: LockstepUpstream(canned_responses(), turns), HOST, 0)
+    upstream_port = upstream.sockets[0].getsockname()[1]
+    env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama", PYTHONHASHSEED="0",
+               OLLAMA_BASE_URL=f"http://{HOST}:{upstream_port}/v1", **extra_env)
+    ack_read, ack_write = os.pipe()
+    with socket.socket() as listener, open(directory / f"{name}.log", "ab") as log:
+        listener.bind((HOST, 0))
+        listener.listen(2048)
+        port = listener.getsockname()[1]
+        command = ["valgrind", "--tool=callgrind", "--quiet", f"--dump-before={MARKER}",
+                   f"--callgrind-out-file={directory / name}.callgrind.out", sys.executable, "-c",
+                   "import sys, bench_modelgate as b; "
+                   "b.serve_counted(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])",
+                   str(ack_write), str(listener.fileno()), app, args.loop, args.http]
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=log, pass_fds=[ack_write, listener.fileno()])
+    os.close(ack_write)
+    client = Client(port, turns)
+    try:
+        await first_health(process, port)
+        await client.open()
+        long_, short = counting.chunks, 1
+        for _ in range(counting.warmup):
+            await client.plain()
+        for _ in range(counting.streams):
+            await client.stream(long_)
+            await client.stream(short)
+        await signal_and_wait(process, signal.SIGUSR1, ack_read)      # the start, the warm-up: not counted
+        for _ in range(counting.requests):
+            await client.plain()
+        await signal_and_wait(process, signal.SIGUSR1, ack_read)
+        await signal_and_wait(process, signal.SIGUSR1, ack_read)      # nothing: the cost of marking itself
+        for _ in range(counting.streams):
+            await client.stream(long_)
+        await signal_and_wait(process, signal.SIGUSR1, ack_read)
+        for _ in range(counting.streams):
+            await client.stream(short)
+        await signal_and_wait(process, signal.SIGUSR1, ack_read)
+    finally:
+        if client.writer:
+            client.close()
+        process.kill()
+        process.wait()
+        os.close(ack_read)
+        upstream.close()
+    totals = part_totals(directory, f"{name}.callgrind.out")[0::2]        # every other part is a garbage collection's
+    if len(totals) != 5:
+        raise BenchError(f"callgrind wrote {len(totals)} counted parts instead of 5: is {MARKER} called elsewhere?")
+    _, plain, nothing, long_streams, short_streams = totals
+    return {"plain_request": round((plain - nothing) / counting.requests),
+            "chunk": round((long_streams - short_streams) / (counting.streams * (long_ - short)))}
+
+
+def env_assignments(text: str) -> dict[str, str]:
+    """`NAME=VALUE NAME=VALUE` (shell quoting) as a dict."""
+    pairs = [word.partition("=") for word in shlex.split(text)]
+    if not pairs or any(not name or not equals for name, equals, _ in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, separated by spaces: {text!r}")
+    return {name: value for name, _, value in pairs}
+
+
+def instructions(args: argparse.Namespace) -> dict:
+    """--instructions: ModelGate, ModelGate with each --env, and the relay floor, each in a process of its own."""
+    if shutil.which("valgrind") is None:
+        raise BenchError("valgrind is not installed (Debian, Ubuntu: apt-get install valgrind)")
+    counting = COUNT_QUICK if args.quick else COUNT_FULL
+    targets = [("gateway", GATEWAY_APP, {})]
+    targets += [(" ".join(f"{k}={v}" for k, v in env.items()), GATEWAY_APP, env) for env in args.env]
+    targets.append(("floor", FLOOR_APP, {}))
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="bench_modelgate-") as scratch:
+        directory = Path(args.keep_callgrind or scratch)
+        directory.mkdir(parents=True, exist_ok=True)
+        for number, (label, app, env) in enumerate(targets, 1):
+            progress(f"counting instructions: {label} ...")
+            name = label if label in ("gateway", "floor") else f"variant{number - 1}"
+            try:
+                figures[label] = asyncio.run(count_instructions(app, env, counting, args, directory, name))
+            except BenchError:
+                progress(f"last lines of its stderr:\n" + "\n".join(
+                    (directory / f"{name}.log").read_text(errors="replace").splitlines()[-20:]))
+                raise
+    result = {"gateway": figures.pop("gateway"), "floor": figures.pop("floor")}
+    if figures:
+        result["variants"] = figures
+    return result
+
+
+def path_figures(record: list[list]) -> dict:
+    """Definitions opened, jumps of more than PATH_LONG_JUMP lines between successive ones, backwards ones."""
+    lines = [line for _, line in record]
+    jumps = [later - earlier for earlier, later in zip(lines, lines[1:]) if abs(later - earlier) > PATH_LONG_JUMP]
+    return {"definitions": len(record), "long_jumps": len(jumps), "backwards": sum(jump < 0 for jump in jumps),
+            "path": [f"{name}:{line}" for name, line in record]}
+
+
+async def trace_path(args: argparse.Namespace, directory: Path) -> dict:
+    """--path: the functions of modelgate.py the first plain request enters, under `python modelgate.py`."""
+    loop = asyncio.get_running_loop()
+    turns: list[asyncio.Future] = []
+    upstream = await loop.create_server(lambda: LockstepUpstream(canned_responses(), turns), HOST, 0)
+    port = free_port()
+    env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama", HOST=HOST, PORT=str(port),
+               OLLAMA_BASE_URL=f"http://{HOST}:{upstream.sockets[0].getsockname()[1]}/v1")
+    for each in args.env:
+        env.update(each)
+    out_read, out_write = os.pipe()
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve-traced", str(out_write)]
+    with open(directory / "traced.log", "ab") as log:   # in an empty directory: no .env is read
+        process = subprocess.Popen(command, cwd=directory, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=log, pass_fds=[out_write])
+    os.close(out_write)
+    client = Client(port, turns)
+    try:
+        await wait_answering(process, port)
+        await client.open()
+        await signal_and_wait(process, signal.SIGUSR1, out_read)
+        await client.plain()
+        record = json.loads(await signal_and_wait(process, signal.SIGUSR2, out_read, b"\n"))
+    except BenchError:
+        progress("last lines of its stderr:\n" + "\n".join(
+            (directory / "traced.log").read_text(errors="replace").splitlines()[-20:]))
+        raise
+    finally:
+        if client.writer:
+            client.close()
+        process.kill()
+        process.wait()
+        os.close(out_read)
+        upstream.close()
+    return path_figures(record)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
 
@@ -1494,6 +1932,124 @@ def sharing_report(results: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Report of --instructions and --path
+# ---------------------------------------------------------------------------------------------------
+
+INSTRUCTIONS_TITLE = "Instructions (callgrind)"
+
+
+def git_commit() -> str:
+    """The commit the repository is at, and whether modelgate.py differs from it."""
+    def git(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("diff", "--quiet", "HEAD", "--", "modelgate.py").returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" with modelgate.py changed" if changed else "")
+
+
+def count_environment(args: argparse.Namespace) -> dict:
+    done = subprocess.run(["valgrind", "--version"], capture_output=True, text=True, timeout=30)
+    counting = COUNT_QUICK if args.quick else COUNT_FULL
+    return {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
+            "valgrind": done.stdout.strip(), "python": platform.python_version(),
+            "uvicorn": package_version("uvicorn"), "httpcore": package_version("httpcore"),
+            "h11": package_version("h11"), "loop": resolve(args.loop, "uvloop", "asyncio"),
+            "http": resolve(args.http, "httptools", "h11"), "mode": "quick" if args.quick else "full",
+            "counted": (f"{counting.requests} plain requests; {counting.streams} streams of {counting.chunks} "
+                        f"chunks minus {counting.streams} of 1; after {counting.warmup} requests and "
+                        f"{counting.streams} streams of each length")}
+
+
+def instruction_rows(figures: dict) -> list[tuple[str, ...]]:
+    gateway, floor = figures["gateway"], figures["floor"]
+    return [("instructions", "ModelGate", "relay floor", "ModelGate / floor"),
+            *((name, num(gateway[key]), num(floor[key]), num(ratio(gateway[key], floor[key])))
+              for name, key in (("per plain request", "plain_request"), ("per relayed chunk", "chunk")))]
+
+
+def against_default(figures: dict, variant: dict, key: str) -> str:
+    return f"{100 * (ratio(variant[key], figures['gateway'][key]) - 1):+.1f} %"
+
+
+def print_instructions(env: dict, figures: dict) -> None:
+    print(f"ModelGate instructions under callgrind, {env['mode']} run, {env['date']}, commit {env['commit']}")
+    print(f"Python {env['python']}, uvicorn {env['uvicorn']}, httpcore {env['httpcore']}, h11 {env['h11']}, "
+          f"{env['valgrind']}; loop {env['loop']}, http {env['http']}")
+    print(f"counted: {env['counted']}")
+    rows = instruction_rows(figures)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) if i else cell.ljust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))))
+    for label, each in figures.get("variants", {}).items():
+        print(f"ModelGate with {label}: per plain request {num(each['plain_request'])} "
+              f"({against_default(figures, each, 'plain_request')} against the default), "
+              f"per relayed chunk {num(each['chunk'])} ({against_default(figures, each, 'chunk')})")
+
+
+def instructions_markdown(env: dict, figures: dict) -> list[str]:
+    lines = [f"## {INSTRUCTIONS_TITLE}", "",
+             f"Written by `bench_modelgate.py --instructions`, {env['mode']} run: the instructions callgrind counts "
+             "in the process under test (the fake model server and the client run outside it), per plain "
+             "`/v1/chat/completions` request and per relayed chunk (streams of many chunks minus streams of "
+             "one, per chunk of difference). Counted: " + env["counted"] + ".", ""]
+    lines += markdown_table([
+        ("", ""), ("date", env["date"]), ("commit", env["commit"]), ("valgrind", env["valgrind"]),
+        ("Python", env["python"]), ("uvicorn", f"{env['uvicorn']} (loop {env['loop']}, http {env['http']})"),
+        ("httpcore", env["httpcore"]), ("h11", env["h11"])])
+    lines += [""] + markdown_table(instruction_rows(figures))
+    if figures.get("variants"):
+        rows = [("ModelGate with", "per plain request", "against the default", "per relayed chunk",
+                 "against the default")]
+        rows += [(f"`{label}`", num(each["plain_request"]), against_default(figures, each, "plain_request"),
+                  num(each["chunk"]), against_default(figures, each, "chunk"))
+                 for label, each in figures["variants"].items()]
+        lines += [""] + markdown_table(rows)
+    return lines
+
+
+def section_pattern(title: str) -> re.Pattern:
+    return re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+
+
+def write_section(path: Path, title: str, lines: list[str]) -> None:
+    """Puts a `## title` section into a markdown file: in place of the one there, or at its end."""
+    text = path.read_text() if path.exists() else "# ModelGate benchmark\n"
+    section = "\n".join(lines) + "\n"
+    pattern = section_pattern(title)
+    if pattern.search(text):
+        text = pattern.sub(lambda match: section + ("\n" if match.end() < len(text) else ""), text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def kept_section(path: Path, title: str) -> str:
+    """The `## title` section of a markdown file, if it has one, to be kept when the rest is written anew."""
+    found = section_pattern(title).search(path.read_text()) if path.exists() else None
+    return "\n" + found[0].rstrip("\n") + "\n" if found else ""
+
+
+def print_path(figures: dict, verbose: bool) -> None:
+    print("the first plain /v1/chat/completions request to `python modelgate.py`, from Gateway.__call__ to its "
+          "log line:")
+    print(f"definitions opened: {figures['definitions']}; jumps of more than {PATH_LONG_JUMP} lines between "
+          f"successive ones: {figures['long_jumps']}, {figures['backwards']} of them backwards")
+    if verbose:
+        lines = [int(each.rsplit(":", 1)[1]) for each in figures["path"]]
+        for each, earlier, later in zip(figures["path"], [lines[0]] + lines, lines):
+            jump = later - earlier
+            print(f"  {each}" + (f"    <- {jump:+,} lines" if abs(jump) > PATH_LONG_JUMP else ""))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------
 
@@ -1516,17 +2072,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sharing", action="store_true",
                         help="apps sharing one model: ModelGate's queue against a fake Ollama that schedules as "
                              "Ollama does")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count under callgrind the instructions per plain request and per relayed chunk, of "
+                             "ModelGate and of the relay floor")
+    parser.add_argument("--env", type=env_assignments, action="append", default=[], metavar="'NAME=VALUE ...'",
+                        help="with --instructions: also count ModelGate with these settings added (once more for "
+                             "each --env); with --path: follow the request with them")
+    parser.add_argument("--keep-callgrind", metavar="DIR",
+                        help="with --instructions: keep callgrind's files in DIR (for callgrind_annotate)")
+    parser.add_argument("--path", action="store_true",
+                        help="follow one plain request through modelgate.py: definitions entered, long jumps")
+    parser.add_argument("--verbose", action="store_true", help="with --path: list the definitions, in order")
+    parser.add_argument("--serve-traced", type=int, metavar="FD", help=argparse.SUPPRESS)
     parser.add_argument("--serve-upstream", nargs=3, type=int, metavar=("FD", "CHUNKS", "INTERVAL_MS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.alternate < 0 or (args.alternate and args.floor):
         parser.error("--alternate takes a number of rounds, and measures the floor itself (no --floor)")
+    if args.instructions + args.path + args.sharing + bool(args.alternate or args.floor) > 1:
+        parser.error("--instructions, --path, --sharing and the load runs (--floor, --alternate) go one at a "
+                     "time; --instructions counts the floor itself")
     return args
 
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("uvicorn") is None:
         raise BenchError(f"uvicorn is not installed for {sys.executable}")
+    if args.instructions:
+        return run_instructions(args)
+    if args.path:
+        return run_path(args)
     settings = QUICK if args.quick else FULL
     plan = cpu_plan()
     if plan:
@@ -1571,16 +2146,45 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(env, runs, errors)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(env, runs, errors))
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown(env, runs, errors) + kept_section(path, INSTRUCTIONS_TITLE))
         progress(f"figures written to {args.markdown}")
     return 1 if errors else 0
+
+
+def run_instructions(args: argparse.Namespace) -> int:
+    env = count_environment(args)
+    figures = instructions(args)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print_instructions(env, figures)
+    if args.markdown:
+        write_section(Path(args.markdown), INSTRUCTIONS_TITLE, instructions_markdown(env, figures))
+        progress(f"figures written to {args.markdown}")
+    return 0
+
+
+def run_path(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench_modelgate-") as directory:
+        figures = asyncio.run(trace_path(args, Path(directory)))
+    if not args.verbose:
+        del figures["path"]
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print_path(figures, args.verbose)
+    return 0
 
 
 def main() -> int:
     args = parse_args()
     if args.serve_upstream:
         serve_upstream(*args.serve_upstream)
+        return 0
+    if args.serve_traced is not None:
+        serve_traced(args.serve_traced)
         return 0
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
