@@ -1939,18 +1939,19 @@ INSTRUCTIONS_TITLE = "Instructions (callgrind)"
 
 
 def git_commit() -> str:
-    """The commit the repository is at, and whether modelgate.py differs from it."""
-    def git(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True, timeout=30)
+    """The commit the repository is at, the last one that changed modelgate.py, and whether it is changed since."""
+    def git(*arguments: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() if done.returncode == 0 else ""
 
     try:
-        head = git("rev-parse", "--short", "HEAD")
-        changed = git("diff", "--quiet", "HEAD", "--", "modelgate.py").returncode != 0
+        head, last = git("rev-parse", "--short", "HEAD"), git("log", "-1", "--format=%h", "--", "modelgate.py")
+        changed = git("status", "--porcelain", "--", "modelgate.py")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    if head.returncode != 0:
+    if not head:
         return "unknown"
-    return head.stdout.strip() + (" with modelgate.py changed" if changed else "")
+    return f"{head} (modelgate.py of {last or head}{', changed since' if changed else ''})"
 
 
 def count_environment(args: argparse.Namespace) -> dict:
