@@ -13,7 +13,7 @@ httpcore) installed:
     python bench_modelgate.py --markdown docs/benchmark.md   # also write the figures as a markdown table
     python bench_modelgate.py --sharing        # apps sharing one model: ModelGate's queue (below)
     python bench_modelgate.py --instructions   # instructions per request and per chunk, under callgrind
-    python bench_modelgate.py --instructions --env 'OLLAMA_NUM_PARALLEL=64' --env 'USAGE_DB=/tmp/u.db'
+    python bench_modelgate.py --instructions --env 'OLLAMA_NUM_PARALLEL=0' --env 'USAGE_DB=/tmp/u.db'
     python bench_modelgate.py --path --verbose # the functions of modelgate.py a request enters, in order
 
 It starts a fake OpenAI-compatible model server (a plain asyncio protocol with canned answers and
@@ -91,8 +91,9 @@ this process, outside the count. How the counted parts are cut out of the proces
     it would fall into requests by chance. The fake server sends each event of a stream when the client
     has received the one before, so each reaches the gateway on its own however slowly it runs.
     PYTHONHASHSEED is 0.
---env 'NAME=VALUE ...' counts ModelGate once more with these settings added (once for each --env) and
-gives each against the default. --keep-callgrind DIR keeps callgrind's files for `callgrind_annotate
+--env 'NAME=VALUE ...' counts ModelGate once more with these settings added (once for each --env) and gives
+each against the default, which has, as in the load runs, the queue on but never full (--env
+OLLAMA_NUM_PARALLEL=0 counts it without). --keep-callgrind DIR keeps callgrind's files for `callgrind_annotate
 --inclusive=yes`: NAME.callgrind.out.N, N = 3 the plain requests, 5 none, 7 the long streams, 9 the short
 ones. With --markdown FILE the figures, the date, the commit and the versions become FILE's section
 "Instructions (callgrind)"; the rest of FILE is kept (and a load run's --markdown keeps that section).
@@ -1330,7 +1331,8 @@ async def count_instructions(app: str, extra_env: dict[str, str], counting: Coun
     upstream = await loop.create_server(lambda: LockstepUpstream(canned_responses(), turns), HOST, 0)
     upstream_port = upstream.sockets[0].getsockname()[1]
     env = dict(os.environ, MODELGATE_TOKEN=TOKEN, DEFAULT_PROVIDER="ollama", PYTHONHASHSEED="0",
-               OLLAMA_BASE_URL=f"http://{HOST}:{upstream_port}/v1", **extra_env)
+               OLLAMA_BASE_URL=f"http://{HOST}:{upstream_port}/v1", OLLAMA_NUM_PARALLEL=QUEUE_SLOTS)
+    env.update(extra_env)
     ack_read, ack_write = os.pipe()
     with socket.socket() as listener, open(directory / f"{name}.log", "ab") as log:
         listener.bind((HOST, 0))
