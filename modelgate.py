@@ -1129,7 +1129,7 @@ def with_v1(url: str) -> str:
 #   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
 #      Ollama holds, and that token within MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
 #   3. where its model goes and whether the token may use it: MODEL_ALIASES, the provider prefix or the one
-#      provider of a door, TOKEN_MODELS (routed_body);
+#      provider of a door (route_model), TOKEN_MODELS (routed_body);
 #   4. the body: what is checked, and the few edits made to it (the model's name, MODEL_DEFAULTS and
 #      MODEL_OVERRIDES, asking a stream for its usage); every other byte goes as the client sent it;
 #   5. the headers: the few of the client's that travel, and those of an upstream's answer that come back;
@@ -1345,56 +1345,43 @@ def one_spelling(document: dict, repeated: set[str], fields: frozenset[str]) -> 
                                f"`{folded}` whatever its case: name the model once, as `{folded}` in lower case.")
 
 
-def route_to_only(dialect: Dialect, model: str) -> str:
-    """The model named on a door that leads to one provider only: its prefix cut, another's refused; any
-    other model goes there as it is, whatever DEFAULT_PROVIDER says."""
-    prefix, slash, name = model.partition("/")
-    if slash and prefix in PROVIDERS and prefix != dialect.provider:
-        only = dialect.provider
-        raise GatewayError("invalid_request", f"Model {model!r} goes to {prefix}, but {dialect.door} leads to "
-                           f"{only} only: name a model of {only}, as `{only}/<name>` or just `<name>`.")
-    if slash and prefix == dialect.provider:
-        if not name:
-            raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
-        return name
-    return model
-
-
-def route_model(model: str, config: Config) -> tuple[str, str]:
-    """(provider, upstream model name): only the first `/` decides."""
-    prefix, slash, name = model.partition("/")
-    if not slash or prefix not in PROVIDERS:
-        return config.default_provider, model
-    if prefix == "openai" and not config.openai_api_key:
-        raise GatewayError(
-            "provider_not_configured",
-            f"Model {model!r} asks for OpenAI, but this gateway has no OPENAI_API_KEY. "
-            "Use an ollama/ model, or ask the gateway's owner to set OPENAI_API_KEY.",
-        )
-    if not name:
-        raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
-    return prefix, name
-
-
 # One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
 # (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
 # `provider/name`.
 
 
-def resolve(model: str, config: Config, dialect: Dialect | None = None, aliases: bool = True) -> tuple[str, str]:
-    """(provider, upstream model name) of the model a client sent: an alias is replaced by its target first,
-    then routed by its prefix, or, on a door that leads to one provider only, taken there (route_to_only)."""
-    target = config.model_aliases.get(model, model) if aliases else model
-    if dialect is None or dialect.provider is None:
-        return route_model(target, config)
-    return dialect.provider, route_to_only(dialect, target)
+class Routed(NamedTuple):
+    """Where a model that a client named goes (route_model)."""
+    provider: str  # one of PROVIDERS
+    name: str  # its name there: an alias's target, the provider prefix cut
+    aliased: bool  # MODEL_ALIASES replaced what the client sent
+    defaulted: bool  # it had no provider prefix, and went to DEFAULT_PROVIDER for want of one
+
+    @property
+    def id(self) -> str:
+        return f"{self.provider}/{self.name}"  # as TOKEN_MODELS, MODEL_DEFAULTS and the model lists see it
 
 
-def by_default(model: str, config: Config, dialect: Dialect) -> bool:
-    """Whether the model went to DEFAULT_PROVIDER for want of a prefix: no alias, no door of one provider."""
-    prefix, slash, _ = model.partition("/")
-    return (dialect.provider is None and model not in config.model_aliases
-            and not (slash and prefix in PROVIDERS))
+def route_model(model: str, config: Config, dialect: Dialect = OPENAI, aliases: bool = True) -> Routed:
+    """Where a model goes. An alias is replaced by its target first (not with `aliases` off: Ollama's admin
+    routes take a name as it is); then only the first `/` decides: `ollama/` or `openai/` names the provider,
+    and anything else goes to DEFAULT_PROVIDER, or, on a door that leads to one provider only (Ollama's own
+    API, Anthropic Messages), there, whatever DEFAULT_PROVIDER says; another provider's prefix is refused."""
+    target = config.model_aliases.get(model) if aliases else None
+    model = target or model
+    prefix, slash, name = model.partition("/")
+    only = dialect.provider
+    if not slash or prefix not in PROVIDERS:
+        return Routed(only or config.default_provider, model, target is not None, only is None and target is None)
+    if only is not None and prefix != only:
+        raise GatewayError("invalid_request", f"Model {model!r} goes to {prefix}, but {dialect.door} leads to "
+                           f"{only} only: name a model of {only}, as `{only}/<name>` or just `<name>`.")
+    if prefix == "openai" and not config.openai_api_key:
+        raise GatewayError("provider_not_configured", f"Model {model!r} asks for OpenAI, but this gateway has no "
+                           "OPENAI_API_KEY. Use an ollama/ model, or ask the gateway's owner to set OPENAI_API_KEY.")
+    if not name:
+        raise GatewayError("invalid_request", f"Model {model!r} names no model after {prefix}/.")
+    return Routed(prefix, name, target is not None, False)
 
 
 def may_use(config: Config, token: str, model_id: str) -> bool:
@@ -1455,8 +1442,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     if first is None:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
         ex.provider = dialect.provider
         return document, body
-    ex.model, (ex.provider, ex.upstream_model) = first
-    model_id = f"{ex.provider}/{ex.upstream_model}"
+    ex.model, ex.routed = first
+    ex.provider, ex.upstream_model, model_id = ex.routed.provider, ex.routed.name, ex.routed.id
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
@@ -1470,8 +1457,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
 
 
 def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
-                text: str, spans: dict[str, tuple[int, int]]) -> tuple[str, tuple[str, str]] | None:
-    """The model that one tuple of Route.models names, as (what was sent, (provider, upstream name)), each of
+                text: str, spans: dict[str, tuple[int, int]]) -> tuple[str, Routed] | None:
+    """The model that one tuple of Route.models names, as (what was sent, where it goes), each of
     its fields that is set routed, checked against TOKEN_MODELS and its new value put in `replaced`; None when
     none is set (absent, null or "", which Go leaves empty). 400 when two of them name different models."""
     found = None
@@ -1485,19 +1472,18 @@ def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: C
         if not encodable(model):
             raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
                                "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
-        route = ROUTES[ex.route]
-        aliased = model in config.model_aliases and not route.admin  # pulling or deleting "gpt-4o" means that name
-        provider, name = resolve(model, config, ex.dialect, aliases=not route.admin)
-        if found is not None and found[1] != (provider, name):
+        # Pulling or deleting "gpt-4o" means that name, not what an alias makes of it.
+        routed = route_model(model, config, ex.dialect, aliases=not ROUTES[ex.route].admin)
+        if found is not None and found[1].id != routed.id:
             raise GatewayError("invalid_request", f"The request body names two models: {found[0]!r} as `{fields[0]}` "
                                f"and {model!r} as `{field}`. Ollama would run only one of them: name it once.")
         if config.token_models:
-            check_scope(config, ex.token, f"{provider}/{name}", model)
-        if aliased:
-            replaced[field] = json.dumps(name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
-        elif name != model:
-            replaced[field] = model_value(text, spans[field], provider, name)
-        found = found or (model, (provider, name))
+            check_scope(config, ex.token, routed.id, model)
+        if routed.aliased:
+            replaced[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
+        elif routed.name != model:
+            replaced[field] = model_value(text, spans[field], routed.provider, routed.name)
+        found = found or (model, routed)
     return found
 
 
@@ -1791,8 +1777,8 @@ class Exchange:
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "provider", "model", "upstream_model", "usage", "ttfb", "coalesced", "error", "t0",
-                 "host", "queued")
+                 "request_id", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
+                 "t0", "host", "queued")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -1821,6 +1807,7 @@ class Exchange:
         self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
         self.provider = self.model = "-"
         self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
+        self.routed: Routed | None = None  # where the model it named went (route_model)
         self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
         self.ttfb: float | None = None  # streams: seconds to the first chunk
         self.coalesced = False  # answered with an identical request's upstream answer
@@ -2098,7 +2085,7 @@ class Gateway:
     def not_found_hint(self, ex: Exchange) -> str:
         """What an upstream's 404 adds for a model given without a prefix: where it went, and how to send it
         elsewhere; "" for any other model. Worded only for an error, never on the way up."""
-        if not by_default(ex.model, self.config, ex.dialect):
+        if ex.routed is None or not ex.routed.defaulted:
             return ""
         model, provider = ex.model, ex.provider
         said = f" ModelGate sent {model!r} to {provider}, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix"
@@ -2128,11 +2115,11 @@ class Gateway:
         data = [item for model_id, item in models.items() if may_use(config, ex.token, model_id)]
         for alias in config.model_aliases if ex.route == "/api/tags" else ():
             try:
-                _, name = resolve(alias, config, OLLAMA)
+                routed = route_model(alias, config, OLLAMA)
             except GatewayError:  # an alias to openai/...: not behind this door
                 continue
-            item = listed_as(models, f"ollama/{name}")
-            if item is not None and may_use(config, ex.token, f"ollama/{name}"):
+            item = listed_as(models, routed.id)
+            if item is not None and may_use(config, ex.token, routed.id):
                 data.append({**item, "name": alias, "model": alias})
         return Answer(200, [JSON], json.dumps({"models": data}).encode())
 
@@ -2167,13 +2154,13 @@ class Gateway:
         config = self.config
         models = {item["id"]: item for items in listed for item in items}
         data = [item for item in models.values() if may_use(config, ex.token, item["id"])]
-        for alias, target in config.model_aliases.items():
+        for alias in config.model_aliases:
             try:
-                provider, name = route_model(target, config)
+                routed = route_model(alias, config)
             except GatewayError:  # openai/... without OPENAI_API_KEY: nothing there to list
                 continue
-            item = listed_as(models, f"{provider}/{name}")
-            if item is not None and may_use(config, ex.token, f"{provider}/{name}"):
+            item = listed_as(models, routed.id)
+            if item is not None and may_use(config, ex.token, routed.id):
                 data.append({**item, "id": alias})
         return Answer(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
 
@@ -2183,10 +2170,10 @@ class Gateway:
         ex.model = ex.path.removeprefix("/v1/models/")
         config = self.config
         try:
-            ex.provider, name = resolve(ex.model, config)
+            routed = route_model(ex.model, config)
         except GatewayError as error:  # openai/... without OpenAI: no such model here
             raise GatewayError("model_not_found", error.message) from None
-        wanted = f"{ex.provider}/{name}"
+        ex.provider, wanted = routed.provider, routed.id
         if config.token_models:
             check_scope(config, ex.token, wanted, ex.model)
         upstream = self.upstreams[ex.provider]
@@ -2194,7 +2181,7 @@ class Gateway:
         if listed is None or isinstance(listed, Answer):
             return listed
         models = {item["id"]: item for item in listed}
-        if ex.model in config.model_aliases:
+        if routed.aliased:
             item = listed_as(models, wanted)
             if item is not None:
                 return Answer(200, [JSON], json.dumps({**item, "id": ex.model}).encode())

@@ -2526,6 +2526,30 @@ async def test_a_model_key_written_twice_is_refused(path: str, body: bytes) -> N
     assert up.requests == [] and openai.requests == []
 
 
+ROUTING_TABLE = [
+    # (model sent, door, aliases on, (provider, name, aliased, defaulted)) with DEFAULT_PROVIDER=ollama, OpenAI set
+    ("qwen2.5:7b", modelgate.OPENAI, True, ("ollama", "qwen2.5:7b", False, True)),
+    ("ollama/qwen2.5:7b", modelgate.OPENAI, True, ("ollama", "qwen2.5:7b", False, False)),
+    ("openai/gpt-4o", modelgate.OPENAI, True, ("openai", "gpt-4o", False, False)),
+    ("hf.co/x/y:Q4", modelgate.OPENAI, True, ("ollama", "hf.co/x/y:Q4", False, True)),  # only the first / decides
+    ("mini", modelgate.OPENAI, True, ("openai", "gpt-4o-mini", True, False)),
+    ("translate", modelgate.OPENAI, True, ("ollama", "qwen2.5:7b", True, False)),
+    ("translate", modelgate.OLLAMA, True, ("ollama", "qwen2.5:7b", True, False)),
+    ("translate", modelgate.OLLAMA, False, ("ollama", "translate", False, False)),  # an admin's name as it is
+    ("qwen2.5:7b", modelgate.ANTHROPIC, True, ("ollama", "qwen2.5:7b", False, False)),  # a door of one provider
+    ("ollama/qwen2.5:7b", modelgate.OLLAMA, True, ("ollama", "qwen2.5:7b", False, False)),
+]
+
+
+@pytest.mark.parametrize("model, dialect, aliases, routed", ROUTING_TABLE)
+def test_one_function_says_where_a_model_goes(model: str, dialect: Any, aliases: bool, routed: tuple) -> None:
+    """route_model: the provider, the name there, whether an alias was replaced, whether it went to
+    DEFAULT_PROVIDER for want of a prefix (what the 404 hint tells)."""
+    config = modelgate.load_config(environ(OPENAI_API_KEY=OPENAI_KEY,
+                                           MODEL_ALIASES="translate=ollama/qwen2.5:7b,mini=openai/gpt-4o-mini"))
+    assert tuple(modelgate.route_model(model, config, dialect, aliases)) == routed
+
+
 async def test_model_lists_show_a_token_only_what_it_may_use() -> None:
     """/v1/models shows a scoped token only the models (and aliases) it may use; /v1/models/{id} outside its
     scope is a 403 that asks no upstream; a token without an entry sees everything."""
