@@ -16,7 +16,7 @@ asyncio's errors once per kind; the uvicorn command does not (docs/exposing.md: 
 
 The module reads in the order a request travels: the tables, the configuration, then the trust boundary
 (from its banner down to "The app"): everything that decides who may do what and what crosses the gateway,
-in one section; then the app, the relay, the upstreams, coalescing, readiness, metrics and the log, the
+in one section; then the app, the relay, the upstreams, coalescing, readiness, usage, metrics and the log, the
 connection pool under httpcore, and the command line.
 
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
@@ -32,6 +32,8 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     GET  /health                liveness, no upstream call
     GET  /ready                 200 when an upstream of DEFAULT_PROVIDER answers, else 503
     GET  /metrics               Prometheus text format (an admin's token; none with METRICS_PUBLIC=1)
+    GET  /usage                 requests, errors and tokens per day, app and model, kept in USAGE_DB: a page for a
+                                browser, JSON for anything else; a token sees its own, OLLAMA_ADMIN_TOKENS everyone's
     OPTIONS <any route>         CORS preflight
 
     POST /v1/messages           Anthropic Messages, to Ollama's own /v1/messages (SSE with "stream": true)
@@ -89,6 +91,8 @@ Environment (read once at start-up; SETTINGS below is the table):
                              ModelGate's queue, in turns by TOKEN_SHARES; 0: no queue (1)
     TOKEN_SHARES             name=weight,...: turns in proportion when apps wait for a model (empty: every name 1)
     QUEUE_TIMEOUT_SECONDS    longest wait in ModelGate's queue, then 503 queue_timeout (300)
+    USAGE_DB                 the SQLite file of the usage counts; set to nothing: kept in memory only
+                                                                   (modelgate-usage.sqlite3)
 """
 
 from __future__ import annotations
@@ -104,8 +108,10 @@ if sys.version_info < (3, 10):
 import asyncio
 import base64
 import bisect
+import concurrent.futures
 import fnmatch
 import dataclasses
+import datetime
 import difflib
 import errno
 import hashlib
@@ -122,11 +128,13 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import time
 from collections import deque
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
+import urllib.parse
 from urllib.parse import urlsplit, urlunsplit
 
 import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
@@ -222,6 +230,9 @@ SETTINGS: tuple[Setting, ...] = (
     # Ollama's own load timeout is 5 minutes (OLLAMA_LOAD_TIMEOUT): a request that waited longer than a
     # model takes to load is better told to come back.
     Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", "300", "seconds", "longest wait in ModelGate's queue"),
+    # Counts that survive restarts, beside the gateway; empty keeps them in memory only (Usage, below).
+    Setting("USAGE_DB", "usage_db", "modelgate-usage.sqlite3", "usage file",
+            "the SQLite file of the usage counts (set to nothing: in memory only)"),
 )
 
 
@@ -416,6 +427,7 @@ ROUTES: dict[str, Route] = {
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
+    "/usage": Route({"GET": "usage_page"}, limited=False),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
     "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage,
                           queued=True),
@@ -577,8 +589,11 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         # Spaces, tabs and the CR of a .env saved on Windows; not str.strip()'s control characters.
-        # A variable set to nothing (NAME= in .env) means its default.
-        text = environ.get(setting.name, "").strip(" \t\r\n") or setting.default
+        # A variable set to nothing (NAME= in .env) means its default, but where nothing is a choice.
+        raw = environ.get(setting.name)
+        text = (raw or "").strip(" \t\r\n")
+        if not text and (raw is None or setting.kind not in EMPTY_IS_A_VALUE):
+            text = setting.default
         if setting.kind in NAME_KINDS:
             no_control_characters(setting.name, text)
         values[setting.field] = PARSERS[setting.kind](setting.name, text)
@@ -931,7 +946,11 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "scopes": parse_scopes,
     "defaults": parse_defaults,
     "shares": parse_shares,
+    "usage file": lambda name, value: value,  # opened at start-up (open_usage_file): "" keeps counts in memory
 }
+
+# The kinds of setting for which `NAME=` (set to nothing) is a choice of its own, not the default.
+EMPTY_IS_A_VALUE = frozenset({"usage file"})
 
 
 def check_tls_files(cert: str, key: str) -> None:
@@ -1732,12 +1751,16 @@ CORS_MAX_AGE = b"7200"
 
 BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")  # as Ollama names its blobs
 
+# GET /usage (also a page, PAGE_HEADERS): one token's counts (or everyone's) are for that token only, and a
+# page differs from the JSON.
+USAGE_HEADERS = [(b"cache-control", b"no-store"), (b"vary", b"accept, authorization")]
+
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
 
 # GET / in a browser. The page runs no script, loads nothing and may not be framed.
-HOME_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"vary", b"accept"),
-                (b"x-content-type-options", b"nosniff"),
+PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
                 (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
+HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
 HOME_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -1778,7 +1801,7 @@ class Exchange:
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "send", "cors", "started", "status", "bytes_out", "watch",
                  "request_id", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
-                 "t0", "host", "queued")
+                 "t0", "host", "queued", "upstream_seconds")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -1810,6 +1833,7 @@ class Exchange:
         self.routed: Routed | None = None  # where the model it named went (route_model)
         self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
         self.ttfb: float | None = None  # streams: seconds to the first chunk
+        self.upstream_seconds = 0.0  # from sending upstream to the answer's end (a shared one: its first asker's)
         self.coalesced = False  # answered with an identical request's upstream answer
         self.error = ""  # the situation of an error answered, or what cut a stream
         self.t0 = time.perf_counter()
@@ -1870,11 +1894,13 @@ class Gateway:
     and upstreams never change after, and this object holds all the mutable state there is."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ, *, ready_timeout: float = 2.0,
-                 queue_bounds: tuple[int, int] | None = None, slot_clock: Callable[[], float] = time.monotonic) -> None:
+                 queue_bounds: tuple[int, int] | None = None, slot_clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = time.time) -> None:
         self.environ = environ
         # The queue's bounds (MAX_QUEUED, MAX_QUEUED_BYTES unless told) and what it measures slot time with.
         self.queue_bounds = queue_bounds or (MAX_QUEUED, MAX_QUEUED_BYTES)
         self.slot_clock = slot_clock
+        self.clock = clock  # what the usage's days and TOKEN_QUOTAS' midnight are told by
         self.config: Config | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.handlers = {path: {method: getattr(self, name) for method, name in route.handlers.items()}
@@ -1884,6 +1910,7 @@ class Gateway:
         self.limits: Limits | None = None  # None: neither limit is set
         self.coalescer: Coalescer | None = None  # None: COALESCE=off
         self.queue: Queue | None = None  # None: OLLAMA_NUM_PARALLEL=0
+        self.usage: Usage | None = None  # made at start-up
         self.readiness = Readiness(ready_timeout)
         self.watches: set[ClientWatch] = set()  # requests waiting on an upstream, for the shutdown grace
         self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
@@ -1926,6 +1953,8 @@ class Gateway:
                 self.limits.release(ex.token)
             seconds = time.perf_counter() - ex.t0
             self.metrics.record(ex, seconds)
+            if ex.token != "-":
+                self.usage.record(ex)
             log_exchange(ex, seconds)
 
     async def dispatch(self, ex: Exchange) -> Answer | None:
@@ -2225,6 +2254,18 @@ class Gateway:
         """GET /metrics: the counters in Prometheus text format."""
         return Answer(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render(self.upstreams.values()))
 
+    async def usage_page(self, ex: Exchange) -> Answer:
+        """GET /usage: a token's own usage (an admin's: everyone's) of today and the last USAGE_DAYS days."""
+        usage, config = self.usage, self.config
+        counts = usage.counts()
+        names = {ex.token}
+        if ex.token in config.ollama_admin_tokens:  # and the names that are gone from MODELGATE_TOKEN since
+            names.update(config.token_names, (key[1] for key in counts))
+        report = usage_report(counts, usage.today, USAGE_DAYS, names)
+        if b"text/html" in ex.header(b"accept").lower():  # a browser
+            return Answer(200, [*PAGE_HEADERS, *USAGE_HEADERS], usage_page(report))
+        return Answer(200, [JSON, *USAGE_HEADERS], json.dumps(report).encode())
+
     # Lifespan and shutdown ------------------------------------------------------
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
@@ -2247,6 +2288,8 @@ class Gateway:
                 self.readiness.stop()
                 for upstream in self.upstreams.values():
                     await upstream.aclose()
+                if self.usage is not None:
+                    await self.usage.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -2268,6 +2311,8 @@ class Gateway:
         self.limits = Limits(config, metrics) if config.rate_limit_rpm or config.max_concurrent_per_token else None
         self.coalescer = Coalescer(metrics) if config.coalesce else None
         self.queue = Queue(config, metrics, self.queue_bounds, self.slot_clock) if config.ollama_num_parallel else None
+        self.usage = Usage(config.usage_db, self.clock)
+        self.usage.start()
         self.config = config
         for line in summary(config, self.sources, self.listening, self.environ):  # log: the start-up summary
             log.info("%s", line)
@@ -2683,6 +2728,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
        (Route.usage).
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
+    since = time.perf_counter()
     response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect, first=ex.host)
     try:
         if response.status >= 400:
@@ -2697,6 +2743,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
         return await relay_plain(gw, ex, upstream, response)
     finally:
         await response.aclose()
+        ex.upstream_seconds += time.perf_counter() - since
 
 
 async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> Answer | None:
@@ -3383,6 +3430,362 @@ class Readiness:
     def stop(self) -> None:
         if self.probe is not None:
             self.probe.cancel()
+
+
+###############################################################################
+# Usage #######################################################################
+###############################################################################
+
+# Requests, errors, tokens and time per day, token name, provider and model, kept across restarts: what
+# GET /usage, `python modelgate.py --usage` and TOKEN_QUOTAS read. Ollama keeps none (ollama #17223, #11118),
+# and a Prometheus counter starts again at every restart. A request only adds to a dict in memory; what was
+# added is written to USAGE_DB (SQLite, Python's own sqlite3) every USAGE_WRITE_SECONDS and at shutdown, by
+# a thread of its own, so that a slow disk (a Raspberry Pi's SD card syncs in tens of milliseconds) never
+# holds the event loop. Days are the gateway's local days (TZ).
+USAGE_WRITE_SECONDS = 10.0
+# GET /usage shows today and the days before it, this many in all; memory keeps these days only.
+USAGE_DAYS = 30
+# While writing fails, a line says so at most this often; the counts wait in memory.
+USAGE_ERROR_SECONDS = 60.0
+
+# A file of ours says so in its header (SQLite's PRAGMA application_id): any other SQLite file, or one whose
+# table is not this one, is refused at start-up and left as it is.
+USAGE_APPLICATION_ID = 0x4D477573  # "MGus"
+USAGE_COUNTS = ("requests", "errors", "prompt_tokens", "completion_tokens", "queue_seconds", "upstream_seconds")
+USAGE_BY = ("day", "token", "provider", "model")
+USAGE_TABLE = ("CREATE TABLE IF NOT EXISTS usage (day TEXT NOT NULL, token TEXT NOT NULL, provider TEXT NOT NULL, "
+               "model TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL, prompt_tokens INTEGER NOT "
+               "NULL, completion_tokens INTEGER NOT NULL, queue_seconds REAL NOT NULL, upstream_seconds REAL NOT "
+               "NULL, PRIMARY KEY (day, token, provider, model))")
+# Counts are added to the row, never written over it: two gateways on one file (an old one still finishing
+# its streams while the new one starts) both count.
+USAGE_ADD = ("INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, token, provider, model) "
+             "DO UPDATE SET " + ", ".join(f"{name} = {name} + excluded.{name}" for name in USAGE_COUNTS))
+
+UsageKey = tuple[str, str, str, str]  # (day, token name, provider, model)
+
+
+def open_usage_file(path: str, read_only: bool = False) -> sqlite3.Connection:
+    """USAGE_DB, opened and checked: a new or empty file becomes ours; one that cannot be opened or written,
+    or that holds anything but our counts (another program's, a damaged one), is a ConfigError and is left
+    as it is. `read_only`: for --usage, which creates nothing."""
+    try:
+        if read_only:
+            db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
+        else:  # used by the writer's thread after start-up, one thread at a time
+            db = sqlite3.connect(path, check_same_thread=False)
+        try:
+            check_usage_file(db, path, read_only)
+        except BaseException:
+            db.close()
+            raise
+    except sqlite3.OperationalError as exc:  # cannot open, cannot write, locked
+        raise ConfigError(f"USAGE_DB {path!r} cannot be {'read' if read_only else 'opened and written'} ({exc}): "
+                          "check that its directory exists and this user may write there, or set USAGE_DB= "
+                          "(to nothing) to keep the counts in memory only") from None
+    except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+        raise ConfigError(f"USAGE_DB {path!r} is not a file of usage counts ({exc}); it is left as it is: move "
+                          "it away, or point USAGE_DB at another file") from None
+    return db
+
+
+def check_usage_file(db: sqlite3.Connection, path: str, read_only: bool) -> None:
+    if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+        raise sqlite3.DatabaseError("damaged: PRAGMA quick_check failed")
+    owner = db.execute("PRAGMA application_id").fetchone()[0]
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    if owner != USAGE_APPLICATION_ID and (tables or read_only):
+        raise sqlite3.DatabaseError("an SQLite file of another program")
+    columns = [row[1] for row in db.execute("PRAGMA table_info(usage)")]
+    if tables not in ([], ["usage"]) or columns not in ([], [*USAGE_BY, *USAGE_COUNTS]):
+        raise sqlite3.DatabaseError("its tables are not ModelGate's")
+    if not read_only:
+        with db:  # a write at start-up: a file that cannot be written stops it here, not in ten seconds
+            db.execute(f"PRAGMA application_id = {USAGE_APPLICATION_ID}")
+            db.execute(USAGE_TABLE)
+            db.execute("DELETE FROM usage WHERE requests < 0")  # takes the write lock; there are none
+
+
+def read_usage(db: sqlite3.Connection, since: str) -> dict[UsageKey, list]:
+    rows = db.execute(f"SELECT {', '.join(USAGE_BY + USAGE_COUNTS)} FROM usage WHERE day >= ?", (since,))
+    return {tuple(row[:4]): list(row[4:]) for row in rows}
+
+
+def write_usage(db: sqlite3.Connection, counts: dict[UsageKey, list]) -> None:
+    with db:  # one transaction: all of it, or none
+        db.executemany(USAGE_ADD, [(*key, *values) for key, values in counts.items()])
+
+
+def add_counts(into: dict[UsageKey, list], counts: dict[UsageKey, list]) -> dict[UsageKey, list]:
+    for key, values in counts.items():
+        kept = into.setdefault(key, [0, 0, 0, 0, 0.0, 0.0])
+        for i, value in enumerate(values):
+            kept[i] += value
+    return into
+
+
+def local_day(now: float) -> tuple[str, float]:
+    """The local date (TZ) at `now`, and the time at which it ends: the next local midnight."""
+    date = datetime.date.fromtimestamp(now)
+    return date.isoformat(), datetime.datetime.combine(date + datetime.timedelta(days=1), datetime.time()).timestamp()
+
+
+class Usage:
+    """The counts of the last USAGE_DAYS days, in memory, and their file.
+
+    The mutable state: `days` holds what was counted until the last write was begun, `unwritten` what
+    requests have added since (the one dict a request touches), `unsaved` what a failed write still owes
+    the file. `spent` is today's tokens per token name, for TOKEN_QUOTAS.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+        self.path, self.clock = path, clock
+        self.db = open_usage_file(path) if path else None  # None: in memory only
+        self.today, self.midnight = local_day(clock())
+        self.days = read_usage(self.db, self.first_day()) if self.db is not None else {}
+        self.unwritten: dict[UsageKey, list] = {}
+        self.unsaved: dict[UsageKey, list] = {}
+        self.spent: dict[str, int] = {}
+        self.models: dict[tuple[str, str], set[str]] = {}  # (token, provider) -> today's models, capped
+        for (day, token, provider, model), values in self.days.items():
+            if day == self.today:
+                self.spent[token] = self.spent.get(token, 0) + values[2] + values[3]
+                self.models.setdefault((token, provider), set()).add(model)
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, "modelgate-usage") if self.db is not None else None
+        self.writing: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.failing_since: float | None = None  # monotonic time of the last line saying writes fail
+
+    def first_day(self) -> str:
+        return (datetime.date.fromisoformat(self.today) - datetime.timedelta(days=USAGE_DAYS - 1)).isoformat()
+
+    def record(self, ex: Exchange) -> None:
+        """Count an exchange of an app (a token's request on a route counted against its limits)."""
+        if not ROUTES[ex.route].limited:  # /metrics and /usage: a dashboard is not an app
+            return
+        now = self.clock()
+        if now >= self.midnight:
+            self.new_day(now)
+        key = (self.today, ex.token, ex.provider, ex.upstream_model)
+        counts = self.unwritten.get(key)
+        if counts is None:
+            counts = self.unwritten.setdefault(self.capped(key), [0, 0, 0, 0, 0.0, 0.0])
+        counts[0] += 1
+        counts[1] += bool(ex.error)  # an error answered, or a stream cut; not a client that left (499)
+        if ex.usage is not None:
+            prompt, completion = ex.usage[0] or 0, ex.usage[1] or 0
+            counts[2] += prompt
+            counts[3] += completion
+            self.spent[ex.token] = self.spent.get(ex.token, 0) + prompt + completion
+        counts[4] += ex.queued or 0.0  # None: a route that does not wait for a turn
+        counts[5] += ex.upstream_seconds
+
+    def capped(self, key: UsageKey) -> UsageKey:
+        # The model is the client's word that the upstream took (or refused): past MAX_MODEL_SERIES of them
+        # per token name, provider and day, further ones are counted as "other", as in /metrics.
+        day, token, provider, model = key
+        models = self.models.setdefault((token, provider), set())
+        if model not in models:
+            if len(models) >= MAX_MODEL_SERIES:
+                return day, token, provider, "other"
+            models.add(model)
+        return key
+
+    def new_day(self, now: float) -> None:
+        self.today, self.midnight = local_day(now)
+        self.spent, self.models = {}, {}
+        first = self.first_day()
+        self.days = {key: values for key, values in self.days.items() if key[0] >= first}
+
+    def counts(self) -> dict[UsageKey, list]:
+        """Everything counted in the last USAGE_DAYS days, written or not."""
+        now = self.clock()
+        if now >= self.midnight:
+            self.new_day(now)
+        first = self.first_day()
+        return add_counts({key: list(values) for key, values in self.days.items() if key[0] >= first},
+                          self.unwritten)
+
+    # Writing --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(USAGE_WRITE_SECONDS, self.tick)
+
+    def tick(self) -> None:
+        self.start()
+        if self.writing is None:  # else the next tick takes what came meanwhile
+            self.write()
+
+    def write(self) -> asyncio.Future | None:
+        """Move what requests added into `days`, and begin writing it (with what a failed write owes) to the
+        file; the Future of that write, or None when there is nothing to write."""
+        counts, self.unwritten = self.unwritten, {}
+        add_counts(self.days, counts)
+        if self.writer is None:
+            return None
+        batch, self.unsaved = add_counts(self.unsaved, counts), {}
+        if not batch:
+            return None
+        self.writing = asyncio.get_running_loop().run_in_executor(self.writer, write_usage, self.db, batch)
+        self.writing.add_done_callback(lambda done: self.written(done, batch))
+        return self.writing
+
+    def written(self, done: asyncio.Future, batch: dict[UsageKey, list]) -> None:
+        self.writing = None
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            if self.failing_since is not None:  # log: writing works again
+                log.info("USAGE_DB %s is written again; no count was lost", self.path)
+                self.failing_since = None
+            return
+        self.unsaved = add_counts(batch, self.unsaved)
+        now = time.monotonic()
+        if self.failing_since is None or now - self.failing_since >= USAGE_ERROR_SECONDS:
+            # log: at most once a minute while writes fail
+            log.error("USAGE_DB %s cannot be written (%s); the counts are kept in memory and written once it "
+                      "can be", self.path, exc)
+            self.failing_since = now
+
+    async def close(self) -> None:
+        """At shutdown: write what is left, then close the file."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.writer is None:
+            return
+        for _ in range(2):  # the write under way, then what came after it
+            writing = self.writing or self.write()
+            if writing is not None:
+                await asyncio.wait([writing])
+        if self.unsaved:  # log: what could not be written is lost with the process
+            log.error("USAGE_DB %s could not be written at shutdown: the counts of the last %g s are lost",
+                      self.path, USAGE_WRITE_SECONDS)
+        await asyncio.get_running_loop().run_in_executor(self.writer, self.db.close)
+        self.writer.shutdown()
+
+
+def usage_totals(values: list) -> dict[str, Any]:
+    requests, errors, prompt, completion, queued, upstream = values
+    return {"requests": requests, "errors": errors, "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "queue_seconds": round(queued, 6),
+            "upstream_seconds": round(upstream, 6)}
+
+
+def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: Iterable[str]) -> dict[str, Any]:
+    """What GET /usage answers (and its page and --usage show): for each token name of `names`, today's
+    counts, those of the `days` days up to today, each of those days, and the same per provider and model."""
+    first = datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)
+    shown = [(first + datetime.timedelta(days=n)).isoformat() for n in range(days)]
+    apps: dict[str, dict] = {name: {"today": [0, 0, 0, 0, 0.0, 0.0], "total": [0, 0, 0, 0, 0.0, 0.0],
+                                    "daily": {day: [0, 0, 0, 0, 0.0, 0.0] for day in shown}, "models": {}}
+                             for name in sorted(names)}
+    for (day, token, provider, model), values in sorted(counts.items()):
+        app = apps.get(token)
+        if app is None or day not in app["daily"]:
+            continue
+        model_counts = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
+        for kept in (app["daily"][day], app["total"], model_counts[1]) + ((app["today"], model_counts[0])
+                                                                           if day == today else ()):
+            for i, value in enumerate(values):
+                kept[i] += value
+    return {"today": today, "from": shown[0], "days": days, "apps": {name: {
+        "today": usage_totals(app["today"]), "total": usage_totals(app["total"]),
+        "models": [{"provider": provider, "model": model, "today": usage_totals(on_day),
+                    "total": usage_totals(in_all)} for (provider, model), (on_day, in_all) in app["models"].items()],
+        "daily": [{"day": day, **usage_totals(values)} for day, values in app["daily"].items()],
+    } for name, app in apps.items()}}
+
+
+# GET /usage in a browser: a page of its own, like the home page: no script, nothing loaded, every name escaped
+# (a model is whatever a client wrote). A bar per day draws each app's tokens in inline SVG; a wide table
+# scrolls within its box on a phone.
+USAGE_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ModelGate usage</title>
+<style>
+body { font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 72rem; margin: 2rem auto;
+       padding: 0 1rem; color: #1d1d1f; background: #fff; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; }
+h2 { font-size: 1.25rem; margin: 2rem 0 .3rem; overflow-wrap: anywhere; }
+.note, .sum { color: #6e6e73; margin: .2rem 0; }
+.sum b { color: #1d1d1f; }
+svg { display: block; width: 100%; height: 72px; margin: .6rem 0; background: #f7f7f9; border-radius: 4px; }
+.bar { fill: #4f7fd9; } .today { fill: #1d4fb8; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: right; padding: .3rem .5rem; border-bottom: 1px solid #e5e5ea; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; white-space: normal; overflow-wrap: anywhere; min-width: 7rem; }
+th { font-weight: 600; color: #6e6e73; white-space: normal; vertical-align: bottom; }
+@media (max-width: 40rem) { body { margin: 1rem auto; font-size: 15px; } table { font-size: .8rem; }
+                            th, td { padding: .3rem .25rem; } .w { display: none; } }
+</style>
+</head>
+<body>
+<h1>Usage</h1>
+"""
+USAGE_NO_MODEL = "no model (model lists, requests refused before their body was read)"
+
+
+def usage_page(report: dict[str, Any]) -> bytes:
+    """GET /usage as a page: for each app, today and the days shown, a bar per day, a row per model."""
+    parts = [USAGE_PAGE, f'<p class="note">Today is {report["today"]}; the bars and the totals cover the '
+             f'{report["days"]} days from {report["from"]}, in the gateway\'s time zone. Tokens are what the '
+             f'upstreams said they used.</p>\n']
+    for name, app in report["apps"].items():
+        today, total = app["today"], app["total"]
+        parts.append(f"<h2>{html.escape(name)}</h2>\n<p class=\"sum\">Today <b>{plural(today['total_tokens'], 'token')}"
+                     f"</b>, {plural(today['requests'], 'request')}, {plural(today['errors'], 'error')}. "
+                     f"{report['days']} days: <b>{plural(total['total_tokens'], 'token')}</b>, "
+                     f"{plural(total['requests'], 'request')}, {plural(total['errors'], 'error')}.</p>\n")
+        parts.append(usage_bars(app["daily"]))
+        parts.append(usage_table(app["models"], report["days"]))
+    parts.append("</body>\n</html>\n")
+    return "".join(parts).encode()
+
+
+def usage_bars(daily: list[dict[str, Any]]) -> str:
+    """A bar per day, as high as its tokens against the highest day's; each names its day in a tooltip."""
+    top = max((day["total_tokens"] for day in daily), default=0) or 1
+    bars = []
+    for n, day in enumerate(daily):
+        height = round(56 * day["total_tokens"] / top, 1)
+        kind = "today" if n == len(daily) - 1 else "bar"
+        bars.append(f'<rect class="{kind}" x="{n * 10 + 1}" y="{60 - height}" width="8" height="{height}">'
+                    f'<title>{day["day"]}: {day["total_tokens"]:,} tokens, {day["requests"]:,} requests</title></rect>')
+    label = f"Tokens a day, the highest {top:,}" if top > 1 else "No tokens counted on these days"
+    return (f'<svg viewBox="0 0 {len(daily) * 10} 60" preserveAspectRatio="none" role="img" '
+            f'aria-label="{label}"><title>{label}</title>{"".join(bars)}</svg>\n')
+
+
+def usage_table(models: list[dict[str, Any]], days: int) -> str:
+    if not models:
+        return '<p class="note">Nothing counted yet.</p>\n'
+    rows = []
+    for row in sorted(models, key=lambda row: -row["total"]["total_tokens"]):
+        model = USAGE_NO_MODEL if row["model"] == "-" else f"{row['provider']}/{row['model']}"
+        today, total = row["today"], row["total"]
+        rows.append(f"<tr><td>{html.escape(model)}</td><td class=\"w\">{today['requests']:,}</td>"
+                    f"<td>{today['total_tokens']:,}</td><td class=\"w\">{total['requests']:,}</td><td>{total['errors']:,}</td>"
+                    f"<td title=\"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion\">"
+                    f"{total['total_tokens']:,}</td><td class=\"w\">{duration(total['upstream_seconds'])}</td>"
+                    f"<td class=\"w\">{duration(total['queue_seconds'])}</td></tr>")
+    return ('<div class="scroll"><table><thead><tr><th>Model</th><th class="w">Requests today</th><th>Tokens today'
+            f'</th><th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th><th class="w">Time '
+            f'upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>\n')
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + "s" * (count != 1)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 ###############################################################################

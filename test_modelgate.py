@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import datetime
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 from contextlib import asynccontextmanager
@@ -478,18 +480,20 @@ class Answer:
 
 def environ(**overrides: str) -> dict[str, str]:
     env = {"MODELGATE_TOKEN": f"{TOKEN},{OTHER_TOKEN}", "OLLAMA_BASE_URL": refused_url(),
-           "TIMEOUT_SECONDS": "5", "CONNECT_TIMEOUT_SECONDS": "5"}
+           "TIMEOUT_SECONDS": "5", "CONNECT_TIMEOUT_SECONDS": "5", "USAGE_DB": ""}  # counts in memory only
     env.update(overrides)
     return env
 
 
 @asynccontextmanager
 async def gateway(ready_timeout: float | None = None, queue_bounds: tuple[int, int] | None = None,
-                  slot_clock: Callable[[], float] | None = None, **overrides: str) -> AsyncIterator[modelgate.Gateway]:
+                  slot_clock: Callable[[], float] | None = None, clock: Callable[[], float] | None = None,
+                  **overrides: str) -> AsyncIterator[modelgate.Gateway]:
     """A Gateway through its ASGI lifespan: started, yielded, shut down. `overrides` are settings;
     `ready_timeout`, when given, is how long its GET /ready waits for a host (2 s unless told); `queue_bounds`
-    its queue's (MAX_QUEUED, MAX_QUEUED_BYTES), `slot_clock` what its queue measures slot time with."""
-    given = {"ready_timeout": ready_timeout, "queue_bounds": queue_bounds, "slot_clock": slot_clock}
+    its queue's (MAX_QUEUED, MAX_QUEUED_BYTES), `slot_clock` what its queue measures slot time with; `clock`,
+    what it tells the time by (the days of its usage counts, TOKEN_QUOTAS' midnight)."""
+    given = {"ready_timeout": ready_timeout, "queue_bounds": queue_bounds, "slot_clock": slot_clock, "clock": clock}
     app = modelgate.Gateway(environ(**overrides), **{name: value for name, value in given.items() if value is not None})
     inbox: asyncio.Queue = asyncio.Queue()
     outbox: asyncio.Queue = asyncio.Queue()
@@ -4185,6 +4189,217 @@ async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
         down = await call(app, "GET", "/ready", headers=[])
     message = assert_error(down, 503, "api_error", "not_ready")["message"]
     assert "ollama/1 timeout" in message and "within 0.05 s" in message
+
+
+###############################################################################
+# Usage per app, kept #########################################################
+###############################################################################
+
+# Three named apps; janitor is an admin, who sees everyone's usage.
+USAGE_APPS = {"MODELGATE_TOKEN": f"fluentread:{TOKEN},webui:{OTHER_TOKEN},janitor:{ADMIN}",
+              "OLLAMA_ADMIN_TOKENS": "janitor"}
+NOON = datetime.datetime(2026, 12, 7, 12, 0).timestamp()  # local time (TZ), as the gateway counts its days
+MISSING = b'{"model": "ollama/missing", "messages": []}'
+
+
+class Clock:
+    """The time a gateway is told (Gateway(clock=)), moved by the test: midnight comes without sleeping."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def usage_reply() -> Reply:
+    """Ollama's /v1: a chat answer with its usage, a stream with its usage event, 404 for the model `missing`."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        document = request.json()
+        if document["model"] == "missing":
+            answer = json_reply(404, {"error": {"message": 'model "missing" not found'}})
+        else:
+            answer = sse_reply([WITH_USAGE]) if document.get("stream") else json_reply(document={**COMPLETION,
+                                                                                              "usage": USAGE})
+        await answer(up, request, reader, writer)
+
+    return reply
+
+
+async def usage_of(app: Any, headers: list = ADMIN_AUTH) -> dict:
+    answer = await call(app, "GET", "/usage", headers=[*headers, (b"accept", b"application/json")])
+    assert answer.status == 200, answer.body
+    assert answer.header(b"cache-control") == b"no-store"  # one token's counts are that token's business
+    return answer.json()
+
+
+async def start_failure(app: modelgate.Gateway) -> str:
+    """The message of a lifespan start-up that fails, as uvicorn prints it."""
+    inbox, outbox = asyncio.Queue(), asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    await app({"type": "lifespan"}, inbox.get, outbox.put)
+    message = await outbox.get()
+    assert message["type"] == "lifespan.startup.failed", message
+    return message["message"]
+
+
+async def test_usage_is_counted_per_app_and_model_and_kept_across_a_restart(tmp_path: Path) -> None:
+    """Requests, errors and the tokens the upstream said it used are counted per day, app and model, and
+    written to USAGE_DB at shutdown: a gateway started again on the file carries on from them."""
+    path, clock = tmp_path / "usage.sqlite3", Clock(NOON)
+    async with upstream(usage_reply()) as up:
+        async with gateway(clock=clock, OLLAMA_BASE_URL=up.url, USAGE_DB=str(path), **USAGE_APPS) as app:
+            assert [(await chat(app)).status for _ in range(2)] == [200, 200]
+            assert (await chat(app, MISSING)).status == 404
+            assert (await chat(app, STREAM_CHAT, OTHER_AUTH)).status == 200
+        async with gateway(clock=clock, OLLAMA_BASE_URL=up.url, USAGE_DB=str(path), **USAGE_APPS) as app:
+            assert (await chat(app)).status == 200
+            report = await usage_of(app)
+    assert (report["today"], report["from"], report["days"]) == ("2026-12-07", "2026-11-08", 30)
+    fluentread, webui = report["apps"]["fluentread"], report["apps"]["webui"]
+    today = {name: fluentread["today"][name] for name in ("requests", "errors", "prompt_tokens",
+                                                            "completion_tokens", "total_tokens")}
+    assert today == {"requests": 4, "errors": 1, "prompt_tokens": 36, "completion_tokens": 9, "total_tokens": 45}
+    assert fluentread["today"]["upstream_seconds"] > 0
+    models = {(m["provider"], m["model"]): m["today"] for m in fluentread["models"]}
+    assert models[("ollama", "qwen2.5:7b")]["requests"] == 3 and models[("ollama", "qwen2.5:7b")]["errors"] == 0
+    assert models[("ollama", "missing")]["requests"] == models[("ollama", "missing")]["errors"] == 1
+    assert (webui["today"]["requests"], webui["today"]["prompt_tokens"], webui["today"]["completion_tokens"]) == \
+        (1, 12, 3)  # a stream, counted from the usage event ModelGate asked for
+    assert report["apps"]["janitor"]["today"]["requests"] == 0  # /usage itself is not an app's request
+    assert [day["day"] for day in fluentread["daily"]][-2:] == ["2026-12-06", "2026-12-07"]
+    assert len(fluentread["daily"]) == 30 and fluentread["daily"][-1]["total_tokens"] == 45
+
+
+async def test_the_time_a_request_waited_in_the_queue_is_counted_for_its_app() -> None:
+    """A request that waits for its turn behind another (OLLAMA_NUM_PARALLEL=1) adds its wait to its app's
+    queue time; the one that went first waited for nothing."""
+    async with upstream(json_reply(document={**COMPLETION, "usage": USAGE}, held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_NUM_PARALLEL="1", **USAGE_APPS) as app:
+        first = asyncio.ensure_future(chat(app, CHAT, OTHER_AUTH))
+        await up.received(1)
+        second = asyncio.ensure_future(chat(app))
+        await until(lambda: app.metrics.queued.get("fluentread") == 1)
+        up.release.set()
+        assert (await first).status == (await second).status == 200
+        report = await usage_of(app)
+    assert report["apps"]["fluentread"]["today"]["queue_seconds"] > 0
+    assert report["apps"]["webui"]["today"]["queue_seconds"] < report["apps"]["fluentread"]["today"]["queue_seconds"]
+
+
+async def test_a_token_sees_its_own_usage_and_an_admin_sees_everyones() -> None:
+    """GET /usage with an app's token shows that app only; with a token named in OLLAMA_ADMIN_TOKENS, every app;
+    without a token, nothing (401)."""
+    async with upstream(usage_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, **USAGE_APPS) as app:
+        assert (await chat(app)).status == (await chat(app, CHAT, OTHER_AUTH)).status == 200
+        own = await usage_of(app, AUTH)
+        everyone = await usage_of(app, ADMIN_AUTH)
+        refused = await call(app, "GET", "/usage", headers=[])
+    assert list(own["apps"]) == ["fluentread"] and own["apps"]["fluentread"]["today"]["total_tokens"] == 15
+    assert list(everyone["apps"]) == ["fluentread", "janitor", "webui"]
+    assert everyone["apps"]["webui"]["today"]["total_tokens"] == 15
+    assert_error(refused, 401, "authentication_error", "invalid_api_key")
+
+
+async def test_a_new_local_day_starts_at_midnight_and_the_last_30_days_are_kept(tmp_path: Path) -> None:
+    """Counts go to the gateway's local day: a request a minute after midnight is today's, the one before
+    it yesterday's; a day more than 30 days back is no longer shown."""
+    clock = Clock(datetime.datetime(2026, 12, 6, 23, 59).timestamp())
+    async with upstream(usage_reply()) as up, \
+            gateway(clock=clock, OLLAMA_BASE_URL=up.url, USAGE_DB=str(tmp_path / "u.sqlite3"), **USAGE_APPS) as app:
+        await chat(app)
+        clock.now = datetime.datetime(2026, 12, 7, 0, 1).timestamp()
+        await chat(app)
+        await chat(app)
+        report = await usage_of(app, AUTH)
+        clock.now = datetime.datetime(2027, 1, 5, 12, 0).timestamp()  # 2026-12-07 is the 30th day back
+        later = await usage_of(app, AUTH)
+        clock.now = datetime.datetime(2027, 1, 6, 12, 0).timestamp()
+        gone = await usage_of(app, AUTH)
+    daily = {day["day"]: day["requests"] for day in report["apps"]["fluentread"]["daily"]}
+    assert report["apps"]["fluentread"]["today"]["requests"] == 2
+    assert (daily["2026-12-06"], daily["2026-12-07"]) == (1, 2)
+    assert later["from"] == "2026-12-07" and later["apps"]["fluentread"]["total"]["requests"] == 2
+    assert later["apps"]["fluentread"]["today"]["requests"] == 0
+    assert gone["apps"]["fluentread"]["total"]["requests"] == 0
+
+
+async def test_usage_in_a_browser_is_a_page_with_a_bar_per_day_and_every_name_escaped() -> None:
+    """A browser (Accept: text/html) gets /usage as a page: per app its totals, an inline SVG bar per day
+    and a row per model; it runs no script, loads nothing, and a model name a client made up is shown as
+    text, never as markup."""
+    odd = b'{"model": "ollama/<img src=x onerror=alert(1)>", "messages": []}'
+    async with upstream(usage_reply()) as up, gateway(clock=Clock(NOON), OLLAMA_BASE_URL=up.url, **USAGE_APPS) as app:
+        await chat(app)
+        await chat(app, odd)
+        answer = await call(app, "GET", "/usage", headers=[*AUTH, (b"accept", b"text/html,application/xhtml+xml")])
+    page = answer.body.decode()
+    assert answer.status == 200 and answer.header(b"content-type") == b"text/html; charset=utf-8"
+    assert answer.header(b"content-security-policy").startswith(b"default-src 'none'")
+    assert answer.header(b"cache-control") == b"no-store"
+    assert "<h2>fluentread</h2>" in page and "webui" not in page  # its own usage only
+    assert page.count("<svg") == 1 and page.count("<rect") == 30 and "2026-12-07: 30 tokens, 2 requests" in page
+    assert "ollama/qwen2.5:7b" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<img" not in page and "<script" not in page and "http" not in page.split("</style>")[1]
+
+
+def another_programs_file(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.execute("INSERT INTO notes VALUES ('keep me')")
+    db.close()
+
+
+def damaged_usage_file(path: Path) -> None:
+    with sqlite3.connect(path) as db:  # one of ours, with its middle overwritten
+        db.execute(f"PRAGMA application_id = {modelgate.USAGE_APPLICATION_ID}")
+        db.execute(modelgate.USAGE_TABLE)
+        db.executemany(modelgate.USAGE_ADD, [("2026-12-07", f"app{n}", "ollama", "m" * 200, 1, 0, 1, 1, 0.0, 0.0)
+                                             for n in range(200)])
+    db.close()
+    data = bytearray(path.read_bytes())
+    data[4096:8192] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+
+
+USAGE_FILES_REFUSED = [
+    (lambda path: path.write_bytes(b"these are my notes, not a database\n" * 100), "not a file of usage counts"),
+    (another_programs_file, "not a file of usage counts"),
+    (damaged_usage_file, "not a file of usage counts"),
+]
+
+
+@pytest.mark.parametrize("make, said", USAGE_FILES_REFUSED)
+async def test_a_usage_file_that_is_not_ours_stops_startup_and_is_left_as_it_is(
+        tmp_path: Path, make: Callable[[Path], None], said: str) -> None:
+    """A USAGE_DB that is not a file of usage counts (another file, another program's database, a damaged
+    one) stops start-up with a line naming USAGE_DB, and is left byte for byte as it was: never replaced."""
+    path = tmp_path / "usage.sqlite3"
+    make(path)
+    before = path.read_bytes()
+    message = await start_failure(modelgate.Gateway(environ(USAGE_DB=str(path))))
+    assert message.startswith("USAGE_DB") and said in message and "left as it is" in message
+    assert path.read_bytes() == before
+
+
+async def test_a_usage_file_that_cannot_be_opened_stops_startup_saying_what_to_do(tmp_path: Path) -> None:
+    """USAGE_DB in a directory that does not exist stops start-up with a line saying to check the directory,
+    or to keep the counts in memory with USAGE_DB= ."""
+    message = await start_failure(modelgate.Gateway(environ(USAGE_DB=str(tmp_path / "no-such-dir" / "u.sqlite3"))))
+    assert message.startswith("USAGE_DB") and "cannot be opened" in message and "USAGE_DB=" in message
+
+
+async def test_usage_db_set_to_nothing_keeps_the_counts_in_memory_only(tmp_path: Path) -> None:
+    """USAGE_DB= (set to nothing, as in .env) counts in memory and writes no file, where an unset USAGE_DB
+    means the default file in the working directory."""
+    assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN}).usage_db == "modelgate-usage.sqlite3"
+    assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "USAGE_DB": ""}).usage_db == ""
+    async with upstream(usage_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, **USAGE_APPS) as app:
+        await chat(app)
+        assert (await usage_of(app, AUTH))["apps"]["fluentread"]["today"]["requests"] == 1
+    assert not list(tmp_path.iterdir()) and not Path("modelgate-usage.sqlite3").exists()
 
 
 ###############################################################################
