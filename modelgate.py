@@ -611,7 +611,8 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
 # They end up in request lines, headers and log lines, where a control character forges what follows it: a
 # newline in OLLAMA_BASE_URL, which urlsplit drops without a word, was sent as a path of its own and logged
 # as two lines (issue 16). Unicode's line and paragraph separators end a line for str.splitlines too.
-NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes", "shares"})
+NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes", "shares",
+                        "usage file"})
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 

@@ -1214,6 +1214,7 @@ NAME_SETTINGS = [
     ("MODEL_DEFAULTS", '{"ollama/qwen^*": {"temperature": 0}}', {}),
     ("MODEL_OVERRIDES", '{"ollama/qwen^*": {"temperature": 0}}', {}),
     ("TOKEN_SHARES", "app=2,ot^her=1", {"MODELGATE_TOKEN": f"app:{TOKEN},other:{OTHER_TOKEN}"}),
+    ("USAGE_DB", "/data/modelgate-us^age.sqlite3", {}),
 ]
 # What the others hold: numbers, flags, choices, keys and networks, each read by a parser of its own.
 NOT_NAME_SETTINGS = {"DEFAULT_PROVIDER", "OLLAMA_API_KEY", "OPENAI_API_KEY", "TIMEOUT_SECONDS",
