@@ -2869,6 +2869,7 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
 SSE_BLANK = re.compile(rb"\n\n|\r\r\n?|\n\r\n?")
 SSE_LINE = re.compile(rb"\r\n|\r|\n")
 SSE_ENDS = (b"\n\n", b"\n\r\n", b"\r\r\n")  # blank lines that nothing after them can run on
+LINE_ENDS = re.compile(rb"[\r\n]*")
 
 
 def blank_end(data: bytes | bytearray, end: int) -> int:
@@ -2882,6 +2883,7 @@ def blank_end(data: bytes | bytearray, end: int) -> int:
 def line_end(data: bytes | bytearray, end: int) -> int:
     at = data.rfind(b"\n", 0, end)
     return -1 if at < 0 else at + 1
+
 
 # How much of a stream's end is kept, to judge whether it is whole and to read the tokens it used: OpenAI's
 # usage event with its token details is about 500 bytes, and a Responses stream's last event carries its
@@ -2932,7 +2934,7 @@ class Frames:
         self.blank_end, self.fields = (blank_end, event_fields) if sse else (line_end, line_fields)
         self.first = b""  # the stream's first TAIL_BYTES, once `kept` moves on: Anthropic's usage starts there
         self.kept = bytearray()  # the upstream's last TAIL_BYTES at least, twice as many at most
-        self.head: bytes | None = None  # the first HEAD_BYTES of the record `kept` begins inside; None: no such
+        self.head: bytes | None = None  # the first HEAD_BYTES of the record `kept` begins inside; None: it begins one
         self.held: bytes | None = b"" if hides_usage else None  # the start of an event that may be the usage event
 
     def feed(self, chunk: bytes) -> bytes:
@@ -2948,11 +2950,12 @@ class Frames:
         return self.without_usage(held) if EMPTY_CHOICES.search(held) else held
 
     def trim(self) -> None:
-        cut, self.first = len(self.kept) - TAIL_BYTES, self.first or bytes(self.kept[:TAIL_BYTES])
-        while self.kept[cut - 1] in b"\r\n":  # never inside a blank line
-            cut -= 1
+        self.first = self.first or bytes(self.kept[:TAIL_BYTES])
+        cut = LINE_ENDS.match(self.kept, len(self.kept) - TAIL_BYTES).end()  # never inside a blank line
         start = self.blank_end(self.kept, cut)
-        if start >= 0 or self.head is None:  # else it began before what was kept, whose start we have
+        if start == cut:  # a record begins where `kept` will
+            self.head = None
+        elif start >= 0 or self.head is None:  # else it began before what was kept, whose start we have
             self.head = bytes(self.kept[max(start, 0):max(start, 0) + HEAD_BYTES])
         del self.kept[:cut]
 
@@ -2974,7 +2977,8 @@ class Frames:
         key, values = self.end
         if key == "type" and name:
             return name in values or self.own_error(parsed(data))
-        if head:  # too long to be read as JSON: the key is looked for where it can be, the start and the end
+        if head:  # too long to be read as JSON: the key is looked for where it can be, in its start and its end
+            # (so a key of the same name in an object inside counts too there: a rare line, cut at that)
             found = b"|".join(re.escape(json.dumps(value).encode()) for value in values)
             pattern = rb'"%s"[ \t\r\n]*:[ \t\r\n]*(?:%s)' % (re.escape(key.encode()), found)
             return key != "data" and bool(re.search(pattern, head) or re.search(pattern, end))

@@ -3352,6 +3352,8 @@ RESPONSE_STREAMS = [
     ([b"data: " + json.dumps({"type": "response.completed", "response": LONG_RESPONSE}).encode() + b"\n\n"], True),
     ([b"data: " + json.dumps({"response": LONG_RESPONSE, "type": "response.completed"}).encode() + b"\r\r"], True),
     ([openai_event("response.output_text.delta", delta="Hello " * 2000)], False),
+    ([openai_event("response.created", response={}), openai_event("response.completed", response=LONG_RESPONSE)
+      .replace(b"\n", b"\r\n")], True),
 ]
 
 
@@ -6044,6 +6046,32 @@ def test_every_route_end_is_judged_the_same_however_the_stream_is_cut(stream: tu
     payload = b"".join(events)
     cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
     frames = modelgate.Frames(modelgate.ROUTES[path], modelgate.ROUTES[path].dialect)
+    assert fed(frames, payload, cuts) == payload and frames.whole() == whole
+
+
+# Chat streams of events short and long (beyond the end of a stream that is kept), each line ended by LF, CRLF or
+# CR (never CR then LF, which would be one CRLF), each event by a blank line: (events, whether the data of the
+# last is [DONE]; comments and the event's name aside).
+SSE_LINE_ENDS = [(end, blank) for end in (b"\n", b"\r\n", b"\r") for blank in (b"\n", b"\r\n", b"\r")
+                 if not (end == b"\r" and blank == b"\n")]
+SSE_LINES = st.sampled_from([b"data: [DONE]", b"data: {}", b": ping", b"event: x"]) | \
+    st.integers(1, 9000).map(lambda n: b"data: " + b"x" * n)
+SSE_STREAMS = st.lists(st.tuples(st.lists(SSE_LINES, min_size=1, max_size=3), st.sampled_from(SSE_LINE_ENDS)),
+                       min_size=1, max_size=6).map(
+    lambda events: ([end.join(lines) + end + blank for lines, (end, blank) in events],
+                    [line for line in events[-1][0] if line.startswith(b"data")] == [b"data: [DONE]"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(SSE_STREAMS, st.data())
+def test_any_chat_stream_is_judged_by_its_last_event_however_it_is_cut(stream: tuple[list[bytes], bool],
+                                                                      data: Any) -> None:
+    """A chat stream of any events, short or long, with any line ends, cut anywhere, reaches its client byte
+    for byte and is whole exactly when the data of its last event is [DONE]."""
+    events, whole = stream
+    payload = b"".join(events)
+    cuts = data.draw(st.lists(st.integers(1, len(payload) - 1), max_size=20, unique=True).map(sorted))
+    frames = modelgate.Frames(modelgate.ROUTES["/v1/chat/completions"], modelgate.OPENAI)
     assert fed(frames, payload, cuts) == payload and frames.whole() == whole
 
 
