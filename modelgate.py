@@ -4162,8 +4162,7 @@ class Connection(httpcore.AsyncHTTP11Connection):
 
     The lock guards a connection shared by concurrent requests, as in httpcore's pool. Ours hands a
     connection to one request at a time, and anyio's lock costs a trip through the event loop on
-    every acquire, twice per request. `_state_lock` is private to httpcore: the test suite checks that
-    httpcore still has it, and requirements.txt keeps httpcore to the 1.0 series it was checked with.
+    every acquire, twice per request. `_state_lock` is private to httpcore (Internals relied on).
     """
 
     def __init__(self, origin: httpcore.Origin, stream: SocketStream, keepalive_expiry: float) -> None:
@@ -4262,6 +4261,32 @@ class Pool:
     async def aclose(self) -> None:
         while self.idle:
             await self.idle.pop().aclose()
+
+
+###############################################################################
+# Internals relied on #########################################################
+###############################################################################
+
+# What this module uses of its libraries beyond what they document, each named here once, with where it is
+# used. Each has a test ("Internals relied on" in test_modelgate.py) that fails if a release changes it.
+# Read in the sources of httpcore 1.0.5 to 1.0.9 and uvicorn 0.30 to 0.35 and 0.55; tested with httpcore
+# 1.0.9 and uvicorn 0.55, json's on Python 3.10 to 3.13. requirements.txt keeps httpcore and uvicorn there.
+#
+#   httpcore  AsyncHTTP11Connection._state_lock    Connection replaces it with NO_LOCK: httpcore enters it
+#             around each request's use of the connection's state, an attribute looked up on every use.
+#   httpcore  AsyncHTTP11Connection.has_expired()   asks its stream's get_extra_info("is_readable") whether an
+#             idle connection has something to read (the server hung up): SocketStream answers that.
+#   httpcore  a status line h11 refuses             raised as httpcore.RemoteProtocolError `from` h11's
+#             RemoteProtocolError (its map_exceptions): Upstream.send tells "not HTTP at all" by __cause__.
+#   uvicorn   protocols.http.h11_impl.H11Protocol   head_timeout_protocol's subclass, given to Config(http=):
+#             its .conn (the h11.Connection, IDLE until a request head is whole), .transport, .loop, and
+#             timeout_keep_alive_handler(), which closes the connection.
+#   uvicorn   Server.handle_exit, Server.serve      uvicorn_server replaces both on the instance: serve() is
+#             what Server.run() awaits, handle_exit what serve() installs for SIGTERM and SIGINT; once done,
+#             serve() raises a signal it caught again to the handler it found (main's exit status 0).
+#   Python    json.scanner.make_scanner,            parse_body's walk through a body's top-level keys:
+#             json.decoder.scanstring                scanner(text, at) -> (value, end), StopIteration where no
+#             value starts; scanstring(text, after the quote) -> (string, end).
 
 
 ###############################################################################

@@ -18,6 +18,8 @@ import base64
 import datetime
 import hashlib
 import json
+import json.decoder
+import json.scanner
 import logging
 import math
 import os
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import h11
 import httpcore
 import pytest
 import uvicorn
@@ -4877,11 +4880,171 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
             up.server.close()
 
 
-def test_httpcore_still_has_the_lock_modelgate_replaces() -> None:
-    """modelgate's Connection replaces httpcore's private `_state_lock`; should httpcore rename it, the
-    replacement would silently do nothing: this says so instead."""
+###############################################################################
+# Internals relied on: one test each (modelgate.py names them) ################
+###############################################################################
+
+
+class CannedStream(httpcore.AsyncNetworkStream):
+    """A network stream for httpcore's own connection: the bytes of one answer, and what it is asked."""
+
+    def __init__(self, answer: bytes, readable: bool = False) -> None:
+        self.answer, self.readable, self.asked = answer, readable, []
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data, self.answer = self.answer[:max_bytes], self.answer[max_bytes:]
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def get_extra_info(self, info: str) -> Any:
+        self.asked.append(info)
+        return self.readable if info == "is_readable" else None
+
+
+class CountingLock:
+    def __init__(self) -> None:
+        self.entered = 0
+
+    async def __aenter__(self) -> None:
+        self.entered += 1
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        pass
+
+
+async def one_answer(connection: httpcore.AsyncHTTP11Connection) -> bytes:
+    request = httpcore.Request(b"GET", b"http://127.0.0.1/v1/models", headers=[(b"host", b"127.0.0.1")],
+                               extensions={"timeout": {"read": 5, "write": 5}})
+    response = await connection.handle_async_request(request)
+    try:
+        return b"".join([chunk async for chunk in response.stream])
+    finally:
+        await response.stream.aclose()
+
+
+OK_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def test_internal_httpcore_enters_the_state_lock_that_modelgate_replaces() -> None:
+    """httpcore's AsyncHTTP11Connection enters its private `_state_lock` for a request, looked up on the
+    connection: so modelgate's Connection, which puts NO_LOCK there, does take the lock away."""
     origin = httpcore.Origin(b"http", b"127.0.0.1", 80)
-    assert hasattr(httpcore.AsyncHTTP11Connection(origin, None), "_state_lock")
+    connection = httpcore.AsyncHTTP11Connection(origin, CannedStream(OK_ANSWER))
+    connection._state_lock = lock = CountingLock()
+    assert await one_answer(connection) == b"{}"
+    assert lock.entered >= 1
+
+
+@pytest.mark.parametrize("readable", [True, False])
+async def test_internal_httpcore_asks_an_idle_stream_whether_it_is_readable(readable: bool) -> None:
+    """httpcore judges an idle connection whose stream has something to read (the server hung up) expired,
+    by asking get_extra_info("is_readable"), which modelgate's SocketStream answers."""
+    origin = httpcore.Origin(b"http", b"127.0.0.1", 80)
+    stream = CannedStream(OK_ANSWER, readable=readable)
+    connection = httpcore.AsyncHTTP11Connection(origin, stream, keepalive_expiry=3600)
+    await one_answer(connection)
+    assert connection.has_expired() is readable and "is_readable" in stream.asked
+
+
+async def test_internal_httpcore_raises_a_refused_status_line_from_h11s_error() -> None:
+    """An answer that is not HTTP (an SSH server's greeting) is httpcore's RemoteProtocolError raised from
+    h11's, which is how modelgate tells it from a connection that broke."""
+    origin = httpcore.Origin(b"http", b"127.0.0.1", 80)
+    connection = httpcore.AsyncHTTP11Connection(origin, CannedStream(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
+    with pytest.raises(httpcore.RemoteProtocolError) as failure:
+        await one_answer(connection)
+    assert isinstance(failure.value.__cause__, h11.RemoteProtocolError)
+
+
+async def test_internal_uvicorn_h11_protocol_has_what_the_head_timeout_uses() -> None:
+    """The head timeout's subclass of uvicorn's H11Protocol reads its h11 connection's state, its transport
+    and loop, and calls timeout_keep_alive_handler() to close the connection."""
+    server = command_line_server(modelgate.Gateway(environ()), 30)
+    async with serve_with(server) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 10)
+        [protocol] = server.server_state.connections
+        waiting = protocol.conn.their_state is h11.IDLE  # the next request's head not begun
+        loop = protocol.loop is asyncio.get_running_loop()
+        protocol.timeout_keep_alive_handler()
+        closed = await closed_by_the_gateway(reader)
+        writer.close()
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    assert isinstance(protocol, H11Protocol) and isinstance(protocol.conn, h11.Connection)
+    assert waiting and loop and closed
+
+
+def test_internal_h11_waits_in_idle_until_a_request_head_is_whole() -> None:
+    """h11's server side stays IDLE while a request head comes in part by part, and leaves it once it is
+    whole, which is what the head timeout watches."""
+    connection = h11.Connection(h11.SERVER)
+    states = []
+    for part in (b"GET /health HTTP/1.1\r\n", b"host: gw\r\n", b"\r\n"):
+        connection.receive_data(part)
+        connection.next_event()
+        states.append(connection.their_state)
+    assert states[:2] == [h11.IDLE, h11.IDLE] and states[2] is not h11.IDLE
+
+
+def test_internal_uvicorn_run_awaits_the_serve_of_the_instance() -> None:
+    """uvicorn's Server.run() awaits `serve` as looked up on the server, which uvicorn_server replaces."""
+    server = modelgate.uvicorn_server(modelgate.load_config(environ(HOST="127.0.0.1", PORT="1")),
+                                      modelgate.Gateway(environ()))
+    ran = []
+
+    async def serve(sockets: Any = None) -> None:
+        ran.append(sockets)
+
+    server.serve = serve
+    server.run(sockets=["the sockets"])
+    assert ran == [["the sockets"]]
+
+
+async def test_internal_uvicorn_serve_installs_handle_exit_and_raises_the_signal_again_after() -> None:
+    """uvicorn's serve() installs `handle_exit` as looked up on the server for SIGTERM (uvicorn_server puts
+    the gateway's own there), and once over raises the SIGTERM it caught again to the handler it found
+    (main's clean exit)."""
+    server = command_line_server(modelgate.Gateway(environ()), 30)
+    found_again = []
+    before = signal.signal(signal.SIGTERM, lambda sig, frame: found_again.append(sig))
+    try:
+        async with serve_with(server) as base:
+            host, port = base.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+            await asyncio.wait_for(reader.read(), 10)  # answered: serve() runs
+            writer.close()
+            installed = signal.getsignal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # as `kill` would: the server shuts down
+        assert installed is server.handle_exit and found_again == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+JSON_VALUES = [  # (text, where the value starts, the value, where it ends)
+    ('{"model": "x", "stream": true}', 10, "x", 13),
+    ('{"messages": [{"role": "user"}] }', 13, [{"role": "user"}], 31),
+    ('{"n": -1.5e3}', 6, -1500.0, 12),
+]
+
+
+@pytest.mark.parametrize("text, start, value, end", JSON_VALUES)
+def test_internal_json_scanner_reads_one_value_and_says_where_it_ends(text: str, start: int, value: Any,
+                                                                      end: int) -> None:
+    """json.scanner.make_scanner(JSONDecoder()) reads the one value at an index and returns where it ends;
+    json.decoder.scanstring reads a string from after its quote: parse_body walks a body's keys with both."""
+    scan = json.scanner.make_scanner(json.JSONDecoder())
+    assert scan(text, start) == (value, end)
+    assert json.decoder.scanstring(text, 2) == (text[2:text.index('"', 2)], text.index('"', 2) + 1)
+    with pytest.raises(StopIteration):
+        scan(text, 0 if not text.startswith("{") else text.index(":"))  # no value starts at a colon
 
 
 ###############################################################################
