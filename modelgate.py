@@ -85,6 +85,8 @@ Environment (read once at start-up; SETTINGS below is the table):
     TLS_KEY_FILE             and this key                          (empty)
     MODEL_ALIASES            alias=target,...: model names tools ship with, for models you have (empty)
     TOKEN_MODELS             name=pattern|pattern,...: the models a token name may use (empty: any)
+    TOKEN_QUOTAS             name=N,...: tokens (prompt + completion) a token name may use a day, then 429
+                             until local midnight (empty: no quota)
     MODEL_DEFAULTS           {"pattern": {"field": value}, ...}: request fields added where absent (empty)
     MODEL_OVERRIDES          {"pattern": {"field": value}, ...}: request fields set, replacing the client's (empty)
     OLLAMA_NUM_PARALLEL      inference requests each Ollama host runs at once per model; more wait in
@@ -214,6 +216,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_ALIASES", "model_aliases", "", "aliases",
             "alias=target,...: model names tools ship with, for models you have"),
     Setting("TOKEN_MODELS", "token_models", "", "scopes", "name=pattern|pattern,...: the models a token name may use"),
+    # A day's tokens per app: open-webui #1430 asks for a maximum a day per family member.
+    Setting("TOKEN_QUOTAS", "token_quotas", "", "quotas",
+            "name=N,...: tokens (prompt + completion) a token name may use a day"),
     Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults",
             '{"pattern": {"field": value}, ...}: request fields added where absent'),
     # What a model runs with is the owner's choice: Home Assistant's integration sends keep_alive -1 and
@@ -492,6 +497,9 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # RATE_LIMIT_RPM (with Retry-After) and MAX_CONCURRENT_PER_TOKEN: the SDKs wait and retry a 429.
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
     "too_many_in_flight": (429, "rate_limit_error", "concurrency_limit_exceeded"),
+    # TOKEN_QUOTAS: the token name's tokens of today are used up; Retry-After says when midnight is. OpenAI's
+    # own type for a quota used up is insufficient_quota.
+    "quota_exceeded": (429, "insufficient_quota", "quota_exceeded"),
     "internal": (500, "api_error", "internal_error"),
     "upstream_unavailable": (502, "api_error", "upstream_unavailable"),
     # An answer larger than MAX_HELD_ANSWER where it must be held whole (COALESCE, model lists).
@@ -601,6 +609,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
     check_scopes(values["token_models"], values["token_names"])
     check_shares(values["token_shares"], values["token_names"])
+    check_quotas(values["token_quotas"], values["token_names"])
     if values["default_provider"] == "openai" and not values["openai_api_key"]:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
@@ -612,7 +621,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
 # newline in OLLAMA_BASE_URL, which urlsplit drops without a word, was sent as a path of its own and logged
 # as two lines (issue 16). Unicode's line and paragraph separators end a line for str.splitlines too.
 NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes", "shares",
-                        "usage file"})
+                        "quotas", "usage file"})
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -861,6 +870,29 @@ def parse_shares(name: str, value: str) -> dict[str, float]:
     return shares
 
 
+def parse_quotas(name: str, value: str) -> dict[str, int]:
+    """TOKEN_QUOTAS: `name=N,...`, N tokens a day; that the names exist is checked with MODELGATE_TOKEN."""
+    quotas: dict[str, int] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        token, equals, tokens = (part.strip() for part in entry.partition("="))
+        if not (equals and token and tokens.isascii() and tokens.isdigit() and int(tokens) > 0):
+            raise ConfigError(f"{name}: {entry!r} is not name=tokens a day (a whole number above 0), such as "
+                              "fluentread=300000")
+        if token in quotas:
+            raise ConfigError(f"{name} names {token!r} twice; give each token name one quota")
+        quotas[token] = int(tokens)
+    return quotas
+
+
+def check_quotas(quotas: Mapping[str, int], names: tuple[str, ...]) -> None:
+    for token in quotas:
+        if token not in names:
+            raise ConfigError(f"TOKEN_QUOTAS names {token!r}, but MODELGATE_TOKEN has no token of that name (it "
+                              f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
+
+
 def check_shares(shares: Mapping[str, float], names: tuple[str, ...]) -> None:
     for token in shares:
         if token not in names:
@@ -947,6 +979,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "scopes": parse_scopes,
     "defaults": parse_defaults,
     "shares": parse_shares,
+    "quotas": parse_quotas,
     "usage file": lambda name, value: value,  # opened at start-up (open_usage_file): "" keeps counts in memory
 }
 
@@ -1147,7 +1180,7 @@ def with_v1(url: str) -> str:
 # same way):
 #   1. the client's address: ALLOWED_IPS, found through TRUSTED_PROXIES (screen);
 #   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
-#      Ollama holds, and that token within MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
+#      Ollama holds, and that token within TOKEN_QUOTAS, MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
 #   3. where its model goes and whether the token may use it: MODEL_ALIASES, the provider prefix or the one
 #      provider of a door (route_model), TOKEN_MODELS (routed_body);
 #   4. the body: what is checked, and the few edits made to it (the model's name, MODEL_DEFAULTS and
@@ -1282,15 +1315,30 @@ ADMIN_ONLY = {
 }
 
 
-def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None) -> None:
+def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usage: Usage | None = None) -> None:
     """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
-    Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its limits."""
+    Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its quota and limits."""
     if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
         ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
         if (route.admin or route.access == "metrics") and name not in config.ollama_admin_tokens:
             raise GatewayError("admin_only", ADMIN_ONLY[route.access].format(name=name))
+        if name in config.token_quotas and route.limited:  # not /usage: an app over its quota may see why
+            within_quota(name, config.token_quotas[name], usage)
         if limits is not None and route.limited:  # not /metrics: a scraper is not an app
             ex.holds_slot = limits.admit(ex.token)
+
+
+def within_quota(name: str, quota: int, usage: Usage) -> None:
+    """TOKEN_QUOTAS: a token name whose tokens of today (the upstreams' own figures, USAGE_DB's day) reach its
+    quota gets 429 until the gateway's local midnight. A request already running goes on to its end."""
+    used, midnight = usage.used_today(name)
+    if used < quota:
+        return
+    seconds = max(1, math.ceil(midnight - usage.clock()))
+    resets = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(midnight))
+    raise GatewayError("quota_exceeded", f"The token named {name!r} has used its quota of {quota:,} tokens a day "
+                       f"(TOKEN_QUOTAS): {used:,} today. It resets at midnight, {resets}, in "
+                       f"{seconds // 3600} h {seconds % 3600 // 60} min.", [(b"retry-after", b"%d" % seconds)])
 
 
 class TokenBucket:
@@ -1990,7 +2038,7 @@ class Gateway:
                                [(b"allow", allow.encode())])
         if self.closing and not route.while_closing:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
-        admit(ex, route, config, self.limits)
+        admit(ex, route, config, self.limits, self.usage)
         return await handler(ex)
 
     async def deliver(self, ex: Exchange, answer: Answer) -> None:
@@ -2262,7 +2310,7 @@ class Gateway:
         names = {ex.token}
         if ex.token in config.ollama_admin_tokens:  # and the names that are gone from MODELGATE_TOKEN since
             names.update(config.token_names, (key[1] for key in counts))
-        report = usage_report(counts, usage.today, USAGE_DAYS, names)
+        report = usage_report(counts, usage.today, USAGE_DAYS, names, config.token_quotas)
         if b"text/html" in ex.header(b"accept").lower():  # a browser
             return Answer(200, [*PAGE_HEADERS, *USAGE_HEADERS], usage_page(report))
         return Answer(200, [JSON, *USAGE_HEADERS], json.dumps(report).encode())
@@ -3585,6 +3633,13 @@ class Usage:
         counts[4] += ex.queued or 0.0  # None: a route that does not wait for a turn
         counts[5] += ex.upstream_seconds
 
+    def used_today(self, name: str) -> tuple[int, float]:
+        """The tokens a token name used today, and when today ends (TOKEN_QUOTAS)."""
+        now = self.clock()
+        if now >= self.midnight:
+            self.new_day(now)
+        return self.spent.get(name, 0), self.midnight
+
     def capped(self, key: UsageKey) -> UsageKey:
         # The model is the client's word that the upstream took (or refused): past MAX_MODEL_SERIES of them
         # per token name, provider and day, further ones are counted as "other", as in /metrics.
@@ -3675,9 +3730,11 @@ def usage_totals(values: list) -> dict[str, Any]:
             "upstream_seconds": round(upstream, 6)}
 
 
-def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: Iterable[str]) -> dict[str, Any]:
+def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: Iterable[str],
+                 quotas: Mapping[str, int]) -> dict[str, Any]:
     """What GET /usage answers (and its page and --usage show): for each token name of `names`, today's
-    counts, those of the `days` days up to today, each of those days, and the same per provider and model."""
+    counts, those of the `days` days up to today, each of those days, the same per provider and model, and
+    its TOKEN_QUOTAS quota (null: none) with what is left of it today."""
     first = datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)
     shown = [(first + datetime.timedelta(days=n)).isoformat() for n in range(days)]
     apps: dict[str, dict] = {name: {"today": [0, 0, 0, 0, 0.0, 0.0], "total": [0, 0, 0, 0, 0.0, 0.0],
@@ -3693,7 +3750,8 @@ def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: 
             for i, value in enumerate(values):
                 kept[i] += value
     return {"today": today, "from": shown[0], "days": days, "apps": {name: {
-        "today": usage_totals(app["today"]), "total": usage_totals(app["total"]),
+        "today": usage_totals(app["today"]), "total": usage_totals(app["total"]), "quota": quotas.get(name),
+        "quota_left": max(0, quotas[name] - app["today"][2] - app["today"][3]) if name in quotas else None,
         "models": [{"provider": provider, "model": model, "today": usage_totals(on_day),
                     "total": usage_totals(in_all)} for (provider, model), (on_day, in_all) in app["models"].items()],
         "daily": [{"day": day, **usage_totals(values)} for day, values in app["daily"].items()],
@@ -3744,6 +3802,9 @@ def usage_page(report: dict[str, Any]) -> bytes:
                      f"</b>, {plural(today['requests'], 'request')}, {plural(today['errors'], 'error')}. "
                      f"{report['days']} days: <b>{plural(total['total_tokens'], 'token')}</b>, "
                      f"{plural(total['requests'], 'request')}, {plural(total['errors'], 'error')}.</p>\n")
+        if app["quota"] is not None:
+            parts.append(f'<p class="sum">Quota {plural(app["quota"], "token")} a day: <b>{app["quota_left"]:,} '
+                         "left</b> today.</p>\n")
         parts.append(usage_bars(app["daily"]))
         parts.append(usage_table(app["models"], report["days"]))
     parts.append("</body>\n</html>\n")

@@ -1218,6 +1218,7 @@ NAME_SETTINGS = [
     ("MODEL_OVERRIDES", '{"ollama/qwen^*": {"temperature": 0}}', {}),
     ("TOKEN_SHARES", "app=2,ot^her=1", {"MODELGATE_TOKEN": f"app:{TOKEN},other:{OTHER_TOKEN}"}),
     ("USAGE_DB", "/data/modelgate-us^age.sqlite3", {}),
+    ("TOKEN_QUOTAS", "app=10,ot^her=5", {"MODELGATE_TOKEN": f"app:{TOKEN},other:{OTHER_TOKEN}"}),
 ]
 # What the others hold: numbers, flags, choices, keys and networks, each read by a parser of its own.
 NOT_NAME_SETTINGS = {"DEFAULT_PROVIDER", "OLLAMA_API_KEY", "OPENAI_API_KEY", "TIMEOUT_SECONDS",
@@ -4349,6 +4350,70 @@ async def test_usage_in_a_browser_is_a_page_with_a_bar_per_day_and_every_name_es
     assert page.count("<svg") == 1 and page.count("<rect") == 30 and "2026-12-07: 30 tokens, 2 requests" in page
     assert "ollama/qwen2.5:7b" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "<img" not in page and "<script" not in page and "http" not in page.split("</style>")[1]
+
+
+async def test_a_token_over_its_daily_quota_gets_429_until_local_midnight_in_its_doors_shape(tmp_path: Path) -> None:
+    """TOKEN_QUOTAS: once a token name's tokens of today (the upstream's own figures) reach its quota, its
+    requests get 429 quota_exceeded with Retry-After the seconds to local midnight, in the shape of the door
+    it used, and nothing goes upstream; other apps go on; the quota is kept across a restart; after midnight
+    the token is let in again."""
+    clock = Clock(datetime.datetime(2026, 12, 7, 23, 0).timestamp())
+    settings_ = {**USAGE_APPS, "TOKEN_QUOTAS": "fluentread=20", "USAGE_DB": str(tmp_path / "u.sqlite3")}
+    async with upstream(usage_reply()) as up:
+        async with gateway(clock=clock, OLLAMA_BASE_URL=up.url, **settings_) as app:
+            assert [(await chat(app)).status for _ in range(2)] == [200, 200]  # 15 tokens, then 30: over 20
+            refused = await chat(app)
+            native = await call(app, "POST", "/api/chat", NATIVE_STREAM)
+            assert (await chat(app, CHAT, OTHER_AUTH)).status == 200
+            report = await usage_of(app, AUTH)
+        sent = len(up.requests)
+        async with gateway(clock=clock, OLLAMA_BASE_URL=up.url, **settings_) as app:
+            after_restart = await chat(app)
+            clock.now = datetime.datetime(2026, 12, 8, 0, 0, 1).timestamp()
+            after_midnight = await chat(app)
+    message = assert_error(refused, 429, "insufficient_quota", "quota_exceeded")["message"]
+    assert "TOKEN_QUOTAS" in message and "20" in message and "30 today" in message and "2026-12-08 00:00" in message
+    assert refused.header(b"retry-after") == b"3600"  # from 23:00 to midnight, local time
+    assert native.status == 429 and "TOKEN_QUOTAS" in native.json()["error"]  # Ollama's shape
+    assert sent == 3  # two of fluentread's, one of webui's
+    assert (report["apps"]["fluentread"]["quota"], report["apps"]["fluentread"]["quota_left"]) == (20, 0)
+    assert report["apps"]["fluentread"]["today"]["errors"] == 2  # refused requests are its errors
+    assert after_restart.status == 429 and after_midnight.status == 200
+
+
+async def test_a_request_running_when_its_app_reaches_the_quota_finishes() -> None:
+    """A stream already running when its app's quota is reached by another request is relayed to its end;
+    only requests that arrive after are refused."""
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if request.json().get("stream"):  # held after its first event until released
+            return await sse_reply([*EVENTS[:-1], USAGE_EVENT, EVENTS[-1]], hold_before=1)(up, request, reader, writer)
+        await usage_reply()(up, request, reader, writer)
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_NUM_PARALLEL="0",
+                                               TOKEN_QUOTAS="fluentread=10", **USAGE_APPS) as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.received(1)
+        assert (await chat(app)).status == 200  # 15 tokens: the quota of 10 is reached
+        refused = await chat(app)
+        up.release.set()
+        streamed = await stream
+        report = await usage_of(app, AUTH)
+    assert refused.status == 429
+    assert streamed.status == 200 and streamed.complete and streamed.body.endswith(b"data: [DONE]\n\n")
+    assert report["apps"]["fluentread"]["today"]["total_tokens"] == 30  # its tokens counted when it ended
+
+
+@pytest.mark.parametrize("value, said", [("nobody=10", "no token of that name"), ("fluentread=0", "above 0"),
+                                         ("fluentread=lots", "name=tokens a day"),
+                                         ("fluentread=5,fluentread=6", "twice")])
+def test_a_token_quota_that_cannot_be_right_stops_startup_with_one_line(value: str, said: str) -> None:
+    """TOKEN_QUOTAS naming a token name MODELGATE_TOKEN does not have, or no whole number of tokens, stops
+    start-up with one line naming TOKEN_QUOTAS."""
+    with pytest.raises(modelgate.ConfigError) as refused:
+        modelgate.load_config({**USAGE_APPS, "TOKEN_QUOTAS": value})
+    assert str(refused.value).startswith("TOKEN_QUOTAS") and said in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def another_programs_file(path: Path) -> None:
