@@ -1475,6 +1475,24 @@ def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
     return item
 
 
+def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
+                names: tuple[str, ...] = ("id",), aliases: bool = True) -> list[tuple[str, dict]]:
+    """A model list (`provider/name` -> entry) as a token sees it, as (name a client uses, entry) pairs: the
+    models TOKEN_MODELS lets it use, then each alias whose target is listed and within them, as an entry of its
+    own named by the alias under `names` (OpenAI's id; Ollama's name and model). An alias to a provider that is
+    not configured, or not behind the door of `dialect`, is left out."""
+    seen = [(model_id, item) for model_id, item in models.items() if may_use(config, token, model_id)]
+    for alias in config.model_aliases if aliases else ():
+        try:
+            routed = route_model(alias, config, dialect)
+        except GatewayError:
+            continue
+        item = listed_as(models, routed.id)
+        if item is not None and may_use(config, token, routed.id):
+            seen.append((alias, {**item, **dict.fromkeys(names, alias)}))
+    return seen
+
+
 def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
     """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
     field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
@@ -2190,16 +2208,8 @@ class Gateway:
                 key = item.get("model", item.get("name")) if isinstance(item, dict) else None
                 if isinstance(key, str):
                     models.setdefault(f"ollama/{key}", item)
-        data = [item for model_id, item in models.items() if may_use(config, ex.token, model_id)]
-        for alias in config.model_aliases if ex.route == "/api/tags" else ():
-            try:
-                routed = route_model(alias, config, OLLAMA)
-            except GatewayError:  # an alias to openai/...: not behind this door
-                continue
-            item = listed_as(models, routed.id)
-            if item is not None and may_use(config, ex.token, routed.id):
-                data.append({**item, "name": alias, "model": alias})
-        return Answer(200, [JSON], json.dumps({"models": data}).encode())
+        seen = models_seen(models, config, ex.token, OLLAMA, ("name", "model"), aliases=ex.route == "/api/tags")
+        return Answer(200, [JSON], json.dumps({"models": [item for _, item in seen]}).encode())
 
     async def ollama_version(self, ex: Exchange) -> Answer | None:
         """GET /api/version: the first Ollama host that answers (a host that refuses is passed over)."""
@@ -2230,17 +2240,8 @@ class Gateway:
         if listed is None or isinstance(listed, Answer):
             return listed
         config = self.config
-        models = {item["id"]: item for items in listed for item in items}
-        data = [item for item in models.values() if may_use(config, ex.token, item["id"])]
-        for alias in config.model_aliases:
-            try:
-                routed = route_model(alias, config)
-            except GatewayError:  # openai/... without OPENAI_API_KEY: nothing there to list
-                continue
-            item = listed_as(models, routed.id)
-            if item is not None and may_use(config, ex.token, routed.id):
-                data.append({**item, "id": alias})
-        return Answer(200, [JSON], json.dumps({"object": "list", "data": data}).encode())
+        seen = models_seen({item["id"]: item for items in listed for item in items}, self.config, ex.token)
+        return Answer(200, [JSON], json.dumps({"object": "list", "data": [item for _, item in seen]}).encode())
 
     async def model(self, ex: Exchange) -> Answer | None:
         """GET /v1/models/{id}: one model of the provider the id routes to (an alias: its target's entry, as the
@@ -2258,15 +2259,15 @@ class Gateway:
         listed = await self.watched(ex, upstream.list_models(ex.headers))
         if listed is None or isinstance(listed, Answer):
             return listed
-        models = {item["id"]: item for item in listed}
+        named = ex.model if routed.aliased else wanted
+        # The last of that name: an alias (listed after the models) is routed before a model of its name.
+        item = next((item for name, item in reversed(models_seen({item["id"]: item for item in listed}, config,
+                                                                 ex.token)) if name == named), None)
+        if item is not None:
+            return Answer(200, [JSON], json.dumps(item).encode())
         if routed.aliased:
-            item = listed_as(models, wanted)
-            if item is not None:
-                return Answer(200, [JSON], json.dumps({**item, "id": ex.model}).encode())
             raise GatewayError("model_not_found", f"Model {ex.model!r} stands for {wanted!r} (MODEL_ALIASES), "
                                f"which {upstream.name} does not have. GET /v1/models lists the models you can use.")
-        if wanted in models:
-            return Answer(200, [JSON], json.dumps(models[wanted]).encode())
         raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
                            "GET /v1/models lists the models you can use.")
 
