@@ -135,7 +135,7 @@ import ssl
 import time
 from collections import deque
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
 import urllib.parse
 from urllib.parse import urlsplit, urlunsplit
 
@@ -3214,7 +3214,8 @@ class Upstream:
                  metrics: Metrics) -> None:
         self.name = name
         self.hosts = [Host(number, url) for number, url in enumerate(base_urls, 1)]
-        self.auth = [(b"authorization", b"Bearer " + api_key.encode())] if api_key else []
+        self.key = api_key.encode()
+        self.auth = [(b"authorization", b"Bearer " + self.key)] if api_key else []
         # No write timeout: a request goes out in one write to the socket's buffer, which never waits.
         self.extensions = {"timeout": {"connect": config.connect_timeout, "pool": config.connect_timeout,
                                        "read": config.timeout}}
@@ -3278,6 +3279,8 @@ class Upstream:
                 raise failure from exc
             host.down_until = 0.0
             response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
+            if self.key:
+                redact(response, self.key)
             return response
 
     def count_failure(self, kind: str) -> None:
@@ -3364,6 +3367,49 @@ class Upstream:
     async def aclose(self) -> None:
         for host in self.hosts:
             await host.pool.aclose()
+
+
+# An upstream that echoes the key ModelGate sent it (OLLAMA_API_KEY, OPENAI_API_KEY), in a header or in
+# an error body that quotes the request, would hand it to every client (issue 17). Whatever an upstream
+# answers, with a key set, goes through here first: the key is replaced wherever it appears.
+KEY_SHOWN_AS = b"***"
+
+
+def redact(response: httpcore.Response, key: bytes) -> None:
+    """The key out of the response's headers and body. Its Content-Length goes: the body's may change."""
+    response.headers = [(name, value.replace(key, KEY_SHOWN_AS)) for name, value in response.headers
+                        if name.lower() != b"content-length"]
+    response.stream = Redacted(response.stream, key)
+
+
+class Redacted:
+    """A body with `key` replaced, also where it is split between chunks: the end of a chunk that may begin
+    it (at most len(key) - 1 bytes, and only what does begin it) waits for the next chunk."""
+
+    def __init__(self, body: Any, key: bytes) -> None:
+        self.body, self.key = body, key
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        carry = b""
+        async for chunk in self.body:
+            chunk = (carry + chunk).replace(self.key, KEY_SHOWN_AS)
+            keep = len(chunk) - key_begins(chunk, self.key)
+            chunk, carry = chunk[:keep], chunk[keep:]
+            if chunk:
+                yield chunk
+        if carry:
+            yield carry
+
+    async def aclose(self) -> None:
+        await self.body.aclose()
+
+
+def key_begins(data: bytes, key: bytes) -> int:
+    """How many bytes at the end of `data` are the beginning of `key` (the most, short of all of it)."""
+    at = data.find(key[:1], max(0, len(data) - len(key) + 1))
+    while at != -1 and not key.startswith(data[at:]):
+        at = data.find(key[:1], at + 1)
+    return 0 if at == -1 else len(data) - at
 
 
 async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | Answer:

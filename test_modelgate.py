@@ -3893,6 +3893,49 @@ async def test_only_safe_client_headers_reach_the_upstream() -> None:
     ])
 
 
+def echoing(status: int = 200, content_type: str = "application/json", padding: int = 0) -> Reply:
+    """An upstream that quotes the Authorization header it got in a header and in its answer, as a server may in
+    an error; the answer comes in two chunks that cut the key in two, with `padding` bytes before it."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        sent = request.header("authorization").encode()
+        writer.write(b"HTTP/1.1 %d Whatever\r\ncontent-type: %s\r\nx-echo: %s\r\ntransfer-encoding: chunked\r\n\r\n"
+                     % (status, content_type.encode(), sent))
+        text = b'{"error": "x%s you sent %s"}' % (b"x" * padding, sent)
+        if content_type == "text/event-stream":
+            text = b"data: " + text + b"\n\ndata: [DONE]\n\n"
+        half = text.index(sent) + len(sent) // 2 + 3  # within the key
+        for part in (text[:half], text[half:]):
+            writer.write(chunked(part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    return reply
+
+
+# What an upstream may echo the key in: (case, route, body, its answer, COALESCE).
+ECHOES = [
+    ("plain", "/v1/chat/completions", CHAT, echoing(), "on"),
+    ("error", "/v1/chat/completions", CHAT, echoing(401), "on"),
+    ("stream", "/v1/chat/completions", STREAM_CHAT, echoing(content_type="text/event-stream"), "on"),
+    ("plain, relayed as it comes", "/api/show", b'{"model": "qwen2.5:7b"}', echoing(padding=2 * MIB), "off"),
+]
+
+
+@pytest.mark.parametrize("case, path, body, reply, coalesce", ECHOES, ids=[case for case, *_ in ECHOES])
+async def test_the_key_sent_upstream_never_reaches_the_client(case: str, path: str, body: bytes, reply: Reply,
+                                                               coalesce: str) -> None:
+    """Issue 17: an upstream that echoes the key ModelGate sent it (OLLAMA_API_KEY) has it replaced by *** in the
+    headers and the body its client gets, also where the key is cut between two chunks."""
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY,
+                                              COALESCE=coalesce) as app:
+        answer = await call(app, "POST", path, body, [*AUTH, (b"content-type", b"application/json")])
+    assert up.requests[0].header("authorization") == f"Bearer {OLLAMA_KEY}"  # it was sent, and echoed
+    assert answer.complete and answer.header(b"x-echo") == b"Bearer ***"
+    assert OLLAMA_KEY.encode() not in answer.body and b"sent Bearer ***" in answer.body
+
+
 async def test_no_upstream_key_means_no_authorization_upstream() -> None:
     """Without OLLAMA_API_KEY the upstream gets no Authorization at all, never the client's token."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
