@@ -1936,7 +1936,8 @@ class Exchange:
         """A chunk sent under the send guard of the exchange's watch (ClientWatch.guard_sends)."""
         watch = self.watch
         watch.sending_since = watch.loop.time()
-        await self.body_chunk(chunk, more)
+        self.bytes_out += len(chunk)
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
         watch.sending_since = None
 
     async def respond(self, answer: Answer) -> None:
@@ -2770,12 +2771,11 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
        in the client's dialect (upstream_error); a 404 also says what to check (Gateway.not_found_hint: where a
        model without a prefix went).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
-       streams, is relayed chunk by chunk as it arrives, and its end checked against the route's
-       (relay_events).
+       streams, is pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
     4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to
-       MAX_HELD_ANSWER, and answered with its Content-Length; any other is relayed as it arrives,
-       whatever its size (relay_plain). Either way the tokens it says it used are read from its end
-       (Route.usage).
+       MAX_HELD_ANSWER, and answered with its Content-Length; any other is pumped, whole when it is small
+       and as it arrives when not, whatever its size (PLAIN). Either way the tokens it says it used are
+       read from its start and end (Route.usage).
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     since = time.perf_counter()
@@ -2784,108 +2784,75 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect, gw.not_found_hint(ex))
         if stream and media_type(response.headers) == ex.dialect.stream_type:
-            await relay_events(gw, ex, upstream, response)
-            return None
+            return await pump(gw, ex, upstream, response, STREAMED)
         if shared:
             body = await upstream.read_held(response)
             return Answer(response.status, response_headers(response.headers), body,
                           ROUTES[ex.route].usage(body, body))
-        return await relay_plain(gw, ex, upstream, response)
+        return await pump(gw, ex, upstream, response, PLAIN)
     finally:
         await response.aclose()
         ex.upstream_seconds += time.perf_counter() - since
 
 
-async def relay_plain(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> Answer | None:
-    """Relay an answer that is not an event stream, holding at most RELAY_HOLD_BYTES of it.
+async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response, way: Way) -> Answer | None:
+    """Relay an upstream answer, plain or streamed, as `way` says, holding at most `way.hold` bytes of it:
 
-    An answer that fits is read whole first and returned, so that one cut short is still a 502 and
-    nothing of it was sent. A larger one is sent as it arrives, with the upstream's Content-Length if it
-    gave one (uvicorn sends it chunked if not). From then on an upstream failure can only cut the
-    connection: the client sees an incomplete answer, never a short one that looks whole.
+    1. Read it until more than `way.hold` bytes came (a stream: its first chunk). A plain answer that ends
+       within that is returned whole, to be answered with its length, so that one cut short is still a
+       502 and nothing of it was sent. Until here a failure is answered with its plain status (502, 504).
+    2. Start the answer: the upstream's headers (a plain answer keeps its Content-Length, uvicorn chunks
+       it if there is none; a stream gets SSE_HEADERS), then one body message per upstream chunk as it
+       comes, what `way.frames` lets through, each under the send guard: a client that takes nothing for
+       TIMEOUT_SECONDS is let go (499), and the upstream with it.
+    3. An answer cut after the start (the upstream broke off or went silent, the shutdown grace is over,
+       a stream did not end as its route's end: Route.end) gets the dialect's error event as its last
+       chunk if it is a stream, so that no client takes a cut answer for a whole one; a plain answer can
+       only be left incomplete, and uvicorn closes the connection. A client that left: nobody to tell.
+    4. The tokens it says it used are read once, from its start and end; per chunk there is nothing but
+       keeping the end.
     """
-    chunks, held, size = response.stream.__aiter__(), [], 0
+    chunks, held, size, chunk = response.stream.__aiter__(), [], 0, None
     try:
-        while size <= RELAY_HOLD_BYTES:
+        while size <= way.hold:
             chunk = await anext(chunks, None)
-            if chunk is None:  # the whole answer: answered like any other, with its length
-                body = b"".join(held)
-                return Answer(response.status, response_headers(response.headers), body,
-                              ROUTES[ex.route].usage(body, body))
+            if chunk is None:
+                break
             held.append(chunk)
             size += len(chunk)
     except UPSTREAM_EXCEPTIONS as exc:
         raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-    length = [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"]
-    watch, loop = ex.watch, asyncio.get_running_loop()
-    watch.guard_sends(gw.config.timeout)  # a client that stops reading lets the upstream go
-    chunk, held, tail = b"".join(held), None, b""
-    head = chunk[:TAIL_BYTES]
+    first = b"".join(held)
+    if chunk is None and not way.stream:  # the whole answer: answered like any other, with its length
+        return Answer(response.status, response_headers(response.headers), first, ROUTES[ex.route].usage(first, first))
+    if way.stream:
+        ex.ttfb = time.perf_counter() - ex.t0
+        headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES] + SSE_HEADERS
+        gw.metrics.streams += 1
+    else:
+        headers = response_headers(response.headers)
+        headers += [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"][:1]
+    frames, cut, last = way.frames(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
+    watch = ex.watch
+    watch.guard_sends(gw.config.timeout)
+    chunk = first if held else None
     try:
         # Inside: the end of the shutdown grace may come while the head is being sent, and then it is cut too.
-        await ex.start(response.status, response_headers(response.headers) + length[:1])
-        while chunk is not None:
-            watch.sending_since = loop.time()
-            await ex.body_chunk(chunk)
-            watch.sending_since = None
-            # Where the answer's usage is. Its chunks are big: only their ends are copied.
-            tail = (tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
-            chunk = await anext(chunks, None)
-    except UPSTREAM_EXCEPTIONS as exc:
-        upstream.count_failure(type(exc).__name__)
-        ex.error = f"upstream_body_error ({upstream.where(response.extensions.get(HOST_EXTENSION))} {cause(exc)})"
-        return None  # the response stays incomplete and uvicorn closes the connection: all we can do
-    except asyncio.CancelledError as exc:
-        if watch.reason != "shutdown":
-            raise  # the client left: there is nobody to tell
-        watch.claim(exc)
-        ex.error = "shutting_down"
-        return None  # cut, as above
-    await ex.body_chunk(b"", more=False)
-    ex.usage = ROUTES[ex.route].usage(head, tail)
-    return None
-
-
-async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response) -> None:
-    """Relay an event stream as it arrives: one ASGI body message per upstream chunk, nothing held back but
-    the usage event that ModelGate asked for when the client did not (Exchange.hides_usage).
-
-    Until its first bytes arrive, a failure is still answered with its plain status (502, 504). After,
-    a stream that breaks off, or ends otherwise than its route's streams end (Route.end), gets the
-    dialect's error event as its last chunk, so that no client takes a cut answer for a whole one. So
-    does a stream still running when the shutdown grace is over. The tokens it used are read once, from
-    its end, after the last chunk: per chunk there is nothing but keeping the tail.
-    """
-    chunks = response.stream.__aiter__()
-    try:
-        chunk = await anext(chunks, None)
-    except UPSTREAM_EXCEPTIONS as exc:
-        raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-    ex.ttfb = time.perf_counter() - ex.t0
-    headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES]
-    frames, cut, last = Frames(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
-    watch, loop = ex.watch, asyncio.get_running_loop()
-    watch.guard_sends(gw.config.timeout)
-    gw.metrics.streams += 1
-    try:
-        await ex.start(response.status, headers + SSE_HEADERS)
+        await ex.start(response.status, headers)
         while chunk is not None:
             chunk = frames.feed(chunk)
             if chunk:
-                watch.sending_since = loop.time()
-                await ex.body_chunk(chunk)
-                watch.sending_since = None
+                await ex.write(chunk)
                 last = chunk
             chunk = await anext(chunks, None)
         rest = frames.rest()  # the stream ended inside an event held back: the client's
         if rest:
-            await ex.body_chunk(rest)
+            await ex.write(rest)
             last = rest
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
-        where = upstream.where(response.extensions.get(HOST_EXTENSION))
-        ex.error = f"upstream_stream_error ({where} {cause(exc)})"
+        ex.error = f"{way.failure} ({upstream.where(response.extensions.get(HOST_EXTENSION))} {cause(exc)})"
     except asyncio.CancelledError as exc:
         if watch.reason != "shutdown":
             raise  # the client left: there is nobody to tell
@@ -2897,16 +2864,19 @@ async def relay_events(gw: Gateway, ex: Exchange, upstream: Upstream, response: 
             cut = f"ended without {frames.end.marker}"
             ex.error = f"upstream_stream_error (no {frames.end.marker})"
     finally:
-        gw.metrics.streams -= 1
-    watch.stop()
+        if way.stream:
+            gw.metrics.streams -= 1
+    if cut and not way.stream:
+        return None  # the response stays incomplete and uvicorn closes the connection: all we can do
     # Whole or cut, what the upstream says it used is counted, read from its end.
     ex.usage = frames.usage()
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
         dialect = ex.dialect
         separator = dialect.separator if dialect.separator and not last.endswith(dialect.separator) else b""
-        await ex.body_chunk(separator + dialect.cut_event(message))
-    await ex.body_chunk(b"", more=False)
+        await ex.write(separator + dialect.cut_event(message))
+    await ex.write(b"", more=False)
+    return None
 
 
 # Framing of streams: one splitter per kind, for the end check, the usage and hiding the usage event alike. An
@@ -3086,6 +3056,41 @@ def may_be_usage(partial: bytes) -> bool:
 def is_usage_event(event: bytes) -> bool:
     document = parsed(event_fields(event)[1])
     return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
+
+
+class Plain:
+    """What the pump keeps of an answer that is not a stream: its start and its end, where its usage is
+    (Route.usage). Its chunks are big: only their ends are copied."""
+
+    def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
+        self.reader, self.first, self.tail = route.usage, b"", b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.first:
+            self.first = chunk[:TAIL_BYTES]
+        self.tail = (self.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
+        return chunk
+
+    def rest(self) -> bytes:
+        return b""
+
+    def whole(self) -> bool:
+        return True  # as far as can be known: its length, if any, is checked by h11
+
+    def usage(self) -> Usage | None:
+        return self.reader(self.first, self.tail)
+
+
+class Way(NamedTuple):
+    """How the pump writes an answer of one kind."""
+    hold: int  # bytes read before any is sent (at least a chunk); a plain answer that ends within them is whole
+    stream: bool  # SSE_HEADERS, ttfb and modelgate_streams; cut with the dialect's error event, not by closing
+    failure: str  # the log's error when the upstream fails after the start
+    frames: type[Frames] | type[Plain]  # what of each chunk goes on, whether it ended whole, what it used
+
+
+PLAIN = Way(RELAY_HOLD_BYTES, stream=False, failure="upstream_body_error", frames=Plain)
+STREAMED = Way(0, stream=True, failure="upstream_stream_error", frames=Frames)
 
 
 def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: Dialect = OPENAI,
