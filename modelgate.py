@@ -110,6 +110,7 @@ if sys.version_info < (3, 10):
 import asyncio
 import base64
 import bisect
+import codecs
 import concurrent.futures
 import fnmatch
 import dataclasses
@@ -1505,9 +1506,13 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
     `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
     """
+    bounded(body)
     try:
-        text = body.decode("utf-8")
-        document, spans, repeated = parse_body(text)
+        check_utf8(body)
+        # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
+        # one emoji would make every character of it four bytes), and a span in it is a span of the body.
+        text = body.decode("latin-1")
+        document, spans, repeated = parse_body(text, ROUTE_FIELDS[ex.route] | READ_FIELDS)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
     except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
@@ -1515,7 +1520,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
                            f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None
     except RecursionError:
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
-    if not isinstance(document, dict):
+    if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
     dialect, route = ex.dialect, ROUTES[ex.route]
     one_spelling(document, repeated, ROUTE_FIELDS[ex.route])
@@ -1533,12 +1538,12 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
-        request_edits(text, document, spans, fields_for(config.model_defaults, model_id),
+        request_edits(text, spans, fields_for(config.model_defaults, model_id),
                       fields_for(config.model_overrides, model_id), replaced, added)
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, spans, replaced, added)
     if replaced or added:
-        body = spliced(text, spans, replaced, added).encode()
+        body = spliced(text, spans, replaced, added).encode("latin-1")
     return document, body
 
 
@@ -1594,24 +1599,24 @@ def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def request_edits(text: str, document: dict, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
+def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
                   overrides: dict[str, Any], replaced: dict[str, str], added: list[tuple[str, str]]) -> None:
-    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text` (parsed as `document`, `spans`),
+    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text` (its members at `spans`),
     as edits for spliced(): an override replaces the client's value, a default fills in only what it lacks,
     and where the client's value and theirs are both objects (Ollama's `options`) that is decided key by
     key inside the client's object, whose other bytes stay as they are."""
     for field in {**defaults, **overrides}:
         default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
-        if field not in document:
+        if field not in spans:
             value = default if override is NOT_SET else override
             if isinstance(default, dict) and isinstance(override, dict):
                 value = over(override, default)
             added.append((field, compact_json(value)))
-        elif isinstance(document[field], dict) and isinstance(default if override is NOT_SET else override, dict):
+        elif text[spans[field][0]] == "{" and isinstance(default if override is NOT_SET else override, dict):
             start, end = spans[field]
             inner, inner_replaced, inner_added = text[start:end], {}, []
-            inner_document, inner_spans, _ = parse_body(inner)
-            request_edits(inner, inner_document, inner_spans, default if isinstance(default, dict) else {},
+            _, inner_spans, _ = parse_body(inner, frozenset())
+            request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_replaced, inner_added)
             if inner_replaced or inner_added:
                 replaced[field] = spliced(inner, inner_spans, inner_replaced, inner_added)
@@ -1638,52 +1643,134 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
     return True
 
 
+# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these,
+# and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into (request_edits reads those by their spans).
+READ_FIELDS = frozenset({"stream", "stream_options"})
+
+# What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
+# builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays
+# until the value ends are its arrays and the strings in them. Those are counted, over-counted (a bracket
+# inside a string counts too), in bytes of memory per byte of body (issue 17, hole 4: 16 MiB of [[],[],...]
+# made 466 MiB of lists): an array about 88 bytes, an element 8 more, a string in one 60. A body that would
+# cost more than twice its size is a 413; a chat with images, a batch of texts or of token ids costs less
+# than one.
+ARRAY_COST, ELEMENT_COST, STRING_COST, MAX_SKIP_COST = 88, 8, 30, 2  # STRING_COST: per unescaped quote
+MIN_COUNTED_BODY = 256 * 1024  # smaller bodies cost at most about 9 MiB whatever their shape
+MAX_READ_VALUE = 64 * 1024  # a value that ModelGate reads (READ_FIELDS, a model's name) is parsed whole
+
+
+def bounded(body: bytes) -> None:
+    """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
+    if len(body) < MIN_COUNTED_BODY:
+        return
+    quotes = body.count(b'"') - body.count(b'\\"')
+    cost = ARRAY_COST * body.count(b"[") + ELEMENT_COST * body.count(b",") + STRING_COST * quotes
+    if cost > MAX_SKIP_COST * len(body):
+        raise GatewayError("body_too_large", f"The request body holds so many arrays, values and strings for its "
+                           f"size ({body.count(b'[')} '[', {body.count(b',')} ',', {quotes} '\"' in {len(body)} bytes) "
+                           "that reading it would take more than twice its size in memory. Real requests of this "
+                           "size carry images, texts or token ids; send the values in fewer, larger pieces.")
+
+
+def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:
+    """UnicodeDecodeError unless the body is UTF-8 (RFC 8259 §8.1), decoded a MiB at a time and let go."""
+    if body.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    for at in range(0, len(body), piece):
+        decoder.decode(view[at:at + piece], final=at + piece >= len(body))
+
+
+def _dropped(_: Any) -> None:
+    return None
+
+
+def _number(text: str) -> None:
+    if len(text) > 640:  # the least sys.set_int_max_str_digits allows: refused as json.loads would (CVE-2020-10735)
+        limit = sys.get_int_max_str_digits()
+        if limit and len(text) > limit and text.lstrip("-").isdigit():
+            raise ValueError("integer too long")
+    return None
+
+
+def skip_array(text: str, at: int) -> int:
+    """Where the array at `at` ends, its elements checked and dropped one by one: json's scanner would keep
+    them all until the end, and a string with a \\u escape beyond Latin-1 takes 2 or 4 bytes a character."""
+    ws = _WHITESPACE.match
+    at = ws(text, at + 1).end()
+    if text[at] == "]":
+        return at + 1
+    while True:
+        at = ws(text, _skip_value(text, at)[1]).end()
+        if text[at] == "]":
+            return at + 1
+        if text[at] != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+        at = ws(text, at + 1).end()
+
+
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
+_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=_dropped, parse_float=_dropped,
+                                                         parse_int=_number, parse_constant=_dropped))
 
 
-def parse_body(text: str) -> tuple[Any, dict[str, tuple[int, int]], set[str]]:
-    """json.loads(text), where the value of each top-level key lies in the text (the last one of a key
-    written twice, as json.loads keeps the last; empty for anything but an object), and the keys written twice.
+def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]], set[str]]:
+    """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level
+    keys in `read` (parsed from their own bytes as UTF-8), where the value of each key lies (the last one of
+    a key written twice, as json.loads keeps the last), and the keys written twice. None and {} for valid JSON
+    that is not an object; json.JSONDecodeError for what is not JSON.
 
-    An object is walked key by key with json's own scanner, so that each value (images in base64, say)
-    is parsed once and the place of each value found on the way. Anything else goes to json.loads,
-    which returns what it is or raises json's own error for what is not JSON.
+    Every value is checked with json's own scanner and parsed once; one that is not read is dropped as it is
+    read (_skip_value), never kept: the memory it takes is bounded() before.
     """
     ws = _WHITESPACE.match
     at = ws(text, 0).end()
-    if not text.startswith("{", at):
-        return json.loads(text), {}, set()
     document: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
     repeated: set[str] = set()
+    escaped = "\\u" in text
     try:
+        if not text.startswith("{", at):
+            end = _skip_value(text, at)[1]
+            if ws(text, end).end() != len(text):
+                raise json.JSONDecodeError("Extra data", text, ws(text, end).end())
+            return None, spans, repeated
         at = ws(text, at + 1).end()
         more = text[at] != "}"
         while more:
             if text[at] != '"':
-                raise ValueError
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
+            start = at
             key, at = json.decoder.scanstring(text, at + 1)
+            if not key.isascii():  # the key as the client wrote it, in UTF-8
+                key = json.loads(text[start:at].encode("latin-1"))
             at = ws(text, at).end()
             if text[at] != ":":
-                raise ValueError
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
             at = ws(text, at + 1).end()
-            value, end = _scan_value(text, at)
+            end = skip_array(text, at) if escaped and text[at] == "[" else _skip_value(text, at)[1]
             if key in spans:
                 repeated.add(key)
-            document[key] = value
             spans[key] = (at, end)
+            if key.casefold() in read:
+                if end - at > MAX_READ_VALUE:
+                    raise GatewayError("invalid_request", f"`{key}` in the request body is {end - at} bytes long, "
+                                       f"more than any model name or stream option ({MAX_READ_VALUE}).")
+                document[key] = json.loads(text[at:end].encode("latin-1"))
             at = ws(text, end).end()
             more = text[at] == ","
             if more:
                 at = ws(text, at + 1).end()
             elif text[at] != "}":
-                raise ValueError
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
         if ws(text, at + 1).end() != len(text):
-            raise ValueError
-    except (ValueError, IndexError, StopIteration):
-        json.loads(text)  # raises json's own error, with its line and column
-        raise AssertionError("json.loads read an object that parse_body did not") from None
+            raise json.JSONDecodeError("Extra data", text, ws(text, at + 1).end())
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    except IndexError:
+        raise json.JSONDecodeError("Expecting value", text, len(text)) from None
     return document, spans, repeated
 
 
@@ -1701,7 +1788,7 @@ def model_value(text: str, span: tuple[int, int], prefix: str, name: str) -> str
     value = text[span[0]:span[1]]
     if value.startswith(f'"{prefix}/'):  # the usual case: cut the prefix, keep the rest as sent
         return '"' + value[len(prefix) + 2:]
-    return json.dumps(name, ensure_ascii=False)  # the prefix was written with escapes, such as "ollama\/x"
+    return json.dumps(name)  # the prefix was written with escapes, such as "ollama\/x"
 
 
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],

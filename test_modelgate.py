@@ -3279,6 +3279,48 @@ async def test_a_large_plain_answer_is_relayed_in_bounded_memory(tmp_path: Any) 
     assert growth < size / 4, f"the gateway grew by {growth / MIB:.0f} MiB for a {size / MIB:.0f} MiB answer"
 
 
+SHAPE_BODY_BYTES = 8 * MIB  # MAX_BODY_BYTES for the shapes below, each as large as it lets in
+
+
+def body_of(head: bytes, unit: bytes, tail: bytes) -> bytes:
+    """A chat request `head` + `unit` repeated + `tail`, as close to SHAPE_BODY_BYTES as the unit allows."""
+    return head + unit * ((SHAPE_BODY_BYTES - len(head) - len(tail)) // len(unit)) + tail
+
+
+IMAGE = base64.b64encode(hashlib.shake_256(b"image").digest(5 * MIB))  # as random as a PNG
+BODY_SHAPES = [
+    # (body, status): the shapes that cost json's parser most per byte are refused; what real clients send of
+    # that size (an image, texts, token ids, text with an emoji or with \u escapes) goes through byte for byte.
+    (body_of(b'{"model": "m", "x": [', b"[],", b"[]]}"), 413),  # 16 MiB of it took 466 MiB (issue 17)
+    (body_of(b'{"model": "m", "x": [', b"[[]],", b"[]]}"), 413),
+    (body_of(b'{"model": "m", "x": [', b'"ab",', b'""]}'), 413),
+    (body_of(b'{"model": "m", "x": [', b"1.5,", b"0]}"), 413),
+    (body_of(b'{"model": "m", "messages": [{"role": "user", "content": "\xf0\x9f\x98\x80', b"a", b'"}]}'), 200),
+    (body_of(b'{"model": "m", "input": [', b'"' + b"a" * 200 + b'\\ud83d\\ude00",', b'"a"]}'), 200),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "What is it? \xf0\x9f\x98\x80"}, '
+     b'{"type": "image_url", "image_url": {"url": "data:image/png;base64,' + IMAGE + b'"}}]}]}', 200),
+    (body_of(b'{"model": "m", "input": [', b"[" + b",".join([b"12345"] * 512) + b"],", b"[1]]}"), 200),
+]
+
+
+@pytest.mark.parametrize("body, status", BODY_SHAPES)
+async def test_a_body_of_any_shape_costs_at_most_four_times_its_size(tmp_path: Any, body: bytes, status: int) -> None:
+    """Issue 17, hole 4: while a body at MAX_BODY_BYTES is read, checked and relayed, `python modelgate.py` grows
+    by at most four times its size, whatever its JSON shape; a shape no client sends that would cost more is a
+    413 that says why, before anything is sent, and real requests of that size reach the upstream unchanged."""
+    async with upstream(json_reply()) as up, \
+            gateway_process(tmp_path, up, MAX_BODY_BYTES=str(SHAPE_BODY_BYTES), COALESCE="off") as gw:
+        head, _, tail = await post_over_a_socket(gw.port, body, keep=MIB)
+        growth = memory(gw.pid)["VmHWM"] - gw.rss
+        sent = [request.body for request in up.requests if b"warm-up" not in request.body]
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert growth <= 4 * len(body), f"the gateway grew by {growth / MIB:.0f} MiB for a {len(body) / MIB:.0f} MiB body"
+    if status == 413:
+        assert b"memory" in tail and sent == []
+    else:
+        assert sent == [body]
+
+
 async def test_an_endless_answer_to_a_stream_request_is_relayed_in_bounded_memory(tmp_path: Any) -> None:
     """An application/json body that never ends, to a `"stream": true` request: relayed as it arrives, in
     memory that grows by a small part of what passed through; when the client leaves, the upstream is let go
