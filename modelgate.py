@@ -4486,7 +4486,8 @@ class Pool:
 #             serve() raises a signal it caught again to the handler it found (main's exit status 0).
 #   Python    json.scanner.make_scanner,            parse_body's walk through a body's top-level keys:
 #             json.decoder.scanstring                scanner(text, at) -> (value, end), StopIteration where no
-#             value starts; scanstring(text, after the quote) -> (string, end).
+#             value starts; scanstring(text, after the quote) -> (string, end). The scanner calls the
+#             decoder's object_pairs_hook, parse_int, parse_float, parse_constant (_skip_value drops values).
 
 
 ###############################################################################

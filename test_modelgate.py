@@ -5195,6 +5195,7 @@ def test_internal_json_scanner_reads_one_value_and_says_where_it_ends(text: str,
     assert json.decoder.scanstring(text, 2) == (text[2:text.index('"', 2)], text.index('"', 2) + 1)
     with pytest.raises(StopIteration):
         scan(text, 0 if not text.startswith("{") else text.index(":"))  # no value starts at a colon
+    assert modelgate._skip_value(text, start)[1] == end  # with its hooks, it ends where the plain one does
 
 
 ###############################################################################
