@@ -411,6 +411,7 @@ class Route(NamedTuple):
     # Every one is routed, resolved and checked against TOKEN_MODELS as `model` is (routed_body).
     models: tuple[tuple[str, ...], ...] = (("model",),)
     admin: bool = False  # changes what Ollama holds: only for the token names in OLLAMA_ADMIN_TOKENS
+    login: bool = False  # a page for a person: its 401 asks the browser for the token (HTTP Basic's password)
     # Identical plain requests in flight share one answer (COALESCE): chat's, which FluentRead sends again
     # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
     # sent twice by the tools served; not an admin's, which changes what Ollama holds.
@@ -433,7 +434,7 @@ ROUTES: dict[str, Route] = {
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
     "/ready": Route({"GET": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
-    "/usage": Route({"GET": "usage_page"}, limited=False),
+    "/usage": Route({"GET": "usage_page"}, limited=False, login=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
     "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage,
                           queued=True),
@@ -1320,7 +1321,12 @@ def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usa
     """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
     Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its quota and limits."""
     if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
-        ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
+        try:
+            ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
+        except GatewayError as refused:
+            if route.login:  # a browser then asks for a user name (any) and a password (the token)
+                refused.headers.append((b"www-authenticate", b'Basic realm="ModelGate", charset="UTF-8"'))
+            raise
         if (route.admin or route.access == "metrics") and name not in config.ollama_admin_tokens:
             raise GatewayError("admin_only", ADMIN_ONLY[route.access].format(name=name))
         if name in config.token_quotas and route.limited:  # not /usage: an app over its quota may see why
@@ -4501,6 +4507,8 @@ def main(argv: list[str] | None = None) -> None:
     config, sources = settings()
     if arguments.check:
         sys.exit(asyncio.run(check(config, sources)))
+    if arguments.usage:
+        sys.exit(print_usage(config, arguments.days))
     try:
         sockets = listen(config.host, config.port)
     except ConfigError as exc:
@@ -4533,7 +4541,67 @@ def command_line() -> Any:
     parser.add_argument("--version", action="version", version=f"ModelGate {__version__}")
     parser.add_argument("--check", action="store_true", help="read the settings, print the start-up summary, "
                         "ask each upstream once for its models, and exit: 0 when every one answers, 1 otherwise")
+    parser.add_argument("--usage", action="store_true", help="print the usage counts in USAGE_DB (per app and "
+                        "model: today and the days up to today) and exit; what GET /usage shows")
+    parser.add_argument("--days", type=whole_days, default=USAGE_DAYS, metavar="N",
+                        help=f"with --usage, the days up to today to count ({USAGE_DAYS})")
     return parser
+
+
+def whole_days(text: str) -> int:
+    import argparse
+
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a whole number of days above 0, not {text!r}")
+    return int(text)
+
+
+def print_usage(config: Config, days: int, clock: Callable[[], float] = time.time) -> int:
+    """--usage: the counts USAGE_DB holds, as a table; 1 when there is no file to read."""
+    path = config.usage_db
+    if not path:
+        print("USAGE_DB is set to nothing: the counts are kept in the running gateway's memory only; "
+              "GET /usage shows them")
+        return 1
+    if not os.path.exists(path):
+        print(f"No usage counted yet: {os.path.abspath(path)} (USAGE_DB) does not exist. The gateway makes it "
+              "when it starts in this directory.")
+        return 1
+    try:
+        db = open_usage_file(path, read_only=True)
+    except ConfigError as exc:
+        print(f"modelgate: {exc}")
+        return 1
+    today = local_day(clock())[0]
+    try:
+        counts = read_usage(db, (datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)).isoformat())
+    finally:
+        db.close()
+    names = {*config.token_names, *(key[1] for key in counts)}
+    for line in usage_lines(usage_report(counts, today, days, names, config.token_quotas)):
+        print(line)
+    return 0
+
+
+def usage_lines(report: dict[str, Any]) -> list[str]:
+    """The table --usage prints: a line per app, then one per model, columns aligned."""
+    days = report["days"]
+    rows = [("app", "model", "requests today", "tokens today", f"requests {days} d", "errors", "prompt tokens",
+             "completion tokens", "upstream", "queued")]
+    for name, app in report["apps"].items():
+        lines = [("", USAGE_NO_MODEL.split(" (")[0] if row["model"] == "-" else f"{row['provider']}/{row['model']}",
+                  row["today"], row["total"]) for row in app["models"]]
+        for who, model, today, total in [(name, "all models", app["today"], app["total"]), *lines]:
+            rows.append((who, model, f"{today['requests']:,}", f"{today['total_tokens']:,}", f"{total['requests']:,}",
+                         f"{total['errors']:,}", f"{total['prompt_tokens']:,}", f"{total['completion_tokens']:,}",
+                         duration(total["upstream_seconds"]), duration(total["queue_seconds"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
+                       enumerate(zip(row, widths))).rstrip() for row in rows]
+    quotas = [f"{name}: {app['quota_left']:,} of {app['quota']:,} tokens left today"
+              for name, app in report["apps"].items() if app["quota"] is not None]
+    return [f"Usage from {report['from']} to {report['today']} ({days} days, local time; tokens as the upstreams "
+            "counted them)", "", *table, *([""] + [f"quota {line}" for line in quotas] if quotas else [])]
 
 
 def settings() -> tuple[Config, Sources]:

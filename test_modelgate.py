@@ -4501,6 +4501,42 @@ def test_a_token_quota_that_cannot_be_right_stops_startup_with_one_line(value: s
     assert "\n" not in str(refused.value)
 
 
+async def test_usage_asks_a_browser_for_the_token_where_other_routes_do_not() -> None:
+    """GET /usage without a token is a 401 that makes a browser ask for a user name and password (the token
+    as the password, sent as HTTP Basic); the API routes' 401 does not, as no browser opens them."""
+    async with upstream(usage_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, **USAGE_APPS) as app:
+        page = await call(app, "GET", "/usage", headers=[(b"accept", b"text/html")])
+        api = await chat(app, headers=[])
+        basic = b"Basic " + base64.b64encode(b"me:" + TOKEN.encode())
+        answered = await call(app, "GET", "/usage", headers=[(b"authorization", basic), (b"accept", b"text/html")])
+    assert page.status == 401 and page.header(b"www-authenticate").startswith(b'Basic realm="ModelGate"')
+    assert api.status == 401 and api.header(b"www-authenticate") is None
+    assert answered.status == 200 and b"<h2>fluentread</h2>" in answered.body
+
+
+async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path: Path) -> None:
+    """`python modelgate.py --usage --days 7` prints, from USAGE_DB in its directory, a line per app and one
+    per model with today's and the 7 days' figures, and what is left of each quota; it changes nothing."""
+    async with upstream(usage_reply()) as up:
+        path = str(tmp_path / "modelgate-usage.sqlite3")  # where the command line looks, beside itself
+        async with gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=path, **USAGE_APPS) as app:  # the real clock: today
+            await chat(app)
+            await chat(app, MISSING)
+    before = (tmp_path / "modelgate-usage.sqlite3").read_bytes()
+    code, output = await run_command_line(tmp_path, {**USAGE_APPS, "TOKEN_QUOTAS": "fluentread=100"}, "--usage",
+                                          "--days", "7")
+    assert code == 0, output
+    lines = output.splitlines()
+    assert lines[0].startswith("Usage from ") and "(7 days" in lines[0]
+    rows = {tuple(line.split()[:2]): line.split() for line in lines[3:] if line.strip()}
+    assert rows[("fluentread", "all")][3:5] == ["2", "15"]  # requests and tokens today
+    assert any(line.split()[:1] == ["ollama/missing"] and line.split()[4] == "1" for line in lines)  # its error
+    assert "quota fluentread: 85 of 100 tokens left today" in lines
+    assert (tmp_path / "modelgate-usage.sqlite3").read_bytes() == before
+    code, output = await run_command_line(tmp_path, {**USAGE_APPS, "USAGE_DB": ""}, "--usage")
+    assert code == 1 and "memory only" in output
+
+
 def another_programs_file(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE notes (text TEXT)")
@@ -5426,11 +5462,11 @@ async def test_unusable_host_or_port_is_named_before_startup_completes(tmp_path:
 
 ARGUMENTS = [
     # (command line, exit status, what it prints)
-    (["--help"], 0, "usage: modelgate.py [-h] [--version] [--check]"),
+    (["--help"], 0, "usage: modelgate.py [-h] [--version] [--check] [--usage] [--days N]"),
     (["-h"], 0, "--check"),
     (["--version"], 0, f"ModelGate {modelgate.__version__}"),
-    (["--bogus"], 2, "usage: modelgate.py [-h] [--version] [--check]\nmodelgate.py: error: unrecognized arguments: "
-                     "--bogus"),
+    (["--bogus"], 2, "usage: modelgate.py [-h] [--version] [--check] [--usage] [--days N]\n"
+                     "modelgate.py: error: unrecognized arguments: --bogus"),
     (["serve"], 2, "error: unrecognized arguments: serve"),
     (["--check", "--port=1"], 2, "error: unrecognized arguments: --port=1"),
 ]
