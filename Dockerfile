@@ -1,7 +1,7 @@
 # ModelGate container image.
 #
 #   docker build -t modelgate .
-#   docker run --read-only -p 8010:8010 --env-file .env modelgate
+#   docker run --read-only -p 8010:8010 -v modelgate-usage:/data --env-file .env modelgate
 #
 # The base image is named in one place; any Debian-based official Python image works:
 #   docker build --build-arg PYTHON_IMAGE=python:3.13-slim -t modelgate .
@@ -22,9 +22,14 @@ RUN pip install --no-cache-dir --disable-pip-version-check --root-user-action=ig
 
 # A dedicated unprivileged user, numeric so that orchestrators can check it is not root
 # (Kubernetes runAsNonRoot). The code stays owned by root: the process can read it, not change it.
+# /data, owned by that user, is where the usage counts are kept (USAGE_DB): a volume, so that it is writable
+# under `docker run --read-only` and the counts outlive the container (compose names the volume).
 RUN groupadd --system --gid 10001 modelgate \
  && useradd --system --uid 10001 --gid modelgate --no-log-init --no-create-home \
-      --home-dir /nonexistent --shell /usr/sbin/nologin modelgate
+      --home-dir /nonexistent --shell /usr/sbin/nologin modelgate \
+ && mkdir /data && chown 10001:10001 /data
+ENV USAGE_DB=/data/modelgate-usage.sqlite3
+VOLUME ["/data"]
 USER 10001:10001
 
 COPY modelgate.py ./
