@@ -3087,8 +3087,11 @@ class Frames:
         head, end = self.last()
         name, data = self.fields(head or end)
         key, values = self.end
+        document = None if head else parsed(data)
+        if self.own_error(document):
+            return True
         if key == "type" and name:
-            return name in values or self.own_error(parsed(data))
+            return name in values
         if head:  # too long to be read as JSON: the key is looked for where it can be, in its start and its end
             # (so a key of the same name in an object inside counts too there: a rare line, cut at that)
             found = b"|".join(re.escape(json.dumps(value).encode()) for value in values)
@@ -3096,9 +3099,8 @@ class Frames:
             return key != "data" and bool(re.search(pattern, head) or re.search(pattern, end))
         if key == "data":
             return data.decode("utf-8", "replace") in values
-        document = parsed(data)
         value = document.get(key) if isinstance(document, dict) else None
-        return any(type(value) is type(v) and value == v for v in values) or self.own_error(document)
+        return any(type(value) is type(v) and value == v for v in values)
 
     def usage(self) -> Usage | None:
         return self.reader(self.first or bytes(self.kept[:TAIL_BYTES]), bytes(self.kept[-TAIL_BYTES:]))

@@ -3206,6 +3206,19 @@ async def test_stream_done_split_across_chunks_counts() -> None:
     assert answer.chunks == events
 
 
+# An error event as Ollama's /v1 writes one mid-stream (middleware/openai.go), in OpenAI's error shape.
+UPSTREAM_ERROR_EVENT = b'data: {"error":{"message":"model runner has unexpectedly stopped","type":"api_error"}}\n\n'
+
+
+async def test_a_stream_that_ends_with_the_upstreams_own_error_event_gets_no_second_one() -> None:
+    """A chat stream whose last event is the upstream's own error arrives as sent: the client has been told why
+    (as a failed pull, issue 19), and gets no "cut off" error event after it."""
+    events = [EVENTS[0], UPSTREAM_ERROR_EVENT]
+    async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT)
+    assert answer.chunks == events and answer.complete
+
+
 # The line ends the SSE specification allows, each event ending with a line end and a blank line: LF, CRLF,
 # CR, and mixed (a CR never followed by LF, which would make the two one CRLF).
 LINE_ENDS = {"LF": [b"\n\n"], "CRLF": [b"\r\n\r\n"], "CR": [b"\r\r"],
@@ -6377,7 +6390,10 @@ STREAM_ENDS = [("/v1/chat/completions", with_line_ends(EVENTS, ends), True) for 
     [("/v1/responses", events, whole) for events, whole in RESPONSE_STREAMS] + \
     [("/v1/messages", events, whole) for events, whole in ANTHROPIC_STREAM_ENDS] + \
     [("/api/chat", lines, whole) for lines, whole in NATIVE_STREAM_ENDS] + \
-    [("/api/pull", PULL_LINES, True), ("/api/pull", PULL_LINES[:3], False), ("/api/pull", PULL_FAILED, True)]
+    [("/api/pull", PULL_LINES, True), ("/api/pull", PULL_LINES[:3], False), ("/api/pull", PULL_FAILED, True)] + \
+    [("/v1/chat/completions", [EVENTS[0], UPSTREAM_ERROR_EVENT], True),  # the upstream's own error ends it too
+     ("/v1/messages", [*MESSAGE_EVENTS[:3], sse("error", {"type": "error", "error": {
+         "type": "overloaded_error", "message": "Overloaded"}})], True)]
 
 
 def fed(frames: modelgate.Frames, payload: bytes, cuts: list[int]) -> bytes:
