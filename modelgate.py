@@ -2272,18 +2272,6 @@ class Gateway:
         finally:
             queue.release(ticket)
 
-    def not_found_hint(self, ex: Exchange) -> str:
-        """What an upstream's 404 adds for a model given without a prefix: where it went, and how to send it
-        elsewhere; "" for any other model. Worded only for an error, never on the way up."""
-        if ex.routed is None or not ex.routed.defaulted:
-            return ""
-        model, provider = ex.model, ex.provider
-        said = f" ModelGate sent {model!r} to {provider}, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix"
-        other = "openai" if provider == "ollama" else "ollama"
-        if other in self.upstreams:
-            return f"{said}; to send it to {other}, write {other}/{model}."
-        return f"{said}. GET /v1/models lists the models there."
-
     async def ollama_models(self, ex: Exchange) -> Answer | None:
         """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
         fails is left out, as on /v1/models. As there, a token sees only what TOKEN_MODELS lets it use, and
@@ -2861,8 +2849,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
     2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY)
-       in the client's dialect (upstream_error); a 404 also says what to check (Gateway.not_found_hint: where a
-       model without a prefix went).
+       in the client's dialect (upstream_error), followed by what to check (UPSTREAM_HINTS: a key refused, a
+       base URL without /v1, where a model without a prefix went).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
     4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to
@@ -2875,7 +2863,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect, first=ex.host)
     try:
         if response.status >= 400:
-            return await upstream.error_answer(response, ex.dialect, gw.not_found_hint(ex))
+            return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))
         if stream and media_type(response.headers) == ex.dialect.stream_type:
             return await pump(gw, ex, upstream, response, STREAMED)
         if shared:
@@ -3188,23 +3176,56 @@ PLAIN = Way(RELAY_HOLD_BYTES, stream=False, failure="upstream_body_error", frame
 STREAMED = Way(0, stream=True, failure="upstream_stream_error", frames=Frames)
 
 
-def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialect: Dialect = OPENAI,
-                   hint: str = "") -> Answer:
+class Refusal(NamedTuple):
+    """An upstream's error answer, as UPSTREAM_HINTS read it."""
+    name: str  # the provider
+    status: int
+    dialect: Dialect  # the client's
+    host: Host | None  # the host that answered
+    routed: Routed | None  # where the request's model went, if it named one
+    providers: tuple[str, ...]  # those configured
+    document: Any  # the body as JSON; None if it is not
+
+
+def other_provider(refusal: Refusal) -> str:
+    model, provider = refusal.routed.name, refusal.name
+    said = f"ModelGate sent {model!r} to {provider}, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix"
+    other = "openai" if provider == "ollama" else "ollama"
+    if other in refusal.providers:
+        return f"{said}; to send it to {other}, write {other}/{model}."
+    return f"{said}. GET /v1/models lists the models there."
+
+
+# What an upstream's error answer adds to what the upstream said, for the person who reads it, in this order:
+# (whether it applies, its words, whether it is added to an error already in the client's shape too). The
+# start-up warning and --check say the same of a base URL without /v1 in their own place (config_warnings,
+# ollama_native_api).
+UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str], bool], ...] = (
+    (lambda r: r.status in (401, 403), lambda r: f"Check {KEY_VARIABLE[r.name]}.", False),
+    # gin's "404 page not found" from an Ollama older than its Messages API (ollama PR #13600)
+    (lambda r: r.dialect is ANTHROPIC and r.status == 404 and r.document is None,
+     lambda r: "Ollama serves the Anthropic Messages API since v0.14: update it.", False),
+    (lambda r: (r.status == 404 and r.name == "ollama" and not r.dialect.native and r.host is not None
+                and not r.host.path.endswith(b"/v1")),
+     lambda r: "Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1.", True),
+    (lambda r: r.status == 404 and r.routed is not None and r.routed.defaulted, other_provider, True),
+)
+
+
+def upstream_error(refusal: Refusal, headers: Headers, body: bytes) -> Answer:
     """An upstream error response as the client gets it: same status, in the client's dialect.
 
-    A body already in that shape passes unchanged, but for `hint` added to its message; anything else
-    is wrapped, its text as the message, so that tools which show `error.message` (FluentRead) or parse
-    JSON (openai-translator) tell the user what the upstream said.
+    A body already in that shape passes unchanged, but for the hints that go on such a message; anything
+    else is wrapped, its text as the message, so that tools which show `error.message` (FluentRead) or
+    parse JSON (openai-translator) tell the user what the upstream said.
     """
+    name, status, dialect, document = refusal.name, refusal.status, refusal.dialect, refusal.document
     kept = response_headers(headers)
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: valid, but nested deeper than json reads
-        document = None
     if dialect.own_error(document):
+        hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if always and applies(refusal)]
         error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
-        if hint and isinstance(error, dict) and isinstance(error.get("message"), str):
-            error["message"] = sentence(error["message"]) + hint
+        if hints and isinstance(error, dict) and isinstance(error.get("message"), str):
+            error["message"] = " ".join([sentence(error["message"]), *hints])
             body = json.dumps(document).encode()
         return Answer(status, kept, body)
     text = ""
@@ -3220,12 +3241,9 @@ def upstream_error(name: str, status: int, headers: Headers, body: bytes, dialec
         text = text[:MAX_ERROR_TEXT] + "…"
     phrase = f"{status} {PHRASES.get(status, '')}".strip()
     message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
-    if status in (401, 403):
-        message = sentence(message) + f" Check {KEY_VARIABLE[name]}."
-    if dialect is ANTHROPIC and status == 404 and document is None:  # gin's "404 page not found"
-        message = sentence(message) + " Ollama serves the Anthropic Messages API since v0.14: update it."
-    if hint:
-        message = sentence(message) + hint
+    hints = [words(refusal) for applies, words, _ in UPSTREAM_HINTS if applies(refusal)]
+    if hints:
+        message = " ".join([sentence(message), *hints])
     kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
     kept.append(JSON)
     return Answer(status, kept, dialect.error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
@@ -3420,19 +3438,14 @@ class Upstream:
                                [(b"x-should-retry", b"false")])
         return body
 
-    async def error_answer(self, response: httpcore.Response, dialect: Dialect = OPENAI, not_found: str = "") -> Answer:
-        """The upstream's error status as the client gets it; a 404 says what to check (`not_found` from the
-        caller, a base URL without /v1 from here)."""
+    async def error_answer(self, response: httpcore.Response, dialect: Dialect = OPENAI, routed: Routed | None = None,
+                           providers: tuple[str, ...] = ()) -> Answer:
+        """The upstream's error status as the client gets it, with what to check (UPSTREAM_HINTS)."""
         self.count_failure(f"http_{response.status}")
         body, _ = await self.read(response, MAX_ERROR_BODY, cut=True)
-        hint = ""
-        if response.status == 404:
-            host = response.extensions.get(HOST_EXTENSION)
-            if (self.name == "ollama" and not dialect.native and host is not None
-                    and not host.path.endswith(b"/v1")):
-                hint = " Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1."
-            hint += not_found
-        return upstream_error(self.name, response.status, response.headers, body, dialect, hint)
+        refusal = Refusal(self.name, response.status, dialect, response.extensions.get(HOST_EXTENSION), routed,
+                          providers, parsed(body))
+        return upstream_error(refusal, response.headers, body)
 
     async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: Dialect = OPENAI) -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
