@@ -1669,11 +1669,14 @@ def bounded(body: bytes) -> None:
     """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
     if len(body) < MIN_COUNTED_BODY:
         return
-    quotes = body.count(b'"') - body.count(b'\\"')
-    cost = ARRAY_COST * body.count(b"[") + ELEMENT_COST * body.count(b",") + STRING_COST * quotes
+    arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')
+    cost = ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes
+    if cost > MAX_SKIP_COST * len(body):  # a quote escaped inside a string (code, JSON as text) begins none
+        quotes -= body.count(b'\\"')
+        cost = ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes
     if cost > MAX_SKIP_COST * len(body):
         raise GatewayError("body_too_large", f"The request body holds so many arrays, values and strings for its "
-                           f"size ({body.count(b'[')} '[', {body.count(b',')} ',', {quotes} '\"' in {len(body)} bytes) "
+                           f"size ({arrays} '[', {values} ',', {quotes} '\"' in {len(body)} bytes) "
                            "that reading it would take more than twice its size in memory. Real requests of this "
                            "size carry images, texts or token ids; send the values in fewer, larger pieces.")
 
