@@ -4550,6 +4550,24 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert code == 1 and "memory only" in output
 
 
+async def test_a_usage_file_that_cannot_be_written_later_is_logged_once_and_the_counts_go_on(tmp_path: Path) -> None:
+    """When USAGE_DB cannot be written any more (here its directory is gone), the log says so once, not at
+    every attempt, and the counts go on in memory: /usage still shows every request."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    async with upstream(usage_reply()) as up, captured_log() as lines, \
+            gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=str(directory / "u.sqlite3"), **USAGE_APPS) as app:
+        await chat(app)
+        shutil.rmtree(directory)  # SQLite can no longer make its journal beside the file
+        for _ in range(2):
+            await chat(app)
+            await asyncio.wait([app.usage.write()])
+        report = await usage_of(app, AUTH)
+        said = [line for line in lines if isinstance(line, str) and "cannot be written" in line]
+    assert len(said) == 1 and said[0].startswith(f"USAGE_DB {directory / 'u.sqlite3'} cannot be written")
+    assert report["apps"]["fluentread"]["today"]["requests"] == 3
+
+
 def another_programs_file(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE notes (text TEXT)")
