@@ -4010,6 +4010,8 @@ def plural(count: int, noun: str) -> str:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
         return f"{seconds:.1f} s"
     if seconds < 3600:
