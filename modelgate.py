@@ -3065,13 +3065,16 @@ class Frames:
     def last(self) -> tuple[bytes, bytes]:
         """The last record that is not blank: (b"", all of it) if it began in the last TAIL_BYTES, else (its
         first HEAD_BYTES, the last TAIL_BYTES)."""
-        kept = bytes(self.kept).rstrip(b" \t\r\n")
-        start = self.blank_end(kept, len(kept))
+        kept, end = self.kept, len(self.kept)
+        while end and kept[end - 1] in b" \t\r\n":  # the blank lines after it
+            end -= 1
+        start = self.blank_end(kept, end)
         if start < 0 and self.head is None:  # the first record
             start = 0
-        if start >= 0 and len(kept) - start <= TAIL_BYTES:
-            return b"", kept[start:]
-        return self.head if start < 0 else kept[start:start + HEAD_BYTES], kept[-TAIL_BYTES:]
+        if start >= 0 and end - start <= TAIL_BYTES:
+            return b"", bytes(kept[start:end])
+        head = self.head if start < 0 else bytes(kept[start:start + HEAD_BYTES])
+        return head, bytes(kept[max(end - TAIL_BYTES, 0):end])
 
     def whole(self) -> bool:
         """Whether the stream ended as its route's streams end, or with the upstream's own error."""
