@@ -100,10 +100,10 @@ ones. With --markdown FILE the figures, the date, the commit and the versions be
 
 --path follows one plain request as a reader does (issue 16): it runs `python modelgate.py` with
 sys.setprofile recording the first entry into each function of modelgate.py (each code object, so
-comprehensions too), from Gateway.__call__ to the log line of the first plain `/v1/chat/completions`
-request after start, and prints how many definitions were entered, how many of the steps between
-successive ones jump more than 300 lines (by the definitions' first lines), and how many of those jump
-backwards. --verbose lists them, name:line, in the order entered.
+comprehensions too up to Python 3.11; 3.12 inlines them), from Gateway.__call__ to the log line of the
+first plain `/v1/chat/completions` request after start, and prints how many definitions were entered, how
+many of the steps between successive ones jump more than 300 lines (by the definitions' first lines), and
+how many of those jump backwards. --verbose lists them, name:line, in the order entered.
 
 The script asserts no figure: it prints them. It exits with status 1 when something fails to run: the
 gateway does not start, a response is not a 2xx, a body or stream is incomplete or malformed (such errors
@@ -1139,12 +1139,15 @@ def serve_traced(out_fd: int) -> None:
     entered: dict = {}                 # code object -> None, in the order of first entry
     state = {"armed": False, "on": False}
 
+    def name(code) -> str:
+        return getattr(code, "co_qualname", code.co_name)  # Python 3.10 has only the bare name
+
     def profile(frame, event, arg) -> None:
         if event != "call" or frame.f_code.co_filename != module:
             return
         code = frame.f_code
         if not state["on"]:
-            if not (state["armed"] and code.co_qualname == "Gateway.__call__"):
+            if not (state["armed"] and name(code) in ("Gateway.__call__", "__call__")):
                 return
             state["on"] = True
         entered.setdefault(code, None)
@@ -1155,7 +1158,7 @@ def serve_traced(out_fd: int) -> None:
         os.write(out_fd, b".")
 
     def write(signum, frame) -> None:
-        record = [[code.co_qualname, code.co_firstlineno] for code in entered]
+        record = [[name(code), code.co_firstlineno] for code in entered]
         os.write(out_fd, json.dumps(record).encode() + b"\n")
         state.update(armed=False, on=False)
 
