@@ -1332,7 +1332,7 @@ def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usa
         if name in config.token_quotas and route.limited:  # not /usage: an app over its quota may see why
             within_quota(name, config.token_quotas[name], usage)
         if limits is not None and route.limited:  # not /metrics: a scraper is not an app
-            ex.holds_slot = limits.admit(ex.token)
+            ex.holds_slot = limits if limits.admit(ex.token) else None
 
 
 def within_quota(name: str, quota: int, usage: Usage) -> None:
@@ -1374,10 +1374,17 @@ class Limits:
     """MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM: what each token has in flight, and its bucket."""
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
-        self.max_in_flight, self.rpm = config.max_concurrent_per_token, config.rate_limit_rpm
-        self.bucket = TokenBucket(self.rpm) if self.rpm else None
+        self.rpm, self.bucket = 0, None
+        self.reconfigure(config)
         self.in_flight: dict[str, int] = {}  # token name -> requests in flight
         self.metrics = metrics
+
+    def reconfigure(self, config: Config) -> None:
+        """New limits (SIGHUP); the requests in flight stay counted, a bucket of the same size stays as it is."""
+        self.max_in_flight = config.max_concurrent_per_token
+        if config.rate_limit_rpm != self.rpm:
+            self.rpm = config.rate_limit_rpm
+            self.bucket = TokenBucket(self.rpm) if self.rpm else None
 
     def admit(self, name: str) -> bool:
         """Let a request of this token in, or raise a 429; True when it holds an in-flight slot to release."""
@@ -1979,7 +1986,7 @@ class Exchange:
         peer = scope.get("client")
         self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
         self.token = "-"  # the name of the client's token, once authorized
-        self.holds_slot = False  # counted against MAX_CONCURRENT_PER_TOKEN until it ends
+        self.holds_slot: Limits | None = None  # counted there against MAX_CONCURRENT_PER_TOKEN until it ends
         self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
         self.body_read = False  # read_body has read the request body to its end
         # The response
@@ -2053,6 +2060,24 @@ class Exchange:
         await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
 
 
+# What a running gateway cannot change on SIGHUP: its sockets, their TLS, and the usage file it holds open.
+RESTART_SETTINGS = frozenset({"HOST", "PORT", "TLS_CERT_FILE", "TLS_KEY_FILE", "USAGE_DB"})
+# What the upstreams are made of (Gateway.make_upstreams): a reload that changes none keeps them and their pools.
+UPSTREAM_FIELDS = ("ollama_base_urls", "ollama_api_key", "openai_base_url", "openai_api_key", "timeout",
+                   "connect_timeout")
+
+
+def reload_line(old: Config, new: Config, changed: list[str]) -> str:
+    """What a reload changed: tokens by name, settings by name; never a token or a key."""
+    before, after = dict(zip(old.token_names, old.tokens)), dict(zip(new.token_names, new.tokens))
+    parts = [f"{what}: {', '.join(names)}" for what, names in (
+        ("tokens added", [name for name in after if name not in before]),
+        ("tokens removed", [name for name in before if name not in after]),
+        ("tokens replaced", [name for name in after if name in before and after[name] != before[name]]),
+        ("settings changed", [name for name in changed if name != "MODELGATE_TOKEN"])) if names]
+    return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
+
+
 class Gateway:
     """The ASGI application. Lifespan startup makes the config, the upstreams and the state below; config
     and upstreams never change after, and this object holds all the mutable state there is."""
@@ -2075,6 +2100,7 @@ class Gateway:
         self.coalescer: Coalescer | None = None  # None: COALESCE=off
         self.queue: Queue | None = None  # None: OLLAMA_NUM_PARALLEL=0
         self.usage: Usage | None = None  # made at start-up
+        self.retired: list[Upstream] = []  # replaced by a reload, closed at shutdown
         self.readiness = Readiness(ready_timeout)
         self.watches: set[ClientWatch] = set()  # requests waiting on an upstream, for the shutdown grace
         self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
@@ -2113,8 +2139,8 @@ class Gateway:
                                                        "its log says why."), ex))
         finally:
             self.metrics.in_flight -= 1
-            if ex.holds_slot:
-                self.limits.release(ex.token)
+            if ex.holds_slot is not None:  # where it was counted: a reload may have changed self.limits since
+                ex.holds_slot.release(ex.token)
             seconds = time.perf_counter() - ex.t0
             self.metrics.record(ex, seconds)
             if ex.token != "-":
@@ -2421,7 +2447,7 @@ class Gateway:
                 if self.grace_timer is not None:
                     self.grace_timer.cancel()
                 self.readiness.stop()
-                for upstream in self.upstreams.values():
+                for upstream in [*self.upstreams.values(), *self.retired]:
                     await upstream.aclose()
                 if self.usage is not None:
                     await self.usage.close()
@@ -2435,23 +2461,66 @@ class Gateway:
         # uvicorn's access log writes each request line with its query string, where a client may have put
         # a key (?api_key=...); ours (log_exchange) has the path only. Off however uvicorn was started.
         logging.getLogger("uvicorn.access").disabled = True
-        self.metrics = metrics = Metrics()
-        self.upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config,
-                                             metrics)}
-        if config.openai_api_key:
-            self.upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config,
-                                                metrics)
-        # A feature that is off costs the request path one `if`.
-        self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
-        self.limits = Limits(config, metrics) if config.rate_limit_rpm or config.max_concurrent_per_token else None
-        self.coalescer = Coalescer(metrics) if config.coalesce else None
-        self.queue = Queue(config, metrics, self.queue_bounds, self.slot_clock) if config.ollama_num_parallel else None
+        self.metrics = Metrics()
+        self.upstreams = self.make_upstreams(config)
+        self.limits = self.coalescer = self.queue = None
+        self.apply(config)
         self.usage = Usage(config.usage_db, self.clock)
         self.usage.start()
         self.config = config
         for line in summary(config, self.sources, self.listening, self.environ):  # log: the start-up summary
             log.info("%s", line)
         for warning in config_warnings(config, self.sources):
+            log.warning("%s", warning)
+
+    def make_upstreams(self, config: Config) -> dict[str, Upstream]:
+        upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config, self.metrics)}
+        if config.openai_api_key:
+            upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config,
+                                           self.metrics)
+        return upstreams
+
+    def apply(self, config: Config) -> None:
+        """The state that follows the settings, made or changed for `config`; what runs keeps what it holds."""
+        # A feature that is off costs the request path one `if`.
+        self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
+        if not (config.rate_limit_rpm or config.max_concurrent_per_token):
+            self.limits = None  # a request counted in the old Limits is released there (Exchange.holds_slot)
+        elif self.limits is None:
+            self.limits = Limits(config, self.metrics)
+        else:
+            self.limits.reconfigure(config)
+        self.coalescer = (self.coalescer or Coalescer(self.metrics)) if config.coalesce else None
+        if not config.ollama_num_parallel:
+            self.queue = None  # the requests in the old queue wait there and give their slots back to it
+        elif self.queue is None:
+            self.queue = Queue(config, self.metrics, self.queue_bounds, self.slot_clock)
+        else:
+            self.queue.reconfigure(config)
+
+    def reload(self, config: Config, sources: Sources | None) -> None:
+        """SIGHUP: new requests get `config`; connections, streams, queued requests and counts carry on. What
+        a running process cannot change (RESTART_SETTINGS) stays as it is, and the log says it needs a restart."""
+        old = self.config
+        kept = {s.field: getattr(old, s.field) for s in SETTINGS if s.name in RESTART_SETTINGS}
+        changed = [s.name for s in SETTINGS if getattr(old, s.field) != getattr(config, s.field)]
+        config = dataclasses.replace(config, **kept)
+        if any(getattr(old, field) != getattr(config, field) for field in UPSTREAM_FIELDS):
+            # Streams running through the old ones keep them; their idle connections close at shutdown.
+            self.retired.extend(self.upstreams.values())
+            self.upstreams = self.make_upstreams(config)
+        self.apply(config)
+        if config.log_format != old.log_format:
+            for logger in (log, logging.getLogger("uvicorn")):
+                for handler in logger.handlers:
+                    handler.setFormatter(log_formatter(config.log_format))
+        self.sources, self.config = sources, config
+        log.info("%s", reload_line(old, config, changed))  # log: what the reload changed, names only
+        restart = [name for name in changed if name in RESTART_SETTINGS]
+        if restart:
+            log.warning("%s changed: that takes a restart; until then the gateway keeps the old value%s",
+                        ", ".join(restart), "s" * (len(restart) > 1))
+        for warning in config_warnings(config, sources):
             log.warning("%s", warning)
 
     def shut_down(self) -> None:
@@ -2686,8 +2755,6 @@ class Queue:
 
     def __init__(self, config: Config, metrics: Metrics, bounds: tuple[int, int] = (MAX_QUEUED, MAX_QUEUED_BYTES),
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.parallel, self.timeout = config.ollama_num_parallel, config.queue_timeout
-        self.weights = config.token_shares
         self.max_waiting, self.max_bytes = bounds
         self.clock = clock  # what slot time is measured with
         self.slots: dict[tuple, Slots] = {}
@@ -2695,6 +2762,15 @@ class Queue:
         self.arrivals = 0  # numbers the waiters in the order they came
         self.closed = False
         self.metrics = metrics
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """New settings (SIGHUP) for the requests waiting and to come: more slots give turns now; a share
+        already waiting or running keeps its weight until it has neither."""
+        self.parallel, self.timeout = config.ollama_num_parallel, config.queue_timeout
+        self.weights = config.token_shares
+        for key, slots in list(self.slots.items()):
+            self.give_turns(key, slots, self.clock())
 
     def take(self, token: str, host: Host, model: str) -> Ticket | None:
         """A slot at once while one is free (no task switch: the cost of the queue when it is not full)."""
@@ -2799,6 +2875,10 @@ class Queue:
         slots.running -= 1
         share.running.remove(started)
         share.used += now - started
+        self.give_turns(key, slots, now)
+        self.forget(key, slots, share)
+
+    def give_turns(self, key: tuple, slots: Slots, now: float) -> None:
         while slots.waiting and slots.running < self.parallel:
             turn = min((s for s in slots.shares.values() if s.waiters),
                        key=lambda s: (s.had(now), s.waiters[0].number))
@@ -2807,7 +2887,6 @@ class Queue:
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
                 waiter.future.set_result(self.start(key, slots, turn))
             self.forget(key, slots, turn)
-        self.forget(key, slots, share)
 
     def forget(self, key: tuple, slots: Slots, share: Share) -> None:
         if not share.waiters and not share.running:
@@ -4203,13 +4282,14 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(log_format: str, logger: logging.Logger = log) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(log_formatter(log_format))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def log_formatter(log_format: str) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
 
 
 app = Gateway()
@@ -4527,6 +4607,7 @@ def main(argv: list[str] | None = None) -> None:
     """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C;
     or, with --check, check them and each upstream, and exit."""
     arguments = command_line().parse_args(argv)  # --help, --version and a wrong argument exit here
+    environment = dict(os.environ)  # without .env: what a reload reads .env again over
     config, sources = settings()
     if arguments.check:
         sys.exit(asyncio.run(check(config, sources)))
@@ -4542,7 +4623,7 @@ def main(argv: list[str] | None = None) -> None:
     app.sources = sources
     scheme = "https" if config.tls_cert_file else "http"
     app.listening = "listening on " + ", ".join(f"{scheme}://{address(sock)}" for sock in sockets)
-    server = uvicorn_server(config)
+    server = uvicorn_server(config, reload=lambda: reload(app, server, environment))
     # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
     # caught below as uvicorn.run() catches Ctrl+C. Exit status 0, a clean stop to service managers.
@@ -4630,16 +4711,36 @@ def usage_lines(report: dict[str, Any]) -> list[str]:
 def settings() -> tuple[Config, Sources]:
     """The settings from ./.env and the environment, or exit 1 with one line saying what is wrong."""
     try:
-        sources = read_settings(os.getcwd(), os.environ)
+        return read_config(os.environ)
     except ConfigError as exc:
         sys.exit(f"modelgate: {exc}")
+
+
+def read_config(environ: MutableMapping[str, str]) -> tuple[Config, Sources]:
+    """The settings from ./.env and `environ` (which gets what .env adds), or ConfigError with the one line
+    that start-up and a reload show."""
+    sources = read_settings(os.getcwd(), environ)
     try:
-        return load_config(os.environ), sources
+        return load_config(environ), sources
     except ConfigError as exc:
         for warning in sources.warnings:  # a misspelt key may be why a setting is missing
             print(f"modelgate: warning: {warning}", file=sys.stderr)
         where = f"read {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}"
-        sys.exit(f"modelgate: {exc} ({where})")
+        raise ConfigError(f"{exc} ({where})") from None
+
+
+def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> None:
+    """SIGHUP: read ./.env and the environment again; a configuration with an error is refused whole."""
+    environ = dict(environment)
+    try:
+        config, sources = read_config(environ)
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: modelgate: %s", exc)  # log: why
+        return
+    gateway.environ = environ
+    gateway.reload(config, sources)
+    # uvicorn's backstop after the gateway's own grace (uvicorn_server), read by uvicorn at shutdown.
+    server.config.timeout_graceful_shutdown = gateway.config.shutdown_grace + 5
 
 
 # uvicorn's default --backlog.
@@ -4785,10 +4886,11 @@ async def ollama_native_api(upstream: Upstream, host: Host) -> str:
 CLIENT_KEEPALIVE_SECONDS = 75
 
 
-def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = CLIENT_KEEPALIVE_SECONDS) -> Any:
-    """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, a bound on
-    the wait for a request head (CLIENT_TIMEOUT_SECONDS), how long an idle connection is kept, and asyncio's
-    errors one line per kind."""
+def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = CLIENT_KEEPALIVE_SECONDS,
+                   reload: Callable[[], None] | None = None) -> Any:
+    """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, `reload` on
+    SIGHUP, a bound on the wait for a request head (CLIENT_TIMEOUT_SECONDS), how long an idle connection is
+    kept, and asyncio's errors one line per kind."""
     import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
 
     server = uvicorn.Server(uvicorn.Config(
@@ -4796,7 +4898,7 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
         ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
         # uvicorn's h11 protocol, which closes a connection without a complete request head after
         # CLIENT_TIMEOUT_SECONDS. Named, so that httptools, if installed, is not picked instead: it would lack that.
-        http=head_timeout_protocol(config.client_timeout),
+        http=head_timeout_protocol(lambda: (gateway.config or config).client_timeout),  # as a reload left it
         access_log=False,  # we log one line per request ourselves
         log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,
@@ -4817,19 +4919,23 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
         loop = asyncio.get_running_loop()
         before = loop.get_exception_handler()
         loop.set_exception_handler(LoopErrors())
+        if reload is not None:  # uvicorn handles SIGINT and SIGTERM only; SIGHUP would end the process
+            loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             await uvicorn_serve(sockets)
         finally:
             loop.set_exception_handler(before)
+            if reload is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
 
     server.handle_exit = handle_exit  # what uvicorn installs as the SIGTERM and SIGINT handler
     server.serve = serve  # what server.run() runs
     return server
 
 
-def head_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol, and a timer that closes the connection while h11 still waits for a
-    complete request head (their_state IDLE) `seconds` after it began to wait."""
+    complete request head (their_state IDLE) `seconds()` after it began to wait."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
@@ -4853,7 +4959,7 @@ def head_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             # and the next request's first byte, uvicorn's keep-alive timer closes an idle connection.
             waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
             if waiting and self.head_timer is None:
-                self.head_timer = self.loop.call_later(seconds, self.timeout_keep_alive_handler)
+                self.head_timer = self.loop.call_later(seconds(), self.timeout_keep_alive_handler)
             elif not waiting and self.head_timer is not None:
                 self.head_timer.cancel()
                 self.head_timer = None

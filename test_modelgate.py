@@ -5390,6 +5390,58 @@ async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> 
     assert any(entry.get("status") == 200 and entry.get("error") == "shutting_down" for entry in logged)
 
 
+async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_path: Any) -> None:
+    """`python modelgate.py` on SIGHUP (issue 20): a token added to .env works, a removed one gets 401, the
+    stream that ran across the reload completes, and a .env with an error is refused while the old one serves."""
+    port = free_port()
+    dotenv = tmp_path / ".env"
+
+    async def status(token: str) -> int:
+        async with httpcore.AsyncConnectionPool() as client:
+            answer = await client.request("GET", f"http://127.0.0.1:{port}/usage",
+                                          headers=[(b"authorization", b"Bearer " + token.encode())])
+        return answer.status
+
+    async with upstream(sse_reply(hold_before=1)) as up:
+        common = f"OLLAMA_BASE_URL={up.url}\nHOST=127.0.0.1\nPORT={port}\nUSAGE_DB=\n"
+        dotenv.write_text(f"MODELGATE_TOKEN=first:{TOKEN}\n{common}")
+        process = await start_command_line(tmp_path, {})
+        try:
+            output = await read_until_serving(process, 30)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(STREAM_CHAT_REQUEST)
+            head = await asyncio.wait_for(reader.readuntil(EVENTS[0] + b"\r\n"), 10)
+            dotenv.write_text(f"# the second app\nMODELGATE_TOKEN=second:{OTHER_TOKEN}\n{common}TIMEOUT_SECONDS=60\n")
+            process.send_signal(signal.SIGHUP)
+            output += await read_until_serving(process, 10, b"reloaded:")
+            added, removed = await status(OTHER_TOKEN), await status(TOKEN)
+            up.release.set()
+            rest = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)  # the last chunk
+            writer.close()
+            dotenv.write_text(f"MODELGATE_TOKEN=third:{TOKEN}\n{common}TIMEOUT_SECONDS=soon\n")
+            process.send_signal(signal.SIGHUP)
+            output += await read_until_serving(process, 10, b"reload refused")
+            kept, refused = await status(OTHER_TOKEN), await status(TOKEN)
+            process.send_signal(signal.SIGTERM)
+            output += await asyncio.wait_for(process.stdout.read(), 10)
+            assert await asyncio.wait_for(process.wait(), 10) == 0, output
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"[DONE]" in rest and rest.endswith(b"0\r\n\r\n")  # whole, the stream that began before the reload
+    assert (added, removed) == (200, 401)
+    assert (kept, refused) == (200, 401)
+    log_text = output.decode()
+    changed = next(line for line in log_text.splitlines() if "reloaded:" in line)
+    assert "tokens added: second" in changed and "tokens removed: first" in changed
+    assert "TIMEOUT_SECONDS" in changed
+    refusal = next(line for line in log_text.splitlines() if "reload refused" in line)
+    assert "TIMEOUT_SECONDS" in refusal and str(dotenv) in refusal
+    assert TOKEN not in log_text and OTHER_TOKEN not in log_text
+
+
 async def test_command_line_bad_config_is_one_line_and_fails(tmp_path: Any) -> None:
     """A bad setting stops `python modelgate.py` with one line naming it and a non-zero exit status."""
     process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": "soon"})
