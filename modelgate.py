@@ -129,6 +129,7 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -441,7 +442,8 @@ ROUTES: dict[str, Route] = {
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
     # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
-    "/": Route({"GET": "home", "HEAD": "ollama_root"}, access="public", limited=False, dialect=OLLAMA),
+    "/": Route({"GET": "home", "HEAD": "ollama_root", "POST": "posted_to_root"}, access="public", limited=False,
+               dialect=OLLAMA),
     "/api/chat": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
                        usage=ollama_usage, queued=True),
     "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
@@ -604,9 +606,13 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         text = (raw or "").strip(" \t\r\n")
         if not text and (raw is None or setting.kind not in EMPTY_IS_A_VALUE):
             text = setting.default
-        if setting.kind in NAME_KINDS:
-            no_control_characters(setting.name, text)
-        values[setting.field] = PARSERS[setting.kind](setting.name, text)
+        try:
+            if setting.kind in NAME_KINDS:
+                no_control_characters(setting.name, text)
+            values[setting.field] = PARSERS[setting.kind](setting.name, text)
+        except ConfigError as exc:
+            exc.setting = setting.name  # read_config says where it came from
+            raise
     values["tokens"], values["token_names"] = values["tokens"]
     check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
     check_scopes(values["token_models"], values["token_names"])
@@ -1011,6 +1017,10 @@ def check_tls_files(cert: str, key: str) -> None:
 COMPOSE_VARIABLES = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"})
 
 
+# What else a .env may rightly set for the gateway's process: the time zone of /usage's days.
+OTHER_VARIABLES = frozenset({"TZ"})
+
+
 def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
     """The KEY=VALUE lines of a .env file, read as docker compose reads the same file (both 1.29 and 2.x,
     for its own variables and for env_file), and the warnings a person should see.
@@ -1060,12 +1070,15 @@ def dotenv_value(value: str, where: str) -> str:
 
 
 def misspelt(key: str) -> str:
-    """"did you mean" for a key that is not a setting but close to one; "" for anything else."""
+    """What to say of a key that is not a setting ("did you mean" one close to it); "" for a setting. A typo
+    such as TOKEN_MODEL= would otherwise leave a token without the limit it was meant to have (issue 20)."""
     names = [setting.name for setting in SETTINGS]
-    if key in names or key in COMPOSE_VARIABLES:
+    if key in names or key in COMPOSE_VARIABLES or key in OTHER_VARIABLES:
         return ""
     close = difflib.get_close_matches(key.upper(), names, n=2, cutoff=0.8)
-    return f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?" if close else ""
+    if close:
+        return f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?"
+    return f"{key} is not a setting of ModelGate and is ignored; README.md lists the settings"
 
 
 class Sources(NamedTuple):
@@ -1080,9 +1093,10 @@ class Sources(NamedTuple):
 def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
     """Add what `directory/.env` sets to environ, where the environment does not set it to something."""
     from_environment = tuple(s.name for s in SETTINGS if environ.get(s.name, "").strip(" \t\r\n"))
+    quoted = [QUOTED.format(name=name) for name in from_environment if wrapped_in_quotes(environ[name])]
     path = os.path.join(directory, ".env")
     if not os.path.exists(path):
-        return Sources(directory, None, from_environment, (), ())
+        return Sources(directory, None, from_environment, (), tuple(quoted))
     try:
         values, warnings = read_dotenv(path)
     except OSError as exc:
@@ -1093,7 +1107,19 @@ def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
         if not environ.get(key, "").strip(" \t\r\n"):  # set to nothing counts as not set, as for a default
             environ[key] = value
     overridden = tuple(name for name in from_environment if name in values)
-    return Sources(directory, path, from_environment, overridden, tuple(warnings))
+    return Sources(directory, path, from_environment, overridden, tuple(quoted + warnings))
+
+
+# `docker run --env-file` passes a .env line's value as it is written, quotes and all, where docker compose
+# and read_dotenv take them off: MODEL_DEFAULTS='{...}', as the docs write it, arrives as not JSON (issue 20).
+QUOTED = ("{name} is set in the environment with quotes around its value, as `docker run --env-file` passes a "
+          ".env line (docker compose and ModelGate's own reading of .env take them off): there the quotes are part "
+          "of the value; write that line without them")
+
+
+def wrapped_in_quotes(value: str) -> bool:
+    value = value.strip(" \t\r\n")
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
 
 
 # Shorter than this, a token gets a warning at start-up (token_urlsafe(32) makes 43 characters).
@@ -1123,6 +1149,7 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
         from_environment = list(sources.from_environment)
     lines.append(f"tokens: {len(config.tokens)} ({', '.join(config.token_names)})")
     lines.append(queue_summary(config))
+    lines += policy_summary(config)
     if config.model_overrides:
         lines.append("overrides: " + ", ".join(f"{pattern} ({', '.join(fields)})"
                                                for pattern, fields in config.model_overrides))
@@ -1132,6 +1159,33 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
         lines.append(f"from the environment, winning over .env: {', '.join(from_environment)}")
     else:
         lines.append(f"from the environment: {', '.join(from_environment)}")
+    return lines
+
+
+# The settings that decide who may do what, shown in the start-up summary when they are on (not at their
+# default), one line each: what the owner set is what runs, a typo shows as a line missing (issue 20).
+POLICY_SHOWN: dict[str, Callable[[Any], str]] = {
+    "ALLOWED_IPS": lambda networks: ", ".join(map(str, networks)),
+    "TRUSTED_PROXIES": lambda networks: ", ".join(map(str, networks)),
+    "CORS_ALLOW_ORIGINS": lambda origins: ", ".join(sorted(origins)) or "none",
+    "OLLAMA_ADMIN_TOKENS": lambda names: ", ".join(sorted(names)) + " may pull, push, create, copy and delete",
+    "METRICS_PUBLIC": lambda on: "GET /metrics needs no token",
+    "TOKEN_MODELS": lambda scopes: ", ".join(f"{name}={'|'.join(patterns)}" for name, patterns in scopes.items()),
+    "TOKEN_QUOTAS": lambda quotas: ", ".join(f"{name}={quota}" for name, quota in quotas.items()) + " tokens a day",
+    "RATE_LIMIT_RPM": lambda rpm: f"{rpm} requests a minute per token",
+    "MAX_CONCURRENT_PER_TOKEN": lambda most: f"{most} requests in flight per token",
+    "MODEL_ALIASES": lambda aliases: ", ".join(f"{alias}={target}" for alias, target in aliases.items()),
+    "MODEL_DEFAULTS": lambda patterns: ", ".join(f"{pattern} ({', '.join(fields)})" for pattern, fields in patterns),
+}
+
+
+def policy_summary(config: Config) -> list[str]:
+    lines = []
+    for setting in SETTINGS:
+        shown = POLICY_SHOWN.get(setting.name)
+        value = getattr(config, setting.field)
+        if shown is not None and value != PARSERS[setting.kind](setting.name, setting.default):
+            lines.append(f"policy: {setting.name}: {shown(value)}")
     return lines
 
 
@@ -1252,6 +1306,13 @@ AUTH_FAILURES = {
     "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
                      "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
                      "tokens (MODELGATE_TOKEN).",
+    # `fluentread:<token>` pasted whole from MODELGATE_TOKEN (issue 20). Which of the two is said depends on
+    # the token after the name only, never on whether the name exists.
+    "token with its name": "The token was sent with its name in front (`name:token`, as MODELGATE_TOKEN writes "
+                           "it). Send the token without its name: only the part after the first ':'.",
+    "unknown token with a name": "The token sent is not one this gateway accepts. It has a `name:` in front: "
+                                 "MODELGATE_TOKEN writes `name:token`, and apps send the token without its name, "
+                                 "only the part after the first ':'. Check the rest for a typo, or for an old token.",
 }
 
 
@@ -1303,8 +1364,19 @@ def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ..
     matches = [hmac.compare_digest(credential, expected) for credential in credentials for expected in tokens]
     if True in matches:
         return names[matches.index(True) % len(tokens)]
-    raise GatewayError("unauthorized", AUTH_FAILURES["unknown token" if credentials else failure],
-                       detail="unknown token" if credentials else failure)
+    if credentials:
+        failure = named_token_failure(credentials, tokens)
+    raise GatewayError("unauthorized", AUTH_FAILURES[failure], detail=failure)
+
+
+def named_token_failure(credentials: list[bytes], tokens: tuple[bytes, ...]) -> str:
+    """Which AUTH_FAILURES an unknown token is: one sent as `name:token` is told to leave out its name."""
+    bare = [credential.partition(b":")[2] for credential in credentials
+            if TOKEN_NAME.fullmatch(credential.partition(b":")[0].decode("latin-1")) and b":" in credential]
+    if not bare:
+        return "unknown token"
+    matches = [hmac.compare_digest(credential, expected) for credential in bare for expected in tokens]
+    return "token with its name" if True in matches else "unknown token with a name"
 
 
 # What a token not named in OLLAMA_ADMIN_TOKENS is told, by Route.access. /metrics names every app and the
@@ -2398,6 +2470,18 @@ class Gateway:
         page = page.replace("{origin}", origin)
         return Answer(200, HOME_HEADERS, page.encode())
 
+    async def posted_to_root(self, ex: Exchange) -> Answer | None:
+        """POST /: an app given the gateway's address as its whole URL (FluentRead's Claude service, issue 20):
+        404 saying what to write, in the shape of the API its headers are of. Nothing goes upstream."""
+        body = await self.read_body(ex)
+        if body is None:
+            return None
+        # Anthropic's API requires anthropic-version, and its clients send the key as x-api-key.
+        anthropic = ex.header(b"anthropic-version") or ex.header(b"x-api-key")
+        ex.dialect = ANTHROPIC if anthropic else OPENAI
+        where = f"{ex.scheme}://{ex.header(b'host').decode('latin-1') or '<server>:8010'}"
+        raise GatewayError("not_found", ROOT_POSTED[ex.dialect.name].format(where=where))
+
     async def ready(self, ex: Exchange) -> Answer | None:
         """GET /ready: 200 when a host of the default provider lists its models, else 503 naming the failures."""
         upstream = self.upstreams[self.config.default_provider]
@@ -2560,12 +2644,44 @@ def preflight(ex: Exchange, route: Route) -> Answer:
 
 
 def unrouted_dialect(path: str) -> Dialect:
-    """The dialect of a path no route has: that of the routes around it (Ollama's under /api)."""
-    return OLLAMA if path == "/api" or path.startswith("/api/") else OPENAI
+    """The dialect of a path no route has: that of the routes around it (Ollama's under /api, also where the
+    ollama client given a base URL with /v1 asks, /v1/api/...); /v1/v1/messages that of /v1/messages."""
+    path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
+    if path == "/api" or path.startswith("/api/"):
+        return OLLAMA
+    route = ROUTES.get(path)
+    return route.dialect if route is not None else OPENAI
+
+
+# A client given a base URL that ends in /v1 where it adds /v1 (the Anthropic SDKs) or /api (the ollama
+# libraries) itself, or one given /v1 as its full URL (issue 20): what to write instead.
+WRONG_BASE_URLS = (
+    ("/v1/v1/", "There is no {path} here: the client adds /v1 itself (the Anthropic SDKs do), and its base URL ends "
+                "in /v1 too. Give it the base URL without /v1, such as http://<server>:8010."),
+    ("/v1/api", "There is no {path} here: the ollama client adds /api itself, and its base URL ends in /v1. Give it "
+                "the base URL without /v1, such as http://<server>:8010."),
+)
+
+
+ROOT_POSTED = {
+    "anthropic": "POST / is not an API: this app was given the gateway's address as its whole URL. Anthropic clients "
+                 "take the base URL {where} and add /v1/messages; an app that wants the whole URL takes "
+                 "{where}/v1/messages.",
+    "openai": "POST / is not an API: this app was given the gateway's address as its whole URL. OpenAI clients take "
+              "the base URL {where}/v1; an app that wants the whole URL (FluentRead) takes "
+              "{where}/v1/chat/completions.",
+}
 
 
 def not_found_message(path: str) -> str:
     hint = ""
+    for prefix, message in WRONG_BASE_URLS:
+        if path.startswith(prefix):
+            return message.format(path=path)
+    if path in ("/v1", "/v1/"):
+        return ("There is nothing at /v1 itself: it is the base URL, to which clients add /chat/completions, "
+                "/models, /messages, ... An app that wants the whole URL (FluentRead) takes "
+                "http://<server>:8010/v1/chat/completions.")
     if unrouted_dialect(path) is OLLAMA:
         return (f"There is no {path} here. Ollama's API here: /api/chat, /api/generate, /api/embed, "
                 "/api/embeddings, /api/show, /api/tags, /api/ps, /api/version; for the tokens named in "
@@ -4607,6 +4723,12 @@ def main(argv: list[str] | None = None) -> None:
     """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C;
     or, with --check, check them and each upstream, and exit."""
     arguments = command_line().parse_args(argv)  # --help, --version and a wrong argument exit here
+    if arguments.add_token is not None:
+        try:
+            print(add_token(arguments.add_token, os.path.join(os.getcwd(), ".env")))
+        except ConfigError as exc:
+            sys.exit(f"modelgate: {exc}")
+        return
     environment = dict(os.environ)  # without .env: what a reload reads .env again over
     config, sources = settings()
     if arguments.check:
@@ -4649,6 +4771,8 @@ def command_line() -> Any:
                         "model: today and the days up to today) and exit; what GET /usage shows")
     parser.add_argument("--days", type=whole_days, default=USAGE_DAYS, metavar="N",
                         help=f"with --usage, the days up to today to count ({USAGE_DAYS})")
+    parser.add_argument("--add-token", metavar="NAME", help="add NAME:<a new random token> to MODELGATE_TOKEN "
+                        "in ./.env, print the token once, and exit; a running gateway takes it on SIGHUP")
     return parser
 
 
@@ -4708,6 +4832,49 @@ def usage_lines(report: dict[str, Any]) -> list[str]:
             "counted them)", "", *table, *([""] + [f"quota {line}" for line in quotas] if quotas else [])]
 
 
+RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python modelgate.py>, systemctl reload "
+               "modelgate, or docker kill -s HUP modelgate (under Docker Compose, whose env_file is read when the "
+               "container is made: docker compose up -d).")
+
+
+def add_token(name: str, path: str) -> str:
+    """--add-token NAME: NAME:<new token> appended to MODELGATE_TOKEN in the .env at `path` (a line of its own
+    when there is none), every other line kept as it was; what to tell the person, the token once."""
+    if not TOKEN_NAME.fullmatch(name):
+        raise ConfigError(f"--add-token {name!r}: a name is 1 to 64 letters, digits, '_', '.' or '-'")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:  # newline="": its CRLFs stay
+            lines = file.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        lines = []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    at = [number for number, line in enumerate(lines)  # the last MODELGATE_TOKEN line counts (read_dotenv)
+          if line.strip().removeprefix("export ").partition("=")[0].strip() == "MODELGATE_TOKEN"]
+    token = secrets.token_urlsafe(32)
+    entry = f"{name}:{token}"
+    if at:
+        line = lines[at[-1]]
+        value = dotenv_value(line.partition("=")[2].strip(), f"{path} line {at[-1] + 1}").strip(" \t\r\n")
+        if value and name in parse_tokens("MODELGATE_TOKEN", value)[1]:
+            raise ConfigError(f"MODELGATE_TOKEN in {path} already has a token named {name!r}; choose another name")
+        ending = line[len(line.rstrip("\r\n")):] or "\n"
+        lines[at[-1]] = f"{line.partition('=')[0]}={value + ',' * bool(value)}{entry}{ending}"
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(f"MODELGATE_TOKEN={entry}\n")
+    try:
+        # In place, not a new file: its owner, mode and a bind mount of it (Docker) stay; a new one is 0600.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8",
+                       newline="") as file:
+            file.write("".join(lines))
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be written: {exc.strerror}") from None
+    return (f"Added the token {name!r} to MODELGATE_TOKEN in {path}; it is shown this once:\n\n    {token}\n\n"
+            + RELOAD_HELP)
+
+
 def settings() -> tuple[Config, Sources]:
     """The settings from ./.env and the environment, or exit 1 with one line saying what is wrong."""
     try:
@@ -4725,8 +4892,16 @@ def read_config(environ: MutableMapping[str, str]) -> tuple[Config, Sources]:
     except ConfigError as exc:
         for warning in sources.warnings:  # a misspelt key may be why a setting is missing
             print(f"modelgate: warning: {warning}", file=sys.stderr)
-        where = f"read {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}"
-        raise ConfigError(f"{exc} ({where})") from None
+        raise ConfigError(f"{exc} ({where_from(getattr(exc, 'setting', ''), sources, environ)})") from None
+
+
+def where_from(name: str, sources: Sources, environ: Mapping[str, str]) -> str:
+    """Where the value a ConfigError is about came from: the environment, or .env (issue 20)."""
+    if name in sources.from_environment:
+        quotes = ", quotes and all, as `docker run --env-file` passes them" * wrapped_in_quotes(environ[name])
+        return (f"{name} is set in the environment{quotes}; the environment wins over .env: change or unset it "
+                "where it is set (the shell, docker run -e or --env-file, the service's Environment=)")
+    return f"read {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}"
 
 
 def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> None:
@@ -4800,17 +4975,20 @@ CHECK_TIMEOUT_SECONDS = 10.0
 
 
 async def check(config: Config, sources: Sources) -> int:
-    """--check: the start-up summary and its warnings, then each upstream host asked once for its models.
-    Exit status 0 when every one answers, 1 with a line saying why for each that does not."""
+    """--check: the start-up summary and its warnings, then each upstream host asked once for its models, and
+    the aliases and TOKEN_MODELS compared with them. Exit status 0 when nothing is wrong; 1 when anything is:
+    a warning (a .env key that is no setting, a weak token, ...), an upstream that does not answer, an alias or
+    a pattern that no listed model matches, each said on a line of its own (issue 20)."""
     log.addHandler(logging.NullHandler())  # what the gateway would log while serving is said here in full
     log.propagate = False
     scheme = "https" if config.tls_cert_file else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
     for line in summary(config, sources, f"would listen on {scheme}://{host}:{config.port}"):
         print(line)
-    for warning in config_warnings(config, sources):
+    warnings = config_warnings(config, sources)
+    for warning in warnings:
         print(f"warning: {warning}")
-    problems = 0
+    problems = len(warnings)  # each is something the owner did not mean, or a door left open
     try:
         for sock in listen(config.host, config.port):
             sock.close()
@@ -4828,34 +5006,66 @@ async def check(config: Config, sources: Sources) -> int:
     finally:
         for host in (host for upstream in upstreams for host in upstream.hosts):
             await host.pool.aclose()
-    for answered_, line in results:
+    listed: set[str] = set()
+    for answered_, line, ids in results:
         print(line)
         problems += not answered_
+        listed.update(ids)
+    if all(answered_ for answered_, _, _ in results):  # else what is listed is not all there is
+        for line in unmatched_models(config, listed):
+            print(f"FAILED: {line}")
+            problems += 1
     if problems:
         print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above")
         return 1
-    print("check passed: every upstream answers")
+    print("check passed: every upstream answers, and nothing is wrong")
     return 0
 
 
-async def probe(upstream: Upstream, host: Host) -> tuple[bool, str]:
-    """Ask one host for its models: (whether it answered, a line saying what it answered)."""
+def unmatched_models(config: Config, listed: set[str]) -> list[str]:
+    """An alias whose target, and a TOKEN_MODELS pattern that matches, no model any host lists (`provider/id`):
+    most likely a typo, which leaves the alias unusable or the token without the model it was meant to have."""
+    lines = []
+    for alias, target in config.model_aliases.items():
+        try:
+            model_id = route_model(alias, config).id
+        except GatewayError as error:
+            lines.append(f"MODEL_ALIASES: {alias}={target}: {error.message}")
+            continue
+        if model_id not in listed:
+            lines.append(f"MODEL_ALIASES: the target of {alias}={target} is {model_id}, which no host lists; "
+                         "GET /v1/models (ollama list) shows the names there are")
+    for name, patterns in config.token_models.items():
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(model_id, pattern) for model_id in listed):
+                lines.append(f"TOKEN_MODELS: {name}={pattern} matches no model any host lists, so the token named "
+                             f"{name!r} cannot use what it was meant to; patterns look like ollama/qwen2.5*")
+    return lines
+
+
+async def probe(upstream: Upstream, host: Host) -> tuple[bool, str, list[str]]:
+    """Ask one host for its models: (whether it answered, a line saying what it answered, the models as
+    `provider/id`)."""
     where = f"{upstream.where(host)} {shown_url(host.base_url)}"
     try:
         document = await asyncio.wait_for(upstream.get_json(b"/models", [], host), CHECK_TIMEOUT_SECONDS)
     except asyncio.TimeoutError:
-        return False, f"FAILED {where}: no answer to GET /models within {CHECK_TIMEOUT_SECONDS:g} s"
+        return False, f"FAILED {where}: no answer to GET /models within {CHECK_TIMEOUT_SECONDS:g} s", []
     except GatewayError as failure:
-        return False, f"FAILED {where}: {failure.message} ({failure.detail.removeprefix(upstream.where(host) + ' ')})"
+        detail = failure.detail.removeprefix(upstream.where(host) + " ")
+        return False, f"FAILED {where}: {failure.message} ({detail})", []
     if isinstance(document, Answer):  # an error status
         if document.status == 404 and upstream.name == "ollama":
             native = await ollama_native_api(upstream, host)
             if native:
-                return False, f"FAILED {where}: {native}"
+                return False, f"FAILED {where}: {native}", []
         message = json.loads(document.body)["error"].get("message")  # upstream_error made it OpenAI-shaped
-        return False, f"FAILED {where}: GET /models: {message}"
+        return False, f"FAILED {where}: GET /models: {message}", []
     models = document.get("data") if isinstance(document, dict) else None
-    return True, f"ok {where}: answers, {len(models) if isinstance(models, list) else 0} models"
+    models = models if isinstance(models, list) else []  # Ollama answers "data": null with no model
+    ids = [f"{upstream.name}/{item['id']}" for item in models
+           if isinstance(item, dict) and isinstance(item.get("id"), str)]
+    return True, f"ok {where}: answers, {len(models)} models", ids
 
 
 async def ollama_native_api(upstream: Upstream, host: Host) -> str:

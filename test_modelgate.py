@@ -5390,6 +5390,44 @@ async def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tmp_path: Any) -> 
     assert any(entry.get("status") == 200 and entry.get("error") == "shutting_down" for entry in logged)
 
 
+@pytest.mark.parametrize("sent, says", [
+    (f"app:{TOKEN}", "Send the token without its name"),  # the token after the name is right
+    (f"app:{TOKEN}x", "apps send the token without its name"),  # wrong: nothing tells which names exist
+    (f"nobody:{TOKEN}x", "apps send the token without its name"),
+])
+async def test_a_token_sent_with_its_name_is_told_to_leave_the_name_out(sent: str, says: str) -> None:
+    """`fluentread:<token>` pasted whole from MODELGATE_TOKEN gets a 401 that says to leave out the name; the
+    same answer for a name that exists and one that does not (issue 20)."""
+    async with gateway(MODELGATE_TOKEN=f"app:{TOKEN}") as app:
+        answer = await call(app, "POST", "/v1/chat/completions", CHAT, [(b"authorization", b"Bearer " + sent.encode())])
+    assert answer.status == 401 and says in answer.json()["error"]["message"]
+    if sent.endswith("x"):
+        assert "Send the token without its name" not in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path, headers, shape, says", [
+    ("POST", "/v1/v1/messages", [], "anthropic", "Give it the base URL without /v1"),
+    ("GET", "/v1/api/tags", [], "ollama", "the ollama client adds /api itself"),
+    ("POST", "/v1/api/chat", [], "ollama", "Give it the base URL without /v1"),
+    ("POST", "/", [(b"anthropic-version", b"2023-06-01")], "anthropic", "http://gw:8010/v1/messages"),
+    ("POST", "/", [], "openai", "http://gw:8010/v1/chat/completions"),
+    ("GET", "/v1", [], "openai", "it is the base URL"),
+])
+async def test_a_client_given_the_wrong_base_url_is_told_what_to_write(method: str, path: str, headers: list,
+                                                                       shape: str, says: str) -> None:
+    """The Anthropic SDK given .../v1 asks /v1/v1/messages, the ollama client /v1/api/tags, FluentRead's Claude
+    service given the root POSTs /: a 404 in the client's own error shape says what to write (issue 20)."""
+    async with gateway() as app:
+        answer = await call(app, method, path, CHAT if method == "POST" else b"",
+                            [*AUTH, (b"host", b"gw:8010"), *headers])
+    assert answer.status == 404
+    error = answer.json()
+    message = {"anthropic": lambda: error["type"] == "error" and error["error"]["message"],
+               "ollama": lambda: isinstance(error["error"], str) and error["error"],
+               "openai": lambda: error["error"]["message"]}[shape]()
+    assert message and says in message, error
+
+
 async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_path: Any) -> None:
     """`python modelgate.py` on SIGHUP (issue 20): a token added to .env works, a removed one gets 401, the
     stream that ran across the reload completes, and a .env with an error is refused while the old one serves."""
@@ -5440,6 +5478,40 @@ async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_pa
     refusal = next(line for line in log_text.splitlines() if "reload refused" in line)
     assert "TIMEOUT_SECONDS" in refusal and str(dotenv) in refusal
     assert TOKEN not in log_text and OTHER_TOKEN not in log_text
+
+
+async def test_add_token_writes_a_new_named_token_into_env_and_keeps_every_other_line(tmp_path: Any) -> None:
+    """`python modelgate.py --add-token NAME` (issue 20): NAME:<new token> joins MODELGATE_TOKEN in ./.env, every
+    other line stays as it was and where it was, the token is printed once with how to reload; a name already
+    there, or no name at all, is refused and .env is left alone."""
+    dotenv = tmp_path / ".env"
+    before = ["# my gateway", f"MODELGATE_TOKEN=first:{TOKEN}", "", "OLLAMA_BASE_URL=http://127.0.0.1:9/v1",
+              "MODEL_DEFAULTS='{\"*\": {\"temperature\": 0}}'"]
+    dotenv.write_bytes("\r\n".join(before).encode() + b"\r\n")
+    process = await start_command_line(tmp_path, {}, "--add-token", "second")
+    printed = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert process.returncode == 0, printed
+    after = dotenv.read_bytes().decode().split("\r\n")
+    assert after[:1] + after[2:] == before[:1] + before[2:] + [""]
+    name, _, new = after[1].removeprefix(f"MODELGATE_TOKEN=first:{TOKEN},").partition(":")
+    assert name == "second" and len(new) >= 43 and new in printed and printed.count(new) == 1
+    assert all(how in printed for how in ("kill -HUP", "docker kill -s HUP modelgate", "systemctl reload modelgate"))
+    env = {}
+    modelgate.read_settings(str(tmp_path), env)
+    config = modelgate.load_config(env)
+    assert config.token_names == ("first", "second") and config.tokens == (TOKEN.encode(), new.encode())
+    for refused, says in (("second", "already"), ("no name", "a name is")):
+        process = await start_command_line(tmp_path, {}, "--add-token", refused)
+        output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+        assert process.returncode == 1 and says in output, output
+        assert dotenv.read_bytes().decode().split("\r\n") == after
+    dotenv.unlink()
+    process = await start_command_line(tmp_path, {}, "--add-token", "only")
+    printed = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert process.returncode == 0, printed
+    line = dotenv.read_text()
+    assert line.startswith("MODELGATE_TOKEN=only:") and line.count("\n") == 1 and line.strip()[21:] in printed
+    assert dotenv.stat().st_mode & 0o077 == 0  # a new .env is its owner's only
 
 
 async def test_command_line_bad_config_is_one_line_and_fails(tmp_path: Any) -> None:
@@ -5605,11 +5677,74 @@ async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_p
         "from the environment, winning over .env: PORT",
         f"ok ollama/1 {ollama.url}: answers, 2 models",
         f"ok openai/1 {openai.url}: answers, 1 models",
-        "check passed: every upstream answers",
+        "check passed: every upstream answers, and nothing is wrong",
     ]
     assert [r.target for r in ollama.requests] == ["/v1/models"] and len(openai.requests) == 1
     assert openai.requests[0].header("authorization") == f"Bearer {OPENAI_KEY}"
     assert TOKEN not in output and OPENAI_KEY not in output
+
+
+async def test_check_fails_and_lists_every_problem_with_the_settings(tmp_path: Any) -> None:
+    """--check (issue 20) exits 1 and says each: a .env key that is no setting (a misspelt TOKEN_MODEL leaves
+    an app unrestricted), an alias whose target and a TOKEN_MODELS pattern that matches no model any host lists;
+    while every upstream answers."""
+    async with upstream(ollama_like()) as ollama:
+        (tmp_path / ".env").write_text(
+            f"MODELGATE_TOKEN=app:{TOKEN},script:{OTHER_TOKEN}\nOLLAMA_BASE_URL={ollama.url}\nHOST=127.0.0.1\n"
+            "TOKEN_MODEL=app=ollama/qwen*\nFAVOURITE_COLOUR=blue\nMODEL_ALIASES=gpt-4o=ollama/qwen2.5:7b,"
+            "claude=ollama/qwen3:8b\nTOKEN_MODELS=script=ollama/qwen*|openai/gpt*\n")
+        status, output = await run_command_line(tmp_path, {"PORT": str(free_port())}, "--check")
+    assert status == 1, output
+    lines = output.splitlines()
+    assert f"ok ollama/1 {ollama.url}: answers, 2 models" in lines
+    problems = [line for line in lines if line.startswith(("warning:", "FAILED"))]
+    assert len(problems) == 4 and "check failed: 4 problems, each said above" in lines, output
+    assert "TOKEN_MODEL is not a setting of ModelGate; did you mean TOKEN_MODELS?" in problems[0] + problems[1]
+    assert "FAVOURITE_COLOUR is not a setting of ModelGate" in problems[0] + problems[1]
+    assert "MODEL_ALIASES: the target of claude=ollama/qwen3:8b" in problems[2] and "gpt-4o" not in problems[2]
+    assert "TOKEN_MODELS: script=openai/gpt* matches no model" in problems[3]
+    assert "check passed" not in output and TOKEN not in output
+
+
+def test_the_start_up_summary_lists_each_policy_that_is_on_and_no_token() -> None:
+    """One line per setting of who may do what that is on, saying what it is; none for one that is off."""
+    config = modelgate.load_config({
+        "MODELGATE_TOKEN": HOUSEHOLD, "TOKEN_MODELS": "fluentread=ollama/qwen*", "ALLOWED_IPS": "192.168.1.0/24",
+        "OLLAMA_ADMIN_TOKENS": "webui", "RATE_LIMIT_RPM": "60", "MODEL_ALIASES": "gpt-4o=ollama/qwen2.5:7b",
+        "TOKEN_QUOTAS": "fluentread=300000", "METRICS_PUBLIC": "0"})
+    lines = [line for line in modelgate.summary(config, None, None, {}) if line.startswith("policy:")]
+    assert lines == [
+        "policy: OLLAMA_ADMIN_TOKENS: webui may pull, push, create, copy and delete",
+        "policy: RATE_LIMIT_RPM: 60 requests a minute per token",
+        "policy: ALLOWED_IPS: 192.168.1.0/24",
+        "policy: MODEL_ALIASES: gpt-4o=ollama/qwen2.5:7b",
+        "policy: TOKEN_MODELS: fluentread=ollama/qwen*",
+        "policy: TOKEN_QUOTAS: fluentread=300000 tokens a day",
+    ]
+    assert not any(token in "\n".join(lines) for token in (TOKEN, OTHER_TOKEN, ADMIN))
+
+
+@pytest.mark.parametrize("where", ["environment", ".env"])
+async def test_a_bad_value_is_blamed_on_where_it_was_set(tmp_path: Any, where: str) -> None:
+    """A value set in the environment is blamed on the environment, not on the .env that was read (issue 20)."""
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\n" + "TIMEOUT_SECONDS=soon\n" * (where == ".env"))
+    status, output = await run_command_line(tmp_path, {"TIMEOUT_SECONDS": "soon"} if where == "environment" else {})
+    assert status == 1
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("modelgate: TIMEOUT_SECONDS must be a number of seconds")
+    if where == "environment":
+        assert "TIMEOUT_SECONDS is set in the environment" in last and "read " not in last
+    else:
+        assert last.endswith(f"(read {tmp_path / '.env'})")
+
+
+async def test_a_value_that_kept_its_quotes_from_docker_run_env_file_is_named(tmp_path: Any) -> None:
+    """`docker run --env-file .env` passes MODEL_DEFAULTS='{...}' with its quotes: the message says so."""
+    quoted = "'{\"ollama/*\": {\"temperature\": 0}}'"
+    status, output = await run_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "MODEL_DEFAULTS": quoted})
+    assert status == 1
+    assert "MODEL_DEFAULTS is set in the environment with quotes around its value" in output
+    assert "docker run --env-file" in output.strip().splitlines()[-1]
 
 
 CHECK_FAILURES = [
