@@ -4709,6 +4709,9 @@ class Pool:
 #   uvicorn   Server.handle_exit, Server.serve      uvicorn_server replaces both on the instance: serve() is
 #             what Server.run() awaits, handle_exit what serve() installs for SIGTERM and SIGINT; once done,
 #             serve() raises a signal it caught again to the handler it found (main's exit status 0).
+#   uvicorn   Server.capture_signals()              takes SIGINT and SIGTERM only (HANDLED_SIGNALS), with
+#             signal.signal: serve() puts SIGHUP (reload) on the loop beside them; uvicorn reads
+#             config.timeout_graceful_shutdown when it shuts down, after a reload may have set it.
 #   Python    json.scanner.make_scanner,            parse_body's walk through a body's top-level keys:
 #             json.decoder.scanstring                scanner(text, at) -> (value, end), StopIteration where no
 #             value starts; scanstring(text, after the quote) -> (string, end). The scanner calls the

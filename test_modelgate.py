@@ -5252,6 +5252,26 @@ JSON_VALUES = [  # (text, where the value starts, the value, where it ends)
 ]
 
 
+async def test_internal_uvicorn_takes_sigint_and_sigterm_only_and_leaves_sighup_to_the_loop() -> None:
+    """uvicorn's serve() installs its handle_exit for SIGINT and SIGTERM and nothing for SIGHUP: the reload
+    that uvicorn_server puts on the loop for SIGHUP runs, and SIGTERM still stops the server."""
+    app = modelgate.Gateway(environ())
+    reloaded = asyncio.Event()
+    server = modelgate.uvicorn_server(modelgate.load_config(environ(HOST="127.0.0.1", PORT="1")), app,
+                                      reload=reloaded.set)
+    async with serve_with(server) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 10)  # answered: serve() runs
+        writer.close()
+        signal.raise_signal(signal.SIGHUP)
+        await asyncio.wait_for(reloaded.wait(), 10)
+        assert signal.getsignal(signal.SIGTERM) is server.handle_exit
+        assert signal.SIGHUP not in uvicorn.server.HANDLED_SIGNALS
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # given back when serve() is over
+
+
 @pytest.mark.parametrize("text, start, value, end", JSON_VALUES)
 def test_internal_json_scanner_reads_one_value_and_says_where_it_ends(text: str, start: int, value: Any,
                                                                       end: int) -> None:
@@ -5801,8 +5821,8 @@ async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_u
 @pytest.mark.parametrize("start_from", ["nothing", ".env.example"])
 async def test_the_quick_start_writes_one_strong_token_into_env_and_keeps_it(tmp_path: Any, start_from: str) -> None:
     """The README's first block installs, writes a random token into .env with a POSIX sh command (Linux and
-    macOS alike, nothing exported) and starts; run again, it keeps that token instead of making a new one.
-    After `cp .env.example .env`, the token it appends is the one read."""
+    macOS alike, nothing exported), readable by its owner only, and starts; run again, it keeps that token
+    instead of making a new one. After `cp .env.example .env`, the token it appends is the one read."""
     install, write_token, start = readme_shell_blocks()[0].splitlines()
     assert install == "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
     assert start == ".venv/bin/python modelgate.py" and "export" not in write_token
@@ -5816,6 +5836,12 @@ async def test_the_quick_start_writes_one_strong_token_into_env_and_keeps_it(tmp
         modelgate.read_settings(str(tmp_path), env)
         written.append(modelgate.load_config(env).tokens)
     assert written[0] == written[1] and len(written[0]) == 1 and len(written[0][0]) >= 32
+    assert (tmp_path / ".env").stat().st_mode & 0o077 == 0  # it holds the tokens: its owner's only (issue 20)
+
+
+def test_the_readme_stays_short() -> None:
+    """README.md is read top to bottom by a new user: at most 200 lines, the details in docs/ (issue 20)."""
+    assert len((Path(modelgate.__file__).parent / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
 
 
 def test_ci_runs_the_readmes_test_command() -> None:
