@@ -1078,7 +1078,7 @@ def misspelt(key: str) -> str:
     close = difflib.get_close_matches(key.upper(), names, n=2, cutoff=0.8)
     if close:
         return f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?"
-    return f"{key} is not a setting of ModelGate and is ignored; README.md lists the settings"
+    return f"{key} is not a setting of ModelGate; it is ignored (README.md lists the settings)"
 
 
 class Sources(NamedTuple):
@@ -2477,8 +2477,10 @@ class Gateway:
         if body is None:
             return None
         # Anthropic's API requires anthropic-version, and its clients send the key as x-api-key.
-        anthropic = ex.header(b"anthropic-version") or ex.header(b"x-api-key")
-        ex.dialect = ANTHROPIC if anthropic else OPENAI
+        if ex.header(b"anthropic-version") or ex.header(b"x-api-key"):
+            ex.dialect = ANTHROPIC
+        elif any(field in body for field in (b'"messages"', b'"prompt"', b'"input"')):  # chat, completions, ...
+            ex.dialect = OPENAI
         where = f"{ex.scheme}://{ex.header(b'host').decode('latin-1') or '<server>:8010'}"
         raise GatewayError("not_found", ROOT_POSTED[ex.dialect.name].format(where=where))
 
@@ -2670,6 +2672,8 @@ ROOT_POSTED = {
     "openai": "POST / is not an API: this app was given the gateway's address as its whole URL. OpenAI clients take "
               "the base URL {where}/v1; an app that wants the whole URL (FluentRead) takes "
               "{where}/v1/chat/completions.",
+    "ollama": "POST / is not an API: this app was given the gateway's address as its whole URL. OpenAI clients take "
+              "{where}/v1, Anthropic and Ollama clients {where}, and add their own paths.",
 }
 
 
@@ -4909,6 +4913,9 @@ def where_from(name: str, sources: Sources, environ: Mapping[str, str]) -> str:
 
 def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> None:
     """SIGHUP: read ./.env and the environment again; a configuration with an error is refused whole."""
+    if gateway.config is None or gateway.closing:  # not started yet, or shutting down: nothing to change
+        log.warning("SIGHUP ignored: the gateway is %s", "shutting down" if gateway.closing else "starting")
+        return
     environ = dict(environment)
     try:
         config, sources = read_config(environ)
@@ -4919,6 +4926,7 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
     gateway.reload(config, sources)
     # uvicorn's backstop after the gateway's own grace (uvicorn_server), read by uvicorn at shutdown.
     server.config.timeout_graceful_shutdown = gateway.config.shutdown_grace + 5
+    server.client_timeout = gateway.config.client_timeout
 
 
 # uvicorn's default --backlog.
@@ -5111,7 +5119,7 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
         ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
         # uvicorn's h11 protocol, which closes a connection without a complete request head after
         # CLIENT_TIMEOUT_SECONDS. Named, so that httptools, if installed, is not picked instead: it would lack that.
-        http=head_timeout_protocol(lambda: (gateway.config or config).client_timeout),  # as a reload left it
+        http=head_timeout_protocol(lambda: server.client_timeout),
         access_log=False,  # we log one line per request ourselves
         log_config=None,  # and main() gives uvicorn's own lines the same format
         server_header=False,
@@ -5120,6 +5128,7 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
         # A backstop for a client that stops reading the error event: uvicorn cancels what still runs.
         timeout_graceful_shutdown=config.shutdown_grace + 5,
     ))
+    server.client_timeout = config.client_timeout  # what a reload sets (main's reload), read per connection
     uvicorn_exit, uvicorn_serve = server.handle_exit, server.serve
 
     def handle_exit(sig: int, frame: Any) -> None:

@@ -1423,13 +1423,14 @@ DOTENV_KEYS = [
     ("MODELGATE_PORT", ""),  # docker compose's, close to MODELGATE_TOKEN
     ("COMPOSE_PROFILES", ""),
     ("TZ", ""),
-    ("OLLAMA_MODELS", ""),
+    ("OLLAMA_MODELS", "it is ignored (README.md lists the settings)"),  # not close to any: said too (issue 20)
 ]
 
 
 @pytest.mark.parametrize("key, hint", DOTENV_KEYS)
 def test_dotenv_key_close_to_a_setting_gets_did_you_mean(tmp_path: Any, key: str, hint: str) -> None:
-    """A .env key that is not a setting but close to one is named with the setting it may have meant."""
+    """A .env key that is not a setting but close to one is named with the setting it may have meant; any
+    other that is no setting is said to be ignored."""
     (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\n{key}=http://ollama:11434/v1\n")
     warnings = modelgate.read_settings(str(tmp_path), {}).warnings
     if hint:
@@ -5637,11 +5638,12 @@ async def test_unusable_host_or_port_is_named_before_startup_completes(tmp_path:
 
 ARGUMENTS = [
     # (command line, exit status, what it prints)
-    (["--help"], 0, "usage: modelgate.py [-h] [--version] [--check] [--usage] [--days N]"),
+    (["--help"], 0, "usage: modelgate.py [-h] [--version] [--check] [--usage] [--days N]\n"
+                    "                    [--add-token NAME]"),
     (["-h"], 0, "--check"),
     (["--version"], 0, f"ModelGate {modelgate.__version__}"),
     (["--bogus"], 2, "usage: modelgate.py [-h] [--version] [--check] [--usage] [--days N]\n"
-                     "modelgate.py: error: unrecognized arguments: --bogus"),
+                     "                    [--add-token NAME]\nmodelgate.py: error: unrecognized arguments: --bogus"),
     (["serve"], 2, "error: unrecognized arguments: serve"),
     (["--check", "--port=1"], 2, "error: unrecognized arguments: --port=1"),
 ]
@@ -5799,7 +5801,9 @@ async def test_check_names_what_is_wrong_with_each_upstream_and_exits_1(tmp_path
     assert status == 1, output
     [failed] = [line for line in output.splitlines() if line.startswith("FAILED")]
     assert failed.startswith(f"FAILED ollama/1 {url}: ") and says.format(url=origin) in failed, failed
-    assert output.splitlines()[-1] == "check failed: 1 problem, each said above"
+    warned = [line for line in output.splitlines() if line.startswith("warning:")]  # OLLAMA_BASE_URL without /v1
+    problems = 1 + len(warned)
+    assert output.splitlines()[-1] == f"check failed: {problems} problem{'s' * (problems > 1)}, each said above"
     assert OLLAMA_KEY not in output and TOKEN not in output
 
 
@@ -6183,7 +6187,7 @@ NATIVE_ROUTE_TABLE = [
     ("GET", "/api", b"", 404),
     ("GET", "/api/", b"", 404),
     ("POST", "/api/chat/", b"{}", 404),
-    ("POST", "/", b"", 405),
+    ("POST", "/", b"", 404),  # with what to write instead (issue 20)
 ]
 
 
