@@ -64,6 +64,8 @@ Environment (read once at start-up; SETTINGS below is the table):
     OLLAMA_API_KEY           Bearer token sent to Ollama, if set   (empty)
     OLLAMA_ADMIN_TOKENS      token names that may pull, push, create, copy and delete Ollama's models
                                                                    (empty: nobody)
+    OLLAMA_CLOUD_TOKENS      token names that may use Ollama's cloud models and web search and fetch
+                                                                   (empty: nobody)
     OPENAI_API_KEY           enables the openai provider           (empty: nothing goes to OpenAI)
     OPENAI_BASE_URL          any OpenAI-compatible base URL        (https://api.openai.com/v1)
     TIMEOUT_SECONDS          longest wait for the next upstream bytes (120)
@@ -139,7 +141,7 @@ from collections import deque
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
 import urllib.parse
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
 import httpcore
@@ -181,6 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
     # ollama_proxy_server also keeps pull, push, create, copy and delete from its keys by default.
     Setting("OLLAMA_ADMIN_TOKENS", "ollama_admin_tokens", "", "names",
             "token names that may pull, push, create, copy and delete Ollama's models"),
+    # Nobody: Ollama runs its cloud models and web tools on ollama.com under the account its owner signed in
+    # with (server/cloud_proxy.go), spending that account's quota; llama-swap #971 asks the same of its peers.
+    Setting("OLLAMA_CLOUD_TOKENS", "ollama_cloud_tokens", "", "names",
+            "token names that may use Ollama's cloud models and web search and fetch (run on ollama.com)"),
     Setting("OPENAI_API_KEY", "openai_api_key", "", "key", "enables the openai provider"),
     Setting("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1", "url",
             "any OpenAI-compatible base URL"),
@@ -411,7 +417,10 @@ class Route(NamedTuple):
     # pull, push, create and delete `cmp.Or(req.Model, req.Name)` (ollama server/routes.go, server/create.go).
     # Every one is routed, resolved and checked against TOKEN_MODELS as `model` is (routed_body).
     models: tuple[tuple[str, ...], ...] = (("model",),)
-    admin: bool = False  # changes what Ollama holds: only for the token names in OLLAMA_ADMIN_TOKENS
+    # Changes what Ollama holds, or reads or ends its owner's ollama.com session: only for the token names in
+    # OLLAMA_ADMIN_TOKENS.
+    admin: bool = False
+    cloud: bool = False  # runs on ollama.com (web search and fetch): only for the token names in OLLAMA_CLOUD_TOKENS
     login: bool = False  # a page for a person: its 401 asks the browser for the token (HTTP Basic's password)
     # Identical plain requests in flight share one answer (COALESCE): chat's, which FluentRead sends again
     # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
@@ -468,6 +477,14 @@ ROUTES: dict[str, Route] = {
     "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
                          models=(MODEL_OR_NAME,)),
     "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect=OLLAMA, admin=True, shared=False),
+    # Whether Ollama's cloud is on (OLLAMA_NO_CLOUD), for anyone; the owner's ollama.com account, for admins;
+    # web search and fetch, run on ollama.com under that account (server/routes.go), for cloud tokens.
+    "/api/status": Route({"GET": "ollama_relay"}, dialect=OLLAMA),
+    "/api/me": Route({"POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
+    "/api/signout": Route({"POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
+    "/api/user/keys/": Route({"DELETE": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
+    "/api/experimental/web_search": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
+    "/api/experimental/web_fetch": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
 }
 PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
 # Route -> every body field that names a model, `model` always (Go would read "Model" as `model` on any route).
@@ -490,6 +507,9 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # Ollama's pull, push, create, copy, delete and blobs, and /metrics (unless METRICS_PUBLIC), for a token not
     # named in OLLAMA_ADMIN_TOKENS.
     "admin_only": (403, "permission_error", "admin_only"),
+    # Ollama's cloud models and web tools, and its web search and fetch routes, for a token not named in
+    # OLLAMA_CLOUD_TOKENS. Nothing goes upstream.
+    "cloud_not_allowed": (403, "permission_error", "cloud_not_allowed"),
     # TOKEN_MODELS: the model, an alias resolved, is outside the token's patterns. Nothing goes upstream.
     "model_not_allowed": (403, "permission_error", "model_not_allowed"),
     "not_found": (404, "invalid_request_error", "not_found"),
@@ -614,7 +634,8 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
             exc.setting = setting.name  # read_config says where it came from
             raise
     values["tokens"], values["token_names"] = values["tokens"]
-    check_admin_tokens(values["ollama_admin_tokens"], values["tokens"], values["token_names"])
+    for setting in ("OLLAMA_ADMIN_TOKENS", "OLLAMA_CLOUD_TOKENS"):
+        check_token_names(setting, values[setting.lower()], values["tokens"], values["token_names"])
     check_scopes(values["token_models"], values["token_names"])
     check_shares(values["token_shares"], values["token_names"])
     check_quotas(values["token_quotas"], values["token_names"])
@@ -670,13 +691,14 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
     return tuple(token for token, _ in tokens), tuple(label for _, label in tokens)
 
 
-def check_admin_tokens(admins: frozenset[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
-    """OLLAMA_ADMIN_TOKENS names tokens of MODELGATE_TOKEN (a hash label for one given without a name)."""
-    for entry in sorted(admins - set(names)):
+def check_token_names(setting: str, listed: frozenset[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
+    """OLLAMA_ADMIN_TOKENS and OLLAMA_CLOUD_TOKENS name tokens of MODELGATE_TOKEN (a hash label for one given
+    without a name)."""
+    for entry in sorted(listed - set(names)):
         if entry.encode() in tokens:  # never repeat a token in a message
-            raise ConfigError("OLLAMA_ADMIN_TOKENS lists a token itself; list its name (`name:token` in "
+            raise ConfigError(f"{setting} lists a token itself; list its name (`name:token` in "
                               "MODELGATE_TOKEN gives it one)")
-        raise ConfigError(f"OLLAMA_ADMIN_TOKENS names {entry!r}, but no token of MODELGATE_TOKEN has that name")
+        raise ConfigError(f"{setting} names {entry!r}, but no token of MODELGATE_TOKEN has that name")
 
 
 def token_label(token: str) -> str:
@@ -1148,6 +1170,8 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
         lines.append(f".env: {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}")
         from_environment = list(sources.from_environment)
     lines.append(f"tokens: {len(config.tokens)} ({', '.join(config.token_names)})")
+    cloud = ", ".join(sorted(config.ollama_cloud_tokens)) or "no token (OLLAMA_CLOUD_TOKENS is empty)"
+    lines.append(f"Ollama's cloud models and web search, run on ollama.com: for {cloud}")
     lines.append(queue_summary(config))
     lines += policy_summary(config)
     if config.model_overrides:
@@ -1382,8 +1406,8 @@ def named_token_failure(credentials: list[bytes], tokens: tuple[bytes, ...]) -> 
 # What a token not named in OLLAMA_ADMIN_TOKENS is told, by Route.access. /metrics names every app and the
 # models each used, those the asking token may not use too (issue 17, hole 6).
 ADMIN_ONLY = {
-    "token": "The token named {name!r} may not pull, push, create, copy or delete models: only the tokens named in "
-             "OLLAMA_ADMIN_TOKENS may.",
+    "token": "The token named {name!r} may not pull, push, create, copy or delete models, nor read or end the "
+             "ollama.com session of Ollama's owner: only the tokens named in OLLAMA_ADMIN_TOKENS may.",
     "metrics": "The token named {name!r} may not read /metrics: only the tokens named in OLLAMA_ADMIN_TOKENS may, "
                "or anyone who can reach it when the gateway's owner sets METRICS_PUBLIC=1.",
 }
@@ -1403,6 +1427,8 @@ def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usa
             raise GatewayError("admin_only", ADMIN_ONLY[route.access].format(name=name))
         if name in config.token_quotas and route.limited:  # not /usage: an app over its quota may see why
             within_quota(name, config.token_quotas[name], usage)
+        if route.cloud and name not in config.ollama_cloud_tokens:
+            raise cloud_refusal(name, f"{printable(ex.path)} runs on ollama.com")
         if limits is not None and route.limited:  # not /metrics: a scraper is not an app
             ex.holds_slot = limits if limits.admit(ex.token) else None
 
@@ -1554,36 +1580,125 @@ def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
 
 
 def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
-    """The entry of `provider/name` in a model list; a name without a tag is Ollama's `name:latest`."""
+    """The entry of `provider/name` in a model list; an Ollama model under any name Ollama finds it by
+    (ollama_name: `tiny` is `tiny:latest`, as Ollama's own /v1/models/tiny answers)."""
     item = models.get(model_id)
-    if item is None and ":" not in model_id.rpartition("/")[2]:
-        item = models.get(model_id + ":latest")
+    provider, _, name = model_id.partition("/")
+    if item is None and provider == "ollama":
+        wanted = ollama_name(name)
+        item = next((entry for key, entry in models.items()
+                     if key.startswith("ollama/") and ollama_name(key[7:]) == wanted), None)
     return item
 
 
+# Ollama's cloud -----------------------------------------------------------------------------------------------
+# Ollama runs some models on ollama.com, under the account its owner signed in with (server/cloud_proxy.go):
+# a model named with the source suffix `:cloud` or a tag ending in `-cloud`, on every door, and a model pulled
+# as a cloud stub, whatever its local name (it carries remote_host: server/routes.go proxies every request for
+# it). Web search and fetch run there too. Only the token names in OLLAMA_CLOUD_TOKENS may use any of them;
+# for the others they are refused with 403 cloud_not_allowed before anything is sent, and left out of lists.
+
+# A tool whose `type` or `name` is or begins with one of these runs on the web: OpenAI's {"type": "web_search"}
+# (and web_search_preview), Anthropic's web_search_20250305, Ollama's own web_search and web_fetch.
+WEB_TOOLS = ("web_search", "web_fetch")
+
+
+def cloud_suffix(name: str) -> bool:
+    """Whether Ollama takes the name for a cloud model whatever it holds: its parseSourceSuffix
+    (internal/modelref/modelref.go, v0.32.15) after ParseRef's TrimSpace. After the last `:`, spaces
+    around it ignored and in any case, `cloud`, or a tag ending in `-cloud` that holds no `/` (a
+    host:port/path is no tag): gpt-oss:120b:cloud, gpt-oss:120b-cloud, qwen3-coder:CLOUD."""
+    _, colon, suffix = name.strip().rpartition(":")
+    suffix = suffix.strip().lower()
+    return bool(colon) and (suffix == "cloud" or (suffix.endswith("-cloud") and "/" not in suffix))
+
+
+def ollama_name(name: str) -> str:
+    """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its
+    registry, namespace and the tag `latest`; getExistingName matches in any case): `tiny`, `Tiny:latest`
+    and `registry.ollama.ai/library/tiny:latest` are one model."""
+    name = name.strip().lower().removeprefix("registry.ollama.ai/").removeprefix("library/")
+    return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
+
+def web_tool(document: dict) -> str | None:
+    """The first tool of the request that runs on the web (WEB_TOOLS), as the client named it; else None."""
+    tools = document.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        for key in ("type", "name"):
+            value = tool.get(key) if isinstance(tool, dict) else None
+            if isinstance(value, str) and value.strip().lower().startswith(WEB_TOOLS):
+                return value
+    return None
+
+
+def cloud_refusal(token: str, what: str) -> GatewayError:
+    return GatewayError("cloud_not_allowed", f"{what}, under the ollama.com account of this Ollama's owner, and "
+                        f"the token {token!r} may not use Ollama's cloud: only the token names in "
+                        "OLLAMA_CLOUD_TOKENS may. Use a local model, or ask the gateway's owner to add the "
+                        "token's name to OLLAMA_CLOUD_TOKENS.")
+
+
+def check_cloud(config: Config, token: str, provider: str, name: str, asked: str, cloud: CloudModels) -> bool:
+    """403 cloud_not_allowed when a token outside OLLAMA_CLOUD_TOKENS names one of Ollama's cloud models (by its
+    name, or listed as a cloud stub); True when Ollama's list of models does not say (it lacks the name, or
+    it is older than CLOUD_LIST_SECONDS): then the list is fetched again and the name looked up once more."""
+    if provider != "ollama" or token in config.ollama_cloud_tokens:
+        return False
+    if cloud_suffix(name):
+        raise cloud_refusal(token, f"The model {asked!r} is one of Ollama's cloud models: it runs on ollama.com")
+    stub = cloud.lookup(name)
+    if stub:
+        raise cloud_refusal(token, f"The model {asked!r} is a cloud model in Ollama (pulled from ollama.com, it "
+                            "lists a remote_host): it runs on ollama.com")
+    return stub is None
+
+
+def check_tools(config: Config, token: str, provider: str, document: dict) -> None:
+    """403 cloud_not_allowed for a web tool (WEB_TOOLS) sent to Ollama by a token outside OLLAMA_CLOUD_TOKENS."""
+    tool = web_tool(document) if provider == "ollama" and token not in config.ollama_cloud_tokens else None
+    if tool is not None:
+        raise cloud_refusal(token, f"The tool {tool!r} searches or fetches the web through Ollama's cloud: it runs "
+                            "on ollama.com")
+
+
+def shown_to(config: Config, token: str, model_id: str, item: dict, cloud: CloudModels) -> bool:
+    """Whether a model of a list may be shown to the token: one of Ollama's cloud models only to a cloud token."""
+    provider, _, name = model_id.partition("/")
+    if provider != "ollama" or token in config.ollama_cloud_tokens:
+        return True
+    return not (cloud_suffix(name) or "remote_host" in item or cloud.lookup(name))
+
+
 def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
-                names: tuple[str, ...] = ("id",), aliases: bool = True) -> list[tuple[str, dict]]:
+                names: tuple[str, ...] = ("id",), aliases: bool = True,
+                cloud: CloudModels | None = None) -> list[tuple[str, dict]]:
     """A model list (`provider/name` -> entry) as a token sees it, as (name a client uses, entry) pairs: the
     models TOKEN_MODELS lets it use, then each alias whose target is listed and within them, as an entry of its
     own named by the alias under `names` (OpenAI's id; Ollama's name and model). An alias to a provider that is
-    not configured, or not behind the door of `dialect`, is left out."""
-    seen = [(model_id, item) for model_id, item in models.items() if may_use(config, token, model_id)]
+    not configured, or not behind the door of `dialect`, is left out. With `cloud`, Ollama's cloud models (and
+    aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only (shown_to)."""
+    def shown(model_id: str, item: dict) -> bool:
+        return may_use(config, token, model_id) and (cloud is None or shown_to(config, token, model_id, item, cloud))
+
+    seen = [(model_id, item) for model_id, item in models.items() if shown(model_id, item)]
     for alias in config.model_aliases if aliases else ():
         try:
             routed = route_model(alias, config, dialect)
         except GatewayError:
             continue
         item = listed_as(models, routed.id)
-        if item is not None and may_use(config, token, routed.id):
+        if item is not None and shown(routed.id, item):
             seen.append((alias, {**item, **dict.fromkeys(names, alias)}))
     return seen
 
 
-def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]:
+def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
     """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
     field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
     too): where the model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403
-    before anything is sent); its value (its target's name, or the provider prefix cut); then the fields of
+    before anything is sent); whether it is one of Ollama's cloud models (OLLAMA_CLOUD_TOKENS: 403 likewise,
+    check_cloud); its value (its target's name, or the provider prefix cut); then the fields of
     MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a
     chat or completions stream whose client did not ask for usage, stream_options.include_usage
     (Route.asks_usage). Every other byte is as the client sent it. Notes provider and model on the exchange.
@@ -1610,16 +1725,18 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
     dialect, route = ex.dialect, ROUTES[ex.route]
     one_spelling(document, repeated, ROUTE_FIELDS[ex.route])
     replaced: dict[str, str] = {}
-    named = [named_model(ex, document, group, config, replaced, text, spans) for group in route.models]
+    named = [named_model(ex, document, group, config, replaced, text, spans, cloud) for group in route.models]
     if named[0] is None and route.model_required:
         raise GatewayError("invalid_request", "The request body needs a `model` string, "
                            "such as \"ollama/qwen2.5:7b\".")
     first = next((found for found in named if found is not None), None)
     if first is None:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
         ex.provider = dialect.provider
+        check_tools(config, ex.token, ex.provider, document)
         return document, body
     ex.model, ex.routed = first
     ex.provider, ex.upstream_model, model_id = ex.routed.provider, ex.routed.name, ex.routed.id
+    check_tools(config, ex.token, ex.provider, document)
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
@@ -1633,9 +1750,10 @@ def routed_body(ex: Exchange, body: bytes, config: Config) -> tuple[dict, bytes]
 
 
 def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
-                text: str, spans: dict[str, tuple[int, int]]) -> tuple[str, Routed] | None:
+                text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
     """The model that one tuple of Route.models names, as (what was sent, where it goes), each of
-    its fields that is set routed, checked against TOKEN_MODELS and its new value put in `replaced`; None when
+    its fields that is set routed, checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS (check_cloud; a name
+    Ollama's list lacks is noted in ex.unlisted) and its new value put in `replaced`; None when
     none is set (absent, null or "", which Go leaves empty). 400 when two of them name different models."""
     found = None
     for field in fields:
@@ -1655,6 +1773,8 @@ def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: C
                                f"and {model!r} as `{field}`. Ollama would run only one of them: name it once.")
         if config.token_models:
             check_scope(config, ex.token, routed.id, model)
+        if check_cloud(config, ex.token, routed.provider, routed.name, model, cloud):
+            ex.unlisted.append((routed.name, model))
         if routed.aliased:
             replaced[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
         elif routed.name != model:
@@ -1728,9 +1848,10 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
     return True
 
 
-# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these,
-# and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into (request_edits reads those by their spans).
-READ_FIELDS = frozenset({"stream", "stream_options"})
+# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
+# (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
+# (request_edits reads those by their spans).
+READ_FIELDS = frozenset({"stream", "stream_options", "tools"})
 
 # What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
 # builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays
@@ -2041,7 +2162,7 @@ class Exchange:
     """One request and its answer, grouped as uvicorn groups a request-response cycle."""
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
-                 "holds_slot", "hides_usage", "body_read", "send", "cors", "started", "status", "bytes_out", "watch",
+                 "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out", "watch",
                  "request_id", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
                  "t0", "host", "queued", "upstream_seconds")
 
@@ -2061,6 +2182,7 @@ class Exchange:
         self.holds_slot: Limits | None = None  # counted there against MAX_CONCURRENT_PER_TOKEN until it ends
         self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
         self.body_read = False  # read_body has read the request body to its end
+        self.unlisted: list[tuple[str, str]] = []  # Ollama models its list lacked: (name, as asked) (check_cloud)
         # The response
         self.send = send
         self.cors: Headers = []
@@ -2174,6 +2296,8 @@ class Gateway:
         self.usage: Usage | None = None  # made at start-up
         self.retired: list[Upstream] = []  # replaced by a reload, closed at shutdown
         self.readiness = Readiness(ready_timeout)
+        self.cloud = CloudModels()
+        self.cloud_report: asyncio.Task | None = None  # under `python modelgate.py`: the start-up log's cloud line
         self.watches: set[ClientWatch] = set()  # requests waiting on an upstream, for the shutdown grace
         self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
         self.grace_timer: asyncio.TimerHandle | None = None
@@ -2338,7 +2462,9 @@ class Gateway:
         body = await self.read_body(ex)
         if body is None:
             return None
-        document, body = routed_body(ex, body, self.config)
+        document, body = routed_body(ex, body, self.config, self.cloud)
+        if ex.unlisted and not await self.looked_up(ex):
+            return None
         upstream = self.upstreams[ex.provider]
         # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
         path = (ex.path if ex.dialect.native else ex.path.removeprefix("/v1")).encode()
@@ -2349,6 +2475,15 @@ class Gateway:
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
             ex.usage = answer.usage
         return answer
+
+    async def looked_up(self, ex: Exchange) -> bool:
+        """Ollama's list of models fetched again, for the models it lacked (or was old for), and each looked up
+        once more: a cloud stub pulled or copied since is refused. False when the client left meanwhile."""
+        if await self.watched(ex, self.cloud.refresh(self.upstreams["ollama"])) is None:
+            return False
+        for name, asked in ex.unlisted:
+            check_cloud(self.config, ex.token, "ollama", name, asked, self.cloud)
+        return True
 
     async def relayed(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
                       shared: bool = False) -> Answer | None:
@@ -2391,7 +2526,12 @@ class Gateway:
                 key = item.get("model", item.get("name")) if isinstance(item, dict) else None
                 if isinstance(key, str):
                     models.setdefault(f"ollama/{key}", item)
-        seen = models_seen(models, config, ex.token, OLLAMA, ("name", "model"), aliases=ex.route == "/api/tags")
+        if ex.route == "/api/tags" and len(listed) == len(upstream.hosts):
+            self.cloud.remember(listed)  # every host's list: as good as a fetch of the cloud list
+        elif ex.token not in config.ollama_cloud_tokens and not await self.watched(ex, self.cloud.current(upstream)):
+            return None
+        seen = models_seen(models, config, ex.token, OLLAMA, ("name", "model"), aliases=ex.route == "/api/tags",
+                           cloud=self.cloud)
         return Answer(200, [JSON], json.dumps({"models": [item for _, item in seen]}).encode())
 
     async def ollama_version(self, ex: Exchange) -> Answer | None:
@@ -2404,7 +2544,12 @@ class Gateway:
         digest = ex.path.removeprefix("/api/blobs/")
         if not BLOB_DIGEST.fullmatch(digest):
             raise GatewayError("invalid_request", f"{printable(digest)!r} is not a blob digest (sha256:<64 hex>).")
-        body = await self.read_body(ex) if ex.method == "POST" else b""
+        return await self.ollama_relay(ex)
+
+    async def ollama_relay(self, ex: Exchange) -> Answer | None:
+        """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes (admins
+        only), web search and fetch (cloud tokens only); admit() has decided who may."""
+        body = await self.read_body(ex) if ex.method in ("POST", "DELETE") else b""
         if body is None:
             return None
         ex.provider = "ollama"
@@ -2423,7 +2568,11 @@ class Gateway:
         if listed is None or isinstance(listed, Answer):
             return listed
         config = self.config
-        seen = models_seen({item["id"]: item for items in listed for item in items}, self.config, ex.token)
+        if ex.token not in config.ollama_cloud_tokens and not await self.watched(
+                ex, self.cloud.current(self.upstreams["ollama"])):
+            return None
+        seen = models_seen({item["id"]: item for items in listed for item in items}, config, ex.token,
+                           cloud=self.cloud)
         return Answer(200, [JSON], json.dumps({"object": "list", "data": [item for _, item in seen]}).encode())
 
     async def model(self, ex: Exchange) -> Answer | None:
@@ -2438,7 +2587,15 @@ class Gateway:
         ex.provider, wanted = routed.provider, routed.id
         if config.token_models:
             check_scope(config, ex.token, wanted, ex.model)
+        name = routed.name
+        if check_cloud(config, ex.token, ex.provider, name, ex.model, self.cloud):
+            ex.unlisted.append((name, ex.model))
+            if not await self.looked_up(ex):
+                return None
         upstream = self.upstreams[ex.provider]
+        if ex.provider == "ollama" and cloud_suffix(name):  # a cloud token's: Ollama asks ollama.com, as it is
+            path = b"/models/" + quote(name, safe=":").encode()  # (cloudModelPathPassthroughMiddleware)
+            return await self.watched(ex, relay(self, ex, upstream, path, b"", stream=False))
         listed = await self.watched(ex, upstream.list_models(ex.headers))
         if listed is None or isinstance(listed, Answer):
             return listed
@@ -2451,6 +2608,9 @@ class Gateway:
         if routed.aliased:
             raise GatewayError("model_not_found", f"Model {ex.model!r} stands for {wanted!r} (MODEL_ALIASES), "
                                f"which {upstream.name} does not have. GET /v1/models lists the models you can use.")
+        item = listed_as({item["id"]: item for item in listed}, wanted)
+        if item is not None:  # by another of its names (`tiny` for `tiny:latest`): as asked, as Ollama answers
+            return Answer(200, [JSON], json.dumps({**item, "id": ex.model}).encode())
         raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
                            "GET /v1/models lists the models you can use.")
 
@@ -2533,6 +2693,9 @@ class Gateway:
                 if self.grace_timer is not None:
                     self.grace_timer.cancel()
                 self.readiness.stop()
+                self.cloud.stop()
+                if self.cloud_report is not None:
+                    self.cloud_report.cancel()
                 for upstream in [*self.upstreams.values(), *self.retired]:
                     await upstream.aclose()
                 if self.usage is not None:
@@ -2556,8 +2719,16 @@ class Gateway:
         self.config = config
         for line in summary(config, self.sources, self.listening, self.environ):  # log: the start-up summary
             log.info("%s", line)
+        if self.sources is not None:  # `python modelgate.py`: what Ollama's cloud offers, once it answers
+            self.cloud_report = asyncio.ensure_future(self.report_cloud())
         for warning in config_warnings(config, self.sources):
             log.warning("%s", warning)
+
+    async def report_cloud(self) -> None:
+        try:  # log: whether Ollama's cloud is on, its cloud models, the tokens that may use them
+            log.info("%s", await cloud_summary(self.config, self.upstreams["ollama"], self.cloud))
+        except Exception:
+            log.exception("could not ask Ollama about its cloud")
 
     def make_upstreams(self, config: Config) -> dict[str, Upstream]:
         upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config, self.metrics)}
@@ -4222,6 +4393,100 @@ def duration(seconds: float) -> str:
 
 
 ###############################################################################
+# Ollama's cloud stubs ########################################################
+###############################################################################
+
+# The list of Ollama's models is used this long before a request that needs it fetches it again: a local model
+# replaced by a cloud stub of the same name is caught within a minute, a stub under a new name at once.
+CLOUD_LIST_SECONDS = 60.0
+
+# What ModelGate's own requests to Ollama say they are, so that its log tells them from the clients'.
+OWN_AGENT = (b"user-agent", b"ModelGate/" + __version__.encode())
+
+
+class CloudModels:
+    """Which of Ollama's models are cloud stubs (check_cloud): from GET /api/tags of every Ollama host, where a
+    stub lists a remote_host. Fetched when a request first needs it, again when a request names a model it
+    lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
+    share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
+    to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
+    When none answers the list stays as it was, and the request meets the same failure. A host that answers /api/tags with an error status (it is
+    no Ollama) has no stubs to list."""
+
+    def __init__(self) -> None:
+        self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
+        self.stubs: frozenset[str] = frozenset()
+        self.fetched = -math.inf  # time.monotonic() of the list
+        self.fetch: asyncio.Future | None = None
+
+    def lookup(self, name: str) -> bool | None:
+        """True for a stub, False for a local model, None when the list lacks the name or is too old."""
+        if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
+            return None
+        key = ollama_name(name)
+        return True if key in self.stubs else False if key in self.local else None
+
+    async def current(self, upstream: Upstream) -> bool:
+        """The list, fetched again if it is too old."""
+        if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
+            await self.refresh(upstream)
+        return True
+
+    async def refresh(self, upstream: Upstream) -> bool:
+        if self.fetch is None or self.fetch.done():
+            self.fetch = asyncio.ensure_future(self.fetch_lists(upstream))
+        await asyncio.shield(self.fetch)
+        return True
+
+    async def fetch_lists(self, upstream: Upstream) -> None:
+        now = time.monotonic()  # a host cooling down is not asked: no request goes there meanwhile either
+        hosts = [host for host in upstream.hosts if host.down_until <= now] or upstream.hosts
+        documents = await asyncio.gather(*(upstream.get_json(b"/api/tags", [OWN_AGENT], host, OLLAMA)
+                                           for host in hosts), return_exceptions=True)
+        answered = []
+        for document in documents:
+            if isinstance(document, BaseException) and not isinstance(document, GatewayError):
+                raise document  # a bug of ours
+            if not isinstance(document, BaseException):
+                answered.append(document)
+        if answered:
+            self.remember(answered)
+
+    def remember(self, documents: list[Any]) -> None:
+        """The lists of every host (an error Answer lists nothing)."""
+        local, stubs = set(), set()
+        for document in documents:
+            items = document.get("models") if isinstance(document, dict) else None
+            for item in items if isinstance(items, list) else ():
+                names = (item.get("name"), item.get("model")) if isinstance(item, dict) else ()
+                (stubs if item.get("remote_host") else local).update(
+                    ollama_name(name) for name in names if isinstance(name, str))
+        self.local, self.stubs, self.fetched = frozenset(local - stubs), frozenset(stubs), time.monotonic()
+
+    def stop(self) -> None:
+        if self.fetch is not None:
+            self.fetch.cancel()
+
+
+async def cloud_summary(config: Config, upstream: Upstream, cloud: CloudModels) -> str:
+    """For --check and the start-up log: whether Ollama's cloud is on (its /api/status, OLLAMA_NO_CLOUD), the
+    cloud models it lists, and the tokens that may use them."""
+    statuses = await asyncio.gather(*(upstream.get_json(b"/api/status", [OWN_AGENT], host, OLLAMA)
+                                      for host in upstream.hosts), return_exceptions=True)
+    said = [status.get("cloud") for status in statuses if isinstance(status, dict)]
+    states = {"off (OLLAMA_NO_CLOUD)" if state.get("disabled") is True else "on"
+              for state in said if isinstance(state, dict)}
+    state = " and ".join(sorted(states)) or "unknown (no host answered /api/status)"
+    try:
+        await cloud.refresh(upstream)
+        listed = ", ".join(sorted(cloud.stubs)) or "none"
+    except GatewayError as failure:  # only ever a bug: fetch_lists leaves out the hosts that fail
+        listed = f"unknown ({failure.message})"
+    tokens = ", ".join(sorted(config.ollama_cloud_tokens)) or "none (OLLAMA_CLOUD_TOKENS is empty)"
+    return f"Ollama's cloud: {state}; the cloud models it lists: {listed}; tokens that may use them: {tokens}"
+
+
+###############################################################################
 # Metrics and the log line ####################################################
 ###############################################################################
 
@@ -5014,6 +5279,10 @@ async def check(config: Config, sources: Sources) -> int:
         upstreams.append(Upstream("openai", (config.openai_base_url,), config.openai_api_key, config, metrics))
     try:
         results = await asyncio.gather(*(probe(upstream, host) for upstream in upstreams for host in upstream.hosts))
+        try:
+            cloud = await asyncio.wait_for(cloud_summary(config, upstreams[0], CloudModels()), CHECK_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            cloud = f"Ollama's cloud: unknown (no answer to /api/status within {CHECK_TIMEOUT_SECONDS:g} s)"
     finally:
         for host in (host for upstream in upstreams for host in upstream.hosts):
             await host.pool.aclose()
@@ -5026,6 +5295,7 @@ async def check(config: Config, sources: Sources) -> int:
         for line in unmatched_models(config, listed):
             print(f"FAILED: {line}")
             problems += 1
+    print(cloud)
     if problems:
         print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above")
         return 1

@@ -152,6 +152,12 @@ class FakeUpstream:
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # a connection came in
     server: asyncio.AbstractServer | None = None
     url: str = ""  # the base URL to give the gateway, ending in /v1
+    # What it answers the gateway's own GET /api/tags (the list of cloud stubs) and /api/status (user-agent
+    # ModelGate/...), as Ollama would, without `reply`; those requests are kept apart, in `lookups`. None:
+    # `reply` answers them.
+    tags: Any = field(default_factory=lambda: {"models": []})
+    status: Any = field(default_factory=lambda: {"cloud": {"disabled": False, "source": "none"}})
+    lookups: list[Received] = field(default_factory=list)
 
     async def start(self, sock: socket.socket | None = None) -> FakeUpstream:
         loop = asyncio.get_running_loop()
@@ -181,6 +187,11 @@ class FakeUpstream:
                 headers = [tuple(line.split(": ", 1)) for line in lines[1:] if line]
                 length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
                 request = Received(method, target, headers, await reader.readexactly(length))
+                looked_up = {"/api/tags": self.tags, "/api/status": self.status}.get(target[target.find("/api/"):])
+                if looked_up is not None and (request.header("user-agent") or "").startswith("ModelGate/"):
+                    self.lookups.append(request)
+                    await write_answer(writer, 200, "application/json; charset=utf-8", json.dumps(looked_up).encode())
+                    continue
                 self.requests.append(request)
                 async with self.arrivals:
                     self.arrivals.notify_all()
@@ -1207,6 +1218,7 @@ NAME_SETTINGS = [
     ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v^1", {}),
     ("OPENAI_BASE_URL", "https://api.openai.com/v^1", {}),
     ("OLLAMA_ADMIN_TOKENS", "adm^in", {"MODELGATE_TOKEN": f"admin:{TOKEN}"}),
+    ("OLLAMA_CLOUD_TOKENS", "m^e", {"MODELGATE_TOKEN": f"me:{TOKEN}"}),
     ("CORS_ALLOW_ORIGINS", "https://app.exam^ple", {}),
     ("HOST", "127.0.0^.1", {}),
     ("TLS_CERT_FILE", "/etc/modelgate/ce^rt.pem", {"TLS_KEY_FILE": "/etc/modelgate/key.pem"}),
@@ -5068,7 +5080,10 @@ async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
     backlog = FullBacklog()
     with backlog as url:
         # No queue: every request reaches the pool at once (cancellations while waiting in the queue: below).
-        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="30", OLLAMA_NUM_PARALLEL="0") as app:
+        # The token may use Ollama's cloud: no look-up of Ollama's list of models comes first, so that each
+        # request opens a connection of its own.
+        async with gateway(OLLAMA_BASE_URL=url, CONNECT_TIMEOUT_SECONDS="30", MODELGATE_TOKEN=f"app:{TOKEN}",
+                           OLLAMA_CLOUD_TOKENS="app", OLLAMA_NUM_PARALLEL="0") as app:
             # 1. Cancelled while the upstream connection is being opened.
             port = int(url.split(":")[2].split("/")[0])
 
@@ -5595,6 +5610,7 @@ async def test_command_line_prints_a_start_up_summary_without_secrets(tmp_path: 
         "openai: http://127.0.0.1:1/api/v1",
         f".env: {tmp_path / '.env'}",
         f"tokens: 2 (fluentread, {label(TOKEN.encode())})",
+        "Ollama's cloud models and web search, run on ollama.com: for no token (OLLAMA_CLOUD_TOKENS is empty)",
         "queue: 1 request(s) at a time per Ollama host and model (OLLAMA_NUM_PARALLEL), waiting at most 300 s; "
         f"shares: fluentread 1, {label(TOKEN.encode())} 1",
         "from the environment, winning over .env: PORT",
@@ -5679,11 +5695,14 @@ def test_the_start_up_summary_shows_the_queue_and_the_overrides(settings_: dict,
 
 
 async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_path: Any) -> None:
-    """--check: the start-up summary, each upstream asked once for its models, exit 0 when all answer.
-    It serves nothing, and prints no token or key."""
+    """--check: the start-up summary, each upstream asked once for its models, exit 0 when all answer; whether
+    Ollama's cloud is on, its cloud models and the tokens that may use them. It serves nothing, and prints no
+    token or key."""
     async with upstream(ollama_like()) as ollama, upstream(json_reply(document=OPENAI_MODELS)) as openai:
+        ollama.tags = {"models": [tag("qwen2.5:7b"), stub("plain:latest"), stub("gpt-oss:120b-cloud")]}
         (tmp_path / ".env").write_text(f"MODELGATE_TOKEN=app:{TOKEN}\nOLLAMA_BASE_URL={ollama.url}\n"
-                                       f"OPENAI_API_KEY={OPENAI_KEY}\nOPENAI_BASE_URL={openai.url}\nHOST=127.0.0.1\n")
+                                       f"OPENAI_API_KEY={OPENAI_KEY}\nOPENAI_BASE_URL={openai.url}\nHOST=127.0.0.1\n"
+                                       "OLLAMA_CLOUD_TOKENS=app\n")
         port = free_port()
         status, output = await run_command_line(tmp_path, {"PORT": str(port)}, "--check")
     assert status == 0, output
@@ -5694,11 +5713,14 @@ async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_p
         f"openai: {openai.url}",
         f".env: {tmp_path / '.env'}",
         "tokens: 1 (app)",
+        "Ollama's cloud models and web search, run on ollama.com: for app",
         "queue: 1 request(s) at a time per Ollama host and model (OLLAMA_NUM_PARALLEL), waiting at most 300 s; "
         "shares: app 1",
         "from the environment, winning over .env: PORT",
         f"ok ollama/1 {ollama.url}: answers, 2 models",
         f"ok openai/1 {openai.url}: answers, 1 models",
+        "Ollama's cloud: on; the cloud models it lists: gpt-oss:120b-cloud, plain:latest; tokens that may use "
+        "them: app",
         "check passed: every upstream answers, and nothing is wrong",
     ]
     assert [r.target for r in ollama.requests] == ["/v1/models"] and len(openai.requests) == 1
@@ -6514,6 +6536,256 @@ async def test_a_blob_that_is_not_a_digest_is_a_400_and_sends_nothing(digest: st
         answer = await native(app, "/api/blobs/" + digest, b"GGUF", headers=ADMIN_AUTH)
     assert "digest" in assert_ollama_error(answer, 400)
     assert up.requests == []
+
+
+# Ollama's cloud: OLLAMA_CLOUD_TOKENS -------------------------------------------
+
+# webui may use local models only; `me` may use Ollama's cloud too. Both are admins, so that pulling a cloud model
+# is refused for being one, not for want of OLLAMA_ADMIN_TOKENS.
+CLOUD_SETTINGS = {"MODELGATE_TOKEN": f"webui:{TOKEN},me:{ADMIN}", "OLLAMA_ADMIN_TOKENS": "webui,me",
+                  "OLLAMA_CLOUD_TOKENS": "me", "MODEL_ALIASES": "gpt-4o=gpt-oss:120b:cloud"}
+CLOUD_AUTH = ADMIN_AUTH
+
+
+def stub(name: str) -> dict:
+    """A model pulled as a cloud stub, as Ollama's /api/tags lists it (server/routes.go ListHandler)."""
+    return {**tag(name), "size": 384, "remote_model": "gpt-oss:120b", "remote_host": "https://ollama.com:443"}
+
+
+# An Ollama with a local model, a cloud stub under a plain name, and one under its cloud name.
+CLOUD_TAGS = {"models": [tag("qwen2.5:7b"), stub("plain:latest"), stub("gpt-oss:120b-cloud")]}
+CLOUD_V1_MODELS = {"object": "list", "data": [
+    {"id": name, "object": "model", "created": 1, "owned_by": "library"}
+    for name in ("qwen2.5:7b", "plain:latest", "gpt-oss:120b-cloud")]}
+
+
+async def cloud_ollama(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+    """fake_ollama, with the models of CLOUD_TAGS, its OpenAI-compatible routes and the routes that reach ollama.com."""
+    documents = {"/api/tags": CLOUD_TAGS, "/v1/models": CLOUD_V1_MODELS, "/api/status": {"cloud": {"disabled": False}},
+                 "/api/me": {"name": "owner"}, "/api/experimental/web_search": {"results": []}}
+    path = request.target
+    if path in documents or path.startswith(("/api/signout", "/api/user/keys/", "/api/experimental/")):
+        document = documents.get(path, {})
+    elif path.startswith("/v1/") and path != "/v1/messages":
+        document = COMPLETION
+    else:
+        return await fake_ollama(up, request, reader, writer)
+    await write_answer(writer, 200, "application/json; charset=utf-8", json.dumps(document).encode())
+
+
+@asynccontextmanager
+async def cloud_gateway(tags: Any = CLOUD_TAGS, **overrides: str) -> AsyncIterator[tuple[FakeUpstream, Any]]:
+    async with upstream(cloud_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, **{**CLOUD_SETTINGS, **overrides}) as app:
+        up.tags = tags
+        yield up, app
+
+
+# Every door that names a model: (method, path, body with {model}, dialect of its errors).
+MODEL_DOORS = [
+    ("POST", "/v1/chat/completions", '{"model": %s, "messages": [{"role": "user", "content": "Hi"}]}', "openai"),
+    ("POST", "/v1/completions", '{"model": %s, "prompt": "Hi"}', "openai"),
+    ("POST", "/v1/responses", '{"model": %s, "input": "Hi"}', "openai"),
+    ("POST", "/v1/embeddings", '{"model": %s, "input": "Hi"}', "openai"),
+    ("GET", "/v1/models/{model}", "", "openai"),
+    ("POST", "/v1/messages", '{"model": %s, "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}',
+     "anthropic"),
+    ("POST", "/api/chat", '{"model": %s, "messages": [], "stream": false}', "ollama"),
+    ("POST", "/api/generate", '{"model": %s, "prompt": "Hi", "stream": false}', "ollama"),
+    ("POST", "/api/embed", '{"model": %s, "input": "Hi"}', "ollama"),
+    ("POST", "/api/embeddings", '{"model": %s, "prompt": "Hi"}', "ollama"),
+    ("POST", "/api/show", '{"model": %s}', "ollama"),
+    ("POST", "/api/show", '{"name": %s}', "ollama"),
+    ("POST", "/api/pull", '{"model": %s, "stream": false}', "ollama"),
+]
+# Where an alias is not resolved, it is the name of a model of its own (pulling "gpt-4o" pulls that name).
+NO_ALIASES = {'{"name": %s}', '{"model": %s, "stream": false}'}
+# Cloud models, each as a client may name it: by Ollama's suffix rules, a stub under a plain name, an alias.
+CLOUD_NAMES = ["gpt-oss:120b-cloud", "gpt-oss:120b:cloud", "qwen3-coder: CLOUD ", "ollama/Qwen3-Coder:480B-Cloud",
+               "plain", "Plain:latest", "gpt-4o"]
+
+
+def door_request(app: Any, method: str, path: str, body: str, model: str, headers: list) -> Awaitable[Answer]:
+    if method == "GET":
+        return call(app, method, path.replace("{model}", model), b"", headers)
+    return native(app, path, (body % json.dumps(model)).encode(), headers=headers)
+
+
+def cloud_message(answer: Answer, dialect: str) -> str:
+    """The refusal, in the shape of the door's dialect, with what runs where and the setting that allows it."""
+    if dialect == "openai":
+        message = assert_error(answer, 403, "permission_error", "cloud_not_allowed")["message"]
+    elif dialect == "anthropic":
+        message = assert_anthropic_error(answer, 403, "permission_error")
+    else:
+        message = assert_ollama_error(answer, 403)
+    assert "ollama.com" in message and "OLLAMA_CLOUD_TOKENS" in message and "'webui'" in message
+    assert TOKEN not in message
+    return message
+
+
+@pytest.mark.parametrize("method, path, body, dialect, model", [
+    (*door, model) for door in MODEL_DOORS for model in CLOUD_NAMES if not (model == "gpt-4o" and door[2] in NO_ALIASES)])
+async def test_cloud_models_are_refused_on_every_door_unless_the_token_is_in_ollama_cloud_tokens(
+        method: str, path: str, body: str, dialect: str, model: str) -> None:
+    """A cloud model (by Ollama's suffix rules, a stub Ollama lists with a remote_host under a plain name, an alias
+    of one): 403 cloud_not_allowed in the door's shape, nothing sent to Ollama; a cloud token's request goes."""
+    async with cloud_gateway() as (up, app):
+        refused = await door_request(app, method, path, body, model, AUTH)
+        assert up.requests == []
+        allowed = await door_request(app, method, path, body, model, CLOUD_AUTH)
+    cloud_message(refused, dialect)
+    assert allowed.status == 200, allowed.body
+    assert len(up.requests) == 1
+
+
+@pytest.mark.parametrize("method, path, body, dialect", MODEL_DOORS)
+async def test_local_models_pass_every_door_for_every_token(method: str, path: str, body: str, dialect: str) -> None:
+    """A model Ollama lists without a remote_host, named as any client names it, is no cloud model."""
+    async with cloud_gateway() as (up, app):
+        answers = [await door_request(app, method, path, body, model, AUTH)
+                   for model in ("qwen2.5:7b", "ollama/qwen2.5:7b", "hf.co/x/cloud:Q4")]
+    assert [answer.status for answer in answers[:2]] == [200, 200]
+    assert answers[2].status in (200, 404)  # not listed: Ollama says whether it has it
+    assert len(up.requests) == 3
+
+
+async def test_a_cloud_token_is_still_held_to_its_token_models() -> None:
+    """OLLAMA_CLOUD_TOKENS does not widen TOKEN_MODELS: a cloud token outside its patterns gets model_not_allowed."""
+    async with cloud_gateway(TOKEN_MODELS="me=ollama/qwen*") as (up, app):
+        answer = await chat(app, b'{"model": "gpt-oss:120b-cloud", "messages": []}', CLOUD_AUTH)
+    assert_error(answer, 403, "permission_error", "model_not_allowed")
+    assert up.requests == []
+
+
+async def test_a_stub_pulled_later_is_refused_at_its_first_use_and_a_replaced_model_within_a_minute() -> None:
+    """The list of stubs comes from Ollama's own /api/tags: a name it lacks makes ModelGate ask again, so a
+    stub copied to a new name since is caught at once; a listed model replaced by a stub is caught when the list
+    is a minute old."""
+    async with cloud_gateway(tags={"models": [tag("qwen2.5:7b")]}) as (up, app):
+        request = b'{"model": "fresh", "messages": []}'
+        before = await chat(app, request)
+        up.tags = {"models": [tag("qwen2.5:7b"), stub("fresh:latest")]}
+        after = await chat(app, request)
+        local = await chat(app, b'{"model": "qwen2.5:7b", "messages": []}')
+        up.tags = {"models": [stub("qwen2.5:7b")]}
+        still = await chat(app, b'{"model": "qwen2.5:7b", "messages": []}')
+        app.cloud.fetched -= modelgate.CLOUD_LIST_SECONDS  # as if a minute had passed
+        replaced = await chat(app, b'{"model": "qwen2.5:7b", "messages": []}')
+    assert before.status == 200 and local.status == 200 and still.status == 200
+    cloud_message(after, "openai")
+    cloud_message(replaced, "openai")
+    assert len(up.requests) == 3
+    assert all(lookup.header("user-agent") == f"ModelGate/{modelgate.__version__}" for lookup in up.lookups)
+
+
+async def test_model_lists_show_cloud_models_to_cloud_tokens_only() -> None:
+    """/v1/models, /api/tags and /api/ps leave out cloud models (and aliases of them) for a token not in
+    OLLAMA_CLOUD_TOKENS."""
+    async with cloud_gateway(MODEL_ALIASES="gpt-4o=gpt-oss:120b-cloud,mini=qwen2.5:7b") as (up, app):
+        lists = {auth is AUTH: [await call(app, "GET", path, headers=auth) for path in ("/v1/models", "/api/tags")]
+                 for auth in (AUTH, CLOUD_AUTH)}
+    for token_is_webui, (v1, tags) in lists.items():
+        v1_ids = [item["id"] for item in v1.json()["data"]]
+        tag_names = [item["name"] for item in tags.json()["models"]]
+        if token_is_webui:
+            assert v1_ids == ["ollama/qwen2.5:7b", "mini"] and tag_names == ["qwen2.5:7b", "mini"]
+        else:
+            assert v1_ids == ["ollama/qwen2.5:7b", "ollama/plain:latest", "ollama/gpt-oss:120b-cloud", "gpt-4o",
+                              "mini"]
+            assert tag_names == ["qwen2.5:7b", "plain:latest", "gpt-oss:120b-cloud", "gpt-4o", "mini"]
+
+
+WEB_TOOL_REQUESTS = [
+    # (path, body): OpenAI's hosted tool, Anthropic's server tool, Ollama's own, as each API names them.
+    ("/v1/responses", {"model": "qwen2.5:7b", "input": "news?", "tools": [{"type": "web_search"}]}),
+    ("/v1/responses", {"model": "qwen2.5:7b", "input": "news?", "tools": [{"type": "web_search_preview"}]}),
+    ("/v1/messages", {"model": "qwen2.5:7b", "max_tokens": 5, "messages": [],
+                      "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]}),
+    ("/v1/chat/completions", {"model": "qwen2.5:7b", "messages": [], "tools": [{"type": "web_search"}]}),
+    ("/api/chat", {"model": "qwen2.5:7b", "messages": [], "stream": False,
+                   "tools": [{"type": "function", "function": {"name": "add"}}, {"name": "web_fetch"}]}),
+]
+
+
+@pytest.mark.parametrize("path, body", WEB_TOOL_REQUESTS)
+async def test_web_tools_are_for_cloud_tokens_only(path: str, body: dict) -> None:
+    """A tool whose type or name begins with web_search or web_fetch runs on ollama.com: refused for a token not in
+    OLLAMA_CLOUD_TOKENS, on a local model too; relayed for a cloud token."""
+    async with cloud_gateway() as (up, app):
+        refused = await native(app, path, body)
+        allowed = await native(app, path, body, headers=CLOUD_AUTH)
+    cloud_message(refused, {"/v1/messages": "anthropic", "/api/chat": "ollama"}.get(path, "openai"))
+    assert allowed.status == 200 and len(up.requests) == 1
+
+
+async def test_function_tools_are_not_web_tools() -> None:
+    """A client's own function tools (named as it likes) reach Ollama as before."""
+    body = {"model": "qwen2.5:7b", "messages": [], "tools": [
+        {"type": "function", "function": {"name": "web_search_my_notes"}}]}
+    async with cloud_gateway() as (up, app):
+        answer = await native(app, "/v1/chat/completions", body)
+    assert answer.status == 200 and len(up.requests) == 1
+
+
+ACCOUNT_ROUTES = [
+    # (method, path, body, who may: "cloud", "admin" or "any")
+    ("POST", "/api/experimental/web_search", b'{"query": "ollama"}', "cloud"),
+    ("POST", "/api/experimental/web_fetch", b'{"url": "https://ollama.com"}', "cloud"),
+    ("POST", "/api/me", b"", "admin"),
+    ("POST", "/api/signout", b"", "admin"),
+    ("DELETE", "/api/user/keys/c3NoLWVkMjU1MTk", b"", "admin"),
+    ("GET", "/api/status", b"", "any"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, who", ACCOUNT_ROUTES)
+async def test_web_search_is_for_cloud_tokens_and_the_account_for_admins(method: str, path: str, body: bytes,
+                                                                          who: str) -> None:
+    """Ollama's web search and fetch are for cloud tokens, its ollama.com session (/api/me, /api/signout, the keys)
+    for admins, /api/status for every token; refused ones send nothing."""
+    settings_ = {"MODELGATE_TOKEN": f"webui:{TOKEN},me:{ADMIN},janitor:{OTHER_TOKEN}", "OLLAMA_ADMIN_TOKENS": "janitor",
+                 "OLLAMA_CLOUD_TOKENS": "me"}
+    async with cloud_gateway(**settings_) as (up, app):
+        answers = {name: await native(app, path, body, headers=auth, method=method)
+                   for name, auth in (("webui", AUTH), ("me", CLOUD_AUTH), ("janitor", OTHER_AUTH))}
+    allowed = {"cloud": {"me"}, "admin": {"janitor"}, "any": {"webui", "me", "janitor"}}[who]
+    for name, answer in answers.items():
+        if name in allowed:
+            assert answer.status == 200, answer.body
+        else:
+            message = assert_ollama_error(answer, 403)
+            assert ("OLLAMA_CLOUD_TOKENS" if who == "cloud" else "OLLAMA_ADMIN_TOKENS") in message
+    assert [(r.method, r.target, r.body) for r in up.requests] == [(method, path, body)] * len(allowed)
+
+
+CLOUD_SUFFIXES = [
+    # (model name, cloud by Ollama's parseSourceSuffix): internal/modelref/modelref.go of v0.32.15
+    ("gpt-oss:120b:cloud", True), ("gpt-oss:120b-cloud", True), ("qwen3-coder:cloud", True),
+    ("qwen3-coder:CLOUD", True), ("qwen3-coder: cloud ", True), (" kimi-k2:1t-Cloud ", True),
+    ("qwen3-coder-cloud", False),  # no tag: Ollama's `qwen3-coder-cloud:latest`
+    ("cloud", False), ("host:5000/team/model-cloud", False),  # a port, not a tag
+    ("qwen3:local", False), ("qwen2.5:7b", False), ("cloudy:latest", False), ("x:cloudy", False),
+    ("x:not-cloud-really", False), ("x:cloud-", False),
+]
+
+
+@pytest.mark.parametrize("name, cloud", CLOUD_SUFFIXES)
+def test_cloud_names_are_told_as_ollama_tells_them(name: str, cloud: bool) -> None:
+    """A model is a cloud model by its name exactly when Ollama's parseSourceSuffix says so."""
+    assert modelgate.cloud_suffix(name) is cloud
+
+
+def test_ollama_cloud_tokens_names_configured_tokens_only() -> None:
+    """OLLAMA_CLOUD_TOKENS is empty by default (nobody); a name that is not a token's, or a token itself, stops
+    start-up naming the variable and never the token."""
+    assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN}).ollama_cloud_tokens == frozenset()
+    assert modelgate.load_config({"MODELGATE_TOKEN": "me:a1b2c3d4", "OLLAMA_CLOUD_TOKENS": " me "}
+                                 ).ollama_cloud_tokens == {"me"}
+    for listed in ("me,you", "a1b2c3d4"):
+        with pytest.raises(modelgate.ConfigError, match="OLLAMA_CLOUD_TOKENS") as failure:
+            modelgate.load_config({"MODELGATE_TOKEN": "me:a1b2c3d4", "OLLAMA_CLOUD_TOKENS": listed})
+        assert "a1b2c3d4" not in str(failure.value)
 
 
 # Anthropic Messages -------------------------------------------------------------
