@@ -42,10 +42,18 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     POST /api/chat, /api/generate   Ollama's native API, at OLLAMA_BASE_URL without its /v1; NDJSON
                                 streamed line by line unless "stream": false
     POST /api/embed, /api/embeddings, /api/show
-    GET  /api/tags, /api/ps     the models of every Ollama host that answers
-    GET  /api/version           the first Ollama host that answers
-    POST /api/pull, /api/push, /api/create, /api/copy, DELETE /api/delete, HEAD|POST /api/blobs/<digest>
+    GET|HEAD /api/tags, GET /api/ps  the models of every Ollama host that answers
+    GET|HEAD /api/version       the first Ollama host that answers
+    GET  /api/status            whether Ollama's cloud is on
+    POST /api/pull, /api/push, /api/create, /api/copy, DELETE /api/delete, HEAD|POST /api/blobs/<digest>,
+         /api/me, /api/signout, DELETE /api/user/keys/<key>
                                 only for the tokens named in OLLAMA_ADMIN_TOKENS; 403 for the others
+    POST /api/experimental/web_search, /api/experimental/web_fetch
+                                only for the tokens named in OLLAMA_CLOUD_TOKENS; 403 for the others
+    POST /v1/audio/transcriptions   a multipart form, routed by its `model` field, relayed byte for byte
+
+A body sent with Content-Encoding: gzip is decoded (never past MAX_BODY_BYTES) and forwarded decoded; any other
+encoding is a 415. Ollama's cloud models and web tools are for the tokens in OLLAMA_CLOUD_TOKENS only.
 
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
 model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
@@ -117,6 +125,8 @@ import concurrent.futures
 import fnmatch
 import dataclasses
 import datetime
+import email.message
+import email.parser
 import difflib
 import errno
 import hashlib
@@ -137,6 +147,7 @@ import socket
 import sqlite3
 import ssl
 import time
+import zlib
 from collections import deque
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
@@ -439,6 +450,8 @@ ROUTES: dict[str, Route] = {
     "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True),
     "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage, queued=True),
     "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False, queued=True),
+    # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form).
+    "/v1/audio/transcriptions": Route({"POST": "transcription"}, shared=False, queued=True),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
@@ -460,9 +473,9 @@ ROUTES: dict[str, Route] = {
     "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False, queued=True),
     "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,)),
-    "/api/tags": Route({"GET": "ollama_models"}, dialect=OLLAMA),
+    "/api/tags": Route({"GET": "ollama_models", "HEAD": "ollama_models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
-    "/api/version": Route({"GET": "ollama_version"}, dialect=OLLAMA),
+    "/api/version": Route({"GET": "ollama_version", "HEAD": "ollama_version"}, dialect=OLLAMA),
     "/api/pull": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False,
                        models=(MODEL_OR_NAME,)),
@@ -516,6 +529,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "method_not_allowed": (405, "invalid_request_error", "method_not_allowed"),
     "body_too_large": (413, "invalid_request_error", "request_too_large"),
+    # A request body in a Content-Encoding ModelGate cannot decode (it decodes gzip): its model could not be read.
+    "unsupported_encoding": (415, "invalid_request_error", "unsupported_content_encoding"),
     # Nothing more of the request body came for CLIENT_TIMEOUT_SECONDS (nginx: client_body_timeout, 408).
     "body_timeout": (408, "invalid_request_error", "request_timeout"),
     # RATE_LIMIT_RPM (with Retry-After) and MAX_CONCURRENT_PER_TOKEN: the SDKs wait and retry a 429.
@@ -2019,6 +2034,108 @@ def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, st
     parts.append(text[at:])
     return "".join(parts)
 
+# Encoded bodies ---------------------------------------------------------------------------------------------
+# A request body is read before anything is decided about it, and forwarded as it was read: one sent with a
+# Content-Encoding ModelGate can decode with the standard library (gzip, as HTTP clients send it) is decoded,
+# never to more than MAX_BODY_BYTES (a gzip bomb gets 413), and forwarded decoded without the header (Ollama's
+# routes read no encoded body; only its cloud passthrough decodes zstd: server/cloud_proxy.go). Any other
+# encoding is refused (415): a body whose model ModelGate could not read is never forwarded.
+DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
+NOT_ENCODED = (b"", b"identity")
+
+
+def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """The body decoded from its Content-Encoding; 415 for one ModelGate cannot decode, 413 past `limit`."""
+    encoding = encoding.strip().lower()
+    if encoding in NOT_ENCODED:
+        return body
+    wbits = DECODED.get(encoding)
+    if wbits is None:
+        raise GatewayError("unsupported_encoding", f"The request body is encoded as {printable(encoding.decode('latin-1'))!r} "
+                           "(Content-Encoding), which ModelGate cannot decode to read the model it names. Send it "
+                           "as it is, or gzip-encoded.")
+    parts, size = [], 0
+    while body:  # one gzip member after another, as Go's gzip reader reads them
+        decoder = zlib.decompressobj(wbits)
+        try:
+            part = decoder.decompress(body, limit - size + 1)
+        except zlib.error as exc:
+            raise GatewayError("invalid_request", f"The request body is not valid gzip ({exc}).") from None
+        size += len(part)
+        if size > limit:
+            raise GatewayError("body_too_large", f"The request body decodes to more than this gateway accepts "
+                               f"({limit} bytes, MAX_BODY_BYTES).")
+        if not decoder.eof:
+            raise GatewayError("invalid_request", "The request body is gzip that ends before its end.")
+        parts.append(part)
+        body = decoder.unused_data
+    return b"".join(parts)
+
+
+# Multipart forms (/v1/audio/transcriptions) ----------------------------------------------------------------
+# Only the form's `model` field is read, as Ollama reads it (middleware/openai.go TranscriptionMiddleware:
+# FormValue("model"), the first field of that name that is no file; Go's mime/multipart); the audio and every
+# other byte go as they came. A form read less surely than Go would read it is refused, never forwarded.
+
+def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
+    """The form's one `model` value and where it lies in the body; 400 for what ModelGate cannot read."""
+    def unreadable(why: str) -> GatewayError:
+        return GatewayError("invalid_request", f"The request body is not a multipart form ModelGate can read: "
+                            f"{why}. Send multipart/form-data with a `model` field, as the OpenAI SDKs do.")
+
+    header = email.message.Message()
+    header["content-type"] = content_type.decode("latin-1")
+    boundary = header.get_param("boundary")
+    if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str) or not boundary:
+        raise unreadable("its Content-Type is not multipart/form-data with a boundary")
+    delimiter = b"--" + boundary.encode("latin-1")
+    newline = next((nl for nl in (b"\r\n", b"\n") if body.startswith(delimiter + nl)), None)
+    if newline is None:
+        raise unreadable("it does not start with its boundary")
+    at, found = len(delimiter) + len(newline), []
+    while True:
+        end = body.find(newline + delimiter, at)
+        head_end = body.find(newline * 2, at, end)
+        if end < 0 or head_end < 0:
+            raise unreadable("a part of it has no end or no header")
+        part = email.parser.BytesHeaderParser().parsebytes(body[at:head_end + len(newline)])
+        names = [part.get_param("name", header="content-disposition"), part.get_param("name*", header="content-disposition")]
+        if "model" in names and part.get_filename() is None:
+            if part["content-transfer-encoding"] is not None or names[1] is not None:
+                raise unreadable("its `model` field is encoded")
+            found.append((head_end + 2 * len(newline), end))
+        at = end + len(newline) + len(delimiter)
+        if body.startswith(b"--", at):
+            break
+        if not body.startswith(newline, at):
+            raise unreadable("a boundary line holds more than the boundary")
+        at += len(newline)
+    if len(found) != 1:
+        raise unreadable("it has no `model` field" if not found else "it has two `model` fields")
+    start, end = found[0]
+    try:
+        return body[start:end].decode("utf-8"), (start, end)
+    except UnicodeDecodeError:
+        raise unreadable("its `model` is not UTF-8 text") from None
+
+
+def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> bytes:
+    """A multipart form as it goes upstream: its `model` routed, resolved and checked as a JSON body's is
+    (MODEL_ALIASES, the prefix, TOKEN_MODELS, check_cloud), its value replaced by the upstream's name for it."""
+    model, (start, end) = form_model(body, ex.header(b"content-type"))
+    if not model:
+        raise GatewayError("invalid_request", "The form's `model` field is empty: name a model, such as "
+                           "\"ollama/whisper\".")
+    ex.model, ex.routed = model, route_model(model, config, ex.dialect)
+    ex.provider, ex.upstream_model = ex.routed.provider, ex.routed.name
+    name = ex.routed.name
+    if config.token_models:
+        check_scope(config, ex.token, ex.routed.id, model)
+    if check_cloud(config, ex.token, ex.provider, name, model, cloud):
+        ex.unlisted.append((name, model))
+    return body if name == model else body[:start] + name.encode() + body[end:]
+
+
 # Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
 # backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
 # They describe one connection and never cross the gateway, in either direction, nor does any header
@@ -2449,7 +2566,7 @@ class Gateway:
             chunks.append(chunk)
             more = message.get("more_body", False)
         ex.body_read = True
-        return b"".join(chunks)
+        return decoded_body(b"".join(chunks), ex.header(b"content-encoding"), limit)
 
     # Handlers: ROUTES names them ----------------------------------------------
 
@@ -2535,9 +2652,22 @@ class Gateway:
         return Answer(200, [JSON], json.dumps({"models": [item for _, item in seen]}).encode())
 
     async def ollama_version(self, ex: Exchange) -> Answer | None:
-        """GET /api/version: the first Ollama host that answers (a host that refuses is passed over)."""
+        """GET and HEAD /api/version: the first Ollama host that answers (a host that refuses is passed over).
+        HEAD is asked as GET and answered with its length, as Ollama's own HEAD route answers."""
         ex.provider = "ollama"
-        return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], b"/api/version", b"", stream=False))
+        return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], b"/api/version", b"", stream=False,
+                                            shared=True, method="GET"))
+
+    async def transcription(self, ex: Exchange) -> Answer | None:
+        """POST /v1/audio/transcriptions: a multipart form routed by its `model` field (routed_form), relayed."""
+        body = await self.read_body(ex)
+        if body is None:
+            return None
+        body = routed_form(ex, body, self.config, self.cloud)
+        if ex.unlisted and not await self.looked_up(ex):
+            return None
+        upstream = self.upstreams[ex.provider]
+        return await self.watched(ex, self.relayed(ex, upstream, b"/audio/transcriptions", body, stream=False))
 
     async def ollama_blob(self, ex: Exchange) -> Answer | None:
         """HEAD and POST /api/blobs/<digest>: a model file Ollama has, or is given (admins only)."""
@@ -3216,7 +3346,7 @@ SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 
 
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
-                stream: bool, shared: bool = False) -> Answer | None:
+                stream: bool, shared: bool = False, method: str = "") -> Answer | None:
     """Send one request upstream with the client's headers, and relay its answer:
 
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
@@ -3233,7 +3363,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     since = time.perf_counter()
-    response = await upstream.send(ex.method.encode(), path, ex.headers, body, dialect=ex.dialect, first=ex.host)
+    response = await upstream.send((method or ex.method).encode(), path, ex.headers, body, dialect=ex.dialect, first=ex.host)
     try:
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))

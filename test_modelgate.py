@@ -16,6 +16,7 @@ import ast
 import asyncio
 import base64
 import datetime
+import gzip
 import hashlib
 import json
 import json.decoder
@@ -6597,6 +6598,7 @@ MODEL_DOORS = [
     ("POST", "/api/show", '{"model": %s}', "ollama"),
     ("POST", "/api/show", '{"name": %s}', "ollama"),
     ("POST", "/api/pull", '{"model": %s, "stream": false}', "ollama"),
+    ("POST", "/v1/audio/transcriptions", "(a multipart form)", "openai"),
 ]
 # Where an alias is not resolved, it is the name of a model of its own (pulling "gpt-4o" pulls that name).
 NO_ALIASES = {'{"name": %s}', '{"model": %s, "stream": false}'}
@@ -6608,6 +6610,8 @@ CLOUD_NAMES = ["gpt-oss:120b-cloud", "gpt-oss:120b:cloud", "qwen3-coder: CLOUD "
 def door_request(app: Any, method: str, path: str, body: str, model: str, headers: list) -> Awaitable[Answer]:
     if method == "GET":
         return call(app, method, path.replace("{model}", model), b"", headers)
+    if path == "/v1/audio/transcriptions":
+        return transcribe(app, form(model), headers)
     return native(app, path, (body % json.dumps(model)).encode(), headers=headers)
 
 
@@ -6786,6 +6790,135 @@ def test_ollama_cloud_tokens_names_configured_tokens_only() -> None:
         with pytest.raises(modelgate.ConfigError, match="OLLAMA_CLOUD_TOKENS") as failure:
             modelgate.load_config({"MODELGATE_TOKEN": "me:a1b2c3d4", "OLLAMA_CLOUD_TOKENS": listed})
         assert "a1b2c3d4" not in str(failure.value)
+
+
+# Ollama's newer doors: transcriptions, /api/status, HEAD, encoded bodies --------------------------------------
+
+AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\r\n--not-the-boundary\r\n\x00\xff"
+BOUNDARY = b"------------------------3f1c0a9e5b2d4c77"
+
+
+def form(model: str | None, newline: bytes = b"\r\n", extra: list[tuple[bytes, bytes]] = ()) -> bytes:
+    """A transcription request as the openai SDK writes it (httpx's multipart): model, the file, the format."""
+    fields = ([(b'Content-Disposition: form-data; name="model"', model.encode())] if model is not None else [])
+    fields += [(b'Content-Disposition: form-data; name="file"; filename="hi.wav"' + newline + b"Content-Type: audio/wav",
+                AUDIO), (b'Content-Disposition: form-data; name="response_format"', b"json"), *extra]
+    parts = [b"--" + BOUNDARY + newline + head + newline * 2 + value + newline for head, value in fields]
+    return b"".join(parts) + b"--" + BOUNDARY + b"--" + newline
+
+
+FORM_HEADERS = [(b"content-type", b"multipart/form-data; boundary=" + BOUNDARY)]
+
+
+def transcribe(app: Any, body: bytes, headers: list | None = None) -> Awaitable[Answer]:
+    return call(app, "POST", "/v1/audio/transcriptions", body, [*(AUTH if headers is None else headers), *FORM_HEADERS])
+
+
+@pytest.mark.parametrize("model, sent", [("whisper:large", "whisper:large"), ("ollama/whisper:large", "whisper:large"),
+                                         ("stt", "whisper:large")])
+async def test_a_transcription_is_routed_by_its_form_model_and_sent_byte_for_byte(model: str, sent: str) -> None:
+    """POST /v1/audio/transcriptions: the multipart form's `model` routes it as any model (prefix cut, alias
+    resolved, in place); every other byte of the form, the audio included, reaches Ollama as the client sent it."""
+    async with cloud_gateway(MODEL_ALIASES="stt=whisper:large") as (up, app):
+        answer = await transcribe(app, form(model))
+    assert answer.status == 200, answer.body
+    [request] = up.requests
+    assert (request.method, request.target) == ("POST", "/v1/audio/transcriptions")
+    assert request.body == form(sent)
+    assert request.header("content-type") == FORM_HEADERS[0][1].decode()
+
+
+UNREADABLE_FORMS = [
+    # (body, content type): each is a 400 and nothing is sent
+    (form(None), FORM_HEADERS[0][1]),  # no model
+    (form("a", extra=[(b'Content-Disposition: form-data; name="model"', b"b")]), FORM_HEADERS[0][1]),  # two
+    (form("a").replace(b'name="model"', b'name="model"\r\nContent-Transfer-Encoding: quoted-printable'),
+     FORM_HEADERS[0][1]),  # Go's reader would decode it: "gpt=2Doss:cloud" is gpt-oss:cloud
+    (form("a").replace(b'name="model"', b"name*=utf-8''model"), FORM_HEADERS[0][1]),
+    (form("a"), b"application/x-www-form-urlencoded"),
+    (form("a"), b"multipart/form-data; boundary=other"),
+    (form("a")[:-30], FORM_HEADERS[0][1]),  # cut off
+    (form(""), FORM_HEADERS[0][1]),
+]
+
+
+@pytest.mark.parametrize("body, content_type", UNREADABLE_FORMS)
+async def test_a_form_whose_model_cannot_be_read_surely_is_a_400_and_sends_nothing(body: bytes,
+                                                                                   content_type: bytes) -> None:
+    """A transcription form without exactly one plain `model` field ModelGate can read is never forwarded."""
+    async with cloud_gateway() as (up, app):
+        answer = await call(app, "POST", "/v1/audio/transcriptions", body, [*AUTH, (b"content-type", content_type)])
+    assert "model" in assert_error(answer, 400, "invalid_request_error")["message"]
+    assert up.requests == []
+
+
+async def test_a_form_with_bare_newlines_is_read_as_go_reads_it() -> None:
+    """Go's multipart reader takes LF line ends when the first boundary line has them; so does ModelGate."""
+    async with cloud_gateway() as (up, app):
+        refused = await transcribe(app, form("plain", b"\n"))
+        allowed = await transcribe(app, form("ollama/whisper", b"\n"))
+    cloud_message(refused, "openai")
+    assert allowed.status == 200 and up.requests[0].body == form("whisper", b"\n")
+
+
+async def test_a_transcription_larger_than_max_body_bytes_is_a_413() -> None:
+    async with cloud_gateway(MAX_BODY_BYTES="200") as (up, app):
+        answer = await transcribe(app, form("whisper", extra=[(b'Content-Disposition: form-data; name="p"', b"x" * 300)]))
+    assert_error(answer, 413, "invalid_request_error")
+    assert up.requests == []
+
+
+@pytest.mark.parametrize("path", ["/api/tags", "/api/version"])
+async def test_head_on_tags_and_version_answers_as_ollama_does(path: str) -> None:
+    """HEAD /api/tags and /api/version: Ollama's status and headers with the length of what GET answers, no body."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        got = await native(app, path, method="GET")
+        head = await native(app, path, method="HEAD")
+    assert got.status == head.status == 200 and got.body and head.body == b""
+    assert head.header(b"content-length") == b"%d" % len(got.body)
+    assert head.header(b"content-type") == got.header(b"content-type")
+    assert [r.method for r in up.requests] == ["GET", "GET"]
+
+
+GZIPPED = [
+    ("/v1/chat/completions", CHAT, "openai"),
+    ("/api/chat", b'{"model": "qwen2.5:7b", "messages": [], "stream": false}', "ollama"),
+    ("/v1/messages", b'{"model": "qwen2.5:7b", "max_tokens": 5, "messages": []}', "anthropic"),
+]
+
+
+@pytest.mark.parametrize("path, body, dialect", GZIPPED)
+async def test_a_gzip_body_is_decoded_and_forwarded_decoded(path: str, body: bytes, dialect: str) -> None:
+    """Content-Encoding: gzip is decoded (two members too), checked and routed as any body, and reaches Ollama
+    decoded and without the header."""
+    async with cloud_gateway() as (up, app):
+        answer = await native(app, path, gzip.compress(body[:9]) + gzip.compress(body[9:]),
+                              headers=[*AUTH, (b"content-encoding", b"gzip")])
+    assert answer.status == 200, answer.body
+    assert up.requests[0].body == body.replace(b"ollama/", b"")
+    assert up.requests[0].header("content-encoding") is None
+
+
+@pytest.mark.parametrize("path, body, dialect", GZIPPED)
+async def test_an_encoded_body_is_checked_as_it_decodes(path: str, body: bytes, dialect: str) -> None:
+    """A cloud model in a gzip body is refused; a gzip bomb is a 413 long before it is inflated; any encoding
+    ModelGate cannot decode is a 415 naming it; broken gzip is a 400. Nothing is sent."""
+    cloudy = body.replace(b"qwen2.5:7b", b"plain")
+    bomb = gzip.compress(b'{"model": "qwen2.5:7b", "x": "' + b"0" * 10_000_000 + b'"}')
+    async with cloud_gateway(MAX_BODY_BYTES="100000") as (up, app):
+        refused = await native(app, path, gzip.compress(cloudy), headers=[*AUTH, (b"content-encoding", b"GZIP")])
+        too_large = await native(app, path, bomb, headers=[*AUTH, (b"content-encoding", b"gzip")])
+        unknown = [await native(app, path, body, headers=[*AUTH, (b"content-encoding", encoding)])
+                   for encoding in (b"zstd", b"br", b"gzip, gzip")]
+        broken = await native(app, path, gzip.compress(body)[:-9], headers=[*AUTH, (b"content-encoding", b"gzip")])
+    assert len(bomb) < 100_000
+    cloud_message(refused, dialect)
+    assert [answer.status for answer in (too_large, *unknown, broken)] == [413, 415, 415, 415, 400]
+    for answer, encoding in zip(unknown, ("zstd", "br", "gzip, gzip")):
+        assert encoding in answer.body.decode()
+    if dialect == "openai":
+        assert_error(unknown[0], 415, "invalid_request_error", "unsupported_content_encoding")
+    assert up.requests == []
 
 
 # Anthropic Messages -------------------------------------------------------------
