@@ -1579,10 +1579,25 @@ def route_model(model: str, config: Config, dialect: Dialect = OPENAI, aliases: 
     return Routed(prefix, name, target is not None, False)
 
 
+def spellings(model_id: str) -> tuple[str, ...]:
+    """`provider/name` as a pattern may name it: Ollama's `tiny` and `tiny:latest` are one model (Ollama adds
+    the tag), so each is matched as the other too."""
+    provider, _, name = model_id.partition("/")
+    if provider != "ollama":
+        return (model_id,)
+    if name.endswith(":latest"):
+        return model_id, model_id.removesuffix(":latest")
+    return (model_id, model_id + ":latest") if ":" not in name.rpartition("/")[2] else (model_id,)
+
+
+def matches(model_id: str, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(spelling, pattern) for spelling in spellings(model_id))
+
+
 def may_use(config: Config, token: str, model_id: str) -> bool:
     """Whether TOKEN_MODELS lets the token of that name use `provider/name`; a token without an entry may."""
     patterns = config.token_models.get(token)
-    return patterns is None or any(fnmatch.fnmatchcase(model_id, pattern) for pattern in patterns)
+    return patterns is None or any(matches(model_id, pattern) for pattern in patterns)
 
 
 def check_scope(config: Config, token: str, model_id: str, asked: str) -> None:
@@ -1803,7 +1818,7 @@ def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) 
     the longest pattern's value first, objects merged key by key."""
     merged: dict[str, Any] = {}
     for pattern, fields in patterns:
-        if fnmatch.fnmatchcase(model_id, pattern):
+        if matches(model_id, pattern):
             merged = over(merged, fields)
     return merged
 
@@ -2840,6 +2855,7 @@ class Gateway:
         # uvicorn's access log writes each request line with its query string, where a client may have put
         # a key (?api_key=...); ours (log_exchange) has the path only. Off however uvicorn was started.
         logging.getLogger("uvicorn.access").disabled = True
+        logging.getLogger("asyncio").addFilter(departed_writes)  # once: addFilter keeps a filter once
         self.metrics = Metrics()
         self.upstreams = self.make_upstreams(config)
         self.limits = self.coalescer = self.queue = None
@@ -4540,12 +4556,14 @@ class CloudModels:
     lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
     share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
     to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
-    When none answers the list stays as it was, and the request meets the same failure. A host that answers /api/tags with an error status (it is
-    no Ollama) has no stubs to list."""
+    When none answers the list stays as it was, and the request meets the same failure. A host that answers
+    /api/tags with an error status (it is no Ollama) has no stubs to list; when every one does, no name needs
+    looking up again until the list is old."""
 
     def __init__(self) -> None:
         self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
         self.stubs: frozenset[str] = frozenset()
+        self.no_tags = False  # no host answered /api/tags with a list: no Ollama, so no stub, whatever the name
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
 
@@ -4554,7 +4572,7 @@ class CloudModels:
         if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
             return None
         key = ollama_name(name)
-        return True if key in self.stubs else False if key in self.local else None
+        return True if key in self.stubs else False if key in self.local or self.no_tags else None
 
     async def current(self, upstream: Upstream) -> bool:
         """The list, fetched again if it is too old."""
@@ -4592,6 +4610,7 @@ class CloudModels:
                 (stubs if item.get("remote_host") else local).update(
                     ollama_name(name) for name in names if isinstance(name, str))
         self.local, self.stubs, self.fetched = frozenset(local - stubs), frozenset(stubs), time.monotonic()
+        self.no_tags = all(isinstance(document, Answer) for document in documents)
 
     def stop(self) -> None:
         if self.fetch is not None:
@@ -4793,6 +4812,14 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
+
+
+def departed_writes(record: logging.LogRecord) -> bool:
+    """asyncio's logger without `socket.send() raised exception.`: asyncio's transport writes it for each write
+    after the fifth to a connection the client has reset (selector_events.py, LOG_THRESHOLD_FOR_CONNLOST_WRITES),
+    without a timestamp, until uvicorn hears of the loss: 126 lines for one client that left a fast stream. The
+    departure is the exchange's 499 line, its one line."""
+    return record.msg != "socket.send() raised exception."
 
 
 def setup_logging(log_format: str, logger: logging.Logger = log) -> None:

@@ -255,8 +255,10 @@ def sse_reply(events: list[bytes] = EVENTS, hold_before: int | None = None, cut_
 
 
 def ollama_stream(cuts: list[int] | None = None) -> Reply:
-    """Ollama's /v1 chat stream: the usage-only event before [DONE] only when the request asked for it; one
-    chunk per event, or the bytes split into chunks at `cuts`."""
+    """Ollama's /v1 chat stream: the usage-only event before [DONE] only when the request asked for it; a
+    chunk per event but the last, where the finish event, the usage event and [DONE] come in one HTTP chunk
+    (as Ollama v0.32.15 writes them: 22-v1-chat-stream.txt, 23-v1-chat-stream-include-usage.txt); or the bytes
+    split into chunks at `cuts`."""
 
     async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
@@ -267,6 +269,8 @@ def ollama_stream(cuts: list[int] | None = None) -> Reply:
             payload = b"".join(events)
             cut = [c for c in cuts if c < len(payload)]
             events = [payload[a:b] for a, b in zip([0, *cut], [*cut, len(payload)])]
+        else:
+            events = [*events[:2], b"".join(events[2:])]
         await sse_reply(events)(up, request, reader, writer)
 
     return reply
@@ -2249,6 +2253,32 @@ async def test_one_model_or_404() -> None:
     assert "/v1/models" in error["message"]
 
 
+
+# Ollama v0.32.15's /v1/models, as recorded (tests/26-v1-models.txt): a model without a tag carries `:latest`.
+TINY_MODELS = {"object": "list", "data": [
+    {"id": "tiny:latest", "object": "model", "created": 1796600198, "owned_by": "library"},
+    {"id": "tiny-embed:latest", "object": "model", "created": 1796600198, "owned_by": "library"}]}
+
+
+@pytest.mark.parametrize("asked", ["tiny", "ollama/tiny", "tiny:latest", "Tiny"])
+async def test_a_name_and_name_latest_are_one_model(asked: str) -> None:
+    """client.models.retrieve("tiny") finds Ollama's `tiny:latest`, as Ollama's own /v1/models/tiny does
+    (answered with the id as asked, where it is listed otherwise); TOKEN_MODELS and MODEL_DEFAULTS patterns match either spelling."""
+    settings_ = {"MODELGATE_TOKEN": f"app:{TOKEN}", "TOKEN_MODELS": "app=ollama/tiny:latest|ollama/tiny-embed",
+                 "MODEL_DEFAULTS": '{"ollama/tiny": {"temperature": 0}}'}
+    async with upstream(json_reply(document=TINY_MODELS)) as up, gateway(OLLAMA_BASE_URL=up.url, **settings_) as app:
+        one = await call(app, "GET", f"/v1/models/{asked}")
+        embed = await call(app, "GET", "/v1/models/tiny-embed:latest")
+        ran = await chat(app, b'{"model": "tiny:latest", "messages": []}')
+    if asked == "Tiny":  # Ollama finds a model in any case; TOKEN_MODELS patterns are case-sensitive
+        assert_error(one, 403, "permission_error", "model_not_allowed")
+    else:
+        said = "ollama/tiny:latest" if asked == "tiny:latest" else asked  # listed so: its entry as listed
+        assert one.status == 200 and one.json() == {**TINY_MODELS["data"][0], "id": said}
+    assert embed.status == 200 and embed.json()["id"] == "ollama/tiny-embed:latest"
+    assert ran.status == 200 and up.requests[-1].json() == {"model": "tiny:latest", "messages": [], "temperature": 0}
+
+
 ###############################################################################
 # One policy per app: aliases, what a token may reach, per-model defaults #####
 ###############################################################################
@@ -3839,6 +3869,36 @@ async def test_client_disconnect_mid_stream_over_a_real_socket() -> None:
     assert len(up.requests) == 1 and up.connections == 1
 
 
+async def test_a_client_that_leaves_a_fast_stream_gets_one_log_line() -> None:
+    """Issue 19: a client that resets its connection mid-stream, while the stream comes faster than it read,
+    is its 499 line and nothing else: no `socket.send() raised exception.` from asyncio for each write after."""
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 2000 + b'"}}]}\n\n'] * 3000
+    asyncio_lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: asyncio_lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        async with captured_log() as lines, upstream(sse_reply(events)) as up, \
+                gateway(OLLAMA_BASE_URL=up.url) as app, serve(app) as base:
+            host, port = base.removeprefix("http://").split(":")
+            for number in range(3):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(STREAM_CHAT_REQUEST)
+                await reader.readexactly(5000)
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                writer.close()  # with SO_LINGER 0: a reset, as a browser tab closed mid-stream
+                while True:  # its line: the exchange is over
+                    lines.grew.clear()
+                    if sum(line.startswith("POST ") for line in lines) > number:
+                        break
+                    await asyncio.wait_for(lines.grew.wait(), 30)
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+    posts = [line for line in lines if line.startswith("POST ")]
+    assert len(posts) == 3 and all(line.startswith("POST /v1/chat/completions 499 ") for line in posts), posts
+    assert asyncio_lines == []
+
+
 # When the client leaves as the connection to the upstream opens, set by the fake upstream itself, so that
 # every run interleaves the same way: as it takes the connection in (the gateway's connect is finishing:
 # a cancellation then is the one asyncio.wait_for before Python 3.12 swallowed), and once it has.
@@ -4808,7 +4868,7 @@ async def test_a_stream_whose_client_did_not_ask_is_counted_and_never_shows_it_t
         answer = await chat(app, body)
         page = (await scrape(app)).body
     assert up.requests[0].body == body.replace(b'"ollama/', b'"')[:-1] + b',"stream_options":{"include_usage":true}}'
-    assert answer.chunks == EVENTS and answer.complete
+    assert answer.chunks == [*EVENTS[:2], EVENTS[2] + EVENTS[3]] and answer.complete  # Ollama's last chunk, less usage
     assert token_counts(page) == {("fluentread", "ollama", "qwen2.5:7b", "prompt"): 12,
                                   ("fluentread", "ollama", "qwen2.5:7b", "completion"): 3}
     assert " prompt_tokens=12 completion_tokens=3 " in await lines.logged("POST ")
@@ -6681,6 +6741,17 @@ async def test_a_stub_pulled_later_is_refused_at_its_first_use_and_a_replaced_mo
     cloud_message(replaced, "openai")
     assert len(up.requests) == 3
     assert all(lookup.header("user-agent") == f"ModelGate/{modelgate.__version__}" for lookup in up.lookups)
+
+
+async def test_an_upstream_without_api_tags_is_asked_for_it_once_a_minute() -> None:
+    """An OpenAI-compatible server at OLLAMA_BASE_URL that is no Ollama (404 on /api/tags) has no cloud stubs:
+    its list is asked for once, not before every request."""
+    async with upstream(ollama_like(native=False)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        up.tags = None  # its own reply answers /api/tags: 404
+        up.reply = routed_reply({"/api/tags": ollama_like(native=False), V1_CHAT: json_reply()})
+        answers = [await chat(app, b'{"model": "m%d", "messages": []}' % n) for n in range(3)]
+    assert [answer.status for answer in answers] == [200] * 3
+    assert [request.target for request in up.requests] == ["/api/tags", V1_CHAT, V1_CHAT, V1_CHAT]
 
 
 async def test_model_lists_show_cloud_models_to_cloud_tokens_only() -> None:
