@@ -5142,6 +5142,8 @@ class Pool:
 #             json.decoder.scanstring                scanner(text, at) -> (value, end), StopIteration where no
 #             value starts; scanstring(text, after the quote) -> (string, end). The scanner calls the
 #             decoder's object_pairs_hook, parse_int, parse_float, parse_constant (_skip_value drops values).
+#   Python    asyncio's socket transport write()    logs `socket.send() raised exception.` (that msg, no args) on
+#             the asyncio logger for each write past the fifth to a lost connection: departed_writes drops it.
 
 
 ###############################################################################

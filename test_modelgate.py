@@ -5362,6 +5362,33 @@ def test_internal_json_scanner_reads_one_value_and_says_where_it_ends(text: str,
     assert modelgate._skip_value(text, start)[1] == end  # with its hooks, it ends where the plain one does
 
 
+async def test_internal_asyncio_warns_for_each_write_past_the_fifth_to_a_lost_connection() -> None:
+    """asyncio's socket transport logs `socket.send() raised exception.` (its msg, no arguments) on the asyncio
+    logger for writes to a connection it has lost: departed_writes drops that record, the gateway's filter."""
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append((record.msg, record.args))  # type: ignore[method-assign]
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    writer.transport.abort()  # the connection is lost, as when its peer resets it
+    asyncio_log = logging.getLogger("asyncio")
+    filtered = modelgate.departed_writes in asyncio_log.filters  # a gateway started before installed it
+    asyncio_log.removeFilter(modelgate.departed_writes)
+    asyncio_log.addHandler(handler)
+    try:
+        for _ in range(6):
+            writer.transport.write(b"x")
+    finally:
+        asyncio_log.removeHandler(handler)
+        if filtered:
+            asyncio_log.addFilter(modelgate.departed_writes)
+        await writer.wait_closed()
+    assert ("socket.send() raised exception.", ()) in logged
+    record = logging.LogRecord("asyncio", logging.WARNING, "", 0, "socket.send() raised exception.", (), None)
+    assert not modelgate.departed_writes(record)
+
+
 ###############################################################################
 # The command line: SIGTERM, bad config, TLS, connections, --check ############
 ###############################################################################
