@@ -2561,23 +2561,28 @@ class Gateway:
         when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
         config = self.config
         limit, wait = config.max_body_bytes, config.client_timeout
-        too_large = GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
-                                 f"({limit} bytes, MAX_BODY_BYTES).")
+
+        def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
+            return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
+                                f"({limit} bytes, MAX_BODY_BYTES).")
+
         length = ex.header(b"content-length")
         if length.isdigit() and int(length) > limit:
-            raise too_large  # without reading it
-        stalled = GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
-                               f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.")
+            raise too_large()  # without reading it
         chunks, size, more = [], 0, True
         while more:
-            message = await wait_at_most(wait, ex.receive(), stalled)
+            try:
+                message = await wait_at_most(wait, ex.receive(), TimeoutError())
+            except TimeoutError:
+                raise GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
+                                   f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.") from None
             if message["type"] == "http.disconnect":
                 ex.status = 499
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise too_large()
             chunks.append(chunk)
             more = message.get("more_body", False)
         ex.body_read = True
