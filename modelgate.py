@@ -1352,7 +1352,20 @@ AUTH_FAILURES = {
     "unknown token with a name": "The token sent is not one this gateway accepts. It has a `name:` in front: "
                                  "MODELGATE_TOKEN writes `name:token`, and apps send the token without its name, "
                                  "only the part after the first ':'. Check the rest for a typo, or for an old token.",
+    # A browser that logged in to /usage with Basic sends those credentials with every request to the gateway,
+    # a form on another site's page included (cross-site request forgery): Basic counts only from the gateway's
+    # own pages and from clients that are no browser (which send no Origin).
+    "basic from another site": "HTTP Basic credentials came with a request from another site's page (its Origin "
+                               "is not this gateway): a browser sends them wherever the gateway is asked. Apps "
+                               "send the token as `Authorization: Bearer <token>` or `x-api-key`.",
 }
+
+
+def basic_from_elsewhere(ex: Exchange) -> bool:
+    """Whether the request carries HTTP Basic credentials and an Origin other than the gateway's own."""
+    origin = ex.header(b"origin")
+    return bool(origin) and origin.partition(b"://")[2] != ex.header(b"host") and any(
+        name.lower() == b"authorization" and value.lstrip()[:6].lower() == b"basic " for name, value in ex.headers)
 
 
 def presented(headers: Headers) -> tuple[list[bytes], str]:
@@ -1432,6 +1445,9 @@ def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usa
     """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
     Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its quota and limits."""
     if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
+        if basic_from_elsewhere(ex):
+            raise GatewayError("unauthorized", AUTH_FAILURES["basic from another site"],
+                               detail="basic from another site")
         try:
             ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
         except GatewayError as refused:
@@ -1526,18 +1542,19 @@ class Limits:
 
 
 def one_spelling(document: dict, repeated: set[str], fields: frozenset[str]) -> None:
-    """Each field that names a model written once, in lower case. Ollama is written in Go, whose encoding/json
+    """Each field that names a model, or that ModelGate reads (READ_FIELDS), written once, in lower case.
+    Ollama is written in Go, whose encoding/json
     takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make Ollama run a
     model other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but
     an OpenAI-compatible server that keeps the first would run the other model."""
     for key in repeated & fields:
         raise GatewayError("invalid_request", f"The request body has the key `{key}` twice; servers differ on "
-                           "which one they read: name the model once.")
+                           "which one they read: write it once.")
     for key in document:
         folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
         if folded in fields and key != folded:
             raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads as "
-                               f"`{folded}` whatever its case: name the model once, as `{folded}` in lower case.")
+                               f"`{folded}` whatever its case: write it once, as `{folded}` in lower case.")
 
 
 # One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
@@ -1647,7 +1664,9 @@ def ollama_name(name: str) -> str:
     """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its
     registry, namespace and the tag `latest`; getExistingName matches in any case): `tiny`, `Tiny:latest`
     and `registry.ollama.ai/library/tiny:latest` are one model."""
-    name = name.strip().lower().removeprefix("registry.ollama.ai/").removeprefix("library/")
+    name = name.strip().lower()
+    name = name.partition("://")[2] or name  # Ollama's ParseNameBare drops any scheme
+    name = name.removeprefix("registry.ollama.ai/").removeprefix("library/")
     return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
 
@@ -1753,7 +1772,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
     dialect, route = ex.dialect, ROUTES[ex.route]
-    one_spelling(document, repeated, ROUTE_FIELDS[ex.route])
+    one_spelling(document, repeated, ROUTE_FIELDS[ex.route] | READ_FIELDS)
     replaced: dict[str, str] = {}
     named = [named_model(ex, document, group, config, replaced, text, spans, cloud) for group in route.models]
     if named[0] is None and route.model_required:

@@ -4688,9 +4688,11 @@ async def test_a_usage_file_that_cannot_be_opened_stops_startup_saying_what_to_d
     assert message.startswith("USAGE_DB") and "cannot be opened" in message and "USAGE_DB=" in message
 
 
-async def test_usage_db_set_to_nothing_keeps_the_counts_in_memory_only(tmp_path: Path) -> None:
+async def test_usage_db_set_to_nothing_keeps_the_counts_in_memory_only(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """USAGE_DB= (set to nothing, as in .env) counts in memory and writes no file, where an unset USAGE_DB
     means the default file in the working directory."""
+    monkeypatch.chdir(tmp_path)  # the working directory is empty: whatever else ran there left nothing
     assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN}).usage_db == "modelgate-usage.sqlite3"
     assert modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "USAGE_DB": ""}).usage_db == ""
     async with upstream(usage_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, **USAGE_APPS) as app:
@@ -6691,7 +6693,9 @@ MODEL_DOORS = [
 NO_ALIASES = {'{"name": %s}', '{"model": %s, "stream": false}'}
 # Cloud models, each as a client may name it: by Ollama's suffix rules, a stub under a plain name, an alias.
 CLOUD_NAMES = ["gpt-oss:120b-cloud", "gpt-oss:120b:cloud", "qwen3-coder: CLOUD ", "ollama/Qwen3-Coder:480B-Cloud",
-               "plain", "Plain:latest", "gpt-4o"]
+               "plain", "Plain:latest", "gpt-4o",
+               # Ollama's ParseNameBare drops a scheme: this is the stub `plain` to it
+               "https://registry.ollama.ai/library/plain", "http://registry.ollama.ai/library/Plain:latest"]
 
 
 def door_request(app: Any, method: str, path: str, body: str, model: str, headers: list) -> Awaitable[Answer]:
@@ -6819,6 +6823,18 @@ async def test_web_tools_are_for_cloud_tokens_only(path: str, body: dict) -> Non
         allowed = await native(app, path, body, headers=CLOUD_AUTH)
     cloud_message(refused, {"/v1/messages": "anthropic", "/api/chat": "ollama"}.get(path, "openai"))
     assert allowed.status == 200 and len(up.requests) == 1
+
+
+@pytest.mark.parametrize("key, value", [("Tools", [{"type": "web_search"}]), ("TOOLS", [{"name": "web_fetch"}]),
+                                        ("Stream", True), ("ſtream", True), ("Stream_Options", {})])
+async def test_a_key_modelgate_reads_written_in_another_case_is_refused(key: str, value: Any) -> None:
+    """Ollama's Go decoder reads "Tools" or "Stream" as tools and stream: written so, a web tool would pass the
+    cloud check unseen and a stream would go without the usage its quota is counted from. A 400, nothing sent."""
+    body = {"model": "qwen2.5:7b", "messages": [], key: value}
+    async with cloud_gateway() as (up, app):
+        answer = await native(app, "/v1/chat/completions", body)
+    message = assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+    assert repr(key) in message and not up.requests
 
 
 async def test_function_tools_are_not_web_tools() -> None:
@@ -7250,6 +7266,12 @@ CREDENTIALS = [
     ([(b"x-api-key", b"")], 401),
     ([(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-api-key", TOKEN.encode())], 200),  # the same twice
     ([(b"authorization", b"Bearer wrong"), (b"x-api-key", TOKEN.encode())], 400),  # two different ones (issue 17)
+    # Basic credentials a browser cached at /usage, sent by a form of another site: refused (request forgery)
+    ([(b"host", b"gw:8010"), (b"origin", b"https://evil.example"), (b"authorization", basic(b"", TOKEN.encode()))],
+     401),
+    ([(b"host", b"gw:8010"), (b"origin", b"http://gw:8010"), (b"authorization", basic(b"", TOKEN.encode()))], 200),
+    ([(b"host", b"gw:8010"), (b"origin", b"https://evil.example"), (b"authorization", b"Bearer " + TOKEN.encode())],
+     200),  # a browser extension's own request: its token is no cached credential
 ]
 
 
