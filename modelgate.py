@@ -500,8 +500,13 @@ ROUTES: dict[str, Route] = {
     "/api/experimental/web_fetch": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
 }
 PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
-# Route -> every body field that names a model, `model` always (Go would read "Model" as `model` on any route).
-ROUTE_FIELDS = {path: frozenset({"model", *(field for fields in route.models for field in fields)})
+# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
+# (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
+# (request_edits reads those by their spans).
+READ_FIELDS = frozenset({"stream", "stream_options", "tools"})
+# Route -> every body field ModelGate reads: READ_FIELDS and those that name a model, `model` always (Go would
+# read "Model" as `model` on any route).
+ROUTE_FIELDS = {path: frozenset({"model", *READ_FIELDS, *(field for fields in route.models for field in fields)})
                 for path, route in ROUTES.items()}
 
 # Every status ModelGate chooses itself is chosen here: situation -> (status, OpenAI error type, code).
@@ -1542,7 +1547,8 @@ class Limits:
 
 
 def one_spelling(document: dict, repeated: set[str], fields: frozenset[str]) -> None:
-    """Each field that names a model, or that ModelGate reads (READ_FIELDS), written once, in lower case.
+    """Each field that ModelGate reads (ROUTE_FIELDS: those that name a model, READ_FIELDS) written once, in
+    lower case.
     Ollama is written in Go, whose encoding/json
     takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make Ollama run a
     model other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but
@@ -1761,7 +1767,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
         # one emoji would make every character of it four bytes), and a span in it is a span of the body.
         text = body.decode("latin-1")
-        document, spans, repeated = parse_body(text, ROUTE_FIELDS[ex.route] | READ_FIELDS)
+        document, spans, repeated = parse_body(text, ROUTE_FIELDS[ex.route])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
     except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
@@ -1772,7 +1778,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
     dialect, route = ex.dialect, ROUTES[ex.route]
-    one_spelling(document, repeated, ROUTE_FIELDS[ex.route] | READ_FIELDS)
+    one_spelling(document, repeated, ROUTE_FIELDS[ex.route])
     replaced: dict[str, str] = {}
     named = [named_model(ex, document, group, config, replaced, text, spans, cloud) for group in route.models]
     if named[0] is None and route.model_required:
@@ -1895,12 +1901,6 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
     else:
         added.append(("stream_options", text))
     return True
-
-
-# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
-# (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
-# (request_edits reads those by their spans).
-READ_FIELDS = frozenset({"stream", "stream_options", "tools"})
 
 # What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
 # builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays

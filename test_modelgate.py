@@ -2458,6 +2458,15 @@ MODEL_IN_ANOTHER_CASE = [
 ]
 
 
+def invalid_request_message(answer: Answer, path: str) -> str:
+    """The message of a 400 invalid_request in the shape of the door `path` belongs to."""
+    if path.startswith("/api/"):
+        return assert_ollama_error(answer, 400)
+    if path == "/v1/messages":
+        return assert_anthropic_error(answer, 400, "invalid_request_error")
+    return assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+
+
 @pytest.mark.parametrize("path, body", MODEL_IN_ANOTHER_CASE)
 async def test_a_second_model_key_in_another_case_is_refused_not_sent_past_token_models(
         path: str, body: bytes) -> None:
@@ -2466,12 +2475,7 @@ async def test_a_second_model_key_in_another_case_is_refused_not_sent_past_token
     async with upstream(fake_ollama) as up, \
             gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=APPS, TOKEN_MODELS="fluentread=ollama/qwen*") as app:
         answer = await call(app, "POST", path, body, AUTH)
-    if path.startswith("/api/"):
-        message = assert_ollama_error(answer, 400)
-    elif path == "/v1/messages":
-        message = assert_anthropic_error(answer, 400, "invalid_request_error")
-    else:
-        message = assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+    message = invalid_request_message(answer, path)
     assert "`model`" in message and "case" in message
     assert up.requests == []
 
@@ -2569,12 +2573,7 @@ async def test_a_model_key_written_twice_is_refused(path: str, body: bytes) -> N
             gateway(OLLAMA_BASE_URL=up.url, OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY, MODELGATE_TOKEN=APPS,
                     TOKEN_MODELS="fluentread=ollama/qwen*|openai/gpt-4o-mini") as app:
         answer = await call(app, "POST", path, body, AUTH)
-    if path.startswith("/api/"):
-        message = assert_ollama_error(answer, 400)
-    elif path == "/v1/messages":
-        message = assert_anthropic_error(answer, 400, "invalid_request_error")
-    else:
-        message = assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+    message = invalid_request_message(answer, path)
     assert "twice" in message
     assert up.requests == [] and openai.requests == []
 
