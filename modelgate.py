@@ -654,11 +654,8 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
             exc.setting = setting.name  # read_config says where it came from
             raise
     values["tokens"], values["token_names"] = values["tokens"]
-    for setting in ("OLLAMA_ADMIN_TOKENS", "OLLAMA_CLOUD_TOKENS"):
+    for setting in ("OLLAMA_ADMIN_TOKENS", "OLLAMA_CLOUD_TOKENS", "TOKEN_MODELS", "TOKEN_SHARES", "TOKEN_QUOTAS"):
         check_token_names(setting, values[setting.lower()], values["tokens"], values["token_names"])
-    check_scopes(values["token_models"], values["token_names"])
-    check_shares(values["token_shares"], values["token_names"])
-    check_quotas(values["token_quotas"], values["token_names"])
     if values["default_provider"] == "openai" and not values["openai_api_key"]:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
@@ -711,14 +708,15 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
     return tuple(token for token, _ in tokens), tuple(label for _, label in tokens)
 
 
-def check_token_names(setting: str, listed: frozenset[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
-    """OLLAMA_ADMIN_TOKENS and OLLAMA_CLOUD_TOKENS name tokens of MODELGATE_TOKEN (a hash label for one given
+def check_token_names(setting: str, listed: Iterable[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
+    """The token names a setting lists are names of MODELGATE_TOKEN's tokens (a hash label for one given
     without a name)."""
-    for entry in sorted(listed - set(names)):
+    for entry in sorted(set(listed) - set(names)):
         if entry.encode() in tokens:  # never repeat a token in a message
             raise ConfigError(f"{setting} lists a token itself; list its name (`name:token` in "
                               "MODELGATE_TOKEN gives it one)")
-        raise ConfigError(f"{setting} names {entry!r}, but no token of MODELGATE_TOKEN has that name")
+        raise ConfigError(f"{setting} names {entry!r}, but MODELGATE_TOKEN has no token of that name (it has "
+                          f"{', '.join(sorted(set(names)))}); write name:token there to name one")
 
 
 def token_label(token: str) -> str:
@@ -934,27 +932,6 @@ def parse_quotas(name: str, value: str) -> dict[str, int]:
             raise ConfigError(f"{name} names {token!r} twice; give each token name one quota")
         quotas[token] = int(tokens)
     return quotas
-
-
-def check_quotas(quotas: Mapping[str, int], names: tuple[str, ...]) -> None:
-    for token in quotas:
-        if token not in names:
-            raise ConfigError(f"TOKEN_QUOTAS names {token!r}, but MODELGATE_TOKEN has no token of that name (it "
-                              f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
-
-
-def check_shares(shares: Mapping[str, float], names: tuple[str, ...]) -> None:
-    for token in shares:
-        if token not in names:
-            raise ConfigError(f"TOKEN_SHARES names {token!r}, but MODELGATE_TOKEN has no token of that name (it "
-                              f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
-
-
-def check_scopes(scopes: Mapping[str, tuple[str, ...]], names: tuple[str, ...]) -> None:
-    for token in scopes:
-        if token not in names:
-            raise ConfigError(f"TOKEN_MODELS names {token!r}, but MODELGATE_TOKEN has no token of that name (it "
-                              f"has {', '.join(sorted(set(names)))}); write name:token there to name one")
 
 
 def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], ...]:

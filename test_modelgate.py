@@ -2333,6 +2333,10 @@ POLICY_CONFIG_ERRORS = [
     ({"TOKEN_SHARES": "webui"}, "webui"),
     ({"TOKEN_SHARES": "nobody=4"}, "nobody"),
     ({"TOKEN_SHARES": "webui=1,webui=2"}, "webui"),
+    # A token itself where its name goes: the message says so and never repeats it (it was repeated before).
+    ({"TOKEN_MODELS": f"{TOKEN}=ollama/*"}, "a token itself"),
+    ({"TOKEN_SHARES": f"{OTHER_TOKEN}=2"}, "a token itself"),
+    ({"TOKEN_QUOTAS": f"{TOKEN}=1000"}, "a token itself"),
 ]
 
 
