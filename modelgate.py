@@ -678,6 +678,10 @@ def no_control_characters(name: str, value: str) -> None:
                           "which no URL, host or name may hold: retype the value on one line")
 
 
+def comma_list(value: str) -> list[str]:
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
 TOKEN_HELP = 'generate one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 # `name:token`: a name is this, up to the first ':'. Anything else before a ':' is part of the token,
@@ -689,9 +693,7 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
     """MODELGATE_TOKEN: the tokens, and the name each is shown by (a hash label when it has none)."""
     named: dict[str, str] = {}  # name -> token, in the order given
     tokens = []
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
+    for entry in comma_list(value):
         label, colon, token = entry.partition(":")
         if not (colon and TOKEN_NAME.fullmatch(label)):
             # Never a part of the token itself: the label must not help anyone guess it.
@@ -782,7 +784,7 @@ def parse_urls(name: str, value: str) -> tuple[str, ...]:
     # Credentials are looked for in the whole value first: a password may hold a comma, and what follows
     # it must not be shown as a URL of its own.
     no_credentials(name, value)
-    urls = tuple(parse_url(name, url.strip()) for url in value.split(",") if url.strip())
+    urls = tuple(parse_url(name, url) for url in comma_list(value))
     if not urls:
         raise ConfigError(f"{name} is empty: set it to Ollama's base URL, such as http://127.0.0.1:11434/v1")
     return urls
@@ -830,17 +832,16 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 def parse_networks(name: str, value: str) -> tuple[Network, ...]:
     """Comma-separated addresses and CIDR networks, IPv4 or IPv6 (an address is a network of one)."""
     networks = []
-    for entry in (e.strip() for e in value.split(",")):
-        if entry:
-            try:
-                network = ipaddress.ip_network(entry)
-            except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
-                raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
-            # ::ffff:a.b.c.d, as a dual-stack socket shows an IPv4 client, is that IPv4 address to parse_ip.
-            if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
-                mapped = network.network_address.ipv4_mapped
-                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-            networks.append(network)
+    for entry in comma_list(value):
+        try:
+            network = ipaddress.ip_network(entry)
+        except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
+            raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
+        # ::ffff:a.b.c.d, as a dual-stack socket shows an IPv4 client, is that IPv4 address to parse_ip.
+        if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
+            mapped = network.network_address.ipv4_mapped
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
     return tuple(networks)
 
 
@@ -857,21 +858,30 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
 NOT_DEFAULTS = frozenset({"model", "stream", "stream_options"})
 
 
+def entries(name: str, value: str, parse: Callable[[str, str, str], Any], twice: str) -> dict[str, Any]:
+    """A `key=value,...` setting as a dict: `parse(entry, key, value)` checks an entry and converts its value
+    ("" where the entry has no '='); a key written twice is refused, saying `twice`. Where the keys are token
+    names, load_config checks that they are names of MODELGATE_TOKEN's tokens."""
+    found: dict[str, Any] = {}
+    for entry in comma_list(value):
+        key, _, rest = (part.strip() for part in entry.partition("="))
+        parsed = parse(entry, key, rest)
+        if key in found:
+            raise ConfigError(f"{name} names {key!r} twice; {twice}")
+        found[key] = parsed
+    return found
+
+
 def parse_aliases(name: str, value: str) -> dict[str, str]:
     """MODEL_ALIASES: `alias=target,...`, one level deep, so that a scope is checked on a real model."""
-    aliases: dict[str, str] = {}
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        alias, equals, target = (part.strip() for part in entry.partition("="))
-        if not (equals and alias and target) or "=" in target:
+    def target_of(entry: str, alias: str, target: str) -> str:
+        if not (alias and target) or "=" in target:
             raise ConfigError(f"{name}: {entry!r} is not alias=target, such as gpt-4o-mini=ollama/qwen2.5:7b")
         prefix, slash, model = target.partition("/")
         if slash and prefix in PROVIDERS and not model:
             raise ConfigError(f"{name}: {entry!r} names no model after {prefix}/")
-        if alias in aliases:
-            raise ConfigError(f"{name} names the alias {alias!r} twice; give each alias one target")
-        aliases[alias] = target
+        return target
+    aliases = entries(name, value, target_of, "give each alias one target")
     for alias, target in aliases.items():
         if target in aliases:
             raise ConfigError(f"{name}: the target of {alias}={target} is itself an alias; aliases go one level "
@@ -880,58 +890,39 @@ def parse_aliases(name: str, value: str) -> dict[str, str]:
 
 
 def parse_scopes(name: str, value: str) -> dict[str, tuple[str, ...]]:
-    """TOKEN_MODELS: `name=pattern|pattern,...`; that the names exist is checked with MODELGATE_TOKEN."""
-    scopes: dict[str, tuple[str, ...]] = {}
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        token, equals, listed = (part.strip() for part in entry.partition("="))
+    """TOKEN_MODELS: `name=pattern|pattern,...`."""
+    def patterns_of(entry: str, token: str, listed: str) -> tuple[str, ...]:
         patterns = tuple(p.strip() for p in listed.split("|") if p.strip())
-        if not (equals and token and patterns):
+        if not (token and patterns):
             raise ConfigError(f"{name}: {entry!r} is not name=pattern|pattern, such as "
                               "fluentread=ollama/qwen*|ollama/gemma*")
-        if token in scopes:
-            raise ConfigError(f"{name} names {token!r} twice; list all its patterns in one entry, with |")
         for pattern in patterns:
             check_model_pattern(name, pattern)
-        scopes[token] = patterns
-    return scopes
+        return patterns
+    return entries(name, value, patterns_of, "list all its patterns in one entry, with |")
 
 
 def parse_shares(name: str, value: str) -> dict[str, float]:
-    """TOKEN_SHARES: `name=weight,...`, each weight a positive number; that the names exist is checked with
-    MODELGATE_TOKEN."""
-    shares: dict[str, float] = {}
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        token, equals, weight = (part.strip() for part in entry.partition("="))
+    """TOKEN_SHARES: `name=weight,...`, each weight a positive number."""
+    def weight_of(entry: str, token: str, weight: str) -> float:
         try:
             share = float(weight)
         except ValueError:
             share = math.nan
-        if not (equals and token) or not (0 < share < math.inf):
+        if not (token and 0 < share < math.inf):
             raise ConfigError(f"{name}: {entry!r} is not name=weight with a weight above 0, such as webui=4")
-        if token in shares:
-            raise ConfigError(f"{name} names {token!r} twice; give each token name one weight")
-        shares[token] = share
-    return shares
+        return share
+    return entries(name, value, weight_of, "give each token name one weight")
 
 
 def parse_quotas(name: str, value: str) -> dict[str, int]:
-    """TOKEN_QUOTAS: `name=N,...`, N tokens a day; that the names exist is checked with MODELGATE_TOKEN."""
-    quotas: dict[str, int] = {}
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        token, equals, tokens = (part.strip() for part in entry.partition("="))
-        if not (equals and token and tokens.isascii() and tokens.isdigit() and int(tokens) > 0):
+    """TOKEN_QUOTAS: `name=N,...`, N tokens a day."""
+    def quota_of(entry: str, token: str, tokens: str) -> int:
+        if not (token and tokens.isascii() and tokens.isdigit() and int(tokens) > 0):
             raise ConfigError(f"{name}: {entry!r} is not name=tokens a day (a whole number above 0), such as "
                               "fluentread=300000")
-        if token in quotas:
-            raise ConfigError(f"{name} names {token!r} twice; give each token name one quota")
-        quotas[token] = int(tokens)
-    return quotas
+        return int(tokens)
+    return entries(name, value, quota_of, "give each token name one quota")
 
 
 def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], ...]:
@@ -998,8 +989,8 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "flag": parse_flag,
     "networks": parse_networks,
     "allowlist": lambda name, value: parse_networks(name, value) if value else None,  # None: everyone
-    "origins": lambda name, value: frozenset(o.strip() for o in value.split(",") if o.strip()),  # {"*"}: any
-    "names": lambda name, value: frozenset(n.strip() for n in value.split(",") if n.strip()),  # token names
+    "origins": lambda name, value: frozenset(comma_list(value)),  # {"*"}: any
+    "names": lambda name, value: frozenset(comma_list(value)),  # token names
     "log format": one_of("text", "json"),
     "text": lambda name, value: value,
     "aliases": parse_aliases,
