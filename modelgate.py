@@ -763,13 +763,10 @@ def no_credentials(name: str, value: str) -> None:
 
 
 def shown_url(url: str) -> str:
-    """A URL as a message may show it: the password (or a user name given alone, often a token) and the
-    query and fragment replaced by ***: http://u:***@host/v1?***.
-
-    Done on the text, not with urlsplit(), which refuses some of the very URLs a message is about (a port
-    that is no number, a bracket left open). Everything up to the last @ before the query is userinfo:
-    a password with a / in it then still counts as one.
-    """
+    """A URL as a message may show it, the password (or a user name given alone, often a token), the query and
+    the fragment replaced by ***: http://u:***@host/v1?***. Done on the text, not with urlsplit(), which refuses
+    some of the very URLs a message is about (a port that is no number, a bracket left open); everything up to
+    the last @ before the query is userinfo, so a password with a / in it still counts as one."""
     end = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
     shown, rest = url[:end], url[end:]
     start = shown.find("//") + 2 if "//" in shown else 0
@@ -1023,22 +1020,16 @@ def check_tls_files(cert: str, key: str) -> None:
         raise ConfigError(f"TLS_CERT_FILE and TLS_KEY_FILE are not a PEM certificate and its key ({exc})") from None
 
 
-# What docker compose itself reads from the same .env (docker-compose.yml, .env.example): no "did you mean".
-COMPOSE_VARIABLES = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"})
-
-
-# What else a .env may rightly set for the gateway's process: the time zone of /usage's days.
-OTHER_VARIABLES = frozenset({"TZ"})
+# What docker compose itself reads from the same .env (docker-compose.yml, .env.example), and what else a .env
+# may rightly set for the gateway's process (TZ, the time zone of /usage's days): no "did you mean".
+NOT_SETTINGS = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE", "TZ"})
 
 
 def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
-    """The KEY=VALUE lines of a .env file, read as docker compose reads the same file (both 1.29 and 2.x,
-    for its own variables and for env_file), and the warnings a person should see.
-
-    A key given twice takes its last line (so `cp .env.example .env` plus an appended line works); a
-    UTF-8 BOM is skipped; `export `, blank lines and `#` comments are allowed; a value may be quoted. A
-    line that is not KEY=VALUE, or a quote left open, is an error naming the line.
-    """
+    """The KEY=VALUE lines of a .env file, read as docker compose (1.29 and 2.x) reads the same file for its own
+    variables and for env_file, and the warnings a person should see. A key given twice takes its last line (so
+    `cp .env.example .env` plus an appended line works); `export `, blank lines, `#` comments and quoted values
+    are allowed; a line that is not KEY=VALUE, or a quote left open, is an error naming the line."""
     values: dict[str, str] = {}
     lines_of: dict[str, int] = {}
     warnings = []
@@ -1083,7 +1074,7 @@ def misspelt(key: str) -> str:
     """What to say of a key that is not a setting ("did you mean" one close to it); "" for a setting. A typo
     such as TOKEN_MODEL= would otherwise leave a token without the limit it was meant to have (issue 20)."""
     names = [setting.name for setting in SETTINGS]
-    if key in names or key in COMPOSE_VARIABLES or key in OTHER_VARIABLES:
+    if key in names or key in NOT_SETTINGS:
         return ""
     close = difflib.get_close_matches(key.upper(), names, n=2, cutoff=0.8)
     if close:
@@ -1143,14 +1134,12 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
     lines = [f"ModelGate {__version__}"]
     if listening:
         lines.append(listening)
+    default = {config.default_provider: " (default provider)"}
     for number, url in enumerate(config.ollama_base_urls, 1):
         name = "ollama" if len(config.ollama_base_urls) == 1 else f"ollama/{number}"
-        lines.append(f"{name}: {shown_url(url)}" + " (default provider)" * (config.default_provider == "ollama"))
-    if config.openai_api_key:
-        lines.append(f"openai: {shown_url(config.openai_base_url)}"
-                     + " (default provider)" * (config.default_provider == "openai"))
-    else:
-        lines.append("openai: off (no OPENAI_API_KEY)")
+        lines.append(f"{name}: {shown_url(url)}{default.get('ollama', '')}")
+    lines.append(f"openai: {shown_url(config.openai_base_url)}{default.get('openai', '')}" if config.openai_api_key
+                 else "openai: off (no OPENAI_API_KEY)")
     if sources is None:
         lines.append(".env: not read under `uvicorn modelgate:app` (give uvicorn --env-file .env)")
         from_environment = [s.name for s in SETTINGS if environ.get(s.name, "").strip(" \t\r\n")]
@@ -1165,13 +1154,8 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
     if config.model_overrides:
         lines.append("overrides: " + ", ".join(f"{pattern} ({', '.join(fields)})"
                                                for pattern, fields in config.model_overrides))
-    if not from_environment:
-        lines.append("from the environment: no setting")
-    elif sources is not None and sources.dotenv:
-        lines.append(f"from the environment, winning over .env: {', '.join(from_environment)}")
-    else:
-        lines.append(f"from the environment: {', '.join(from_environment)}")
-    return lines
+    winning = ", winning over .env" * bool(from_environment and sources is not None and sources.dotenv)
+    return lines + [f"from the environment{winning}: {', '.join(from_environment) or 'no setting'}"]
 
 
 # The settings that decide who may do what, shown in the start-up summary when they are on (not at their
