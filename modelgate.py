@@ -5131,19 +5131,16 @@ def main(argv: list[str] | None = None) -> None:
     """python modelgate.py: read ./.env, check the settings, serve with uvicorn until SIGTERM or Ctrl+C;
     or, with --check, check them and each upstream, and exit."""
     arguments = command_line().parse_args(argv)  # --help, --version and a wrong argument exit here
-    if arguments.add_token is not None:
-        try:
-            print(add_token(arguments.add_token, os.path.join(os.getcwd(), ".env")))
-        except ConfigError as exc:
-            sys.exit(f"modelgate: {exc}")
-        return
     environment = dict(os.environ)  # without .env: what a reload reads .env again over
-    config, sources = settings()
-    if arguments.check:
-        sys.exit(asyncio.run(check(config, sources)))
-    if arguments.usage:
-        sys.exit(print_usage(config, arguments.days))
-    try:
+    try:  # what is wrong with the settings, .env or HOST:PORT: exit 1 with one line saying so
+        if arguments.add_token is not None:
+            print(add_token(arguments.add_token, os.path.join(os.getcwd(), ".env")))
+            return
+        config, sources = read_config(os.environ)
+        if arguments.check:
+            sys.exit(asyncio.run(check(config, sources)))
+        if arguments.usage:
+            sys.exit(print_usage(config, arguments.days))
         sockets = listen(config.host, config.port)
     except ConfigError as exc:
         sys.exit(f"modelgate: {exc}")
@@ -5214,8 +5211,7 @@ def print_usage(config: Config, days: int, clock: Callable[[], float] = time.tim
     finally:
         db.close()
     names = {*config.token_names, *(key[1] for key in counts)}
-    for line in usage_lines(usage_report(counts, today, days, names, config.token_quotas)):
-        print(line)
+    print(*usage_lines(usage_report(counts, today, days, names, config.token_quotas)), sep="\n")
     return 0
 
 
@@ -5283,14 +5279,6 @@ def add_token(name: str, path: str) -> str:
             + RELOAD_HELP)
 
 
-def settings() -> tuple[Config, Sources]:
-    """The settings from ./.env and the environment, or exit 1 with one line saying what is wrong."""
-    try:
-        return read_config(os.environ)
-    except ConfigError as exc:
-        sys.exit(f"modelgate: {exc}")
-
-
 def read_config(environ: MutableMapping[str, str]) -> tuple[Config, Sources]:
     """The settings from ./.env and `environ` (which gets what .env adds), or ConfigError with the one line
     that start-up and a reload show."""
@@ -5334,6 +5322,16 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
 BACKLOG = 2048
 
 
+# What listen() says when binding fails, by errno (anything else: its strerror).
+BIND_FAILURES = {
+    errno.EADDRINUSE: "PORT={port} is in use on {host}: another program (another ModelGate?) listens there. Stop it, "
+                      "or set PORT to a free port",
+    errno.EADDRNOTAVAIL: "HOST={host!r} is not an address of this machine. Set HOST to one of its addresses: "
+                         "0.0.0.0 for every interface, 127.0.0.1 for itself only",
+    errno.EACCES: "PORT={port} needs privileges this process lacks (ports below 1024 do): use a port such as 8010",
+}
+
+
 def listen(host: str, port: int) -> list[socket.socket]:
     """Sockets on HOST:PORT, bound as uvicorn would bind them (asyncio's create_server: one per address
     HOST resolves to, IPv6 ones IPv6-only), but before the lifespan starts: a HOST that does not resolve
@@ -5357,7 +5355,9 @@ def listen(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise (PortInUse if exc.errno == errno.EADDRINUSE else ConfigError)(bind_failure(host, port, exc)) from None
+        failure = BIND_FAILURES.get(exc.errno, "cannot listen on HOST={host!r} PORT={port}: {reason}")
+        raise (PortInUse if exc.errno == errno.EADDRINUSE else ConfigError)(
+            failure.format(host=host, port=port, reason=exc.strerror)) from None
     return sockets
 
 
@@ -5368,18 +5368,6 @@ class PortInUse(ConfigError):
 def address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-
-
-def bind_failure(host: str, port: int, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return (f"PORT={port} is in use on {host}: another program (another ModelGate?) listens there. Stop "
-                "it, or set PORT to a free port")
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return (f"HOST={host!r} is not an address of this machine. Set HOST to one of its addresses: 0.0.0.0 "
-                "for every interface, 127.0.0.1 for itself only")
-    if exc.errno == errno.EACCES:
-        return f"PORT={port} needs privileges this process lacks (ports below 1024 do): use a port such as 8010"
-    return f"cannot listen on HOST={host!r} PORT={port}: {exc.strerror}"
 
 
 # --check waits this long for each host's model list (listing models loads none: it is quick when all is well).
@@ -5395,8 +5383,7 @@ async def check(config: Config, sources: Sources) -> int:
     log.propagate = False
     scheme = "https" if config.tls_cert_file else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
-    for line in summary(config, sources, f"would listen on {scheme}://{host}:{config.port}"):
-        print(line)
+    print(*summary(config, sources, f"would listen on {scheme}://{host}:{config.port}"), sep="\n")
     warnings = config_warnings(config, sources)
     for warning in warnings:
         print(f"warning: {warning}")
@@ -5600,13 +5587,10 @@ LOOP_ERROR_SECONDS = 60.0
 
 
 class LoopErrors:
-    """asyncio's exception handler under `python modelgate.py`: one log line per kind of failure, then a count.
-
-    Out of file descriptors, asyncio's accept loop reports its OSError for every connection waiting in
-    the backlog, again and again, each with a traceback (tens of thousands a second). Here the first
-    of a kind is logged (an OSError in one line, anything else with asyncio's traceback), and those
-    that follow are counted and logged as one line a minute while they go on.
-    """
+    """asyncio's exception handler under `python modelgate.py`. Out of file descriptors, asyncio's accept loop
+    reports its OSError for every connection waiting in the backlog, again and again, each with a traceback (tens
+    of thousands a second). Here the first of a kind is logged (an OSError in one line, anything else with
+    asyncio's traceback), and those that follow are counted and logged as one line a minute while they go on."""
 
     def __init__(self) -> None:
         self.repeats: dict[str, int] = {}  # kind -> how many since its last line
@@ -5638,16 +5622,12 @@ def raise_file_limit() -> None:
     default soft limit (1,024) is soon reached by clients that keep their connections open."""
     try:
         import resource  # Unix only
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):  # macOS: an unlimited hard limit is more than the kernel allows
-        return
-    log.info("open files: the soft limit was raised from %d to the hard limit, %d", soft, hard)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:  # on macOS an unlimited hard limit is more than the kernel allows: ValueError, OSError
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files: the soft limit was raised from %d to the hard limit, %d", soft, hard)
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 if __name__ == "__main__":
