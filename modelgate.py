@@ -122,6 +122,7 @@ import base64
 import bisect
 import codecs
 import concurrent.futures
+import contextlib
 import fnmatch
 import dataclasses
 import datetime
@@ -4909,31 +4910,17 @@ class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         if self.buffered > READ_BUFFER_LIMIT and not self.paused:  # the client reads slower than the upstream writes
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
+        self.connection_lost(None)
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
-        self._wake()
-
-    def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
-
-    async def _wait(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
-        self.deadline = loop.time() + timeout
-        if self.timer is None:
-            self.timer = loop.call_at(self.deadline, self._check_deadline)
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
 
     def _check_deadline(self) -> None:
         self.timer = None
@@ -4951,8 +4938,16 @@ class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         if self.outgoing:
             self.transport.write(b"".join(self.outgoing))
             self.outgoing.clear()
-        if not self.received and not self.eof:
-            await self._wait(timeout)
+        if not self.received and not self.eof:  # wait for data, until `timeout` after the last that came
+            loop = asyncio.get_running_loop()
+            self.waiter = loop.create_future()
+            self.deadline = loop.time() + timeout
+            if self.timer is None:
+                self.timer = loop.call_at(self.deadline, self._check_deadline)
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
         if not self.received:
             return b""  # end of stream
         data = self.received.pop(0)
@@ -4999,15 +4994,7 @@ class Connection(httpcore.AsyncHTTP11Connection):
         self.stream = stream
 
 
-class NoLock:
-    async def __aenter__(self) -> None:
-        pass
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        pass
-
-
-NO_LOCK = NoLock()
+NO_LOCK = contextlib.nullcontext()  # `async with` it does nothing (Python 3.10)
 
 
 class PooledBody:
@@ -5056,35 +5043,29 @@ class Pool:
             await self.slots.acquire()
         self.in_use += 1
         try:
-            connection = self.checkout()
+            connection = None
+            while self.idle and connection is None:  # the idle one used last is the likeliest still open
+                connection = self.idle.pop()
+                if connection.has_expired():
+                    connection.stream.close()
+                    connection = None
             if connection is None:
                 stream = await SocketStream.connect(self.host, self.port, self.tls, timeouts["connect"])
                 connection = Connection(self.origin, stream, KEEPALIVE_SECONDS)
             response = await connection.handle_async_request(request)
         except BaseException:
-            self.release()  # httpcore has closed the connection, or it never opened
+            self.checkin(None)  # httpcore has closed the connection, or it never opened
             raise
         response.stream = PooledBody(self, connection, response.stream)
         return response
 
-    def checkout(self) -> Connection | None:
-        while self.idle:
-            connection = self.idle.pop()
-            if not connection.has_expired():
-                return connection
-            connection.stream.close()
-        return None
-
-    def checkin(self, connection: Connection) -> None:
-        self.release()
-        if connection.is_idle():
+    def checkin(self, connection: Connection | None) -> None:
+        self.in_use -= 1
+        self.slots.release()
+        if connection is not None and connection.is_idle():
             self.idle.append(connection)
         while self.idle and self.idle[0].has_expired():  # the oldest first: close what outlived keep-alive
             self.idle.popleft().stream.close()
-
-    def release(self) -> None:
-        self.in_use -= 1
-        self.slots.release()
 
     async def aclose(self) -> None:
         while self.idle:
