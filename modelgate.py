@@ -2602,16 +2602,11 @@ class Gateway:
         if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
             return await relay(self, ex, upstream, path, body, stream, shared)
         ex.host = upstream.by_preference()[0]  # the host Upstream.send would choose now
-        ticket = queue.take(ex.token, ex.host, ex.upstream_model)
-        if ticket is None:
-            since = time.perf_counter()
-            try:
-                ticket = await queue.wait_turn(ex.token, ex.host, ex.upstream_model, len(body))
-            finally:
-                ex.queued = time.perf_counter() - since
-                observe(self.metrics.queue_waits, (ex.token,), ex.queued, QUEUE_BUCKETS)
-        else:
-            observe(self.metrics.queue_waits, (ex.token,), 0.0, QUEUE_BUCKETS)
+        since = time.perf_counter()
+        try:
+            ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
+        finally:
+            ex.queued = time.perf_counter() - since  # (Metrics.record observes it)
         try:
             return await relay(self, ex, upstream, path, body, stream, shared)
         finally:
@@ -3107,12 +3102,6 @@ MAX_QUEUED_BYTES = 256 * 1024 * 1024
 QUEUE_RETRY_AFTER = b"10"
 
 
-def model_key(name: str) -> str:
-    """One model as Ollama has it: names are not case-sensitive, and a name without a tag is `name:latest`."""
-    name = name.lower()
-    return name if ":" in name.rpartition("/")[2] else name + ":latest"
-
-
 class Waiter:
     """One request waiting for a slot; its future is given a Ticket when its turn comes."""
 
@@ -3123,32 +3112,28 @@ class Waiter:
         self.timer: asyncio.TimerHandle | None = None
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Share:
     """One token name at one host and model, while it has something waiting or running there."""
-
-    __slots__ = ("token", "weight", "waiters", "running", "since", "used")
-
-    def __init__(self, token: str, weight: float, since: float) -> None:
-        self.token, self.weight = token, weight
-        self.waiters: deque[Waiter] = deque()
-        self.running: list[float] = []  # when each of its running requests got its slot (the slot clock)
-        self.since = since  # where it started from (the least any other name there had had then)
-        self.used = 0.0  # slot time of its finished requests since; divided by weight only when compared, so
-        # that equal turns compare equal (six turns of a third are not quite two in floating point)
+    token: str
+    weight: float
+    since: float  # where it started from (the least any other name there had had then)
+    waiters: deque[Waiter] = dataclasses.field(default_factory=deque)
+    running: list[float] = dataclasses.field(default_factory=list)  # when each running request got its slot
+    used: float = 0.0  # slot time of its finished requests since; divided by weight only when compared, so
+    # that equal turns compare equal (six turns of a third are not quite two in floating point)
 
     def had(self, now: float) -> float:
         """The slot time it has had, divided by its weight, its running requests counted up to now."""
         return self.since + (self.used + sum(now - started for started in self.running)) / self.weight
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Slots:
-    """One host and model: how many requests it runs, and the token names there."""
-
-    __slots__ = ("running", "waiting", "shares")
-
-    def __init__(self) -> None:
-        self.running = self.waiting = 0
-        self.shares: dict[str, Share] = {}
+    """One host and model: how many requests it runs and has waiting, and the token names there."""
+    running: int = 0
+    waiting: int = 0
+    shares: dict[str, Share] = dataclasses.field(default_factory=dict)
 
 
 class Ticket(NamedTuple):
@@ -3162,9 +3147,9 @@ class Ticket(NamedTuple):
 class Queue:
     """OLLAMA_NUM_PARALLEL slots per Ollama host and model, and the requests that wait for one, in turns.
 
-    take() returns a Ticket while a slot is free, else None; then wait_turn() returns one when the request's
-    turn comes, or raises GatewayError queue_full, queue_timeout or shutting_down, and when the waiting task is
-    cancelled (the client left) the request leaves the queue. release() gives the slot to the next turn. Slots and names
+    turn() returns a Ticket at once while a slot is free, else when the request's turn comes, or raises
+    GatewayError queue_full, queue_timeout or shutting_down; when the waiting task is cancelled (the client
+    left) the request leaves the queue. release() gives the slot to the next turn. Slots and names
     with nothing waiting or running are forgotten, so that the clients' model names cannot make it grow.
     """
 
@@ -3187,28 +3172,17 @@ class Queue:
         for key, slots in list(self.slots.items()):
             self.give_turns(key, slots, self.clock())
 
-    def take(self, token: str, host: Host, model: str) -> Ticket | None:
-        """A slot at once while one is free (no task switch: the cost of the queue when it is not full)."""
-        key = (host, model_key(model))
-        slots = self.slots.get(key)
-        if slots is None or slots.running < self.parallel:
-            return self.start(key, *self.share(key, token))
-        return None
-
-    def share(self, key: tuple, token: str) -> tuple[Slots, Share]:
-        slots = self.slots.get(key)
-        if slots is None:
-            slots = self.slots[key] = Slots()
+    async def turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
+        """A slot for a request of `size` bytes: at once while one is free, with no task switch (the cost of
+        the queue when it is not full), else when its turn comes."""
+        model = model.lower()  # one model as Ollama has it: names are not case-sensitive, `name` is `name:latest`
+        key = (host, model if ":" in model.rpartition("/")[2] else model + ":latest")
+        slots = self.slots.get(key) or self.slots.setdefault(key, Slots())
         share = slots.shares.get(token)
         if share is None:
             shares = slots.shares
             since = min(s.had(self.clock()) for s in shares.values()) if shares else 0.0
             share = shares[token] = Share(token, self.weights.get(token, 1.0), since)
-        return slots, share
-
-    async def wait_turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
-        key = (host, model_key(model))
-        slots, share = self.share(key, token)
         if slots.running < self.parallel:
             return self.start(key, slots, share)
         try:
@@ -3290,7 +3264,8 @@ class Queue:
         slots.running -= 1
         share.running.remove(started)
         share.used += now - started
-        self.give_turns(key, slots, now)
+        if slots.waiting:
+            self.give_turns(key, slots, now)
         self.forget(key, slots, share)
 
     def give_turns(self, key: tuple, slots: Slots, now: float) -> None:
@@ -4282,7 +4257,15 @@ class Usage:
         key = (self.today, ex.token, ex.provider, ex.upstream_model)
         counts = self.unwritten.get(key)
         if counts is None:
-            counts = self.unwritten.setdefault(self.capped(key), [0, 0, 0, 0, 0.0, 0.0])
+            # The model is the client's word that the upstream took (or refused): past MAX_MODEL_SERIES of them
+            # per token name, provider and day, further ones are counted as "other", as in /metrics.
+            models = self.models.setdefault((ex.token, ex.provider), set())
+            if ex.upstream_model not in models:
+                if len(models) >= MAX_MODEL_SERIES:
+                    key = (self.today, ex.token, ex.provider, "other")
+                else:
+                    models.add(ex.upstream_model)
+            counts = self.unwritten.setdefault(key, [0, 0, 0, 0, 0.0, 0.0])
         counts[0] += 1
         counts[1] += bool(ex.error)  # an error answered, or a stream cut; not a client that left (499)
         if ex.usage is not None:
@@ -4299,17 +4282,6 @@ class Usage:
         if now >= self.midnight:
             self.new_day(now)
         return self.spent.get(name, 0), self.midnight
-
-    def capped(self, key: UsageKey) -> UsageKey:
-        # The model is the client's word that the upstream took (or refused): past MAX_MODEL_SERIES of them
-        # per token name, provider and day, further ones are counted as "other", as in /metrics.
-        day, token, provider, model = key
-        models = self.models.setdefault((token, provider), set())
-        if model not in models:
-            if len(models) >= MAX_MODEL_SERIES:
-                return day, token, provider, "other"
-            models.add(model)
-        return key
 
     def new_day(self, now: float) -> None:
         self.today, self.midnight = local_day(now)
@@ -4625,7 +4597,7 @@ FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 # QUEUE_TIMEOUT_SECONDS).
 QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-# modelgate_tokens_total keeps at most this many models per token name and provider (Metrics.count_tokens).
+# modelgate_tokens_total keeps at most this many models per token name and provider (Metrics.record).
 MAX_MODEL_SERIES = 100
 
 # The Prometheus text exposition format, version 0.0.4.
@@ -4667,24 +4639,25 @@ class Metrics:
         self.in_flight = self.streams = 0
 
     def record(self, ex: Exchange, seconds: float) -> None:
-        count(self.requests, (ex.route, ex.provider, ex.token, ex.status))
+        key = (ex.route, ex.provider, ex.token, ex.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
         observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
         if ex.ttfb is not None:
             observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
-        if ex.usage is not None:
-            self.count_tokens(ex.token, ex.provider, ex.upstream_model, ex.usage)
-
-    def count_tokens(self, token: str, provider: str, model: str, usage: Usage) -> None:
+        if ex.host is not None:  # it went to the queue (Gateway.relayed)
+            observe(self.queue_waits, (ex.token,), ex.queued, QUEUE_BUCKETS)
+        if ex.usage is None:
+            return
         # The model is the client's word, which the upstream accepted (Ollama takes Qwen2.5 for qwen2.5): past
         # MAX_MODEL_SERIES models per token name and provider, further ones are counted as "other".
-        models = self.models_counted.setdefault((token, provider), set())
+        model, models = ex.upstream_model, self.models_counted.setdefault((ex.token, ex.provider), set())
         if model not in models:
             if len(models) >= MAX_MODEL_SERIES:
                 model = "other"
             models.add(model)
-        for kind, tokens in zip(("prompt", "completion"), usage):
+        for kind, tokens in zip(("prompt", "completion"), ex.usage):
             if tokens is not None:
-                key = (token, provider, model, kind)
+                key = (ex.token, ex.provider, model, kind)
                 self.tokens[key] = self.tokens.get(key, 0) + tokens
 
     def render(self, upstreams: Iterable[Upstream]) -> bytes:
