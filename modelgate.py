@@ -1499,23 +1499,6 @@ class Limits:
         self.in_flight[name] -= 1
 
 
-def one_spelling(document: dict, repeated: set[str], fields: frozenset[str]) -> None:
-    """Each field that ModelGate reads (ROUTE_FIELDS: those that name a model, READ_FIELDS) written once, in
-    lower case.
-    Ollama is written in Go, whose encoding/json
-    takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make Ollama run a
-    model other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but
-    an OpenAI-compatible server that keeps the first would run the other model."""
-    for key in repeated & fields:
-        raise GatewayError("invalid_request", f"The request body has the key `{key}` twice; servers differ on "
-                           "which one they read: write it once.")
-    for key in document:
-        folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
-        if folded in fields and key != folded:
-            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads as "
-                               f"`{folded}` whatever its case: write it once, as `{folded}` in lower case.")
-
-
 # One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
 # (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
 # `provider/name`.
@@ -1629,17 +1612,6 @@ def ollama_name(name: str) -> str:
     return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
 
-def web_tool(document: dict) -> str | None:
-    """The first tool of the request that runs on the web (WEB_TOOLS), as the client named it; else None."""
-    tools = document.get("tools")
-    for tool in tools if isinstance(tools, list) else ():
-        for key in ("type", "name"):
-            value = tool.get(key) if isinstance(tool, dict) else None
-            if isinstance(value, str) and value.strip().lower().startswith(WEB_TOOLS):
-                return value
-    return None
-
-
 def cloud_refusal(token: str, what: str) -> GatewayError:
     return GatewayError("cloud_not_allowed", f"{what}, under the ollama.com account of this Ollama's owner, and "
                         f"the token {token!r} may not use Ollama's cloud: only the token names in "
@@ -1662,12 +1634,17 @@ def check_cloud(config: Config, token: str, provider: str, name: str, asked: str
     return stub is None
 
 
-def check_tools(config: Config, token: str, provider: str, document: dict) -> None:
-    """403 cloud_not_allowed for a web tool (WEB_TOOLS) sent to Ollama by a token outside OLLAMA_CLOUD_TOKENS."""
-    tool = web_tool(document) if provider == "ollama" and token not in config.ollama_cloud_tokens else None
-    if tool is not None:
-        raise cloud_refusal(token, f"The tool {tool!r} searches or fetches the web through Ollama's cloud: it runs "
-                            "on ollama.com")
+def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
+    """403 cloud_not_allowed for a tool that runs on the web (WEB_TOOLS, by its type or name as the client
+    wrote it) sent to Ollama by a token outside OLLAMA_CLOUD_TOKENS."""
+    if provider != "ollama" or token in config.ollama_cloud_tokens:
+        return
+    for tool in tools if isinstance(tools, list) else ():
+        for key in ("type", "name"):
+            value = tool.get(key) if isinstance(tool, dict) else None
+            if isinstance(value, str) and value.strip().lower().startswith(WEB_TOOLS):
+                raise cloud_refusal(token, f"The tool {value!r} searches or fetches the web through Ollama's "
+                                    "cloud: it runs on ollama.com")
 
 
 def shown_to(config: Config, token: str, model_id: str, item: dict, cloud: CloudModels) -> bool:
@@ -1716,11 +1693,12 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     """
     bounded(body)
     try:
-        check_utf8(body)
+        if not body.isascii():
+            check_utf8(body)
         # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
         # one emoji would make every character of it four bytes), and a span in it is a span of the body.
         text = body.decode("latin-1")
-        document, spans, repeated = parse_body(text, ROUTE_FIELDS[ex.route])
+        document, spans = parse_body(text, ROUTE_FIELDS[ex.route])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
     except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
@@ -1730,21 +1708,23 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    dialect, route = ex.dialect, ROUTES[ex.route]
-    one_spelling(document, repeated, ROUTE_FIELDS[ex.route])
-    replaced: dict[str, str] = {}
-    named = [named_model(ex, document, group, config, replaced, text, spans, cloud) for group in route.models]
-    if named[0] is None and route.model_required:
-        raise GatewayError("invalid_request", "The request body needs a `model` string, "
-                           "such as \"ollama/qwen2.5:7b\".")
-    first = next((found for found in named if found is not None), None)
-    if first is None:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
-        ex.provider = dialect.provider
-        check_tools(config, ex.token, ex.provider, document)
+    route, replaced, first = ROUTES[ex.route], {}, None
+    for group in route.models:
+        found = named_model(ex, document, group, config, replaced, text, spans, cloud)
+        if found is None and first is None and route.model_required:  # (no route that needs one names two)
+            raise GatewayError("invalid_request", "The request body needs a `model` string, "
+                               "such as \"ollama/qwen2.5:7b\".")
+        first = first or found
+    if first is not None:
+        ex.model, ex.routed = first
+        ex.provider, ex.upstream_model = ex.routed.provider, ex.routed.name
+    else:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
+        ex.provider = ex.dialect.provider
+    if "tools" in document:
+        check_tools(config, ex.token, ex.provider, document["tools"])
+    if first is None:
         return document, body
-    ex.model, ex.routed = first
-    ex.provider, ex.upstream_model, model_id = ex.routed.provider, ex.routed.name, ex.routed.id
-    check_tools(config, ex.token, ex.provider, document)
+    model_id = ex.routed.id
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
@@ -1771,9 +1751,11 @@ def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: C
         if not isinstance(model, str):
             raise GatewayError("invalid_request", f"`{field}` in the request body must be a string naming a model, "
                                "such as \"ollama/qwen2.5:7b\".")
-        if not encodable(model):
+        try:
+            model.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's \ud800 escapes can put a lone surrogate in a string
             raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
-                               "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.")
+                               "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.") from None
         # Pulling or deleting "gpt-4o" means that name, not what an alias makes of it.
         routed = route_model(model, config, ex.dialect, aliases=not ROUTES[ex.route].admin)
         if found is not None and found[1].id != routed.id:
@@ -1785,8 +1767,10 @@ def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: C
             ex.unlisted.append((routed.name, model))
         if routed.aliased:
             replaced[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
-        elif routed.name != model:
-            replaced[field] = model_value(text, spans[field], routed.provider, routed.name)
+        elif routed.name != model:  # the provider prefix cut, the rest of the value as written
+            value, prefix = text[spans[field][0]:spans[field][1]], f'"{routed.provider}/'
+            # (a prefix written with escapes, such as "ollama\/x", is written anew)
+            replaced[field] = '"' + value[len(prefix):] if value.startswith(prefix) else json.dumps(routed.name)
         found = found or (model, routed)
     return found
 
@@ -1828,7 +1812,7 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
         elif text[spans[field][0]] == "{" and isinstance(default if override is NOT_SET else override, dict):
             start, end = spans[field]
             inner, inner_replaced, inner_added = text[start:end], {}, []
-            _, inner_spans, _ = parse_body(inner, frozenset())
+            _, inner_spans = parse_body(inner, frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_replaced, inner_added)
             if inner_replaced or inner_added:
@@ -1885,16 +1869,10 @@ def bounded(body: bytes) -> None:
 
 def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:
     """UnicodeDecodeError unless the body is UTF-8 (RFC 8259 §8.1), decoded a MiB at a time and let go."""
-    if body.isascii():
-        return
     decoder = codecs.getincrementaldecoder("utf-8")()
     view = memoryview(body)
     for at in range(0, len(body), piece):
         decoder.decode(view[at:at + piece], final=at + piece >= len(body))
-
-
-def _dropped(_: Any) -> None:
-    return None
 
 
 def _number(text: str) -> None:
@@ -1923,15 +1901,21 @@ def skip_array(text: str, at: int) -> int:
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
-_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=_dropped, parse_float=_dropped,
-                                                         parse_int=_number, parse_constant=_dropped))
+# bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call.
+_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool,
+                                                         parse_int=_number, parse_constant=bool))
 
 
-def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]], set[str]]:
+def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
     """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level
-    keys in `read` (parsed from their own bytes as UTF-8), where the value of each key lies (the last one of
-    a key written twice, as json.loads keeps the last), and the keys written twice. None and {} for valid JSON
-    that is not an object; json.JSONDecodeError for what is not JSON.
+    keys in `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last one of
+    a key written twice, as json.loads keeps the last). None and {} for valid JSON that is not an object;
+    json.JSONDecodeError for what is not JSON.
+
+    A key in `read` must be written once, in lower case, else 400. Ollama is written in Go, whose
+    encoding/json takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make
+    Ollama run a model other than the one routed and checked here. Of a key written twice, Go and Python keep
+    the last, but an OpenAI-compatible server that keeps the first would run the other model.
 
     Every value is checked with json's own scanner and parsed once; one that is not read is dropped as it is
     read (_skip_value), never kept: the memory it takes is bounded() before.
@@ -1940,14 +1924,13 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     at = ws(text, 0).end()
     document: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
-    repeated: set[str] = set()
     escaped = "\\u" in text
     try:
         if not text.startswith("{", at):
             end = _skip_value(text, at)[1]
             if ws(text, end).end() != len(text):
                 raise json.JSONDecodeError("Extra data", text, ws(text, end).end())
-            return None, spans, repeated
+            return None, spans
         at = ws(text, at + 1).end()
         more = text[at] != "}"
         while more:
@@ -1962,10 +1945,16 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
             at = ws(text, at + 1).end()
             end = skip_array(text, at) if escaped and text[at] == "[" else _skip_value(text, at)[1]
-            if key in spans:
-                repeated.add(key)
+            folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
+            if folded in read:
+                if key in spans:
+                    raise GatewayError("invalid_request", f"The request body has the key `{key}` twice; servers "
+                                       "differ on which one they read: write it once.")
+                if key != folded:
+                    raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
+                                       f"as `{folded}` whatever its case: write it once, as `{folded}` in lower case.")
             spans[key] = (at, end)
-            if key.casefold() in read:
+            if folded in read:
                 if end - at > MAX_READ_VALUE:
                     raise GatewayError("invalid_request", f"`{key}` in the request body is {end - at} bytes long, "
                                        f"more than any model name or stream option ({MAX_READ_VALUE}).")
@@ -1982,24 +1971,7 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
         raise json.JSONDecodeError("Expecting value", text, exc.value) from None
     except IndexError:
         raise json.JSONDecodeError("Expecting value", text, len(text)) from None
-    return document, spans, repeated
-
-
-def encodable(text: str) -> bool:
-    """False for a string that UTF-8 cannot encode: JSON's \\ud800 escapes can put a lone surrogate in one."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def model_value(text: str, span: tuple[int, int], prefix: str, name: str) -> str:
-    """The "model" value at `span` (from parse_body) with its provider prefix cut, the rest as written."""
-    value = text[span[0]:span[1]]
-    if value.startswith(f'"{prefix}/'):  # the usual case: cut the prefix, keep the rest as sent
-        return '"' + value[len(prefix) + 2:]
-    return json.dumps(name)  # the prefix was written with escapes, such as "ollama\/x"
+    return document, spans
 
 
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
