@@ -134,6 +134,7 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import itertools
 import json
 import json.decoder
 import json.scanner
@@ -376,8 +377,9 @@ def usage_in(data: bytes, prompt_key: str, completion_key: str, first: bool = Fa
             usage, _ = _scan_value(data[match.end():].decode("utf-8", "replace"), 0)
         except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
             continue
-        counts = tuple(usage.get(key) for key in (prompt_key, completion_key))
-        counts = tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None for n in counts)
+        prompt, completion = usage.get(prompt_key), usage.get(completion_key)
+        counts = (prompt if type(prompt) is int and prompt >= 0 else None,  # (a bool is no count)
+                  completion if type(completion) is int and completion >= 0 else None)
         if counts != (None, None):
             return counts
     return None
@@ -1319,26 +1321,20 @@ AUTH_FAILURES = {
 }
 
 
-def basic_from_elsewhere(ex: Exchange) -> bool:
-    """Whether the request carries HTTP Basic credentials and an Origin other than the gateway's own."""
-    origin = ex.header(b"origin")
-    return bool(origin) and origin.partition(b"://")[2] != ex.header(b"host") and any(
-        name.lower() == b"authorization" and value.lstrip()[:6].lower() == b"basic " for name, value in ex.headers)
-
-
-def presented(headers: Headers) -> tuple[list[bytes], str]:
+def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
     """What a client sends as its token, in any of the three ways clients do:
     `Authorization: Bearer <token>` (OpenAI SDKs, the ollama libraries), `x-api-key: <token>` (Anthropic
     SDKs, FluentRead's and kiss-translator's Claude services) and HTTP Basic with the token as the password
     (`http://anything:<token>@gateway`, for a client that only takes a URL; llama-swap accepts the same);
-    and, for when nothing of it is a token, why not: a key of AUTH_FAILURES."""
-    found, problems = [], set()
+    for when nothing of it is a token, why not: a key of AUTH_FAILURES; and whether HTTP Basic was sent."""
+    found, problems, basic = [], set(), False
     for name, value in headers:
         name = name.lower()
         if name == b"authorization":
             scheme, _, credential = value.strip().partition(b" ")
             scheme, credential = scheme.lower(), credential.strip()
             if scheme == b"basic":
+                basic = True
                 try:
                     pair = base64.b64decode(credential, validate=True)
                 except ValueError:  # binascii.Error
@@ -1358,20 +1354,20 @@ def presented(headers: Headers) -> tuple[list[bytes], str]:
             found.append(credential)
         else:
             problems.add("empty token")
-    return found, next((p for p in ("not Bearer", "empty token") if p in problems), "no credentials")
+    failure = "not Bearer" if "not Bearer" in problems else "empty token" if "empty token" in problems else "no credentials"
+    return found, failure, basic
 
 
-def authorized(headers: Headers, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
-    """The name of the token the client sent, compared in constant time against every token; a
+def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
+    """The name of the token the client sent (presented), compared in constant time against every token; a
     GatewayError saying which of AUTH_FAILURES it was when there is none."""
-    credentials, failure = presented(headers)
     if len(set(credentials)) > 1:  # the same one twice is fine (Anthropic's SDKs may send both headers)
         raise GatewayError("ambiguous_credentials", "The request carries two different tokens (two Authorization "
                            "headers, or Authorization and x-api-key): send the gateway's token once.",
                            detail="two different tokens")
     # Every credential is compared with every token, no early exit: the time taken does not tell which one
     # (nearly) matched.
-    matches = [hmac.compare_digest(credential, expected) for credential in credentials for expected in tokens]
+    matches = list(itertools.starmap(hmac.compare_digest, itertools.product(credentials, tokens)))
     if True in matches:
         return names[matches.index(True) % len(tokens)]
     if credentials:
@@ -1403,11 +1399,13 @@ def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usa
     """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
     Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its quota and limits."""
     if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
-        if basic_from_elsewhere(ex):
+        credentials, failure, basic = presented(ex.headers)
+        origin = ex.header(b"origin") if basic else b""
+        if origin and origin.partition(b"://")[2] != ex.header(b"host"):  # HTTP Basic from another site's page
             raise GatewayError("unauthorized", AUTH_FAILURES["basic from another site"],
                                detail="basic from another site")
         try:
-            ex.token = name = authorized(ex.headers, config.tokens, config.token_names)
+            ex.token = name = authorized(credentials, failure, config.tokens, config.token_names)
         except GatewayError as refused:
             if route.login:  # a browser then asks for a user name (any) and a password (the token)
                 refused.headers.append((b"www-authenticate", b'Basic realm="ModelGate", charset="UTF-8"'))
@@ -2118,21 +2116,22 @@ DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"s
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
     """The hop-by-hop set plus every header a Connection header names (RFC 9110 §7.6.1)."""
-    named = [
-        token.strip().lower()
-        for name, value in headers if name.lower() == b"connection"
-        for token in value.split(b",")
-    ]
-    return HOP_BY_HOP.union(named) if named else HOP_BY_HOP
+    named = HOP_BY_HOP
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named = named.union(token.strip().lower() for token in value.split(b","))
+    return named
 
 
 def forwarded_headers(headers: Headers, dialect: Dialect) -> Headers:
     """The client's request headers that may travel upstream (FORWARDED_REQUEST_HEADERS and the dialect's
     own), names lowercased, order and duplicates kept."""
-    drop = connection_named(headers)
-    travel = FORWARDED_REQUEST_HEADERS | dialect.forwarded
-    return [(name, value) for name, value in ((name.lower(), value) for name, value in headers)
-            if name in travel and name not in drop]
+    drop, travel, kept = connection_named(headers), FORWARDED_REQUEST_HEADERS | dialect.forwarded, []
+    for name, value in headers:
+        name = name.lower()
+        if name in travel and name not in drop:
+            kept.append((name, value))
+    return kept
 
 
 def response_headers(headers: Headers) -> Headers:
@@ -2292,18 +2291,15 @@ class Exchange:
 
     async def start(self, status: int, headers: Headers) -> None:
         self.status, self.started = status, True
-        upstream_id = next((v for k, v in headers if k == b"x-request-id"), None)
-        if upstream_id is None:
-            headers = [*headers, (b"x-request-id", self.request_id)]
+        for name, value in headers:
+            if name == b"x-request-id":  # the upstream's
+                self.request_id = value
+                break
         else:
-            self.request_id = upstream_id
+            headers = [*headers, (b"x-request-id", self.request_id)]
         if self.queued is not None:  # browsers' developer tools show it with the request's timing
             headers = [*headers, (b"server-timing", b"queue;dur=%.1f" % (self.queued * 1000))]
         await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
-
-    async def body_chunk(self, chunk: bytes, more: bool = True) -> None:
-        self.bytes_out += len(chunk)
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def write(self, chunk: bytes, more: bool = True) -> None:
         """A chunk sent under the send guard of the exchange's watch (ClientWatch.guard_sends)."""
@@ -2324,7 +2320,8 @@ class Exchange:
             headers.append(CLOSE)
         await self.start(answer.status, headers)
         if len(body) <= WRITE_PIECE:
-            return await self.body_chunk(body, more=False)
+            self.bytes_out += len(body)
+            return await self.send({"type": "http.response.body", "body": body, "more_body": False})
         for at in range(0, len(body), WRITE_PIECE):
             await self.write(body[at:at + WRITE_PIECE])
         await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
@@ -2383,13 +2380,11 @@ class Gateway:
         self.listening: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self.http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self.lifespan(receive, send)
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The one place where a request's outcome becomes its response, and its record is kept."""
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.lifespan(receive, send)
+            return
         ex = Exchange(scope, receive, send)
         self.metrics.in_flight += 1
         try:
@@ -2421,8 +2416,11 @@ class Gateway:
 
     async def dispatch(self, ex: Exchange) -> Answer | None:
         """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
-        key = next((prefix for prefix in PREFIX_ROUTES if ex.path.startswith(prefix)), ex.path)
-        route = ROUTES.get(key)
+        key, route = ex.path, ROUTES.get(ex.path)
+        for prefix in PREFIX_ROUTES if route is None else ():
+            if key.startswith(prefix):
+                key, route = prefix, ROUTES[prefix]
+                break
         ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it
         config = self.config
         if config is None:
