@@ -22,9 +22,7 @@ connection pool under httpcore, and the command line.
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
 
-    POST /v1/chat/completions   plain or `"stream": true` (SSE relayed chunk by chunk)
-    POST /v1/completions        the same for legacy completions
-    POST /v1/responses          the same for the Responses API
+    POST /v1/chat/completions, /v1/completions, /v1/responses   plain or `"stream": true` (SSE relayed chunk by chunk)
     POST /v1/embeddings
     GET  /v1/models             Ollama's models as `ollama/<name>`, OpenAI's as `openai/<name>`, then the aliases;
                                 a token sees only what TOKEN_MODELS lets it use
@@ -67,13 +65,10 @@ Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
     DEFAULT_PROVIDER         ollama | openai                       (ollama)
-    OLLAMA_BASE_URL          Ollama's OpenAI-compatible base URL; comma-separated for several hosts
-                                                                   (http://127.0.0.1:11434/v1)
+    OLLAMA_BASE_URL          Ollama's OpenAI-compatible base URL(s), comma-separated (http://127.0.0.1:11434/v1)
     OLLAMA_API_KEY           Bearer token sent to Ollama, if set   (empty)
-    OLLAMA_ADMIN_TOKENS      token names that may pull, push, create, copy and delete Ollama's models
-                                                                   (empty: nobody)
-    OLLAMA_CLOUD_TOKENS      token names that may use Ollama's cloud models and web search and fetch
-                                                                   (empty: nobody)
+    OLLAMA_ADMIN_TOKENS      token names that may pull, push, create, copy and delete Ollama's models (empty: nobody)
+    OLLAMA_CLOUD_TOKENS      token names that may use Ollama's cloud models and web search and fetch (empty: nobody)
     OPENAI_API_KEY           enables the openai provider           (empty: nothing goes to OpenAI)
     OPENAI_BASE_URL          any OpenAI-compatible base URL        (https://api.openai.com/v1)
     TIMEOUT_SECONDS          longest wait for the next upstream bytes (120)
@@ -103,8 +98,7 @@ Environment (read once at start-up; SETTINGS below is the table):
                              ModelGate's queue, in turns by TOKEN_SHARES; 0: no queue (1)
     TOKEN_SHARES             name=weight,...: turns in proportion when apps wait for a model (empty: every name 1)
     QUEUE_TIMEOUT_SECONDS    longest wait in ModelGate's queue, then 503 queue_timeout (300)
-    USAGE_DB                 the SQLite file of the usage counts; set to nothing: kept in memory only
-                                                                   (modelgate-usage.sqlite3)
+    USAGE_DB                 SQLite file of the usage counts; set to nothing: in memory only (modelgate-usage.sqlite3)
 """
 
 from __future__ import annotations
