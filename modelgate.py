@@ -1173,13 +1173,8 @@ POLICY_SHOWN: dict[str, Callable[[Any], str]] = {
 
 
 def policy_summary(config: Config) -> list[str]:
-    lines = []
-    for setting in SETTINGS:
-        shown = POLICY_SHOWN.get(setting.name)
-        value = getattr(config, setting.field)
-        if shown is not None and value != PARSERS[setting.kind](setting.name, setting.default):
-            lines.append(f"policy: {setting.name}: {shown(value)}")
-    return lines
+    return [f"policy: {s.name}: {POLICY_SHOWN[s.name](getattr(config, s.field))}" for s in SETTINGS
+            if s.name in POLICY_SHOWN and getattr(config, s.field) != PARSERS[s.kind](s.name, s.default)]
 
 
 def queue_summary(config: Config) -> str:
