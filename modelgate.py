@@ -5332,11 +5332,9 @@ async def check(config: Config, sources: Sources) -> int:
             print(f"FAILED: {line}")
             problems += 1
     print(cloud)
-    if problems:
-        print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above")
-        return 1
-    print("check passed: every upstream answers, and nothing is wrong")
-    return 0
+    print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above" if problems
+          else "check passed: every upstream answers, and nothing is wrong")
+    return 1 if problems else 0
 
 
 def unmatched_models(config: Config, listed: set[str]) -> list[str]:
@@ -5389,7 +5387,8 @@ async def ollama_native_api(upstream: Upstream, host: Host) -> str:
     """For a host that answered 404 to /models: whether Ollama's native API answers beside it, and then
     what OLLAMA_BASE_URL should say. "" when it does not answer either."""
     url = urlsplit(host.base_url)
-    root = url.path.rstrip("/").removesuffix("/v1").removesuffix("/api")
+    path = url.path.rstrip("/")
+    root = path.removesuffix("/v1").removesuffix("/api")
     native = Host(host.number, urlunsplit((url.scheme, url.netloc, root, "", "")))
     try:
         tags = await asyncio.wait_for(upstream.get_json(b"/api/tags", [], native), CHECK_TIMEOUT_SECONDS)
@@ -5399,12 +5398,11 @@ async def ollama_native_api(upstream: Upstream, host: Host) -> str:
         await native.pool.aclose()
     if not (isinstance(tags, dict) and "models" in tags):
         return ""
-    wanted = shown_url(urlunsplit((url.scheme, url.netloc, root + "/v1", "", "")))
-    if url.path.rstrip("/") == root + "/v1":
+    if path == root + "/v1":
         return (f"Ollama answers {root}/api/tags but 404 on {root}/v1/models: this Ollama has no "
                 "OpenAI-compatible API; update it")
-    return (f"Ollama answers {root}/api/tags but 404 on {url.path.rstrip('/')}/models: OLLAMA_BASE_URL is "
-            f"missing /v1; write {wanted}")
+    return (f"Ollama answers {root}/api/tags but 404 on {path}/models: OLLAMA_BASE_URL is missing /v1; write "
+            f"{with_v1(host.base_url)}")  # what config_warnings says too
 
 
 # How long an idle client connection stays open: nginx's default keep-alive. uvicorn's own 5 s is exactly
