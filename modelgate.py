@@ -1606,6 +1606,20 @@ def cloud_refusal(token: str, what: str) -> GatewayError:
                         "token's name to OLLAMA_CLOUD_TOKENS.")
 
 
+def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
+    """For a token outside OLLAMA_CLOUD_TOKENS, a model that no list of Ollama's models read in the last
+    CLOUD_LIST_SECONDS shows local, when the list could not be read again: the failure that kept it (its status,
+    502 or 504, and what to check), saying what was not done. Not 403 cloud_not_allowed: the model may well be
+    local, and a 403 tells the user it is not and is never retried; an Ollama that cannot list its models is
+    in trouble, as a stopped one is, and the SDKs retry a 502 or 504, whose next try asks for the list again
+    (issue 19: nothing goes to ollama.com on a guess)."""
+    return GatewayError(failure.situation, f"Ollama's list of models (GET /api/tags), which tells whether the model "
+                        f"{asked!r} runs on ollama.com under the account of this Ollama's owner, could not be read, "
+                        f"and the token {token!r} may not use Ollama's cloud (only the token names in "
+                        f"OLLAMA_CLOUD_TOKENS may): nothing was sent. {failure.message}", list(failure.headers),
+                        failure.detail)
+
+
 def check_cloud(config: Config, token: str, provider: str, name: str, asked: str, cloud: CloudModels) -> bool:
     """403 cloud_not_allowed when a token outside OLLAMA_CLOUD_TOKENS names one of Ollama's cloud models (by its
     name, or listed as a cloud stub); True when Ollama's list of models does not say (it lacks the name, or
@@ -2550,7 +2564,9 @@ class Gateway:
         if await self.watched(ex, self.cloud.refresh(self.upstreams["ollama"])) is None:
             return False
         for name, asked in ex.unlisted:
-            check_cloud(self.config, ex.token, "ollama", name, asked, self.cloud)
+            unread = self.cloud.unread  # (the list could not be read: a name it lacks may be a stub there)
+            if check_cloud(self.config, ex.token, "ollama", name, asked, self.cloud) and unread is not None:
+                raise unplaced(ex.token, asked, unread)
         return True
 
     async def relayed(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
@@ -4465,14 +4481,16 @@ class CloudModels:
     lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
     share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
     to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
-    When none answers the list stays as it was, and the request meets the same failure. A host that answers
-    /api/tags with an error status (it is no Ollama) has no stubs to list; when every one does, no name needs
-    looking up again until the list is old."""
+    When none answers the list stays as it was. A host that answers /api/tags 404 (it is no Ollama: every
+    Ollama has /api/tags) has no stubs to list; when every one does, no name needs looking up again until the
+    list is old. A list that could not be read (any other error status, no answer, no answer in time) is noted
+    in `unread`: a name no list read shows local may be a stub there (unplaced)."""
 
     def __init__(self) -> None:
         self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
         self.stubs: frozenset[str] = frozenset()
-        self.no_tags = False  # no host answered /api/tags with a list: no Ollama, so no stub, whatever the name
+        self.no_tags = False  # every host answered /api/tags 404: no Ollama, so no stub, whatever the name
+        self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
 
@@ -4500,17 +4518,32 @@ class CloudModels:
         hosts = [host for host in upstream.hosts if host.down_until <= now] or upstream.hosts
         documents = await asyncio.gather(*(upstream.get_json(b"/api/tags", [OWN_AGENT], host, OLLAMA)
                                            for host in hosts), return_exceptions=True)
-        answered = []
-        for document in documents:
+        answered, failed = [], []
+        for host, document in zip(hosts, documents):
             if isinstance(document, BaseException) and not isinstance(document, GatewayError):
                 raise document  # a bug of ours
-            if not isinstance(document, BaseException):
+            if isinstance(document, Answer) and document.status != HTTPStatus.NOT_FOUND:
+                said = f"{document.status} {PHRASES.get(document.status, '')}".strip()
+                document = GatewayError("upstream_unavailable", f"Ollama answered it {said}: try again shortly, or "
+                                        "see Ollama's log.", detail=f"{upstream.where(host)} answered /api/tags "
+                                        f"{document.status}")
+            if isinstance(document, GatewayError):
+                failed.append((document, host.down_until > time.monotonic()))
+            else:
                 answered.append(document)
+        # A host that could not be connected to is passed over while another is up (Upstream.by_preference).
+        unread = [failure for failure, cooling in failed if not (cooling and answered)]
+        if len(unread) > 1 and not answered:  # as Upstream.send says it
+            unread[0] = GatewayError(unread[0].situation, f"None of the {len(unread)} {upstream.name} hosts asked "
+                                     f"answered. {unread[0].message}", unread[0].headers,
+                                     ", ".join(failure.detail for failure in unread))
+        self.unread = unread[0] if unread else None
         if answered:
-            self.remember(answered)
+            self.remember(answered, self.unread)
 
-    def remember(self, documents: list[Any]) -> None:
-        """The lists of every host (an error Answer lists nothing)."""
+    def remember(self, documents: list[Any], unread: GatewayError | None = None) -> None:
+        """The lists of every host that answered (a 404 Answer lists nothing), and why the others could not be
+        read."""
         local, stubs = set(), set()
         for document in documents:
             items = document.get("models") if isinstance(document, dict) else None
@@ -4519,7 +4552,8 @@ class CloudModels:
                 (stubs if item.get("remote_host") else local).update(
                     ollama_name(name) for name in names if isinstance(name, str))
         self.local, self.stubs, self.fetched = frozenset(local - stubs), frozenset(stubs), time.monotonic()
-        self.no_tags = all(isinstance(document, Answer) for document in documents)
+        self.no_tags = unread is None and all(isinstance(document, Answer) for document in documents)
+        self.unread = unread
 
     def stop(self) -> None:
         if self.fetch is not None:

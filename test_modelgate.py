@@ -6788,6 +6788,80 @@ async def test_an_upstream_without_api_tags_is_asked_for_it_once_a_minute() -> N
     assert [request.target for request in up.requests] == ["/api/tags", V1_CHAT, V1_CHAT, V1_CHAT]
 
 
+def tags_failing(failure: Reply) -> Reply:
+    """cloud_ollama, whose GET /api/tags fails with `failure` (FakeUpstream.tags None lets it answer)."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await (failure if request.target == "/api/tags" else cloud_ollama)(up, request, reader, writer)
+
+    return reply
+
+
+# How Ollama's list of models can fail to be read, with the settings a row needs, and the status and code the
+# failure gets. Only a 404 (a server that is no
+# Ollama: every Ollama has /api/tags, 04-get-api-tags.txt; an unknown path is its 404, 33-get-unknown-path.txt)
+# says there are no stubs.
+TAGS_FAILURES = [
+    # Ollama's ListHandler answers 500 when it cannot read its manifests (server/routes.go)
+    ({}, json_reply(500, {"error": "open /root/.ollama/models/manifests: permission denied"}), 502,
+     "upstream_unavailable"),
+    # a reverse proxy in front of an Ollama that is restarting
+    ({}, json_reply(502, raw=b"<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html"), 502,
+     "upstream_unavailable"),
+    ({}, raw_reply(b""), 502, "upstream_unavailable"),  # the connection closed without an answer
+    ({"TIMEOUT_SECONDS": "0.2"}, hang_reply, 504, "upstream_timeout"),  # no answer in time
+]
+# A door of each dialect, with its body for {model}.
+DIALECT_DOORS = [door for door in MODEL_DOORS if door[1] in ("/v1/chat/completions", "/v1/messages", "/api/chat")]
+
+
+def unplaced_message(answer: Answer, dialect: str, status: int = 502, code: str = "upstream_unavailable") -> str:
+    """The failure in the door's shape, saying that Ollama's list of models could not be read, so whether the
+    model runs on ollama.com is unknown."""
+    if dialect == "openai":
+        message = assert_error(answer, status, "api_error", code)["message"]
+    elif dialect == "anthropic":
+        message = assert_anthropic_error(answer, status, "api_error")
+    else:
+        message = assert_ollama_error(answer, status)
+    assert "/api/tags" in message and "ollama.com" in message and "OLLAMA_CLOUD_TOKENS" in message
+    return message
+
+
+@pytest.mark.parametrize("settings, failure, status, code", TAGS_FAILURES)
+@pytest.mark.parametrize("method, path, body, dialect", DIALECT_DOORS)
+async def test_issue_19_a_stub_is_refused_while_ollamas_list_of_models_cannot_be_read(
+        settings: dict, failure: Reply, status: int, code: str, method: str, path: str, body: str, dialect: str
+) -> None:
+    """When no Ollama host's /api/tags can be read (an error status other than 404, a hang-up, a timeout), a
+    model under a plain name may be a cloud stub: a token outside OLLAMA_CLOUD_TOKENS gets a 502 or 504 that says so,
+    each time, and nothing reaches Ollama (before, the stub passed, and for a minute after an error status)."""
+    async with upstream(tags_failing(failure)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, **{**CLOUD_SETTINGS, **settings}) as app:
+        up.tags = None
+        answers = [await door_request(app, method, path, body, "plain", AUTH) for _ in range(2)]
+    assert [request.target for request in up.requests if request.target != "/api/tags"] == []
+    for answer in answers:
+        assert "'plain'" in unplaced_message(answer, dialect, status, code)
+
+
+async def test_issue_19_while_ollamas_list_cannot_be_read_cloud_tokens_and_known_local_models_pass() -> None:
+    """Ollama's /api/tags failing stops only what could be a stub: a model the list showed local a moment ago,
+    and any model for a cloud token, still go; a name the list did not show is refused with 502."""
+    async with upstream(tags_failing(TAGS_FAILURES[0][1])) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, **CLOUD_SETTINGS) as app:
+        up.tags = {"models": [tag("qwen2.5:7b")]}
+        first = await chat(app, b'{"model": "qwen2.5:7b", "messages": []}')
+        up.tags = None  # from now on /api/tags answers 500
+        local = await chat(app, b'{"model": "qwen2.5:7b", "messages": []}')
+        refused = await chat(app, b'{"model": "plain", "messages": []}')
+        allowed = await chat(app, b'{"model": "plain", "messages": []}', CLOUD_AUTH)
+    assert [first.status, local.status, allowed.status] == [200, 200, 200]
+    unplaced_message(refused, "openai")
+    assert [request.target for request in up.requests if request.target != "/api/tags"] == [V1_CHAT] * 3
+
+
 async def test_model_lists_show_cloud_models_to_cloud_tokens_only() -> None:
     """/v1/models, /api/tags and /api/ps leave out cloud models (and aliases of them) for a token not in
     OLLAMA_CLOUD_TOKENS."""
