@@ -5084,6 +5084,8 @@ def main(argv: list[str] | None = None) -> None:
             print(add_token(arguments.add_token, os.path.join(os.getcwd(), ".env")))
             return
         config, sources = read_config(os.environ)
+        if hasattr(time, "tzset"):  # a TZ that .env set: the clock read the zone at start-up (Unix only)
+            time.tzset()
         if arguments.check:
             sys.exit(asyncio.run(check(config, sources)))
         if arguments.usage:

@@ -4627,6 +4627,23 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert code == 1 and "memory only" in output
 
 
+# POSIX rules, which need no time-zone database: UTC+14 and UTC-12, whose dates differ at every instant, so
+# that the machine's own zone has the date of one of them at most.
+FAR_ZONES = [("XXX-14", 14), ("XXX+12", -12)]
+
+
+async def test_a_time_zone_set_in_dotenv_decides_the_usage_days(tmp_path: Path) -> None:
+    """`TZ` in ./.env is the time zone of the usage days under `python modelgate.py`, as docs/usage.md says
+    (it was copied into the environment too late for the clock to read it: the machine's zone counted)."""
+    modelgate.open_usage_file(str(tmp_path / "modelgate-usage.sqlite3")).close()
+    for rule, hours in FAR_ZONES:
+        (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nTZ={rule}\n")
+        days = [(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)).date().isoformat()]
+        code, output = await run_command_line(tmp_path, {}, "--usage")
+        days.append((datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)).date().isoformat())
+        assert code == 0 and output.split(" (")[0].split(" to ")[1] in days, (rule, output)
+
+
 async def test_a_usage_file_that_cannot_be_written_later_is_logged_once_and_the_counts_go_on(tmp_path: Path) -> None:
     """When USAGE_DB cannot be written any more (here its directory is gone), the log says so once, not at
     every attempt, and the counts go on in memory: /usage still shows every request."""
