@@ -1842,30 +1842,50 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
 
 # What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
 # builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays
-# until the value ends are its arrays and the strings in them. Those are counted, over-counted (a bracket
-# inside a string counts too), in bytes of memory per byte of body (issue 17, hole 4: 16 MiB of [[],[],...]
-# made 466 MiB of lists): an array about 88 bytes, an element 8 more, a string in one 60. A body that would
-# cost more than twice its size is a 413; a chat with images, a batch of texts or of token ids costs less
-# than one.
+# until the value ends are its arrays and the strings in them. Those are counted in bytes of memory per byte
+# of body (issue 17, hole 4: 16 MiB of [[],[],...] made 466 MiB of lists): an array about 88 bytes, an
+# element 8 more, a string in one 60. A body that would cost more than twice its size is a 413; a chat with
+# images, a batch of texts or of token ids costs less than one. Only brackets and commas outside strings
+# count: inside one they are text, and a page to translate may be all commas (a CSV table, a list, code).
 ARRAY_COST, ELEMENT_COST, STRING_COST, MAX_SKIP_COST = 88, 8, 30, 2  # STRING_COST: per unescaped quote
 MIN_COUNTED_BODY = 256 * 1024  # smaller bodies cost at most about 9 MiB whatever their shape
 MAX_READ_VALUE = 64 * 1024  # a value that ModelGate reads (READ_FIELDS, a model's name) is parsed whole
+SHAPE_WINDOW = 1024 * 1024  # the body is split into strings and the rest this much at a time
+NOT_BACKSLASH = re.compile(rb"[^\\]")
 
 
 def bounded(body: bytes) -> None:
     """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
     if len(body) < MIN_COUNTED_BODY:
         return
-    arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')
-    cost = ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes
-    if cost > MAX_SKIP_COST * len(body):  # a quote escaped inside a string (code, JSON as text) begins none
-        quotes -= body.count(b'\\"')
-        cost = ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes
-    if cost > MAX_SKIP_COST * len(body):
+    limit = MAX_SKIP_COST * len(body)
+    arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')  # the text in strings too
+    if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
+        quotes -= body.count(b'\\"')  # no more than begin and end strings: enough to refuse
+        if STRING_COST * quotes <= limit:
+            arrays, values, quotes = outside_strings(body)
+    if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
         raise GatewayError("body_too_large", f"The request body holds so many arrays, values and strings for its "
                            f"size ({arrays} '[', {values} ',', {quotes} '\"' in {len(body)} bytes) "
                            "that reading it would take more than twice its size in memory. Real requests of this "
                            "size carry images, texts or token ids; send the values in fewer, larger pieces.")
+
+
+def outside_strings(body: bytes) -> tuple[int, int, int]:
+    """The '[' and ',' of a JSON body outside its strings, and the quotes that begin and end them. An escaped
+    backslash, then an escaped quote, are taken out (as json's scanner reads them, from the left); the quotes
+    left alternate. A window at a time, so that the pieces split off take a window's memory, not the body's."""
+    arrays = values = quotes = at = 0
+    while at < len(body):
+        end = at + SHAPE_WINDOW
+        if body[end - 1:end] == b"\\":  # a run of backslashes is never cut: its pairs count from its start
+            more = NOT_BACKSLASH.search(body, end)
+            end = more.end() if more else len(body)
+        parts = body[at:end].replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')
+        outside = b"".join(parts[quotes % 2::2])  # parts[0] is in a string when an odd number of quotes came before
+        arrays, values, quotes = arrays + outside.count(b"["), values + outside.count(b","), quotes + len(parts) - 1
+        at = end
+    return arrays, values, quotes
 
 
 def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:

@@ -3347,6 +3347,7 @@ def body_of(head: bytes, unit: bytes, tail: bytes) -> bytes:
     return head + unit * ((SHAPE_BODY_BYTES - len(head) - len(tail)) // len(unit)) + tail
 
 
+CONTENT = b'{"model": "m", "messages": [{"role": "user", "content": "Translate into German:\\n'
 IMAGE = base64.b64encode(hashlib.shake_256(b"image").digest(5 * MIB))  # as random as a PNG
 BODY_SHAPES = [
     # (body, status): the shapes that cost json's parser most per byte are refused; what real clients send of
@@ -3360,6 +3361,13 @@ BODY_SHAPES = [
     (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "What is it? \xf0\x9f\x98\x80"}, '
      b'{"type": "image_url", "image_url": {"url": "data:image/png;base64,' + IMAGE + b'"}}]}]}', 200),
     (body_of(b'{"model": "m", "input": [', b"[" + b",".join([b"12345"] * 512) + b"],", b"[1]]}"), 200),
+    # A page to translate, in one message as FluentRead or Immersive Translate send it: its commas, brackets and
+    # quotes are text inside a string, which costs what the string costs. A CSV table, a long list, code, JSON
+    # quoted as text:
+    (body_of(CONTENT, b"7,1.5,-3,0,42,,9\\n", b'"}]}'), 200),
+    (body_of(CONTENT, b"a, b, c, ", b'"}]}'), 200),
+    (body_of(CONTENT, b"x[0][1] = [[], [1, 2], [[3]]]\\n", b'"}]}'), 200),
+    (body_of(CONTENT, b'[[],[{\\"a\\":[1,2]}],\\"\\\\\\"],', b'"}]}'), 200),
 ]
 
 
@@ -3379,6 +3387,20 @@ async def test_a_body_of_any_shape_costs_at_most_four_times_its_size(tmp_path: A
         assert b"memory" in tail and sent == []
     else:
         assert sent == [body]
+
+
+# The text of a page to translate: any mix of the characters JSON's structure is made of, and of others.
+PAGE_TEXT = st.text(alphabet='[]{},:"\\\nab', min_size=1, max_size=40)
+
+
+@settings(max_examples=30, deadline=None)
+@given(PAGE_TEXT)
+def test_text_in_a_message_never_makes_its_body_a_413_for_its_shape(unit: str) -> None:
+    """Brackets, commas, quotes and backslashes in a message's text are text: 3 MiB of it, in which the pieces
+    the body is judged in end anywhere, is never refused for its shape (it was, for a text with more than one
+    comma in three bytes or a bracket in forty)."""
+    text = unit * (3 * MIB // len(unit))
+    modelgate.bounded(json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode())
 
 
 async def test_an_endless_answer_to_a_stream_request_is_relayed_in_bounded_memory(tmp_path: Any) -> None:
