@@ -127,6 +127,7 @@ import errno
 import hashlib
 import hmac
 import html
+import functools
 import ipaddress
 import itertools
 import json
@@ -352,12 +353,14 @@ USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
 OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]+)(?=[ \t\r\n]*[,}])')
 
 
-def usage_in(data: bytes, prompt_key: str, completion_key: str, first: bool = False) -> Usage | None:
-    """The counts of the last (or first) `"usage": {...}` in `data` that has either key; None when none has.
+def usage_in(prompt_key: str, completion_key: str, head: bytes, end: bytes, first: bool = False) -> Usage | None:
+    """The counts of the last `"usage": {...}` in `end` (with `first`: the first in `head`) that has either key;
+    None when none has.
 
     Searched from the end, where dialects put it (Anthropic's message_start: from the start). The object is
     read with json's own scanner.
     """
+    data = head if first else end
     start, end = 0, len(data)
     for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
         at = data.find(b'"usage"', start) if first else data.rfind(b'"usage"', 0, end)
@@ -383,20 +386,16 @@ def no_usage(head: bytes, end: bytes) -> None:
     return None
 
 
-def openai_usage(head: bytes, end: bytes) -> Usage | None:  # chat, completions, embeddings
-    return usage_in(end, "prompt_tokens", "completion_tokens")
-
-
-def responses_usage(head: bytes, end: bytes) -> Usage | None:
-    return usage_in(end, "input_tokens", "output_tokens")
+openai_usage = functools.partial(usage_in, "prompt_tokens", "completion_tokens")  # chat, completions, embeddings
+responses_usage = functools.partial(usage_in, "input_tokens", "output_tokens")
 
 
 def anthropic_usage(head: bytes, end: bytes) -> Usage | None:
     # message_delta's usage is cumulative; Ollama's has input_tokens too (anthropic/anthropic.go, DeltaUsage),
     # Anthropic's may have output_tokens only: then input_tokens are message_start's, the stream's first event.
-    prompt, completion = usage_in(end, "input_tokens", "output_tokens") or (None, None)
+    prompt, completion = responses_usage(head, end) or (None, None)
     if prompt is None:
-        prompt = (usage_in(head, "input_tokens", "output_tokens", first=True) or (None, None))[0]
+        prompt = (responses_usage(head, end, first=True) or (None, None))[0]
     return None if prompt is None and completion is None else (prompt, completion)
 
 
@@ -1692,7 +1691,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
     `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
     """
-    bounded(body)
+    if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
+        bounded(body)
     try:
         if not body.isascii():
             check_utf8(body)
@@ -1856,8 +1856,6 @@ NOT_BACKSLASH = re.compile(rb"[^\\]")
 
 def bounded(body: bytes) -> None:
     """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
-    if len(body) < MIN_COUNTED_BODY:
-        return
     limit = MAX_SKIP_COST * len(body)
     arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')  # the text in strings too
     if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
@@ -2551,7 +2549,8 @@ class Gateway:
             chunks.append(chunk)
             more = message.get("more_body", False)
         ex.body_read = True
-        return decoded_body(b"".join(chunks), ex.header(b"content-encoding"), limit)
+        encoding = ex.header(b"content-encoding")
+        return decoded_body(b"".join(chunks), encoding, limit) if encoding else b"".join(chunks)
 
     # Handlers: ROUTES names them ----------------------------------------------
 
@@ -3809,17 +3808,6 @@ class Upstream:
                                        "read": config.timeout}}
         self.metrics = metrics
 
-    def request(self, host: Host, method: bytes, path: bytes, client_headers: Headers,
-                body: bytes = b"", dialect: Dialect = OPENAI) -> httpcore.Request:
-        """Build the outbound request explicitly from the few client headers that may travel."""
-        headers = [(b"host", host.authority), (b"accept-encoding", b"identity"),
-                   *forwarded_headers(client_headers, dialect), *self.auth]
-        if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
-            headers.append((b"content-length", b"%d" % len(body)))
-        base = host.native_path if dialect.native else host.path
-        url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=base + path)
-        return httpcore.Request(method, url, headers=headers, content=body, extensions=self.extensions)
-
     def by_preference(self, first: Host | None = None) -> list[Host]:
         """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down,
         then the others not cooling down, fewest requests in flight or waiting first, ties as listed."""
@@ -3839,11 +3827,18 @@ class Upstream:
         Anything that fails later is the answer, so that no generation ever runs twice.
         """
         hosts = self.by_preference(first) if host is None else [host]
+        # The outbound request, built explicitly from the few client headers that may travel.
+        headers = [(b"accept-encoding", b"identity"), *forwarded_headers(client_headers, dialect), *self.auth]
+        if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
+            headers.append((b"content-length", b"%d" % len(body)))
         causes = []
         for tried, host in enumerate(hosts, 1):
+            base = host.native_path if dialect.native else host.path
+            url = httpcore.URL(scheme=host.scheme, host=host.host, port=host.port, target=base + path)
+            request = httpcore.Request(method, url, headers=[(b"host", host.authority), *headers], content=body,
+                                       extensions=self.extensions)
             try:
-                response = await host.pool.handle_async_request(
-                    self.request(host, method, path, client_headers, body, dialect))
+                response = await host.pool.handle_async_request(request)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = self.translate(exc, host)
                 causes.append(failure.detail)
@@ -4017,15 +4012,13 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
 # Coalescing identical requests in flight #####################################
 ###############################################################################
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Flight:
     """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
-
-    __slots__ = ("task", "waiters", "counted", "owner")
-
-    def __init__(self, task: asyncio.Task, owner: Exchange) -> None:
-        self.task, self.waiters = task, 0
-        self.owner = owner  # the request it runs for: its wait in the queue is everyone's
-        self.counted = False  # a waiter has taken the answer's usage: tokens used once are counted once
+    task: asyncio.Task
+    owner: Exchange  # the request it runs for: its wait in the queue is everyone's
+    waiters: int = 0
+    counted: bool = False  # a waiter has taken the answer's usage: tokens used once are counted once
 
 
 class Coalescer:
@@ -4047,7 +4040,7 @@ class Coalescer:
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(
                 gw.relayed(ex, upstream, path, body, stream=False, shared=True)), ex)
-            flight.task.add_done_callback(lambda task: self.forget(key, flight))
+            flight.task.add_done_callback(functools.partial(self.forget, key, flight))
         else:
             ex.coalesced = True
             count(self.metrics.coalesced, (ex.token,))
@@ -4065,7 +4058,7 @@ class Coalescer:
             flight.counted, ex.usage = True, answer.usage
         return answer
 
-    def forget(self, key: tuple, flight: Flight) -> None:
+    def forget(self, key: tuple, flight: Flight, _: Any = None) -> None:  # (_: the task, as a done callback)
         if self.flights.get(key) is flight:
             del self.flights[key]
         if flight.task.done() and not flight.task.cancelled():
@@ -4983,11 +4976,12 @@ class Connection(httpcore.AsyncHTTP11Connection):
 NO_LOCK = contextlib.nullcontext()  # `async with` it does nothing (Python 3.10)
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class PooledBody:
     """A response body that gives its connection back to the pool when it is closed."""
-
-    def __init__(self, pool: Pool, connection: Connection, body: Any) -> None:
-        self.pool, self.connection, self.body = pool, connection, body
+    pool: Pool | None
+    connection: Connection
+    body: Any
 
     def __aiter__(self) -> Any:
         return self.body.__aiter__()

@@ -1890,7 +1890,7 @@ async def test_the_root_answers_a_program_as_ollama_does_and_a_browser_with_the_
 async def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
     """A bug inside ModelGate answers a generic 500; the traceback goes to the log, not the client."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        app.upstreams["ollama"].request = None  # make the request path fail the way a bug would
+        app.upstreams["ollama"].send = None  # make the request path fail the way a bug would
         answer = await chat(app)
     error = assert_error(answer, 500, "api_error", "internal_error")
     assert "Traceback" not in error["message"] and "NoneType" not in error["message"]
