@@ -436,18 +436,22 @@ class Route(NamedTuple):
     usage: Callable[[bytes, bytes], Usage | None] = no_usage  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
     queued: bool = False  # runs a model: to Ollama, it waits for its turn (OLLAMA_NUM_PARALLEL, The queue)
+    # What of its body the trust boundary reads, checks and edits before the handler runs (Gateway.dispatch):
+    # "json", an object whose model fields route it (routed_body); "form", a multipart form whose `model` field
+    # routes it (routed_form); "" nothing (the handler reads what it relays as it came, if anything).
+    reads: str = ""
 
 
 MODEL_OR_NAME = ("model", "name")  # Route.models of Ollama's show, pull, push, create and delete
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True),
-    "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True),
-    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage, queued=True),
-    "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False, queued=True),
+    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True, reads="json"),
+    "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True, reads="json"),
+    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage, queued=True, reads="json"),
+    "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False, queued=True, reads="json"),
     # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form).
-    "/v1/audio/transcriptions": Route({"POST": "transcription"}, shared=False, queued=True),
+    "/v1/audio/transcriptions": Route({"POST": "transcription"}, shared=False, queued=True, reads="form"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
@@ -456,35 +460,35 @@ ROUTES: dict[str, Route] = {
     "/usage": Route({"GET": "usage_page"}, limited=False, login=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
     "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage,
-                          queued=True),
+                          queued=True, reads="json"),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
     # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
     "/": Route({"GET": "home", "HEAD": "ollama_root", "POST": "posted_to_root"}, access="public", limited=False,
                dialect=OLLAMA),
     "/api/chat": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
-                       usage=ollama_usage, queued=True),
+                       usage=ollama_usage, queued=True, reads="json"),
     "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
-                           streams_unless_false=True, usage=ollama_usage, queued=True),
-    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False, queued=True),
-    "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True),
-    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,)),
+                           streams_unless_false=True, usage=ollama_usage, queued=True, reads="json"),
+    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False, queued=True, reads="json"),
+    "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True, reads="json"),
+    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,), reads="json"),
     "/api/tags": Route({"GET": "ollama_models", "HEAD": "ollama_models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version", "HEAD": "ollama_version"}, dialect=OLLAMA),
     "/api/pull": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False,
-                       models=(MODEL_OR_NAME,)),
+                       models=(MODEL_OR_NAME,), reads="json"),
     "/api/push": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                        streams_unless_false=True, model_required=False, admin=True, shared=False,
-                       models=(MODEL_OR_NAME,)),
+                       models=(MODEL_OR_NAME,), reads="json"),
     "/api/create": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
                          streams_unless_false=True, model_required=False, admin=True, shared=False,
-                         models=(MODEL_OR_NAME, ("from",))),
+                         models=(MODEL_OR_NAME, ("from",)), reads="json"),
     "/api/copy": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
-                       models=(("source",), ("destination",))),
+                       models=(("source",), ("destination",)), reads="json"),
     "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
-                         models=(MODEL_OR_NAME,)),
+                         models=(MODEL_OR_NAME,), reads="json"),
     "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect=OLLAMA, admin=True, shared=False),
     # Whether Ollama's cloud is on (OLLAMA_NO_CLOUD), for anyone; the owner's ollama.com account, for admins;
     # web search and fetch, run on ollama.com under that account (server/routes.go), for cloud tokens.
@@ -1678,6 +1682,66 @@ def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect:
     return seen
 
 
+async def read_body(ex: Exchange, config: Config) -> bytes | None:
+    """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
+    when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
+    limit, wait = config.max_body_bytes, config.client_timeout
+
+    def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
+        return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
+                            f"({limit} bytes, MAX_BODY_BYTES).")
+
+    length = ex.header(b"content-length")
+    if length.isdigit() and int(length) > limit:
+        raise too_large()  # without reading it
+    chunks, size, more = [], 0, True
+    while more:
+        try:
+            message = await wait_at_most(wait, ex.receive(), TimeoutError())
+        except TimeoutError:
+            raise GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
+                               f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.") from None
+        if message["type"] == "http.disconnect":
+            ex.status = 499
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    ex.body_read = True
+    encoding = ex.header(b"content-encoding")
+    return decoded_body(b"".join(chunks), encoding, limit) if encoding else b"".join(chunks)
+
+
+async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
+    """Await with a deadline, raising `timeout_error` when it passes.
+
+    asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
+    and the client watch cancels exactly once: a client leaving then would go unnoticed.
+    """
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()  # our own deadline: not a cancellation of the task
+        raise timeout_error from None
+    finally:
+        timer.cancel()
+
+
 def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
     """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
     field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
@@ -2144,24 +2208,18 @@ def connection_named(headers: Headers) -> frozenset[bytes]:
     return named
 
 
-def forwarded_headers(headers: Headers, dialect: Dialect) -> Headers:
-    """The client's request headers that may travel upstream (FORWARDED_REQUEST_HEADERS and the dialect's
-    own), names lowercased, order and duplicates kept."""
-    drop, travel, kept = connection_named(headers), FORWARDED_REQUEST_HEADERS | dialect.forwarded, []
+def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -> Headers:
+    """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one:
+    of a client's request, those in `travel` (FORWARDED_REQUEST_HEADERS and its dialect's own: Gateway.dispatch
+    keeps them as Exchange.forward); of an upstream's answer (no `travel`), all but DROPPED_RESPONSE_HEADERS
+    and CORS's (ModelGate answers CORS itself)."""
+    drop, kept = connection_named(headers), []
     for name, value in headers:
         name = name.lower()
-        if name in travel and name not in drop:
-            kept.append((name, value))
-    return kept
-
-
-def response_headers(headers: Headers) -> Headers:
-    """An upstream's response headers as the client may see them, order and duplicates kept."""
-    drop = connection_named(headers)
-    kept = []
-    for name, value in headers:
-        name = name.lower()
-        if name not in drop and name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-"):
+        if name in drop:
+            continue
+        if name in travel if travel is not None else (
+                name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-")):
             kept.append((name, value))
     return kept
 
@@ -2259,7 +2317,7 @@ class Exchange:
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
+                 "request_id", "forward", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
                  "t0", "host", "queued", "upstream_seconds")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -2275,6 +2333,7 @@ class Exchange:
         peer = scope.get("client")
         self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
         self.token = "-"  # the name of the client's token, once authorized
+        self.forward: Headers = []  # its headers that may travel upstream, once admitted (crossing_headers)
         self.holds_slot: Limits | None = None  # counted there against MAX_CONCURRENT_PER_TOKEN until it ends
         self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
         self.body_read = False  # read_body has read the request body to its end
@@ -2471,7 +2530,15 @@ class Gateway:
         if self.closing and not route.while_closing:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
         admit(ex, route, config, self.limits, self.usage)
-        return await handler(ex)
+        crossed: tuple = ()  # what the boundary made of the body (Route.reads), for the handler
+        if route.reads:
+            body = await read_body(ex, config)
+            if body is None:
+                return None
+            crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
+                routed_body(ex, body, config, self.cloud)
+        ex.forward = crossing_headers(ex.headers, FORWARDED_REQUEST_HEADERS | ex.dialect.forwarded)
+        return await handler(ex, *crossed)
 
     async def deliver(self, ex: Exchange, answer: Answer) -> None:
         """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
@@ -2519,51 +2586,15 @@ class Gateway:
             return None
         return result
 
-    async def read_body(self, ex: Exchange) -> bytes | None:
-        """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
-        when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
-        config = self.config
-        limit, wait = config.max_body_bytes, config.client_timeout
-
-        def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
-            return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
-                                f"({limit} bytes, MAX_BODY_BYTES).")
-
-        length = ex.header(b"content-length")
-        if length.isdigit() and int(length) > limit:
-            raise too_large()  # without reading it
-        chunks, size, more = [], 0, True
-        while more:
-            try:
-                message = await wait_at_most(wait, ex.receive(), TimeoutError())
-            except TimeoutError:
-                raise GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
-                                   f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.") from None
-            if message["type"] == "http.disconnect":
-                ex.status = 499
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large()
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        ex.body_read = True
-        encoding = ex.header(b"content-encoding")
-        return decoded_body(b"".join(chunks), encoding, limit) if encoding else b"".join(chunks)
-
     # Handlers: ROUTES names them ----------------------------------------------
 
-    async def relay_request(self, ex: Exchange) -> Answer | None:
+    async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
         """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
-        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): route by model, relay."""
+        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
+        relayed."""
         route = ROUTES[ex.route]
         if route.queued and self.queue is not None:
             ex.queued = 0.0
-        body = await self.read_body(ex)
-        if body is None:
-            return None
-        document, body = routed_body(ex, body, self.config, self.cloud)
         if ex.unlisted and not await self.looked_up(ex):
             return None
         upstream = self.upstreams[ex.provider]
@@ -2612,7 +2643,7 @@ class Gateway:
         /api/tags lists the aliases to Ollama's models that it has, each as a model of its own."""
         upstream, ex.provider = self.upstreams["ollama"], "ollama"
         path = ex.route.encode()
-        listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.headers, host, OLLAMA)
+        listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.forward, host, OLLAMA)
                                                        for host in upstream.hosts))
         if listed is None or isinstance(listed, Answer):
             return listed
@@ -2639,12 +2670,8 @@ class Gateway:
         return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], b"/api/version", b"", stream=False,
                                             shared=True, method="GET"))
 
-    async def transcription(self, ex: Exchange) -> Answer | None:
+    async def transcription(self, ex: Exchange, body: bytes) -> Answer | None:
         """POST /v1/audio/transcriptions: a multipart form routed by its `model` field (routed_form), relayed."""
-        body = await self.read_body(ex)
-        if body is None:
-            return None
-        body = routed_form(ex, body, self.config, self.cloud)
         if ex.unlisted and not await self.looked_up(ex):
             return None
         upstream = self.upstreams[ex.provider]
@@ -2660,7 +2687,7 @@ class Gateway:
     async def ollama_relay(self, ex: Exchange) -> Answer | None:
         """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes (admins
         only), web search and fetch (cloud tokens only); admit() has decided who may."""
-        body = await self.read_body(ex) if ex.method in ("POST", "DELETE") else b""
+        body = await read_body(ex, self.config) if ex.method in ("POST", "DELETE") else b""
         if body is None:
             return None
         ex.provider = "ollama"
@@ -2675,7 +2702,7 @@ class Gateway:
         """GET /v1/models: every provider's list, ids prefixed, then the aliases whose targets are listed, each
         as its own id; a provider that fails is left out. A token sees only what TOKEN_MODELS lets it use."""
         ex.provider = "+".join(self.upstreams)
-        listed = await self.watched(ex, gather_answers(u.list_models(ex.headers) for u in self.upstreams.values()))
+        listed = await self.watched(ex, gather_answers(u.list_models(ex.forward) for u in self.upstreams.values()))
         if listed is None or isinstance(listed, Answer):
             return listed
         config = self.config
@@ -2707,7 +2734,7 @@ class Gateway:
         if ex.provider == "ollama" and cloud_suffix(name):  # a cloud token's: Ollama asks ollama.com, as it is
             path = b"/models/" + quote(name, safe=":").encode()  # (cloudModelPathPassthroughMiddleware)
             return await self.watched(ex, relay(self, ex, upstream, path, b"", stream=False))
-        listed = await self.watched(ex, upstream.list_models(ex.headers))
+        listed = await self.watched(ex, upstream.list_models(ex.forward))
         if listed is None or isinstance(listed, Answer):
             return listed
         named = ex.model if routed.aliased else wanted
@@ -2744,7 +2771,7 @@ class Gateway:
     async def posted_to_root(self, ex: Exchange) -> Answer | None:
         """POST /: an app given the gateway's address as its whole URL (FluentRead's Claude service, issue 20):
         404 saying what to write, in the shape of the API its headers are of. Nothing goes upstream."""
-        body = await self.read_body(ex)
+        body = await read_body(ex, self.config)
         if body is None:
             return None
         # Anthropic's API requires anthropic-version, and its clients send the key as x-api-key.
@@ -3326,7 +3353,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     since = time.perf_counter()
-    response = await upstream.send((method or ex.method).encode(), path, ex.headers, body, dialect=ex.dialect, first=ex.host)
+    response = await upstream.send((method or ex.method).encode(), path, ex.forward, body, dialect=ex.dialect, first=ex.host)
     try:
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))
@@ -3334,7 +3361,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
             return await pump(gw, ex, upstream, response, STREAMED)
         if shared:
             body = await upstream.read_held(response)
-            return Answer(response.status, response_headers(response.headers), body,
+            return Answer(response.status, crossing_headers(response.headers), body,
                           ROUTES[ex.route].usage(body, body))
         return await pump(gw, ex, upstream, response, PLAIN)
     finally:
@@ -3371,13 +3398,13 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
     first = b"".join(held)
     if chunk is None and not way.stream:  # the whole answer: answered like any other, with its length
-        return Answer(response.status, response_headers(response.headers), first, ROUTES[ex.route].usage(first, first))
+        return Answer(response.status, crossing_headers(response.headers), first, ROUTES[ex.route].usage(first, first))
     if way.stream:
         ex.ttfb = time.perf_counter() - ex.t0
-        headers = [h for h in response_headers(response.headers) if h[0] not in SSE_HEADER_NAMES] + SSE_HEADERS
+        headers = [h for h in crossing_headers(response.headers) if h[0] not in SSE_HEADER_NAMES] + SSE_HEADERS
         gw.metrics.streams += 1
     else:
-        headers = response_headers(response.headers)
+        headers = crossing_headers(response.headers)
         headers += [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"][:1]
     frames, cut, last = way.frames(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
     watch = ex.watch
@@ -3689,7 +3716,7 @@ def upstream_error(refusal: Refusal, headers: Headers, body: bytes) -> Answer:
     parse JSON (openai-translator) tell the user what the upstream said.
     """
     name, status, dialect, document = refusal.name, refusal.status, refusal.dialect, refusal.document
-    kept = response_headers(headers)
+    kept = crossing_headers(headers)
     if dialect.own_error(document):
         hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if always and applies(refusal)]
         error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
@@ -3817,7 +3844,7 @@ class Upstream:
         up = [host for host in self.hosts if host.down_until <= now]
         return sorted(up or self.hosts, key=lambda host: (host is not first, host.pool.in_use + host.waiting))
 
-    async def send(self, method: bytes, path: bytes, client_headers: Headers, body: bytes = b"",
+    async def send(self, method: bytes, path: bytes, forward: Headers, body: bytes = b"",
                    host: Host | None = None, dialect: Dialect = OPENAI, first: Host | None = None
                    ) -> httpcore.Response:
         """Send to `host`, or to the hosts in preference order (`first` first) until one takes the request; the
@@ -3828,7 +3855,7 @@ class Upstream:
         """
         hosts = self.by_preference(first) if host is None else [host]
         # The outbound request, built explicitly from the few client headers that may travel.
-        headers = [(b"accept-encoding", b"identity"), *forwarded_headers(client_headers, dialect), *self.auth]
+        headers = [(b"accept-encoding", b"identity"), *forward, *self.auth]  # forward: what crosses (Exchange.forward)
         if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
             headers.append((b"content-length", b"%d" % len(body)))
         causes = []
@@ -3912,9 +3939,9 @@ class Upstream:
                           providers, parsed(body))
         return upstream_error(refusal, response.headers, body)
 
-    async def get_json(self, path: bytes, client_headers: Headers, host: Host, dialect: Dialect = OPENAI) -> Any:
+    async def get_json(self, path: bytes, forward: Headers, host: Host, dialect: Dialect = OPENAI) -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
-        response = await self.send(b"GET", path, client_headers, host=host, dialect=dialect)
+        response = await self.send(b"GET", path, forward, host=host, dialect=dialect)
         try:
             if response.status >= 400:
                 return await self.error_answer(response, dialect)
@@ -4034,8 +4061,7 @@ class Coalescer:
         self.metrics = metrics
 
     async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
-        headers = tuple(forwarded_headers(ex.headers, ex.dialect))
-        key = (ex.token, upstream.name, path, body, headers)
+        key = (ex.token, upstream.name, path, body, tuple(ex.forward))
         flight = self.flights.get(key)
         if flight is None:
             flight = self.flights[key] = Flight(asyncio.ensure_future(
@@ -4812,33 +4838,6 @@ READ_BUFFER_LIMIT = 1024 * 1024
 # An idle upstream connection is dropped after 4 s, before the 5 s idle limit of uvicorn and Node
 # servers, so that we never send a request on a connection the server is closing at that moment.
 KEEPALIVE_SECONDS = 4.0
-
-
-async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
-    """Await with a deadline, raising `timeout_error` when it passes.
-
-    asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
-    and the client watch cancels exactly once: a client leaving then would go unnoticed.
-    """
-    task = asyncio.current_task()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(seconds, expire)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        if sys.version_info >= (3, 11):
-            task.uncancel()  # our own deadline: not a cancellation of the task
-        raise timeout_error from None
-    finally:
-        timer.cancel()
 
 
 class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
