@@ -88,6 +88,11 @@ OPENAI_MODELS = {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "mod
 # One policy per app: two named apps (AUTH is FluentRead's token, OTHER_AUTH Open WebUI's), and the exact
 # requests of the clients the policy is for.
 APPS = f"fluentread:{TOKEN},webui:{OTHER_TOKEN}"
+# The tokens of every gateway a test starts unless it says otherwise, each given a name: a token without one is
+# labelled by a slow hash (10,000 rounds of PBKDF2, token_label), paid again by each of the suite's 1,700 starts.
+# The tests about those labels give the tokens without names (UNNAMED_TOKENS).
+NAMED_TOKENS = f"tester:{TOKEN},second:{OTHER_TOKEN}"
+UNNAMED_TOKENS = f"{TOKEN},{OTHER_TOKEN}"
 # FluentRead's body (entrypoints/utils/template.ts, JSON.stringify): model and messages, nothing else; its
 # "OpenAI" service offers OpenAI's model names only (entrypoints/utils/option.ts).
 FLUENTREAD = (b'{"model":"gpt-4.1-mini","messages":[{"role":"system","content":"You are a translator."},'
@@ -498,7 +503,7 @@ class Answer:
 
 
 def environ(**overrides: str) -> dict[str, str]:
-    env = {"MODELGATE_TOKEN": f"{TOKEN},{OTHER_TOKEN}", "OLLAMA_BASE_URL": refused_url(),
+    env = {"MODELGATE_TOKEN": NAMED_TOKENS, "OLLAMA_BASE_URL": refused_url(),
            "TIMEOUT_SECONDS": "5", "CONNECT_TIMEOUT_SECONDS": "5", "USAGE_DB": ""}  # counts in memory only
     env.update(overrides)
     return env
@@ -1761,7 +1766,8 @@ def test_token_bucket_refills_rpm_per_minute(rpm: int, times: list[float], waits
 async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
     """MAX_CONCURRENT_PER_TOKEN=1: while one stream runs, the same token gets 429; another token does not."""
     async with upstream(sse_reply(hold_before=1)) as up, \
-            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1", OLLAMA_NUM_PARALLEL="0") as app:
+            gateway(OLLAMA_BASE_URL=up.url, MAX_CONCURRENT_PER_TOKEN="1", OLLAMA_NUM_PARALLEL="0",
+                    MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
         await up.received(1)
         refused = await chat(app)
@@ -4989,7 +4995,8 @@ async def test_legacy_completion_streams_are_asked_for_usage_too() -> None:
             b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}\n\n'
     last = b'data: {"id":"cmpl-1","object":"text_completion","choices":[],' \
            b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
-    async with upstream(sse_reply([chunk, last, b"data: [DONE]\n\n"])) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply([chunk, last, b"data: [DONE]\n\n"])) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         answer = await call(app, "POST", "/v1/completions", b'{"model":"ollama/m","prompt":"Hi","stream":true}')
         page = (await scrape(app)).body
     assert up.requests[0].json()["stream_options"] == {"include_usage": True}
@@ -5007,7 +5014,8 @@ async def test_responses_usage_is_counted_from_the_last_event_and_nothing_is_add
               openai_event("response.completed", sequence_number=3, response={**BIG_RESPONSE, "usage": usage,
                                                                              "user": None, "metadata": {}})]
     body = b'{"model": "ollama/m", "input": "Hi", "stream": true}'
-    async with upstream(sse_reply(events)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply(events)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         answer = await call(app, "POST", "/v1/responses", body)
         up.reply = json_reply(document={**BIG_RESPONSE, "usage": usage})
         await call(app, "POST", "/v1/responses", b'{"model": "ollama/m", "input": "Hi"}')
@@ -5020,7 +5028,8 @@ async def test_responses_usage_is_counted_from_the_last_event_and_nothing_is_add
 async def test_requests_answered_once_count_their_tokens_once() -> None:
     """Identical requests joined into one upstream request (COALESCE) count the upstream's figures once."""
     answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
-    async with upstream(json_reply(document=answer_with_usage, held=True)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(document=answer_with_usage, held=True)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         tasks = [asyncio.ensure_future(chat(app)) for _ in range(3)]
         await up.received(1)
         await until(lambda: joined(app) == 2)
@@ -5037,7 +5046,8 @@ async def test_model_names_cannot_grow_the_token_series_without_end() -> None:
     and provider, tokens are counted as model="other", none lost."""
     answer_with_usage = {**COMPLETION, "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
     spellings = modelgate.MAX_MODEL_SERIES + 5
-    async with upstream(json_reply(document=answer_with_usage)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(document=answer_with_usage)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         for number in range(spellings):
             await chat(app, b'{"model":"ollama/qwen2.5:%d"}' % number)
         page = (await scrape(app)).body
@@ -5074,7 +5084,8 @@ async def test_ollamas_anthropic_stream_is_counted_from_its_message_delta() -> N
                                   "usage": {"input_tokens": 13, "output_tokens": 4}})
     events = [start, *MESSAGE_EVENTS[1:5], delta, MESSAGE_EVENTS[-1]]
     body = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
-    async with upstream(sse_reply(events)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(sse_reply(events)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         assert (await messages(app, body, AUTH)).chunks == events
         page = (await scrape(app)).body
     assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 13,
@@ -5115,7 +5126,8 @@ async def test_a_large_plain_answer_relayed_as_it_arrives_is_counted_too() -> No
     vectors = {"object": "list", "data": [{"object": "embedding", "index": 0,
                                            "embedding": [0.125] * (modelgate.RELAY_HOLD_BYTES // 5)}],
                "model": "nomic-embed-text", "usage": {"prompt_tokens": 7, "total_tokens": 7}}
-    async with upstream(json_reply(document=vectors)) as up, gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+    async with upstream(json_reply(document=vectors)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         answer = await call(app, "POST", "/v1/embeddings", b'{"model":"ollama/nomic-embed-text","input":"hi"}')
         page = (await scrape(app)).body
     assert answer.status == 200 and len(answer.body) > modelgate.RELAY_HOLD_BYTES and answer.json() == vectors
