@@ -172,10 +172,12 @@ class FakeUpstream:
             self.accepting.set()
             return asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), self._serve, loop=loop)
 
+        # A backlog as deep as Go's net.Listen gives Ollama (the system's somaxconn), not asyncio's 100: hundreds
+        # of requests at once then reach it without waiting a second for TCP to send their SYN again.
         if sock is None:
-            self.server = await loop.create_server(accept, "127.0.0.1", 0)
+            self.server = await loop.create_server(accept, "127.0.0.1", 0, backlog=4096)
         else:  # a listening socket made by the test
-            self.server = await loop.create_server(accept, sock=sock)
+            self.server = await loop.create_server(accept, sock=sock, backlog=4096)
         self.url = "http://127.0.0.1:%d/v1" % self.server.sockets[0].getsockname()[1]
         return self
 
