@@ -76,8 +76,9 @@ EVENTS = [
 # TIMEOUT_SECONDS where the upstream first sends something and then falls silent until the timeout: a second,
 # far more than any pause of a busy machine between its sending and the gateway's reading, so that only the
 # silence can time out. Where it never sends a byte, or ends the exchange itself, nothing else can happen
-# first, and those tests take a short timeout or the default.
+# first, and those tests take a short timeout (TIMEOUT_NEVER_SENDING, for a connection too) or the default.
 TIMEOUT_AFTER_SENDING = "1"
+TIMEOUT_NEVER_SENDING = "0.05"
 OLLAMA_MODELS = {"object": "list", "data": [
     {"id": "qwen2.5:7b", "object": "model", "created": 1, "owned_by": "library"},
     {"id": "hf.co/x/y:Q4", "object": "model", "created": 2, "owned_by": "hf.co"},
@@ -3546,10 +3547,11 @@ FAILURES_BEFORE_AN_ANSWER = [
     # A streamed request whose upstream is down gets the plain 502 JSON, not a 200 event stream.
     (refusing, {}, STREAM_CHAT, 502, "upstream_unavailable", ..., []),
     # An upstream that accepts but stays silent past TIMEOUT_SECONDS.
-    (lambda: answering(hang_reply), {"TIMEOUT_SECONDS": "0.2"}, CHAT, 504, "upstream_timeout", ...,
+    (lambda: answering(hang_reply), {"TIMEOUT_SECONDS": TIMEOUT_NEVER_SENDING}, CHAT, 504, "upstream_timeout", ...,
      ["TIMEOUT_SECONDS"]),
     # An upstream whose listen queue is full never completes the handshake.
-    (full_backlog, {"CONNECT_TIMEOUT_SECONDS": "0.2"}, CHAT, 504, "upstream_timeout", ..., ["CONNECT_TIMEOUT_SECONDS"]),
+    (full_backlog, {"CONNECT_TIMEOUT_SECONDS": TIMEOUT_NEVER_SENDING}, CHAT, 504, "upstream_timeout", ...,
+     ["CONNECT_TIMEOUT_SECONDS"]),
     # An upstream that hangs up without a word: a retry may help, so no x-should-retry: false.
     (lambda: answering(raw_reply(b"")), {}, CHAT, 502, "upstream_unavailable", None, []),
     # Something that is not HTTP (an SSH port, say): a retry will not help.
@@ -3558,8 +3560,8 @@ FAILURES_BEFORE_AN_ANSWER = [
     # An upstream that hangs up in the middle of a plain answer: a retry may help.
     (lambda: answering(raw_reply(CUT_PLAIN_ANSWER)), {}, CHAT, 502, "upstream_unavailable", None, []),
     # Headers but no event yet (a cold model, say), then silence: late headers would time out all the same.
-    (lambda: answering(headers_then("silence")), {"TIMEOUT_SECONDS": "0.2"}, STREAM_CHAT, 504, "upstream_timeout",
-     ..., []),
+    (lambda: answering(headers_then("silence")), {"TIMEOUT_SECONDS": TIMEOUT_NEVER_SENDING}, STREAM_CHAT, 504,
+     "upstream_timeout", ..., []),
     # Headers but no event yet, then a reset: the reset ends it, the timeout must not come first.
     (lambda: answering(headers_then("reset")), {"TIMEOUT_SECONDS": "5"}, STREAM_CHAT, 502, "upstream_unavailable",
      ..., []),
@@ -3685,7 +3687,7 @@ async def test_https_to_a_plain_http_upstream_is_reported_as_tls(handler: Callab
 LOGGED_CAUSES = [
     # (upstream, settings, status, what the log line's error says)
     ("refused", {}, 502, "error=upstream_unavailable (ollama/1 ConnectError: Connection refused)"),
-    ("silent", {"TIMEOUT_SECONDS": "0.2"}, 504, "error=upstream_timeout (ollama/1 ReadTimeout: "),
+    ("silent", {"TIMEOUT_SECONDS": TIMEOUT_NEVER_SENDING}, 504, "error=upstream_timeout (ollama/1 ReadTimeout: "),
     ("not http", {}, 502, "error=upstream_unavailable (ollama/1 RemoteProtocolError: "),
     ("refused twice", {}, 502, "error=upstream_unavailable (ollama/1 ConnectError: Connection refused, "
                                "ollama/2 ConnectError: Connection refused)"),
@@ -4199,7 +4201,7 @@ async def test_a_host_that_refuses_is_passed_over_and_tried_again_later() -> Non
 HOST_FAILURES_AFTER_CONNECTING = [
     # (reply of host 1, TIMEOUT_SECONDS, status, error code): it accepted, so the request may be running there
     (raw_reply(b""), "5", 502, "upstream_unavailable"),  # reads the request, hangs up without a word
-    (hang_reply, "0.3", 504, "upstream_timeout"),  # reads the request, never answers
+    (hang_reply, TIMEOUT_NEVER_SENDING, 504, "upstream_timeout"),  # reads the request, never answers
     (sse_reply(cut_before=1), "5", 200, None),  # starts a stream, breaks off
 ]
 
@@ -6484,7 +6486,8 @@ async def test_native_errors_keep_the_statuses_of_the_error_table() -> None:
         limited = await native(app, "/api/chat", chat_body)
         too_large = await native(app, "/api/chat", b'{"model": "m", "x": "' + b"x" * 200 + b'"}', headers=OTHER_AUTH)
         up.reply = fake_ollama
-    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+    async with upstream(hang_reply) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=TIMEOUT_NEVER_SENDING) as app:
         silent = await native(app, "/api/chat", chat_body)
     async with gateway() as app:
         refused = await native(app, "/api/chat", chat_body)
@@ -7362,7 +7365,8 @@ async def test_anthropic_errors_keep_the_statuses_of_the_error_table() -> None:
         closing = await messages(app, body, other)
     async with gateway() as app:
         refused = await messages(app, body)
-    async with upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS="0.2") as app:
+    async with upstream(hang_reply) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TIMEOUT_SECONDS=TIMEOUT_NEVER_SENDING) as app:
         silent = await messages(app, body)
     assert "x-api-key" in assert_anthropic_error(no_token, 401, "authentication_error")
     assert_anthropic_error(bad, 400, "invalid_request_error")
