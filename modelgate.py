@@ -1602,6 +1602,15 @@ def ollama_name(name: str) -> str:
     return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
 
+def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
+    """Whether Ollama's list of models (CloudModels) shows the name as a cloud stub: True, or as a local model:
+    False; None when the list lacks the name or is older than CLOUD_LIST_SECONDS."""
+    if time.monotonic() - cloud.fetched >= CLOUD_LIST_SECONDS:
+        return None
+    key = ollama_name(name)
+    return True if key in cloud.stubs else False if key in cloud.local or cloud.no_tags else None
+
+
 def cloud_refusal(token: str, what: str) -> GatewayError:
     return GatewayError("cloud_not_allowed", f"{what}, under the ollama.com account of this Ollama's owner, and "
                         f"the token {token!r} may not use Ollama's cloud: only the token names in "
@@ -1631,7 +1640,7 @@ def check_cloud(config: Config, token: str, provider: str, name: str, asked: str
         return False
     if cloud_suffix(name):
         raise cloud_refusal(token, f"The model {asked!r} is one of Ollama's cloud models: it runs on ollama.com")
-    stub = cloud.lookup(name)
+    stub = cloud_stub(cloud, name)
     if stub:
         raise cloud_refusal(token, f"The model {asked!r} is a cloud model in Ollama (pulled from ollama.com, it "
                             "lists a remote_host): it runs on ollama.com")
@@ -1656,7 +1665,7 @@ def shown_to(config: Config, token: str, model_id: str, item: dict, cloud: Cloud
     provider, _, name = model_id.partition("/")
     if provider != "ollama" or token in config.ollama_cloud_tokens:
         return True
-    return not (cloud_suffix(name) or "remote_host" in item or cloud.lookup(name))
+    return not (cloud_suffix(name) or "remote_host" in item or cloud_stub(cloud, name))
 
 
 def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
@@ -4532,13 +4541,6 @@ class CloudModels:
         self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
-
-    def lookup(self, name: str) -> bool | None:
-        """True for a stub, False for a local model, None when the list lacks the name or is too old."""
-        if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
-            return None
-        key = ollama_name(name)
-        return True if key in self.stubs else False if key in self.local or self.no_tags else None
 
     async def current(self, upstream: Upstream) -> bool:
         """The list, fetched again if it is too old."""
