@@ -2283,43 +2283,6 @@ USAGE_HEADERS = [(b"cache-control", b"no-store"), (b"vary", b"accept, authorizat
 
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
 
-# GET / in a browser. The page runs no script, loads nothing and may not be framed.
-PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
-                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
-HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
-HOME_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>ModelGate is running</title>
-<style>
-body { font: 17px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 42rem; margin: 3rem auto;
-       padding: 0 1.25rem; color: #1d1d1f; background: #fff; }
-h1 { font-size: 1.8rem; margin-bottom: .2rem; }
-.version { color: #6e6e73; margin-top: 0; }
-.url { font: 1.3rem ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 6px;
-       padding: .6rem .9rem; user-select: all; overflow-wrap: anywhere; }
-code { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 4px;
-       padding: .05rem .3rem; overflow-wrap: anywhere; }
-</style>
-</head>
-<body>
-<h1>ModelGate is running</h1>
-<p class="version">Version {version}</p>
-<p>This is an OpenAI-compatible gateway. Your apps talk to it at this base URL:</p>
-<p class="url">{base}</p>
-<p>Paste it where an app asks for the OpenAI base URL or API address, with the gateway's token as the API
-key, and pick a model such as <code>ollama/qwen2.5:7b</code>. Apps that want the whole address of the
-chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{base}/chat/completions</code>;
-apps that speak Ollama's own API (Open WebUI, Home Assistant, the ollama libraries) or Anthropic's take
-<code>{origin}</code>.</p>
-<p>How to set up each app: see <code>README.md</code>, beside <code>modelgate.py</code> where ModelGate was
-installed, under "Point your tools at it".</p>
-</body>
-</html>
-"""
-
 
 class Exchange:
     """One request and its answer, grouped as uvicorn groups a request-response cycle."""
@@ -2416,22 +2379,78 @@ class Exchange:
         await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
 
 
-# What a running gateway cannot change on SIGHUP: its sockets, their TLS, and the usage file it holds open.
-RESTART_SETTINGS = frozenset({"HOST", "PORT", "TLS_CERT_FILE", "TLS_KEY_FILE", "USAGE_DB"})
-# What the upstreams are made of (Gateway.make_upstreams): a reload that changes none keeps them and their pools.
-UPSTREAM_FIELDS = ("ollama_base_urls", "ollama_api_key", "openai_base_url", "openai_api_key", "timeout",
-                   "connect_timeout")
+class ClientWatch:
+    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when
+    the shutdown grace is over, until stop().
 
+    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
+    on an upstream we also wait on receive(), and stop the upstream request the moment the client
+    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
+    it runs: that is how the end of the shutdown grace finds what still waits on an upstream.
 
-def reload_line(old: Config, new: Config, changed: list[str]) -> str:
-    """What a reload changed: tokens by name, settings by name; never a token or a key."""
-    before, after = dict(zip(old.token_names, old.tokens)), dict(zip(new.token_names, new.tokens))
-    parts = [f"{what}: {', '.join(names)}" for what, names in (
-        ("tokens added", [name for name in after if name not in before]),
-        ("tokens removed", [name for name in before if name not in after]),
-        ("tokens replaced", [name for name in after if name in before and after[name] != before[name]]),
-        ("settings changed", [name for name in changed if name != "MODELGATE_TOKEN"])) if names]
-    return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
+    The listener starts LISTEN_AFTER_SECONDS late: a task per request was an eighth of a plain request's
+    whole cost (instructions counted under callgrind), and an answer that comes sooner has nothing to
+    cancel. A client that left before the listener starts is seen at once, as receive() says so.
+    """
+
+    def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
+        self.task = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
+        self.stopped = False
+        self.watches = watches
+        watches.add(self)
+        self.listener: asyncio.Task | None = None
+        self.listen_later = self.loop.call_later(LISTEN_AFTER_SECONDS, self._start, receive)
+        self.sending_since: float | None = None  # loop time a chunk began to be sent, while it is
+        self.send_check: asyncio.TimerHandle | None = None
+
+    def _start(self, receive: Receive) -> None:
+        self.listener = asyncio.ensure_future(self._listen(receive))
+
+    async def _listen(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancel("gone")
+
+    def cancel(self, reason: str) -> None:
+        if not self.stopped and not self.reason:
+            self.reason = reason
+            self.task.cancel()
+
+    def claim(self, exc: BaseException) -> str:
+        """Why this watch cancelled the task, if it did ("" otherwise): the cancellation `exc` is then ours,
+        handled by the caller, and no longer counts against the task (Python 3.11's uncancel)."""
+        reason, self.reason = self.reason, ""
+        if reason and isinstance(exc, asyncio.CancelledError) and sys.version_info >= (3, 11):
+            self.task.uncancel()
+        return reason
+
+    def guard_sends(self, timeout: float) -> None:
+        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
+
+        uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
+        hold its upstream connection, an answer held whole its memory. One timer per answer looks every
+        `timeout` seconds.
+        """
+        loop = self.loop
+
+        def check() -> None:
+            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
+                self.cancel("gone")
+            elif not self.stopped:
+                self.send_check = loop.call_later(timeout, check)
+
+        self.send_check = loop.call_later(timeout, check)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.listen_later.cancel()
+        if self.listener is not None:
+            self.listener.cancel()
+        if self.send_check is not None:
+            self.send_check.cancel()
+        self.watches.discard(self)
 
 
 class Gateway:
@@ -2549,28 +2568,25 @@ class Gateway:
         ex.forward = crossing_headers(ex.headers, FORWARDED_REQUEST_HEADERS | ex.dialect.forwarded)
         return await handler(ex, *crossed)
 
-    async def deliver(self, ex: Exchange, answer: Answer) -> None:
-        """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
-        written (issue 17): one larger than WRITE_PIECE goes in pieces, each sent once the client has taken
-        the one before (uvicorn's send() waits so), and a client that takes nothing for TIMEOUT_SECONDS is
-        let go (499), the answer's memory with it. Until then it counts against MAX_CONCURRENT_PER_TOKEN,
-        as a request still running does; uvicorn alone would hold the rest for as long as the client likes."""
-        if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
-            return await ex.respond(answer)
-        watch = ex.watch = ClientWatch(ex.receive, self.watches)
-        watch.guard_sends(self.config.timeout)
-        try:
-            await ex.respond(answer)
-        except asyncio.CancelledError as exc:
-            reason = watch.claim(exc)
-            if not reason:
-                raise
-            if reason == "gone":
-                ex.status = 499
-            else:
-                ex.error = "shutting_down"  # cut: uvicorn closes the connection of an answer left unfinished
-        finally:
-            watch.stop()
+    async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
+        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
+        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
+        relayed."""
+        route = ROUTES[ex.route]
+        if route.queued and self.queue is not None:
+            ex.queued = 0.0
+        if ex.unlisted and not await self.looked_up(ex):
+            return None
+        upstream = self.upstreams[ex.provider]
+        # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
+        path = (ex.path if ex.dialect.native else ex.path.removeprefix("/v1")).encode()
+        stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
+        if not stream and self.coalescer is not None and route.shared:
+            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+        answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
+        if answer is not None:  # (a stream relayed as it came has noted its usage itself)
+            ex.usage = answer.usage
+        return answer
 
     async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
         """What `awaitable` returns, while a ClientWatch cancels it when the client leaves (then None, and
@@ -2595,27 +2611,30 @@ class Gateway:
             return None
         return result
 
-    # Handlers: ROUTES names them ----------------------------------------------
+    async def deliver(self, ex: Exchange, answer: Answer) -> None:
+        """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
+        written (issue 17): one larger than WRITE_PIECE goes in pieces, each sent once the client has taken
+        the one before (uvicorn's send() waits so), and a client that takes nothing for TIMEOUT_SECONDS is
+        let go (499), the answer's memory with it. Until then it counts against MAX_CONCURRENT_PER_TOKEN,
+        as a request still running does; uvicorn alone would hold the rest for as long as the client likes."""
+        if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
+            return await ex.respond(answer)
+        watch = ex.watch = ClientWatch(ex.receive, self.watches)
+        watch.guard_sends(self.config.timeout)
+        try:
+            await ex.respond(answer)
+        except asyncio.CancelledError as exc:
+            reason = watch.claim(exc)
+            if not reason:
+                raise
+            if reason == "gone":
+                ex.status = 499
+            else:
+                ex.error = "shutting_down"  # cut: uvicorn closes the connection of an answer left unfinished
+        finally:
+            watch.stop()
 
-    async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
-        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
-        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
-        relayed."""
-        route = ROUTES[ex.route]
-        if route.queued and self.queue is not None:
-            ex.queued = 0.0
-        if ex.unlisted and not await self.looked_up(ex):
-            return None
-        upstream = self.upstreams[ex.provider]
-        # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
-        path = (ex.path if ex.dialect.native else ex.path.removeprefix("/v1")).encode()
-        stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
-        if not stream and self.coalescer is not None and route.shared:
-            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
-        answer = await self.watched(ex, self.relayed(ex, upstream, path, body, stream))
-        if answer is not None:  # (a stream relayed as it came has noted its usage itself)
-            ex.usage = answer.usage
-        return answer
+    # Handlers: ROUTES names them ----------------------------------------------
 
     async def looked_up(self, ex: Exchange) -> bool:
         """Ollama's list of models fetched again, for the models it lacked (or was old for), and each looked up
@@ -2627,24 +2646,6 @@ class Gateway:
             if check_cloud(self.config, ex.token, "ollama", name, asked, self.cloud) and unread is not None:
                 raise unplaced(ex.token, asked, unread)
         return True
-
-    async def relayed(self, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
-                      shared: bool = False) -> Answer | None:
-        """relay(), in its turn: to Ollama, on a route that runs a model, the request waits for a slot of
-        the host chosen now and its model (The queue), and gives it back when the relay has ended."""
-        queue = self.queue
-        if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
-            return await relay(self, ex, upstream, path, body, stream, shared)
-        ex.host = upstream.by_preference()[0]  # the host Upstream.send would choose now
-        since = time.perf_counter()
-        try:
-            ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
-        finally:
-            ex.queued = time.perf_counter() - since  # (Metrics.record observes it)
-        try:
-            return await relay(self, ex, upstream, path, body, stream, shared)
-        finally:
-            queue.release(ticket)
 
     async def ollama_models(self, ex: Exchange) -> Answer | None:
         """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
@@ -2684,7 +2685,7 @@ class Gateway:
         if ex.unlisted and not await self.looked_up(ex):
             return None
         upstream = self.upstreams[ex.provider]
-        return await self.watched(ex, self.relayed(ex, upstream, b"/audio/transcriptions", body, stream=False))
+        return await self.watched(ex, relayed(self, ex, upstream, b"/audio/transcriptions", body, stream=False))
 
     async def ollama_blob(self, ex: Exchange) -> Answer | None:
         """HEAD and POST /api/blobs/<digest>: a model file Ollama has, or is given (admins only)."""
@@ -2951,6 +2952,68 @@ class Gateway:
             watch.cancel("shutdown")  # streams end with an error event, requests still waiting get 503
 
 
+# What a running gateway cannot change on SIGHUP: its sockets, their TLS, and the usage file it holds open.
+RESTART_SETTINGS = frozenset({"HOST", "PORT", "TLS_CERT_FILE", "TLS_KEY_FILE", "USAGE_DB"})
+
+
+# What the upstreams are made of (Gateway.make_upstreams): a reload that changes none keeps them and their pools.
+UPSTREAM_FIELDS = ("ollama_base_urls", "ollama_api_key", "openai_base_url", "openai_api_key", "timeout",
+                   "connect_timeout")
+
+
+def reload_line(old: Config, new: Config, changed: list[str]) -> str:
+    """What a reload changed: tokens by name, settings by name; never a token or a key."""
+    before, after = dict(zip(old.token_names, old.tokens)), dict(zip(new.token_names, new.tokens))
+    parts = [f"{what}: {', '.join(names)}" for what, names in (
+        ("tokens added", [name for name in after if name not in before]),
+        ("tokens removed", [name for name in before if name not in after]),
+        ("tokens replaced", [name for name in after if name in before and after[name] != before[name]]),
+        ("settings changed", [name for name in changed if name != "MODELGATE_TOKEN"])) if names]
+    return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
+
+
+# GET / in a browser. The page runs no script, loads nothing and may not be framed.
+PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
+                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
+
+
+HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
+
+
+HOME_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ModelGate is running</title>
+<style>
+body { font: 17px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 42rem; margin: 3rem auto;
+       padding: 0 1.25rem; color: #1d1d1f; background: #fff; }
+h1 { font-size: 1.8rem; margin-bottom: .2rem; }
+.version { color: #6e6e73; margin-top: 0; }
+.url { font: 1.3rem ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 6px;
+       padding: .6rem .9rem; user-select: all; overflow-wrap: anywhere; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 4px;
+       padding: .05rem .3rem; overflow-wrap: anywhere; }
+</style>
+</head>
+<body>
+<h1>ModelGate is running</h1>
+<p class="version">Version {version}</p>
+<p>This is an OpenAI-compatible gateway. Your apps talk to it at this base URL:</p>
+<p class="url">{base}</p>
+<p>Paste it where an app asks for the OpenAI base URL or API address, with the gateway's token as the API
+key, and pick a model such as <code>ollama/qwen2.5:7b</code>. Apps that want the whole address of the
+chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{base}/chat/completions</code>;
+apps that speak Ollama's own API (Open WebUI, Home Assistant, the ollama libraries) or Anthropic's take
+<code>{origin}</code>.</p>
+<p>How to set up each app: see <code>README.md</code>, beside <code>modelgate.py</code> where ModelGate was
+installed, under "Point your tools at it".</p>
+</body>
+</html>
+"""
+
+
 def preflight(ex: Exchange, route: Route) -> Answer:
     """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them."""
     headers = [(b"allow", ", ".join([*route.handlers, "OPTIONS"]).encode())]
@@ -3020,84 +3083,70 @@ def not_found_message(path: str) -> str:
 LISTEN_AFTER_SECONDS = 0.05
 
 
-class ClientWatch:
-    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when
-    the shutdown grace is over, until stop().
-
-    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
-    on an upstream we also wait on receive(), and stop the upstream request the moment the client
-    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
-    it runs: that is how the end of the shutdown grace finds what still waits on an upstream.
-
-    The listener starts LISTEN_AFTER_SECONDS late: a task per request was an eighth of a plain request's
-    whole cost (instructions counted under callgrind), and an answer that comes sooner has nothing to
-    cancel. A client that left before the listener starts is seen at once, as receive() says so.
-    """
-
-    def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
-        self.task = asyncio.current_task()
-        self.loop = asyncio.get_running_loop()
-        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
-        self.stopped = False
-        self.watches = watches
-        watches.add(self)
-        self.listener: asyncio.Task | None = None
-        self.listen_later = self.loop.call_later(LISTEN_AFTER_SECONDS, self._start, receive)
-        self.sending_since: float | None = None  # loop time a chunk began to be sent, while it is
-        self.send_check: asyncio.TimerHandle | None = None
-
-    def _start(self, receive: Receive) -> None:
-        self.listener = asyncio.ensure_future(self._listen(receive))
-
-    async def _listen(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.cancel("gone")
-
-    def cancel(self, reason: str) -> None:
-        if not self.stopped and not self.reason:
-            self.reason = reason
-            self.task.cancel()
-
-    def claim(self, exc: BaseException) -> str:
-        """Why this watch cancelled the task, if it did ("" otherwise): the cancellation `exc` is then ours,
-        handled by the caller, and no longer counts against the task (Python 3.11's uncancel)."""
-        reason, self.reason = self.reason, ""
-        if reason and isinstance(exc, asyncio.CancelledError) and sys.version_info >= (3, 11):
-            self.task.uncancel()
-        return reason
-
-    def guard_sends(self, timeout: float) -> None:
-        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
-
-        uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
-        hold its upstream connection, an answer held whole its memory. One timer per answer looks every
-        `timeout` seconds.
-        """
-        loop = self.loop
-
-        def check() -> None:
-            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
-                self.cancel("gone")
-            elif not self.stopped:
-                self.send_check = loop.call_later(timeout, check)
-
-        self.send_check = loop.call_later(timeout, check)
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.listen_later.cancel()
-        if self.listener is not None:
-            self.listener.cancel()
-        if self.send_check is not None:
-            self.send_check.cancel()
-        self.watches.discard(self)
-
-
 def error_answer(error: GatewayError, ex: Exchange) -> Answer:
     """A GatewayError as the client's dialect writes it."""
     body = ex.dialect.error(error.status, error.message, error.type, error.code)
     return Answer(error.status, [JSON, *error.headers], body)
+
+
+###############################################################################
+# Coalescing identical requests in flight #####################################
+###############################################################################
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Flight:
+    """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
+    task: asyncio.Task
+    owner: Exchange  # the request it runs for: its wait in the queue is everyone's
+    waiters: int = 0
+    counted: bool = False  # a waiter has taken the answer's usage: tokens used once are counted once
+
+
+class Coalescer:
+    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
+
+    Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
+    anthropic-beta of its own may change the answer). The upstream request runs in a task of its own,
+    so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.flights: dict[tuple, Flight] = {}
+        self.metrics = metrics
+
+    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
+        key = (ex.token, upstream.name, path, body, tuple(ex.forward))
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = self.flights[key] = Flight(asyncio.ensure_future(
+                self.flown(key, relayed(gw, ex, upstream, path, body, stream=False, shared=True))), ex)
+        else:
+            ex.coalesced = True
+            count(self.metrics.coalesced, (ex.token,))
+        flight.waiters += 1
+        try:
+            answer = await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.task.done():
+                flight.task.cancel()  # nobody is left to answer: none joins it from now on
+                if self.flights.get(key) is flight:
+                    del self.flights[key]
+        if ex is not flight.owner and flight.owner.queued is not None:
+            ex.queued = flight.owner.queued
+        if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left
+            flight.counted, ex.usage = True, answer.usage
+        return answer
+
+    async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
+        """A flight's task: the answer, and the flight forgotten as soon as it is done. (Its failure is seen
+        even when every waiter has gone: asyncio.shield reads it.)"""
+        try:
+            return await answer
+        finally:
+            flight = self.flights.get(key)
+            if flight is not None and flight.task is asyncio.current_task():
+                del self.flights[key]
 
 
 ###############################################################################
@@ -3130,6 +3179,26 @@ MAX_QUEUED_BYTES = 256 * 1024 * 1024
 # Retry-After of queue_full and queue_timeout: how long the wait for a slot will last cannot be known; the
 # openai SDKs wait what it says (up to 60 s) and try again.
 QUEUE_RETRY_AFTER = b"10"
+
+
+async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
+                  shared: bool = False) -> Answer | None:
+    """relay(), in its turn: to Ollama, on a route that runs a model, the request waits for a slot of
+    the host chosen now and its model (The queue), and gives it back when the relay has ended."""
+    queue = gw.queue
+    if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
+        return await relay(gw, ex, upstream, path, body, stream, shared)
+    # The host Upstream.send would choose now (by_preference; with one host, that one).
+    ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]
+    since = time.perf_counter()
+    try:
+        ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
+    finally:
+        ex.queued = time.perf_counter() - since  # (Metrics.record observes it)
+    try:
+        return await relay(gw, ex, upstream, path, body, stream, shared)
+    finally:
+        queue.release(ticket)
 
 
 class Waiter:
@@ -4042,62 +4111,6 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
     if isinstance(results[0], GatewayError):
         raise results[0]
     return results[0]
-
-
-###############################################################################
-# Coalescing identical requests in flight #####################################
-###############################################################################
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Flight:
-    """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
-    task: asyncio.Task
-    owner: Exchange  # the request it runs for: its wait in the queue is everyone's
-    waiters: int = 0
-    counted: bool = False  # a waiter has taken the answer's usage: tokens used once are counted once
-
-
-class Coalescer:
-    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
-
-    Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
-    anthropic-beta of its own may change the answer). The upstream request runs in a task of its own,
-    so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.flights: dict[tuple, Flight] = {}
-        self.metrics = metrics
-
-    async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
-        key = (ex.token, upstream.name, path, body, tuple(ex.forward))
-        flight = self.flights.get(key)
-        if flight is None:
-            flight = self.flights[key] = Flight(asyncio.ensure_future(
-                gw.relayed(ex, upstream, path, body, stream=False, shared=True)), ex)
-            flight.task.add_done_callback(functools.partial(self.forget, key, flight))
-        else:
-            ex.coalesced = True
-            count(self.metrics.coalesced, (ex.token,))
-        flight.waiters += 1
-        try:
-            answer = await asyncio.shield(flight.task)
-        finally:
-            flight.waiters -= 1
-            if not flight.waiters and not flight.task.done():
-                flight.task.cancel()  # nobody is left to answer
-                self.forget(key, flight)
-        if ex is not flight.owner and flight.owner.queued is not None:
-            ex.queued = flight.owner.queued
-        if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left
-            flight.counted, ex.usage = True, answer.usage
-        return answer
-
-    def forget(self, key: tuple, flight: Flight, _: Any = None) -> None:  # (_: the task, as a done callback)
-        if self.flights.get(key) is flight:
-            del self.flights[key]
-        if flight.task.done() and not flight.task.cancelled():
-            flight.task.exception()  # seen, even when every waiter had gone
 
 
 ###############################################################################
