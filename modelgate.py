@@ -1489,9 +1489,364 @@ class Limits:
         self.in_flight[name] -= 1
 
 
+async def read_body(ex: Exchange, config: Config) -> bytes | None:
+    """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
+    when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
+    limit, wait = config.max_body_bytes, config.client_timeout
+
+    def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
+        return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
+                            f"({limit} bytes, MAX_BODY_BYTES).")
+
+    length = ex.header(b"content-length")
+    if length.isdigit() and int(length) > limit:
+        raise too_large()  # without reading it
+    chunks, size, more = [], 0, True
+    while more:
+        try:
+            message = await wait_at_most(wait, ex.receive(), TimeoutError())
+        except TimeoutError:
+            raise GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
+                               f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.") from None
+        if message["type"] == "http.disconnect":
+            ex.status = 499
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    ex.body_read = True
+    encoding = ex.header(b"content-encoding")
+    return decoded_body(b"".join(chunks), encoding, limit) if encoding else b"".join(chunks)
+
+
+async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
+    """Await with a deadline, raising `timeout_error` when it passes.
+
+    asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
+    and the client watch cancels exactly once: a client leaving then would go unnoticed.
+    """
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()  # our own deadline: not a cancellation of the task
+        raise timeout_error from None
+    finally:
+        timer.cancel()
+
+
+# Encoded bodies ---------------------------------------------------------------------------------------------
+# A request body is read before anything is decided about it, and forwarded as it was read: one sent with a
+# Content-Encoding ModelGate can decode with the standard library (gzip, as HTTP clients send it) is decoded,
+# never to more than MAX_BODY_BYTES (a gzip bomb gets 413), and forwarded decoded without the header (Ollama's
+# routes read no encoded body; only its cloud passthrough decodes zstd: server/cloud_proxy.go). Any other
+# encoding is refused (415): a body whose model ModelGate could not read is never forwarded.
+DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
+
+
+NOT_ENCODED = (b"", b"identity")
+
+
+def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """The body decoded from its Content-Encoding; 415 for one ModelGate cannot decode, 413 past `limit`."""
+    encoding = encoding.strip().lower()
+    if encoding in NOT_ENCODED:
+        return body
+    wbits = DECODED.get(encoding)
+    if wbits is None:
+        raise GatewayError("unsupported_encoding", f"The request body is encoded as {printable(encoding.decode('latin-1'))!r} "
+                           "(Content-Encoding), which ModelGate cannot decode to read the model it names. Send it "
+                           "as it is, or gzip-encoded.")
+    parts, size = [], 0
+    while body:  # one gzip member after another, as Go's gzip reader reads them
+        decoder = zlib.decompressobj(wbits)
+        try:
+            part = decoder.decompress(body, limit - size + 1)
+        except zlib.error as exc:
+            raise GatewayError("invalid_request", f"The request body is not valid gzip ({exc}).") from None
+        size += len(part)
+        if size > limit:
+            raise GatewayError("body_too_large", f"The request body decodes to more than this gateway accepts "
+                               f"({limit} bytes, MAX_BODY_BYTES).")
+        if not decoder.eof:
+            raise GatewayError("invalid_request", "The request body is gzip that ends before its end.")
+        parts.append(part)
+        body = decoder.unused_data
+    return b"".join(parts)
+
+
+def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
+    """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
+    field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
+    too): where the model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403
+    before anything is sent); whether it is one of Ollama's cloud models (OLLAMA_CLOUD_TOKENS: 403 likewise,
+    check_cloud); its value (its target's name, or the provider prefix cut); then the fields of
+    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a
+    chat or completions stream whose client did not ask for usage, stream_options.include_usage
+    (Route.asks_usage). Every other byte is as the client sent it. Notes provider and model on the exchange.
+
+    A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
+    `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
+    """
+    if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
+        bounded(body)
+    try:
+        if not body.isascii():
+            check_utf8(body)
+        # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
+        # one emoji would make every character of it four bytes), and a span in it is a span of the body.
+        text = body.decode("latin-1")
+        document, spans = parse_body(text, ROUTE_FIELDS[ex.route])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
+    except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
+        raise GatewayError("invalid_request", f"The request body holds an integer of more than "
+                           f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None
+    except RecursionError:
+        raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
+    if document is None:
+        raise GatewayError("invalid_request", "The request body must be a JSON object.")
+    route, replaced, first = ROUTES[ex.route], {}, None
+    for group in route.models:
+        found = named_model(ex, document, group, config, replaced, text, spans, cloud)
+        if found is None and first is None and route.model_required:  # (no route that needs one names two)
+            raise GatewayError("invalid_request", "The request body needs a `model` string, "
+                               "such as \"ollama/qwen2.5:7b\".")
+        first = first or found
+    if first is not None:
+        ex.model, ex.routed = first
+        ex.provider, ex.upstream_model = ex.routed.provider, ex.routed.name
+    else:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
+        ex.provider = ex.dialect.provider
+    if "tools" in document:
+        check_tools(config, ex.token, ex.provider, document["tools"])
+    if first is None:
+        return document, body
+    model_id = ex.routed.id
+    # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
+    added: list[tuple[str, str]] = []
+    if (config.model_defaults or config.model_overrides) and route.model_required:
+        request_edits(text, spans, fields_for(config.model_defaults, model_id),
+                      fields_for(config.model_overrides, model_id), replaced, added)
+    if route.asks_usage and document.get("stream") is True:
+        ex.hides_usage = asked_for_usage(document, spans, replaced, added)
+    if replaced or added:
+        body = spliced(text, spans, replaced, added).encode("latin-1")
+    return document, body
+
+
+# What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
+# builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays
+# until the value ends are its arrays and the strings in them. Those are counted in bytes of memory per byte
+# of body (issue 17, hole 4: 16 MiB of [[],[],...] made 466 MiB of lists): an array about 88 bytes, an
+# element 8 more, a string in one 60. A body that would cost more than twice its size is a 413; a chat with
+# images, a batch of texts or of token ids costs less than one. Only brackets and commas outside strings
+# count: inside one they are text, and a page to translate may be all commas (a CSV table, a list, code).
+ARRAY_COST, ELEMENT_COST, STRING_COST, MAX_SKIP_COST = 88, 8, 30, 2  # STRING_COST: per unescaped quote
+MIN_COUNTED_BODY = 256 * 1024  # smaller bodies cost at most about 9 MiB whatever their shape
+MAX_READ_VALUE = 64 * 1024  # a value that ModelGate reads (READ_FIELDS, a model's name) is parsed whole
+SHAPE_WINDOW = 1024 * 1024  # the body is split into strings and the rest this much at a time
+NOT_BACKSLASH = re.compile(rb"[^\\]")
+
+
+def bounded(body: bytes) -> None:
+    """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
+    limit = MAX_SKIP_COST * len(body)
+    arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')  # the text in strings too
+    if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
+        quotes -= body.count(b'\\"')  # no more than begin and end strings: enough to refuse
+        if STRING_COST * quotes <= limit:
+            arrays, values, quotes = outside_strings(body)
+    if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
+        raise GatewayError("body_too_large", f"The request body holds so many arrays, values and strings for its "
+                           f"size ({arrays} '[', {values} ',', {quotes} '\"' in {len(body)} bytes) "
+                           "that reading it would take more than twice its size in memory. Real requests of this "
+                           "size carry images, texts or token ids; send the values in fewer, larger pieces.")
+
+
+def outside_strings(body: bytes) -> tuple[int, int, int]:
+    """The '[' and ',' of a JSON body outside its strings, and the quotes that begin and end them. An escaped
+    backslash, then an escaped quote, are taken out (as json's scanner reads them, from the left); the quotes
+    left alternate. A window at a time, so that the pieces split off take a window's memory, not the body's."""
+    arrays = values = quotes = at = 0
+    while at < len(body):
+        end = at + SHAPE_WINDOW
+        if body[end - 1:end] == b"\\":  # a run of backslashes is never cut: its pairs count from its start
+            more = NOT_BACKSLASH.search(body, end)
+            end = more.end() if more else len(body)
+        parts = body[at:end].replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')
+        outside = b"".join(parts[quotes % 2::2])  # parts[0] is in a string when an odd number of quotes came before
+        arrays, values, quotes = arrays + outside.count(b"["), values + outside.count(b","), quotes + len(parts) - 1
+        at = end
+    return arrays, values, quotes
+
+
+def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:
+    """UnicodeDecodeError unless the body is UTF-8 (RFC 8259 §8.1), decoded a MiB at a time and let go."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    for at in range(0, len(body), piece):
+        decoder.decode(view[at:at + piece], final=at + piece >= len(body))
+
+
+def _number(text: str) -> None:
+    if len(text) > 640:  # the least sys.set_int_max_str_digits allows: refused as json.loads would (CVE-2020-10735)
+        limit = sys.get_int_max_str_digits()
+        if limit and len(text) > limit and text.lstrip("-").isdigit():
+            raise ValueError("integer too long")
+    return None
+
+
+def skip_array(text: str, at: int) -> int:
+    """Where the array at `at` ends, its elements checked and dropped one by one: json's scanner would keep
+    them all until the end, and a string with a \\u escape beyond Latin-1 takes 2 or 4 bytes a character."""
+    ws = _WHITESPACE.match
+    at = ws(text, at + 1).end()
+    if text[at] == "]":
+        return at + 1
+    while True:
+        at = ws(text, _skip_value(text, at)[1]).end()
+        if text[at] == "]":
+            return at + 1
+        if text[at] != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+        at = ws(text, at + 1).end()
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+_scan_value = json.scanner.make_scanner(json.JSONDecoder())
+
+
+# bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call.
+_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool,
+                                                         parse_int=_number, parse_constant=bool))
+
+
+def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
+    """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level
+    keys in `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last one of
+    a key written twice, as json.loads keeps the last). None and {} for valid JSON that is not an object;
+    json.JSONDecodeError for what is not JSON.
+
+    A key in `read` must be written once, in lower case, else 400. Ollama is written in Go, whose
+    encoding/json takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make
+    Ollama run a model other than the one routed and checked here. Of a key written twice, Go and Python keep
+    the last, but an OpenAI-compatible server that keeps the first would run the other model.
+
+    Every value is checked with json's own scanner and parsed once; one that is not read is dropped as it is
+    read (_skip_value), never kept: the memory it takes is bounded() before.
+    """
+    ws = _WHITESPACE.match
+    at = ws(text, 0).end()
+    document: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    escaped = "\\u" in text
+    try:
+        if not text.startswith("{", at):
+            end = _skip_value(text, at)[1]
+            if ws(text, end).end() != len(text):
+                raise json.JSONDecodeError("Extra data", text, ws(text, end).end())
+            return None, spans
+        at = ws(text, at + 1).end()
+        more = text[at] != "}"
+        while more:
+            if text[at] != '"':
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
+            start = at
+            key, at = json.decoder.scanstring(text, at + 1)
+            if not key.isascii():  # the key as the client wrote it, in UTF-8
+                key = json.loads(text[start:at].encode("latin-1"))
+            at = ws(text, at).end()
+            if text[at] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
+            at = ws(text, at + 1).end()
+            end = skip_array(text, at) if escaped and text[at] == "[" else _skip_value(text, at)[1]
+            folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
+            if folded in read:
+                if key in spans:
+                    raise GatewayError("invalid_request", f"The request body has the key `{key}` twice; servers "
+                                       "differ on which one they read: write it once.")
+                if key != folded:
+                    raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
+                                       f"as `{folded}` whatever its case: write it once, as `{folded}` in lower case.")
+            spans[key] = (at, end)
+            if folded in read:
+                if end - at > MAX_READ_VALUE:
+                    raise GatewayError("invalid_request", f"`{key}` in the request body is {end - at} bytes long, "
+                                       f"more than any model name or stream option ({MAX_READ_VALUE}).")
+                document[key] = json.loads(text[at:end].encode("latin-1"))
+            at = ws(text, end).end()
+            more = text[at] == ","
+            if more:
+                at = ws(text, at + 1).end()
+            elif text[at] != "}":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+        if ws(text, at + 1).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, ws(text, at + 1).end())
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    except IndexError:
+        raise json.JSONDecodeError("Expecting value", text, len(text)) from None
+    return document, spans
+
+
 # One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
 # (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
 # `provider/name`.
+
+
+def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
+                text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
+    """The model that one tuple of Route.models names, as (what was sent, where it goes), each of
+    its fields that is set routed, checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS (check_cloud; a name
+    Ollama's list lacks is noted in ex.unlisted) and its new value put in `replaced`; None when
+    none is set (absent, null or "", which Go leaves empty). 400 when two of them name different models."""
+    found = None
+    for field in fields:
+        model = document.get(field)
+        if model is None or model == "":
+            continue
+        if not isinstance(model, str):
+            raise GatewayError("invalid_request", f"`{field}` in the request body must be a string naming a model, "
+                               "such as \"ollama/qwen2.5:7b\".")
+        try:
+            model.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's \ud800 escapes can put a lone surrogate in a string
+            raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
+                               "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.") from None
+        # Pulling or deleting "gpt-4o" means that name, not what an alias makes of it.
+        routed = route_model(model, config, ex.dialect, aliases=not ROUTES[ex.route].admin)
+        if found is not None and found[1].id != routed.id:
+            raise GatewayError("invalid_request", f"The request body names two models: {found[0]!r} as `{fields[0]}` "
+                               f"and {model!r} as `{field}`. Ollama would run only one of them: name it once.")
+        if config.token_models:
+            check_scope(config, ex.token, routed.id, model)
+        if check_cloud(config, ex.token, routed.provider, routed.name, model, cloud):
+            ex.unlisted.append((routed.name, model))
+        if routed.aliased:
+            replaced[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
+        elif routed.name != model:  # the provider prefix cut, the rest of the value as written
+            value, prefix = text[spans[field][0]:spans[field][1]], f'"{routed.provider}/'
+            # (a prefix written with escapes, such as "ollama\/x", is written anew)
+            replaced[field] = '"' + value[len(prefix):] if value.startswith(prefix) else json.dumps(routed.name)
+        found = found or (model, routed)
+    return found
 
 
 class Routed(NamedTuple):
@@ -1582,6 +1937,21 @@ def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
 WEB_TOOLS = ("web_search", "web_fetch")
 
 
+def check_cloud(config: Config, token: str, provider: str, name: str, asked: str, cloud: CloudModels) -> bool:
+    """403 cloud_not_allowed when a token outside OLLAMA_CLOUD_TOKENS names one of Ollama's cloud models (by its
+    name, or listed as a cloud stub); True when Ollama's list of models does not say (it lacks the name, or
+    it is older than CLOUD_LIST_SECONDS): then the list is fetched again and the name looked up once more."""
+    if provider != "ollama" or token in config.ollama_cloud_tokens:
+        return False
+    if cloud_suffix(name):
+        raise cloud_refusal(token, f"The model {asked!r} is one of Ollama's cloud models: it runs on ollama.com")
+    stub = cloud_stub(cloud, name)
+    if stub:
+        raise cloud_refusal(token, f"The model {asked!r} is a cloud model in Ollama (pulled from ollama.com, it "
+                            "lists a remote_host): it runs on ollama.com")
+    return stub is None
+
+
 def cloud_suffix(name: str) -> bool:
     """Whether Ollama takes the name for a cloud model whatever it holds: its parseSourceSuffix
     (internal/modelref/modelref.go, v0.32.15) after ParseRef's TrimSpace. After the last `:`, spaces
@@ -1592,6 +1962,15 @@ def cloud_suffix(name: str) -> bool:
     return bool(colon) and (suffix == "cloud" or (suffix.endswith("-cloud") and "/" not in suffix))
 
 
+def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
+    """Whether Ollama's list of models (CloudModels) shows the name as a cloud stub: True, or as a local model:
+    False; None when the list lacks the name or is older than CLOUD_LIST_SECONDS."""
+    if time.monotonic() - cloud.fetched >= CLOUD_LIST_SECONDS:
+        return None
+    key = ollama_name(name)
+    return True if key in cloud.stubs else False if key in cloud.local or cloud.no_tags else None
+
+
 def ollama_name(name: str) -> str:
     """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its
     registry, namespace and the tag `latest`; getExistingName matches in any case): `tiny`, `Tiny:latest`
@@ -1600,15 +1979,6 @@ def ollama_name(name: str) -> str:
     name = name.partition("://")[2] or name  # Ollama's ParseNameBare drops any scheme
     name = name.removeprefix("registry.ollama.ai/").removeprefix("library/")
     return name if ":" in name.rpartition("/")[2] else name + ":latest"
-
-
-def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
-    """Whether Ollama's list of models (CloudModels) shows the name as a cloud stub: True, or as a local model:
-    False; None when the list lacks the name or is older than CLOUD_LIST_SECONDS."""
-    if time.monotonic() - cloud.fetched >= CLOUD_LIST_SECONDS:
-        return None
-    key = ollama_name(name)
-    return True if key in cloud.stubs else False if key in cloud.local or cloud.no_tags else None
 
 
 def cloud_refusal(token: str, what: str) -> GatewayError:
@@ -1632,21 +2002,6 @@ def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
                         failure.detail)
 
 
-def check_cloud(config: Config, token: str, provider: str, name: str, asked: str, cloud: CloudModels) -> bool:
-    """403 cloud_not_allowed when a token outside OLLAMA_CLOUD_TOKENS names one of Ollama's cloud models (by its
-    name, or listed as a cloud stub); True when Ollama's list of models does not say (it lacks the name, or
-    it is older than CLOUD_LIST_SECONDS): then the list is fetched again and the name looked up once more."""
-    if provider != "ollama" or token in config.ollama_cloud_tokens:
-        return False
-    if cloud_suffix(name):
-        raise cloud_refusal(token, f"The model {asked!r} is one of Ollama's cloud models: it runs on ollama.com")
-    stub = cloud_stub(cloud, name)
-    if stub:
-        raise cloud_refusal(token, f"The model {asked!r} is a cloud model in Ollama (pulled from ollama.com, it "
-                            "lists a remote_host): it runs on ollama.com")
-    return stub is None
-
-
 def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
     """403 cloud_not_allowed for a tool that runs on the web (WEB_TOOLS, by its type or name as the client
     wrote it) sent to Ollama by a token outside OLLAMA_CLOUD_TOKENS."""
@@ -1658,195 +2013,6 @@ def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
             if isinstance(value, str) and value.strip().lower().startswith(WEB_TOOLS):
                 raise cloud_refusal(token, f"The tool {value!r} searches or fetches the web through Ollama's "
                                     "cloud: it runs on ollama.com")
-
-
-def shown_to(config: Config, token: str, model_id: str, item: dict, cloud: CloudModels) -> bool:
-    """Whether a model of a list may be shown to the token: one of Ollama's cloud models only to a cloud token."""
-    provider, _, name = model_id.partition("/")
-    if provider != "ollama" or token in config.ollama_cloud_tokens:
-        return True
-    return not (cloud_suffix(name) or "remote_host" in item or cloud_stub(cloud, name))
-
-
-def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
-                names: tuple[str, ...] = ("id",), aliases: bool = True,
-                cloud: CloudModels | None = None) -> list[tuple[str, dict]]:
-    """A model list (`provider/name` -> entry) as a token sees it, as (name a client uses, entry) pairs: the
-    models TOKEN_MODELS lets it use, then each alias whose target is listed and within them, as an entry of its
-    own named by the alias under `names` (OpenAI's id; Ollama's name and model). An alias to a provider that is
-    not configured, or not behind the door of `dialect`, is left out. With `cloud`, Ollama's cloud models (and
-    aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only (shown_to)."""
-    def shown(model_id: str, item: dict) -> bool:
-        return may_use(config, token, model_id) and (cloud is None or shown_to(config, token, model_id, item, cloud))
-
-    seen = [(model_id, item) for model_id, item in models.items() if shown(model_id, item)]
-    for alias in config.model_aliases if aliases else ():
-        try:
-            routed = route_model(alias, config, dialect)
-        except GatewayError:
-            continue
-        item = listed_as(models, routed.id)
-        if item is not None and shown(routed.id, item):
-            seen.append((alias, {**item, **dict.fromkeys(names, alias)}))
-    return seen
-
-
-async def read_body(ex: Exchange, config: Config) -> bytes | None:
-    """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
-    when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
-    limit, wait = config.max_body_bytes, config.client_timeout
-
-    def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
-        return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
-                            f"({limit} bytes, MAX_BODY_BYTES).")
-
-    length = ex.header(b"content-length")
-    if length.isdigit() and int(length) > limit:
-        raise too_large()  # without reading it
-    chunks, size, more = [], 0, True
-    while more:
-        try:
-            message = await wait_at_most(wait, ex.receive(), TimeoutError())
-        except TimeoutError:
-            raise GatewayError("body_timeout", f"The request body stopped arriving: nothing more of it came "
-                               f"for {wait:g} s (CLIENT_TIMEOUT_SECONDS). The connection is closed.") from None
-        if message["type"] == "http.disconnect":
-            ex.status = 499
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    ex.body_read = True
-    encoding = ex.header(b"content-encoding")
-    return decoded_body(b"".join(chunks), encoding, limit) if encoding else b"".join(chunks)
-
-
-async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
-    """Await with a deadline, raising `timeout_error` when it passes.
-
-    asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
-    and the client watch cancels exactly once: a client leaving then would go unnoticed.
-    """
-    task = asyncio.current_task()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(seconds, expire)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        if sys.version_info >= (3, 11):
-            task.uncancel()  # our own deadline: not a cancellation of the task
-        raise timeout_error from None
-    finally:
-        timer.cancel()
-
-
-def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
-    field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
-    too): where the model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403
-    before anything is sent); whether it is one of Ollama's cloud models (OLLAMA_CLOUD_TOKENS: 403 likewise,
-    check_cloud); its value (its target's name, or the provider prefix cut); then the fields of
-    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a
-    chat or completions stream whose client did not ask for usage, stream_options.include_usage
-    (Route.asks_usage). Every other byte is as the client sent it. Notes provider and model on the exchange.
-
-    A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
-    `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
-    """
-    if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
-        bounded(body)
-    try:
-        if not body.isascii():
-            check_utf8(body)
-        # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
-        # one emoji would make every character of it four bytes), and a span in it is a span of the body.
-        text = body.decode("latin-1")
-        document, spans = parse_body(text, ROUTE_FIELDS[ex.route])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
-    except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
-        raise GatewayError("invalid_request", f"The request body holds an integer of more than "
-                           f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None
-    except RecursionError:
-        raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
-    if document is None:
-        raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    route, replaced, first = ROUTES[ex.route], {}, None
-    for group in route.models:
-        found = named_model(ex, document, group, config, replaced, text, spans, cloud)
-        if found is None and first is None and route.model_required:  # (no route that needs one names two)
-            raise GatewayError("invalid_request", "The request body needs a `model` string, "
-                               "such as \"ollama/qwen2.5:7b\".")
-        first = first or found
-    if first is not None:
-        ex.model, ex.routed = first
-        ex.provider, ex.upstream_model = ex.routed.provider, ex.routed.name
-    else:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
-        ex.provider = ex.dialect.provider
-    if "tools" in document:
-        check_tools(config, ex.token, ex.provider, document["tools"])
-    if first is None:
-        return document, body
-    model_id = ex.routed.id
-    # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
-    added: list[tuple[str, str]] = []
-    if (config.model_defaults or config.model_overrides) and route.model_required:
-        request_edits(text, spans, fields_for(config.model_defaults, model_id),
-                      fields_for(config.model_overrides, model_id), replaced, added)
-    if route.asks_usage and document.get("stream") is True:
-        ex.hides_usage = asked_for_usage(document, spans, replaced, added)
-    if replaced or added:
-        body = spliced(text, spans, replaced, added).encode("latin-1")
-    return document, body
-
-
-def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
-                text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
-    """The model that one tuple of Route.models names, as (what was sent, where it goes), each of
-    its fields that is set routed, checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS (check_cloud; a name
-    Ollama's list lacks is noted in ex.unlisted) and its new value put in `replaced`; None when
-    none is set (absent, null or "", which Go leaves empty). 400 when two of them name different models."""
-    found = None
-    for field in fields:
-        model = document.get(field)
-        if model is None or model == "":
-            continue
-        if not isinstance(model, str):
-            raise GatewayError("invalid_request", f"`{field}` in the request body must be a string naming a model, "
-                               "such as \"ollama/qwen2.5:7b\".")
-        try:
-            model.encode("utf-8")
-        except UnicodeEncodeError:  # JSON's \ud800 escapes can put a lone surrogate in a string
-            raise GatewayError("invalid_request", f"The model name {model!r} cannot be sent on: it holds a lone "
-                               "surrogate, a \\ud800-\\udfff escape that is half of a pair and no character.") from None
-        # Pulling or deleting "gpt-4o" means that name, not what an alias makes of it.
-        routed = route_model(model, config, ex.dialect, aliases=not ROUTES[ex.route].admin)
-        if found is not None and found[1].id != routed.id:
-            raise GatewayError("invalid_request", f"The request body names two models: {found[0]!r} as `{fields[0]}` "
-                               f"and {model!r} as `{field}`. Ollama would run only one of them: name it once.")
-        if config.token_models:
-            check_scope(config, ex.token, routed.id, model)
-        if check_cloud(config, ex.token, routed.provider, routed.name, model, cloud):
-            ex.unlisted.append((routed.name, model))
-        if routed.aliased:
-            replaced[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
-        elif routed.name != model:  # the provider prefix cut, the rest of the value as written
-            value, prefix = text[spans[field][0]:spans[field][1]], f'"{routed.provider}/'
-            # (a prefix written with escapes, such as "ollama\/x", is written anew)
-            replaced[field] = '"' + value[len(prefix):] if value.startswith(prefix) else json.dumps(routed.name)
-        found = found or (model, routed)
-    return found
 
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:
@@ -1913,158 +2079,6 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
         added.append(("stream_options", text))
     return True
 
-# What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
-# builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays
-# until the value ends are its arrays and the strings in them. Those are counted in bytes of memory per byte
-# of body (issue 17, hole 4: 16 MiB of [[],[],...] made 466 MiB of lists): an array about 88 bytes, an
-# element 8 more, a string in one 60. A body that would cost more than twice its size is a 413; a chat with
-# images, a batch of texts or of token ids costs less than one. Only brackets and commas outside strings
-# count: inside one they are text, and a page to translate may be all commas (a CSV table, a list, code).
-ARRAY_COST, ELEMENT_COST, STRING_COST, MAX_SKIP_COST = 88, 8, 30, 2  # STRING_COST: per unescaped quote
-MIN_COUNTED_BODY = 256 * 1024  # smaller bodies cost at most about 9 MiB whatever their shape
-MAX_READ_VALUE = 64 * 1024  # a value that ModelGate reads (READ_FIELDS, a model's name) is parsed whole
-SHAPE_WINDOW = 1024 * 1024  # the body is split into strings and the rest this much at a time
-NOT_BACKSLASH = re.compile(rb"[^\\]")
-
-
-def bounded(body: bytes) -> None:
-    """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
-    limit = MAX_SKIP_COST * len(body)
-    arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')  # the text in strings too
-    if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
-        quotes -= body.count(b'\\"')  # no more than begin and end strings: enough to refuse
-        if STRING_COST * quotes <= limit:
-            arrays, values, quotes = outside_strings(body)
-    if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
-        raise GatewayError("body_too_large", f"The request body holds so many arrays, values and strings for its "
-                           f"size ({arrays} '[', {values} ',', {quotes} '\"' in {len(body)} bytes) "
-                           "that reading it would take more than twice its size in memory. Real requests of this "
-                           "size carry images, texts or token ids; send the values in fewer, larger pieces.")
-
-
-def outside_strings(body: bytes) -> tuple[int, int, int]:
-    """The '[' and ',' of a JSON body outside its strings, and the quotes that begin and end them. An escaped
-    backslash, then an escaped quote, are taken out (as json's scanner reads them, from the left); the quotes
-    left alternate. A window at a time, so that the pieces split off take a window's memory, not the body's."""
-    arrays = values = quotes = at = 0
-    while at < len(body):
-        end = at + SHAPE_WINDOW
-        if body[end - 1:end] == b"\\":  # a run of backslashes is never cut: its pairs count from its start
-            more = NOT_BACKSLASH.search(body, end)
-            end = more.end() if more else len(body)
-        parts = body[at:end].replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')
-        outside = b"".join(parts[quotes % 2::2])  # parts[0] is in a string when an odd number of quotes came before
-        arrays, values, quotes = arrays + outside.count(b"["), values + outside.count(b","), quotes + len(parts) - 1
-        at = end
-    return arrays, values, quotes
-
-
-def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:
-    """UnicodeDecodeError unless the body is UTF-8 (RFC 8259 §8.1), decoded a MiB at a time and let go."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(body)
-    for at in range(0, len(body), piece):
-        decoder.decode(view[at:at + piece], final=at + piece >= len(body))
-
-
-def _number(text: str) -> None:
-    if len(text) > 640:  # the least sys.set_int_max_str_digits allows: refused as json.loads would (CVE-2020-10735)
-        limit = sys.get_int_max_str_digits()
-        if limit and len(text) > limit and text.lstrip("-").isdigit():
-            raise ValueError("integer too long")
-    return None
-
-
-def skip_array(text: str, at: int) -> int:
-    """Where the array at `at` ends, its elements checked and dropped one by one: json's scanner would keep
-    them all until the end, and a string with a \\u escape beyond Latin-1 takes 2 or 4 bytes a character."""
-    ws = _WHITESPACE.match
-    at = ws(text, at + 1).end()
-    if text[at] == "]":
-        return at + 1
-    while True:
-        at = ws(text, _skip_value(text, at)[1]).end()
-        if text[at] == "]":
-            return at + 1
-        if text[at] != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
-        at = ws(text, at + 1).end()
-
-
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-_scan_value = json.scanner.make_scanner(json.JSONDecoder())
-# bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call.
-_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool,
-                                                         parse_int=_number, parse_constant=bool))
-
-
-def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
-    """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level
-    keys in `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last one of
-    a key written twice, as json.loads keeps the last). None and {} for valid JSON that is not an object;
-    json.JSONDecodeError for what is not JSON.
-
-    A key in `read` must be written once, in lower case, else 400. Ollama is written in Go, whose
-    encoding/json takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make
-    Ollama run a model other than the one routed and checked here. Of a key written twice, Go and Python keep
-    the last, but an OpenAI-compatible server that keeps the first would run the other model.
-
-    Every value is checked with json's own scanner and parsed once; one that is not read is dropped as it is
-    read (_skip_value), never kept: the memory it takes is bounded() before.
-    """
-    ws = _WHITESPACE.match
-    at = ws(text, 0).end()
-    document: dict[str, Any] = {}
-    spans: dict[str, tuple[int, int]] = {}
-    escaped = "\\u" in text
-    try:
-        if not text.startswith("{", at):
-            end = _skip_value(text, at)[1]
-            if ws(text, end).end() != len(text):
-                raise json.JSONDecodeError("Extra data", text, ws(text, end).end())
-            return None, spans
-        at = ws(text, at + 1).end()
-        more = text[at] != "}"
-        while more:
-            if text[at] != '"':
-                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
-            start = at
-            key, at = json.decoder.scanstring(text, at + 1)
-            if not key.isascii():  # the key as the client wrote it, in UTF-8
-                key = json.loads(text[start:at].encode("latin-1"))
-            at = ws(text, at).end()
-            if text[at] != ":":
-                raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
-            at = ws(text, at + 1).end()
-            end = skip_array(text, at) if escaped and text[at] == "[" else _skip_value(text, at)[1]
-            folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
-            if folded in read:
-                if key in spans:
-                    raise GatewayError("invalid_request", f"The request body has the key `{key}` twice; servers "
-                                       "differ on which one they read: write it once.")
-                if key != folded:
-                    raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
-                                       f"as `{folded}` whatever its case: write it once, as `{folded}` in lower case.")
-            spans[key] = (at, end)
-            if folded in read:
-                if end - at > MAX_READ_VALUE:
-                    raise GatewayError("invalid_request", f"`{key}` in the request body is {end - at} bytes long, "
-                                       f"more than any model name or stream option ({MAX_READ_VALUE}).")
-                document[key] = json.loads(text[at:end].encode("latin-1"))
-            at = ws(text, end).end()
-            more = text[at] == ","
-            if more:
-                at = ws(text, at + 1).end()
-            elif text[at] != "}":
-                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
-        if ws(text, at + 1).end() != len(text):
-            raise json.JSONDecodeError("Extra data", text, ws(text, at + 1).end())
-    except StopIteration as exc:
-        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
-    except IndexError:
-        raise json.JSONDecodeError("Expecting value", text, len(text)) from None
-    return document, spans
-
 
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
             added: list[tuple[str, str]]) -> str:
@@ -2085,42 +2099,36 @@ def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, st
     parts.append(text[at:])
     return "".join(parts)
 
-# Encoded bodies ---------------------------------------------------------------------------------------------
-# A request body is read before anything is decided about it, and forwarded as it was read: one sent with a
-# Content-Encoding ModelGate can decode with the standard library (gzip, as HTTP clients send it) is decoded,
-# never to more than MAX_BODY_BYTES (a gzip bomb gets 413), and forwarded decoded without the header (Ollama's
-# routes read no encoded body; only its cloud passthrough decodes zstd: server/cloud_proxy.go). Any other
-# encoding is refused (415): a body whose model ModelGate could not read is never forwarded.
-DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
-NOT_ENCODED = (b"", b"identity")
+
+def shown_to(config: Config, token: str, model_id: str, item: dict, cloud: CloudModels) -> bool:
+    """Whether a model of a list may be shown to the token: one of Ollama's cloud models only to a cloud token."""
+    provider, _, name = model_id.partition("/")
+    if provider != "ollama" or token in config.ollama_cloud_tokens:
+        return True
+    return not (cloud_suffix(name) or "remote_host" in item or cloud_stub(cloud, name))
 
 
-def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
-    """The body decoded from its Content-Encoding; 415 for one ModelGate cannot decode, 413 past `limit`."""
-    encoding = encoding.strip().lower()
-    if encoding in NOT_ENCODED:
-        return body
-    wbits = DECODED.get(encoding)
-    if wbits is None:
-        raise GatewayError("unsupported_encoding", f"The request body is encoded as {printable(encoding.decode('latin-1'))!r} "
-                           "(Content-Encoding), which ModelGate cannot decode to read the model it names. Send it "
-                           "as it is, or gzip-encoded.")
-    parts, size = [], 0
-    while body:  # one gzip member after another, as Go's gzip reader reads them
-        decoder = zlib.decompressobj(wbits)
+def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
+                names: tuple[str, ...] = ("id",), aliases: bool = True,
+                cloud: CloudModels | None = None) -> list[tuple[str, dict]]:
+    """A model list (`provider/name` -> entry) as a token sees it, as (name a client uses, entry) pairs: the
+    models TOKEN_MODELS lets it use, then each alias whose target is listed and within them, as an entry of its
+    own named by the alias under `names` (OpenAI's id; Ollama's name and model). An alias to a provider that is
+    not configured, or not behind the door of `dialect`, is left out. With `cloud`, Ollama's cloud models (and
+    aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only (shown_to)."""
+    def shown(model_id: str, item: dict) -> bool:
+        return may_use(config, token, model_id) and (cloud is None or shown_to(config, token, model_id, item, cloud))
+
+    seen = [(model_id, item) for model_id, item in models.items() if shown(model_id, item)]
+    for alias in config.model_aliases if aliases else ():
         try:
-            part = decoder.decompress(body, limit - size + 1)
-        except zlib.error as exc:
-            raise GatewayError("invalid_request", f"The request body is not valid gzip ({exc}).") from None
-        size += len(part)
-        if size > limit:
-            raise GatewayError("body_too_large", f"The request body decodes to more than this gateway accepts "
-                               f"({limit} bytes, MAX_BODY_BYTES).")
-        if not decoder.eof:
-            raise GatewayError("invalid_request", "The request body is gzip that ends before its end.")
-        parts.append(part)
-        body = decoder.unused_data
-    return b"".join(parts)
+            routed = route_model(alias, config, dialect)
+        except GatewayError:
+            continue
+        item = listed_as(models, routed.id)
+        if item is not None and shown(routed.id, item):
+            seen.append((alias, {**item, **dict.fromkeys(names, alias)}))
+    return seen
 
 
 # Multipart forms (/v1/audio/transcriptions) ----------------------------------------------------------------
@@ -2258,6 +2266,28 @@ def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
         "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
         "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
     }
+
+
+def log_exchange(ex: Exchange, seconds: float) -> None:
+    # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
+    # writes the same fields (exchange_fields) as an object. The record is made here and handed to the
+    # handlers directly: log.info() would first walk the stack to find its caller, a third of the cost.
+    if not log.isEnabledFor(logging.INFO):
+        return
+    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
+    used = ""
+    if ex.usage is not None:
+        prompt, completion = ex.usage
+        used = (f" prompt_tokens={prompt}" if prompt is not None else "") + \
+            (f" completion_tokens={completion}" if completion is not None else "")
+    coalesced = " coalesced" if ex.coalesced else ""
+    queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
+    error = f" error={ex.error}" if ex.error else ""
+    line = (f"{ex.method} {printable(ex.path)} {ex.status} {ex.provider} {printable(ex.model)} {seconds * 1000:.0f}ms "
+            f"{ex.bytes_out}B{ttfb}{queued}{used} token={ex.token} client={ex.client}{coalesced}{error} "
+            f"id={ex.request_id.decode('latin-1') or '-'}")
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
+                              extra={"exchange": (ex, seconds)}))
 
 
 ###############################################################################
@@ -4776,28 +4806,6 @@ def escape_label(value: str) -> str:
 
 def number(value: float) -> str:
     return "+Inf" if value == math.inf else str(value)
-
-
-def log_exchange(ex: Exchange, seconds: float) -> None:
-    # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
-    # writes the same fields (exchange_fields) as an object. The record is made here and handed to the
-    # handlers directly: log.info() would first walk the stack to find its caller, a third of the cost.
-    if not log.isEnabledFor(logging.INFO):
-        return
-    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
-    used = ""
-    if ex.usage is not None:
-        prompt, completion = ex.usage
-        used = (f" prompt_tokens={prompt}" if prompt is not None else "") + \
-            (f" completion_tokens={completion}" if completion is not None else "")
-    coalesced = " coalesced" if ex.coalesced else ""
-    queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
-    error = f" error={ex.error}" if ex.error else ""
-    line = (f"{ex.method} {printable(ex.path)} {ex.status} {ex.provider} {printable(ex.model)} {seconds * 1000:.0f}ms "
-            f"{ex.bytes_out}B{ttfb}{queued}{used} token={ex.token} client={ex.client}{coalesced}{error} "
-            f"id={ex.request_id.decode('latin-1') or '-'}")
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
-                              extra={"exchange": (ex, seconds)}))
 
 
 class JsonFormatter(logging.Formatter):
