@@ -344,66 +344,21 @@ DONE_LINE = End("done", (True,))  # Ollama's chat and generate
 SUCCESS_LINE = End("status", ("success",))  # Ollama's pull, push and create
 
 
-# Where an answer says what tokens it used, for Route.usage: a function of its start and its end (the whole body
-# twice for a plain answer; a stream's first and last TAIL_BYTES). Tokens are counted per app from the upstream's
-# own figures, read once. Quotes inside JSON strings are escaped: a key found is a key, never an answer's text.
-
-USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
-# Ollama's native counts come after the message and its tool calls (api.ChatResponse's Metrics): the last wins.
-OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]+)(?=[ \t\r\n]*[,}])')
-
-
-def usage_in(prompt_key: str, completion_key: str, head: bytes, end: bytes, first: bool = False) -> Usage | None:
-    """The counts of the last `"usage": {...}` in `end` (with `first`: the first in `head`) that has either key;
-    None when none has.
-
-    Searched from the end, where dialects put it (Anthropic's message_start: from the start). The object is
-    read with json's own scanner.
-    """
-    data = head if first else end
-    start, end = 0, len(data)
-    for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
-        at = data.find(b'"usage"', start) if first else data.rfind(b'"usage"', 0, end)
-        if at < 0:
-            return None
-        start, end = at + 1, at
-        match = USAGE_KEY.match(data, at)
-        if match is None:
-            continue
-        try:
-            usage, _ = _scan_value(data[match.end():].decode("utf-8", "replace"), 0)
-        except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
-            continue
-        prompt, completion = usage.get(prompt_key), usage.get(completion_key)
-        counts = (prompt if type(prompt) is int and prompt >= 0 else None,  # (a bool is no count)
-                  completion if type(completion) is int and completion >= 0 else None)
-        if counts != (None, None):
-            return counts
-    return None
+class Counts(NamedTuple):
+    """Where a route's answers say what tokens they used (Route.usage), read by tokens_used (Usage) from an
+    answer's start and end: the whole body twice for a plain answer, a stream's first and last TAIL_BYTES."""
+    prompt: str  # the key of the prompt's tokens
+    completion: str  # the key of the answer's tokens
+    # Anthropic's: message_delta's usage is cumulative; Ollama's has input_tokens too (anthropic/anthropic.go,
+    # DeltaUsage), Anthropic's may have output_tokens only: then input_tokens are message_start's, the first event.
+    head: bool = False
+    native: bool = False  # Ollama's own API: the counts are top-level keys of its last line (or whole answer)
 
 
-def no_usage(head: bytes, end: bytes) -> None:
-    return None
-
-
-openai_usage = functools.partial(usage_in, "prompt_tokens", "completion_tokens")  # chat, completions, embeddings
-responses_usage = functools.partial(usage_in, "input_tokens", "output_tokens")
-
-
-def anthropic_usage(head: bytes, end: bytes) -> Usage | None:
-    # message_delta's usage is cumulative; Ollama's has input_tokens too (anthropic/anthropic.go, DeltaUsage),
-    # Anthropic's may have output_tokens only: then input_tokens are message_start's, the stream's first event.
-    prompt, completion = responses_usage(head, end) or (None, None)
-    if prompt is None:
-        prompt = (responses_usage(head, end, first=True) or (None, None))[0]
-    return None if prompt is None and completion is None else (prompt, completion)
-
-
-def ollama_usage(head: bytes, end: bytes) -> Usage | None:
-    # The native API's last line (or whole answer) has prompt_eval_count and eval_count (embed: the first).
-    counts = {key: int(n) for key, n in OLLAMA_COUNT.findall(end)}
-    usage = (counts.get(b"prompt_eval_count"), counts.get(b"eval_count"))
-    return None if usage == (None, None) else usage
+OPENAI_COUNTS = Counts("prompt_tokens", "completion_tokens")  # chat, completions, embeddings
+RESPONSES_COUNTS = Counts("input_tokens", "output_tokens")
+ANTHROPIC_COUNTS = Counts("input_tokens", "output_tokens", head=True)
+OLLAMA_COUNTS = Counts("prompt_eval_count", "eval_count", native=True)
 
 
 class Route(NamedTuple):
@@ -433,7 +388,7 @@ class Route(NamedTuple):
     # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
     # sent twice by the tools served; not an admin's, which changes what Ollama holds.
     shared: bool = True
-    usage: Callable[[bytes, bytes], Usage | None] = no_usage  # where its answers say what tokens they used
+    usage: Counts | None = None  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
     queued: bool = False  # runs a model: to Ollama, it waits for its turn (OLLAMA_NUM_PARALLEL, The queue)
     # What of its body the trust boundary reads, checks and edits before the handler runs (Gateway.dispatch):
@@ -446,10 +401,10 @@ MODEL_OR_NAME = ("model", "name")  # Route.models of Ollama's show, pull, push, 
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True, reads="json"),
-    "/v1/completions": Route({"POST": "relay_request"}, usage=openai_usage, asks_usage=True, queued=True, reads="json"),
-    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=responses_usage, queued=True, reads="json"),
-    "/v1/embeddings": Route({"POST": "relay_request"}, usage=openai_usage, shared=False, queued=True, reads="json"),
+    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True, reads="json"),
+    "/v1/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True, reads="json"),
+    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=RESPONSES_COUNTS, queued=True, reads="json"),
+    "/v1/embeddings": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, shared=False, queued=True, reads="json"),
     # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form).
     "/v1/audio/transcriptions": Route({"POST": "transcription"}, shared=False, queued=True, reads="form"),
     "/v1/models": Route({"GET": "models"}),
@@ -459,7 +414,7 @@ ROUTES: dict[str, Route] = {
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     "/usage": Route({"GET": "usage_page"}, limited=False, login=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
-    "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=anthropic_usage,
+    "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=ANTHROPIC_COUNTS,
                           queued=True, reads="json"),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
@@ -467,10 +422,10 @@ ROUTES: dict[str, Route] = {
     "/": Route({"GET": "home", "HEAD": "ollama_root", "POST": "posted_to_root"}, access="public", limited=False,
                dialect=OLLAMA),
     "/api/chat": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
-                       usage=ollama_usage, queued=True, reads="json"),
+                       usage=OLLAMA_COUNTS, queued=True, reads="json"),
     "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
-                           streams_unless_false=True, usage=ollama_usage, queued=True, reads="json"),
-    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=ollama_usage, shared=False, queued=True, reads="json"),
+                           streams_unless_false=True, usage=OLLAMA_COUNTS, queued=True, reads="json"),
+    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False, queued=True, reads="json"),
     "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True, reads="json"),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,), reads="json"),
     "/api/tags": Route({"GET": "ollama_models", "HEAD": "ollama_models"}, dialect=OLLAMA),
@@ -610,7 +565,8 @@ class Answer(NamedTuple):
     status: int
     headers: Headers
     body: bytes
-    usage: Usage | None = None  # the (prompt, completion) tokens an upstream's answer says it used
+    # An upstream's answer: its start and end, where it says what tokens it used (read when the exchange ends)
+    ends: tuple[bytes, bytes] | None = None
 
 
 PROVIDERS = ("ollama", "openai")
@@ -2319,7 +2275,7 @@ class Exchange:
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "forward", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
+                 "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
                  "t0", "host", "queued", "upstream_seconds")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -2353,6 +2309,7 @@ class Exchange:
         self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
         self.routed: Routed | None = None  # where the model it named went (route_model)
         self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
+        self.ends: tuple[bytes, bytes] | None = None  # a plain answer's start and end, where it says so (Answer)
         self.ttfb: float | None = None  # streams: seconds to the first chunk
         self.upstream_seconds = 0.0  # from sending upstream to the answer's end (a shared one: its first asker's)
         self.coalesced = False  # answered with an identical request's upstream answer
@@ -2547,9 +2504,11 @@ class Gateway:
             if ex.holds_slot is not None:  # where it was counted: a reload may have changed self.limits since
                 ex.holds_slot.release(ex.token)
             seconds = time.perf_counter() - ex.t0
-            self.metrics.record(ex, seconds)
+            if ex.ends is not None:  # what a plain answer says it used, read once, now
+                ex.usage = tokens_used(ROUTES[ex.route].usage, *ex.ends)
             if ex.token != "-":
                 self.usage.record(ex)
+            self.metrics.record(ex, seconds)
             log_exchange(ex, seconds)
 
     async def dispatch(self, ex: Exchange) -> Answer | None:
@@ -2615,7 +2574,7 @@ class Gateway:
             return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
         answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
-            ex.usage = answer.usage
+            ex.ends = answer.ends
         return answer
 
     async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
@@ -3165,7 +3124,7 @@ class Coalescer:
         if ex is not flight.owner and flight.owner.queued is not None:
             ex.queued = flight.owner.queued
         if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left
-            flight.counted, ex.usage = True, answer.usage
+            flight.counted, ex.ends = True, answer.ends
         return answer
 
     async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
@@ -3469,8 +3428,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
             return await pump(gw, ex, upstream, response, STREAMED)
         if shared:
             body = await upstream.read_held(response)
-            return Answer(response.status, crossing_headers(response.headers), body,
-                          ROUTES[ex.route].usage(body, body))
+            return Answer(response.status, crossing_headers(response.headers), body, (body, body))
         return await pump(gw, ex, upstream, response, PLAIN)
     finally:
         await response.aclose()
@@ -3506,7 +3464,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
     first = b"".join(held)
     if chunk is None and not way.stream:  # the whole answer: answered like any other, with its length
-        return Answer(response.status, crossing_headers(response.headers), first, ROUTES[ex.route].usage(first, first))
+        return Answer(response.status, crossing_headers(response.headers), first, (first, first))
     if way.stream:
         ex.ttfb = time.perf_counter() - ex.t0
         headers = [h for h in crossing_headers(response.headers) if h[0] not in SSE_HEADER_NAMES] + SSE_HEADERS
@@ -3630,7 +3588,7 @@ class Frames:
     """
 
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
-        self.end, self.reader, self.own_error = route.end, route.usage, dialect.own_error
+        self.end, self.counts, self.own_error = route.end, route.usage, dialect.own_error
         sse = dialect.stream_type == b"text/event-stream"
         self.blank_end, self.fields = (blank_end, event_fields) if sse else (line_end, line_fields)
         self.first = b""  # the stream's first TAIL_BYTES, once `kept` moves on: Anthropic's usage starts there
@@ -3695,7 +3653,7 @@ class Frames:
         return any(type(value) is type(v) and value == v for v in values)
 
     def usage(self) -> Usage | None:
-        return self.reader(self.first or bytes(self.kept[:TAIL_BYTES]), bytes(self.kept[-TAIL_BYTES:]))
+        return tokens_used(self.counts, self.first or bytes(self.kept[:TAIL_BYTES]), bytes(self.kept[-TAIL_BYTES:]))
 
     def hide(self, chunk: bytes) -> bytes:
         """The chunk without the usage event that ModelGate, not its client, asked for (OpenAI: its "choices
@@ -3750,7 +3708,7 @@ class Plain:
     (Route.usage). Its chunks are big: only their ends are copied."""
 
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
-        self.reader, self.first, self.tail = route.usage, b"", b""
+        self.counts, self.first, self.tail = route.usage, b"", b""
 
     def feed(self, chunk: bytes) -> bytes:
         if not self.first:
@@ -3765,7 +3723,7 @@ class Plain:
         return True  # as far as can be known: its length, if any, is checked by h11
 
     def usage(self) -> Usage | None:
-        return self.reader(self.first, self.tail)
+        return tokens_used(self.counts, self.first, self.tail)
 
 
 class Way(NamedTuple):
@@ -4282,6 +4240,53 @@ def local_day(now: float) -> tuple[str, float]:
     """The local date (TZ) at `now`, and the time at which it ends: the next local midnight."""
     date = datetime.date.fromtimestamp(now)
     return date.isoformat(), datetime.datetime.combine(date + datetime.timedelta(days=1), datetime.time()).timestamp()
+
+
+# Where an answer says what tokens it used. Tokens are counted per app from the upstream's own figures, read once.
+# Quotes inside JSON strings are escaped: a key found is a key, never an answer's text.
+USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
+# Ollama's native counts come after the message and its tool calls (api.ChatResponse's Metrics): the last wins.
+OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]+)(?=[ \t\r\n]*[,}])')
+
+
+def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Usage | None:
+    """The (prompt, completion) tokens an answer says it used, from its start and end where `counts` says
+    (Route.usage); None when it does not say.
+
+    The last `"usage": {...}` that has either key is searched for from the end, where dialects put it
+    (Anthropic's message_start: the first, from the start), and read with json's own scanner.
+    """
+    if counts is None:
+        return None
+    if counts.native:  # (embed: the first)
+        found = dict(OLLAMA_COUNT.findall(end))
+        prompt, completion = found.get(b"prompt_eval_count"), found.get(b"eval_count")
+        used = (None if prompt is None else int(prompt), None if completion is None else int(completion))
+        return None if used == (None, None) else used
+    used = (None, None)
+    for data, first in ((end, False), (head, True)):
+        if first and not (counts.head and used[0] is None):
+            break
+        start, stop = 0, len(data)
+        for _ in range(8):  # a "usage" key in a tool's schema, say, is passed over: but not without end
+            at = data.find(b'"usage"', start) if first else data.rfind(b'"usage"', 0, stop)
+            if at < 0:
+                break
+            start, stop = at + 1, at
+            match = USAGE_KEY.match(data, at)
+            if match is None:
+                continue
+            try:
+                usage, _ = _scan_value(data[match.end():].decode("utf-8", "replace"), 0)
+            except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
+                continue
+            prompt, completion = usage.get(counts.prompt), usage.get(counts.completion)
+            prompt = prompt if type(prompt) is int and prompt >= 0 else None  # (a bool is no count)
+            completion = completion if type(completion) is int and completion >= 0 else None
+            if (prompt, completion) != (None, None):
+                used = (prompt, used[1]) if first else (prompt, completion)
+                break
+    return None if used == (None, None) else used
 
 
 class Usage:
