@@ -147,7 +147,7 @@ import time
 import zlib
 from collections import deque
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
 import urllib.parse
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -3426,8 +3426,13 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
             return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))
         if stream and media_type(response.headers) == ex.dialect.stream_type:
             return await pump(gw, ex, upstream, response, STREAMED)
-        if shared:
-            body = await upstream.read_held(response)
+        if shared:  # held whole to be shared (Upstream.read_held, its steps here: whole() reads on from the pool)
+            try:
+                body, complete = await whole(response.stream, MAX_HELD_ANSWER)
+            except UPSTREAM_EXCEPTIONS as exc:
+                raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
+            if not complete:
+                raise upstream.too_large()
             return Answer(response.status, crossing_headers(response.headers), body, (body, body))
         return await pump(gw, ex, upstream, response, PLAIN)
     finally:
@@ -3971,30 +3976,26 @@ class Upstream:
         return f"{self.name}/{host.number}" if host is not None else self.name
 
     async def read(self, response: httpcore.Response, limit: int, cut: bool = False) -> tuple[bytes, bool]:
-        """The body and True; or for a body of more than `limit` bytes, False and, with `cut`, its first
-        `limit` bytes (and at most a chunk more), else nothing. Failures as in send()."""
-        chunks, size = [], 0
+        """whole(), its failures translated as in send()."""
         try:
-            async for chunk in response.stream:
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    return b"".join(chunks) if cut else b"", False
+            return await whole(response.stream, limit, cut)
         except UPSTREAM_EXCEPTIONS as exc:
             raise self.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-        return b"".join(chunks), True
 
     async def read_held(self, response: httpcore.Response) -> bytes:
-        """A body that must be held whole (an answer to share, a model list): a 502 past MAX_HELD_ANSWER."""
+        """A body that must be held whole (a model list; relay's answer to share): a 502 past MAX_HELD_ANSWER."""
         body, complete = await self.read(response, MAX_HELD_ANSWER)
         if not complete:
-            self.count_failure("AnswerTooLarge")
-            raise GatewayError("answer_too_large", f"{self.name} answered with more than "
-                               f"{MAX_HELD_ANSWER >> 20} MiB, more than ModelGate holds whole (it does so to "
-                               "share one answer between identical requests, COALESCE, and to read a model "
-                               "list). With COALESCE=off, answers of any size are relayed as they arrive.",
-                               [(b"x-should-retry", b"false")])
+            raise self.too_large()
         return body
+
+    def too_large(self) -> GatewayError:
+        self.count_failure("AnswerTooLarge")
+        return GatewayError("answer_too_large", f"{self.name} answered with more than "
+                            f"{MAX_HELD_ANSWER >> 20} MiB, more than ModelGate holds whole (it does so to "
+                            "share one answer between identical requests, COALESCE, and to read a model "
+                            "list). With COALESCE=off, answers of any size are relayed as they arrive.",
+                            [(b"x-should-retry", b"false")])
 
     async def error_answer(self, response: httpcore.Response, dialect: Dialect = OPENAI, routed: Routed | None = None,
                            providers: tuple[str, ...] = ()) -> Answer:
@@ -5001,6 +5002,18 @@ class Connection(httpcore.AsyncHTTP11Connection):
 
 
 NO_LOCK = contextlib.nullcontext()  # `async with` it does nothing (Python 3.10)
+
+
+async def whole(stream: AsyncIterable[bytes], limit: int, cut: bool = False) -> tuple[bytes, bool]:
+    """A response body and True; or, for one of more than `limit` bytes, False and, with `cut`, its first
+    `limit` bytes (and at most a chunk more), else nothing."""
+    chunks, size = [], 0
+    async for chunk in stream:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks) if cut else b"", False
+    return b"".join(chunks), True
 
 
 @dataclasses.dataclass(slots=True, eq=False)
