@@ -2270,174 +2270,115 @@ USAGE_HEADERS = [(b"cache-control", b"no-store"), (b"vary", b"accept, authorizat
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
 
 
-class Exchange:
-    """One request and its answer, grouped as uvicorn groups a request-response cycle."""
-
-    __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
-                 "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
-                 "t0", "host", "queued", "upstream_seconds")
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The request
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
-        self.scheme: str = scope.get("scheme", "http")
-        self.server: tuple[str, int] | None = scope.get("server")
-        self.headers: Headers = scope["headers"]
-        self.receive = receive
-        self.route = "other"  # the route table's key, for metrics: never the raw path
-        self.dialect = OPENAI  # the API it speaks: its route's
-        peer = scope.get("client")
-        self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
-        self.token = "-"  # the name of the client's token, once authorized
-        self.forward: Headers = []  # its headers that may travel upstream, once admitted (crossing_headers)
-        self.holds_slot: Limits | None = None  # counted there against MAX_CONCURRENT_PER_TOKEN until it ends
-        self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
-        self.body_read = False  # read_body has read the request body to its end
-        self.unlisted: list[tuple[str, str]] = []  # Ollama models its list lacked: (name, as asked) (check_cloud)
-        # The response
-        self.send = send
-        self.cors: Headers = []
-        self.started = False  # http.response.start has been sent
-        self.status = 0  # 499: the client left first
-        self.bytes_out = 0
-        self.watch: ClientWatch | None = None  # while it waits on an upstream
-        # The log record
-        self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
-        self.provider = self.model = "-"
-        self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
-        self.routed: Routed | None = None  # where the model it named went (route_model)
-        self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
-        self.ends: tuple[bytes, bytes] | None = None  # a plain answer's start and end, where it says so (Answer)
-        self.ttfb: float | None = None  # streams: seconds to the first chunk
-        self.upstream_seconds = 0.0  # from sending upstream to the answer's end (a shared one: its first asker's)
-        self.coalesced = False  # answered with an identical request's upstream answer
-        self.error = ""  # the situation of an error answered, or what cut a stream
-        self.t0 = time.perf_counter()
-        # The queue
-        self.host: Host | None = None  # the Ollama host it waited for its turn at
-        self.queued: float | None = None  # seconds it waited for its turn, on a route that waits (Route.queued)
-
-    def header(self, name: bytes) -> bytes:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return b""
-
-    def has_body(self) -> bool:
-        return self.header(b"content-length") not in (b"", b"0") or bool(self.header(b"transfer-encoding"))
-
-    async def start(self, status: int, headers: Headers) -> None:
-        self.status, self.started = status, True
-        for name, value in headers:
-            if name == b"x-request-id":  # the upstream's
-                self.request_id = value
-                break
-        else:
-            headers = [*headers, (b"x-request-id", self.request_id)]
-        if self.queued is not None:  # browsers' developer tools show it with the request's timing
-            headers = [*headers, (b"server-timing", b"queue;dur=%.1f" % (self.queued * 1000))]
-        await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
-
-    async def write(self, chunk: bytes, more: bool = True) -> None:
-        """A chunk sent under the send guard of the exchange's watch (ClientWatch.guard_sends)."""
-        watch = self.watch
-        watch.sending_since = watch.loop.time()
-        self.bytes_out += len(chunk)
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
-        watch.sending_since = None
-
-    async def respond(self, answer: Answer) -> None:
-        """The answer with its length; one larger than WRITE_PIECE in pieces, under the send guard (Gateway.deliver)."""
-        body = b"" if self.method == "HEAD" else answer.body  # HEAD: its length only
-        headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
-        if not self.body_read and self.has_body():
-            # An answer before the body was read (a refusal, most often) ends the connection: uvicorn stops
-            # its idle timer at the first body byte and never restarts it, so a client that sent one and
-            # went silent would hold the connection for ever (issue 17).
-            headers.append(CLOSE)
-        await self.start(answer.status, headers)
-        if len(body) <= WRITE_PIECE:
-            self.bytes_out += len(body)
-            return await self.send({"type": "http.response.body", "body": body, "more_body": False})
-        for at in range(0, len(body), WRITE_PIECE):
-            await self.write(body[at:at + WRITE_PIECE])
-        await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
+# What a running gateway cannot change on SIGHUP: its sockets, their TLS, and the usage file it holds open.
+RESTART_SETTINGS = frozenset({"HOST", "PORT", "TLS_CERT_FILE", "TLS_KEY_FILE", "USAGE_DB"})
 
 
-class ClientWatch:
-    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when
-    the shutdown grace is over, until stop().
+# What the upstreams are made of (Gateway.make_upstreams): a reload that changes none keeps them and their pools.
+UPSTREAM_FIELDS = ("ollama_base_urls", "ollama_api_key", "openai_base_url", "openai_api_key", "timeout",
+                   "connect_timeout")
 
-    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
-    on an upstream we also wait on receive(), and stop the upstream request the moment the client
-    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
-    it runs: that is how the end of the shutdown grace finds what still waits on an upstream.
 
-    The listener starts LISTEN_AFTER_SECONDS late: a task per request was an eighth of a plain request's
-    whole cost (instructions counted under callgrind), and an answer that comes sooner has nothing to
-    cancel. A client that left before the listener starts is seen at once, as receive() says so.
-    """
+def reload_line(old: Config, new: Config, changed: list[str]) -> str:
+    """What a reload changed: tokens by name, settings by name; never a token or a key."""
+    before, after = dict(zip(old.token_names, old.tokens)), dict(zip(new.token_names, new.tokens))
+    parts = [f"{what}: {', '.join(names)}" for what, names in (
+        ("tokens added", [name for name in after if name not in before]),
+        ("tokens removed", [name for name in before if name not in after]),
+        ("tokens replaced", [name for name in after if name in before and after[name] != before[name]]),
+        ("settings changed", [name for name in changed if name != "MODELGATE_TOKEN"])) if names]
+    return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
 
-    def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
-        self.task = asyncio.current_task()
-        self.loop = asyncio.get_running_loop()
-        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
-        self.stopped = False
-        self.watches = watches
-        watches.add(self)
-        self.listener: asyncio.Task | None = None
-        self.listen_later = self.loop.call_later(LISTEN_AFTER_SECONDS, self._start, receive)
-        self.sending_since: float | None = None  # loop time a chunk began to be sent, while it is
-        self.send_check: asyncio.TimerHandle | None = None
 
-    def _start(self, receive: Receive) -> None:
-        self.listener = asyncio.ensure_future(self._listen(receive))
+# GET / in a browser. The page runs no script, loads nothing and may not be framed.
+PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
+                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
 
-    async def _listen(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.cancel("gone")
 
-    def cancel(self, reason: str) -> None:
-        if not self.stopped and not self.reason:
-            self.reason = reason
-            self.task.cancel()
+HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
 
-    def claim(self, exc: BaseException) -> str:
-        """Why this watch cancelled the task, if it did ("" otherwise): the cancellation `exc` is then ours,
-        handled by the caller, and no longer counts against the task (Python 3.11's uncancel)."""
-        reason, self.reason = self.reason, ""
-        if reason and isinstance(exc, asyncio.CancelledError) and sys.version_info >= (3, 11):
-            self.task.uncancel()
-        return reason
 
-    def guard_sends(self, timeout: float) -> None:
-        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
+HOME_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ModelGate is running</title>
+<style>
+body { font: 17px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 42rem; margin: 3rem auto;
+       padding: 0 1.25rem; color: #1d1d1f; background: #fff; }
+h1 { font-size: 1.8rem; margin-bottom: .2rem; }
+.version { color: #6e6e73; margin-top: 0; }
+.url { font: 1.3rem ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 6px;
+       padding: .6rem .9rem; user-select: all; overflow-wrap: anywhere; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 4px;
+       padding: .05rem .3rem; overflow-wrap: anywhere; }
+</style>
+</head>
+<body>
+<h1>ModelGate is running</h1>
+<p class="version">Version {version}</p>
+<p>This is an OpenAI-compatible gateway. Your apps talk to it at this base URL:</p>
+<p class="url">{base}</p>
+<p>Paste it where an app asks for the OpenAI base URL or API address, with the gateway's token as the API
+key, and pick a model such as <code>ollama/qwen2.5:7b</code>. Apps that want the whole address of the
+chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{base}/chat/completions</code>;
+apps that speak Ollama's own API (Open WebUI, Home Assistant, the ollama libraries) or Anthropic's take
+<code>{origin}</code>.</p>
+<p>How to set up each app: see <code>README.md</code>, beside <code>modelgate.py</code> where ModelGate was
+installed, under "Point your tools at it".</p>
+</body>
+</html>
+"""
 
-        uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
-        hold its upstream connection, an answer held whole its memory. One timer per answer looks every
-        `timeout` seconds.
-        """
-        loop = self.loop
 
-        def check() -> None:
-            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
-                self.cancel("gone")
-            elif not self.stopped:
-                self.send_check = loop.call_later(timeout, check)
+def preflight(ex: Exchange, route: Route) -> Answer:
+    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them."""
+    headers = [(b"allow", ", ".join([*route.handlers, "OPTIONS"]).encode())]
+    if ex.cors and ex.header(b"access-control-request-method"):
+        requested = ex.header(b"access-control-request-headers")
+        if not requested or not HEADER_LIST.fullmatch(requested):
+            requested = CORS_DEFAULT_HEADERS
+        methods = CORS_METHODS + b", DELETE" * ("DELETE" in route.handlers)  # Ollama's /api/delete
+        headers += [(b"access-control-allow-methods", methods),
+                    (b"access-control-allow-headers", requested),
+                    (b"access-control-max-age", CORS_MAX_AGE)]
+    return Answer(204, headers, b"")
 
-        self.send_check = loop.call_later(timeout, check)
 
-    def stop(self) -> None:
-        self.stopped = True
-        self.listen_later.cancel()
-        if self.listener is not None:
-            self.listener.cancel()
-        if self.send_check is not None:
-            self.send_check.cancel()
-        self.watches.discard(self)
+def unrouted_dialect(path: str) -> Dialect:
+    """The dialect of a path no route has: that of the routes around it (Ollama's under /api, also where the
+    ollama client given a base URL with /v1 asks, /v1/api/...); /v1/v1/messages that of /v1/messages."""
+    path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
+    if path == "/api" or path.startswith("/api/"):
+        return OLLAMA
+    route = ROUTES.get(path)
+    return route.dialect if route is not None else OPENAI
+
+
+def not_found_message(path: str) -> str:
+    hint = ""
+    for prefix, message in WRONG_BASE_URLS:
+        if path.startswith(prefix):
+            return message.format(path=path)
+    if path in ("/v1", "/v1/"):
+        return ("There is nothing at /v1 itself: it is the base URL, to which clients add /chat/completions, "
+                "/models, /messages, ... An app that wants the whole URL (FluentRead) takes "
+                "http://<server>:8010/v1/chat/completions.")
+    if unrouted_dialect(path) is OLLAMA:
+        return (f"There is no {path} here. Ollama's API here: /api/chat, /api/generate, /api/embed, "
+                "/api/embeddings, /api/show, /api/tags, /api/ps, /api/version; for the tokens named in "
+                "OLLAMA_ADMIN_TOKENS also /api/pull, /api/push, /api/create, /api/copy, /api/delete, /api/blobs.")
+    if path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
+        hint = f" Did you mean /v1{path}? Base URLs end in /v1."
+    return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
+            "/v1/embeddings, /v1/models, /v1/messages, and Ollama's own under /api.")
+
+
+def error_answer(error: GatewayError, ex: Exchange) -> Answer:
+    """A GatewayError as the client's dialect writes it."""
+    body = ex.dialect.error(error.status, error.message, error.type, error.code)
+    return Answer(error.status, [JSON, *error.headers], body)
 
 
 class Gateway:
@@ -2473,155 +2414,6 @@ class Gateway:
         # Set by `python modelgate.py`, for the start-up summary: where the settings came from, where it listens.
         self.sources: Sources | None = None
         self.listening: str | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The one place where a request's outcome becomes its response, and its record is kept."""
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await self.lifespan(receive, send)
-            return
-        ex = Exchange(scope, receive, send)
-        self.metrics.in_flight += 1
-        try:
-            try:
-                answer = await self.dispatch(ex)
-            except GatewayError as error:
-                ex.error = f"{error.situation} ({error.detail})" if error.detail else error.situation
-                answer = error_answer(error, ex)
-            if answer is not None:  # None: streamed already, or nobody is left to answer
-                if answer.status >= 400 and not ex.error:
-                    ex.error = "upstream_status"
-                await self.deliver(ex, answer)
-        except Exception:
-            log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
-            if ex.started:
-                raise  # all we can do is abort the response: uvicorn closes the connection
-            ex.error = "internal"
-            await ex.respond(error_answer(GatewayError("internal", "ModelGate failed unexpectedly; "
-                                                       "its log says why."), ex))
-        finally:
-            self.metrics.in_flight -= 1
-            if ex.holds_slot is not None:  # where it was counted: a reload may have changed self.limits since
-                ex.holds_slot.release(ex.token)
-            seconds = time.perf_counter() - ex.t0
-            if ex.ends is not None:  # what a plain answer says it used, read once, now
-                ex.usage = tokens_used(ROUTES[ex.route].usage, *ex.ends)
-            if ex.token != "-":
-                self.usage.record(ex)
-            self.metrics.record(ex, seconds)
-            log_exchange(ex, seconds)
-
-    async def dispatch(self, ex: Exchange) -> Answer | None:
-        """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
-        key, route = ex.path, ROUTES.get(ex.path)
-        for prefix in PREFIX_ROUTES if route is None else ():
-            if key.startswith(prefix):
-                key, route = prefix, ROUTES[prefix]
-                break
-        ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it
-        config = self.config
-        if config is None:
-            raise GatewayError("internal", "ModelGate was started without the ASGI lifespan; run it with "
-                               "`python modelgate.py` or uvicorn's default --lifespan auto.")
-        origin = ex.header(b"origin")
-        if origin:
-            ex.cors = cors_headers(config, origin)
-        if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
-            # uvicorn's h11 reads such a request by its chunks and keeps the connection; a front proxy that
-            # went by the Content-Length would take what follows for the body, and we would run it as the
-            # next request (request smuggling). RFC 9112 §6.1: an error, and the connection is closed after.
-            raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
-                               "so where it ends is ambiguous; send one of them. The connection is closed.")
-        if self.screening and (route is None or route.screened):
-            screen(ex, config)
-        if route is None:
-            raise GatewayError("not_found", not_found_message(ex.path))
-        ex.route = key
-        if ex.method == "OPTIONS":
-            return preflight(ex, route)
-        handler = self.handlers[key].get(ex.method)
-        if handler is None:
-            allow = ", ".join([*route.handlers, "OPTIONS"])
-            raise GatewayError("method_not_allowed", f"{ex.path} takes {allow}, not {ex.method}.",
-                               [(b"allow", allow.encode())])
-        if self.closing and not route.while_closing:
-            raise GatewayError("shutting_down", SHUTTING_DOWN)
-        admit(ex, route, config, self.limits, self.usage)
-        crossed: tuple = ()  # what the boundary made of the body (Route.reads), for the handler
-        if route.reads:
-            body = await read_body(ex, config)
-            if body is None:
-                return None
-            crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
-                routed_body(ex, body, config, self.cloud)
-        ex.forward = crossing_headers(ex.headers, FORWARDED_REQUEST_HEADERS | ex.dialect.forwarded)
-        return await handler(ex, *crossed)
-
-    async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
-        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
-        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
-        relayed."""
-        route = ROUTES[ex.route]
-        if route.queued and self.queue is not None:
-            ex.queued = 0.0
-        if ex.unlisted and not await self.looked_up(ex):
-            return None
-        upstream = self.upstreams[ex.provider]
-        # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
-        path = (ex.path if ex.dialect.native else ex.path.removeprefix("/v1")).encode()
-        stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
-        if not stream and self.coalescer is not None and route.shared:
-            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
-        answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
-        if answer is not None:  # (a stream relayed as it came has noted its usage itself)
-            ex.ends = answer.ends
-        return answer
-
-    async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
-        """What `awaitable` returns, while a ClientWatch cancels it when the client leaves (then None, and
-        the exchange is logged as 499) or when the shutdown grace is over (then 503 shutting_down)."""
-        if self.grace_over:  # a request that got in just before SIGTERM and is only now ready to go upstream
-            raise GatewayError("shutting_down", SHUTTING_DOWN)
-        watch = ex.watch = ClientWatch(ex.receive, self.watches)
-        try:
-            result = await awaitable
-        except BaseException as exc:
-            reason = watch.claim(exc)
-            if reason == "gone":  # whatever the awaitable ended with: nobody is left to answer
-                ex.status = 499
-                return None
-            if reason == "shutdown" and isinstance(exc, asyncio.CancelledError):
-                raise GatewayError("shutting_down", SHUTTING_DOWN) from None
-            raise
-        finally:
-            watch.stop()
-        if watch.reason == "gone":  # it left as the answer came: nobody to send it to
-            ex.status = 499
-            return None
-        return result
-
-    async def deliver(self, ex: Exchange, answer: Answer) -> None:
-        """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
-        written (issue 17): one larger than WRITE_PIECE goes in pieces, each sent once the client has taken
-        the one before (uvicorn's send() waits so), and a client that takes nothing for TIMEOUT_SECONDS is
-        let go (499), the answer's memory with it. Until then it counts against MAX_CONCURRENT_PER_TOKEN,
-        as a request still running does; uvicorn alone would hold the rest for as long as the client likes."""
-        if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
-            return await ex.respond(answer)
-        watch = ex.watch = ClientWatch(ex.receive, self.watches)
-        watch.guard_sends(self.config.timeout)
-        try:
-            await ex.respond(answer)
-        except asyncio.CancelledError as exc:
-            reason = watch.claim(exc)
-            if not reason:
-                raise
-            if reason == "gone":
-                ex.status = 499
-            else:
-                ex.error = "shutting_down"  # cut: uvicorn closes the connection of an answer left unfinished
-        finally:
-            watch.stop()
 
     # Handlers: ROUTES names them ----------------------------------------------
 
@@ -2940,91 +2732,324 @@ class Gateway:
         for watch in list(self.watches):
             watch.cancel("shutdown")  # streams end with an error event, requests still waiting get 503
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The one place where a request's outcome becomes its response, and its record is kept."""
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.lifespan(receive, send)
+            return
+        ex = Exchange(scope, receive, send)
+        self.metrics.in_flight += 1
+        try:
+            try:
+                answer = await self.dispatch(ex)
+            except GatewayError as error:
+                ex.error = f"{error.situation} ({error.detail})" if error.detail else error.situation
+                answer = error_answer(error, ex)
+            if answer is not None:  # None: streamed already, or nobody is left to answer
+                if answer.status >= 400 and not ex.error:
+                    ex.error = "upstream_status"
+                await self.deliver(ex, answer)
+        except Exception:
+            log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
+            if ex.started:
+                raise  # all we can do is abort the response: uvicorn closes the connection
+            ex.error = "internal"
+            await ex.respond(error_answer(GatewayError("internal", "ModelGate failed unexpectedly; "
+                                                       "its log says why."), ex))
+        finally:
+            self.metrics.in_flight -= 1
+            if ex.holds_slot is not None:  # where it was counted: a reload may have changed self.limits since
+                ex.holds_slot.release(ex.token)
+            seconds = time.perf_counter() - ex.t0
+            if ex.ends is not None:  # what a plain answer says it used, read once, now
+                ex.usage = tokens_used(ROUTES[ex.route].usage, *ex.ends)
+            if ex.token != "-":
+                self.usage.record(ex)
+            self.metrics.record(ex, seconds)
+            log_exchange(ex, seconds)
 
-# What a running gateway cannot change on SIGHUP: its sockets, their TLS, and the usage file it holds open.
-RESTART_SETTINGS = frozenset({"HOST", "PORT", "TLS_CERT_FILE", "TLS_KEY_FILE", "USAGE_DB"})
+    async def dispatch(self, ex: Exchange) -> Answer | None:
+        """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
+        key, route = ex.path, ROUTES.get(ex.path)
+        for prefix in PREFIX_ROUTES if route is None else ():
+            if key.startswith(prefix):
+                key, route = prefix, ROUTES[prefix]
+                break
+        ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it
+        config = self.config
+        if config is None:
+            raise GatewayError("internal", "ModelGate was started without the ASGI lifespan; run it with "
+                               "`python modelgate.py` or uvicorn's default --lifespan auto.")
+        origin = ex.header(b"origin")
+        if origin:
+            ex.cors = cors_headers(config, origin)
+        if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
+            # uvicorn's h11 reads such a request by its chunks and keeps the connection; a front proxy that
+            # went by the Content-Length would take what follows for the body, and we would run it as the
+            # next request (request smuggling). RFC 9112 §6.1: an error, and the connection is closed after.
+            raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
+                               "so where it ends is ambiguous; send one of them. The connection is closed.")
+        if self.screening and (route is None or route.screened):
+            screen(ex, config)
+        if route is None:
+            raise GatewayError("not_found", not_found_message(ex.path))
+        ex.route = key
+        if ex.method == "OPTIONS":
+            return preflight(ex, route)
+        handler = self.handlers[key].get(ex.method)
+        if handler is None:
+            allow = ", ".join([*route.handlers, "OPTIONS"])
+            raise GatewayError("method_not_allowed", f"{ex.path} takes {allow}, not {ex.method}.",
+                               [(b"allow", allow.encode())])
+        if self.closing and not route.while_closing:
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        admit(ex, route, config, self.limits, self.usage)
+        crossed: tuple = ()  # what the boundary made of the body (Route.reads), for the handler
+        if route.reads:
+            body = await read_body(ex, config)
+            if body is None:
+                return None
+            crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
+                routed_body(ex, body, config, self.cloud)
+        ex.forward = crossing_headers(ex.headers, FORWARDED_REQUEST_HEADERS | ex.dialect.forwarded)
+        return await handler(ex, *crossed)
+
+    async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
+        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
+        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
+        relayed."""
+        route = ROUTES[ex.route]
+        if route.queued and self.queue is not None:
+            ex.queued = 0.0
+        if ex.unlisted and not await self.looked_up(ex):
+            return None
+        upstream = self.upstreams[ex.provider]
+        # /v1 routes live at the base URL (/v1/messages at its /messages), Ollama's own under its native base.
+        path = (ex.path if ex.dialect.native else ex.path.removeprefix("/v1")).encode()
+        stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
+        if not stream and self.coalescer is not None and route.shared:
+            return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
+        answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
+        if answer is not None:  # (a stream relayed as it came has noted its usage itself)
+            ex.ends = answer.ends
+        return answer
+
+    async def watched(self, ex: Exchange, awaitable: Awaitable[Any]) -> Any:
+        """What `awaitable` returns, while a ClientWatch cancels it when the client leaves (then None, and
+        the exchange is logged as 499) or when the shutdown grace is over (then 503 shutting_down)."""
+        if self.grace_over:  # a request that got in just before SIGTERM and is only now ready to go upstream
+            raise GatewayError("shutting_down", SHUTTING_DOWN)
+        watch = ex.watch = ClientWatch(ex.receive, self.watches)
+        try:
+            result = await awaitable
+        except BaseException as exc:
+            reason = watch.claim(exc)
+            if reason == "gone":  # whatever the awaitable ended with: nobody is left to answer
+                ex.status = 499
+                return None
+            if reason == "shutdown" and isinstance(exc, asyncio.CancelledError):
+                raise GatewayError("shutting_down", SHUTTING_DOWN) from None
+            raise
+        finally:
+            watch.stop()
+        if watch.reason == "gone":  # it left as the answer came: nobody to send it to
+            ex.status = 499
+            return None
+        return result
+
+    async def deliver(self, ex: Exchange, answer: Answer) -> None:
+        """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
+        written (issue 17): one larger than WRITE_PIECE goes in pieces, each sent once the client has taken
+        the one before (uvicorn's send() waits so), and a client that takes nothing for TIMEOUT_SECONDS is
+        let go (499), the answer's memory with it. Until then it counts against MAX_CONCURRENT_PER_TOKEN,
+        as a request still running does; uvicorn alone would hold the rest for as long as the client likes."""
+        if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
+            return await ex.respond(answer)
+        watch = ex.watch = ClientWatch(ex.receive, self.watches)
+        watch.guard_sends(self.config.timeout)
+        try:
+            await ex.respond(answer)
+        except asyncio.CancelledError as exc:
+            reason = watch.claim(exc)
+            if not reason:
+                raise
+            if reason == "gone":
+                ex.status = 499
+            else:
+                ex.error = "shutting_down"  # cut: uvicorn closes the connection of an answer left unfinished
+        finally:
+            watch.stop()
 
 
-# What the upstreams are made of (Gateway.make_upstreams): a reload that changes none keeps them and their pools.
-UPSTREAM_FIELDS = ("ollama_base_urls", "ollama_api_key", "openai_base_url", "openai_api_key", "timeout",
-                   "connect_timeout")
+class Exchange:
+    """One request and its answer, grouped as uvicorn groups a request-response cycle."""
+
+    __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
+                 "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out", "watch",
+                 "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
+                 "t0", "host", "queued", "upstream_seconds")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The request
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.scheme: str = scope.get("scheme", "http")
+        self.server: tuple[str, int] | None = scope.get("server")
+        self.headers: Headers = scope["headers"]
+        self.receive = receive
+        self.route = "other"  # the route table's key, for metrics: never the raw path
+        self.dialect = OPENAI  # the API it speaks: its route's
+        peer = scope.get("client")
+        self.client: str = peer[0] if peer else "-"  # the peer, or who it forwards for (TRUSTED_PROXIES)
+        self.token = "-"  # the name of the client's token, once authorized
+        self.forward: Headers = []  # its headers that may travel upstream, once admitted (crossing_headers)
+        self.holds_slot: Limits | None = None  # counted there against MAX_CONCURRENT_PER_TOKEN until it ends
+        self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
+        self.body_read = False  # read_body has read the request body to its end
+        self.unlisted: list[tuple[str, str]] = []  # Ollama models its list lacked: (name, as asked) (check_cloud)
+        # The response
+        self.send = send
+        self.cors: Headers = []
+        self.started = False  # http.response.start has been sent
+        self.status = 0  # 499: the client left first
+        self.bytes_out = 0
+        self.watch: ClientWatch | None = None  # while it waits on an upstream
+        # The log record
+        self.request_id = b"%024x" % random.getrandbits(96)  # for finding a request in logs, not a secret
+        self.provider = self.model = "-"
+        self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
+        self.routed: Routed | None = None  # where the model it named went (route_model)
+        self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
+        self.ends: tuple[bytes, bytes] | None = None  # a plain answer's start and end, where it says so (Answer)
+        self.ttfb: float | None = None  # streams: seconds to the first chunk
+        self.upstream_seconds = 0.0  # from sending upstream to the answer's end (a shared one: its first asker's)
+        self.coalesced = False  # answered with an identical request's upstream answer
+        self.error = ""  # the situation of an error answered, or what cut a stream
+        self.t0 = time.perf_counter()
+        # The queue
+        self.host: Host | None = None  # the Ollama host it waited for its turn at
+        self.queued: float | None = None  # seconds it waited for its turn, on a route that waits (Route.queued)
+
+    def header(self, name: bytes) -> bytes:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return b""
+
+    def has_body(self) -> bool:
+        return self.header(b"content-length") not in (b"", b"0") or bool(self.header(b"transfer-encoding"))
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.status, self.started = status, True
+        for name, value in headers:
+            if name == b"x-request-id":  # the upstream's
+                self.request_id = value
+                break
+        else:
+            headers = [*headers, (b"x-request-id", self.request_id)]
+        if self.queued is not None:  # browsers' developer tools show it with the request's timing
+            headers = [*headers, (b"server-timing", b"queue;dur=%.1f" % (self.queued * 1000))]
+        await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})
+
+    async def write(self, chunk: bytes, more: bool = True) -> None:
+        """A chunk sent under the send guard of the exchange's watch (ClientWatch.guard_sends)."""
+        watch = self.watch
+        watch.sending_since = watch.loop.time()
+        self.bytes_out += len(chunk)
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+        watch.sending_since = None
+
+    async def respond(self, answer: Answer) -> None:
+        """The answer with its length; one larger than WRITE_PIECE in pieces, under the send guard (Gateway.deliver)."""
+        body = b"" if self.method == "HEAD" else answer.body  # HEAD: its length only
+        headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
+        if not self.body_read and self.has_body():
+            # An answer before the body was read (a refusal, most often) ends the connection: uvicorn stops
+            # its idle timer at the first body byte and never restarts it, so a client that sent one and
+            # went silent would hold the connection for ever (issue 17).
+            headers.append(CLOSE)
+        await self.start(answer.status, headers)
+        if len(body) <= WRITE_PIECE:
+            self.bytes_out += len(body)
+            return await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        for at in range(0, len(body), WRITE_PIECE):
+            await self.write(body[at:at + WRITE_PIECE])
+        await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
 
 
-def reload_line(old: Config, new: Config, changed: list[str]) -> str:
-    """What a reload changed: tokens by name, settings by name; never a token or a key."""
-    before, after = dict(zip(old.token_names, old.tokens)), dict(zip(new.token_names, new.tokens))
-    parts = [f"{what}: {', '.join(names)}" for what, names in (
-        ("tokens added", [name for name in after if name not in before]),
-        ("tokens removed", [name for name in before if name not in after]),
-        ("tokens replaced", [name for name in after if name in before and after[name] != before[name]]),
-        ("settings changed", [name for name in changed if name != "MODELGATE_TOKEN"])) if names]
-    return "reloaded: " + ("; ".join(parts) if parts else "nothing changed")
+class ClientWatch:
+    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when
+    the shutdown grace is over, until stop().
 
+    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
+    on an upstream we also wait on receive(), and stop the upstream request the moment the client
+    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
+    it runs: that is how the end of the shutdown grace finds what still waits on an upstream.
 
-# GET / in a browser. The page runs no script, loads nothing and may not be framed.
-PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
-                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
+    The listener starts LISTEN_AFTER_SECONDS late: a task per request was an eighth of a plain request's
+    whole cost (instructions counted under callgrind), and an answer that comes sooner has nothing to
+    cancel. A client that left before the listener starts is seen at once, as receive() says so.
+    """
 
+    def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
+        self.task = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.reason = ""  # why this watch cancelled the task: "gone" or "shutdown"
+        self.stopped = False
+        self.watches = watches
+        watches.add(self)
+        self.listener: asyncio.Task | None = None
+        self.listen_later = self.loop.call_later(LISTEN_AFTER_SECONDS, self._start, receive)
+        self.sending_since: float | None = None  # loop time a chunk began to be sent, while it is
+        self.send_check: asyncio.TimerHandle | None = None
 
-HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
+    def _start(self, receive: Receive) -> None:
+        self.listener = asyncio.ensure_future(self._listen(receive))
 
+    async def _listen(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancel("gone")
 
-HOME_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>ModelGate is running</title>
-<style>
-body { font: 17px/1.55 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 42rem; margin: 3rem auto;
-       padding: 0 1.25rem; color: #1d1d1f; background: #fff; }
-h1 { font-size: 1.8rem; margin-bottom: .2rem; }
-.version { color: #6e6e73; margin-top: 0; }
-.url { font: 1.3rem ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 6px;
-       padding: .6rem .9rem; user-select: all; overflow-wrap: anywhere; }
-code { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f2f2f5; border-radius: 4px;
-       padding: .05rem .3rem; overflow-wrap: anywhere; }
-</style>
-</head>
-<body>
-<h1>ModelGate is running</h1>
-<p class="version">Version {version}</p>
-<p>This is an OpenAI-compatible gateway. Your apps talk to it at this base URL:</p>
-<p class="url">{base}</p>
-<p>Paste it where an app asks for the OpenAI base URL or API address, with the gateway's token as the API
-key, and pick a model such as <code>ollama/qwen2.5:7b</code>. Apps that want the whole address of the
-chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{base}/chat/completions</code>;
-apps that speak Ollama's own API (Open WebUI, Home Assistant, the ollama libraries) or Anthropic's take
-<code>{origin}</code>.</p>
-<p>How to set up each app: see <code>README.md</code>, beside <code>modelgate.py</code> where ModelGate was
-installed, under "Point your tools at it".</p>
-</body>
-</html>
-"""
+    def cancel(self, reason: str) -> None:
+        if not self.stopped and not self.reason:
+            self.reason = reason
+            self.task.cancel()
 
+    def claim(self, exc: BaseException) -> str:
+        """Why this watch cancelled the task, if it did ("" otherwise): the cancellation `exc` is then ours,
+        handled by the caller, and no longer counts against the task (Python 3.11's uncancel)."""
+        reason, self.reason = self.reason, ""
+        if reason and isinstance(exc, asyncio.CancelledError) and sys.version_info >= (3, 11):
+            self.task.uncancel()
+        return reason
 
-def preflight(ex: Exchange, route: Route) -> Answer:
-    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them."""
-    headers = [(b"allow", ", ".join([*route.handlers, "OPTIONS"]).encode())]
-    if ex.cors and ex.header(b"access-control-request-method"):
-        requested = ex.header(b"access-control-request-headers")
-        if not requested or not HEADER_LIST.fullmatch(requested):
-            requested = CORS_DEFAULT_HEADERS
-        methods = CORS_METHODS + b", DELETE" * ("DELETE" in route.handlers)  # Ollama's /api/delete
-        headers += [(b"access-control-allow-methods", methods),
-                    (b"access-control-allow-headers", requested),
-                    (b"access-control-max-age", CORS_MAX_AGE)]
-    return Answer(204, headers, b"")
+    def guard_sends(self, timeout: float) -> None:
+        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
 
+        uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
+        hold its upstream connection, an answer held whole its memory. One timer per answer looks every
+        `timeout` seconds.
+        """
+        loop = self.loop
 
-def unrouted_dialect(path: str) -> Dialect:
-    """The dialect of a path no route has: that of the routes around it (Ollama's under /api, also where the
-    ollama client given a base URL with /v1 asks, /v1/api/...); /v1/v1/messages that of /v1/messages."""
-    path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
-    if path == "/api" or path.startswith("/api/"):
-        return OLLAMA
-    route = ROUTES.get(path)
-    return route.dialect if route is not None else OPENAI
+        def check() -> None:
+            if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
+                self.cancel("gone")
+            elif not self.stopped:
+                self.send_check = loop.call_later(timeout, check)
+
+        self.send_check = loop.call_later(timeout, check)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.listen_later.cancel()
+        if self.listener is not None:
+            self.listener.cancel()
+        if self.send_check is not None:
+            self.send_check.cancel()
+        self.watches.discard(self)
 
 
 # A client given a base URL that ends in /v1 where it adds /v1 (the Anthropic SDKs) or /api (the ollama
@@ -3049,33 +3074,8 @@ ROOT_POSTED = {
 }
 
 
-def not_found_message(path: str) -> str:
-    hint = ""
-    for prefix, message in WRONG_BASE_URLS:
-        if path.startswith(prefix):
-            return message.format(path=path)
-    if path in ("/v1", "/v1/"):
-        return ("There is nothing at /v1 itself: it is the base URL, to which clients add /chat/completions, "
-                "/models, /messages, ... An app that wants the whole URL (FluentRead) takes "
-                "http://<server>:8010/v1/chat/completions.")
-    if unrouted_dialect(path) is OLLAMA:
-        return (f"There is no {path} here. Ollama's API here: /api/chat, /api/generate, /api/embed, "
-                "/api/embeddings, /api/show, /api/tags, /api/ps, /api/version; for the tokens named in "
-                "OLLAMA_ADMIN_TOKENS also /api/pull, /api/push, /api/create, /api/copy, /api/delete, /api/blobs.")
-    if path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
-        hint = f" Did you mean /v1{path}? Base URLs end in /v1."
-    return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
-            "/v1/embeddings, /v1/models, /v1/messages, and Ollama's own under /api.")
-
-
 # Ollama stops generating when its connection closes; 50 ms of it for nobody costs nothing worth a task.
 LISTEN_AFTER_SECONDS = 0.05
-
-
-def error_answer(error: GatewayError, ex: Exchange) -> Answer:
-    """A GatewayError as the client's dialect writes it."""
-    body = ex.dialect.error(error.status, error.message, error.type, error.code)
-    return Answer(error.status, [JSON, *error.headers], body)
 
 
 ###############################################################################
@@ -3280,6 +3280,28 @@ class Queue:
             raise
         return await self.wait(key, slots, share, size)
 
+    def start(self, key: tuple, slots: Slots, share: Share) -> Ticket:
+        started = self.clock()
+        slots.running += 1
+        share.running.append(started)
+        return Ticket(key, slots, share, started)
+
+    def release(self, ticket: Ticket) -> None:
+        key, slots, share, started = ticket
+        now = self.clock()
+        slots.running -= 1
+        share.running.remove(started)
+        share.used += now - started
+        if slots.waiting:
+            self.give_turns(key, slots, now)
+        self.forget(key, slots, share)
+
+    def forget(self, key: tuple, slots: Slots, share: Share) -> None:
+        if not share.waiters and not share.running:
+            slots.shares.pop(share.token, None)
+            if not slots.shares:
+                self.slots.pop(key, None)
+
     def check_room(self, size: int) -> None:
         if self.closed:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
@@ -3340,22 +3362,6 @@ class Queue:
                 for waiter in list(share.waiters):
                     self.leave(key, slots, waiter, GatewayError("shutting_down", SHUTTING_DOWN))
 
-    def start(self, key: tuple, slots: Slots, share: Share) -> Ticket:
-        started = self.clock()
-        slots.running += 1
-        share.running.append(started)
-        return Ticket(key, slots, share, started)
-
-    def release(self, ticket: Ticket) -> None:
-        key, slots, share, started = ticket
-        now = self.clock()
-        slots.running -= 1
-        share.running.remove(started)
-        share.used += now - started
-        if slots.waiting:
-            self.give_turns(key, slots, now)
-        self.forget(key, slots, share)
-
     def give_turns(self, key: tuple, slots: Slots, now: float) -> None:
         while slots.waiting and slots.running < self.parallel:
             turn = min((s for s in slots.shares.values() if s.waiters),
@@ -3365,13 +3371,6 @@ class Queue:
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
                 waiter.future.set_result(self.start(key, slots, turn))
             self.forget(key, slots, turn)
-
-    def forget(self, key: tuple, slots: Slots, share: Share) -> None:
-        if not share.waiters and not share.running:
-            slots.shares.pop(share.token, None)
-            if not slots.shares:
-                self.slots.pop(key, None)
-
 
 ###############################################################################
 # The relay ###################################################################
@@ -4146,6 +4145,114 @@ class Readiness:
 
 
 ###############################################################################
+# Ollama's cloud stubs ########################################################
+###############################################################################
+
+# The list of Ollama's models is used this long before a request that needs it fetches it again: a local model
+# replaced by a cloud stub of the same name is caught within a minute, a stub under a new name at once.
+CLOUD_LIST_SECONDS = 60.0
+
+# What ModelGate's own requests to Ollama say they are, so that its log tells them from the clients'.
+OWN_AGENT = (b"user-agent", b"ModelGate/" + __version__.encode())
+
+
+class CloudModels:
+    """Which of Ollama's models are cloud stubs (check_cloud): from GET /api/tags of every Ollama host, where a
+    stub lists a remote_host. Fetched when a request first needs it, again when a request names a model it
+    lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
+    share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
+    to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
+    When none answers the list stays as it was. A host that answers /api/tags 404 (it is no Ollama: every
+    Ollama has /api/tags) has no stubs to list; when every one does, no name needs looking up again until the
+    list is old. A list that could not be read (any other error status, no answer, no answer in time) is noted
+    in `unread`: a name no list read shows local may be a stub there (unplaced)."""
+
+    def __init__(self) -> None:
+        self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
+        self.stubs: frozenset[str] = frozenset()
+        self.no_tags = False  # every host answered /api/tags 404: no Ollama, so no stub, whatever the name
+        self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
+        self.fetched = -math.inf  # time.monotonic() of the list
+        self.fetch: asyncio.Future | None = None
+
+    async def current(self, upstream: Upstream) -> bool:
+        """The list, fetched again if it is too old."""
+        if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
+            await self.refresh(upstream)
+        return True
+
+    async def refresh(self, upstream: Upstream) -> bool:
+        if self.fetch is None or self.fetch.done():
+            self.fetch = asyncio.ensure_future(self.fetch_lists(upstream))
+        await asyncio.shield(self.fetch)
+        return True
+
+    async def fetch_lists(self, upstream: Upstream) -> None:
+        now = time.monotonic()  # a host cooling down is not asked: no request goes there meanwhile either
+        hosts = [host for host in upstream.hosts if host.down_until <= now] or upstream.hosts
+        documents = await asyncio.gather(*(upstream.get_json(b"/api/tags", [OWN_AGENT], host, OLLAMA)
+                                           for host in hosts), return_exceptions=True)
+        answered, failed = [], []
+        for host, document in zip(hosts, documents):
+            if isinstance(document, BaseException) and not isinstance(document, GatewayError):
+                raise document  # a bug of ours
+            if isinstance(document, Answer) and document.status != HTTPStatus.NOT_FOUND:
+                said = f"{document.status} {PHRASES.get(document.status, '')}".strip()
+                document = GatewayError("upstream_unavailable", f"Ollama answered it {said}: try again shortly, or "
+                                        "see Ollama's log.", detail=f"{upstream.where(host)} answered /api/tags "
+                                        f"{document.status}")
+            if isinstance(document, GatewayError):
+                failed.append((document, host.down_until > time.monotonic()))
+            else:
+                answered.append(document)
+        # A host that could not be connected to is passed over while another is up (Upstream.by_preference).
+        unread = [failure for failure, cooling in failed if not (cooling and answered)]
+        if len(unread) > 1 and not answered:  # as Upstream.send says it
+            unread[0] = GatewayError(unread[0].situation, f"None of the {len(unread)} {upstream.name} hosts asked "
+                                     f"answered. {unread[0].message}", unread[0].headers,
+                                     ", ".join(failure.detail for failure in unread))
+        self.unread = unread[0] if unread else None
+        if answered:
+            self.remember(answered, self.unread)
+
+    def remember(self, documents: list[Any], unread: GatewayError | None = None) -> None:
+        """The lists of every host that answered (a 404 Answer lists nothing), and why the others could not be
+        read."""
+        local, stubs = set(), set()
+        for document in documents:
+            items = document.get("models") if isinstance(document, dict) else None
+            for item in items if isinstance(items, list) else ():
+                names = (item.get("name"), item.get("model")) if isinstance(item, dict) else ()
+                (stubs if item.get("remote_host") else local).update(
+                    ollama_name(name) for name in names if isinstance(name, str))
+        self.local, self.stubs, self.fetched = frozenset(local - stubs), frozenset(stubs), time.monotonic()
+        self.no_tags = unread is None and all(isinstance(document, Answer) for document in documents)
+        self.unread = unread
+
+    def stop(self) -> None:
+        if self.fetch is not None:
+            self.fetch.cancel()
+
+
+async def cloud_summary(config: Config, upstream: Upstream, cloud: CloudModels) -> str:
+    """For --check and the start-up log: whether Ollama's cloud is on (its /api/status, OLLAMA_NO_CLOUD), the
+    cloud models it lists, and the tokens that may use them."""
+    statuses = await asyncio.gather(*(upstream.get_json(b"/api/status", [OWN_AGENT], host, OLLAMA)
+                                      for host in upstream.hosts), return_exceptions=True)
+    said = [status.get("cloud") for status in statuses if isinstance(status, dict)]
+    states = {"off (OLLAMA_NO_CLOUD)" if state.get("disabled") is True else "on"
+              for state in said if isinstance(state, dict)}
+    state = " and ".join(sorted(states)) or "unknown (no host answered /api/status)"
+    try:
+        await cloud.refresh(upstream)
+        listed = ", ".join(sorted(cloud.stubs)) or "none"
+    except GatewayError as failure:  # only ever a bug: fetch_lists leaves out the hosts that fail
+        listed = f"unknown ({failure.message})"
+    tokens = ", ".join(sorted(config.ollama_cloud_tokens)) or "none (OLLAMA_CLOUD_TOKENS is empty)"
+    return f"Ollama's cloud: {state}; the cloud models it lists: {listed}; tokens that may use them: {tokens}"
+
+
+###############################################################################
 # Usage #######################################################################
 ###############################################################################
 
@@ -4241,6 +4348,106 @@ def local_day(now: float) -> tuple[str, float]:
     """The local date (TZ) at `now`, and the time at which it ends: the next local midnight."""
     date = datetime.date.fromtimestamp(now)
     return date.isoformat(), datetime.datetime.combine(date + datetime.timedelta(days=1), datetime.time()).timestamp()
+
+
+def usage_totals(values: list) -> dict[str, Any]:
+    requests, errors, prompt, completion, queued, upstream = values
+    return {"requests": requests, "errors": errors, "prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "queue_seconds": round(queued, 6),
+            "upstream_seconds": round(upstream, 6)}
+
+
+def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: Iterable[str],
+                 quotas: Mapping[str, int]) -> dict[str, Any]:
+    """What GET /usage answers (and its page and --usage show): for each token name of `names`, today's
+    counts, those of the `days` days up to today, each of those days, the same per provider and model, and
+    its TOKEN_QUOTAS quota (null: none) with what is left of it today."""
+    first = datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)
+    shown = [(first + datetime.timedelta(days=n)).isoformat() for n in range(days)]
+    apps: dict[str, dict] = {name: {"today": [0, 0, 0, 0, 0.0, 0.0], "total": [0, 0, 0, 0, 0.0, 0.0],
+                                    "daily": {day: [0, 0, 0, 0, 0.0, 0.0] for day in shown}, "models": {}}
+                             for name in sorted(names)}
+    for (day, token, provider, model), values in sorted(counts.items()):
+        app = apps.get(token)
+        if app is None or day not in app["daily"]:
+            continue
+        model_counts = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
+        for kept in (app["daily"][day], app["total"], model_counts[1]) + ((app["today"], model_counts[0])
+                                                                           if day == today else ()):
+            for i, value in enumerate(values):
+                kept[i] += value
+    return {"today": today, "from": shown[0], "days": days, "apps": {name: {
+        "today": usage_totals(app["today"]), "total": usage_totals(app["total"]), "quota": quotas.get(name),
+        "quota_left": max(0, quotas[name] - app["today"][2] - app["today"][3]) if name in quotas else None,
+        "models": [{"provider": provider, "model": model, "today": usage_totals(on_day),
+                    "total": usage_totals(in_all)} for (provider, model), (on_day, in_all) in app["models"].items()],
+        "daily": [{"day": day, **usage_totals(values)} for day, values in app["daily"].items()],
+    } for name, app in apps.items()}}
+
+
+def usage_page(report: dict[str, Any]) -> bytes:
+    """GET /usage as a page: for each app, today and the days shown, a bar per day, a row per model."""
+    parts = [USAGE_PAGE, f'<p class="note">Today is {report["today"]}; the bars and the totals cover the '
+             f'{report["days"]} days from {report["from"]}, in the gateway\'s time zone. Tokens are what the '
+             f'upstreams said they used.</p>\n']
+    for name, app in report["apps"].items():
+        today, total = app["today"], app["total"]
+        parts.append(f"<h2>{html.escape(name)}</h2>\n<p class=\"sum\">Today <b>{plural(today['total_tokens'], 'token')}"
+                     f"</b>, {plural(today['requests'], 'request')}, {plural(today['errors'], 'error')}. "
+                     f"{report['days']} days: <b>{plural(total['total_tokens'], 'token')}</b>, "
+                     f"{plural(total['requests'], 'request')}, {plural(total['errors'], 'error')}.</p>\n")
+        if app["quota"] is not None:
+            parts.append(f'<p class="sum">Quota {plural(app["quota"], "token")} a day: <b>{app["quota_left"]:,} '
+                         "left</b> today.</p>\n")
+        parts.append(usage_bars(app["daily"]))
+        parts.append(usage_table(app["models"], report["days"]))
+    parts.append("</body>\n</html>\n")
+    return "".join(parts).encode()
+
+
+def usage_bars(daily: list[dict[str, Any]]) -> str:
+    """A bar per day, as high as its tokens against the highest day's; each names its day in a tooltip."""
+    top = max((day["total_tokens"] for day in daily), default=0) or 1
+    bars = []
+    for n, day in enumerate(daily):
+        height = round(56 * day["total_tokens"] / top, 1)
+        kind = "today" if n == len(daily) - 1 else "bar"
+        bars.append(f'<rect class="{kind}" x="{n * 10 + 1}" y="{60 - height}" width="8" height="{height}">'
+                    f'<title>{day["day"]}: {day["total_tokens"]:,} tokens, {day["requests"]:,} requests</title></rect>')
+    label = f"Tokens a day, the highest {top:,}" if top > 1 else "No tokens counted on these days"
+    return (f'<svg viewBox="0 0 {len(daily) * 10} 60" preserveAspectRatio="none" role="img" '
+            f'aria-label="{label}"><title>{label}</title>{"".join(bars)}</svg>\n')
+
+
+def usage_table(models: list[dict[str, Any]], days: int) -> str:
+    if not models:
+        return '<p class="note">Nothing counted yet.</p>\n'
+    rows = []
+    for row in sorted(models, key=lambda row: -row["total"]["total_tokens"]):
+        model = USAGE_NO_MODEL if row["model"] == "-" else f"{row['provider']}/{row['model']}"
+        today, total = row["today"], row["total"]
+        rows.append(f"<tr><td>{html.escape(model)}</td><td class=\"w\">{today['requests']:,}</td>"
+                    f"<td>{today['total_tokens']:,}</td><td class=\"w\">{total['requests']:,}</td><td>{total['errors']:,}</td>"
+                    f"<td title=\"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion\">"
+                    f"{total['total_tokens']:,}</td><td class=\"w\">{duration(total['upstream_seconds'])}</td>"
+                    f"<td class=\"w\">{duration(total['queue_seconds'])}</td></tr>")
+    return ('<div class="scroll"><table><thead><tr><th>Model</th><th class="w">Requests today</th><th>Tokens today'
+            f'</th><th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th><th class="w">Time '
+            f'upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>\n')
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + "s" * (count != 1)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # Where an answer says what tokens it used. Tokens are counted per app from the upstream's own figures, read once.
@@ -4427,41 +4634,6 @@ class Usage:
         self.writer.shutdown()
 
 
-def usage_totals(values: list) -> dict[str, Any]:
-    requests, errors, prompt, completion, queued, upstream = values
-    return {"requests": requests, "errors": errors, "prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion, "queue_seconds": round(queued, 6),
-            "upstream_seconds": round(upstream, 6)}
-
-
-def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: Iterable[str],
-                 quotas: Mapping[str, int]) -> dict[str, Any]:
-    """What GET /usage answers (and its page and --usage show): for each token name of `names`, today's
-    counts, those of the `days` days up to today, each of those days, the same per provider and model, and
-    its TOKEN_QUOTAS quota (null: none) with what is left of it today."""
-    first = datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)
-    shown = [(first + datetime.timedelta(days=n)).isoformat() for n in range(days)]
-    apps: dict[str, dict] = {name: {"today": [0, 0, 0, 0, 0.0, 0.0], "total": [0, 0, 0, 0, 0.0, 0.0],
-                                    "daily": {day: [0, 0, 0, 0, 0.0, 0.0] for day in shown}, "models": {}}
-                             for name in sorted(names)}
-    for (day, token, provider, model), values in sorted(counts.items()):
-        app = apps.get(token)
-        if app is None or day not in app["daily"]:
-            continue
-        model_counts = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
-        for kept in (app["daily"][day], app["total"], model_counts[1]) + ((app["today"], model_counts[0])
-                                                                           if day == today else ()):
-            for i, value in enumerate(values):
-                kept[i] += value
-    return {"today": today, "from": shown[0], "days": days, "apps": {name: {
-        "today": usage_totals(app["today"]), "total": usage_totals(app["total"]), "quota": quotas.get(name),
-        "quota_left": max(0, quotas[name] - app["today"][2] - app["today"][3]) if name in quotas else None,
-        "models": [{"provider": provider, "model": model, "today": usage_totals(on_day),
-                    "total": usage_totals(in_all)} for (provider, model), (on_day, in_all) in app["models"].items()],
-        "daily": [{"day": day, **usage_totals(values)} for day, values in app["daily"].items()],
-    } for name, app in apps.items()}}
-
-
 # GET /usage in a browser: a page of its own, like the home page: no script, nothing loaded, every name escaped
 # (a model is whatever a client wrote). A bar per day draws each app's tokens in inline SVG; a wide table
 # scrolls within its box on a phone.
@@ -4493,179 +4665,6 @@ th { font-weight: 600; color: #6e6e73; white-space: normal; vertical-align: bott
 <h1>Usage</h1>
 """
 USAGE_NO_MODEL = "no model (model lists, requests refused before their body was read)"
-
-
-def usage_page(report: dict[str, Any]) -> bytes:
-    """GET /usage as a page: for each app, today and the days shown, a bar per day, a row per model."""
-    parts = [USAGE_PAGE, f'<p class="note">Today is {report["today"]}; the bars and the totals cover the '
-             f'{report["days"]} days from {report["from"]}, in the gateway\'s time zone. Tokens are what the '
-             f'upstreams said they used.</p>\n']
-    for name, app in report["apps"].items():
-        today, total = app["today"], app["total"]
-        parts.append(f"<h2>{html.escape(name)}</h2>\n<p class=\"sum\">Today <b>{plural(today['total_tokens'], 'token')}"
-                     f"</b>, {plural(today['requests'], 'request')}, {plural(today['errors'], 'error')}. "
-                     f"{report['days']} days: <b>{plural(total['total_tokens'], 'token')}</b>, "
-                     f"{plural(total['requests'], 'request')}, {plural(total['errors'], 'error')}.</p>\n")
-        if app["quota"] is not None:
-            parts.append(f'<p class="sum">Quota {plural(app["quota"], "token")} a day: <b>{app["quota_left"]:,} '
-                         "left</b> today.</p>\n")
-        parts.append(usage_bars(app["daily"]))
-        parts.append(usage_table(app["models"], report["days"]))
-    parts.append("</body>\n</html>\n")
-    return "".join(parts).encode()
-
-
-def usage_bars(daily: list[dict[str, Any]]) -> str:
-    """A bar per day, as high as its tokens against the highest day's; each names its day in a tooltip."""
-    top = max((day["total_tokens"] for day in daily), default=0) or 1
-    bars = []
-    for n, day in enumerate(daily):
-        height = round(56 * day["total_tokens"] / top, 1)
-        kind = "today" if n == len(daily) - 1 else "bar"
-        bars.append(f'<rect class="{kind}" x="{n * 10 + 1}" y="{60 - height}" width="8" height="{height}">'
-                    f'<title>{day["day"]}: {day["total_tokens"]:,} tokens, {day["requests"]:,} requests</title></rect>')
-    label = f"Tokens a day, the highest {top:,}" if top > 1 else "No tokens counted on these days"
-    return (f'<svg viewBox="0 0 {len(daily) * 10} 60" preserveAspectRatio="none" role="img" '
-            f'aria-label="{label}"><title>{label}</title>{"".join(bars)}</svg>\n')
-
-
-def usage_table(models: list[dict[str, Any]], days: int) -> str:
-    if not models:
-        return '<p class="note">Nothing counted yet.</p>\n'
-    rows = []
-    for row in sorted(models, key=lambda row: -row["total"]["total_tokens"]):
-        model = USAGE_NO_MODEL if row["model"] == "-" else f"{row['provider']}/{row['model']}"
-        today, total = row["today"], row["total"]
-        rows.append(f"<tr><td>{html.escape(model)}</td><td class=\"w\">{today['requests']:,}</td>"
-                    f"<td>{today['total_tokens']:,}</td><td class=\"w\">{total['requests']:,}</td><td>{total['errors']:,}</td>"
-                    f"<td title=\"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion\">"
-                    f"{total['total_tokens']:,}</td><td class=\"w\">{duration(total['upstream_seconds'])}</td>"
-                    f"<td class=\"w\">{duration(total['queue_seconds'])}</td></tr>")
-    return ('<div class="scroll"><table><thead><tr><th>Model</th><th class="w">Requests today</th><th>Tokens today'
-            f'</th><th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th><th class="w">Time '
-            f'upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>\n')
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}" + "s" * (count != 1)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-###############################################################################
-# Ollama's cloud stubs ########################################################
-###############################################################################
-
-# The list of Ollama's models is used this long before a request that needs it fetches it again: a local model
-# replaced by a cloud stub of the same name is caught within a minute, a stub under a new name at once.
-CLOUD_LIST_SECONDS = 60.0
-
-# What ModelGate's own requests to Ollama say they are, so that its log tells them from the clients'.
-OWN_AGENT = (b"user-agent", b"ModelGate/" + __version__.encode())
-
-
-class CloudModels:
-    """Which of Ollama's models are cloud stubs (check_cloud): from GET /api/tags of every Ollama host, where a
-    stub lists a remote_host. Fetched when a request first needs it, again when a request names a model it
-    lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
-    share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
-    to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
-    When none answers the list stays as it was. A host that answers /api/tags 404 (it is no Ollama: every
-    Ollama has /api/tags) has no stubs to list; when every one does, no name needs looking up again until the
-    list is old. A list that could not be read (any other error status, no answer, no answer in time) is noted
-    in `unread`: a name no list read shows local may be a stub there (unplaced)."""
-
-    def __init__(self) -> None:
-        self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
-        self.stubs: frozenset[str] = frozenset()
-        self.no_tags = False  # every host answered /api/tags 404: no Ollama, so no stub, whatever the name
-        self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
-        self.fetched = -math.inf  # time.monotonic() of the list
-        self.fetch: asyncio.Future | None = None
-
-    async def current(self, upstream: Upstream) -> bool:
-        """The list, fetched again if it is too old."""
-        if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
-            await self.refresh(upstream)
-        return True
-
-    async def refresh(self, upstream: Upstream) -> bool:
-        if self.fetch is None or self.fetch.done():
-            self.fetch = asyncio.ensure_future(self.fetch_lists(upstream))
-        await asyncio.shield(self.fetch)
-        return True
-
-    async def fetch_lists(self, upstream: Upstream) -> None:
-        now = time.monotonic()  # a host cooling down is not asked: no request goes there meanwhile either
-        hosts = [host for host in upstream.hosts if host.down_until <= now] or upstream.hosts
-        documents = await asyncio.gather(*(upstream.get_json(b"/api/tags", [OWN_AGENT], host, OLLAMA)
-                                           for host in hosts), return_exceptions=True)
-        answered, failed = [], []
-        for host, document in zip(hosts, documents):
-            if isinstance(document, BaseException) and not isinstance(document, GatewayError):
-                raise document  # a bug of ours
-            if isinstance(document, Answer) and document.status != HTTPStatus.NOT_FOUND:
-                said = f"{document.status} {PHRASES.get(document.status, '')}".strip()
-                document = GatewayError("upstream_unavailable", f"Ollama answered it {said}: try again shortly, or "
-                                        "see Ollama's log.", detail=f"{upstream.where(host)} answered /api/tags "
-                                        f"{document.status}")
-            if isinstance(document, GatewayError):
-                failed.append((document, host.down_until > time.monotonic()))
-            else:
-                answered.append(document)
-        # A host that could not be connected to is passed over while another is up (Upstream.by_preference).
-        unread = [failure for failure, cooling in failed if not (cooling and answered)]
-        if len(unread) > 1 and not answered:  # as Upstream.send says it
-            unread[0] = GatewayError(unread[0].situation, f"None of the {len(unread)} {upstream.name} hosts asked "
-                                     f"answered. {unread[0].message}", unread[0].headers,
-                                     ", ".join(failure.detail for failure in unread))
-        self.unread = unread[0] if unread else None
-        if answered:
-            self.remember(answered, self.unread)
-
-    def remember(self, documents: list[Any], unread: GatewayError | None = None) -> None:
-        """The lists of every host that answered (a 404 Answer lists nothing), and why the others could not be
-        read."""
-        local, stubs = set(), set()
-        for document in documents:
-            items = document.get("models") if isinstance(document, dict) else None
-            for item in items if isinstance(items, list) else ():
-                names = (item.get("name"), item.get("model")) if isinstance(item, dict) else ()
-                (stubs if item.get("remote_host") else local).update(
-                    ollama_name(name) for name in names if isinstance(name, str))
-        self.local, self.stubs, self.fetched = frozenset(local - stubs), frozenset(stubs), time.monotonic()
-        self.no_tags = unread is None and all(isinstance(document, Answer) for document in documents)
-        self.unread = unread
-
-    def stop(self) -> None:
-        if self.fetch is not None:
-            self.fetch.cancel()
-
-
-async def cloud_summary(config: Config, upstream: Upstream, cloud: CloudModels) -> str:
-    """For --check and the start-up log: whether Ollama's cloud is on (its /api/status, OLLAMA_NO_CLOUD), the
-    cloud models it lists, and the tokens that may use them."""
-    statuses = await asyncio.gather(*(upstream.get_json(b"/api/status", [OWN_AGENT], host, OLLAMA)
-                                      for host in upstream.hosts), return_exceptions=True)
-    said = [status.get("cloud") for status in statuses if isinstance(status, dict)]
-    states = {"off (OLLAMA_NO_CLOUD)" if state.get("disabled") is True else "on"
-              for state in said if isinstance(state, dict)}
-    state = " and ".join(sorted(states)) or "unknown (no host answered /api/status)"
-    try:
-        await cloud.refresh(upstream)
-        listed = ", ".join(sorted(cloud.stubs)) or "none"
-    except GatewayError as failure:  # only ever a bug: fetch_lists leaves out the hosts that fail
-        listed = f"unknown ({failure.message})"
-    tokens = ", ".join(sorted(config.ollama_cloud_tokens)) or "none (OLLAMA_CLOUD_TOKENS is empty)"
-    return f"Ollama's cloud: {state}; the cloud models it lists: {listed}; tokens that may use them: {tokens}"
 
 
 ###############################################################################
