@@ -1592,10 +1592,10 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         check_tools(config, ex.token, ex.provider, document["tools"])
     if first is None:
         return document, body
-    model_id = ex.routed.id
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
+        model_id = ex.routed.id
         request_edits(text, spans, fields_for(config.model_defaults, model_id),
                       fields_for(config.model_overrides, model_id), replaced, added)
     if route.asks_usage and document.get("stream") is True:
@@ -2041,7 +2041,9 @@ def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, st
     """The client's JSON object with the values of some top-level keys replaced and members added after
     its last value (compact: `,"key":value`), or, in an empty object, after its `{`; every other character
     exactly as the client wrote it."""
-    edits = [(*spans[key], value) for key, value in replaced.items()]
+    edits = []
+    for key, value in replaced.items():
+        edits.append((*spans[key], value))
     if added:
         members = "".join(f",{compact_json(key)}:{value}" for key, value in added)
         last = max((end for _, end in spans.values()), default=None)
@@ -2172,21 +2174,15 @@ FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"
 DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
 
 
-def connection_named(headers: Headers) -> frozenset[bytes]:
-    """The hop-by-hop set plus every header a Connection header names (RFC 9110 §7.6.1)."""
-    named = HOP_BY_HOP
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named = named.union(token.strip().lower() for token in value.split(b","))
-    return named
-
-
 def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -> Headers:
     """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one:
     of a client's request, those in `travel` (FORWARDED_REQUEST_HEADERS and its dialect's own: Gateway.dispatch
     keeps them as Exchange.forward); of an upstream's answer (no `travel`), all but DROPPED_RESPONSE_HEADERS
     and CORS's (ModelGate answers CORS itself)."""
-    drop, kept = connection_named(headers), []
+    drop, kept = HOP_BY_HOP, []
+    for name, value in headers:  # and every header that a Connection header names (RFC 9110 §7.6.1)
+        if name.lower() == b"connection":
+            drop = drop.union(token.strip().lower() for token in value.split(b","))
     for name, value in headers:
         name = name.lower()
         if name in drop:
@@ -3177,7 +3173,7 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
     queue = gw.queue
     if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
         return await relay(gw, ex, upstream, path, body, stream, shared)
-    # The host Upstream.send would choose now (by_preference; with one host, that one).
+    # The host Upstream.send would choose now.
     ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]
     since = time.perf_counter()
     try:
@@ -3907,9 +3903,8 @@ class Upstream:
 
     def by_preference(self, first: Host | None = None) -> list[Host]:
         """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down,
-        then the others not cooling down, fewest requests in flight or waiting first, ties as listed."""
-        if len(self.hosts) == 1:
-            return self.hosts
+        then the others not cooling down, fewest requests in flight or waiting first, ties as listed. (Its
+        callers take the one host there mostly is without asking.)"""
         now = time.monotonic()
         up = [host for host in self.hosts if host.down_until <= now]
         return sorted(up or self.hosts, key=lambda host: (host is not first, host.pool.in_use + host.waiting))
@@ -3923,7 +3918,7 @@ class Upstream:
         Only a connection that could not be opened moves on to the next host: nothing was sent yet.
         Anything that fails later is the answer, so that no generation ever runs twice.
         """
-        hosts = self.by_preference(first) if host is None else [host]
+        hosts = [host] if host is not None else self.hosts if len(self.hosts) == 1 else self.by_preference(first)
         # The outbound request, built explicitly from the few client headers that may travel.
         headers = [(b"accept-encoding", b"identity"), *forward, *self.auth]  # forward: what crosses (Exchange.forward)
         if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
