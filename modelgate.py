@@ -16,8 +16,9 @@ asyncio's errors once per kind; the uvicorn command does not (docs/exposing.md: 
 
 The module reads in the order a request travels: the tables, the configuration, then the trust boundary
 (from its banner down to "The app"): everything that decides who may do what and what crosses the gateway,
-in one section; then the app, the relay, the upstreams, coalescing, readiness, usage, metrics and the log, the
-connection pool under httpcore, and the command line.
+in one section, which Gateway.dispatch passes every request through before its handler runs; then the app,
+coalescing, the queue, the relay, the upstreams, readiness, Ollama's cloud stubs, usage, metrics, the
+connection pool under httpcore, the library internals relied on, and the command line.
 
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
@@ -1184,12 +1185,14 @@ def with_v1(url: str) -> str:
 #   1. the client's address: ALLOWED_IPS, found through TRUSTED_PROXIES (screen);
 #   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
 #      Ollama holds, and that token within TOKEN_QUOTAS, MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
-#   3. where its model goes and whether the token may use it: MODEL_ALIASES, the provider prefix or the one
-#      provider of a door (route_model), TOKEN_MODELS (routed_body);
-#   4. the body: what is checked, and the few edits made to it (the model's name, MODEL_DEFAULTS and
-#      MODEL_OVERRIDES, asking a stream for its usage); every other byte goes as the client sent it;
-#   5. the headers: the few of the client's that travel, and those of an upstream's answer that come back;
-#   6. what the log line may hold: never a body, a token or a key.
+#   3. its body (Route.reads): read within MAX_BODY_BYTES and CLIENT_TIMEOUT_SECONDS (read_body), its JSON
+#      read at a bounded cost in memory (parse_body), each field that names a model routed (MODEL_ALIASES,
+#      the provider prefix or the one provider of a door: route_model) and checked against TOKEN_MODELS and
+#      Ollama's cloud (OLLAMA_CLOUD_TOKENS), and the few edits made to it (the model's name, MODEL_DEFAULTS
+#      and MODEL_OVERRIDES, asking a stream for its usage: routed_body); every other byte goes as it came;
+#   4. the headers: the few of the client's that travel, and those of an upstream's answer that come back
+#      (crossing_headers);
+#   5. what the log line may hold: never a body, a token or a key (log_exchange).
 
 
 def screen(ex: Exchange, config: Config) -> None:
