@@ -402,9 +402,12 @@ MODEL_OR_NAME = ("model", "name")  # Route.models of Ollama's show, pull, push, 
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True, reads="json"),
-    "/v1/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True, reads="json"),
-    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=RESPONSES_COUNTS, queued=True, reads="json"),
+    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True,
+                                  reads="json"),
+    "/v1/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True,
+                             reads="json"),
+    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=RESPONSES_COUNTS, queued=True,
+                           reads="json"),
     "/v1/embeddings": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, shared=False, queued=True, reads="json"),
     # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form).
     "/v1/audio/transcriptions": Route({"POST": "transcription"}, shared=False, queued=True, reads="form"),
@@ -426,9 +429,11 @@ ROUTES: dict[str, Route] = {
                        usage=OLLAMA_COUNTS, queued=True, reads="json"),
     "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
                            streams_unless_false=True, usage=OLLAMA_COUNTS, queued=True, reads="json"),
-    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False, queued=True, reads="json"),
+    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False, queued=True,
+                        reads="json"),
     "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True, reads="json"),
-    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,), reads="json"),
+    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,),
+                       reads="json"),
     "/api/tags": Route({"GET": "ollama_models", "HEAD": "ollama_models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version", "HEAD": "ollama_version"}, dialect=OLLAMA),
@@ -1305,7 +1310,8 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
             found.append(credential)
         else:
             problems.add("empty token")
-    failure = "not Bearer" if "not Bearer" in problems else "empty token" if "empty token" in problems else "no credentials"
+    failure = ("not Bearer" if "not Bearer" in problems
+               else "empty token" if "empty token" in problems else "no credentials")
     return found, failure, basic
 
 
@@ -1527,7 +1533,8 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
         return body
     wbits = DECODED.get(encoding)
     if wbits is None:
-        raise GatewayError("unsupported_encoding", f"The request body is encoded as {printable(encoding.decode('latin-1'))!r} "
+        shown = printable(encoding.decode("latin-1"))
+        raise GatewayError("unsupported_encoding", f"The request body is encoded as {shown!r} "
                            "(Content-Encoding), which ModelGate cannot decode to read the model it names. Send it "
                            "as it is, or gzip-encoded.")
     parts, size = [], 0
@@ -2119,7 +2126,7 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
         if end < 0 or head_end < 0:
             raise unreadable("a part of it has no end or no header")
         part = email.parser.BytesHeaderParser().parsebytes(body[at:head_end + len(newline)])
-        names = [part.get_param("name", header="content-disposition"), part.get_param("name*", header="content-disposition")]
+        names = [part.get_param(key, header="content-disposition") for key in ("name", "name*")]
         if "model" in names and part.get_filename() is None:
             if part["content-transfer-encoding"] is not None or names[1] is not None:
                 raise unreadable("its `model` field is encoded")
@@ -2885,9 +2892,9 @@ class Exchange:
     """One request and its answer, grouped as uvicorn groups a request-response cycle."""
 
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
-                 "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out", "watch",
-                 "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage", "ttfb", "coalesced", "error",
-                 "t0", "host", "queued", "upstream_seconds")
+                 "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out",
+                 "watch", "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage",
+                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -3095,7 +3102,8 @@ class Coalescer:
 
     Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
     anthropic-beta of its own may change the answer). The upstream request runs in a task of its own,
-    so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no cache.
+    so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry
+    goes as soon as it is done: this is no cache.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -3418,7 +3426,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     since = time.perf_counter()
-    response = await upstream.send((method or ex.method).encode(), path, ex.forward, body, dialect=ex.dialect, first=ex.host)
+    response = await upstream.send((method or ex.method).encode(), path, ex.forward, body, dialect=ex.dialect,
+                                   first=ex.host)
     try:
         if response.status >= 400:
             return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))
@@ -4425,13 +4434,15 @@ def usage_table(models: list[dict[str, Any]], days: int) -> str:
         model = USAGE_NO_MODEL if row["model"] == "-" else f"{row['provider']}/{row['model']}"
         today, total = row["today"], row["total"]
         rows.append(f"<tr><td>{html.escape(model)}</td><td class=\"w\">{today['requests']:,}</td>"
-                    f"<td>{today['total_tokens']:,}</td><td class=\"w\">{total['requests']:,}</td><td>{total['errors']:,}</td>"
+                    f"<td>{today['total_tokens']:,}</td><td class=\"w\">{total['requests']:,}</td>"
+                    f"<td>{total['errors']:,}</td>"
                     f"<td title=\"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion\">"
                     f"{total['total_tokens']:,}</td><td class=\"w\">{duration(total['upstream_seconds'])}</td>"
                     f"<td class=\"w\">{duration(total['queue_seconds'])}</td></tr>")
     return ('<div class="scroll"><table><thead><tr><th>Model</th><th class="w">Requests today</th><th>Tokens today'
-            f'</th><th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th><th class="w">Time '
-            f'upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>\n')
+            f'</th><th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th>'
+            f'<th class="w">Time upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}'
+            '</tbody></table></div>\n')
 
 
 def plural(count: int, noun: str) -> str:
