@@ -6872,7 +6872,7 @@ TAGS_FAILURES = [
     ({}, json_reply(502, raw=b"<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html"), 502,
      "upstream_unavailable"),
     ({}, raw_reply(b""), 502, "upstream_unavailable"),  # the connection closed without an answer
-    ({"TIMEOUT_SECONDS": "0.2"}, hang_reply, 504, "upstream_timeout"),  # no answer in time
+    ({"TIMEOUT_SECONDS": TIMEOUT_NEVER_SENDING}, hang_reply, 504, "upstream_timeout"),  # no answer in time
 ]
 # A door of each dialect, with its body for {model}.
 DIALECT_DOORS = [door for door in MODEL_DOORS if door[1] in ("/v1/chat/completions", "/v1/messages", "/api/chat")]
