@@ -1310,9 +1310,8 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
             found.append(credential)
         else:
             problems.add("empty token")
-    failure = ("not Bearer" if "not Bearer" in problems
-               else "empty token" if "empty token" in problems else "no credentials")
-    return found, failure, basic
+    failure = "not Bearer" if "not Bearer" in problems else "empty token" if "empty token" in problems else ""
+    return found, failure or "no credentials", basic
 
 
 def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
@@ -1405,11 +1404,8 @@ class TokenBucket:
         """0 when a request may go now (and it is taken from the bucket), else the seconds until one may."""
         level, then = self.buckets.get(name, (self.capacity, now))
         level = min(self.capacity, level + (now - then) * self.rate)
-        if level >= 1:
-            self.buckets[name] = (level - 1, now)
-            return 0.0
-        self.buckets[name] = (level, now)
-        return (1 - level) / self.rate
+        self.buckets[name] = (level - 1 if level >= 1 else level, now)
+        return 0.0 if level >= 1 else (1 - level) / self.rate
 
 
 class Limits:
@@ -1445,10 +1441,9 @@ class Limits:
                 raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM ({self.rpm} "
                                    f"requests a minute). Try again in {seconds} s.",
                                    [(b"retry-after", b"%d" % seconds)])
-        if not self.max_in_flight:
-            return False
-        self.in_flight[name] = in_flight + 1
-        return True
+        if self.max_in_flight:
+            self.in_flight[name] = in_flight + 1
+        return bool(self.max_in_flight)
 
     def release(self, name: str) -> None:
         self.in_flight[name] -= 1
@@ -1493,8 +1488,7 @@ async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error:
     asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
     and the client watch cancels exactly once: a client leaving then would go unnoticed.
     """
-    task = asyncio.current_task()
-    expired = False
+    task, expired = asyncio.current_task(), False
 
     def expire() -> None:
         nonlocal expired
@@ -1521,8 +1515,6 @@ async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error:
 # routes read no encoded body; only its cloud passthrough decodes zstd: server/cloud_proxy.go). Any other
 # encoding is refused (415): a body whose model ModelGate could not read is never forwarded.
 DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
-
-
 NOT_ENCODED = (b"", b"identity")
 
 
@@ -1674,7 +1666,6 @@ def _number(text: str) -> None:
         limit = sys.get_int_max_str_digits()
         if limit and len(text) > limit and text.lstrip("-").isdigit():
             raise ValueError("integer too long")
-    return None
 
 
 def skip_array(text: str, at: int) -> int:
@@ -1694,11 +1685,7 @@ def skip_array(text: str, at: int) -> int:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
-
-
 # bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call.
 _skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool,
                                                          parse_int=_number, parse_constant=bool))
@@ -1751,12 +1738,11 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
                 if key != folded:
                     raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads "
                                        f"as `{folded}` whatever its case: write it once, as `{folded}` in lower case.")
-            spans[key] = (at, end)
-            if folded in read:
                 if end - at > MAX_READ_VALUE:
                     raise GatewayError("invalid_request", f"`{key}` in the request body is {end - at} bytes long, "
                                        f"more than any model name or stream option ({MAX_READ_VALUE}).")
                 document[key] = json.loads(text[at:end].encode("latin-1"))
+            spans[key] = (at, end)
             at = ws(text, end).end()
             more = text[at] == ","
             if more:
@@ -2167,10 +2153,8 @@ def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
 # backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
 # They describe one connection and never cross the gateway, in either direction, nor does any header
 # that a Connection header names.
-HOP_BY_HOP = frozenset({
-    b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-    b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
+HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 
 # What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
 # fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
@@ -2195,10 +2179,8 @@ def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -
             drop = drop.union(token.strip().lower() for token in value.split(b","))
     for name, value in headers:
         name = name.lower()
-        if name in drop:
-            continue
-        if name in travel if travel is not None else (
-                name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-")):
+        if name not in drop and (name in travel if travel is not None else
+                                 name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-")):
             kept.append((name, value))
     return kept
 
@@ -2237,11 +2219,9 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
-    used = ""
-    if ex.usage is not None:
-        prompt, completion = ex.usage
-        used = (f" prompt_tokens={prompt}" if prompt is not None else "") + \
-            (f" completion_tokens={completion}" if completion is not None else "")
+    prompt, completion = ex.usage or (None, None)
+    used = ((f" prompt_tokens={prompt}" if prompt is not None else "")
+            + (f" completion_tokens={completion}" if completion is not None else ""))
     coalesced = " coalesced" if ex.coalesced else ""
     queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
     error = f" error={ex.error}" if ex.error else ""
