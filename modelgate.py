@@ -1230,13 +1230,10 @@ def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
 
 
 def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) -> Address | None:
-    """Who is asking: the peer, unless the peer is a trusted proxy; then the nearest X-Forwarded-For hop
-    that is not one. None when that is not an IP address.
-
-    Each proxy appends the address it saw, so the list is walked from the right and only the hops that
-    trusted proxies added are skipped (uvicorn's proxy_headers.py); the left part is whatever the client
-    wrote. From any other peer, X-Forwarded-For is ignored: it cannot talk its way past ALLOWED_IPS.
-    """
+    """The peer, or behind trusted proxies the nearest X-Forwarded-For hop that is not one; None if no IP address.
+    Each proxy appends the address it saw, so only the hops trusted proxies added are skipped, from the right
+    (uvicorn's proxy_headers.py); the left part is whatever the client wrote. From any other peer the header is
+    ignored: it cannot talk its way past ALLOWED_IPS."""
     address = parse_ip(peer)
     if address is None or not trusted or not in_networks(address, trusted):
         return address
@@ -1278,11 +1275,10 @@ AUTH_FAILURES = {
 
 
 def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
-    """What a client sends as its token, in any of the three ways clients do:
-    `Authorization: Bearer <token>` (OpenAI SDKs, the ollama libraries), `x-api-key: <token>` (Anthropic
-    SDKs, FluentRead's and kiss-translator's Claude services) and HTTP Basic with the token as the password
-    (`http://anything:<token>@gateway`, for a client that only takes a URL; llama-swap accepts the same);
-    for when nothing of it is a token, why not: a key of AUTH_FAILURES; and whether HTTP Basic was sent."""
+    """The tokens a client sends, in the three ways clients do: `Authorization: Bearer <token>` (OpenAI SDKs, the
+    ollama libraries), `x-api-key: <token>` (Anthropic SDKs, FluentRead's and kiss-translator's Claude services),
+    HTTP Basic with the token as the password (`http://anything:<token>@gateway`, for a client that only takes a
+    URL; llama-swap accepts the same); if none, why (AUTH_FAILURES); whether HTTP Basic was sent."""
     found, problems, basic = [], set(), False
     for name, value in headers:
         name = name.lower()
@@ -1315,14 +1311,12 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
 
 
 def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
-    """The name of the token the client sent (presented), compared in constant time against every token; a
-    GatewayError saying which of AUTH_FAILURES it was when there is none."""
+    """The name of the token the client sent (presented), else a GatewayError saying which AUTH_FAILURES it was."""
     if len(set(credentials)) > 1:  # the same one twice is fine (Anthropic's SDKs may send both headers)
         raise GatewayError("ambiguous_credentials", "The request carries two different tokens (two Authorization "
                            "headers, or Authorization and x-api-key): send the gateway's token once.",
                            detail="two different tokens")
-    # Every credential is compared with every token, no early exit: the time taken does not tell which one
-    # (nearly) matched.
+    # Every credential against every token, no early exit: the time taken does not tell which one (nearly) matched.
     matches = list(itertools.starmap(hmac.compare_digest, itertools.product(credentials, tokens)))
     if True in matches:
         return names[matches.index(True) % len(tokens)]
@@ -1390,11 +1384,8 @@ def within_quota(name: str, quota: int, usage: Usage) -> None:
 
 
 class TokenBucket:
-    """RATE_LIMIT_RPM: per token, a bucket of `rpm` requests that refills by rpm/60 each second.
-
-    A full bucket lets a burst of `rpm` requests through; after that, one every 60/rpm seconds. The
-    buckets are keyed by token name, so they are as many as MODELGATE_TOKEN lists.
-    """
+    """RATE_LIMIT_RPM: per token name (as many as MODELGATE_TOKEN lists), a bucket of `rpm` requests that refills
+    by rpm/60 a second: a burst of `rpm` requests, then one every 60/rpm seconds."""
 
     def __init__(self, rpm: int) -> None:
         self.capacity, self.rate = float(rpm), rpm / 60
@@ -1483,11 +1474,9 @@ async def read_body(ex: Exchange, config: Config) -> bytes | None:
 
 
 async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
-    """Await with a deadline, raising `timeout_error` when it passes.
-
-    asyncio.wait_for before Python 3.12 drops a cancellation that arrives as its awaitable finishes,
-    and the client watch cancels exactly once: a client leaving then would go unnoticed.
-    """
+    """Await with a deadline, raising `timeout_error` when it passes. asyncio.wait_for before Python 3.12 drops a
+    cancellation that arrives as its awaitable finishes, and the client watch cancels exactly once: a client leaving
+    then would go unnoticed."""
     task, expired = asyncio.current_task(), False
 
     def expire() -> None:
@@ -1548,18 +1537,12 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
 
 
 def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream. Decided here, in this order, for every
-    field that names a model (Route.models: `model`; Ollama's `name`, `source`, `destination` and `from`
-    too): where the model goes (an alias replaced by its target first); the token's scope (TOKEN_MODELS: 403
-    before anything is sent); whether it is one of Ollama's cloud models (OLLAMA_CLOUD_TOKENS: 403 likewise,
-    check_cloud); its value (its target's name, or the provider prefix cut); then the fields of
-    MODEL_OVERRIDES, and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); and for a
-    chat or completions stream whose client did not ask for usage, stream_options.include_usage
-    (Route.asks_usage). Every other byte is as the client sent it. Notes provider and model on the exchange.
-
-    A dialect that leads to one provider only (Ollama's own API, Anthropic Messages) takes any model there:
-    `ollama/` is cut, `openai/...` refused, and a route whose body need not name a model relays it as it is.
-    """
+    """The request's JSON object, and the body as it goes upstream: each field that names a model (Route.models)
+    routed, checked and its value replaced (named_model), before anything is sent; the fields of MODEL_OVERRIDES,
+    and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); for a chat or completions
+    stream whose client did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte
+    is as the client sent it; a route whose body need not name a model relays it as it is. Notes provider and
+    model on the exchange."""
     if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
         bounded(body)
     try:
@@ -1693,18 +1676,15 @@ _skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool,
 
 def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
     """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level
-    keys in `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last one of
-    a key written twice, as json.loads keeps the last). None and {} for valid JSON that is not an object;
-    json.JSONDecodeError for what is not JSON.
+    keys in `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last of a key
+    written twice, as json.loads keeps the last). None and {} for valid JSON that is not an object;
+    json.JSONDecodeError for what is not JSON. Every value is checked with json's own scanner; one not read is
+    dropped as it is read (_skip_value), never kept: the memory it takes is bounded() before.
 
-    A key in `read` must be written once, in lower case, else 400. Ollama is written in Go, whose
-    encoding/json takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make
-    Ollama run a model other than the one routed and checked here. Of a key written twice, Go and Python keep
-    the last, but an OpenAI-compatible server that keeps the first would run the other model.
-
-    Every value is checked with json's own scanner and parsed once; one that is not read is dropped as it is
-    read (_skip_value), never kept: the memory it takes is bounded() before.
-    """
+    A key in `read` must be written once, in lower case, else 400. Ollama is written in Go, whose encoding/json
+    takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make Ollama run a model
+    other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but an
+    OpenAI-compatible server that keeps the first would run the other model."""
     ws = _WHITESPACE.match
     at = ws(text, 0).end()
     document: dict[str, Any] = {}
@@ -1941,12 +1921,12 @@ def cloud_refusal(token: str, what: str) -> GatewayError:
 
 
 def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
-    """For a token outside OLLAMA_CLOUD_TOKENS, a model that no list of Ollama's models read in the last
-    CLOUD_LIST_SECONDS shows local, when the list could not be read again: the failure that kept it (its status,
-    502 or 504, and what to check), saying what was not done. Not 403 cloud_not_allowed: the model may well be
-    local, and a 403 tells the user it is not and is never retried; an Ollama that cannot list its models is
-    in trouble, as a stopped one is, and the SDKs retry a 502 or 504, whose next try asks for the list again
-    (issue 19: nothing goes to ollama.com on a guess)."""
+    """For a token outside OLLAMA_CLOUD_TOKENS, a model no list of Ollama's models read in the last
+    CLOUD_LIST_SECONDS shows local, when the list could not be read again: the failure that kept it (502 or 504,
+    and what to check), saying what was not done. Not 403 cloud_not_allowed: the model may well be local, and a 403
+    tells the user it is not and is never retried; an Ollama that cannot list its models is in trouble, as a stopped
+    one is, and the SDKs retry a 502 or 504, whose next try asks for the list again (issue 19: nothing goes to
+    ollama.com on a guess)."""
     return GatewayError(failure.situation, f"Ollama's list of models (GET /api/tags), which tells whether the model "
                         f"{asked!r} runs on ollama.com under the account of this Ollama's owner, could not be read, "
                         f"and the token {token!r} may not use Ollama's cloud (only the token names in "
