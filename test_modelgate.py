@@ -118,7 +118,7 @@ def label(token: bytes) -> str:
     return "token-" + hashlib.pbkdf2_hmac("sha256", token, b"modelgate token label", 10_000).hex()[:8]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # as anyio's own: a fixture of a class (TestEarlyAnswers) may use it
 def anyio_backend() -> str:
     return "asyncio"
 
@@ -6157,16 +6157,40 @@ EARLY_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("server", SERVERS.values(), ids=SERVERS.keys())
-@pytest.mark.parametrize("what, request_line, settings_, status", EARLY_ANSWERS, ids=[row[0] for row in EARLY_ANSWERS])
-async def test_an_answer_before_the_body_was_read_closes_the_connection(
-        server: Any, what: str, request_line: bytes, settings_: dict[str, str], status: int) -> None:
-    """Issue 17: a request answered before its body was read (a refusal, most often) gets `Connection: close`
-    and its connection is closed, so that a client that then sends one byte of its body and goes silent does
-    not hold the connection for ever."""
-    async with serve_with(server(modelgate.Gateway(environ(**settings_)))) as base:
+class TestEarlyAnswers:
+    """The early answers' cases share a server of each kind and settings (a uvicorn server takes a fifth of a
+    second to stop); each case has a connection of its own."""
+
+    @pytest.fixture(scope="class")
+    async def server_for(self) -> AsyncIterator[Callable[[str, dict[str, str]], Awaitable[str]]]:
+        """A server of a kind of SERVERS with settings, started when a case first asks for it; its base URL.
+        When the cases are done, all of them stop at once."""
+        started: dict[tuple, tuple[Any, str]] = {}
+
+        async def server_for(kind: str, settings_: dict[str, str]) -> str:
+            key = (kind, *sorted(settings_.items()))
+            if key not in started:
+                serving = serve_with(SERVERS[kind](modelgate.Gateway(environ(**settings_))))
+                started[key] = serving, await serving.__aenter__()
+            return started[key][1]
+
+        try:
+            yield server_for
+        finally:
+            await asyncio.gather(*(serving.__aexit__(None, None, None) for serving, _ in started.values()))
+
+    @pytest.mark.parametrize("kind", SERVERS, ids=SERVERS.keys())
+    @pytest.mark.parametrize("what, request_line, settings_, status", EARLY_ANSWERS,
+                             ids=[row[0] for row in EARLY_ANSWERS])
+    async def test_an_answer_before_the_body_was_read_closes_the_connection(
+            self, server_for: Callable[[str, dict[str, str]], Awaitable[str]], kind: str, what: str,
+            request_line: bytes, settings_: dict[str, str], status: int) -> None:
+        """Issue 17: a request answered before its body was read (a refusal, most often) gets `Connection: close`
+        and its connection is closed, so that a client that then sends one byte of its body and goes silent does
+        not hold the connection for ever."""
+        base = await server_for(kind, settings_)
         host, port = base.removeprefix("http://").split(":")
-        if "RATE_LIMIT_RPM" in settings_:  # the one request the minute allows
+        if "RATE_LIMIT_RPM" in settings_:  # the one request the minute allows (its server is this case's alone)
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n" + AUTH_LINE + b"\r\n")
             await asyncio.wait_for(reader.read(), 10)
@@ -6178,9 +6202,9 @@ async def test_an_answer_before_the_body_was_read_closes_the_connection(
         writer.write(b"{")
         closed = await closed_by_the_gateway(reader)
         writer.close()
-    assert head.startswith(b"HTTP/1.1 %d " % status), head
-    assert b"\r\nconnection: close\r\n" in head.lower()
-    assert closed
+        assert head.startswith(b"HTTP/1.1 %d " % status), head
+        assert b"\r\nconnection: close\r\n" in head.lower()
+        assert closed
 
 
 async def test_a_refusal_of_a_request_without_a_body_keeps_the_connection() -> None:
