@@ -1403,10 +1403,9 @@ class Limits:
     """MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM: what each token has in flight, and its bucket."""
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
-        self.rpm, self.bucket = 0, None
+        self.rpm, self.bucket, self.metrics = 0, None, metrics
         self.reconfigure(config)
         self.in_flight: dict[str, int] = {}  # token name -> requests in flight
-        self.metrics = metrics
 
     def reconfigure(self, config: Config) -> None:
         """New limits (SIGHUP); the requests in flight stay counted, a bucket of the same size stays as it is."""
@@ -1638,8 +1637,7 @@ def outside_strings(body: bytes) -> tuple[int, int, int]:
 
 def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:
     """UnicodeDecodeError unless the body is UTF-8 (RFC 8259 §8.1), decoded a MiB at a time and let go."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(body)
+    decoder, view = codecs.getincrementaldecoder("utf-8")(), memoryview(body)
     for at in range(0, len(body), piece):
         decoder.decode(view[at:at + piece], final=at + piece >= len(body))
 
@@ -1686,18 +1684,14 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but an
     OpenAI-compatible server that keeps the first would run the other model."""
     ws = _WHITESPACE.match
-    at = ws(text, 0).end()
-    document: dict[str, Any] = {}
-    spans: dict[str, tuple[int, int]] = {}
-    escaped = "\\u" in text
+    at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
+    document: dict[str, Any] | None = {}
     try:
-        if not text.startswith("{", at):
-            end = _skip_value(text, at)[1]
-            if ws(text, end).end() != len(text):
-                raise json.JSONDecodeError("Extra data", text, ws(text, end).end())
-            return None, spans
-        at = ws(text, at + 1).end()
-        more = text[at] != "}"
+        if text.startswith("{", at):
+            at = ws(text, at + 1).end()
+            more = text[at] != "}"
+        else:  # valid JSON that is not an object, once its end is checked; `at` on its last character, as on a `}`
+            document, at, more = None, _skip_value(text, at)[1] - 1, False
         while more:
             if text[at] != '"':
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
@@ -1849,9 +1843,8 @@ def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
     """The entry of `provider/name` in a model list; an Ollama model under any name Ollama finds it by
     (ollama_name: `tiny` is `tiny:latest`, as Ollama's own /v1/models/tiny answers)."""
     item = models.get(model_id)
-    provider, _, name = model_id.partition("/")
-    if item is None and provider == "ollama":
-        wanted = ollama_name(name)
+    if item is None and model_id.startswith("ollama/"):
+        wanted = ollama_name(model_id[7:])
         item = next((entry for key, entry in models.items()
                      if key.startswith("ollama/") and ollama_name(key[7:]) == wanted), None)
     return item
@@ -2085,8 +2078,11 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
     newline = next((nl for nl in (b"\r\n", b"\n") if body.startswith(delimiter + nl)), None)
     if newline is None:
         raise unreadable("it does not start with its boundary")
-    at, found = len(delimiter) + len(newline), []
-    while True:
+    at, found = len(delimiter), []
+    while not body.startswith(b"--", at):  # the last boundary line ends with `--`
+        if not body.startswith(newline, at):
+            raise unreadable("a boundary line holds more than the boundary")
+        at += len(newline)
         end = body.find(newline + delimiter, at)
         head_end = body.find(newline * 2, at, end)
         if end < 0 or head_end < 0:
@@ -2098,11 +2094,6 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
                 raise unreadable("its `model` field is encoded")
             found.append((head_end + 2 * len(newline), end))
         at = end + len(newline) + len(delimiter)
-        if body.startswith(b"--", at):
-            break
-        if not body.startswith(newline, at):
-            raise unreadable("a boundary line holds more than the boundary")
-        at += len(newline)
     if len(found) != 1:
         raise unreadable("it has no `model` field" if not found else "it has two `model` fields")
     start, end = found[0]
