@@ -1184,9 +1184,8 @@ def with_v1(url: str) -> str:
 # The trust boundary ##########################################################
 ###############################################################################
 
-# Everything that decides who may do what, and what crosses the gateway in either direction, is in this
-# section and nowhere else, in the order a request meets it (Go's x/net/http/httpproxy holds its rules the
-# same way):
+# Everything that decides who may do what, and what crosses the gateway in either direction, is in this section and
+# nowhere else, in the order a request meets it (Go's x/net/http/httpproxy holds its rules the same way):
 #   1. the client's address: ALLOWED_IPS, found through TRUSTED_PROXIES (screen);
 #   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
 #      Ollama holds, and that token within TOKEN_QUOTAS, MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
@@ -1195,8 +1194,7 @@ def with_v1(url: str) -> str:
 #      the provider prefix or the one provider of a door: route_model) and checked against TOKEN_MODELS and
 #      Ollama's cloud (OLLAMA_CLOUD_TOKENS), and the few edits made to it (the model's name, MODEL_DEFAULTS
 #      and MODEL_OVERRIDES, asking a stream for its usage: routed_body); every other byte goes as it came;
-#   4. the headers: the few of the client's that travel, and those of an upstream's answer that come back
-#      (crossing_headers);
+#   4. the headers: the few of the client's that travel, those of an upstream's answer that return (crossing_headers);
 #   5. what the log line may hold: never a body, a token or a key (log_exchange).
 
 
@@ -1252,9 +1250,8 @@ AUTH_FAILURES = {
                       "as `Authorization: Bearer <token>` (or as `x-api-key`, or as the password of HTTP Basic).",
     "empty token": "The request names no token: `Bearer` (or `x-api-key`) with nothing after it. Put the "
                    "gateway's token in the API key field of your app.",
-    "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the "
-                  "password. Send the gateway's token as `Authorization: Bearer <token>` (the API key field of "
-                  "your app).",
+    "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the password. "
+                  "Send the gateway's token as `Authorization: Bearer <token>` (the API key field of your app).",
     "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
                      "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
                      "tokens (MODELGATE_TOKEN).",
@@ -1536,12 +1533,11 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
 
 
 def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream: each field that names a model (Route.models)
-    routed, checked and its value replaced (named_model), before anything is sent; the fields of MODEL_OVERRIDES,
-    and those of MODEL_DEFAULTS the client did not send, spliced in (request_edits); for a chat or completions
-    stream whose client did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte
-    is as the client sent it; a route whose body need not name a model relays it as it is. Notes provider and
-    model on the exchange."""
+    """The request's JSON object, and the body as it goes upstream: each field that names a model (Route.models) routed,
+    checked and its value replaced (named_model), before anything is sent; the fields of MODEL_OVERRIDES, and those of
+    MODEL_DEFAULTS the client did not send, spliced in (request_edits); for a chat or completions stream whose client
+    did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the client sent it; a
+    route whose body need not name a model relays it as it is. Notes provider and model on the exchange."""
     if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
         bounded(body)
     try:
@@ -1673,16 +1669,14 @@ _skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool,
 
 
 def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
-    """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level
-    keys in `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last of a key
-    written twice, as json.loads keeps the last). None and {} for valid JSON that is not an object;
-    json.JSONDecodeError for what is not JSON. Every value is checked with json's own scanner; one not read is
-    dropped as it is read (_skip_value), never kept: the memory it takes is bounded() before.
-
-    A key in `read` must be written once, in lower case, else 400. Ollama is written in Go, whose encoding/json
-    takes "Model" or "NAME" for "model" or "name", the last one winning: such a key would make Ollama run a model
-    other than the one routed and checked here. Of a key written twice, Go and Python keep the last, but an
-    OpenAI-compatible server that keeps the first would run the other model."""
+    """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level keys in
+    `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last of a key written
+    twice, as json.loads keeps the last). None and {} for valid JSON that is not an object; json.JSONDecodeError for
+    what is not JSON. Each value is checked by json's own scanner; one not read is dropped as it is read
+    (_skip_value), never kept: the memory it takes is bounded() before. A key in `read` must be written once, in lower
+    case, else 400. Ollama is written in Go, whose encoding/json takes "Model" or "NAME" for "model" or "name", the last
+    one winning: such a key would make Ollama run a model other than the one routed and checked here. Of a key written
+    twice, Go and Python keep the last; an OpenAI-compatible server that keeps the first runs the other model."""
     ws = _WHITESPACE.match
     at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
     document: dict[str, Any] | None = {}
@@ -1732,9 +1726,8 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     return document, spans
 
 
-# One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it
-# (TOKEN_MODELS), and what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at
-# `provider/name`.
+# One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it (TOKEN_MODELS), and
+# what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at `provider/name`.
 
 
 def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
@@ -1907,19 +1900,17 @@ def ollama_name(name: str) -> str:
 
 
 def cloud_refusal(token: str, what: str) -> GatewayError:
-    return GatewayError("cloud_not_allowed", f"{what}, under the ollama.com account of this Ollama's owner, and "
-                        f"the token {token!r} may not use Ollama's cloud: only the token names in "
-                        "OLLAMA_CLOUD_TOKENS may. Use a local model, or ask the gateway's owner to add the "
-                        "token's name to OLLAMA_CLOUD_TOKENS.")
+    return GatewayError("cloud_not_allowed", f"{what}, under the ollama.com account of this Ollama's owner, and the "
+                        f"token {token!r} may not use Ollama's cloud: only the token names in OLLAMA_CLOUD_TOKENS may. "
+                        "Use a local model, or ask the gateway's owner to add the token's name to OLLAMA_CLOUD_TOKENS.")
 
 
 def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
-    """For a token outside OLLAMA_CLOUD_TOKENS, a model no list of Ollama's models read in the last
-    CLOUD_LIST_SECONDS shows local, when the list could not be read again: the failure that kept it (502 or 504,
-    and what to check), saying what was not done. Not 403 cloud_not_allowed: the model may well be local, and a 403
-    tells the user it is not and is never retried; an Ollama that cannot list its models is in trouble, as a stopped
-    one is, and the SDKs retry a 502 or 504, whose next try asks for the list again (issue 19: nothing goes to
-    ollama.com on a guess)."""
+    """For a token outside OLLAMA_CLOUD_TOKENS, a model no list of Ollama's models read in the last CLOUD_LIST_SECONDS
+    shows local, when the list could not be read again: the failure that kept it (502 or 504, and what to check), saying
+    what was not done. Not 403 cloud_not_allowed: the model may well be local, and a 403 tells the user it is not and is
+    never retried; an Ollama that cannot list its models is in trouble, as a stopped one is, and the SDKs retry a 502 or
+    504, whose next try asks for the list again (issue 19: nothing goes to ollama.com on a guess)."""
     return GatewayError(failure.situation, f"Ollama's list of models (GET /api/tags), which tells whether the model "
                         f"{asked!r} runs on ollama.com under the account of this Ollama's owner, could not be read, "
                         f"and the token {token!r} may not use Ollama's cloud (only the token names in "
@@ -2120,10 +2111,9 @@ def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     return body if name == model else body[:start] + name.encode() + body[end:]
 
 
-# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for
-# backward compatibility, including the non-standard Proxy-Connection that libcurl still sends).
-# They describe one connection and never cross the gateway, in either direction, nor does any header
-# that a Connection header names.
+# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for backward
+# compatibility, including the non-standard Proxy-Connection that libcurl still sends). They describe one connection and
+# never cross the gateway, in either direction, nor does any header that a Connection header names.
 HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 
