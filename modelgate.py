@@ -1533,11 +1533,9 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
 
 
 def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream: each field that names a model (Route.models) routed,
-    checked and its value replaced (named_model), before anything is sent; the fields of MODEL_OVERRIDES, and those of
-    MODEL_DEFAULTS the client did not send, spliced in (request_edits); for a chat or completions stream whose client
-    did not ask for usage, stream_options.include_usage (Route.asks_usage). Every other byte is as the client sent it; a
-    route whose body need not name a model relays it as it is. Notes provider and model on the exchange."""
+    """The request's JSON object, and the body as it goes upstream, every byte as the client sent it but these edits,
+    made before anything is sent: each model field's value (named_model), MODEL_OVERRIDES and MODEL_DEFAULTS
+    (request_edits), a stream's stream_options (asked_for_usage). Notes provider and model on the exchange."""
     if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
         bounded(body)
     try:
@@ -1672,10 +1670,9 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level keys in
     `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last of a key written
     twice, as json.loads keeps the last). None and {} for valid JSON that is not an object; json.JSONDecodeError for
-    what is not JSON. Each value is checked by json's own scanner; one not read is dropped as it is read
-    (_skip_value), never kept: the memory it takes is bounded() before. A key in `read` must be written once, in lower
-    case, else 400. Ollama is written in Go, whose encoding/json takes "Model" or "NAME" for "model" or "name", the last
-    one winning: such a key would make Ollama run a model other than the one routed and checked here. Of a key written
+    what is not JSON (each value checked by json's own scanner). A key in `read` must be written once, in lower case,
+    else 400. Ollama is written in Go, whose encoding/json takes "Model" or "NAME" for "model" or "name", the last one
+    winning: such a key would make Ollama run a model other than the one routed and checked here. Of a key written
     twice, Go and Python keep the last; an OpenAI-compatible server that keeps the first runs the other model."""
     ws = _WHITESPACE.match
     at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
@@ -1732,10 +1729,9 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
 
 def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
                 text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
-    """The model that one tuple of Route.models names, as (what was sent, where it goes), each of
-    its fields that is set routed, checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS (check_cloud; a name
-    Ollama's list lacks is noted in ex.unlisted) and its new value put in `replaced`; None when
-    none is set (absent, null or "", which Go leaves empty). 400 when two of them name different models."""
+    """The model that one tuple of Route.models names, as (what was sent, where it goes), each field that is set
+    routed, checked (TOKEN_MODELS, check_cloud) and its new value put in `replaced`; None when none is set (absent,
+    null or "", which Go leaves empty). 400 when two of them name different models."""
     found = None
     for field in fields:
         model = document.get(field)
@@ -1954,10 +1950,9 @@ def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
 
 def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
                   overrides: dict[str, Any], replaced: dict[str, str], added: list[tuple[str, str]]) -> None:
-    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text` (its members at `spans`),
-    as edits for spliced(): an override replaces the client's value, a default fills in only what it lacks,
-    and where the client's value and theirs are both objects (Ollama's `options`) that is decided key by
-    key inside the client's object, whose other bytes stay as they are."""
+    """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
+    replaces the client's value, a default fills in only what it lacks, and where the client's value and theirs are
+    both objects (Ollama's `options`) that is decided key by key inside the client's object."""
     for field in {**defaults, **overrides}:
         default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
         if field not in spans:
@@ -1982,9 +1977,9 @@ NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not se
 
 def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
                     added: list[tuple[str, str]]) -> bool:
-    """For a stream whose client did not ask for usage, stream_options with include_usage in place of the
-    client's, or added; True then (the usage event is ModelGate's). False when the client asked, or sent
-    stream_options that are not an object (left for the upstream to judge)."""
+    """For a stream whose client did not ask for usage, stream_options with include_usage in place of the client's,
+    or added; True then (the usage event is ModelGate's). False when the client asked, or sent stream_options that
+    are not an object (left for the upstream to judge)."""
     options = document.get("stream_options")
     if options is not None and not (isinstance(options, dict) and options.get("include_usage") is not True):
         return False
@@ -1998,9 +1993,8 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
 
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
             added: list[tuple[str, str]]) -> str:
-    """The client's JSON object with the values of some top-level keys replaced and members added after
-    its last value (compact: `,"key":value`), or, in an empty object, after its `{`; every other character
-    exactly as the client wrote it."""
+    """The client's JSON object with the values of some top-level keys replaced and members added after its last
+    value (`,"key":value`), or after the `{` of an empty one; every other character as the client wrote it."""
     edits = []
     for key, value in replaced.items():
         edits.append((*spans[key], value))
@@ -2130,10 +2124,9 @@ DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"s
 
 
 def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -> Headers:
-    """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one:
-    of a client's request, those in `travel` (FORWARDED_REQUEST_HEADERS and its dialect's own: Gateway.dispatch
-    keeps them as Exchange.forward); of an upstream's answer (no `travel`), all but DROPPED_RESPONSE_HEADERS
-    and CORS's (ModelGate answers CORS itself)."""
+    """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one: of a
+    client's request, those in `travel` (FORWARDED_REQUEST_HEADERS and its dialect's own: Exchange.forward); of an
+    upstream's answer (no `travel`), all but DROPPED_RESPONSE_HEADERS and CORS's (ModelGate answers CORS itself)."""
     drop, kept = HOP_BY_HOP, []
     for name, value in headers:  # and every header that a Connection header names (RFC 9110 §7.6.1)
         if name.lower() == b"connection":
