@@ -1218,9 +1218,7 @@ def parse_ip(text: str) -> Address | None:
     except ValueError:
         return None
     # A dual-stack socket shows an IPv4 client as ::ffff:a.b.c.d; ALLOWED_IPS lists it as a.b.c.d.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
@@ -1510,10 +1508,9 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
         return body
     wbits = DECODED.get(encoding)
     if wbits is None:
-        shown = printable(encoding.decode("latin-1"))
-        raise GatewayError("unsupported_encoding", f"The request body is encoded as {shown!r} "
-                           "(Content-Encoding), which ModelGate cannot decode to read the model it names. Send it "
-                           "as it is, or gzip-encoded.")
+        raise GatewayError("unsupported_encoding", "The request body is encoded as "
+                           f"{printable(encoding.decode('latin-1'))!r} (Content-Encoding), which ModelGate cannot "
+                           "decode to read the model it names. Send it as it is, or gzip-encoded.")
     parts, size = [], 0
     while body:  # one gzip member after another, as Go's gzip reader reads them
         decoder = zlib.decompressobj(wbits)
@@ -1725,7 +1722,6 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
 
 # One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it (TOKEN_MODELS), and
 # what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at `provider/name`.
-
 
 def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
                 text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
