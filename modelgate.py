@@ -4093,13 +4093,18 @@ CLOUD_LIST_SECONDS = 60.0
 OWN_AGENT = (b"user-agent", b"ModelGate/" + __version__.encode())
 
 
+# How an HTTP server says it has no such door: no route (404), not for GET (405), no GET at all (501: Python's
+# http.server without do_GET). Every Ollama answers GET /api/tags, so such a server is no Ollama and has no stubs.
+NO_SUCH_DOOR = frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.METHOD_NOT_ALLOWED, HTTPStatus.NOT_IMPLEMENTED})
+
+
 class CloudModels:
     """Which of Ollama's models are cloud stubs (check_cloud): from GET /api/tags of every Ollama host, where a
     stub lists a remote_host. Fetched when a request first needs it, again when a request names a model it
     lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
     share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
     to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
-    When none answers the list stays as it was. A host that answers /api/tags 404 (it is no Ollama: every
+    When none answers the list stays as it was. A host that has no /api/tags (NO_SUCH_DOOR: it is no Ollama, every
     Ollama has /api/tags) has no stubs to list; when every one does, no name needs looking up again until the
     list is old. A list that could not be read (any other error status, no answer, no answer in time) is noted
     in `unread`: a name no list read shows local may be a stub there (unplaced)."""
@@ -4107,7 +4112,7 @@ class CloudModels:
     def __init__(self) -> None:
         self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
         self.stubs: frozenset[str] = frozenset()
-        self.no_tags = False  # every host answered /api/tags 404: no Ollama, so no stub, whatever the name
+        self.no_tags = False  # no host has /api/tags (NO_SUCH_DOOR): no Ollama, so no stub, whatever the name
         self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
@@ -4133,7 +4138,7 @@ class CloudModels:
         for host, document in zip(hosts, documents):
             if isinstance(document, BaseException) and not isinstance(document, GatewayError):
                 raise document  # a bug of ours
-            if isinstance(document, Answer) and document.status != HTTPStatus.NOT_FOUND:
+            if isinstance(document, Answer) and document.status not in NO_SUCH_DOOR:
                 said = f"{document.status} {PHRASES.get(document.status, '')}".strip()
                 document = GatewayError("upstream_unavailable", f"Ollama answered it {said}: try again shortly, or "
                                         "see Ollama's log.", detail=f"{upstream.where(host)} answered /api/tags "

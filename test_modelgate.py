@@ -6864,6 +6864,18 @@ async def test_a_stub_pulled_later_is_refused_at_its_first_use_and_a_replaced_mo
     assert all(lookup.header("user-agent") == f"ModelGate/{modelgate.__version__}" for lookup in up.lookups)
 
 
+@pytest.mark.parametrize("status", [405, 501])
+async def test_an_upstream_that_says_it_has_no_api_tags_has_no_cloud_stubs(status: int) -> None:
+    """A server at OLLAMA_BASE_URL that answers GET /api/tags 405 or 501 (a plain HTTP server without GET, say)
+    has no such door, as with 404: it is no Ollama and has no cloud stubs, and every model goes through."""
+    async with upstream(routed_reply({"/api/tags": json_reply(status, raw=b"no such door"),
+                                      V1_CHAT: json_reply()})) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        up.tags = None  # the reply above answers /api/tags
+        answers = [await chat(app, b'{"model": "m%d", "messages": []}' % n) for n in range(3)]
+    assert [answer.status for answer in answers] == [200] * 3
+    assert [request.target for request in up.requests] == ["/api/tags", V1_CHAT, V1_CHAT, V1_CHAT]
+
+
 async def test_an_upstream_without_api_tags_is_asked_for_it_once_a_minute() -> None:
     """An OpenAI-compatible server at OLLAMA_BASE_URL that is no Ollama (404 on /api/tags) has no cloud stubs:
     its list is asked for once, not before every request."""
