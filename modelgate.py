@@ -1418,14 +1418,11 @@ class Limits:
             raise GatewayError("too_many_in_flight", f"This token already has as many requests in flight as "
                                f"MAX_CONCURRENT_PER_TOKEN allows ({in_flight}). Wait for one to finish.",
                                [(b"retry-after", b"1")])
-        if self.bucket is not None:
-            wait = self.bucket.take(name, time.monotonic())
-            if wait:
-                count(self.metrics.rate_limited, (name, "rpm"))
-                seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
-                raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM ({self.rpm} "
-                                   f"requests a minute). Try again in {seconds} s.",
-                                   [(b"retry-after", b"%d" % seconds)])
+        if self.bucket is not None and (wait := self.bucket.take(name, time.monotonic())):
+            count(self.metrics.rate_limited, (name, "rpm"))
+            seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
+            raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM ({self.rpm} requests a "
+                               f"minute). Try again in {seconds} s.", [(b"retry-after", b"%d" % seconds)])
         if self.max_in_flight:
             self.in_flight[name] = in_flight + 1
         return bool(self.max_in_flight)
@@ -1551,7 +1548,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    route, replaced, first = ROUTES[ex.route], {}, None
+    route, replaced, added, first = ROUTES[ex.route], {}, [], None
     for group in route.models:
         found = named_model(ex, document, group, config, replaced, text, spans, cloud)
         if found is None and first is None and route.model_required:  # (no route that needs one names two)
@@ -1568,7 +1565,6 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if first is None:
         return document, body
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
-    added: list[tuple[str, str]] = []
     if (config.model_defaults or config.model_overrides) and route.model_required:
         model_id = ex.routed.id
         request_edits(text, spans, fields_for(config.model_defaults, model_id),
@@ -1855,8 +1851,7 @@ def check_cloud(config: Config, token: str, provider: str, name: str, asked: str
         return False
     if cloud_suffix(name):
         raise cloud_refusal(token, f"The model {asked!r} is one of Ollama's cloud models: it runs on ollama.com")
-    stub = cloud_stub(cloud, name)
-    if stub:
+    if stub := cloud_stub(cloud, name):
         raise cloud_refusal(token, f"The model {asked!r} is a cloud model in Ollama (pulled from ollama.com, it "
                             "lists a remote_host): it runs on ollama.com")
     return stub is None
