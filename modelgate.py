@@ -1281,7 +1281,7 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
             scheme, _, credential = value.strip().partition(b" ")
             scheme, credential = scheme.lower(), credential.strip()
             if scheme == b"basic":
-                basic = True
+                basic = basic or bool(credential)  # `Basic` alone is no Basic credentials (`not Bearer`)
                 try:
                     pair = base64.b64decode(credential, validate=True)
                 except ValueError:  # binascii.Error
@@ -2736,6 +2736,8 @@ class Gateway:
         if self.closing and not route.while_closing:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
         admit(ex, route, config, self.limits, self.usage)
+        if route.queued and self.queue is not None:  # its wait in the queue, shown also when it is refused
+            ex.queued = 0.0
         crossed: tuple = ()  # what the boundary made of the body (Route.reads), for the handler
         if route.reads:
             body = await read_body(ex, config)
@@ -2743,6 +2745,7 @@ class Gateway:
                 return None
             crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
                 routed_body(ex, body, config, self.cloud)
+            del body  # the body as read: an edited one goes upstream as a copy, and this one is no longer held
         ex.forward = crossing_headers(ex.headers, FORWARDED_REQUEST_HEADERS | ex.dialect.forwarded)
         return await handler(ex, *crossed)
 
@@ -2751,8 +2754,6 @@ class Gateway:
         Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
         relayed."""
         route = ROUTES[ex.route]
-        if route.queued and self.queue is not None:
-            ex.queued = 0.0
         if ex.unlisted and not await self.looked_up(ex):
             return None
         upstream = self.upstreams[ex.provider]
@@ -3022,6 +3023,12 @@ class Flight:
     counted: bool = False  # a waiter has taken the answer's usage: tokens used once are counted once
 
 
+def seen(task: asyncio.Task) -> None:
+    """A cancelled flight's failure read, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Coalescer:
     """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
 
@@ -3051,6 +3058,7 @@ class Coalescer:
             flight.waiters -= 1
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody is left to answer: none joins it from now on
+                flight.task.add_done_callback(seen)  # asyncio.shield reads its failure no more
                 if self.flights.get(key) is flight:
                     del self.flights[key]
         if ex is not flight.owner and flight.owner.queued is not None:
@@ -3060,8 +3068,8 @@ class Coalescer:
         return answer
 
     async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
-        """A flight's task: the answer, and the flight forgotten as soon as it is done. (Its failure is seen
-        even when every waiter has gone: asyncio.shield reads it.)"""
+        """A flight's task: the answer, and the flight forgotten as soon as it is done. (Its failure is read by
+        asyncio.shield while a waiter waits, and by seen() once none is left.)"""
         try:
             return await answer
         finally:
@@ -3102,6 +3110,15 @@ MAX_QUEUED_BYTES = 256 * 1024 * 1024
 QUEUE_RETRY_AFTER = b"10"
 
 
+# A histogram's observation (Metrics): here, where a request's first one is made, its wait for a turn.
+def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
+    counts = histogram.get(key)
+    if counts is None:  # one count per bucket, one for +Inf, then the sum
+        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
+    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
+    counts[-1] += value
+
+
 async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
                   shared: bool = False) -> Answer | None:
     """relay(), in its turn: to Ollama, on a route that runs a model, the request waits for a slot of
@@ -3111,11 +3128,13 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
         return await relay(gw, ex, upstream, path, body, stream, shared)
     # The host Upstream.send would choose now.
     ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]
-    since = time.perf_counter()
+    since, ticket = time.perf_counter(), None
     try:
         ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
-    finally:
-        ex.queued = time.perf_counter() - since  # (Metrics.record observes it)
+    finally:  # how long it waited (or was refused after): none when a slot was free
+        if ticket is None or ticket.waited:
+            ex.queued = time.perf_counter() - since
+        observe(gw.metrics.queue_waits, (ex.token,), ex.queued or 0.0, QUEUE_BUCKETS)
     try:
         return await relay(gw, ex, upstream, path, body, stream, shared)
     finally:
@@ -3162,6 +3181,7 @@ class Ticket(NamedTuple):
     slots: Slots
     share: Share
     started: float
+    waited: bool  # its turn came in the queue, rather than a slot free at once
 
 
 class Queue:
@@ -3212,14 +3232,14 @@ class Queue:
             raise
         return await self.wait(key, slots, share, size)
 
-    def start(self, key: tuple, slots: Slots, share: Share) -> Ticket:
+    def start(self, key: tuple, slots: Slots, share: Share, waited: bool = False) -> Ticket:
         started = self.clock()
         slots.running += 1
         share.running.append(started)
-        return Ticket(key, slots, share, started)
+        return Ticket(key, slots, share, started, waited)
 
     def release(self, ticket: Ticket) -> None:
-        key, slots, share, started = ticket
+        key, slots, share, started, _ = ticket
         now = self.clock()
         slots.running -= 1
         share.running.remove(started)
@@ -3301,7 +3321,7 @@ class Queue:
             waiter = turn.waiters[0]
             self.dequeue(key, slots, waiter)
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
-                waiter.future.set_result(self.start(key, slots, turn))
+                waiter.future.set_result(self.start(key, slots, turn, waited=True))
             self.forget(key, slots, turn)
 
 ###############################################################################
@@ -4629,14 +4649,6 @@ def count(counter: dict[tuple, int], key: tuple) -> None:
     counter[key] = counter.get(key, 0) + 1
 
 
-def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
-    counts = histogram.get(key)
-    if counts is None:  # one count per bucket, one for +Inf, then the sum
-        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
-    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
-    counts[-1] += value
-
-
 class Metrics:
     """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values, and
     two gauges.
@@ -4665,8 +4677,6 @@ class Metrics:
         observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
         if ex.ttfb is not None:
             observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
-        if ex.host is not None:  # it went to the queue (Gateway.relayed)
-            observe(self.queue_waits, (ex.token,), ex.queued, QUEUE_BUCKETS)
         if ex.usage is None:
             return
         # The model is the client's word, which the upstream accepted (Ollama takes Qwen2.5 for qwen2.5): past
