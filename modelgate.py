@@ -1315,19 +1315,13 @@ def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...]
     matches = list(itertools.starmap(hmac.compare_digest, itertools.product(credentials, tokens)))
     if True in matches:
         return names[matches.index(True) % len(tokens)]
-    if credentials:
-        failure = named_token_failure(credentials, tokens)
+    if credentials:  # an unknown token; one sent as `name:token` is told to leave out its name
+        bare = [credential.partition(b":")[2] for credential in credentials
+                if TOKEN_NAME.fullmatch(credential.partition(b":")[0].decode("latin-1")) and b":" in credential]
+        named = [hmac.compare_digest(credential, expected) for credential in bare for expected in tokens]
+        failure = ("unknown token" if not bare else "token with its name" if True in named
+                   else "unknown token with a name")
     raise GatewayError("unauthorized", AUTH_FAILURES[failure], detail=failure)
-
-
-def named_token_failure(credentials: list[bytes], tokens: tuple[bytes, ...]) -> str:
-    """Which AUTH_FAILURES an unknown token is: one sent as `name:token` is told to leave out its name."""
-    bare = [credential.partition(b":")[2] for credential in credentials
-            if TOKEN_NAME.fullmatch(credential.partition(b":")[0].decode("latin-1")) and b":" in credential]
-    if not bare:
-        return "unknown token"
-    matches = [hmac.compare_digest(credential, expected) for credential in bare for expected in tokens]
-    return "token with its name" if True in matches else "unknown token with a name"
 
 
 # What a token not named in OLLAMA_ADMIN_TOKENS is told, by Route.access. /metrics names every app and the
@@ -2003,14 +1997,6 @@ def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, st
     return "".join(parts)
 
 
-def shown_to(config: Config, token: str, model_id: str, item: dict, cloud: CloudModels) -> bool:
-    """Whether a model of a list may be shown to the token: one of Ollama's cloud models only to a cloud token."""
-    provider, _, name = model_id.partition("/")
-    if provider != "ollama" or token in config.ollama_cloud_tokens:
-        return True
-    return not (cloud_suffix(name) or "remote_host" in item or cloud_stub(cloud, name))
-
-
 def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
                 names: tuple[str, ...] = ("id",), aliases: bool = True,
                 cloud: CloudModels | None = None) -> list[tuple[str, dict]]:
@@ -2018,9 +2004,12 @@ def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect:
     models TOKEN_MODELS lets it use, then each alias whose target is listed and within them, as an entry of its
     own named by the alias under `names` (OpenAI's id; Ollama's name and model). An alias to a provider that is
     not configured, or not behind the door of `dialect`, is left out. With `cloud`, Ollama's cloud models (and
-    aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only (shown_to)."""
+    aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only."""
     def shown(model_id: str, item: dict) -> bool:
-        return may_use(config, token, model_id) and (cloud is None or shown_to(config, token, model_id, item, cloud))
+        provider, _, name = model_id.partition("/")
+        return may_use(config, token, model_id) and not (
+            cloud is not None and provider == "ollama" and token not in config.ollama_cloud_tokens
+            and (cloud_suffix(name) or "remote_host" in item or cloud_stub(cloud, name)))
 
     seen = [(model_id, item) for model_id, item in models.items() if shown(model_id, item)]
     for alias in config.model_aliases if aliases else ():
