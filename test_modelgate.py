@@ -943,13 +943,25 @@ class GatewayProcess:
     rss: int  # bytes resident after start-up and one small answer
 
 
-@asynccontextmanager
-async def gateway_process(tmp_path: Any, up: FakeUpstream, **overrides: str) -> AsyncIterator[GatewayProcess]:
-    """`python modelgate.py` in front of `up`, warmed up by one small answer."""
+async def spawn_gateway(tmp_path: Any, up: FakeUpstream, **overrides: str) -> tuple[asyncio.subprocess.Process, int]:
+    """`python modelgate.py` in front of `up`, starting; its port."""
     port = free_port()
     process = await start_command_line(tmp_path, {
         "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port), **overrides},
         preexec_fn=address_space_of_1_gib)
+    return process, port
+
+
+@asynccontextmanager
+async def gateway_process(tmp_path: Any, up: FakeUpstream, **overrides: str) -> AsyncIterator[GatewayProcess]:
+    """`python modelgate.py` in front of `up`, warmed up by one small answer."""
+    async with warmed_up(*await spawn_gateway(tmp_path, up, **overrides)) as gateway:
+        yield gateway
+
+
+@asynccontextmanager
+async def warmed_up(process: asyncio.subprocess.Process, port: int) -> AsyncIterator[GatewayProcess]:
+    """A spawned gateway once it serves, warmed up by one small answer; killed afterwards."""
     output = None
     try:
         await read_until_serving(process, 30)
@@ -3383,22 +3395,49 @@ BODY_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("body, status", BODY_SHAPES)
-async def test_a_body_of_any_shape_costs_at_most_four_times_its_size(tmp_path: Any, body: bytes, status: int) -> None:
-    """Issue 17, hole 4: while a body at MAX_BODY_BYTES is read, checked and relayed, `python modelgate.py` grows
-    by at most four times its size, whatever its JSON shape; a shape no client sends that would cost more is a
-    413 that says why, before anything is sent, and real requests of that size reach the upstream unchanged."""
-    async with upstream(json_reply()) as up, \
-            gateway_process(tmp_path, up, MAX_BODY_BYTES=str(SHAPE_BODY_BYTES), COALESCE="off") as gw:
-        head, _, tail = await post_over_a_socket(gw.port, body, keep=MIB)
-        growth = memory(gw.pid)["VmHWM"] - gw.rss
-        sent = [request.body for request in up.requests if b"warm-up" not in request.body]
-    assert head.startswith(b"HTTP/1.1 %d " % status), head
-    assert growth <= 4 * len(body), f"the gateway grew by {growth / MIB:.0f} MiB for a {len(body) / MIB:.0f} MiB body"
-    if status == 413:
-        assert b"memory" in tail and sent == []
-    else:
-        assert sent == [body]
+class TestBodyShapes:
+    """Each shape goes to a `python modelgate.py` of its own, whose growth is what is measured; all of them are
+    started at once, when the first case runs, so that their start-ups overlap on the machine's cores."""
+
+    @pytest.fixture(scope="class")
+    async def spawned(self, tmp_path_factory: pytest.TempPathFactory
+                      ) -> AsyncIterator[list[tuple[FakeUpstream, asyncio.subprocess.Process, int]]]:
+        """A fake upstream and a starting gateway in front of it for each shape, in the order of BODY_SHAPES."""
+        spawned: list[tuple[FakeUpstream, asyncio.subprocess.Process, int]] = []
+        try:
+            for _ in BODY_SHAPES:
+                up = await FakeUpstream(json_reply()).start()
+                spawned.append((up, *await spawn_gateway(tmp_path_factory.mktemp("shape"), up, COALESCE="off",
+                                                         MAX_BODY_BYTES=str(SHAPE_BODY_BYTES))))
+            yield spawned
+        finally:
+            for up, process, _ in spawned:
+                if process.returncode is None:  # a case that did not run
+                    process.kill()
+                    await process.communicate()
+                up.server.close()
+
+    @pytest.mark.parametrize("number, body, status", [(n, *shape) for n, shape in enumerate(BODY_SHAPES)],
+                             ids=[f"body{n}-{status}" for n, (_, status) in enumerate(BODY_SHAPES)])
+    async def test_a_body_of_any_shape_costs_at_most_four_times_its_size(
+            self, spawned: list[tuple[FakeUpstream, asyncio.subprocess.Process, int]], number: int, body: bytes,
+            status: int) -> None:
+        """Issue 17, hole 4: while a body at MAX_BODY_BYTES is read, checked and relayed, `python modelgate.py`
+        grows by at most four times its size, whatever its JSON shape; a shape no client sends that would cost
+        more is a 413 that says why, before anything is sent, and real requests of that size reach the upstream
+        unchanged."""
+        up, process, port = spawned[number]
+        async with warmed_up(process, port) as gw:
+            head, _, tail = await post_over_a_socket(gw.port, body, keep=MIB)
+            growth = memory(gw.pid)["VmHWM"] - gw.rss
+            sent = [request.body for request in up.requests if b"warm-up" not in request.body]
+        assert head.startswith(b"HTTP/1.1 %d " % status), head
+        assert growth <= 4 * len(body), \
+            f"the gateway grew by {growth / MIB:.0f} MiB for a {len(body) / MIB:.0f} MiB body"
+        if status == 413:
+            assert b"memory" in tail and sent == []
+        else:
+            assert sent == [body]
 
 
 # The text of a page to translate: any mix of the characters JSON's structure is made of, and of others.
