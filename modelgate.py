@@ -1673,11 +1673,10 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
         while more:
             if text[at] != '"':
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
-            start = at
-            key, at = json.decoder.scanstring(text, at + 1)
+            key, end = json.decoder.scanstring(text, at + 1)
             if not key.isascii():  # the key as the client wrote it, in UTF-8
-                key = json.loads(text[start:at].encode("latin-1"))
-            at = ws(text, at).end()
+                key = json.loads(text[at:end].encode("latin-1"))
+            at = ws(text, end).end()
             if text[at] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
             at = ws(text, at + 1).end()
@@ -1946,8 +1945,7 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
                 value = over(override, default)
             added.append((field, compact_json(value)))
         elif text[spans[field][0]] == "{" and isinstance(default if override is NOT_SET else override, dict):
-            start, end = spans[field]
-            inner, inner_replaced, inner_added = text[start:end], {}, []
+            inner, inner_replaced, inner_added = text[slice(*spans[field])], {}, []
             _, inner_spans = parse_body(inner, frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_replaced, inner_added)
@@ -2136,14 +2134,12 @@ def printable(text: str) -> str:
 
 def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
     prompt, completion = ex.usage or (None, None)
-    return {
-        "method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
-        "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
-        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000),
-        "queued_ms": None if ex.queued is None else round(ex.queued * 1000), "prompt_tokens": prompt,
-        "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
-        "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-",
-    }
+    return {"method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
+            "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
+            "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000),
+            "queued_ms": None if ex.queued is None else round(ex.queued * 1000), "prompt_tokens": prompt,
+            "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
+            "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-"}
 
 
 def log_exchange(ex: Exchange, seconds: float) -> None:
