@@ -1489,13 +1489,12 @@ async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error:
 # routes read no encoded body; only its cloud passthrough decodes zstd: server/cloud_proxy.go). Any other
 # encoding is refused (415): a body whose model ModelGate could not read is never forwarded.
 DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
-NOT_ENCODED = (b"", b"identity")
 
 
 def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
     """The body decoded from its Content-Encoding; 415 for one ModelGate cannot decode, 413 past `limit`."""
     encoding = encoding.strip().lower()
-    if encoding in NOT_ENCODED:
+    if encoding in (b"", b"identity"):
         return body
     wbits = DECODED.get(encoding)
     if wbits is None:
