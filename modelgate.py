@@ -2154,9 +2154,12 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
     coalesced = " coalesced" if ex.coalesced else ""
     queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
     error = f" error={ex.error}" if ex.error else ""
-    line = (f"{ex.method} {printable(ex.path)} {ex.status} {ex.provider} {printable(ex.model)} {seconds * 1000:.0f}ms "
+    # Its fields are separated by spaces: one in a path, a model or an upstream's request id would forge one.
+    path, model = printable(ex.path).replace(" ", "\\x20"), printable(ex.model).replace(" ", "\\x20")
+    request_id = printable(ex.request_id.decode("latin-1")).replace(" ", "\\x20") or "-"
+    line = (f"{ex.method} {path} {ex.status} {ex.provider} {model} {seconds * 1000:.0f}ms "
             f"{ex.bytes_out}B{ttfb}{queued}{used} token={ex.token} client={ex.client}{coalesced}{error} "
-            f"id={ex.request_id.decode('latin-1') or '-'}")
+            f"id={request_id}")
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
                               extra={"exchange": (ex, seconds)}))
 
