@@ -24,6 +24,7 @@ import json.scanner
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -414,10 +415,16 @@ def ollama_like(models: Any = OLLAMA_MODELS, native: bool = True) -> Reply:
 
 
 def free_port() -> int:
-    """A loopback port nothing holds (the socket that found it is closed again)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing holds (the socket that found it is closed again), below the kernel's ephemeral
+    range (Linux: 32768 and up): there no port the kernel picks for a connection or for a bind to port 0 can
+    take it before the gateway started with it binds it."""
+    while True:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", random.randrange(20000, 32768)))
+            except OSError:  # held: try another
+                continue
+            return sock.getsockname()[1]
 
 
 def refused_url() -> str:
