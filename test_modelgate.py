@@ -5878,18 +5878,42 @@ ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("arguments, status, says", ARGUMENTS)
-async def test_command_line_arguments_never_start_a_server_by_mistake(tmp_path: Any, arguments: list[str],
-                                                                       status: int, says: str) -> None:
-    """--help and --version answer and exit; an unknown argument is an error showing the usage. None of them
-    starts a server, even with every setting in place."""
-    port = free_port()
-    code, output = await run_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": "127.0.0.1",
-                                                     "PORT": str(port)}, *arguments)
-    assert code == status and says in output, output
-    assert "startup" not in output and "listening on" not in output
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))  # nothing holds the port
+class TestArguments:
+    """Each command line runs in a process of its own; all of them start at once, when the first case runs, so
+    that their start-ups overlap on the machine's cores."""
+
+    @pytest.fixture(scope="class")
+    async def started(self, tmp_path_factory: pytest.TempPathFactory
+                      ) -> AsyncIterator[list[tuple[int, asyncio.subprocess.Process]]]:
+        """For each of ARGUMENTS, in order: the port its settings name, and its process."""
+        started: list[tuple[int, asyncio.subprocess.Process]] = []
+        try:
+            for arguments, _, _ in ARGUMENTS:
+                port = free_port()
+                env = {"MODELGATE_TOKEN": TOKEN, "HOST": "127.0.0.1", "PORT": str(port)}
+                started.append((port, await start_command_line(tmp_path_factory.mktemp("arguments"), env,
+                                                               *arguments)))
+            yield started
+        finally:
+            for _, process in started:
+                if process.returncode is None:  # a case that did not run, or a server started by mistake
+                    process.kill()
+                await process.communicate()
+
+    @pytest.mark.parametrize("number, arguments, status, says", [(n, *row) for n, row in enumerate(ARGUMENTS)],
+                             ids=[f"arguments{n}-{status}-{says}" for n, (_, status, says) in enumerate(ARGUMENTS)])
+    async def test_command_line_arguments_never_start_a_server_by_mistake(
+            self, started: list[tuple[int, asyncio.subprocess.Process]], number: int, arguments: list[str],
+            status: int, says: str) -> None:
+        """--help and --version answer and exit; an unknown argument is an error showing the usage. None of them
+        starts a server, even with every setting in place."""
+        port, process = started[number]
+        output = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+        code = await process.wait()
+        assert code == status and says in output, output
+        assert "startup" not in output and "listening on" not in output
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # nothing holds the port
 
 
 HOUSEHOLD = f"webui:{TOKEN},homeassistant:{OTHER_TOKEN},fluentread:{ADMIN}"
@@ -6020,26 +6044,52 @@ CHECK_FAILURES = [
 ]
 
 
-@pytest.mark.parametrize("kind, says", CHECK_FAILURES)
-async def test_check_names_what_is_wrong_with_each_upstream_and_exits_1(tmp_path: Any, kind: str, says: str) -> None:
-    """--check against an upstream that refuses, one without /v1 in the URL, one that is not HTTP, plain HTTP
-    asked for https, a key refused: one line saying what is wrong and what to do, exit 1."""
-    replies = {"not http": raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n"), "not Ollama": ollama_like(native=False),
-               "key refused": json_reply(401, raw=b"unauthorized", content_type="text/plain")}
-    async with upstream(replies.get(kind, ollama_like())) as up, listener(answer_400) as tls_port:
-        origin = up.url.removesuffix("/v1")
-        url = {"refusing": refused_url(), "no /v1": origin, "/api": origin + "/api", "not Ollama": origin,
-               "https to http": f"https://127.0.0.1:{tls_port}/v1"}.get(kind, up.url)
-        env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": url, "HOST": "127.0.0.1", "PORT": str(free_port()),
-               "OLLAMA_API_KEY": OLLAMA_KEY}
-        status, output = await run_command_line(tmp_path, env, "--check")
-    assert status == 1, output
-    [failed] = [line for line in output.splitlines() if line.startswith("FAILED")]
-    assert failed.startswith(f"FAILED ollama/1 {url}: ") and says.format(url=origin) in failed, failed
-    warned = [line for line in output.splitlines() if line.startswith("warning:")]  # OLLAMA_BASE_URL without /v1
-    problems = 1 + len(warned)
-    assert output.splitlines()[-1] == f"check failed: {problems} problem{'s' * (problems > 1)}, each said above"
-    assert OLLAMA_KEY not in output and TOKEN not in output
+class TestCheckFailures:
+    """Each --check runs in a process of its own, against an upstream of its own; all of them start at once, when
+    the first case runs, so that their start-ups overlap on the machine's cores."""
+
+    @pytest.fixture(scope="class")
+    async def checked(self, tmp_path_factory: pytest.TempPathFactory
+                      ) -> AsyncIterator[dict[str, tuple[str, str, asyncio.subprocess.Process]]]:
+        """For each kind of CHECK_FAILURES: the OLLAMA_BASE_URL it was given, its origin, and its --check."""
+        replies = {"not http": raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n"), "not Ollama": ollama_like(native=False),
+                   "key refused": json_reply(401, raw=b"unauthorized", content_type="text/plain")}
+        checked: dict[str, tuple[str, str, asyncio.subprocess.Process]] = {}
+        async with listener(answer_400) as tls_port:
+            ups = [await FakeUpstream(replies.get(kind, ollama_like())).start() for kind, _ in CHECK_FAILURES]
+            try:
+                for (kind, _), up in zip(CHECK_FAILURES, ups):
+                    origin = up.url.removesuffix("/v1")
+                    url = {"refusing": refused_url(), "no /v1": origin, "/api": origin + "/api", "not Ollama": origin,
+                           "https to http": f"https://127.0.0.1:{tls_port}/v1"}.get(kind, up.url)
+                    env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": url, "HOST": "127.0.0.1",
+                           "PORT": str(free_port()), "OLLAMA_API_KEY": OLLAMA_KEY}
+                    checked[kind] = url, origin, await start_command_line(tmp_path_factory.mktemp("check"), env,
+                                                                           "--check")
+                yield checked
+            finally:
+                for _, _, process in checked.values():
+                    if process.returncode is None:  # a case that did not run
+                        process.kill()
+                    await process.communicate()
+                for up in ups:
+                    up.server.close()
+
+    @pytest.mark.parametrize("kind, says", CHECK_FAILURES)
+    async def test_check_names_what_is_wrong_with_each_upstream_and_exits_1(
+            self, checked: dict[str, tuple[str, str, asyncio.subprocess.Process]], kind: str, says: str) -> None:
+        """--check against an upstream that refuses, one without /v1 in the URL, one that is not HTTP, plain HTTP
+        asked for https, a key refused: one line saying what is wrong and what to do, exit 1."""
+        url, origin, process = checked[kind]
+        output = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+        status = await process.wait()
+        assert status == 1, output
+        [failed] = [line for line in output.splitlines() if line.startswith("FAILED")]
+        assert failed.startswith(f"FAILED ollama/1 {url}: ") and says.format(url=origin) in failed, failed
+        warned = [line for line in output.splitlines() if line.startswith("warning:")]  # OLLAMA_BASE_URL without /v1
+        problems = 1 + len(warned)
+        assert output.splitlines()[-1] == f"check failed: {problems} problem{'s' * (problems > 1)}, each said above"
+        assert OLLAMA_KEY not in output and TOKEN not in output
 
 
 async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_use(tmp_path: Any) -> None:
