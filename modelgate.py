@@ -1890,11 +1890,11 @@ def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
     what was not done. Not 403 cloud_not_allowed: the model may well be local, and a 403 tells the user it is not and is
     never retried; an Ollama that cannot list its models is in trouble, as a stopped one is, and the SDKs retry a 502 or
     504, whose next try asks for the list again (issue 19: nothing goes to ollama.com on a guess)."""
-    return GatewayError(failure.situation, f"Ollama's list of models (GET /api/tags), which tells whether the model "
-                        f"{asked!r} runs on ollama.com under the account of this Ollama's owner, could not be read, "
-                        f"and the token {token!r} may not use Ollama's cloud (only the token names in "
-                        f"OLLAMA_CLOUD_TOKENS may): nothing was sent. {failure.message}", list(failure.headers),
-                        failure.detail)
+    # What went wrong first (Ollama not running, say, is the usual case), then why nothing was sent.
+    return GatewayError(failure.situation, f"{failure.message} Nothing was sent: Ollama's list of models (GET "
+                        f"/api/tags) tells whether the model {asked!r} runs on ollama.com under the account of this "
+                        f"Ollama's owner, and could not be read, and the token {token!r} may not use Ollama's cloud "
+                        "(only the token names in OLLAMA_CLOUD_TOKENS may).", list(failure.headers), failure.detail)
 
 
 def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
@@ -4142,9 +4142,9 @@ class CloudModels:
                 raise document  # a bug of ours
             if isinstance(document, Answer) and document.status not in NO_SUCH_DOOR:
                 said = f"{document.status} {PHRASES.get(document.status, '')}".strip()
-                document = GatewayError("upstream_unavailable", f"Ollama answered it {said}: try again shortly, or "
-                                        "see Ollama's log.", detail=f"{upstream.where(host)} answered /api/tags "
-                                        f"{document.status}")
+                document = GatewayError("upstream_unavailable", f"Ollama answered GET /api/tags {said}: try again "
+                                        "shortly, or see Ollama's log.", detail=f"{upstream.where(host)} answered "
+                                        f"/api/tags {document.status}")
             if isinstance(document, GatewayError):
                 failed.append((document, host.down_until > time.monotonic()))
             else:

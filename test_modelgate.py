@@ -7053,6 +7053,16 @@ async def test_issue_19_a_stub_is_refused_while_ollamas_list_of_models_cannot_be
         assert "'plain'" in unplaced_message(answer, dialect, status, code)
 
 
+async def test_an_ollama_that_is_not_running_is_said_first_not_its_list_of_models() -> None:
+    """The usual mistake, Ollama not started: the 502 begins with what to check (that it runs, OLLAMA_BASE_URL),
+    and only then says that its list of models, which the cloud check reads, could not be read either."""
+    async with gateway(OLLAMA_BASE_URL=refused_url()) as app:
+        answer = await chat(app, b'{"model": "qwen2.5:7b", "messages": []}')
+    message = assert_error(answer, 502, "api_error", "upstream_unavailable")["message"]
+    assert message.startswith("Could not connect to ollama: refused or unreachable. Check that it is running"), message
+    assert "/api/tags" in message
+
+
 async def test_issue_19_while_ollamas_list_cannot_be_read_cloud_tokens_and_known_local_models_pass() -> None:
     """Ollama's /api/tags failing stops only what could be a stub: a model the list showed local a moment ago,
     and any model for a cloud token, still go; a name the list did not show is refused with 502."""
