@@ -148,7 +148,7 @@ import time
 import zlib
 from collections import deque
 from http import HTTPStatus
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
 import urllib.parse
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -3365,13 +3365,8 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
             return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))
         if stream and media_type(response.headers) == ex.dialect.stream_type:
             return await pump(gw, ex, upstream, response, STREAMED)
-        if shared:  # held whole to be shared (Upstream.read_held, its steps here: whole() reads on from the pool)
-            try:
-                body, complete = await whole(response.stream, MAX_HELD_ANSWER)
-            except UPSTREAM_EXCEPTIONS as exc:
-                raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-            if not complete:
-                raise upstream.too_large()
+        if shared:
+            body = await whole(upstream, response, MAX_HELD_ANSWER)
             return Answer(response.status, crossing_headers(response.headers), body, (body, body))
         return await pump(gw, ex, upstream, response, PLAIN)
     finally:
@@ -3913,20 +3908,6 @@ class Upstream:
     def where(self, host: Host | None) -> str:
         return f"{self.name}/{host.number}" if host is not None else self.name
 
-    async def read(self, response: httpcore.Response, limit: int, cut: bool = False) -> tuple[bytes, bool]:
-        """whole(), its failures translated as in send()."""
-        try:
-            return await whole(response.stream, limit, cut)
-        except UPSTREAM_EXCEPTIONS as exc:
-            raise self.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-
-    async def read_held(self, response: httpcore.Response) -> bytes:
-        """A body that must be held whole (a model list; relay's answer to share): a 502 past MAX_HELD_ANSWER."""
-        body, complete = await self.read(response, MAX_HELD_ANSWER)
-        if not complete:
-            raise self.too_large()
-        return body
-
     def too_large(self) -> GatewayError:
         self.count_failure("AnswerTooLarge")
         return GatewayError("answer_too_large", f"{self.name} answered with more than "
@@ -3939,7 +3920,7 @@ class Upstream:
                            providers: tuple[str, ...] = ()) -> Answer:
         """The upstream's error status as the client gets it, with what to check (UPSTREAM_HINTS)."""
         self.count_failure(f"http_{response.status}")
-        body, _ = await self.read(response, MAX_ERROR_BODY, cut=True)
+        body = await whole(self, response, MAX_ERROR_BODY, cut=True)
         refusal = Refusal(self.name, response.status, dialect, response.extensions.get(HOST_EXTENSION), routed,
                           providers, parsed(body))
         return upstream_error(refusal, response.headers, body)
@@ -3950,7 +3931,7 @@ class Upstream:
         try:
             if response.status >= 400:
                 return await self.error_answer(response, dialect)
-            body = await self.read_held(response)
+            body = await whole(self, response, MAX_HELD_ANSWER)
         finally:
             await response.aclose()
         try:
@@ -4939,16 +4920,22 @@ class Connection(httpcore.AsyncHTTP11Connection):
 NO_LOCK = contextlib.nullcontext()  # `async with` it does nothing (Python 3.10)
 
 
-async def whole(stream: AsyncIterable[bytes], limit: int, cut: bool = False) -> tuple[bytes, bool]:
-    """A response body and True; or, for one of more than `limit` bytes, False and, with `cut`, its first
-    `limit` bytes (and at most a chunk more), else nothing."""
+async def whole(upstream: Upstream, response: httpcore.Response, limit: int, cut: bool = False) -> bytes:
+    """An upstream's response body, held whole (an answer to share, a model list, an error's body); past `limit`
+    bytes, with `cut` its first `limit` (and at most a chunk more), else 502 answer_too_large. Failures are
+    translated as in Upstream.send."""
     chunks, size = [], 0
-    async for chunk in stream:
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return b"".join(chunks) if cut else b"", False
-    return b"".join(chunks), True
+    try:
+        async for chunk in response.stream:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                if not cut:
+                    raise upstream.too_large()
+                break
+    except UPSTREAM_EXCEPTIONS as exc:
+        raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
+    return b"".join(chunks)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
