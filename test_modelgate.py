@@ -7011,7 +7011,7 @@ def tags_failing(failure: Reply) -> Reply:
 # says there are no stubs.
 TAGS_FAILURES = [
     # Ollama's ListHandler answers 500 when it cannot read its manifests (server/routes.go)
-    ({}, json_reply(500, {"error": "open /root/.ollama/models/manifests: permission denied"}), 502,
+    ({}, json_reply(500, {"error": "open /usr/share/ollama/.ollama/models/manifests: permission denied"}), 502,
      "upstream_unavailable"),
     # a reverse proxy in front of an Ollama that is restarting
     ({}, json_reply(502, raw=b"<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html"), 502,
