@@ -2093,6 +2093,8 @@ HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"pro
 # Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked;
 # x-api-key is the gateway's token too. A dialect may let more through (Anthropic's version and beta).
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
+# With each dialect's own, made once rather than per request (Gateway.dispatch: Exchange.forward).
+TRAVELLING = {dialect.name: FORWARDED_REQUEST_HEADERS | dialect.forwarded for dialect in (OPENAI, OLLAMA, ANTHROPIC)}
 
 # What of an upstream's response does not reach the client, besides hop-by-hop headers:
 # uvicorn writes its own Date (and Server, if enabled), we compute Content-Length, CORS is ours,
@@ -2102,7 +2104,7 @@ DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"s
 
 def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -> Headers:
     """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one: of a
-    client's request, those in `travel` (FORWARDED_REQUEST_HEADERS and its dialect's own: Exchange.forward); of an
+    client's request, those in `travel` (TRAVELLING: Exchange.forward); of an
     upstream's answer (no `travel`), all but DROPPED_RESPONSE_HEADERS and CORS's (ModelGate answers CORS itself)."""
     drop, kept = HOP_BY_HOP, []
     for name, value in headers:  # and every header that a Connection header names (RFC 9110 §7.6.1)
@@ -2733,7 +2735,7 @@ class Gateway:
             crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
                 routed_body(ex, body, config, self.cloud)
             del body  # the body as read: an edited one goes upstream as a copy, and this one is no longer held
-        ex.forward = crossing_headers(ex.headers, FORWARDED_REQUEST_HEADERS | ex.dialect.forwarded)
+        ex.forward = crossing_headers(ex.headers, TRAVELLING[ex.dialect.name])
         return await handler(ex, *crossed)
 
     async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
