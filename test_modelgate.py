@@ -4025,6 +4025,18 @@ async def test_client_that_stops_reading_a_stream_is_let_go() -> None:
         assert app.upstreams["ollama"].hosts[0].pool.in_use == 0
 
 
+async def over_a_socket(base: str, request: bytes) -> bytes:
+    """`request` sent to the server at `base` (http://host:port) on a connection of its own; all it answered
+    until it closed the connection."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
 async def send_and_never_read(port: int, request: bytes) -> socket.socket:
     """Send a request on a socket with the smallest receive buffer, read the answer's head and nothing more."""
     loop = asyncio.get_running_loop()
@@ -5434,11 +5446,7 @@ async def test_internal_uvicorn_serve_installs_handle_exit_and_raises_the_signal
     before = signal.signal(signal.SIGTERM, lambda sig, frame: found_again.append(sig))
     try:
         async with serve_with(server) as base:
-            host, port = base.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
-            await asyncio.wait_for(reader.read(), 10)  # answered: serve() runs
-            writer.close()
+            await over_a_socket(base, b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")  # serve() runs
             installed = signal.getsignal(signal.SIGTERM)
             signal.raise_signal(signal.SIGTERM)  # as `kill` would: the server shuts down
         assert installed is server.handle_exit and found_again == [signal.SIGTERM]
@@ -5461,11 +5469,7 @@ async def test_internal_uvicorn_takes_sigint_and_sigterm_only_and_leaves_sighup_
     server = modelgate.uvicorn_server(modelgate.load_config(environ(HOST="127.0.0.1", PORT="1")), app,
                                       reload=reloaded.set)
     async with serve_with(server) as base:
-        host, port = base.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
-        await asyncio.wait_for(reader.read(), 10)  # answered: serve() runs
-        writer.close()
+        await over_a_socket(base, b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")  # serve() runs
         signal.raise_signal(signal.SIGHUP)
         await asyncio.wait_for(reloaded.wait(), 10)
         assert signal.getsignal(signal.SIGTERM) is server.handle_exit
@@ -6215,10 +6219,7 @@ async def test_out_of_file_descriptors_is_one_log_line_and_the_gateway_recovers(
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             for sock in silent:
                 sock.close()
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
-        health = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
+        health = await over_a_socket(base, b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
         # Before the server closes its socket: asyncio's own retries, still scheduled then, fail on a closed one.
         from_asyncio = [record for record in caplog.records if record.name == "asyncio"]
     assert health.startswith(b"HTTP/1.1 200 ")
@@ -6299,10 +6300,7 @@ class TestEarlyAnswers:
         base = await server_for(kind, settings_)
         host, port = base.removeprefix("http://").split(":")
         if "RATE_LIMIT_RPM" in settings_:  # the one request the minute allows (its server is this case's alone)
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n" + AUTH_LINE + b"\r\n")
-            await asyncio.wait_for(reader.read(), 10)
-            writer.close()
+            await over_a_socket(base, b"GET /v1/models HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n" + AUTH_LINE + b"\r\n")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(request_line.partition(b"\r\n")[0] + b" HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n"
                      + request_line.partition(b"\r\n")[2] + b"\r\n")
