@@ -164,7 +164,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
-Usage = tuple[int | None, int | None]  # (prompt, completion) tokens; None where an answer does not say
+Spent = tuple[int | None, int | None]  # (prompt, completion) tokens; None where an answer does not say
 
 log = logging.getLogger("modelgate")
 
@@ -2841,7 +2841,7 @@ class Exchange:
         self.provider = self.model = "-"
         self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
         self.routed: Routed | None = None  # where the model it named went (route_model)
-        self.usage: Usage | None = None  # what the upstream said the answer used (counted per token name)
+        self.usage: Spent | None = None  # what the upstream said the answer used (counted per token name)
         self.ends: tuple[bytes, bytes] | None = None  # a plain answer's start and end, where it says so (Answer)
         self.ttfb: float | None = None  # streams: seconds to the first chunk
         self.upstream_seconds = 0.0  # from sending upstream to the answer's end (a shared one: its first asker's)
@@ -3593,7 +3593,7 @@ class Frames:
         value = document.get(key) if isinstance(document, dict) else None
         return any(type(value) is type(v) and value == v for v in values)
 
-    def usage(self) -> Usage | None:
+    def usage(self) -> Spent | None:
         return tokens_used(self.counts, self.first or bytes(self.kept[:TAIL_BYTES]), bytes(self.kept[-TAIL_BYTES:]))
 
     def hide(self, chunk: bytes) -> bytes:
@@ -3663,7 +3663,7 @@ class Plain:
     def whole(self) -> bool:
         return True  # as far as can be known: its length, if any, is checked by h11
 
-    def usage(self) -> Usage | None:
+    def usage(self) -> Spent | None:
         return tokens_used(self.counts, self.first, self.tail)
 
 
@@ -4386,7 +4386,7 @@ USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
 OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]+)(?=[ \t\r\n]*[,}])')
 
 
-def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Usage | None:
+def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
     """The (prompt, completion) tokens an answer says it used, from its start and end where `counts` says
     (Route.usage); None when it does not say.
 
