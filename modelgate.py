@@ -217,8 +217,8 @@ SETTINGS: tuple[Setting, ...] = (
             "requests and streams in flight per token (0: off)"),
     Setting("ALLOWED_IPS", "allowed_ips", "", "allowlist", "client addresses and networks let in (empty: all)"),
     Setting("TRUSTED_PROXIES", "trusted_proxies", "", "networks", "peers whose X-Forwarded-For is believed"),
-    # FluentRead sends the same request again after 45 s without cancelling the first (CLIENTS.md):
-    # sharing the one upstream answer is what a cold Ollama needs, and it changes no answer.
+    # FluentRead sends the same request again after 45 s without cancelling the first (its translateApi.ts:
+    # timeout = 45000, maxRetries = 3): sharing the one upstream answer is what a cold Ollama needs.
     Setting("COALESCE", "coalesce", "on", "flag", "identical plain requests in flight share one upstream request"),
     Setting("METRICS_PUBLIC", "metrics_public", "0", "flag", "1: GET /metrics needs no token"),
     Setting("LOG_FORMAT", "log_format", "text", "log format", "text or json"),
@@ -263,7 +263,7 @@ def openai_error(status: int, message: str, type_: str, code: str | None) -> byt
 
 
 def openai_cut_event(message: str) -> bytes:
-    # openai-python raises APIError for any `data:` object with an "error" key (CLIENTS.md §4).
+    # openai-python raises APIError for any `data:` object with an "error" key (its src/openai/_streaming.py).
     return b"data: " + openai_error(502, message, "api_error", "upstream_stream_error") + b"\n\n"
 
 
