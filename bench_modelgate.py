@@ -1755,8 +1755,11 @@ class ScheduledOllama:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
-                body = json.loads(await reader.readexactly(length))
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length is None:  # the gateway's GET /api/tags (Ollama's cloud check): no such door here
+                    writer.write(NOT_FOUND)
+                    continue
+                body = json.loads(await reader.readexactly(int(length.group(1))))
                 async with self.locks.setdefault(body["model"], asyncio.Lock()):
                     self.served.append(body.get("user", ""))
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -1780,7 +1783,11 @@ def close_loop(loop: asyncio.AbstractEventLoop) -> None:
     tasks = asyncio.all_tasks(loop)
     for task in tasks:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+    async def ended() -> None:  # gathered on `loop`, not on the thread's default loop
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    loop.run_until_complete(ended())
     loop.close()
 
 
