@@ -2323,7 +2323,6 @@ class Gateway:
         self.coalescer: Coalescer | None = None  # None: COALESCE=off
         self.queue: Queue | None = None  # None: OLLAMA_NUM_PARALLEL=0
         self.usage: Usage | None = None  # made at start-up
-        self.retired: list[Upstream] = []  # replaced by a reload, closed at shutdown
         self.readiness = Readiness(ready_timeout)
         self.cloud = CloudModels()
         self.cloud_report: asyncio.Task | None = None  # under `python modelgate.py`: the start-up log's cloud line
@@ -2545,7 +2544,7 @@ class Gateway:
                 self.cloud.stop()
                 if self.cloud_report is not None:
                     self.cloud_report.cancel()
-                for upstream in [*self.upstreams.values(), *self.retired]:
+                for upstream in self.upstreams.values():
                     await upstream.aclose()
                 if self.usage is not None:
                     await self.usage.close()
@@ -2614,8 +2613,9 @@ class Gateway:
         changed = [s.name for s in SETTINGS if getattr(old, s.field) != getattr(config, s.field)]
         config = dataclasses.replace(config, **kept)
         if any(getattr(old, field) != getattr(config, field) for field in UPSTREAM_FIELDS):
-            # Streams running through the old ones keep them; their idle connections close at shutdown.
-            self.retired.extend(self.upstreams.values())
+            # Requests running through the old ones keep them to their end; then nothing holds them.
+            for upstream in self.upstreams.values():
+                upstream.retire()
             self.upstreams = self.make_upstreams(config)
         self.apply(config)
         if config.log_format != old.log_format:
@@ -3961,6 +3961,10 @@ class Upstream:
         for host in self.hosts:
             await host.pool.aclose()
 
+    def retire(self) -> None:
+        for host in self.hosts:
+            host.pool.retire()
+
 
 # An upstream that echoes the key ModelGate sent it (OLLAMA_API_KEY, OPENAI_API_KEY), in a header or in
 # an error body that quotes the request, would hand it to every client (issue 17). Whatever an upstream
@@ -4977,6 +4981,7 @@ class Pool:
         self.idle: deque[Connection] = deque()  # oldest first
         self.slots = asyncio.Semaphore(limit)
         self.in_use = 0
+        self.retired = False  # replaced by a reload: a connection given back is closed, not kept
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         timeouts = request.extensions["timeout"]
@@ -5007,9 +5012,19 @@ class Pool:
         self.in_use -= 1
         self.slots.release()
         if connection is not None and connection.is_idle():
-            self.idle.append(connection)
+            if self.retired:
+                connection.stream.close()
+            else:
+                self.idle.append(connection)
         while self.idle and self.idle[0].has_expired():  # the oldest first: close what outlived keep-alive
             self.idle.popleft().stream.close()
+
+    def retire(self) -> None:
+        """A reload made another pool for this upstream: close the idle connections now, and each one in use
+        when its response ends, so that a stream running across the reload goes on to its end."""
+        self.retired = True
+        while self.idle:
+            self.idle.pop().stream.close()
 
     async def aclose(self) -> None:
         while self.idle:

@@ -156,6 +156,7 @@ class FakeUpstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)  # lets held replies go on
     arrivals: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified per request
     connections: int = 0
+    ended: int = 0  # connections over (either side closed it), notified on `arrivals` too
     accepting: asyncio.Event = field(default_factory=asyncio.Event)  # a connection is being taken in
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # a connection came in
     server: asyncio.AbstractServer | None = None
@@ -210,11 +211,19 @@ class FakeUpstream:
             pass
         finally:
             writer.close()
+            self.ended += 1
+            async with self.arrivals:
+                self.arrivals.notify_all()
 
     async def received(self, count: int) -> None:
         """Wait until `count` requests have arrived in all."""
         async with self.arrivals:
             await asyncio.wait_for(self.arrivals.wait_for(lambda: len(self.requests) >= count), 10)
+
+    async def closed(self, count: int) -> None:
+        """Wait until `count` connections are over in all."""
+        async with self.arrivals:
+            await asyncio.wait_for(self.arrivals.wait_for(lambda: self.ended >= count), 10)
 
     async def hold(self, reader: asyncio.StreamReader) -> None:
         """Wait for `release`; if the gateway closes the connection first, note it and stop the reply."""
@@ -5730,6 +5739,32 @@ async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_pa
     refusal = next(line for line in log_text.splitlines() if "reload refused" in line)
     assert "TIMEOUT_SECONDS" in refusal and str(dotenv) in refusal
     assert TOKEN not in log_text and OTHER_TOKEN not in log_text
+
+
+async def test_a_reload_closes_the_old_upstream_connections_once_nothing_uses_them() -> None:
+    """A reload that changes an upstream setting closes the old pool's idle connection at once, and the one of
+    a stream that runs across the reload when that stream has ended, whole; new requests use a new connection.
+    (The old pools' connections stayed open until shutdown, one more idle set per reload.)"""
+    streamed, plain = sse_reply(hold_before=1), json_reply()
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await (streamed if request.json().get("stream") else plain)(up, request, reader, writer)
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_NUM_PARALLEL="0") as app:
+        stream = asyncio.ensure_future(chat(app, STREAM_CHAT))
+        await up.received(1)
+        before = await chat(app)  # on a second connection, idle afterwards
+        app.reload(modelgate.load_config({**app.environ, "TIMEOUT_SECONDS": "6"}), None)
+        await up.closed(1)
+        assert not stream.done() and up.connections == 2
+        after = await chat(app)
+        up.release.set()
+        answer = await stream
+        await up.closed(2)
+        assert up.connections == 3 and up.ended == 2  # the new pool keeps its connection
+    assert before.status == after.status == answer.status == 200
+    assert b"[DONE]" in answer.body
 
 
 async def test_add_token_writes_a_new_named_token_into_env_and_keeps_every_other_line(tmp_path: Any) -> None:
