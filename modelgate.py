@@ -1871,8 +1871,9 @@ def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
 def ollama_name(name: str) -> str:
     """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its
     registry, namespace and the tag `latest`; getExistingName matches in any case): `tiny`, `Tiny:latest`
-    and `registry.ollama.ai/library/tiny:latest` are one model."""
-    name = name.strip().lower()
+    and `registry.ollama.ai/library/tiny:latest` are one model. In any case as Go's strings.EqualFold has it,
+    whose folding takes ſ for s and the Kelvin sign for k, as casefold() does and lower() does not."""
+    name = name.strip().casefold()
     name = name.partition("://")[2] or name  # Ollama's ParseNameBare drops any scheme
     name = name.removeprefix("registry.ollama.ai/").removeprefix("library/")
     return name if ":" in name.rpartition("/")[2] else name + ":latest"

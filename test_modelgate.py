@@ -6926,7 +6926,9 @@ NO_ALIASES = {'{"name": %s}', '{"model": %s, "stream": false}'}
 CLOUD_NAMES = ["gpt-oss:120b-cloud", "gpt-oss:120b:cloud", "qwen3-coder: CLOUD ", "ollama/Qwen3-Coder:480B-Cloud",
                "plain", "Plain:latest", "gpt-4o",
                # Ollama's ParseNameBare drops a scheme: this is the stub `plain` to it
-               "https://registry.ollama.ai/library/plain", "http://registry.ollama.ai/library/Plain:latest"]
+               "https://registry.ollama.ai/library/plain", "http://registry.ollama.ai/library/Plain:latest",
+               # getExistingName matches each part with Go's strings.EqualFold, whose folding takes ſ for s
+               "plain:late\u017ft"]
 
 
 def door_request(app: Any, method: str, path: str, body: str, model: str, headers: list) -> Awaitable[Answer]:
