@@ -123,6 +123,7 @@ import dataclasses
 import datetime
 import email.message
 import email.parser
+import email.utils
 import difflib
 import errno
 import hashlib
@@ -2037,6 +2038,8 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
     boundary = header.get_param("boundary")
     if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str) or not boundary:
         raise unreadable("its Content-Type is not multipart/form-data with a boundary")
+    if b"\\" in content_type:  # in a quoted boundary, Go's mime.ParseMediaType unescapes \=, Python's email does not
+        raise unreadable("its boundary holds a backslash")
     delimiter = b"--" + boundary.encode("latin-1")
     newline = next((nl for nl in (b"\r\n", b"\n") if body.startswith(delimiter + nl)), None)
     if newline is None:
@@ -2051,10 +2054,15 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
         if end < 0 or head_end < 0:
             raise unreadable("a part of it has no end or no header")
         part = email.parser.BytesHeaderParser().parsebytes(body[at:head_end + len(newline)])
-        names = [part.get_param(key, header="content-disposition") for key in ("name", "name*")]
-        if "model" in names and part.get_filename() is None:
-            if part["content-transfer-encoding"] is not None or names[1] is not None:
+        # Every part that Go's reader may take for the `model` value counts: with any filename (Go takes
+        # filename="" for a value, Python's get_filename also reads a Content-Type name), and with its name
+        # encoded as RFC 2231 allows (name*=, which Go decodes, over a plain name too; email gives a tuple).
+        names = [value for key, value in part.get_params([], header="content-disposition") if key == "name"]
+        if "model" in map(email.utils.collapse_rfc2231_value, names):
+            if part["content-transfer-encoding"] is not None or names != ["model"]:
                 raise unreadable("its `model` field is encoded")
+            if part.get_filename() is not None:
+                raise unreadable("its `model` field is a file")
             found.append((head_end + 2 * len(newline), end))
         at = end + len(newline) + len(delimiter)
     if len(found) != 1:

@@ -7282,6 +7282,19 @@ UNREADABLE_FORMS = [
     (form("a"), b"multipart/form-data; boundary=other"),
     (form("a")[:-30], FORM_HEADERS[0][1]),  # cut off
     (form(""), FORM_HEADERS[0][1]),
+    # Before a plain `model`, one that Go's reader takes for the form's value and ModelGate took for none: with
+    # filename="" (Go's Part.FileName is "", so a value), with a Content-Type name (Python's get_filename reads it,
+    # Go does not), or encoded as RFC 2231 allows (Go's mime.ParseMediaType decodes name*, over a plain name too).
+    *[(form("a").replace(b'--' + BOUNDARY, b'--' + BOUNDARY + b'\r\n' + head + b'\r\n\r\nplain\r\n--' + BOUNDARY, 1),
+       FORM_HEADERS[0][1])
+      for head in (b'Content-Disposition: form-data; name="model"; filename=""',
+                   b'Content-Disposition: form-data; name="model"\r\nContent-Type: text/plain; name="m.txt"',
+                   b"Content-Disposition: form-data; name*=utf-8''model",
+                   b"Content-Disposition: form-data; name=\"x\"; name*=utf-8''model")],
+    # Go unescapes a quoted boundary's \= to =, Python's email keeps the backslash: ModelGate read the first form
+    # and Go, skipping it as a preamble, the second.
+    (form("a").replace(BOUNDARY, b"a\\=b") + form("plain").replace(BOUNDARY, b"a=b"),
+     b'multipart/form-data; boundary="a\\=b"'),
 ]
 
 
