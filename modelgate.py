@@ -3203,12 +3203,17 @@ class Queue:
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
-        """New settings (SIGHUP) for the requests waiting and to come: more slots give turns now; a share
-        already waiting or running keeps its weight until it has neither."""
+        """New settings (SIGHUP) for the requests waiting and to come: more slots give turns now, and a new
+        share decides the next turns of a name already there. What it has had so far stays as it was counted:
+        only the slot time from now on is divided by the new weight."""
         self.parallel, self.timeout = config.ollama_num_parallel, config.queue_timeout
-        self.weights = config.token_shares
+        self.weights, now = config.token_shares, self.clock()
         for key, slots in list(self.slots.items()):
-            self.give_turns(key, slots, self.clock())
+            for share in slots.shares.values():
+                weight = self.weights.get(share.token, 1.0)
+                share.since += (share.had(now) - share.since) * (1 - share.weight / weight)
+                share.weight = weight
+            self.give_turns(key, slots, now)
 
     async def turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
         """A slot for a request of `size` bytes: at once while one is free, with no task switch (the cost of

@@ -2968,6 +2968,34 @@ async def test_turns_go_by_token_shares_and_in_order_within_a_token(shares: str,
                                                               key=lambda m: int(m[1:]))
 
 
+@pytest.mark.parametrize("before, after, turns, order", [
+    # (TOKEN_SHARES before the reload, after it, turns run before it, the order of them all)
+    ("", "webui=3", 0, SHARES_TABLE[1][1]),
+    ("webui=3", "", 0, SHARES_TABLE[0][1]),
+    # Each had two turns at 1:1; from then on Open WebUI's turns count half.
+    ("", "webui=2", 4, "F W F W F W W F W W F W W F F F F"),
+])
+async def test_a_reload_gives_new_shares_to_the_next_turns_of_requests_already_waiting(
+        before: str, after: str, turns: int, order: str) -> None:
+    """TOKEN_SHARES changed by a reload decides the turns still to come of the requests that wait already, as it
+    would had it been set when they came; the turns already run count as they were (issue 18's shares)."""
+    async with scheduled(TOKEN_SHARES=before) as (ollama, up, app):
+        first = send_all(app, [(asking("F0"), AUTH)])
+        await ollama.has_started(1)
+        rest = send_all(app, [(asking(f"F{n}"), AUTH) for n in range(1, 9)])
+        await waiting(app, 8)
+        rest += send_all(app, [(asking(f"W{n}"), OTHER_AUTH) for n in range(1, 9)])
+        await waiting(app, 16)
+        for number in range(1, turns + 1):
+            await ollama.finish(number)
+        await ollama.has_started(turns + 1)
+        app.reload(modelgate.load_config({**app.environ, "TOKEN_SHARES": after}), None)
+        for number in range(turns + 1, 18):
+            await ollama.finish(number)
+        await asyncio.gather(*first, *rest)
+    assert " ".join(mark[0] for mark in marks(ollama.started)) == order
+
+
 async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None:
     """It is taken out of the queue: nothing of it reaches Ollama, the next request gets the slot, and its log
     line says 499 and how long it waited."""
