@@ -1015,8 +1015,15 @@ def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
 
 
 def dotenv_value(value: str, where: str) -> str:
+    return dotenv_span(value, where)[0]
+
+
+def dotenv_span(value: str, where: str) -> tuple[str, int]:
+    """A .env line's value from the text after its `=` (stripped), and where in that text the value ends:
+    at its closing quote, or before a comment (--add-token writes there, keeping the rest of the line)."""
     if value[:1] not in ("'", '"'):
-        return re.split(r"\s+#", value, maxsplit=1)[0]  # `KEY=value # comment`, but `a#b` is a value
+        value = re.split(r"\s+#", value, maxsplit=1)[0]  # `KEY=value # comment`, but `a#b` is a value
+        return value, len(value)
     quote, end = value[0], 1
     while True:  # the closing quote; in double quotes, \" is a quote inside the value
         end = value.find(quote, end)
@@ -1030,7 +1037,7 @@ def dotenv_value(value: str, where: str) -> str:
     if rest and not rest.startswith("#"):
         raise ConfigError(f"{where}: unexpected text after the closing {quote} quote")
     inside = value[1:end]
-    return inside.replace('\\"', '"') if quote == '"' else inside
+    return inside.replace('\\"', '"') if quote == '"' else inside, end
 
 
 def misspelt(key: str) -> str:
@@ -5133,7 +5140,8 @@ def command_line() -> Any:
     parser.add_argument("--days", type=whole_days, default=USAGE_DAYS, metavar="N",
                         help=f"with --usage, the days up to today to count ({USAGE_DAYS})")
     parser.add_argument("--add-token", metavar="NAME", help="add NAME:<a new random token> to MODELGATE_TOKEN "
-                        "in ./.env, print the token once, and exit; a running gateway takes it on SIGHUP")
+                        "in ./.env, print the token once, and exit; a running gateway takes it on SIGHUP (unless "
+                        "its environment sets MODELGATE_TOKEN)")
     return parser
 
 
@@ -5197,9 +5205,17 @@ RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python m
                "container is made: docker compose up -d).")
 
 
-def add_token(name: str, path: str) -> str:
+# A MODELGATE_TOKEN set in the environment wins over .env's (read_settings), at start-up and on every reload.
+ENVIRONMENT_WINS = ("But MODELGATE_TOKEN is set in the environment, which wins over .env: a gateway started with "
+                    "it does not use this token, not after a reload either. Add it where MODELGATE_TOKEN is set "
+                    "(the shell, docker run -e or --env-file, the service's Environment=), or unset it there, "
+                    "then restart the gateway (under Docker Compose, whose env_file is .env: docker compose up -d).")
+
+
+def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> str:
     """--add-token NAME: NAME:<new token> appended to MODELGATE_TOKEN in the .env at `path` (a line of its own
-    when there is none), every other line kept as it was; what to tell the person, the token once."""
+    when there is none), every other line kept as it was; what to tell the person, the token once, and how
+    a gateway run in `environ` comes to use it."""
     if not TOKEN_NAME.fullmatch(name):
         raise ConfigError(f"--add-token {name!r}: a name is 1 to 64 letters, digits, '_', '.' or '-'")
     try:
@@ -5214,12 +5230,16 @@ def add_token(name: str, path: str) -> str:
     token = secrets.token_urlsafe(32)
     entry = f"{name}:{token}"
     if at:
-        line = lines[at[-1]]
-        value = dotenv_value(line.partition("=")[2].strip(), f"{path} line {at[-1] + 1}").strip(" \t\r\n")
-        if value and name in parse_tokens("MODELGATE_TOKEN", value)[1]:
-            raise ConfigError(f"MODELGATE_TOKEN in {path} already has a token named {name!r}; choose another name")
-        ending = line[len(line.rstrip("\r\n")):] or "\n"
-        lines[at[-1]] = f"{line.partition('=')[0]}={value + ',' * bool(value)}{entry}{ending}"
+        key, _, text = lines[at[-1]].partition("=")
+        value, end = dotenv_span(text.strip(), f"{path} line {at[-1] + 1}")
+        if value.strip(" \t\r\n"):
+            if name in parse_tokens("MODELGATE_TOKEN", value)[1]:
+                raise ConfigError(f"MODELGATE_TOKEN in {path} already has a token named {name!r}; choose another name")
+            entry = "," + entry
+        # Inside its quotes, before its comment: the line stays as written, a value that needs quotes keeps them.
+        end += len(text) - len(text.lstrip(" \t"))
+        text += "\n" * (text == text.rstrip("\r\n"))
+        lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
     else:
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
@@ -5232,7 +5252,7 @@ def add_token(name: str, path: str) -> str:
     except OSError as exc:
         raise ConfigError(f"{path} cannot be written: {exc.strerror}") from None
     return (f"Added the token {name!r} to MODELGATE_TOKEN in {path}; it is shown this once:\n\n    {token}\n\n"
-            + RELOAD_HELP)
+            + (ENVIRONMENT_WINS if environ.get("MODELGATE_TOKEN", "").strip(" \t\r\n") else RELOAD_HELP))
 
 
 def read_config(environ: MutableMapping[str, str]) -> tuple[Config, Sources]:

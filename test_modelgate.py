@@ -5829,6 +5829,42 @@ async def test_add_token_writes_a_new_named_token_into_env_and_keeps_every_other
     assert dotenv.stat().st_mode & 0o077 == 0  # a new .env is its owner's only
 
 
+async def test_add_token_says_a_token_set_in_the_environment_wins_over_env(tmp_path: Any) -> None:
+    """With MODELGATE_TOKEN set in the environment, which wins over .env at start-up and on reload, --add-token
+    still writes the token into .env but does not tell the person that a reload makes the gateway take it: it
+    says where to add it instead, and that the gateway needs a restart."""
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN=first:{TOKEN}\n")
+    process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": f"env:{OTHER_TOKEN}"}, "--add-token", "second")
+    printed = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert process.returncode == 0, printed
+    assert "MODELGATE_TOKEN is set in the environment" in printed and "restart" in printed
+    assert "kill -HUP" not in printed and OTHER_TOKEN not in printed
+    assert (tmp_path / ".env").read_text().startswith(f"MODELGATE_TOKEN=first:{TOKEN},second:")
+
+
+@pytest.mark.parametrize("line, written", [
+    # (the MODELGATE_TOKEN line of .env, the same with the token added: NEW)
+    ("MODELGATE_TOKEN='\"quoted'  # the apps", "MODELGATE_TOKEN='\"quoted,second:NEW'  # the apps"),
+    ('export MODELGATE_TOKEN="first:a\\"b" # c', 'export MODELGATE_TOKEN="first:a\\"b,second:NEW" # c'),
+    ('MODELGATE_TOKEN=""', 'MODELGATE_TOKEN="second:NEW"'),
+    ("MODELGATE_TOKEN=", "MODELGATE_TOKEN=second:NEW"),
+    ("MODELGATE_TOKEN = first:x#y   # apps", "MODELGATE_TOKEN = first:x#y,second:NEW   # apps"),
+])
+def test_add_token_writes_inside_the_quotes_and_before_the_comment_of_the_line(tmp_path: Any, line: str,
+                                                                               written: str) -> None:
+    """--add-token keeps the MODELGATE_TOKEN line as it is written, quotes and comment, and adds the new token at
+    the end of its value: a token that begins with a quote (only quotes keep it whole) still reads as it did."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"# mine\n{line}\nPORT=8010")
+    before = modelgate.read_dotenv(str(dotenv))[0]["MODELGATE_TOKEN"]
+    printed = modelgate.add_token("second", str(dotenv))
+    new = printed.split("\n\n")[1].strip()
+    assert dotenv.read_text() == f"# mine\n{written.replace('NEW', new)}\nPORT=8010"
+    env = {}
+    modelgate.read_settings(str(tmp_path), env)
+    assert env["MODELGATE_TOKEN"] == (before + "," if before else "") + f"second:{new}"
+
+
 async def test_command_line_bad_config_is_one_line_and_fails(tmp_path: Any) -> None:
     """A bad setting stops `python modelgate.py` with one line naming it and a non-zero exit status."""
     process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "TIMEOUT_SECONDS": "soon"})
