@@ -2284,11 +2284,12 @@ def preflight(ex: Exchange, route: Route) -> Answer:
 
 def unrouted_dialect(path: str) -> Dialect:
     """The dialect of a path no route has: that of the routes around it (Ollama's under /api, also where the
-    ollama client given a base URL with /v1 asks, /v1/api/...); /v1/v1/messages that of /v1/messages."""
+    ollama client given a base URL with /v1 asks, /v1/api/...); /v1/v1/messages that of /v1/messages, and so
+    is /v1/messages/count_tokens (the anthropic SDK's, which Ollama does not serve)."""
     path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
     if path == "/api" or path.startswith("/api/"):
         return OLLAMA
-    route = ROUTES.get(path)
+    route = ROUTES.get(path) or ROUTES.get(path[:path.rfind("/")] if path.startswith("/v1/") else path)
     return route.dialect if route is not None else OPENAI
 
 

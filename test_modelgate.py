@@ -5701,6 +5701,8 @@ async def test_a_token_sent_with_its_name_is_told_to_leave_the_name_out(sent: st
     ("POST", "/", [(b"anthropic-version", b"2023-06-01")], "anthropic", "http://gw:8010/v1/messages"),
     ("POST", "/", [], "openai", "http://gw:8010/v1/chat/completions"),
     ("GET", "/v1", [], "openai", "it is the base URL"),
+    # The anthropic SDK's messages.count_tokens, which Ollama does not serve: answered as Anthropic answers
+    ("POST", "/v1/messages/count_tokens", [], "anthropic", "There is no /v1/messages/count_tokens here"),
 ])
 async def test_a_client_given_the_wrong_base_url_is_told_what_to_write(method: str, path: str, headers: list,
                                                                        shape: str, says: str) -> None:
