@@ -1908,13 +1908,14 @@ def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
 
 def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
     """403 cloud_not_allowed for a tool that runs on the web (WEB_TOOLS, by its type or name as the client
-    wrote it) sent to Ollama by a token outside OLLAMA_CLOUD_TOKENS."""
+    wrote it, the key in any case: Go's decoder reads "TYPE" as `type`) sent to Ollama by a token outside
+    OLLAMA_CLOUD_TOKENS."""
     if provider != "ollama" or token in config.ollama_cloud_tokens:
         return
     for tool in tools if isinstance(tools, list) else ():
-        for key in ("type", "name"):
-            value = tool.get(key) if isinstance(tool, dict) else None
-            if isinstance(value, str) and value.strip().lower().startswith(WEB_TOOLS):
+        for key, value in tool.items() if isinstance(tool, dict) else ():
+            if (key.casefold() in ("type", "name") and isinstance(value, str)
+                    and value.strip().lower().startswith(WEB_TOOLS)):
                 raise cloud_refusal(token, f"The tool {value!r} searches or fetches the web through Ollama's "
                                     "cloud: it runs on ollama.com")
 

@@ -7206,6 +7206,10 @@ WEB_TOOL_REQUESTS = [
     ("/v1/chat/completions", {"model": "qwen2.5:7b", "messages": [], "tools": [{"type": "web_search"}]}),
     ("/api/chat", {"model": "qwen2.5:7b", "messages": [], "stream": False,
                    "tools": [{"type": "function", "function": {"name": "add"}}, {"name": "web_fetch"}]}),
+    # Go's decoder reads a tool's "TYPE" or "Type" as its type (openai.ResponsesTool, anthropic.Tool)
+    ("/v1/responses", {"model": "qwen2.5:7b", "input": "news?", "tools": [{"TYPE": "web_search"}]}),
+    ("/v1/messages", {"model": "qwen2.5:7b", "max_tokens": 5, "messages": [],
+                      "tools": [{"Type": "web_search_20250305", "name": "search"}]}),
 ]
 
 
