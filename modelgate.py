@@ -5569,28 +5569,31 @@ class LoopErrors:
     asyncio's traceback), and those that follow are counted and logged as one line a minute while they go on."""
 
     def __init__(self) -> None:
-        self.repeats: dict[str, int] = {}  # kind -> how many since its last line
+        self.repeats: dict[tuple, list] = {}  # kind -> [the text of its first, how many since its last line]
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        kind = context.get("message") or "asyncio error"
-        if exc is not None:
-            kind += f": {exc}" if isinstance(exc, OSError) else f": {type(exc).__name__}"
+        message = context.get("message") or "asyncio error"
+        # An OSError's kind is its errno, not its text, which may name the peer: one line per kind, not per peer.
+        kind = (message, type(exc), getattr(exc, "errno", None))
         if kind not in self.repeats:
-            self.repeats[kind] = 0
+            shown = exc if isinstance(exc, OSError) else type(exc).__name__
+            text = message if exc is None else f"{message}: {shown}"
+            self.repeats[kind] = [text, 0]
             if isinstance(exc, OSError):  # log: the first of its kind; a count follows if it goes on
-                log.error("%s; more of the same are counted", kind)
+                log.error("%s; more of the same are counted", text)
             else:
                 loop.default_exception_handler(context)
             return
-        self.repeats[kind] += 1
-        if self.repeats[kind] == 1:
+        self.repeats[kind][1] += 1
+        if self.repeats[kind][1] == 1:
             loop.call_later(LOOP_ERROR_SECONDS, self.report, kind)
 
-    def report(self, kind: str) -> None:
+    def report(self, kind: tuple) -> None:
+        text, repeats = self.repeats[kind]
         # log: how often a kind of failure came again within a minute
-        log.error("%s: %d more in the last %.0f s", kind, self.repeats[kind], LOOP_ERROR_SECONDS)
-        self.repeats[kind] = 0
+        log.error("%s: %d more in the last %.0f s", text, repeats, LOOP_ERROR_SECONDS)
+        self.repeats[kind][1] = 0
 
 
 def raise_file_limit() -> None:

@@ -16,6 +16,7 @@ import ast
 import asyncio
 import base64
 import datetime
+import errno
 import gzip
 import hashlib
 import json
@@ -6537,6 +6538,27 @@ async def test_a_siege_of_held_connections_leaves_the_gateway_answering(tmp_path
     assert len([line for line in out_of_files if "more of the same are counted" in line]) == 1, out_of_files
     assert all(re.search(r"more of the same are counted|\d+ more in the last 60 s", line) for line in out_of_files)
     assert not any("Traceback" in line for line in log_lines)
+
+
+async def test_a_loop_error_whose_text_names_the_peer_is_logged_once_per_kind() -> None:
+    """asyncio's exception handler under `python modelgate.py` logs the first failure of a kind and counts the
+    rest: an OSError's kind is its errno, so one whose text names each peer in turn still makes one line, and
+    another errno a line of its own."""
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(modelgate.LoopErrors())
+    try:
+        async with captured_log() as log:
+            for number in range(1, 101):
+                loop.call_exception_handler({"message": "socket.accept() failed", "exception": ConnectionAbortedError(
+                    errno.ECONNABORTED, "Software caused connection abort", f"127.0.0.{number}:50000")})
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(errno.EMFILE, "Too many open files")})
+    finally:
+        loop.set_exception_handler(before)
+    assert len(log) == 2, log
+    assert "127.0.0.1:50000" in log[0] and "more of the same are counted" in log[0]
+    assert "Too many open files" in log[1]
 
 
 async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
