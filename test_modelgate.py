@@ -3804,6 +3804,10 @@ NOT_FOUND_HINTS = [
     ("/v1", b'{"error":"model \\"llama3\\" not found, try pulling it first"}', "llama3", False,
      "ModelGate sent 'llama3' to ollama, the DEFAULT_PROVIDER, as it has no ollama/ or openai/ prefix. "
      "GET /v1/models lists the models there."),
+    # The prefix written twice (a tool that adds it to a model already listed with it)
+    ("/v1", b'{"error":"model \'ollama/qwen2.5:7b\' not found"}', "ollama/ollama/qwen2.5:7b", False,
+     "ModelGate took one ollama/ off 'ollama/ollama/qwen2.5:7b' and sent 'ollama/qwen2.5:7b' to ollama: "
+     "write the prefix once, as ollama/qwen2.5:7b."),
 ]
 
 
