@@ -1256,6 +1256,8 @@ AUTH_FAILURES = {
                       "as `Authorization: Bearer <token>` (or as `x-api-key`, or as the password of HTTP Basic).",
     "empty token": "The request names no token: `Bearer` (or `x-api-key`) with nothing after it. Put the "
                    "gateway's token in the API key field of your app.",
+    "basic user only": "HTTP Basic came with a user name and no password: the gateway's token goes in as the "
+                       "password, not the user name (http://anything:<token>@<server>:8010, curl -u anything:<token>).",
     "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the password. "
                   "Send the gateway's token as `Authorization: Bearer <token>` (the API key field of your app).",
     "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
@@ -1294,9 +1296,9 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
                     pair = base64.b64decode(credential, validate=True)
                 except ValueError:  # binascii.Error
                     pair = b""
-                _, colon, credential = pair.partition(b":")  # RFC 7617: the user name holds no ':'
-                if not colon:
-                    problems.add("not Bearer")
+                user, colon, credential = pair.partition(b":")  # RFC 7617: the user name holds no ':'
+                if not colon or (user and not credential):
+                    problems.add("not Bearer" if not colon else "basic user only")
                     continue
             elif scheme != b"bearer":
                 problems.add("not Bearer" if scheme else "no credentials")
@@ -1309,7 +1311,7 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
             found.append(credential)
         else:
             problems.add("empty token")
-    failure = "not Bearer" if "not Bearer" in problems else "empty token" if "empty token" in problems else ""
+    failure = next((problem for problem in ("not Bearer", "basic user only", "empty token") if problem in problems), "")
     return found, failure or "no credentials", basic
 
 

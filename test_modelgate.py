@@ -1666,6 +1666,8 @@ AUTH_TABLE = [
     ([(b"authorization", b"Bearer ")], 401, "names no token"),
     ([(b"x-api-key", b"")], 401, "names no token"),
     ([(b"authorization", b"Basic " + TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
+    # curl -u <token>: and http://<token>@gw put it where Stripe's API takes it, as the user name
+    ([(b"authorization", b"Basic " + base64.b64encode(TOKEN.encode() + b":"))], 401, "as the password, not the user"),
     ([(b"authorization", TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
     ([(b"authorization", b"Token " + TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
     ([(b"authorization", b"Bearer wrong-token")], 401, "not one this gateway accepts"),
@@ -1690,7 +1692,8 @@ async def test_auth_table(headers: list, status: int, reason: str | None) -> Non
         assert reason in assert_error(answer, 401, "authentication_error", "invalid_api_key")["message"]
         assert up.requests == []
         [line] = [line for line in lines if line.startswith("POST ")]
-        assert re.search(r" error=unauthorized \((no credentials|empty token|not Bearer|unknown token)\) ", line)
+        assert re.search(r" error=unauthorized \((no credentials|empty token|not Bearer|unknown token|basic user "
+                         r"only)\) ", line)
 
 
 async def test_a_wrong_token_tells_nothing_about_the_right_ones() -> None:
