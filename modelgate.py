@@ -2091,14 +2091,14 @@ def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if not model:
         raise GatewayError("invalid_request", "The form's `model` field is empty: name a model, such as "
                            "\"ollama/whisper\".")
-    ex.model, ex.routed = model, route_model(model, config, ex.dialect)
-    ex.provider, ex.upstream_model = ex.routed.provider, ex.routed.name
-    name = ex.routed.name
+    routed = route_model(model, config, ex.dialect)
     if config.token_models:
-        check_scope(config, ex.token, ex.routed.id, model)
-    if check_cloud(config, ex.token, ex.provider, name, model, cloud):
-        ex.unlisted.append((name, model))
-    return body if name == model else body[:start] + name.encode() + body[end:]
+        check_scope(config, ex.token, routed.id, model)
+    if check_cloud(config, ex.token, routed.provider, routed.name, model, cloud):
+        ex.unlisted.append((routed.name, model))
+    # Noted once it is let through, as routed_body notes a JSON body's: a refused request logs no model.
+    ex.model, ex.routed, ex.provider, ex.upstream_model = model, routed, routed.provider, routed.name
+    return body if routed.name == model else body[:start] + routed.name.encode() + body[end:]
 
 
 # Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for backward

@@ -7370,6 +7370,22 @@ async def test_a_transcription_is_routed_by_its_form_model_and_sent_byte_for_byt
     assert request.header("content-type") == FORM_HEADERS[0][1].decode()
 
 
+@pytest.mark.parametrize("door", ["json", "form"])
+async def test_a_request_refused_for_its_model_logs_no_model_on_either_kind_of_body(door: str) -> None:
+    """A model outside TOKEN_MODELS is refused the same way in a multipart form as in a JSON body: 403, nothing
+    sent, and a log line with no provider or model, as for every request refused before it goes anywhere."""
+    async with captured_log() as log, upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TOKEN_MODELS="tester=ollama/qwen*") as app:
+        if door == "json":
+            answer = await chat(app, json.dumps({"model": "whisper:large", "messages": []}).encode())
+        else:
+            answer = await transcribe(app, form("whisper:large"))
+        line = await log.logged("POST ")
+    assert_error(answer, 403, "permission_error", "model_not_allowed")
+    assert up.requests == []
+    assert re.match(r"POST /v1/\S+ 403 - - ", line), line
+
+
 UNREADABLE_FORMS = [
     # (body, content type): each is a 400 and nothing is sent
     (form(None), FORM_HEADERS[0][1]),  # no model
