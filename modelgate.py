@@ -5417,12 +5417,12 @@ def unmatched_models(config: Config, listed: set[str]) -> list[str]:
         except GatewayError as error:
             lines.append(f"MODEL_ALIASES: {alias}={target}: {error.message}")
             continue
-        if model_id not in listed:
+        if listed.isdisjoint(spellings(model_id)):  # Ollama lists tiny:latest, and runs tiny as that
             lines.append(f"MODEL_ALIASES: the target of {alias}={target} is {model_id}, which no host lists; "
                          "GET /v1/models (ollama list) shows the names there are")
     for name, patterns in config.token_models.items():
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(model_id, pattern) for model_id in listed):
+            if not any(matches(model_id, pattern) for model_id in listed):
                 lines.append(f"TOKEN_MODELS: {name}={pattern} matches no model any host lists, so the token named "
                              f"{name!r} cannot use what it was meant to; patterns look like ollama/qwen2.5*")
     return lines

@@ -6099,6 +6099,18 @@ async def test_check_fails_and_lists_every_problem_with_the_settings(tmp_path: A
     assert "check passed" not in output and TOKEN not in output
 
 
+async def test_check_takes_a_model_without_a_tag_for_its_latest_as_ollama_does(tmp_path: Any) -> None:
+    """Ollama's /v1/models ids carry :latest (shared/ollama-0.32.15, 26) and it runs `tiny` as `tiny:latest`: an
+    alias to ollama/tiny and a TOKEN_MODELS pattern ollama/tiny work, and --check passes them."""
+    models = {"object": "list", "data": [{"id": "tiny:latest", "object": "model", "created": 1, "owned_by": "library"}]}
+    async with upstream(ollama_like(models)) as ollama:
+        (tmp_path / ".env").write_text(
+            f"MODELGATE_TOKEN=app:{TOKEN}\nOLLAMA_BASE_URL={ollama.url}\nHOST=127.0.0.1\n"
+            "MODEL_ALIASES=gpt-4o=ollama/tiny,mini=tiny\nTOKEN_MODELS=app=ollama/tiny\n")
+        status, output = await run_command_line(tmp_path, {"PORT": str(free_port())}, "--check")
+    assert status == 0 and "check passed" in output, output
+
+
 def test_the_start_up_summary_lists_each_policy_that_is_on_and_no_token() -> None:
     """One line per setting of who may do what that is on, saying what it is; none for one that is off."""
     config = modelgate.load_config({
