@@ -3444,22 +3444,32 @@ BODY_SHAPES = [
 
 class TestBodyShapes:
     """Each shape goes to a `python modelgate.py` of its own, whose growth is what is measured; all of them are
-    started at once, when the first case runs, so that their start-ups overlap on the machine's cores."""
+    started and sent their shape at once, when the first case runs, so that they overlap on the machine's cores;
+    each case then checks what its own gateway did."""
 
     @pytest.fixture(scope="class")
-    async def spawned(self, tmp_path_factory: pytest.TempPathFactory
-                      ) -> AsyncIterator[list[tuple[FakeUpstream, asyncio.subprocess.Process, int]]]:
-        """A fake upstream and a starting gateway in front of it for each shape, in the order of BODY_SHAPES."""
+    async def measured(self, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[Any]]:
+        """For each of BODY_SHAPES, in order: the head of the gateway's answer, its growth, the last KiB of the
+        answer and the bodies its upstream was sent (or what went wrong on the way there)."""
         spawned: list[tuple[FakeUpstream, asyncio.subprocess.Process, int]] = []
+
+        async def measure(up: FakeUpstream, process: asyncio.subprocess.Process, port: int, body: bytes
+                          ) -> tuple[bytes, int, bytes, list[bytes]]:
+            async with warmed_up(process, port) as gw:
+                head, _, tail = await post_over_a_socket(gw.port, body, keep=MIB)
+                growth = memory(gw.pid)["VmHWM"] - gw.rss
+                return head, growth, tail, [request.body for request in up.requests if b"warm-up" not in request.body]
+
         try:
             for _ in BODY_SHAPES:
                 up = await FakeUpstream(json_reply()).start()
                 spawned.append((up, *await spawn_gateway(tmp_path_factory.mktemp("shape"), up, COALESCE="off",
                                                          MAX_BODY_BYTES=str(SHAPE_BODY_BYTES))))
-            yield spawned
+            yield await asyncio.gather(*(measure(*gateway, body) for gateway, (body, _) in zip(spawned, BODY_SHAPES)),
+                                       return_exceptions=True)
         finally:
             for up, process, _ in spawned:
-                if process.returncode is None:  # a case that did not run
+                if process.returncode is None:  # one whose measure never began
                     process.kill()
                     await process.communicate()
                 up.server.close()
@@ -3467,17 +3477,14 @@ class TestBodyShapes:
     @pytest.mark.parametrize("number, body, status", [(n, *shape) for n, shape in enumerate(BODY_SHAPES)],
                              ids=[f"body{n}-{status}" for n, (_, status) in enumerate(BODY_SHAPES)])
     async def test_a_body_of_any_shape_costs_at_most_four_times_its_size(
-            self, spawned: list[tuple[FakeUpstream, asyncio.subprocess.Process, int]], number: int, body: bytes,
-            status: int) -> None:
+            self, measured: list[Any], number: int, body: bytes, status: int) -> None:
         """Issue 17, hole 4: while a body at MAX_BODY_BYTES is read, checked and relayed, `python modelgate.py`
         grows by at most four times its size, whatever its JSON shape; a shape no client sends that would cost
         more is a 413 that says why, before anything is sent, and real requests of that size reach the upstream
         unchanged."""
-        up, process, port = spawned[number]
-        async with warmed_up(process, port) as gw:
-            head, _, tail = await post_over_a_socket(gw.port, body, keep=MIB)
-            growth = memory(gw.pid)["VmHWM"] - gw.rss
-            sent = [request.body for request in up.requests if b"warm-up" not in request.body]
+        if isinstance(measured[number], BaseException):
+            raise measured[number]
+        head, growth, tail, sent = measured[number]
         assert head.startswith(b"HTTP/1.1 %d " % status), head
         assert growth <= 4 * len(body), \
             f"the gateway grew by {growth / MIB:.0f} MiB for a {len(body) / MIB:.0f} MiB body"
