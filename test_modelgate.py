@@ -5967,21 +5967,42 @@ UNUSABLE_LISTEN = [
 ]
 
 
-@pytest.mark.parametrize("host, port, says", UNUSABLE_LISTEN)
-async def test_unusable_host_or_port_is_named_before_startup_completes(tmp_path: Any, host: str, port: str | None,
-                                                                      says: str) -> None:
-    """A HOST that does not resolve (or is not this machine's) and a PORT in use stop `python modelgate.py`
-    with one line naming the variable and a non-zero status, before anything claims start-up is complete."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen(1)
-        taken = holder.getsockname()[1]
-        process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": host,
-                                                      "PORT": str(taken if port else free_port())})
-        output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
-        assert await process.wait() == 1
-    assert output.count("\n") == 1 and says.format(port=taken) in output, output
-    assert "startup complete" not in output and "Uvicorn running" not in output
+class TestUnusableListen:
+    """Each HOST and PORT runs in a process of its own; all of them start at once, when the first case runs, so
+    that their start-ups overlap on the machine's cores."""
+
+    @pytest.fixture(scope="class")
+    async def started(self, tmp_path_factory: pytest.TempPathFactory
+                      ) -> AsyncIterator[tuple[int, list[asyncio.subprocess.Process]]]:
+        """The port held taken meanwhile, and for each of UNUSABLE_LISTEN, in order, its process."""
+        started: list[asyncio.subprocess.Process] = []
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            taken = holder.getsockname()[1]
+            try:
+                for host, port, _ in UNUSABLE_LISTEN:
+                    started.append(await start_command_line(tmp_path_factory.mktemp("listen"), {
+                        "MODELGATE_TOKEN": TOKEN, "HOST": host, "PORT": str(taken if port else free_port())}))
+                yield taken, started
+            finally:
+                for process in started:
+                    if process.returncode is None:  # a case that did not run, or a server started by mistake
+                        process.kill()
+                    await process.communicate()
+
+    @pytest.mark.parametrize("number, host, port, says", [(n, *row) for n, row in enumerate(UNUSABLE_LISTEN)],
+                             ids=[f"{host}-{port}-{says}" for host, port, says in UNUSABLE_LISTEN])
+    async def test_unusable_host_or_port_is_named_before_startup_completes(
+            self, started: tuple[int, list[asyncio.subprocess.Process]], number: int, host: str, port: str | None,
+            says: str) -> None:
+        """A HOST that does not resolve (or is not this machine's) and a PORT in use stop `python modelgate.py`
+        with one line naming the variable and a non-zero status, before anything claims start-up is complete."""
+        taken, processes = started
+        output = (await asyncio.wait_for(processes[number].stdout.read(), 10)).decode()
+        assert await processes[number].wait() == 1
+        assert output.count("\n") == 1 and says.format(port=taken) in output, output
+        assert "startup complete" not in output and "Uvicorn running" not in output
 
 
 ARGUMENTS = [
@@ -6136,18 +6157,46 @@ def test_the_start_up_summary_lists_each_policy_that_is_on_and_no_token() -> Non
     assert not any(token in "\n".join(lines) for token in (TOKEN, OTHER_TOKEN, ADMIN))
 
 
-@pytest.mark.parametrize("where", ["environment", ".env"])
-async def test_a_bad_value_is_blamed_on_where_it_was_set(tmp_path: Any, where: str) -> None:
-    """A value set in the environment is blamed on the environment, not on the .env that was read (issue 20)."""
-    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\n" + "TIMEOUT_SECONDS=soon\n" * (where == ".env"))
-    status, output = await run_command_line(tmp_path, {"TIMEOUT_SECONDS": "soon"} if where == "environment" else {})
-    assert status == 1
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("modelgate: TIMEOUT_SECONDS must be a number of seconds")
-    if where == "environment":
-        assert "TIMEOUT_SECONDS is set in the environment" in last and "read " not in last
-    else:
-        assert last.endswith(f"(read {tmp_path / '.env'})")
+BAD_VALUE_SET_IN = ["environment", ".env"]
+
+
+class TestBlame:
+    """Each place a bad value is set in runs in a process of its own; both start at once, when the first case
+    runs, so that their start-ups overlap on the machine's cores."""
+
+    @pytest.fixture(scope="class")
+    async def started(self, tmp_path_factory: pytest.TempPathFactory
+                      ) -> AsyncIterator[dict[str, tuple[Path, asyncio.subprocess.Process]]]:
+        """For each of BAD_VALUE_SET_IN: the directory of its .env and its `python modelgate.py`."""
+        started: dict[str, tuple[Path, asyncio.subprocess.Process]] = {}
+        try:
+            for where in BAD_VALUE_SET_IN:
+                tmp_path = tmp_path_factory.mktemp("blame")
+                (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\n"
+                                               + "TIMEOUT_SECONDS=soon\n" * (where == ".env"))
+                started[where] = tmp_path, await start_command_line(
+                    tmp_path, {"TIMEOUT_SECONDS": "soon"} if where == "environment" else {})
+            yield started
+        finally:
+            for _, process in started.values():
+                if process.returncode is None:  # a case that did not run
+                    process.kill()
+                await process.communicate()
+
+    @pytest.mark.parametrize("where", BAD_VALUE_SET_IN)
+    async def test_a_bad_value_is_blamed_on_where_it_was_set(
+            self, started: dict[str, tuple[Path, asyncio.subprocess.Process]], where: str) -> None:
+        """A value set in the environment is blamed on the environment, not on the .env that was read (issue 20)."""
+        tmp_path, process = started[where]
+        output = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+        status = await process.wait()
+        assert status == 1
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("modelgate: TIMEOUT_SECONDS must be a number of seconds")
+        if where == "environment":
+            assert "TIMEOUT_SECONDS is set in the environment" in last and "read " not in last
+        else:
+            assert last.endswith(f"(read {tmp_path / '.env'})")
 
 
 async def test_a_value_that_kept_its_quotes_from_docker_run_env_file_is_named(tmp_path: Any) -> None:
@@ -6232,8 +6281,10 @@ async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_u
             holder.listen(1)
             taken = holder.getsockname()[1]
             env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(taken)}
-            in_use = await run_command_line(tmp_path, env, "--check")
-        unresolved = await run_command_line(tmp_path, {**env, "HOST": UNUSABLE_LISTEN[0][0]}, "--check")
+            (tmp_path / "unresolved").mkdir()
+            in_use, unresolved = await asyncio.gather(  # each in a directory and a process of its own, at once
+                run_command_line(tmp_path, env, "--check"),
+                run_command_line(tmp_path / "unresolved", {**env, "HOST": UNUSABLE_LISTEN[0][0]}, "--check"))
     assert in_use[0] == 0 and f"note: PORT={taken} is in use on 127.0.0.1" in in_use[1]
     assert unresolved[0] == 1 and "FAILED: HOST='my-nas" in unresolved[1]
 
