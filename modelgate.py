@@ -4523,6 +4523,16 @@ class Usage:
             self.new_day(now)
         return self.spent.get(name, 0), self.midnight
 
+    def new_zone(self) -> None:
+        """TZ changed (a reload): today ends at the new zone's midnight, or has ended already. (A zone where it
+        is still yesterday leaves today to end at its old midnight: a day is never counted twice.)"""
+        now = self.clock()
+        today, midnight = local_day(now)
+        if today > self.today:
+            self.new_day(now)
+        elif today == self.today:
+            self.midnight = midnight
+
     def new_day(self, now: float) -> None:
         self.today, self.midnight = local_day(now)
         self.spent, self.models = {}, {}
@@ -5296,6 +5306,16 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
         return
     gateway.environ = environ
     gateway.reload(config, sources)
+    zone = environ.get("TZ")
+    if zone != os.environ.get("TZ") and hasattr(time, "tzset"):  # a TZ that .env sets (main), changed
+        if zone is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
+        gateway.usage.new_zone()
+        log.info("TZ is now %s: the log's times, the usage days and TOKEN_QUOTAS' midnight follow it",
+                 zone or "unset (the system's zone)")
     # uvicorn's backstop after the gateway's own grace (uvicorn_server), read by uvicorn at shutdown.
     server.config.timeout_graceful_shutdown = gateway.config.shutdown_grace + 5
     server.client_timeout = gateway.config.client_timeout

@@ -5786,6 +5786,39 @@ async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_pa
     assert TOKEN not in log_text and OTHER_TOKEN not in log_text
 
 
+async def test_a_tz_changed_in_env_takes_effect_on_sighup(tmp_path: Any) -> None:
+    """TZ set in ./.env decides the usage days; changed there, a SIGHUP applies it without a restart. (Zones 26
+    hours apart: at any moment the second one's date is later than the first one's.)"""
+    port = free_port()
+    dotenv = tmp_path / ".env"
+
+    async def today() -> str:
+        async with httpcore.AsyncConnectionPool() as client:
+            answer = await client.request("GET", f"http://127.0.0.1:{port}/usage", headers=AUTH)
+        assert answer.status == 200, answer.content
+        return json.loads(answer.content)["today"]
+
+    common = f"MODELGATE_TOKEN={TOKEN}\nOLLAMA_BASE_URL={refused_url()}\nHOST=127.0.0.1\nPORT={port}\nUSAGE_DB=\n"
+    dotenv.write_text(f"{common}TZ=WEST12\n")  # POSIX rules, no time-zone database needed: UTC-12, then UTC+14
+    process = await start_command_line(tmp_path, {})
+    try:
+        output = await read_until_serving(process, 30)
+        before = await today()
+        dotenv.write_text(f"{common}TZ=EAST-14\n")
+        process.send_signal(signal.SIGHUP)
+        output += await read_until_serving(process, 10, b"reloaded:")
+        after = await today()
+        process.send_signal(signal.SIGTERM)
+        output += await asyncio.wait_for(process.stdout.read(), 10)
+        assert await asyncio.wait_for(process.wait(), 10) == 0, output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert after > before, (before, after)
+    assert b"TZ is now EAST-14" in output
+
+
 async def test_a_reload_closes_the_old_upstream_connections_once_nothing_uses_them() -> None:
     """A reload that changes an upstream setting closes the old pool's idle connection at once, and the one of
     a stream that runs across the reload when that stream has ended, whole; new requests use a new connection.
