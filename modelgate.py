@@ -1260,6 +1260,10 @@ AUTH_FAILURES = {
                        "password, not the user name (http://anything:<token>@<server>:8010, curl -u anything:<token>).",
     "not Bearer": "The Authorization header is neither `Bearer <token>` nor HTTP Basic with the token as the password. "
                   "Send the gateway's token as `Authorization: Bearer <token>` (the API key field of your app).",
+    # Said only when the token inside is right (bare_token), as for its name.
+    "token with more around it": "The token sent has more around it than the token: a `Bearer ` that the app "
+                                 "adds itself, quotes, or spaces copied with it. Put the token alone in the API key "
+                                 "field of your app.",
     "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
                      "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
                      "tokens (MODELGATE_TOKEN).",
@@ -1331,7 +1335,17 @@ def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...]
         named = [hmac.compare_digest(credential, expected) for credential in bare for expected in tokens]
         failure = ("unknown token" if not bare else "token with its name" if True in named
                    else "unknown token with a name")
+        around = [hmac.compare_digest(bare_token(credential), expected) for credential in credentials
+                  for expected in tokens if bare_token(credential) != credential]
+        failure = "token with more around it" if True in around else failure
     raise GatewayError("unauthorized", AUTH_FAILURES[failure], detail=failure)
+
+
+def bare_token(credential: bytes) -> bytes:
+    """A credential without what is copied around a token: quotes, spaces, a no-break space (one byte of Latin-1,
+    which a browser's fetch sends as it is), and a `Bearer ` typed into an API key field, which the app adds too."""
+    credential = credential.strip(b" \t\xa0\"'")
+    return credential[7:].strip(b" \t\xa0\"'") if credential[:7].lower() == b"bearer " else credential
 
 
 # What a token not named in OLLAMA_ADMIN_TOKENS is told, by Route.access. /metrics names every app and the

@@ -1671,6 +1671,11 @@ AUTH_TABLE = [
     ([(b"authorization", TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
     ([(b"authorization", b"Token " + TOKEN.encode())], 401, "is neither `Bearer <token>` nor HTTP Basic"),
     ([(b"authorization", b"Bearer wrong-token")], 401, "not one this gateway accepts"),
+    # The token copied with more than itself: `Bearer <token>` pasted in an API key field, quotes, a no-break space
+    ([(b"authorization", b"Bearer Bearer " + TOKEN.encode())], 401, "Put the token alone"),
+    ([(b"x-api-key", b'"' + TOKEN.encode() + b'"')], 401, "Put the token alone"),
+    ([(b"authorization", b"Bearer \xa0" + TOKEN.encode())], 401, "Put the token alone"),
+    ([(b"x-api-key", b'"wrong-token"')], 401, "not one this gateway accepts"),
     ([(b"authorization", b"Bearer " + TOKEN.encode() + b"x")], 401, "not one this gateway accepts"),
     ([(b"authorization", b"Bearer " + TOKEN[:-1].encode())], 401, "not one this gateway accepts"),
     ([(b"x-api-key", b"wrong-token")], 401, "not one this gateway accepts"),
@@ -1693,7 +1698,7 @@ async def test_auth_table(headers: list, status: int, reason: str | None) -> Non
         assert up.requests == []
         [line] = [line for line in lines if line.startswith("POST ")]
         assert re.search(r" error=unauthorized \((no credentials|empty token|not Bearer|unknown token|basic user "
-                         r"only)\) ", line)
+                         r"only|token with more around it)\) ", line)
 
 
 async def test_a_wrong_token_tells_nothing_about_the_right_ones() -> None:
