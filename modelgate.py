@@ -3167,10 +3167,10 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
 class Waiter:
     """One request waiting for a slot; its future is given a Ticket when its turn comes."""
 
-    __slots__ = ("share", "size", "number", "future", "timer")
+    __slots__ = ("share", "size", "number", "future", "host", "timer")
 
-    def __init__(self, share: Share, size: int, number: int, future: asyncio.Future) -> None:
-        self.share, self.size, self.number, self.future = share, size, number, future
+    def __init__(self, share: Share, size: int, number: int, future: asyncio.Future, host: Host) -> None:
+        self.share, self.size, self.number, self.future, self.host = share, size, number, future, host
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -3244,7 +3244,8 @@ class Queue:
         """A slot for a request of `size` bytes: at once while one is free, with no task switch (the cost of
         the queue when it is not full), else when its turn comes."""
         model = model.lower()  # one model as Ollama has it: names are not case-sensitive, `name` is `name:latest`
-        key = (host, model if ":" in model.rpartition("/")[2] else model + ":latest")
+        # The host by its URL: a reload that makes new upstreams (Gateway.reload) keeps its queue and its slots.
+        key = (host.base_url, model if ":" in model.rpartition("/")[2] else model + ":latest")
         slots = self.slots.get(key) or self.slots.setdefault(key, Slots())
         share = slots.shares.get(token)
         if share is None:
@@ -3258,7 +3259,7 @@ class Queue:
         except GatewayError:
             self.forget(key, slots, share)
             raise
-        return await self.wait(key, slots, share, size)
+        return await self.wait(key, slots, share, size, host)
 
     def start(self, key: tuple, slots: Slots, share: Share, waited: bool = False) -> Ticket:
         started = self.clock()
@@ -3290,16 +3291,16 @@ class Queue:
                                f"{self.bytes >> 20} MiB waiting for Ollama); try again shortly.",
                                [(b"retry-after", QUEUE_RETRY_AFTER)])
 
-    async def wait(self, key: tuple, slots: Slots, share: Share, size: int) -> Ticket:
+    async def wait(self, key: tuple, slots: Slots, share: Share, size: int, host: Host) -> Ticket:
         loop = asyncio.get_running_loop()
         self.arrivals += 1
-        waiter = Waiter(share, size, self.arrivals, loop.create_future())
+        waiter = Waiter(share, size, self.arrivals, loop.create_future(), host)
         waiter.timer = loop.call_later(self.timeout, self.expire, key, slots, waiter)
         share.waiters.append(waiter)
         slots.waiting += 1
         self.waiting += 1
         self.bytes += size
-        key[0].waiting += 1
+        host.waiting += 1
         queued = self.metrics.queued
         queued[share.token] = queued.get(share.token, 0) + 1
         try:
@@ -3319,7 +3320,7 @@ class Queue:
         slots.waiting -= 1
         self.waiting -= 1
         self.bytes -= waiter.size
-        key[0].waiting -= 1
+        waiter.host.waiting -= 1
         self.metrics.queued[share.token] -= 1
 
     def leave(self, key: tuple, slots: Slots, waiter: Waiter, error: GatewayError | None = None) -> None:
@@ -3826,7 +3827,7 @@ class Host:
     def __init__(self, number: int, base_url: str) -> None:
         url = urlsplit(base_url)
         self.number = number  # 1 for the first one listed: what logs, metrics and /ready show, never the URL
-        self.base_url = base_url  # for the start-up summary and --check only
+        self.base_url = base_url  # for the start-up summary, --check and the queue's slots, never logged
         self.scheme = url.scheme.encode()
         self.host = url.hostname.encode("idna")
         self.port = url.port or (443 if url.scheme == "https" else 80)

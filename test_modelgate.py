@@ -3005,6 +3005,24 @@ async def test_a_reload_gives_new_shares_to_the_next_turns_of_requests_already_w
     assert " ".join(mark[0] for mark in marks(ollama.started)) == order
 
 
+async def test_a_reload_that_changes_the_upstreams_keeps_one_queue_per_host_and_model() -> None:
+    """A reload that makes new upstreams (here TIMEOUT_SECONDS) keeps OLLAMA_NUM_PARALLEL for requests on both
+    sides of it: one sent after it waits behind the one running and the one waiting from before, in turn."""
+    async with scheduled() as (ollama, up, app):
+        before = send_all(app, [(asking("running"), AUTH), (asking("waiting"), OTHER_AUTH)])
+        await ollama.has_started(1)
+        await waiting(app, 1)
+        app.reload(modelgate.load_config({**app.environ, "TIMEOUT_SECONDS": "6"}), None)
+        after = send_all(app, [(asking("after"), AUTH)])
+        await waiting(app, 2)
+        assert len(up.requests) == 1
+        for number in range(1, 4):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*before, *after)
+    assert marks(ollama.started) == ["running", "waiting", "after"]
+    assert all(answer.status == 200 for answer in answers)
+
+
 async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None:
     """It is taken out of the queue: nothing of it reaches Ollama, the next request gets the slot, and its log
     line says 499 and how long it waited."""
