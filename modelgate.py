@@ -2651,6 +2651,7 @@ class Gateway:
             for upstream in self.upstreams.values():
                 upstream.retire()
             self.upstreams = self.make_upstreams(config)
+            self.readiness.expires = 0.0  # what the old hosts answered /ready says nothing of the new ones
         self.apply(config)
         if config.log_format != old.log_format:
             for logger in (log, logging.getLogger("uvicorn")):

@@ -4534,6 +4534,17 @@ async def test_ready_is_up_when_a_host_lists_its_models_and_down_when_none_does(
     assert "127.0.0.1" not in error["message"]
 
 
+async def test_ready_after_a_reload_asks_the_hosts_it_names() -> None:
+    """/ready answered from the cache of the hosts before a reload that changes OLLAMA_BASE_URL would say
+    nothing of the new ones: the first probe after the reload asks them (fixing the URL turns it 200 at once)."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, gateway() as app:
+        down = await call(app, "GET", "/ready", headers=[])
+        app.reload(modelgate.load_config({**app.environ, "OLLAMA_BASE_URL": up.url}), None)
+        ready = await call(app, "GET", "/ready", headers=[])
+    assert down.status == 503 and ready.status == 200, ready.body
+    assert len(up.requests) == 1
+
+
 async def test_ready_gives_up_on_a_silent_host_after_its_timeout() -> None:
     """A host that accepts but does not answer makes /ready 503 once the gateway's ready timeout is over,
     and the message says how long it waited."""
