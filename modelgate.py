@@ -1584,8 +1584,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     if (config.model_defaults or config.model_overrides) and route.model_required:
         model_id = ex.routed.id
-        request_edits(text, spans, fields_for(config.model_defaults, model_id),
-                      fields_for(config.model_overrides, model_id), replaced, added)
+        defaults, overrides = fields_for(config.model_defaults, model_id), fields_for(config.model_overrides, model_id)
+        one_spelling(spans, {**defaults, **overrides})
+        request_edits(text, spans, defaults, overrides, replaced, added)
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, spans, replaced, added)
     if replaced or added:
@@ -1981,6 +1982,18 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
 
 
 NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not set
+
+
+def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> None:
+    """400 for a top-level key that Go's decoder reads as a field MODEL_DEFAULTS or MODEL_OVERRIDES sets, written
+    otherwise ("KEEP_ALIVE", "Options"): of the two, Ollama takes the last (an object: merged into the first), so
+    an app's own keep_alive or num_ctx after the override's would win over it, as parse_body refuses for `model`."""
+    folded = {field.casefold(): field for field in fields}
+    for key in spans:
+        field = folded.get(key.casefold())
+        if field is not None and key != field:
+            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads as "
+                               f"`{field}` whatever its case: write it once, as `{field}`.")
 
 
 def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],

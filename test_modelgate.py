@@ -2765,6 +2765,22 @@ async def test_an_override_reaches_every_door_that_runs_a_model() -> None:
     assert up.requests[1].body == b'{"model":"qwen3:8b"}'
 
 
+@pytest.mark.parametrize("body", [
+    # Home Assistant's own keep_alive and num_ctx again after the overridden ones, in another case: Go's decoder
+    # reads KEEP_ALIVE as keep_alive, the last one winning, and merges OPTIONS into the options map it has
+    HOME_ASSISTANT[:-1] + b',"KEEP_ALIVE":-1,"Options":{"num_ctx":8192}}',
+    b'{"model":"qwen2.5:7b","messages":[],"Keep_Alive":-1}',  # which of the two counts depends on their order
+])
+async def test_a_field_that_a_policy_sets_written_in_another_case_is_refused(body: bytes) -> None:
+    """A key that Ollama reads as a field of MODEL_OVERRIDES or MODEL_DEFAULTS is a 400 unless written as the
+    policy writes it: else an app could keep its own keep_alive or num_ctx, and force the reload the owner's
+    override is there to prevent. Nothing is sent."""
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, MODEL_OVERRIDES=RESIDENT) as app:
+        answer = await native(app, "/api/chat", body)
+    message = assert_ollama_error(answer, 400)
+    assert "whatever its case" in message and up.requests == []
+
+
 POLICY_DOORS = [
     # (path, body for a model, how its errors read)
     ("/api/chat", {"messages": [], "stream": False}, "ollama"),
