@@ -1911,14 +1911,26 @@ ROOT_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("method, accept, content_type, body", ROOT_ANSWERS)
-async def test_the_root_answers_a_program_as_ollama_does_and_a_browser_with_the_page(
-        method: str, accept: bytes, content_type: bytes, body: bytes | None) -> None:
-    """GET / and HEAD / without text/html in Accept answer what Ollama answers (200, text/plain, `Ollama is
-    running`), a browser gets the page; no token, no upstream asked; the answer varies by Accept, so that no cache
-    hands one to the other; over a real socket the same answer comes, HEAD's with the GET length and no body."""
-    headers = [(b"host", b"gw"), (b"accept", accept)]
-    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app, serve(app) as base:
+class TestRoot:
+    """The root's cases share an upstream, a gateway and its server (a uvicorn server takes a fifth of a second
+    to stop); each case has a connection of its own."""
+
+    @pytest.fixture(scope="class")
+    async def served(self) -> AsyncIterator[tuple[FakeUpstream, modelgate.Gateway, str]]:
+        """An Ollama upstream, a gateway in front of it, and the base URL of the gateway's server."""
+        async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url) as app, serve(app) as base:
+            yield up, app, base
+
+    @pytest.mark.parametrize("method, accept, content_type, body", ROOT_ANSWERS)
+    async def test_the_root_answers_a_program_as_ollama_does_and_a_browser_with_the_page(
+            self, served: tuple[FakeUpstream, modelgate.Gateway, str], method: str, accept: bytes,
+            content_type: bytes, body: bytes | None) -> None:
+        """GET / and HEAD / without text/html in Accept answer what Ollama answers (200, text/plain, `Ollama is
+        running`), a browser gets the page; no token, no upstream asked; the answer varies by Accept, so that no
+        cache hands one to the other; over a real socket the same answer comes, HEAD's with the GET length and no
+        body."""
+        headers = [(b"host", b"gw"), (b"accept", accept)]
+        up, app, base = served
         answer = await call(app, method, "/", headers=headers)
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -1926,13 +1938,14 @@ async def test_the_root_answers_a_program_as_ollama_does_and_a_browser_with_the_
                      % (method.encode(), accept))
         head, _, rest = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
         writer.close()
-    assert answer.status == 200 and answer.header(b"content-type") == content_type
-    assert answer.header(b"vary") == b"accept"
-    if body is not None:
-        assert answer.header(b"content-length") == b"17" and answer.body == body
-    assert up.requests == []
-    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\ncontent-length: %s" % answer.header(b"content-length") in head
-    assert rest == answer.body
+        assert answer.status == 200 and answer.header(b"content-type") == content_type
+        assert answer.header(b"vary") == b"accept"
+        if body is not None:
+            assert answer.header(b"content-length") == b"17" and answer.body == body
+        assert up.requests == []
+        assert head.startswith(b"HTTP/1.1 200 ") and \
+            b"\r\ncontent-length: %s" % answer.header(b"content-length") in head
+        assert rest == answer.body
 
 
 async def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
@@ -6597,25 +6610,35 @@ STALLED_BODIES = [  # (the route, how its 408 names the error)
 ]
 
 
-@pytest.mark.parametrize("path, in_its_dialect", STALLED_BODIES, ids=[row[0] for row in STALLED_BODIES])
-async def test_a_request_body_that_stops_arriving_gets_408_and_the_connection_closes(
-        path: str, in_its_dialect: Callable[[Any], bool]) -> None:
-    """Issue 17: with a valid token, a request body that stops arriving for CLIENT_TIMEOUT_SECONDS gets 408, in
-    the error shape of its door, and the connection is closed; nothing goes upstream."""
-    async with upstream(json_reply()) as up:
-        # The rest of the body never comes: the short timeout is for the body; the head comes whole at once.
-        app = modelgate.Gateway(environ(OLLAMA_BASE_URL=up.url, CLIENT_TIMEOUT_SECONDS=TIMEOUT_NEVER_SENDING))
-        async with serve_with(command_line_server(app, 0.2)) as base:
-            host, port = base.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n" + AUTH_LINE
-                         + b"\r\n" + CHAT[:20])
-            received = await asyncio.wait_for(reader.read(), 30)  # all until the gateway closes the connection
-            writer.close()
-    head, _, body = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nconnection: close" in head.lower(), received
-    assert in_its_dialect(json.loads(body)), body
-    assert up.requests == []
+class TestStalledBodies:
+    """The stalled bodies' cases share an upstream and a gateway's server (a uvicorn server takes a fifth of a
+    second to stop); each case has a connection of its own."""
+
+    @pytest.fixture(scope="class")
+    async def served(self) -> AsyncIterator[tuple[FakeUpstream, str]]:
+        """An upstream, and the base URL of a gateway in front of it that waits CLIENT_TIMEOUT_SECONDS for a body."""
+        async with upstream(json_reply()) as up:
+            # The rest of the body never comes: the short timeout is for the body; the head comes whole at once.
+            app = modelgate.Gateway(environ(OLLAMA_BASE_URL=up.url, CLIENT_TIMEOUT_SECONDS=TIMEOUT_NEVER_SENDING))
+            async with serve_with(command_line_server(app, 0.2)) as base:
+                yield up, base
+
+    @pytest.mark.parametrize("path, in_its_dialect", STALLED_BODIES, ids=[row[0] for row in STALLED_BODIES])
+    async def test_a_request_body_that_stops_arriving_gets_408_and_the_connection_closes(
+            self, served: tuple[FakeUpstream, str], path: str, in_its_dialect: Callable[[Any], bool]) -> None:
+        """Issue 17: with a valid token, a request body that stops arriving for CLIENT_TIMEOUT_SECONDS gets 408,
+        in the error shape of its door, and the connection is closed; nothing goes upstream."""
+        up, base = served
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: gw\r\ncontent-length: 100\r\n" + AUTH_LINE
+                     + b"\r\n" + CHAT[:20])
+        received = await asyncio.wait_for(reader.read(), 30)  # all until the gateway closes the connection
+        writer.close()
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"\r\nconnection: close" in head.lower(), received
+        assert in_its_dialect(json.loads(body)), body
+        assert up.requests == []
 
 
 # Issue 17's siege: what a client may hold a connection with, in waves of 1,100 connections, more than a
