@@ -1999,17 +1999,22 @@ def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> N
 def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
                     added: list[tuple[str, str]]) -> bool:
     """For a stream whose client did not ask for usage, stream_options with include_usage in place of the client's,
-    or added; True then (the usage event is ModelGate's). False when the client asked, or sent stream_options that
-    are not an object (left for the upstream to judge)."""
+    or added; True then (the usage event is ModelGate's). False when the client asked (include_usage true, written
+    once), or sent stream_options that are not an object (left for the upstream to judge)."""
     options = document.get("stream_options")
-    if options is not None and not (isinstance(options, dict) and options.get("include_usage") is not True):
+    if options is not None and not isinstance(options, dict):
         return False
-    text = compact_json({**(options or {}), "include_usage": True})
+    # Go's decoder reads "INCLUDE_USAGE" as include_usage, the last one winning: only the lower-case key goes on.
+    others = {key: value for key, value in (options or {}).items() if key.casefold() != "include_usage"}
+    asked = options is not None and options.get("include_usage") is True
+    if asked and len(others) == len(options) - 1:
+        return False
+    text = compact_json({**others, "include_usage": True})
     if "stream_options" in spans:
         replaced["stream_options"] = text
     else:
         added.append(("stream_options", text))
-    return True
+    return not asked
 
 
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],

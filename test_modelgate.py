@@ -5127,6 +5127,10 @@ STREAM_OPTIONS_TABLE = [
     (b'{"continuous_usage_stats": false}', b'{"continuous_usage_stats":false,"include_usage":true}', False),
     # a lone surrogate escape, which UTF-8 cannot encode: written again as the escape it came as
     (b'{"x": "\\ud800"}', b'{"x":"\\ud800","include_usage":true}', False),
+    # Go's decoder reads INCLUDE_USAGE as include_usage, the last one winning: Ollama would send no usage, and a
+    # stream would cost nothing against TOKEN_QUOTAS. Only the lower-case key goes on.
+    (b'{"include_usage":true,"INCLUDE_USAGE":false}', b'{"include_usage":true}', True),
+    (b'{"Include_Usage":false}', b'{"include_usage":true}', False),
 ]
 
 
