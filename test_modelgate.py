@@ -3495,19 +3495,20 @@ BODY_SHAPES = [
 
 
 class TestBodyShapes:
-    """Each shape goes to a `python modelgate.py` of its own, whose growth is what is measured; all of them are
-    started and sent their shape at once, when the first case runs, so that they overlap on the machine's cores;
-    each case then checks what its own gateway did."""
+    """Each shape goes to a `python modelgate.py` of its own, whose growth is what is measured; when the first case
+    runs, all of them are started at once, and sent their shapes as many at a time as the machine has cores, so
+    that they overlap there; each case then checks what its own gateway did."""
 
     @pytest.fixture(scope="class")
     async def measured(self, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[Any]]:
         """For each of BODY_SHAPES, in order: the head of the gateway's answer, its growth, the last KiB of the
         answer and the bodies its upstream was sent (or what went wrong on the way there)."""
         spawned: list[tuple[FakeUpstream, asyncio.subprocess.Process, int]] = []
+        cores = asyncio.Semaphore(os.cpu_count() or 1)  # more at once would only wait their turn (and time out)
 
         async def measure(up: FakeUpstream, process: asyncio.subprocess.Process, port: int, body: bytes
                           ) -> tuple[bytes, int, bytes, list[bytes]]:
-            async with warmed_up(process, port) as gw:
+            async with cores, warmed_up(process, port) as gw:
                 head, _, tail = await post_over_a_socket(gw.port, body, keep=MIB)
                 growth = memory(gw.pid)["VmHWM"] - gw.rss
                 return head, growth, tail, [request.body for request in up.requests if b"warm-up" not in request.body]
