@@ -1584,9 +1584,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     if (config.model_defaults or config.model_overrides) and route.model_required:
         model_id = ex.routed.id
-        defaults, overrides = fields_for(config.model_defaults, model_id), fields_for(config.model_overrides, model_id)
-        one_spelling(spans, {**defaults, **overrides})
-        request_edits(text, spans, defaults, overrides, replaced, added)
+        request_edits(text, spans, fields_for(config.model_defaults, model_id),
+                      fields_for(config.model_overrides, model_id), replaced, added)
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, spans, replaced, added)
     if replaced or added:
@@ -1963,6 +1962,7 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
     """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
     replaces the client's value, a default fills in only what it lacks, and where the client's value and theirs are
     both objects (Ollama's `options`) that is decided key by key inside the client's object."""
+    one_spelling(spans, {**defaults, **overrides})
     for field in {**defaults, **overrides}:
         default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
         if field not in spans:
@@ -1985,9 +1985,10 @@ NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not se
 
 
 def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> None:
-    """400 for a top-level key that Go's decoder reads as a field MODEL_DEFAULTS or MODEL_OVERRIDES sets, written
-    otherwise ("KEEP_ALIVE", "Options"): of the two, Ollama takes the last (an object: merged into the first), so
-    an app's own keep_alive or num_ctx after the override's would win over it, as parse_body refuses for `model`."""
+    """400 for a key that Go's decoder reads as a field MODEL_DEFAULTS or MODEL_OVERRIDES sets, written otherwise
+    ("KEEP_ALIVE", "Options"; inside an object too, "EFFORT" of reasoning): of the two, Ollama takes the last (an
+    object: merged into the first), so an app's own keep_alive or num_ctx after the override's would win over it,
+    as parse_body refuses for `model`. (In a map, such as options, Go keeps both: refused all the same.)"""
     folded = {field.casefold(): field for field in fields}
     for key in spans:
         field = folded.get(key.casefold())

@@ -2778,19 +2778,24 @@ async def test_an_override_reaches_every_door_that_runs_a_model() -> None:
     assert up.requests[1].body == b'{"model":"qwen3:8b"}'
 
 
-@pytest.mark.parametrize("body", [
+@pytest.mark.parametrize("overrides, path, body", [
     # Home Assistant's own keep_alive and num_ctx again after the overridden ones, in another case: Go's decoder
     # reads KEEP_ALIVE as keep_alive, the last one winning, and merges OPTIONS into the options map it has
-    HOME_ASSISTANT[:-1] + b',"KEEP_ALIVE":-1,"Options":{"num_ctx":8192}}',
-    b'{"model":"qwen2.5:7b","messages":[],"Keep_Alive":-1}',  # which of the two counts depends on their order
+    (RESIDENT, "/api/chat", HOME_ASSISTANT[:-1] + b',"KEEP_ALIVE":-1,"Options":{"num_ctx":8192}}'),
+    (RESIDENT, "/api/chat", b'{"model":"qwen2.5:7b","messages":[],"Keep_Alive":-1}'),  # which counts: their order
+    # inside an object that Go decodes into a struct (openai.ResponsesRequest's reasoning) just the same
+    ('{"ollama/*": {"reasoning": {"effort": "low"}}}', "/v1/responses",
+     b'{"model":"qwen2.5:7b","input":"Hi","reasoning":{"effort":"low","EFFORT":"high"}}'),
 ])
-async def test_a_field_that_a_policy_sets_written_in_another_case_is_refused(body: bytes) -> None:
+async def test_a_field_that_a_policy_sets_written_in_another_case_is_refused(overrides: str, path: str,
+                                                                             body: bytes) -> None:
     """A key that Ollama reads as a field of MODEL_OVERRIDES or MODEL_DEFAULTS is a 400 unless written as the
     policy writes it: else an app could keep its own keep_alive or num_ctx, and force the reload the owner's
     override is there to prevent. Nothing is sent."""
-    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, MODEL_OVERRIDES=RESIDENT) as app:
-        answer = await native(app, "/api/chat", body)
-    message = assert_ollama_error(answer, 400)
+    async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=up.url, MODEL_OVERRIDES=overrides) as app:
+        answer = await native(app, path, body)
+    message = (assert_ollama_error(answer, 400) if path.startswith("/api/")
+               else assert_error(answer, 400, "invalid_request_error")["message"])
     assert "whatever its case" in message and up.requests == []
 
 
