@@ -3855,6 +3855,7 @@ class Host:
         # Ollama's native API lives at the base URL without its /v1 (a path prefix in front of it stays).
         self.native_path = self.path.removesuffix(b"/v1")
         self.authority = url.netloc.encode("idna")
+        self.loopback = self.host in (b"localhost", b"::1") or self.host.startswith(b"127.")
         self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
         self.down_until = 0.0  # time.monotonic() before which other hosts go first
         self.waiting = 0  # requests in ModelGate's queue for this host (The queue)
@@ -3864,11 +3865,19 @@ class Host:
 HOST_EXTENSION = "modelgate.host"
 
 
-def upstream_failure(exc: Exception, name: str, where: str = "") -> GatewayError:
+# A refused connection to a loopback address is most often a gateway in a container whose OLLAMA_BASE_URL is the
+# default 127.0.0.1 (docker compose, Docker on Linux), and Ollama on the host.
+LOOPBACK_REFUSED = (" From inside a container, localhost is the container itself: there, {url} names the host by "
+                    "its address, or as host.docker.internal.")
+
+
+def upstream_failure(exc: Exception, name: str, where: str = "", loopback: bool = False) -> GatewayError:
     """One of the UPSTREAM_EXCEPTIONS as the error the client gets (UPSTREAM_FAILURES); the log line gets
     where (`ollama/1`) and the cause."""
     situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
                               if isinstance(exc, exc_type))
+    if loopback and type(exc) is httpcore.ConnectError:
+        message += LOOPBACK_REFUSED
     return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]),
                         detail=f"{where or name} {cause(exc)}")
 
@@ -3968,7 +3977,7 @@ class Upstream:
     def translate(self, exc: Exception, host: Host | None) -> GatewayError:
         """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
         self.count_failure(type(exc).__name__)
-        return upstream_failure(exc, self.name, self.where(host))
+        return upstream_failure(exc, self.name, self.where(host), host is not None and host.loopback)
 
     def where(self, host: Host | None) -> str:
         return f"{self.name}/{host.number}" if host is not None else self.name

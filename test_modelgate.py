@@ -3695,7 +3695,8 @@ CUT_PLAIN_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconten
 FAILURES_BEFORE_AN_ANSWER = [
     # (what is at OLLAMA_BASE_URL, settings, request, status, code, x-should-retry (... = either), the message names)
     # Nothing listening: the message names Ollama and the variable to check.
-    (refusing, {}, CHAT, 502, "upstream_unavailable", ..., ["ollama", "OLLAMA_BASE_URL"]),
+    # At 127.0.0.1, it also says what that is in a container (docker compose's default OLLAMA_BASE_URL).
+    (refusing, {}, CHAT, 502, "upstream_unavailable", ..., ["ollama", "OLLAMA_BASE_URL", "inside a container"]),
     # A streamed request whose upstream is down gets the plain 502 JSON, not a 200 event stream.
     (refusing, {}, STREAM_CHAT, 502, "upstream_unavailable", ..., []),
     # An upstream that accepts but stays silent past TIMEOUT_SECONDS.
@@ -6317,7 +6318,8 @@ async def test_a_value_that_kept_its_quotes_from_docker_run_env_file_is_named(tm
 CHECK_FAILURES = [
     # (what is at OLLAMA_BASE_URL, what --check says about it)
     ("refusing", "Could not connect to ollama: refused or unreachable. Check that it is running and OLLAMA_BASE_URL "
-                 "is right. (ConnectError: Connection refused)"),
+                 "is right. From inside a container, localhost is the container itself: there, OLLAMA_BASE_URL "
+                 "names the host by its address, or as host.docker.internal. (ConnectError: Connection refused)"),
     ("no /v1", "Ollama answers /api/tags but 404 on /models: OLLAMA_BASE_URL is missing /v1; write {url}/v1"),
     ("/api", "Ollama answers /api/tags but 404 on /api/models: OLLAMA_BASE_URL is missing /v1; write {url}/v1"),
     ("not Ollama", "GET /models: ollama answered 404 Not Found: 404 page not found. Check that OLLAMA_BASE_URL "
