@@ -2747,7 +2747,9 @@ class Gateway:
         """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
         key, route = ex.path, ROUTES.get(ex.path)
         for prefix in PREFIX_ROUTES if route is None else ():
-            if key.startswith(prefix):
+            # What follows the prefix is one path segment, as Ollama's routes take it (gin's :digest, :encodedKey):
+            # `/api/user/keys/..%2f..%2fdelete` would reach /api/delete past a proxy that resolves dot segments.
+            if key.startswith(prefix) and "/" not in key[len(prefix):] and key[len(prefix):] not in (".", ".."):
                 key, route = prefix, ROUTES[prefix]
                 break
         ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it

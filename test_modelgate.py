@@ -7493,6 +7493,20 @@ async def test_web_search_is_for_cloud_tokens_and_the_account_for_admins(method:
     assert [(r.method, r.target, r.body) for r in up.requests] == [(method, path, body)] * len(allowed)
 
 
+@pytest.mark.parametrize("method, path", [("DELETE", "/api/user/keys/../../delete"), ("DELETE", "/api/user/keys/.."),
+                                          ("HEAD", "/api/blobs/sha256:12ab/../../tags"), ("POST", "/api/blobs/.")])
+async def test_what_follows_a_prefix_route_is_one_path_segment(method: str, path: str) -> None:
+    """The key of /api/user/keys/<key> and the digest of /api/blobs/<digest> are one path segment, as Ollama's routes
+    take them: a path that climbs out of the route (`..%2f..%2fdelete`, which uvicorn decodes to `../../delete`)
+    is a 404 and reaches nothing, even for an admin token, rather than /api/delete behind a proxy that resolves it."""
+    settings_ = {"MODELGATE_TOKEN": f"me:{ADMIN},janitor:{OTHER_TOKEN}", "OLLAMA_ADMIN_TOKENS": "janitor"}
+    async with cloud_gateway(**settings_) as (up, app):
+        answer = await native(app, path, b'{"model": "qwen2.5:7b"}', headers=OTHER_AUTH, method=method)
+    assert answer.status == 404 and not up.requests
+    if method != "HEAD":
+        assert "error" in answer.json()
+
+
 CLOUD_SUFFIXES = [
     # (model name, cloud by Ollama's parseSourceSuffix): internal/modelref/modelref.go of v0.32.15
     ("gpt-oss:120b:cloud", True), ("gpt-oss:120b-cloud", True), ("qwen3-coder:cloud", True),
