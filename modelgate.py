@@ -457,7 +457,7 @@ ROUTES: dict[str, Route] = {
     "/api/status": Route({"GET": "ollama_relay"}, dialect=OLLAMA),
     "/api/me": Route({"POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
     "/api/signout": Route({"POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
-    "/api/user/keys/": Route({"DELETE": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
+    "/api/user/keys/": Route({"DELETE": "ollama_key"}, dialect=OLLAMA, admin=True, shared=False),
     "/api/experimental/web_search": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
     "/api/experimental/web_fetch": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
 }
@@ -2447,6 +2447,14 @@ class Gateway:
             raise GatewayError("invalid_request", f"{printable(digest)!r} is not a blob digest (sha256:<64 hex>).")
         return await self.ollama_relay(ex)
 
+    async def ollama_key(self, ex: Exchange) -> Answer | None:
+        """DELETE /api/user/keys/<key> (admins only): the key is one path segment, as Ollama's route takes it.
+        `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past a proxy that resolves dot segments."""
+        key = ex.path.removeprefix("/api/user/keys/")
+        if "/" in key or key in ("", ".", ".."):
+            raise GatewayError("invalid_request", f"{printable(key)!r} is not a key: one path segment, no '/'.")
+        return await self.ollama_relay(ex)
+
     async def ollama_relay(self, ex: Exchange) -> Answer | None:
         """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes (admins
         only), web search and fetch (cloud tokens only); admit() has decided who may."""
@@ -2747,9 +2755,7 @@ class Gateway:
         """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
         key, route = ex.path, ROUTES.get(ex.path)
         for prefix in PREFIX_ROUTES if route is None else ():
-            # What follows the prefix is one path segment, as Ollama's routes take it (gin's :digest, :encodedKey):
-            # `/api/user/keys/..%2f..%2fdelete` would reach /api/delete past a proxy that resolves dot segments.
-            if key.startswith(prefix) and "/" not in key[len(prefix):] and key[len(prefix):] not in (".", ".."):
+            if key.startswith(prefix):
                 key, route = prefix, ROUTES[prefix]
                 break
         ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it
