@@ -2170,13 +2170,17 @@ def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -
     return kept
 
 
+# What a page may read of an answer besides the CORS-safelisted headers: the request id to report, and how long to
+# wait after a 429 or 503 (the openai and anthropic SDKs for JavaScript read Retry-After, in a browser too).
+EXPOSED = (b"access-control-expose-headers", b"x-request-id, retry-after")
+
+
 def cors_headers(config: Config, origin: bytes) -> Headers:
     """Access-Control-Allow-Origin for an allowed origin; nothing (but no refusal) for another."""
     if "*" in config.cors_allow_origins:
-        return [(b"access-control-allow-origin", b"*"), (b"access-control-expose-headers", b"x-request-id")]
+        return [(b"access-control-allow-origin", b"*"), EXPOSED]
     if origin.decode("latin-1") in config.cors_allow_origins:
-        return [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"x-request-id"),
-                (b"vary", b"origin")]
+        return [(b"access-control-allow-origin", origin), EXPOSED, (b"vary", b"origin")]
     return []
 
 

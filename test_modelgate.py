@@ -2103,6 +2103,16 @@ async def test_cors_list_allows_named_origins_only_but_refuses_nobody() -> None:
     assert other.status == 200 and other.header(b"access-control-allow-origin") is None
 
 
+async def test_a_page_may_read_how_long_to_wait_after_a_429() -> None:
+    """Retry-After is exposed to a page (Access-Control-Expose-Headers), so that an SDK running in a browser waits as
+    long as the gateway says before it tries again, rather than guessing; the request id too, to report a failure."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="1") as app:
+        answers = [await chat(app, headers=[*AUTH, (b"origin", b"https://app.example")]) for _ in range(2)]
+    assert [answer.status for answer in answers] == [200, 429] and answers[1].header(b"retry-after")
+    exposed = answers[1].header(b"access-control-expose-headers").decode().replace(" ", "").split(",")
+    assert {"retry-after", "x-request-id"} <= set(exposed)
+
+
 async def test_errors_carry_cors_headers_too() -> None:
     """A 401 to a browser page still carries Access-Control-Allow-Origin, so the page can read the error."""
     async with gateway() as app:
