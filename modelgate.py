@@ -1315,7 +1315,8 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
             found.append(credential)
         else:
             problems.add("empty token")
-    failure = next((problem for problem in ("not Bearer", "basic user only", "empty token") if problem in problems), "")
+    failure = ("not Bearer" if "not Bearer" in problems else "basic user only" if "basic user only" in problems
+               else "empty token" if "empty token" in problems else "")
     return found, failure or "no credentials", basic
 
 
