@@ -2071,6 +2071,19 @@ def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect:
 # FormValue("model"), the first field of that name that is no file; Go's mime/multipart); the audio and every
 # other byte go as they came. A form read less surely than Go would read it is refused, never forwarded.
 
+# A part's name in RFC 2231's form (name*=, name*0=, name*1*=), and any parameter in pieces: Go's
+# mime.ParseMediaType and Python's email join the pieces differently (one written twice, one missing), and the
+# latter raises TypeError for a parameter both whole and in pieces. No client writes a field's name so; .NET
+# writes filename*= whole beside filename=, which stays readable.
+PIECES = re.compile(rb"(?<!file)name\*|;[\s\x1c-\x1f]*\w+\*[0-9]")
+# What Go's mime.ParseMediaType reads as name=model in a part's header: after `;` and `=`, spaces as Go's
+# unicode.IsSpace has them (those of UTF-8 are bytes over 0x7f) or a folded line, then `model` as a token or
+# quoted. Python's email may read none there (after a quoted \\, after a header whose name holds a space, after
+# a no-break space).
+GO_MODEL_FIELD = re.compile(rb'(?i:;[\s\x80-\xff]*name[\s\x80-\xff]*=[\s\x80-\xff]*)'
+                            rb'(?:"model"|model(?![-!#$%&\'*+.^_`|~0-9A-Za-z]))')
+
+
 def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
     """The form's one `model` value and where it lies in the body; 400 for what ModelGate cannot read."""
     def unreadable(why: str) -> GatewayError:
@@ -2084,6 +2097,8 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
         raise unreadable("its Content-Type is not multipart/form-data with a boundary")
     if b"\\" in content_type:  # in a quoted boundary, Go's mime.ParseMediaType unescapes \=, Python's email does not
         raise unreadable("its boundary holds a backslash")
+    if b"*" in content_type:  # boundary*0=: Go's mime.ParseMediaType takes it over a plain boundary=, Python's not
+        raise unreadable("its boundary is written as RFC 2231 allows (boundary*=)")
     delimiter = b"--" + boundary.encode("latin-1")
     newline = next((nl for nl in (b"\r\n", b"\n") if body.startswith(delimiter + nl)), None)
     if newline is None:
@@ -2097,7 +2112,10 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
         head_end = body.find(newline * 2, at, end)
         if end < 0 or head_end < 0:
             raise unreadable("a part of it has no end or no header")
-        part = email.parser.BytesHeaderParser().parsebytes(body[at:head_end + len(newline)])
+        head = body[at:head_end + len(newline)]
+        if PIECES.search(head.lower()):
+            raise unreadable("a part's name is written as RFC 2231 allows (name*=), or a parameter in pieces (*0=)")
+        part = email.parser.BytesHeaderParser().parsebytes(head)
         # Every part that Go's reader may take for the `model` value counts: with any filename (Go takes
         # filename="" for a value, Python's get_filename also reads a Content-Type name), and with its name
         # encoded as RFC 2231 allows (name*=, which Go decodes, over a plain name too; email gives a tuple).
@@ -2108,6 +2126,8 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
             if part.get_filename() is not None:
                 raise unreadable("its `model` field is a file")
             found.append((head_end + 2 * len(newline), end))
+        elif GO_MODEL_FIELD.search(head):
+            raise unreadable("a part's header names a `model` field that ModelGate cannot read as Go's reader does")
         at = end + len(newline) + len(delimiter)
     if len(found) != 1:
         raise unreadable("it has no `model` field" if not found else "it has two `model` fields")

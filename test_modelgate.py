@@ -7620,6 +7620,23 @@ UNREADABLE_FORMS = [
     # and Go, skipping it as a preamble, the second.
     (form("a").replace(BOUNDARY, b"a\\=b") + form("plain").replace(BOUNDARY, b"a=b"),
      b'multipart/form-data; boundary="a\\=b"'),
+    # So too with a boundary in RFC 2231's pieces beside a plain one: Go's mime.ParseMediaType takes the pieces,
+    # Python's email the plain one.
+    (form("a").replace(BOUNDARY, b"x") + form("plain").replace(BOUNDARY, b"y"),
+     b"multipart/form-data; boundary=x; boundary*0=y"),
+    # Before a plain `model`, one that Go's reader takes for the form's value and Python's email for none: after a
+    # quoted \\ (Python's email counts its quote as escaped, and reads the rest as that value), after a header
+    # whose name holds a space (Go reads on, Python's email takes the rest for the body), after a no-break space
+    # (Go's unicode.IsSpace), and in pieces that Go joins as `model` and Python's email as `modelxx`.
+    *[(form("a").replace(b'--' + BOUNDARY, b'--' + BOUNDARY + b'\r\n' + head + b'\r\n\r\nplain\r\n--' + BOUNDARY, 1),
+       FORM_HEADERS[0][1])
+      for head in (b'Content-Disposition: form-data; x="a\\\\"; name=model',
+                   b'X y: z\r\nContent-Disposition: form-data; name="model"',
+                   b'Content-Disposition: form-data;\xc2\xa0name="model"',
+                   b"Content-Disposition: form-data; name*0=mo; name*1=del; name*1*=xx")],
+    # A parameter both whole and in pieces, which Python's email cannot read (TypeError): a 400, not a 500.
+    (form("a", extra=[(b"Content-Disposition: form-data; name=\"f\"; filename*=utf-8''a; filename*0=b", b"x")]),
+     FORM_HEADERS[0][1]),
 ]
 
 
@@ -7631,6 +7648,17 @@ async def test_a_form_whose_model_cannot_be_read_surely_is_a_400_and_sends_nothi
         answer = await call(app, "POST", "/v1/audio/transcriptions", body, [*AUTH, (b"content-type", content_type)])
     assert "model" in assert_error(answer, 400, "invalid_request_error")["message"]
     assert up.requests == []
+
+
+async def test_a_form_as_dotnet_writes_it_is_relayed() -> None:
+    """.NET's MultipartFormDataContent names its fields unquoted and writes a file's name twice, the second time as
+    RFC 2231 allows (filename*=utf-8''...), a name in UTF-8 too: read as any other form, and sent byte for byte."""
+    body = form("ollama/whisper").replace(b'name="model"', b"name=model").replace(
+        b'filename="hi.wav"', "filename=r\u00e9union.wav; filename*=utf-8''r%C3%A9union.wav".encode())
+    async with cloud_gateway() as (up, app):
+        answer = await transcribe(app, body)
+    assert answer.status == 200, answer.body
+    assert up.requests[0].body == body.replace(b"ollama/whisper", b"whisper")
 
 
 async def test_a_form_with_bare_newlines_is_read_as_go_reads_it() -> None:
