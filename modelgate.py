@@ -5331,7 +5331,7 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
                 raise ConfigError(f"MODELGATE_TOKEN in {path} already has a token named {name!r}; choose another name")
             entry = "," + entry
         # Inside its quotes, before its comment: the line stays as written, a value that needs quotes keeps them.
-        end += len(text) - len(text.lstrip(" \t"))
+        end += len(text) - len(text.lstrip()) if text.strip() else 0  # what strip() took before it, a no-break space
         text += "\n" * (text == text.rstrip("\r\n"))
         lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
     else:

@@ -5983,6 +5983,9 @@ async def test_add_token_says_a_token_set_in_the_environment_wins_over_env(tmp_p
     ('MODELGATE_TOKEN=""', 'MODELGATE_TOKEN="second:NEW"'),
     ("MODELGATE_TOKEN=", "MODELGATE_TOKEN=second:NEW"),
     ("MODELGATE_TOKEN = first:x#y   # apps", "MODELGATE_TOKEN = first:x#y,second:NEW   # apps"),
+    # a no-break space copied from a web page, which docker compose and read_dotenv take for a space
+    ("MODELGATE_TOKEN=\u00a0first:x", "MODELGATE_TOKEN=\u00a0first:x,second:NEW"),
+    ('MODELGATE_TOKEN= ""', 'MODELGATE_TOKEN= "second:NEW"'),
 ])
 def test_add_token_writes_inside_the_quotes_and_before_the_comment_of_the_line(tmp_path: Any, line: str,
                                                                                written: str) -> None:
