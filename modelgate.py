@@ -3296,9 +3296,9 @@ class Queue:
     async def turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
         """A slot for a request of `size` bytes: at once while one is free, with no task switch (the cost of
         the queue when it is not full), else when its turn comes."""
-        model = model.lower()  # one model as Ollama has it: names are not case-sensitive, `name` is `name:latest`
-        # The host by its URL: a reload that makes new upstreams (Gateway.reload) keeps its queue and its slots.
-        key = (host.base_url, model if ":" in model.rpartition("/")[2] else model + ":latest")
+        # The host by its URL: a reload that makes new upstreams (Gateway.reload) keeps its queue and its slots. The
+        # model as Ollama finds it (ollama_name): `Tiny`, `tiny:latest` and `library/tiny` are one model and one queue.
+        key = (host.base_url, ollama_name(model))
         slots = self.slots.get(key) or self.slots.setdefault(key, Slots())
         share = slots.shares.get(token)
         if share is None:

@@ -3104,6 +3104,10 @@ QUEUE_DOORS = [
     ("/api/generate", b'{"model": "qwen2.5", "prompt": "Hi", "stream": false}', "ollama"),  # :latest is one model
     ("/api/embed", b'{"model": "Qwen2.5:7B", "input": "Hi"}', "ollama"),  # Ollama's names ignore case
     ("/api/embeddings", b'{"model": "ollama/qwen2.5:7b", "prompt": "Hi"}', "ollama"),
+    # Ollama fills in its registry and namespace (types/model/name.go): each of these is qwen2.5:7b to it, and got
+    # OLLAMA_NUM_PARALLEL slots of its own
+    ("/api/chat", b'{"model": "library/qwen2.5:7b", "messages": [], "stream": false}', "ollama"),
+    ("/v1/chat/completions", b'{"model": "ollama/registry.ollama.ai/library/qwen2.5:7b", "messages": []}', "openai"),
 ]
 
 
