@@ -1939,10 +1939,13 @@ def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:
     """The fields of MODEL_DEFAULTS or MODEL_OVERRIDES for the model: those of every pattern that matches it,
-    the longest pattern's value first, objects merged key by key."""
+    the longest pattern's value first, objects merged key by key. An Ollama model is matched as Ollama finds it
+    too (ollama_name): `Qwen2.5:7B` and `library/qwen2.5:7b` run qwen2.5:7b, and do not escape its override."""
+    provider, _, name = model_id.partition("/")
+    runs = f"ollama/{ollama_name(name)}" if provider == "ollama" else model_id
     merged: dict[str, Any] = {}
     for pattern, fields in patterns:
-        if matches(model_id, pattern):
+        if matches(model_id, pattern) or matches(runs, pattern):
             merged = over(merged, fields)
     return merged
 

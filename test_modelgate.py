@@ -2762,6 +2762,10 @@ OVERRIDES_TABLE = [
      b'{"model":"qwen2.5:7b","options":{"seed":1,"num_ctx":2048}}'),
     ("", RESIDENT, b'{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":8192}}',  # another model: untouched
      b'{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":8192}}'),
+    # the model as Ollama finds it too: in another case, with its registry and namespace (types/model/name.go)
+    *[("", RESIDENT, HOME_ASSISTANT.replace(b"qwen2.5:7b", name), HOME_ASSISTANT.replace(b"qwen2.5:7b", name).replace(
+        b'"keep_alive":-1', b'"keep_alive":"30m"').replace(b"8192", b"4096"))
+      for name in (b"Qwen2.5:7B", b"library/qwen2.5:7b", b"registry.ollama.ai/library/qwen2.5:7b")],
 ]
 
 
