@@ -3041,15 +3041,16 @@ class ClientWatch:
 
         uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
         hold its upstream connection, an answer held whole its memory. One timer per answer looks every
-        `timeout` seconds.
+        `timeout` seconds, or sooner when a send it saw waiting will by then have waited that long.
         """
         loop = self.loop
 
         def check() -> None:
             if self.sending_since is not None and loop.time() - self.sending_since >= timeout:
                 self.cancel("gone")
-            elif not self.stopped:
-                self.send_check = loop.call_later(timeout, check)
+            elif not self.stopped:  # (`timeout` from now would let a send that began just after it wait twice that)
+                since = loop.time() if self.sending_since is None else self.sending_since
+                self.send_check = loop.call_later(since + timeout - loop.time(), check)
 
         self.send_check = loop.call_later(timeout, check)
 
