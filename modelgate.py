@@ -5131,7 +5131,9 @@ class Pool:
         self.in_use -= 1
         self.slots.release()
         if connection is not None and connection.is_idle():
-            if self.retired:
+            # Bytes past the answer's end (more than its Content-Length) would be read as the next request's
+            # answer: such a connection is closed, as Go's transport closes one that sends unasked bytes.
+            if self.retired or connection._h11_state.trailing_data[0]:
                 connection.stream.close()
             else:
                 self.idle.append(connection)
@@ -5163,6 +5165,8 @@ class Pool:
 #             around each request's use of the connection's state, an attribute looked up on every use.
 #   httpcore  AsyncHTTP11Connection.has_expired()   asks its stream's get_extra_info("is_readable") whether an
 #             idle connection has something to read (the server hung up): SocketStream answers that.
+#   httpcore  AsyncHTTP11Connection._h11_state      Pool.checkin reads its h11 trailing_data: bytes that came
+#             after an answer's end, which the next request on that connection would take for its answer.
 #   httpcore  a status line h11 refuses             raised as httpcore.RemoteProtocolError `from` h11's
 #             RemoteProtocolError (its map_exceptions): Upstream.send tells "not HTTP at all" by __cause__.
 #   uvicorn   protocols.http.h11_impl.H11Protocol   head_timeout_protocol's subclass, given to Config(http=):

@@ -5411,6 +5411,28 @@ async def test_connections_are_reused_and_closed_ones_replaced() -> None:
     assert up.connections == 3
 
 
+async def test_bytes_after_an_upstream_answer_never_become_the_next_requests_answer() -> None:
+    """An upstream that sends more than its Content-Length (a second, unasked answer after the first) has its
+    connection closed: the next request, another app's here, gets its own answer, not those bytes (Go's
+    transport closes such a connection: "Unsolicited response received on idle HTTP channel")."""
+    unasked = b'{"id": "unasked", "object": "chat.completion", "choices": []}'
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await write_answer(writer, 200, "application/json", json.dumps(COMPLETION).encode())
+        if len(up.requests) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(unasked), unasked))
+            await writer.drain()
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_CLOUD_TOKENS="tester,second") as app:
+        first = await chat(app)
+        second = await chat(app, CHAT[:-1] + b', "user": "webui"}', headers=OTHER_AUTH)
+    assert first.status == second.status == 200
+    assert json.loads(second.body) == COMPLETION
+    assert len(up.requests) == 2 and up.connections == 2
+
+
 async def test_a_thousand_cancellations_leave_the_pool_serving() -> None:
     """1,000 clients leaving mid-request (during connect, while waiting, mid-stream), half of them on Ollama's
     native API, leak no pool slot.
@@ -5523,6 +5545,15 @@ async def test_internal_httpcore_asks_an_idle_stream_whether_it_is_readable(read
     connection = httpcore.AsyncHTTP11Connection(origin, stream, keepalive_expiry=3600)
     await one_answer(connection)
     assert connection.has_expired() is readable and "is_readable" in stream.asked
+
+
+async def test_internal_httpcore_keeps_bytes_after_an_answer_in_its_h11_states_trailing_data() -> None:
+    """What came after an answer's end stays in the `_h11_state` (h11's trailing_data) of httpcore's idle
+    connection, where modelgate's pool looks before it keeps the connection."""
+    origin = httpcore.Origin(b"http", b"127.0.0.1", 80)
+    connection = httpcore.AsyncHTTP11Connection(origin, CannedStream(OK_ANSWER + OK_ANSWER))
+    assert await one_answer(connection) == b"{}"
+    assert connection.is_idle() and connection._h11_state.trailing_data[0] == OK_ANSWER
 
 
 async def test_internal_httpcore_raises_a_refused_status_line_from_h11s_error() -> None:
