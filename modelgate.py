@@ -3809,7 +3809,9 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
                 and not r.host.path.endswith(b"/v1")),
      lambda r: "Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1.", True),
     (lambda r: r.status == 404 and r.routed is not None and r.routed.defaulted, other_provider, True),
-    (lambda r: r.status == 404 and r.routed is not None and r.routed.name.startswith(f"{r.name}/"),
+    # (not for an alias whose target doubles it: only the owner can mend MODEL_ALIASES)
+    (lambda r: (r.status == 404 and r.routed is not None and not r.routed.aliased
+                and r.routed.name.startswith(f"{r.name}/")),
      lambda r: f"ModelGate took one {r.name}/ off {r.name + '/' + r.routed.name!r} and sent {r.routed.name!r} to "
                f"{r.name}: write the prefix once, as {r.routed.name}.", True),
 )

@@ -3916,6 +3916,17 @@ async def test_a_404_says_what_to_check(path: str, said: bytes, model: str, open
     assert ("DEFAULT_PROVIDER" in message) == ("/" not in model)
 
 
+async def test_an_alias_whose_target_doubles_the_prefix_does_not_tell_the_client_to_mend_it() -> None:
+    """A 404 for an alias's target written `ollama/ollama/...` in MODEL_ALIASES does not tell the app to write its
+    model's prefix once: it wrote `translate`, and only the owner can mend the alias."""
+    said = b'{"error":"model \'ollama/qwen2.5:7b\' not found"}'
+    async with upstream(json_reply(404, raw=said)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_ALIASES="translate=ollama/ollama/qwen2.5:7b") as app:
+        answer = await chat(app, b'{"model": "translate"}')
+    message = assert_error(answer, 404, "not_found_error")["message"]
+    assert "'ollama/qwen2.5:7b' not found" in message and "prefix once" not in message
+
+
 UPSTREAM_FAILURE_STATUSES = [
     # (httpcore failure before the answer began, status, code, a variable the message must name or None),
     # as the README's error table documents them; {} is the provider.
