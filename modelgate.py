@@ -1997,8 +1997,8 @@ def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> N
     for key in spans:
         field = folded.get(key.casefold())
         if field is not None and key != field:
-            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama reads as "
-                               f"`{field}` whatever its case: write it once, as `{field}`.")
+            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama would read "
+                               f"as `{field}` whatever its case: write it once, as `{field}`.")
 
 
 def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
