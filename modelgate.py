@@ -1897,8 +1897,12 @@ def ollama_name(name: str) -> str:
     """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its
     registry, namespace and the tag `latest`; getExistingName matches in any case): `tiny`, `Tiny:latest`
     and `registry.ollama.ai/library/tiny:latest` are one model. In any case as Go's strings.EqualFold has it,
-    whose folding takes ſ for s and the Kelvin sign for k, as casefold() does and lower() does not."""
+    whose folding takes ſ for s and the Kelvin sign for k, as casefold() does and lower() does not. The source
+    suffix `:local` (spaces around it ignored, in any case) is no part of the name: Ollama runs `tiny:7b:local`
+    as tiny:7b (parseSourceSuffix, internal/modelref/modelref.go)."""
     name = name.strip().casefold()
+    base, colon, source = name.rpartition(":")
+    name = base if colon and source.strip() == "local" else name
     name = name.partition("://")[2] or name  # Ollama's ParseNameBare drops any scheme
     name = name.removeprefix("registry.ollama.ai/").removeprefix("library/")
     return name if ":" in name.rpartition("/")[2] else name + ":latest"

@@ -2762,10 +2762,12 @@ OVERRIDES_TABLE = [
      b'{"model":"qwen2.5:7b","options":{"seed":1,"num_ctx":2048}}'),
     ("", RESIDENT, b'{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":8192}}',  # another model: untouched
      b'{"model":"llama3.1:8b","keep_alive":-1,"options":{"num_ctx":8192}}'),
-    # the model as Ollama finds it too: in another case, with its registry and namespace (types/model/name.go)
+    # the model as Ollama finds it too: in another case, with its registry and namespace (types/model/name.go), with
+    # the source suffix :local, which Ollama cuts off (internal/modelref/modelref.go: parseSourceSuffix)
     *[("", RESIDENT, HOME_ASSISTANT.replace(b"qwen2.5:7b", name), HOME_ASSISTANT.replace(b"qwen2.5:7b", name).replace(
         b'"keep_alive":-1', b'"keep_alive":"30m"').replace(b"8192", b"4096"))
-      for name in (b"Qwen2.5:7B", b"library/qwen2.5:7b", b"registry.ollama.ai/library/qwen2.5:7b")],
+      for name in (b"Qwen2.5:7B", b"library/qwen2.5:7b", b"registry.ollama.ai/library/qwen2.5:7b",
+                   b"qwen2.5:7b:local", b"Qwen2.5:7B: LOCAL")],
 ]
 
 
@@ -3112,6 +3114,8 @@ QUEUE_DOORS = [
     # OLLAMA_NUM_PARALLEL slots of its own
     ("/api/chat", b'{"model": "library/qwen2.5:7b", "messages": [], "stream": false}', "ollama"),
     ("/v1/chat/completions", b'{"model": "ollama/registry.ollama.ai/library/qwen2.5:7b", "messages": []}', "openai"),
+    # and so is qwen2.5:7b with the source suffix :local (internal/modelref/modelref.go: parseSourceSuffix)
+    ("/api/chat", b'{"model": "qwen2.5:7b:local", "messages": [], "stream": false}', "ollama"),
 ]
 
 
