@@ -2845,7 +2845,11 @@ class Gateway:
         stream = document.get("stream") is not False if route.streams_unless_false else document.get("stream") is True
         if not stream and self.coalescer is not None and route.shared:
             return await self.watched(ex, self.coalescer.answer(self, ex, upstream, path, body))
-        answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
+        try:
+            answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
+        finally:
+            if route.admin:  # a model pulled, copied, created or deleted: a stub may now bear a local model's name
+                self.cloud.fetched = -math.inf
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
             ex.ends = answer.ends
         return answer
@@ -4190,7 +4194,8 @@ class Readiness:
 ###############################################################################
 
 # The list of Ollama's models is used this long before a request that needs it fetches it again: a local model
-# replaced by a cloud stub of the same name is caught within a minute, a stub under a new name at once.
+# replaced by a cloud stub of the same name is caught within a minute (at once when replaced through ModelGate's
+# admin routes: Gateway.relay_request), a stub under a new name at once.
 CLOUD_LIST_SECONDS = 60.0
 
 # What ModelGate's own requests to Ollama say they are, so that its log tells them from the clients'.

@@ -7357,6 +7357,26 @@ async def test_a_stub_pulled_later_is_refused_at_its_first_use_and_a_replaced_mo
     assert all(lookup.header("user-agent") == f"ModelGate/{modelgate.__version__}" for lookup in up.lookups)
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/api/copy", {"source": "gpt-oss:120b-cloud", "destination": "qwen2.5:7b"}),
+    ("/api/pull", {"model": "qwen2.5:7b", "stream": False}),  # (a stub pushed to ollama.com under that name)
+    ("/api/create", {"model": "qwen2.5:7b", "from": "gpt-oss:120b-cloud", "stream": False}),
+])
+async def test_a_local_model_replaced_by_a_stub_through_the_gateway_is_refused_at_once(path: str, body: dict) -> None:
+    """An admin who copies, pulls or creates a cloud stub under the name of a local model through ModelGate makes
+    it ask Ollama for its list again before the next model is placed: the stub is refused from that request on,
+    not only once the list is a minute old."""
+    async with cloud_gateway(tags={"models": [tag("qwen2.5:7b")]}) as (up, app):
+        request = b'{"model": "qwen2.5:7b", "messages": []}'
+        before = await chat(app, request)
+        up.tags = {"models": [stub("qwen2.5:7b")]}
+        changed = await native(app, path, body, headers=CLOUD_AUTH)
+        after = await chat(app, request)
+    assert before.status == 200 and changed.status == 200
+    cloud_message(after, "openai")
+    assert [request.target for request in up.requests] == [V1_CHAT, path]
+
+
 @pytest.mark.parametrize("status", [405, 501])
 async def test_an_upstream_that_says_it_has_no_api_tags_has_no_cloud_stubs(status: int) -> None:
     """A server at OLLAMA_BASE_URL that answers GET /api/tags 405 or 501 (a plain HTTP server without GET, say)
