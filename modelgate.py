@@ -2681,7 +2681,7 @@ class Gateway:
 
     def apply(self, config: Config) -> None:
         """The state that follows the settings, made or changed for `config`; what runs keeps what it holds."""
-        self.cloud.fetched = -math.inf  # OLLAMA_BASE_URL may name other hosts now: their list is fetched anew
+        self.cloud.forget()  # OLLAMA_BASE_URL may name other hosts now: their list is fetched anew
         # A feature that is off costs the request path one `if`.
         self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
         if not (config.rate_limit_rpm or config.max_concurrent_per_token):
@@ -2849,7 +2849,7 @@ class Gateway:
             answer = await self.watched(ex, relayed(self, ex, upstream, path, body, stream))
         finally:
             if route.admin:  # a model pulled, copied, created or deleted: a stub may now bear a local model's name
-                self.cloud.fetched = -math.inf
+                self.cloud.forget()
         if answer is not None:  # (a stream relayed as it came has noted its usage itself)
             ex.ends = answer.ends
         return answer
@@ -4233,10 +4233,18 @@ class CloudModels:
         return True
 
     async def refresh(self, upstream: Upstream) -> bool:
-        if self.fetch is None or self.fetch.done():
-            self.fetch = asyncio.ensure_future(self.fetch_lists(upstream))
-        await asyncio.shield(self.fetch)
-        return True
+        while True:  # again when the list was forgotten meanwhile: a name is never placed by no list at all
+            if self.fetch is None or self.fetch.done():
+                self.fetch = asyncio.ensure_future(self.fetch_lists(upstream))
+            await asyncio.shield(self.fetch)
+            if self.fetched != -math.inf or self.unread is not None:
+                return True
+
+    def forget(self) -> None:
+        """Ollama's models may have changed (a reload, an admin's pull, copy, create or delete): the list is read
+        again before the next model is placed, and a fetch under way, which may have read them before, is not
+        used."""
+        self.fetched, self.unread, self.fetch = -math.inf, None, None
 
     async def fetch_lists(self, upstream: Upstream) -> None:
         now = time.monotonic()  # a host cooling down is not asked: no request goes there meanwhile either
@@ -4262,6 +4270,8 @@ class CloudModels:
             unread[0] = GatewayError(unread[0].situation, f"None of the {len(unread)} {upstream.name} hosts asked "
                                      f"answered. {unread[0].message}", unread[0].headers,
                                      ", ".join(failure.detail for failure in unread))
+        if asyncio.current_task() is not self.fetch:
+            return  # forgotten meanwhile
         self.unread = unread[0] if unread else None
         if answered:
             self.remember(answered, self.unread)

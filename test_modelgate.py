@@ -7377,6 +7377,35 @@ async def test_a_local_model_replaced_by_a_stub_through_the_gateway_is_refused_a
     assert [request.target for request in up.requests] == [V1_CHAT, path]
 
 
+async def test_a_list_read_before_an_admin_change_is_not_used_after_it() -> None:
+    """A request waiting for Ollama's list while an admin copies a cloud stub to the name it asked for gets the list
+    read after the copy: the one read before, which lacks the stub, does not let it through to ollama.com."""
+    before, after = {"models": [tag("qwen2.5:7b")]}, {"models": [tag("qwen2.5:7b"), stub("fresh:latest")]}
+    asked = asyncio.Event()
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if request.target != "/api/tags":
+            return await cloud_ollama(up, request, reader, writer)
+        document = after if asked.is_set() else before
+        if not asked.is_set():
+            asked.set()
+            await up.hold(reader)
+        await write_answer(writer, 200, "application/json; charset=utf-8", json.dumps(document).encode())
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, **CLOUD_SETTINGS) as app:
+        up.tags = None  # `reply` answers /api/tags
+        waiting = asyncio.ensure_future(chat(app, b'{"model": "fresh", "messages": []}'))
+        await asyncio.wait_for(asked.wait(), 10)
+        copy = {"source": "gpt-oss:120b-cloud", "destination": "fresh"}
+        copied = await native(app, "/api/copy", copy, headers=CLOUD_AUTH)
+        up.release.set()
+        answer = await asyncio.wait_for(waiting, 10)
+    assert copied.status == 200
+    cloud_message(answer, "openai")
+    assert [request.target for request in up.requests] == ["/api/tags", "/api/copy", "/api/tags"]
+
+
 @pytest.mark.parametrize("status", [405, 501])
 async def test_an_upstream_that_says_it_has_no_api_tags_has_no_cloud_stubs(status: int) -> None:
     """A server at OLLAMA_BASE_URL that answers GET /api/tags 405 or 501 (a plain HTTP server without GET, say)
