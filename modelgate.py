@@ -3538,7 +3538,8 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     except UPSTREAM_EXCEPTIONS as exc:
         upstream.count_failure(type(exc).__name__)
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
-        ex.error = f"{way.failure} ({upstream.where(response.extensions.get(HOST_EXTENSION))} {cause(exc)})"
+        where = upstream.where(response.extensions.get(HOST_EXTENSION))
+        ex.error = f"{way.failure} ({where} {cause(exc, upstream.key)})"
     except asyncio.CancelledError as exc:
         if watch.reason != "shutdown":
             raise  # the client left: there is nobody to tell
@@ -3918,20 +3919,24 @@ LOOPBACK_REFUSED = (" From inside a container, localhost is the container itself
                     "its address, or as host.docker.internal.")
 
 
-def upstream_failure(exc: Exception, name: str, where: str = "", loopback: bool = False) -> GatewayError:
+def upstream_failure(exc: Exception, name: str, where: str = "", loopback: bool = False,
+                     key: bytes = b"") -> GatewayError:
     """One of the UPSTREAM_EXCEPTIONS as the error the client gets (UPSTREAM_FAILURES); the log line gets
-    where (`ollama/1`) and the cause."""
+    where (`ollama/1`) and the cause, without the upstream's `key`."""
     situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
                               if isinstance(exc, exc_type))
     if loopback and type(exc) is httpcore.ConnectError:
         message += LOOPBACK_REFUSED
     return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]),
-                        detail=f"{where or name} {cause(exc)}")
+                        detail=f"{where or name} {cause(exc, key)}")
 
 
-def cause(exc: BaseException) -> str:
+def cause(exc: BaseException, key: bytes = b"") -> str:
     """What went wrong under an httpcore exception, for the log: its class and the system's or TLS's
-    reason, without addresses (hosts are named by number) and cut short."""
+    reason, without addresses (hosts are named by number), without the upstream's `key`, and cut short. h11
+    quotes the line it could not read (`illegal header line: bytearray(b'...')`): an upstream that echoes the
+    Authorization it got in a header, a status line or a chunk's size line would write its key into the log
+    (issue 17), as it would into the answer but for redact()."""
     root = exc.__cause__ or exc
     if isinstance(root, ssl.SSLCertVerificationError):
         reason = root.verify_message
@@ -3943,6 +3948,8 @@ def cause(exc: BaseException) -> str:
         reason = root.strerror
     else:
         reason = str(root) or type(root).__name__
+    for shown in {key.decode(), repr(key)[2:-1]} if key else ():  # (repr: as h11 quotes it, a \ doubled)
+        reason = reason.replace(shown, KEY_SHOWN_AS.decode())
     return printable(f"{type(exc).__name__}: {reason}"[:160])
 
 
@@ -4024,7 +4031,7 @@ class Upstream:
     def translate(self, exc: Exception, host: Host | None) -> GatewayError:
         """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
         self.count_failure(type(exc).__name__)
-        return upstream_failure(exc, self.name, self.where(host), host is not None and host.loopback)
+        return upstream_failure(exc, self.name, self.where(host), host is not None and host.loopback, self.key)
 
     def where(self, host: Host | None) -> str:
         return f"{self.name}/{host.number}" if host is not None else self.name

@@ -4304,6 +4304,37 @@ async def test_the_key_sent_upstream_never_reaches_the_client(case: str, path: s
     assert OLLAMA_KEY.encode() not in answer.body and b"sent Bearer ***" in answer.body
 
 
+def quoting(shape: bytes) -> Reply:
+    """An upstream that writes the Authorization it got where h11 cannot read it, and h11 quotes the line."""
+
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        writer.write(shape % request.header("authorization").encode())
+        await writer.drain()
+        writer.close()
+
+    return reply
+
+
+@pytest.mark.parametrize("shape, body", [
+    (b"HTTP/1.1 200 OK\r\nx-echo %s\r\n\r\n", CHAT),  # a header line without its colon
+    (b"HTTP/1.1 2%s\r\n\r\n", CHAT),  # a status line
+    (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"  # a stream's
+     b"13\r\ndata: {\"id\": \"1\"}\n\n\r\n%s\r\n", STREAM_CHAT),  # chunk-size line, after it started
+], ids=["header", "status line", "chunk size"])
+async def test_the_key_an_upstream_quotes_where_http_cannot_be_read_never_reaches_the_log(shape: bytes,
+                                                                                           body: bytes) -> None:
+    """Issue 17: an upstream that echoes the key ModelGate sent it (OLLAMA_API_KEY) in a line h11 cannot read has
+    it replaced by *** in the log line's cause too: h11 quotes that line whole in its error."""
+    async with captured_log() as lines, upstream(quoting(shape)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app:
+        answer = await chat(app, body)
+    assert up.requests[0].header("authorization") == f"Bearer {OLLAMA_KEY}"  # it was sent, and echoed
+    [line] = [line for line in lines if line.startswith("POST ")]
+    assert "Bearer ***" in line and OLLAMA_KEY not in line  # the cause is logged, the key is not
+    assert OLLAMA_KEY.encode() not in answer.body
+
+
 async def test_no_upstream_key_means_no_authorization_upstream() -> None:
     """Without OLLAMA_API_KEY the upstream gets no Authorization at all, never the client's token."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
