@@ -520,6 +520,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "queue_timeout": (503, "api_error", "queue_timeout"),
     "queue_full": (503, "api_error", "queue_full"),
     "upstream_timeout": (504, "api_error", "upstream_timeout"),
+    # A request of this gateway's came back to it (VIA): OLLAMA_BASE_URL names ModelGate itself. RFC 5842 §7.2.
+    "loop_detected": (508, "api_error", "loop_detected"),
 }
 
 
@@ -1172,7 +1174,22 @@ def config_warnings(config: Config, sources: Sources | None) -> list[str]:
         if not urlsplit(url).path.rstrip("/").endswith("/v1"):
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} does not end in /v1, where Ollama's "
                             f"OpenAI-compatible API is: write {with_v1(url)}")
+        if names_itself(url, config):
+            warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} is ModelGate's own address (PORT={config.port}), not "
+                            "Ollama's: requests would go round in a circle. Ollama listens on port 11434: "
+                            "write http://127.0.0.1:11434/v1 if it runs here")
     return warnings
+
+
+def names_itself(url: str, config: Config) -> bool:
+    """Whether a base URL names where `python modelgate.py` listens: its PORT on HOST, or on loopback when HOST
+    is every address or loopback too."""
+    parts = urlsplit(url)
+    if (parts.port or (443 if parts.scheme == "https" else 80)) != config.port:
+        return False
+    loopback = [name == "localhost" or (address := parse_ip(name)) is not None and address.is_loopback
+                for name in (parts.hostname or "", config.host)]
+    return parts.hostname == config.host or loopback[0] and (loopback[1] or config.host in ("0.0.0.0", "::"))
 
 
 def with_v1(url: str) -> str:
@@ -2804,6 +2821,9 @@ class Gateway:
             # next request (request smuggling). RFC 9112 §6.1: an error, and the connection is closed after.
             raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
                                "so where it ends is ambiguous; send one of them. The connection is closed.")
+        if VIA[1] in ex.header(b"via"):  # before the token: our own request has none (Upstream.send)
+            raise GatewayError("loop_detected", "This request came from this ModelGate itself: "
+                               + LOOPED.format(url="OLLAMA_BASE_URL or OPENAI_BASE_URL"))
         if self.screening and (route is None or route.screened):
             screen(ex, config)
         if route is None:
@@ -3889,6 +3909,15 @@ POOL_CONNECTIONS = 512
 HOST_COOLDOWN_SECONDS = 30.0
 
 
+# What each request to an upstream says it came through (RFC 9110 §7.6.3), under a name no other process has:
+# a request that arrives carrying it went round in a circle (OLLAMA_BASE_URL names ModelGate itself) and is
+# answered 508 at once, not sent round again until every connection is taken, and the gateway that sent it tells
+# its client what to change. Not a secret: all it gets anyone is that 508.
+VIA = (b"via", b"1.1 modelgate-" + secrets.token_hex(8).encode())
+LOOPED = ("{url} leads back to this ModelGate, so the request went round in a circle: it must name the upstream's own "
+          "address (Ollama listens on port 11434), not ModelGate's (PORT, 8010 unless set).")
+
+
 class Host:
     """One base URL of a provider: where it lives, its connection pool, and whether it is cooling down."""
 
@@ -3987,7 +4016,7 @@ class Upstream:
         """
         hosts = [host] if host is not None else self.hosts if len(self.hosts) == 1 else self.by_preference(first)
         # The outbound request, built explicitly from the few client headers that may travel.
-        headers = [(b"accept-encoding", b"identity"), *forward, *self.auth]  # forward: what crosses (Exchange.forward)
+        headers = [(b"accept-encoding", b"identity"), *forward, *self.auth, VIA]  # forward: Exchange.forward
         if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body
             headers.append((b"content-length", b"%d" % len(body)))
         causes = []
@@ -4020,6 +4049,10 @@ class Upstream:
                     failure.headers.append((b"x-should-retry", b"false"))
                 raise failure from exc
             host.down_until = 0.0
+            if response.status == HTTPStatus.LOOP_DETECTED:  # it came back to us (VIA), or to a proxy on the way
+                await response.aclose()
+                raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),
+                                   detail=f"{self.where(host)} leads back to this gateway")
             response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
             if self.key:
                 redact(response, self.key)

@@ -875,10 +875,13 @@ def lines_of(answer: Answer) -> list[dict]:
 
 
 @asynccontextmanager
-async def serve_with(server: uvicorn.Server, scheme: str = "http") -> AsyncIterator[str]:
-    """A server made by modelgate.uvicorn_server() on a socket of ours, lifespan and all; yields its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+async def serve_with(server: uvicorn.Server, scheme: str = "http", sock: socket.socket | None = None
+                     ) -> AsyncIterator[str]:
+    """A server made by modelgate.uvicorn_server() on a socket of ours (`sock`, bound, if given), lifespan and all;
+    yields its URL."""
+    if sock is None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts: no start-up race
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
@@ -890,10 +893,10 @@ async def serve_with(server: uvicorn.Server, scheme: str = "http") -> AsyncItera
 
 
 @asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """The app behind a real uvicorn socket on 127.0.0.1; yields its base URL."""
+async def serve(app: Any, sock: socket.socket | None = None) -> AsyncIterator[str]:
+    """The app behind a real uvicorn socket on 127.0.0.1 (`sock`, bound, if given); yields its base URL."""
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, proxy_headers=False)
-    async with serve_with(uvicorn.Server(config)) as base:
+    async with serve_with(uvicorn.Server(config), sock=sock) as base:
         yield base
 
 
@@ -4248,13 +4251,15 @@ CLIENT_HEADERS = [
 
 
 async def test_only_safe_client_headers_reach_the_upstream() -> None:
-    """Upstream sees Content-Type, Accept, User-Agent, its own Host and key; never the client's secrets."""
+    """Upstream sees Content-Type, Accept, User-Agent, its own Host and key, and a Via that names this gateway (by
+    which it knows its own request when it comes back); never the client's secrets."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app:
         answer = await call(app, "POST", "/v1/chat/completions", CHAT, CLIENT_HEADERS)
     assert answer.status == 200
     [request] = up.requests
     host = up.url.removeprefix("http://").removesuffix("/v1")
-    assert sorted((k.lower(), v) for k, v in request.headers) == sorted([
+    assert re.fullmatch(r"1\.1 modelgate-[0-9a-f]{16}", request.header("via"))
+    assert sorted((k.lower(), v) for k, v in request.headers if k.lower() != "via") == sorted([
         ("host", host), ("accept-encoding", "identity"), ("content-type", "application/json"),
         ("accept", "application/json"), ("user-agent", "FluentRead/1.0"),
         ("authorization", f"Bearer {OLLAMA_KEY}"), ("content-length", str(len(request.body))),
@@ -4406,6 +4411,24 @@ def test_header_filter_drops_hop_by_hop_and_keeps_the_rest_in_order(headers: lis
     """After filtering, no hop-by-hop or Connection-named header survives, whatever the case of its name or
     token; the rest keep their order and duplicates, named in lower case as ASGI wants."""
     assert modelgate.crossing_headers(headers) == kept_by_a_proxy(headers)
+
+
+@pytest.mark.parametrize("key", ["", TOKEN])
+async def test_an_ollama_base_url_that_leads_back_to_the_gateway_is_told_at_once(key: str) -> None:
+    """OLLAMA_BASE_URL set to the gateway's own address: every door answers 508 loop_detected in its own shape, saying
+    that OLLAMA_BASE_URL leads back to ModelGate and where Ollama listens. It used to answer 401 "No token was sent"
+    to a client that sent one (or, with its own token as OLLAMA_API_KEY, send the request round until all 512
+    connections were taken, then 503 gateway_busy)."""
+    sock, url = unlistened()
+    async with gateway(OLLAMA_BASE_URL=url, OLLAMA_API_KEY=key) as app, serve(app, sock):
+        messages = [assert_error(await chat(app), 508, "api_error", "loop_detected")["message"],
+                    assert_error(await call(app, "GET", "/v1/models"), 508, "api_error", "loop_detected")["message"],
+                    assert_ollama_error(await native(app, "/api/chat", {"model": "qwen2.5:7b"}), 508),
+                    assert_anthropic_error(await call(app, "POST", "/v1/messages", json.dumps(
+                        {"model": "qwen2.5:7b", "max_tokens": 8, "messages": []}).encode()), 508, "api_error")]
+    for message in messages:
+        assert message.startswith("OLLAMA_BASE_URL leads back to this ModelGate") and "11434" in message, message
+        assert TOKEN not in message
 
 
 ###############################################################################
@@ -6493,6 +6516,20 @@ async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_u
                 run_command_line(tmp_path / "unresolved", {**env, "HOST": UNUSABLE_LISTEN[0][0]}, "--check"))
     assert in_use[0] == 0 and f"note: PORT={taken} is in use on 127.0.0.1" in in_use[1]
     assert unresolved[0] == 1 and "FAILED: HOST='my-nas" in unresolved[1]
+
+
+@pytest.mark.parametrize("named", ["127.0.0.1", "localhost", "[::1]"])
+async def test_check_warns_of_an_ollama_base_url_that_names_the_gateway_itself(tmp_path: Any, named: str) -> None:
+    """--check, and the start-up log, say when OLLAMA_BASE_URL names ModelGate's own PORT on this machine (the
+    address pasted into apps, pasted here too): a warning that says what Ollama's address is, and --check fails.
+    It used to say only that the connection was refused (nothing listens there yet), or, with the gateway running,
+    that no token was sent."""
+    port = free_port()
+    env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": f"http://{named}:{port}/v1", "PORT": str(port)}
+    status, output = await run_command_line(tmp_path, env, "--check")
+    assert status == 1
+    assert (f"warning: OLLAMA_BASE_URL http://{named}:{port}/v1 is ModelGate's own address (PORT={port}), not "
+            "Ollama's: requests would go round in a circle. Ollama listens on port 11434") in output, output
 
 
 @pytest.mark.parametrize("start_from", ["nothing", ".env.example"])
