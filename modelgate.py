@@ -5348,8 +5348,10 @@ def usage_lines(report: dict[str, Any]) -> list[str]:
     rows = [("app", "model", "requests today", "tokens today", f"requests {days} d", "errors", "prompt tokens",
              "completion tokens", "upstream", "queued")]
     for name, app in report["apps"].items():
-        lines = [("", USAGE_NO_MODEL.split(" (")[0] if row["model"] == "-" else f"{row['provider']}/{row['model']}",
-                  row["today"], row["total"]) for row in app["models"]]
+        # A model is the app's word: one with a terminal's escape sequences is printed escaped, as it is logged.
+        lines = [("", USAGE_NO_MODEL.split(" (")[0] if row["model"] == "-"
+                  else printable(f"{row['provider']}/{row['model']}"), row["today"], row["total"])
+                 for row in app["models"]]
         for who, model, today, total in [(name, "all models", app["today"], app["total"]), *lines]:
             rows.append((who, model, f"{today['requests']:,}", f"{today['total_tokens']:,}", f"{total['requests']:,}",
                          f"{total['errors']:,}", f"{total['prompt_tokens']:,}", f"{total['completion_tokens']:,}",

@@ -4931,6 +4931,20 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert code == 1 and "memory only" in output
 
 
+async def test_the_command_line_prints_a_model_named_with_control_characters_escaped(tmp_path: Path) -> None:
+    """A model is the app's word, counted even when the upstream refuses it: `--usage` prints one named with a
+    terminal's escape sequences (clear the screen, set the window title) escaped, as the log line does, so that no
+    app writes to the terminal of whoever reads the counts."""
+    async with upstream(usage_reply()) as up:
+        path = str(tmp_path / "modelgate-usage.sqlite3")
+        async with gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=path, **USAGE_APPS) as app:
+            await chat(app, b'{"model": "ollama/\\u001b[2J\\u001b]0;owned\\u0007x", "messages": []}')
+    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage")
+    assert code == 0, output
+    assert "\x1b" not in output and "\x07" not in output
+    assert any(line.split()[:1] == ["'ollama/\\x1b[2J\\x1b]0;owned\\x07x'"] for line in output.splitlines())
+
+
 # POSIX rules, which need no time-zone database: UTC+14 and UTC-12, whose dates differ at every instant, so
 # that the machine's own zone has the date of one of them at most.
 FAR_ZONES = [("XXX-14", 14), ("XXX+12", -12)]
