@@ -4297,9 +4297,12 @@ class CloudModels:
                 raise document  # a bug of ours
             if isinstance(document, Answer) and document.status not in NO_SUCH_DOOR:
                 said = f"{document.status} {PHRASES.get(document.status, '')}".strip()
-                document = GatewayError("upstream_unavailable", f"Ollama answered GET /api/tags {said}: try again "
-                                        "shortly, or see Ollama's log.", detail=f"{upstream.where(host)} answered "
-                                        f"/api/tags {document.status}")
+                # An auth proxy in front of Ollama refusing OLLAMA_API_KEY: no wait and no retry helps.
+                refused = document.status in (401, 403)
+                advice = "check OLLAMA_API_KEY" if refused else "try again shortly, or see Ollama's log"
+                document = GatewayError("upstream_unavailable", f"Ollama answered GET /api/tags {said}: {advice}.",
+                                        [(b"x-should-retry", b"false")] if refused else None,
+                                        detail=f"{upstream.where(host)} answered /api/tags {document.status}")
             if isinstance(document, GatewayError):
                 failed.append((document, host.down_until > time.monotonic()))
             else:
