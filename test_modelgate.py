@@ -900,6 +900,35 @@ async def serve(app: Any, sock: socket.socket | None = None) -> AsyncIterator[st
         yield base
 
 
+def openai_sdk_chat(model: str) -> bytes:
+    """What openai-python 3.63.0 sends for client.chat.completions.create(model=model, messages=[{"role": "user",
+    "content": "Hi"}]) with the token as its api_key, byte for byte but the Host."""
+    body = b'{"model":%s,"messages":[{"role":"user","content":"Hi"}]}' % json.dumps(model).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAccept-Encoding: gzip, deflate\r\n"
+            b"Connection: keep-alive\r\nauthorization: Bearer " + TOKEN.encode() + b"\r\naccept: application/json\r\n"
+            b"content-type: application/json\r\nuser-agent: OpenAI/Python 3.63.0\r\nx-stainless-lang: python\r\n"
+            b"x-stainless-package-version: 3.63.0\r\nx-stainless-os: Linux\r\nx-stainless-arch: x64\r\n"
+            b"x-stainless-runtime: CPython\r\nx-stainless-runtime-version: 3.11.7\r\nx-stainless-async: false\r\n"
+            b"x-stainless-retry-count: 0\r\nx-stainless-read-timeout: 600\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body)
+
+
+async def answered_over_a_socket(base: str, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """`request`, a client's exact bytes, sent to the server at `base` on a connection of its own; the status,
+    headers (names lowercased) and body of the one answer (with a Content-Length) it got."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {name.lower().encode(): value.encode() for name, _, value in (line.partition(": ") for line in lines)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers[b"content-length"])), 10)
+    finally:
+        writer.close()
+    return int(status.split()[1]), headers, body
+
+
 async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str,
                              **options: Any) -> asyncio.subprocess.Process:
     """`python modelgate.py ARGUMENTS` in a directory of its own, as a user starts it (`options` for the
@@ -7579,34 +7608,6 @@ async def test_an_ollama_that_is_not_running_is_said_first_not_its_list_of_model
     assert "/api/tags" in message
 
 
-# What openai-python 3.63.0 sends for client.chat.completions.create(model="qwen2.5:7b", messages=[{"role":
-# "user", "content": "Hi"}]) with the token as its api_key, byte for byte but the Host.
-OPENAI_SDK_CHAT = (
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
-    b"authorization: Bearer " + TOKEN.encode() + b"\r\naccept: application/json\r\ncontent-type: application/json\r\n"
-    b"user-agent: OpenAI/Python 3.63.0\r\nx-stainless-lang: python\r\nx-stainless-package-version: 3.63.0\r\n"
-    b"x-stainless-os: Linux\r\nx-stainless-arch: x64\r\nx-stainless-runtime: CPython\r\n"
-    b"x-stainless-runtime-version: 3.11.7\r\nx-stainless-async: false\r\nx-stainless-retry-count: 0\r\n"
-    b"x-stainless-read-timeout: 600\r\nContent-Length: 66\r\n\r\n"
-    b'{"model":"qwen2.5:7b","messages":[{"role":"user","content":"Hi"}]}')
-
-
-async def answered_over_a_socket(base: str, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-    """`request`, a client's exact bytes, sent to the server at `base` on a connection of its own; the status,
-    headers (names lowercased) and body of the one answer (with a Content-Length) it got."""
-    host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request)
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        status, *lines = head.decode("latin-1").split("\r\n")[:-2]
-        headers = {name.lower().encode(): value.encode() for name, _, value in (line.partition(": ") for line in lines)}
-        body = await asyncio.wait_for(reader.readexactly(int(headers[b"content-length"])), 10)
-    finally:
-        writer.close()
-    return int(status.split()[1]), headers, body
-
-
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_key_that_ollamas_auth_proxy_refuses_says_check_ollama_api_key_and_is_not_retried(status: int) -> None:
     """Ollama behind an auth proxy that refuses OLLAMA_API_KEY (or wants one): the openai SDK's chat gets a 502 that
@@ -7615,7 +7616,7 @@ async def test_a_key_that_ollamas_auth_proxy_refuses_says_check_ollama_api_key_a
     async with upstream(json_reply(status, raw=b"Unauthorized", content_type="text/plain")) as up, \
             gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app, serve(app) as base:
         up.tags = None  # the proxy answers /api/tags too
-        got, headers, body = await answered_over_a_socket(base, OPENAI_SDK_CHAT)
+        got, headers, body = await answered_over_a_socket(base, openai_sdk_chat("qwen2.5:7b"))
     assert got == 502 and headers.get(b"x-should-retry") == b"false"
     message = json.loads(body)["error"]["message"]
     assert message.startswith(f"Ollama answered GET /api/tags {status} ") and "check OLLAMA_API_KEY." in message
