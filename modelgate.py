@@ -3830,7 +3830,9 @@ def other_provider(refusal: Refusal) -> str:
 # start-up warning and --check say the same of a base URL without /v1 in their own place (config_warnings,
 # ollama_native_api).
 UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str], bool], ...] = (
-    (lambda r: r.status in (401, 403), lambda r: f"Check {KEY_VARIABLE[r.name]}.", False),
+    # True: OpenAI's own 401 ("Incorrect API key provided ... find your API key at platform.openai.com") reads, to an
+    # app whose token the gateway took, as if that token were wrong; it is the gateway's key.
+    (lambda r: r.status in (401, 403), lambda r: f"Check {KEY_VARIABLE[r.name]}.", True),
     # gin's "404 page not found" from an Ollama older than its Messages API (ollama PR #13600)
     (lambda r: r.dialect is ANTHROPIC and r.status == 404 and r.document is None,
      lambda r: "Ollama serves the Anthropic Messages API since v0.14: update it.", False),

@@ -3844,6 +3844,27 @@ async def test_upstream_error_status_is_passed_through(status: int, body: str, c
             assert answer.header(b"retry-after") == b"7"
 
 
+# OpenAI's answer to a key it does not know, as it sends it (its error-codes guide: 401 Invalid Authentication).
+OPENAI_KEY_REFUSED = (b'{\n    "error": {\n        "message": "Incorrect API key provided: sk-proj-****abcd. You can find your '
+                      b'API key at https://platform.openai.com/account/api-keys.",\n        "type": "invalid_request_error",'
+                      b'\n        "param": null,\n        "code": "invalid_api_key"\n    }\n}\n')
+
+
+async def test_openais_own_401_says_that_the_gateways_openai_api_key_was_refused() -> None:
+    """OpenAI refusing the gateway's OPENAI_API_KEY: the openai SDK's request gets OpenAI's 401 with its fields,
+    and a message that goes on to say to check OPENAI_API_KEY; before, it read as if the app's own token were
+    wrong ("Incorrect API key provided"), and the app's user checked a token the gateway had taken."""
+    async with upstream(json_reply(401, raw=OPENAI_KEY_REFUSED)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=up.url) as app, \
+            serve(app) as base:
+        got, _, body = await answered_over_a_socket(base, openai_sdk_chat("openai/gpt-4o-mini"))
+    error = json.loads(body)["error"]
+    assert got == 401 and (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+    assert error["message"].startswith("Incorrect API key provided: ") and error["message"].endswith(
+        "platform.openai.com/account/api-keys. Check OPENAI_API_KEY.")
+    assert up.requests[0].header("authorization") == f"Bearer {OPENAI_KEY}"
+
+
 # Valid JSON nested deeper than Python's json reads (3.13 reads 5,000 levels), yet well inside MAX_ERROR_BODY and
 # the 64 KiB an unfinished event may be held back.
 DEEP_JSON = b"[" * 10_000 + b"]" * 10_000
