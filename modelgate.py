@@ -410,8 +410,10 @@ ROUTES: dict[str, Route] = {
     "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=RESPONSES_COUNTS, queued=True,
                            reads="json"),
     "/v1/embeddings": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, shared=False, queued=True, reads="json"),
-    # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form).
-    "/v1/audio/transcriptions": Route({"POST": "transcription"}, shared=False, queued=True, reads="form"),
+    # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form). OpenAI's
+    # gpt-4o-transcribe says what it used as the Responses API does; Ollama's transcriptions say nothing.
+    "/v1/audio/transcriptions": Route({"POST": "transcription"}, usage=RESPONSES_COUNTS, shared=False, queued=True,
+                                      reads="form"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
@@ -2487,7 +2489,10 @@ class Gateway:
         if ex.unlisted and not await self.looked_up(ex):
             return None
         upstream = self.upstreams[ex.provider]
-        return await self.watched(ex, relayed(self, ex, upstream, b"/audio/transcriptions", body, stream=False))
+        answer = await self.watched(ex, relayed(self, ex, upstream, b"/audio/transcriptions", body, stream=False))
+        if answer is not None:  # its tokens, where the upstream says (a stream relayed as it came has noted them)
+            ex.ends = answer.ends
+        return answer
 
     async def ollama_blob(self, ex: Exchange) -> Answer | None:
         """HEAD and POST /api/blobs/<digest>: a model file Ollama has, or is given (admins only)."""

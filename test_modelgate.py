@@ -4910,6 +4910,24 @@ async def test_a_token_over_its_daily_quota_gets_429_until_local_midnight_in_its
     assert after_restart.status == 429 and after_midnight.status == 200
 
 
+async def test_a_transcription_counts_the_tokens_its_upstream_says_it_used_against_the_quota() -> None:
+    """OpenAI's gpt-4o-transcribe answers with its usage (input_tokens, output_tokens, as the Responses API): a
+    transcription counts them as any answer does, and an app over its TOKEN_QUOTAS gets 429 there too; it
+    transcribed on the owner's OpenAI account without limit. (Ollama's transcriptions report none.)"""
+    transcript = {"text": "Hello", "usage": {"type": "tokens", "input_tokens": 14, "input_token_details": {
+        "text_tokens": 0, "audio_tokens": 14}, "output_tokens": 45, "total_tokens": 59}}
+    async with upstream(json_reply(document=transcript)) as up, \
+            gateway(OPENAI_BASE_URL=up.url, OPENAI_API_KEY=OPENAI_KEY, TOKEN_QUOTAS="fluentread=50", **USAGE_APPS) as app:
+        first = await transcribe(app, form("openai/gpt-4o-transcribe"))
+        refused = await transcribe(app, form("openai/gpt-4o-transcribe"))
+        report = await usage_of(app, AUTH)
+    assert first.status == 200 and first.json() == transcript
+    assert_error(refused, 429, "insufficient_quota", "quota_exceeded")
+    assert len(up.requests) == 1
+    total = report["apps"]["fluentread"]["today"]
+    assert (total["prompt_tokens"], total["completion_tokens"]) == (14, 45)
+
+
 async def test_a_request_running_when_its_app_reaches_the_quota_finishes() -> None:
     """A stream already running when its app's quota is reached by another request is relayed to its end;
     only requests that arrive after are refused."""
