@@ -2376,8 +2376,14 @@ def unrouted_dialect(path: str) -> Dialect:
     path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
     if path == "/api" or path.startswith("/api/"):
         return OLLAMA
-    route = ROUTES.get(path) or ROUTES.get(path[:path.rfind("/")] if path.startswith("/v1/") else path)
+    route = ROUTES.get(path) or ROUTES.get(path[:path.rfind("/")] if path.startswith("/v1/") else path) or \
+        next((ROUTES[endpoint] for endpoint in ENDPOINTS if path.startswith(endpoint + "/")), None)
     return route.dialect if route is not None else OPENAI
+
+
+# The whole URLs of the /v1 routes, which an app that wants the whole URL (FluentRead) takes, and a client that
+# adds the route itself (the openai and anthropic SDKs, openai-translator) is given by mistake.
+ENDPOINTS = tuple(path for path in ROUTES if path.startswith("/v1/") and not path.endswith("/"))
 
 
 def not_found_message(path: str) -> str:
@@ -2385,6 +2391,13 @@ def not_found_message(path: str) -> str:
     for prefix, message in WRONG_BASE_URLS:
         if path.startswith(prefix):
             return message.format(path=path)
+    for endpoint in ENDPOINTS:  # /v1/chat/completions/chat/completions, .../v1/chat/completions, .../models
+        added = path.removeprefix(endpoint)
+        if added != path and (added.startswith("/v1/") or f"/v1{added}" in ROUTES):
+            base = "http://<server>:8010" + "/v1" * (not added.startswith("/v1/"))
+            return (f"There is no {path} here: the client adds {added} itself, and its URL already ends in "
+                    f"{endpoint}. Give it the base URL {base}; only an app that wants the whole URL (FluentRead) "
+                    f"takes http://<server>:8010{endpoint}.")
     if path in ("/v1", "/v1/"):
         return ("There is nothing at /v1 itself: it is the base URL, to which clients add /chat/completions, "
                 "/models, /messages, ... An app that wants the whole URL (FluentRead) takes "

@@ -6008,6 +6008,26 @@ async def test_a_client_given_the_wrong_base_url_is_told_what_to_write(method: s
     assert message and says in message, error
 
 
+@pytest.mark.parametrize("method, path, shape, wanted", [
+    # The openai SDK given FluentRead's whole URL as its base URL: a chat, and its list of models.
+    ("POST", "/v1/chat/completions/chat/completions", "openai", "http://<server>:8010/v1;"),
+    ("GET", "/v1/chat/completions/models", "openai", "http://<server>:8010/v1;"),
+    # openai-translator, which adds /v1/chat/completions itself, and the anthropic SDK, which adds /v1/messages.
+    ("POST", "/v1/chat/completions/v1/chat/completions", "openai", "http://<server>:8010;"),
+    ("POST", "/v1/messages/v1/messages", "anthropic", "http://<server>:8010;"),
+])
+async def test_a_client_given_a_whole_url_as_its_base_url_is_told_its_base_url(method: str, path: str, shape: str,
+                                                                               wanted: str) -> None:
+    """A client that adds the route itself, given the whole URL that FluentRead takes, asks for the route twice: its
+    404, in its own error shape, says which base URL to give it instead. It used to list the routes, no more."""
+    async with gateway() as app, serve(app) as base, httpcore.AsyncConnectionPool() as client:
+        answer = await client.request(method, base + path, content=CHAT if method == "POST" else b"", headers=AUTH)
+    assert answer.status == 404
+    error = json.loads(answer.content)
+    message = error["error"]["message"] if shape == "openai" else error["type"] == "error" and error["error"]["message"]
+    assert f"Give it the base URL {wanted}" in message, error
+
+
 async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_path: Any) -> None:
     """`python modelgate.py` on SIGHUP (issue 20): a token added to .env works, a removed one gets 401, the
     stream that ran across the reload completes, and a .env with an error is refused while the old one serves."""
