@@ -2355,14 +2355,17 @@ installed, under "Point your tools at it".</p>
 """
 
 
-def preflight(ex: Exchange, route: Route) -> Answer:
-    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them."""
-    headers = [(b"allow", ", ".join([*route.handlers, "OPTIONS"]).encode())]
+def preflight(ex: Exchange, route: Route | None) -> Answer:
+    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them. A browser's
+    preflight for a path that is no route (None) passes too: a failed preflight is all a page would see of the
+    404 that says what to write instead (/v1/v1/..., a base URL given twice)."""
+    handlers = route.handlers if route is not None else {}
+    headers = [(b"allow", ", ".join([*handlers, "OPTIONS"]).encode())]
     if ex.cors and ex.header(b"access-control-request-method"):
         requested = ex.header(b"access-control-request-headers")
         if not requested or not HEADER_LIST.fullmatch(requested):
             requested = CORS_DEFAULT_HEADERS
-        methods = CORS_METHODS + b", DELETE" * ("DELETE" in route.handlers)  # Ollama's /api/delete
+        methods = CORS_METHODS + b", DELETE" * ("DELETE" in handlers)  # Ollama's /api/delete
         headers += [(b"access-control-allow-methods", methods),
                     (b"access-control-allow-headers", requested),
                     (b"access-control-max-age", CORS_MAX_AGE)]
@@ -2844,7 +2847,9 @@ class Gateway:
                                + LOOPED.format(url="OLLAMA_BASE_URL or OPENAI_BASE_URL"))
         if self.screening and (route is None or route.screened):
             screen(ex, config)
-        if route is None:
+        if route is None:  # a page's preflight passes, so that the request it clears reads the 404's hint
+            if ex.method == "OPTIONS" and ex.header(b"access-control-request-method"):
+                return preflight(ex, None)
             raise GatewayError("not_found", not_found_message(ex.path))
         ex.route = key
         if ex.method == "OPTIONS":

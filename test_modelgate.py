@@ -2152,6 +2152,35 @@ async def test_errors_carry_cors_headers_too() -> None:
     assert answer.status == 401 and answer.header(b"access-control-allow-origin") == b"*"
 
 
+# Chromium 150's preflight, byte for byte but the Host, for a page's fetch(url, {method: "POST", headers:
+# {"Content-Type": "application/json", Authorization: "Bearer ..."}}) from http://127.0.0.1:9000: here for a base
+# URL given with /v1 to an app that adds /v1/chat/completions itself (openai-translator's "API URL").
+CHROMIUM_PREFLIGHT = (
+    b"OPTIONS /v1/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nAccept: */*\r\n"
+    b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization,content-type\r\n"
+    b"Origin: http://127.0.0.1:9000\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
+    b"Gecko) HeadlessChrome/150.0.0.0 Safari/537.36\r\nSec-Fetch-Mode: cors\r\nSec-Fetch-Site: same-site\r\n"
+    b"Sec-Fetch-Dest: empty\r\nReferer: http://127.0.0.1:9000/\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"
+    b"Accept-Language: en-US,en;q=0.9\r\n\r\n")
+
+
+async def test_a_pages_preflight_to_a_wrong_path_passes_so_that_the_page_reads_the_404s_hint() -> None:
+    """A browser's preflight for a path that is no route (a base URL with /v1 to an app that adds /v1 itself) gets
+    204 with the CORS answers, and the POST it clears the 404 that says what to write; before, the preflight was
+    that 404, which fails CORS (the Fetch standard wants an ok status), so the page saw only "Failed to fetch". An
+    OPTIONS that is no preflight (no Access-Control-Request-Method) is still that 404."""
+    async with gateway() as app, serve(app) as base:
+        status, headers, body = await answered_over_a_socket(base, CHROMIUM_PREFLIGHT)
+        assert (status, body) == (204, b"") and headers[b"access-control-allow-origin"] == b"*"
+        assert headers[b"access-control-allow-headers"] == b"authorization,content-type"
+        assert b"POST" in headers[b"access-control-allow-methods"]
+        post = await call(app, "POST", "/v1/v1/chat/completions", CHAT, [*AUTH, (b"origin", b"http://127.0.0.1:9000")])
+        options = await call(app, "OPTIONS", "/v1/v1/chat/completions", headers=[(b"origin", b"https://a.example")])
+    assert "the client adds /v1 itself" in assert_error(post, 404, "invalid_request_error", "not_found")["message"]
+    assert post.header(b"access-control-allow-origin") == b"*"
+    assert_error(options, 404, "invalid_request_error", "not_found")  # an OPTIONS that is no preflight, as before
+
+
 async def test_preflight_with_odd_requested_headers_gets_the_default_list() -> None:
     """Requested header names that are not tokens are not echoed into our response."""
     headers = [(b"origin", b"https://a.example"), (b"access-control-request-method", b"POST"),
