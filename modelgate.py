@@ -153,8 +153,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, M
 import urllib.parse
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
-import httpcore
+try:
+    import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
+    import httpcore
+except ModuleNotFoundError as missing:  # `python3 modelgate.py` outside the venv: one line, not a traceback
+    sys.exit(f"modelgate: this Python ({sys.executable}) lacks what ModelGate needs ({missing.name} is missing). "
+             "Install uvicorn and httpcore into a venv with .venv/bin/pip install -r requirements.txt, and start it "
+             "with that venv's Python: .venv/bin/python modelgate.py (README.md, Quick start)")
 
 __version__ = "1.0.0"
 __license__ = "MIT"

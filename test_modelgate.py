@@ -8408,6 +8408,20 @@ async def test_an_older_python_gets_one_line_naming_the_version_it_needs(tmp_pat
     assert output.count("\n") == 1 and "Python 3.10 or newer" in output and "Python 3.9" in output, output
 
 
+async def test_a_python_without_the_requirements_gets_one_line_saying_how_to_start(tmp_path: Any) -> None:
+    """`python3 modelgate.py` with a Python that lacks uvicorn and httpcore (the system's, not the venv's the README
+    installs them into) says so in one line, with how to install them and which Python to start it with. It used
+    to end in a traceback: ModuleNotFoundError: No module named 'h11'."""
+    shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    process = await asyncio.create_subprocess_exec(  # -S: no site-packages, as a Python they were never installed for
+        sys.executable, "-S", "modelgate.py", "--check", cwd=tmp_path, env={"MODELGATE_TOKEN": TOKEN},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+    assert await process.wait() == 1
+    assert output.count("\n") == 1 and output.startswith(f"modelgate: this Python ({sys.executable}) lacks"), output
+    assert "pip install -r requirements.txt" in output and ".venv/bin/python modelgate.py" in output
+
+
 async def test_an_idle_client_connection_is_kept_for_the_keep_alive_then_closed() -> None:
     """The server `python modelgate.py` runs keeps an idle client connection open for its keep-alive, then closes
     it. By default that is longer than httpx's 5 s pool expiry (httpx `_config.py`: `keepalive_expiry=5.0`), so a
