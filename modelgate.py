@@ -2379,14 +2379,26 @@ def preflight(ex: Exchange, route: Route | None) -> Answer:
 
 def unrouted_dialect(path: str) -> Dialect:
     """The dialect of a path no route has: that of the routes around it (Ollama's under /api, also where the
-    ollama client given a base URL with /v1 asks, /v1/api/...); /v1/v1/messages that of /v1/messages, and so
-    is /v1/messages/count_tokens (the anthropic SDK's, which Ollama does not serve)."""
+    ollama client given a base URL with /v1 asks, /v1/api/...; but an OpenAI or Anthropic route after /api is
+    theirs, client_under_api); /v1/v1/messages that of /v1/messages, and so is /v1/messages/count_tokens (the
+    anthropic SDK's, which Ollama does not serve)."""
     path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
     if path == "/api" or path.startswith("/api/"):
-        return OLLAMA
+        route = client_under_api(path)
+        return ROUTES[route].dialect if route else OLLAMA
     route = ROUTES.get(path) or ROUTES.get(path[:path.rfind("/")] if path.startswith("/v1/") else path) or \
         next((ROUTES[endpoint] for endpoint in ENDPOINTS if path.startswith(endpoint + "/")), None)
     return route.dialect if route is not None else OPENAI
+
+
+def client_under_api(path: str) -> str | None:
+    """The route an OpenAI or Anthropic client given .../api (where Ollama's own API is) as its base URL asks for
+    there: /api/chat/completions, /api/v1/chat/completions, /api/v1/messages; None for anything else under /api.
+    Its 404 is then in that client's shape: the openai SDK shows no message of an "error" that is no object."""
+    route = "/v1" + path.removeprefix("/api").removeprefix("/v1")
+    if path.startswith("/api/") and route in ROUTES and ROUTES[route].dialect is not OLLAMA:
+        return route
+    return None
 
 
 # The whole URLs of the /v1 routes, which an app that wants the whole URL (FluentRead) takes, and a client that
@@ -2406,6 +2418,11 @@ def not_found_message(path: str) -> str:
             return (f"There is no {path} here: the client adds {added} itself, and its URL already ends in "
                     f"{endpoint}. Give it the base URL {base}; only an app that wants the whole URL (FluentRead) "
                     f"takes http://<server>:8010{endpoint}.")
+    if route := client_under_api(path):  # OpenAI's clients add the route after /v1, Anthropic's with it
+        added = route.removeprefix("/v1") if ROUTES[route].dialect is OPENAI else route
+        return (f"There is no {path} here: the client adds {added} itself, and its base URL ends in "
+                f"{path.removesuffix(added)}, where Ollama's own API is. Give it the base URL http://<server>:8010"
+                + "/v1" * (ROUTES[route].dialect is OPENAI) + ".")
     if path in ("/v1", "/v1/"):
         return ("There is nothing at /v1 itself: it is the base URL, to which clients add /chat/completions, "
                 "/models, /messages, ... An app that wants the whole URL (FluentRead) takes "
@@ -3127,6 +3144,8 @@ WRONG_BASE_URLS = (
                 "in /v1 too. Give it the base URL without /v1, such as http://<server>:8010."),
     ("/v1/api", "There is no {path} here: the ollama client adds /api itself, and its base URL ends in /v1. Give it "
                 "the base URL without /v1, such as http://<server>:8010."),
+    ("/api/api/", "There is no {path} here: the ollama client adds /api itself, and its base URL ends in /api too. "
+                  "Give it the base URL without /api, such as http://<server>:8010."),
 )
 
 

@@ -900,11 +900,12 @@ async def serve(app: Any, sock: socket.socket | None = None) -> AsyncIterator[st
         yield base
 
 
-def openai_sdk_chat(model: str) -> bytes:
+def openai_sdk_chat(model: str, path: bytes = b"/v1/chat/completions") -> bytes:
     """What openai-python 3.63.0 sends for client.chat.completions.create(model=model, messages=[{"role": "user",
-    "content": "Hi"}]) with the token as its api_key, byte for byte but the Host."""
+    "content": "Hi"}]) with the token as its api_key, byte for byte but the Host (and the path, for another
+    base URL)."""
     body = b'{"model":%s,"messages":[{"role":"user","content":"Hi"}]}' % json.dumps(model).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAccept-Encoding: gzip, deflate\r\n"
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nAccept-Encoding: gzip, deflate\r\n"
             b"Connection: keep-alive\r\nauthorization: Bearer " + TOKEN.encode() + b"\r\naccept: application/json\r\n"
             b"content-type: application/json\r\nuser-agent: OpenAI/Python 3.63.0\r\nx-stainless-lang: python\r\n"
             b"x-stainless-package-version: 3.63.0\r\nx-stainless-os: Linux\r\nx-stainless-arch: x64\r\n"
@@ -6016,6 +6017,10 @@ async def test_a_token_sent_with_its_name_is_told_to_leave_the_name_out(sent: st
     ("POST", "/v1/v1/messages", [], "anthropic", "Give it the base URL without /v1"),
     ("GET", "/v1/api/tags", [], "ollama", "the ollama client adds /api itself"),
     ("POST", "/v1/api/chat", [], "ollama", "Give it the base URL without /v1"),
+    # the anthropic SDK and the ollama client given .../api, where Ollama's own API is
+    ("POST", "/api/v1/messages", [], "anthropic", "its base URL ends in /api, where Ollama's own API is. Give it "
+                                                  "the base URL http://<server>:8010."),
+    ("POST", "/api/api/chat", [], "ollama", "Give it the base URL without /api"),
     ("POST", "/", [(b"anthropic-version", b"2023-06-01")], "anthropic", "http://gw:8010/v1/messages"),
     ("POST", "/", [], "openai", "http://gw:8010/v1/chat/completions"),
     ("GET", "/v1", [], "openai", "it is the base URL"),
@@ -6055,6 +6060,19 @@ async def test_a_client_given_a_whole_url_as_its_base_url_is_told_its_base_url(m
     error = json.loads(answer.content)
     message = error["error"]["message"] if shape == "openai" else error["type"] == "error" and error["error"]["message"]
     assert f"Give it the base URL {wanted}" in message, error
+
+
+@pytest.mark.parametrize("path", [b"/api/chat/completions", b"/api/v1/chat/completions"])
+async def test_the_openai_sdk_given_ollamas_api_as_its_base_url_shows_what_to_write(path: bytes) -> None:
+    """The openai SDK given .../api (where Ollama's own API is) or .../api/v1 as its base URL: its 404 is in
+    OpenAI's shape and says to give it .../v1. It was in Ollama's ({"error": "..."}), of which the SDK shows no
+    message: the user read "Error code: 404" and nothing more."""
+    async with gateway() as app, serve(app) as base:
+        status, _, body = await answered_over_a_socket(base, openai_sdk_chat("qwen2.5:7b", path))
+    error = json.loads(body)["error"]
+    assert status == 404 and (error["type"], error["code"]) == ("invalid_request_error", "not_found")
+    assert error["message"].endswith("where Ollama's own API is. Give it the base URL http://<server>:8010/v1.")
+    assert "the client adds /chat/completions itself" in error["message"]
 
 
 async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_path: Any) -> None:
