@@ -4014,7 +4014,8 @@ def cause(exc: BaseException, key: bytes = b"") -> str:
     reason, without addresses (hosts are named by number), without the upstream's `key`, and cut short. h11
     quotes the line it could not read (`illegal header line: bytearray(b'...')`): an upstream that echoes the
     Authorization it got in a header, a status line or a chunk's size line would write its key into the log
-    (issue 17), as it would into the answer but for redact()."""
+    (issue 17), as it would into the answer but for redact(); and a ` token=admin` there would be a field of the
+    text log line of its own, as one in an upstream's x-request-id would (log_exchange): its `=` is escaped."""
     root = exc.__cause__ or exc
     if isinstance(root, ssl.SSLCertVerificationError):
         reason = root.verify_message
@@ -4028,7 +4029,7 @@ def cause(exc: BaseException, key: bytes = b"") -> str:
         reason = str(root) or type(root).__name__
     for shown in {key.decode(), repr(key)[2:-1]} if key else ():  # (repr: as h11 quotes it, a \ doubled)
         reason = reason.replace(shown, KEY_SHOWN_AS.decode())
-    return printable(f"{type(exc).__name__}: {reason}"[:160])
+    return printable(f"{type(exc).__name__}: {reason}"[:160]).replace("=", "\\x3d")
 
 
 class Upstream:

@@ -5268,14 +5268,17 @@ async def test_a_line_break_in_a_path_or_model_cannot_forge_a_log_line() -> None
 
 async def test_a_space_in_a_path_model_or_upstream_request_id_cannot_forge_a_log_field() -> None:
     """The text log's fields are separated by spaces: a path, a model or an upstream's x-request-id holding one
-    is written escaped, so that `token=` and `id=` are only ever the gateway's own."""
+    is written escaped, so that `token=` and `id=` are only ever the gateway's own; so is a line of the upstream's
+    that h11 cannot read, which the error's cause quotes."""
     forged = b" token=admin id=forged"
     async with captured_log() as lines, upstream(json_reply(headers=((b"x-request-id", b"abc" + forged),))) as up, \
             gateway(OLLAMA_BASE_URL=up.url) as app:
         await call(app, "GET", "/v1/x" + forged.decode())
         await chat(app, b'{"model": "ollama/m' + forged + b'", "messages": []}')
+        up.reply = raw_reply(b"HTTP/1.1 200 OK\r\nx" + forged + b"\r\n\r\n")  # a header line without its colon
+        await chat(app)
     requests = [line for line in lines if line.startswith(("GET ", "POST "))]
-    assert len(requests) == 2
+    assert len(requests) == 3 and "illegal header line" in requests[2]
     assert all(line.count(" token=") == 1 and line.count(" id=") == 1 for line in requests), requests
 
 
