@@ -2290,6 +2290,7 @@ HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
 CORS_MAX_AGE = b"7200"
 
 BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")  # as Ollama names its blobs
+USER_KEY = re.compile(r"[A-Za-z0-9_=-]+")  # as Ollama writes its key: base64url (server/routes.go, SignoutHandler)
 
 # GET /usage (also a page, PAGE_HEADERS): one token's counts (or everyone's) are for that token only, and a
 # page differs from the JSON.
@@ -2541,10 +2542,12 @@ class Gateway:
 
     async def ollama_key(self, ex: Exchange) -> Answer | None:
         """DELETE /api/user/keys/<key> (admins only): the key is one path segment, as Ollama's route takes it.
-        `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past a proxy that resolves dot segments."""
+        `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past a proxy that resolves dot segments;
+        a %3F a query string of its own, a %20 or %0A a request line that cannot be sent (a 500)."""
         key = ex.path.removeprefix("/api/user/keys/")
-        if "/" in key or key in ("", ".", ".."):
-            raise GatewayError("invalid_request", f"{printable(key)!r} is not a key: one path segment, no '/'.")
+        if not USER_KEY.fullmatch(key):
+            raise GatewayError("invalid_request", f"{printable(key)!r} is not a key: one path segment of base64url "
+                               "(letters, digits, - and _), no '/'.")
         return await self.ollama_relay(ex)
 
     async def ollama_relay(self, ex: Exchange) -> Answer | None:

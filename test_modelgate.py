@@ -7844,11 +7844,15 @@ async def test_web_search_is_for_cloud_tokens_and_the_account_for_admins(method:
     assert [(r.method, r.target, r.body) for r in up.requests] == [(method, path, body)] * len(allowed)
 
 
-@pytest.mark.parametrize("key", ["../../delete", "..", "abc/def", ""])
+@pytest.mark.parametrize("key", ["../../delete", "..", "abc/def", "",
+                                 # decoded by uvicorn from %20, %0d%0a, %00 (a 500: no request line holds them) and
+                                 # %3F (a query string of its own upstream)
+                                 "abc def", "abc\r\nx-a: b", "abc\x00", "abc?x=1"])
 async def test_the_key_of_api_user_keys_is_one_path_segment(key: str) -> None:
     """The key of DELETE /api/user/keys/<key> is one path segment, as Ollama's route takes it: a path that climbs out
     (`..%2f..%2fdelete`, which uvicorn decodes to `../../delete`) is a 400 that reaches nothing, even for an admin
-    token, rather than /api/delete behind a proxy that resolves dot segments."""
+    token, rather than /api/delete behind a proxy that resolves dot segments; so is one that holds what no key does
+    (Ollama writes its key in base64url: server/routes.go, SignoutHandler)."""
     settings_ = {"MODELGATE_TOKEN": f"me:{ADMIN},janitor:{OTHER_TOKEN}", "OLLAMA_ADMIN_TOKENS": "janitor"}
     async with cloud_gateway(**settings_) as (up, app):
         answer = await native(app, "/api/user/keys/" + key, b'{"model": "qwen2.5:7b"}', headers=OTHER_AUTH,
