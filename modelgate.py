@@ -4104,8 +4104,8 @@ class Upstream:
             host.down_until = 0.0
             if response.status == HTTPStatus.LOOP_DETECTED:  # it came back to us (VIA), or to a proxy on the way
                 await response.aclose()
-                raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),
-                                   detail=f"{self.where(host)} leads back to this gateway")
+                raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),  # a retry loops too
+                                   [(b"x-should-retry", b"false")], f"{self.where(host)} leads back to this gateway")
             response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
             if self.key:
                 redact(response, self.key)

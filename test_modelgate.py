@@ -4511,6 +4511,15 @@ async def test_an_ollama_base_url_that_leads_back_to_the_gateway_is_told_at_once
         assert TOKEN not in message
 
 
+async def test_a_loop_is_not_retried_by_the_sdks() -> None:
+    """The openai and anthropic SDKs retry a 5xx twice unless it says x-should-retry: false (openai-python
+    _base_client.py, _should_retry): a 508 loop_detected says it, as only the owner mends OLLAMA_BASE_URL."""
+    sock, url = unlistened()
+    async with gateway(OLLAMA_BASE_URL=url) as app, serve(app, sock) as base:
+        status, headers, _ = await answered_over_a_socket(base, openai_sdk_chat("qwen2.5:7b"))
+    assert status == 508 and headers.get(b"x-should-retry") == b"false"
+
+
 ###############################################################################
 # Upstreams and several Ollama hosts ##########################################
 ###############################################################################
