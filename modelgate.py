@@ -2224,7 +2224,7 @@ def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -
 
 # What a page may read of an answer besides the CORS-safelisted headers: the request id to report, and how long to
 # wait after a 429 or 503 (the openai and anthropic SDKs for JavaScript read Retry-After, in a browser too).
-EXPOSED = (b"access-control-expose-headers", b"x-request-id, retry-after")
+EXPOSED = (b"access-control-expose-headers", b"x-request-id, request-id, retry-after")
 
 
 def cors_headers(config: Config, origin: bytes) -> Headers:
@@ -3035,6 +3035,8 @@ class Exchange:
                 break
         else:
             headers = [*headers, (b"x-request-id", self.request_id)]
+        if self.dialect is ANTHROPIC:  # where the anthropic SDKs read an error's request_id from, as Anthropic sends it
+            headers = [*headers, (b"request-id", self.request_id)]
         if self.queued is not None:  # browsers' developer tools show it with the request's timing
             headers = [*headers, (b"server-timing", b"queue;dur=%.1f" % (self.queued * 1000))]
         await self.send({"type": "http.response.start", "status": status, "headers": headers + self.cors})

@@ -8294,6 +8294,29 @@ async def test_anthropic_errors_keep_the_statuses_of_the_error_table() -> None:
     assert_anthropic_error(silent, 504, "api_error")
 
 
+# What anthropic-python 2.17.0 sends for client.messages.create(model="qwen2.5:7b", max_tokens=512, messages=[{"role":
+# "user", "content": "Hi"}]) with a token it does not know as its api_key (sent as a Bearer token), byte for byte but
+# the Host.
+ANTHROPIC_SDK_MESSAGE = (
+    b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
+    b"x-stainless-timeout: 600\r\nx-stainless-retry-count: 0\r\nx-stainless-read-timeout: 600\r\n"
+    b"Accept: application/json\r\nContent-Type: application/json\r\nUser-Agent: Anthropic/Python 2.17.0\r\n"
+    b"X-Stainless-Lang: python\r\nX-Stainless-Package-Version: 2.17.0\r\nX-Stainless-OS: Linux\r\n"
+    b"X-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\n"
+    b"Authorization: Bearer wrong-token\r\nX-Stainless-Async: false\r\nanthropic-version: 2026-10-21\r\n"
+    b"Content-Length: 83\r\n\r\n"
+    b'{"max_tokens":512,"messages":[{"role":"user","content":"Hi"}],"model":"qwen2.5:7b"}')
+
+
+async def test_the_anthropic_sdk_gets_the_request_id_of_an_error_where_it_reads_it() -> None:
+    """An error on /v1/messages carries the request id in `request-id` too, the header the anthropic SDKs read an
+    error's request_id from (as Anthropic sends it): before, the SDK's error said request_id None, and the
+    gateway's log line could not be found from it."""
+    async with gateway() as app, serve(app) as base:
+        status, headers, _ = await answered_over_a_socket(base, ANTHROPIC_SDK_MESSAGE)
+    assert status == 401 and headers[b"request-id"] == headers[b"x-request-id"] != b""
+
+
 # The three ways to send the token ----------------------------------------------
 
 def basic(user: bytes, password: bytes) -> bytes:
