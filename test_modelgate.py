@@ -6684,13 +6684,19 @@ async def test_check_warns_of_an_ollama_base_url_that_names_the_gateway_itself(t
     """--check, and the start-up log, say when OLLAMA_BASE_URL names ModelGate's own PORT on this machine (the
     address pasted into apps, pasted here too): a warning that says what Ollama's address is, and --check fails.
     It used to say only that the connection was refused (nothing listens there yet), or, with the gateway running,
-    that no token was sent."""
+    that no token was sent. With PORT set to Ollama's 11434, the warning names PORT instead."""
     port = free_port()
     env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": f"http://{named}:{port}/v1", "PORT": str(port)}
     status, output = await run_command_line(tmp_path, env, "--check")
     assert status == 1
     assert (f"warning: OLLAMA_BASE_URL http://{named}:{port}/v1 is ModelGate's own address (PORT={port}), not "
             "Ollama's: requests would go round in a circle. Ollama listens on port 11434") in output, output
+    # PORT set to Ollama's own port: it is PORT that is wrong, not OLLAMA_BASE_URL (no --check: a real Ollama may
+    # listen there, and a test never asks one)
+    ollamas = modelgate.load_config(environ(OLLAMA_BASE_URL=f"http://{named}:11434/v1", PORT="11434"))
+    assert modelgate.config_warnings(ollamas, None) == [
+        f"PORT=11434 is Ollama's port, where OLLAMA_BASE_URL http://{named}:11434/v1 points: ModelGate must listen on "
+        "another; leave PORT unset for 8010"]
 
 
 @pytest.mark.parametrize("start_from", ["nothing", ".env.example"])
