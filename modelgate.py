@@ -3472,8 +3472,8 @@ class Queue:
 
     def expire(self, key: tuple, slots: Slots, waiter: Waiter) -> None:
         self.leave(key, slots, waiter, GatewayError(
-            "queue_timeout", f"The model waited for was busy for QUEUE_TIMEOUT_SECONDS ({self.timeout:g} s) with "
-            "other requests; nothing was sent. Try again later.", [(b"retry-after", QUEUE_RETRY_AFTER)]))
+            "queue_timeout", f"The model {key[1]!r} was busy with other requests for QUEUE_TIMEOUT_SECONDS "
+            f"({self.timeout:g} s); nothing was sent. Try again later.", [(b"retry-after", QUEUE_RETRY_AFTER)]))
 
     def close(self) -> None:
         """SIGTERM: whatever waits gets 503 shutting_down at once, and nothing more waits."""

@@ -3228,7 +3228,8 @@ async def test_what_runs_no_model_or_another_is_sent_at_once(path: str, body: by
 @pytest.mark.parametrize("path, body, dialect", [QUEUE_DOORS[0], QUEUE_DOORS[4], QUEUE_DOORS[5]])
 async def test_a_request_that_waits_queue_timeout_seconds_gets_503_and_nothing_is_sent(path: str, body: bytes,
                                                                                       dialect: str) -> None:
-    """QUEUE_TIMEOUT_SECONDS: then 503 queue_timeout with Retry-After, in the error shape of its door."""
+    """QUEUE_TIMEOUT_SECONDS: then 503 queue_timeout with Retry-After, in the error shape of its door, naming the
+    model that was busy (it read "The model waited for was busy", shown as it is by FluentRead)."""
     async with scheduled(QUEUE_TIMEOUT_SECONDS="0.05") as (ollama, up, app):
         running = send_all(app, [(asking("running"), AUTH)])
         await ollama.has_started(1)
@@ -3236,6 +3237,7 @@ async def test_a_request_that_waits_queue_timeout_seconds_gets_503_and_nothing_i
         await ollama.finish(1)
         await asyncio.gather(*running)
     assert_queue_error(answer, dialect, "QUEUE_TIMEOUT_SECONDS")
+    assert b"The model 'qwen2.5:7b' was busy with other requests" in answer.body
     assert len(up.requests) == 1 and app.queue.waiting == 0
 
 
