@@ -2556,9 +2556,12 @@ class Gateway:
     async def ollama_relay(self, ex: Exchange) -> Answer | None:
         """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes (admins
         only), web search and fetch (cloud tokens only); admit() has decided who may."""
-        body = await read_body(ex, self.config) if ex.method in ("POST", "DELETE") else b""
+        config = self.config
+        body = await read_body(ex, config) if ex.method in ("POST", "DELETE") else b""
         if body is None:
             return None
+        if self.config is not config:  # a reload came while the body did: the settings of now decide
+            self.readmit(ex)
         ex.provider = "ollama"
         return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], ex.path.encode(), body, stream=False))
 
@@ -2791,6 +2794,21 @@ class Gateway:
         for warning in config_warnings(config, sources):
             log.warning("%s", warning)
 
+    def readmit(self, ex: Exchange) -> Config:
+        """Who may ask, decided again by the settings of now for a request whose body was still coming when a reload
+        came: a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for as long as it likes, and
+        a token revoked, no longer in OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an
+        OPENAI_API_KEY removed (a 500), was judged by the settings of when its head came. Its slot of
+        MAX_CONCURRENT_PER_TOKEN stays as it was taken; a token renamed gives it back."""
+        config, route, name = self.config, ROUTES[ex.route], ex.token
+        if self.screening and route.screened:
+            screen(ex, config)
+        admit(ex, route, config, None, self.usage)
+        if ex.holds_slot is not None and ex.token != name:  # counted under its old name: given back under it
+            ex.holds_slot.release(name)
+            ex.holds_slot = None
+        return config
+
     def shut_down(self) -> None:
         """SIGTERM: send nothing new upstream, and cancel what still runs after SHUTDOWN_GRACE_SECONDS.
 
@@ -2897,6 +2915,8 @@ class Gateway:
             body = await read_body(ex, config)
             if body is None:
                 return None
+            if self.config is not config:  # a reload came while the body did: the settings of now decide
+                config = self.readmit(ex)
             crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
                 routed_body(ex, body, config, self.cloud)
             del body  # the body as read: an edited one goes upstream as a copy, and this one is no longer held

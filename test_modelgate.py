@@ -6089,6 +6089,40 @@ async def test_the_openai_sdk_given_ollamas_api_as_its_base_url_shows_what_to_wr
     assert "the client adds /chat/completions itself" in error["message"]
 
 
+# (what a reload changes, the path and body of a request whose body comes across it, the status it gets)
+RELOADED_WHILE_THE_BODY_CAME = [
+    ({"MODELGATE_TOKEN": f"second:{OTHER_TOKEN}", "OLLAMA_CLOUD_TOKENS": ""}, V1_CHAT,  # the token revoked
+     b'{"model": "qwen2.5:7b", "messages": []}', 401),
+    ({"TOKEN_MODELS": "tester=ollama/llama*"}, V1_CHAT, b'{"model": "qwen2.5:7b", "messages": []}', 403),
+    ({"OLLAMA_CLOUD_TOKENS": ""}, V1_CHAT, b'{"model": "gpt-oss:120b-cloud", "messages": []}', 403),
+    ({"OLLAMA_CLOUD_TOKENS": ""}, "/api/experimental/web_search", b'{"query": "news"}', 403),  # read by its handler
+    ({"OPENAI_API_KEY": ""}, V1_CHAT, b'{"model": "openai/gpt-4o", "messages": []}', 400),  # was a 500
+]
+
+
+@pytest.mark.parametrize("changed, path, body, status", RELOADED_WHILE_THE_BODY_CAME)
+async def test_a_request_whose_body_comes_across_a_reload_is_judged_by_the_new_settings(
+        changed: dict[str, str], path: str, body: bytes, status: int) -> None:
+    """A client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for as long as it likes: a request whose
+    head came before a reload that revokes its token, narrows its TOKEN_MODELS, takes it out of OLLAMA_CLOUD_TOKENS or
+    removes OPENAI_API_KEY is refused by the settings of when its body has come, and nothing is sent upstream. It went
+    through, by the settings of when its head came."""
+    settings_ = {"MODELGATE_TOKEN": NAMED_TOKENS, "OLLAMA_CLOUD_TOKENS": "tester", "OPENAI_API_KEY": OPENAI_KEY}
+    async with upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OPENAI_BASE_URL=up.url, **settings_) as app, serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: "
+                     f"{len(body)}\r\n".encode() + AUTH_LINE + b"\r\n" + body[:9])
+        await until(lambda: app.metrics.in_flight == 1)  # let in, its body on the way
+        app.reload(modelgate.load_config({**app.environ, **changed}), None)
+        writer.write(body[9:])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert up.requests == []
+
+
 async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_path: Any) -> None:
     """`python modelgate.py` on SIGHUP (issue 20): a token added to .env works, a removed one gets 401, the
     stream that ran across the reload completes, and a .env with an error is refused while the old one serves."""
