@@ -153,13 +153,16 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, M
 import urllib.parse
 from urllib.parse import quote, urlsplit, urlunsplit
 
+# `python3 modelgate.py` outside the venv: one line, not a traceback. Also when only uvicorn is missing (the openai
+# SDK's httpx brings httpcore and h11 along): the command line imports it (uvicorn_server).
+LACKING = ("modelgate: this Python ({python}) lacks what ModelGate needs ({name} is missing). Install uvicorn and "
+           "httpcore into a venv with .venv/bin/pip install -r requirements.txt, and start it with that venv's "
+           "Python: .venv/bin/python modelgate.py (README.md, Quick start)")
 try:
     import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
     import httpcore
-except ModuleNotFoundError as missing:  # `python3 modelgate.py` outside the venv: one line, not a traceback
-    sys.exit(f"modelgate: this Python ({sys.executable}) lacks what ModelGate needs ({missing.name} is missing). "
-             "Install uvicorn and httpcore into a venv with .venv/bin/pip install -r requirements.txt, and start it "
-             "with that venv's Python: .venv/bin/python modelgate.py (README.md, Quick start)")
+except ModuleNotFoundError as missing:
+    sys.exit(LACKING.format(python=sys.executable, name=missing.name))
 
 __version__ = "1.0.0"
 __license__ = "MIT"
@@ -5735,7 +5738,10 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
     """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, `reload` on
     SIGHUP, a bound on the wait for a request head (CLIENT_TIMEOUT_SECONDS), how long an idle connection is
     kept, and asyncio's errors one line per kind."""
-    import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
+    try:
+        import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
+    except ModuleNotFoundError as missing:
+        sys.exit(LACKING.format(python=sys.executable, name=missing.name))
 
     server = uvicorn.Server(uvicorn.Config(
         gateway, host=config.host, port=config.port,

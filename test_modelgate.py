@@ -8521,6 +8521,23 @@ async def test_a_python_without_the_requirements_gets_one_line_saying_how_to_sta
     assert "pip install -r requirements.txt" in output and ".venv/bin/python modelgate.py" in output
 
 
+async def test_a_python_with_httpcore_but_without_uvicorn_gets_the_same_line(tmp_path: Any) -> None:
+    """A Python that has httpcore and h11 (the openai SDK's httpx brings them along) but not uvicorn gets that one line
+    too when it starts the gateway, not a traceback ending in No module named 'uvicorn'."""
+    shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    (tmp_path / "site").mkdir()
+    for name in ("h11", "httpcore", "certifi"):  # httpcore and what it imports
+        (tmp_path / "site" / name).symlink_to(Path(httpcore.__file__).parent.parent / name)
+    env = {"MODELGATE_TOKEN": TOKEN, "PORT": str(free_port()), "PYTHONPATH": str(tmp_path / "site")}
+    process = await asyncio.create_subprocess_exec(  # -S: none of the site-packages but those three
+        sys.executable, "-S", "modelgate.py", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
+    assert await process.wait() == 1
+    assert output.count("\n") == 1 and output.startswith(f"modelgate: this Python ({sys.executable}) lacks"), output
+    assert "(uvicorn is missing)" in output and ".venv/bin/python modelgate.py" in output
+
+
 async def test_an_idle_client_connection_is_kept_for_the_keep_alive_then_closed() -> None:
     """The server `python modelgate.py` runs keeps an idle client connection open for its keep-alive, then closes
     it. By default that is longer than httpx's 5 s pool expiry (httpx `_config.py`: `keepalive_expiry=5.0`), so a
