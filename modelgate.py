@@ -3914,8 +3914,10 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
     # gin's "404 page not found" from an Ollama older than its Messages API (ollama PR #13600)
     (lambda r: r.dialect is ANTHROPIC and r.status == 404 and r.document is None,
      lambda r: "Ollama serves the Anthropic Messages API since v0.14: update it.", False),
-    (lambda r: (r.status == 404 and r.name == "ollama" and not r.dialect.native and r.host is not None
-                and not r.host.path.endswith(b"/v1")),
+    # On Ollama's own API only a 404 without JSON: gin's, for a route under a base URL that was not meant
+    # (.../api: /api/api/chat), where a model Ollama lacks answers {"error": ...}.
+    (lambda r: (r.status == 404 and r.name == "ollama" and (not r.dialect.native or r.document is None)
+                and r.host is not None and not r.host.path.endswith(b"/v1")),
      lambda r: "Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1.", True),
     (lambda r: r.status == 404 and r.routed is not None and r.routed.defaulted, other_provider, True),
     # (not for an alias whose target doubles it: only the owner can mend MODEL_ALIASES)

@@ -4005,6 +4005,24 @@ async def test_a_404_says_what_to_check(path: str, said: bytes, model: str, open
     assert ("DEFAULT_PROVIDER" in message) == ("/" not in model)
 
 
+@pytest.mark.parametrize("path, said, hinted", [
+    ("/api", b"404 page not found", True),  # the route asked for is /api/api/chat
+    ("/v1/chat/completions", b"404 page not found", True),
+    ("", b'{"error":"model \'qwen2.5:7b\' not found"}', False),  # the root: Ollama's own API is right there
+])
+async def test_a_404_on_ollamas_own_api_says_to_check_a_base_url_without_v1(path: str, said: bytes,
+                                                                            hinted: bool) -> None:
+    """The ollama client's /api/chat with OLLAMA_BASE_URL ending in /api (or in the whole chat URL) reaches Ollama
+    as a route it lacks: its 404 says to check that OLLAMA_BASE_URL ends in /v1, as the OpenAI door's does. It
+    used to say "404 page not found" and no more. A model Ollama lacks, under its root, gets no such hint."""
+    content_type = "application/json" if said.startswith(b"{") else "text/plain"
+    async with upstream(json_reply(404, raw=said, content_type=content_type)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url.removesuffix("/v1") + path) as app:
+        message = assert_ollama_error(await native(app, "/api/chat", {"model": "qwen2.5:7b"}), 404)
+    assert up.requests[-1].target == f"{path.removesuffix('/v1')}/api/chat"
+    assert ("Check that OLLAMA_BASE_URL ends in /v1" in message) == hinted, message
+
+
 async def test_an_alias_whose_target_doubles_the_prefix_does_not_tell_the_client_to_mend_it() -> None:
     """A 404 for an alias's target written `ollama/ollama/...` in MODEL_ALIASES does not tell the app to write its
     model's prefix once: it wrote `translate`, and only the owner can mend the alias."""
