@@ -2430,6 +2430,9 @@ def not_found_message(path: str) -> str:
         return (f"There is no {path} here: the client adds {added} itself, and its base URL ends in "
                 f"{path.removesuffix(added)}, where Ollama's own API is. Give it the base URL http://<server>:8010"
                 + "/v1" * (ROUTES[route].dialect is OPENAI) + ".")
+    # Ollama's router redirects such a path to the route (gin's New: RedirectTrailingSlash is true): it worked there.
+    if path.endswith("/") and path.rstrip("/") in ROUTES:
+        return f"There is no {path} here: write it without the / at its end: {path.rstrip('/')}."
     if path in ("/v1", "/v1/"):
         return ("There is nothing at /v1 itself: it is the base URL, to which clients add /chat/completions, "
                 "/models, /messages, ... An app that wants the whole URL (FluentRead) takes "

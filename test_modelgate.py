@@ -6094,6 +6094,23 @@ async def test_a_client_given_a_whole_url_as_its_base_url_is_told_its_base_url(m
     assert f"Give it the base URL {wanted}" in message, error
 
 
+@pytest.mark.parametrize("path, shape", [(b"/v1/chat/completions/", "openai"), (b"/v1/messages/", "anthropic"),
+                                         (b"/api/chat/", "ollama")])
+async def test_a_whole_url_with_a_slash_at_its_end_is_told_to_leave_it_out(path: bytes, shape: str) -> None:
+    """FluentRead given http://<server>:8010/v1/chat/completions/ (and its Claude service .../v1/messages/): Ollama
+    (gin) redirects such a path to the route, so the URL used to work; here its 404, in the client's shape, says to
+    write it without the / at its end. It listed the routes, among them the one meant, and said no more."""
+    request = (b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer " + TOKEN.encode() + b"\r\nOrigin: chrome-extension://fluentread\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(FLUENTREAD) + FLUENTREAD)
+    async with gateway() as app, serve(app) as base:
+        status, _, body = await answered_over_a_socket(base, request)
+    error = json.loads(body)
+    message = {"openai": lambda: error["error"]["message"], "ollama": lambda: error["error"],
+               "anthropic": lambda: error["type"] == "error" and error["error"]["message"]}[shape]()
+    assert status == 404 and message.endswith(f"write it without the / at its end: {path.decode()[:-1]}.")
+
+
 @pytest.mark.parametrize("path", [b"/api/chat/completions", b"/api/v1/chat/completions"])
 async def test_the_openai_sdk_given_ollamas_api_as_its_base_url_shows_what_to_write(path: bytes) -> None:
     """The openai SDK given .../api (where Ollama's own API is) or .../api/v1 as its base URL: its 404 is in
