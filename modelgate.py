@@ -5789,9 +5789,14 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
     return server
 
 
+# How a TLS ClientHello begins: a handshake record (22), TLS major version 3 (RFC 8446 §5.1). No HTTP request does.
+TLS_RECORD = b"\x16\x03"
+
+
 def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol, and a timer that closes the connection while h11 still waits for a
-    complete request head (their_state IDLE) `seconds()` after it began to wait."""
+    complete request head (their_state IDLE) `seconds()` after it began to wait; a client that begins a TLS
+    handshake instead of a request is closed, and the log says why."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
@@ -5802,6 +5807,13 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
             self.watch_head()
 
         def data_received(self, data: bytes) -> None:
+            if data.startswith(TLS_RECORD) and self.conn.their_state is h11.IDLE:  # where a request must begin
+                # log: one line that says what to change, not uvicorn's "Invalid HTTP request received."
+                log.warning("a client at %s spoke TLS (its URL begins https://) to this gateway, which serves plain "
+                            "HTTP: give it http://, or serve HTTPS with TLS_CERT_FILE and TLS_KEY_FILE",
+                            self.client[0] if self.client else "-")
+                self.transport.close()
+                return
             super().data_received(data)
             self.watch_head()
 

@@ -8573,6 +8573,19 @@ async def test_a_python_with_httpcore_but_without_uvicorn_gets_the_same_line(tmp
     assert "(uvicorn is missing)" in output and ".venv/bin/python modelgate.py" in output
 
 
+async def test_a_client_that_speaks_https_to_the_plain_http_gateway_is_told_of_in_one_log_line() -> None:
+    """An app given https://<server>:8010 sends a TLS ClientHello to `python modelgate.py`, which serves plain HTTP:
+    the log says in one line that a client spoke TLS, and what to change. It used to say only uvicorn's "Invalid
+    HTTP request received.", which names neither."""
+    app = modelgate.Gateway(environ())
+    async with captured_log() as lines, serve_with(command_line_server(app, 5)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.open_connection(host, int(port), ssl=ssl.create_default_context(), server_hostname="gw")
+        line = await lines.logged("a client at 127.0.0.1 spoke TLS")
+    assert "give it http://, or serve HTTPS with TLS_CERT_FILE and TLS_KEY_FILE" in line, line
+
+
 async def test_an_idle_client_connection_is_kept_for_the_keep_alive_then_closed() -> None:
     """The server `python modelgate.py` runs keeps an idle client connection open for its keep-alive, then closes
     it. By default that is longer than httpx's 5 s pool expiry (httpx `_config.py`: `keepalive_expiry=5.0`), so a
