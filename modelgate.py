@@ -2648,10 +2648,18 @@ class Gateway:
 
     async def posted_to_root(self, ex: Exchange) -> Answer | None:
         """POST /: an app given the gateway's address as its whole URL (FluentRead's Claude service, issue 20):
-        404 saying what to write, in the shape of the API its headers are of. Nothing goes upstream."""
-        body = await read_body(ex, self.config)
-        if body is None:
+        404 saying what to write, in the shape of the API its headers are of. Nothing goes upstream. Of the body, only
+        its first part is looked at, and the rest never waited for (the answer ends the connection): a client without
+        a token that sent it a byte at a time, each within CLIENT_TIMEOUT_SECONDS, held a connection for as long as it
+        liked (issue 17)."""
+        try:
+            message = await wait_at_most(self.config.client_timeout, ex.receive(), TimeoutError())
+        except TimeoutError:
+            message = {"type": "http.request"}  # nothing came: the headers decide
+        if message["type"] == "http.disconnect":
+            ex.status = 499
             return None
+        body = message.get("body", b"")
         # Anthropic's API requires anthropic-version, and its clients send the key as x-api-key.
         if ex.header(b"anthropic-version") or ex.header(b"x-api-key"):
             ex.dialect = ANTHROPIC

@@ -6074,6 +6074,23 @@ async def test_a_client_given_the_wrong_base_url_is_told_what_to_write(method: s
     assert message and says in message, error
 
 
+async def test_a_post_to_the_root_is_answered_without_waiting_for_the_rest_of_its_body() -> None:
+    """POST / needs no token, and its 404 is chosen by the body's first part: it comes at once and ends the
+    connection, without waiting for the rest. A client without a token that sent its body a byte at a time, each
+    within CLIENT_TIMEOUT_SECONDS, held its connection for as long as it liked: enough of them, and the gateway
+    had no file descriptors left (issue 17)."""
+    async with gateway() as app, serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b'POST / HTTP/1.1\r\nhost: gw:8010\r\ncontent-type: application/json\r\ncontent-length: 1000'
+                     b'\r\n\r\n{"model": "gpt-4o", "messages": [')  # and the rest never
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        rest = await asyncio.wait_for(reader.read(), 10)  # to the end: the gateway closed the connection
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 404 ") and b"connection: close" in head.lower()
+    assert "http://gw:8010/v1/chat/completions" in json.loads(rest)["error"]["message"]  # OpenAI's shape: its body
+
+
 @pytest.mark.parametrize("method, path, shape, wanted", [
     # The openai SDK given FluentRead's whole URL as its base URL: a chat, and its list of models.
     ("POST", "/v1/chat/completions/chat/completions", "openai", "http://<server>:8010/v1;"),
