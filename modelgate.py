@@ -28,8 +28,8 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     GET  /v1/models             Ollama's models as `ollama/<name>`, OpenAI's as `openai/<name>`, then the aliases;
                                 a token sees only what TOKEN_MODELS lets it use
     GET  /v1/models/{id}        a model or an alias
-    GET  /health                liveness, no upstream call
-    GET  /ready                 200 when an upstream of DEFAULT_PROVIDER answers, else 503
+    GET|HEAD /health            liveness, no upstream call
+    GET|HEAD /ready             200 when an upstream of DEFAULT_PROVIDER answers, else 503
     GET  /metrics               Prometheus text format (an admin's token; none with METRICS_PUBLIC=1)
     GET  /usage                 requests, errors and tokens per day, app and model, kept in USAGE_DB: a page for a
                                 browser, JSON for anything else; a token sees its own, OLLAMA_ADMIN_TOKENS everyone's
@@ -424,8 +424,10 @@ ROUTES: dict[str, Route] = {
                                       reads="form"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
-    "/health": Route({"GET": "health"}, access="public", limited=False, screened=False, while_closing=True),
-    "/ready": Route({"GET": "ready"}, access="public", limited=False),
+    # HEAD too: what a server that answers GET must answer (RFC 9110 §9.1), and what uptime monitors send.
+    "/health": Route({"GET": "health", "HEAD": "health"}, access="public", limited=False, screened=False,
+                     while_closing=True),
+    "/ready": Route({"GET": "ready", "HEAD": "ready"}, access="public", limited=False),
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     "/usage": Route({"GET": "usage_page"}, limited=False, login=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).

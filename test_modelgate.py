@@ -1900,6 +1900,20 @@ async def test_health_needs_no_token_and_calls_no_upstream() -> None:
     assert up.requests == []
 
 
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+async def test_health_and_ready_answer_head_as_they_answer_get(path: str) -> None:
+    """HEAD /health and HEAD /ready, as an uptime monitor or `wget --spider` sends them, get the status and headers
+    that GET gets, and no body (RFC 9110 §9.3.2); they were a 405, which a monitor takes for the gateway down."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, gateway(OLLAMA_BASE_URL=up.url) as app, \
+            serve(app) as base:
+        got = await answered_over_a_socket(base, b"GET %s HTTP/1.1\r\nhost: gw\r\n\r\n" % path.encode())
+        head = await over_a_socket(base, b"HEAD %s HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n"
+                                   % path.encode())
+    status_line, _, rest = head.partition(b"\r\n")
+    assert got[0] == 200 and status_line == b"HTTP/1.1 200 OK" and rest.endswith(b"\r\n\r\n")
+    assert b"content-length: %d\r\n" % len(got[2]) in rest
+
+
 BROWSER_ACCEPT = b"text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 
 
