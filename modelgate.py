@@ -2391,6 +2391,7 @@ def unrouted_dialect(path: str) -> Dialect:
     ollama client given a base URL with /v1 asks, /v1/api/...; but an OpenAI or Anthropic route after /api is
     theirs, client_under_api); /v1/v1/messages that of /v1/messages, and so is /v1/messages/count_tokens (the
     anthropic SDK's, which Ollama does not serve)."""
+    path = re.sub("//+", "/", path)  # //api/chat, from a base URL with a / at its end: Ollama's, as /api/chat is
     path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
     if path == "/api" or path.startswith("/api/"):
         route = client_under_api(path)
@@ -2432,6 +2433,10 @@ def not_found_message(path: str) -> str:
         return (f"There is no {path} here: the client adds {added} itself, and its base URL ends in "
                 f"{path.removesuffix(added)}, where Ollama's own API is. Give it the base URL http://<server>:8010"
                 + "/v1" * (ROUTES[route].dialect is OPENAI) + ".")
+    if "//" in path and (single := re.sub("//+", "/", path)) in ROUTES:  # a script's base_url + "/chat/completions"
+        return (f"There is no {path} here: it has // where one / belongs, as when a client that adds its own / is "
+                f"given a base URL with a / at its end. Give it the base URL without that /, so that it asks for "
+                f"{single}.")
     # Ollama's router redirects such a path to the route (gin's New: RedirectTrailingSlash is true): it worked there.
     if path.endswith("/") and path.rstrip("/") in ROUTES:
         return f"There is no {path} here: write it without the / at its end: {path.rstrip('/')}."

@@ -6189,6 +6189,28 @@ async def test_a_request_whose_body_comes_across_a_reload_is_judged_by_the_new_s
     assert up.requests == []
 
 
+@pytest.mark.parametrize("path, shape, meant", [
+    ("/v1//chat/completions", "openai", "/v1/chat/completions"),  # base URL http://<server>:8010/v1/
+    ("//api/chat", "ollama", "/api/chat"),  # http://<server>:8010/, to which the client adds /api/chat
+    ("//v1/messages", "anthropic", "/v1/messages"),
+])
+async def test_a_client_given_a_base_url_with_a_slash_at_its_end_is_told_to_drop_it(path: str, shape: str,
+                                                                                    meant: str) -> None:
+    """A client that adds its route with its own / (a script's `base_url + "/chat/completions"`), given a base URL
+    that ends in /, asks for //: its 404, in its own error shape, says to give the base URL without that /. It used
+    to list the routes, in OpenAI's shape whatever the client."""
+    async with gateway() as app, serve(app) as base, httpcore.AsyncConnectionPool() as client:
+        answer = await client.request("POST", base + path, content=CHAT, headers=AUTH)
+    assert answer.status == 404
+    error = json.loads(answer.content)
+    message = {"anthropic": lambda: error["type"] == "error" and error["error"]["message"],
+               "ollama": lambda: isinstance(error["error"], str) and error["error"],
+               "openai": lambda: error["error"]["message"]}[shape]()
+    assert message == (f"There is no {path} here: it has // where one / belongs, as when a client that adds its own "
+                       "/ is given a base URL with a / at its end. Give it the base URL without that /, so that it "
+                       f"asks for {meant}."), error
+
+
 async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_path: Any) -> None:
     """`python modelgate.py` on SIGHUP (issue 20): a token added to .env works, a removed one gets 401, the
     stream that ran across the reload completes, and a .env with an error is refused while the old one serves."""
