@@ -2807,7 +2807,11 @@ class Gateway:
                 for handler in logger.handlers:
                     handler.setFormatter(log_formatter(config.log_format))
         self.sources, self.config = sources, config
-        log.info("%s", reload_line(old, config, changed))  # log: what the reload changed, names only
+        line = reload_line(old, config, changed)
+        if not changed and sources is not None and sources.dotenv is None:  # Docker's env_file: `compose up -d`
+            line += (f" (no .env in {sources.directory}: the settings are this process's environment, which a reload "
+                     "cannot change; in a container made with an env_file, a changed .env takes docker compose up -d)")
+        log.info("%s", line)  # log: what the reload changed, names only
         restart = [name for name in changed if name in RESTART_SETTINGS]
         if restart:
             log.warning("%s changed: that takes a restart; until then the gateway keeps the old value%s",

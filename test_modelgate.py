@@ -6263,6 +6263,26 @@ async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_pa
     assert TOKEN not in log_text and OTHER_TOKEN not in log_text
 
 
+async def test_a_reload_with_no_env_to_read_says_where_the_settings_come_from(tmp_path: Any) -> None:
+    """SIGHUP to a gateway that has no .env, as in a container made by docker compose (env_file: the settings are
+    its environment): the log line says that nothing changed and why, and that docker compose up -d applies a
+    changed .env. It used to say "reloaded: nothing changed", no more, to an owner who had just edited .env."""
+    async with upstream(ollama_like()) as up:
+        process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url,
+                                                      "HOST": "127.0.0.1", "PORT": str(free_port()), "USAGE_DB": ""})
+        try:
+            await read_until_serving(process, 30)
+            process.send_signal(signal.SIGHUP)
+            output = (await read_until_serving(process, 10, b"reloaded:")).decode()
+        finally:
+            process.kill()
+            await process.wait()
+    [line] = [line for line in output.splitlines() if "reloaded:" in line]
+    assert line.endswith(f"reloaded: nothing changed (no .env in {tmp_path}: the settings are this process's "
+                         "environment, which a reload cannot change; in a container made with an env_file, a changed "
+                         ".env takes docker compose up -d)"), line
+
+
 async def test_a_tz_changed_in_env_takes_effect_on_sighup(tmp_path: Any) -> None:
     """TZ set in ./.env decides the usage days; changed there, a SIGHUP applies it without a restart. (Zones 26
     hours apart: at any moment the second one's date is later than the first one's.)"""
