@@ -3932,7 +3932,11 @@ def other_provider(refusal: Refusal) -> str:
 UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str], bool], ...] = (
     # True: OpenAI's own 401 ("Incorrect API key provided ... find your API key at platform.openai.com") reads, to an
     # app whose token the gateway took, as if that token were wrong; it is the gateway's key.
-    (lambda r: r.status in (401, 403), lambda r: f"Check {KEY_VARIABLE[r.name]}.", True),
+    # Ollama's own 401 is also what a cloud model gets while Ollama is signed out of ollama.com ("unauthorized",
+    # with a signin_url: ollama server/routes.go), which no key of ModelGate's mends.
+    (lambda r: r.status in (401, 403), lambda r: f"Check {KEY_VARIABLE[r.name]}" + (
+        ", or, for a cloud model, that Ollama is signed in to ollama.com (`ollama signin` where it runs)."
+        if r.name == "ollama" and r.status == 401 and r.routed is not None else "."), True),
     # gin's "404 page not found" from an Ollama older than its Messages API (ollama PR #13600)
     (lambda r: r.dialect is ANTHROPIC and r.status == 404 and r.document is None,
      lambda r: "Ollama serves the Anthropic Messages API since v0.14: update it.", False),
@@ -4146,6 +4150,8 @@ class Upstream:
                                            f"{self.name} hosts tried: refused, unreachable or too slow. Check that "
                                            f"they are running and {URL_VARIABLE[self.name]} lists them right.",
                                            detail=", ".join(causes))
+                elif isinstance(exc, TLSError):  # an https:// URL for plain HTTP: a retry fails the same way
+                    failure.headers.append((b"x-should-retry", b"false"))
                 raise failure from exc
             except UPSTREAM_EXCEPTIONS as exc:
                 failure = self.translate(exc, host)

@@ -3911,6 +3911,20 @@ async def test_openais_own_401_says_that_the_gateways_openai_api_key_was_refused
     assert up.requests[0].header("authorization") == f"Bearer {OPENAI_KEY}"
 
 
+# Ollama's 401 for a cloud model while it is signed out of ollama.com (server/routes.go), through its OpenAI layer
+OLLAMA_SIGNED_OUT = b'{"error":{"message":"unauthorized","type":"api_error","param":null,"code":null}}'
+
+
+async def test_ollamas_own_401_for_a_model_also_says_it_may_be_signed_out_of_ollama_com() -> None:
+    """Ollama answers 401 for a cloud model while it is signed out of ollama.com, which no OLLAMA_API_KEY mends: the
+    message says to check that key, or to sign Ollama in."""
+    async with upstream(json_reply(401, raw=OLLAMA_SIGNED_OUT)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, **CLOUD_SETTINGS) as app:
+        answer = await chat(app, b'{"model": "gpt-oss:120b-cloud", "messages": []}', CLOUD_AUTH)
+    message = assert_error(answer, 401, "api_error")["message"]
+    assert message.startswith("unauthorized. Check OLLAMA_API_KEY, or") and "`ollama signin`" in message
+
+
 # Valid JSON nested deeper than Python's json reads (3.13 reads 5,000 levels), yet well inside MAX_ERROR_BODY and
 # the 64 KiB an unfinished event may be held back.
 DEEP_JSON = b"[" * 10_000 + b"]" * 10_000
@@ -3956,6 +3970,7 @@ async def test_https_to_a_plain_http_upstream_is_reported_as_tls(handler: Callab
     assert "write http:// in OLLAMA_BASE_URL" in message and "refused" not in message
     [line] = [line for line in lines if line.startswith("POST ")]
     assert " error=upstream_unavailable (ollama/1 TLSError: " in line and "127.0.0.1:" not in line
+    assert answer.header(b"x-should-retry") == b"false"  # the SDKs would try twice more, in vain
 
 
 LOGGED_CAUSES = [
