@@ -5732,6 +5732,9 @@ async def probe(upstream: Upstream, host: Host) -> tuple[bool, str, list[str]]:
     models = models if isinstance(models, list) else []  # Ollama answers "data": null with no model
     ids = [f"{upstream.name}/{item['id']}" for item in models
            if isinstance(item, dict) and isinstance(item.get("id"), str)]
+    if not models and upstream.name == "ollama":  # a fresh install: every request would get 404 model not found
+        return False, (f"FAILED {where}: answers, but has no model: pull one there (ollama pull qwen2.5:7b), and "
+                       "`ollama list` shows it"), []
     return True, f"ok {where}: answers, {len(models)} models", ids
 
 

@@ -6770,6 +6770,8 @@ CHECK_FAILURES = [
     ("https to http", "The TLS handshake with ollama failed: is this upstream plain http? Then write http:// in "
                       "OLLAMA_BASE_URL."),
     ("key refused", "GET /models: ollama answered 401 Unauthorized: unauthorized. Check OLLAMA_API_KEY."),
+    # A fresh Ollama, no model pulled yet: it answered "ok", and every request got 404 model not found.
+    ("no model", "answers, but has no model: pull one there (ollama pull qwen2.5:7b), and `ollama list` shows it"),
 ]
 
 
@@ -6782,7 +6784,8 @@ class TestCheckFailures:
                       ) -> AsyncIterator[dict[str, tuple[str, str, asyncio.subprocess.Process]]]:
         """For each kind of CHECK_FAILURES: the OLLAMA_BASE_URL it was given, its origin, and its --check."""
         replies = {"not http": raw_reply(b"SSH-2.0-OpenSSH_9.2p1\r\n\r\n"), "not Ollama": ollama_like(native=False),
-                   "key refused": json_reply(401, raw=b"unauthorized", content_type="text/plain")}
+                   "key refused": json_reply(401, raw=b"unauthorized", content_type="text/plain"),
+                   "no model": ollama_like({"object": "list", "data": None})}  # Ollama's list with no model
         checked: dict[str, tuple[str, str, asyncio.subprocess.Process]] = {}
         async with listener(answer_400) as tls_port:
             ups = [await FakeUpstream(replies.get(kind, ollama_like())).start() for kind, _ in CHECK_FAILURES]
@@ -6808,7 +6811,8 @@ class TestCheckFailures:
     async def test_check_names_what_is_wrong_with_each_upstream_and_exits_1(
             self, checked: dict[str, tuple[str, str, asyncio.subprocess.Process]], kind: str, says: str) -> None:
         """--check against an upstream that refuses, one without /v1 in the URL, one that is not HTTP, plain HTTP
-        asked for https, a key refused: one line saying what is wrong and what to do, exit 1."""
+        asked for https, a key refused, an Ollama with no model: one line saying what is wrong and what to do,
+        exit 1."""
         url, origin, process = checked[kind]
         output = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
         status = await process.wait()
