@@ -474,10 +474,15 @@ ROUTES: dict[str, Route] = {
     "/api/experimental/web_fetch": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
 }
 PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != "/")
+# The fields in which an OpenAI-compatible router that OPENAI_BASE_URL may name (its path is kept: /api/v1) runs
+# models besides `model`: OpenRouter's `models`, tried in turn when one fails, a context too long for the first
+# included (openrouter.ai/docs/guides/routing/model-fallbacks), and LiteLLM's `fallbacks` (client-side fallbacks,
+# docs.litellm.ai/docs/proxy/reliability). Each is checked against TOKEN_MODELS as `model` is (check_fallbacks).
+FALLBACK_FIELDS = ("models", "fallbacks")
 # Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
 # (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
 # (request_edits reads those by their spans).
-READ_FIELDS = frozenset({"stream", "stream_options", "tools"})
+READ_FIELDS = frozenset({"stream", "stream_options", "tools", *FALLBACK_FIELDS})
 # Route -> every body field ModelGate reads: READ_FIELDS and those that name a model, `model` always (Go would
 # read "Model" as `model` on any route).
 ROUTE_FIELDS = {path: frozenset({"model", *READ_FIELDS, *(field for fields in route.models for field in fields)})
@@ -1612,6 +1617,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         ex.provider = ex.dialect.provider
     if "tools" in document:
         check_tools(config, ex.token, ex.provider, document["tools"])
+    if ex.token in config.token_models and ex.provider == "openai":
+        check_fallbacks(config, ex.token, document)
     if first is None:
         return document, body
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
@@ -1971,6 +1978,20 @@ def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
                     and value.strip().lower().startswith(WEB_TOOLS)):
                 raise cloud_refusal(token, f"The tool {value!r} searches or fetches the web through Ollama's "
                                     "cloud: it runs on ollama.com")
+
+
+def check_fallbacks(config: Config, token: str, document: dict) -> None:
+    """TOKEN_MODELS for each model a request to OpenAI's base URL names in FALLBACK_FIELDS, as `openai/<name>`
+    (as the router names it: `anthropic/claude-opus-4`); a list of anything but names (or LiteLLM's
+    {"model": name}) is a 400, for what it would run cannot be told."""
+    for field in FALLBACK_FIELDS:
+        names = document.get(field)
+        for name in names if isinstance(names, list) else () if names is None else (None,):
+            name = name.get("model") if isinstance(name, dict) else name
+            if not isinstance(name, str):
+                raise GatewayError("invalid_request", f"`{field}` in the request body must be a list of model names, "
+                                   "such as [\"openai/gpt-4o-mini\"], for a token that TOKEN_MODELS limits.")
+            check_scope(config, token, f"openai/{name}", name)
 
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:

@@ -2598,6 +2598,40 @@ async def test_a_scoped_token_reaches_only_its_models_and_an_alias_never_widens_
     assert ollama.requests == [] and openai.requests == []
 
 
+FALLBACKS_TABLE = [
+    # (the request's fields besides `model`, its status): OpenRouter tries `models` in turn when one fails (a context
+    # too long for the first will do), LiteLLM its `fallbacks`; each runs on the owner's account
+    ({"models": ["openai/gpt-4o-mini", "anthropic/claude-opus-4"]}, 403),
+    ({"fallbacks": ["anthropic/claude-opus-4"]}, 403),
+    ({"fallbacks": [{"model": "anthropic/claude-opus-4"}]}, 403),
+    ({"models": "anthropic/claude-opus-4"}, 400),  # not a list of names: what it would run cannot be told
+    ({"models": [["anthropic/claude-opus-4"]]}, 400),
+    ({"models": ["openai/gpt-4o-mini", "openai/gpt-4o-mini-2024-07-18"]}, 200),  # within the token's patterns
+    ({"models": None}, 200),
+]
+
+
+@pytest.mark.parametrize("fields, status", FALLBACKS_TABLE)
+async def test_a_scoped_token_reaches_no_model_outside_its_patterns_through_a_routers_fallbacks(
+        fields: dict, status: int) -> None:
+    """TOKEN_MODELS for every model a request names: an OpenAI-compatible router at OPENAI_BASE_URL (OpenRouter at
+    its /api/v1) runs the models of `models` or `fallbacks` when `model` fails. One outside the token's patterns is
+    a 403 (a list of anything but names a 400), and nothing is sent: it ran, billed to the owner."""
+    async with upstream(json_reply()) as openai, \
+            gateway(OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY, MODELGATE_TOKEN=APPS,
+                    TOKEN_MODELS="fluentread=openai/openai/gpt-4o-mini*") as app:
+        answer = await chat(app, json.dumps({"model": "openai/openai/gpt-4o-mini", "messages": [], **fields}).encode())
+    if status == 200:
+        assert answer.status == 200 and len(openai.requests) == 1
+        return
+    if status == 403:
+        message = assert_error(answer, 403, "permission_error", "model_not_allowed")["message"]
+        assert "openai/anthropic/claude-opus-4" in message and "TOKEN_MODELS" in message
+    else:
+        assert_error(answer, 400, "invalid_request_error", "invalid_request")
+    assert openai.requests == []
+
+
 MODEL_IN_ANOTHER_CASE = [
     # (path, body): Ollama is written in Go, whose encoding/json matches keys regardless of case and keeps
     # the last, so Ollama runs the model of "Model" or "MODEL" while ModelGate would check that of "model".
