@@ -1024,7 +1024,9 @@ def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
             key, value = key.strip(), value.strip()
             if not sep or not key.isidentifier():
                 raise ConfigError(f"{path} line {number}: expected KEY=VALUE")
-            if key in lines_of:  # log: which line is ignored
+            # `cp .env.example .env` and a line appended (README.md, docs/deploy.md) set the key twice, its first
+            # line empty: a blank filled in, nothing lost, not a warning (which --check counts as a problem).
+            if key in lines_of and values[key]:  # log: which line is ignored
                 warnings.append(f"{path} line {lines_of[key]} is ignored: line {number} sets {key} again, "
                                 "and the last one counts (as docker compose reads the file)")
             elif hint := misspelt(key):

@@ -1489,17 +1489,25 @@ def test_dotenv_quote_left_open_is_an_error_naming_the_line(tmp_path: Any, line:
 
 def test_dotenv_key_given_twice_takes_the_last_line_as_docker_compose_does(tmp_path: Any) -> None:
     """`cp .env.example .env` and an appended MODELGATE_TOKEN line: the appended token counts, as it does for
-    docker compose (1.29 and 2.x both take the last line), and the log names the line that was ignored."""
+    docker compose (1.29 and 2.x both take the last line), with no warning: the line it fills in was empty (a
+    warning there made --check fail on the set-up README.md and docs/deploy.md give). Once that first line is given
+    a token of its own, which the appended one overrides, the log names the line that is ignored."""
     example = (Path(modelgate.__file__).parent / ".env.example").read_text(encoding="utf-8")
     (tmp_path / ".env").write_text(example + f"MODELGATE_TOKEN={TOKEN}\n")
     env: dict[str, str] = {}
+    sources = modelgate.read_settings(str(tmp_path), env)
+    assert modelgate.load_config(env).tokens == (TOKEN.encode(),)
+    assert sources.warnings == ()
+    (tmp_path / ".env").write_text(example.replace("MODELGATE_TOKEN=\n", f"MODELGATE_TOKEN={OTHER_TOKEN}\n")
+                                   + f"MODELGATE_TOKEN={TOKEN}\n")
+    env = {}
     sources = modelgate.read_settings(str(tmp_path), env)
     assert modelgate.load_config(env).tokens == (TOKEN.encode(),)
     ignored = 1 + example.splitlines().index("MODELGATE_TOKEN=")
     assert sources.warnings == (f"{tmp_path / '.env'} line {ignored} is ignored: line "
                                 f"{example.count(chr(10)) + 1} sets MODELGATE_TOKEN again, and the last one counts "
                                 "(as docker compose reads the file)",)
-    assert TOKEN not in sources.warnings[0]
+    assert TOKEN not in sources.warnings[0] and OTHER_TOKEN not in sources.warnings[0]
 
 
 DOTENV_KEYS = [
@@ -6894,6 +6902,20 @@ async def test_check_warns_of_an_ollama_base_url_that_names_the_gateway_itself(t
     assert modelgate.config_warnings(ollamas, None) == [
         f"PORT=11434 is Ollama's port, where OLLAMA_BASE_URL http://{named}:11434/v1 points: ModelGate must listen on "
         "another; leave PORT unset for 8010"]
+
+
+async def test_check_passes_on_the_documented_set_up_from_env_example(tmp_path: Any) -> None:
+    """`cp .env.example .env`, the README's line that appends a token (docs/deploy.md's set-up), and an Ollama that
+    answers: --check passes. It used to fail on one problem, a warning that .env.example's empty MODELGATE_TOKEN=
+    line is ignored."""
+    shutil.copy(Path(modelgate.__file__).parent / ".env.example", tmp_path / ".env")
+    shell = await asyncio.create_subprocess_exec("sh", "-c", readme_shell_blocks()[0].splitlines()[1], cwd=tmp_path)
+    assert await shell.wait() == 0
+    async with upstream(ollama_like()) as up:
+        status, output = await run_command_line(tmp_path, {"OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1",
+                                                           "PORT": str(free_port())}, "--check")
+    assert output.splitlines()[-1] == "check passed: every upstream answers, and nothing is wrong", output
+    assert status == 0
 
 
 @pytest.mark.parametrize("start_from", ["nothing", ".env.example"])
