@@ -482,7 +482,7 @@ FALLBACK_FIELDS = ("models", "fallbacks")
 # Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
 # (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
 # (request_edits reads those by their spans).
-READ_FIELDS = frozenset({"stream", "stream_options", "tools", *FALLBACK_FIELDS})
+READ_FIELDS = frozenset({"stream", "stream_options", "tools", "background", *FALLBACK_FIELDS})
 # Route -> every body field ModelGate reads: READ_FIELDS and those that name a model, `model` always (Go would
 # read "Model" as `model` on any route).
 ROUTE_FIELDS = {path: frozenset({"model", *READ_FIELDS, *(field for fields in route.models for field in fields)})
@@ -1621,6 +1621,12 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         check_tools(config, ex.token, ex.provider, document["tools"])
     if ex.token in config.token_models and ex.provider == "openai":
         check_fallbacks(config, ex.token, document)
+    if ex.provider == "openai" and document.get("background") is True and ex.token in config.token_quotas:
+        # OpenAI's Responses API runs it on after its answer (or its stream, the client gone), and the usage comes
+        # with GET /v1/responses/{id}, which ModelGate does not serve (platform.openai.com/docs/guides/background).
+        raise GatewayError("invalid_request", f"The token {ex.token!r} has a daily quota (TOKEN_QUOTAS), and a "
+                           "background response (\"background\": true) would use tokens that no answer through "
+                           "ModelGate reports. Send it without \"background\".")
     if first is None:
         return document, body
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.

@@ -5040,6 +5040,31 @@ async def test_a_token_over_its_daily_quota_gets_429_until_local_midnight_in_its
     assert after_restart.status == 429 and after_midnight.status == 200
 
 
+@pytest.mark.parametrize("auth, background, sent", [
+    (AUTH, True, False),  # fluentread has a quota: refused, nothing sent
+    (AUTH, False, True),
+    (OTHER_AUTH, True, True),  # webui has none: as it was
+])
+async def test_a_token_with_a_quota_may_not_ask_openai_for_a_background_response(auth: list, background: bool,
+                                                                                 sent: bool) -> None:
+    """OpenAI runs a background response on after its answer, which says nothing of its usage ("status": "queued"),
+    and a stream's client may leave while it runs on: its tokens come only with GET /v1/responses/{id}, which
+    ModelGate does not serve. For a token with TOKEN_QUOTAS it is a 400 and nothing is sent: it spent the owner's
+    OpenAI tokens without limit, counting none."""
+    queued = {"id": "resp_1", "object": "response", "status": "queued", "usage": None, "output": []}
+    body = json.dumps({"model": "openai/o3-pro", "input": "Hi", "background": background}).encode()
+    async with upstream(json_reply(document=queued)) as up, \
+            gateway(OPENAI_BASE_URL=up.url, OPENAI_API_KEY=OPENAI_KEY, TOKEN_QUOTAS="fluentread=1000",
+                    **USAGE_APPS) as app:
+        answer = await call(app, "POST", "/v1/responses", body, [*auth, (b"content-type", b"application/json")])
+    if sent:
+        assert answer.status == 200 and len(up.requests) == 1
+    else:
+        message = assert_error(answer, 400, "invalid_request_error", "invalid_request")["message"]
+        assert "TOKEN_QUOTAS" in message and "background" in message
+        assert up.requests == []
+
+
 async def test_a_transcription_counts_the_tokens_its_upstream_says_it_used_against_the_quota() -> None:
     """OpenAI's gpt-4o-transcribe answers with its usage (input_tokens, output_tokens, as the Responses API): a
     transcription counts them as any answer does, and an app over its TOKEN_QUOTAS gets 429 there too; it
