@@ -727,6 +727,11 @@ def parse_url(name: str, value: str) -> str:
         _ = url.port  # raises ValueError for a port that is not a number or out of range
     except ValueError:
         raise ConfigError(f"{name} is not a valid URL: {shown!r}") from None
+    if "://" not in value and value:  # 127.0.0.1:11434, localhost:11434/v1: the address, its scheme left out
+        ollama = name == "OLLAMA_BASE_URL"  # Ollama speaks plain HTTP, and its base URL ends in /v1
+        meant = ("http://" if ollama else "https://") + shown.lstrip("/")
+        meant = with_v1(meant) if ollama and not urlsplit(meant).path.rstrip("/").endswith("/v1") else meant
+        raise ConfigError(f"{name} must begin with http:// or https://, such as {meant}")
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(f"{name} must look like http://host:port/v1, not {shown!r}")
     if url.query or url.fragment:

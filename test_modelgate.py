@@ -6909,6 +6909,19 @@ async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_u
     assert unresolved[0] == 1 and "FAILED: HOST='my-nas" in unresolved[1]
 
 
+@pytest.mark.parametrize("given, meant", [("127.0.0.1:11434", "http://127.0.0.1:11434/v1"),
+                                          ("localhost:11434/v1", "http://localhost:11434/v1")])
+async def test_an_ollama_base_url_without_its_scheme_is_told_the_url_to_write(tmp_path: Any, given: str,
+                                                                              meant: str) -> None:
+    """OLLAMA_BASE_URL written as Ollama's address without http:// (as OLLAMA_HOST is written): start-up stops with
+    one line that gives the URL to write. It used to say that it must look like http://host:port/v1, and leave the
+    user to work out which."""
+    status, output = await run_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": given}, "--check")
+    assert status == 1 and output.count("\n") == 1
+    assert output.startswith(f"modelgate: OLLAMA_BASE_URL must begin with http:// or https://, such as {meant} ("), \
+        output
+
+
 @pytest.mark.parametrize("named", ["127.0.0.1", "localhost", "[::1]"])
 async def test_check_warns_of_an_ollama_base_url_that_names_the_gateway_itself(tmp_path: Any, named: str) -> None:
     """--check, and the start-up log, say when OLLAMA_BASE_URL names ModelGate's own PORT on this machine (the
