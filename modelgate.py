@@ -4198,6 +4198,13 @@ class Upstream:
                 await response.aclose()
                 raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),  # a retry loops too
                                    [(b"x-should-retry", b"false")], f"{self.where(host)} leads back to this gateway")
+            if 300 <= response.status < 400:  # not followed, nor shown: its Location names an address behind us
+                await response.aclose()
+                said = f"{response.status} {PHRASES.get(response.status, '')}".strip()
+                raise GatewayError("upstream_unavailable", f"{self.name} answered {said}, a redirect, which ModelGate "
+                                   f"does not follow: check that {URL_VARIABLE[self.name]} is the address it serves "
+                                   "its API on (https:// where http:// is redirected?).", [(b"x-should-retry", b"false")],
+                                   f"{self.where(host)} answered {response.status}")
             response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
             if self.key:
                 redact(response, self.key)

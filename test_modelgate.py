@@ -4000,6 +4000,21 @@ async def test_a_usage_like_event_nested_too_deeply_is_relayed_and_the_stream_en
     assert answer.body == b"".join(events)
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_an_upstream_redirect_is_a_502_that_neither_follows_nor_shows_it(status: int) -> None:
+    """An upstream that redirects (an http:// URL of a server that wants https://, an auth proxy's login page) gets
+    a 502 that says to check the base URL, with x-should-retry: false; its Location, an address behind the
+    gateway, reaches neither the client nor an SDK that would follow it there with the gateway's token."""
+    hidden = "http://10.0.0.5:11434/v1/chat/completions"
+    async with upstream(json_reply(status, raw=b"", headers=(("location", hidden),))) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    message = assert_error(answer, 502, "api_error", "upstream_unavailable")["message"]
+    assert f"ollama answered {status}" in message and "OLLAMA_BASE_URL" in message
+    assert answer.header(b"x-should-retry") == b"false" and answer.header(b"location") is None
+    assert b"10.0.0.5" not in answer.body and len(up.requests) == 1
+
+
 @pytest.mark.parametrize("handler", [answer_400, hang_up])
 async def test_https_to_a_plain_http_upstream_is_reported_as_tls(handler: Callable) -> None:
     """https:// in OLLAMA_BASE_URL for an Ollama that speaks plain HTTP: the 502 says the TLS handshake failed
