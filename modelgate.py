@@ -5575,15 +5575,17 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
             + (ENVIRONMENT_WINS if environ.get("MODELGATE_TOKEN", "").strip(" \t\r\n") else RELOAD_HELP))
 
 
-def read_config(environ: MutableMapping[str, str]) -> tuple[Config, Sources]:
+def read_config(environ: MutableMapping[str, str],
+                warn: Callable[[str], None] = lambda warning: print(f"modelgate: warning: {warning}", file=sys.stderr)
+                ) -> tuple[Config, Sources]:
     """The settings from ./.env and `environ` (which gets what .env adds), or ConfigError with the one line
-    that start-up and a reload show."""
+    that start-up and a reload show; before it, `warn` gets the warnings (a reload logs them, in LOG_FORMAT)."""
     sources = read_settings(os.getcwd(), environ)
     try:
         return load_config(environ), sources
     except ConfigError as exc:
         for warning in sources.warnings:  # a misspelt key may be why a setting is missing
-            print(f"modelgate: warning: {warning}", file=sys.stderr)
+            warn(warning)
         raise ConfigError(f"{exc} ({where_from(getattr(exc, 'setting', ''), sources, environ)})") from None
 
 
@@ -5603,7 +5605,7 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
         return
     environ = dict(environment)
     try:
-        config, sources = read_config(environ)
+        config, sources = read_config(environ, lambda warning: log.warning("%s", warning))  # log: the .env's
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays: modelgate: %s", exc)  # log: why
         return

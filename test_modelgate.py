@@ -6360,6 +6360,29 @@ async def test_sighup_reloads_env_for_new_requests_while_a_stream_runs_on(tmp_pa
     assert TOKEN not in log_text and OTHER_TOKEN not in log_text
 
 
+async def test_a_reload_refused_logs_its_warnings_in_the_log_format(tmp_path: Any) -> None:
+    """With LOG_FORMAT=json, a .env that a reload refuses, with a misspelt key in it, gets its warning logged as one
+    JSON object like every other line, before the refusal. It used to be printed as a line of plain text, the only
+    one among the log's JSON lines."""
+    settings = f"OLLAMA_BASE_URL={refused_url()}\nHOST=127.0.0.1\nPORT={free_port()}\nUSAGE_DB=\nLOG_FORMAT=json\n"
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\n{settings}")
+    process = await start_command_line(tmp_path, {})
+    try:
+        output = await read_until_serving(process, 30)
+        (tmp_path / ".env").write_text(f"MODELGATE_TOKN={TOKEN}\n{settings}")  # the key misspelt: no token left
+        process.send_signal(signal.SIGHUP)
+        output += await read_until_serving(process, 10, b"reload refused")
+    finally:
+        process.kill()
+        await process.wait()
+    messages = [json.loads(line)["message"] for line in output.decode().splitlines()]  # each line one JSON object
+    warned = messages.index(f"{tmp_path / '.env'} line 1: MODELGATE_TOKN is not a setting of ModelGate; did you mean "
+                            "MODELGATE_TOKEN?")
+    assert messages[warned + 1].startswith("reload refused, the running configuration stays: modelgate: "
+                                           "MODELGATE_TOKEN is empty")
+    assert TOKEN not in output.decode()
+
+
 async def test_a_reload_with_no_env_to_read_says_where_the_settings_come_from(tmp_path: Any) -> None:
     """SIGHUP to a gateway that has no .env, as in a container made by docker compose (env_file: the settings are
     its environment): the log line says that nothing changed and why, and that docker compose up -d applies a
