@@ -3057,7 +3057,7 @@ class Exchange:
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out",
                  "watch", "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage",
-                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds")
+                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds", "spent")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -3090,6 +3090,7 @@ class Exchange:
         self.upstream_model = "-"  # the model's name as it went upstream: an alias resolved, the prefix cut
         self.routed: Routed | None = None  # where the model it named went (route_model)
         self.usage: Spent | None = None  # what the upstream said the answer used (counted per token name)
+        self.spent = False  # its usage was added to its token name's of today (TOKEN_QUOTAS): Usage.spend
         self.ends: tuple[bytes, bytes] | None = None  # a plain answer's start and end, where it says so (Answer)
         self.ttfb: float | None = None  # streams: seconds to the first chunk
         self.upstream_seconds = 0.0  # from sending upstream to the answer's end (a shared one: its first asker's)
@@ -3306,7 +3307,7 @@ class Coalescer:
         if ex is not flight.owner and flight.owner.queued is not None:
             ex.queued = flight.owner.queued
         if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left
-            flight.counted, ex.ends = True, answer.ends
+            flight.counted, ex.ends, ex.spent = True, answer.ends, flight.owner.spent  # (spent: for its quota)
         return answer
 
     async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
@@ -3377,9 +3378,16 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
         if ticket is None or ticket.waited:
             ex.queued = time.perf_counter() - since
         observe(gw.metrics.queue_waits, (ex.token,), ex.queued or 0.0, QUEUE_BUCKETS)
+    quota, answer = gw.config.token_quotas.get(ex.token), None
     try:
-        return await relay(gw, ex, upstream, path, body, stream, shared)
+        if ticket.waited and quota is not None:  # the answers it waited behind may have used its app's quota
+            within_quota(ex.token, quota, gw.usage)
+        answer = await relay(gw, ex, upstream, path, body, stream, shared)
+        return answer
     finally:
+        if quota is not None:  # its tokens count before the slot goes to the next turn, its app's too
+            ends = answer.ends if answer is not None else None  # a plain answer's; a stream has noted them
+            gw.usage.spend(ex, ex.usage if ends is None else tokens_used(ROUTES[ex.route].usage, *ends))
         queue.release(ticket)
 
 
@@ -4809,9 +4817,17 @@ class Usage:
             prompt, completion = ex.usage[0] or 0, ex.usage[1] or 0
             counts[2] += prompt
             counts[3] += completion
-            self.spent[ex.token] = self.spent.get(ex.token, 0) + prompt + completion
+            if not ex.spent:  # else counted as soon as its answer ended (spend)
+                self.spent[ex.token] = self.spent.get(ex.token, 0) + prompt + completion
         counts[4] += ex.queued or 0.0  # None: a route that does not wait for a turn
         counts[5] += ex.upstream_seconds
+
+    def spend(self, ex: Exchange, used: Spent | None) -> None:
+        """Add what an answer used to its token name's tokens of today, once: as soon as it is known, so that a
+        request given its turn in the queue next is judged with it (TOKEN_QUOTAS)."""
+        if used is not None and not ex.spent:
+            ex.spent = True
+            self.spent[ex.token] = self.used_today(ex.token)[0] + (used[0] or 0) + (used[1] or 0)
 
     def used_today(self, name: str) -> tuple[int, float]:
         """The tokens a token name used today, and when today ends (TOKEN_QUOTAS)."""

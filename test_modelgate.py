@@ -5121,6 +5121,27 @@ async def test_a_request_running_when_its_app_reaches_the_quota_finishes() -> No
     assert report["apps"]["fluentread"]["today"]["total_tokens"] == 30  # its tokens counted when it ended
 
 
+async def test_a_request_waiting_in_the_queue_when_its_app_reaches_the_quota_is_refused_when_its_turn_comes() -> None:
+    """A translation's paragraphs wait in ModelGate's queue behind one that runs: once that one's tokens reach
+    the app's TOKEN_QUOTAS, those still waiting get 429 quota_exceeded when their turn comes, and none reaches
+    Ollama (they all went in while the app was under its quota, and then used it 40 times over)."""
+    paragraphs = [b'{"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content": "%d"}]}' % n
+                  for n in range(3)]
+    async with upstream(json_reply(document={**COMPLETION, "usage": USAGE}, held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_NUM_PARALLEL="1", TOKEN_QUOTAS="fluentread=10", **USAGE_APPS) as app:
+        first = asyncio.ensure_future(chat(app, paragraphs[0]))
+        await up.received(1)
+        waiting = [asyncio.ensure_future(chat(app, body)) for body in paragraphs[1:]]
+        await until(lambda: app.metrics.queued.get("fluentread") == 2)
+        up.release.set()
+        answers = [await first, *[await answer for answer in waiting]]
+    assert answers[0].status == 200  # 15 tokens: the quota of 10 is reached
+    for refused in answers[1:]:
+        assert_error(refused, 429, "insufficient_quota", "quota_exceeded")
+        assert refused.header(b"retry-after")
+    assert len(up.requests) == 1
+
+
 @pytest.mark.parametrize("value, said", [("nobody=10", "no token of that name"), ("fluentread=0", "above 0"),
                                          ("fluentread=lots", "name=tokens a day"),
                                          ("fluentread=5,fluentread=6", "twice")])
