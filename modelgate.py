@@ -4912,8 +4912,8 @@ class Usage:
             if writing is not None:
                 await asyncio.wait([writing])
         if self.unsaved:  # log: what could not be written is lost with the process
-            log.error("USAGE_DB %s could not be written at shutdown: the counts of the last %g s are lost",
-                      self.path, USAGE_WRITE_SECONDS)
+            log.error("USAGE_DB %s could not be written at shutdown: the counts of %s since it was last written "
+                      "are lost", self.path, plural(sum(values[0] for values in self.unsaved.values()), "request"))
         await asyncio.get_running_loop().run_in_executor(self.writer, self.db.close)
         self.writer.shutdown()
 

@@ -5239,6 +5239,24 @@ async def test_a_usage_file_that_cannot_be_written_later_is_logged_once_and_the_
     assert report["apps"]["fluentread"]["today"]["requests"] == 3
 
 
+async def test_counts_that_cannot_be_written_at_shutdown_are_logged_as_lost_however_long_writes_failed(
+        tmp_path: Path) -> None:
+    """A gateway that stops while USAGE_DB cannot be written says how many requests' counts are lost with it: all
+    those counted since the file was last written (here over three rounds of writes), not "the last 10 s"."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    async with upstream(usage_reply()) as up, captured_log() as lines:
+        async with gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=str(directory / "u.sqlite3"), **USAGE_APPS) as app:
+            await chat(app)
+            await asyncio.wait([app.usage.write()])  # written
+            shutil.rmtree(directory)  # SQLite can no longer make its journal beside the file
+            for _ in range(3):
+                await chat(app)
+                await asyncio.wait([app.usage.write()])
+        said = [line for line in lines if isinstance(line, str) and "at shutdown" in line]
+    assert len(said) == 1 and "3 requests" in said[0] and "10 s" not in said[0], said
+
+
 def another_programs_file(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE notes (text TEXT)")
