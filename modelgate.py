@@ -5609,6 +5609,9 @@ def where_from(name: str, sources: Sources, environ: Mapping[str, str]) -> str:
     """Where the value a ConfigError is about came from: the environment, or .env (issue 20)."""
     if name in sources.from_environment:
         quotes = ", quotes and all, as `docker run --env-file` passes them" * wrapped_in_quotes(environ[name])
+        # `KEY=value # note`: docker run --env-file keeps the note in the value; compose and read_dotenv do not
+        quotes += (", its ` #` comment and all, as `docker run --env-file` passes it (put comments on lines of "
+                   "their own)") * (" #" in environ[name])
         return (f"{name} is set in the environment{quotes}; the environment wins over .env: change or unset it "
                 "where it is set (the shell, docker run -e or --env-file, the service's Environment=)")
     return f"read {sources.dotenv}" if sources.dotenv else f"no .env in {sources.directory}"

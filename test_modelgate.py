@@ -6986,6 +6986,21 @@ async def test_check_fails_on_a_host_that_does_not_resolve_and_notes_a_port_in_u
     assert unresolved[0] == 1 and "FAILED: HOST='my-nas" in unresolved[1]
 
 
+@pytest.mark.parametrize("variable, value", [("MODELGATE_TOKEN", f"{TOKEN} # FluentRead's"),
+                                             ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v1 # Ollama on this box")])
+async def test_a_setting_passed_with_its_env_comment_says_so(tmp_path: Any, variable: str, value: str) -> None:
+    """`docker run --env-file .env` (the Dockerfile's own example) passes `KEY=value # comment` with the comment in
+    the value, where docker compose and ModelGate's reading of .env take it off: start-up stops with one line that
+    says the comment is in the value and where comments go. It used to say only that the token may hold no spaces,
+    or that the URL may have no fragment, leaving the user to find the `#` they wrote on purpose."""
+    env = {"MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": refused_url(), variable: value}
+    status, output = await run_command_line(tmp_path, env, "--check")
+    assert status == 1 and output.count("\n") == 1, output
+    assert (f"({variable} is set in the environment, its ` #` comment and all, as `docker run --env-file` passes it "
+            "(put comments on lines of their own)") in output, output
+    assert TOKEN not in output
+
+
 @pytest.mark.parametrize("given, meant", [("127.0.0.1:11434", "http://127.0.0.1:11434/v1"),
                                           ("localhost:11434/v1", "http://localhost:11434/v1")])
 async def test_an_ollama_base_url_without_its_scheme_is_told_the_url_to_write(tmp_path: Any, given: str,
