@@ -2816,7 +2816,9 @@ class Gateway:
             self.limits.reconfigure(config)
         self.coalescer = (self.coalescer or Coalescer(self.metrics)) if config.coalesce else None
         if not config.ollama_num_parallel:
-            self.queue = None  # the requests in the old queue wait there and give their slots back to it
+            if self.queue is not None:  # what waits there goes now, as what comes next does; slots go back to it
+                self.queue.reconfigure(dataclasses.replace(config, ollama_num_parallel=self.queue.max_waiting))
+            self.queue = None
         elif self.queue is None:
             self.queue = Queue(config, self.metrics, self.queue_bounds, self.slot_clock)
         else:

@@ -3191,6 +3191,21 @@ async def test_a_reload_that_changes_the_upstreams_keeps_one_queue_per_host_and_
     assert all(answer.status == 200 for answer in answers)
 
 
+async def test_a_reload_that_turns_the_queue_off_sends_what_waits_at_once() -> None:
+    """OLLAMA_NUM_PARALLEL=0 set by a reload sends the requests waiting in the queue at once, as it sends those that
+    come after it: they went on waiting for their turns one at a time, behind what ran, after the queue was off."""
+    async with scheduled(parallel=4) as (ollama, up, app):
+        before = send_all(app, [(asking("running"), AUTH), *[(asking(f"waiting {n}"), OTHER_AUTH) for n in range(3)]])
+        await ollama.has_started(1)
+        await waiting(app, 3)
+        app.reload(modelgate.load_config({**app.environ, "OLLAMA_NUM_PARALLEL": "0"}), None)
+        await ollama.has_started(4)  # none of them has finished
+        for number in range(1, 5):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*before)
+    assert all(answer.status == 200 for answer in answers)
+
+
 async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None:
     """It is taken out of the queue: nothing of it reaches Ollama, the next request gets the slot, and its log
     line says 499 and how long it waited."""
