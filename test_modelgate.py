@@ -1277,6 +1277,21 @@ CONFIG_ERRORS = [
 ]
 
 
+@pytest.mark.parametrize("name, value", [
+    ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v1;http://127.0.0.2:11434/v1"),
+    ("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v1 http://127.0.0.2:11434/v1"),
+    ("OPENAI_BASE_URL", "https://api.openai.com/v1,https://api.openai.com/v1"),
+])
+def test_two_urls_in_one_base_url_stop_start_up_saying_how_to_write_them(name: str, value: str) -> None:
+    """Two Ollama hosts joined by `;` or a space (not a comma) stop start-up saying to separate them with commas;
+    before, the second was taken as part of the first's path, and every request got a bare 404."""
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "OPENAI_API_KEY": OPENAI_KEY, name: value})
+    message = str(failure.value)
+    assert message.startswith(f"{name} holds more than one URL")
+    assert ("separated by commas" in message) == (name == "OLLAMA_BASE_URL")
+
+
 @pytest.mark.parametrize("settings_, variable", CONFIG_ERRORS)
 def test_bad_config_names_the_variable(settings_: dict, variable: str) -> None:
     """A bad setting stops start-up with one line that names the variable."""
