@@ -147,6 +147,7 @@ import sqlite3
 import ssl
 import time
 import zlib
+import zoneinfo
 from collections import deque
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
@@ -1096,7 +1097,7 @@ def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
     quoted = [QUOTED.format(name=name) for name in from_environment if wrapped_in_quotes(environ[name])]
     path = os.path.join(directory, ".env")
     if not os.path.exists(path):
-        return Sources(directory, None, from_environment, (), tuple(quoted))
+        return Sources(directory, None, from_environment, (), tuple(quoted + unknown_zone(environ.get("TZ", ""))))
     try:
         values, warnings = read_dotenv(path)
     except OSError as exc:
@@ -1107,7 +1108,20 @@ def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
         if not environ.get(key, "").strip(" \t\r\n"):  # set to nothing counts as not set, as for a default
             environ[key] = value
     overridden = tuple(name for name in from_environment if name in values)
-    return Sources(directory, path, from_environment, overridden, tuple(quoted + warnings))
+    return Sources(directory, path, from_environment, overridden,
+                   tuple(quoted + warnings + unknown_zone(environ.get("TZ", ""))))
+
+
+# A TZ that names no zone file (a typo) and is no POSIX rule (which holds an offset: a digit) is UTC to the C
+# library (glibc's tzset), without a word: the usage days, TOKEN_QUOTAS' midnight and the log's times with it.
+def unknown_zone(zone: str) -> list[str]:
+    name = zone.removeprefix(":")
+    if name in ("", "UTC", "GMT") or any(c.isdigit() for c in name) or not zoneinfo.TZPATH or \
+            any(os.path.isfile(os.path.join(directory, name)) for directory in zoneinfo.TZPATH):
+        return []
+    return [f"TZ={zone} is no time zone this system has (no such file in {', '.join(zoneinfo.TZPATH)}), so its "
+            "time is UTC, and so are the usage days and TOKEN_QUOTAS' midnight: write a zone as the time zone "
+            "database names it, such as Europe/Berlin, or a POSIX rule such as CET-1CEST,M3.5.0,M10.5.0/3"]
 
 
 # `docker run --env-file` passes a .env line's value as it is written, quotes and all, where docker compose

@@ -1551,6 +1551,19 @@ def test_dotenv_key_close_to_a_setting_gets_did_you_mean(tmp_path: Any, key: str
         assert warnings == ()
 
 
+@pytest.mark.parametrize("zone, warned", [("Europe/Berln", True), ("America/New York", True), (":Europe/Berln", True),
+                                          ("CET-1CEST,M3.5.0,M10.5.0/3", False), ("XXX-14", False), ("UTC", False)])
+def test_a_time_zone_the_system_does_not_have_gets_a_warning(tmp_path: Any, zone: str, warned: bool) -> None:
+    """A TZ in .env naming a zone the system has no file for (a typo) is UTC to the C library, without a word: the
+    usage days and TOKEN_QUOTAS' midnight were UTC's. The start-up log says so; a POSIX rule needs no file."""
+    (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nTZ={zone}\n")
+    warnings = modelgate.read_settings(str(tmp_path), {}).warnings
+    if warned:
+        assert len(warnings) == 1 and warnings[0].startswith(f"TZ={zone} is no time zone") and "UTC" in warnings[0]
+    else:
+        assert warnings == ()
+
+
 def test_dotenv_with_a_byte_order_mark_is_read(tmp_path: Any) -> None:
     """A .env saved with a UTF-8 BOM (Windows' Notepad) reads its first line like any other."""
     (tmp_path / ".env").write_bytes(b"\xef\xbb\xbfMODELGATE_TOKEN=" + TOKEN.encode() + b"\r\nPORT=9000\r\n")
