@@ -4572,6 +4572,9 @@ def open_usage_file(path: str, read_only: bool = False) -> sqlite3.Connection:
     """USAGE_DB, opened and checked: a new or empty file becomes ours; one that cannot be opened or written,
     or that holds anything but our counts (another program's, a damaged one), is a ConfigError and is left
     as it is. `read_only`: for --usage, which creates nothing."""
+    if os.path.isdir(path):  # USAGE_DB=/data, a volume, rather than a file in it
+        raise ConfigError(f"USAGE_DB {path!r} is a directory: name a file in it, such as "
+                          f"{os.path.join(path, 'modelgate-usage.sqlite3')!r}")
     try:
         if read_only:
             db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)

@@ -5346,6 +5346,14 @@ async def test_a_usage_file_that_cannot_be_opened_stops_startup_saying_what_to_d
     assert message.startswith("USAGE_DB") and "cannot be opened" in message and "USAGE_DB=" in message
 
 
+async def test_a_usage_db_that_names_a_directory_stops_startup_naming_a_file_in_it(tmp_path: Path) -> None:
+    """USAGE_DB=/data, the volume's directory rather than a file in it, stops start-up saying it is a directory and
+    which file to name, not to check that a directory exists and may be written, which it does and may."""
+    message = await start_failure(modelgate.Gateway(environ(USAGE_DB=str(tmp_path))))
+    assert message.startswith("USAGE_DB") and "is a directory" in message
+    assert repr(str(tmp_path / "modelgate-usage.sqlite3")) in message
+
+
 async def test_usage_db_set_to_nothing_keeps_the_counts_in_memory_only(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """USAGE_DB= (set to nothing, as in .env) counts in memory and writes no file, where an unset USAGE_DB
