@@ -4576,9 +4576,11 @@ def open_usage_file(path: str, read_only: bool = False) -> sqlite3.Connection:
         raise ConfigError(f"USAGE_DB {path!r} is a directory: name a file in it, such as "
                           f"{os.path.join(path, 'modelgate-usage.sqlite3')!r}")
     try:
-        if read_only:
+        # A journal beside it: a write under way, or one cut short (kill -9), which only a connection that may
+        # write rolls back before reading (sqlite.org/atomiccommit.html, "Hot Rollback Journals").
+        if read_only and not os.path.exists(f"{path}-journal"):
             db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
-        else:  # used by the writer's thread after start-up, one thread at a time
+        else:  # the gateway's: used by the writer's thread after start-up, one thread at a time
             db = sqlite3.connect(path, check_same_thread=False)
         try:
             check_usage_file(db, path, read_only)

@@ -5233,6 +5233,35 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert code == 1 and "memory only" in output
 
 
+# A write to USAGE_DB cut short by kill -9: its rows go in, pages spill to the file, and the process ends before
+# it commits, leaving SQLite's hot journal beside the file (sqlite.org/atomiccommit.html, "Hot Rollback Journals").
+CUT_WRITE = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size = 1")
+db.execute("BEGIN")
+db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, 1, 0, 1, 1, 0.0, 0.0)",
+               [("2026-12-07", "fluentread", "ollama", f"model {n} " + "m" * 300) for n in range(300)])
+os._exit(9)
+"""
+
+
+async def test_the_command_line_prints_the_usage_after_a_write_was_cut_short_by_a_crash(tmp_path: Path) -> None:
+    """`python modelgate.py --usage` after the gateway was killed in the middle of a write (kill -9, the OOM killer,
+    a power cut) prints the counts as they were before it: it said USAGE_DB could not be read, and to check its
+    directory or set USAGE_DB= , until the gateway was started again."""
+    async with upstream(usage_reply()) as up:
+        path = str(tmp_path / "modelgate-usage.sqlite3")
+        async with gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=path, **USAGE_APPS) as app:  # the real clock: today
+            await chat(app)
+    cut = await asyncio.create_subprocess_exec(sys.executable, "-c", CUT_WRITE, path)
+    assert await cut.wait() == 9 and (tmp_path / "modelgate-usage.sqlite3-journal").exists()
+    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage")
+    assert code == 0, output
+    rows = {tuple(line.split()[:2]): line.split() for line in output.splitlines()[3:] if line.strip()}
+    assert rows[("fluentread", "all")][3:5] == ["1", "15"]  # requests and tokens today: the cut write is not there
+
+
 async def test_the_command_line_prints_a_model_named_with_control_characters_escaped(tmp_path: Path) -> None:
     """A model is the app's word, counted even when the upstream refuses it: `--usage` prints one named with a
     terminal's escape sequences (clear the screen, set the window title) escaped, as the log line does, so that no
