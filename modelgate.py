@@ -733,7 +733,9 @@ def parse_url(name: str, value: str) -> str:
         meant = ("http://" if ollama else "https://") + shown.lstrip("/")
         meant = with_v1(meant) if ollama and not urlsplit(meant).path.rstrip("/").endswith("/v1") else meant
         raise ConfigError(f"{name} must begin with http:// or https://, such as {meant}")
-    if value.count("://") > 1:  # two URLs run together, or joined with ; or a space (the path would hold the rest)
+    # Two URLs joined by ; or a space (or a comma, where one URL goes): the path would hold the rest. A URL in the
+    # path (a relay's https://relay.example/https://api.openai.com/v1) follows a /, and is no second base URL.
+    if re.search(r"[;,\s]\s*https?://", value):
         several = ", or several separated by commas" if name == "OLLAMA_BASE_URL" else ""
         raise ConfigError(f"{name} holds more than one URL ({shown!r}): write one{several}")
     if url.scheme not in ("http", "https") or not url.hostname:

@@ -1292,6 +1292,14 @@ def test_two_urls_in_one_base_url_stop_start_up_saying_how_to_write_them(name: s
     assert ("separated by commas" in message) == (name == "OLLAMA_BASE_URL")
 
 
+def test_a_base_url_whose_path_holds_a_url_is_one_url() -> None:
+    """A relay that takes the upstream's URL in its path (https://relay.example/https://api.openai.com/v1) is one base
+    URL, not two."""
+    relayed = "https://relay.example/https://api.openai.com/v1"
+    config = modelgate.load_config({"MODELGATE_TOKEN": TOKEN, "OPENAI_API_KEY": OPENAI_KEY, "OPENAI_BASE_URL": relayed})
+    assert config.openai_base_url == relayed
+
+
 @pytest.mark.parametrize("settings_, variable", CONFIG_ERRORS)
 def test_bad_config_names_the_variable(settings_: dict, variable: str) -> None:
     """A bad setting stops start-up with one line that names the variable."""
