@@ -130,6 +130,7 @@ import hashlib
 import hmac
 import html
 import functools
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -159,11 +160,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 LACKING = ("modelgate: this Python ({python}) lacks what ModelGate needs ({name} is missing). Install uvicorn and "
            "httpcore into a venv with .venv/bin/pip install -r requirements.txt, and start it with that venv's "
            "Python: .venv/bin/python modelgate.py (README.md, Quick start)")
-try:
-    import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
-    import httpcore
-except ModuleNotFoundError as missing:
-    sys.exit(LACKING.format(python=sys.executable, name=missing.name))
+if importlib.util.find_spec("httpcore") is None:  # (h11 comes with it)
+    sys.exit(LACKING.format(python=sys.executable, name="httpcore"))
+
+import h11  # comes with httpcore and uvicorn; its error class and connection states are named here
+import httpcore
 
 __version__ = "1.0.0"
 __license__ = "MIT"
@@ -541,6 +542,9 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # A request of this gateway's came back to it (VIA): OLLAMA_BASE_URL names ModelGate itself. RFC 5842 §7.2.
     "loop_detected": (508, "api_error", "loop_detected"),
 }
+# Added to a failure no retry mends (a loop, a redirect, a key refused, an https:// URL for plain HTTP, an answer
+# that is not HTTP): the openai and anthropic SDKs retry a 5xx twice unless it says so.
+NO_RETRY = (b"x-should-retry", b"false")
 
 
 class TLSError(httpcore.ConnectError):
@@ -1097,11 +1101,12 @@ def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
     """Add what `directory/.env` sets to environ, where the environment does not set it to something."""
     from_environment = tuple(s.name for s in SETTINGS if environ.get(s.name, "").strip(" \t\r\n"))
     quoted = [QUOTED.format(name=name) for name in from_environment if wrapped_in_quotes(environ[name])]
-    path = os.path.join(directory, ".env")
-    if not os.path.exists(path):
-        return Sources(directory, None, from_environment, (), tuple(quoted + unknown_zone(environ.get("TZ", ""))))
+    path: str | None = os.path.join(directory, ".env")
+    values, warnings = {}, []
     try:
         values, warnings = read_dotenv(path)
+    except FileNotFoundError:
+        path = None
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -1217,10 +1222,12 @@ def config_warnings(config: Config, sources: Sources | None) -> list[str]:
         if not urlsplit(url).path.rstrip("/").endswith("/v1"):
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} does not end in /v1, where Ollama's "
                             f"OpenAI-compatible API is: write {with_v1(url)}")
-        if names_itself(url, config) and config.port == 11434:  # Ollama's port, taken for ModelGate's
+        if not names_itself(url, config):
+            continue
+        if config.port == 11434:  # Ollama's port, taken for ModelGate's
             warnings.append(f"PORT=11434 is Ollama's port, where OLLAMA_BASE_URL {shown_url(url)} points: ModelGate "
                             "must listen on another; leave PORT unset for 8010")
-        elif names_itself(url, config):
+        else:
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} is ModelGate's own address (PORT={config.port}), not "
                             "Ollama's: requests would go round in a circle. Ollama listens on port 11434: "
                             "write http://127.0.0.1:11434/v1 if it runs here")
@@ -4214,25 +4221,25 @@ class Upstream:
                                            f"they are running and {URL_VARIABLE[self.name]} lists them right.",
                                            detail=", ".join(causes))
                 elif isinstance(exc, TLSError):  # an https:// URL for plain HTTP: a retry fails the same way
-                    failure.headers.append((b"x-should-retry", b"false"))
+                    failure.headers.append(NO_RETRY)
                 raise failure from exc
             except UPSTREAM_EXCEPTIONS as exc:
                 failure = self.translate(exc, host)
                 # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
                 if isinstance(exc.__cause__, h11.RemoteProtocolError):
-                    failure.headers.append((b"x-should-retry", b"false"))
+                    failure.headers.append(NO_RETRY)
                 raise failure from exc
             host.down_until = 0.0
             if response.status == HTTPStatus.LOOP_DETECTED:  # it came back to us (VIA), or to a proxy on the way
                 await response.aclose()
                 raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),  # a retry loops too
-                                   [(b"x-should-retry", b"false")], f"{self.where(host)} leads back to this gateway")
+                                   [NO_RETRY], f"{self.where(host)} leads back to this gateway")
             if 300 <= response.status < 400:  # not followed, nor shown: its Location names an address behind us
                 await response.aclose()
                 said = f"{response.status} {PHRASES.get(response.status, '')}".strip()
                 raise GatewayError("upstream_unavailable", f"{self.name} answered {said}, a redirect, which ModelGate "
                                    f"does not follow: check that {URL_VARIABLE[self.name]} is the address it serves "
-                                   "its API on (https:// where http:// is redirected?).", [(b"x-should-retry", b"false")],
+                                   "its API on (https:// where http:// is redirected?).", [NO_RETRY],
                                    f"{self.where(host)} answered {response.status}")
             response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
             if self.key:
@@ -4256,7 +4263,7 @@ class Upstream:
                             f"{MAX_HELD_ANSWER >> 20} MiB, more than ModelGate holds whole (it does so to "
                             "share one answer between identical requests, COALESCE, and to read a model "
                             "list). With COALESCE=off, answers of any size are relayed as they arrive.",
-                            [(b"x-should-retry", b"false")])
+                            [NO_RETRY])
 
     async def error_answer(self, response: httpcore.Response, dialect: Dialect = OPENAI, routed: Routed | None = None,
                            providers: tuple[str, ...] = ()) -> Answer:
@@ -4482,7 +4489,7 @@ class CloudModels:
                 refused = document.status in (401, 403)
                 advice = "check OLLAMA_API_KEY" if refused else "try again shortly, or see Ollama's log"
                 document = GatewayError("upstream_unavailable", f"Ollama answered GET /api/tags {said}: {advice}.",
-                                        [(b"x-should-retry", b"false")] if refused else None,
+                                        [NO_RETRY] if refused else None,
                                         detail=f"{upstream.where(host)} answered /api/tags {document.status}")
             if isinstance(document, GatewayError):
                 failed.append((document, host.down_until > time.monotonic()))
