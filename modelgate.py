@@ -2560,11 +2560,14 @@ class Gateway:
         once more: a cloud stub pulled or copied since is refused. False when the client left meanwhile."""
         if await self.watched(ex, self.cloud.refresh(self.upstreams["ollama"])) is None:
             return False
+        self.placed(ex)
+        return True
+
+    def placed(self, ex: Exchange) -> None:
         for name, asked in ex.unlisted:
             unread = self.cloud.unread  # (the list could not be read: a name it lacks may be a stub there)
             if check_cloud(self.config, ex.token, "ollama", name, asked, self.cloud) and unread is not None:
                 raise unplaced(ex.token, asked, unread)
-        return True
 
     async def ollama_models(self, ex: Exchange) -> Answer | None:
         """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
@@ -2634,7 +2637,7 @@ class Gateway:
         if body is None:
             return None
         if self.config is not config:  # a reload came while the body did: the settings of now decide
-            self.readmit(ex)
+            await self.readmit(ex)
         ex.provider = "ollama"
         return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], ex.path.encode(), body, stream=False))
 
@@ -2881,12 +2884,13 @@ class Gateway:
         for warning in config_warnings(config, sources):
             log.warning("%s", warning)
 
-    def readmit(self, ex: Exchange) -> Config:
+    async def readmit(self, ex: Exchange) -> Config:
         """Who may ask, decided again by the settings of now for a request whose body was still coming when a reload
-        came: a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for as long as it likes, and
-        a token revoked, no longer in OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an
-        OPENAI_API_KEY removed (a 500), was judged by the settings of when its head came. Its slot of
-        MAX_CONCURRENT_PER_TOKEN stays as it was taken; a token renamed gives it back."""
+        came, or whose turn in the queue came after one: a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS
+        lets it, for as long as it likes, and wait QUEUE_TIMEOUT_SECONDS for its turn, and a token revoked, no longer in
+        OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500), was
+        judged by the settings of when its head came. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken; a
+        token renamed gives it back."""
         config, route, name = self.config, ROUTES[ex.route], ex.token
         if self.screening and route.screened:
             screen(ex, config)
@@ -2894,6 +2898,13 @@ class Gateway:
         if ex.holds_slot is not None and ex.token != name:  # counted under its old name: given back under it
             ex.holds_slot.release(name)
             ex.holds_slot = None
+        if ex.routed is not None:  # its turn came in the queue after the reload (relayed): its model as routed then
+            if config.token_models:
+                check_scope(config, ex.token, ex.routed.id, ex.model)
+            if check_cloud(config, ex.token, ex.routed.provider, ex.routed.name, ex.model, self.cloud):
+                ex.unlisted.append((ex.routed.name, ex.model))  # the reload forgot Ollama's list: read it again,
+                await self.cloud.refresh(self.upstreams["ollama"])  # unwatched: a coalesced one's task is no client's
+                self.placed(ex)
         return config
 
     def shut_down(self) -> None:
@@ -3003,7 +3014,7 @@ class Gateway:
             if body is None:
                 return None
             if self.config is not config:  # a reload came while the body did: the settings of now decide
-                config = self.readmit(ex)
+                config = await self.readmit(ex)
             crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
                 routed_body(ex, body, config, self.cloud)
             del body  # the body as read: an edited one goes upstream as a copy, and this one is no longer held
@@ -3399,21 +3410,23 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
         return await relay(gw, ex, upstream, path, body, stream, shared)
     # The host Upstream.send would choose now.
     ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]
-    since, ticket = time.perf_counter(), None
+    config, since, ticket = gw.config, time.perf_counter(), None
     try:
         ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
     finally:  # how long it waited (or was refused after): none when a slot was free
         if ticket is None or ticket.waited:
             ex.queued = time.perf_counter() - since
         observe(gw.metrics.queue_waits, (ex.token,), ex.queued or 0.0, QUEUE_BUCKETS)
-    quota, answer = gw.config.token_quotas.get(ex.token), None
+    quota, answer = config.token_quotas.get(ex.token), None
     try:
-        if ticket.waited and quota is not None:  # the answers it waited behind may have used its app's quota
+        if gw.config is not config:  # a reload came while it waited: the settings of now decide, its quota too
+            await gw.readmit(ex)
+        elif ticket.waited and quota is not None:  # the answers it waited behind may have used its app's quota
             within_quota(ex.token, quota, gw.usage)
         answer = await relay(gw, ex, upstream, path, body, stream, shared)
         return answer
     finally:
-        if quota is not None:  # its tokens count before the slot goes to the next turn, its app's too
+        if ex.token in gw.config.token_quotas:  # its tokens count before the slot goes to the next turn, its app's too
             ends = answer.ends if answer is not None else None  # a plain answer's; a stream has noted them
             gw.usage.spend(ex, ex.usage if ends is None else tokens_used(ROUTES[ex.route].usage, *ends))
         queue.release(ticket)

@@ -6413,6 +6413,44 @@ async def test_a_request_whose_body_comes_across_a_reload_is_judged_by_the_new_s
     assert up.requests == []
 
 
+# (what a reload changes while a request waits in the queue, the model both requests name, the status it gets)
+RELOADED_WHILE_IT_WAITED = [
+    ({"MODELGATE_TOKEN": f"second:{OTHER_TOKEN}", "OLLAMA_CLOUD_TOKENS": ""}, "qwen2.5:7b", 401),  # revoked
+    ({"TOKEN_MODELS": "tester=ollama/llama*"}, "qwen2.5:7b", 403),
+    ({"OLLAMA_CLOUD_TOKENS": ""}, "gpt-oss:120b-cloud", 403),
+    ({"OLLAMA_CLOUD_TOKENS": ""}, "kimi-k2", 403),  # a cloud stub by its list (the reload forgot the list)
+    ({"ALLOWED_IPS": "10.0.0.0/8"}, "qwen2.5:7b", 403),
+    ({"TOKEN_QUOTAS": "tester=10"}, "qwen2.5:7b", 429),  # the answer it waited behind used 15
+]
+
+
+@pytest.mark.parametrize("changed, model, status", RELOADED_WHILE_IT_WAITED)
+async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_is_judged_by_the_new_settings(
+        changed: dict[str, str], model: str, status: int) -> None:
+    """A request let in, then waiting in ModelGate's queue behind one that runs (OLLAMA_NUM_PARALLEL=1), when a
+    reload revokes its token, narrows its TOKEN_MODELS, takes it out of OLLAMA_CLOUD_TOKENS or ALLOWED_IPS, or sets
+    a quota it is over, is refused when its turn comes, and nothing of it reaches Ollama. It ran by the settings
+    of when it came, for as long as QUEUE_TIMEOUT_SECONDS let it wait."""
+    def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
+        body = b'{"model": "%s", "messages": [{"role": "user", "content": "%d"}]}' % (model.encode(), n)
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                + AUTH_LINE + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+    settings_ = {"MODELGATE_TOKEN": NAMED_TOKENS, "OLLAMA_CLOUD_TOKENS": "tester", "OLLAMA_NUM_PARALLEL": "1"}
+    async with upstream(json_reply(document={**COMPLETION, "usage": USAGE}, held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, **settings_) as app, serve(app) as base:
+        up.tags = {"models": [{"name": "kimi-k2:latest", "model": "kimi-k2:latest", "remote_host": "https://ollama.com"}]}
+        running = asyncio.ensure_future(answered_over_a_socket(base, request(1)))
+        await up.received(1)
+        waiting = asyncio.ensure_future(answered_over_a_socket(base, request(2)))
+        await until(lambda: app.metrics.queued.get("tester") == 1)
+        app.reload(modelgate.load_config({**app.environ, **changed}), None)
+        up.release.set()
+        (ran, _, _), (refused, _, _) = await running, await waiting
+    assert (ran, refused) == (200, status)
+    assert len(up.requests) == 1
+
+
 @pytest.mark.parametrize("path, shape, meant", [
     ("/v1//chat/completions", "openai", "/v1/chat/completions"),  # base URL http://<server>:8010/v1/
     ("//api/chat", "ollama", "/api/chat"),  # http://<server>:8010/, to which the client adds /api/chat
