@@ -479,12 +479,14 @@ PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != 
 # The fields in which an OpenAI-compatible router that OPENAI_BASE_URL may name (its path is kept: /api/v1) runs
 # models besides `model`: OpenRouter's `models`, tried in turn when one fails, a context too long for the first
 # included (openrouter.ai/docs/guides/routing/model-fallbacks), and LiteLLM's `fallbacks` (client-side fallbacks,
-# docs.litellm.ai/docs/proxy/reliability). Each is checked against TOKEN_MODELS as `model` is (check_fallbacks).
+# docs.litellm.ai/docs/proxy/reliability). Each is checked against TOKEN_MODELS as `model` is (check_fallbacks), as
+# are OpenRouter's presets, which run the models stored in them (openrouter.ai/docs/features/presets): `preset`, or
+# `@preset/<slug>` in a model's name, after another (`gpt-4o-mini@preset/<slug>`), each the model `@preset/<slug>`.
 FALLBACK_FIELDS = ("models", "fallbacks")
 # Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
 # (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
 # (request_edits reads those by their spans).
-READ_FIELDS = frozenset({"stream", "stream_options", "tools", "background", *FALLBACK_FIELDS})
+READ_FIELDS = frozenset({"stream", "stream_options", "tools", "background", "preset", *FALLBACK_FIELDS})
 # Route -> every body field ModelGate reads: READ_FIELDS and those that name a model, `model` always (Go would
 # read "Model" as `model` on any route).
 ROUTE_FIELDS = {path: frozenset({"model", *READ_FIELDS, *(field for fields in route.models for field in fields)})
@@ -1651,7 +1653,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if "tools" in document:
         check_tools(config, ex.token, ex.provider, document["tools"])
     if ex.token in config.token_models and ex.provider == "openai":
-        check_fallbacks(config, ex.token, document)
+        check_fallbacks(config, ex.token, document, ex.upstream_model, ex.route == "/v1/responses" and "prompt" in spans)
     if ex.provider == "openai" and document.get("background") is True and ex.token in config.token_quotas:
         # OpenAI's Responses API runs it on after its answer (or its stream, the client gone), and the usage comes
         # with GET /v1/responses/{id}, which ModelGate does not serve (platform.openai.com/docs/guides/background).
@@ -2019,18 +2021,35 @@ def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
                                     "cloud: it runs on ollama.com")
 
 
-def check_fallbacks(config: Config, token: str, document: dict) -> None:
-    """TOKEN_MODELS for each model a request to OpenAI's base URL names in FALLBACK_FIELDS, as `openai/<name>`
-    (as the router names it: `anthropic/claude-opus-4`); a list of anything but names (or LiteLLM's
-    {"model": name}) is a 400, for what it would run cannot be told."""
+def check_fallbacks(config: Config, token: str, document: dict, model: str, prompt: bool) -> None:
+    """TOKEN_MODELS for each model a request to OpenAI's base URL names besides `model`, as `openai/<name>` (as the
+    router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and a tool's `model` (OpenAI's
+    image_generation). 400 where what it would run cannot be told: a list of anything but names (or LiteLLM's
+    {"model": name}), an image tool that names no model, a prompt stored with OpenAI (`prompt` on the Responses
+    API: it runs with the model and tools stored with it, platform.openai.com/docs/guides/prompting)."""
+    if prompt:
+        raise GatewayError("invalid_request", f"The token {token!r} may use only some models (TOKEN_MODELS), and "
+                           "`prompt` runs a prompt stored with OpenAI, with the model and tools stored with it, which "
+                           "ModelGate cannot check. Send the prompt's text as `instructions` or `input`.")
+    named, tools, preset = [("model", model)], document.get("tools"), document.get("preset")
     for field in FALLBACK_FIELDS:
-        names = document.get(field)
-        for name in names if isinstance(names, list) else () if names is None else (None,):
-            name = name.get("model") if isinstance(name, dict) else name
-            if not isinstance(name, str):
-                raise GatewayError("invalid_request", f"`{field}` in the request body must be a list of model names, "
-                                   "such as [\"openai/gpt-4o-mini\"], for a token that TOKEN_MODELS limits.")
-            check_scope(config, token, f"openai/{name}", name)
+        values = document.get(field)
+        named += [(field, name) for name in (values if isinstance(values, list) else () if values is None else (None,))]
+    if preset is not None:
+        named.append(("preset", f"@preset/{preset}" if isinstance(preset, str) else None))
+    if isinstance(tools, list):
+        named += [("tools", tool.get("model")) for tool in tools
+                  if isinstance(tool, dict) and ("model" in tool or tool.get("type") == "image_generation")]
+    for field, name in named:
+        name = name.get("model") if isinstance(name, dict) else name
+        if not isinstance(name, str):
+            raise GatewayError("invalid_request", f"`{field}` in the request body must name its models (`models` and "
+                               "`fallbacks` as a list of names, such as [\"openai/gpt-4o-mini\"], an image tool by "
+                               "its `model`) for a token that TOKEN_MODELS limits: what it would run cannot be told.")
+        check_scope(config, token, f"openai/{name}", name)  # (`model` again: what follows is for it too)
+        _, at, slug = name.lower().partition("@preset/")
+        if at:
+            check_scope(config, token, f"openai/@preset/{slug}", name)
 
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:

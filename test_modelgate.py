@@ -2676,6 +2676,44 @@ async def test_a_scoped_token_reaches_no_model_outside_its_patterns_through_a_ro
     assert openai.requests == []
 
 
+STORED_AND_TOOL_MODELS_TABLE = [
+    # (the Responses request's fields besides `model` and `input`, its status, what the refusal names): an OpenRouter
+    # preset runs the models stored in it, as `preset`, as the model `@preset/<slug>` or after one (which a pattern
+    # ending in * let through); OpenAI's stored prompt runs with its own model; an image tool runs a model of its own
+    ({"preset": "everything-opus"}, 403, "openai/@preset/everything-opus"),
+    ({"model": "openai/openai/gpt-4o-mini@preset/everything-opus"}, 403, "openai/@preset/everything-opus"),
+    ({"models": ["openai/gpt-4o-mini@preset/everything-opus"]}, 403, "openai/@preset/everything-opus"),
+    ({"preset": ["everything-opus"]}, 400, "`preset`"),
+    ({"prompt": {"id": "pmpt_68a1", "version": "2"}}, 400, "`prompt`"),
+    ({"tools": [{"type": "image_generation", "model": "gpt-image-1"}]}, 403, "openai/gpt-image-1"),
+    ({"tools": [{"type": "image_generation"}]}, 400, "`tools`"),  # OpenAI picks its model
+    ({"tools": [{"type": "function", "name": "lookup", "parameters": {}}]}, 200, ""),
+    ({"preset": "translator"}, 200, ""),  # a preset the token's patterns name
+]
+
+
+@pytest.mark.parametrize("fields, status, named", STORED_AND_TOOL_MODELS_TABLE)
+async def test_a_scoped_token_reaches_no_model_outside_its_patterns_through_presets_stored_prompts_or_tools(
+        fields: dict, status: int, named: str) -> None:
+    """TOKEN_MODELS for every model a request to OPENAI_BASE_URL makes run: an OpenRouter preset (`preset`,
+    `@preset/<slug>` alone or after a model) is checked as the model `@preset/<slug>`, an image tool's model as a
+    model; a stored prompt or an image tool without a model, whose model cannot be told, is a 400 naming the field.
+    Nothing is sent: they ran models outside the token's patterns, billed to the owner."""
+    body = json.dumps({"model": "openai/openai/gpt-4o-mini", "input": "Hi", **fields}).encode()
+    async with upstream(json_reply()) as openai, \
+            gateway(OPENAI_BASE_URL=openai.url, OPENAI_API_KEY=OPENAI_KEY, MODELGATE_TOKEN=APPS,
+                    TOKEN_MODELS="fluentread=openai/openai/gpt-4o-mini*|openai/@preset/translator") as app, \
+            serve(app) as base, httpcore.AsyncConnectionPool() as client:
+        answer = await client.request("POST", base + "/v1/responses", content=body,
+                                      headers=[*AUTH, (b"content-type", b"application/json")])
+    assert answer.status == status, answer.content
+    assert len(openai.requests) == (status == 200)
+    if status != 200:
+        error = json.loads(answer.content)["error"]
+        assert error["type"] == ("permission_error" if status == 403 else "invalid_request_error")
+        assert named in error["message"]
+
+
 MODEL_IN_ANOTHER_CASE = [
     # (path, body): Ollama is written in Go, whose encoding/json matches keys regardless of case and keeps
     # the last, so Ollama runs the model of "Model" or "MODEL" while ModelGate would check that of "model".
