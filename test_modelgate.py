@@ -18,13 +18,16 @@ import base64
 import datetime
 import errno
 import gzip
+import functools
 import hashlib
+import importlib.util
 import json
 import json.decoder
 import json.scanner
 import logging
 import math
 import os
+import py_compile
 import random
 import re
 import shutil
@@ -33,6 +36,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+import tempfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -930,13 +934,34 @@ async def answered_over_a_socket(base: str, request: bytes) -> tuple[int, dict[b
     return int(status.split()[1]), headers, body
 
 
-async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str,
-                             **options: Any) -> asyncio.subprocess.Process:
-    """`python modelgate.py ARGUMENTS` in a directory of its own, as a user starts it (`options` for the
-    subprocess)."""
+@functools.cache
+def compiled_modelgate() -> bytes:
+    """modelgate.py compiled once: a .pyc that holds the hash of its source, so that it is used only beside the
+    very same modelgate.py (whatever the copy's modification time)."""
+    with tempfile.TemporaryDirectory() as directory:
+        compiled = py_compile.compile(modelgate.__file__, os.path.join(directory, "modelgate.pyc"), doraise=True,
+                                      invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        return Path(compiled).read_bytes()
+
+
+def copy_modelgate(tmp_path: Any) -> None:
+    """modelgate.py, and its compiled code where Python looks for it, in `tmp_path`."""
     shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    cached = tmp_path / importlib.util.cache_from_source("modelgate.py")
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_bytes(compiled_modelgate())
+
+
+async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str, literally: bool = False,
+                             **options: Any) -> asyncio.subprocess.Process:
+    """`python modelgate.py ARGUMENTS` in a directory of its own, as a user starts it (`literally`; otherwise as
+    `python -m modelgate ARGUMENTS`), `options` for the subprocess."""
+    copy_modelgate(tmp_path)
+    # Python compiles a script it runs as a file each time (0.15 s for this one), and loads a module it runs
+    # with -m from its .pyc: the same code and `prog`, so only the tests of how a user starts it pay for that.
+    start = ["modelgate.py"] if literally else ["-m", "modelgate"]
     return await asyncio.create_subprocess_exec(
-        sys.executable, "modelgate.py", *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
+        sys.executable, *start, *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **options)
 
 
@@ -1052,9 +1077,10 @@ def file_limit_leaving(free: int) -> int:
     return limit
 
 
-async def run_command_line(tmp_path: Any, env: dict[str, str], *arguments: str) -> tuple[int, str]:
+async def run_command_line(tmp_path: Any, env: dict[str, str], *arguments: str, literally: bool = False
+                           ) -> tuple[int, str]:
     """`python modelgate.py ARGUMENTS` run to its end: its exit status and all it printed."""
-    process = await start_command_line(tmp_path, env, *arguments)
+    process = await start_command_line(tmp_path, env, *arguments, literally=literally)
     output = await asyncio.wait_for(process.stdout.read(), 30)
     return await process.wait(), output.decode()
 
@@ -6259,7 +6285,7 @@ async def test_command_line_serves_and_exits_0_on_sigterm(tmp_path: Any) -> None
     """`python modelgate.py` reads .env, serves on HOST:PORT, and exits 0 after a graceful SIGTERM."""
     port = free_port()
     (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nPORT={port}\nHOST=127.0.0.1\n")
-    process = await start_command_line(tmp_path, {})
+    process = await start_command_line(tmp_path, {}, literally=True)
     try:
         output = await read_until_serving(process, 10)
         async with httpcore.AsyncConnectionPool() as client:
@@ -7207,7 +7233,7 @@ async def test_check_passes_on_the_documented_set_up_from_env_example(tmp_path: 
     assert await shell.wait() == 0
     async with upstream(ollama_like()) as up:
         status, output = await run_command_line(tmp_path, {"OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1",
-                                                           "PORT": str(free_port())}, "--check")
+                                                           "PORT": str(free_port())}, "--check", literally=True)
     assert output.splitlines()[-1] == "check passed: every upstream answers, and nothing is wrong", output
     assert status == 0
 
@@ -7574,7 +7600,7 @@ async def test_a_loop_error_whose_text_names_the_peer_is_logged_once_per_kind() 
 async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
     """Under `uvicorn modelgate:app` with uvicorn's defaults, uvicorn's access log would print a key sent as
     `?api_key=`: the gateway turns that log off, and its own line has the path only."""
-    shutil.copy(modelgate.__file__, tmp_path / "modelgate.py")
+    copy_modelgate(tmp_path)
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "uvicorn", "modelgate:app", "--host", "127.0.0.1", "--port", str(port),
