@@ -1653,7 +1653,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if "tools" in document:
         check_tools(config, ex.token, ex.provider, document["tools"])
     if ex.token in config.token_models and ex.provider == "openai":
-        check_fallbacks(config, ex.token, document, ex.upstream_model, ex.route == "/v1/responses" and "prompt" in spans)
+        stored_prompt = ex.route == "/v1/responses" and "prompt" in spans  # (on /v1/completions, the prompt's text)
+        check_fallbacks(config, ex.token, document, ex.upstream_model, stored_prompt)
     if ex.provider == "openai" and document.get("background") is True and ex.token in config.token_quotas:
         # OpenAI's Responses API runs it on after its answer (or its stream, the client gone), and the usage comes
         # with GET /v1/responses/{id}, which ModelGate does not serve (platform.openai.com/docs/guides/background).
@@ -1967,8 +1968,9 @@ def cloud_suffix(name: str) -> bool:
 def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
     """Whether Ollama's list of models (CloudModels) shows the name as a cloud stub: True, or as a local model:
     False; None when the list lacks the name or is older than CLOUD_LIST_SECONDS."""
-    if time.monotonic() - cloud.fetched >= CLOUD_LIST_SECONDS:
-        return None
+    now = time.monotonic()
+    if now - cloud.fetched >= CLOUD_LIST_SECONDS or any(host.down_until <= now for host in cloud.passed_over):
+        return None  # (a host left out of the list, up again, takes requests: its list is read first)
     key = ollama_name(name)
     return True if key in cloud.stubs else False if key in cloud.local or cloud.no_tags else None
 
@@ -4482,6 +4484,7 @@ class CloudModels:
         self.local: frozenset[str] = frozenset()  # ollama_name of every model listed that is not a stub
         self.stubs: frozenset[str] = frozenset()
         self.no_tags = False  # no host has /api/tags (NO_SUCH_DOOR): no Ollama, so no stub, whatever the name
+        self.passed_over: Iterable[Host] = ()  # hosts left out of the list while down (fetch_lists)
         self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
@@ -4524,11 +4527,14 @@ class CloudModels:
                                         [NO_RETRY] if refused else None,
                                         detail=f"{upstream.where(host)} answered /api/tags {document.status}")
             if isinstance(document, GatewayError):
-                failed.append((document, host.down_until > time.monotonic()))
+                failed.append((document, host))
             else:
                 answered.append(document)
-        # A host that could not be connected to is passed over while another is up (Upstream.by_preference).
-        unread = [failure for failure, cooling in failed if not (cooling and answered)]
+        # A host that could not be connected to is passed over while another is up (Upstream.by_preference), and
+        # so is one not asked: until it is up again, when the list is read again before a model is placed (cloud_stub).
+        now = time.monotonic()
+        passed_over = [host for host in upstream.hosts if host not in hosts or (host.down_until > now and answered)]
+        unread = [failure for failure, host in failed if host not in passed_over]
         if len(unread) > 1 and not answered:  # as Upstream.send says it
             unread[0] = GatewayError(unread[0].situation, f"None of the {len(unread)} {upstream.name} hosts asked "
                                      f"answered. {unread[0].message}", unread[0].headers,
@@ -4537,11 +4543,12 @@ class CloudModels:
             return  # forgotten meanwhile
         self.unread = unread[0] if unread else None
         if answered:
-            self.remember(answered, self.unread)
+            self.remember(answered, self.unread, passed_over)
 
-    def remember(self, documents: list[Any], unread: GatewayError | None = None) -> None:
-        """The lists of every host that answered (a 404 Answer lists nothing), and why the others could not be
-        read."""
+    def remember(self, documents: list[Any], unread: GatewayError | None = None,
+                 passed_over: Iterable[Host] = ()) -> None:
+        """The lists of every host that answered (a 404 Answer lists nothing), why the others could not be read, and
+        the hosts passed over while they are down."""
         local, stubs = set(), set()
         for document in documents:
             items = document.get("models") if isinstance(document, dict) else None
@@ -4549,7 +4556,10 @@ class CloudModels:
                 names = (item.get("name"), item.get("model")) if isinstance(item, dict) else ()
                 (stubs if item.get("remote_host") else local).update(
                     ollama_name(name) for name in names if isinstance(name, str))
-        self.local, self.stubs, self.fetched = frozenset(local - stubs), frozenset(stubs), time.monotonic()
+        # A model listed local by one host may be a stub on a host whose list could not be read, where a request
+        # for it may go: while one cannot be read, a list places no model as local (unplaced refuses it).
+        self.local = frozenset(local - stubs) if unread is None else frozenset()
+        self.stubs, self.fetched, self.passed_over = frozenset(stubs), time.monotonic(), passed_over
         self.no_tags = unread is None and all(isinstance(document, Answer) for document in documents)
         self.unread = unread
 

@@ -8302,6 +8302,44 @@ async def test_issue_19_while_ollamas_list_cannot_be_read_cloud_tokens_and_known
     assert [request.target for request in up.requests if request.target != "/api/tags"] == [V1_CHAT] * 3
 
 
+async def test_issue_19_a_model_one_hosts_list_shows_local_is_refused_while_another_hosts_list_cannot_be_read() -> None:
+    """Two Ollama hosts, the first of which answers its /api/tags with 500 and has `plain` as a cloud stub, the second
+    `plain` as a local model: a token outside OLLAMA_CLOUD_TOKENS gets the 502 that says the list could not be read,
+    and nothing reaches either host. The second host's list let it through, and it went to the first, which ran it on
+    ollama.com under the owner's account."""
+    async with upstream(tags_failing(TAGS_FAILURES[0][1])) as stubbed, upstream(cloud_ollama) as local, \
+            gateway(OLLAMA_BASE_URL=f"{stubbed.url},{local.url}", **CLOUD_SETTINGS) as app, serve(app) as base:
+        stubbed.tags, local.tags = None, {"models": [tag("plain:latest")]}
+        got, _, body = await answered_over_a_socket(base, openai_sdk_chat("plain"))
+        allowed, _, _ = await answered_over_a_socket(base, openai_sdk_chat("plain").replace(
+            b"Bearer " + TOKEN.encode(), b"Bearer " + ADMIN.encode()))  # a cloud token's goes
+    assert got == 502, body
+    message = json.loads(body)["error"]["message"]
+    assert "'plain'" in message and "/api/tags" in message and "OLLAMA_CLOUD_TOKENS" in message
+    assert allowed == 200
+    assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
+
+
+async def test_issue_19_a_host_passed_over_while_it_was_down_has_its_list_read_before_a_model_goes_there() -> None:
+    """Two Ollama hosts, the first down when the list of models is read (the second shows `plain` local): once the
+    first is back, with `plain` as a cloud stub, a token outside OLLAMA_CLOUD_TOKENS asking for `plain` gets 403
+    cloud_not_allowed, and nothing reaches it. The list read without it was taken as whole for a minute, and
+    `plain` went to the first host, which ran it on ollama.com under the owner's account."""
+    sock, url = unlistened()
+    async with upstream(cloud_ollama) as local, \
+            gateway(OLLAMA_BASE_URL=f"{url},{local.url}", **CLOUD_SETTINGS) as app, serve(app) as base:
+        local.tags = {"models": [tag("plain:latest")]}
+        first, _, _ = await answered_over_a_socket(base, openai_sdk_chat("plain"))  # the first host refuses
+        stubbed = await FakeUpstream(cloud_ollama).start(sock)
+        stubbed.tags = {"models": [stub("plain:latest")]}
+        app.upstreams["ollama"].hosts[0].down_until = 0.0  # as if HOST_COOLDOWN_SECONDS had passed
+        got, _, body = await answered_over_a_socket(base, openai_sdk_chat("plain"))
+        stubbed.server.close()
+    assert first == 200 and got == 403, body
+    assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
+    assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
+
+
 async def test_model_lists_show_cloud_models_to_cloud_tokens_only() -> None:
     """/v1/models, /api/tags and /api/ps leave out cloud models (and aliases of them) for a token not in
     OLLAMA_CLOUD_TOKENS."""
