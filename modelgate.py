@@ -5607,8 +5607,8 @@ def usage_lines(report: dict[str, Any]) -> list[str]:
                        enumerate(zip(row, widths))).rstrip() for row in rows]
     quotas = [f"{name}: {app['quota_left']:,} of {app['quota']:,} tokens left today"
               for name, app in report["apps"].items() if app["quota"] is not None]
-    return [f"Usage from {report['from']} to {report['today']} ({days} days, local time; tokens as the upstreams "
-            "counted them)", "", *table, *([""] + [f"quota {line}" for line in quotas] if quotas else [])]
+    return [f"Usage from {report['from']} to {report['today']} ({plural(days, 'day')}, local time; tokens as the "
+            "upstreams counted them)", "", *table, *([""] + [f"quota {line}" for line in quotas] if quotas else [])]
 
 
 RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python modelgate.py>, systemctl reload "

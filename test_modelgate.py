@@ -5305,6 +5305,13 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert code == 1 and "memory only" in output
 
 
+async def test_the_command_line_says_one_day_for_days_1(tmp_path: Path) -> None:
+    """`python modelgate.py --usage --days 1` heads its table "(1 day, ...", not "(1 days"."""
+    modelgate.open_usage_file(str(tmp_path / "modelgate-usage.sqlite3")).close()
+    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage", "--days", "1")
+    assert code == 0 and "(1 day, local time" in output.splitlines()[0], output
+
+
 # A write to USAGE_DB cut short by kill -9: its rows go in, pages spill to the file, and the process ends before
 # it commits, leaving SQLite's hot journal beside the file (sqlite.org/atomiccommit.html, "Hot Rollback Journals").
 CUT_WRITE = """
