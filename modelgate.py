@@ -6008,9 +6008,11 @@ class LoopErrors:
     """asyncio's exception handler under `python modelgate.py`. Out of file descriptors, asyncio's accept loop
     reports its OSError for every connection waiting in the backlog, again and again, each with a traceback (tens
     of thousands a second). Here the first of a kind is logged (an OSError in one line, anything else with
-    asyncio's traceback), and those that follow are counted and logged as one line a minute while they go on."""
+    asyncio's traceback), and those that follow are counted and logged as one line a minute while they go on; a
+    kind quiet for a minute is forgotten, and logged in full when it comes back."""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float = LOOP_ERROR_SECONDS) -> None:
+        self.seconds = seconds
         self.repeats: dict[tuple, list] = {}  # kind -> [the text of its first, how many since its last line]
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -6022,20 +6024,23 @@ class LoopErrors:
             shown = exc if isinstance(exc, OSError) else type(exc).__name__
             text = message if exc is None else f"{message}: {shown}"
             self.repeats[kind] = [text, 0]
+            loop.call_later(self.seconds, self.report, kind)
             if isinstance(exc, OSError):  # log: the first of its kind; a count follows if it goes on
                 log.error("%s; more of the same are counted", text)
             else:
                 loop.default_exception_handler(context)
             return
         self.repeats[kind][1] += 1
-        if self.repeats[kind][1] == 1:
-            loop.call_later(LOOP_ERROR_SECONDS, self.report, kind)
 
     def report(self, kind: tuple) -> None:
         text, repeats = self.repeats[kind]
+        if not repeats:  # so that kinds seen once (asyncio's "Exception in callback <handle>") do not pile up
+            del self.repeats[kind]
+            return
         # log: how often a kind of failure came again within a minute
-        log.error("%s: %d more in the last %.0f s", text, repeats, LOOP_ERROR_SECONDS)
+        log.error("%s: %d more in the last %.0f s", text, repeats, self.seconds)
         self.repeats[kind][1] = 0
+        asyncio.get_running_loop().call_later(self.seconds, self.report, kind)
 
 
 def raise_file_limit() -> None:

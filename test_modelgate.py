@@ -7604,6 +7604,30 @@ async def test_a_loop_error_whose_text_names_the_peer_is_logged_once_per_kind() 
     assert "Too many open files" in log[1]
 
 
+async def test_a_loop_error_that_comes_back_after_a_quiet_spell_is_logged_in_full_again() -> None:
+    """A kind of loop failure quiet for LoopErrors' spell (a minute; none here) is forgotten: when it comes back,
+    its first line is logged again, not a count pointing at a line long past; and kinds seen once each (asyncio's
+    "Exception in callback <handle>" names each handle) are not all kept for the life of the process."""
+    loop = asyncio.get_running_loop()
+    errors, before = modelgate.LoopErrors(seconds=0.0), loop.get_exception_handler()
+    out_of_files = {"message": "socket.accept() out of system resource",
+                    "exception": OSError(errno.EMFILE, "Too many open files")}
+    loop.set_exception_handler(errors)
+    try:
+        async with captured_log() as log:
+            loop.call_exception_handler(out_of_files)
+            loop.call_exception_handler(out_of_files)
+            await log.logged("socket.accept() out of system resource: [Errno 24] Too many open files: 1 more")
+            for number in range(100):
+                loop.call_exception_handler({"message": f"Exception in callback <Handle {number}>",
+                                             "exception": OSError(errno.EPIPE, "Broken pipe")})
+            await until(lambda: not errors.repeats)
+            loop.call_exception_handler(out_of_files)
+    finally:
+        loop.set_exception_handler(before)
+    assert [line.endswith("more of the same are counted") for line in log] == [True, False, *[True] * 101], log
+
+
 async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
     """Under `uvicorn modelgate:app` with uvicorn's defaults, uvicorn's access log would print a key sent as
     `?api_key=`: the gateway turns that log off, and its own line has the path only."""
