@@ -5509,13 +5509,17 @@ def main(argv: list[str] | None = None) -> None:
         config, sources = read_config(os.environ)
         if hasattr(time, "tzset"):  # a TZ that .env set: the clock read the zone at start-up (Unix only)
             time.tzset()
-        if arguments.check:
-            sys.exit(asyncio.run(check(config, sources)))
-        if arguments.usage:
-            sys.exit(print_usage(config, arguments.days))
+        if arguments.check or arguments.usage:
+            status = asyncio.run(check(config, sources)) if arguments.check else print_usage(config, arguments.days)
+            sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+            sys.exit(status)
         sockets = listen(config.host, config.port)
     except ConfigError as exc:
         sys.exit(f"modelgate: {exc}")
+    except BrokenPipeError:  # the reader left (--usage | head -1): quiet, with the status a shell gives a process that
+        # SIGPIPE ended, as `yes | head -1` (128 + 13). Python's docs, module signal, "Note on SIGPIPE".
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        sys.exit(128 + signal.SIGPIPE)
     setup_logging(config.log_format)
     setup_logging(config.log_format, logging.getLogger("uvicorn"))  # its start and stop lines, in our format
     raise_file_limit()

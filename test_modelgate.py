@@ -962,7 +962,7 @@ async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str
     start = ["modelgate.py"] if literally else ["-m", "modelgate"]
     return await asyncio.create_subprocess_exec(
         sys.executable, *start, *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, **options)
+        **{"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT, **options})
 
 
 async def read_until_serving(process: asyncio.subprocess.Process, timeout: float,
@@ -5310,6 +5310,22 @@ async def test_the_command_line_says_one_day_for_days_1(tmp_path: Path) -> None:
     modelgate.open_usage_file(str(tmp_path / "modelgate-usage.sqlite3")).close()
     code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage", "--days", "1")
     assert code == 0 and "(1 day, local time" in output.splitlines()[0], output
+
+
+@pytest.mark.parametrize("option", ["--usage", "--check"])
+async def test_the_command_line_ends_quietly_when_its_reader_has_gone(tmp_path: Path, option: str) -> None:
+    """`python modelgate.py --usage | head -1`: when what reads its output has gone, it ends quietly, with the status
+    a shell gives a tool that SIGPIPE ended (141, as `yes | head -1`), not with a BrokenPipeError traceback."""
+    modelgate.open_usage_file(str(tmp_path / "modelgate-usage.sqlite3")).close()
+    read, write = os.pipe()
+    os.close(read)  # gone before the first line: every write meets EPIPE
+    try:
+        process = await start_command_line(tmp_path, {**USAGE_APPS, "OLLAMA_BASE_URL": refused_url()}, option,
+                                           stdout=write, stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write)
+    said = await asyncio.wait_for(process.stderr.read(), 30)
+    assert (await process.wait(), said.decode()) == (141, "")
 
 
 # A write to USAGE_DB cut short by kill -9: its rows go in, pages spill to the file, and the process ends before
