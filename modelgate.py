@@ -545,7 +545,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "loop_detected": (508, "api_error", "loop_detected"),
 }
 # Added to a failure no retry mends (a loop, a redirect, a key refused, an https:// URL for plain HTTP, an answer
-# that is not HTTP): the openai and anthropic SDKs retry a 5xx twice unless it says so.
+# that is not HTTP, none within TIMEOUT_SECONDS): the openai and anthropic SDKs retry a 5xx twice unless it says so
+# (openai-python and anthropic-sdk-python _base_client.py, _should_retry).
 NO_RETRY = (b"x-should-retry", b"false")
 
 
@@ -4168,7 +4169,9 @@ def upstream_failure(exc: Exception, name: str, where: str = "", loopback: bool 
                               if isinstance(exc, exc_type))
     if loopback and type(exc) is httpcore.ConnectError:
         message += LOOPBACK_REFUSED
-    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]),
+    # No answer within TIMEOUT_SECONDS: a retry would run the generation again as long, most often to the same end.
+    retry = [NO_RETRY] if isinstance(exc, httpcore.ReadTimeout) else None
+    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), retry,
                         detail=f"{where or name} {cause(exc, key)}")
 
 
