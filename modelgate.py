@@ -3010,7 +3010,7 @@ class Gateway:
                                "so where it ends is ambiguous; send one of them. The connection is closed.")
         if VIA[1] in ex.header(b"via"):  # before the token: our own request has none (Upstream.send)
             raise GatewayError("loop_detected", "This request came from this ModelGate itself: "
-                               + LOOPED.format(url="OLLAMA_BASE_URL or OPENAI_BASE_URL"))
+                               + LOOPED.format(url="OLLAMA_BASE_URL or OPENAI_BASE_URL"), [VIA])
         if self.screening and (route is None or route.screened):
             screen(ex, config)
         if route is None:  # a page's preflight passes, so that the request it clears reads the 404's hint
@@ -4125,7 +4125,8 @@ HOST_COOLDOWN_SECONDS = 30.0
 # What each request to an upstream says it came through (RFC 9110 §7.6.3), under a name no other process has:
 # a request that arrives carrying it went round in a circle (OLLAMA_BASE_URL names ModelGate itself) and is
 # answered 508 at once, not sent round again until every connection is taken, and the gateway that sent it tells
-# its client what to change. Not a secret: all it gets anyone is that 508.
+# its client what to change; that 508 carries it too, so that anyone else's 508 (a proxy's own loop) is relayed as
+# theirs. Not a secret: all it gets anyone is that 508.
 VIA = (b"via", b"1.1 modelgate-" + secrets.token_hex(8).encode())
 LOOPED = ("{url} leads back to this ModelGate, so the request went round in a circle: it must name the upstream's own "
           "address (Ollama listens on port 11434), not ModelGate's (PORT, 8010 unless set).")
@@ -4267,7 +4268,7 @@ class Upstream:
                     failure.headers.append(NO_RETRY)
                 raise failure from exc
             host.down_until = 0.0
-            if response.status == HTTPStatus.LOOP_DETECTED:  # it came back to us (VIA), or to a proxy on the way
+            if response.status == HTTPStatus.LOOP_DETECTED and VIA in response.headers:  # ours: it came back to us
                 await response.aclose()
                 raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),  # a retry loops too
                                    [NO_RETRY], f"{self.where(host)} leads back to this gateway")

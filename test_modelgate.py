@@ -4023,6 +4023,8 @@ UPSTREAM_STATUS_TABLE = [
     (403, "", "text/plain", "permission_error"),
     (429, json.dumps({"error": "slow down"}), "application/json", "rate_limit_error"),
     (422, json.dumps({"detail": "field required"}), "application/json", "api_error"),
+    # A proxy on the way that met the request twice: its loop, not ModelGate's (whose 508 carries its VIA).
+    (508, "Loop Detected: this request passed here before", "text/plain", "api_error"),
 ]
 
 
