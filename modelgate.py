@@ -5529,7 +5529,8 @@ def main(argv: list[str] | None = None) -> None:
     raise_file_limit()
     app.sources = sources
     scheme = "https" if config.tls_cert_file else "http"
-    app.listening = "listening on " + ", ".join(f"{scheme}://{address(sock)}" for sock in sockets)
+    app.listening = "listening on " + ", ".join(f"{scheme}://{address(sock)}" for sock in sockets) \
+        + loopback_note(config.host)
     server = uvicorn_server(config, reload=lambda: reload(app, server, environment))
     # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
@@ -5780,6 +5781,14 @@ def address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
+def loopback_note(host: str) -> str:
+    # In a container (HOST in Compose's env_file), nothing outside can connect, and Docker's healthcheck, which
+    # asks 127.0.0.1 (Dockerfile), says healthy all the same: the line that says where it listens says so.
+    if host != "localhost" and not getattr(parse_ip(host), "is_loopback", False):
+        return ""
+    return " (loopback: only this machine can connect; in a container, only the container itself: leave HOST unset)"
+
+
 # --check waits this long for each host's model list (listing models loads none: it is quick when all is well).
 CHECK_TIMEOUT_SECONDS = 10.0
 
@@ -5793,7 +5802,8 @@ async def check(config: Config, sources: Sources) -> int:
     log.propagate = False
     scheme = "https" if config.tls_cert_file else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
-    print(*summary(config, sources, f"would listen on {scheme}://{host}:{config.port}"), sep="\n")
+    print(*summary(config, sources, f"would listen on {scheme}://{host}:{config.port}{loopback_note(config.host)}"),
+          sep="\n")
     warnings = config_warnings(config, sources)
     for warning in warnings:
         print(f"warning: {warning}")

@@ -6845,7 +6845,8 @@ async def test_command_line_prints_a_start_up_summary_without_secrets(tmp_path: 
     summary = said[said.index("Waiting for application startup.") + 1:said.index("Application startup complete.")]
     assert summary == [
         f"ModelGate {modelgate.__version__}",
-        f"listening on http://127.0.0.1:{port}",
+        f"listening on http://127.0.0.1:{port}"
+        " (loopback: only this machine can connect; in a container, only the container itself: leave HOST unset)",
         "ollama: http://127.0.0.1:11434 (default provider)",
         "openai: http://127.0.0.1:1/api/v1",
         f".env: {tmp_path / '.env'}",
@@ -6993,7 +6994,8 @@ async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_p
     assert status == 0, output
     assert output.splitlines() == [
         f"ModelGate {modelgate.__version__}",
-        f"would listen on http://127.0.0.1:{port}",
+        f"would listen on http://127.0.0.1:{port}"
+        " (loopback: only this machine can connect; in a container, only the container itself: leave HOST unset)",
         f"ollama: {ollama.url} (default provider)",
         f"openai: {openai.url}",
         f".env: {tmp_path / '.env'}",
