@@ -37,7 +37,7 @@ import sqlite3
 import ssl
 import sys
 import tempfile
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -887,11 +887,25 @@ async def serve_with(server: uvicorn.Server, scheme: str = "http", sock: socket.
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts: no start-up race
+    stopped = asyncio.Event()
+
+    async def main_loop() -> None:
+        # uvicorn's Server.main_loop, woken at once when we stop the server: uvicorn's own sleeps 0.1 s between
+        # two looks at should_exit, a tenth of a second added to each test. on_tick() still sets the Date
+        # header and says when a signal (handle_exit) asked the server to exit; startup and shutdown are uvicorn's.
+        tick = 0
+        while not await server.on_tick(tick):
+            tick += 1
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopped.wait(), 0.1)
+
+    server.main_loop = main_loop
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
+        stopped.set()
         await task
         sock.close()
 
