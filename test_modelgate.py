@@ -7368,11 +7368,15 @@ async def test_a_connection_without_a_complete_request_head_is_closed() -> None:
 
 
 async def test_out_of_file_descriptors_is_one_log_line_and_the_gateway_recovers(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """With more silent connections than file descriptors left, asyncio fails to accept, thousands of times:
     one log line says so (not a traceback each time), the silent ones are closed, and the gateway serves again."""
     import resource
 
+    # After accept() fails for want of descriptors, asyncio tries again ACCEPT_RETRY_DELAY (1 s) later
+    # (Lib/asyncio/selector_events.py): at a twentieth of it, each batch of silent connections is met as soon as
+    # the head timeout has closed the one before, and accept() fails the more often, which is one line still.
+    monkeypatch.setattr(asyncio.constants, "ACCEPT_RETRY_DELAY", 0.05)
     async with serve_with(command_line_server(modelgate.Gateway(environ()), 0.2)) as base, \
             captured_log() as lines:
         host, port = base.removeprefix("http://").split(":")
