@@ -2026,10 +2026,10 @@ def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
 
 def check_fallbacks(config: Config, token: str, document: dict, model: str, prompt: bool) -> None:
     """TOKEN_MODELS for each model a request to OpenAI's base URL names besides `model`, as `openai/<name>` (as the
-    router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and a tool's `model` (OpenAI's
-    image_generation). 400 where what it would run cannot be told: a list of anything but names (or LiteLLM's
-    {"model": name}), an image tool that names no model, a prompt stored with OpenAI (`prompt` on the Responses
-    API: it runs with the model and tools stored with it, platform.openai.com/docs/guides/prompting)."""
+    router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and those of its tools (tool_models).
+    400 where what it would run cannot be told: a list of anything but names (or LiteLLM's {"model": name}), a tool
+    of MODEL_TOOLS that does not name its models, a prompt stored with OpenAI (`prompt` on the Responses API: it
+    runs with the model and tools stored with it, platform.openai.com/docs/guides/prompting)."""
     if prompt:
         raise GatewayError("invalid_request", f"The token {token!r} may use only some models (TOKEN_MODELS), and "
                            "`prompt` runs a prompt stored with OpenAI, with the model and tools stored with it, which "
@@ -2040,19 +2040,39 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, prom
         named += [(field, name) for name in (values if isinstance(values, list) else () if values is None else (None,))]
     if preset is not None:
         named.append(("preset", f"@preset/{preset}" if isinstance(preset, str) else None))
-    if isinstance(tools, list):
-        named += [("tools", tool.get("model")) for tool in tools
-                  if isinstance(tool, dict) and ("model" in tool or tool.get("type") == "image_generation")]
+    for tool in tools if isinstance(tools, list) else ():
+        named += [("tools", name) for name in tool_models(tool)]
     for field, name in named:
         name = name.get("model") if isinstance(name, dict) else name
         if not isinstance(name, str):
             raise GatewayError("invalid_request", f"`{field}` in the request body must name its models (`models` and "
-                               "`fallbacks` as a list of names, such as [\"openai/gpt-4o-mini\"], an image tool by "
-                               "its `model`) for a token that TOKEN_MODELS limits: what it would run cannot be told.")
+                               "`fallbacks` as a list of names, such as [\"openai/gpt-4o-mini\"], a tool that runs "
+                               "a model by its `model`) for a token that TOKEN_MODELS limits: what it would run cannot "
+                               "be told.")
         check_scope(config, token, f"openai/{name}", name)  # (`model` again: what follows is for it too)
         _, at, slug = name.lower().partition("@preset/")
         if at:
             check_scope(config, token, f"openai/@preset/{slug}", name)
+
+
+# The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it: OpenAI's
+# image_generation (platform.openai.com/docs/guides/tools-image-generation), OpenRouter's server tools that generate
+# images, consult an advisor (the model may name one in its call) or a panel of models and a judge
+# (openrouter.ai/docs/guides/features/server-tools).
+MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:advisor", "openrouter:fusion")
+
+
+def tool_models(tool: Any) -> list[Any]:
+    """The models a tool runs, as it names them (`model`, or OpenRouter's `parameters.model` and the fusion panel's
+    `parameters.analysis_models`); None for one a tool of MODEL_TOOLS runs without naming it."""
+    if not isinstance(tool, dict):
+        return []
+    parameters = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {}
+    named = [tool.get("model", parameters.get("model"))]
+    if tool.get("type") == "openrouter:fusion":
+        panel = parameters.get("analysis_models")
+        named += panel if isinstance(panel, list) else [None]
+    return named if tool.get("type") in MODEL_TOOLS else [name for name in named if name is not None]
 
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:

@@ -2727,6 +2727,11 @@ STORED_AND_TOOL_MODELS_TABLE = [
     ({"prompt": {"id": "pmpt_68a1", "version": "2"}}, 400, "`prompt`"),
     ({"tools": [{"type": "image_generation", "model": "gpt-image-1"}]}, 403, "openai/gpt-image-1"),
     ({"tools": [{"type": "image_generation"}]}, 400, "`tools`"),  # OpenAI picks its model
+    # OpenRouter's server tools: an advisor (named, or as the model names it in its call), a panel and a judge
+    ({"tools": [{"type": "openrouter:advisor", "parameters": {"model": "~anthropic/claude-opus-latest"}}]}, 403,
+     "openai/~anthropic/claude-opus-latest"),
+    ({"tools": [{"type": "openrouter:advisor"}]}, 400, "`tools`"),
+    ({"tools": [{"type": "openrouter:fusion", "parameters": {"model": "openai/gpt-4o-mini"}}]}, 400, "`tools`"),
     ({"tools": [{"type": "function", "name": "lookup", "parameters": {}}]}, 200, ""),
     ({"preset": "translator"}, 200, ""),  # a preset the token's patterns name
 ]
