@@ -2408,10 +2408,8 @@ USAGE_HEADERS = [(b"cache-control", b"no-store"), (b"vary", b"accept, authorizat
 
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
 
-
 # What a running gateway cannot change on SIGHUP: its sockets, their TLS, and the usage file it holds open.
 RESTART_SETTINGS = frozenset({"HOST", "PORT", "TLS_CERT_FILE", "TLS_KEY_FILE", "USAGE_DB"})
-
 
 # What the upstreams are made of (Gateway.make_upstreams): a reload that changes none keeps them and their pools.
 UPSTREAM_FIELDS = ("ollama_base_urls", "ollama_api_key", "openai_base_url", "openai_api_key", "timeout",
@@ -2433,9 +2431,7 @@ def reload_line(old: Config, new: Config, changed: list[str]) -> str:
 PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
                 (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
 
-
 HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
-
 
 HOME_PAGE = """<!doctype html>
 <html lang="en">
@@ -3317,7 +3313,6 @@ WRONG_BASE_URLS = (
                   "Give it the base URL without /api, such as http://<server>:8010."),
 )
 
-
 ROOT_POSTED = {
     "anthropic": "POST / is not an API: this app was given the gateway's address as its whole URL. Anthropic clients "
                  "take the base URL {where} and add /v1/messages; an app that wants the whole URL takes "
@@ -3328,7 +3323,6 @@ ROOT_POSTED = {
     "ollama": "POST / is not an API: this app was given the gateway's address as its whole URL. OpenAI clients take "
               "{where}/v1, Anthropic and Ollama clients {where}, and add their own paths.",
 }
-
 
 # Ollama stops generating when its connection closes; 50 ms of it for nobody costs nothing worth a task.
 LISTEN_AFTER_SECONDS = 0.05
@@ -4141,7 +4135,6 @@ POOL_CONNECTIONS = 512
 # another host is up (nothing was sent to it, so the request goes to the next one); then it is tried again.
 HOST_COOLDOWN_SECONDS = 30.0
 
-
 # What each request to an upstream says it came through (RFC 9110 §7.6.3), under a name no other process has:
 # a request that arrives carrying it went round in a circle (OLLAMA_BASE_URL names ModelGate itself) and is
 # answered 508 at once, not sent round again until every connection is taken, and the gateway that sent it tells
@@ -4174,7 +4167,6 @@ class Host:
 
 # Where an upstream response notes the Host it came from (httpcore keeps its own keys in the same dict).
 HOST_EXTENSION = "modelgate.host"
-
 
 # A refused connection to a loopback address is most often a gateway in a container whose OLLAMA_BASE_URL is the
 # default 127.0.0.1 (docker compose, Docker on Linux), and Ollama on the host.
@@ -4486,7 +4478,6 @@ CLOUD_LIST_SECONDS = 60.0
 
 # What ModelGate's own requests to Ollama say they are, so that its log tells them from the clients'.
 OWN_AGENT = (b"user-agent", b"ModelGate/" + __version__.encode())
-
 
 # How an HTTP server says it has no such door: no route (404), not for GET (405), no GET at all (501: Python's
 # http.server without do_GET). Every Ollama answers GET /api/tags, so such a server is no Ollama and has no stubs.
@@ -5644,7 +5635,6 @@ RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python m
                "modelgate, or docker kill -s HUP modelgate (under Docker Compose, whose env_file is read when the "
                "container is made: docker compose up -d).")
 
-
 # A MODELGATE_TOKEN set in the environment wins over .env's (read_settings), at start-up and on every reload.
 ENVIRONMENT_WINS = ("But MODELGATE_TOKEN is set in the environment, which wins over .env: a gateway started with "
                     "it does not use this token, not after a reload either. Add it where MODELGATE_TOKEN is set "
@@ -5751,7 +5741,6 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
 
 # uvicorn's default --backlog.
 BACKLOG = 2048
-
 
 # What listen() says when binding fails, by errno (anything else: its strerror).
 BIND_FAILURES = {
