@@ -1406,6 +1406,16 @@ def test_a_setting_that_holds_urls_hosts_or_names_refuses_control_characters(
     assert not CONTROL_CHARACTER.search(message)
 
 
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS, ids=[repr(c) for c in CONTROL_CHARACTERS])
+@pytest.mark.parametrize("variable", ["OLLAMA_API_KEY", "OPENAI_API_KEY"])
+def test_a_key_with_a_control_character_stops_start_up_without_showing_it(variable: str, character: str) -> None:
+    """A key goes upstream in a header line: one holding a control character stops start-up with one line naming
+    the variable, and never the key."""
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, variable: f"sk-se{character}cret"})
+    assert str(failure.value) == f"{variable} may only hold printable ASCII"
+
+
 def test_every_setting_is_known_to_hold_names_or_not() -> None:
     """Each setting is in one of the two lists above, so that a new one that holds a URL, a host or a name is
     tested for control characters too."""
@@ -4794,6 +4804,16 @@ async def test_a_host_that_refuses_is_passed_over_and_tried_again_later() -> Non
     assert 'modelgate_upstream_errors_total{provider="ollama",kind="ConnectError"} 1' in page
 
 
+async def test_when_no_host_takes_a_connection_the_502_says_all_were_tried() -> None:
+    """Every host of OLLAMA_BASE_URL refuses: one 502 says that all of them were tried and what to check, not
+    only what the last one did. (A cloud token's chat: no list of Ollama's cloud models is read first.)"""
+    async with gateway(OLLAMA_BASE_URL=f"{refused_url()},{refused_url()}", OLLAMA_CLOUD_TOKENS="tester") as app:
+        answer = await chat(app)
+    error = assert_error(answer, 502, "api_error", "upstream_unavailable")
+    assert error["message"].startswith("Could not connect to any of the 2 ollama hosts tried: "), error
+    assert "OLLAMA_BASE_URL" in error["message"]
+
+
 HOST_FAILURES_AFTER_CONNECTING = [
     # (reply of host 1, TIMEOUT_SECONDS, status, error code): it accepted, so the request may be running there
     (raw_reply(b""), "5", 502, "upstream_unavailable"),  # reads the request, hangs up without a word
@@ -6413,6 +6433,8 @@ async def test_a_token_sent_with_its_name_is_told_to_leave_the_name_out(sent: st
     ("GET", "/v1", [], "openai", "it is the base URL"),
     # The anthropic SDK's messages.count_tokens, which Ollama does not serve: answered as Anthropic answers
     ("POST", "/v1/messages/count_tokens", [], "anthropic", "There is no /v1/messages/count_tokens here"),
+    # an OpenAI client given the gateway's address without /v1
+    ("POST", "/chat/completions", [], "openai", "Did you mean /v1/chat/completions? Base URLs end in /v1."),
 ])
 async def test_a_client_given_the_wrong_base_url_is_told_what_to_write(method: str, path: str, headers: list,
                                                                        shape: str, says: str) -> None:
