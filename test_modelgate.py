@@ -2480,6 +2480,16 @@ async def test_all_providers_down_is_an_honest_502() -> None:
     assert_error(answer, 502, "api_error", "upstream_unavailable")
 
 
+async def test_a_model_list_refused_by_the_upstream_is_its_error_not_an_empty_list() -> None:
+    """Every host answers /v1/models with an error (an auth proxy in front of Ollama refusing OLLAMA_API_KEY): the
+    client gets that status and the upstream's message, as a chat would, not a list that reads as "no models"."""
+    async with upstream(json_reply(401, raw=b'{"error": "invalid api key"}')) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "GET", "/v1/models")
+    message = answer.json()["error"]["message"]
+    assert answer.status == 401 and "invalid api key" in message and "Check OLLAMA_API_KEY" in message, message
+
+
 async def test_ollama_null_data_is_an_empty_list() -> None:
     """Ollama answers "data": null when no model is installed; clients get []."""
     async with upstream(json_reply(document={"object": "list", "data": None})) as up, \
