@@ -4660,6 +4660,17 @@ async def test_the_key_sent_upstream_never_reaches_the_client(case: str, path: s
     assert OLLAMA_KEY.encode() not in answer.body and b"sent Bearer ***" in answer.body
 
 
+async def test_an_answer_that_ends_with_the_start_of_the_key_arrives_whole() -> None:
+    """The end of a chunk that may begin the key waits for the next chunk to be redacted (issue 17); where the
+    answer ends there, those bytes are the answer's own and reach the client."""
+    body = b'{"said": "' + OLLAMA_KEY[:9].encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with upstream(raw_reply(head + body)) as up, gateway(OLLAMA_BASE_URL=up.url, OLLAMA_API_KEY=OLLAMA_KEY) as app:
+        answer = await call(app, "POST", "/api/show", b'{"model": "qwen2.5:7b"}',
+                            [*AUTH, (b"content-type", b"application/json")])
+    assert answer.status == 200 and answer.body == body
+
+
 def quoting(shape: bytes) -> Reply:
     """An upstream that writes the Authorization it got where h11 cannot read it, and h11 quotes the line."""
 
@@ -5199,6 +5210,15 @@ async def test_usage_in_a_browser_is_a_page_with_a_bar_per_day_and_every_name_es
     assert page.count("<svg") == 1 and page.count("<rect") == 30 and "2026-12-07: 30 tokens, 2 requests" in page
     assert "ollama/qwen2.5:7b" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "<img" not in page and "<script" not in page and "http" not in page.split("</style>")[1]
+
+
+async def test_usage_in_a_browser_says_what_is_left_of_a_daily_quota() -> None:
+    """The /usage page of a token with a TOKEN_QUOTAS quota says how many of its tokens are left today."""
+    async with upstream(usage_reply()) as up, gateway(clock=Clock(NOON), OLLAMA_BASE_URL=up.url,
+                                                      **{**USAGE_APPS, "TOKEN_QUOTAS": "fluentread=100"}) as app:
+        await chat(app)
+        answer = await call(app, "GET", "/usage", headers=[*AUTH, (b"accept", b"text/html")])
+    assert "Quota 100 tokens a day: <b>85 left</b> today." in answer.body.decode()
 
 
 async def test_a_token_over_its_daily_quota_gets_429_until_local_midnight_in_its_doors_shape(tmp_path: Path) -> None:
