@@ -2844,7 +2844,7 @@ class Gateway:
         logging.getLogger("uvicorn.access").disabled = True
         logging.getLogger("asyncio").addFilter(departed_writes)  # once: addFilter keeps a filter once
         self.metrics = Metrics()
-        self.upstreams = self.make_upstreams(config)
+        self.upstreams = self.make_upstreams(config, self.metrics)
         self.limits = self.coalescer = self.queue = None
         self.apply(config)
         self.usage = Usage(config.usage_db, self.clock)
@@ -2863,11 +2863,11 @@ class Gateway:
         except Exception:
             log.exception("could not ask Ollama about its cloud")
 
-    def make_upstreams(self, config: Config) -> dict[str, Upstream]:
-        upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config, self.metrics)}
+    @staticmethod
+    def make_upstreams(config: Config, metrics: Metrics) -> dict[str, Upstream]:
+        upstreams = {"ollama": Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config, metrics)}
         if config.openai_api_key:
-            upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config,
-                                           self.metrics)
+            upstreams["openai"] = Upstream("openai", (config.openai_base_url,), config.openai_api_key, config, metrics)
         return upstreams
 
     def apply(self, config: Config) -> None:
@@ -2902,7 +2902,7 @@ class Gateway:
             # Requests running through the old ones keep them to their end; then nothing holds them.
             for upstream in self.upstreams.values():
                 upstream.retire()
-            self.upstreams = self.make_upstreams(config)
+            self.upstreams = self.make_upstreams(config, self.metrics)
             self.readiness.expires = 0.0  # what the old hosts answered /ready says nothing of the new ones
         self.apply(config)
         if config.log_format != old.log_format:
@@ -5825,10 +5825,7 @@ async def check(config: Config, sources: Sources) -> int:
     except ConfigError as exc:
         print(f"FAILED: {exc}")
         problems += 1
-    metrics = Metrics()
-    upstreams = [Upstream("ollama", config.ollama_base_urls, config.ollama_api_key, config, metrics)]
-    if config.openai_api_key:
-        upstreams.append(Upstream("openai", (config.openai_base_url,), config.openai_api_key, config, metrics))
+    upstreams = list(Gateway.make_upstreams(config, Metrics()).values())
     try:
         results = await asyncio.gather(*(probe(upstream, host) for upstream in upstreams for host in upstream.hosts))
         try:
