@@ -2646,6 +2646,16 @@ async def test_an_alias_the_openai_sdk_sends_reaches_its_target_and_nothing_else
     assert request.body == SDK_CHAT.replace(b'"gpt-4o-mini"', b'"qwen2.5:7b"')
 
 
+async def test_an_alias_to_openai_without_its_key_is_left_out_of_the_model_list() -> None:
+    """MODEL_ALIASES may name an openai/ model while OPENAI_API_KEY is unset: /v1/models lists what can be used,
+    the other aliases too, without that one, rather than failing."""
+    async with upstream(json_reply(document=OLLAMA_MODELS)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_ALIASES="gpt=openai/gpt-4o,fast=ollama/qwen2.5:7b") as app:
+        answer = await call(app, "GET", "/v1/models")
+    assert answer.status == 200 and [m["id"] for m in answer.json()["data"]] == [
+        "ollama/qwen2.5:7b", "ollama/hf.co/x/y:Q4", "fast"]
+
+
 async def test_aliases_are_listed_as_their_own_ids_and_answer() -> None:
     """/v1/models lists each alias whose target the upstream has, as its own id with the target's fields;
     /v1/models/{alias} answers it; an alias whose target is missing is neither listed nor found."""
