@@ -1970,7 +1970,8 @@ def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
     """Whether Ollama's list of models (CloudModels) shows the name as a cloud stub: True, or as a local model:
     False; None when the list lacks the name or is older than CLOUD_LIST_SECONDS."""
     now = time.monotonic()
-    if now - cloud.fetched >= CLOUD_LIST_SECONDS or any(host.down_until <= now for host in cloud.passed_over):
+    if now - cloud.fetched >= CLOUD_LIST_SECONDS or cloud.passed_over and any(
+            host.down_until <= now for host in cloud.passed_over):
         return None  # (a host left out of the list, up again, takes requests: its list is read first)
     key = ollama_name(name)
     return True if key in cloud.stubs else False if key in cloud.local or cloud.no_tags else None
