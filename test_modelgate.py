@@ -899,7 +899,25 @@ async def serve_with(server: uvicorn.Server, scheme: str = "http", sock: socket.
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopped.wait(), 0.1)
 
-    server.main_loop = main_loop
+    async def shutdown(sockets: Any = None) -> None:
+        # uvicorn's Server.shutdown stops accepting, asks each connection to close, sleeps 0.1 s, waits for the
+        # connections and requests still open (looking every 0.1 s) and shuts the app down (lifespan). Asked, an
+        # idle connection is gone before the loop's next turn (its transport schedules connection_lost at once):
+        # when we stop the server and none is left then, the sleep would wait for nothing but add 0.1 s to the test.
+        state = server.server_state
+        if stopped.is_set():
+            for listener in server.servers:
+                listener.close()
+            for connection in list(state.connections):
+                connection.shutdown()
+            await asyncio.sleep(0)
+            if not state.connections and not state.tasks:
+                for listener in server.servers:
+                    await listener.wait_closed()
+                return await server.lifespan.shutdown()
+        await uvicorn.Server.shutdown(server, sockets)  # a signal stopped it, or a connection is still open
+
+    server.main_loop, server.shutdown = main_loop, shutdown
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
