@@ -2055,6 +2055,13 @@ async def test_the_address_opened_in_a_browser_shows_a_page_with_the_base_url() 
     assert up.requests == []
 
 
+async def test_the_page_for_a_request_without_host_shows_the_address_it_came_in_on() -> None:
+    """An HTTP/1.0 request carries no Host: the page's base URL is the address and port it came in on."""
+    async with gateway() as app:
+        answer = await call(app, "GET", "/", headers=[(b"accept", b"text/html")])
+    assert '<p class="url">http://127.0.0.1:8010/v1</p>' in answer.body.decode()
+
+
 async def test_the_page_escapes_the_host_it_was_asked_for() -> None:
     """Whatever the Host header holds is shown as text, never as markup; https when the request came so."""
     async with gateway() as app:
@@ -6608,6 +6615,26 @@ async def test_a_request_whose_body_comes_across_a_reload_is_judged_by_the_new_s
         writer.close()
     assert head.startswith(b"HTTP/1.1 %d " % status), head
     assert up.requests == []
+
+
+async def test_a_reload_that_raises_rate_limit_rpm_lets_a_token_at_its_old_limit_in() -> None:
+    """RATE_LIMIT_RPM changed by a reload (and still on) is the limit from then on: a token refused at the old
+    limit is let in at once under a higher one."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, RATE_LIMIT_RPM="1") as app:
+        statuses = [(await chat(app)).status for _ in range(2)]
+        app.reload(modelgate.load_config({**app.environ, "RATE_LIMIT_RPM": "3"}), None)
+        statuses.append((await chat(app)).status)
+    assert statuses == [200, 429, 200]
+
+
+async def test_a_reload_keeps_what_takes_a_restart_and_says_so() -> None:
+    """A reload that changes PORT (or HOST, TLS, USAGE_DB) keeps the running value, and the log says that the
+    change takes a restart."""
+    async with captured_log() as lines, gateway() as app:
+        app.reload(modelgate.load_config({**app.environ, "PORT": "8011"}), None)
+        port = app.config.port
+    assert port == 8010
+    assert "PORT changed: that takes a restart; until then the gateway keeps the old value" in lines, lines
 
 
 # (what a reload changes while a request waits in the queue, the model both requests name, the status it gets)
