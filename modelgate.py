@@ -5257,14 +5257,10 @@ class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         try:
             _, stream = await wait_at_most(timeout, loop.create_connection(cls, host, port, ssl=tls),
                                            httpcore.ConnectTimeout(f"no connection within {timeout} s"))
-        except (ssl.SSLError, ConnectionResetError) as exc:
-            # With TCP connected, only the handshake is left to fail: a plain-HTTP server answers the
-            # ClientHello with a 400 (WRONG_VERSION_NUMBER) or hangs up.
-            if tls is None:
-                raise httpcore.ConnectError(str(exc)) from exc
-            raise TLSError(str(exc)) from exc
-        except OSError as exc:  # refused, unreachable, unknown host
-            raise httpcore.ConnectError(str(exc)) from exc
+        except OSError as exc:  # refused, unreachable, unknown host; with TCP connected, only TLS's handshake
+            # is left to fail: a plain-HTTP server answers its ClientHello with 400 (WRONG_VERSION_NUMBER) or hangs up.
+            handshake = tls is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError))
+            raise (TLSError if handshake else httpcore.ConnectError)(str(exc)) from exc
         return stream
 
     # asyncio.Protocol callbacks
