@@ -5108,15 +5108,13 @@ class Metrics:
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str, labels: tuple[str, ...], samples: Any) -> None:
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} {kind}")
+            lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
             for values, value in sorted(samples):
                 lines.append(f"{name}{label_set(labels, values)} {number(value)}")
 
         def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...],
                       label: str = "route") -> None:
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} histogram")
+            lines.extend((f"# HELP {name} {text}", f"# TYPE {name} histogram"))
             for (value,), counts in sorted(series.items()):
                 total = 0
                 for bound, n in zip((*bounds, math.inf), counts):
