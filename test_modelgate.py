@@ -6533,6 +6533,14 @@ async def test_a_post_to_the_root_is_answered_without_waiting_for_the_rest_of_it
     assert "http://gw:8010/v1/chat/completions" in json.loads(rest)["error"]["message"]  # OpenAI's shape: its body
 
 
+async def test_a_post_to_the_root_whose_body_does_not_come_is_answered_by_its_headers() -> None:
+    """POST / whose body does not come within CLIENT_TIMEOUT_SECONDS gets its 404 all the same, in the shape its
+    headers say (an Anthropic client's x-api-key), with what to write."""
+    async with gateway(CLIENT_TIMEOUT_SECONDS="0.05") as app:
+        answer = await call(app, "POST", "/", headers=[(b"x-api-key", b"k"), (b"host", b"gw:8010")], body_parts=[])
+    assert "http://gw:8010/v1/messages" in assert_anthropic_error(answer, 404, "not_found_error")
+
+
 @pytest.mark.parametrize("method, path, shape, wanted", [
     # The openai SDK given FluentRead's whole URL as its base URL: a chat, and its list of models.
     ("POST", "/v1/chat/completions/chat/completions", "openai", "http://<server>:8010/v1;"),
@@ -9065,6 +9073,15 @@ async def test_anthropic_errors_keep_the_statuses_of_the_error_table() -> None:
     assert_anthropic_error(closing, 503, "overloaded_error")
     assert_anthropic_error(refused, 502, "api_error")
     assert_anthropic_error(silent, 504, "api_error")
+
+
+async def test_an_openai_shaped_upstream_error_reaches_an_anthropic_client_with_its_message() -> None:
+    """An upstream error in OpenAI's shape answering /v1/messages (a proxy in front of Ollama, say) reaches the
+    anthropic SDK in Anthropic's shape, its message the upstream's message, not the JSON it came in."""
+    refusal = b'{"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "code": null}}'
+    async with upstream(json_reply(400, raw=refusal)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await messages(app, b'{"model": "qwen2.5:7b", "max_tokens": 9, "messages": []}')
+    assert assert_anthropic_error(answer, 400, "invalid_request_error").endswith(": max_tokens is too large")
 
 
 # What anthropic-python 2.17.0 sends for client.messages.create(model="qwen2.5:7b", max_tokens=512, messages=[{"role":
