@@ -5539,10 +5539,8 @@ def main(argv: list[str] | None = None) -> None:
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
     # caught below as uvicorn.run() catches Ctrl+C. Exit status 0, a clean stop to service managers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=sockets)
-    except KeyboardInterrupt:
-        pass
 
 
 def command_line() -> Any:
@@ -6062,14 +6060,12 @@ class LoopErrors:
 def raise_file_limit() -> None:
     """Raise the soft limit on open files to the hard one: each connection holds one, and systemd's
     default soft limit (1,024) is soon reached by clients that keep their connections open."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):
         import resource  # Unix only
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:  # on macOS an unlimited hard limit is more than the kernel allows: ValueError, OSError
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             log.info("open files: the soft limit was raised from %d to the hard limit, %d", soft, hard)
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 if __name__ == "__main__":
