@@ -2139,6 +2139,11 @@ BAD_BODIES = [
     b"",
     b"not json",
     b'{"model": "ollama/x"',
+    b'{"model" "ollama/x"}',  # no ':'
+    b'{"model": "ollama/x" "messages": []}',  # no ','
+    b'{"model": "ollama/x"} {}',  # more after the object
+    b'{"model": "ollama/x", "messages": ["\\u00e9" "x"]}',  # no ',' in an array (one read element by element)
+    b'{"model": "ollama/' + b"x" * 65536 + b'"}',  # a model's name longer than any (MAX_READ_VALUE)
     b"[1, 2]",
     b'"ollama/x"',
     b"{}",
