@@ -8747,6 +8747,9 @@ UNREADABLE_FORMS = [
     (form("a"), b"multipart/form-data; boundary=other"),
     (form("a")[:-30], FORM_HEADERS[0][1]),  # cut off
     (form(""), FORM_HEADERS[0][1]),
+    (form("a").replace(b'name="model"\r\n\r\na', b'name="model"\r\n\r\n\xff'), FORM_HEADERS[0][1]),  # not UTF-8
+    (form("a").replace(b"\r\n--" + BOUNDARY + b"\r\n", b"\r\n--" + BOUNDARY + b"x\r\n", 1),
+     FORM_HEADERS[0][1]),  # a boundary line with more after the boundary
     # Before a plain `model`, one that Go's reader takes for the form's value and ModelGate took for none: with
     # filename="" (Go's Part.FileName is "", so a value), with a Content-Type name (Python's get_filename reads it,
     # Go does not), or encoded as RFC 2231 allows (Go's mime.ParseMediaType decodes name*, over a plain name too).
