@@ -8873,6 +8873,17 @@ async def test_an_encoded_body_is_checked_as_it_decodes(path: str, body: bytes, 
     assert up.requests == []
 
 
+async def test_identity_is_no_encoding_and_bytes_that_are_no_gzip_are_a_400() -> None:
+    """Content-Encoding: identity is the body as it is, relayed; gzip over bytes that are no gzip at all is a 400
+    saying so, and nothing of it is sent."""
+    body = GZIPPED[1][1]
+    async with cloud_gateway() as (up, app):
+        plain = await native(app, "/api/chat", body, headers=[*AUTH, (b"content-encoding", b"identity")])
+        broken = await native(app, "/api/chat", b"\x1f\x8bno gzip", headers=[*AUTH, (b"content-encoding", b"gzip")])
+    assert plain.status == 200 and [request.body for request in up.requests] == [body]
+    assert broken.status == 400 and "not valid gzip" in broken.json()["error"]
+
+
 # Anthropic Messages -------------------------------------------------------------
 
 # FluentRead's Claude service (entrypoints/service/claude.ts, claudeMsgTemplate): plain, its own browser headers.
