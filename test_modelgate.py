@@ -8873,6 +8873,16 @@ async def test_an_encoded_body_is_checked_as_it_decodes(path: str, body: bytes, 
     assert up.requests == []
 
 
+async def test_ollamas_show_naming_no_model_is_left_to_ollama_to_answer() -> None:
+    """POST /api/show naming no model (ShowHandler's own 400 says what it lacks): the body goes to Ollama as it came,
+    and Ollama's answer comes back."""
+    said = b'{"error":"model is required"}'
+    async with upstream(json_reply(400, raw=said)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await native(app, "/api/show", b'{"verbose": true}')
+    assert answer.status == 400 and "model is required" in answer.json()["error"]
+    assert [(request.target, request.body) for request in up.requests] == [("/api/show", b'{"verbose": true}')]
+
+
 async def test_identity_is_no_encoding_and_bytes_that_are_no_gzip_are_a_400() -> None:
     """Content-Encoding: identity is the body as it is, relayed; gzip over bytes that are no gzip at all is a 400
     saying so, and nothing of it is sent."""
