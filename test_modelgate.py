@@ -5831,6 +5831,15 @@ async def test_a_client_that_asked_for_usage_gets_it_as_before_and_others_are_as
     assert token_counts(page)[("fluentread", "ollama", "qwen2.5:7b", "completion")] == 3
 
 
+async def test_stream_options_that_are_no_object_go_upstream_as_they_came() -> None:
+    """stream_options that are not an object (a string, say) are not ModelGate's to mend: the body goes as it came,
+    and the upstream judges it."""
+    body = b'{"model":"ollama/qwen2.5:7b","stream_options":"usage","stream":true}'
+    async with upstream(ollama_stream()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, body)
+    assert up.requests[0].body == body.replace(b'"ollama/', b'"') and answer.body == SSE_PAYLOAD
+
+
 # The stream with the usage event, cut at arbitrary points into the upstream's chunks.
 USAGE_CUTS = st.lists(st.integers(min_value=1, max_value=len(WITH_USAGE) - 1), max_size=12, unique=True).map(sorted)
 
