@@ -2033,14 +2033,13 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, prom
         raise GatewayError("invalid_request", f"The token {token!r} may use only some models (TOKEN_MODELS), and "
                            "`prompt` runs a prompt stored with OpenAI, with the model and tools stored with it, which "
                            "ModelGate cannot check. Send the prompt's text as `instructions` or `input`.")
-    named, tools, preset = [("model", model)], document.get("tools"), document.get("preset")
+    named, preset = [("model", model)], document.get("preset")
     for field in FALLBACK_FIELDS:
         values = document.get(field)
         named += [(field, name) for name in (values if isinstance(values, list) else () if values is None else (None,))]
     if preset is not None:
         named.append(("preset", f"@preset/{preset}" if isinstance(preset, str) else None))
-    for tool in tools if isinstance(tools, list) else ():
-        named += [("tools", name) for name in tool_models(tool)]
+    named += [("tools", name) for name in tool_models(document.get("tools"))]
     for field, name in named:
         name = name.get("model") if isinstance(name, dict) else name
         if not isinstance(name, str):
@@ -2057,21 +2056,33 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, prom
 # The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it: OpenAI's
 # image_generation (platform.openai.com/docs/guides/tools-image-generation), OpenRouter's server tools that generate
 # images, consult an advisor (the model may name one in its call) or a panel of models and a judge
-# (openrouter.ai/docs/guides/features/server-tools).
-MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:advisor", "openrouter:fusion")
+# (openrouter.ai/docs/guides/features/server-tools), and the advisor in Anthropic's shape on /messages
+# (`advisor_20260301`, its `model`). A tool whose type begins with one of these.
+MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:advisor", "openrouter:fusion", "advisor_")
 
 
-def tool_models(tool: Any) -> list[Any]:
-    """The models a tool runs, as it names them (`model`, or OpenRouter's `parameters.model` and the fusion panel's
-    `parameters.analysis_models`); None for one a tool of MODEL_TOOLS runs without naming it."""
-    if not isinstance(tool, dict):
-        return []
-    parameters = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {}
-    named = [tool.get("model", parameters.get("model"))]
-    if tool.get("type") == "openrouter:fusion":
-        panel = parameters.get("analysis_models")
-        named += panel if isinstance(panel, list) else [None]
-    return named if tool.get("type") in MODEL_TOOLS else [name for name in named if name is not None]
+def tool_models(tools: Any) -> list[Any]:
+    """The models the tools run, as they name them: a tool's `model` and its `parameters.model` (both: OpenAI reads
+    the one, OpenRouter's server tools the other), a fusion panel's `parameters.analysis_models`, an advisor's named
+    profiles (`parameters.advisors`, each with its own `model` or the tool's) and the tools it runs as a sub-agent
+    (`tools` of either); None for one a tool of MODEL_TOOLS runs without naming it."""
+    named, pending = [], list(tools) if isinstance(tools, list) else []
+    for tool in pending:  # (it grows by the tools an advisor runs)
+        if not isinstance(tool, dict):
+            continue
+        kind, parameters = tool.get("type"), tool.get("parameters")
+        parameters = parameters if isinstance(parameters, dict) else {}
+        own = [name for name in (tool.get("model"), parameters.get("model")) if name is not None]
+        named += own or ([None] if isinstance(kind, str) and kind.startswith(MODEL_TOOLS) else [])
+        if kind == "openrouter:fusion":
+            panel = parameters.get("analysis_models")
+            named += panel if isinstance(panel, list) else [None]
+        advisors = parameters.get("advisors")
+        profiles = [profile for profile in advisors if isinstance(profile, dict)] if isinstance(advisors, list) else []
+        named += [profile["model"] for profile in profiles if profile.get("model") is not None]
+        for part in (parameters, *profiles):
+            pending += part["tools"] if isinstance(part.get("tools"), list) else []
+    return named
 
 
 def fields_for(patterns: tuple[tuple[str, dict[str, Any]], ...], model_id: str) -> dict[str, Any]:

@@ -2800,6 +2800,20 @@ STORED_AND_TOOL_MODELS_TABLE = [
      "openai/~anthropic/claude-opus-latest"),
     ({"tools": [{"type": "openrouter:advisor"}]}, 400, "`tools`"),
     ({"tools": [{"type": "openrouter:fusion", "parameters": {"model": "openai/gpt-4o-mini"}}]}, 400, "`tools`"),
+    # OpenRouter reads an advisor's model from `parameters` whatever the tool says besides, and runs those of its
+    # named profiles and of the tools it runs as a sub-agent (openrouter.ai/docs/guides/features/server-tools/advisor)
+    ({"tools": [{"type": "openrouter:advisor", "model": "openai/gpt-4o-mini",
+                 "parameters": {"model": "~anthropic/claude-opus-latest"}}]}, 403,
+     "openai/~anthropic/claude-opus-latest"),
+    ({"tools": [{"type": "openrouter:advisor", "parameters": {"model": "openai/gpt-4o-mini", "advisors": [
+        {"name": "reviewer", "model": "~anthropic/claude-opus-latest"}]}}]}, 403,
+     "openai/~anthropic/claude-opus-latest"),
+    ({"tools": [{"type": "openrouter:advisor", "parameters": {"model": "openai/gpt-4o-mini", "tools": [
+        {"type": "openrouter:image_generation", "parameters": {"model": "google/gemini-2.5-flash-image"}}]}}]}, 403,
+     "openai/google/gemini-2.5-flash-image"),
+    ({"tools": [{"type": "advisor_20260301", "name": "advisor"}]}, 400, "`tools`"),  # Anthropic's shape, no model
+    ({"tools": [{"type": "openrouter:advisor", "parameters": {"model": "openai/gpt-4o-mini", "advisors": [
+        {"name": "reviewer"}]}}]}, 200, ""),  # a profile without a model of its own consults the tool's
     ({"tools": [{"type": "function", "name": "lookup", "parameters": {}}]}, 200, ""),
     ({"preset": "translator"}, 200, ""),  # a preset the token's patterns name
 ]
