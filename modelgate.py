@@ -1650,7 +1650,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     else:  # Ollama's show, pull, ... naming nothing: Ollama answers that itself
         ex.provider = ex.dialect.provider
     if "tools" in document:
-        check_tools(config, ex.token, ex.provider, document["tools"])
+        ex.web_tool = web_tool(document["tools"])
+        check_tools(config, ex.token, ex.provider, ex.web_tool)
     if ex.token in config.token_models and ex.provider == "openai":
         stored_prompt = ex.route == "/v1/responses" and "prompt" in spans  # (on /v1/completions, the prompt's text)
         check_fallbacks(config, ex.token, document, ex.upstream_model, stored_prompt)
@@ -2009,18 +2010,23 @@ def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
                         "(only the token names in OLLAMA_CLOUD_TOKENS may).", list(failure.headers), failure.detail)
 
 
-def check_tools(config: Config, token: str, provider: str, tools: Any) -> None:
-    """403 cloud_not_allowed for a tool that runs on the web (WEB_TOOLS, by its type or name as the client
-    wrote it, the key in any case: Go's decoder reads "TYPE" as `type`) sent to Ollama by a token outside
-    OLLAMA_CLOUD_TOKENS."""
-    if provider != "ollama" or token in config.ollama_cloud_tokens:
-        return
+def web_tool(tools: Any) -> str | None:
+    """The first tool that runs on the web (WEB_TOOLS, by its type or name as the client wrote it, the key in any
+    case: Go's decoder reads "TYPE" as `type`)."""
     for tool in tools if isinstance(tools, list) else ():
         for key, value in tool.items() if isinstance(tool, dict) else ():
             if (key.casefold() in ("type", "name") and isinstance(value, str)
                     and value.strip().lower().startswith(WEB_TOOLS)):
-                raise cloud_refusal(token, f"The tool {value!r} searches or fetches the web through Ollama's "
-                                    "cloud: it runs on ollama.com")
+                return value
+    return None
+
+
+def check_tools(config: Config, token: str, provider: str, tool: str | None) -> None:
+    """403 cloud_not_allowed for a tool that runs on the web (web_tool) sent to Ollama by a token outside
+    OLLAMA_CLOUD_TOKENS."""
+    if tool is not None and provider == "ollama" and token not in config.ollama_cloud_tokens:
+        raise cloud_refusal(token, f"The tool {tool!r} searches or fetches the web through Ollama's cloud: it runs on "
+                            "ollama.com")
 
 
 def check_fallbacks(config: Config, token: str, document: dict, model: str, prompt: bool) -> None:
@@ -2946,6 +2952,7 @@ class Gateway:
         if ex.holds_slot is not None and ex.token != name:  # counted under its old name: given back under it
             ex.holds_slot.release(name)
             ex.holds_slot = None
+        check_tools(config, ex.token, ex.provider, ex.web_tool)  # (None until its body is read: routed_body)
         if ex.routed is not None:  # its turn came in the queue after the reload (relayed): its model as routed then
             if config.token_models:
                 check_scope(config, ex.token, ex.routed.id, ex.model)
@@ -3144,7 +3151,7 @@ class Exchange:
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out",
                  "watch", "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage",
-                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds", "spent")
+                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds", "spent", "web_tool")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -3164,6 +3171,7 @@ class Exchange:
         self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
         self.body_read = False  # read_body has read the request body to its end
         self.unlisted: list[tuple[str, str]] = []  # Ollama models its list lacked: (name, as asked) (check_cloud)
+        self.web_tool: str | None = None  # a tool in its body that runs on the web (check_tools)
         # The response
         self.send = send
         self.cors: Headers = []

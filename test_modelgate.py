@@ -6673,26 +6673,28 @@ async def test_a_reload_keeps_what_takes_a_restart_and_says_so() -> None:
     assert "PORT changed: that takes a restart; until then the gateway keeps the old value" in lines, lines
 
 
-# (what a reload changes while a request waits in the queue, the model both requests name, the status it gets)
+# (what a reload changes while a request waits in the queue, what both requests ask for besides their messages, the
+# status it gets)
 RELOADED_WHILE_IT_WAITED = [
-    ({"MODELGATE_TOKEN": f"second:{OTHER_TOKEN}", "OLLAMA_CLOUD_TOKENS": ""}, "qwen2.5:7b", 401),  # revoked
-    ({"TOKEN_MODELS": "tester=ollama/llama*"}, "qwen2.5:7b", 403),
-    ({"OLLAMA_CLOUD_TOKENS": ""}, "gpt-oss:120b-cloud", 403),
-    ({"OLLAMA_CLOUD_TOKENS": ""}, "kimi-k2", 403),  # a cloud stub by its list (the reload forgot the list)
-    ({"ALLOWED_IPS": "10.0.0.0/8"}, "qwen2.5:7b", 403),
-    ({"TOKEN_QUOTAS": "tester=10"}, "qwen2.5:7b", 429),  # the answer it waited behind used 15
+    ({"MODELGATE_TOKEN": f"second:{OTHER_TOKEN}", "OLLAMA_CLOUD_TOKENS": ""}, {"model": "qwen2.5:7b"}, 401),  # revoked
+    ({"TOKEN_MODELS": "tester=ollama/llama*"}, {"model": "qwen2.5:7b"}, 403),
+    ({"OLLAMA_CLOUD_TOKENS": ""}, {"model": "gpt-oss:120b-cloud"}, 403),
+    ({"OLLAMA_CLOUD_TOKENS": ""}, {"model": "kimi-k2"}, 403),  # a cloud stub by its list (the reload forgot the list)
+    ({"OLLAMA_CLOUD_TOKENS": ""}, {"model": "qwen2.5:7b", "tools": [{"type": "web_search"}]}, 403),  # on ollama.com
+    ({"ALLOWED_IPS": "10.0.0.0/8"}, {"model": "qwen2.5:7b"}, 403),
+    ({"TOKEN_QUOTAS": "tester=10"}, {"model": "qwen2.5:7b"}, 429),  # the answer it waited behind used 15
 ]
 
 
-@pytest.mark.parametrize("changed, model, status", RELOADED_WHILE_IT_WAITED)
+@pytest.mark.parametrize("changed, fields, status", RELOADED_WHILE_IT_WAITED)
 async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_is_judged_by_the_new_settings(
-        changed: dict[str, str], model: str, status: int) -> None:
+        changed: dict[str, str], fields: dict[str, Any], status: int) -> None:
     """A request let in, then waiting in ModelGate's queue behind one that runs (OLLAMA_NUM_PARALLEL=1), when a
-    reload revokes its token, narrows its TOKEN_MODELS, takes it out of OLLAMA_CLOUD_TOKENS or ALLOWED_IPS, or sets
-    a quota it is over, is refused when its turn comes, and nothing of it reaches Ollama. It ran by the settings
-    of when it came, for as long as QUEUE_TIMEOUT_SECONDS let it wait."""
+    reload revokes its token, narrows its TOKEN_MODELS, takes it out of OLLAMA_CLOUD_TOKENS (its model or a web tool
+    runs on ollama.com) or ALLOWED_IPS, or sets a quota it is over, is refused when its turn comes, and nothing of it
+    reaches Ollama. It ran by the settings of when it came, for as long as QUEUE_TIMEOUT_SECONDS let it wait."""
     def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
-        body = b'{"model": "%s", "messages": [{"role": "user", "content": "%d"}]}' % (model.encode(), n)
+        body = json.dumps({**fields, "messages": [{"role": "user", "content": str(n)}]}).encode()
         return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
                 + AUTH_LINE + b"content-length: %d\r\n\r\n" % len(body) + body)
 
