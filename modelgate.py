@@ -2612,8 +2612,11 @@ class Gateway:
     async def looked_up(self, ex: Exchange) -> bool:
         """Ollama's list of models fetched again, for the models it lacked (or was old for), and each looked up
         once more: a cloud stub pulled or copied since is refused. False when the client left meanwhile."""
+        config = self.config
         if await self.watched(ex, self.cloud.refresh(self.upstreams["ollama"])) is None:
             return False
+        if self.config is not config and await self.watched(ex, self.readmit(ex)) is None:
+            return False  # a reload came while Ollama listed its models: the settings of now decide
         self.placed(ex)
         return True
 
@@ -2940,11 +2943,12 @@ class Gateway:
 
     async def readmit(self, ex: Exchange) -> Config:
         """Who may ask, decided again by the settings of now for a request whose body was still coming when a reload
-        came, or whose turn in the queue came after one: a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS
-        lets it, for as long as it likes, and wait QUEUE_TIMEOUT_SECONDS for its turn, and a token revoked, no longer in
-        OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500), was
-        judged by the settings of when its head came. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken; a
-        token renamed gives it back."""
+        came, whose model was looked up in Ollama's list across one (looked_up), or whose turn in the queue came after
+        one: a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for as long as it likes, and wait
+        QUEUE_TIMEOUT_SECONDS for its turn, and a token revoked, no longer in OLLAMA_CLOUD_TOKENS or
+        OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500), was judged by the settings
+        of when its head came. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken; a token renamed gives it
+        back."""
         config, route, name = self.config, ROUTES[ex.route], ex.token
         if self.screening and route.screened:
             screen(ex, config)

@@ -6713,6 +6713,27 @@ async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_is_judged_
     assert len(up.requests) == 1
 
 
+async def test_a_request_whose_model_is_looked_up_across_a_reload_is_judged_by_the_new_settings() -> None:
+    """A model Ollama's list lacks is looked up in a list read again before the request goes (a cloud stub pulled
+    since is refused); a reload that revokes the token while Ollama lists its models applies when the list comes:
+    401, and nothing reaches the model. It ran by the settings of when it came."""
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if not request.target.endswith("/api/tags"):
+            return await json_reply()(up, request, reader, writer)
+        await up.hold(reader)
+        await write_answer(writer, 200, "application/json", json.dumps({"models": []}).encode())
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=NAMED_TOKENS) as app:
+        up.tags = None  # its list is answered by `reply`, held until the reload is done
+        asked = asyncio.ensure_future(chat(app))
+        await up.received(1)
+        app.reload(modelgate.load_config({**app.environ, "MODELGATE_TOKEN": f"second:{OTHER_TOKEN}"}), None)
+        up.release.set()
+        assert_error(await asked, 401, "authentication_error")
+    assert [request.target for request in up.requests if not request.target.endswith("/api/tags")] == []
+
+
 @pytest.mark.parametrize("path, shape, meant", [
     ("/v1//chat/completions", "openai", "/v1/chat/completions"),  # base URL http://<server>:8010/v1/
     ("//api/chat", "ollama", "/api/chat"),  # http://<server>:8010/, to which the client adds /api/chat
