@@ -4302,7 +4302,9 @@ class Upstream:
                     failure.headers.append(NO_RETRY)
                 raise failure from exc
             host.down_until = 0.0
-            if response.status == HTTPStatus.LOOP_DETECTED and VIA in response.headers:  # ours: it came back to us
+            # Ours: it came back to us. Through a proxy, whose Via may be "Via" and follow ours (RFC 9110 §7.6.3).
+            if response.status == HTTPStatus.LOOP_DETECTED and any(
+                    name.lower() == b"via" and VIA[1] in value for name, value in response.headers):
                 await response.aclose()
                 raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),  # a retry loops too
                                    [NO_RETRY], f"{self.where(host)} leads back to this gateway")

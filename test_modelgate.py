@@ -4856,6 +4856,25 @@ async def test_a_loop_is_not_retried_by_the_sdks() -> None:
     assert status == 508 and headers.get(b"x-should-retry") == b"false"
 
 
+async def test_a_loop_through_a_proxy_that_rewrites_via_is_still_told_as_ours() -> None:
+    """OLLAMA_BASE_URL naming a proxy in front of this gateway: the request comes back carrying ModelGate's Via mark,
+    and its 508 goes back through the proxy, which may write the name in its own case (Go's reverse proxy, Caddy:
+    "Via") and add its own mark after ModelGate's (RFC 9110 §7.6.3). It is still ModelGate's loop: the message says
+    what to change, and x-should-retry: false keeps the SDKs from sending it twice more."""
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        body = b'{"error": {"message": "loop", "type": "api_error", "param": null, "code": "loop_detected"}}'
+        writer.write(b"HTTP/1.1 508 Loop Detected\r\nVia: %s, 1.1 caddy\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (request.header("via").encode(), len(body), body))
+        await writer.drain()
+
+    async with upstream(reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    message = assert_error(answer, 508, "api_error", "loop_detected")["message"]
+    assert message.startswith("OLLAMA_BASE_URL leads back to this ModelGate"), message
+    assert answer.header(b"x-should-retry") == b"false"
+
+
 ###############################################################################
 # Upstreams and several Ollama hosts ##########################################
 ###############################################################################
