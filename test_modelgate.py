@@ -5459,6 +5459,18 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert code == 1 and "memory only" in output
 
 
+def test_usage_shows_time_upstream_and_queued_in_the_unit_that_reads_best() -> None:
+    """--usage (as the /usage page) shows the time upstream and the time queued in ms, s, min or h, whichever reads
+    best: 1.5 s, not 1500 ms; 1.5 h, not 5400 s."""
+    counts = {("2026-12-07", "app", "ollama", "a"): [1, 0, 1, 1, 0.25, 1.5],
+              ("2026-12-07", "app", "ollama", "b"): [1, 0, 1, 1, 90.0, 5400.0]}
+    lines = modelgate.usage_lines(modelgate.usage_report(counts, "2026-12-07", 1, {"app"}, {}))
+    [a] = [line for line in lines if " ollama/a " in line]
+    [b] = [line for line in lines if " ollama/b " in line]
+    cells = [re.split(r"\s{2,}", line.strip())[-2:] for line in (a, b)]  # upstream, queued
+    assert cells == [["1.5 s", "250 ms"], ["1.5 h", "1.5 min"]], lines
+
+
 async def test_the_command_line_says_one_day_for_days_1(tmp_path: Path) -> None:
     """`python modelgate.py --usage --days 1` heads its table "(1 day, ...", not "(1 days"."""
     modelgate.open_usage_file(str(tmp_path / "modelgate-usage.sqlite3")).close()
