@@ -2132,6 +2132,18 @@ async def test_unexpected_failure_is_500_without_internals(caplog: pytest.LogCap
     assert "Traceback" not in error["message"] and "NoneType" not in error["message"]
 
 
+async def test_a_json_log_line_of_a_failure_holds_its_traceback_in_one_field() -> None:
+    """LOG_FORMAT=json: the line of a failure of ModelGate's own holds its traceback as an "exception" field, one
+    JSON object on one line as every other line is."""
+    async with captured_log(keep=lambda record: record) as records, upstream(json_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        app.upstreams["ollama"].send = None  # make the request path fail the way a bug would
+        await chat(app)
+    [failure] = [record for record in records if record.exc_info]
+    line = modelgate.JsonFormatter().format(failure)
+    assert "\n" not in line and "Traceback (most recent call last)" in json.loads(line)["exception"]
+
+
 ###############################################################################
 # The app and its dispatch: bad requests and body limits ######################
 ###############################################################################
