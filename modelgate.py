@@ -2070,8 +2070,8 @@ MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:ad
 def tool_models(tools: Any) -> list[Any]:
     """The models the tools run, as they name them: a tool's `model` and its `parameters.model` (both: OpenAI reads
     the one, OpenRouter's server tools the other), a fusion panel's `parameters.analysis_models`, an advisor's named
-    profiles (`parameters.advisors`, each with its own `model` or the tool's) and the tools it runs as a sub-agent
-    (`tools` of either); None for one a tool of MODEL_TOOLS runs without naming it."""
+    profiles (`parameters.advisors`, each with its own `model` or the tool's) and the tools it calls itself (`tools`
+    of either); None for one a tool of MODEL_TOOLS runs without naming it."""
     named, pending = [], list(tools) if isinstance(tools, list) else []
     for tool in pending:  # (it grows by the tools an advisor runs)
         if not isinstance(tool, dict):

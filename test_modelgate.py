@@ -2814,7 +2814,7 @@ STORED_AND_TOOL_MODELS_TABLE = [
     ({"tools": [{"type": "openrouter:advisor"}]}, 400, "`tools`"),
     ({"tools": [{"type": "openrouter:fusion", "parameters": {"model": "openai/gpt-4o-mini"}}]}, 400, "`tools`"),
     # OpenRouter reads an advisor's model from `parameters` whatever the tool says besides, and runs those of its
-    # named profiles and of the tools it runs as a sub-agent (openrouter.ai/docs/guides/features/server-tools/advisor)
+    # named profiles and of the tools it calls itself (openrouter.ai/docs/guides/features/server-tools/advisor)
     ({"tools": [{"type": "openrouter:advisor", "model": "openai/gpt-4o-mini",
                  "parameters": {"model": "~anthropic/claude-opus-latest"}}]}, 403,
      "openai/~anthropic/claude-opus-latest"),
