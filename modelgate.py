@@ -2952,10 +2952,12 @@ class Gateway:
         config, route, name = self.config, ROUTES[ex.route], ex.token
         if self.screening and route.screened:
             screen(ex, config)
-        admit(ex, route, config, None, self.usage)
-        if ex.holds_slot is not None and ex.token != name:  # counted under its old name: given back under it
-            ex.holds_slot.release(name)
-            ex.holds_slot = None
+        try:
+            admit(ex, route, config, None, self.usage)
+        finally:  # (admit names the exchange by its new name before it refuses: not an admin now, over its quota)
+            if ex.holds_slot is not None and ex.token != name:  # counted under its old name: given back under it
+                ex.holds_slot.release(name)
+                ex.holds_slot = None
         check_tools(config, ex.token, ex.provider, ex.web_tool)  # (None until its body is read: routed_body)
         if ex.routed is not None:  # its turn came in the queue after the reload (relayed): its model as routed then
             if config.token_models:

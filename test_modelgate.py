@@ -6697,6 +6697,31 @@ async def test_a_request_whose_body_comes_across_a_reload_is_judged_by_the_new_s
     assert up.requests == []
 
 
+async def test_a_token_renamed_and_refused_by_a_reload_while_its_body_came_gives_its_slot_back() -> None:
+    """A reload that renames a token and refuses its request under the new name (an admin's pull, no longer an admin)
+    while its body comes gives back its MAX_CONCURRENT_PER_TOKEN slot under the name it took it by: with that name
+    back, the token is let in. The slot stayed taken for good (429 too_many_in_flight ever after), and the new name
+    was given back one it never took."""
+    settings_ = {"MODELGATE_TOKEN": f"tester:{TOKEN}", "OLLAMA_ADMIN_TOKENS": "tester", "MAX_CONCURRENT_PER_TOKEN": "1"}
+    body = b'{"model": "qwen2.5:7b"}'
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, **settings_) as app, serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /api/pull HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: "
+                     b"%d\r\n" % len(body) + AUTH_LINE + b"\r\n" + body[:9])
+        await until(lambda: app.metrics.in_flight == 1)  # let in, its body on the way
+        app.reload(modelgate.load_config({**app.environ, "MODELGATE_TOKEN": f"renamed:{TOKEN}",
+                                          "OLLAMA_ADMIN_TOKENS": ""}), None)
+        writer.write(body[9:])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        app.reload(modelgate.load_config(app.environ), None)
+        await until(lambda: app.metrics.in_flight == 0)
+        answer = await chat(app)
+    assert head.startswith(b"HTTP/1.1 403 "), head
+    assert answer.status == 200, answer.body
+
+
 async def test_a_reload_that_raises_rate_limit_rpm_lets_a_token_at_its_old_limit_in() -> None:
     """RATE_LIMIT_RPM changed by a reload (and still on) is the limit from then on: a token refused at the old
     limit is let in at once under a higher one."""
