@@ -1026,13 +1026,6 @@ def memory(pid: int) -> dict[str, int]:
     return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
 
 
-def address_space_of_1_gib() -> None:
-    # In the gateway's process, before it starts: should it hold an endless answer, it fails at 1 GiB
-    # (MemoryError) rather than take the machine's memory, and the test fails on that.
-    import resource
-    resource.setrlimit(resource.RLIMIT_AS, (1024 * MIB, 1024 * MIB))
-
-
 async def post_over_a_socket(port: int, body: bytes, keep: int) -> tuple[bytes, int, bytes]:
     """POST a chat request to the gateway; read the answer until the gateway ends it or `keep` body bytes came.
     Returns the head, the number of body bytes (framing and all) and their last KiB."""
@@ -1062,8 +1055,12 @@ async def spawn_gateway(tmp_path: Any, up: FakeUpstream, **overrides: str) -> tu
     """`python modelgate.py` in front of `up`, starting; its port."""
     port = free_port()
     process = await start_command_line(tmp_path, {
-        "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port), **overrides},
-        preexec_fn=address_space_of_1_gib)
+        "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port), **overrides})
+    # Before it is sent anything: should it hold an endless answer, it fails at 1 GiB (MemoryError) rather than
+    # take the machine's memory, and the test fails on that. Set from here rather than by a preexec_fn, which
+    # makes Python fork this process, memory and all (0.2 s a start), where it otherwise uses vfork.
+    import resource
+    resource.prlimit(process.pid, resource.RLIMIT_AS, (1024 * MIB, 1024 * MIB))
     return process, port
 
 
@@ -7833,8 +7830,8 @@ async def test_a_siege_of_held_connections_leaves_the_gateway_answering(tmp_path
             port = free_port()
             process = await start_command_line(tmp_path, {
                 "MODELGATE_TOKEN": TOKEN, "OLLAMA_BASE_URL": up.url, "HOST": "127.0.0.1", "PORT": str(port),
-                "ALLOWED_IPS": "127.0.0.1", "CLIENT_TIMEOUT_SECONDS": "0.5"}, start=WITH_A_FAST_ACCEPT_RETRY,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+                "ALLOWED_IPS": "127.0.0.1", "CLIENT_TIMEOUT_SECONDS": "0.5"}, start=WITH_A_FAST_ACCEPT_RETRY)
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (256, 256))  # as spawn_gateway's, before it serves
             output = None
             try:
                 await read_until_serving(process, 30)
