@@ -3361,6 +3361,7 @@ class Flight:
     """One upstream request that identical requests share (COALESCE): its task, and how many wait for it."""
     task: asyncio.Task
     owner: Exchange  # the request it runs for: its wait in the queue is everyone's
+    config: Config  # the settings it was let in by: a reload may give its token's name to another token
     waiters: int = 0
     counted: bool = False  # a waiter has taken the answer's usage: tokens used once are counted once
 
@@ -3375,7 +3376,8 @@ class Coalescer:
     """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
 
     Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
-    anthropic-beta of its own may change the answer). The upstream request runs in a task of its own,
+    anthropic-beta of its own may change the answer), let in by the same settings (after a reload, a token's name
+    may be another token's). The upstream request runs in a task of its own,
     so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry
     goes as soon as it is done: this is no cache.
     """
@@ -3387,9 +3389,9 @@ class Coalescer:
     async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
         key = (ex.token, upstream.name, path, body, tuple(ex.forward))
         flight = self.flights.get(key)
-        if flight is None:
+        if flight is None or flight.config is not gw.config:  # (its owner is judged again when its turn comes)
             flight = self.flights[key] = Flight(asyncio.ensure_future(
-                self.flown(key, relayed(gw, ex, upstream, path, body, stream=False, shared=True))), ex)
+                self.flown(key, relayed(gw, ex, upstream, path, body, stream=False, shared=True))), ex, gw.config)
         else:
             ex.coalesced = True
             count(self.metrics.coalesced, (ex.token,))

@@ -6779,6 +6779,33 @@ async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_is_judged_
     assert len(up.requests) == 1
 
 
+async def test_a_request_sent_with_a_rotated_token_does_not_share_the_answer_of_one_sent_with_the_old_one() -> None:
+    """COALESCE shares an answer between identical requests of one token name. A reload that gives the name a new
+    token (the old one leaked, say) while a request sent with the old one waits in the queue: the same request sent
+    again with the new token gets its answer, and the old one its 401. It shared the old one's flight, and its 401."""
+    body = json.dumps({"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "Hi"}]}).encode()
+
+    def request(token: str, content: bytes) -> bytes:
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s" % (token.encode(), len(content), content))
+
+    async with upstream(json_reply(held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=f"tester:{TOKEN}", OLLAMA_CLOUD_TOKENS="tester",
+                    OLLAMA_NUM_PARALLEL="1") as app, \
+            serve(app) as base:
+        running = asyncio.ensure_future(answered_over_a_socket(base, request(TOKEN, CHAT)))
+        await up.received(1)
+        old = asyncio.ensure_future(answered_over_a_socket(base, request(TOKEN, body)))
+        await until(lambda: app.metrics.queued.get("tester") == 1)
+        app.reload(modelgate.load_config({**app.environ, "MODELGATE_TOKEN": f"tester:{OTHER_TOKEN}"}), None)
+        new = asyncio.ensure_future(answered_over_a_socket(base, request(OTHER_TOKEN, body)))
+        # it joins the old one's flight, or waits for its own turn
+        await until(lambda: sum(app.metrics.coalesced.values()) == 1 or app.metrics.queued.get("tester") == 2)
+        up.release.set()
+        statuses = [status for status, _, _ in await asyncio.gather(running, old, new)]
+    assert statuses == [200, 401, 200]
+
+
 async def test_a_request_whose_model_is_looked_up_across_a_reload_is_judged_by_the_new_settings() -> None:
     """A model Ollama's list lacks is looked up in a list read again before the request goes (a cloud stub pulled
     since is refused); a reload that revokes the token while Ollama lists its models applies when the list comes:
