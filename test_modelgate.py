@@ -1584,6 +1584,18 @@ def test_dotenv_quote_left_open_is_an_error_naming_the_line(tmp_path: Any, line:
     assert "abc" not in str(failure.value)  # the value may be a token
 
 
+def test_a_dotenv_that_is_not_utf_8_or_cannot_be_read_stops_start_up_saying_so(tmp_path: Any) -> None:
+    """A .env saved in another encoding (Windows' cp1252, say) stops start-up saying to save it as UTF-8, and one
+    that is no file to read (a directory) says it cannot be read; neither is taken for no .env at all."""
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / ".env").write_bytes(b"MODELGATE_TOKEN=caf\xe9\n")
+    (tmp_path / "dir" / ".env").mkdir(parents=True)
+    with pytest.raises(modelgate.ConfigError, match=r"\.env is not UTF-8 text; save it as UTF-8"):
+        modelgate.read_settings(str(tmp_path / "latin"), {})
+    with pytest.raises(modelgate.ConfigError, match=r"\.env cannot be read: "):
+        modelgate.read_settings(str(tmp_path / "dir"), {})
+
+
 def test_dotenv_key_given_twice_takes_the_last_line_as_docker_compose_does(tmp_path: Any) -> None:
     """`cp .env.example .env` and an appended MODELGATE_TOKEN line: the appended token counts, as it does for
     docker compose (1.29 and 2.x both take the last line), with no warning: the line it fills in was empty (a
@@ -5618,10 +5630,18 @@ def damaged_usage_file(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def ours_with_another_table(path: Path) -> None:
+    with sqlite3.connect(path) as db:  # ModelGate's mark in its header, and a table that is not its own
+        db.execute(f"PRAGMA application_id = {modelgate.USAGE_APPLICATION_ID}")
+        db.execute("CREATE TABLE notes (text TEXT)")
+    db.close()
+
+
 USAGE_FILES_REFUSED = [
     (lambda path: path.write_bytes(b"these are my notes, not a database\n" * 100), "not a file of usage counts"),
     (another_programs_file, "not a file of usage counts"),
     (damaged_usage_file, "not a file of usage counts"),
+    (ours_with_another_table, "its tables are not ModelGate's"),
 ]
 
 
