@@ -4173,6 +4173,15 @@ async def test_upstream_error_status_is_passed_through(status: int, body: str, c
             assert answer.header(b"retry-after") == b"7"
 
 
+async def test_an_upstream_error_body_is_read_only_as_far_as_its_message_needs() -> None:
+    """An error answer larger than MAX_ERROR_BODY (a proxy's page, a dump) is read only that far: the client gets the
+    upstream's status and the start of its text, whatever follows, even a body that is never finished."""
+    head = b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 10000000\r\n\r\n"
+    async with upstream(raw_reply(head + b"out of memory " * 10_000)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app)
+    assert answer.status == 500 and "out of memory" in answer.json()["error"]["message"], answer.body
+
+
 # OpenAI's answer to a key it does not know, as it sends it (its error-codes guide: 401 Invalid Authentication).
 OPENAI_KEY_REFUSED = (b'{\n    "error": {\n        "message": "Incorrect API key provided: sk-proj-****abcd. You can find your '
                       b'API key at https://platform.openai.com/account/api-keys.",\n        "type": "invalid_request_error",'
