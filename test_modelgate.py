@@ -6758,6 +6758,14 @@ async def test_a_reload_that_raises_rate_limit_rpm_lets_a_token_at_its_old_limit
     assert statuses == [200, 429, 200]
 
 
+async def test_a_reload_warns_of_what_start_up_would_warn_of() -> None:
+    """A reload logs the warnings start-up gives (a token short enough to guess, say): a mistake made in the .env of
+    a running gateway is told as one made before it started."""
+    async with captured_log() as lines, gateway() as app:
+        app.reload(modelgate.load_config({**app.environ, "MODELGATE_TOKEN": "app:short"}), None)
+    assert any(line.startswith("MODELGATE_TOKEN: the token app is shorter than ") for line in lines), lines
+
+
 async def test_a_reload_keeps_what_takes_a_restart_and_says_so() -> None:
     """A reload that changes PORT (or HOST, TLS, USAGE_DB) keeps the running value, and the log says that the
     change takes a restart."""
