@@ -2542,6 +2542,17 @@ async def test_a_model_list_refused_by_the_upstream_is_its_error_not_an_empty_li
     assert answer.status == 401 and "invalid api key" in message and "Check OLLAMA_API_KEY" in message, message
 
 
+@pytest.mark.parametrize("path", ["/v1/models/ollama/qwen2.5:7b", "/api/tags"])
+async def test_one_model_and_ollamas_list_refused_by_the_upstream_are_its_error(path: str) -> None:
+    """GET /v1/models/{id} and Ollama's /api/tags where the upstream answers an error (an auth proxy refusing
+    OLLAMA_API_KEY): the client gets that status and the upstream's message, not a 404 or an empty list."""
+    async with upstream(json_reply(401, raw=b'{"error": "invalid api key"}')) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_CLOUD_TOKENS="tester") as app:
+        answer = await call(app, "GET", path)
+    error = answer.json()["error"]
+    assert answer.status == 401 and "invalid api key" in (error if isinstance(error, str) else error["message"])
+
+
 async def test_ollama_null_data_is_an_empty_list() -> None:
     """Ollama answers "data": null when no model is installed; clients get []."""
     async with upstream(json_reply(document={"object": "list", "data": None})) as up, \
@@ -5499,6 +5510,16 @@ def test_usage_shows_time_upstream_and_queued_in_the_unit_that_reads_best() -> N
     [b] = [line for line in lines if " ollama/b " in line]
     cells = [re.split(r"\s{2,}", line.strip())[-2:] for line in (a, b)]  # upstream, queued
     assert cells == [["1.5 s", "250 ms"], ["1.5 h", "1.5 min"]], lines
+
+
+async def test_the_command_line_says_when_there_are_no_counts_to_print_or_days_is_no_count(tmp_path: Path) -> None:
+    """`--usage` where USAGE_DB does not exist yet says so and exits 1, changing nothing; `--days 0` is refused by
+    the command line, saying what it takes."""
+    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage")
+    assert code == 1 and output.startswith("No usage counted yet: ") and "(USAGE_DB) does not exist" in output
+    assert not (tmp_path / "modelgate-usage.sqlite3").exists()
+    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage", "--days", "0")
+    assert code == 2 and "expected a whole number of days above 0, not '0'" in output, output
 
 
 async def test_the_command_line_says_one_day_for_days_1(tmp_path: Path) -> None:
