@@ -6779,6 +6779,19 @@ async def test_a_reload_that_raises_rate_limit_rpm_lets_a_token_at_its_old_limit
     assert statuses == [200, 429, 200]
 
 
+async def test_a_sighup_while_the_gateway_starts_or_stops_changes_nothing_and_says_so() -> None:
+    """SIGHUP before start-up is complete, or after SIGTERM, is ignored, and the log says why."""
+    async with captured_log() as lines:
+        modelgate.reload(modelgate.Gateway(environ()), None, {})
+        async with gateway() as app:
+            app.shut_down()
+            config = app.config
+            modelgate.reload(app, None, {**app.environ, "RATE_LIMIT_RPM": "5"})
+            kept = app.config is config
+    assert kept and "SIGHUP ignored: the gateway is starting" in lines
+    assert "SIGHUP ignored: the gateway is shutting down" in lines
+
+
 async def test_a_reload_warns_of_what_start_up_would_warn_of() -> None:
     """A reload logs the warnings start-up gives (a token short enough to guess, say): a mistake made in the .env of
     a running gateway is told as one made before it started."""
