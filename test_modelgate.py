@@ -6652,6 +6652,16 @@ async def test_a_post_to_the_root_is_answered_without_waiting_for_the_rest_of_it
     assert "http://gw:8010/v1/chat/completions" in json.loads(rest)["error"]["message"]  # OpenAI's shape: its body
 
 
+async def test_a_post_to_the_root_from_a_client_that_left_is_answered_with_nothing_and_logged_as_499() -> None:
+    """POST / whose client has gone before its body came: nothing is sent, and the log line says 499."""
+    gone = asyncio.Event()
+    gone.set()
+    async with captured_log() as lines, gateway() as app:
+        answer = await call(app, "POST", "/", headers=[(b"host", b"gw:8010")], body_parts=[], disconnect=gone)
+        line = await lines.logged("POST / ")
+    assert answer.messages == [] and line.startswith("POST / 499 "), line
+
+
 async def test_a_post_to_the_root_whose_body_does_not_come_is_answered_by_its_headers() -> None:
     """POST / whose body does not come within CLIENT_TIMEOUT_SECONDS gets its 404 all the same, in the shape its
     headers say (an Anthropic client's x-api-key), with what to write."""
