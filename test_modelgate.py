@@ -5221,8 +5221,11 @@ async def start_failure(app: modelgate.Gateway) -> str:
     """The message of a lifespan start-up that fails, as uvicorn prints it."""
     inbox, outbox = asyncio.Queue(), asyncio.Queue()
     await inbox.put({"type": "lifespan.startup"})
-    await app({"type": "lifespan"}, inbox.get, outbox.put)
+    lifespan = asyncio.ensure_future(app({"type": "lifespan"}, inbox.get, outbox.put))
     message = await outbox.get()
+    if message["type"] != "lifespan.startup.failed":  # it started: stopped again, the test fails rather than hangs
+        await inbox.put({"type": "lifespan.shutdown"})
+    await lifespan
     assert message["type"] == "lifespan.startup.failed", message
     return message["message"]
 
