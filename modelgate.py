@@ -573,6 +573,9 @@ UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
 
 # The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
 UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
+# Of those, the ones no retry mends (NO_RETRY): no answer within TIMEOUT_SECONDS, where a retry would run the
+# generation again as long, most often to the same end; a TLS handshake with an upstream that speaks plain HTTP.
+NOT_RETRIED = (httpcore.ReadTimeout, TLSError)
 
 # The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
 UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -4208,8 +4211,7 @@ def upstream_failure(exc: Exception, name: str, where: str = "", loopback: bool 
                               if isinstance(exc, exc_type))
     if loopback and type(exc) is httpcore.ConnectError:
         message += LOOPBACK_REFUSED
-    # No answer within TIMEOUT_SECONDS: a retry would run the generation again as long, most often to the same end.
-    retry = [NO_RETRY] if isinstance(exc, httpcore.ReadTimeout) else None
+    retry = [NO_RETRY] if isinstance(exc, NOT_RETRIED) else None
     return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), retry,
                         detail=f"{where or name} {cause(exc, key)}")
 
@@ -4296,8 +4298,6 @@ class Upstream:
                                            f"{self.name} hosts tried: refused, unreachable or too slow. Check that "
                                            f"they are running and {URL_VARIABLE[self.name]} lists them right.",
                                            detail=", ".join(causes))
-                elif isinstance(exc, TLSError):  # an https:// URL for plain HTTP: a retry fails the same way
-                    failure.headers.append(NO_RETRY)
                 raise failure from exc
             except UPSTREAM_EXCEPTIONS as exc:
                 failure = self.translate(exc, host)
