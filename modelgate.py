@@ -1238,15 +1238,19 @@ def config_warnings(config: Config, sources: Sources | None) -> list[str]:
     return warnings
 
 
+def is_loopback(name: str) -> bool:
+    """localhost, or a loopback address (127.0.0.0/8, ::1, also as ::ffff:127.0.0.1)."""
+    return name == "localhost" or getattr(parse_ip(name), "is_loopback", False)
+
+
 def names_itself(url: str, config: Config) -> bool:
     """Whether a base URL names where `python modelgate.py` listens: its PORT on HOST, or on loopback when HOST
     is every address or loopback too."""
     parts = urlsplit(url)
     if (parts.port or (443 if parts.scheme == "https" else 80)) != config.port:
         return False
-    loopback = [name == "localhost" or (address := parse_ip(name)) is not None and address.is_loopback
-                for name in (parts.hostname or "", config.host)]
-    return parts.hostname == config.host or loopback[0] and (loopback[1] or config.host in ("0.0.0.0", "::"))
+    return parts.hostname == config.host or is_loopback(parts.hostname or "") and (
+        is_loopback(config.host) or config.host in ("0.0.0.0", "::"))
 
 
 def with_v1(url: str) -> str:
@@ -4188,7 +4192,7 @@ class Host:
         # Ollama's native API lives at the base URL without its /v1 (a path prefix in front of it stays).
         self.native_path = self.path.removesuffix(b"/v1")
         self.authority = url.netloc.encode("idna")
-        self.loopback = self.host in (b"localhost", b"::1") or self.host.startswith(b"127.")
+        self.loopback = is_loopback(url.hostname)
         self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
         self.down_until = 0.0  # time.monotonic() before which other hosts go first
         self.waiting = 0  # requests in ModelGate's queue for this host (The queue)
@@ -5810,7 +5814,7 @@ def address(sock: socket.socket) -> str:
 def loopback_note(host: str) -> str:
     # In a container (HOST in Compose's env_file), nothing outside can connect, and Docker's healthcheck, which
     # asks 127.0.0.1 (Dockerfile), says healthy all the same: the line that says where it listens says so.
-    if host != "localhost" and not getattr(parse_ip(host), "is_loopback", False):
+    if not is_loopback(host):
         return ""
     return " (loopback: only this machine can connect; in a container, only the container itself: leave HOST unset)"
 
