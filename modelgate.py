@@ -1976,9 +1976,11 @@ def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
     """Whether Ollama's list of models (CloudModels) shows the name as a cloud stub: True, or as a local model:
     False; None when the list lacks the name or is older than CLOUD_LIST_SECONDS."""
     now = time.monotonic()
-    if now - cloud.fetched >= CLOUD_LIST_SECONDS or cloud.passed_over and any(
-            host.down_until <= now for host in cloud.passed_over):
-        return None  # (a host left out of the list, up again, takes requests: its list is read first)
+    if now - cloud.fetched >= CLOUD_LIST_SECONDS or cloud.passed_over and (
+            any(host.down_until <= now for host in cloud.passed_over)
+            or all(host.down_until > now for host in cloud.hosts)):
+        return None  # (a host left out of the list takes requests when it is up again, or when every host is down,
+        # as Upstream.by_preference then tries them all: its list is read first)
     key = ollama_name(name)
     return True if key in cloud.stubs else False if key in cloud.local or cloud.no_tags else None
 
@@ -4532,6 +4534,7 @@ class CloudModels:
         self.stubs: frozenset[str] = frozenset()
         self.no_tags = False  # no host has /api/tags (NO_SUCH_DOOR): no Ollama, so no stub, whatever the name
         self.passed_over: Iterable[Host] = ()  # hosts left out of the list while down (fetch_lists)
+        self.hosts: Iterable[Host] = ()  # every host of the Upstream the list was read from (fetch_lists)
         self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
@@ -4591,6 +4594,7 @@ class CloudModels:
         self.unread = unread[0] if unread else None
         if answered:
             self.remember(answered, self.unread, passed_over)
+            self.hosts = upstream.hosts
 
     def remember(self, documents: list[Any], unread: GatewayError | None = None,
                  passed_over: Iterable[Host] = ()) -> None:

@@ -8765,6 +8765,27 @@ async def test_issue_19_a_host_passed_over_while_it_was_down_has_its_list_read_b
     assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
     assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
 
+async def test_issue_19_with_every_ollama_host_down_a_model_goes_to_none_whose_list_has_not_placed_it() -> None:
+    """Two Ollama hosts, the first down when the list of models is read (the second shows `plain` local), then the
+    second down too: with every host down ModelGate tries them all, and the first, back with `plain` as a cloud stub,
+    has its list read first: a token outside OLLAMA_CLOUD_TOKENS asking for `plain` gets 403 cloud_not_allowed, and
+    nothing reaches it. The list read without the first host placed `plain`, and it went there, which ran it on
+    ollama.com under the owner's account."""
+    sock, url = unlistened()
+    async with upstream(cloud_ollama) as local, \
+            gateway(OLLAMA_BASE_URL=f"{url},{local.url}", **CLOUD_SETTINGS) as app, serve(app) as base:
+        local.tags = {"models": [tag("plain:latest")]}
+        first, _, _ = await answered_over_a_socket(base, openai_sdk_chat("plain"))  # the first host refuses
+        stubbed = await FakeUpstream(cloud_ollama).start(sock)
+        stubbed.tags = {"models": [stub("plain:latest")]}
+        app.upstreams["ollama"].hosts[1].down_until = math.inf  # as if it had refused a connection too
+        got, _, body = await answered_over_a_socket(base, openai_sdk_chat("plain"))
+        stubbed.server.close()
+    assert first == 200 and got == 403, body
+    assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
+    assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
+
+
 
 async def test_model_lists_show_cloud_models_to_cloud_tokens_only() -> None:
     """/v1/models, /api/tags and /api/ps leave out cloud models (and aliases of them) for a token not in
