@@ -3492,6 +3492,9 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
     try:
         if gw.config is not config:  # a reload came while it waited: the settings of now decide, its quota too
             await gw.readmit(ex)
+            if gw.upstreams[upstream.name] is not upstream:  # and where it goes: the hosts whose list judged it
+                upstream = gw.upstreams[upstream.name]
+                ex.host = next((host for host in upstream.hosts if host.base_url == ex.host.base_url), None)
         elif ticket.waited and quota is not None:  # the answers it waited behind may have used its app's quota
             within_quota(ex.token, quota, gw.usage)
         answer = await relay(gw, ex, upstream, path, body, stream, shared)

@@ -6863,6 +6863,31 @@ async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_is_judged_
     assert len(up.requests) == 1
 
 
+async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_that_moves_ollama_goes_to_the_new_host() -> None:
+    """A request waiting in ModelGate's queue when a reload gives OLLAMA_BASE_URL another host (and takes its token
+    out of OLLAMA_CLOUD_TOKENS) is judged by the new host's list of models, where `plain` is local, and goes there
+    when its turn comes. It went to the old host, where `plain` is a cloud stub, and ran on ollama.com under the
+    owner's account."""
+    def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
+        body = b'{"model": "plain", "messages": [{"role": "user", "content": "%d"}]}' % n
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                b"authorization: Bearer " + ADMIN.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+
+    async with upstream(json_reply(held=True)) as old, upstream(cloud_ollama) as new, \
+            gateway(OLLAMA_BASE_URL=old.url, OLLAMA_NUM_PARALLEL="1", **CLOUD_SETTINGS) as app, serve(app) as base:
+        old.tags, new.tags = {"models": [stub("plain:latest")]}, {"models": [tag("plain:latest")]}
+        running = asyncio.ensure_future(answered_over_a_socket(base, request(1)))
+        await old.received(1)
+        waiting = asyncio.ensure_future(answered_over_a_socket(base, request(2)))
+        await until(lambda: app.metrics.queued.get("me") == 1)
+        app.reload(modelgate.load_config({**app.environ, "OLLAMA_BASE_URL": new.url, "OLLAMA_CLOUD_TOKENS": ""}), None)
+        old.release.set()
+        (ran, _, _), (moved, _, body) = await running, await waiting
+    assert (ran, moved) == (200, 200), body
+    assert [r.body for r in old.requests] == [b'{"model": "plain", "messages": [{"role": "user", "content": "1"}]}']
+    assert [r.target for r in new.requests] == [V1_CHAT]
+
+
 async def test_a_request_sent_with_a_rotated_token_does_not_share_the_answer_of_one_sent_with_the_old_one() -> None:
     """COALESCE shares an answer between identical requests of one token name. A reload that gives the name a new
     token (the old one leaked, say) while a request sent with the old one waits in the queue: the same request sent
