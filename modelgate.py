@@ -1897,10 +1897,14 @@ def route_model(model: str, config: Config, dialect: Dialect = OPENAI, aliases: 
 
 def spellings(model_id: str) -> tuple[str, ...]:
     """`provider/name` as a pattern may name it: Ollama's `tiny` and `tiny:latest` are one model (Ollama adds
-    the tag), so each is matched as the other too."""
+    the tag), so each is matched as the other too. Whatever comes before `://` is no part of it: Ollama takes it
+    for a scheme and drops it (ParseNameBare, types/model/name.go), and `qwen://registry.ollama.ai/library/llama3`
+    runs llama3, not a model that `ollama/qwen*` allows."""
     provider, _, name = model_id.partition("/")
     if provider != "ollama":
         return (model_id,)
+    name = name.partition("://")[2] or name
+    model_id = f"ollama/{name}"
     if name.endswith(":latest"):
         return model_id, model_id.removesuffix(":latest")
     return (model_id, model_id + ":latest") if ":" not in name.rpartition("/")[2] else (model_id,)

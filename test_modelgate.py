@@ -2756,6 +2756,10 @@ SCOPE_TABLE = [
     (AUTH, "/v1/embeddings", "ollama/nomic-embed-text", False),
     (AUTH, "/v1/responses", "ollama/llama3.1:8b", False),
     (AUTH, "/v1/completions", "ollama/llama3.1:8b", False),
+    # Ollama takes whatever comes before :// for a scheme and drops it (types/model/name.go, ParseNameBare): these
+    # run llama3.1:8b, though `qwen` comes first
+    (AUTH, "/v1/chat/completions", "ollama/qwen://registry.ollama.ai/library/llama3.1:8b", False),
+    (AUTH, "/v1/chat/completions", "qwen2.5:7b/x://registry.ollama.ai/library/llama3.1:8b", False),
     (OTHER_AUTH, "/v1/chat/completions", "gpt-4o-mini", True),  # no entry: everything, as without TOKEN_MODELS
     (OTHER_AUTH, "/v1/chat/completions", "openai/gpt-4o-mini", True),
 ]
