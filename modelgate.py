@@ -2904,7 +2904,8 @@ class Gateway:
 
     def apply(self, config: Config) -> None:
         """The state that follows the settings, made or changed for `config`; what runs keeps what it holds."""
-        self.cloud.forget()  # OLLAMA_BASE_URL may name other hosts now: their list is fetched anew
+        # OLLAMA_BASE_URL may name other hosts now: their list is fetched anew.
+        self.cloud.forget(self.upstreams["ollama"])
         # A feature that is off costs the request path one `if`.
         self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
         if not (config.rate_limit_rpm or config.max_concurrent_per_token):
@@ -4545,6 +4546,7 @@ class CloudModels:
         self.unread: GatewayError | None = None  # why the last fetch could not read a host's list, if it could not
         self.fetched = -math.inf  # time.monotonic() of the list
         self.fetch: asyncio.Future | None = None
+        self.upstream: Upstream | None = None  # whose hosts it is read from, as the settings of now say (forget)
 
     async def current(self, upstream: Upstream) -> bool:
         """The list, fetched again if it is too old."""
@@ -4555,16 +4557,18 @@ class CloudModels:
     async def refresh(self, upstream: Upstream) -> bool:
         while True:  # again when the list was forgotten meanwhile: a name is never placed by no list at all
             if self.fetch is None or self.fetch.done():
-                self.fetch = asyncio.ensure_future(self.fetch_lists(upstream))
+                self.fetch = asyncio.ensure_future(self.fetch_lists(self.upstream or upstream))
             await asyncio.shield(self.fetch)
             if self.fetched != -math.inf or self.unread is not None:
                 return True
 
-    def forget(self) -> None:
+    def forget(self, upstream: Upstream | None = None) -> None:
         """Ollama's models may have changed (a reload, an admin's pull, copy, create or delete): the list is read
         again before the next model is placed, and a fetch under way, which may have read them before, is not
-        used."""
+        used. A reload names the `upstream` whose hosts it is read from now, also for a request that waited for the
+        old ones' list: it goes to the new ones."""
         self.fetched, self.unread, self.fetch = -math.inf, None, None
+        self.upstream = upstream or self.upstream
 
     async def fetch_lists(self, upstream: Upstream) -> None:
         now = time.monotonic()  # a host cooling down is not asked: no request goes there meanwhile either

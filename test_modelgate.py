@@ -6940,6 +6940,32 @@ async def test_a_request_whose_model_is_looked_up_across_a_reload_is_judged_by_t
     assert [request.target for request in up.requests if not request.target.endswith("/api/tags")] == []
 
 
+async def test_a_model_looked_up_across_a_reload_that_moves_ollama_is_judged_by_the_new_hosts_list() -> None:
+    """A reload that gives OLLAMA_BASE_URL another host while the old one lists its models: the request, which goes
+    to the new host, is judged by the new host's list, where `plain` is a cloud stub (403 cloud_not_allowed for a
+    token outside OLLAMA_CLOUD_TOKENS), and so are the requests after it. The old host's list was read again and
+    kept for a minute, `plain` local there, and it ran on ollama.com under the owner's account."""
+    async def reply(up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if request.target != "/api/tags":
+            return await cloud_ollama(up, request, reader, writer)
+        await up.hold(reader)
+        await write_answer(writer, 200, "application/json", json.dumps({"models": [tag("plain:latest")]}).encode())
+
+    async with upstream(reply) as old, upstream(cloud_ollama) as new, \
+            gateway(OLLAMA_BASE_URL=old.url, **CLOUD_SETTINGS) as app, serve(app) as base:
+        old.tags, new.tags = None, {"models": [stub("plain:latest")]}  # the old one's list is held by `reply`
+        asked = asyncio.ensure_future(answered_over_a_socket(base, openai_sdk_chat("plain")))
+        await old.received(1)
+        app.reload(modelgate.load_config({**app.environ, "OLLAMA_BASE_URL": new.url}), None)
+        old.release.set()
+        got, _, body = await asked
+        again, _, _ = await answered_over_a_socket(base, openai_sdk_chat("plain"))
+    assert (got, again) == (403, 403), body
+    assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
+    assert [r.target for r in old.requests + new.requests if r.target != "/api/tags"] == []
+
+
 @pytest.mark.parametrize("path, shape, meant", [
     ("/v1//chat/completions", "openai", "/v1/chat/completions"),  # base URL http://<server>:8010/v1/
     ("//api/chat", "ollama", "/api/chat"),  # http://<server>:8010/, to which the client adds /api/chat
