@@ -1899,11 +1899,17 @@ def spellings(model_id: str) -> tuple[str, ...]:
     """`provider/name` as a pattern may name it: Ollama's `tiny` and `tiny:latest` are one model (Ollama adds
     the tag), so each is matched as the other too. Whatever comes before `://` is no part of it: Ollama takes it
     for a scheme and drops it (ParseNameBare, types/model/name.go), and `qwen://registry.ollama.ai/library/llama3`
-    runs llama3, not a model that `ollama/qwen*` allows."""
+    runs llama3, not a model that `ollama/qwen*` allows. A cloud model has each spelling of Ollama's source
+    suffix: `x:7b:cloud` is `x:7b-cloud`, `x:cloud` is `x:latest-cloud` (parseSourceSuffix sends each to
+    ollama.com as x:7b or x, internal/modelref/modelref.go)."""
     provider, _, name = model_id.partition("/")
     if provider != "ollama":
         return (model_id,)
     name = name.partition("://")[2] or name
+    base, colon, tag = name.rpartition(":")
+    if colon and (tag == "cloud" or tag.endswith("-cloud") and "/" not in tag):
+        bases = spellings(f"ollama/{base if tag == 'cloud' else base + ':' + tag[:-6]}")
+        return (*(b + ":cloud" for b in bases), *(b + "-cloud" for b in bases if ":" in b.rpartition("/")[2]))
     model_id = f"ollama/{name}"
     if name.endswith(":latest"):
         return model_id, model_id.removesuffix(":latest")
@@ -1995,13 +2001,21 @@ def ollama_name(name: str) -> str:
     and `registry.ollama.ai/library/tiny:latest` are one model. In any case as Go's strings.EqualFold has it,
     whose folding takes ſ for s and the Kelvin sign for k, as casefold() does and lower() does not. The source
     suffix `:local` (spaces around it ignored, in any case) is no part of the name: Ollama runs `tiny:7b:local`
-    as tiny:7b (parseSourceSuffix, internal/modelref/modelref.go)."""
+    as tiny:7b (parseSourceSuffix, internal/modelref/modelref.go); a cloud model's suffix, `:cloud` or a tag
+    ending in `-cloud`, is spelled one way: Ollama sends `x:7b:cloud` and `X:7b-Cloud` to ollama.com as x:7b,
+    and they are x:7b-cloud; `x:cloud` is x:latest-cloud."""
     name = name.strip().casefold()
     base, colon, source = name.rpartition(":")
-    name = base if colon and source.strip() == "local" else name
+    source = source.strip()
+    cloud = colon and (source == "cloud" or source.endswith("-cloud") and "/" not in source)
+    if colon and source in ("local", "cloud"):
+        name = base
+    elif cloud:
+        name = f"{base}:{source[:-6]}"
     name = name.partition("://")[2] or name  # Ollama's ParseNameBare drops any scheme
     name = name.removeprefix("registry.ollama.ai/").removeprefix("library/")
-    return name if ":" in name.rpartition("/")[2] else name + ":latest"
+    name = name if ":" in name.rpartition("/")[2] else name + ":latest"
+    return f"{name}-cloud" if cloud else name
 
 
 def cloud_refusal(token: str, what: str) -> GatewayError:

@@ -3139,6 +3139,31 @@ async def test_overrides_and_nested_defaults_change_only_their_own_keys(defaults
     assert up.requests[0].body == expected
 
 
+CLOUD_OVERRIDES_TABLE = [
+    # (MODEL_OVERRIDES' pattern, the model sent): Ollama sends gpt-oss:120b:cloud and gpt-oss:120b-cloud alike to
+    # ollama.com as gpt-oss:120b, and glm-4.6:cloud as glm-4.6 (internal/modelref/modelref.go: parseSourceSuffix,
+    # spaces around the suffix ignored and in any case), so each is the model the other names
+    ("ollama/gpt-oss:120b-cloud", "gpt-oss:120b:cloud"),
+    ("ollama/gpt-oss:120b:cloud", "gpt-oss:120b-cloud"),
+    ("ollama/gpt-oss:120b-cloud", "GPT-OSS:120b: Cloud "),
+    ("ollama/glm-4.6:cloud", "glm-4.6:latest-cloud"),
+    ("ollama/*-cloud", "glm-4.6:cloud"),
+    ("ollama/*:cloud", "gpt-oss:120b-CLOUD"),
+]
+
+
+@pytest.mark.parametrize("pattern, model", CLOUD_OVERRIDES_TABLE)
+async def test_an_override_of_a_cloud_model_holds_for_either_source_suffix(pattern: str, model: str) -> None:
+    """MODEL_OVERRIDES written for a cloud model in one of Ollama's spellings holds for the others: a cloud token's
+    request that named it otherwise ran on ollama.com without the owner's override."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, OLLAMA_CLOUD_TOKENS="tester",
+                    MODEL_OVERRIDES=json.dumps({pattern: {"keep_alive": "30m"}})) as app:
+        answer = await native(app, "/api/chat", HOME_ASSISTANT.replace(b"qwen2.5:7b", model.encode()))
+    assert answer.status == 200, answer.body
+    assert json.loads(up.requests[0].body)["keep_alive"] == "30m"
+
+
 async def test_an_override_reaches_every_door_that_runs_a_model() -> None:
     """On the OpenAI door too (kiss-translator's own reasoning_effort is replaced), and not on /api/show."""
     async with upstream(fake_ollama) as up, \
@@ -3507,6 +3532,32 @@ async def test_every_door_that_runs_a_model_waits_in_the_same_queue(path: str, b
         await asyncio.gather(*running)
     assert answer.status == 200 and [r.target for r in up.requests] == ["/api/chat", path]
     assert answer.header(b"server-timing").startswith(b"queue;dur=")
+
+
+CLOUD_QUEUE_TABLE = [
+    # (the model running, the same model named otherwise): one cloud model to Ollama (parseSourceSuffix,
+    # internal/modelref/modelref.go), and one queue
+    ("gpt-oss:120b-cloud", "gpt-oss:120b:cloud"),
+    ("gpt-oss:120b:cloud", "GPT-OSS:120b: Cloud"),
+    ("glm-4.6:cloud", "glm-4.6:latest-cloud"),
+]
+
+
+@pytest.mark.parametrize("running_model, model", CLOUD_QUEUE_TABLE)
+async def test_a_cloud_model_named_with_either_source_suffix_waits_in_one_queue(running_model: str,
+                                                                                model: str) -> None:
+    """A cloud model named with the other spelling of Ollama's source suffix waits behind the request running,
+    as one model: it had OLLAMA_NUM_PARALLEL slots of its own."""
+    async with scheduled(OLLAMA_CLOUD_TOKENS="fluentread") as (ollama, up, app):
+        running = send_all(app, [(asking("running", model=running_model), AUTH)])
+        await ollama.has_started(1)
+        other = send_all(app, [(asking("other", model=model), AUTH)])
+        await waiting(app, 1)
+        assert len(up.requests) == 1
+        await ollama.finish(1)
+        await ollama.finish(2)
+        answers = await asyncio.gather(*running, *other)
+    assert [a.status for a in answers] == [200, 200] and marks(ollama.started) == ["running", "other"]
 
 
 NEVER_QUEUED = [
