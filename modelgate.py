@@ -1438,8 +1438,6 @@ ADMIN_ONLY = {
 
 
 def admit(ex: Exchange, route: Route, config: Config, limits: Limits | None, usage: Usage | None = None) -> None:
-    """Who may use a route: its token (named on the exchange), an admin's for the routes that change what
-    Ollama holds and for /metrics (unless METRICS_PUBLIC), and that token within its quota and limits."""
     if route.access == "token" or (route.access == "metrics" and not config.metrics_public):
         credentials, failure, basic = presented(ex.headers)
         origin = ex.header(b"origin") if basic else b""
@@ -1476,8 +1474,7 @@ def within_quota(name: str, quota: int, usage: Usage) -> None:
 
 
 class TokenBucket:
-    """RATE_LIMIT_RPM: per token name (as many as MODELGATE_TOKEN lists), a bucket of `rpm` requests that refills
-    by rpm/60 a second: a burst of `rpm` requests, then one every 60/rpm seconds."""
+    """RATE_LIMIT_RPM per token name: a burst of `rpm` requests, then one every 60/rpm seconds."""
 
     def __init__(self, rpm: int) -> None:
         self.capacity, self.rate = float(rpm), rpm / 60
@@ -1492,8 +1489,6 @@ class TokenBucket:
 
 
 class Limits:
-    """MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM: what each token has in flight, and its bucket."""
-
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.rpm, self.bucket, self.metrics = 0, None, metrics
         self.reconfigure(config)
@@ -1623,9 +1618,7 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
 
 
 def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> tuple[dict, bytes]:
-    """The request's JSON object, and the body as it goes upstream, every byte as the client sent it but these edits,
-    made before anything is sent: each model field's value (named_model), MODEL_OVERRIDES and MODEL_DEFAULTS
-    (request_edits), a stream's stream_options (asked_for_usage). Notes provider and model on the exchange."""
+    """The JSON object, and the body as it goes upstream: every byte as the client sent it but the edits below."""
     if len(body) >= MIN_COUNTED_BODY:  # smaller bodies cost little whatever their shape
         bounded(body)
     try:
@@ -1821,9 +1814,6 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     return document, spans
 
 
-# One policy per app: what the model sent stands for (MODEL_ALIASES), whether the token may use it (TOKEN_MODELS), and
-# what is filled in or set for it (MODEL_DEFAULTS, MODEL_OVERRIDES); all look at `provider/name`.
-
 def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
                 text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
     """The model that one tuple of Route.models names, as (what was sent, where it goes), each field that is set
@@ -1862,7 +1852,6 @@ def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: C
 
 
 class Routed(NamedTuple):
-    """Where a model that a client named goes (route_model)."""
     provider: str  # one of PROVIDERS
     name: str  # its name there: an alias's target, the provider prefix cut
     aliased: bool  # MODEL_ALIASES replaced what the client sent
@@ -1874,10 +1863,9 @@ class Routed(NamedTuple):
 
 
 def route_model(model: str, config: Config, dialect: Dialect = OPENAI, aliases: bool = True) -> Routed:
-    """Where a model goes. An alias is replaced by its target first (not with `aliases` off: Ollama's admin
-    routes take a name as it is); then only the first `/` decides: `ollama/` or `openai/` names the provider,
-    and anything else goes to DEFAULT_PROVIDER, or, on a door that leads to one provider only (Ollama's own
-    API, Anthropic Messages), there, whatever DEFAULT_PROVIDER says; another provider's prefix is refused."""
+    """Where a model goes: an alias's target (unless `aliases` is off), then only the first `/` decides: `ollama/`
+    or `openai/` names the provider, and anything else goes to DEFAULT_PROVIDER or, on a door that leads to one
+    provider only (Ollama's own API, Anthropic Messages), there; another provider's prefix is refused."""
     target = config.model_aliases.get(model) if aliases else None
     model = target or model
     prefix, slash, name = model.partition("/")
@@ -2058,10 +2046,9 @@ def check_tools(config: Config, token: str, provider: str, tool: str | None) -> 
 
 def check_fallbacks(config: Config, token: str, document: dict, model: str, prompt: bool) -> None:
     """TOKEN_MODELS for each model a request to OpenAI's base URL names besides `model`, as `openai/<name>` (as the
-    router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and those of its tools (tool_models).
-    400 where what it would run cannot be told: a list of anything but names (or LiteLLM's {"model": name}), a tool
-    of MODEL_TOOLS that does not name its models, a prompt stored with OpenAI (`prompt` on the Responses API: it
-    runs with the model and tools stored with it, platform.openai.com/docs/guides/prompting)."""
+    router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and its tools (tool_models). 400 where
+    what it would run cannot be told: a list of anything but names (or LiteLLM's {"model": name}), a tool
+    of MODEL_TOOLS that names none, a prompt stored with OpenAI (platform.openai.com/docs/guides/prompting)."""
     if prompt:
         raise GatewayError("invalid_request", f"The token {token!r} may use only some models (TOKEN_MODELS), and "
                            "`prompt` runs a prompt stored with OpenAI, with the model and tools stored with it, which "
@@ -2095,10 +2082,8 @@ MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:ad
 
 
 def tool_models(tools: Any) -> list[Any]:
-    """The models the tools run, as they name them: a tool's `model` and its `parameters.model` (both: OpenAI reads
-    the one, OpenRouter's server tools the other), a fusion panel's `parameters.analysis_models`, an advisor's named
-    profiles (`parameters.advisors`, each with its own `model` or the tool's) and the tools it calls itself (`tools`
-    of either); None for one a tool of MODEL_TOOLS runs without naming it."""
+    """The models the tools run, as they name them (a tool's `model` and `parameters.model`: OpenAI reads the one,
+    OpenRouter's server tools the other); None for a model that a tool of MODEL_TOOLS runs without naming it."""
     named, pending = [], list(tools) if isinstance(tools, list) else []
     for tool in pending:  # (it grows by the tools an advisor runs)
         if not isinstance(tool, dict):
@@ -2205,8 +2190,7 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
 
 def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
             added: list[tuple[str, str]]) -> str:
-    """The client's JSON object with the values of some top-level keys replaced and members added after its last
-    value (`,"key":value`), or after the `{` of an empty one; every other character as the client wrote it."""
+    """The client's JSON object with these values replaced and members added; every other character as written."""
     edits = []
     for key, value in replaced.items():
         edits.append((*spans[key], value))
@@ -2353,16 +2337,14 @@ FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"
 # With each dialect's own, made once rather than per request (Gateway.dispatch: Exchange.forward).
 TRAVELLING = {dialect.name: FORWARDED_REQUEST_HEADERS | dialect.forwarded for dialect in (OPENAI, OLLAMA, ANTHROPIC)}
 
-# What of an upstream's response does not reach the client, besides hop-by-hop headers:
-# uvicorn writes its own Date (and Server, if enabled), we compute Content-Length, CORS is ours,
-# and an upstream's cookies belong to its domain, not ours.
+# What of an upstream's response does not reach the client, besides hop-by-hop headers: uvicorn writes its own Date
+# (and Server, if enabled), we compute Content-Length, CORS is ours, and an upstream's cookies belong to its domain.
 DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
 
 
 def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -> Headers:
     """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one: of a
-    client's request, those in `travel` (TRAVELLING: Exchange.forward); of an
-    upstream's answer (no `travel`), all but DROPPED_RESPONSE_HEADERS and CORS's (ModelGate answers CORS itself)."""
+    client's request those in `travel`; of an upstream's answer all but DROPPED_RESPONSE_HEADERS and CORS's (ours)."""
     drop, kept = HOP_BY_HOP, []
     for name, value in headers:  # and every header that a Connection header names (RFC 9110 §7.6.1)
         if name.lower() == b"connection":
