@@ -2578,7 +2578,6 @@ def not_found_message(path: str) -> str:
 
 
 def error_answer(error: GatewayError, ex: Exchange) -> Answer:
-    """A GatewayError as the client's dialect writes it."""
     body = ex.dialect.error(error.status, error.message, error.type, error.code)
     return Answer(error.status, [JSON, *error.headers], body)
 
@@ -2636,9 +2635,8 @@ class Gateway:
                 raise unplaced(ex.token, asked, unread)
 
     async def ollama_models(self, ex: Exchange) -> Answer | None:
-        """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once; a host that
-        fails is left out, as on /v1/models. As there, a token sees only what TOKEN_MODELS lets it use, and
-        /api/tags lists the aliases to Ollama's models that it has, each as a model of its own."""
+        """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once, as the token sees them
+        (models_seen; aliases on /api/tags only); a host that fails is left out, as on /v1/models."""
         upstream, ex.provider = self.upstreams["ollama"], "ollama"
         path = ex.route.encode()
         listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.forward, host, OLLAMA)
@@ -2713,8 +2711,7 @@ class Gateway:
                       b"Ollama is running")  # Vary: a browser gets the page of home() at the same address
 
     async def models(self, ex: Exchange) -> Answer | None:
-        """GET /v1/models: every provider's list, ids prefixed, then the aliases whose targets are listed, each
-        as its own id; a provider that fails is left out. A token sees only what TOKEN_MODELS lets it use."""
+        """GET /v1/models: every provider's list as the token sees it (models_seen); one that fails is left out."""
         ex.provider = "+".join(self.upstreams)
         listed = await self.watched(ex, gather_answers(u.list_models(ex.forward) for u in self.upstreams.values()))
         if listed is None or isinstance(listed, Answer):
@@ -2818,7 +2815,6 @@ class Gateway:
         return Answer(200, [JSON], json.dumps({"status": "ready", "upstreams": hosts}).encode())
 
     async def metrics_page(self, ex: Exchange) -> Answer:
-        """GET /metrics: the counters in Prometheus text format."""
         return Answer(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render(self.upstreams.values()))
 
     async def usage_page(self, ex: Exchange) -> Answer:
@@ -2979,11 +2975,8 @@ class Gateway:
         return config
 
     def shut_down(self) -> None:
-        """SIGTERM: send nothing new upstream, and cancel what still runs after SHUTDOWN_GRACE_SECONDS.
-
-        uvicorn stops accepting connections and waits for the open ones before the lifespan hears of
-        it; main() calls this as soon as the signal arrives.
-        """
+        """SIGTERM: send nothing new upstream, and cancel what still runs after SHUTDOWN_GRACE_SECONDS. main() calls
+        this as the signal arrives: uvicorn waits for the open connections before the lifespan hears of it."""
         if self.config is None or self.closing:
             return
         self.closing = True
@@ -3093,9 +3086,7 @@ class Gateway:
         return await handler(ex, *crossed)
 
     async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
-        """POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages, and
-        Ollama's /api/chat, /api/generate, ... (DELETE /api/delete): the body routed by its model (routed_body),
-        relayed."""
+        """The ROUTES rows that name relay_request: the body as routed_body made it, relayed to its model's upstream."""
         route = ROUTES[ex.route]
         if ex.unlisted and not await self.looked_up(ex):
             return None
@@ -3309,12 +3300,10 @@ class ClientWatch:
         return reason
 
     def guard_sends(self, timeout: float) -> None:
-        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone.
-
-        uvicorn's send() waits for as long as the client's socket is full, and meanwhile a stream would
-        hold its upstream connection, an answer held whole its memory. One timer per answer looks every
-        `timeout` seconds, or sooner when a send it saw waiting will by then have waited that long.
-        """
+        """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone. uvicorn's send()
+        waits for as long as the client's socket is full, and meanwhile a stream would hold its upstream connection,
+        an answer held whole its memory. One timer per answer looks every `timeout` seconds, or sooner when a send it
+        saw waiting will by then have waited that long."""
         loop = self.loop
 
         def check() -> None:
