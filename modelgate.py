@@ -3720,15 +3720,12 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
 
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
-    2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY)
-       in the client's dialect (upstream_error), followed by what to check (UPSTREAM_HINTS: a key refused, a
-       base URL without /v1, where a model without a prefix went).
+    2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY) in the
+       client's dialect (upstream_error), followed by what to check (UPSTREAM_HINTS).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
-    4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to
-       MAX_HELD_ANSWER, and answered with its Content-Length; any other is pumped, whole when it is small
-       and as it arrives when not, whatever its size (PLAIN). Either way the tokens it says it used are
-       read from its start and end (Route.usage).
+    4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to MAX_HELD_ANSWER,
+       and answered with its Content-Length; any other is pumped (PLAIN), whatever its size.
     5. Close the upstream response: its connection goes back to the pool, or is closed.
     """
     since = time.perf_counter()
@@ -4102,12 +4099,10 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
 
 
 def upstream_error(refusal: Refusal, headers: Headers, body: bytes) -> Answer:
-    """An upstream error response as the client gets it: same status, in the client's dialect.
-
-    A body already in that shape passes unchanged, but for the hints that go on such a message; anything
-    else is wrapped, its text as the message, so that tools which show `error.message` (FluentRead) or
-    parse JSON (openai-translator) tell the user what the upstream said.
-    """
+    """An upstream error response as the client gets it: same status, in the client's dialect. A body already in
+    that shape passes unchanged, but for the hints that go on such a message; anything else is wrapped, its text as
+    the message, so that tools which show `error.message` (FluentRead) or parse JSON (openai-translator) tell the
+    user what the upstream said."""
     name, status, dialect, document = refusal.name, refusal.status, refusal.dialect, refusal.document
     kept = crossing_headers(headers)
     if dialect.own_error(document):
