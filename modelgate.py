@@ -4259,11 +4259,8 @@ class Upstream:
                    host: Host | None = None, dialect: Dialect = OPENAI, first: Host | None = None
                    ) -> httpcore.Response:
         """Send to `host`, or to the hosts in preference order (`first` first) until one takes the request; the
-        response's head has arrived when this returns.
-
-        Only a connection that could not be opened moves on to the next host: nothing was sent yet.
-        Anything that fails later is the answer, so that no generation ever runs twice.
-        """
+        response's head has arrived when this returns. Only a connection that could not be opened moves on to the
+        next host: nothing was sent yet. Anything that fails later is the answer, so that no generation runs twice."""
         hosts = [host] if host is not None else self.hosts if len(self.hosts) == 1 else self.by_preference(first)
         # The outbound request, built explicitly from the few client headers that may travel.
         headers = [(b"accept-encoding", b"identity"), *forward, *self.auth, VIA]  # forward: Exchange.forward
@@ -4321,7 +4318,6 @@ class Upstream:
         count(self.metrics.upstream_errors, (self.name, kind))
 
     def translate(self, exc: Exception, host: Host | None) -> GatewayError:
-        """Count one of the UPSTREAM_EXCEPTIONS by its class, and translate it for the client."""
         self.count_failure(type(exc).__name__)
         return upstream_failure(exc, self.name, self.where(host), host is not None and host.loopback, self.key)
 
