@@ -3372,13 +3372,11 @@ def seen(task: asyncio.Task) -> None:
 
 class Coalescer:
     """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
-
     Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
     anthropic-beta of its own may change the answer), let in by the same settings (after a reload, a token's name
-    may be another token's). The upstream request runs in a task of its own,
-    so that a client leaving does not end it while others still wait; the last to leave cancels it. Its entry
-    goes as soon as it is done: this is no cache.
-    """
+    may be another token's). The upstream request runs in a task of its own, so that a client leaving does not
+    end it while others still wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no
+    cache."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.flights: dict[tuple, Flight] = {}
