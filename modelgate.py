@@ -5082,13 +5082,10 @@ def count(counter: dict[tuple, int], key: tuple) -> None:
 
 
 class Metrics:
-    """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values, and
-    two gauges.
-
-    Every label value comes from a closed set (the route table, configured token names, providers,
-    statuses, exception names), so no client can make the number of series grow; the one exception, the
-    model of modelgate_tokens_total, is capped (MAX_MODEL_SERIES).
-    """
+    """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values, and two gauges.
+    Every label value comes from a closed set (the route table, configured token names, providers, statuses,
+    exception names), so no client can make the number of series grow; the one exception, the model of
+    modelgate_tokens_total, is capped (MAX_MODEL_SERIES)."""
 
     def __init__(self) -> None:
         self.requests: dict[tuple, int] = {}  # (route, provider, token, status)
