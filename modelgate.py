@@ -5245,14 +5245,11 @@ KEEPALIVE_SECONDS = 4.0
 
 
 class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
-    """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with a read
-    timeout.
-
-    The same contract as httpcore's own backend, on asyncio's protocol callbacks: incoming data waits
-    in a list and a reader waits on one future. The read timeout is one timer per connection that moves
-    its deadline on instead of one timer per read (a stream reads once per token). httpcore writes a
-    request as headers, body and end in three calls; they leave in one send when it starts to read.
-    """
+    """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with a read timeout;
+    the same contract as httpcore's own backend, on asyncio's protocol callbacks. Incoming data waits in a list
+    and a reader waits on one future. The read timeout is one timer per connection that moves its deadline on
+    instead of one timer per read (a stream reads once per token). httpcore writes a request as headers, body and
+    end in three calls; they leave in one send when it starts to read."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -5359,12 +5356,9 @@ class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
 
 
 class Connection(httpcore.AsyncHTTP11Connection):
-    """httpcore's HTTP/1.1 connection, without the lock around its state.
-
-    The lock guards a connection shared by concurrent requests, as in httpcore's pool. Ours hands a
-    connection to one request at a time, and anyio's lock costs a trip through the event loop on
-    every acquire, twice per request. `_state_lock` is private to httpcore (Internals relied on).
-    """
+    """httpcore's HTTP/1.1 connection, without the lock around its state (`_state_lock`: Internals relied on). The
+    lock guards a connection shared by concurrent requests, as in httpcore's pool; ours hands a connection to one
+    request at a time, and anyio's lock costs a trip through the event loop on every acquire, twice per request."""
 
     def __init__(self, origin: httpcore.Origin, stream: SocketStream, keepalive_expiry: float) -> None:
         super().__init__(origin, stream, keepalive_expiry)
@@ -5413,15 +5407,11 @@ class PooledBody:
 
 
 class Pool:
-    """Keep-alive HTTP/1.1 connections to one upstream: a stack of idle ones and a cap on the total.
-
-    httpcore's AsyncConnectionPool serves any origin and HTTP/2, and so re-examines every connection it
-    holds on every request; with a few hundred connections most of the gateway's time went there. One
-    origin and HTTP/1.1 need less: the idle connection used last is the one most likely still open.
-    A request owns its connection from checkout until its response is closed, so a cancellation at
-    any point, even while the connection opens, leaves nothing half-done in shared state (the trap
-    of httpcore PRs #1094/#1099).
-    """
+    """Keep-alive HTTP/1.1 connections to one upstream: a stack of idle ones and a cap on the total. httpcore's
+    pool serves any origin and HTTP/2, and so re-examines every connection it holds on every request (see above);
+    one origin and HTTP/1.1 need less: the idle connection used last is the one most likely still open. A request
+    owns its connection from checkout until its response is closed, so a cancellation at any point, even while the
+    connection opens, leaves nothing half-done in shared state (the trap of httpcore PRs #1094/#1099)."""
 
     def __init__(self, scheme: bytes, host: bytes, port: int, limit: int) -> None:
         self.origin = httpcore.Origin(scheme, host, port)
