@@ -5108,8 +5108,7 @@ class Metrics:
             observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
         if ex.usage is None:
             return
-        # The model is the client's word, which the upstream accepted (Ollama takes Qwen2.5 for qwen2.5): past
-        # MAX_MODEL_SERIES models per token name and provider, further ones are counted as "other".
+        # The model is the client's word, which the upstream accepted (Ollama takes Qwen2.5 for qwen2.5).
         model, models = ex.upstream_model, self.models_counted.setdefault((ex.token, ex.provider), set())
         if model not in models:
             if len(models) >= MAX_MODEL_SERIES:
