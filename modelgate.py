@@ -4832,11 +4832,9 @@ OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n
 
 def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
     """The (prompt, completion) tokens an answer says it used, from its start and end where `counts` says
-    (Route.usage); None when it does not say.
-
-    The last `"usage": {...}` that has either key is searched for from the end, where dialects put it
-    (Anthropic's message_start: the first, from the start), and read with json's own scanner.
-    """
+    (Route.usage); None when it does not say. The last `"usage": {...}` that has either key is searched for from
+    the end, where dialects put it (Anthropic's message_start: the first, from the start), and read with json's
+    own scanner."""
     if counts is None:
         return None
     if counts.native:  # (embed: the first)
