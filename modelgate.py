@@ -3886,14 +3886,11 @@ def parsed(data: bytes) -> Any:
 
 
 class Frames:
-    """One stream on its way to the client, split as its dialect frames it: what of each chunk goes on now
-    (feed, and rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it
-    says it used (usage: Route.usage).
-
-    The hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once, when the stream is judged;
-    when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins inside is kept too.
-    Only a stream whose usage event is hidden (Exchange.hides_usage) is split chunk by chunk (hide).
-    """
+    """One stream on its way to the client, split as its dialect frames it: what of each chunk goes on now (feed,
+    and rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it says it used
+    (usage: Route.usage). The hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once, when the
+    stream is judged; when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins inside
+    is kept too. Only a stream whose usage event is hidden (Exchange.hides_usage) is split chunk by chunk (hide)."""
 
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
         self.end, self.counts, self.own_error = route.end, route.usage, dialect.own_error
