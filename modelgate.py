@@ -702,8 +702,7 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
 
 
 def check_token_names(setting: str, listed: Iterable[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
-    """The token names a setting lists are names of MODELGATE_TOKEN's tokens (a hash label for one given
-    without a name)."""
+    """Each token name a setting lists names a token of MODELGATE_TOKEN (a hash label for one given without one)."""
     for entry in sorted(set(listed) - set(names)):
         if entry.encode() in tokens:  # never repeat a token in a message
             raise ConfigError(f"{setting} lists a token itself; list its name (`name:token` in "
