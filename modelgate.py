@@ -1999,7 +1999,9 @@ def ollama_name(name: str) -> str:
     elif cloud:
         name = f"{base}:{source[:-6]}"
     name = name.partition("://")[2] or name  # Ollama's ParseNameBare drops any scheme
-    name = name.removeprefix("registry.ollama.ai/").removeprefix("library/")
+    name = name.removeprefix("registry.ollama.ai/")
+    # (library/agent/x, three parts, is host/namespace/model to ParseNameBare: agent/x at a registry named library)
+    name = name.removeprefix("library/") if name.count("/") == 1 else name
     name = name if ":" in name.rpartition("/")[2] else name + ":latest"
     return f"{name}-cloud" if cloud else name
 

@@ -3144,6 +3144,29 @@ async def test_overrides_and_nested_defaults_change_only_their_own_keys(defaults
     assert up.requests[0].body == expected
 
 
+LIBRARY_HOST_TABLE = [
+    # (MODEL_OVERRIDES' pattern, the model sent, whether the override holds): Ollama reads three parts as
+    # host/namespace/model (types/model/name.go, ParseNameBare), so `library/agent/x` is the model agent/x of a
+    # registry named `library`, found in any case (getExistingName, server/routes.go), and no model of
+    # registry.ollama.ai; only `library/x`, two parts, is library's x
+    ("ollama/library/agent/x", "Library/Agent/X", True),
+    ("ollama/agent/x", "library/agent/x", False),
+    ("ollama/agent/x", "registry.ollama.ai/agent/x", True),
+]
+
+
+@pytest.mark.parametrize("pattern, model, holds", LIBRARY_HOST_TABLE)
+async def test_a_model_of_a_registry_named_library_is_no_model_of_ollamas_own(pattern: str, model: str,
+                                                                             holds: bool) -> None:
+    """MODEL_OVERRIDES for `library/agent/x` holds for it in another case, and the override of agent/x is not
+    its: ModelGate took it for agent/x."""
+    async with upstream(fake_ollama) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MODEL_OVERRIDES=json.dumps({pattern: {"keep_alive": "30m"}})) as app:
+        answer = await native(app, "/api/chat", HOME_ASSISTANT.replace(b"qwen2.5:7b", model.encode()))
+    assert answer.status == 200, answer.body
+    assert json.loads(up.requests[0].body)["keep_alive"] == ("30m" if holds else -1)
+
+
 CLOUD_OVERRIDES_TABLE = [
     # (MODEL_OVERRIDES' pattern, the model sent): Ollama sends gpt-oss:120b:cloud and gpt-oss:120b-cloud alike to
     # ollama.com as gpt-oss:120b, and glm-4.6:cloud as glm-4.6 (internal/modelref/modelref.go: parseSourceSuffix,
