@@ -2950,11 +2950,11 @@ class Gateway:
     async def readmit(self, ex: Exchange) -> Config:
         """Who may ask, decided again by the settings of now for a request whose body was still coming when a reload
         came, whose model was looked up in Ollama's list across one (looked_up), or whose turn in the queue came after
-        one: a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for as long as it likes, and wait
-        QUEUE_TIMEOUT_SECONDS for its turn, and a token revoked, no longer in OLLAMA_CLOUD_TOKENS or
-        OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500), was judged by the settings
-        of when its head came. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken; a token renamed gives it
-        back."""
+        one (or after any wait: relayed): a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for
+        as long as it likes, and wait QUEUE_TIMEOUT_SECONDS for its turn, and a token revoked, no longer in
+        OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500), was
+        judged by the settings of when its head came. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken; a
+        token renamed gives it back."""
         config, route, name = self.config, ROUTES[ex.route], ex.token
         if self.screening and route.screened:
             screen(ex, config)
@@ -3476,15 +3476,15 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
         if ticket is None or ticket.waited:
             ex.queued = time.perf_counter() - since
         observe(gw.metrics.queue_waits, (ex.token,), ex.queued or 0.0, QUEUE_BUCKETS)
-    quota, answer = config.token_quotas.get(ex.token), None
+    answer = None
     try:
-        if gw.config is not config:  # a reload came while it waited: the settings of now decide, its quota too
+        # A reload came while it waited, or the answers it waited behind used its app's quota, or a host came back or
+        # went down (one Ollama's list of models was read without may take it now): it is judged again, by now.
+        if gw.config is not config or ticket.waited:
             await gw.readmit(ex)
             if gw.upstreams[upstream.name] is not upstream:  # and where it goes: the hosts whose list judged it
                 upstream = gw.upstreams[upstream.name]
                 ex.host = next((host for host in upstream.hosts if host.base_url == ex.host.base_url), None)
-        elif ticket.waited and quota is not None:  # the answers it waited behind may have used its app's quota
-            within_quota(ex.token, quota, gw.usage)
         answer = await relay(gw, ex, upstream, path, body, stream, shared)
         return answer
     finally:

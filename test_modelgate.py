@@ -8921,6 +8921,39 @@ async def test_issue_19_with_every_ollama_host_down_a_model_goes_to_none_whose_l
 
 
 
+async def test_issue_19_a_request_that_waited_in_the_queue_goes_to_no_host_whose_list_has_not_placed_it() -> None:
+    """Two Ollama hosts, the first down when the list of models is read (the second shows `plain` local), and a
+    request for `plain` waiting in ModelGate's queue for the second: when its turn comes the first is back, with
+    `plain` as a cloud stub, and the second refuses connections. A token outside OLLAMA_CLOUD_TOKENS gets 403
+    cloud_not_allowed, and nothing reaches the first. It was judged before it waited, and ModelGate, finding the
+    second gone, sent it to the first, which ran it on ollama.com under the owner's account."""
+    def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
+        body = b'{"model": "plain", "messages": [{"role": "user", "content": "%d"}]}' % n
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                + AUTH_LINE + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+    sock, url = unlistened()
+    closing = json_reply(held=True, headers=(("connection", "close"),))  # none of its connections is kept
+    async with upstream(closing) as local, \
+            gateway(OLLAMA_BASE_URL=f"{url},{local.url}", OLLAMA_NUM_PARALLEL="1", **CLOUD_SETTINGS) as app, \
+            serve(app) as base:
+        local.tags = {"models": [tag("plain:latest")]}
+        running = asyncio.ensure_future(answered_over_a_socket(base, request(1)))  # the first host refuses
+        await local.received(1)
+        waiting = asyncio.ensure_future(answered_over_a_socket(base, request(2)))
+        await until(lambda: app.metrics.queued.get("webui") == 1)
+        stubbed = await FakeUpstream(cloud_ollama).start(sock)
+        stubbed.tags = {"models": [stub("plain:latest")]}
+        app.upstreams["ollama"].hosts[0].down_until = 0.0  # as if HOST_COOLDOWN_SECONDS had passed
+        local.server.close()  # new connections to the second host are refused
+        local.release.set()
+        (ran, _, _), (got, _, body) = await running, await waiting
+        stubbed.server.close()
+    assert (ran, got) == (200, 403), body
+    assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
+    assert [r.target for r in stubbed.requests + local.requests] == [V1_CHAT]
+
+
 async def test_model_lists_show_cloud_models_to_cloud_tokens_only() -> None:
     """/v1/models, /api/tags and /api/ps leave out cloud models (and aliases of them) for a token not in
     OLLAMA_CLOUD_TOKENS."""
