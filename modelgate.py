@@ -1893,13 +1893,14 @@ def spellings(model_id: str) -> tuple[str, ...]:
         return (model_id,)
     name = name.partition("://")[2] or name
     base, colon, tag = name.rpartition(":")
-    if colon and (tag == "cloud" or tag.endswith("-cloud") and "/" not in tag):
-        bases = spellings(f"ollama/{base if tag == 'cloud' else base + ':' + tag[:-6]}")
-        return (*(b + ":cloud" for b in bases), *(b + "-cloud" for b in bases if ":" in b.rpartition("/")[2]))
-    model_id = f"ollama/{name}"
-    if name.endswith(":latest"):
-        return model_id, model_id.removesuffix(":latest")
-    return (model_id, model_id + ":latest") if ":" not in name.rpartition("/")[2] else (model_id,)
+    cloud = colon and (tag == "cloud" or tag.endswith("-cloud") and "/" not in tag)
+    # One suffix only: Ollama refuses a second (ParseRef: "use either :local or :cloud, not both").
+    name = (base if tag == "cloud" else f"{base}:{tag[:-6]}") if cloud else name
+    names = ((name, name.removesuffix(":latest")) if name.endswith(":latest")
+             else (name, name + ":latest") if ":" not in name.rpartition("/")[2] else (name,))
+    if cloud:
+        names = (*(n + ":cloud" for n in names), *(n + "-cloud" for n in names if ":" in n.rpartition("/")[2]))
+    return tuple(f"ollama/{n}" for n in names)
 
 
 def matches(model_id: str, pattern: str) -> bool:

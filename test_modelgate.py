@@ -2792,6 +2792,18 @@ async def test_a_scoped_token_reaches_only_its_models_and_an_alias_never_widens_
     assert ollama.requests == [] and openai.requests == []
 
 
+async def test_a_model_named_with_the_source_suffix_many_times_over_is_judged_as_any_other() -> None:
+    """gpt-oss:120b:cloud:cloud:... (a thousand times) is matched against TOKEN_MODELS once, as any name, and left to
+    Ollama, which refuses a second suffix (internal/modelref/modelref.go: ParseRef): ModelGate peeled one suffix
+    after another, each doubling the spellings it tried, and the request failed with a 500."""
+    model = "ollama/gpt-oss:120b" + ":cloud" * 1100
+    async with upstream(json_reply()) as ollama, \
+            gateway(OLLAMA_BASE_URL=ollama.url, MODELGATE_TOKEN=APPS, OLLAMA_CLOUD_TOKENS="fluentread",
+                    TOKEN_MODELS="fluentread=ollama/gpt-oss*") as app:
+        answer = await chat(app, json.dumps({"model": model, "messages": []}).encode())
+    assert answer.status == 200 and len(ollama.requests) == 1
+
+
 FALLBACKS_TABLE = [
     # (the request's fields besides `model`, its status): OpenRouter tries `models` in turn when one fails (a context
     # too long for the first will do), LiteLLM its `fallbacks`; each runs on the owner's account
