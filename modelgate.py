@@ -1521,18 +1521,24 @@ class Limits:
         self.in_flight[name] -= 1
 
 
-async def read_body(ex: Exchange, config: Config) -> bytes | None:
+async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes | None:
     """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
-    when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond)."""
-    limit, wait = config.max_body_bytes, config.client_timeout
+    when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond);
+    429 when the token's requests would hold more than BODIES_HELD of them (`held`: token name -> bytes)."""
+    limit, wait, name = config.max_body_bytes, config.client_timeout, ex.token
 
     def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
         return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
                             f"({limit} bytes, MAX_BODY_BYTES).")
 
     length = ex.header(b"content-length")
-    if length.isdigit() and int(length) > limit:
+    counted = int(length) if length.isdigit() else 0  # counted as it comes when it has no Content-Length
+    if counted > limit:
         raise too_large()  # without reading it
+    held[name] = total = held.get(name, 0) + counted
+    if total > BODIES_HELD * limit:
+        raise too_many_bodies(held, name, counted, limit)
+    ex.body_held = (name, counted)  # given back when the exchange ends (Gateway.__call__)
     chunks, size, more = [], 0, True
     while more:
         try:
@@ -1547,11 +1553,37 @@ async def read_body(ex: Exchange, config: Config) -> bytes | None:
         size += len(chunk)
         if size > limit:
             raise too_large()
+        if size > counted:  # no Content-Length: counted as it comes
+            held[name], ex.body_held, counted = held[name] + size - counted, (name, size), size
+            if held[name] > BODIES_HELD * limit:
+                raise too_many_bodies(held, name, 0, limit)
         chunks.append(chunk)
         more = message.get("more_body", False)
     ex.body_read = True
     encoding = ex.header(b"content-encoding")
-    return decoded_body(b"".join(chunks), encoding, limit) if encoding else b"".join(chunks)
+    if not encoding:
+        return b"".join(chunks)
+    body = decoded_body(b"".join(chunks), encoding, limit)  # held decoded from now on: counted so
+    held[name], ex.body_held = held[name] + len(body) - counted, (name, len(body))
+    if held[name] > BODIES_HELD * limit:
+        raise too_many_bodies(held, name, 0, limit)
+    return body
+
+
+# A body is held in memory from its first byte to its request's end: twenty of 16 MiB stalled before their last byte
+# took 360 MiB, and one token could open as many as the file limit allows (1,024 x 16 MiB). A token's requests hold at
+# most this many bodies of MAX_BODY_BYTES at once; a household's apps send kilobytes (a page's paragraphs, a chat),
+# an image chat megabytes.
+BODIES_HELD = 4
+
+
+def too_many_bodies(held: dict[str, int], name: str, refused: int, limit: int) -> GatewayError:
+    """The 429 for a body that would make its token's requests hold more than BODIES_HELD bodies; `refused`, what it
+    added to `held` before it was refused, is taken out again (it was never read)."""
+    held[name] -= refused
+    return GatewayError("too_many_in_flight", f"This token's requests in flight hold {held[name]:,} bytes of request "
+                        f"bodies: ModelGate holds at most {BODIES_HELD} bodies of MAX_BODY_BYTES ({limit:,} bytes) for "
+                        "one token at once. Wait for one to finish.", [(b"retry-after", b"1")])
 
 
 async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
@@ -2609,6 +2641,7 @@ class Gateway:
         self.cloud = CloudModels()
         self.cloud_report: asyncio.Task | None = None  # under `python modelgate.py`: the start-up log's cloud line
         self.watches: set[ClientWatch] = set()  # requests waiting on an upstream, for the shutdown grace
+        self.bodies: dict[str, int] = {}  # token name -> bytes of request bodies its requests hold (read_body)
         self.closing = self.grace_over = False  # after SIGTERM; after SHUTDOWN_GRACE_SECONDS more
         self.grace_timer: asyncio.TimerHandle | None = None
         self.screening = False  # ALLOWED_IPS or TRUSTED_PROXIES is set
@@ -2698,7 +2731,7 @@ class Gateway:
         """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes (admins
         only), web search and fetch (cloud tokens only); admit() has decided who may."""
         config = self.config
-        body = await read_body(ex, config) if ex.method in ("POST", "DELETE") else b""
+        body = await read_body(ex, config, self.bodies) if ex.method in ("POST", "DELETE") else b""
         if body is None:
             return None
         if self.config is not config:  # a reload came while the body did: the settings of now decide
@@ -3022,6 +3055,8 @@ class Gateway:
             self.metrics.in_flight -= 1
             if ex.holds_slot is not None:  # where it was counted: a reload may have changed self.limits since
                 ex.holds_slot.release(ex.token)
+            if ex.body_held is not None:  # under the name it was counted by: a reload may have renamed the token
+                self.bodies[ex.body_held[0]] -= ex.body_held[1]
             seconds = time.perf_counter() - ex.t0
             if ex.ends is not None:  # what a plain answer says it used, read once, now
                 ex.usage = tokens_used(ROUTES[ex.route].usage, *ex.ends)
@@ -3075,7 +3110,7 @@ class Gateway:
             ex.queued = 0.0
         crossed: tuple = ()  # what the boundary made of the body (Route.reads), for the handler
         if route.reads:
-            body = await read_body(ex, config)
+            body = await read_body(ex, config, self.bodies)
             if body is None:
                 return None
             if self.config is not config:  # a reload came while the body did: the settings of now decide
@@ -3159,7 +3194,8 @@ class Exchange:
     __slots__ = ("method", "path", "scheme", "server", "headers", "receive", "route", "dialect", "client", "token",
                  "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out",
                  "watch", "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage",
-                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds", "spent", "web_tool")
+                 "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds", "spent", "web_tool",
+                 "body_held")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -3178,6 +3214,7 @@ class Exchange:
         self.holds_slot: Limits | None = None  # counted there against MAX_CONCURRENT_PER_TOKEN until it ends
         self.hides_usage = False  # ModelGate asked for the stream's usage: the usage event is not the client's
         self.body_read = False  # read_body has read the request body to its end
+        self.body_held: tuple[str, int] | None = None  # (token name, bytes) its body counts in Gateway.bodies
         self.unlisted: list[tuple[str, str]] = []  # Ollama models its list lacked: (name, as asked) (check_cloud)
         self.web_tool: str | None = None  # a tool in its body that runs on the web (check_tools)
         # The response

@@ -1993,6 +1993,62 @@ async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
                         label(OTHER_TOKEN.encode()): 0}
 
 
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_the_bodies_one_token_has_in_memory_at_once_are_bounded_and_anothers_are_not(framing: str) -> None:
+    """A body is held in memory while it arrives, and until its request ends: twenty of 16 MiB stalled before their
+    last byte took 360 MiB, so one token could make the gateway hold as many as its file limit allows (1,024 x 16
+    MiB). A token's requests hold at most four bodies of MAX_BODY_BYTES at once (counted by Content-Length, or as
+    they come): beyond, 429 with Retry-After, before the body is read; another token is not held up by it, and the
+    token may send again once its requests are gone."""
+    limit = 1000
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, MAX_BODY_BYTES=str(limit)) as app, \
+            serve(app) as base:
+        port = int(base.rpartition(":")[2])
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n" + AUTH_LINE
+        part = b"x" * 990  # of a body that never ends
+        stalled = b"content-length: 991\r\n\r\n" + part if framing == "content-length" else \
+            b"transfer-encoding: chunked\r\n\r\n%x\r\n" % len(part) + part + b"\r\n"
+        writers = []
+        for _ in range(4):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + stalled)
+            writers.append(writer)
+        await until(lambda: app.metrics.in_flight == 4)  # each has read what came of its body (one write)
+        request = b"content-length: %d\r\n\r\n" % len(CHAT) + CHAT
+        refused = await answered_over_a_socket(base, head + request)
+        other = await answered_over_a_socket(base, head.replace(AUTH_LINE, b"authorization: Bearer "
+                                                                + OTHER_TOKEN.encode() + b"\r\n") + request)
+        for writer in writers:
+            writer.close()
+        await until(lambda: app.metrics.in_flight == 0)
+        again = await answered_over_a_socket(base, head + request)
+    status, headers, body = refused
+    assert status == 429 and headers[b"retry-after"] == b"1"
+    error = json.loads(body)["error"]
+    assert error["code"] == "concurrency_limit_exceeded" and "MAX_BODY_BYTES" in error["message"]
+    assert len(up.requests) == 2
+    assert other[0] == 200 and again[0] == 200
+
+
+async def test_a_gzip_body_counts_among_a_tokens_bodies_at_its_decoded_size() -> None:
+    """A gzip body is held decoded once read (it goes upstream so): four of a few dozen bytes, each decoding to
+    nearly MAX_BODY_BYTES and held by a slow upstream, are four bodies of MAX_BODY_BYTES to the token."""
+    decoded = CHAT.replace(b"Hallo", b"Hallo" + b" " * (990 - len(CHAT)))
+    headers = [*AUTH, (b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+    async with upstream(json_reply(held=True)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, MAX_BODY_BYTES="1000", OLLAMA_NUM_PARALLEL="0", COALESCE="off") as app:
+        held = [asyncio.ensure_future(call(app, "POST", "/v1/chat/completions", gzip.compress(decoded), headers))
+                for _ in range(4)]
+        await up.received(4)
+        refused = await chat(app)
+        up.release.set()
+        answers = await asyncio.gather(*held)
+        again = await chat(app)
+    assert_error(refused, 429, "rate_limit_error", "concurrency_limit_exceeded")
+    assert [answer.status for answer in answers] == [200] * 4 and again.status == 200
+    assert len(up.requests) == 5 and 4 * len(gzip.compress(decoded)) + len(CHAT) < 1000
+
 ###############################################################################
 # The app and its dispatch: the route table ###################################
 ###############################################################################
