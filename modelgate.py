@@ -2616,8 +2616,8 @@ def error_answer(error: GatewayError, ex: Exchange) -> Answer:
 
 
 class Gateway:
-    """The ASGI application. Lifespan startup makes the config, the upstreams and the state below; config
-    and upstreams never change after, and this object holds all the mutable state there is."""
+    """The ASGI application. Lifespan startup makes the config, the upstreams and the state below, a reload
+    (SIGHUP) makes them anew for the requests that follow, and this object holds all the mutable state there is."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ, *, ready_timeout: float = 2.0,
                  queue_bounds: tuple[int, int] | None = None, slot_clock: Callable[[], float] = time.monotonic,
