@@ -1927,12 +1927,12 @@ def spellings(model_id: str) -> tuple[str, ...]:
     base, colon, tag = name.rpartition(":")
     cloud = colon and (tag == "cloud" or tag.endswith("-cloud") and "/" not in tag)
     # One suffix only: Ollama refuses a second (ParseRef: "use either :local or :cloud, not both").
-    name = (base if tag == "cloud" else f"{base}:{tag[:-6]}") if cloud else name
+    name = "ollama/" + ((base if tag == "cloud" else f"{base}:{tag[:-6]}") if cloud else name)
     names = ((name, name.removesuffix(":latest")) if name.endswith(":latest")
              else (name, name + ":latest") if ":" not in name.rpartition("/")[2] else (name,))
     if cloud:
         names = (*(n + ":cloud" for n in names), *(n + "-cloud" for n in names if ":" in n.rpartition("/")[2]))
-    return tuple(f"ollama/{n}" for n in names)
+    return names
 
 
 def matches(model_id: str, pattern: str) -> bool:
