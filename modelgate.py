@@ -3480,7 +3480,10 @@ class Coalescer:
 #
 # What waits holds its body. The whole queue holds at most MAX_QUEUED requests and MAX_QUEUED_BYTES of bodies;
 # beyond either, 503 queue_full. 1,000 is five of Read Frog's bursts of 200 (read-frog constants/translate.ts)
-# and far more than a household's apps send at once; 256 MiB is sixteen bodies of MAX_BODY_BYTES' default.
+# and far more than a household's apps send at once; 256 MiB is sixteen bodies of MAX_BODY_BYTES' default. One app
+# may fill it, but not keep the others out: a request of a name that holds less of it than another takes the place
+# of that name's last request, which gets the 503 (longest queue drop: Suter, Lakshman, Stiliadis and Choudhury,
+# "Design considerations for supporting TCP with per-flow queueing", INFOCOM 1998).
 MAX_QUEUED = 1000
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
 
@@ -3623,7 +3626,7 @@ class Queue:
         if slots.running < self.parallel:
             return self.start(key, slots, share)
         try:
-            self.check_room(size)
+            self.check_room(size, token)
         except GatewayError:
             self.forget(key, slots, share)
             raise
@@ -3651,13 +3654,28 @@ class Queue:
             if not slots.shares:
                 self.slots.pop(key, None)
 
-    def check_room(self, size: int) -> None:
+    def check_room(self, size: int, token: str) -> None:
+        """Room for a request of `size` bytes of the name `token`: made, when the queue is full, by taking out the
+        last request of the name that holds the most of it, if that is more than `token` would; else queue_full."""
         if self.closed:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
-        if self.waiting >= self.max_waiting or self.bytes + size > self.max_bytes:
-            raise GatewayError("queue_full", f"ModelGate's queue is full ({self.waiting} requests, "
-                               f"{self.bytes >> 20} MiB waiting for Ollama); try again shortly.",
-                               [(b"retry-after", QUEUE_RETRY_AFTER)])
+        while self.waiting >= self.max_waiting or self.bytes + size > self.max_bytes:
+            full = GatewayError("queue_full", f"ModelGate's queue is full ({self.waiting} requests, "
+                                f"{self.bytes >> 20} MiB waiting for Ollama); try again shortly.",
+                                [(b"retry-after", QUEUE_RETRY_AFTER)])
+            counted = self.waiting >= self.max_waiting  # requests, else bytes
+            held: dict[str, list] = {}  # name -> [what it holds, its last waiter, where that waits]
+            for key, slots in self.slots.items():
+                for share in slots.shares.values():
+                    for waiter in share.waiters:
+                        entry = held.setdefault(share.token, [0, waiter, key, slots])
+                        entry[0] += 1 if counted else waiter.size
+                        if waiter.number >= entry[1].number:
+                            entry[1:] = waiter, key, slots
+            most = max(held, key=lambda name: held[name][0], default=token)
+            if held.get(most, [0])[0] <= held.get(token, [0])[0] + (1 if counted else size):  # (`token` itself too)
+                raise full
+            self.leave(*held[most][2:], held[most][1], full)
 
     async def wait(self, key: tuple, slots: Slots, share: Share, size: int, host: Host) -> Ticket:
         loop = asyncio.get_running_loop()

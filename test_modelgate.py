@@ -3718,19 +3718,39 @@ QUEUE_BOUNDS = [
 
 @pytest.mark.parametrize("bounds, room", QUEUE_BOUNDS)
 async def test_a_full_queue_answers_503_queue_full(bounds: tuple[int, int], room: int) -> None:
-    """Past MAX_QUEUED requests or MAX_QUEUED_BYTES of bodies waiting, 503 queue_full with Retry-After."""
+    """Past MAX_QUEUED requests or MAX_QUEUED_BYTES of bodies waiting, 503 queue_full with Retry-After (to the app
+    that holds the most of it)."""
     async with scheduled(queue_bounds=bounds) as (ollama, up, app):
         running = send_all(app, [(asking("running"), AUTH)])
         await ollama.has_started(1)
         queued = send_all(app, [(asking(f"waiting {n}"), OTHER_AUTH) for n in range(1, room + 1)])
         await waiting(app, room)
-        refused = await native(app, "/api/chat", asking("waiting 9"), headers=AUTH)
+        refused = await native(app, "/api/chat", asking("waiting 9"), headers=OTHER_AUTH)
         for number in range(1, room + 2):
             await ollama.finish(number)
         answers = await asyncio.gather(*running, *queued)
     assert_queue_error(refused, "ollama", "queue is full")
     assert all(a.status == 200 for a in answers) and len(up.requests) == room + 1
 
+
+
+@pytest.mark.parametrize("bounds, room", QUEUE_BOUNDS)
+async def test_one_app_that_fills_the_queue_does_not_keep_another_out(bounds: tuple[int, int], room: int) -> None:
+    """A queue full of one app's requests (a page's paragraphs) still takes another app's chat: it takes the place of
+    the first app's last request, which gets 503 queue_full; the chat then runs next, and the rest as they came."""
+    async with scheduled(queue_bounds=bounds) as (ollama, up, app):
+        running = send_all(app, [(asking("running"), OTHER_AUTH)])
+        await ollama.has_started(1)
+        flood = send_all(app, [(asking(f"waiting {n}"), OTHER_AUTH) for n in range(1, room + 1)])
+        await waiting(app, room)
+        chat_ = asyncio.ensure_future(native(app, "/api/chat", asking("chat"), headers=AUTH))
+        pushed_out = await flood[-1]
+        for number in range(1, room + 2):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*running, *flood[:-1], chat_)
+    assert_queue_error(pushed_out, "ollama", "queue is full")
+    assert marks(ollama.started) == ["running", "chat", *[f"waiting {n}" for n in range(1, room)]]
+    assert all(a.status == 200 for a in answers) and len(up.requests) == room + 1
 
 async def test_sigterm_answers_what_waits_503_at_once_and_lets_what_runs_finish() -> None:
     """On SIGTERM the waiting requests get 503 shutting_down at once, and none of them reaches Ollama; the
