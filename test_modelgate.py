@@ -5660,8 +5660,11 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
             await chat(app)
             await chat(app, MISSING)
     before = (tmp_path / "modelgate-usage.sqlite3").read_bytes()
-    code, output = await run_command_line(tmp_path, {**USAGE_APPS, "TOKEN_QUOTAS": "fluentread=100"}, "--usage",
-                                          "--days", "7")
+    (tmp_path / "memory").mkdir()
+    shutil.copy(tmp_path / "modelgate-usage.sqlite3", tmp_path / "memory")  # there, but USAGE_DB= says not to read it
+    (code, output), in_memory = await asyncio.gather(  # each in a directory and a process of its own, at once
+        run_command_line(tmp_path, {**USAGE_APPS, "TOKEN_QUOTAS": "fluentread=100"}, "--usage", "--days", "7"),
+        run_command_line(tmp_path / "memory", {**USAGE_APPS, "USAGE_DB": ""}, "--usage"))
     assert code == 0, output
     lines = output.splitlines()
     assert lines[0].startswith("Usage from ") and "(7 days" in lines[0]
@@ -5670,8 +5673,7 @@ async def test_the_command_line_prints_the_usage_of_the_file_as_a_table(tmp_path
     assert any(line.split()[:1] == ["ollama/missing"] and line.split()[4] == "1" for line in lines)  # its error
     assert "quota fluentread: 85 of 100 tokens left today" in lines
     assert (tmp_path / "modelgate-usage.sqlite3").read_bytes() == before
-    code, output = await run_command_line(tmp_path, {**USAGE_APPS, "USAGE_DB": ""}, "--usage")
-    assert code == 1 and "memory only" in output
+    assert in_memory[0] == 1 and "memory only" in in_memory[1]
 
 
 def test_usage_shows_time_upstream_and_queued_in_the_unit_that_reads_best() -> None:
@@ -5689,11 +5691,13 @@ def test_usage_shows_time_upstream_and_queued_in_the_unit_that_reads_best() -> N
 async def test_the_command_line_says_when_there_are_no_counts_to_print_or_days_is_no_count(tmp_path: Path) -> None:
     """`--usage` where USAGE_DB does not exist yet says so and exits 1, changing nothing; `--days 0` is refused by
     the command line, saying what it takes."""
-    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage")
+    (tmp_path / "days").mkdir()
+    (code, output), (days_code, days_output) = await asyncio.gather(  # each in a directory of its own, at once
+        run_command_line(tmp_path, USAGE_APPS, "--usage"),
+        run_command_line(tmp_path / "days", USAGE_APPS, "--usage", "--days", "0"))
     assert code == 1 and output.startswith("No usage counted yet: ") and "(USAGE_DB) does not exist" in output
     assert not (tmp_path / "modelgate-usage.sqlite3").exists()
-    code, output = await run_command_line(tmp_path, USAGE_APPS, "--usage", "--days", "0")
-    assert code == 2 and "expected a whole number of days above 0, not '0'" in output, output
+    assert days_code == 2 and "expected a whole number of days above 0, not '0'" in days_output, days_output
 
 
 async def test_the_command_line_says_one_day_for_days_1(tmp_path: Path) -> None:
@@ -5770,12 +5774,21 @@ FAR_ZONES = [("XXX-14", 14), ("XXX+12", -12)]
 async def test_a_time_zone_set_in_dotenv_decides_the_usage_days(tmp_path: Path) -> None:
     """`TZ` in ./.env is the time zone of the usage days under `python modelgate.py`, as docs/usage.md says
     (it was copied into the environment too late for the clock to read it: the machine's zone counted)."""
-    modelgate.open_usage_file(str(tmp_path / "modelgate-usage.sqlite3")).close()
-    for rule, hours in FAR_ZONES:
-        (tmp_path / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nTZ={rule}\n")
-        days = [(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)).date().isoformat()]
-        code, output = await run_command_line(tmp_path, {}, "--usage")
-        days.append((datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)).date().isoformat())
+    def day(hours: int) -> str:
+        return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)).date().isoformat()
+
+    async def usage_under(rule: str, hours: int) -> tuple[int, str, list[str]]:
+        """--usage under TZ=`rule` in ./.env, in a directory of its own; the days it may say today is."""
+        directory = tmp_path / rule
+        directory.mkdir()
+        modelgate.open_usage_file(str(directory / "modelgate-usage.sqlite3")).close()
+        (directory / ".env").write_text(f"MODELGATE_TOKEN={TOKEN}\nTZ={rule}\n")
+        before = day(hours)
+        code, output = await run_command_line(directory, {}, "--usage")
+        return code, output, [before, day(hours)]
+
+    ran = await asyncio.gather(*(usage_under(rule, hours) for rule, hours in FAR_ZONES))  # at once
+    for (rule, _), (code, output, days) in zip(FAR_ZONES, ran):
         assert code == 0 and output.split(" (")[0].split(" to ")[1] in days, (rule, output)
 
 
@@ -7403,20 +7416,20 @@ async def test_command_line_start_up_error_hides_the_password(tmp_path: Any) -> 
 async def test_command_line_without_a_token_says_which_env_it_read_or_missed(tmp_path: Any) -> None:
     """Started where there is no .env (as systemd does), the error says so; with a .env whose token key is
     misspelt, it names that line and the key it meant."""
-    process = await start_command_line(tmp_path, {})
-    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
-    assert await process.wait() == 1
+    misspelt = tmp_path / "misspelt"
+    misspelt.mkdir()
+    (misspelt / ".env").write_text(f"MODELGATE_TOKN={TOKEN}\n")
+    (status, output), (misspelt_status, misspelt_output) = await asyncio.gather(  # each in a directory of its own
+        run_command_line(tmp_path, {}), run_command_line(misspelt, {}))
+    assert status == 1
     assert output.count("\n") == 1 and "MODELGATE_TOKEN is empty" in output and f"no .env in {tmp_path}" in output
 
-    (tmp_path / ".env").write_text(f"MODELGATE_TOKN={TOKEN}\n")
-    process = await start_command_line(tmp_path, {})
-    output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
-    assert await process.wait() == 1
-    warning, error = output.splitlines()
-    assert f"{tmp_path / '.env'} line 1: MODELGATE_TOKN is not a setting" in warning
+    assert misspelt_status == 1
+    warning, error = misspelt_output.splitlines()
+    assert f"{misspelt / '.env'} line 1: MODELGATE_TOKN is not a setting" in warning
     assert "did you mean MODELGATE_TOKEN?" in warning
-    assert "MODELGATE_TOKEN is empty" in error and f"read {tmp_path / '.env'}" in error
-    assert TOKEN not in output
+    assert "MODELGATE_TOKEN is empty" in error and f"read {misspelt / '.env'}" in error
+    assert TOKEN not in misspelt_output
 
 
 async def test_command_line_prints_a_start_up_summary_without_secrets(tmp_path: Any) -> None:
