@@ -4665,7 +4665,9 @@ async def cloud_summary(config: Config, upstream: Upstream, cloud: CloudModels) 
     said = [status.get("cloud") for status in statuses if isinstance(status, dict)]
     states = {"off (OLLAMA_NO_CLOUD)" if state.get("disabled") is True else "on"
               for state in said if isinstance(state, dict)}
-    state = " and ".join(sorted(states)) or "unknown (no host answered /api/status)"
+    older = any(isinstance(status, Answer) and status.status == 404 for status in statuses)  # ollama #14221
+    state = " and ".join(sorted(states)) or ("unknown (Ollama answered /api/status with 404: a version older than "
+                                             "OLLAMA_NO_CLOUD)" if older else "unknown (no host answered /api/status)")
     await cloud.refresh(upstream)  # (fetch_lists leaves out the hosts that fail: it raises no GatewayError)
     listed = ", ".join(sorted(cloud.stubs)) or "none"
     tokens = ", ".join(sorted(config.ollama_cloud_tokens)) or "none (OLLAMA_CLOUD_TOKENS is empty)"

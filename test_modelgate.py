@@ -7620,6 +7620,25 @@ async def test_check_against_live_upstreams_prints_the_summary_and_exits_0(tmp_p
     assert TOKEN not in output and OPENAI_KEY not in output
 
 
+@pytest.mark.parametrize("status, said", [
+    (None, "unknown (Ollama answered /api/status with 404: a version older than OLLAMA_NO_CLOUD)"),
+    ({"cloud": {"disabled": True, "source": "env"}}, "off (OLLAMA_NO_CLOUD)"),
+])
+async def test_check_says_why_ollamas_cloud_is_unknown(status: Any, said: str) -> None:
+    """An Ollama from before OLLAMA_NO_CLOUD has no /api/status (ollama #14221 added it): --check says so,
+    not "no host answered", which read as Ollama being down while the line above said it answers."""
+    async with upstream(ollama_like()) as ollama:
+        ollama.status = status  # None: the fake's own 404 page, as Ollama's router answers an unknown path
+        config = modelgate.load_config({"MODELGATE_TOKEN": HOUSEHOLD, "OLLAMA_BASE_URL": ollama.url})
+        upstreams = modelgate.Gateway.make_upstreams(config, modelgate.Metrics())
+        try:
+            line = await modelgate.cloud_summary(config, upstreams["ollama"], modelgate.CloudModels())
+        finally:
+            for host in upstreams["ollama"].hosts:
+                await host.pool.aclose()
+    assert line.startswith(f"Ollama's cloud: {said}; "), line
+
+
 async def test_check_fails_and_lists_every_problem_with_the_settings(tmp_path: Any) -> None:
     """--check (issue 20) exits 1 and says each: a .env key that is no setting (a misspelt TOKEN_MODEL leaves
     an app unrestricted), an alias whose target and a TOKEN_MODELS pattern that matches no model any host lists;
