@@ -1373,7 +1373,7 @@ def test_a_base_url_whose_path_holds_a_url_is_one_url() -> None:
 def test_bad_config_names_the_variable(settings_: dict, variable: str) -> None:
     """A bad setting stops start-up with one line that names the variable."""
     with pytest.raises(modelgate.ConfigError) as failure:
-        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, **settings_})
+        modelgate.load_config({"MODELGATE_TOKEN": NAMED_TOKENS, **settings_})
     message = str(failure.value)
     assert variable in message and "\n" not in message
 
@@ -1433,7 +1433,7 @@ def test_a_key_with_a_control_character_stops_start_up_without_showing_it(variab
     """A key goes upstream in a header line: one holding a control character stops start-up with one line naming
     the variable, and never the key."""
     with pytest.raises(modelgate.ConfigError) as failure:
-        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, variable: f"sk-se{character}cret"})
+        modelgate.load_config({"MODELGATE_TOKEN": NAMED_TOKENS, variable: f"sk-se{character}cret"})
     assert str(failure.value) == f"{variable} may only hold printable ASCII"
 
 
@@ -1465,7 +1465,7 @@ SECRET_URLS = [
 def test_a_bad_base_url_is_shown_without_its_secret(variable: str, url: str) -> None:
     """A message about a base URL names the variable and shows the URL with password and query replaced."""
     with pytest.raises(modelgate.ConfigError) as failure:
-        modelgate.load_config({"MODELGATE_TOKEN": TOKEN, variable: url})
+        modelgate.load_config({"MODELGATE_TOKEN": NAMED_TOKENS, variable: url})
     message = str(failure.value)
     assert variable in message and "\n" not in message
     assert "S3CRET" not in message and "CRET" not in message
