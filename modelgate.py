@@ -3594,6 +3594,9 @@ class Queue:
         self.slots: dict[tuple, Slots] = {}
         self.waiting = self.bytes = 0  # in the whole queue
         self.arrivals = 0  # numbers the waiters in the order they came
+        # token name -> [bytes of its waiters' bodies, its waiters in the order they came -> (key, slots)]: the room
+        # check_room makes costs a look at each name, not at each waiter (a refused request of the app that fills it)
+        self.names: dict[str, list] = {}
         self.closed = False
         self.metrics = metrics
         self.reconfigure(config)
@@ -3664,18 +3667,17 @@ class Queue:
                                 f"{self.bytes >> 20} MiB waiting for Ollama); try again shortly.",
                                 [(b"retry-after", QUEUE_RETRY_AFTER)])
             counted = self.waiting >= self.max_waiting  # requests, else bytes
-            held: dict[str, list] = {}  # name -> [what it holds, its last waiter, where that waits]
-            for key, slots in self.slots.items():
-                for share in slots.shares.values():
-                    for waiter in share.waiters:
-                        entry = held.setdefault(share.token, [0, waiter, key, slots])
-                        entry[0] += 1 if counted else waiter.size
-                        if waiter.number >= entry[1].number:
-                            entry[1:] = waiter, key, slots
-            most = max(held, key=lambda name: held[name][0], default=token)
-            if held.get(most, [0])[0] <= held.get(token, [0])[0] + (1 if counted else size):  # (`token` itself too)
+
+            def holds(name: str) -> int:
+                held = self.names.get(name)
+                return 0 if held is None else len(held[1]) if counted else held[0]
+
+            most = max(self.names, key=holds, default=token)
+            if holds(most) <= holds(token) + (1 if counted else size):  # (`token` itself too)
                 raise full
-            self.leave(*held[most][2:], held[most][1], full)
+            waiters = self.names[most][1]
+            last = next(reversed(waiters))
+            self.leave(*waiters[last], last, full)
 
     async def wait(self, key: tuple, slots: Slots, share: Share, size: int, host: Host) -> Ticket:
         loop = asyncio.get_running_loop()
@@ -3683,6 +3685,9 @@ class Queue:
         waiter = Waiter(share, size, self.arrivals, loop.create_future(), host)
         waiter.timer = loop.call_later(self.timeout, self.expire, key, slots, waiter)
         share.waiters.append(waiter)
+        held = self.names.setdefault(share.token, [0, {}])
+        held[0] += size
+        held[1][waiter] = key, slots
         slots.waiting += 1
         self.waiting += 1
         self.bytes += size
@@ -3702,6 +3707,11 @@ class Queue:
     def dequeue(self, key: tuple, slots: Slots, waiter: Waiter) -> None:
         share = waiter.share
         share.waiters.remove(waiter)
+        held = self.names[share.token]
+        held[0] -= waiter.size
+        del held[1][waiter]
+        if not held[1]:
+            del self.names[share.token]
         waiter.timer.cancel()
         slots.waiting -= 1
         self.waiting -= 1
