@@ -1274,10 +1274,11 @@ def with_v1(url: str) -> str:
 #   1. the client's address: ALLOWED_IPS, found through TRUSTED_PROXIES (screen);
 #   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
 #      Ollama holds, and that token within TOKEN_QUOTAS, MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
-#   3. its body (Route.reads): read within MAX_BODY_BYTES and CLIENT_TIMEOUT_SECONDS (read_body), its JSON read at
-#      a bounded cost in memory (parse_body), each field that names a model routed (MODEL_ALIASES: route_model) and
-#      checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS, and the few edits made to it (the model's name,
-#      MODEL_DEFAULTS and MODEL_OVERRIDES, a stream's usage: routed_body); every other byte goes as it came;
+#   3. its body (Route.reads): read within MAX_BODY_BYTES, BODIES_HELD of them per token, and CLIENT_TIMEOUT_SECONDS
+#      (read_body), its JSON read at a bounded cost in memory (parse_body), each field that names a model routed
+#      (MODEL_ALIASES: route_model) and checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS, and the few edits made
+#      to it (the model's name, MODEL_DEFAULTS and MODEL_OVERRIDES, a stream's usage: routed_body); every other byte
+#      goes as it came;
 #   4. the headers: the few of the client's that travel, those of an upstream's answer that return (crossing_headers);
 #   5. what the log line may hold: never a body, a token or a key (log_exchange).
 
