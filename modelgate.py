@@ -151,7 +151,7 @@ import zlib
 import zoneinfo
 from collections import deque
 from http import HTTPStatus
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, NamedTuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, NamedTuple
 import urllib.parse
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -3660,25 +3660,29 @@ class Queue:
 
     def check_room(self, size: int, token: str) -> None:
         """Room for a request of `size` bytes of the name `token`: made, when the queue is full, by taking out the
-        last request of the name that holds the most of it, if that is more than `token` would; else queue_full."""
+        last request of the name that holds the most of it, as long as that is more than `token` would, and only when
+        that makes room (else one would be pushed out and its place left empty); else queue_full."""
         if self.closed:
             raise GatewayError("shutting_down", SHUTTING_DOWN)
-        while self.waiting >= self.max_waiting or self.bytes + size > self.max_bytes:
-            full = GatewayError("queue_full", f"ModelGate's queue is full ({self.waiting} requests, "
-                                f"{self.bytes >> 20} MiB waiting for Ollama); try again shortly.",
-                                [(b"retry-after", QUEUE_RETRY_AFTER)])
-            counted = self.waiting >= self.max_waiting  # requests, else bytes
+        waiting, queued, out = self.waiting, self.bytes, []  # the queue as it would be without `out`
+        held = {name: [len(waiters), size_] for name, (size_, waiters) in self.names.items()}
+        lasts: dict[str, Iterator[Waiter]] = {}  # each name's waiters, the last first
+        while waiting >= self.max_waiting or queued + size > self.max_bytes:
+            by = 0 if waiting >= self.max_waiting else 1  # requests, else bytes
+            most = max(held, key=lambda name: held[name][by], default=token)
+            if held.get(most, (0, 0))[by] <= held.get(token, (0, 0))[by] + (1, size)[by]:  # (`token` itself too)
+                raise self.full()
+            last = next(lasts.setdefault(most, reversed(self.names[most][1])))
+            out.append((last, self.names[most][1][last]))
+            held[most][0] -= 1
+            held[most][1] -= last.size
+            waiting, queued = waiting - 1, queued - last.size
+        for last, (key, slots) in out:
+            self.leave(key, slots, last, self.full())
 
-            def holds(name: str) -> int:
-                held = self.names.get(name)
-                return 0 if held is None else len(held[1]) if counted else held[0]
-
-            most = max(self.names, key=holds, default=token)
-            if holds(most) <= holds(token) + (1 if counted else size):  # (`token` itself too)
-                raise full
-            waiters = self.names[most][1]
-            last = next(reversed(waiters))
-            self.leave(*waiters[last], last, full)
+    def full(self) -> GatewayError:
+        return GatewayError("queue_full", f"ModelGate's queue is full ({self.waiting} requests, {self.bytes >> 20} "
+                            "MiB waiting for Ollama); try again shortly.", [(b"retry-after", QUEUE_RETRY_AFTER)])
 
     async def wait(self, key: tuple, slots: Slots, share: Share, size: int, host: Host) -> Ticket:
         loop = asyncio.get_running_loop()

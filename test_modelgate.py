@@ -3752,6 +3752,28 @@ async def test_one_app_that_fills_the_queue_does_not_keep_another_out(bounds: tu
     assert marks(ollama.started) == ["running", "chat", *[f"waiting {n}" for n in range(1, room)]]
     assert all(a.status == 200 for a in answers) and len(up.requests) == room + 1
 
+async def test_a_request_that_cannot_take_the_place_of_another_app_s_pushes_none_out() -> None:
+    """A queue full of one app's bytes, and another app's request so large that the first app, one request pushed
+    out, would hold less than it: it is refused with 503 queue_full and every request of the first app runs. One was
+    pushed out first, answered 503 too, and its place was left empty."""
+    size = len(asking("waiting 1"))
+    large = asking("large", padding="x" * (size * 3 // 2))  # 2.5 of the first app's: more than two, less than three
+    async with scheduled(queue_bounds=(modelgate.MAX_QUEUED, 4 * size)) as (ollama, up, app):
+        running = send_all(app, [(asking("running"), OTHER_AUTH)])
+        await ollama.has_started(1)
+        queued = send_all(app, [(asking(f"waiting {n}"), OTHER_AUTH) for n in range(1, 4)])
+        await waiting(app, 3)
+        refused = await native(app, "/api/chat", large, headers=AUTH)
+        assert app.queue.waiting == 3  # all of the first app's still wait
+        for number in range(1, 5):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*running, *queued)
+    assert 2 * size < len(large) < 3 * size
+    assert_queue_error(refused, "ollama", "queue is full")
+    assert [a.status for a in answers] == [200] * 4
+    assert marks(ollama.started) == ["running", "waiting 1", "waiting 2", "waiting 3"]
+
+
 async def test_sigterm_answers_what_waits_503_at_once_and_lets_what_runs_finish() -> None:
     """On SIGTERM the waiting requests get 503 shutting_down at once, and none of them reaches Ollama; the
     stream that runs goes on to its end."""
