@@ -9022,11 +9022,17 @@ async def test_issue_19_a_model_one_hosts_list_shows_local_is_refused_while_anot
     assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
 
 
-async def test_issue_19_a_host_passed_over_while_it_was_down_has_its_list_read_before_a_model_goes_there() -> None:
+@pytest.mark.parametrize("host, down_until", [
+    (0, 0.0),  # the first host is back: as if HOST_COOLDOWN_SECONDS had passed
+    (1, math.inf),  # the second is down too, as if it had refused a connection: ModelGate tries every host then
+])
+async def test_issue_19_a_host_passed_over_while_it_was_down_has_its_list_read_before_a_model_goes_there(
+        host: int, down_until: float) -> None:
     """Two Ollama hosts, the first down when the list of models is read (the second shows `plain` local): once the
-    first is back, with `plain` as a cloud stub, a token outside OLLAMA_CLOUD_TOKENS asking for `plain` gets 403
-    cloud_not_allowed, and nothing reaches it. The list read without it was taken as whole for a minute, and
-    `plain` went to the first host, which ran it on ollama.com under the owner's account."""
+    first may take requests again, back with `plain` as a cloud stub (it is up again, or every host is down), a
+    token outside OLLAMA_CLOUD_TOKENS asking for `plain` gets 403 cloud_not_allowed, and nothing reaches it. The
+    list read without the first host placed `plain`, and it went there, which ran it on ollama.com under the
+    owner's account."""
     sock, url = unlistened()
     async with upstream(cloud_ollama) as local, \
             gateway(OLLAMA_BASE_URL=f"{url},{local.url}", **CLOUD_SETTINGS) as app, serve(app) as base:
@@ -9034,27 +9040,7 @@ async def test_issue_19_a_host_passed_over_while_it_was_down_has_its_list_read_b
         first, _, _ = await answered_over_a_socket(base, openai_sdk_chat("plain"))  # the first host refuses
         stubbed = await FakeUpstream(cloud_ollama).start(sock)
         stubbed.tags = {"models": [stub("plain:latest")]}
-        app.upstreams["ollama"].hosts[0].down_until = 0.0  # as if HOST_COOLDOWN_SECONDS had passed
-        got, _, body = await answered_over_a_socket(base, openai_sdk_chat("plain"))
-        stubbed.server.close()
-    assert first == 200 and got == 403, body
-    assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
-    assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
-
-async def test_issue_19_with_every_ollama_host_down_a_model_goes_to_none_whose_list_has_not_placed_it() -> None:
-    """Two Ollama hosts, the first down when the list of models is read (the second shows `plain` local), then the
-    second down too: with every host down ModelGate tries them all, and the first, back with `plain` as a cloud stub,
-    has its list read first: a token outside OLLAMA_CLOUD_TOKENS asking for `plain` gets 403 cloud_not_allowed, and
-    nothing reaches it. The list read without the first host placed `plain`, and it went there, which ran it on
-    ollama.com under the owner's account."""
-    sock, url = unlistened()
-    async with upstream(cloud_ollama) as local, \
-            gateway(OLLAMA_BASE_URL=f"{url},{local.url}", **CLOUD_SETTINGS) as app, serve(app) as base:
-        local.tags = {"models": [tag("plain:latest")]}
-        first, _, _ = await answered_over_a_socket(base, openai_sdk_chat("plain"))  # the first host refuses
-        stubbed = await FakeUpstream(cloud_ollama).start(sock)
-        stubbed.tags = {"models": [stub("plain:latest")]}
-        app.upstreams["ollama"].hosts[1].down_until = math.inf  # as if it had refused a connection too
+        app.upstreams["ollama"].hosts[host].down_until = down_until
         got, _, body = await answered_over_a_socket(base, openai_sdk_chat("plain"))
         stubbed.server.close()
     assert first == 200 and got == 403, body
