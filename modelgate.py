@@ -1526,7 +1526,7 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
     """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
     when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond);
     429 when the token's requests would hold more than BODIES_HELD of them (`held`: token name -> bytes)."""
-    limit, wait = config.max_body_bytes, config.client_timeout
+    limit, wait, name = config.max_body_bytes, config.client_timeout, ex.token
 
     def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
         return GatewayError("body_too_large", f"The request body is larger than this gateway accepts "
@@ -1536,7 +1536,10 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
     counted = int(length) if length.isdigit() else 0  # counted as it comes when it has no Content-Length
     if counted > limit:
         raise too_large()  # without reading it
-    hold(ex, held, counted, limit)
+    held[name] = total = held.get(name, 0) + counted
+    if total > BODIES_HELD * limit:
+        raise too_many_bodies(held, name, counted, limit)
+    ex.body_held = (name, counted)  # given back when the exchange ends (Gateway.__call__)
     chunks, size, more = [], 0, True
     while more:
         try:
@@ -1552,7 +1555,9 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
         if size > limit:
             raise too_large()
         if size > counted:  # no Content-Length: counted as it comes
-            hold(ex, held, counted := size, limit)
+            held[name], ex.body_held, counted = held[name] + size - counted, (name, size), size
+            if held[name] > BODIES_HELD * limit:
+                raise too_many_bodies(held, name, 0, limit)
         chunks.append(chunk)
         more = message.get("more_body", False)
     ex.body_read = True
@@ -1560,7 +1565,9 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
     if not encoding:
         return b"".join(chunks)
     body = decoded_body(b"".join(chunks), encoding, limit)  # held decoded from now on: counted so
-    hold(ex, held, len(body), limit)
+    held[name], ex.body_held = held[name] + len(body) - counted, (name, len(body))
+    if held[name] > BODIES_HELD * limit:
+        raise too_many_bodies(held, name, 0, limit)
     return body
 
 
@@ -1571,18 +1578,13 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
 BODIES_HELD = 4
 
 
-def hold(ex: Exchange, held: dict[str, int], size: int, limit: int) -> None:
-    """Count the exchange's body as `size` bytes in `held` (token name -> bytes), under the name it was first counted
-    by, until the exchange ends (Gateway.__call__ gives them back); 429 when its token's requests would then hold
-    more than BODIES_HELD bodies of MAX_BODY_BYTES."""
-    name, before = ex.body_held or (ex.token, 0)
-    held[name] = held.get(name, 0) + size - before
-    ex.body_held = (name, size)
-    if held[name] > BODIES_HELD * limit:
-        raise GatewayError("too_many_in_flight", f"This token's other requests in flight hold {held[name] - size:,} "
-                           f"bytes of request bodies: ModelGate holds at most {BODIES_HELD} bodies of MAX_BODY_BYTES "
-                           f"({limit:,} bytes) for one token at once. Wait for one to finish.",
-                           [(b"retry-after", b"1")])
+def too_many_bodies(held: dict[str, int], name: str, refused: int, limit: int) -> GatewayError:
+    """The 429 for a body that would make its token's requests hold more than BODIES_HELD bodies; `refused`, what it
+    added to `held` before it was refused, is taken out again (it was never read)."""
+    held[name] -= refused
+    return GatewayError("too_many_in_flight", f"This token's requests in flight hold {held[name]:,} bytes of request "
+                        f"bodies: ModelGate holds at most {BODIES_HELD} bodies of MAX_BODY_BYTES ({limit:,} bytes) for "
+                        "one token at once. Wait for one to finish.", [(b"retry-after", b"1")])
 
 
 async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
