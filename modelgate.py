@@ -422,7 +422,7 @@ ROUTES: dict[str, Route] = {
     "/v1/embeddings": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, shared=False, queued=True, reads="json"),
     # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form). OpenAI's
     # gpt-4o-transcribe says what it used as the Responses API does; Ollama's transcriptions say nothing.
-    "/v1/audio/transcriptions": Route({"POST": "transcription"}, usage=RESPONSES_COUNTS, shared=False, queued=True,
+    "/v1/audio/transcriptions": Route({"POST": "relay_request"}, usage=RESPONSES_COUNTS, shared=False, queued=True,
                                       reads="form"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
@@ -2701,16 +2701,6 @@ class Gateway:
         return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], b"/api/version", b"", stream=False,
                                             shared=True, method="GET"))
 
-    async def transcription(self, ex: Exchange, body: bytes) -> Answer | None:
-        """POST /v1/audio/transcriptions: a multipart form routed by its `model` field (routed_form), relayed."""
-        if ex.unlisted and not await self.looked_up(ex):
-            return None
-        upstream = self.upstreams[ex.provider]
-        answer = await self.watched(ex, relayed(self, ex, upstream, b"/audio/transcriptions", body, stream=False))
-        if answer is not None:  # its tokens, where the upstream says (a stream relayed as it came has noted them)
-            ex.ends = answer.ends
-        return answer
-
     async def ollama_blob(self, ex: Exchange) -> Answer | None:
         """HEAD and POST /api/blobs/<digest>: a model file Ollama has, or is given (admins only)."""
         digest = ex.path.removeprefix("/api/blobs/")
@@ -3116,14 +3106,14 @@ class Gateway:
                 return None
             if self.config is not config:  # a reload came while the body did: the settings of now decide
                 config = await self.readmit(ex)
-            crossed = (routed_form(ex, body, config, self.cloud),) if route.reads == "form" else \
+            crossed = ({}, routed_form(ex, body, config, self.cloud)) if route.reads == "form" else \
                 routed_body(ex, body, config, self.cloud)
             del body  # the body as read: an edited one goes upstream as a copy, and this one is no longer held
         ex.forward = crossing_headers(ex.headers, TRAVELLING[ex.dialect.name])
         return await handler(ex, *crossed)
 
     async def relay_request(self, ex: Exchange, document: dict, body: bytes) -> Answer | None:
-        """The ROUTES rows that name relay_request: the body as routed_body made it, relayed to its model's upstream."""
+        """The ROUTES rows that read a body: the body as the boundary made it (a form: no document), relayed."""
         route = ROUTES[ex.route]
         if ex.unlisted and not await self.looked_up(ex):
             return None
