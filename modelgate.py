@@ -463,13 +463,13 @@ ROUTES: dict[str, Route] = {
                        models=(("source",), ("destination",)), reads="json"),
     "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
                          models=(MODEL_OR_NAME,), reads="json"),
-    "/api/blobs/": Route({"HEAD": "ollama_blob", "POST": "ollama_blob"}, dialect=OLLAMA, admin=True, shared=False),
+    "/api/blobs/": Route({"HEAD": "ollama_relay", "POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
     # Whether Ollama's cloud is on (OLLAMA_NO_CLOUD), for anyone; the owner's ollama.com account, for admins;
     # web search and fetch, run on ollama.com under that account (server/routes.go), for cloud tokens.
     "/api/status": Route({"GET": "ollama_relay"}, dialect=OLLAMA),
     "/api/me": Route({"POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
     "/api/signout": Route({"POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
-    "/api/user/keys/": Route({"DELETE": "ollama_key"}, dialect=OLLAMA, admin=True, shared=False),
+    "/api/user/keys/": Route({"DELETE": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
     "/api/experimental/web_search": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
     "/api/experimental/web_fetch": Route({"POST": "ollama_relay"}, dialect=OLLAMA, cloud=True, shared=False),
 }
@@ -2458,8 +2458,13 @@ HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
 # Chromium caps a preflight cache at two hours; asking for more is ignored.
 CORS_MAX_AGE = b"7200"
 
-BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")  # as Ollama names its blobs
-USER_KEY = re.compile(r"[A-Za-z0-9_=-]+")  # as Ollama writes its key: base64url (server/routes.go, SignoutHandler)
+# The one path segment after a prefix route of Ollama's (ollama_relay), as Ollama's route takes it, and what one that
+# is not is told. A blob as Ollama names it; a key as it writes it, base64url (server/routes.go, SignoutHandler):
+# `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past a proxy that resolves dot segments; a %3F a
+# query string of its own, a %20 or %0A a request line that cannot be sent (a 500).
+SEGMENTS = {"/api/blobs/": (re.compile(r"sha256[:-][0-9a-f]{64}"), "is not a blob digest (sha256:<64 hex>)."),
+            "/api/user/keys/": (re.compile(r"[A-Za-z0-9_=-]+"),
+                                "is not a key: one path segment of base64url (letters, digits, - and _), no '/'.")}
 
 # GET /usage (also a page, PAGE_HEADERS): one token's counts (or everyone's) are for that token only, and a
 # page differs from the JSON.
@@ -2701,26 +2706,14 @@ class Gateway:
         return await self.watched(ex, relay(self, ex, self.upstreams["ollama"], b"/api/version", b"", stream=False,
                                             shared=True, method="GET"))
 
-    async def ollama_blob(self, ex: Exchange) -> Answer | None:
-        """HEAD and POST /api/blobs/<digest>: a model file Ollama has, or is given (admins only)."""
-        digest = ex.path.removeprefix("/api/blobs/")
-        if not BLOB_DIGEST.fullmatch(digest):
-            raise GatewayError("invalid_request", f"{printable(digest)!r} is not a blob digest (sha256:<64 hex>).")
-        return await self.ollama_relay(ex)
-
-    async def ollama_key(self, ex: Exchange) -> Answer | None:
-        """DELETE /api/user/keys/<key> (admins only): the key is one path segment, as Ollama's route takes it.
-        `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past a proxy that resolves dot segments;
-        a %3F a query string of its own, a %20 or %0A a request line that cannot be sent (a 500)."""
-        key = ex.path.removeprefix("/api/user/keys/")
-        if not USER_KEY.fullmatch(key):
-            raise GatewayError("invalid_request", f"{printable(key)!r} is not a key: one path segment of base64url "
-                               "(letters, digits, - and _), no '/'.")
-        return await self.ollama_relay(ex)
-
     async def ollama_relay(self, ex: Exchange) -> Answer | None:
-        """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes (admins
-        only), web search and fetch (cloud tokens only); admit() has decided who may."""
+        """A route of Ollama's that names no model, relayed as it is: /api/status, the account routes and blobs
+        (admins only), web search and fetch (cloud tokens only); admit() has decided who may."""
+        if ex.route in SEGMENTS:  # /api/blobs/<digest>, /api/user/keys/<key>
+            pattern, not_one = SEGMENTS[ex.route]
+            segment = ex.path.removeprefix(ex.route)
+            if not pattern.fullmatch(segment):
+                raise GatewayError("invalid_request", f"{printable(segment)!r} {not_one}")
         config = self.config
         body = await read_body(ex, config, self.bodies) if ex.method in ("POST", "DELETE") else b""
         if body is None:
