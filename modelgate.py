@@ -273,19 +273,9 @@ def openai_error(status: int, message: str, type_: str, code: str | None) -> byt
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
-def openai_cut_event(message: str) -> bytes:
-    # openai-python raises APIError for any `data:` object with an "error" key (its src/openai/_streaming.py).
-    return b"data: " + openai_error(502, message, "api_error", "upstream_stream_error") + b"\n\n"
-
-
 def ollama_error(status: int, message: str, type_: str, code: str | None) -> bytes:
     # docs/api/errors.mdx; ollama-python's ResponseError reads json.loads(body).get("error"), a str.
     return json.dumps({"error": message}).encode()
-
-
-def ollama_cut_event(message: str) -> bytes:
-    # What Ollama itself writes when it fails mid-stream (streamResponse); ollama-python raises ResponseError.
-    return ollama_error(502, message, "api_error", None) + b"\n"
 
 
 # Anthropic's error type for a status (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError maps
@@ -300,18 +290,13 @@ def anthropic_error(status: int, message: str, type_: str, code: str | None) -> 
     return json.dumps({"type": "error", "error": {"type": anthropic_type, "message": message}}).encode()
 
 
-def anthropic_cut_event(message: str) -> bytes:
-    # Anthropic's documented mid-stream error event; the anthropic SDKs raise on `event: error`.
-    return b"event: error\ndata: " + anthropic_error(500, message, "api_error", None) + b"\n\n"
-
-
 class Dialect(NamedTuple):
     """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
     stream that was cut off; whether an upstream's error body is in that shape already; how its streams
     are framed; which client headers reach the upstream, where on it the API lives, and who serves it."""
     name: str
     error: Callable[[int, str, str, str | None], bytes]  # (status, message, OpenAI type, code) -> body
-    cut_event: Callable[[str], bytes]  # message -> the last chunk of a cut stream
+    cut: tuple[bytes, bytes]  # what goes before and after its error body in the last chunk of a cut stream
     own_error: Callable[[Any], bool]  # a parsed upstream error body that passes unchanged
     stream_type: bytes = b"text/event-stream"  # the media type of its streams
     separator: bytes = b""  # what a cut stream must end with before the cut event (NDJSON: a line of its own)
@@ -320,15 +305,21 @@ class Dialect(NamedTuple):
     provider: str | None = None  # None: routed by model (PROVIDERS); else the one provider that serves it
     door: str = ""  # what its messages call it
 
+    def cut_event(self, message: str) -> bytes:
+        return self.cut[0] + self.error(502, message, "api_error", "upstream_stream_error") + self.cut[1]
 
-OPENAI = Dialect("openai", openai_error, openai_cut_event,
+
+# Cut streams: openai-python raises APIError for any `data:` object with an "error" key (its src/openai/_streaming.py).
+OPENAI = Dialect("openai", openai_error, (b"data: ", b"\n\n"),
                  lambda document: isinstance(document, dict) and isinstance(document.get("error"), dict))
-OLLAMA = Dialect("ollama", ollama_error, ollama_cut_event,
+# Cut streams end as Ollama ends one that fails (streamResponse); ollama-python raises ResponseError.
+OLLAMA = Dialect("ollama", ollama_error, (b"", b"\n"),
                  lambda document: isinstance(document, dict) and isinstance(document.get("error"), str),
                  # Never a blank line between: ollama-python json.loads every line it reads.
                  stream_type=b"application/x-ndjson", separator=b"\n", native=True, provider="ollama",
                  door="Ollama's own API (/api/...)")
-ANTHROPIC = Dialect("anthropic", anthropic_error, anthropic_cut_event,
+# Cut streams: Anthropic's documented mid-stream error event; the anthropic SDKs raise on `event: error`.
+ANTHROPIC = Dialect("anthropic", anthropic_error, (b"event: error\ndata: ", b"\n\n"),
                     lambda document: (isinstance(document, dict) and document.get("type") == "error"
                                       and isinstance(document.get("error"), dict)),
                     forwarded=frozenset({b"anthropic-version", b"anthropic-beta"}),
