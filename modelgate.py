@@ -440,8 +440,8 @@ ROUTES: dict[str, Route] = {
     "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True, reads="json"),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,),
                        reads="json"),
-    "/api/tags": Route({"GET": "ollama_models", "HEAD": "ollama_models"}, dialect=OLLAMA),
-    "/api/ps": Route({"GET": "ollama_models"}, dialect=OLLAMA),
+    "/api/tags": Route({"GET": "models", "HEAD": "models"}, dialect=OLLAMA),
+    "/api/ps": Route({"GET": "models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version", "HEAD": "ollama_version"}, dialect=OLLAMA),
     "/api/pull": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA, streams_unless_false=True,
                        model_required=False, admin=True, shared=False, models=(MODEL_OR_NAME,), reads="json"),
@@ -2665,30 +2665,33 @@ class Gateway:
             if check_cloud(self.config, ex.token, "ollama", name, asked, self.cloud) and unread is not None:
                 raise unplaced(ex.token, asked, unread)
 
-    async def ollama_models(self, ex: Exchange) -> Answer | None:
-        """GET /api/tags, /api/ps: the models of every Ollama host that answers, each once, as the token sees them
-        (models_seen; aliases on /api/tags only); a host that fails is left out, as on /v1/models."""
-        upstream, ex.provider = self.upstreams["ollama"], "ollama"
-        path = ex.route.encode()
-        listed = await self.watched(ex, gather_answers(upstream.get_json(path, ex.forward, host, OLLAMA)
-                                                       for host in upstream.hosts))
+    async def models(self, ex: Exchange) -> Answer | None:
+        """GET /v1/models: every provider's models; /api/tags, /api/ps: every Ollama host's. Each once, as the token
+        sees them (models_seen; no aliases on /api/ps); a provider or host that fails is left out."""
+        ollama, native = self.upstreams["ollama"], ex.dialect is OLLAMA
+        ex.provider = "ollama" if native else "+".join(self.upstreams)
+        lists = ((ollama.get_json(ex.route.encode(), ex.forward, host, OLLAMA) for host in ollama.hosts) if native
+                 else (upstream.list_models(ex.forward) for upstream in self.upstreams.values()))
+        listed = await self.watched(ex, gather_answers(lists))
         if listed is None or isinstance(listed, Answer):
             return listed
         config = self.config
-        models: dict[str, dict] = {}
-        for document in listed:
+        models = {} if native else {item["id"]: item for items in listed for item in items}
+        for document in listed if native else ():
             items = document.get("models") if isinstance(document, dict) else None
             for item in items if isinstance(items, list) else ():
                 key = item.get("model", item.get("name")) if isinstance(item, dict) else None
                 if isinstance(key, str):
                     models.setdefault(f"ollama/{key}", item)
-        if ex.route == "/api/tags" and len(listed) == len(upstream.hosts):
+        if ex.route == "/api/tags" and len(listed) == len(ollama.hosts):
             self.cloud.remember(listed)  # every host's list: as good as a fetch of the cloud list
-        elif ex.token not in config.ollama_cloud_tokens and not await self.watched(ex, self.cloud.current(upstream)):
+        elif ex.token not in config.ollama_cloud_tokens and not await self.watched(ex, self.cloud.current(ollama)):
             return None
-        seen = models_seen(models, config, ex.token, OLLAMA, ("name", "model"), aliases=ex.route == "/api/tags",
-                           cloud=self.cloud)
-        return Answer(200, [JSON], json.dumps({"models": [item for _, item in seen]}).encode())
+        names = ("name", "model") if native else ("id",)  # where an alias names its entry
+        seen = models_seen(models, config, ex.token, ex.dialect, names, ex.route != "/api/ps", self.cloud)
+        items = [item for _, item in seen]
+        document = {"models": items} if native else {"object": "list", "data": items}
+        return Answer(200, [JSON], json.dumps(document).encode())
 
     async def ollama_version(self, ex: Exchange) -> Answer | None:
         """GET and HEAD /api/version: the first Ollama host that answers (a host that refuses is passed over).
@@ -2718,20 +2721,6 @@ class Gateway:
         """GET and HEAD /: what Ollama answers there, for the clients that probe it."""
         return Answer(200, [(b"content-type", b"text/plain; charset=utf-8"), (b"vary", b"accept")],
                       b"Ollama is running")  # Vary: a browser gets the page of home() at the same address
-
-    async def models(self, ex: Exchange) -> Answer | None:
-        """GET /v1/models: every provider's list as the token sees it (models_seen); one that fails is left out."""
-        ex.provider = "+".join(self.upstreams)
-        listed = await self.watched(ex, gather_answers(u.list_models(ex.forward) for u in self.upstreams.values()))
-        if listed is None or isinstance(listed, Answer):
-            return listed
-        config = self.config
-        if ex.token not in config.ollama_cloud_tokens and not await self.watched(
-                ex, self.cloud.current(self.upstreams["ollama"])):
-            return None
-        seen = models_seen({item["id"]: item for items in listed for item in items}, config, ex.token,
-                           cloud=self.cloud)
-        return Answer(200, [JSON], json.dumps({"object": "list", "data": [item for _, item in seen]}).encode())
 
     async def model(self, ex: Exchange) -> Answer | None:
         """GET /v1/models/{id}: one model of the provider the id routes to (an alias: its target's entry, as the
