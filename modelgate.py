@@ -846,30 +846,36 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
 NOT_DEFAULTS = frozenset({"model", "stream", "stream_options"})
 
 
-def entries(name: str, value: str, parse: Callable[[str, str, str], Any], twice: str) -> dict[str, Any]:
-    """A `key=value,...` setting as a dict: `parse(entry, key, value)` checks an entry and converts its value
-    ("" where the entry has no '='); a key written twice is refused, saying `twice`. Where the keys are token
-    names, load_config checks that they are names of MODELGATE_TOKEN's tokens."""
-    found: dict[str, Any] = {}
-    for entry in comma_list(value):
-        key, _, rest = (part.strip() for part in entry.partition("="))
-        parsed = parse(entry, key, rest)
-        if key in found:
-            raise ConfigError(f"{name} names {key!r} twice; {twice}")
-        found[key] = parsed
-    return found
+def entries(shape: str, twice: str, parse: Callable[[str, str, str], Any]) -> Callable[[str, str], dict[str, Any]]:
+    """A parser of a `key=value,...` setting into a dict: `parse(name, entry, value)` checks an entry and converts
+    its value ("" where the entry has no '='), None where the entry is not `shape`, as is an entry without a key; a
+    key written twice is refused, saying `twice`. Where the keys are token names, load_config checks that they are
+    names of MODELGATE_TOKEN's tokens."""
+    def parse_entries(name: str, value: str) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for entry in comma_list(value):
+            key, _, rest = (part.strip() for part in entry.partition("="))
+            parsed = parse(name, entry, rest) if key else None
+            if parsed is None:
+                raise ConfigError(f"{name}: {entry!r} is not {shape}")
+            if key in found:
+                raise ConfigError(f"{name} names {key!r} twice; {twice}")
+            found[key] = parsed
+        return found
+    return parse_entries
 
 
 def parse_aliases(name: str, value: str) -> dict[str, str]:
     """MODEL_ALIASES: `alias=target,...`, one level deep, so that a scope is checked on a real model."""
-    def target_of(entry: str, alias: str, target: str) -> str:
-        if not (alias and target) or "=" in target:
-            raise ConfigError(f"{name}: {entry!r} is not alias=target, such as gpt-4o-mini=ollama/qwen2.5:7b")
+    def target_of(name: str, entry: str, target: str) -> str | None:
+        if not target or "=" in target:
+            return None
         prefix, slash, model = target.partition("/")
         if slash and prefix in PROVIDERS and not model:
             raise ConfigError(f"{name}: {entry!r} names no model after {prefix}/")
         return target
-    aliases = entries(name, value, target_of, "give each alias one target")
+    aliases = entries("alias=target, such as gpt-4o-mini=ollama/qwen2.5:7b", "give each alias one target",
+                      target_of)(name, value)
     for alias, target in aliases.items():
         if target in aliases:
             raise ConfigError(f"{name}: the target of {alias}={target} is itself an alias; aliases go one level "
@@ -877,40 +883,11 @@ def parse_aliases(name: str, value: str) -> dict[str, str]:
     return aliases
 
 
-def parse_scopes(name: str, value: str) -> dict[str, tuple[str, ...]]:
-    """TOKEN_MODELS: `name=pattern|pattern,...`."""
-    def patterns_of(entry: str, token: str, listed: str) -> tuple[str, ...]:
-        patterns = tuple(p.strip() for p in listed.split("|") if p.strip())
-        if not (token and patterns):
-            raise ConfigError(f"{name}: {entry!r} is not name=pattern|pattern, such as "
-                              "fluentread=ollama/qwen*|ollama/gemma*")
-        for pattern in patterns:
-            check_model_pattern(name, pattern)
-        return patterns
-    return entries(name, value, patterns_of, "list all its patterns in one entry, with |")
-
-
-def parse_shares(name: str, value: str) -> dict[str, float]:
-    """TOKEN_SHARES: `name=weight,...`, each weight a positive number."""
-    def weight_of(entry: str, token: str, weight: str) -> float:
-        try:
-            share = float(weight)
-        except ValueError:
-            share = math.nan
-        if not (token and 0 < share < math.inf):
-            raise ConfigError(f"{name}: {entry!r} is not name=weight with a weight above 0, such as webui=4")
-        return share
-    return entries(name, value, weight_of, "give each token name one weight")
-
-
-def parse_quotas(name: str, value: str) -> dict[str, int]:
-    """TOKEN_QUOTAS: `name=N,...`, N tokens a day."""
-    def quota_of(entry: str, token: str, tokens: str) -> int:
-        if not (token and tokens.isascii() and tokens.isdigit() and int(tokens) > 0):
-            raise ConfigError(f"{name}: {entry!r} is not name=tokens a day (a whole number above 0), such as "
-                              "fluentread=300000")
-        return int(tokens)
-    return entries(name, value, quota_of, "give each token name one quota")
+def above_zero(text: str) -> float | None:
+    with contextlib.suppress(ValueError):
+        if 0 < float(text) < math.inf:
+            return float(text)
+    return None
 
 
 def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], ...]:
@@ -950,12 +927,13 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
     return tuple(sorted(defaults, key=lambda item: -len(item[0])))
 
 
-def check_model_pattern(name: str, pattern: str) -> None:
+def check_model_pattern(name: str, pattern: str) -> str:
     no_control_characters(name, pattern)  # MODEL_DEFAULTS' patterns may be written with JSON escapes
     # Patterns are matched against provider/name: one that starts otherwise (`qwen*`) could never match.
     if not pattern.startswith(tuple(f"{p}/" for p in PROVIDERS) + ("*", "?", "[")):
         raise ConfigError(f"{name}: the pattern {pattern!r} never matches: patterns are matched against "
                           f"provider/model, so write ollama/{pattern}")
+    return pattern
 
 
 def compact_json(value: Any) -> str:
@@ -982,10 +960,17 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "log format": one_of("text", "json"),
     "text": lambda name, value: value,
     "aliases": parse_aliases,
-    "scopes": parse_scopes,
+    "scopes": entries("name=pattern|pattern, such as fluentread=ollama/qwen*|ollama/gemma*",
+                      "list all its patterns in one entry, with |",
+                      lambda name, entry, listed: tuple(check_model_pattern(name, pattern.strip())
+                                                        for pattern in listed.split("|") if pattern.strip()) or None),
     "defaults": parse_defaults,
-    "shares": parse_shares,
-    "quotas": parse_quotas,
+    "shares": entries("name=weight with a weight above 0, such as webui=4", "give each token name one weight",
+                      lambda name, entry, weight: above_zero(weight)),
+    "quotas": entries("name=tokens a day (a whole number above 0), such as fluentread=300000",
+                      "give each token name one quota",
+                      lambda name, entry, tokens: int(tokens)
+                      if tokens.isascii() and tokens.isdigit() and int(tokens) > 0 else None),
     "usage file": lambda name, value: value,  # opened at start-up (open_usage_file): "" keeps counts in memory
 }
 
