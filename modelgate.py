@@ -1025,12 +1025,8 @@ def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
                                 "and the last one counts (as docker compose reads the file)")
             elif hint := misspelt(key):
                 warnings.append(f"{path} line {number}: {hint}")
-            values[key], lines_of[key] = dotenv_value(value, f"{path} line {number}"), number
+            values[key], lines_of[key] = dotenv_span(value, f"{path} line {number}")[0], number
     return values, warnings
-
-
-def dotenv_value(value: str, where: str) -> str:
-    return dotenv_span(value, where)[0]
 
 
 def dotenv_span(value: str, where: str) -> tuple[str, int]:
