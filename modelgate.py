@@ -5549,9 +5549,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(config.log_format, logging.getLogger("uvicorn"))  # its start and stop lines, in our format
     raise_file_limit()
     app.sources = sources
-    scheme = "https" if config.tls_cert_file else "http"
-    app.listening = "listening on " + ", ".join(f"{scheme}://{address(sock)}" for sock in sockets) \
-        + loopback_note(config.host)
+    app.listening = "listening on " + where_listening(config, [sock.getsockname() for sock in sockets])
     server = uvicorn_server(config, reload=lambda: reload(app, server, environment))
     # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
     # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
@@ -5793,17 +5791,14 @@ class PortInUse(ConfigError):
     """PORT is taken: by another program, or by this very gateway when --check runs beside it."""
 
 
-def address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-
-
-def loopback_note(host: str) -> str:
+def where_listening(config: Config, addresses: Iterable[tuple[Any, ...]]) -> str:
+    scheme = "https" if config.tls_cert_file else "http"
+    urls = ", ".join(f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+                     for host, port, *_ in addresses)  # (an IPv6 socket's address has two more)
     # In a container (HOST in Compose's env_file), nothing outside can connect, and Docker's healthcheck, which
     # asks 127.0.0.1 (Dockerfile), says healthy all the same: the line that says where it listens says so.
-    if not is_loopback(host):
-        return ""
-    return " (loopback: only this machine can connect; in a container, only the container itself: leave HOST unset)"
+    return urls + (" (loopback: only this machine can connect; in a container, only the container itself: leave "
+                   "HOST unset)") * is_loopback(config.host)
 
 
 # --check waits this long for each host's model list (listing models loads none: it is quick when all is well).
@@ -5817,10 +5812,8 @@ async def check(config: Config, sources: Sources) -> int:
     a pattern that no listed model matches, each said on a line of its own (issue 20)."""
     log.addHandler(logging.NullHandler())  # what the gateway would log while serving is said here in full
     log.propagate = False
-    scheme = "https" if config.tls_cert_file else "http"
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    print(*summary(config, sources, f"would listen on {scheme}://{host}:{config.port}{loopback_note(config.host)}"),
-          sep="\n")
+    would_listen = "would listen on " + where_listening(config, [(config.host, config.port)])
+    print(*summary(config, sources, would_listen), sep="\n")
     warnings = config_warnings(config, sources)
     for warning in warnings:
         print(f"warning: {warning}")
