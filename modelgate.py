@@ -1145,10 +1145,10 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
     cloud = ", ".join(sorted(config.ollama_cloud_tokens)) or "no token (OLLAMA_CLOUD_TOKENS is empty)"
     lines.append(f"Ollama's cloud models and web search, run on ollama.com: for {cloud}")
     lines.append(queue_summary(config))
-    lines += policy_summary(config)
-    if config.model_overrides:
-        lines.append("overrides: " + ", ".join(f"{pattern} ({', '.join(fields)})"
-                                               for pattern, fields in config.model_overrides))
+    lines += [f"policy: {s.name}: {POLICY_SHOWN[s.name](getattr(config, s.field))}" for s in SETTINGS
+              if s.name in POLICY_SHOWN and getattr(config, s.field) != PARSERS[s.kind](s.name, s.default)]
+    if config.model_overrides:  # shown as MODEL_DEFAULTS is
+        lines.append("overrides: " + POLICY_SHOWN["MODEL_DEFAULTS"](config.model_overrides))
     winning = ", winning over .env" * bool(from_environment and sources is not None and sources.dotenv)
     return lines + [f"from the environment{winning}: {', '.join(from_environment) or 'no setting'}"]
 
@@ -1168,11 +1168,6 @@ POLICY_SHOWN: dict[str, Callable[[Any], str]] = {
     "MODEL_ALIASES": lambda aliases: ", ".join(f"{alias}={target}" for alias, target in aliases.items()),
     "MODEL_DEFAULTS": lambda patterns: ", ".join(f"{pattern} ({', '.join(fields)})" for pattern, fields in patterns),
 }
-
-
-def policy_summary(config: Config) -> list[str]:
-    return [f"policy: {s.name}: {POLICY_SHOWN[s.name](getattr(config, s.field))}" for s in SETTINGS
-            if s.name in POLICY_SHOWN and getattr(config, s.field) != PARSERS[s.kind](s.name, s.default)]
 
 
 def queue_summary(config: Config) -> str:
