@@ -636,8 +636,14 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
             exc.setting = setting.name  # read_config says where it came from
             raise
     values["tokens"], values["token_names"] = values["tokens"]
+    # Each token name these list names a token of MODELGATE_TOKEN (a hash label for one given without a name).
     for setting in ("OLLAMA_ADMIN_TOKENS", "OLLAMA_CLOUD_TOKENS", "TOKEN_MODELS", "TOKEN_SHARES", "TOKEN_QUOTAS"):
-        check_token_names(setting, values[setting.lower()], values["tokens"], values["token_names"])
+        for entry in sorted(set(values[setting.lower()]) - set(values["token_names"])):
+            if entry.encode() in values["tokens"]:  # never repeat a token in a message
+                raise ConfigError(f"{setting} lists a token itself; list its name (`name:token` in "
+                                  "MODELGATE_TOKEN gives it one)")
+            raise ConfigError(f"{setting} names {entry!r}, but MODELGATE_TOKEN has no token of that name (it has "
+                              f"{', '.join(sorted(set(values['token_names'])))}); write name:token there to name one")
     if values["default_provider"] == "openai" and not values["openai_api_key"]:
         raise ConfigError("DEFAULT_PROVIDER is openai but OPENAI_API_KEY is empty: set the key or use ollama")
     check_tls_files(values["tls_cert_file"], values["tls_key_file"])
@@ -690,16 +696,6 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
     if not tokens:
         raise ConfigError(f"{name} is empty: set it to the token clients must send; {TOKEN_HELP}")
     return tuple(token for token, _ in tokens), tuple(label for _, label in tokens)
-
-
-def check_token_names(setting: str, listed: Iterable[str], tokens: tuple[bytes, ...], names: tuple[str, ...]) -> None:
-    """Each token name a setting lists names a token of MODELGATE_TOKEN (a hash label for one given without one)."""
-    for entry in sorted(set(listed) - set(names)):
-        if entry.encode() in tokens:  # never repeat a token in a message
-            raise ConfigError(f"{setting} lists a token itself; list its name (`name:token` in "
-                              "MODELGATE_TOKEN gives it one)")
-        raise ConfigError(f"{setting} names {entry!r}, but MODELGATE_TOKEN has no token of that name (it has "
-                          f"{', '.join(sorted(set(names)))}); write name:token there to name one")
 
 
 def token_label(token: str) -> str:
