@@ -14,11 +14,9 @@ nothing else.
 request head within CLIENT_TIMEOUT_SECONDS, raises the soft limit on open files to the hard one, and logs
 asyncio's errors once per kind; the uvicorn command does not (docs/exposing.md: Slow and silent clients).
 
-The module reads in the order a request travels: the tables, the configuration, then the trust boundary
-(from its banner down to "The app"): everything that decides who may do what and what crosses the gateway,
-in one section, which Gateway.dispatch passes every request through before its handler runs; then the app,
-coalescing, the queue, the relay, the upstreams, readiness, Ollama's cloud stubs, usage, metrics, the
-connection pool under httpcore, the library internals relied on, and the command line.
+The module reads in the order a request travels, a banner over each section. The trust boundary, from its banner
+down to "The app", holds everything that decides who may do what and what crosses the gateway, in one section,
+which Gateway.dispatch passes every request through before its handler runs.
 
 Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
@@ -51,8 +49,7 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
                                 only for the tokens named in OLLAMA_CLOUD_TOKENS; 403 for the others
     POST /v1/audio/transcriptions   a multipart form, routed by its `model` field, relayed byte for byte
 
-A body sent with Content-Encoding: gzip is decoded (never past MAX_BODY_BYTES) and forwarded decoded; any other
-encoding is a 415. Ollama's cloud models and web tools are for the tokens in OLLAMA_CLOUD_TOKENS only.
+A body in Content-Encoding gzip is decoded (never past MAX_BODY_BYTES) and forwarded decoded; any other is a 415.
 
 `model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
 model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
@@ -60,8 +57,7 @@ an `ollama/` prefix is removed there too, and `openai/...` is a 400. An alias (M
 its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent), missing fields are
 filled in (MODEL_DEFAULTS) and fields set (MODEL_OVERRIDES). Prompt and completion tokens are counted per
 token name, provider and model from the upstream's own figures; a chat or completions stream whose client did
-not ask for usage is asked for it, and that client does not get the usage event. To Ollama, a request that
-runs a model waits for its turn when OLLAMA_NUM_PARALLEL of its host and model are running (The queue).
+not ask for usage is asked for it, and that client does not get the usage event.
 Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
@@ -91,12 +87,10 @@ Environment (read once at start-up; SETTINGS below is the table):
     TLS_KEY_FILE             and this key                          (empty)
     MODEL_ALIASES            alias=target,...: model names tools ship with, for models you have (empty)
     TOKEN_MODELS             name=pattern|pattern,...: the models a token name may use (empty: any)
-    TOKEN_QUOTAS             name=N,...: tokens (prompt + completion) a token name may use a day, then 429
-                             until local midnight (empty: no quota)
+    TOKEN_QUOTAS             name=N,...: tokens (prompt + completion) a name may use a day, then 429 (empty: no quota)
     MODEL_DEFAULTS           {"pattern": {"field": value}, ...}: request fields added where absent (empty)
     MODEL_OVERRIDES          {"pattern": {"field": value}, ...}: request fields set, replacing the client's (empty)
-    OLLAMA_NUM_PARALLEL      inference requests each Ollama host runs at once per model; more wait in
-                             ModelGate's queue, in turns by TOKEN_SHARES; 0: no queue (1)
+    OLLAMA_NUM_PARALLEL      requests each Ollama host runs at once per model, more wait their turn; 0: no queue (1)
     TOKEN_SHARES             name=weight,...: turns in proportion when apps wait for a model (empty: every name 1)
     QUEUE_TIMEOUT_SECONDS    longest wait in ModelGate's queue, then 503 queue_timeout (300)
     USAGE_DB                 SQLite file of the usage counts; set to nothing: in memory only (modelgate-usage.sqlite3)
