@@ -123,7 +123,6 @@ import errno
 import hashlib
 import hmac
 import html
-import functools
 import importlib.util
 import ipaddress
 import itertools
