@@ -2816,7 +2816,7 @@ class Gateway:
                 if self.cloud_report is not None:
                     self.cloud_report.cancel()
                 for upstream in self.upstreams.values():
-                    await upstream.aclose()
+                    upstream.retire()
                 if self.usage is not None:
                     await self.usage.close()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -4366,10 +4366,6 @@ class Upstream:
                     models.setdefault(item["id"], {**item, "id": f"{self.name}/{item['id']}"})
         return list(models.values())
 
-    async def aclose(self) -> None:
-        for host in self.hosts:
-            await host.pool.aclose()
-
     def retire(self) -> None:
         for host in self.hosts:
             host.pool.retire()
@@ -5346,9 +5342,8 @@ class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self.transport.close()
 
     def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":  # asked of an idle connection: anything to read means the server hung up
-            return bool(self.received) or self.eof
-        return self.transport.get_extra_info(info)
+        # httpcore asks only "is_readable", of an idle connection: anything to read means the server hung up.
+        return bool(self.received) or self.eof
 
 
 class Connection(httpcore.AsyncHTTP11Connection):
@@ -5457,15 +5452,11 @@ class Pool:
             self.idle.popleft().stream.close()
 
     def retire(self) -> None:
-        """A reload made another pool for this upstream: close the idle connections now, and each one in use
-        when its response ends, so that a stream running across the reload goes on to its end."""
+        """A reload made another pool for this upstream, or the gateway stops: close the idle connections now,
+        and each one in use when its response ends, so that a stream running across a reload goes on to its end."""
         self.retired = True
         while self.idle:
             self.idle.pop().stream.close()
-
-    async def aclose(self) -> None:
-        while self.idle:
-            await self.idle.pop().aclose()
 
 
 ###############################################################################
@@ -5819,7 +5810,7 @@ async def check(config: Config, sources: Sources) -> int:
             cloud = f"Ollama's cloud: unknown (no answer to /api/status within {CHECK_TIMEOUT_SECONDS:g} s)"
     finally:
         for host in (host for upstream in upstreams for host in upstream.hosts):
-            await host.pool.aclose()
+            host.pool.retire()
     listed: set[str] = set()
     for answered_, line, ids in results:
         print(line)
@@ -5896,7 +5887,7 @@ async def ollama_native_api(upstream: Upstream, host: Host) -> str:
     except (GatewayError, asyncio.TimeoutError):
         return ""
     finally:
-        await native.pool.aclose()
+        native.pool.retire()
     if not (isinstance(tags, dict) and "models" in tags):
         return ""
     if path == root + "/v1":

@@ -7657,7 +7657,7 @@ async def test_check_says_why_ollamas_cloud_is_unknown(status: Any, said: str) -
             line = await modelgate.cloud_summary(config, upstreams["ollama"], modelgate.CloudModels())
         finally:
             for host in upstreams["ollama"].hosts:
-                await host.pool.aclose()
+                host.pool.retire()
     assert line.startswith(f"Ollama's cloud: {said}; "), line
 
 
