@@ -3759,18 +3759,9 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     4. The tokens it says it used are read once, from its start and end; per chunk there is nothing but
        keeping the end.
     """
-    chunks, held, size, chunk = response.stream.__aiter__(), [], 0, None
-    try:
-        while size <= way.hold:
-            chunk = await anext(chunks, None)
-            if chunk is None:
-                break
-            held.append(chunk)
-            size += len(chunk)
-    except UPSTREAM_EXCEPTIONS as exc:
-        raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-    first = b"".join(held)
-    if chunk is None and not way.stream:  # the whole answer: answered like any other, with its length
+    chunks = response.stream.__aiter__()
+    first = await whole(upstream, response, way.hold, cut=True, chunks=chunks)
+    if len(first) <= way.hold and not way.stream:  # the whole answer: answered like any other, with its length
         return Answer(response.status, crossing_headers(response.headers), first, (first, first))
     if way.stream:
         ex.ttfb = time.perf_counter() - ex.t0
@@ -3782,7 +3773,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     frames, cut, last = way.frames(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
     watch = ex.watch
     watch.guard_sends(gw.config.timeout)
-    chunk = first if held else None
+    chunk = first or None
     try:
         # Inside: the end of the shutdown grace may come while the head is being sent, and then it is cut too.
         await ex.start(response.status, headers)
@@ -5360,14 +5351,15 @@ class Connection(httpcore.AsyncHTTP11Connection):
 NO_LOCK = contextlib.nullcontext()  # `async with` it does nothing (Python 3.10)
 
 
-async def whole(upstream: Upstream, response: httpcore.Response, limit: int, cut: bool = False) -> bytes:
+async def whole(upstream: Upstream, response: httpcore.Response, limit: int, cut: bool = False,
+                chunks: AsyncIterator[bytes] | None = None) -> bytes:
     """An upstream's response body, held whole (an answer to share, a model list, an error's body); past `limit`
-    bytes, with `cut` its first `limit` (and at most a chunk more), else 502 answer_too_large. Failures are
-    translated as in Upstream.send."""
-    chunks, size = [], 0
+    bytes, with `cut` its first `limit` (and at most a chunk more; the rest stays in `chunks`, if given), else 502
+    answer_too_large. Failures are translated as in Upstream.send."""
+    held, size = [], 0
     try:
-        async for chunk in response.stream:
-            chunks.append(chunk)
+        async for chunk in chunks or response.stream:
+            held.append(chunk)
             size += len(chunk)
             if size > limit:
                 if not cut:
@@ -5375,7 +5367,7 @@ async def whole(upstream: Upstream, response: httpcore.Response, limit: int, cut
                 break
     except UPSTREAM_EXCEPTIONS as exc:
         raise upstream.translate(exc, response.extensions.get(HOST_EXTENSION)) from exc
-    return b"".join(chunks)
+    return b"".join(held)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
