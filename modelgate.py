@@ -3730,7 +3730,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
                                    first=ex.host)
     try:
         if response.status >= 400:
-            return await upstream.error_answer(response, ex.dialect, ex.routed, tuple(gw.upstreams))
+            return await upstream_error(upstream, response, ex.dialect, ex.routed, tuple(gw.upstreams))
         if stream and media_type(response.headers) == ex.dialect.stream_type:
             return await pump(gw, ex, upstream, response, STREAMED)
         if shared:
@@ -4083,15 +4083,19 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
 )
 
 
-def upstream_error(refusal: Refusal, headers: Headers, body: bytes) -> Answer:
-    """An upstream error response as the client gets it: same status, in the client's dialect. A body already in
-    that shape passes unchanged, but for the hints that go on such a message; anything else is wrapped, its text as
-    the message, so that tools which show `error.message` (FluentRead) or parse JSON (openai-translator) tell the
-    user what the upstream said."""
-    name, status, dialect, document = refusal.name, refusal.status, refusal.dialect, refusal.document
-    kept = crossing_headers(headers)
-    if dialect.own_error(document):
-        hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if always and applies(refusal)]
+async def upstream_error(upstream: Upstream, response: httpcore.Response, dialect: Dialect = OPENAI,
+                         routed: Routed | None = None, providers: tuple[str, ...] = ()) -> Answer:
+    """An upstream error response as the client gets it: same status, in the client's dialect, with what to check
+    (UPSTREAM_HINTS). A body already in that shape passes unchanged, but for the hints that go on such a message;
+    anything else is wrapped, its text as the message, so that tools which show `error.message` (FluentRead) or
+    parse JSON (openai-translator) tell the user what the upstream said."""
+    upstream.count_failure(f"http_{response.status}")
+    body = await whole(upstream, response, MAX_ERROR_BODY, cut=True)
+    name, status, document = upstream.name, response.status, parsed(body)
+    refusal = Refusal(name, status, dialect, response.extensions.get(HOST_EXTENSION), routed, providers, document)
+    kept, own = crossing_headers(response.headers), dialect.own_error(document)
+    hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if (always or not own) and applies(refusal)]
+    if own:
         error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
         if hints and isinstance(error, dict) and isinstance(error.get("message"), str):
             error["message"] = " ".join([sentence(error["message"]), *hints])
@@ -4110,17 +4114,13 @@ def upstream_error(refusal: Refusal, headers: Headers, body: bytes) -> Answer:
         text = text[:MAX_ERROR_TEXT] + "…"
     phrase = f"{status} {PHRASES.get(status, '')}".strip()
     message = f"{name} answered {phrase}: {text}" if text else f"{name} answered {phrase} with an empty body."
-    hints = [words(refusal) for applies, words, _ in UPSTREAM_HINTS if applies(refusal)]
     if hints:
         message = " ".join([sentence(message), *hints])
-    kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")]
-    kept.append(JSON)
-    return Answer(status, kept, dialect.error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"),
-                                                        None))
+    kept = [(k, v) for k, v in kept if k not in (b"content-type", b"content-encoding")] + [JSON]
+    return Answer(status, kept, dialect.error(status, message, UPSTREAM_ERROR_TYPES.get(status, "api_error"), None))
 
 
 def sentence(text: str) -> str:
-    """`text` ending as a sentence does, so that more can follow."""
     text = text.rstrip()
     return text if text.endswith((".", "!", "?", "…")) else text + "."
 
@@ -4318,21 +4318,12 @@ class Upstream:
                             "list). With COALESCE=off, answers of any size are relayed as they arrive.",
                             [NO_RETRY])
 
-    async def error_answer(self, response: httpcore.Response, dialect: Dialect = OPENAI, routed: Routed | None = None,
-                           providers: tuple[str, ...] = ()) -> Answer:
-        """The upstream's error status as the client gets it, with what to check (UPSTREAM_HINTS)."""
-        self.count_failure(f"http_{response.status}")
-        body = await whole(self, response, MAX_ERROR_BODY, cut=True)
-        refusal = Refusal(self.name, response.status, dialect, response.extensions.get(HOST_EXTENSION), routed,
-                          providers, parsed(body))
-        return upstream_error(refusal, response.headers, body)
-
     async def get_json(self, path: bytes, forward: Headers, host: Host, dialect: Dialect = OPENAI) -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
         response = await self.send(b"GET", path, forward, host=host, dialect=dialect)
         try:
             if response.status >= 400:
-                return await self.error_answer(response, dialect)
+                return await upstream_error(self, response, dialect)
             body = await whole(self, response, MAX_HELD_ANSWER)
         finally:
             await response.aclose()
