@@ -4200,7 +4200,7 @@ def cause(exc: BaseException, key: bytes = b"") -> str:
     reason, without addresses (hosts are named by number), without the upstream's `key`, and cut short. h11
     quotes the line it could not read (`illegal header line: bytearray(b'...')`): an upstream that echoes the
     Authorization it got in a header, a status line or a chunk's size line would write its key into the log
-    (issue 17), as it would into the answer but for redact(); and a ` token=admin` there would be a field of the
+    (issue 17), as it would into the answer but for Redacted; and a ` token=admin` there would be a field of the
     text log line of its own, as one in an upstream's x-request-id would (log_exchange): its `=` is escaped."""
     root = exc.__cause__ or exc
     if isinstance(root, ssl.SSLCertVerificationError):
@@ -4296,8 +4296,10 @@ class Upstream:
                                    "its API on (https:// where http:// is redirected?).", [NO_RETRY],
                                    f"{self.where(host)} answered {response.status}")
             response.extensions[HOST_EXTENSION] = host  # for the messages about what it answers
-            if self.key:
-                redact(response, self.key)
+            if self.key:  # the key out of its headers and body (KEY_SHOWN_AS); the body's length may change
+                response.headers = [(name, value.replace(self.key, KEY_SHOWN_AS)) for name, value in response.headers
+                                    if name.lower() != b"content-length"]
+                response.stream = Redacted(response.stream, self.key)
             return response
 
     def count_failure(self, kind: str) -> None:
@@ -4355,15 +4357,8 @@ class Upstream:
 
 # An upstream that echoes the key ModelGate sent it (OLLAMA_API_KEY, OPENAI_API_KEY), in a header or in
 # an error body that quotes the request, would hand it to every client (issue 17). Whatever an upstream
-# answers, with a key set, goes through here first: the key is replaced wherever it appears.
+# answers, with a key set, goes through Upstream.send first: the key is replaced wherever it appears.
 KEY_SHOWN_AS = b"***"
-
-
-def redact(response: httpcore.Response, key: bytes) -> None:
-    """The key out of the response's headers and body. Its Content-Length goes: the body's may change."""
-    response.headers = [(name, value.replace(key, KEY_SHOWN_AS)) for name, value in response.headers
-                        if name.lower() != b"content-length"]
-    response.stream = Redacted(response.stream, key)
 
 
 class Redacted:
