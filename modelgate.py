@@ -3744,21 +3744,19 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
 
 async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response, way: Way) -> Answer | None:
     """Relay an upstream answer, plain or streamed, as `way` says, holding at most `way.hold` bytes of it:
-
     1. Read it until more than `way.hold` bytes came (a stream: its first chunk). A plain answer that ends
        within that is returned whole, to be answered with its length, so that one cut short is still a
        502 and nothing of it was sent. Until here a failure is answered with its plain status (502, 504).
     2. Start the answer: the upstream's headers (a plain answer keeps its Content-Length, uvicorn chunks
        it if there is none; a stream gets SSE_HEADERS), then one body message per upstream chunk as it
-       comes, what `way.frames` lets through, each under the send guard: a client that takes nothing for
+       comes, what Frames lets through, each under the send guard: a client that takes nothing for
        TIMEOUT_SECONDS is let go (499), and the upstream with it.
     3. An answer cut after the start (the upstream broke off or went silent, the shutdown grace is over,
        a stream did not end as its route's end: Route.end) gets the dialect's error event as its last
        chunk if it is a stream, so that no client takes a cut answer for a whole one; a plain answer can
        only be left incomplete, and uvicorn closes the connection. A client that left: nobody to tell.
     4. The tokens it says it used are read once, from its start and end; per chunk there is nothing but
-       keeping the end.
-    """
+       keeping the end."""
     chunks = response.stream.__aiter__()
     first = await whole(upstream, response, way.hold, cut=True, chunks=chunks)
     if len(first) <= way.hold and not way.stream:  # the whole answer: answered like any other, with its length
@@ -3770,7 +3768,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     else:
         headers = crossing_headers(response.headers)
         headers += [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"][:1]
-    frames, cut, last = way.frames(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
+    frames, cut, last = Frames(ROUTES[ex.route], ex.dialect, ex.hides_usage and way.stream), "", b""
     watch = ex.watch
     watch.guard_sends(gw.config.timeout)
     chunk = first or None
@@ -3797,8 +3795,8 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
             raise  # the client left: there is nobody to tell
         watch.claim(exc)
         cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
-    else:
-        if not frames.whole():
+    else:  # (a plain answer is whole as far as can be known: its length, if any, is checked by h11)
+        if way.stream and not frames.whole():
             upstream.count_failure("IncompleteStream")
             cut = f"ended without {frames.end.marker}"
             ex.error = f"upstream_stream_error (no {frames.end.marker})"
@@ -3877,11 +3875,11 @@ def parsed(data: bytes) -> Any:
 
 
 class Frames:
-    """One stream on its way to the client, split as its dialect frames it: what of each chunk goes on now (feed,
-    and rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it says it used
-    (usage: Route.usage). The hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once, when the
-    stream is judged; when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins inside
-    is kept too. Only a stream whose usage event is hidden (Exchange.hides_usage) is split chunk by chunk (hide)."""
+    """One stream on its way to the client, split as its dialect frames it: what of each chunk goes on now (feed, and
+    rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it says it used (usage:
+    Route.usage; a plain answer's too). The hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once,
+    when the stream is judged; when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins
+    inside is kept too. Only a stream whose usage event is hidden (hide: Exchange.hides_usage) is split per chunk."""
 
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
         self.end, self.counts, self.own_error = route.end, route.usage, dialect.own_error
@@ -3999,39 +3997,15 @@ def is_usage_event(event: bytes) -> bool:
     return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
 
 
-class Plain:
-    """What the pump keeps of an answer that is not a stream: its start and its end, where its usage is
-    (Route.usage). Its chunks are big: only their ends are copied."""
-
-    def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
-        self.counts, self.first, self.tail = route.usage, b"", b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not self.first:
-            self.first = chunk[:TAIL_BYTES]
-        self.tail = (self.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
-        return chunk
-
-    def rest(self) -> bytes:
-        return b""
-
-    def whole(self) -> bool:
-        return True  # as far as can be known: its length, if any, is checked by h11
-
-    def usage(self) -> Spent | None:
-        return tokens_used(self.counts, self.first, self.tail)
-
-
 class Way(NamedTuple):
     """How the pump writes an answer of one kind."""
     hold: int  # bytes read before any is sent (at least a chunk); a plain answer that ends within them is whole
     stream: bool  # SSE_HEADERS, ttfb and modelgate_streams; cut with the dialect's error event, not by closing
     failure: str  # the log's error when the upstream fails after the start
-    frames: type[Frames] | type[Plain]  # what of each chunk goes on, whether it ended whole, what it used
 
 
-PLAIN = Way(RELAY_HOLD_BYTES, stream=False, failure="upstream_body_error", frames=Plain)
-STREAMED = Way(0, stream=True, failure="upstream_stream_error", frames=Frames)
+PLAIN = Way(RELAY_HOLD_BYTES, stream=False, failure="upstream_body_error")
+STREAMED = Way(0, stream=True, failure="upstream_stream_error")
 
 
 class Refusal(NamedTuple):
