@@ -3714,17 +3714,15 @@ SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
                 stream: bool, shared: bool = False, method: str = "") -> Answer | None:
     """Send one request upstream with the client's headers, and relay its answer:
-
     1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
        before the answer's head arrives is a GatewayError (502, 503, 504).
-    2. An error status becomes the error answer: the upstream's status, its body (up to MAX_ERROR_BODY) in the
-       client's dialect (upstream_error), followed by what to check (UPSTREAM_HINTS).
+    2. An error status becomes the error answer: the upstream's status and what it said (up to MAX_ERROR_BODY),
+       in the client's dialect, with what to check (upstream_error).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
        streams, is pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
     4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to MAX_HELD_ANSWER,
        and answered with its Content-Length; any other is pumped (PLAIN), whatever its size.
-    5. Close the upstream response: its connection goes back to the pool, or is closed.
-    """
+    5. Close the upstream response: its connection goes back to the pool, or is closed."""
     since = time.perf_counter()
     response = await upstream.send((method or ex.method).encode(), path, ex.forward, body, dialect=ex.dialect,
                                    first=ex.host)
