@@ -3767,8 +3767,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         headers = crossing_headers(response.headers)
         headers += [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"][:1]
     frames, cut, last = Frames(ROUTES[ex.route], ex.dialect, ex.hides_usage and way.stream), "", b""
-    watch = ex.watch
-    watch.guard_sends(gw.config.timeout)
+    ex.watch.guard_sends(gw.config.timeout)
     chunk = first or None
     try:
         # Inside: the end of the shutdown grace may come while the head is being sent, and then it is cut too.
@@ -3789,9 +3788,9 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         where = upstream.where(response.extensions.get(HOST_EXTENSION))
         ex.error = f"{way.failure} ({where} {cause(exc, upstream.key)})"
     except asyncio.CancelledError as exc:
-        if watch.reason != "shutdown":
+        if ex.watch.reason != "shutdown":
             raise  # the client left: there is nobody to tell
-        watch.claim(exc)
+        ex.watch.claim(exc)
         cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
     else:  # (a plain answer is whole as far as can be known: its length, if any, is checked by h11)
         if way.stream and not frames.whole():
@@ -3807,9 +3806,8 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     ex.usage = frames.usage()
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
-        dialect = ex.dialect
-        separator = dialect.separator if dialect.separator and not last.endswith(dialect.separator) else b""
-        await ex.write(separator + dialect.cut_event(message))
+        separator = ex.dialect.separator if ex.dialect.separator and not last.endswith(ex.dialect.separator) else b""
+        await ex.write(separator + ex.dialect.cut_event(message))
     await ex.write(b"", more=False)
     return None
 
