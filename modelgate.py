@@ -4204,9 +4204,8 @@ class Upstream:
         self.metrics = metrics
 
     def by_preference(self, first: Host | None = None) -> list[Host]:
-        """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down,
-        then the others not cooling down, fewest requests in flight or waiting first, ties as listed. (Its
-        callers take the one host there mostly is without asking.)"""
+        """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down, then
+        the others not cooling down, fewest requests in flight or waiting first, ties as listed (not asked of one)."""
         now = time.monotonic()
         up = [host for host in self.hosts if host.down_until <= now]
         return sorted(up or self.hosts, key=lambda host: (host is not first, host.pool.in_use + host.waiting))
@@ -4366,12 +4365,10 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
     Answer is returned, a GatewayError raised, to say why rather than list nothing. Anything else raised
     is a bug: raised."""
     results = await asyncio.gather(*awaitables, return_exceptions=True)
-    answers = []
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, GatewayError):
             raise result
-        if not isinstance(result, (BaseException, Answer)):
-            answers.append(result)
+    answers = [result for result in results if not isinstance(result, (BaseException, Answer))]
     if answers:
         return answers
     if isinstance(results[0], GatewayError):
