@@ -5113,12 +5113,8 @@ class Metrics:
 def label_set(names: tuple[str, ...], values: tuple) -> str:
     if not names:
         return ""
-    pairs = (f'{name}="{escape_label(str(value))}"' for name, value in zip(names, values))
-    return "{" + ",".join(pairs) + "}"
-
-
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = (str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for value in values)
+    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}"
 
 
 def number(value: float) -> str:
