@@ -3332,12 +3332,6 @@ class Flight:
     counted: bool = False  # a waiter has taken the answer's usage: tokens used once are counted once
 
 
-def seen(task: asyncio.Task) -> None:
-    """A cancelled flight's failure read, so that asyncio does not log it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
-
-
 class Coalescer:
     """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
     Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
@@ -3366,7 +3360,8 @@ class Coalescer:
             flight.waiters -= 1
             if not flight.waiters and not flight.task.done():
                 flight.task.cancel()  # nobody is left to answer: none joins it from now on
-                flight.task.add_done_callback(seen)  # asyncio.shield reads its failure no more
+                # asyncio.shield reads its failure no more: read here, or asyncio logs it as never retrieved
+                flight.task.add_done_callback(lambda task: task.cancelled() or task.exception())
                 if self.flights.get(key) is flight:
                     del self.flights[key]
         if ex is not flight.owner and flight.owner.queued is not None:
@@ -3377,7 +3372,7 @@ class Coalescer:
 
     async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
         """A flight's task: the answer, and the flight forgotten as soon as it is done. (Its failure is read by
-        asyncio.shield while a waiter waits, and by seen() once none is left.)"""
+        asyncio.shield while a waiter waits, and by answer()'s callback once none is left.)"""
         try:
             return await answer
         finally:
