@@ -2996,11 +2996,8 @@ class Gateway:
 
     async def dispatch(self, ex: Exchange) -> Answer | None:
         """Find the route, then decide who may ask (allowlist, token, limits), then hand over to its handler."""
-        key, route = ex.path, ROUTES.get(ex.path)
-        for prefix in PREFIX_ROUTES if route is None else ():
-            if key.startswith(prefix):
-                key, route = prefix, ROUTES[prefix]
-                break
+        key = ex.path if ex.path in ROUTES else next(filter(ex.path.startswith, PREFIX_ROUTES), None)
+        route = ROUTES.get(key)
         ex.dialect = route.dialect if route is not None else unrouted_dialect(ex.path)  # first: errors use it
         config = self.config
         if config is None:
