@@ -2696,10 +2696,9 @@ class Gateway:
             routed = route_model(ex.model, config)
         except GatewayError as error:  # openai/... without OpenAI: no such model here
             raise GatewayError("model_not_found", error.message) from None
-        ex.provider, wanted = routed.provider, routed.id
+        ex.provider, wanted, name = routed.provider, routed.id, routed.name
         if config.token_models:
             check_scope(config, ex.token, wanted, ex.model)
-        name = routed.name
         if check_cloud(config, ex.token, ex.provider, name, ex.model, self.cloud):
             ex.unlisted.append((name, ex.model))
             if not await self.looked_up(ex):
@@ -2711,16 +2710,16 @@ class Gateway:
         listed = await self.watched(ex, upstream.list_models(ex.forward))
         if listed is None or isinstance(listed, Answer):
             return listed
+        models = {item["id"]: item for item in listed}
         named = ex.model if routed.aliased else wanted
         # The last of that name: an alias (listed after the models) is routed before a model of its name.
-        item = next((item for name, item in reversed(models_seen({item["id"]: item for item in listed}, config,
-                                                                 ex.token)) if name == named), None)
+        item = next((item for name, item in reversed(models_seen(models, config, ex.token)) if name == named), None)
         if item is not None:
             return Answer(200, [JSON], json.dumps(item).encode())
         if routed.aliased:
             raise GatewayError("model_not_found", f"Model {ex.model!r} stands for {wanted!r} (MODEL_ALIASES), "
                                f"which {upstream.name} does not have. GET /v1/models lists the models you can use.")
-        item = listed_as({item["id"]: item for item in listed}, wanted)
+        item = listed_as(models, wanted)
         if item is not None:  # by another of its names (`tiny` for `tiny:latest`): as asked, as Ollama answers
             return Answer(200, [JSON], json.dumps({**item, "id": ex.model}).encode())
         raise GatewayError("model_not_found", f"Model {ex.model!r} was not found on {upstream.name}. "
@@ -2903,8 +2902,7 @@ class Gateway:
             line += (f" (no .env in {sources.directory}: the settings are this process's environment, which a reload "
                      "cannot change; in a container made with an env_file, a changed .env takes docker compose up -d)")
         log.info("%s", line)  # log: what the reload changed, names only
-        restart = [name for name in changed if name in RESTART_SETTINGS]
-        if restart:
+        if restart := [name for name in changed if name in RESTART_SETTINGS]:
             log.warning("%s changed: that takes a restart; until then the gateway keeps the old value%s",
                         ", ".join(restart), "s" * (len(restart) > 1))
         for warning in config_warnings(config, sources):
