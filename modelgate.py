@@ -284,9 +284,7 @@ def anthropic_error(status: int, message: str, type_: str, code: str | None) -> 
 
 
 class Dialect(NamedTuple):
-    """What differs between the APIs a client may speak: the shape of an error, and of the last event of a
-    stream that was cut off; whether an upstream's error body is in that shape already; how its streams
-    are framed; which client headers reach the upstream, where on it the API lives, and who serves it."""
+    """What differs between the APIs a client may speak (OpenAI's, Ollama's own, Anthropic's)."""
     name: str
     error: Callable[[int, str, str, str | None], bytes]  # (status, message, OpenAI type, code) -> body
     cut: tuple[bytes, bytes]  # what goes before and after its error body in the last chunk of a cut stream
@@ -3215,18 +3213,13 @@ class Exchange:
 
 
 class ClientWatch:
-    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when
-    the shutdown grace is over, until stop().
+    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when the shutdown
+    grace is over, until stop().
 
-    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait
-    on an upstream we also wait on receive(), and stop the upstream request the moment the client
-    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while
-    it runs: that is how the end of the shutdown grace finds what still waits on an upstream.
-
-    The listener starts LISTEN_AFTER_SECONDS late: a task per request was an eighth of a plain request's
-    whole cost (instructions counted under callgrind), and an answer that comes sooner has nothing to
-    cancel. A client that left before the listener starts is seen at once, as receive() says so.
-    """
+    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait on an upstream
+    we also wait on receive() (from LISTEN_AFTER_SECONDS on), and stop the upstream request the moment the client
+    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while it runs: that
+    is how the end of the shutdown grace finds what still waits on an upstream."""
 
     def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
         self.task = asyncio.current_task()
@@ -3309,7 +3302,9 @@ ROOT_POSTED = {
               "{where}/v1, Anthropic and Ollama clients {where}, and add their own paths.",
 }
 
-# Ollama stops generating when its connection closes; 50 ms of it for nobody costs nothing worth a task.
+# Ollama stops generating when its connection closes; 50 ms of it for nobody costs nothing worth a task: a task per
+# request was an eighth of a plain request's whole cost (instructions counted under callgrind), and an answer that
+# comes sooner has nothing to cancel. A client that left before the listener starts is seen at once (receive()).
 LISTEN_AFTER_SECONDS = 0.05
 
 
@@ -3328,12 +3323,11 @@ class Flight:
 
 
 class Coalescer:
-    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight.
-    Identical means the same token, provider, path, body and forwarded headers as it goes upstream (an
-    anthropic-beta of its own may change the answer), let in by the same settings (after a reload, a token's name
-    may be another token's). The upstream request runs in a task of its own, so that a client leaving does not
-    end it while others still wait; the last to leave cancels it. Its entry goes as soon as it is done: this is no
-    cache."""
+    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight. Identical
+    means the same token, provider, path, body and forwarded headers as it goes upstream (an anthropic-beta of its own
+    may change the answer), let in by the same settings (after a reload, a token's name may be another token's). The
+    upstream request runs in a task of its own, so that a client leaving does not end it while others still wait; the
+    last to leave cancels it. Its entry goes as soon as it is done: this is no cache."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.flights: dict[tuple, Flight] = {}
