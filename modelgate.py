@@ -392,20 +392,21 @@ class Route(NamedTuple):
 
 
 MODEL_OR_NAME = ("model", "name")  # Route.models of Ollama's show, pull, push, create and delete
+# What the rows that relay a JSON body naming a model share: those that run it wait for their turn (RUNS_MODEL);
+# Ollama's that manage models are an admin's, take `model` or `name`, and share no answer (MANAGES_MODELS).
+RUNS_MODEL = Route({"POST": "relay_request"}, queued=True, reads="json")
+MANAGES_MODELS = Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
+                       models=(MODEL_OR_NAME,), reads="json")
 
 # A path ending in / (but / itself) is a prefix: /v1/models/{id}, /api/blobs/<digest>. Anything else is 404.
 ROUTES: dict[str, Route] = {
-    "/v1/chat/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True,
-                                  reads="json"),
-    "/v1/completions": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, asks_usage=True, queued=True,
-                             reads="json"),
-    "/v1/responses": Route({"POST": "relay_request"}, end=RESPONSE_END, usage=RESPONSES_COUNTS, queued=True,
-                           reads="json"),
-    "/v1/embeddings": Route({"POST": "relay_request"}, usage=OPENAI_COUNTS, shared=False, queued=True, reads="json"),
+    "/v1/chat/completions": RUNS_MODEL._replace(usage=OPENAI_COUNTS, asks_usage=True),
+    "/v1/completions": RUNS_MODEL._replace(usage=OPENAI_COUNTS, asks_usage=True),
+    "/v1/responses": RUNS_MODEL._replace(end=RESPONSE_END, usage=RESPONSES_COUNTS),
+    "/v1/embeddings": RUNS_MODEL._replace(usage=OPENAI_COUNTS, shared=False),
     # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form). OpenAI's
     # gpt-4o-transcribe says what it used as the Responses API does; Ollama's transcriptions say nothing.
-    "/v1/audio/transcriptions": Route({"POST": "relay_request"}, usage=RESPONSES_COUNTS, shared=False, queued=True,
-                                      reads="form"),
+    "/v1/audio/transcriptions": RUNS_MODEL._replace(usage=RESPONSES_COUNTS, shared=False, reads="form"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
     # HEAD too: what a server that answers GET must answer (RFC 9110 §9.1), and what uptime monitors send.
@@ -415,36 +416,28 @@ ROUTES: dict[str, Route] = {
     "/metrics": Route({"GET": "metrics_page"}, access="metrics", limited=False, while_closing=True),
     "/usage": Route({"GET": "usage_page"}, limited=False, login=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
-    "/v1/messages": Route({"POST": "relay_request"}, end=MESSAGE_STOP, dialect=ANTHROPIC, usage=ANTHROPIC_COUNTS,
-                          queued=True, reads="json"),
+    "/v1/messages": RUNS_MODEL._replace(end=MESSAGE_STOP, dialect=ANTHROPIC, usage=ANTHROPIC_COUNTS),
     # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
     # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
     # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
     "/": Route({"GET": "home", "HEAD": "ollama_root", "POST": "posted_to_root"}, access="public", limited=False,
                dialect=OLLAMA),
-    "/api/chat": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
-                       usage=OLLAMA_COUNTS, queued=True, reads="json"),
-    "/api/generate": Route({"POST": "relay_request"}, end=DONE_LINE, dialect=OLLAMA,
-                           streams_unless_false=True, usage=OLLAMA_COUNTS, queued=True, reads="json"),
-    "/api/embed": Route({"POST": "relay_request"}, dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False, queued=True,
-                        reads="json"),
-    "/api/embeddings": Route({"POST": "relay_request"}, dialect=OLLAMA, shared=False, queued=True, reads="json"),
+    "/api/chat": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True, usage=OLLAMA_COUNTS),
+    "/api/generate": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
+                                         usage=OLLAMA_COUNTS),
+    "/api/embed": RUNS_MODEL._replace(dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False),
+    "/api/embeddings": RUNS_MODEL._replace(dialect=OLLAMA, shared=False),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,),
                        reads="json"),
     "/api/tags": Route({"GET": "models", "HEAD": "models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version", "HEAD": "ollama_version"}, dialect=OLLAMA),
-    "/api/pull": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA, streams_unless_false=True,
-                       model_required=False, admin=True, shared=False, models=(MODEL_OR_NAME,), reads="json"),
-    "/api/push": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA, streams_unless_false=True,
-                       model_required=False, admin=True, shared=False, models=(MODEL_OR_NAME,), reads="json"),
-    "/api/create": Route({"POST": "relay_request"}, end=SUCCESS_LINE, dialect=OLLAMA,
-                         streams_unless_false=True, model_required=False, admin=True, shared=False,
-                         models=(MODEL_OR_NAME, ("from",)), reads="json"),
-    "/api/copy": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
-                       models=(("source",), ("destination",)), reads="json"),
-    "/api/delete": Route({"DELETE": "relay_request"}, dialect=OLLAMA, model_required=False, admin=True, shared=False,
-                         models=(MODEL_OR_NAME,), reads="json"),
+    "/api/pull": MANAGES_MODELS._replace(end=SUCCESS_LINE, streams_unless_false=True),
+    "/api/push": MANAGES_MODELS._replace(end=SUCCESS_LINE, streams_unless_false=True),
+    "/api/create": MANAGES_MODELS._replace(end=SUCCESS_LINE, streams_unless_false=True,
+                                           models=(MODEL_OR_NAME, ("from",))),
+    "/api/copy": MANAGES_MODELS._replace(models=(("source",), ("destination",))),
+    "/api/delete": MANAGES_MODELS._replace(handlers={"DELETE": "relay_request"}),
     "/api/blobs/": Route({"HEAD": "ollama_relay", "POST": "ollama_relay"}, dialect=OLLAMA, admin=True, shared=False),
     # Whether Ollama's cloud is on (OLLAMA_NO_CLOUD), for anyone; the owner's ollama.com account, for admins;
     # web search and fetch, run on ollama.com under that account (server/routes.go), for cloud tokens.
