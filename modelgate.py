@@ -1611,9 +1611,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    route, replaced, added, first = ROUTES[ex.route], {}, [], None
+    route, edits, first = ROUTES[ex.route], {}, None
     for group in route.models:
-        found = named_model(ex, document, group, config, replaced, text, spans, cloud)
+        found = named_model(ex, document, group, config, edits, text, spans, cloud)
         if found is None and first is None and route.model_required:  # (no route that needs one names two)
             raise GatewayError("invalid_request", "The request body needs a `model` string, "
                                "such as \"ollama/qwen2.5:7b\".")
@@ -1641,11 +1641,11 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if (config.model_defaults or config.model_overrides) and route.model_required:
         model_id = ex.routed.id
         request_edits(text, spans, fields_for(config.model_defaults, model_id),
-                      fields_for(config.model_overrides, model_id), replaced, added)
+                      fields_for(config.model_overrides, model_id), edits)
     if route.asks_usage and document.get("stream") is True:
-        ex.hides_usage = asked_for_usage(document, spans, replaced, added)
-    if replaced or added:
-        body = spliced(text, spans, replaced, added).encode("latin-1")
+        ex.hides_usage = asked_for_usage(document, edits)
+    if edits:
+        body = spliced(text, spans, edits).encode("latin-1")
     return document, body
 
 
@@ -1788,10 +1788,10 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     return document, spans
 
 
-def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, replaced: dict[str, str],
+def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: Config, edits: dict[str, str],
                 text: str, spans: dict[str, tuple[int, int]], cloud: CloudModels) -> tuple[str, Routed] | None:
     """The model that one tuple of Route.models names, as (what was sent, where it goes), each field that is set
-    routed, checked (TOKEN_MODELS, check_cloud) and its new value put in `replaced`; None when none is set (absent,
+    routed, checked (TOKEN_MODELS, check_cloud) and its new value put in `edits`; None when none is set (absent,
     null or "", which Go leaves empty). 400 when two of them name different models."""
     found = None
     for field in fields:
@@ -1816,11 +1816,11 @@ def named_model(ex: Exchange, document: dict, fields: tuple[str, ...], config: C
         if check_cloud(config, ex.token, routed.provider, routed.name, model, cloud):
             ex.unlisted.append((routed.name, model))
         if routed.aliased:
-            replaced[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
+            edits[field] = json.dumps(routed.name)  # the target, from MODEL_ALIASES: ASCII-safe, like compact_json
         elif routed.name != model:  # the provider prefix cut, the rest of the value as written
             value, prefix = text[spans[field][0]:spans[field][1]], f'"{routed.provider}/'
             # (a prefix written with escapes, such as "ollama\/x", is written anew)
-            replaced[field] = '"' + value[len(prefix):] if value.startswith(prefix) else json.dumps(routed.name)
+            edits[field] = '"' + value[len(prefix):] if value.startswith(prefix) else json.dumps(routed.name)
         found = found or (model, routed)
     return found
 
@@ -2105,7 +2105,7 @@ def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
 
 
 def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
-                  overrides: dict[str, Any], replaced: dict[str, str], added: list[tuple[str, str]]) -> None:
+                  overrides: dict[str, Any], edits: dict[str, str]) -> None:
     """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
     replaces the client's value, a default fills in only what it lacks, and where the client's value and theirs are
     both objects (Ollama's `options`) that is decided key by key inside the client's object."""
@@ -2116,16 +2116,16 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
             value = default if override is NOT_SET else override
             if isinstance(default, dict) and isinstance(override, dict):
                 value = over(override, default)
-            added.append((field, compact_json(value)))
+            edits[field] = compact_json(value)
         elif text[spans[field][0]] == "{" and isinstance(default if override is NOT_SET else override, dict):
-            inner, inner_replaced, inner_added = text[slice(*spans[field])], {}, []
+            inner, inner_edits = text[slice(*spans[field])], {}
             _, inner_spans = parse_body(inner, frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
-                          override if isinstance(override, dict) else {}, inner_replaced, inner_added)
-            if inner_replaced or inner_added:
-                replaced[field] = spliced(inner, inner_spans, inner_replaced, inner_added)
+                          override if isinstance(override, dict) else {}, inner_edits)
+            if inner_edits:
+                edits[field] = spliced(inner, inner_spans, inner_edits)
         elif override is not NOT_SET:
-            replaced[field] = compact_json(override)
+            edits[field] = compact_json(override)
 
 
 NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not set
@@ -2144,8 +2144,7 @@ def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> N
                                f"as `{field}` whatever its case: write it once, as `{field}`.")
 
 
-def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
-                    added: list[tuple[str, str]]) -> bool:
+def asked_for_usage(document: dict, edits: dict[str, str]) -> bool:
     """For a stream whose client did not ask for usage, stream_options with include_usage in place of the client's,
     or added; True then (the usage event is ModelGate's). False when the client asked (include_usage true, written
     once), or sent stream_options that are not an object (left for the upstream to judge)."""
@@ -2157,28 +2156,25 @@ def asked_for_usage(document: dict, spans: dict[str, tuple[int, int]], replaced:
     asked = options is not None and options.get("include_usage") is True
     if asked and len(others) == len(options) - 1:
         return False
-    text = compact_json({**others, "include_usage": True})
-    if "stream_options" in spans:
-        replaced["stream_options"] = text
-    else:
-        added.append(("stream_options", text))
+    edits["stream_options"] = compact_json({**others, "include_usage": True})
     return not asked
 
 
-def spliced(text: str, spans: dict[str, tuple[int, int]], replaced: dict[str, str],
-            added: list[tuple[str, str]]) -> str:
-    """The client's JSON object with these values replaced and members added; every other character as written."""
-    edits = []
-    for key, value in replaced.items():
-        edits.append((*spans[key], value))
-    if added:
-        members = "".join(f",{compact_json(key)}:{value}" for key, value in added)
+def spliced(text: str, spans: dict[str, tuple[int, int]], edits: dict[str, str]) -> str:
+    """The client's JSON object with the values of `edits` in place of its own, or added; every other byte as sent."""
+    places, members = [], ""
+    for key, value in edits.items():
+        if key in spans:
+            places.append((*spans[key], value))
+        else:
+            members += f",{compact_json(key)}:{value}"
+    if members:
         last = max((end for _, end in spans.values()), default=None)
         if last is None:  # {} or { }: the first member needs no comma
             last, members = text.index("{") + 1, members[1:]
-        edits.append((last, last, members))
+        places.append((last, last, members))
     parts, at = [], 0
-    for start, end, value in sorted(edits):
+    for start, end, value in sorted(places):
         parts += [text[at:start], value]
         at = end
     parts.append(text[at:])
