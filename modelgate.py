@@ -2109,26 +2109,23 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
     """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
     replaces the client's value, a default fills in only what it lacks, and where the client's value and theirs are
     both objects (Ollama's `options`) that is decided key by key inside the client's object."""
-    one_spelling(spans, {**defaults, **overrides})
-    for field in {**defaults, **overrides}:
-        default, override = defaults.get(field, NOT_SET), overrides.get(field, NOT_SET)
+    fields = {**defaults, **overrides}  # each field's value as its override has it, else as its default
+    one_spelling(spans, fields)
+    for field, value in fields.items():
+        default, override = defaults.get(field), overrides.get(field)
         if field not in spans:
-            value = default if override is NOT_SET else override
             if isinstance(default, dict) and isinstance(override, dict):
                 value = over(override, default)
             edits[field] = compact_json(value)
-        elif text[spans[field][0]] == "{" and isinstance(default if override is NOT_SET else override, dict):
+        elif text[spans[field][0]] == "{" and isinstance(value, dict):
             inner, inner_edits = text[slice(*spans[field])], {}
             _, inner_spans = parse_body(inner, frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_edits)
             if inner_edits:
                 edits[field] = spliced(inner, inner_spans, inner_edits)
-        elif override is not NOT_SET:
-            edits[field] = compact_json(override)
-
-
-NOT_SET = object()  # a field that MODEL_DEFAULTS or MODEL_OVERRIDES does not set
+        elif field in overrides:
+            edits[field] = compact_json(value)
 
 
 def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> None:
