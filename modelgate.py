@@ -1231,7 +1231,6 @@ def with_v1(url: str) -> str:
 
 
 def screen(ex: Exchange, config: Config) -> None:
-    """ALLOWED_IPS, the client found through TRUSTED_PROXIES: 403 before the token is looked at."""
     address = client_address(ex.client, ex.headers, config.trusted_proxies)
     ex.client = "-" if address is None else str(address)
     if config.allowed_ips is not None and (address is None or not any(address in net for net in config.allowed_ips)):
@@ -1341,7 +1340,6 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
 
 
 def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
-    """The name of the token the client sent (presented), else a GatewayError saying which AUTH_FAILURES it was."""
     if len(set(credentials)) > 1:  # the same one twice is fine (Anthropic's SDKs may send both headers)
         raise GatewayError("ambiguous_credentials", "The request carries two different tokens (two Authorization "
                            "headers, or Authorization and x-api-key): send the gateway's token once.",
@@ -1564,7 +1562,6 @@ DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for i
 
 
 def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
-    """The body decoded from its Content-Encoding; 415 for one ModelGate cannot decode, 413 past `limit`."""
     encoding = encoding.strip().lower()
     if encoding in (b"", b"identity"):
         return body
@@ -1664,7 +1661,6 @@ NOT_BACKSLASH = re.compile(rb"[^\\]")
 
 
 def bounded(body: bytes) -> None:
-    """413 for a body whose shape would cost more than MAX_SKIP_COST times its size to read (see above)."""
     limit = MAX_SKIP_COST * len(body)
     arrays, values, quotes = body.count(b"["), body.count(b","), body.count(b'"')  # the text in strings too
     if ARRAY_COST * arrays + ELEMENT_COST * values + STRING_COST * quotes > limit:
@@ -1884,7 +1880,6 @@ def matches(model_id: str, pattern: str) -> bool:
 
 
 def may_use(config: Config, token: str, model_id: str) -> bool:
-    """Whether TOKEN_MODELS lets the token of that name use `provider/name`; a token without an entry may."""
     patterns = config.token_models.get(token)
     return patterns is None or any(matches(model_id, pattern) for pattern in patterns)
 
@@ -2014,8 +2009,6 @@ def web_tool(tools: Any) -> str | None:
 
 
 def check_tools(config: Config, token: str, provider: str, tool: str | None) -> None:
-    """403 cloud_not_allowed for a tool that runs on the web (web_tool) sent to Ollama by a token outside
-    OLLAMA_CLOUD_TOKENS."""
     if tool is not None and provider == "ollama" and token not in config.ollama_cloud_tokens:
         raise cloud_refusal(token, f"The tool {tool!r} searches or fetches the web through Ollama's cloud: it runs on "
                             "ollama.com")
@@ -2277,8 +2270,6 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
 
 
 def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -> bytes:
-    """A multipart form as it goes upstream: its `model` routed, resolved and checked as a JSON body's is
-    (MODEL_ALIASES, the prefix, TOKEN_MODELS, check_cloud), its value replaced by the upstream's name for it."""
     model, (start, end) = form_model(body, ex.header(b"content-type"))
     if not model:
         raise GatewayError("invalid_request", "The form's `model` field is empty: name a model, such as "
