@@ -1632,8 +1632,6 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         raise GatewayError("invalid_request", f"The token {ex.token!r} has a daily quota (TOKEN_QUOTAS), and a "
                            "background response (\"background\": true) would use tokens that no answer through "
                            "ModelGate reports. Send it without \"background\".")
-    if first is None:
-        return document, body
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     if (config.model_defaults or config.model_overrides) and route.model_required:
         model_id = ex.routed.id
