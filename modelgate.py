@@ -2099,9 +2099,18 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
                   overrides: dict[str, Any], edits: dict[str, str]) -> None:
     """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
     replaces the client's value, a default fills in only what it lacks, and where the client's value and theirs are
-    both objects (Ollama's `options`) that is decided key by key inside the client's object."""
+    both objects (Ollama's `options`) that is decided key by key inside the client's object. 400 for a key that Go's
+    decoder reads as a field they set, written otherwise ("KEEP_ALIVE", "Options"; inside an object too, "EFFORT"
+    of reasoning): of the two, Ollama takes the last (an object: merged into the first), so an app's own keep_alive or
+    num_ctx after the override's would win over it, as parse_body refuses for `model`. (In a map, such as options, Go
+    keeps both: refused all the same.)"""
     fields = {**defaults, **overrides}  # each field's value as its override has it, else as its default
-    one_spelling(spans, fields)
+    folded = {field.casefold(): field for field in fields}
+    for key in spans:
+        field = folded.get(key.casefold())
+        if field is not None and key != field:
+            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama would read "
+                               f"as `{field}` whatever its case: write it once, as `{field}`.")
     for field, value in fields.items():
         default, override = defaults.get(field), overrides.get(field)
         if field not in spans:
@@ -2117,19 +2126,6 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
                 edits[field] = spliced(inner, inner_spans, inner_edits)
         elif field in overrides:
             edits[field] = compact_json(value)
-
-
-def one_spelling(spans: dict[str, tuple[int, int]], fields: dict[str, Any]) -> None:
-    """400 for a key that Go's decoder reads as a field MODEL_DEFAULTS or MODEL_OVERRIDES sets, written otherwise
-    ("KEEP_ALIVE", "Options"; inside an object too, "EFFORT" of reasoning): of the two, Ollama takes the last (an
-    object: merged into the first), so an app's own keep_alive or num_ctx after the override's would win over it,
-    as parse_body refuses for `model`. (In a map, such as options, Go keeps both: refused all the same.)"""
-    folded = {field.casefold(): field for field in fields}
-    for key in spans:
-        field = folded.get(key.casefold())
-        if field is not None and key != field:
-            raise GatewayError("invalid_request", f"The request body has a key {key!r}, which Ollama would read "
-                               f"as `{field}` whatever its case: write it once, as `{field}`.")
 
 
 def asked_for_usage(document: dict, edits: dict[str, str]) -> bool:
