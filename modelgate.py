@@ -5411,9 +5411,8 @@ def main(argv: list[str] | None = None) -> None:
     app.sources = sources
     app.listening = "listening on " + where_listening(config, [sock.getsockname() for sock in sockets])
     server = uvicorn_server(config, reload=lambda: reload(app, server, environment))
-    # SIGTERM ends the process as Ctrl+C does. While uvicorn serves, it handles both; once it has shut
-    # down, it raises the signal again to the handler it found, which is this one: KeyboardInterrupt,
-    # caught below as uvicorn.run() catches Ctrl+C. Exit status 0, a clean stop to service managers.
+    # SIGTERM ends the process as Ctrl+C does, with exit status 0, a clean stop to service managers: once uvicorn has
+    # shut down, it raises the signal again to this handler (Internals relied on), caught below as KeyboardInterrupt.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=sockets)
