@@ -5672,10 +5672,8 @@ async def check(config: Config, sources: Sources) -> int:
     log.addHandler(logging.NullHandler())  # what the gateway would log while serving is said here in full
     log.propagate = False
     would_listen = "would listen on " + where_listening(config, [(config.host, config.port)])
-    print(*summary(config, sources, would_listen), sep="\n")
     warnings = config_warnings(config, sources)
-    for warning in warnings:
-        print(f"warning: {warning}")
+    print(*summary(config, sources, would_listen), *(f"warning: {warning}" for warning in warnings), sep="\n")
     problems = len(warnings)  # each is something the owner did not mean, or a door left open
     try:
         for sock in listen(config.host, config.port):
@@ -5695,16 +5693,11 @@ async def check(config: Config, sources: Sources) -> int:
     finally:
         for host in (host for upstream in upstreams for host in upstream.hosts):
             host.pool.retire()
-    listed: set[str] = set()
-    for answered_, line, ids in results:
-        print(line)
-        problems += not answered_
-        listed.update(ids)
-    if all(answered_ for answered_, _, _ in results):  # else what is listed is not all there is
-        for line in unmatched_models(config, listed):
-            print(f"FAILED: {line}")
-            problems += 1
-    print(cloud)
+    answered, lines, ids = zip(*results)  # (each upstream has a host at least)
+    # Unless every host answered, what is listed is not all there is.
+    unmatched = unmatched_models(config, set().union(*ids)) if all(answered) else []
+    print(*lines, *(f"FAILED: {line}" for line in unmatched), cloud, sep="\n")
+    problems += answered.count(False) + len(unmatched)
     print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above" if problems
           else "check passed: every upstream answers, and nothing is wrong")
     return 1 if problems else 0
