@@ -689,12 +689,18 @@ def token_label(token: str) -> str:
     return "token-" + digest.hex()[:8]
 
 
-def one_of(*choices: str) -> Callable[[str, str], str]:
-    def parse(name: str, value: str) -> str:
-        if value.lower() not in choices:
-            raise ConfigError(f"{name} must be {' or '.join(choices)}, not {value!r}")
-        return value.lower()
+def accepting(wanted: str, convert: Callable[[str], Any]) -> Callable[[str, str], Any]:
+    """A parser that refuses a value `convert` makes None, saying what it must be: `wanted`."""
+    def parse(name: str, value: str) -> Any:
+        converted = convert(value)
+        if converted is None:
+            raise ConfigError(f"{name} must be {wanted}, not {value!r}")
+        return converted
     return parse
+
+
+def one_of(*choices: str) -> Callable[[str, str], str]:
+    return accepting(" or ".join(choices), lambda value: value.lower() if value.lower() in choices else None)
 
 
 def parse_url(name: str, value: str) -> str:
@@ -774,23 +780,12 @@ def parse_seconds(name: str, value: str) -> float:
     return seconds
 
 
-def whole_number(low: int, high: int, wanted: str) -> Callable[[str, str], int]:
-    """A parser of whole numbers from `low` to `high`, written in ASCII digits (int() also reads '٣')."""
-    def parse(name: str, value: str) -> int:
-        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
-            raise ConfigError(f"{name} must be {wanted}, not {value!r}")
-        return int(value)
-    return parse
+def whole_number(low: int, high: float) -> Callable[[str], int | None]:
+    # In ASCII digits: int() also reads '٣'.
+    return lambda text: int(text) if text.isascii() and text.isdigit() and low <= int(text) <= high else None
 
 
 FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
-
-
-def parse_flag(name: str, value: str) -> bool:
-    try:
-        return FLAGS[value.lower()]
-    except KeyError:
-        raise ConfigError(f"{name} must be 1 or 0 (on or off), not {value!r}") from None
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -929,10 +924,10 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "urls": parse_urls,
     "key": parse_key,
     "seconds": parse_seconds,
-    "size": whole_number(1, sys.maxsize, "a whole number above 0"),
-    "limit": whole_number(0, sys.maxsize, "a whole number (0 for no limit)"),
-    "port": whole_number(1, 65535, "a number from 1 to 65535"),
-    "flag": parse_flag,
+    "size": accepting("a whole number above 0", whole_number(1, sys.maxsize)),
+    "limit": accepting("a whole number (0 for no limit)", whole_number(0, sys.maxsize)),
+    "port": accepting("a number from 1 to 65535", whole_number(1, 65535)),
+    "flag": accepting("1 or 0 (on or off)", lambda value: FLAGS.get(value.lower())),
     "networks": parse_networks,
     "allowlist": lambda name, value: parse_networks(name, value) if value else None,  # None: everyone
     "origins": lambda name, value: frozenset(comma_list(value)),  # {"*"}: any
@@ -948,9 +943,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "shares": entries("name=weight with a weight above 0, such as webui=4", "give each token name one weight",
                       lambda name, entry, weight: above_zero(weight)),
     "quotas": entries("name=tokens a day (a whole number above 0), such as fluentread=300000",
-                      "give each token name one quota",
-                      lambda name, entry, tokens: int(tokens)
-                      if tokens.isascii() and tokens.isdigit() and int(tokens) > 0 else None),
+                      "give each token name one quota", lambda name, entry, tokens: whole_number(1, math.inf)(tokens)),
     "usage file": lambda name, value: value,  # opened at start-up (open_usage_file): "" keeps counts in memory
 }
 
