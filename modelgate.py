@@ -5709,12 +5709,10 @@ def unmatched_models(config: Config, listed: set[str]) -> list[str]:
         if listed.isdisjoint(spellings(model_id)):  # Ollama lists tiny:latest, and runs tiny as that
             lines.append(f"MODEL_ALIASES: the target of {alias}={target} is {model_id}, which no host lists; "
                          "GET /v1/models (ollama list) shows the names there are")
-    for name, patterns in config.token_models.items():
-        for pattern in patterns:
-            if not any(matches(model_id, pattern) for model_id in listed):
-                lines.append(f"TOKEN_MODELS: {name}={pattern} matches no model any host lists, so the token named "
-                             f"{name!r} cannot use what it was meant to; patterns look like ollama/qwen2.5*")
-    return lines
+    return lines + [f"TOKEN_MODELS: {name}={pattern} matches no model any host lists, so the token named {name!r} "
+                    "cannot use what it was meant to; patterns look like ollama/qwen2.5*"
+                    for name, patterns in config.token_models.items() for pattern in patterns
+                    if not any(matches(model_id, pattern) for model_id in listed)]
 
 
 async def probe(upstream: Upstream, host: Host) -> tuple[bool, str, list[str]]:
@@ -5729,10 +5727,8 @@ async def probe(upstream: Upstream, host: Host) -> tuple[bool, str, list[str]]:
         detail = failure.detail.removeprefix(upstream.where(host) + " ")
         return False, f"FAILED {where}: {failure.message} ({detail})", []
     if isinstance(document, Answer):  # an error status
-        if document.status == 404 and upstream.name == "ollama":
-            native = await ollama_native_api(upstream, host)
-            if native:
-                return False, f"FAILED {where}: {native}", []
+        if document.status == 404 and upstream.name == "ollama" and (native := await ollama_native_api(upstream, host)):
+            return False, f"FAILED {where}: {native}", []
         message = json.loads(document.body)["error"].get("message")  # upstream_error made it OpenAI-shaped
         return False, f"FAILED {where}: GET /models: {message}", []
     models = document.get("data") if isinstance(document, dict) else None
