@@ -822,10 +822,9 @@ NOT_DEFAULTS = frozenset({"model", "stream", "stream_options"})
 
 
 def entries(shape: str, twice: str, parse: Callable[[str, str, str], Any]) -> Callable[[str, str], dict[str, Any]]:
-    """A parser of a `key=value,...` setting into a dict: `parse(name, entry, value)` checks an entry and converts
-    its value ("" where the entry has no '='), None where the entry is not `shape`, as is an entry without a key; a
-    key written twice is refused, saying `twice`. Where the keys are token names, load_config checks that they are
-    names of MODELGATE_TOKEN's tokens."""
+    """A parser of a `key=value,...` setting into a dict: `parse(name, entry, value)` checks an entry and converts its
+    value ("" without a '='), or gives None for an entry that is not `shape` (nor is one without a key); a key written
+    twice is refused, saying `twice`. load_config checks keys that are token names against MODELGATE_TOKEN's."""
     def parse_entries(name: str, value: str) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for entry in comma_list(value):
@@ -1031,9 +1030,8 @@ def misspelt(key: str) -> str:
     if key in names or key in NOT_SETTINGS:
         return ""
     close = difflib.get_close_matches(key.upper(), names, n=2, cutoff=0.8)
-    if close:
-        return f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?"
-    return f"{key} is not a setting of ModelGate; it is ignored (README.md lists the settings)"
+    return (f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?" if close
+            else f"{key} is not a setting of ModelGate; it is ignored (README.md lists the settings)")
 
 
 class Sources(NamedTuple):
