@@ -3120,9 +3120,6 @@ class Exchange:
                 return value
         return b""
 
-    def has_body(self) -> bool:
-        return self.header(b"content-length") not in (b"", b"0") or bool(self.header(b"transfer-encoding"))
-
     async def start(self, status: int, headers: Headers) -> None:
         self.status, self.started = status, True
         for name, value in headers:
@@ -3149,7 +3146,8 @@ class Exchange:
         """The answer with its length; one larger than WRITE_PIECE in pieces, under the send guard (Gateway.deliver)."""
         body = b"" if self.method == "HEAD" else answer.body  # HEAD: its length only
         headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
-        if not self.body_read and self.has_body():
+        if not self.body_read and (self.header(b"content-length") not in (b"", b"0")
+                                   or self.header(b"transfer-encoding")):
             # An answer before the body was read (a refusal, most often) ends the connection: uvicorn stops
             # its idle timer at the first body byte and never restarts it, so a client that sent one and
             # went silent would hold the connection for ever (issue 17).
