@@ -2400,8 +2400,6 @@ def reload_line(old: Config, new: Config, changed: list[str]) -> str:
 PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"x-content-type-options", b"nosniff"),
                 (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'")]
 
-HOME_HEADERS = [*PAGE_HEADERS, (b"vary", b"accept")]
-
 HOME_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -2688,7 +2686,7 @@ class Gateway:
         origin = html.escape(f"{ex.scheme}://{host}")  # the Host header is whatever the client wrote
         page = HOME_PAGE.replace("{version}", html.escape(__version__)).replace("{base}", origin + "/v1")
         page = page.replace("{origin}", origin)
-        return Answer(200, HOME_HEADERS, page.encode())
+        return Answer(200, [*PAGE_HEADERS, (b"vary", b"accept")], page.encode())
 
     async def posted_to_root(self, ex: Exchange) -> Answer | None:
         """POST /: an app given the gateway's address as its whole URL (FluentRead's Claude service, issue 20):
