@@ -2708,7 +2708,8 @@ class Gateway:
         elif any(field in body for field in (b'"messages"', b'"prompt"', b'"input"')):  # chat, completions, ...
             ex.dialect = OPENAI
         where = f"{ex.scheme}://{ex.header(b'host').decode('latin-1') or '<server>:8010'}"
-        raise GatewayError("not_found", ROOT_POSTED[ex.dialect.name].format(where=where))
+        raise GatewayError("not_found", "POST / is not an API: this app was given the gateway's address as its whole "
+                           "URL. " + ROOT_POSTED[ex.dialect.name].format(where=where))
 
     async def ready(self, ex: Exchange) -> Answer | None:
         """GET /ready: 200 when a host of the default provider lists its models, else 503 naming the failures."""
@@ -3239,14 +3240,11 @@ WRONG_BASE_URLS = (
 )
 
 ROOT_POSTED = {
-    "anthropic": "POST / is not an API: this app was given the gateway's address as its whole URL. Anthropic clients "
-                 "take the base URL {where} and add /v1/messages; an app that wants the whole URL takes "
-                 "{where}/v1/messages.",
-    "openai": "POST / is not an API: this app was given the gateway's address as its whole URL. OpenAI clients take "
-              "the base URL {where}/v1; an app that wants the whole URL (FluentRead) takes "
+    "anthropic": "Anthropic clients take the base URL {where} and add /v1/messages; an app that wants the whole URL "
+                 "takes {where}/v1/messages.",
+    "openai": "OpenAI clients take the base URL {where}/v1; an app that wants the whole URL (FluentRead) takes "
               "{where}/v1/chat/completions.",
-    "ollama": "POST / is not an API: this app was given the gateway's address as its whole URL. OpenAI clients take "
-              "{where}/v1, Anthropic and Ollama clients {where}, and add their own paths.",
+    "ollama": "OpenAI clients take {where}/v1, Anthropic and Ollama clients {where}, and add their own paths.",
 }
 
 # Ollama stops generating when its connection closes; 50 ms of it for nobody costs nothing worth a task: a task per
