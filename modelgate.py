@@ -2471,9 +2471,7 @@ def client_under_api(path: str) -> str | None:
     there: /api/chat/completions, /api/v1/chat/completions, /api/v1/messages; None for anything else under /api.
     Its 404 is then in that client's shape: the openai SDK shows no message of an "error" that is no object."""
     route = "/v1" + path.removeprefix("/api").removeprefix("/v1")
-    if path.startswith("/api/") and route in ROUTES and ROUTES[route].dialect is not OLLAMA:
-        return route
-    return None
+    return route if path.startswith("/api/") and route in ROUTES and ROUTES[route].dialect is not OLLAMA else None
 
 
 # The whole URLs of the /v1 routes, which an app that wants the whole URL (FluentRead) takes, and a client that
