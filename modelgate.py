@@ -2480,7 +2480,6 @@ ENDPOINTS = tuple(path for path in ROUTES if path.startswith("/v1/") and not pat
 
 
 def not_found_message(path: str) -> str:
-    hint = ""
     for prefix, message in WRONG_BASE_URLS:
         if path.startswith(prefix):
             return message.format(path=path)
@@ -2511,8 +2510,8 @@ def not_found_message(path: str) -> str:
         return (f"There is no {path} here. Ollama's API here: /api/chat, /api/generate, /api/embed, "
                 "/api/embeddings, /api/show, /api/tags, /api/ps, /api/version; for the tokens named in "
                 "OLLAMA_ADMIN_TOKENS also /api/pull, /api/push, /api/create, /api/copy, /api/delete, /api/blobs.")
-    if path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models"):
-        hint = f" Did you mean /v1{path}? Base URLs end in /v1."
+    unversioned = path in ("/chat/completions", "/completions", "/responses", "/embeddings", "/models")
+    hint = f" Did you mean /v1{path}? Base URLs end in /v1." if unversioned else ""
     return (f"There is no {path} here.{hint} Routes: /v1/chat/completions, /v1/completions, /v1/responses, "
             "/v1/embeddings, /v1/models, /v1/messages, and Ollama's own under /api.")
 
