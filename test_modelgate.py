@@ -992,7 +992,7 @@ def copy_modelgate(tmp_path: Any) -> None:
 
 # How a test starts the gateway: as a user does, or as a module. Python compiles a script it runs as a file each
 # time (0.15 s for this one), and loads a module it runs with -m from its .pyc: the same code, `prog` and messages,
-# so only the tests of how a user starts it pay for that.
+# so only the tests of how a user starts it pay for that (and, as a module, it is forked: PRELOADED below).
 AS_A_USER_DOES = ("modelgate.py",)
 AS_A_MODULE = ("-m", "modelgate")
 # As a module, with asyncio trying accept() again 0.05 s after it failed for want of descriptors, not 1 s after
@@ -1004,11 +1004,143 @@ WITH_A_FAST_ACCEPT_RETRY = ("-c", "import asyncio.constants, runpy; asyncio.cons
 async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str,
                              start: tuple[str, ...] = AS_A_MODULE, **options: Any) -> asyncio.subprocess.Process:
     """`python modelgate.py ARGUMENTS` in a directory of its own (started as `start` says), `options` for the
-    subprocess."""
+    subprocess. As a module and with its output on a pipe, it is forked from the preloaded Python."""
     copy_modelgate(tmp_path)
+    if start == AS_A_MODULE and not options:
+        return await Forked.start(tmp_path, env, arguments)
     return await asyncio.create_subprocess_exec(
         sys.executable, *start, *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
         **{"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT, **options})
+
+
+# A command line started as a module, its output on a pipe, runs `python -m modelgate` in a Python forked from one
+# that has started and imported what modelgate.py imports (PRELOADED, started once), as multiprocessing's
+# forkserver does: each is still a process of its own, with its own pid, directory, environment, arguments, output
+# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (71 times in
+# the suite) that starting Python and importing uvicorn and httpcore again take. Of the environment, those
+# libraries read nothing when imported but PYTHONTZPATH (zoneinfo), which no test sets; what Python reads as it
+# starts (the local time zone; the C locale, coerced to C.UTF-8 by PEP 538) is read again, and `random` seeded.
+PRELOADED = """
+import json, os, random, runpy, socket, sys, time
+import argparse, modelgate, uvicorn, uvicorn.lifespan.on, uvicorn.protocols.http.h11_impl
+del sys.modules["modelgate"]  # run afresh below, as -m runs it
+added = {name: value for name, value in os.environ.items() if name != "PATH"}  # by Python at start-up
+control = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    job, fds, _, _ = socket.recv_fds(control, 1 << 16, 2)
+    if not job:  # the tests are over: once each run has ended
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                sys.exit()
+    output, report = fds
+    if os.fork() == 0:  # waits for the run and reports its pid and exit status, keeping the pid until read
+        control.close()
+        pid = os.fork()
+        if pid == 0:
+            break
+        os.close(output)
+        report = socket.socket(fileno=report)
+        try:  # (a test that has ended reads no more)
+            report.sendall(b"%d\\n" % pid)
+            ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            report.sendall(b"%d\\n" % (ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status))
+            report.recv(1)  # until the test has read it: till then no other process can be given this pid
+        except OSError:
+            pass
+        os.waitpid(pid, 0)
+        os._exit(0)
+    os.close(output)
+    os.close(report)
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+os.close(report)
+os.dup2(output, 1)
+os.dup2(output, 2)
+os.close(output)
+job = json.loads(job)
+os.chdir(job["cwd"])
+sys.path[0] = job["cwd"]
+os.environ.clear()
+os.environ.update({**added, **job["env"]})
+time.tzset()
+random.seed()
+sys.argv = ["-m", *job["arguments"]]
+runpy.run_module("modelgate", run_name="__main__", alter_sys=True)
+"""
+
+
+@functools.cache
+def preloaded() -> tuple[socket.socket, Any, Any]:
+    """The Python that forks the command lines (PRELOADED), started once: where to send each, and what keeps it."""
+    import subprocess
+
+    directory = tempfile.TemporaryDirectory()
+    copy_modelgate(Path(directory.name))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with theirs:
+        server = subprocess.Popen(  # it ends when `ours` closes, as this process ends
+            [sys.executable, "-c", PRELOADED, str(theirs.fileno())], cwd=directory.name,
+            env={"PATH": os.environ.get("PATH", "")}, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    return ours, server, directory
+
+
+class Forked:
+    """A command line forked from the preloaded Python, as a test holds it: what asyncio's Process offers."""
+
+    def __init__(self, pid: int, stdout: asyncio.StreamReader, report: asyncio.StreamReader,
+                 closing: asyncio.StreamWriter) -> None:
+        self.pid, self.stdout, self.returncode = pid, stdout, None
+        self.ended = asyncio.ensure_future(report.readline())
+        self.ended.add_done_callback(lambda ended: self._ended(ended, closing))
+
+    def _ended(self, ended: asyncio.Future, closing: asyncio.StreamWriter) -> None:
+        if not ended.cancelled() and ended.exception() is None:
+            self.returncode = int(ended.result())
+        closing.close()  # the pid is let go
+
+    @classmethod
+    async def start(cls, tmp_path: Any, env: dict[str, str], arguments: tuple[str, ...]) -> Forked:
+        control = preloaded()[0]
+        read, write = os.pipe()
+        ours, theirs = socket.socketpair()
+        job = json.dumps({"cwd": str(tmp_path), "env": {"PATH": os.environ.get("PATH", ""), **env},
+                          "arguments": list(arguments)}).encode()
+        try:
+            socket.send_fds(control, [job], [write, theirs.fileno()])
+        finally:
+            os.close(write)
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        stdout = asyncio.StreamReader(loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), open(read, "rb", 0))
+        report, closing = await asyncio.open_unix_connection(sock=ours)
+        pid = int(await asyncio.wait_for(report.readline(), 30))
+        return cls(pid, stdout, report, closing)
+
+    async def wait(self) -> int:
+        self.returncode = int(await asyncio.shield(self.ended))  # (its done callback may not have run yet)
+        return self.returncode
+
+    def send_signal(self, number: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, number)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def communicate(self) -> tuple[bytes, None]:
+        output = await self.stdout.read()
+        await self.wait()
+        return output, None
 
 
 async def read_until_serving(process: asyncio.subprocess.Process, timeout: float,
