@@ -3709,10 +3709,8 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
             await ex.write(rest)
             last = rest
     except UPSTREAM_EXCEPTIONS as exc:
-        upstream.count_failure(type(exc).__name__)
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
-        where = upstream.where(response.extensions.get(HOST_EXTENSION))
-        ex.error = f"{way.failure} ({where} {cause(exc, upstream.key)})"
+        ex.error = f"{way.failure} ({upstream.translate(exc, response.extensions.get(HOST_EXTENSION)).detail})"
     except asyncio.CancelledError as exc:
         if ex.watch.reason != "shutdown":
             raise  # the client left: there is nobody to tell
