@@ -3783,10 +3783,6 @@ def event_fields(event: bytes) -> tuple[str, bytes]:
     return name, b"\n".join(data)
 
 
-def line_fields(line: bytes) -> tuple[str, bytes]:
-    return "", line.strip()
-
-
 def parsed(data: bytes) -> Any:
     try:
         return json.loads(data)
@@ -3804,14 +3800,13 @@ class Frames:
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
         self.end, self.counts, self.own_error = route.end, route.usage, dialect.own_error
         sse = dialect.stream_type == b"text/event-stream"
-        self.blank_end, self.fields = (blank_end, event_fields) if sse else (line_end, line_fields)
+        self.blank_end, self.fields = (blank_end, event_fields) if sse else (line_end, lambda line: ("", line.strip()))
         self.first = b""  # the stream's first TAIL_BYTES, once `kept` moves on: Anthropic's usage starts there
         self.kept = bytearray()  # the upstream's last TAIL_BYTES at least, twice as many at most
         self.head: bytes | None = None  # the first HEAD_BYTES of the record `kept` begins inside; None: it begins one
         self.held: bytes | None = b"" if hides_usage else None  # the start of an event that may be the usage event
 
     def feed(self, chunk: bytes) -> bytes:
-        """What of the upstream's bytes so far goes to the client now."""
         self.kept += chunk
         if len(self.kept) > 2 * TAIL_BYTES:
             self.trim()
