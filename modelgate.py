@@ -3902,9 +3902,7 @@ def may_be_usage(partial: bytes) -> bool:
     # the blank line that ended the event before it).
     partial = partial.lstrip(b"\r\n")
     head = partial[:7]
-    if not (b"data: {".startswith(head) or b"data:{".startswith(head[:6])):
-        return False
-    return not SOME_CHOICES.search(partial)
+    return (b"data: {".startswith(head) or b"data:{".startswith(head[:6])) and not SOME_CHOICES.search(partial)
 
 
 def is_usage_event(event: bytes) -> bool:
