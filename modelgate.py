@@ -373,8 +373,7 @@ class Route(NamedTuple):
     # pull, push, create and delete `cmp.Or(req.Model, req.Name)` (ollama server/routes.go, server/create.go).
     # Every one is routed, resolved and checked against TOKEN_MODELS as `model` is (routed_body).
     models: tuple[tuple[str, ...], ...] = (("model",),)
-    # Changes what Ollama holds, or reads or ends its owner's ollama.com session: only for the token names in
-    # OLLAMA_ADMIN_TOKENS.
+    # Changes what Ollama holds, or reads or ends its owner's ollama.com session: for OLLAMA_ADMIN_TOKENS only.
     admin: bool = False
     cloud: bool = False  # runs on ollama.com (web search and fetch): only for the token names in OLLAMA_CLOUD_TOKENS
     login: bool = False  # a page for a person: its 401 asks the browser for the token (HTTP Basic's password)
@@ -465,9 +464,8 @@ READ_FIELDS = frozenset({"stream", "stream_options", "tools", "background", "pre
 ROUTE_FIELDS = {path: frozenset({"model", *READ_FIELDS, *(field for fields in route.models for field in fields)})
                 for path, route in ROUTES.items()}
 
-# Every status ModelGate chooses itself is chosen here: situation -> (status, OpenAI error type, code).
-# Besides these, an upstream's own error status is passed through unchanged (upstream_error), and a
-# client that leaves early is logged as 499, as nginx and Caddy do; it is never sent.
+# Every status ModelGate chooses itself: situation -> (status, OpenAI error type, code). Besides these, an upstream's
+# own error status passes unchanged (upstream_error); a client gone early is logged as 499 (nginx, Caddy), never sent.
 ERRORS: dict[str, tuple[int, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request"),
     # Content-Length and Transfer-Encoding both: answered with `connection: close` (RFC 9112 §6.1).
@@ -478,11 +476,9 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
     # The client's address is not in ALLOWED_IPS: decided before the token is even looked at.
     "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),
-    # Ollama's pull, push, create, copy, delete and blobs, and /metrics (unless METRICS_PUBLIC), for a token not
-    # named in OLLAMA_ADMIN_TOKENS.
+    # The Route.admin rows, and /metrics (unless METRICS_PUBLIC), for a token not named in OLLAMA_ADMIN_TOKENS.
     "admin_only": (403, "permission_error", "admin_only"),
-    # Ollama's cloud models and web tools, and its web search and fetch routes, for a token not named in
-    # OLLAMA_CLOUD_TOKENS. Nothing goes upstream.
+    # Ollama's cloud models and web tools, and Route.cloud, for a token not in OLLAMA_CLOUD_TOKENS: nothing upstream.
     "cloud_not_allowed": (403, "permission_error", "cloud_not_allowed"),
     # TOKEN_MODELS: the model, an alias resolved, is outside the token's patterns. Nothing goes upstream.
     "model_not_allowed": (403, "permission_error", "model_not_allowed"),
@@ -563,9 +559,8 @@ class GatewayError(Exception):
 
     def __init__(self, situation: str, message: str, headers: Headers | None = None, detail: str = "") -> None:
         super().__init__(message)
-        self.situation = situation
+        self.situation, self.message = situation, message
         self.status, self.type, self.code = ERRORS[situation]
-        self.message = message
         self.headers = headers or []
         self.detail = detail  # for the log line only: the cause, the host; never a secret
 
