@@ -2,8 +2,7 @@
 """ModelGate: one token in front of every door of Ollama (its OpenAI API, its own API, Anthropic Messages)
 and, if you want, OpenAI.
 
-All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[asyncio] at run time and
-nothing else.
+All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[asyncio] at run time and nothing else.
 
     python modelgate.py               # reads ./.env if present, serves on HOST:PORT (0.0.0.0:8010)
     python modelgate.py --check       # prints the start-up summary, asks each upstream once, exits 0 or 1
@@ -23,30 +22,24 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
 
     POST /v1/chat/completions, /v1/completions, /v1/responses   plain or `"stream": true` (SSE relayed chunk by chunk)
     POST /v1/embeddings
-    GET  /v1/models             Ollama's models as `ollama/<name>`, OpenAI's as `openai/<name>`, then the aliases;
-                                a token sees only what TOKEN_MODELS lets it use
+    GET  /v1/models             `ollama/<name>`, `openai/<name>`, then the aliases: those TOKEN_MODELS lets a token use
     GET  /v1/models/{id}        a model or an alias
     GET|HEAD /health            liveness, no upstream call
     GET|HEAD /ready             200 when an upstream of DEFAULT_PROVIDER answers, else 503
     GET  /metrics               Prometheus text format (an admin's token; none with METRICS_PUBLIC=1)
-    GET  /usage                 requests, errors and tokens per day, app and model, kept in USAGE_DB: a page for a
-                                browser, JSON for anything else; a token sees its own, OLLAMA_ADMIN_TOKENS everyone's
+    GET  /usage                 the counts in USAGE_DB, a page or JSON: a token's own, OLLAMA_ADMIN_TOKENS' everyone's
     OPTIONS <any route>         CORS preflight
 
     POST /v1/messages           Anthropic Messages, to Ollama's own /v1/messages (SSE with "stream": true)
-    GET|HEAD /                  `Ollama is running`, as Ollama answers a client that probes it; a browser
-                                (Accept: text/html) gets a page: ModelGate runs, its version, the base URL
-    POST /api/chat, /api/generate   Ollama's native API, at OLLAMA_BASE_URL without its /v1; NDJSON
-                                streamed line by line unless "stream": false
+    GET|HEAD /                  `Ollama is running`, as Ollama answers; a browser (Accept: text/html) gets a page
+    POST /api/chat, /api/generate   Ollama's native API (OLLAMA_BASE_URL without /v1), NDJSON unless "stream": false
     POST /api/embed, /api/embeddings, /api/show
     GET|HEAD /api/tags, GET /api/ps  the models of every Ollama host that answers
     GET|HEAD /api/version       the first Ollama host that answers
     GET  /api/status            whether Ollama's cloud is on
     POST /api/pull, /api/push, /api/create, /api/copy, DELETE /api/delete, HEAD|POST /api/blobs/<digest>,
-         /api/me, /api/signout, DELETE /api/user/keys/<key>
-                                only for the tokens named in OLLAMA_ADMIN_TOKENS; 403 for the others
-    POST /api/experimental/web_search, /api/experimental/web_fetch
-                                only for the tokens named in OLLAMA_CLOUD_TOKENS; 403 for the others
+         /api/me, /api/signout, DELETE /api/user/keys/<key>      for OLLAMA_ADMIN_TOKENS only; 403 for the others
+    POST /api/experimental/web_search, /api/experimental/web_fetch   for OLLAMA_CLOUD_TOKENS only; 403 for the others
     POST /v1/audio/transcriptions   a multipart form, routed by its `model` field, relayed byte for byte
 
 A body in Content-Encoding gzip is decoded (never past MAX_BODY_BYTES) and forwarded decoded; any other is a 415.
