@@ -875,7 +875,6 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
     if not isinstance(document, dict):
         raise ConfigError(f'{name} must be a JSON object of patterns, such as {{"ollama/qwen3*": '
                           '{"reasoning_effort": "none"}}')
-    defaults = []
     for pattern, fields in document.items():
         check_model_pattern(name, pattern)
         if not isinstance(fields, dict) or not fields:
@@ -885,8 +884,7 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
         if reserved:
             raise ConfigError(f"{name}: {pattern!r} sets {reserved[0]!r}, which is the client's to choose "
                               "(model, stream) or ModelGate's own (stream_options)")
-        defaults.append((pattern, fields))
-    return tuple(sorted(defaults, key=lambda item: -len(item[0])))
+    return tuple(sorted(document.items(), key=lambda item: -len(item[0])))
 
 
 def check_model_pattern(name: str, pattern: str) -> str:
