@@ -5380,6 +5380,11 @@ def main(argv: list[str] | None = None) -> None:
 def command_line() -> Any:
     import argparse  # only the command line needs it
 
+    def whole_days(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and int(text) > 0):
+            raise argparse.ArgumentTypeError(f"expected a whole number of days above 0, not {text!r}")
+        return int(text)
+
     parser = argparse.ArgumentParser(
         prog="modelgate.py", description="ModelGate: one OpenAI-compatible endpoint and one token in front of "
         "Ollama and, if you want, OpenAI. Without options it serves on HOST:PORT until SIGTERM or Ctrl+C.",
@@ -5396,14 +5401,6 @@ def command_line() -> Any:
                         "in ./.env, print the token once, and exit; a running gateway takes it on SIGHUP (unless "
                         "its environment sets MODELGATE_TOKEN)")
     return parser
-
-
-def whole_days(text: str) -> int:
-    import argparse
-
-    if not (text.isascii() and text.isdigit() and int(text) > 0):
-        raise argparse.ArgumentTypeError(f"expected a whole number of days above 0, not {text!r}")
-    return int(text)
 
 
 def print_usage(config: Config, days: int, clock: Callable[[], float] = time.time) -> int:
