@@ -789,8 +789,7 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
         except ValueError as exc:  # also 10.0.0.1/24: host bits set, a typo more often than not
             raise ConfigError(f"{name}: {entry!r} is not an address or network ({exc})") from None
         # ::ffff:a.b.c.d, as a dual-stack socket shows an IPv4 client, is that IPv4 address to parse_ip.
-        if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped:
-            mapped = network.network_address.ipv4_mapped
+        if network.version == 6 and network.prefixlen >= 96 and (mapped := network.network_address.ipv4_mapped):
             network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
         networks.append(network)
     return tuple(networks)
