@@ -4106,8 +4106,8 @@ class Upstream:
         self.metrics = metrics
 
     def by_preference(self, first: Host | None = None) -> list[Host]:
-        """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down, then
-        the others not cooling down, fewest requests in flight or waiting first, ties as listed (not asked of one)."""
+        """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down, then the
+        others not cooling down, fewest requests in flight or waiting first, ties as listed (skipped for one host)."""
         now = time.monotonic()
         up = [host for host in self.hosts if host.down_until <= now]
         return sorted(up or self.hosts, key=lambda host: (host is not first, host.pool.in_use + host.waiting))
