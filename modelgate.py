@@ -1889,9 +1889,8 @@ WEB_TOOLS = ("web_search", "web_fetch")
 
 
 def check_cloud(config: Config, token: str, provider: str, name: str, asked: str, cloud: CloudModels) -> bool:
-    """403 cloud_not_allowed when a token outside OLLAMA_CLOUD_TOKENS names one of Ollama's cloud models (by its
-    name, or listed as a cloud stub); True when Ollama's list of models does not say (it lacks the name, or
-    it is older than CLOUD_LIST_SECONDS): then the list is fetched again and the name looked up once more."""
+    """403 cloud_not_allowed for a cloud model (see above); True when Ollama's list of models does not say (it lacks
+    the name, or it is older than CLOUD_LIST_SECONDS): then the list is fetched again and the name looked up again."""
     if provider != "ollama" or token in config.ollama_cloud_tokens:
         return False
     if cloud_suffix(name):
