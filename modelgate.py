@@ -1451,9 +1451,10 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
     counted = int(length) if length.isdigit() else 0  # counted as it comes when it has no Content-Length
     if counted > limit:
         raise too_large()  # without reading it
-    held[name] = total = held.get(name, 0) + counted
+    total = held.get(name, 0) + counted
     if total > BODIES_HELD * limit:
-        raise too_many_bodies(held, name, counted, limit)
+        raise too_many_bodies(total - counted, limit)
+    held[name] = total
     ex.body_held = (name, counted)  # given back when the exchange ends (Gateway.__call__)
     chunks, size, more = [], 0, True
     while more:
@@ -1472,7 +1473,7 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
         if size > counted:  # no Content-Length: counted as it comes
             held[name], ex.body_held, counted = held[name] + size - counted, (name, size), size
             if held[name] > BODIES_HELD * limit:
-                raise too_many_bodies(held, name, 0, limit)
+                raise too_many_bodies(held[name], limit)
         chunks.append(chunk)
         more = message.get("more_body", False)
     ex.body_read = True
@@ -1482,7 +1483,7 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
     body = decoded_body(b"".join(chunks), encoding, limit)  # held decoded from now on: counted so
     held[name], ex.body_held = held[name] + len(body) - counted, (name, len(body))
     if held[name] > BODIES_HELD * limit:
-        raise too_many_bodies(held, name, 0, limit)
+        raise too_many_bodies(held[name], limit)
     return body
 
 
@@ -1493,11 +1494,8 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
 BODIES_HELD = 4
 
 
-def too_many_bodies(held: dict[str, int], name: str, refused: int, limit: int) -> GatewayError:
-    """The 429 for a body that would make its token's requests hold more than BODIES_HELD bodies; `refused`, what it
-    added to `held` before it was refused, is taken out again (it was never read)."""
-    held[name] -= refused
-    return GatewayError("too_many_in_flight", f"This token's requests in flight hold {held[name]:,} bytes of request "
+def too_many_bodies(held: int, limit: int) -> GatewayError:
+    return GatewayError("too_many_in_flight", f"This token's requests in flight hold {held:,} bytes of request "
                         f"bodies: ModelGate holds at most {BODIES_HELD} bodies of MAX_BODY_BYTES ({limit:,} bytes) for "
                         "one token at once. Wait for one to finish.", [(b"retry-after", b"1")])
 
