@@ -1100,7 +1100,13 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
     lines.append(f"tokens: {len(config.tokens)} ({', '.join(config.token_names)})")
     cloud = ", ".join(sorted(config.ollama_cloud_tokens)) or "no token (OLLAMA_CLOUD_TOKENS is empty)"
     lines.append(f"Ollama's cloud models and web search, run on ollama.com: for {cloud}")
-    lines.append(queue_summary(config))
+    if config.ollama_num_parallel:
+        shares = ", ".join(f"{name} {config.token_shares.get(name, 1.0):g}"
+                           for name in dict.fromkeys(config.token_names))
+        lines.append(f"queue: {config.ollama_num_parallel} request(s) at a time per Ollama host and model "
+                     f"(OLLAMA_NUM_PARALLEL), waiting at most {config.queue_timeout:g} s; shares: {shares}")
+    else:
+        lines.append("queue: off (OLLAMA_NUM_PARALLEL=0): every request is sent to Ollama at once")
     lines += [f"policy: {s.name}: {POLICY_SHOWN[s.name](getattr(config, s.field))}" for s in SETTINGS
               if s.name in POLICY_SHOWN and getattr(config, s.field) != PARSERS[s.kind](s.name, s.default)]
     if config.model_overrides:  # shown as MODEL_DEFAULTS is
@@ -1124,14 +1130,6 @@ POLICY_SHOWN: dict[str, Callable[[Any], str]] = {
     "MODEL_ALIASES": lambda aliases: ", ".join(f"{alias}={target}" for alias, target in aliases.items()),
     "MODEL_DEFAULTS": lambda patterns: ", ".join(f"{pattern} ({', '.join(fields)})" for pattern, fields in patterns),
 }
-
-
-def queue_summary(config: Config) -> str:
-    if not config.ollama_num_parallel:
-        return "queue: off (OLLAMA_NUM_PARALLEL=0): every request is sent to Ollama at once"
-    shares = ", ".join(f"{name} {config.token_shares.get(name, 1.0):g}" for name in dict.fromkeys(config.token_names))
-    return (f"queue: {config.ollama_num_parallel} request(s) at a time per Ollama host and model "
-            f"(OLLAMA_NUM_PARALLEL), waiting at most {config.queue_timeout:g} s; shares: {shares}")
 
 
 def config_warnings(config: Config, sources: Sources | None) -> list[str]:
