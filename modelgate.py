@@ -1282,33 +1282,30 @@ def presented(headers: Headers) -> tuple[list[bytes], str, bool]:
     found, problems, basic = [], set(), False
     for name, value in headers:
         name = name.lower()
-        if name == b"authorization":
-            scheme, _, credential = value.strip().partition(b" ")
-            scheme, credential = scheme.lower(), credential.strip()
-            if scheme == b"basic":
-                basic = basic or bool(credential)  # `Basic` alone is no Basic credentials (`not Bearer`)
-                try:
-                    pair = base64.b64decode(credential, validate=True)
-                except ValueError:  # binascii.Error
-                    pair = b""
-                user, colon, credential = pair.partition(b":")  # RFC 7617: the user name holds no ':'
-                if not colon or (user and not credential):
-                    problems.add("not Bearer" if not colon else "basic user only")
-                    continue
-            elif scheme != b"bearer":
-                problems.add("not Bearer" if scheme else "no credentials")
+        if name not in (b"authorization", b"x-api-key"):
+            continue
+        # (x-api-key holds the token alone, as Bearer does)
+        scheme, _, credential = value.strip().partition(b" ") if name == b"authorization" else (b"bearer", b"", value)
+        scheme, credential = scheme.lower(), credential.strip()
+        if scheme == b"basic":
+            basic = basic or bool(credential)  # `Basic` alone is no Basic credentials (`not Bearer`)
+            try:
+                pair = base64.b64decode(credential, validate=True)
+            except ValueError:  # binascii.Error
+                pair = b""
+            user, colon, credential = pair.partition(b":")  # RFC 7617: the user name holds no ':'
+            if not colon or (user and not credential):
+                problems.add("not Bearer" if not colon else "basic user only")
                 continue
-        elif name == b"x-api-key":
-            credential = value.strip()
-        else:
+        elif scheme != b"bearer":
+            problems.add("not Bearer" if scheme else "no credentials")
             continue
         if credential:
             found.append(credential)
         else:
             problems.add("empty token")
-    failure = ("not Bearer" if "not Bearer" in problems else "basic user only" if "basic user only" in problems
-               else "empty token" if "empty token" in problems else "")
-    return found, failure or "no credentials", basic
+    return found, ("not Bearer" if "not Bearer" in problems else "basic user only" if "basic user only" in problems
+                   else "empty token" if "empty token" in problems else "no credentials"), basic
 
 
 def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...], names: tuple[str, ...]) -> str:
