@@ -1601,9 +1601,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
                            "ModelGate reports. Send it without \"background\".")
     # Defaults and overrides are for running a model, not for Ollama's show, pull, create, copy and delete.
     if (config.model_defaults or config.model_overrides) and route.model_required:
-        model_id = ex.routed.id
-        request_edits(text, spans, fields_for(config.model_defaults, model_id),
-                      fields_for(config.model_overrides, model_id), edits)
+        request_edits(text, spans, fields_for(config.model_defaults, ex.routed.id),
+                      fields_for(config.model_overrides, ex.routed.id), edits)
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, edits)
     if edits:
