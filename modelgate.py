@@ -175,83 +175,69 @@ class Setting(NamedTuple):
     field: str  # the Config attribute it becomes
     default: str  # as it would be written in .env; "" is empty
     kind: str  # how it is read and checked: a key of PARSERS (Configuration, below)
-    help: str
 
 
-# Every setting, in the order the module docstring, README.md and .env.example list them.
+# Every setting, in the order the module docstring, README.md and .env.example list them and say what it is for.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("MODELGATE_TOKEN", "tokens", "", "tokens", "required; comma-separated, each `token` or `name:token`"),
-    Setting("DEFAULT_PROVIDER", "default_provider", "ollama", "provider", "where a model without a prefix goes"),
-    Setting("OLLAMA_BASE_URL", "ollama_base_urls", "http://127.0.0.1:11434/v1", "urls",
-            "Ollama's OpenAI-compatible base URL; comma-separated for several hosts"),
-    Setting("OLLAMA_API_KEY", "ollama_api_key", "", "key", "Bearer token sent to Ollama, if set"),
+    Setting("MODELGATE_TOKEN", "tokens", "", "tokens"),
+    Setting("DEFAULT_PROVIDER", "default_provider", "ollama", "provider"),
+    Setting("OLLAMA_BASE_URL", "ollama_base_urls", "http://127.0.0.1:11434/v1", "urls"),
+    Setting("OLLAMA_API_KEY", "ollama_api_key", "", "key"),
     # Nobody: a token in a browser extension must not be able to delete models or fill the disk. ParisNeo's
     # ollama_proxy_server also keeps pull, push, create, copy and delete from its keys by default.
-    Setting("OLLAMA_ADMIN_TOKENS", "ollama_admin_tokens", "", "names",
-            "token names that may pull, push, create, copy and delete Ollama's models"),
+    Setting("OLLAMA_ADMIN_TOKENS", "ollama_admin_tokens", "", "names"),
     # Nobody: Ollama runs its cloud models and web tools on ollama.com under the account its owner signed in
     # with (server/cloud_proxy.go), spending that account's quota; llama-swap #971 asks the same of its peers.
-    Setting("OLLAMA_CLOUD_TOKENS", "ollama_cloud_tokens", "", "names",
-            "token names that may use Ollama's cloud models and web search and fetch (run on ollama.com)"),
-    Setting("OPENAI_API_KEY", "openai_api_key", "", "key", "enables the openai provider"),
-    Setting("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1", "url",
-            "any OpenAI-compatible base URL"),
+    Setting("OLLAMA_CLOUD_TOKENS", "ollama_cloud_tokens", "", "names"),
+    Setting("OPENAI_API_KEY", "openai_api_key", "", "key"),
+    Setting("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1", "url"),
     # Long enough for Ollama to load a model from disk before it sends the first byte (its own
     # OLLAMA_LOAD_TIMEOUT is 5 minutes; cline raised a 30 s limit to 5 min for the same reason).
-    Setting("TIMEOUT_SECONDS", "timeout", "120", "seconds", "longest wait for the next upstream bytes"),
-    Setting("CONNECT_TIMEOUT_SECONDS", "connect_timeout", "10", "seconds", "longest wait to open a connection"),
+    Setting("TIMEOUT_SECONDS", "timeout", "120", "seconds"),
+    Setting("CONNECT_TIMEOUT_SECONDS", "connect_timeout", "10", "seconds"),
     # A client that goes silent holds its connection, a file descriptor, until it is closed: 1,100 of them
     # made a gateway with systemd's file limit of 1,024 unreachable (issue 17). nginx's client_header_timeout
     # and client_body_timeout are 60 s, Apache's RequestReadTimeout 20-40 s; a real client sends its head
     # in one packet and its body as fast as its link allows.
-    Setting("CLIENT_TIMEOUT_SECONDS", "client_timeout", "30", "seconds",
-            "longest wait for a client's request head, and for the next bytes of its body"),
+    Setting("CLIENT_TIMEOUT_SECONDS", "client_timeout", "30", "seconds"),
     # A chat with a few base64 images fits; OpenAI itself takes up to 20 MB per image request.
-    Setting("MAX_BODY_BYTES", "max_body_bytes", "16777216", "size", "larger request bodies get 413"),
-    Setting("CORS_ALLOW_ORIGINS", "cors_allow_origins", "*", "origins", "comma-separated origins, * for any"),
-    Setting("RATE_LIMIT_RPM", "rate_limit_rpm", "0", "limit", "requests per minute per token (0: off)"),
-    Setting("MAX_CONCURRENT_PER_TOKEN", "max_concurrent_per_token", "0", "limit",
-            "requests and streams in flight per token (0: off)"),
-    Setting("ALLOWED_IPS", "allowed_ips", "", "allowlist", "client addresses and networks let in (empty: all)"),
-    Setting("TRUSTED_PROXIES", "trusted_proxies", "", "networks", "peers whose X-Forwarded-For is believed"),
+    Setting("MAX_BODY_BYTES", "max_body_bytes", "16777216", "size"),
+    Setting("CORS_ALLOW_ORIGINS", "cors_allow_origins", "*", "origins"),
+    Setting("RATE_LIMIT_RPM", "rate_limit_rpm", "0", "limit"),
+    Setting("MAX_CONCURRENT_PER_TOKEN", "max_concurrent_per_token", "0", "limit"),
+    Setting("ALLOWED_IPS", "allowed_ips", "", "allowlist"),
+    Setting("TRUSTED_PROXIES", "trusted_proxies", "", "networks"),
     # FluentRead sends the same request again after 45 s without cancelling the first (its translateApi.ts:
     # timeout = 45000, maxRetries = 3): sharing the one upstream answer is what a cold Ollama needs.
-    Setting("COALESCE", "coalesce", "on", "flag", "identical plain requests in flight share one upstream request"),
-    Setting("METRICS_PUBLIC", "metrics_public", "0", "flag", "1: GET /metrics needs no token"),
-    Setting("LOG_FORMAT", "log_format", "text", "log format", "text or json"),
+    Setting("COALESCE", "coalesce", "on", "flag"),
+    Setting("METRICS_PUBLIC", "metrics_public", "0", "flag"),
+    Setting("LOG_FORMAT", "log_format", "text", "log format"),
     # Docker and systemd wait 10 s and 90 s before they kill; Kubernetes waits 30 s. A translation
     # stream is over in seconds, a long chat in a minute: 30 s lets most finish.
-    Setting("SHUTDOWN_GRACE_SECONDS", "shutdown_grace", "30", "seconds", "how long streams may finish after SIGTERM"),
-    Setting("HOST", "host", "0.0.0.0", "text", "where `python modelgate.py` listens"),
-    Setting("PORT", "port", "8010", "port", "the port it listens on"),
-    Setting("TLS_CERT_FILE", "tls_cert_file", "", "text", "PEM certificate: `python modelgate.py` serves HTTPS"),
-    Setting("TLS_KEY_FILE", "tls_key_file", "", "text", "its private key"),
+    Setting("SHUTDOWN_GRACE_SECONDS", "shutdown_grace", "30", "seconds"),
+    Setting("HOST", "host", "0.0.0.0", "text"),
+    Setting("PORT", "port", "8010", "port"),
+    Setting("TLS_CERT_FILE", "tls_cert_file", "", "text"),
+    Setting("TLS_KEY_FILE", "tls_key_file", "", "text"),
     # One policy per app, each off when empty, so that today's configurations keep working unchanged.
-    Setting("MODEL_ALIASES", "model_aliases", "", "aliases",
-            "alias=target,...: model names tools ship with, for models you have"),
-    Setting("TOKEN_MODELS", "token_models", "", "scopes", "name=pattern|pattern,...: the models a token name may use"),
+    Setting("MODEL_ALIASES", "model_aliases", "", "aliases"),
+    Setting("TOKEN_MODELS", "token_models", "", "scopes"),
     # A day's tokens per app: open-webui #1430 asks for a maximum a day per family member.
-    Setting("TOKEN_QUOTAS", "token_quotas", "", "quotas",
-            "name=N,...: tokens (prompt + completion) a token name may use a day"),
-    Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults",
-            '{"pattern": {"field": value}, ...}: request fields added where absent'),
+    Setting("TOKEN_QUOTAS", "token_quotas", "", "quotas"),
+    Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults"),
     # What a model runs with is the owner's choice: Home Assistant's integration sends keep_alive -1 and
     # num_ctx 8192 with every request (home-assistant/core components/ollama/const.py), and Ollama reloads a
     # model whenever num_ctx differs from the loaded runner's (ollama #12783).
-    Setting("MODEL_OVERRIDES", "model_overrides", "", "defaults",
-            '{"pattern": {"field": value}, ...}: request fields set, replacing the client\'s'),
+    Setting("MODEL_OVERRIDES", "model_overrides", "", "defaults"),
     # The queue (The queue, below). Ollama's own default: OLLAMA_NUM_PARALLEL is 1 since v0.10.0 (ollama
     # PR #11330); what ModelGate sends beyond it would only wait in Ollama's FIFO, where no app comes first.
-    Setting("OLLAMA_NUM_PARALLEL", "ollama_num_parallel", "1", "limit",
-            "requests each Ollama host runs at once per model (0: no queue)"),
-    Setting("TOKEN_SHARES", "token_shares", "", "shares",
-            "name=weight,...: turns in proportion when apps wait for a model (empty: every name 1)"),
+    Setting("OLLAMA_NUM_PARALLEL", "ollama_num_parallel", "1", "limit"),
+    Setting("TOKEN_SHARES", "token_shares", "", "shares"),
     # Ollama's own load timeout is 5 minutes (OLLAMA_LOAD_TIMEOUT): a request that waited longer than a
     # model takes to load is better told to come back.
-    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", "300", "seconds", "longest wait in ModelGate's queue"),
+    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", "300", "seconds"),
     # Counts that survive restarts, beside the gateway; empty keeps them in memory only (Usage, below).
-    Setting("USAGE_DB", "usage_db", "modelgate-usage.sqlite3", "usage file",
-            "the SQLite file of the usage counts (set to nothing: in memory only)"),
+    Setting("USAGE_DB", "usage_db", "modelgate-usage.sqlite3", "usage file"),
 )
 
 
