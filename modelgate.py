@@ -138,7 +138,6 @@ import zoneinfo
 from collections import deque
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, NamedTuple
-import urllib.parse
 from urllib.parse import quote, urlsplit, urlunsplit
 
 # `python3 modelgate.py` outside the venv: one line, not a traceback. Also when only uvicorn is missing (the openai
@@ -4480,7 +4479,7 @@ def open_usage_file(path: str, read_only: bool = False) -> sqlite3.Connection:
         # A journal beside it: a write under way, or one cut short (kill -9), which only a connection that may
         # write rolls back before reading (sqlite.org/atomiccommit.html, "Hot Rollback Journals").
         if read_only and not os.path.exists(f"{path}-journal"):
-            db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)
+            db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
         else:  # the gateway's: used by the writer's thread after start-up, one thread at a time
             db = sqlite3.connect(path, check_same_thread=False)
         try:
