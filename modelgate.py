@@ -4030,19 +4030,6 @@ LOOPBACK_REFUSED = (" From inside a container, localhost is the container itself
                     "its address, or as host.docker.internal.")
 
 
-def upstream_failure(exc: Exception, name: str, where: str = "", loopback: bool = False,
-                     key: bytes = b"") -> GatewayError:
-    """One of the UPSTREAM_EXCEPTIONS as the error the client gets (UPSTREAM_FAILURES); the log line gets
-    where (`ollama/1`) and the cause, without the upstream's `key`."""
-    situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
-                              if isinstance(exc, exc_type))
-    if loopback and type(exc) is httpcore.ConnectError:
-        message += LOOPBACK_REFUSED
-    retry = [NO_RETRY] if isinstance(exc, NOT_RETRIED) else None
-    return GatewayError(situation, message.format(name=name, url=URL_VARIABLE[name]), retry,
-                        detail=f"{where or name} {cause(exc, key)}")
-
-
 def cause(exc: BaseException, key: bytes = b"") -> str:
     """What went wrong under an httpcore exception, for the log: its class and the system's or TLS's
     reason, without addresses (hosts are named by number), without the upstream's `key`, and cut short. h11
@@ -4152,9 +4139,17 @@ class Upstream:
     def count_failure(self, kind: str) -> None:
         count(self.metrics.upstream_errors, (self.name, kind))
 
-    def translate(self, exc: Exception, host: Host | None) -> GatewayError:
+    def translate(self, exc: Exception, host: Host | None = None) -> GatewayError:
+        """One of the UPSTREAM_EXCEPTIONS, counted, as the error the client gets (UPSTREAM_FAILURES); the log line
+        gets where (`ollama/1`) and the cause, without the upstream's key."""
         self.count_failure(type(exc).__name__)
-        return upstream_failure(exc, self.name, self.where(host), host is not None and host.loopback, self.key)
+        situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
+                                  if isinstance(exc, exc_type))
+        if host is not None and host.loopback and type(exc) is httpcore.ConnectError:
+            message += LOOPBACK_REFUSED
+        retry = [NO_RETRY] if isinstance(exc, NOT_RETRIED) else None
+        return GatewayError(situation, message.format(name=self.name, url=URL_VARIABLE[self.name]), retry,
+                            detail=f"{self.where(host)} {cause(exc, self.key)}")
 
     def where(self, host: Host | None) -> str:
         return f"{self.name}/{host.number}" if host is not None else self.name

@@ -4728,7 +4728,8 @@ def test_every_upstream_failure_has_its_documented_status(exc_type: type, status
                                                           variable: str | None, provider: str) -> None:
     """Each httpcore failure becomes its documented status and code, with a message that names the
     provider and the setting to look at, and not the exception's own text."""
-    error = modelgate.upstream_failure(exc_type("boom"), provider)
+    config = modelgate.load_config({"MODELGATE_TOKEN": HOUSEHOLD})
+    error = modelgate.Upstream(provider, (), "", config, modelgate.Metrics()).translate(exc_type("boom"))
     assert isinstance(error, modelgate.GatewayError)
     assert (error.status, error.type, error.code) == (status, "api_error", code)
     assert provider in error.message and "boom" not in error.message
