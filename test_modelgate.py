@@ -1004,19 +1004,19 @@ WITH_A_FAST_ACCEPT_RETRY = ("-c", "import asyncio.constants, runpy; asyncio.cons
 async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str,
                              start: tuple[str, ...] = AS_A_MODULE, **options: Any) -> asyncio.subprocess.Process:
     """`python modelgate.py ARGUMENTS` in a directory of its own (started as `start` says), `options` for the
-    subprocess. As a module and with its output on a pipe, it is forked from the preloaded Python."""
+    subprocess. Started as a module (or by code given to -c), it is forked from the preloaded Python."""
     copy_modelgate(tmp_path)
-    if start == AS_A_MODULE and not options:
-        return await Forked.start(tmp_path, env, arguments)
+    if start[0] in ("-m", "-c") and set(options) <= {"stdout", "stderr"}:
+        return await Forked.start(tmp_path, env, start, arguments, **options)
     return await asyncio.create_subprocess_exec(
         sys.executable, *start, *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
         **{"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT, **options})
 
 
-# A command line started as a module, its output on a pipe, runs `python -m modelgate` in a Python forked from one
-# that has started and imported what modelgate.py imports (PRELOADED, started once), as multiprocessing's
+# A command line started as a module (`python -m modelgate`, or -c code that runs it) runs in a Python forked from
+# one that has started and imported what modelgate.py imports (PRELOADED, started once), as multiprocessing's
 # forkserver does: each is still a process of its own, with its own pid, directory, environment, arguments, output
-# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (71 times in
+# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (74 times in
 # the suite) that starting Python and importing uvicorn and httpcore again take. Of the environment, those
 # libraries read nothing when imported but PYTHONTZPATH (zoneinfo), which no test sets; what Python reads as it
 # starts (the local time zone; the C locale, coerced to C.UTF-8 by PEP 538) is read again, and `random` seeded.
@@ -1027,20 +1027,21 @@ del sys.modules["modelgate"]  # run afresh below, as -m runs it
 added = {name: value for name, value in os.environ.items() if name != "PATH"}  # by Python at start-up
 control = socket.socket(fileno=int(sys.argv[1]))
 while True:
-    job, fds, _, _ = socket.recv_fds(control, 1 << 16, 2)
+    job, fds, _, _ = socket.recv_fds(control, 1 << 16, 3)
     if not job:  # the tests are over: once each run has ended
         while True:
             try:
                 os.wait()
             except ChildProcessError:
                 sys.exit()
-    output, report = fds
+    output, errors, report = fds
     if os.fork() == 0:  # waits for the run and reports its pid and exit status, keeping the pid until read
         control.close()
         pid = os.fork()
         if pid == 0:
             break
         os.close(output)
+        os.close(errors)
         report = socket.socket(fileno=report)
         try:  # (a test that has ended reads no more)
             report.sendall(b"%d\\n" % pid)
@@ -1051,8 +1052,8 @@ while True:
             pass
         os.waitpid(pid, 0)
         os._exit(0)
-    os.close(output)
-    os.close(report)
+    for fd in fds:
+        os.close(fd)
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -1061,17 +1062,21 @@ while True:
             break
 os.close(report)
 os.dup2(output, 1)
-os.dup2(output, 2)
+os.dup2(errors, 2)
 os.close(output)
+os.close(errors)
 job = json.loads(job)
 os.chdir(job["cwd"])
-sys.path[0] = job["cwd"]
+sys.path[0] = job["cwd"] if job["code"] is None else ""
 os.environ.clear()
 os.environ.update({**added, **job["env"]})
 time.tzset()
 random.seed()
-sys.argv = ["-m", *job["arguments"]]
-runpy.run_module("modelgate", run_name="__main__", alter_sys=True)
+sys.argv = ["-m" if job["code"] is None else "-c", *job["arguments"]]
+if job["code"] is None:
+    runpy.run_module("modelgate", run_name="__main__", alter_sys=True)
+else:
+    exec(job["code"], {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
 
@@ -1093,9 +1098,9 @@ def preloaded() -> tuple[socket.socket, Any, Any]:
 class Forked:
     """A command line forked from the preloaded Python, as a test holds it: what asyncio's Process offers."""
 
-    def __init__(self, pid: int, stdout: asyncio.StreamReader, report: asyncio.StreamReader,
-                 closing: asyncio.StreamWriter) -> None:
-        self.pid, self.stdout, self.returncode = pid, stdout, None
+    def __init__(self, pid: int, stdout: asyncio.StreamReader | None, stderr: asyncio.StreamReader | None,
+                 report: asyncio.StreamReader, closing: asyncio.StreamWriter) -> None:
+        self.pid, self.stdout, self.stderr, self.returncode = pid, stdout, stderr, None
         self.ended = asyncio.ensure_future(report.readline())
         self.ended.add_done_callback(lambda ended: self._ended(ended, closing))
 
@@ -1105,23 +1110,34 @@ class Forked:
         closing.close()  # the pid is let go
 
     @classmethod
-    async def start(cls, tmp_path: Any, env: dict[str, str], arguments: tuple[str, ...]) -> Forked:
-        control = preloaded()[0]
-        read, write = os.pipe()
+    async def start(cls, tmp_path: Any, env: dict[str, str], start: tuple[str, ...], arguments: tuple[str, ...],
+                    stdout: int = asyncio.subprocess.PIPE, stderr: int = asyncio.subprocess.STDOUT) -> Forked:
+        """Started with its output and errors where asyncio.create_subprocess_exec would put them: a pipe read
+        as `stdout`, a file descriptor of the test's, or, for errors, the output's pipe."""
+        pipes = [os.pipe() if stdout == asyncio.subprocess.PIPE else (None, stdout)]
+        pipes.append(os.pipe() if stderr == asyncio.subprocess.PIPE else pipes[0])
         ours, theirs = socket.socketpair()
         job = json.dumps({"cwd": str(tmp_path), "env": {"PATH": os.environ.get("PATH", ""), **env},
-                          "arguments": list(arguments)}).encode()
+                          "code": start[1] if start[0] == "-c" else None, "arguments": list(arguments)}).encode()
         try:
-            socket.send_fds(control, [job], [write, theirs.fileno()])
+            socket.send_fds(preloaded()[0], [job], [pipes[0][1], pipes[1][1], theirs.fileno()])
         finally:
-            os.close(write)
+            for read, write in {*pipes}:
+                if read is not None:
+                    os.close(write)
             theirs.close()
-        loop = asyncio.get_running_loop()
-        stdout = asyncio.StreamReader(loop=loop)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout, loop=loop), open(read, "rb", 0))
+        output = await cls.reading(pipes[0][0]) if pipes[0][0] is not None else None
+        errors = await cls.reading(pipes[1][0]) if pipes[1] is not pipes[0] else None
         report, closing = await asyncio.open_unix_connection(sock=ours)
         pid = int(await asyncio.wait_for(report.readline(), 30))
-        return cls(pid, stdout, report, closing)
+        return cls(pid, output, errors, report, closing)
+
+    @staticmethod
+    async def reading(fd: int) -> asyncio.StreamReader:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), open(fd, "rb", 0))
+        return reader
 
     async def wait(self) -> int:
         self.returncode = int(await asyncio.shield(self.ended))  # (its done callback may not have run yet)
@@ -1137,10 +1153,13 @@ class Forked:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    async def communicate(self) -> tuple[bytes, None]:
-        output = await self.stdout.read()
+    async def communicate(self) -> tuple[bytes | None, bytes | None]:
+        async def read(pipe: asyncio.StreamReader | None) -> bytes | None:
+            return await pipe.read() if pipe else None
+
+        output, errors = await asyncio.gather(read(self.stdout), read(self.stderr))  # both at once, as asyncio's
         await self.wait()
-        return output, None
+        return output, errors
 
 
 async def read_until_serving(process: asyncio.subprocess.Process, timeout: float,
