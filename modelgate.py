@@ -3653,7 +3653,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     else:
         headers = crossing_headers(response.headers)
         headers += [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"][:1]
-    frames, cut, last = Frames(ROUTES[ex.route], ex.dialect, ex.hides_usage and way.stream), "", b""
+    frames, cut, last = (Frames if way.stream else Plain)(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
     ex.watch.guard_sends(gw.config.timeout)
     chunk = first or None
     try:
@@ -3754,7 +3754,7 @@ def parsed(data: bytes) -> Any:
 class Frames:
     """One stream on its way to the client, split as its dialect frames it: what of each chunk goes on now (feed, and
     rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it says it used (usage:
-    Route.usage; a plain answer's too). The hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once,
+    Route.usage; Plain for a plain answer). Hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once,
     when the stream is judged; when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins
     inside is kept too. Only a stream whose usage event is hidden (hide: Exchange.hides_usage) is split per chunk."""
 
@@ -3848,6 +3848,18 @@ class Frames:
             at = match.end()
         kept.append(data[at:])
         return b"".join(kept)
+
+
+class Plain(Frames):
+    """A plain answer on its way: only its start and its end are kept, where its usage is (Route.usage). Its chunks
+    are big (the first holds RELAY_HOLD_BYTES): split as a stream's is, 17 MiB of OpenAI embeddings took 60 times
+    the CPU, and the first chunk was held twice."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.first = self.first or chunk[:TAIL_BYTES]
+        self.kept += chunk[-TAIL_BYTES:]
+        del self.kept[:-TAIL_BYTES]
+        return chunk
 
 
 # An event with "choices": [] and a usage object is the one ModelGate asked for. Quotes inside JSON strings
