@@ -2907,8 +2907,7 @@ class Gateway:
         if config is None:
             raise GatewayError("internal", "ModelGate was started without the ASGI lifespan; run it with "
                                "`python modelgate.py` or uvicorn's default --lifespan auto.")
-        origin = ex.header(b"origin")
-        if origin:
+        if origin := ex.header(b"origin"):
             ex.cors = cors_headers(config, origin)
         if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
             # uvicorn's h11 reads such a request by its chunks and keeps the connection; a front proxy that
