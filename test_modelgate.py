@@ -1004,9 +1004,10 @@ WITH_A_FAST_ACCEPT_RETRY = ("-c", "import asyncio.constants, runpy; asyncio.cons
 async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str,
                              start: tuple[str, ...] = AS_A_MODULE, **options: Any) -> asyncio.subprocess.Process:
     """`python modelgate.py ARGUMENTS` in a directory of its own (started as `start` says), `options` for the
-    subprocess. Started as a module (or by code given to -c), it is forked from the preloaded Python."""
+    subprocess. Started as a module (or by code given to -c), it is forked from the preloaded Python, and may
+    be given a `file_limit` (soft, hard) to start with."""
     copy_modelgate(tmp_path)
-    if start[0] in ("-m", "-c") and set(options) <= {"stdout", "stderr"}:
+    if start[0] in ("-m", "-c") and set(options) <= {"stdout", "stderr", "file_limit"}:
         return await Forked.start(tmp_path, env, start, arguments, **options)
     return await asyncio.create_subprocess_exec(
         sys.executable, *start, *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
@@ -1016,7 +1017,7 @@ async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str
 # A command line started as a module (`python -m modelgate`, or -c code that runs it) runs in a Python forked from
 # one that has started and imported what modelgate.py imports (PRELOADED, started once), as multiprocessing's
 # forkserver does: each is still a process of its own, with its own pid, directory, environment, arguments, output
-# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (74 times in
+# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (75 times in
 # the suite) that starting Python and importing uvicorn and httpcore again take. Of the environment, those
 # libraries read nothing when imported but PYTHONTZPATH (zoneinfo), which no test sets; what Python reads as it
 # starts (the local time zone; the C locale, coerced to C.UTF-8 by PEP 538) is read again, and `random` seeded.
@@ -1072,6 +1073,9 @@ os.environ.clear()
 os.environ.update({**added, **job["env"]})
 time.tzset()
 random.seed()
+if job["file_limit"]:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, job["file_limit"])
 sys.argv = ["-m" if job["code"] is None else "-c", *job["arguments"]]
 if job["code"] is None:
     runpy.run_module("modelgate", run_name="__main__", alter_sys=True)
@@ -1111,14 +1115,16 @@ class Forked:
 
     @classmethod
     async def start(cls, tmp_path: Any, env: dict[str, str], start: tuple[str, ...], arguments: tuple[str, ...],
-                    stdout: int = asyncio.subprocess.PIPE, stderr: int = asyncio.subprocess.STDOUT) -> Forked:
+                    stdout: int = asyncio.subprocess.PIPE, stderr: int = asyncio.subprocess.STDOUT,
+                    file_limit: tuple[int, int] | None = None) -> Forked:
         """Started with its output and errors where asyncio.create_subprocess_exec would put them: a pipe read
         as `stdout`, a file descriptor of the test's, or, for errors, the output's pipe."""
         pipes = [os.pipe() if stdout == asyncio.subprocess.PIPE else (None, stdout)]
         pipes.append(os.pipe() if stderr == asyncio.subprocess.PIPE else pipes[0])
         ours, theirs = socket.socketpair()
         job = json.dumps({"cwd": str(tmp_path), "env": {"PATH": os.environ.get("PATH", ""), **env},
-                          "code": start[1] if start[0] == "-c" else None, "arguments": list(arguments)}).encode()
+                          "code": start[1] if start[0] == "-c" else None, "arguments": list(arguments),
+                          "file_limit": file_limit}).encode()
         try:
             socket.send_fds(preloaded()[0], [job], [pipes[0][1], pipes[1][1], theirs.fileno()])
         finally:
@@ -8195,8 +8201,7 @@ async def test_command_line_raises_the_soft_file_limit_to_the_hard_one(tmp_path:
     assert hard > 256, "the test needs a hard limit above 256"
     port = free_port()
     process = await start_command_line(
-        tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": "127.0.0.1", "PORT": str(port)},
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+        tmp_path, {"MODELGATE_TOKEN": TOKEN, "HOST": "127.0.0.1", "PORT": str(port)}, file_limit=(256, hard))
     try:
         output = await read_until_serving(process, 10)
         with open(f"/proc/{process.pid}/limits") as limits:
