@@ -2247,6 +2247,11 @@ TRAVELLING = {dialect.name: FORWARDED_REQUEST_HEADERS | dialect.forwarded for di
 DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
 
 
+# A header value that h11 sends (its _abnf.py field_value): an ASGI server may hand on one it would refuse to
+# send, a NUL or a line break, and the upstream's request would fail as ModelGate's own fault (a 500).
+SENDABLE_VALUE = re.compile(rb"(?:[^\x00 \t\n\r\x0b\x0c]+(?:[ \t]+[^\x00 \t\n\r\x0b\x0c]+)*)?")
+
+
 def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -> Headers:
     """The headers that cross the gateway, names lowercased, order and duplicates kept, never a hop-by-hop one: of a
     client's request those in `travel`; of an upstream's answer all but DROPPED_RESPONSE_HEADERS and CORS's (ours)."""
@@ -2258,6 +2263,9 @@ def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -
         name = name.lower()
         if name not in drop and (name in travel if travel is not None else
                                  name not in DROPPED_RESPONSE_HEADERS and not name.startswith(b"access-control-")):
+            if travel is not None and not SENDABLE_VALUE.fullmatch(value := value.strip(b" \t")):
+                raise GatewayError("invalid_request", f"The request header {name.decode('latin-1')!r} holds a NUL "
+                                   "or a line break (CR, LF, vertical tab or form feed), which no header value may.")
             kept.append((name, value))
     return kept
 

@@ -2494,6 +2494,26 @@ async def test_random_requests_never_get_a_500(body: bytes, headers: list, path:
     assert answer.status < 500 and answer.complete
 
 
+UNSENDABLE_HEADERS = [  # (the route, a header that travels upstream with a byte h11 will not send, the refusal's shape)
+    ("/v1/chat/completions", (b"user-agent", b"\x00"), lambda document: document["error"]["code"] == "invalid_request"),
+    ("/api/chat", (b"content-type", b"application/json\r\nx-injected: 1"), lambda document: "NUL" in document["error"]),
+    ("/v1/messages", (b"anthropic-version", b"2023-06-01\x0b"),
+     lambda document: document["type"] == "error" and document["error"]["type"] == "invalid_request_error"),
+]
+
+
+@pytest.mark.parametrize("path, header, in_its_dialect", UNSENDABLE_HEADERS, ids=[row[0] for row in UNSENDABLE_HEADERS])
+async def test_a_header_that_cannot_travel_gets_400_not_500(path: str, header: tuple[bytes, bytes],
+                                                             in_its_dialect: Callable[[Any], bool]) -> None:
+    """A header that travels upstream (User-Agent, Content-Type, Anthropic-Version) with a NUL or a line break in its
+    value, as an ASGI server may hand it on: 400 in the error shape of its door, and nothing goes upstream (it was a
+    500, the upstream request failing as ModelGate's own fault)."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", path, CHAT, [*AUTH, header])
+    assert answer.status == 400 and in_its_dialect(json.loads(answer.body)), answer.body
+    assert up.requests == []
+
+
 ###############################################################################
 # The app and its dispatch: CORS ##############################################
 ###############################################################################
