@@ -1022,9 +1022,12 @@ async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str
 # libraries read nothing when imported but PYTHONTZPATH (zoneinfo), which no test sets; what Python reads as it
 # starts (the local time zone; the C locale, coerced to C.UTF-8 by PEP 538) is read again, and `random` seeded.
 PRELOADED = """
-import json, os, random, runpy, socket, sys, time
+import gc
+gc.disable()  # as Python's docs (gc.freeze) advise before forking: frozen, what is imported here is not copied into
+import json, os, random, runpy, socket, sys, time  # each run when its collector visits it, nor when it exits
 import argparse, modelgate, uvicorn, uvicorn.lifespan.on, uvicorn.protocols.http.h11_impl
 del sys.modules["modelgate"]  # run afresh below, as -m runs it
+gc.freeze()
 added = {name: value for name, value in os.environ.items() if name != "PATH"}  # by Python at start-up
 control = socket.socket(fileno=int(sys.argv[1]))
 while True:
@@ -1073,6 +1076,7 @@ os.environ.clear()
 os.environ.update({**added, **job["env"]})
 time.tzset()
 random.seed()
+gc.enable()
 if job["file_limit"]:
     import resource
     resource.setrlimit(resource.RLIMIT_NOFILE, job["file_limit"])
