@@ -1014,10 +1014,10 @@ async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str
         **{"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT, **options})
 
 
-# A command line started as a module (`python -m modelgate`, or -c code that runs it) runs in a Python forked from
+# A command line started as a module (`python -m modelgate`, -m uvicorn, or -c code) runs in a Python forked from
 # one that has started and imported what modelgate.py imports (PRELOADED, started once), as multiprocessing's
 # forkserver does: each is still a process of its own, with its own pid, directory, environment, arguments, output
-# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (75 times in
+# and exit status, and runs modelgate.py afresh as -m runs it, but without the quarter of a second (77 times in
 # the suite) that starting Python and importing uvicorn and httpcore again take. Of the environment, those
 # libraries read nothing when imported but PYTHONTZPATH (zoneinfo), which no test sets; what Python reads as it
 # starts (the local time zone; the C locale, coerced to C.UTF-8 by PEP 538) is read again, and `random` seeded.
@@ -1071,7 +1071,7 @@ os.close(output)
 os.close(errors)
 job = json.loads(job)
 os.chdir(job["cwd"])
-sys.path[0] = job["cwd"] if job["code"] is None else ""
+sys.path[0] = job["cwd"] if job["module"] else ""
 os.environ.clear()
 os.environ.update({**added, **job["env"]})
 time.tzset()
@@ -1080,9 +1080,9 @@ gc.enable()
 if job["file_limit"]:
     import resource
     resource.setrlimit(resource.RLIMIT_NOFILE, job["file_limit"])
-sys.argv = ["-m" if job["code"] is None else "-c", *job["arguments"]]
-if job["code"] is None:
-    runpy.run_module("modelgate", run_name="__main__", alter_sys=True)
+sys.argv = ["-m" if job["module"] else "-c", *job["arguments"]]
+if job["module"]:
+    runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
 else:
     exec(job["code"], {"__name__": "__main__", "__builtins__": __builtins__})
 """
@@ -1127,6 +1127,7 @@ class Forked:
         pipes.append(os.pipe() if stderr == asyncio.subprocess.PIPE else pipes[0])
         ours, theirs = socket.socketpair()
         job = json.dumps({"cwd": str(tmp_path), "env": {"PATH": os.environ.get("PATH", ""), **env},
+                          "module": start[1] if start[0] == "-m" else None,
                           "code": start[1] if start[0] == "-c" else None, "arguments": list(arguments),
                           "file_limit": file_limit}).encode()
         try:
@@ -8483,12 +8484,9 @@ async def test_a_loop_error_that_comes_back_after_a_quiet_spell_is_logged_in_ful
 async def test_bare_uvicorn_logs_no_query_string(tmp_path: Any) -> None:
     """Under `uvicorn modelgate:app` with uvicorn's defaults, uvicorn's access log would print a key sent as
     `?api_key=`: the gateway turns that log off, and its own line has the path only."""
-    copy_modelgate(tmp_path)
     port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uvicorn", "modelgate:app", "--host", "127.0.0.1", "--port", str(port),
-        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "MODELGATE_TOKEN": TOKEN},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    process = await start_command_line(tmp_path, {"MODELGATE_TOKEN": TOKEN}, "modelgate:app", "--host", "127.0.0.1",
+                                       "--port", str(port), start=("-m", "uvicorn"))
     try:
         output = await read_until_serving(process, 10, b"Uvicorn running on")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -9996,9 +9994,7 @@ async def test_an_older_python_gets_one_line_naming_the_version_it_needs(tmp_pat
     assert before[2].startswith("if sys.version_info < (3, 10):")
     as_if_39 = ("import runpy, sys; sys.version_info = (3, 9, 18, 'final', 0); "
                 "runpy.run_path('modelgate.py', run_name='__main__')")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", as_if_39, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    process = await start_command_line(tmp_path, {}, start=("-c", as_if_39))
     output = (await asyncio.wait_for(process.stdout.read(), 10)).decode()
     assert await process.wait() == 1
     assert output.count("\n") == 1 and "Python 3.10 or newer" in output and "Python 3.9" in output, output
