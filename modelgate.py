@@ -2289,32 +2289,37 @@ def printable(text: str) -> str:
     return text if text.isprintable() else ascii(text)
 
 
+def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
+    prompt, completion = ex.usage or (None, None)
+    return {"method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
+            "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
+            "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000),
+            "queued_ms": None if ex.queued is None else round(ex.queued * 1000), "prompt_tokens": prompt,
+            "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
+            "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-"}
+
+
 def log_exchange(ex: Exchange, seconds: float) -> None:
     # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
-    # writes the same fields as an object (JsonFormatter). The record is made here and handed to the
+    # writes the same fields (exchange_fields) as an object. The record is made here and handed to the
     # handlers directly: log.info() would first walk the stack to find its caller, a third of the cost.
     if not log.isEnabledFor(logging.INFO):
         return
+    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
     prompt, completion = ex.usage or (None, None)
-    fields = {"method": ex.method, "path": printable(ex.path), "status": ex.status, "provider": ex.provider,
-              "model": printable(ex.model), "ms": round(seconds * 1000), "bytes": ex.bytes_out,
-              "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000),
-              "queued_ms": None if ex.queued is None else round(ex.queued * 1000), "prompt_tokens": prompt,
-              "completion_tokens": completion, "token": ex.token, "client": ex.client, "coalesced": ex.coalesced,
-              "error": ex.error or None, "id": ex.request_id.decode("latin-1") or "-"}
-    ttfb = f" ttfb={fields['ttfb_ms']}ms" if ex.ttfb is not None else ""
     used = ((f" prompt_tokens={prompt}" if prompt is not None else "")
             + (f" completion_tokens={completion}" if completion is not None else ""))
     coalesced = " coalesced" if ex.coalesced else ""
-    queued = f" queued_ms={fields['queued_ms']}" if ex.queued is not None else ""
+    queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
     error = f" error={ex.error}" if ex.error else ""
     # Its fields are separated by spaces: one in a path, a model or an upstream's request id would forge one.
-    path, model = fields["path"].replace(" ", "\\x20"), fields["model"].replace(" ", "\\x20")
-    request_id = printable(fields["id"]).replace(" ", "\\x20")
-    line = (f"{ex.method} {path} {ex.status} {ex.provider} {model} {fields['ms']}ms "
+    path, model = printable(ex.path).replace(" ", "\\x20"), printable(ex.model).replace(" ", "\\x20")
+    request_id = printable(ex.request_id.decode("latin-1")).replace(" ", "\\x20") or "-"
+    line = (f"{ex.method} {path} {ex.status} {ex.provider} {model} {seconds * 1000:.0f}ms "
             f"{ex.bytes_out}B{ttfb}{queued}{used} token={ex.token} client={ex.client}{coalesced}{error} "
             f"id={request_id}")
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None, extra={"exchange": fields}))
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
+                              extra={"exchange": (ex, seconds)}))
 
 
 ###############################################################################
@@ -5019,7 +5024,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": self.formatTime(record), "level": record.levelname}
         exchange = getattr(record, "exchange", None)
-        line.update(exchange if exchange else {"message": record.getMessage()})
+        line.update(exchange_fields(*exchange) if exchange else {"message": record.getMessage()})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
