@@ -2559,13 +2559,16 @@ class Gateway:
         if listed is None or isinstance(listed, Answer):
             return listed
         config = self.config
-        models = {} if native else {item["id"]: item for items in listed for item in items}
-        for document in listed if native else ():
-            items = document.get("models") if isinstance(document, dict) else None
-            for item in items if isinstance(items, list) else ():
-                key = item.get("model", item.get("name")) if isinstance(item, dict) else None
-                if isinstance(key, str):
-                    models.setdefault(f"ollama/{key}", item)
+        if not native:
+            models = {item["id"]: item for items in listed for item in items}
+        else:
+            models = {}
+            for document in listed:
+                items = document.get("models") if isinstance(document, dict) else None
+                for item in items if isinstance(items, list) else ():
+                    key = item.get("model", item.get("name")) if isinstance(item, dict) else None
+                    if isinstance(key, str):
+                        models.setdefault(f"ollama/{key}", item)
         if ex.route == "/api/tags" and len(listed) == len(ollama.hosts):
             self.cloud.remember(listed)  # every host's list: as good as a fetch of the cloud list
         elif ex.token not in config.ollama_cloud_tokens and not await self.watched(ex, self.cloud.current(ollama)):
