@@ -3706,7 +3706,11 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     ex.usage = frames.usage()
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
-        separator = ex.dialect.separator if ex.dialect.separator and not last.endswith(ex.dialect.separator) else b""
+        # Cut inside a record, the error event still begins one of its own: NDJSON's on a new line, an event stream's
+        # after a blank line; else the client's parser runs it into the half event before it (`dat` and its `data:`
+        # make one field, `datdata`, which parsers skip) and the cut answer looks whole.
+        ended = last.endswith(ex.dialect.separator) if ex.dialect.separator else not last or last.endswith(SSE_ENDED)
+        separator = b"" if ended else ex.dialect.separator or b"\n\n"
         await ex.write(separator + ex.dialect.cut_event(message))
     await ex.write(b"", more=False)
     return None
@@ -3721,6 +3725,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
 SSE_BLANK = re.compile(rb"\n\n|\r\r\n?|\n\r\n?")
 SSE_LINE = re.compile(rb"\r\n|\r|\n")
 SSE_ENDS = (b"\n\n", b"\n\r\n", b"\r\r\n")  # blank lines that nothing after them can run on
+SSE_ENDED = (*SSE_ENDS, b"\r\r")  # a stream that ends in a blank line (an event after it is one of its own)
 LINE_ENDS = re.compile(rb"[\r\n]*")
 
 

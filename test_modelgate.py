@@ -4514,6 +4514,53 @@ async def test_stream_cut_midway_ends_with_an_error_event_not_done() -> None:
     assert len(answer.chunks) == 3 and b"[DONE]" not in answer.body
 
 
+def dispatched(stream: bytes) -> list[tuple[str, bytes]]:
+    """The events a client's parser dispatches from an event stream, as (type, data), as the SSE specification
+    interprets one (html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation): lines end at
+    CRLF, LF or CR; a blank line dispatches what came before it, unless no data came; unknown fields are ignored."""
+    events, kind, data = [], "", []
+    for line in re.split(rb"\r\n|\r|\n", stream):
+        if not line:
+            if data:
+                events.append((kind or "message", b"\n".join(data)))
+            kind, data = "", []
+            continue
+        name, _, value = line.partition(b":")
+        value = value[1:] if value[:1] == b" " else value
+        if name == b"event":
+            kind = value.decode()
+        elif name == b"data":
+            data.append(value)
+    return events
+
+
+# A stream whose client asked for its usage itself: nothing of it is held back (Frames.hide).
+ASKS_USAGE = (b'{"model": "ollama/qwen2.5:7b", "stream": true, "stream_options": {"include_usage": true}, '
+              b'"messages": []}')
+
+
+@pytest.mark.parametrize("path, body, events", [
+    # cut inside the name of the next event's field: `dat` and the error event's `data:` made the field `datdata`,
+    # which parsers ignore, and the stream ended as if whole (openai-python ends it without [DONE] too)
+    ("/v1/chat/completions", ASKS_USAGE, [EVENTS[0], b"dat"]),
+    ("/v1/chat/completions", ASKS_USAGE, [EVENTS[0], EVENTS[1][:-1]]),  # inside the blank line
+    # inside an event line: `event: content_block_delevent: error` is an event the anthropic SDKs skip
+    ("/v1/messages", b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}',
+     [*MESSAGE_EVENTS[:3], b"event: content_block_del"]),
+])
+async def test_a_stream_cut_inside_an_event_still_ends_with_an_error_event_of_its_own(path: str, body: bytes,
+                                                                                      events: list[bytes]) -> None:
+    """Ollama hanging up inside an event: the error event after it is one the client's parser reads as an event of
+    its own, not run into the half event before it, which would hide it and leave a cut answer looking whole."""
+    async with upstream(sse_reply(events=[*events, b""], cut_before=len(events))) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", path, body)
+    assert answer.status == 200 and answer.body.startswith(b"".join(events)) and answer.complete
+    kind, data = dispatched(answer.body)[-1]
+    assert kind == ("error" if path == "/v1/messages" else "message")
+    assert "cut off" in json.loads(data)["error"]["message"]
+
+
 async def test_stream_silent_past_the_timeout_ends_with_an_error_event() -> None:
     """An upstream that stops sending mid-stream for longer than TIMEOUT_SECONDS: error event, no [DONE]."""
     async with upstream(sse_reply(hold_before=1)) as up, \
