@@ -1190,7 +1190,7 @@ def with_v1(url: str) -> str:
 def screen(ex: Exchange, config: Config) -> None:
     address = client_address(ex.client, ex.headers, config.trusted_proxies)
     ex.client = "-" if address is None else str(address)
-    if config.allowed_ips is not None and (address is None or not any(address in net for net in config.allowed_ips)):
+    if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
         raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
                            "only serves the addresses in its ALLOWED_IPS.")
 
@@ -1209,19 +1209,23 @@ def parse_ip(text: str) -> Address | None:
     return getattr(address, "ipv4_mapped", None) or address
 
 
+def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
+    return any(address in network for network in networks)  # False across IPv4 and IPv6, never an error
+
+
 def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) -> Address | None:
     """The peer, or behind trusted proxies the nearest X-Forwarded-For hop that is not one; None if no IP address.
     Each proxy appends the address it saw, so only the hops trusted proxies added are skipped, from the right
     (uvicorn's proxy_headers.py); the left part is whatever the client wrote. From any other peer the header is
     ignored: it cannot talk its way past ALLOWED_IPS."""
-    address = parse_ip(peer)  # (`in` a network of the other IP version is False, never an error)
-    if address is None or not any(address in network for network in trusted):
+    address = parse_ip(peer)
+    if address is None or not in_networks(address, trusted):
         return address
     forwarded = b",".join(value for name, value in headers if name.lower() == b"x-forwarded-for")
     hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",")] if forwarded else []
     for hop in reversed(hops):
         address = parse_ip(hop)
-        if address is None or not any(address in network for network in trusted):
+        if address is None or not in_networks(address, trusted):
             return address
     return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
 
