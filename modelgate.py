@@ -3714,8 +3714,9 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
         # Cut inside a record, the error event still begins one of its own: NDJSON's on a new line, an event stream's
         # after a blank line; else the client's parser runs it into the half event before it (`dat` and its `data:`
-        # make one field, `datdata`, which parsers skip) and the cut answer looks whole.
-        ended = last.endswith(ex.dialect.separator) if ex.dialect.separator else not last or last.endswith(SSE_ENDED)
+        # make one field, `datdata`, which parsers skip) and the cut answer looks whole. Before the first, nothing:
+        # ollama-python would json.loads an empty line.
+        ended = not last or last.endswith(ex.dialect.separator or SSE_ENDED)
         separator = b"" if ended else ex.dialect.separator or b"\n\n"
         await ex.write(separator + ex.dialect.cut_event(message))
     await ex.write(b"", more=False)

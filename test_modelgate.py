@@ -8779,6 +8779,16 @@ async def test_a_native_stream_cut_or_silent_ends_with_an_error_line() -> None:
     assert "TIMEOUT_SECONDS" in json.loads(silent.chunks[1])["error"]
 
 
+
+async def test_a_native_stream_that_ends_before_its_first_line_is_one_error_line() -> None:
+    """Ollama ending a stream before its first line: the client gets the error line alone, with no empty line before
+    it, which ollama-python would json.loads and fail on before it reached the error."""
+    async with upstream(ndjson_reply([])) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await native(app, "/api/chat", {"model": "m"})
+    assert answer.status == 200 and answer.body.endswith(b"\n"), answer.body
+    assert [list(json.loads(line)) for line in answer.body.splitlines()] == [["error"]], answer.body
+
+
 NDJSON_PAYLOAD = b"".join(GENERATE_LINES)
 
 
