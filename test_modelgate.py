@@ -7261,6 +7261,14 @@ async def test_a_reload_keeps_what_takes_a_restart_and_says_so() -> None:
     assert "PORT changed: that takes a restart; until then the gateway keeps the old value" in lines, lines
 
 
+def paragraph(n: int, fields: dict[str, Any], token: str = TOKEN) -> bytes:
+    """A chat request for paragraph `n` with `fields` besides its messages, as sent on a socket: two paragraphs, not
+    one asked twice (which COALESCE would send once)."""
+    body = json.dumps({**fields, "messages": [{"role": "user", "content": str(n)}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer " + token.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+
+
 # (what a reload changes while a request waits in the queue, what both requests ask for besides their messages, the
 # status it gets)
 RELOADED_WHILE_IT_WAITED = [
@@ -7281,18 +7289,13 @@ async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_is_judged_
     reload revokes its token, narrows its TOKEN_MODELS, takes it out of OLLAMA_CLOUD_TOKENS (its model or a web tool
     runs on ollama.com) or ALLOWED_IPS, or sets a quota it is over, is refused when its turn comes, and nothing of it
     reaches Ollama. It ran by the settings of when it came, for as long as QUEUE_TIMEOUT_SECONDS let it wait."""
-    def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
-        body = json.dumps({**fields, "messages": [{"role": "user", "content": str(n)}]}).encode()
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-                + AUTH_LINE + b"content-length: %d\r\n\r\n" % len(body) + body)
-
     settings_ = {"MODELGATE_TOKEN": NAMED_TOKENS, "OLLAMA_CLOUD_TOKENS": "tester", "OLLAMA_NUM_PARALLEL": "1"}
     async with upstream(json_reply(document={**COMPLETION, "usage": USAGE}, held=True)) as up, \
             gateway(OLLAMA_BASE_URL=up.url, **settings_) as app, serve(app) as base:
         up.tags = {"models": [{"name": "kimi-k2:latest", "model": "kimi-k2:latest", "remote_host": "https://ollama.com"}]}
-        running = asyncio.ensure_future(answered_over_a_socket(base, request(1)))
+        running = asyncio.ensure_future(answered_over_a_socket(base, paragraph(1, fields)))
         await up.received(1)
-        waiting = asyncio.ensure_future(answered_over_a_socket(base, request(2)))
+        waiting = asyncio.ensure_future(answered_over_a_socket(base, paragraph(2, fields)))
         await until(lambda: app.metrics.queued.get("tester") == 1)
         app.reload(modelgate.load_config({**app.environ, **changed}), None)
         up.release.set()
@@ -7306,17 +7309,12 @@ async def test_a_request_whose_turn_in_the_queue_comes_after_a_reload_that_moves
     out of OLLAMA_CLOUD_TOKENS) is judged by the new host's list of models, where `plain` is local, and goes there
     when its turn comes. It went to the old host, where `plain` is a cloud stub, and ran on ollama.com under the
     owner's account."""
-    def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
-        body = b'{"model": "plain", "messages": [{"role": "user", "content": "%d"}]}' % n
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-                b"authorization: Bearer " + ADMIN.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
-
     async with upstream(json_reply(held=True)) as old, upstream(cloud_ollama) as new, \
             gateway(OLLAMA_BASE_URL=old.url, OLLAMA_NUM_PARALLEL="1", **CLOUD_SETTINGS) as app, serve(app) as base:
         old.tags, new.tags = {"models": [stub("plain:latest")]}, {"models": [tag("plain:latest")]}
-        running = asyncio.ensure_future(answered_over_a_socket(base, request(1)))
+        running = asyncio.ensure_future(answered_over_a_socket(base, paragraph(1, {"model": "plain"}, ADMIN)))
         await old.received(1)
-        waiting = asyncio.ensure_future(answered_over_a_socket(base, request(2)))
+        waiting = asyncio.ensure_future(answered_over_a_socket(base, paragraph(2, {"model": "plain"}, ADMIN)))
         await until(lambda: app.metrics.queued.get("me") == 1)
         app.reload(modelgate.load_config({**app.environ, "OLLAMA_BASE_URL": new.url, "OLLAMA_CLOUD_TOKENS": ""}), None)
         old.release.set()
@@ -9293,20 +9291,16 @@ async def test_issue_19_a_request_that_waited_in_the_queue_goes_to_no_host_whose
     `plain` as a cloud stub, and the second refuses connections. A token outside OLLAMA_CLOUD_TOKENS gets 403
     cloud_not_allowed, and nothing reaches the first. It was judged before it waited, and ModelGate, finding the
     second gone, sent it to the first, which ran it on ollama.com under the owner's account."""
-    def request(n: int) -> bytes:  # two paragraphs, not one asked twice (which COALESCE would send once)
-        body = b'{"model": "plain", "messages": [{"role": "user", "content": "%d"}]}' % n
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-                + AUTH_LINE + b"content-length: %d\r\n\r\n" % len(body) + body)
-
     sock, url = unlistened()
     closing = json_reply(held=True, headers=(("connection", "close"),))  # none of its connections is kept
     async with upstream(closing) as local, \
             gateway(OLLAMA_BASE_URL=f"{url},{local.url}", OLLAMA_NUM_PARALLEL="1", **CLOUD_SETTINGS) as app, \
             serve(app) as base:
         local.tags = {"models": [tag("plain:latest")]}
-        running = asyncio.ensure_future(answered_over_a_socket(base, request(1)))  # the first host refuses
+        running = asyncio.ensure_future(  # the first host refuses
+            answered_over_a_socket(base, paragraph(1, {"model": "plain"})))
         await local.received(1)
-        waiting = asyncio.ensure_future(answered_over_a_socket(base, request(2)))
+        waiting = asyncio.ensure_future(answered_over_a_socket(base, paragraph(2, {"model": "plain"})))
         await until(lambda: app.metrics.queued.get("webui") == 1)
         stubbed = await FakeUpstream(cloud_ollama).start(sock)
         stubbed.tags = {"models": [stub("plain:latest")]}
