@@ -1106,7 +1106,8 @@ def preloaded() -> tuple[socket.socket, Any, Any]:
 
 
 class Forked:
-    """A command line forked from the preloaded Python, as a test holds it: what asyncio's Process offers."""
+    """A command line forked from the preloaded Python, as a test holds it: what the tests use of asyncio's
+    Process."""
 
     def __init__(self, pid: int, stdout: asyncio.StreamReader | None, stderr: asyncio.StreamReader | None,
                  report: asyncio.StreamReader, closing: asyncio.StreamWriter) -> None:
@@ -1159,9 +1160,6 @@ class Forked:
     def send_signal(self, number: int) -> None:
         if self.returncode is None:
             os.kill(self.pid, number)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
