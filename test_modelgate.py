@@ -1007,7 +1007,7 @@ async def start_command_line(tmp_path: Any, env: dict[str, str], *arguments: str
     subprocess. Started as a module (or by code given to -c), it is forked from the preloaded Python, and may
     be given a `file_limit` (soft, hard) to start with."""
     copy_modelgate(tmp_path)
-    if start[0] in ("-m", "-c") and set(options) <= {"stdout", "stderr", "file_limit"}:
+    if start[0] in ("-m", "-c"):
         return await Forked.start(tmp_path, env, start, arguments, **options)
     return await asyncio.create_subprocess_exec(
         sys.executable, *start, *arguments, cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), **env},
