@@ -2155,7 +2155,6 @@ async def test_max_concurrent_per_token_counts_streams_until_they_end() -> None:
                         label(OTHER_TOKEN.encode()): 0}
 
 
-
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_the_bodies_one_token_has_in_memory_at_once_are_bounded_and_anothers_are_not(framing: str) -> None:
     """A body is held in memory while it arrives, and until its request ends: twenty of 16 MiB stalled before their
@@ -3915,7 +3914,6 @@ async def test_a_full_queue_answers_503_queue_full(bounds: tuple[int, int], room
     assert all(a.status == 200 for a in answers) and len(up.requests) == room + 1
 
 
-
 @pytest.mark.parametrize("bounds, room", QUEUE_BOUNDS)
 async def test_one_app_that_fills_the_queue_does_not_keep_another_out(bounds: tuple[int, int], room: int) -> None:
     """A queue full of one app's requests (a page's paragraphs) still takes another app's chat: it takes the place of
@@ -3933,6 +3931,7 @@ async def test_one_app_that_fills_the_queue_does_not_keep_another_out(bounds: tu
     assert_queue_error(pushed_out, "ollama", "queue is full")
     assert marks(ollama.started) == ["running", "chat", *[f"waiting {n}" for n in range(1, room)]]
     assert all(a.status == 200 for a in answers) and len(up.requests) == room + 1
+
 
 async def test_a_request_that_cannot_take_the_place_of_another_app_s_pushes_none_out() -> None:
     """A queue full of one app's bytes, and another app's request so large that the first app, one request pushed
@@ -9280,7 +9279,6 @@ async def test_issue_19_a_host_passed_over_while_it_was_down_has_its_list_read_b
     assert first == 200 and got == 403, body
     assert json.loads(body)["error"]["code"] == "cloud_not_allowed"
     assert [r.target for r in stubbed.requests + local.requests if r.target != "/api/tags"] == [V1_CHAT]
-
 
 
 async def test_issue_19_a_request_that_waited_in_the_queue_goes_to_no_host_whose_list_has_not_placed_it() -> None:
