@@ -8205,9 +8205,12 @@ async def test_a_connection_without_a_complete_request_head_is_closed() -> None:
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await asyncio.open_connection(host, int(port))
 
-        waiting_reader, waiting = await connect()
-        waiting.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
-                      + b"\r\ncontent-length: %d\r\n\r\n" % len(CHAT) + CHAT)
+        # Sent before the gateway runs again, so that it reads the head as soon as it accepts the connection: sent
+        # after a connect awaited, a loaded machine could let the head's 0.2 s pass before the head was read.
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
+                     + b"\r\ncontent-length: %d\r\n\r\n" % len(CHAT) + CHAT)
+        waiting_reader, waiting = await asyncio.open_connection(sock=sock)
         await up.received(1)
         silent_reader, silent = await connect()
         partial_reader, partial = await connect()
