@@ -859,11 +859,11 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
     if not isinstance(document, dict):
         raise ConfigError(f'{name} must be a JSON object of patterns, such as {{"ollama/qwen3*": '
                           '{"reasoning_effort": "none"}}')
-    for pattern, fields in document.items():
-        check_model_pattern(name, pattern)
+    for pattern, fields in document.items():  # the fields first: {"keep_alive": "30m"} is no pattern, no model
         if not isinstance(fields, dict) or not fields:
-            raise ConfigError(f"{name}: the value for {pattern!r} must be an object of request fields, "
-                              'such as {"reasoning_effort": "none"}')
+            raise ConfigError(f"{name}: the value for {pattern!r} must be an object of request fields: {name} maps "
+                              'model patterns to fields, such as {"ollama/qwen3*": {"reasoning_effort": "none"}}')
+        check_model_pattern(name, pattern)
         reserved = sorted(NOT_DEFAULTS.intersection(fields))
         if reserved:
             raise ConfigError(f"{name}: {pattern!r} sets {reserved[0]!r}, which is the client's to choose "

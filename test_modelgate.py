@@ -2882,6 +2882,7 @@ POLICY_CONFIG_ERRORS = [
     ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"reasoning_effort": "none"}'}, "Expecting ',' delimiter"),
     ({"MODEL_DEFAULTS": '[{"reasoning_effort": "none"}]'}, "object"),
     ({"MODEL_DEFAULTS": '{"ollama/qwen3*": "none"}'}, "ollama/qwen3*"),
+    ({"MODEL_DEFAULTS": '{"keep_alive": "30m"}'}, "maps model patterns to fields"),  # not "write ollama/keep_alive"
     ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"stream": true}}'}, "stream"),
     ({"MODEL_DEFAULTS": '{"ollama/qwen3*": {"model": "x"}}'}, "model"),
     ({"MODEL_DEFAULTS": '{"qwen3*": {"reasoning_effort": "none"}}'}, "qwen3*"),
