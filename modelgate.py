@@ -1244,8 +1244,8 @@ AUTH_FAILURES = {
                   "Send the gateway's token as `Authorization: Bearer <token>` (the API key field of your app).",
     # Said only when the token inside is right (bare_token), as for its name.
     "token with more around it": "The token sent has more around it than the token: a `Bearer ` that the app "
-                                 "adds itself, quotes, or spaces copied with it. Put the token alone in the API key "
-                                 "field of your app.",
+                                 "adds itself, `MODELGATE_TOKEN=`, quotes, <>, or spaces copied with it. Put the "
+                                 "token alone in the API key field of your app.",
     "unknown token": "The token sent (as `Authorization: Bearer`, `x-api-key` or a Basic password) is not one this "
                      "gateway accepts. Check it for a typo, or for an old token; whoever runs the gateway has the "
                      "tokens (MODELGATE_TOKEN).",
@@ -1322,9 +1322,9 @@ def authorized(credentials: list[bytes], failure: str, tokens: tuple[bytes, ...]
 
 def bare_token(credential: bytes) -> bytes:
     """A credential without what is copied around a token: quotes, spaces, a no-break space (one byte of Latin-1,
-    which a browser's fetch sends as it is), and a `Bearer ` typed into an API key field, which the app adds too."""
-    credential = credential.strip(b" \t\xa0\"'")
-    return credential[7:].strip(b" \t\xa0\"'") if credential[:7].lower() == b"bearer " else credential
+    as a browser's fetch sends it), <> (the README's <token>), `MODELGATE_TOKEN=` (.env's line), `Bearer ` again."""
+    credential = credential.strip(b" \t\xa0\"'<>").removeprefix(b"MODELGATE_TOKEN=").strip(b" \t\xa0\"'<>")
+    return credential[7:].strip(b" \t\xa0\"'<>") if credential[:7].lower() == b"bearer " else credential
 
 
 # What a token not named in OLLAMA_ADMIN_TOKENS is told, by Route.access. /metrics names every app and the

@@ -2005,6 +2005,9 @@ AUTH_TABLE = [
     ([(b"authorization", b"Bearer Bearer " + TOKEN.encode())], 401, "Put the token alone"),
     ([(b"x-api-key", b'"' + TOKEN.encode() + b'"')], 401, "Put the token alone"),
     ([(b"authorization", b"Bearer \xa0" + TOKEN.encode())], 401, "Put the token alone"),
+    # the README's `<token>` kept around it, and the line `grep MODELGATE_TOKEN .env` prints
+    ([(b"authorization", b"Bearer <" + TOKEN.encode() + b">")], 401, "Put the token alone"),
+    ([(b"x-api-key", b"MODELGATE_TOKEN=" + TOKEN.encode())], 401, "Put the token alone"),
     ([(b"x-api-key", b'"wrong-token"')], 401, "not one this gateway accepts"),
     ([(b"authorization", b"Bearer " + TOKEN.encode() + b"x")], 401, "not one this gateway accepts"),
     ([(b"authorization", b"Bearer " + TOKEN[:-1].encode())], 401, "not one this gateway accepts"),
