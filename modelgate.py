@@ -645,8 +645,8 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
             label, token = token_label(entry), entry
         if not token:
             raise ConfigError(f"{name}: {entry!r} names a token but gives none after the ':'")
-        if not all("!" <= c <= "~" for c in token):
-            raise ConfigError(f"{name} may only hold printable ASCII without spaces; {TOKEN_HELP}")
+        if not all("!" <= c <= "~" for c in token) or token[0] + token[-1] == "<>":  # .env.example's <token one>
+            raise ConfigError(f"{name} may only hold printable ASCII without spaces, no <> around tokens; {TOKEN_HELP}")
         if named.setdefault(label, token) != token:
             raise ConfigError(f"{name} names two different tokens {label!r}; give each its own name")
         tokens.append((token.encode(), label))

@@ -1475,6 +1475,7 @@ CONFIG_ERRORS = [
     ({"MODELGATE_TOKEN": ""}, "MODELGATE_TOKEN"),
     ({"MODELGATE_TOKEN": " , "}, "MODELGATE_TOKEN"),
     ({"MODELGATE_TOKEN": "has space"}, "MODELGATE_TOKEN"),
+    ({"MODELGATE_TOKEN": f"fluentread:<{TOKEN}>"}, "MODELGATE_TOKEN"),  # .env.example's <token one>, <> kept
     ({"DEFAULT_PROVIDER": "anthropic"}, "DEFAULT_PROVIDER"),
     ({"DEFAULT_PROVIDER": "openai"}, "OPENAI_API_KEY"),
     ({"OLLAMA_BASE_URL": "localhost:11434"}, "OLLAMA_BASE_URL"),
