@@ -1492,6 +1492,9 @@ CONFIG_ERRORS = [
     ({"MODELGATE_TOKEN": "app:one,app:two"}, "MODELGATE_TOKEN"),
     ({"OLLAMA_BASE_URL": "http://a:11434/v1, ftp://b/v1"}, "OLLAMA_BASE_URL"),
     ({"OLLAMA_BASE_URL": " , "}, "OLLAMA_BASE_URL"),
+    # A browser's Origin has no path and no glob: these never matched, and pages got no CORS headers, unlogged
+    ({"CORS_ALLOW_ORIGINS": "https://app.example/"}, "CORS_ALLOW_ORIGINS"),
+    ({"CORS_ALLOW_ORIGINS": "https://app.example,chrome-extension://*"}, "CORS_ALLOW_ORIGINS"),
     ({"RATE_LIMIT_RPM": "ten"}, "RATE_LIMIT_RPM"),
     ({"RATE_LIMIT_RPM": "-1"}, "RATE_LIMIT_RPM"),
     ({"MAX_CONCURRENT_PER_TOKEN": "1.5"}, "MAX_CONCURRENT_PER_TOKEN"),
