@@ -3955,15 +3955,18 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
     (lambda r: r.status in (401, 403), lambda r: f"Check {KEY_VARIABLE[r.name]}" + (
         ", or, for a cloud model, that Ollama is signed in to ollama.com (`ollama signin` where it runs)."
         if r.name == "ollama" and r.status == 401 and r.routed is not None else "."), True),
-    # gin's "404 page not found" from an Ollama older than its Messages API (ollama PR #13600)
-    (lambda r: r.dialect is ANTHROPIC and r.status == 404 and r.document is None,
-     lambda r: "Ollama serves the Anthropic Messages API since v0.14: update it.", False),
+    # gin's "404 page not found" under a base URL ending in /v1 is an Ollama older than the route: its Messages API
+    # (v0.14, ollama PR #13600), its Responses API (v0.13.3). A model it lacks gets JSON (no word of prefixes, below).
+    (lambda r: (r.status == 404 and r.name == "ollama" and r.document is None and r.host is not None
+                and r.host.path.endswith(b"/v1")),
+     lambda r: "This Ollama is older than that API (Anthropic Messages: v0.14, Responses: v0.13.3): update it.", False),
     # On Ollama's own API only a 404 without JSON: gin's, for a route under a base URL that was not meant
     # (.../api: /api/api/chat), where a model Ollama lacks answers {"error": ...}.
     (lambda r: (r.status == 404 and r.name == "ollama" and (not r.dialect.native or r.document is None)
                 and r.host is not None and not r.host.path.endswith(b"/v1")),
      lambda r: "Check that OLLAMA_BASE_URL ends in /v1: Ollama's OpenAI-compatible API is under /v1.", True),
-    (lambda r: r.status == 404 and r.routed is not None and r.routed.defaulted, other_provider, True),
+    (lambda r: r.status == 404 and r.document is not None and r.routed is not None and r.routed.defaulted,
+     other_provider, True),
     # (not for an alias whose target doubles it: only the owner can mend MODEL_ALIASES)
     (lambda r: (r.status == 404 and r.routed is not None and not r.routed.aliased
                 and r.routed.name.startswith(f"{r.name}/")),

@@ -4799,6 +4799,17 @@ async def test_a_404_on_ollamas_own_api_says_to_check_a_base_url_without_v1(path
     assert ("Check that OLLAMA_BASE_URL ends in /v1" in message) == hinted, message
 
 
+@pytest.mark.parametrize("model", ["qwen2.5:7b", "ollama/qwen2.5:7b"])
+async def test_a_route_an_old_ollama_lacks_says_to_update_it(model: str) -> None:
+    """An Ollama older than its Responses API (v0.13.3) answers /v1/responses with gin's bare 404: the message says
+    to update Ollama, where it said that a model without a prefix went to the DEFAULT_PROVIDER, or nothing."""
+    async with upstream(json_reply(404, raw=b"404 page not found", content_type="text/plain")) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await call(app, "POST", "/v1/responses", json.dumps({"model": model, "input": "Hi"}).encode())
+    message = assert_error(answer, 404, "not_found_error")["message"]
+    assert "update it" in message and "DEFAULT_PROVIDER" not in message, message
+
+
 async def test_an_alias_whose_target_doubles_the_prefix_does_not_tell_the_client_to_mend_it() -> None:
     """A 404 for an alias's target written `ollama/ollama/...` in MODEL_ALIASES does not tell the app to write its
     model's prefix once: it wrote `translate`, and only the owner can mend the alias."""
