@@ -961,7 +961,8 @@ def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
             key, sep, value = line.removeprefix("export ").partition("=")
             key, value = key.strip(), value.strip()
             if not sep or not key.isidentifier():
-                raise ConfigError(f"{path} line {number}: expected KEY=VALUE")
+                raise ConfigError(f"{path} line {number}: expected KEY=VALUE" + line.startswith(tuple('"{}[]')) * (
+                    ", not a line of JSON: a value takes one line, MODEL_DEFAULTS' and MODEL_OVERRIDES' JSON too"))
             # `cp .env.example .env` and a line appended (README.md, docs/deploy.md) set the key twice, its first
             # line empty: a blank filled in, nothing lost, not a warning (which --check counts as a problem).
             if key in lines_of and values[key]:  # log: which line is ignored
