@@ -3689,8 +3689,8 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
                 await ex.write(chunk)
                 last = chunk
             chunk = await anext(chunks, None)
-        rest = frames.rest()  # the stream ended inside an event held back: the client's
-        if rest:
+        rest = frames.rest()  # the stream ended inside a record held back: the client's if it ends the stream
+        if rest and frames.whole():
             await ex.write(rest)
             last = rest
     except UPSTREAM_EXCEPTIONS as exc:
@@ -3786,7 +3786,7 @@ class Frames:
     rest at the end), whether it ended as its route's streams end (whole: Route.end), and what it says it used (usage:
     Route.usage; Plain for a plain answer). Hot path: per chunk only the stream's end is kept (TAIL_BYTES), split once,
     when the stream is judged; when the end moves on (trim, once per TAIL_BYTES), the start of the record it begins
-    inside is kept too. Only a stream whose usage event is hidden (hide: Exchange.hides_usage) is split per chunk."""
+    inside is kept too. A chunk is split only where it ends inside a record, or holds the usage event to hide."""
 
     def __init__(self, route: Route, dialect: Dialect, hides_usage: bool = False) -> None:
         self.end, self.counts, self.own_error = route.end, route.usage, dialect.own_error
@@ -3795,18 +3795,30 @@ class Frames:
         self.first = b""  # the stream's first TAIL_BYTES, once `kept` moves on: Anthropic's usage starts there
         self.kept = bytearray()  # the upstream's last TAIL_BYTES at least, twice as many at most
         self.head: bytes | None = None  # the first HEAD_BYTES of the record `kept` begins inside; None: it begins one
-        self.held: bytes | None = b"" if hides_usage else None  # the start of an event that may be the usage event
+        self.ends, self.hides = SSE_ENDED if sse else b"\n", hides_usage  # (hides: Exchange.hides_usage)
+        self.held = b""  # the start of a record that the chunks so far left unfinished
 
     def feed(self, chunk: bytes) -> bytes:
+        """What of the chunk goes on now: every record it ends, without the usage event that ModelGate, not its
+        client, asked for (OpenAI: its "choices field will always be an empty array"; Ollama's /v1 writes it so
+        too, just before [DONE]), so that clients that index choices[0] never see it. A record left unfinished is
+        held back until it ends (up to MAX_HELD): a client cannot use part of one, and one cut there would be
+        read, as the SDKs read every event and line (openai-python, anthropic-sdk-python, ollama-python), into
+        a JSONDecodeError before the cut event."""
         self.kept += chunk
         if len(self.kept) > 2 * TAIL_BYTES:
             self.trim()
-        return chunk if self.held is None else self.hide(chunk)
+        data, self.held = self.held + chunk, b""
+        if not data.endswith(self.ends):  # it ends inside a record, or in a blank line that may run on
+            cut = max(self.blank_end(data, len(data) - data.endswith(b"\r")), 0)
+            if len(data) - cut <= MAX_HELD:
+                data, self.held = data[:cut], data[cut:]
+        return self.without_usage(data) if self.hides and EMPTY_CHOICES.search(data) else data
 
     def rest(self) -> bytes:
         """What was held back when the stream ends: the client's, but for the usage event."""
-        held, self.held = self.held or b"", b""
-        return self.without_usage(held) if EMPTY_CHOICES.search(held) else held
+        held, self.held = self.held, b""
+        return self.without_usage(held) if self.hides and EMPTY_CHOICES.search(held) else held
 
     def trim(self) -> None:
         self.first = self.first or bytes(self.kept[:TAIL_BYTES])
@@ -3855,19 +3867,6 @@ class Frames:
     def usage(self) -> Spent | None:
         return tokens_used(self.counts, self.first or bytes(self.kept[:TAIL_BYTES]), bytes(self.kept[-TAIL_BYTES:]))
 
-    def hide(self, chunk: bytes) -> bytes:
-        """The chunk without the usage event that ModelGate, not its client, asked for (OpenAI: its "choices
-        field will always be an empty array"; Ollama's /v1 writes it so too, just before [DONE]), so that
-        clients that index choices[0] never see it. An event a chunk leaves unfinished is held back until it
-        ends only while it may be that event (an object whose choices have not been seen non-empty); a client
-        cannot use part of an event anyway. Every other byte passes as it came."""
-        data, self.held = self.held + chunk, b""
-        if not data.endswith(SSE_ENDS):  # it ends inside an event, or in a blank line that may run on
-            cut = max(blank_end(data, len(data) - data.endswith(b"\r")), 0)
-            if len(data) - cut <= MAX_HELD and may_be_usage(data[cut:]):
-                data, self.held = data[:cut], data[cut:]
-        return self.without_usage(data) if EMPTY_CHOICES.search(data) else data
-
     def without_usage(self, data: bytes) -> bytes:
         kept, at = [], 0
         for match in SSE_BLANK.finditer(data):
@@ -3893,19 +3892,10 @@ class Plain(Frames):
 
 
 # An event with "choices": [] and a usage object is the one ModelGate asked for. Quotes inside JSON strings
-# are escaped, so these cannot match the text of an answer.
+# are escaped, so this cannot match the text of an answer.
 EMPTY_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\]')
-SOME_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\{')
-# An unfinished event held back longer than this is passed on as it is: no usage event is that long.
+# An unfinished record longer than this is passed on as it comes: no usage event or piece of text is that long.
 MAX_HELD = 64 * 1024
-
-
-def may_be_usage(partial: bytes) -> bool:
-    # The start of an event `data: {...` whose choices are not known to be non-empty yet (after the rest of
-    # the blank line that ended the event before it).
-    partial = partial.lstrip(b"\r\n")
-    head = partial[:7]
-    return (b"data: {".startswith(head) or b"data:{".startswith(head[:6])) and not SOME_CHOICES.search(partial)
 
 
 def is_usage_event(event: bytes) -> bool:

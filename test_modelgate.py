@@ -4159,7 +4159,7 @@ async def test_stream_done_split_across_chunks_counts() -> None:
     events = [EVENTS[0], b"data: [DO", b"NE]\r\n\r\n"]
     async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await chat(app, STREAM_CHAT)
-    assert answer.chunks == events
+    assert answer.body == b"".join(events)  # the event split over two chunks arrives as one
 
 
 # An error event as Ollama's /v1 writes one mid-stream (middleware/openai.go), in OpenAI's error shape.
@@ -4552,26 +4552,39 @@ ASKS_USAGE = (b'{"model": "ollama/qwen2.5:7b", "stream": true, "stream_options":
               b'"messages": []}')
 
 
+MESSAGES_STREAM = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
+
+
 @pytest.mark.parametrize("path, body, events", [
     # cut inside the name of the next event's field: `dat` and the error event's `data:` made the field `datdata`,
     # which parsers ignore, and the stream ended as if whole (openai-python ends it without [DONE] too)
     ("/v1/chat/completions", ASKS_USAGE, [EVENTS[0], b"dat"]),
     ("/v1/chat/completions", ASKS_USAGE, [EVENTS[0], EVENTS[1][:-1]]),  # inside the blank line
     # inside an event line: `event: content_block_delevent: error` is an event the anthropic SDKs skip
-    ("/v1/messages", b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}',
-     [*MESSAGE_EVENTS[:3], b"event: content_block_del"]),
+    ("/v1/messages", MESSAGES_STREAM, [*MESSAGE_EVENTS[:3], b"event: content_block_del"]),
+    # inside an event's JSON: the SDKs json-parse the half event and raise JSONDecodeError (openai-python, and
+    # anthropic-sdk-python's and openai-node's alike), not the cut event's APIError with its message
+    ("/v1/chat/completions", ASKS_USAGE, [EVENTS[0], EVENTS[1][:30]]),
+    ("/v1/messages", MESSAGES_STREAM, [*MESSAGE_EVENTS[:3], MESSAGE_EVENTS[3][:60]]),
+    # a line of Ollama's own API: ollama-python json.loads it and fails as well, before the error line
+    ("/api/chat", b'{"model": "m", "messages": []}', [CHAT_LINES[0], CHAT_LINES[1][:40]]),
 ])
-async def test_a_stream_cut_inside_an_event_still_ends_with_an_error_event_of_its_own(path: str, body: bytes,
-                                                                                      events: list[bytes]) -> None:
-    """Ollama hanging up inside an event: the error event after it is one the client's parser reads as an event of
-    its own, not run into the half event before it, which would hide it and leave a cut answer looking whole."""
-    async with upstream(sse_reply(events=[*events, b""], cut_before=len(events))) as up, \
+@pytest.mark.parametrize("hangs_up", [True, False])
+async def test_a_stream_cut_inside_an_event_still_ends_with_an_error_event_of_its_own(
+        path: str, body: bytes, events: list[bytes], hangs_up: bool) -> None:
+    """Ollama hanging up (or ending its stream) inside an event: the client gets the whole events before it, then the
+    error event, one its parser reads as an event of its own, neither run into the half event (which would hide it
+    and leave a cut answer looking whole) nor after it (which the client's SDK fails to read before the error)."""
+    reply = (ndjson_reply if path == "/api/chat" else sse_reply)
+    async with upstream(reply([*events, b""], cut_before=len(events)) if hangs_up else reply(events)) as up, \
             gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await call(app, "POST", path, body)
-    assert answer.status == 200 and answer.body.startswith(b"".join(events)) and answer.complete
-    kind, data = dispatched(answer.body)[-1]
-    assert kind == ("error" if path == "/v1/messages" else "message")
-    assert "cut off" in json.loads(data)["error"]["message"]
+    assert answer.status == 200 and answer.body.startswith(b"".join(events[:-1])) and answer.complete
+    records = [("", line) for line in answer.body.splitlines()] if path == "/api/chat" else dispatched(answer.body)
+    documents = [json.loads(data) for _, data in records]  # as the SDKs read each one
+    assert records[-1][0] == ("error" if path == "/v1/messages" else "" if path == "/api/chat" else "message")
+    error = documents[-1]["error"]
+    assert "cut off" in (error if path == "/api/chat" else error["message"])
 
 
 async def test_stream_silent_past_the_timeout_ends_with_an_error_event() -> None:
@@ -8781,13 +8794,13 @@ async def test_a_native_stream_is_whole_only_when_its_last_line_is_done(lines: l
     one final {"error": ...} line, so that no client takes a cut answer for a whole one."""
     async with upstream(ndjson_reply(lines)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await native(app, "/api/chat", {"model": "m", "messages": []})
-    assert answer.status == 200 and answer.complete
-    assert answer.chunks[:len(lines)] == lines
+    sent = b"".join(lines)  # a line split over two chunks arrives as one
+    assert answer.status == 200 and answer.complete and answer.body.startswith(sent)
     if whole:
-        assert len(answer.chunks) == len(lines)
+        assert answer.body == sent
     else:
-        last = answer.chunks[-1]
-        assert last.endswith(b"\n") and last.count(b"\n") == 1 and len(answer.chunks) == len(lines) + 1
+        last = answer.body[len(sent):]
+        assert last.endswith(b"\n") and last.count(b"\n") == 1 and answer.chunks[-1] == last
         assert list(json.loads(last)) == ["error"] and "done" in json.loads(last)["error"]
 
 
@@ -9772,9 +9785,10 @@ async def test_an_anthropic_stream_is_whole_only_when_it_ends_with_message_stop(
     mid-stream error event (event: error, type api_error), which the SDKs raise."""
     async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
         answer = await messages(app, b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}')
-    assert answer.status == 200 and answer.chunks[:len(events)] == events and answer.complete
+    sent = b"".join(events)  # an event split over two chunks arrives as one
+    assert answer.status == 200 and answer.body.startswith(sent) and answer.complete
     if whole:
-        assert len(answer.chunks) == len(events)
+        assert answer.body == sent
     else:
         assert_anthropic_error_event(answer.chunks[-1])
 
