@@ -471,8 +471,9 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # RATE_LIMIT_RPM (with Retry-After) and MAX_CONCURRENT_PER_TOKEN: the SDKs wait and retry a 429.
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
     "too_many_in_flight": (429, "rate_limit_error", "concurrency_limit_exceeded"),
-    # TOKEN_QUOTAS: the token name's tokens of today are used up; Retry-After says when midnight is. OpenAI's
-    # own type for a quota used up is insufficient_quota.
+    # TOKEN_QUOTAS: the token name's tokens of today are used up; Retry-After says when midnight is, and NO_RETRY
+    # that no SDK should wait that long (anthropic-sdk-python and the Node SDKs sleep any Retry-After, then retry).
+    # OpenAI's own type for a quota used up is insufficient_quota.
     "quota_exceeded": (429, "insufficient_quota", "quota_exceeded"),
     "internal": (500, "api_error", "internal_error"),
     "upstream_unavailable": (502, "api_error", "upstream_unavailable"),
@@ -1373,7 +1374,8 @@ def within_quota(name: str, quota: int, usage: Usage) -> None:
     resets = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(midnight))
     raise GatewayError("quota_exceeded", f"The token named {name!r} has used its quota of {quota:,} tokens a day "
                        f"(TOKEN_QUOTAS): {used:,} today. It resets at midnight, {resets}, in "
-                       f"{seconds // 3600} h {seconds % 3600 // 60} min.", [(b"retry-after", b"%d" % seconds)])
+                       f"{seconds // 3600} h {seconds % 3600 // 60} min.",
+                       [(b"retry-after", b"%d" % seconds), NO_RETRY])
 
 
 class TokenBucket:

@@ -5803,9 +5803,9 @@ async def test_usage_in_a_browser_says_what_is_left_of_a_daily_quota() -> None:
 
 async def test_a_token_over_its_daily_quota_gets_429_until_local_midnight_in_its_doors_shape(tmp_path: Path) -> None:
     """TOKEN_QUOTAS: once a token name's tokens of today (the upstream's own figures) reach its quota, its
-    requests get 429 quota_exceeded with Retry-After the seconds to local midnight, in the shape of the door
-    it used, and nothing goes upstream; other apps go on; the quota is kept across a restart; after midnight
-    the token is let in again."""
+    requests get 429 quota_exceeded with Retry-After the seconds to local midnight and no retry asked for, in the
+    shape of the door it used, and nothing goes upstream; other apps go on; the quota is kept across a restart;
+    after midnight the token is let in again."""
     clock = Clock(datetime.datetime(2026, 12, 7, 23, 0).timestamp())
     settings_ = {**USAGE_APPS, "TOKEN_QUOTAS": "fluentread=20", "USAGE_DB": str(tmp_path / "u.sqlite3")}
     async with upstream(usage_reply()) as up:
@@ -5823,6 +5823,8 @@ async def test_a_token_over_its_daily_quota_gets_429_until_local_midnight_in_its
     message = assert_error(refused, 429, "insufficient_quota", "quota_exceeded")["message"]
     assert "TOKEN_QUOTAS" in message and "20" in message and "30 today" in message and "2026-12-08 00:00" in message
     assert refused.header(b"retry-after") == b"3600"  # from 23:00 to midnight, local time
+    # which anthropic-sdk-python and the openai and anthropic Node SDKs would sleep, call blocked, and then retry
+    assert refused.header(b"x-should-retry") == native.header(b"x-should-retry") == b"false"
     assert native.status == 429 and "TOKEN_QUOTAS" in native.json()["error"]  # Ollama's shape
     assert sent == 3  # two of fluentread's, one of webui's
     assert (report["apps"]["fluentread"]["quota"], report["apps"]["fluentread"]["quota_left"]) == (20, 0)
