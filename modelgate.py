@@ -429,10 +429,11 @@ PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != 
 # The fields in which an OpenAI-compatible router that OPENAI_BASE_URL may name (its path is kept: /api/v1) runs
 # models besides `model`: OpenRouter's `models`, tried in turn when one fails, a context too long for the first
 # included (openrouter.ai/docs/guides/routing/model-fallbacks), and LiteLLM's `fallbacks` (client-side fallbacks,
-# docs.litellm.ai/docs/proxy/reliability). Each is checked against TOKEN_MODELS as `model` is (check_fallbacks), as
+# docs.litellm.ai/docs/proxy/reliability), with those its router tries for a context too long or content refused
+# (router.py, async_function_with_fallbacks). Each is checked against TOKEN_MODELS as `model` is (check_fallbacks), as
 # are OpenRouter's presets, which run the models stored in them (openrouter.ai/docs/features/presets): `preset`, or
 # `@preset/<slug>` in a model's name, after another (`gpt-4o-mini@preset/<slug>`), each the model `@preset/<slug>`.
-FALLBACK_FIELDS = ("models", "fallbacks")
+FALLBACK_FIELDS = ("models", "fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
 # Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
 # (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
 # (request_edits reads those by their spans).
@@ -1993,7 +1994,7 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, prom
         name = name.get("model") if isinstance(name, dict) else name
         if not isinstance(name, str):
             raise GatewayError("invalid_request", f"`{field}` in the request body must name its models (`models` and "
-                               "`fallbacks` as a list of names, such as [\"openai/gpt-4o-mini\"], a tool that runs "
+                               "the fallbacks as a list of names, such as [\"openai/gpt-4o-mini\"], a tool that runs "
                                "a model by its `model`) for a token that TOKEN_MODELS limits: what it would run cannot "
                                "be told.")
         check_scope(config, token, f"openai/{name}", name)  # (`model` again: what follows is for it too)

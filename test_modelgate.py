@@ -3063,6 +3063,10 @@ FALLBACKS_TABLE = [
     ({"models": ["openai/gpt-4o-mini", "anthropic/claude-opus-4"]}, 403),
     ({"fallbacks": ["anthropic/claude-opus-4"]}, 403),
     ({"fallbacks": [{"model": "anthropic/claude-opus-4"}]}, 403),
+    # LiteLLM's router also takes from the body the models to try when the context is too long, or the content is
+    # refused (litellm router.py, async_function_with_fallbacks; mock_testing_context_fallbacks makes it happen)
+    ({"context_window_fallbacks": ["anthropic/claude-opus-4"]}, 403),
+    ({"content_policy_fallbacks": [{"gpt-4o-mini": ["anthropic/claude-opus-4"]}]}, 400),
     ({"models": "anthropic/claude-opus-4"}, 400),  # not a list of names: what it would run cannot be told
     ({"models": [["anthropic/claude-opus-4"]]}, 400),
     ({"models": ["openai/gpt-4o-mini", "openai/gpt-4o-mini-2024-07-18"]}, 200),  # within the token's patterns
