@@ -2905,6 +2905,12 @@ class Gateway:
                 if answer.status >= 400 and not ex.error:
                     ex.error = "upstream_status"
                 await self.deliver(ex, answer)
+        except h11.LocalProtocolError:
+            # uvicorn's h11 answered the request itself (400: a chunked body that is not chunked) as ours went out, and
+            # closes the connection: nothing failed here. Over once it is closed, or uvicorn logs ours as unfinished.
+            ex.status, ex.error = 400, "invalid_request (unreadable framing)"
+            while (await ex.receive())["type"] != "http.disconnect":
+                pass
         except Exception:
             log.exception("unexpected error in %s %s", ex.method, printable(ex.path))
             if ex.started:

@@ -2492,6 +2492,24 @@ async def test_content_length_with_transfer_encoding_is_one_400_then_the_connect
         assert error["code"] == "ambiguous_framing" and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("server", SERVERS.values(), ids=SERVERS.keys())
+@pytest.mark.parametrize("head", [b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",  # 401, without a token
+                                  b"POST /nowhere HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE], ids=["401", "404"])
+async def test_a_request_whose_body_cannot_be_read_is_answered_once_without_a_traceback(
+        server: Any, head: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A request whose chunked body is not chunked (`zz`, in the packet of its head) gets uvicorn's one 400 and the
+    connection closes, and the log has no traceback: ModelGate's answer, refused by the server that had answered
+    already, was logged twice as an unexpected error of its own, for anyone who sent such a request."""
+    async with serve_with(server(modelgate.Gateway(environ()))) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"transfer-encoding: chunked\r\n\r\nzz\r\n")
+        received = await asyncio.wait_for(reader.read(), 10)  # all until the connection closes
+        writer.close()
+    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 400 "), received
+    assert [record.getMessage() for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR] == []
+
+
 # Request bodies: JSON-ish text and raw bytes; headers: arbitrary names and values.
 BODIES = st.one_of(st.binary(max_size=200), st.text(ANY_CHARACTER, max_size=200).map(str.encode),
                    st.recursive(st.none() | st.booleans() | st.integers() | st.text(ANY_CHARACTER, max_size=10),
