@@ -4166,6 +4166,11 @@ class Upstream:
                 await response.aclose()
                 raise GatewayError("loop_detected", LOOPED.format(url=URL_VARIABLE[self.name]),  # a retry loops too
                                    [NO_RETRY], f"{self.where(host)} leads back to this gateway")
+            if response.status > 599:  # h11 reads any three digits, HTTP has no such status (RFC 9110 §15): not HTTP,
+                await response.aclose()  # and uvicorn fails to send it on (a 500)
+                failure = self.translate(httpcore.RemoteProtocolError(f"status {response.status}"), host)
+                failure.headers.append(NO_RETRY)
+                raise failure
             if 300 <= response.status < 400:  # not followed, nor shown: its Location names an address behind us
                 await response.aclose()
                 said = f"{response.status} {PHRASES.get(response.status, '')}".strip()

@@ -4929,6 +4929,8 @@ BROKEN_ANSWERS = {
     "a header line without a colon": (JSON_HEAD + b"not a header\r\ncontent-length: 2\r\n\r\n{}", b"false"),
     "a control character in a value": (JSON_HEAD + b"x-note: a\x00b\r\ncontent-length: 2\r\n\r\n{}", b"false"),
     "a status below 100": (b"HTTP/1.1 099 Odd\r\ncontent-length: 2\r\n\r\n{}", b"false"),
+    # h11 reads any three digits; HTTP has 100 to 599 (RFC 9110 §15), and uvicorn failed to send it on (a 500)
+    "a status above 599": (b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\n\r\n{}", b"false"),
     "a chunk size that is not hex": (JSON_HEAD + b"transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", None),
     "a chunk longer than its size": (JSON_HEAD + b"transfer-encoding: chunked\r\n\r\n1\r\n{}\r\n0\r\n\r\n", None),
     "a chunked body cut short": (JSON_HEAD + b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n", None),
