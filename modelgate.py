@@ -2200,6 +2200,10 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
         if end < 0 or head_end < 0:
             raise unreadable("a part of it has no end or no header")
         head = body[at:head_end + len(newline)]
+        # Go's reader ends a line at LF (a CR before it or not), and the header at its first empty line; Python's email
+        # at a CR too: a line end of another kind than the boundary line's and the two read other fields, other values.
+        if re.search(rb"[\r\n]", head.replace(newline, b"")):
+            raise unreadable("a part's header has line ends of two kinds")
         if PIECES.search(head.lower()):
             raise unreadable("a part's name is written as RFC 2231 allows (name*=), or a parameter in pieces (*0=)")
         part = email.parser.BytesHeaderParser().parsebytes(head)

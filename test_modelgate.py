@@ -9614,6 +9614,12 @@ UNREADABLE_FORMS = [
                    b'X y: z\r\nContent-Disposition: form-data; name="model"',
                    b'Content-Disposition: form-data;\xc2\xa0name="model"',
                    b"Content-Disposition: form-data; name*0=mo; name*1=del; name*1*=xx")],
+    # A part's header that Go's reader ends at a line Python's email reads on over (a bare LF among CRLFs, a CRLF among
+    # LFs): Go's value held a cloud model, then ModelGate's (spaces), which Ollama trims off (modelref.ParseRef).
+    (form("a").replace(b'name="model"\r\n\r\na', b'name="model"\r\n\ngpt-oss:120b-cloud\r\n\r\n '),
+     FORM_HEADERS[0][1]),
+    (form("a", b"\n").replace(b'name="model"\n\na', b'name="model"\r\n\r\ngpt-oss:120b-cloud\n\n '),
+     FORM_HEADERS[0][1]),
     # A parameter both whole and in pieces, which Python's email cannot read (TypeError): a 400, not a 500.
     (form("a", extra=[(b"Content-Disposition: form-data; name=\"f\"; filename*=utf-8''a; filename*0=b", b"x")]),
      FORM_HEADERS[0][1]),
