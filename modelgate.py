@@ -2214,7 +2214,11 @@ def form_model(body: bytes, content_type: bytes) -> tuple[str, tuple[int, int]]:
         if "model" in map(email.utils.collapse_rfc2231_value, names):
             if part["content-transfer-encoding"] is not None or names != ["model"]:
                 raise unreadable("its `model` field is encoded")
-            if part.get_filename() is not None:
+            try:
+                filename = part.get_filename()
+            except ValueError:  # filename*= in a charset Python's codecs refuse to decode with (idna, a NUL in it)
+                filename = ""
+            if filename is not None:
                 raise unreadable("its `model` field is a file")
             found.append((head_end + 2 * len(newline), end))
         elif GO_MODEL_FIELD.search(head):

@@ -9620,6 +9620,10 @@ UNREADABLE_FORMS = [
      FORM_HEADERS[0][1]),
     (form("a", b"\n").replace(b'name="model"\n\na', b'name="model"\r\n\r\ngpt-oss:120b-cloud\n\n '),
      FORM_HEADERS[0][1]),
+    # A `model` part with a file name in a charset Python's codecs refuse to decode with (idna's own errors, a NUL in
+    # its name: ValueError): a 400, not a 500.
+    (form("a").replace(b'name="model"', b"name=\"model\"; filename*=idna''x"), FORM_HEADERS[0][1]),
+    (form("a").replace(b'name="model"', b"name=\"model\"; filename*=utf\x00-8''x"), FORM_HEADERS[0][1]),
     # A parameter both whole and in pieces, which Python's email cannot read (TypeError): a 400, not a 500.
     (form("a", extra=[(b"Content-Disposition: form-data; name=\"f\"; filename*=utf-8''a; filename*0=b", b"x")]),
      FORM_HEADERS[0][1]),
