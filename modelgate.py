@@ -3715,6 +3715,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         ex.error = f"{way.failure} ({upstream.translate(exc, response.extensions.get(HOST_EXTENSION)).detail})"
     except asyncio.CancelledError as exc:
         if ex.watch.reason != "shutdown":
+            ex.usage = frames.usage()  # what the upstream reported before the client left counts all the same
             raise  # the client left: there is nobody to tell
         ex.watch.claim(exc)
         cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"

@@ -6477,6 +6477,22 @@ async def test_the_usage_event_is_hidden_whatever_its_line_ends(ends: list[bytes
     assert sum(token_counts(page).values()) == 15
 
 
+async def test_a_client_that_leaves_after_the_last_event_is_counted_the_tokens_the_upstream_reported() -> None:
+    """A client that leaves as soon as it has the answer's last event (openai-translator stops reading at the first
+    finish_reason), before the upstream has ended its stream: the usage the upstream reported already counts, for
+    /metrics, /usage and TOKEN_QUOTAS. It was lost: an app that leaves early used its quota without it counting."""
+    gone = asyncio.Event()
+    events = [*EVENTS[:2], EVENTS[2] + USAGE_EVENT, EVENTS[3]]  # the usage with the last event, then the upstream waits
+    async with upstream(sse_reply(events, hold_before=3)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT, disconnect=gone,
+                            on_message=lambda message: b"finish_reason" in message.get("body", b"") and gone.set())
+        page = (await scrape(app)).body
+        assert await happens(up.saw_close)  # the upstream's stream was ended for nobody, and nothing read it on
+    assert answer.body == b"".join(EVENTS[:3])
+    assert sum(token_counts(page).values()) == 15
+
+
 async def test_kiss_translators_stream_gets_defaults_and_is_asked_for_usage() -> None:
     """kiss-translator's streamed request (it sends reasoning_effort itself): the upstream gets its body with
     the missing default and stream_options.include_usage spliced in, and nothing else changed."""
