@@ -1563,8 +1563,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         # one emoji would make every character of it four bytes), and a span in it is a span of the body.
         text = body.decode("latin-1")
         document, spans = parse_body(text, ROUTE_FIELDS[ex.route])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # (a byte order mark: Notepad's, PowerShell 5's)
+        mark = " It begins with a byte order mark: send UTF-8 without one." * (body[:2] in (b"\xef\xbb", b"\xff\xfe"))
+        raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).{mark}") from None
     except ValueError:  # valid JSON, but an integer longer than Python turns into an int (CVE-2020-10735)
         raise GatewayError("invalid_request", f"The request body holds an integer of more than "
                            f"{sys.get_int_max_str_digits()} digits, the most ModelGate reads.") from None

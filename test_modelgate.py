@@ -2432,6 +2432,16 @@ async def test_bad_body_is_400_and_sends_nothing(body: bytes) -> None:
     assert up.requests == []
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+async def test_a_body_with_a_byte_order_mark_is_a_400_that_names_it(encoding: str) -> None:
+    """A body saved with a byte order mark (Windows' Notepad, PowerShell 5's Out-File and Set-Content) gets a 400
+    that says so, not only "Expecting value: line 1 column 1" for JSON that looks right."""
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, '{"model": "ollama/x", "messages": []}'.encode(encoding))
+    assert "byte order mark" in assert_error(answer, 400, "invalid_request_error")["message"]
+    assert up.requests == []
+
+
 async def test_an_integer_longer_than_python_reads_is_a_400_that_says_the_limit() -> None:
     """Valid JSON with an integer of 5,000 digits: Python converts at most 4,300 (sys.get_int_max_str_digits),
     and the message says so rather than call the JSON invalid."""
