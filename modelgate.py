@@ -1999,6 +1999,8 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, prom
                                "a model by its `model`) for a token that TOKEN_MODELS limits: what it would run cannot "
                                "be told.")
         check_scope(config, token, f"openai/{name}", name)  # (`model` again: what follows is for it too)
+        for each in name.split(",") if "," in name else ():  # LiteLLM runs each model of a list (route_llm_request.py)
+            check_scope(config, token, f"openai/{each.strip()}", name)
         _, at, slug = name.lower().partition("@preset/")
         if at:
             check_scope(config, token, f"openai/@preset/{slug}", name)

@@ -3095,6 +3095,9 @@ FALLBACKS_TABLE = [
     # refused (litellm router.py, async_function_with_fallbacks; mock_testing_context_fallbacks makes it happen)
     ({"context_window_fallbacks": ["anthropic/claude-opus-4"]}, 403),
     ({"content_policy_fallbacks": [{"gpt-4o-mini": ["anthropic/claude-opus-4"]}]}, 400),
+    # LiteLLM runs each model of a comma-separated `model` (proxy/route_llm_request.py), which a pattern ending in *
+    # let through whole
+    ({"model": "openai/openai/gpt-4o-mini, anthropic/claude-opus-4"}, 403),
     ({"models": "anthropic/claude-opus-4"}, 400),  # not a list of names: what it would run cannot be told
     ({"models": [["anthropic/claude-opus-4"]]}, 400),
     ({"models": ["openai/gpt-4o-mini", "openai/gpt-4o-mini-2024-07-18"]}, 200),  # within the token's patterns
