@@ -1590,7 +1590,8 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         check_tools(config, ex.token, ex.provider, ex.web_tool)
     if ex.token in config.token_models and ex.provider == "openai":
         stored_prompt = ex.route == "/v1/responses" and "prompt" in spans  # (on /v1/completions, the prompt's text)
-        check_fallbacks(config, ex.token, document, ex.upstream_model, stored_prompt)
+        unchecked = "prompt" if stored_prompt else "user_config" if "user_config" in spans else ""  # (UNCHECKED)
+        check_fallbacks(config, ex.token, document, ex.upstream_model, unchecked)
     if ex.provider == "openai" and document.get("background") is True and ex.token in config.token_quotas:
         # OpenAI's Responses API runs it on after its answer (or its stream, the client gone), and the usage comes
         # with GET /v1/responses/{id}, which ModelGate does not serve (platform.openai.com/docs/guides/background).
@@ -1975,15 +1976,14 @@ def check_tools(config: Config, token: str, provider: str, tool: str | None) -> 
                             "ollama.com")
 
 
-def check_fallbacks(config: Config, token: str, document: dict, model: str, prompt: bool) -> None:
+def check_fallbacks(config: Config, token: str, document: dict, model: str, unchecked: str) -> None:
     """TOKEN_MODELS for each model a request to OpenAI's base URL names besides `model`, as `openai/<name>` (as the
     router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and its tools (tool_models). 400 where
     what it would run cannot be told: a list of anything but names (or LiteLLM's {"model": name}), a tool
-    of MODEL_TOOLS that names none, a prompt stored with OpenAI (platform.openai.com/docs/guides/prompting)."""
-    if prompt:
+    of MODEL_TOOLS that names none, an `unchecked` field (UNCHECKED)."""
+    if unchecked:
         raise GatewayError("invalid_request", f"The token {token!r} may use only some models (TOKEN_MODELS), and "
-                           "`prompt` runs a prompt stored with OpenAI, with the model and tools stored with it, which "
-                           "ModelGate cannot check. Send the prompt's text as `instructions` or `input`.")
+                           f"`{unchecked}` {UNCHECKED[unchecked]}")
     named, preset = [("model", model)], document.get("preset")
     for field in FALLBACK_FIELDS:
         values = document.get(field)
@@ -2004,6 +2004,14 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, prom
         _, at, slug = name.lower().partition("@preset/")
         if at:
             check_scope(config, token, f"openai/@preset/{slug}", name)
+
+
+# The fields that run models ModelGate cannot tell: a prompt stored with OpenAI (platform.openai.com/docs/guides/
+# prompting), and LiteLLM's router made of the request's `user_config` (docs.litellm.ai/docs/proxy/clientside_auth).
+UNCHECKED = {"prompt": "runs a prompt stored with OpenAI, with the model and tools stored with it, which ModelGate "
+                       "cannot check. Send the prompt's text as `instructions` or `input`.",
+             "user_config": "gives LiteLLM a router of the request's own, whose models ModelGate cannot check. Send "
+                            "the request without it."}
 
 
 # The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it: OpenAI's

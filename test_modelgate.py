@@ -3135,6 +3135,10 @@ STORED_AND_TOOL_MODELS_TABLE = [
     ({"models": ["openai/gpt-4o-mini@preset/everything-opus"]}, 403, "openai/@preset/everything-opus"),
     ({"preset": ["everything-opus"]}, 400, "`preset`"),
     ({"prompt": {"id": "pmpt_68a1", "version": "2"}}, 400, "`prompt`"),
+    # LiteLLM routes a request with `user_config` by a router made of it, with model groups of the client's own
+    # (proxy/route_llm_request.py; docs.litellm.ai/docs/proxy/clientside_auth)
+    ({"user_config": {"model_list": [{"model_name": "gpt-4o-mini", "litellm_params": {"model": "gpt-5-pro"}}]}}, 400,
+     "`user_config`"),
     ({"tools": [{"type": "image_generation", "model": "gpt-image-1"}]}, 403, "openai/gpt-image-1"),
     ({"tools": [{"type": "image_generation"}]}, 400, "`tools`"),  # OpenAI picks its model
     # OpenRouter's server tools: an advisor (named, or as the model names it in its call), a panel and a judge
