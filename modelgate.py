@@ -1589,9 +1589,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         ex.web_tool = web_tool(document["tools"])
         check_tools(config, ex.token, ex.provider, ex.web_tool)
     if ex.token in config.token_models and ex.provider == "openai":
-        stored_prompt = ex.route == "/v1/responses" and "prompt" in spans  # (on /v1/completions, the prompt's text)
-        unchecked = "prompt" if stored_prompt else "user_config" if "user_config" in spans else ""  # (UNCHECKED)
-        check_fallbacks(config, ex.token, document, ex.upstream_model, unchecked)
+        unchecked = [field for field in UNCHECKED if field in spans  # (on /v1/completions, `prompt` is its text)
+                     and (field != "prompt" or ex.route == "/v1/responses")]
+        check_fallbacks(config, ex.token, document, ex.upstream_model, unchecked[0] if unchecked else "")
     if ex.provider == "openai" and document.get("background") is True and ex.token in config.token_quotas:
         # OpenAI's Responses API runs it on after its answer (or its stream, the client gone), and the usage comes
         # with GET /v1/responses/{id}, which ModelGate does not serve (platform.openai.com/docs/guides/background).
@@ -2007,11 +2007,15 @@ def check_fallbacks(config: Config, token: str, document: dict, model: str, unch
 
 
 # The fields that run models ModelGate cannot tell: a prompt stored with OpenAI (platform.openai.com/docs/guides/
-# prompting), and LiteLLM's router made of the request's `user_config` (docs.litellm.ai/docs/proxy/clientside_auth).
+# prompting); LiteLLM's router made of the request's `user_config` (docs.litellm.ai/docs/proxy/clientside_auth), and
+# its fallbacks in `router_settings_override`, which its proxy sets from a key's settings, when it has any, and else
+# takes from the body (proxy/litellm_pre_call_utils.py, proxy/route_llm_request.py).
 UNCHECKED = {"prompt": "runs a prompt stored with OpenAI, with the model and tools stored with it, which ModelGate "
                        "cannot check. Send the prompt's text as `instructions` or `input`.",
              "user_config": "gives LiteLLM a router of the request's own, whose models ModelGate cannot check. Send "
-                            "the request without it."}
+                            "the request without it.",
+             "router_settings_override": "gives LiteLLM's router fallbacks, models that ModelGate cannot check. Send "
+                                         "the request without it."}
 
 
 # The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it: OpenAI's

@@ -3139,6 +3139,7 @@ STORED_AND_TOOL_MODELS_TABLE = [
     # (proxy/route_llm_request.py; docs.litellm.ai/docs/proxy/clientside_auth)
     ({"user_config": {"model_list": [{"model_name": "gpt-4o-mini", "litellm_params": {"model": "gpt-5-pro"}}]}}, 400,
      "`user_config`"),
+    ({"router_settings_override": {"fallbacks": [{"gpt-4o-mini": ["gpt-5-pro"]}]}}, 400, "`router_settings_override`"),
     ({"tools": [{"type": "image_generation", "model": "gpt-image-1"}]}, 403, "openai/gpt-image-1"),
     ({"tools": [{"type": "image_generation"}]}, 400, "`tools`"),  # OpenAI picks its model
     # OpenRouter's server tools: an advisor (named, or as the model names it in its call), a panel and a judge
