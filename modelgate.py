@@ -3729,11 +3729,14 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
         ex.error = f"{way.failure} ({upstream.translate(exc, response.extensions.get(HOST_EXTENSION)).detail})"
     except asyncio.CancelledError as exc:
-        if ex.watch.reason != "shutdown":
+        # Gone once it had the whole stream, it is done: openai-python closes at [DONE], and the upstream's body may
+        # end (its last, empty chunk) only after that.
+        done = ex.watch.reason == "gone" and way.stream and frames.whole()
+        if ex.watch.reason != "shutdown" and not done:
             ex.usage = frames.usage()  # what the upstream reported before the client left counts all the same
             raise  # the client left: there is nobody to tell
-        ex.watch.claim(exc)
-        cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
+        if ex.watch.claim(exc) == "shutdown":
+            cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
     else:  # (a plain answer is whole as far as can be known: its length, if any, is checked by h11)
         if way.stream and not frames.whole():
             upstream.count_failure("IncompleteStream")

@@ -6325,6 +6325,19 @@ async def test_logs_and_metrics_show_the_token_name_never_the_token() -> None:
         assert TOKEN not in text and OTHER_TOKEN not in text
 
 
+async def test_a_client_that_closes_at_done_before_the_upstreams_body_ends_is_logged_as_done() -> None:
+    """openai-python closes a stream at [DONE]; when the upstream's body ends (its last, empty chunk) only after
+    that, the request is logged as the 200 it was, not as a client that left first (499)."""
+    done = asyncio.Event()
+    async with captured_log() as lines, upstream(sse_reply([WITH_USAGE, b""], hold_before=1)) as up, \
+            gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, STREAM_CHAT, disconnect=done,
+                            on_message=lambda m: b"[DONE]" in m.get("body", b"") and done.set())
+        line = await lines.logged("POST ")
+    assert answer.body == b"".join(EVENTS)
+    assert line.startswith("POST /v1/chat/completions 200 ") and "completion_tokens=3" in line, line
+
+
 async def test_client_that_left_is_logged_as_499() -> None:
     """A client that disconnected before its answer shows up in the log as 499."""
     async with captured_log() as lines, upstream(hang_reply) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
