@@ -3385,6 +3385,13 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
     config, since, ticket = gw.config, time.perf_counter(), None
     try:
         ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
+        # The host it waited for is gone (a reload) or passed over (it refused a connection): it waits again, for the
+        # slots of the host it goes to now, beside whose OLLAMA_NUM_PARALLEL it would otherwise run (Upstream.send).
+        while ticket.waited and (host := gw.upstreams[upstream.name].by_preference(ex.host)[0]).base_url != \
+                ex.host.base_url:
+            queue.release(ticket)
+            ex.host, ticket = host, None
+            ticket = (await queue.turn(ex.token, host, ex.upstream_model, len(body)))._replace(waited=True)
     finally:  # how long it waited (or was refused after): none when a slot was free
         if ticket is None or ticket.waited:
             ex.queued = time.perf_counter() - since
@@ -4144,7 +4151,8 @@ class Upstream:
         others not cooling down, fewest requests in flight or waiting first, ties as listed (skipped for one host)."""
         now = time.monotonic()
         up = [host for host in self.hosts if host.down_until <= now]
-        return sorted(up or self.hosts, key=lambda host: (host is not first, host.pool.in_use + host.waiting))
+        url = first and first.base_url  # (a host of the upstreams before a reload: the one at its URL)
+        return sorted(up or self.hosts, key=lambda host: (host.base_url != url, host.pool.in_use + host.waiting))
 
     async def send(self, method: bytes, path: bytes, forward: Headers, body: bytes = b"",
                    host: Host | None = None, dialect: Dialect = OPENAI, first: Host | None = None
