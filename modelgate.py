@@ -2305,9 +2305,10 @@ def crossing_headers(headers: Headers, travel: frozenset[bytes] | None = None) -
     return kept
 
 
-# What a page may read of an answer besides the CORS-safelisted headers: the request id to report, and how long to
-# wait after a 429 or 503 (the openai and anthropic SDKs for JavaScript read Retry-After, in a browser too).
-EXPOSED = (b"access-control-expose-headers", b"x-request-id, request-id, retry-after")
+# What a page may read of an answer besides the CORS-safelisted headers: the request id to report, how long to wait
+# after a 429 or 503 and whether to try again at all (the openai and anthropic SDKs for JavaScript read Retry-After
+# and x-should-retry, in a browser too: without the latter, a 429 over TOKEN_QUOTAS was slept on until midnight).
+EXPOSED = (b"access-control-expose-headers", b"x-request-id, request-id, retry-after, x-should-retry")
 
 
 def cors_headers(config: Config, origin: bytes) -> Headers:

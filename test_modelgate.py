@@ -2599,6 +2599,17 @@ async def test_a_page_may_read_how_long_to_wait_after_a_429() -> None:
     assert {"retry-after", "x-request-id"} <= set(exposed)
 
 
+async def test_a_page_reads_that_a_429_over_the_quota_is_not_to_be_tried_again() -> None:
+    """x-should-retry is exposed to a page too: the openai SDK in Chromium 156 (dangerouslyAllowBrowser) could read only
+    the Retry-After of a 429 over TOKEN_QUOTAS, the seconds to midnight, and slept them before trying again."""
+    async with upstream(usage_reply()) as up, \
+            gateway(OLLAMA_BASE_URL=up.url, TOKEN_QUOTAS="fluentread=10", **USAGE_APPS) as app:
+        answers = [await chat(app, headers=[*AUTH, (b"origin", b"http://127.0.0.1:8601")]) for _ in range(2)]
+    assert [answer.status for answer in answers] == [200, 429] and answers[1].header(b"x-should-retry") == b"false"
+    exposed = answers[1].header(b"access-control-expose-headers").decode().replace(" ", "").split(",")
+    assert {"retry-after", "x-should-retry", "x-request-id"} <= set(exposed)
+
+
 async def test_errors_carry_cors_headers_too() -> None:
     """A 401 to a browser page still carries Access-Control-Allow-Origin, so the page can read the error."""
     async with gateway() as app:
