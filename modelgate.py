@@ -3313,6 +3313,7 @@ class Coalescer:
                 flight.task.add_done_callback(lambda task: task.cancelled() or task.exception())
                 if self.flights.get(key) is flight:
                     del self.flights[key]
+                await asyncio.wait((flight.task,))  # its wait for a turn and upstream: noted before its log line
         if ex is not flight.owner and flight.owner.queued is not None:
             ex.queued = flight.owner.queued
         if not flight.counted:  # the first to get the answer counts its tokens, even when the asker has left

@@ -3839,7 +3839,7 @@ async def test_a_reload_that_turns_the_queue_off_sends_what_waits_at_once() -> N
 
 async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None:
     """It is taken out of the queue: nothing of it reaches Ollama, the next request gets the slot, and its log
-    line says 499 and how long it waited."""
+    line says 499 and how long it waited, as its app's queue time on /usage does (they said 0 for a plain one)."""
     async with captured_log() as log, scheduled(METRICS_PUBLIC="1") as (ollama, up, app):
         running = send_all(app, [(asking("running"), AUTH)])
         await ollama.has_started(1)
@@ -3856,8 +3856,10 @@ async def test_a_client_that_leaves_while_waiting_never_reaches_ollama() -> None
         await ollama.finish(2)
         await asyncio.gather(*running, *after)
         page = (await scrape(app)).body.decode()
+        report = await usage_of(app, AUTH)
     assert marks(up.requests) == ["running", "after"]
     assert re.search(r" queued_ms=\d+ ", line)
+    assert report["apps"]["fluentread"]["today"]["queue_seconds"] > 0  # the one that left (the other waited for none)
     assert f'modelgate_queued{{token="fluentread"}} 0' in page and 'modelgate_queued{token="webui"} 0' in page
     assert 'modelgate_queue_wait_seconds_count{token="fluentread"} 2' in page
     parse_exposition(page)
