@@ -3392,8 +3392,8 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
         while ticket.waited and (host := gw.upstreams[upstream.name].by_preference(ex.host)[0]).base_url != \
                 ex.host.base_url:
             queue.release(ticket)
-            ex.host, ticket = host, None
-            ticket = (await queue.turn(ex.token, host, ex.upstream_model, len(body)))._replace(waited=True)
+            ex.host, number, ticket = host, ticket.waited, None  # (in its place in the order they came)
+            ticket = await queue.turn(ex.token, host, ex.upstream_model, len(body), number)
     finally:  # how long it waited (or was refused after): none when a slot was free
         if ticket is None or ticket.waited:
             ex.queued = time.perf_counter() - since
@@ -3456,7 +3456,7 @@ class Ticket(NamedTuple):
     slots: Slots
     share: Share
     started: float
-    waited: bool  # its turn came in the queue, rather than a slot free at once
+    waited: int  # its turn came in the queue: its number in the order of arrival (Waiter); 0: a slot was free at once
 
 
 class Queue:
@@ -3495,9 +3495,10 @@ class Queue:
                 share.weight = weight
             self.give_turns(key, slots, now)
 
-    async def turn(self, token: str, host: Host, model: str, size: int) -> Ticket:
+    async def turn(self, token: str, host: Host, model: str, size: int, number: int = 0) -> Ticket:
         """A slot for a request of `size` bytes: at once while one is free, with no task switch (the cost of
-        the queue when it is not full), else when its turn comes."""
+        the queue when it is not full), else when its turn comes; `number`: its place in the order of arrival,
+        kept from a wait for another host (relayed)."""
         # The host by its URL: a reload that makes new upstreams (Gateway.reload) keeps its queue and its slots. The
         # model as Ollama finds it (ollama_name): `Tiny`, `tiny:latest` and `library/tiny` are one model and one queue.
         key = (host.base_url, ollama_name(model))
@@ -3508,15 +3509,15 @@ class Queue:
             since = min(s.had(self.clock()) for s in shares.values()) if shares else 0.0
             share = shares[token] = Share(token, self.weights.get(token, 1.0), since)
         if slots.running < self.parallel:
-            return self.start(key, slots, share)
+            return self.start(key, slots, share, number)
         try:
             self.check_room(size, token)
         except GatewayError:
             self.forget(key, slots, share)
             raise
-        return await self.wait(key, slots, share, size, host)
+        return await self.wait(key, slots, share, size, host, number)
 
-    def start(self, key: tuple, slots: Slots, share: Share, waited: bool = False) -> Ticket:
+    def start(self, key: tuple, slots: Slots, share: Share, waited: int = 0) -> Ticket:
         started = self.clock()
         slots.running += 1
         share.running.append(started)
@@ -3564,12 +3565,12 @@ class Queue:
         return GatewayError("queue_full", f"ModelGate's queue is full ({self.waiting} requests, {self.bytes >> 20} "
                             "MiB waiting for Ollama); try again shortly.", [(b"retry-after", QUEUE_RETRY_AFTER)])
 
-    async def wait(self, key: tuple, slots: Slots, share: Share, size: int, host: Host) -> Ticket:
+    async def wait(self, key: tuple, slots: Slots, share: Share, size: int, host: Host, number: int) -> Ticket:
         loop = asyncio.get_running_loop()
-        self.arrivals += 1
-        waiter = Waiter(share, size, self.arrivals, loop.create_future(), host)
+        self.arrivals += not number
+        waiter = Waiter(share, size, number or self.arrivals, loop.create_future(), host)
         waiter.timer = loop.call_later(self.timeout, self.expire, key, slots, waiter)
-        share.waiters.append(waiter)
+        bisect.insort(share.waiters, waiter, key=lambda waiter: waiter.number)
         held = self.names.setdefault(share.token, [0, {}])
         held[0] += size
         held[1][waiter] = key, slots
@@ -3631,7 +3632,7 @@ class Queue:
             waiter = turn.waiters[0]
             self.dequeue(key, slots, waiter)
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
-                waiter.future.set_result(self.start(key, slots, turn, waited=True))
+                waiter.future.set_result(self.start(key, slots, turn, waiter.number))
             self.forget(key, slots, turn)
 
 ###############################################################################

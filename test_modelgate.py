@@ -3800,25 +3800,27 @@ async def test_a_reload_that_changes_the_upstreams_keeps_one_queue_per_host_and_
 
 async def test_a_request_whose_host_a_reload_removed_while_it_waited_waits_its_turn_at_the_new_one() -> None:
     """A reload that moves OLLAMA_BASE_URL to another Ollama while requests wait sends them there one at a time, in
-    turn with those sent after it: each went there as soon as its turn at the old host came, beside the new host's
-    OLLAMA_NUM_PARALLEL, for as long as the old queue lasted."""
+    turn with those sent after it, each app's in the order sent: each went there as soon as its turn at the old host
+    came, beside the new host's OLLAMA_NUM_PARALLEL, for as long as the old queue lasted."""
     old, new = ScheduledOllama(), ScheduledOllama()
     async with upstream(old.reply) as old_up, upstream(new.reply) as new_up, \
             gateway(OLLAMA_BASE_URL=old_up.url, MODELGATE_TOKEN=APPS) as app:
-        before = send_all(app, [(asking("running"), AUTH), (asking("waiting"), OTHER_AUTH)])
+        before = send_all(app, [(asking("running"), OTHER_AUTH), (asking("waiting"), AUTH)])
         await old.has_started(1)
         await waiting(app, 1)
         app.reload(modelgate.load_config({**app.environ, "OLLAMA_BASE_URL": new_up.url}), None)
-        after = send_all(app, [(asking("after"), AUTH)])
+        after = send_all(app, [(asking("after 1"), OTHER_AUTH)])
         await new.has_started(1)
+        after += send_all(app, [(asking("after 2"), AUTH)])
+        await waiting(app, 2)
         await old.finish(1)
         assert (await before[0]).status == 200
-        await until(lambda: app.queue.waiting == 1 or len(new_up.requests) == 2)
+        await until(lambda: len(new_up.requests) == 2 or app.metrics.queued["fluentread"] == 2)
         assert len(new_up.requests) == 1  # "waiting" waits in ModelGate for the new host's slot
-        for number in (1, 2):
+        for number in (1, 2, 3):
             await new.finish(number)
         answers = await asyncio.gather(*before, *after)
-    assert marks(old.started) == ["running"] and marks(new.started) == ["after", "waiting"]
+    assert marks(old.started) == ["running"] and marks(new.started) == ["after 1", "waiting", "after 2"]
     assert all(answer.status == 200 for answer in answers)
 
 
