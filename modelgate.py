@@ -3350,7 +3350,8 @@ class Coalescer:
 # time of start-time fair queuing (Goyal, Vin and Cheng, "Start-time Fair Queuing", SIGCOMM 1996), with
 # service measured once it is done rather than guessed from a packet's length, as a generation's length is not
 # known. So an app that had been idle goes next, and two that keep waiting get turns in proportion to their
-# shares. A slot is never left free while a request that could use it waits.
+# shares. A slot is never left free while a request that could use it waits: with several hosts, one whose slot
+# frees with nothing waiting for it takes the next turn of its model at another (Queue.lend).
 #
 # What waits holds its body. The whole queue holds at most MAX_QUEUED requests and MAX_QUEUED_BYTES of bodies;
 # beyond either, 503 queue_full. 1,000 is five of Read Frog's bursts of 200 (read-frog constants/translate.ts)
@@ -3366,15 +3367,6 @@ MAX_QUEUED_BYTES = 256 * 1024 * 1024
 QUEUE_RETRY_AFTER = b"10"
 
 
-# A histogram's observation (Metrics): here, where a request's first one is made, its wait for a turn.
-def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
-    counts = histogram.get(key)
-    if counts is None:  # one count per bucket, one for +Inf, then the sum
-        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
-    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
-    counts[-1] += value
-
-
 async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes, stream: bool,
                   shared: bool = False) -> Answer | None:
     """relay(), in its turn: to Ollama, on a route that runs a model, the request waits for a slot of
@@ -3387,13 +3379,16 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
     config, since, ticket = gw.config, time.perf_counter(), None
     try:
         ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
-        # The host it waited for is gone (a reload) or passed over (it refused a connection): it waits again, for the
-        # slots of the host it goes to now, beside whose OLLAMA_NUM_PARALLEL it would otherwise run (Upstream.send).
-        while ticket.waited and (host := gw.upstreams[upstream.name].by_preference(ex.host)[0]).base_url != \
-                ex.host.base_url:
-            queue.release(ticket)
-            ex.host, number, ticket = host, ticket.waited, None  # (in its place in the order they came)
-            ticket = await queue.turn(ex.token, host, ex.upstream_model, len(body), number)
+        # It goes to the host whose slot it got (another's: Queue.lend), unless that one is gone (a reload) or passed
+        # over (it refused a connection): then it waits again, in its place, for the slots of the host it goes to now,
+        # beside whose OLLAMA_NUM_PARALLEL it would otherwise run (Upstream.send).
+        while ticket.waited:
+            ex.host = gw.upstreams[upstream.name].by_preference(ticket.key[0])[0]
+            if ex.host.base_url == ticket.key[0]:
+                break
+            queue.release(ticket, lend=False)  # (a slot there lent to another would come back here)
+            number, ticket = ticket.waited, None
+            ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body), number)
     finally:  # how long it waited (or was refused after): none when a slot was free
         if ticket is None or ticket.waited:
             ex.queued = time.perf_counter() - since
@@ -3523,7 +3518,7 @@ class Queue:
         share.running.append(started)
         return Ticket(key, slots, share, started, waited)
 
-    def release(self, ticket: Ticket) -> None:
+    def release(self, ticket: Ticket, lend: bool = True) -> None:
         key, slots, share, started, _ = ticket
         now = self.clock()
         slots.running -= 1
@@ -3531,6 +3526,8 @@ class Queue:
         share.used += now - started
         if slots.waiting:
             self.give_turns(key, slots, now)
+        elif self.waiting and lend:
+            self.lend(key, slots, now)
         self.forget(key, slots, share)
 
     def forget(self, key: tuple, slots: Slots, share: Share) -> None:
@@ -3538,6 +3535,23 @@ class Queue:
             slots.shares.pop(share.token, None)
             if not slots.shares:
                 self.slots.pop(key, None)
+
+    def lend(self, key: tuple, slots: Slots, now: float) -> None:
+        """A slot freed with nothing waiting for it: the next turn of its model at another host runs here (the hosts
+        hold the same models: docs/deploy.md), rather than wait there behind a long answer while this host idles."""
+        other = next(((k, s) for k, s in self.slots.items() if k[1] == key[1] and s.waiting), None)
+        if other is None:
+            return
+        turn = self.next_turn(other[1], now)
+        waiter = turn.waiters[0]
+        self.dequeue(*other, waiter)
+        self.forget(*other, turn)
+        if waiter.future.cancelled():  # (one that left just now is taken out here)
+            return self.lend(key, slots, now)
+        shares = slots.shares  # its token name here, as it would be had it come here (turn)
+        share = shares.get(turn.token) or shares.setdefault(turn.token, Share(
+            turn.token, turn.weight, min((s.had(now) for s in shares.values()), default=0.0)))
+        waiter.future.set_result(self.start(key, slots, share, waiter.number))
 
     def check_room(self, size: int, token: str) -> None:
         """Room for a request of `size` bytes of the name `token`: made, when the queue is full, by taking out the
@@ -3625,15 +3639,28 @@ class Queue:
                 for waiter in list(share.waiters):
                     self.leave(key, slots, waiter, GatewayError("shutting_down", SHUTTING_DOWN))
 
+    @staticmethod
+    def next_turn(slots: Slots, now: float) -> Share:
+        """The token name whose turn it is: the least slot time had, a tie going to the request that came first."""
+        return min((s for s in slots.shares.values() if s.waiters), key=lambda s: (s.had(now), s.waiters[0].number))
+
     def give_turns(self, key: tuple, slots: Slots, now: float) -> None:
         while slots.waiting and slots.running < self.parallel:
-            turn = min((s for s in slots.shares.values() if s.waiters),
-                       key=lambda s: (s.had(now), s.waiters[0].number))
+            turn = self.next_turn(slots, now)
             waiter = turn.waiters[0]
             self.dequeue(key, slots, waiter)
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
                 waiter.future.set_result(self.start(key, slots, turn, waiter.number))
             self.forget(key, slots, turn)
+
+# A histogram's observation (Metrics): here, where a request's first one is made, its wait for a turn.
+def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
+    counts = histogram.get(key)
+    if counts is None:  # one count per bucket, one for +Inf, then the sum
+        counts = histogram[key] = [0] * (len(bounds) + 1) + [0.0]
+    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: its `le`
+    counts[-1] += value
+
 
 ###############################################################################
 # The relay ###################################################################
@@ -4149,13 +4176,13 @@ class Upstream:
                                        "read": config.timeout}}
         self.metrics = metrics
 
-    def by_preference(self, first: Host | None = None) -> list[Host]:
-        """The hosts to try in turn: `first` (where a request waited for its turn) if it is not cooling down, then the
-        others not cooling down, fewest requests in flight or waiting first, ties as listed (skipped for one host)."""
+    def by_preference(self, first: str | None = None) -> list[Host]:
+        """The hosts to try in turn: `first` (the URL of the one whose slot a request got) if it is not cooling down,
+        then the others not cooling down, fewest requests in flight or waiting first, ties as listed (skipped for one
+        host)."""
         now = time.monotonic()
         up = [host for host in self.hosts if host.down_until <= now]
-        url = first and first.base_url  # (a host of the upstreams before a reload: the one at its URL)
-        return sorted(up or self.hosts, key=lambda host: (host.base_url != url, host.pool.in_use + host.waiting))
+        return sorted(up or self.hosts, key=lambda host: (host.base_url != first, host.pool.in_use + host.waiting))
 
     async def send(self, method: bytes, path: bytes, forward: Headers, body: bytes = b"",
                    host: Host | None = None, dialect: Dialect = OPENAI, first: Host | None = None
@@ -4163,7 +4190,8 @@ class Upstream:
         """Send to `host`, or to the hosts in preference order (`first` first) until one takes the request; the
         response's head has arrived when this returns. Only a connection that could not be opened moves on to the
         next host: nothing was sent yet. Anything that fails later is the answer, so that no generation runs twice."""
-        hosts = [host] if host is not None else self.hosts if len(self.hosts) == 1 else self.by_preference(first)
+        hosts = [host] if host is not None else self.hosts if len(self.hosts) == 1 else \
+            self.by_preference(first and first.base_url)
         # The outbound request, built explicitly from the few client headers that may travel.
         headers = [(b"accept-encoding", b"identity"), *forward, *self.auth, VIA]  # forward: Exchange.forward
         if method in (b"POST", b"DELETE"):  # Ollama's DELETE /api/delete has a body

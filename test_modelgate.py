@@ -3798,6 +3798,28 @@ async def test_a_reload_that_changes_the_upstreams_keeps_one_queue_per_host_and_
     assert all(answer.status == 200 for answer in answers)
 
 
+async def test_a_host_whose_slot_frees_with_nothing_waiting_for_it_runs_a_request_waiting_at_another() -> None:
+    """With two Ollama hosts, a request that waits behind a long answer at one runs at the other as soon as that one
+    has nothing left to do: it waited there, the other host idle, until the long answer was done (or its wait timed
+    out, QUEUE_TIMEOUT_SECONDS), and still only one request runs at each host at a time."""
+    one, two = ScheduledOllama(), ScheduledOllama()
+    async with upstream(one.reply) as one_up, upstream(two.reply) as two_up, \
+            gateway(OLLAMA_BASE_URL=f"{one_up.url},{two_up.url}", MODELGATE_TOKEN=APPS) as app:
+        requests = send_all(app, [(asking("long"), AUTH)])
+        await one.has_started(1)
+        requests += send_all(app, [(asking("short"), AUTH)])
+        await two.has_started(1)
+        requests += send_all(app, [(asking("behind long"), OTHER_AUTH)])  # a tie: the first host listed
+        await waiting(app, 1)
+        await two.finish(1)
+        await two.has_started(2)
+        assert marks(two.started) == ["short", "behind long"] and len(one_up.requests) == 1
+        await one.finish(1)
+        await two.finish(2)
+        answers = await asyncio.gather(*requests)
+    assert all(answer.status == 200 for answer in answers)
+
+
 async def test_a_request_whose_host_a_reload_removed_while_it_waited_waits_its_turn_at_the_new_one() -> None:
     """A reload that moves OLLAMA_BASE_URL to another Ollama while requests wait sends them there one at a time, in
     turn with those sent after it, each app's in the order sent: each went there as soon as its turn at the old host
