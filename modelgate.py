@@ -3653,6 +3653,7 @@ class Queue:
                 waiter.future.set_result(self.start(key, slots, turn, waiter.number))
             self.forget(key, slots, turn)
 
+
 # A histogram's observation (Metrics): here, where a request's first one is made, its wait for a turn.
 def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tuple[float, ...]) -> None:
     counts = histogram.get(key)
