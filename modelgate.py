@@ -3526,7 +3526,7 @@ class Queue:
         share.used += now - started
         if slots.waiting:
             self.give_turns(key, slots, now)
-        elif self.waiting and lend:
+        elif self.waiting and lend and slots.running < self.parallel:  # (a reload may have lowered parallel)
             self.lend(key, slots, now)
         self.forget(key, slots, share)
 

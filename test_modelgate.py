@@ -3820,6 +3820,28 @@ async def test_a_host_whose_slot_frees_with_nothing_waiting_for_it_runs_a_reques
     assert all(answer.status == 200 for answer in answers)
 
 
+async def test_a_reload_that_lowers_ollama_num_parallel_lends_no_slot_beyond_it() -> None:
+    """After a reload lowers OLLAMA_NUM_PARALLEL, a host that still runs as many as the new number when one of its
+    requests ends takes no request waiting at another host: it took one, and ran one more than the setting allows."""
+    one, two = ScheduledOllama(parallel=2), ScheduledOllama(parallel=2)
+    async with upstream(one.reply) as one_up, upstream(two.reply) as two_up, gateway(
+            OLLAMA_BASE_URL=f"{one_up.url},{two_up.url}", OLLAMA_NUM_PARALLEL="2", MODELGATE_TOKEN=APPS) as app:
+        requests = []
+        for number, (count, ollama) in enumerate(((1, one), (1, two), (2, one), (2, two))):  # the least busy host
+            requests += send_all(app, [(asking(f"running {number}"), AUTH)])
+            await ollama.has_started(count)
+        requests += send_all(app, [(asking("waiting"), OTHER_AUTH)])
+        await waiting(app, 1)
+        app.reload(modelgate.load_config({**app.environ, "OLLAMA_NUM_PARALLEL": "1"}), None)
+        await two.finish(1)
+        assert (await requests[1]).status == 200
+        assert app.queue.waiting == 1 and len(two_up.requests) == 2  # two still runs one: as many as it may
+        for ollama, number in ((two, 2), (two, 3), (one, 1), (one, 2)):
+            await ollama.finish(number)
+        answers = await asyncio.gather(*requests)
+    assert marks(two.started)[2:] == ["waiting"] and all(answer.status == 200 for answer in answers)
+
+
 async def test_a_request_whose_host_a_reload_removed_while_it_waited_waits_its_turn_at_the_new_one() -> None:
     """A reload that moves OLLAMA_BASE_URL to another Ollama while requests wait sends them there one at a time, in
     turn with those sent after it, each app's in the order sent: each went there as soon as its turn at the old host
