@@ -1742,13 +1742,13 @@ def test_dotenv_bad_line_names_the_line(tmp_path: Any) -> None:
         modelgate.read_dotenv(str(path))
 
 
-
 def test_dotenv_json_over_several_lines_is_told_to_take_one(tmp_path: Any) -> None:
     """MODEL_DEFAULTS' JSON written over several lines, as JSON is pretty-printed, stops start-up saying that a
     value takes one line, not only "expected KEY=VALUE" for a line of JSON."""
     (tmp_path / ".env").write_text('MODELGATE_TOKEN=x\nMODEL_DEFAULTS={\n  "ollama/*": {"keep_alive": "30m"}\n}\n')
     with pytest.raises(modelgate.ConfigError, match="line 3: .*a value takes one line"):
         modelgate.read_dotenv(str(tmp_path / ".env"))
+
 
 DOTENV_QUOTES_LEFT_OPEN = ['MODELGATE_TOKEN="abc', "MODELGATE_TOKEN='abc", 'MODELGATE_TOKEN="abc\\"',
                            "MODELGATE_TOKEN='abc\"", 'MODELGATE_TOKEN="abc" def']
