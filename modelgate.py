@@ -3539,19 +3539,16 @@ class Queue:
     def lend(self, key: tuple, slots: Slots, now: float) -> None:
         """A slot freed with nothing waiting for it: the next turn of its model at another host runs here (the hosts
         hold the same models: docs/deploy.md), rather than wait there behind a long answer while this host idles."""
-        other = next(((k, s) for k, s in self.slots.items() if k[1] == key[1] and s.waiting), None)
-        if other is None:
-            return
-        turn = self.next_turn(other[1], now)
-        waiter = turn.waiters[0]
-        self.dequeue(*other, waiter)
-        self.forget(*other, turn)
-        if waiter.future.cancelled():  # (one that left just now is taken out here)
-            return self.lend(key, slots, now)
-        shares = slots.shares  # its token name here, as it would be had it come here (turn)
-        share = shares.get(turn.token) or shares.setdefault(turn.token, Share(
-            turn.token, turn.weight, min((s.had(now) for s in shares.values()), default=0.0)))
-        waiter.future.set_result(self.start(key, slots, share, waiter.number))
+        while other := next(((k, s) for k, s in self.slots.items() if k[1] == key[1] and s.waiting), None):
+            turn = self.next_turn(other[1], now)
+            waiter = turn.waiters[0]
+            self.dequeue(*other, waiter)
+            self.forget(*other, turn)
+            if not waiter.future.cancelled():  # (one that left just now is taken out here, as many as there are)
+                shares = slots.shares  # its token name here, as it would be had it come here (turn)
+                share = shares.get(turn.token) or shares.setdefault(turn.token, Share(
+                    turn.token, turn.weight, min((s.had(now) for s in shares.values()), default=0.0)))
+                return waiter.future.set_result(self.start(key, slots, share, waiter.number))
 
     def check_room(self, size: int, token: str) -> None:
         """Room for a request of `size` bytes of the name `token`: made, when the queue is full, by taking out the

@@ -3820,6 +3820,24 @@ async def test_a_host_whose_slot_frees_with_nothing_waiting_for_it_runs_a_reques
     assert all(answer.status == 200 for answer in answers)
 
 
+async def test_a_slot_that_frees_as_a_full_queue_leaves_at_once_goes_to_the_one_request_left() -> None:
+    """A host whose slot frees just as every request waiting at another host but the last has left (a browser closed
+    with its app's bursts waiting, up to MAX_QUEUED) runs that last one: Queue.lend went past each one that had
+    left by calling itself again, and failed at Python's recursion limit, the slot and the last one lost."""
+    async with upstream(json_reply()) as one_up, upstream(json_reply()) as two_up, \
+            gateway(OLLAMA_BASE_URL=f"{one_up.url},{two_up.url}") as app:
+        queue, (one, two) = app.queue, app.upstreams["ollama"].hosts
+        freed = await queue.turn("fluentread", one, "m", 0)
+        await queue.turn("fluentread", two, "m", 0)
+        waits = [asyncio.ensure_future(queue.turn("fluentread", two, "m", 0)) for _ in range(modelgate.MAX_QUEUED)]
+        await waiting(app, modelgate.MAX_QUEUED)
+        for wait in waits[:-1]:
+            wait.cancel()  # each leaves the queue only when its task runs again, after this
+        queue.release(freed)
+        assert (await waits[-1]).key[0] == one.base_url
+        await asyncio.gather(*waits[:-1], return_exceptions=True)
+
+
 async def test_a_reload_that_lowers_ollama_num_parallel_lends_no_slot_beyond_it() -> None:
     """After a reload lowers OLLAMA_NUM_PARALLEL, a host that still runs as many as the new number when one of its
     requests ends takes no request waiting at another host: it took one, and ran one more than the setting allows."""
