@@ -902,8 +902,8 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "networks": parse_networks,
     "allowlist": lambda name, value: parse_networks(name, value) if value else None,  # None: everyone
     # {"*"}: any. Never a path (django-cors-headers' check E014) nor a glob (OLLAMA_ORIGINS' chrome-extension://*).
-    "origins": accepting("origins as a browser sends them, scheme://host[:port] (no / at the end; * alone: any)", lambda
-                         value: None if re.search(r"[^,\s]\*|://[^,]*/", value) else frozenset(comma_list(value))),
+    "origins": accepting("origins as a browser sends them, scheme://host[:port] (no / at the end; * alone: any)",
+                         lambda text: None if re.search(r"[^,\s]\*|://[^,]*/", text) else frozenset(comma_list(text))),
     "names": lambda name, value: frozenset(comma_list(value)),  # token names
     "log format": one_of("text", "json"),
     "text": lambda name, value: value,
