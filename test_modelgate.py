@@ -73,6 +73,7 @@ CHAT = b'{"model": "ollama/qwen2.5:7b", "messages": [{"role": "user", "content":
 STREAM_CHAT = b'{"model": "ollama/qwen2.5:7b", "stream": true, "messages": []}'
 STREAM_CHAT_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode()
                        + b"\r\ncontent-length: %d\r\n\r\n" % len(STREAM_CHAT) + STREAM_CHAT)  # as sent on a socket
+MESSAGES_STREAM = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
 COMPLETION = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen2.5:7b",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
@@ -4688,12 +4689,9 @@ def dispatched(stream: bytes) -> list[tuple[str, bytes]]:
     return events
 
 
-# A stream whose client asked for its usage itself: nothing of it is held back (Frames.hide).
+# A stream whose client asked for its usage itself: no event of it is hidden (Frames.feed).
 ASKS_USAGE = (b'{"model": "ollama/qwen2.5:7b", "stream": true, "stream_options": {"include_usage": true}, '
               b'"messages": []}')
-
-
-MESSAGES_STREAM = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
 
 
 @pytest.mark.parametrize("path, body, events", [
@@ -6731,7 +6729,7 @@ async def test_ollamas_anthropic_stream_is_counted_from_its_message_delta() -> N
     delta = sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                                   "usage": {"input_tokens": 13, "output_tokens": 4}})
     events = [start, *MESSAGE_EVENTS[1:5], delta, MESSAGE_EVENTS[-1]]
-    body = b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}'
+    body = MESSAGES_STREAM
     async with upstream(sse_reply(events)) as up, \
             gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
         assert (await messages(app, body, AUTH)).chunks == events
@@ -9968,7 +9966,7 @@ async def test_an_anthropic_stream_is_whole_only_when_it_ends_with_message_stop(
     """A Messages stream whose last event is message_stop arrives as sent; any other ends with Anthropic's
     mid-stream error event (event: error, type api_error), which the SDKs raise."""
     async with upstream(sse_reply(events=events)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        answer = await messages(app, b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}')
+        answer = await messages(app, MESSAGES_STREAM)
     sent = b"".join(events)  # an event split over two chunks arrives as one
     assert answer.status == 200 and answer.body.startswith(sent) and answer.complete
     if whole:
@@ -9988,7 +9986,7 @@ def assert_anthropic_error_event(event: bytes) -> str:
 async def test_an_anthropic_stream_cut_midway_ends_with_the_error_event() -> None:
     """Ollama hanging up mid-stream: the events so far, then event: error; never message_stop."""
     async with upstream(sse_reply(events=MESSAGE_EVENTS, cut_before=3)) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
-        answer = await messages(app, b'{"model": "m", "max_tokens": 9, "stream": true, "messages": []}')
+        answer = await messages(app, MESSAGES_STREAM)
     assert answer.chunks[:3] == MESSAGE_EVENTS[:3] and len(answer.chunks) == 4
     assert "cut off" in assert_anthropic_error_event(answer.chunks[3])
 
