@@ -3804,8 +3804,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
 # (blank_end: rfind, for the regular expression would look at every byte of it).
 SSE_BLANK = re.compile(rb"\n\n|\r\r\n?|\n\r\n?")
 SSE_LINE = re.compile(rb"\r\n|\r|\n")
-SSE_ENDS = (b"\n\n", b"\n\r\n", b"\r\r\n")  # blank lines that nothing after them can run on
-SSE_ENDED = (*SSE_ENDS, b"\r\r")  # a stream that ends in a blank line (an event after it is one of its own)
+SSE_ENDED = (b"\n\n", b"\n\r\n", b"\r\r\n", b"\r\r")  # ends in a blank line: an event after it is one of its own
 LINE_ENDS = re.compile(rb"[\r\n]*")
 
 
