@@ -1589,9 +1589,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         ex.web_tool = web_tool(document["tools"])
         check_tools(config, ex.token, ex.provider, ex.web_tool)
     if ex.token in config.token_models and ex.provider == "openai":
-        unchecked = [field for field in UNCHECKED if field in spans  # (on /v1/completions, `prompt` is its text)
-                     and (field != "prompt" or ex.route == "/v1/responses")]
-        check_fallbacks(config, ex.token, document, ex.upstream_model, unchecked[0] if unchecked else "")
+        unchecked = next((field for field in UNCHECKED if field in spans  # (on /v1/completions, `prompt` is its text)
+                          and (field != "prompt" or ex.route == "/v1/responses")), "")
+        check_fallbacks(config, ex.token, document, ex.upstream_model, unchecked)
     if ex.provider == "openai" and document.get("background") is True and ex.token in config.token_quotas:
         # OpenAI's Responses API runs it on after its answer (or its stream, the client gone), and the usage comes
         # with GET /v1/responses/{id}, which ModelGate does not serve (platform.openai.com/docs/guides/background).
