@@ -3498,7 +3498,11 @@ class Queue:
         # model as Ollama finds it (ollama_name): `Tiny`, `tiny:latest` and `library/tiny` are one model and one queue.
         key = (host.base_url, ollama_name(model))
         slots = self.slots.get(key) or self.slots.setdefault(key, Slots())
-        share = slots.shares.get(token) or self.joined(slots, token)
+        share = slots.shares.get(token)
+        if share is None:
+            shares = slots.shares
+            since = min(s.had(self.clock()) for s in shares.values()) if shares else 0.0
+            share = shares[token] = Share(token, self.weights.get(token, 1.0), since)
         if slots.running < self.parallel:
             return self.start(key, slots, share, number)
         try:
@@ -3541,13 +3545,10 @@ class Queue:
             self.dequeue(*other, waiter)
             self.forget(*other, turn)
             if not waiter.future.cancelled():  # (one that left just now is taken out here, as many as there are)
-                share = slots.shares.get(turn.token) or self.joined(slots, turn.token)  # as had it come here
+                shares = slots.shares  # its token name here, as it would be had it come here (turn)
+                share = shares.get(turn.token) or shares.setdefault(turn.token, Share(
+                    turn.token, turn.weight, min((s.had(now) for s in shares.values()), default=0.0)))
                 return waiter.future.set_result(self.start(key, slots, share, waiter.number))
-
-    def joined(self, slots: Slots, token: str) -> Share:
-        """A token name's share where it comes (turn) or is lent a slot (lend), from the least any name there had."""
-        since = min((s.had(self.clock()) for s in slots.shares.values()), default=0.0)
-        return slots.shares.setdefault(token, Share(token, self.weights.get(token, 1.0), since))
 
     def check_room(self, size: int, token: str) -> None:
         """Room for a request of `size` bytes of the name `token`: made, when the queue is full, by taking out the
