@@ -434,17 +434,22 @@ def ollama_like(models: Any = OLLAMA_MODELS, native: bool = True) -> Reply:
     return reply
 
 
+FREE_PORTS = iter(random.sample(range(20000, 32768), 32768 - 20000))  # each handed out once in a run
+
+
 def free_port() -> int:
     """A loopback port nothing holds (the socket that found it is closed again), below the kernel's ephemeral
     range (Linux: 32768 and up): there no port the kernel picks for a connection or for a bind to port 0 can
-    take it before the gateway started with it binds it."""
-    while True:
+    take it before the gateway started with it binds it. Never one handed out before: a test that starts
+    several gateways at once binds none of their ports before it has chosen them all."""
+    for port in FREE_PORTS:
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", random.randrange(20000, 32768)))
+                sock.bind(("127.0.0.1", port))
             except OSError:  # held: try another
                 continue
-            return sock.getsockname()[1]
+            return port
+    raise RuntimeError("every port from 20000 to 32767 was handed out in this run")
 
 
 def refused_url() -> str:
