@@ -21,7 +21,7 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
 `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
 
     POST /v1/chat/completions, /v1/completions, /v1/responses   plain or `"stream": true` (SSE relayed chunk by chunk)
-    POST /v1/embeddings
+    POST /v1/embeddings, /v1/audio/transcriptions (a multipart form, routed by its `model` field, relayed byte for byte)
     GET  /v1/models             `ollama/<name>`, `openai/<name>`, then the aliases: those TOKEN_MODELS lets a token use
     GET  /v1/models/{id}        a model or an alias
     GET|HEAD /health            liveness, no upstream call
@@ -40,17 +40,15 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     POST /api/pull, /api/push, /api/create, /api/copy, DELETE /api/delete, HEAD|POST /api/blobs/<digest>,
          /api/me, /api/signout, DELETE /api/user/keys/<key>      for OLLAMA_ADMIN_TOKENS only; 403 for the others
     POST /api/experimental/web_search, /api/experimental/web_fetch   for OLLAMA_CLOUD_TOKENS only; 403 for the others
-    POST /v1/audio/transcriptions   a multipart form, routed by its `model` field, relayed byte for byte
 
 A body in Content-Encoding gzip is decoded (never past MAX_BODY_BYTES) and forwarded decoded; any other is a 415.
 
-`model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other
-model goes to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only:
-an `ollama/` prefix is removed there too, and `openai/...` is a 400. An alias (MODEL_ALIASES) is replaced by
-its target first; then the token's scope is checked (TOKEN_MODELS: 403, nothing sent), missing fields are
-filled in (MODEL_DEFAULTS) and fields set (MODEL_OVERRIDES). Prompt and completion tokens are counted per
-token name, provider and model from the upstream's own figures; a chat or completions stream whose client did
-not ask for usage is asked for it, and that client does not get the usage event.
+`model: "ollama/<name>"` goes to Ollama and `"openai/<name>"` to OpenAI with the prefix removed; any other model goes
+to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead to Ollama only: an `ollama/` prefix is
+removed there too, and `openai/...` is a 400. An alias (MODEL_ALIASES) is replaced by its target first; then the
+token's scope is checked (TOKEN_MODELS: 403, nothing sent), missing fields are filled in (MODEL_DEFAULTS) and fields
+set (MODEL_OVERRIDES). The tokens used are counted per token name, provider and model from the upstream's own figures;
+a chat or completions stream is asked for its usage, whose event only a client that asked for it gets.
 Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
