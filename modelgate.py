@@ -760,7 +760,6 @@ def whole_number(low: int, high: float) -> Callable[[str], int | None]:
 
 FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -950,9 +949,7 @@ def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
     variables and for env_file, and the warnings a person should see. A key given twice takes its last line (so
     `cp .env.example .env` plus an appended line works); `export `, blank lines, `#` comments and quoted values
     are allowed; a line that is not KEY=VALUE, or a quote left open, is an error naming the line."""
-    values: dict[str, str] = {}
-    lines_of: dict[str, int] = {}
-    warnings = []
+    values, lines_of, warnings = {}, {}, []  # key -> value, key -> its line number
     with open(path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows' Notepad) is not part of the key
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -1134,12 +1131,10 @@ def config_warnings(config: Config, sources: Sources | None) -> list[str]:
         if not urlsplit(url).path.rstrip("/").endswith("/v1"):
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} does not end in /v1, where Ollama's "
                             f"OpenAI-compatible API is: write {with_v1(url)}")
-        if not names_itself(url, config):
-            continue
-        if config.port == 11434:  # Ollama's port, taken for ModelGate's
+        if names_itself(url, config) and config.port == 11434:  # Ollama's port, taken for ModelGate's
             warnings.append(f"PORT=11434 is Ollama's port, where OLLAMA_BASE_URL {shown_url(url)} points: ModelGate "
                             "must listen on another; leave PORT unset for 8010")
-        else:
+        elif names_itself(url, config):
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} is ModelGate's own address (PORT={config.port}), not "
                             "Ollama's: requests would go round in a circle. Ollama listens on port 11434: "
                             "write http://127.0.0.1:11434/v1 if it runs here")
@@ -1165,13 +1160,9 @@ def with_v1(url: str) -> str:
     """Where a base URL without /v1 most likely meant to point: the /v1 under its origin, or under its path."""
     parts = urlsplit(shown_url(url))
     path = parts.path.rstrip("/")
-    if "/v1/" in path:  # the URL of an endpoint, such as .../v1/chat/completions
-        path = path[:path.index("/v1/")] + "/v1"
-    elif path.endswith("/api"):  # Ollama's native API
-        path = path.removesuffix("/api") + "/v1"
-    else:
-        path += "/v1"
-    return urlunsplit(parts._replace(path=path))
+    # The URL of an endpoint (.../v1/chat/completions) is cut at its /v1; Ollama's native API (.../api) loses /api.
+    path = path[:path.index("/v1/")] if "/v1/" in path else path.removesuffix("/api")
+    return urlunsplit(parts._replace(path=path + "/v1"))
 
 
 ###############################################################################
