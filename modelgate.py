@@ -360,9 +360,8 @@ class Route(NamedTuple):
     usage: Counts | None = None  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
     queued: bool = False  # runs a model: to Ollama, it waits for its turn (OLLAMA_NUM_PARALLEL, The queue)
-    # What of its body the trust boundary reads, checks and edits before the handler runs (Gateway.dispatch):
-    # "json", an object whose model fields route it (routed_body); "form", a multipart form whose `model` field
-    # routes it (routed_form); "" nothing (the handler reads what it relays as it came, if anything).
+    # What of its body the trust boundary reads, checks and edits (Gateway.dispatch): "json", an object routed by its
+    # model fields (routed_body); "form", a multipart form by its `model` field (routed_form); "" none: relayed as is.
     reads: str = ""
 
 
@@ -470,9 +469,8 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # RATE_LIMIT_RPM (with Retry-After) and MAX_CONCURRENT_PER_TOKEN: the SDKs wait and retry a 429.
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
     "too_many_in_flight": (429, "rate_limit_error", "concurrency_limit_exceeded"),
-    # TOKEN_QUOTAS: the token name's tokens of today are used up; Retry-After says when midnight is, and NO_RETRY
-    # that no SDK should wait that long (anthropic-sdk-python and the Node SDKs sleep any Retry-After, then retry).
-    # OpenAI's own type for a quota used up is insufficient_quota.
+    # TOKEN_QUOTAS used up for today (OpenAI's own type for it is insufficient_quota): Retry-After says when midnight
+    # is, and NO_RETRY that no SDK should wait that long (anthropic-sdk-python and the Node SDKs sleep any Retry-After).
     "quota_exceeded": (429, "insufficient_quota", "quota_exceeded"),
     "internal": (500, "api_error", "internal_error"),
     "upstream_unavailable": (502, "api_error", "upstream_unavailable"),
@@ -728,8 +726,7 @@ def shown_url(url: str) -> str:
 
 
 def parse_urls(name: str, value: str) -> tuple[str, ...]:
-    # Credentials are looked for in the whole value first: a password may hold a comma, and what follows
-    # it must not be shown as a URL of its own.
+    # Credentials first, in the whole value: a password may hold a comma, and the rest of it is no URL to show.
     no_credentials(name, value)
     urls = tuple(parse_url(name, url) for url in comma_list(value))
     if not urls:
@@ -781,11 +778,10 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
 
 # One policy per app -------------------------------------------------------------------------------------
 # MODEL_ALIASES maps names that tools ship with to models (llama-swap `aliases`, LiteLLM `model_group_alias`);
-# TOKEN_MODELS gives a token name the models it may use (LiteLLM's and Bifrost's virtual keys carry such a
-# list); MODEL_DEFAULTS fills in request fields per model (llama-swap `setParams`), MODEL_OVERRIDES sets them
-# whatever the client sent (Ollama reloads a model for another num_ctx: ollama #12783). The patterns of the
-# last three are globs (fnmatch, case-sensitive: `*` also matches `/` and `:`) over the model as routed,
-# `provider/name`.
+# TOKEN_MODELS gives a token name the models it may use (as LiteLLM's and Bifrost's virtual keys do); MODEL_DEFAULTS
+# fills in request fields per model (llama-swap `setParams`), MODEL_OVERRIDES sets them whatever the client sent
+# (SETTINGS says why). The patterns of the last three are globs (fnmatch, case-sensitive: `*` also matches `/` and `:`)
+# over the model as routed, `provider/name`.
 
 # Fields that no default or override may set: they decide where a request goes and what kind of answer the client
 # gets, and stream_options is ModelGate's own (it asks for usage).
@@ -945,10 +941,9 @@ NOT_SETTINGS = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT
 
 
 def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
-    """The KEY=VALUE lines of a .env file, read as docker compose (1.29 and 2.x) reads the same file for its own
-    variables and for env_file, and the warnings a person should see. A key given twice takes its last line (so
-    `cp .env.example .env` plus an appended line works); `export `, blank lines, `#` comments and quoted values
-    are allowed; a line that is not KEY=VALUE, or a quote left open, is an error naming the line."""
+    """The KEY=VALUE lines of a .env file, read as docker compose (1.29 and 2.x) reads it for its own variables and for
+    env_file, and the warnings a person should see. A key given twice takes its last line; `export `, blank lines, `#`
+    comments and quotes are allowed; a line that is not KEY=VALUE or leaves a quote open is an error naming it."""
     values, lines_of, warnings = {}, {}, []  # key -> value, key -> its line number
     with open(path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows' Notepad) is not part of the key
         for number, line in enumerate(lines, 1):
