@@ -843,7 +843,6 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
         if twice is not None:
             raise ConfigError(f"{name} has {twice!r} twice; write it once")
         return dict(pairs)
-
     try:
         document = json.loads(value, object_pairs_hook=unique)
     except ValueError as exc:
