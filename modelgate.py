@@ -333,8 +333,7 @@ OLLAMA_COUNTS = Counts("prompt_eval_count", "eval_count", native=True)
 
 class Route(NamedTuple):
     handlers: dict[str, str]  # method -> the Gateway method that answers it
-    # "token", "public" (no token, no limits), or "metrics" (an admin's token; none with METRICS_PUBLIC)
-    access: str = "token"
+    access: str = "token"  # "token", "public" (no token, no limits), or "metrics" (an admin's, unless METRICS_PUBLIC)
     end: End = DONE  # how a whole stream of this route ends
     limited: bool = True  # counted against RATE_LIMIT_RPM and MAX_CONCURRENT_PER_TOKEN
     screened: bool = True  # ALLOWED_IPS applies; liveness stays open to the local container healthcheck
@@ -349,13 +348,11 @@ class Route(NamedTuple):
     # pull, push, create and delete `cmp.Or(req.Model, req.Name)` (ollama server/routes.go, server/create.go).
     # Every one is routed, resolved and checked against TOKEN_MODELS as `model` is (routed_body).
     models: tuple[tuple[str, ...], ...] = (("model",),)
-    # Changes what Ollama holds, or reads or ends its owner's ollama.com session: for OLLAMA_ADMIN_TOKENS only.
-    admin: bool = False
+    admin: bool = False  # changes what Ollama holds, or reads or ends its owner's ollama.com session: admins only
     cloud: bool = False  # runs on ollama.com (web search and fetch): only for the token names in OLLAMA_CLOUD_TOKENS
     login: bool = False  # a page for a person: its 401 asks the browser for the token (HTTP Basic's password)
-    # Identical plain requests in flight share one answer (COALESCE): chat's, which FluentRead sends again
-    # while the first still waits. Not embeddings, whose answers can outgrow MAX_HELD_ANSWER and are never
-    # sent twice by the tools served; not an admin's, which changes what Ollama holds.
+    # Identical plain requests in flight share one answer (COALESCE). Not embeddings, whose answers can outgrow
+    # MAX_HELD_ANSWER and are never sent twice by the tools served; not an admin's, which changes what Ollama holds.
     shared: bool = True
     usage: Counts | None = None  # where its answers say what tokens they used
     asks_usage: bool = False  # its streams carry usage only when asked (stream_options.include_usage)
@@ -450,8 +447,7 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "ambiguous_credentials": (400, "invalid_request_error", "ambiguous_credentials"),
     "provider_not_configured": (400, "invalid_request_error", "provider_not_configured"),
     "unauthorized": (401, "authentication_error", "invalid_api_key"),
-    # The client's address is not in ALLOWED_IPS: decided before the token is even looked at.
-    "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),
+    "ip_not_allowed": (403, "permission_error", "ip_not_allowed"),  # ALLOWED_IPS, judged before the token is read
     # The Route.admin rows, and /metrics (unless METRICS_PUBLIC), for a token not named in OLLAMA_ADMIN_TOKENS.
     "admin_only": (403, "permission_error", "admin_only"),
     # Ollama's cloud models and web tools, and Route.cloud, for a token not in OLLAMA_CLOUD_TOKENS: nothing upstream.
@@ -476,8 +472,7 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "upstream_unavailable": (502, "api_error", "upstream_unavailable"),
     # An answer larger than MAX_HELD_ANSWER where it must be held whole (COALESCE, model lists).
     "answer_too_large": (502, "api_error", "upstream_answer_too_large"),
-    # Our own pool to that upstream is full: we are the ones who are busy, so 503, not a gateway timeout.
-    "gateway_busy": (503, "api_error", "gateway_busy"),
+    "gateway_busy": (503, "api_error", "gateway_busy"),  # our own pool to that upstream is full: we are busy, not it
     # After SIGTERM; a 503 is retried by the SDKs, by then against a gateway that is up again.
     "shutting_down": (503, "api_error", "shutting_down"),
     "not_ready": (503, "api_error", "not_ready"),
@@ -1053,8 +1048,7 @@ def wrapped_in_quotes(value: str) -> bool:
     return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
 
 
-# Shorter than this, a token gets a warning at start-up (token_urlsafe(32) makes 43 characters).
-MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_LENGTH = 16  # a shorter token gets a warning at start-up (token_urlsafe(32) makes 43 characters)
 
 
 def summary(config: Config, sources: Sources | None, listening: str | None,
