@@ -3319,16 +3319,15 @@ class Coalescer:
 # Ollama has them), at most OLLAMA_NUM_PARALLEL inference requests are upstream at once; the others wait
 # here, and a slot that frees goes to the token name whose turn it is:
 #
-# Turns. Each token name waiting or running at a host and model has had some slot time there, divided by its
-# share (TOKEN_SHARES, 1 unless set), since it last had nothing waiting or running there. A free slot goes
-# to the name that has had the least (a running request counts the time it has run so far); within a name,
-# requests go in the order they came. A name that comes back after it had nothing there starts from the least
-# that any name now there has had, neither owing for its past turns nor owed for its absence: the virtual
-# time of start-time fair queuing (Goyal, Vin and Cheng, "Start-time Fair Queuing", SIGCOMM 1996), with
-# service measured once it is done rather than guessed from a packet's length, as a generation's length is not
-# known. So an app that had been idle goes next, and two that keep waiting get turns in proportion to their
-# shares. A slot is never left free while a request that could use it waits: with several hosts, one whose slot
-# frees with nothing waiting for it takes the next turn of its model at another (Queue.lend).
+# Turns. Each token name waiting or running at a host and model has had some slot time there, divided by its share
+# (TOKEN_SHARES, 1 unless set), since it last had nothing waiting or running there. A free slot goes to the name that
+# has had the least (a running request counts the time it has run so far); within a name, requests go in the order they
+# came. A name that comes back after it had nothing there starts from the least that any name now there has had, neither
+# owing for its past turns nor owed for its absence: the virtual time of start-time fair queuing (Goyal, Vin and Cheng,
+# "Start-time Fair Queuing", SIGCOMM 1996), with service measured once it is done rather than guessed from a packet's
+# length, as a generation's length is not known. So an app that had been idle goes next, and two that keep waiting get
+# turns in proportion to their shares. A slot is never left free while a request that could use it waits: with several
+# hosts, one whose slot frees with nothing waiting for it takes the next turn of its model at another (Queue.lend).
 #
 # What waits holds its body. The whole queue holds at most MAX_QUEUED requests and MAX_QUEUED_BYTES of bodies;
 # beyond either, 503 queue_full. 1,000 is five of Read Frog's bursts of 200 (read-frog constants/translate.ts)
@@ -3351,8 +3350,7 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
     queue = gw.queue
     if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
         return await relay(gw, ex, upstream, path, body, stream, shared)
-    # The host Upstream.send would choose now.
-    ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]
+    ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]  # Upstream.send's choice
     config, since, ticket = gw.config, time.perf_counter(), None
     try:
         ticket = await queue.turn(ex.token, ex.host, ex.upstream_model, len(body))
@@ -3434,11 +3432,10 @@ class Ticket(NamedTuple):
 class Queue:
     """OLLAMA_NUM_PARALLEL slots per Ollama host and model, and the requests that wait for one, in turns.
 
-    turn() returns a Ticket at once while a slot is free, else when the request's turn comes, or raises
-    GatewayError queue_full, queue_timeout or shutting_down; when the waiting task is cancelled (the client
-    left) the request leaves the queue. release() gives the slot to the next turn. Slots and names
-    with nothing waiting or running are forgotten, so that the clients' model names cannot make it grow.
-    """
+    turn() returns a Ticket at once while a slot is free, else when the request's turn comes, or raises GatewayError
+    queue_full, queue_timeout or shutting_down; when the waiting task is cancelled (the client left) the request leaves
+    the queue. release() gives the slot to the next turn. Slots and names with nothing waiting or running are
+    forgotten, so that the clients' model names cannot make it grow."""
 
     def __init__(self, config: Config, metrics: Metrics, bounds: tuple[int, int] = (MAX_QUEUED, MAX_QUEUED_BYTES),
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -3645,11 +3642,10 @@ def observe(histogram: dict[tuple, list], key: tuple, value: float, bounds: tupl
 MAX_ERROR_BODY = 64 * 1024
 MAX_ERROR_TEXT = 400
 
-# Memory per request is bounded whatever an upstream sends. An answer is held whole only where it must be:
-# to share it between identical requests (COALESCE) and to read a model list. A chat answer is kilobytes
-# (megabytes with logprobs), a model list tens of kilobytes; 16 MiB is what MAX_BODY_BYTES takes of a
-# request by default. A larger answer is a 502 (answer_too_large); with COALESCE=off answers of any size
-# are relayed as they arrive.
+# Memory per request is bounded whatever an upstream sends. An answer is held whole only where it must be: to share it
+# between identical requests (COALESCE) and to read a model list. A chat answer is kilobytes (megabytes with logprobs),
+# a model list tens of kilobytes; 16 MiB is what MAX_BODY_BYTES takes of a request by default. A larger answer is a 502
+# (answer_too_large); with COALESCE=off answers of any size are relayed as they arrive.
 MAX_HELD_ANSWER = 16 * 1024 * 1024
 
 # A relayed answer up to this size is read whole before any of it is sent, so that one cut short is still
@@ -3669,15 +3665,12 @@ SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
                 stream: bool, shared: bool = False, method: str = "") -> Answer | None:
     """Send one request upstream with the client's headers, and relay its answer:
-    1. Send it (Upstream.send): to the next host only when a connection could not be opened; a failure
-       before the answer's head arrives is a GatewayError (502, 503, 504).
-    2. An error status becomes the error answer: the upstream's status and what it said (up to MAX_ERROR_BODY),
-       in the client's dialect, with what to check (upstream_error).
-    3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that
-       streams, is pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
-    4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to MAX_HELD_ANSWER,
-       and answered with its Content-Length; any other is pumped (PLAIN), whatever its size.
-    5. Close the upstream response: its connection goes back to the pool, or is closed."""
+    1. Send it (Upstream.send): a failure before the answer's head arrives is a GatewayError (502, 503, 504).
+    2. An error status becomes the error answer, in the client's dialect, with what to check (upstream_error).
+    3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that streams, is
+       pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
+    4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to MAX_HELD_ANSWER; any
+       other is pumped (PLAIN), whatever its size. Then the upstream's connection goes back to the pool."""
     since = time.perf_counter()
     response = await upstream.send((method or ex.method).encode(), path, ex.forward, body, dialect=ex.dialect,
                                    first=ex.host)
@@ -3697,19 +3690,16 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
 
 async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response, way: Way) -> Answer | None:
     """Relay an upstream answer, plain or streamed, as `way` says, holding at most `way.hold` bytes of it:
-    1. Read it until more than `way.hold` bytes came (a stream: its first chunk). A plain answer that ends
-       within that is returned whole, to be answered with its length, so that one cut short is still a
-       502 and nothing of it was sent. Until here a failure is answered with its plain status (502, 504).
-    2. Start the answer: the upstream's headers (a plain answer keeps its Content-Length, uvicorn chunks
-       it if there is none; a stream gets SSE_HEADERS), then one body message per upstream chunk as it
-       comes, what Frames lets through, each under the send guard: a client that takes nothing for
-       TIMEOUT_SECONDS is let go (499), and the upstream with it.
-    3. An answer cut after the start (the upstream broke off or went silent, the shutdown grace is over,
-       a stream did not end as its route's end: Route.end) gets the dialect's error event as its last
-       chunk if it is a stream, so that no client takes a cut answer for a whole one; a plain answer can
-       only be left incomplete, and uvicorn closes the connection. A client that left: nobody to tell.
-    4. The tokens it says it used are read once, from its start and end; per chunk there is nothing but
-       keeping the end."""
+    1. Read it until more than `way.hold` bytes came (a stream: its first chunk). A plain answer that ends within
+       that is returned whole, to be answered with its length: one cut short is still a 502, none of it was sent.
+       Until here a failure is answered with its plain status (502, 504).
+    2. Start the answer: the upstream's headers (a plain answer keeps its Content-Length, else uvicorn chunks it; a
+       stream gets SSE_HEADERS), then a body message per upstream chunk as it comes (what Frames lets through), under
+       the send guard: a client that takes nothing for TIMEOUT_SECONDS is let go (499), and the upstream with it.
+    3. An answer cut after the start (the upstream broke off or went silent, the shutdown grace is over, a stream did
+       not end as Route.end says) ends with the dialect's error event if it is a stream, so that no client takes it
+       for whole; a plain one can only be left incomplete, and uvicorn closes the connection.
+    4. The tokens it says it used are read once, from its start and end: per chunk, only the end is kept."""
     chunks = response.stream.__aiter__()
     first = await whole(upstream, response, way.hold, cut=True, chunks=chunks)
     if len(first) <= way.hold and not way.stream:  # the whole answer: answered like any other, with its length
@@ -4136,8 +4126,7 @@ def cause(exc: BaseException, key: bytes = b"") -> str:
 
 
 class Upstream:
-    """One provider: the key it wants, its hosts (OLLAMA_BASE_URL may list several), and how a request
-    reaches one of them."""
+    """One provider: the key it wants, its hosts (OLLAMA_BASE_URL may list several), and how a request reaches one."""
 
     def __init__(self, name: str, base_urls: tuple[str, ...], api_key: str, config: Config,
                  metrics: Metrics) -> None:
@@ -4399,14 +4388,13 @@ NO_SUCH_DOOR = frozenset({HTTPStatus.NOT_FOUND, HTTPStatus.METHOD_NOT_ALLOWED, H
 
 
 class CloudModels:
-    """Which of Ollama's models are cloud stubs (check_cloud): from GET /api/tags of every Ollama host, where a
-    stub lists a remote_host. Fetched when a request first needs it, again when a request names a model it
-    lacks (a stub pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests
-    share one fetch. A host that does not answer is left out, as from the model lists; the request then goes
-    to a host that did (it is passed over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile).
-    When none answers the list stays as it was. A host that has no /api/tags (NO_SUCH_DOOR: it is no Ollama, every
-    Ollama has /api/tags) has no stubs to list; when every one does, no name needs looking up again until the
-    list is old. A list that could not be read (any other error status, no answer, no answer in time) is noted
+    """Which of Ollama's models are cloud stubs (check_cloud): from GET /api/tags of every Ollama host, where a stub
+    lists a remote_host. Fetched when a request first needs it, again when a request names a model it lacks (a stub
+    pulled or copied since), and when it is older than CLOUD_LIST_SECONDS; concurrent requests share one fetch. A host
+    that does not answer is left out, as from the model lists; the request then goes to a host that did (it is passed
+    over for HOST_COOLDOWN_SECONDS, and not asked for its list meanwhile). When none answers the list stays as it was. A
+    host that has no /api/tags (NO_SUCH_DOOR) has no stubs to list; when every one does, no name needs looking up again
+    until the list is old. A list that could not be read (any other error status, no answer, no answer in time) is noted
     in `unread`: a name no list read shows local may be a stub there (unplaced)."""
 
     def __init__(self) -> None:
@@ -4770,12 +4758,9 @@ def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
 
 
 class Usage:
-    """The counts of the last USAGE_DAYS days, in memory, and their file.
-
-    The mutable state: `days` holds what was counted until the last write was begun, `unwritten` what
-    requests have added since (the one dict a request touches), `unsaved` what a failed write still owes
-    the file. `spent` is today's tokens per token name, for TOKEN_QUOTAS.
-    """
+    """The counts of the last USAGE_DAYS days, in memory, and their file. Its mutable state: `days` holds what was
+    counted until the last write was begun, `unwritten` what requests have added since (the one dict a request touches),
+    `unsaved` what a failed write still owes the file. `spent` is today's tokens per token name, for TOKEN_QUOTAS."""
 
     def __init__(self, path: str, clock: Callable[[], float]) -> None:
         self.path, self.clock = path, clock
