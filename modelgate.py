@@ -4128,8 +4128,7 @@ def cause(exc: BaseException, key: bytes = b"") -> str:
 class Upstream:
     """One provider: the key it wants, its hosts (OLLAMA_BASE_URL may list several), and how a request reaches one."""
 
-    def __init__(self, name: str, base_urls: tuple[str, ...], api_key: str, config: Config,
-                 metrics: Metrics) -> None:
+    def __init__(self, name: str, base_urls: tuple[str, ...], api_key: str, config: Config, metrics: Metrics) -> None:
         self.name = name
         self.hosts = [Host(number, url) for number, url in enumerate(base_urls, 1)]
         self.key = api_key.encode()
@@ -4147,9 +4146,8 @@ class Upstream:
         up = [host for host in self.hosts if host.down_until <= now]
         return sorted(up or self.hosts, key=lambda host: (host.base_url != first, host.pool.in_use + host.waiting))
 
-    async def send(self, method: bytes, path: bytes, forward: Headers, body: bytes = b"",
-                   host: Host | None = None, dialect: Dialect = OPENAI, first: Host | None = None
-                   ) -> httpcore.Response:
+    async def send(self, method: bytes, path: bytes, forward: Headers, body: bytes = b"", host: Host | None = None,
+                   dialect: Dialect = OPENAI, first: Host | None = None) -> httpcore.Response:
         """Send to `host`, or to the hosts in preference order (`first` first) until one takes the request; the
         response's head has arrived when this returns. Only a connection that could not be opened moves on to the
         next host: nothing was sent yet. Anything that fails later is the answer, so that no generation runs twice."""
@@ -4234,11 +4232,10 @@ class Upstream:
 
     def too_large(self) -> GatewayError:
         self.count_failure("AnswerTooLarge")
-        return GatewayError("answer_too_large", f"{self.name} answered with more than "
-                            f"{MAX_HELD_ANSWER >> 20} MiB, more than ModelGate holds whole (it does so to "
-                            "share one answer between identical requests, COALESCE, and to read a model "
-                            "list). With COALESCE=off, answers of any size are relayed as they arrive.",
-                            [NO_RETRY])
+        return GatewayError("answer_too_large", f"{self.name} answered with more than {MAX_HELD_ANSWER >> 20} MiB, "
+                            "more than ModelGate holds whole (it does so to share one answer between identical "
+                            "requests, COALESCE, and to read a model list). With COALESCE=off, answers of any size are "
+                            "relayed as they arrive.", [NO_RETRY])
 
     async def get_json(self, path: bytes, forward: Headers, host: Host, dialect: Dialect = OPENAI) -> Any:
         """GET a JSON document from one host; an error status is returned as its error Answer."""
