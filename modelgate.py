@@ -3870,9 +3870,8 @@ class Frames:
     def last(self) -> tuple[bytes, bytes]:
         """The last record that is not blank: (b"", all of it) if it began in the last TAIL_BYTES, else (its
         first HEAD_BYTES, the last TAIL_BYTES)."""
-        kept, end = self.kept, len(self.kept)
-        while end and kept[end - 1] in b" \t\r\n":  # the blank lines after it
-            end -= 1
+        kept = self.kept
+        end = len(kept.rstrip(b" \t\r\n"))  # without the blank lines after it
         start = self.blank_end(kept, end)
         if start < 0 and self.head is None:  # the first record
             start = 0
@@ -4013,22 +4012,20 @@ async def upstream_error(upstream: Upstream, response: httpcore.Response, dialec
     body = await whole(upstream, response, MAX_ERROR_BODY, cut=True)
     name, status, document = upstream.name, response.status, parsed(body)
     refusal = Refusal(name, status, dialect, response.extensions.get(HOST_EXTENSION), routed, providers, document)
+    error = document.get("error") if isinstance(document, dict) else None  # OpenAI's shape, and Anthropic's:
+    said = error.get("message") if isinstance(error, dict) else None  # {"error": {"message": ...}}
     kept, own = crossing_headers(response.headers), dialect.own_error(document)
     hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if (always or not own) and applies(refusal)]
     if own:
-        error = document.get("error")  # {"error": {"message": ...}}: OpenAI's shape, and Anthropic's
-        if hints and isinstance(error, dict) and isinstance(error.get("message"), str):
-            error["message"] = " ".join([sentence(error["message"]), *hints])
+        if hints and isinstance(said, str):
+            error["message"] = " ".join([sentence(said), *hints])
             body = json.dumps(document).encode()
         return Answer(status, kept, body)
-    text = ""
     if isinstance(document, dict):  # Ollama's native {"error": "..."}, FastAPI's {"detail": "..."}
         text = next((document[k] for k in ("error", "message", "detail") if isinstance(document.get(k), str)), "")
-        inner = document.get("error")
-        if not text and isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            text = inner["message"]  # OpenAI's or Anthropic's shape, wrapped for another dialect
-    if not text and document is None:
-        text = body.decode("utf-8", "replace")
+        text = text or (said if isinstance(said, str) else "")  # OpenAI's or Anthropic's shape, for another dialect
+    else:
+        text = body.decode("utf-8", "replace") if document is None else ""
     text = " ".join(text.split())
     if len(text) > MAX_ERROR_TEXT:
         text = text[:MAX_ERROR_TEXT] + "…"
