@@ -3560,8 +3560,7 @@ class Queue:
         held[0] += size
         held[1][waiter] = key, slots
         slots.waiting += 1
-        self.waiting += 1
-        self.bytes += size
+        self.waiting, self.bytes = self.waiting + 1, self.bytes + size
         host.waiting += 1
         queued = self.metrics.queued
         queued[share.token] = queued.get(share.token, 0) + 1
@@ -3585,8 +3584,7 @@ class Queue:
             del self.names[share.token]
         waiter.timer.cancel()
         slots.waiting -= 1
-        self.waiting -= 1
-        self.bytes -= waiter.size
+        self.waiting, self.bytes = self.waiting - 1, self.bytes - waiter.size
         waiter.host.waiting -= 1
         self.metrics.queued[share.token] -= 1
 
@@ -4012,10 +4010,10 @@ async def upstream_error(upstream: Upstream, response: httpcore.Response, dialec
     body = await whole(upstream, response, MAX_ERROR_BODY, cut=True)
     name, status, document = upstream.name, response.status, parsed(body)
     refusal = Refusal(name, status, dialect, response.extensions.get(HOST_EXTENSION), routed, providers, document)
-    error = document.get("error") if isinstance(document, dict) else None  # OpenAI's shape, and Anthropic's:
-    said = error.get("message") if isinstance(error, dict) else None  # {"error": {"message": ...}}
     kept, own = crossing_headers(response.headers), dialect.own_error(document)
     hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if (always or not own) and applies(refusal)]
+    error = document.get("error") if isinstance(document, dict) else None  # OpenAI's shape, and Anthropic's:
+    said = error.get("message") if isinstance(error, dict) else None  # {"error": {"message": ...}}
     if own:
         if hints and isinstance(said, str):
             error["message"] = " ".join([sentence(said), *hints])
@@ -4625,9 +4623,8 @@ def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: 
         app = apps.get(token)
         if app is None or day not in app["daily"]:
             continue
-        model_counts = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
-        for kept in (app["daily"][day], app["total"], model_counts[1]) + ((app["today"], model_counts[0])
-                                                                           if day == today else ()):
+        on_day, in_all = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
+        for kept in (app["daily"][day], app["total"], in_all, *((app["today"], on_day) if day == today else ())):
             for i, value in enumerate(values):
                 kept[i] += value
     return {"today": today, "from": shown[0], "days": days, "apps": {name: {
@@ -4653,8 +4650,7 @@ def usage_page(report: dict[str, Any]) -> bytes:
         if app["quota"] is not None:
             parts.append(f'<p class="sum">Quota {plural(app["quota"], "token")} a day: <b>{app["quota_left"]:,} '
                          "left</b> today.</p>\n")
-        parts.append(usage_bars(app["daily"]))
-        parts.append(usage_table(app["models"], report["days"]))
+        parts += [usage_bars(app["daily"]), usage_table(app["models"], report["days"])]
     parts.append("</body>\n</html>\n")
     return "".join(parts).encode()
 
