@@ -4999,17 +4999,17 @@ class Metrics:
         def family(name: str, kind: str, text: str, labels: tuple[str, ...], samples: Any) -> None:
             lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
             for values, value in sorted(samples):
-                lines.append(f"{name}{label_set(labels, values)} {number(value)}")
+                lines.append(f"{name}{label_set(labels, values)} {value}")
 
         def histogram(name: str, text: str, series: dict[tuple, list], bounds: tuple[float, ...],
                       label: str = "route") -> None:
             lines.extend((f"# HELP {name} {text}", f"# TYPE {name} histogram"))
             for (value,), counts in sorted(series.items()):
                 total = 0
-                for bound, n in zip((*bounds, math.inf), counts):
+                for bound, n in zip((*bounds, "+Inf"), counts):
                     total += n
-                    lines.append(f"{name}_bucket{label_set((label, 'le'), (value, number(bound)))} {total}")
-                lines.append(f"{name}_sum{label_set((label,), (value,))} {number(counts[-1])}")
+                    lines.append(f"{name}_bucket{label_set((label, 'le'), (value, bound))} {total}")
+                lines.append(f"{name}_sum{label_set((label,), (value,))} {counts[-1]}")
                 lines.append(f"{name}_count{label_set((label,), (value,))} {total}")
 
         hosts = [(upstream.name, host) for upstream in upstreams for host in upstream.hosts]
@@ -5048,14 +5048,8 @@ class Metrics:
 
 
 def label_set(names: tuple[str, ...], values: tuple) -> str:
-    if not names:
-        return ""
     escaped = (str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for value in values)
-    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}"
-
-
-def number(value: float) -> str:
-    return "+Inf" if value == math.inf else str(value)
+    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}" if names else ""
 
 
 class JsonFormatter(logging.Formatter):
