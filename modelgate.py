@@ -4323,9 +4323,8 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
 # Readiness ###################################################################
 ###############################################################################
 
-# GET /ready asks each host of the default provider for its models, waits Gateway(ready_timeout=) for an
-# answer (2 s), and keeps the result this long, so that probes every few seconds cost the upstream one
-# cheap request.
+# GET /ready asks each host of the default provider for its models, waits Gateway(ready_timeout=) for an answer
+# (2 s), and keeps the result this long, so that probes every few seconds cost the upstream one cheap request.
 READY_CACHE_SECONDS = 5.0
 
 
@@ -4947,8 +4946,7 @@ QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 
 # modelgate_tokens_total keeps at most this many models per token name and provider (Metrics.record).
 MAX_MODEL_SERIES = 100
 
-# The Prometheus text exposition format, version 0.0.4.
-METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
 
 
 def count(counter: dict[tuple, int], key: tuple) -> None:
