@@ -5429,7 +5429,7 @@ def command_line() -> Any:
     return parser
 
 
-def print_usage(config: Config, days: int, clock: Callable[[], float] = time.time) -> int:
+def print_usage(config: Config, days: int) -> int:
     """--usage: the counts USAGE_DB holds, as a table; 1 when there is no file to read."""
     path = config.usage_db
     if not path:
@@ -5445,11 +5445,9 @@ def print_usage(config: Config, days: int, clock: Callable[[], float] = time.tim
     except ConfigError as exc:
         print(f"modelgate: {exc}")
         return 1
-    today = local_day(clock())[0]
-    try:
+    today = local_day(time.time())[0]
+    with contextlib.closing(db):
         counts = read_usage(db, (datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)).isoformat())
-    finally:
-        db.close()
     names = {*config.token_names, *(key[1] for key in counts)}
     print(*usage_lines(usage_report(counts, today, days, names, config.token_quotas)), sep="\n")
     return 0
@@ -5517,10 +5515,8 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
         end += len(text) - len(text.lstrip()) if text.strip() else 0  # what strip() took before it, a no-break space
         text += "\n" * (text == text.rstrip("\r\n"))
         lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
-    else:
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        lines.append(f"MODELGATE_TOKEN={entry}\n")
+    else:  # a line of its own, after a last line without its line end
+        lines.append("\n" * (bool(lines) and not lines[-1].endswith("\n")) + f"MODELGATE_TOKEN={entry}\n")
     try:
         # In place, not a new file: its owner, mode and a bind mount of it (Docker) stay; a new one is 0600.
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8",
@@ -5673,8 +5669,8 @@ async def check(config: Config, sources: Sources) -> int:
         except asyncio.TimeoutError:
             cloud = f"Ollama's cloud: unknown (no answer to /api/status within {CHECK_TIMEOUT_SECONDS:g} s)"
     finally:
-        for host in (host for upstream in upstreams for host in upstream.hosts):
-            host.pool.retire()
+        for upstream in upstreams:
+            upstream.retire()
     answered, lines, ids = zip(*results)  # (each upstream has a host at least)
     # Unless every host answered, what is listed is not all there is.
     unmatched = unmatched_models(config, set().union(*ids)) if all(answered) else []
