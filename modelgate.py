@@ -5763,17 +5763,13 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
         import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
     except ModuleNotFoundError as missing:
         sys.exit(LACKING.format(python=sys.executable, name=missing.name))
-
     server = uvicorn.Server(uvicorn.Config(
-        gateway, host=config.host, port=config.port,
+        gateway, host=config.host, port=config.port, server_header=False, timeout_keep_alive=keep_alive,
         ssl_certfile=config.tls_cert_file or None, ssl_keyfile=config.tls_key_file or None,
         # uvicorn's h11 protocol, which closes a connection without a complete request head after
         # CLIENT_TIMEOUT_SECONDS. Named, so that httptools, if installed, is not picked instead: it would lack that.
         http=head_timeout_protocol(lambda: server.client_timeout),
-        access_log=False,  # we log one line per request ourselves
-        log_config=None,  # and main() gives uvicorn's own lines the same format
-        server_header=False,
-        timeout_keep_alive=keep_alive,
+        access_log=False, log_config=None,  # we log one line per request; main() gives uvicorn's own lines our format
         proxy_headers=False,  # X-Forwarded-For is for the app to judge (TRUSTED_PROXIES), not uvicorn
         # A backstop for a client that stops reading the error event: uvicorn cancels what still runs.
         timeout_graceful_shutdown=config.shutdown_grace + 5,
