@@ -5012,9 +5012,8 @@ class Metrics:
 
         hosts = [(upstream.name, host) for upstream in upstreams for host in upstream.hosts]
         now = time.monotonic()
-        family("modelgate_requests_total", "counter", "Requests answered, by route, provider, token name "
-               "and status (499: the client left first).", ("route", "provider", "token", "status"),
-               self.requests.items())
+        family("modelgate_requests_total", "counter", "Requests answered, by route, provider, token name and status "
+               "(499: the client left first).", ("route", "provider", "token", "status"), self.requests.items())
         histogram("modelgate_request_duration_seconds", "Time from request to complete answer.",
                   self.durations, DURATION_BUCKETS)
         histogram("modelgate_stream_first_byte_seconds", "Time from request to the first streamed bytes.",
@@ -5037,9 +5036,8 @@ class Metrics:
         family("modelgate_tokens_total", "counter", "Tokens the upstreams said they used, by token name, "
                "provider, model (as sent upstream) and kind (prompt or completion).",
                ("token", "provider", "model", "kind"), self.tokens.items())
-        family("modelgate_upstream_up", "gauge", "1 when the host is not cooling down after a failed "
-               "connection.", ("provider", "host"),
-               [((name, str(host.number)), int(host.down_until <= now)) for name, host in hosts])
+        family("modelgate_upstream_up", "gauge", "1 when the host is not cooling down after a failed connection.",
+               ("provider", "host"), [((name, str(host.number)), int(host.down_until <= now)) for name, host in hosts])
         family("modelgate_upstream_in_flight", "gauge", "Requests in flight to the host.", ("provider", "host"),
                [((name, str(host.number)), host.pool.in_use) for name, host in hosts])
         return ("\n".join(lines) + "\n").encode()
