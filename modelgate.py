@@ -4943,8 +4943,7 @@ FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 # QUEUE_TIMEOUT_SECONDS).
 QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-# modelgate_tokens_total keeps at most this many models per token name and provider (Metrics.record).
-MAX_MODEL_SERIES = 100
+MAX_MODEL_SERIES = 100  # models per token name and provider in modelgate_tokens_total (Metrics.record)
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
 
@@ -5087,13 +5086,12 @@ app = Gateway()
 # The connection pool and socket stream under httpcore's HTTP/1.1 #############
 ###############################################################################
 
-# Why our own: httpcore's AsyncConnectionPool and its anyio network backend cost more than the relay
-# itself. Measured with bench_modelgate.py on a 2-core VM before they were replaced: with httpcore's pool,
-# most of the gateway's time at 64 connections went to re-examining every pooled connection on every
-# request, and anyio's cancel scope around each read cost more than the read. httpcore's
-# AsyncHTTP11Connection (h11) still speaks the protocol: what is here is only where connections wait
-# between requests and how bytes reach the socket. The floor this leaves (`bench_modelgate.py --floor`)
-# is in docs/benchmark.md.
+# Why our own: httpcore's AsyncConnectionPool and its anyio network backend cost more than the relay itself.
+# Measured with bench_modelgate.py on a 2-core VM before they were replaced: with httpcore's pool, most of the
+# gateway's time at 64 connections went to re-examining every pooled connection on every request, and anyio's cancel
+# scope around each read cost more than the read. httpcore's AsyncHTTP11Connection (h11) still speaks the protocol:
+# what is here is only where connections wait between requests and how bytes reach the socket. The floor this leaves
+# (`bench_modelgate.py --floor`) is in docs/benchmark.md.
 
 # How much of an upstream's answer may wait here for the client before we stop reading from the upstream.
 READ_BUFFER_LIMIT = 1024 * 1024
@@ -5105,10 +5103,9 @@ KEEPALIVE_SECONDS = 4.0
 
 class SocketStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     """One TCP (or TLS) connection as httpcore's HTTP/1.1 code uses it: read, write, close, with a read timeout;
-    the same contract as httpcore's own backend, on asyncio's protocol callbacks. Incoming data waits in a list
-    and a reader waits on one future. The read timeout is one timer per connection that moves its deadline on
-    instead of one timer per read (a stream reads once per token). httpcore writes a request as headers, body and
-    end in three calls; they leave in one send when it starts to read."""
+    the same contract as httpcore's own backend, on asyncio's protocol callbacks. The read timeout is one timer per
+    connection that moves its deadline on instead of one timer per read (a stream reads once per token). httpcore
+    writes a request as headers, body and end in three calls; they leave in one send when it starts to read."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -5478,7 +5475,6 @@ RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python m
                "modelgate, or docker kill -s HUP modelgate (under Docker Compose, whose env_file is read when the "
                "container is made: docker compose up -d).")
 
-# A MODELGATE_TOKEN set in the environment wins over .env's (read_settings), at start-up and on every reload.
 ENVIRONMENT_WINS = ("But MODELGATE_TOKEN is set in the environment, which wins over .env: a gateway started with "
                     "it does not use this token, not after a reload either. Add it where MODELGATE_TOKEN is set "
                     "(the shell, docker run -e or --env-file, the service's Environment=), or unset it there, "
@@ -5580,8 +5576,7 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
     server.client_timeout = gateway.config.client_timeout
 
 
-# uvicorn's default --backlog.
-BACKLOG = 2048
+BACKLOG = 2048  # uvicorn's default --backlog
 
 # What listen() says when binding fails, by errno (anything else: its strerror).
 BIND_FAILURES = {
@@ -5641,10 +5636,9 @@ CHECK_TIMEOUT_SECONDS = 10.0
 
 
 async def check(config: Config, sources: Sources) -> int:
-    """--check: the start-up summary and its warnings, then each upstream host asked once for its models, and
-    the aliases and TOKEN_MODELS compared with them. Exit status 0 when nothing is wrong; 1 when anything is:
-    a warning (a .env key that is no setting, a weak token, ...), an upstream that does not answer, an alias or
-    a pattern that no listed model matches, each said on a line of its own (issue 20)."""
+    """--check: the start-up summary and its warnings, each upstream host asked once for its models, and the aliases
+    and TOKEN_MODELS compared with them. Exit status 1 when anything is wrong (a warning, an upstream that does not
+    answer, an alias or a pattern no listed model matches), each said on a line of its own (issue 20); else 0."""
     log.addHandler(logging.NullHandler())  # what the gateway would log while serving is said here in full
     log.propagate = False
     would_listen = "would listen on " + where_listening(config, [(config.host, config.port)])
@@ -5699,8 +5693,7 @@ def unmatched_models(config: Config, listed: set[str]) -> list[str]:
 
 
 async def probe(upstream: Upstream, host: Host) -> tuple[bool, str, list[str]]:
-    """Ask one host for its models: (whether it answered, a line saying what it answered, the models as
-    `provider/id`)."""
+    """One host asked for its models: (whether it answered, a line saying what it answered, its `provider/id`s)."""
     where = f"{upstream.where(host)} {shown_url(host.base_url)}"
     try:
         document = await asyncio.wait_for(upstream.get_json(b"/models", [], host), CHECK_TIMEOUT_SECONDS)
@@ -5754,9 +5747,8 @@ CLIENT_KEEPALIVE_SECONDS = 75
 
 def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = CLIENT_KEEPALIVE_SECONDS,
                    reload: Callable[[], None] | None = None) -> Any:
-    """The uvicorn server that `python modelgate.py` runs: HOST, PORT, TLS, our part of SIGTERM, `reload` on
-    SIGHUP, a bound on the wait for a request head (CLIENT_TIMEOUT_SECONDS), how long an idle connection is
-    kept, and asyncio's errors one line per kind."""
+    """The uvicorn server that `python modelgate.py` runs, with our part of SIGTERM, `reload` on SIGHUP, a bound on
+    the wait for a request head (CLIENT_TIMEOUT_SECONDS) and asyncio's errors one line per kind."""
     try:
         import uvicorn  # only the command line needs it; `uvicorn modelgate:app` brings its own
     except ModuleNotFoundError as missing:
@@ -5845,8 +5837,7 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
     return HeadTimeoutProtocol
 
 
-# How often LoopErrors logs how many more of a kind of failure there were, while they go on.
-LOOP_ERROR_SECONDS = 60.0
+LOOP_ERROR_SECONDS = 60.0  # how often LoopErrors logs how many more of a kind of failure came, while they go on
 
 
 class LoopErrors:
