@@ -1586,13 +1586,12 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     return document, body
 
 
-# What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner
-# builds it, but its objects and numbers are dropped as soon as they are read (_skip_value), so what stays
-# until the value ends are its arrays and the strings in them. Those are counted in bytes of memory per byte
-# of body (issue 17, hole 4: 16 MiB of [[],[],...] made 466 MiB of lists): an array about 88 bytes, an
-# element 8 more, a string in one 60. A body that would cost more than twice its size is a 413; a chat with
-# images, a batch of texts or of token ids costs less than one. Only brackets and commas outside strings
-# count: inside one they are text, and a page to translate may be all commas (a CSV table, a list, code).
+# What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner builds
+# it, but drops its objects and numbers as soon as they are read (_skip_value), so what stays until the value ends are
+# its arrays and the strings in them. Those are counted in bytes of memory per byte of body (issue 17, hole 4: 16 MiB of
+# [[],[],...] made 466 MiB of lists); a body that would cost more than twice its size is a 413, and a chat with images,
+# a batch of texts or of token ids costs less than one. Only brackets and commas outside strings count: inside one they
+# are text, and a page to translate may be all commas (a CSV table, a list, code).
 ARRAY_COST, ELEMENT_COST, STRING_COST, MAX_SKIP_COST = 88, 8, 30, 2  # STRING_COST: per unescaped quote
 MIN_COUNTED_BODY = 256 * 1024  # smaller bodies cost at most about 9 MiB whatever their shape
 MAX_READ_VALUE = 64 * 1024  # a value that ModelGate reads (READ_FIELDS, a model's name) is parsed whole
@@ -1669,13 +1668,12 @@ _skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool,
 
 
 def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
-    """Of the JSON object `text` (a body decoded as latin-1, a character per byte): the values of its top-level keys in
-    `read` (parsed from their own bytes as UTF-8), and where the value of each key lies (the last of a key written
-    twice, as json.loads keeps the last). None and {} for valid JSON that is not an object; json.JSONDecodeError for
-    what is not JSON (each value checked by json's own scanner). A key in `read` must be written once, in lower case,
-    else 400. Ollama is written in Go, whose encoding/json takes "Model" or "NAME" for "model" or "name", the last one
-    winning: such a key would make Ollama run a model other than the one routed and checked here. Of a key written
-    twice, Go and Python keep the last; an OpenAI-compatible server that keeps the first runs the other model."""
+    """The values of the top-level keys in `read` of the JSON object `text` (a body decoded as latin-1, a character per
+    byte), each parsed from its own bytes as UTF-8, and where each key's value lies (the last of a key written twice, as
+    json.loads keeps); None and {} for JSON that is no object; json.JSONDecodeError for what is not JSON (json's own
+    scanner checks each value). A key in `read` written twice, or not in lower case, is a 400: Go's encoding/json
+    (Ollama's) takes "Model" or "NAME" for "model", the last one winning, and a server that keeps the first of two runs
+    a model other than the one routed and checked here."""
     ws = _WHITESPACE.match
     at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
     document: dict[str, Any] | None = {}
@@ -1794,12 +1792,10 @@ def route_model(model: str, config: Config, dialect: Dialect = OPENAI, aliases: 
 
 
 def spellings(model_id: str) -> tuple[str, ...]:
-    """`provider/name` as a pattern may name it: Ollama's `tiny` and `tiny:latest` are one model (Ollama adds
-    the tag), so each is matched as the other too. Whatever comes before `://` is no part of it: Ollama takes it
-    for a scheme and drops it (ParseNameBare, types/model/name.go), and `qwen://registry.ollama.ai/library/llama3`
-    runs llama3, not a model that `ollama/qwen*` allows. A cloud model has each spelling of Ollama's source
-    suffix: `x:7b:cloud` is `x:7b-cloud`, `x:cloud` is `x:latest-cloud` (parseSourceSuffix sends each to
-    ollama.com as x:7b or x, internal/modelref/modelref.go)."""
+    """`provider/name` as a pattern may name it: Ollama adds the tag, so `tiny` and `tiny:latest` match as each
+    other; it drops whatever comes before `://` as a scheme (ParseNameBare, types/model/name.go), so
+    `qwen://registry.ollama.ai/library/llama3` runs llama3, not a model that `ollama/qwen*` allows; a cloud model
+    matches with either source suffix, as ollama_name spells them (`x:7b:cloud` is `x:7b-cloud`)."""
     provider, _, name = model_id.partition("/")
     if provider != "ollama":
         return (model_id,)
@@ -1893,14 +1889,12 @@ def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
 
 
 def ollama_name(name: str) -> str:
-    """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its
-    registry, namespace and the tag `latest`; getExistingName matches in any case): `tiny`, `Tiny:latest`
-    and `registry.ollama.ai/library/tiny:latest` are one model. In any case as Go's strings.EqualFold has it,
-    whose folding takes ſ for s and the Kelvin sign for k, as casefold() does and lower() does not. The source
-    suffix `:local` (spaces around it ignored, in any case) is no part of the name: Ollama runs `tiny:7b:local`
-    as tiny:7b (parseSourceSuffix, internal/modelref/modelref.go); a cloud model's suffix, `:cloud` or a tag
-    ending in `-cloud`, is spelled one way: Ollama sends `x:7b:cloud` and `X:7b-Cloud` to ollama.com as x:7b,
-    and they are x:7b-cloud; `x:cloud` is x:latest-cloud."""
+    """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its registry,
+    namespace and the tag `latest`; getExistingName matches in any case, folded as Go's strings.EqualFold and
+    casefold() fold, not lower(): ſ is s, the Kelvin sign k): `tiny`, `Tiny:latest` and
+    `registry.ollama.ai/library/tiny:latest` are one model. Of the source suffix (cloud_suffix), `:local` is dropped
+    (Ollama runs `tiny:7b:local` as tiny:7b), and Ollama sends `x:7b:cloud` and `X:7b-Cloud` to ollama.com as x:7b:
+    both are x:7b-cloud, and `x:cloud` is x:latest-cloud."""
     name = name.strip().casefold()
     base, colon, source = name.rpartition(":")
     source = source.strip()
@@ -1924,12 +1918,10 @@ def cloud_refusal(token: str, what: str) -> GatewayError:
 
 
 def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
-    """For a token outside OLLAMA_CLOUD_TOKENS, a model no list of Ollama's models read in the last CLOUD_LIST_SECONDS
-    shows local, when the list could not be read again: the failure that kept it (502 or 504, and what to check), saying
-    what was not done. Not 403 cloud_not_allowed: the model may well be local, and a 403 tells the user it is not and is
-    never retried; an Ollama that cannot list its models is in trouble, as a stopped one is, and the SDKs retry a 502 or
-    504, whose next try asks for the list again (issue 19: nothing goes to ollama.com on a guess)."""
-    # What went wrong first (Ollama not running, say, is the usual case), then why nothing was sent.
+    """For a token outside OLLAMA_CLOUD_TOKENS and a model that Ollama's list cannot place, the list unreadable: the
+    failure that kept it (502 or 504: Ollama not running, say), then what was not done. Not a 403, which says the model
+    is a cloud one and is never retried; the SDKs retry a 502 or 504, and the next try asks for the list again (issue
+    19: nothing goes to ollama.com on a guess)."""
     return GatewayError(failure.situation, f"{failure.message} Nothing was sent: Ollama's list of models (GET "
                         f"/api/tags) tells whether the model {asked!r} runs on ollama.com under the account of this "
                         f"Ollama's owner, and could not be read, and the token {token!r} may not use Ollama's cloud "
@@ -1995,11 +1987,11 @@ UNCHECKED = {"prompt": "runs a prompt stored with OpenAI, with the model and too
                                          "the request without it."}
 
 
-# The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it: OpenAI's
-# image_generation (platform.openai.com/docs/guides/tools-image-generation), OpenRouter's server tools that generate
-# images, consult an advisor (the model may name one in its call) or a panel of models and a judge
-# (openrouter.ai/docs/guides/features/server-tools), and the advisor in Anthropic's shape on /messages
-# (`advisor_20260301`, its `model`). A tool whose type begins with one of these.
+# The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it (a tool whose type
+# begins with one of these): OpenAI's image_generation (platform.openai.com/docs/guides/tools-image-generation),
+# OpenRouter's server tools that generate images, consult an advisor (the model may name one in its call) or a panel of
+# models and a judge (openrouter.ai/docs/guides/features/server-tools), and the advisor in Anthropic's shape on
+# /messages (`advisor_20260301`, its `model`).
 MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:advisor", "openrouter:fusion", "advisor_")
 
 
@@ -2052,12 +2044,10 @@ def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
 def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
                   overrides: dict[str, Any], edits: dict[str, str]) -> None:
     """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
-    replaces the client's value, a default fills in only what it lacks, and where the client's value and theirs are
-    both objects (Ollama's `options`) that is decided key by key inside the client's object. 400 for a key that Go's
-    decoder reads as a field they set, written otherwise ("KEEP_ALIVE", "Options"; inside an object too, "EFFORT"
-    of reasoning): of the two, Ollama takes the last (an object: merged into the first), so an app's own keep_alive or
-    num_ctx after the override's would win over it, as parse_body refuses for `model`. (In a map, such as options, Go
-    keeps both: refused all the same.)"""
+    replaces the client's value, a default fills in what it lacks, key by key inside an object of both (Ollama's
+    `options`). 400 for a key that Go's decoder reads as one they set, written otherwise ("KEEP_ALIVE", "Options",
+    "EFFORT" in reasoning): Ollama takes the last of the two (objects merged), so an app's own keep_alive after the
+    override's would win, as parse_body refuses for `model` (in a map, such as options, Go keeps both: refused too)."""
     fields = {**defaults, **overrides}  # each field's value as its override has it, else as its default
     folded = {field.casefold(): field for field in fields}
     for key in spans:
@@ -2122,11 +2112,10 @@ def spliced(text: str, spans: dict[str, tuple[int, int]], edits: dict[str, str])
 def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect: Dialect = OPENAI,
                 names: tuple[str, ...] = ("id",), aliases: bool = True,
                 cloud: CloudModels | None = None) -> list[tuple[str, dict]]:
-    """A model list (`provider/name` -> entry) as a token sees it, as (name a client uses, entry) pairs: the
-    models TOKEN_MODELS lets it use, then each alias whose target is listed and within them, as an entry of its
-    own named by the alias under `names` (OpenAI's id; Ollama's name and model). An alias to a provider that is
-    not configured, or not behind the door of `dialect`, is left out. With `cloud`, Ollama's cloud models (and
-    aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only."""
+    """A model list (`provider/name` -> entry) as a token sees it, as (name a client uses, entry) pairs: the models
+    TOKEN_MODELS lets it use, then each alias of them (its provider configured and behind the door of `dialect`), as an
+    entry of its own named by the alias under `names` (OpenAI's id; Ollama's name and model). With `cloud`, Ollama's
+    cloud models (and aliases of them) are shown to the tokens in OLLAMA_CLOUD_TOKENS only."""
     def shown(model_id: str, item: dict) -> bool:
         provider, _, name = model_id.partition("/")
         return may_use(config, token, model_id) and not (
