@@ -2307,21 +2307,18 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
     # handlers directly: log.info() would first walk the stack to find its caller, a third of the cost.
     if not log.isEnabledFor(logging.INFO):
         return
-    ttfb = f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else ""
     prompt, completion = ex.usage or (None, None)
-    used = ((f" prompt_tokens={prompt}" if prompt is not None else "")
-            + (f" completion_tokens={completion}" if completion is not None else ""))
-    coalesced = " coalesced" if ex.coalesced else ""
-    queued = f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else ""
-    error = f" error={ex.error}" if ex.error else ""
     # Its fields are separated by spaces: one in a path, a model or an upstream's request id would forge one.
     path, model = printable(ex.path).replace(" ", "\\x20"), printable(ex.model).replace(" ", "\\x20")
     request_id = printable(ex.request_id.decode("latin-1")).replace(" ", "\\x20") or "-"
-    line = (f"{ex.method} {path} {ex.status} {ex.provider} {model} {seconds * 1000:.0f}ms "
-            f"{ex.bytes_out}B{ttfb}{queued}{used} token={ex.token} client={ex.client}{coalesced}{error} "
-            f"id={request_id}")
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None,
-                              extra={"exchange": (ex, seconds)}))
+    line = (f"{ex.method} {path} {ex.status} {ex.provider} {model} {seconds * 1000:.0f}ms {ex.bytes_out}B"
+            + (f" ttfb={ex.ttfb * 1000:.0f}ms" if ex.ttfb is not None else "")
+            + (f" queued_ms={ex.queued * 1000:.0f}" if ex.queued is not None else "")
+            + (f" prompt_tokens={prompt}" if prompt is not None else "")
+            + (f" completion_tokens={completion}" if completion is not None else "")
+            + f" token={ex.token} client={ex.client}" + (" coalesced" if ex.coalesced else "")
+            + (f" error={ex.error}" if ex.error else "") + f" id={request_id}")
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None, extra={"exchange": (ex, seconds)}))
 
 
 ###############################################################################
