@@ -1162,11 +1162,10 @@ def with_v1(url: str) -> str:
 #   1. the client's address: ALLOWED_IPS, found through TRUSTED_PROXIES (screen);
 #   2. its credentials: a token of MODELGATE_TOKEN (authorized), an admin's for the routes that change what
 #      Ollama holds, and that token within TOKEN_QUOTAS, MAX_CONCURRENT_PER_TOKEN and RATE_LIMIT_RPM (admit);
-#   3. its body (Route.reads): read within MAX_BODY_BYTES, BODIES_HELD of them per token, and CLIENT_TIMEOUT_SECONDS
-#      (read_body), its JSON read at a bounded cost in memory (parse_body), each field that names a model routed
-#      (MODEL_ALIASES: route_model) and checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS, and the few edits made
-#      to it (the model's name, MODEL_DEFAULTS and MODEL_OVERRIDES, a stream's usage: routed_body); every other byte
-#      goes as it came;
+#   3. its body (Route.reads): read within MAX_BODY_BYTES, BODIES_HELD per token and CLIENT_TIMEOUT_SECONDS (read_body),
+#      its JSON read at a bounded cost in memory (parse_body), each model it names routed (MODEL_ALIASES: route_model)
+#      and checked against TOKEN_MODELS and OLLAMA_CLOUD_TOKENS, a few edits (the model's name, MODEL_DEFAULTS and
+#      MODEL_OVERRIDES, a stream's usage: routed_body); every other byte goes as it came;
 #   4. the headers: the few of the client's that travel, those of an upstream's answer that return (crossing_headers);
 #   5. what the log line may hold: never a body, a token or a key (log_exchange).
 
@@ -1198,10 +1197,9 @@ def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
 
 
 def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) -> Address | None:
-    """The peer, or behind trusted proxies the nearest X-Forwarded-For hop that is not one; None if no IP address.
-    Each proxy appends the address it saw, so only the hops trusted proxies added are skipped, from the right
-    (uvicorn's proxy_headers.py); the left part is whatever the client wrote. From any other peer the header is
-    ignored: it cannot talk its way past ALLOWED_IPS."""
+    """The peer, or behind trusted proxies the nearest X-Forwarded-For hop that is not one; None if no IP address. Each
+    proxy appends the address it saw, so only hops trusted proxies added are skipped, from the right (uvicorn's
+    proxy_headers.py); the rest is the client's. Another peer's header is ignored: it cannot talk past ALLOWED_IPS."""
     address = parse_ip(peer)
     if address is None or not in_networks(address, trusted):
         return address
@@ -1458,8 +1456,7 @@ async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes
 
 # A body is held in memory from its first byte to its request's end: twenty of 16 MiB stalled before their last byte
 # took 360 MiB, and one token could open as many as the file limit allows (1,024 x 16 MiB). A token's requests hold at
-# most this many bodies of MAX_BODY_BYTES at once; a household's apps send kilobytes (a page's paragraphs, a chat),
-# an image chat megabytes.
+# most this many bodies of MAX_BODY_BYTES at once; apps send kilobytes (a chat, a page), an image chat megabytes.
 BODIES_HELD = 4
 
 
@@ -1470,9 +1467,8 @@ def too_many_bodies(held: int, limit: int) -> GatewayError:
 
 
 async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error: Exception) -> Any:
-    """Await with a deadline, raising `timeout_error` when it passes. asyncio.wait_for before Python 3.12 drops a
-    cancellation that arrives as its awaitable finishes, and the client watch cancels exactly once: a client leaving
-    then would go unnoticed."""
+    """Await with a deadline, else raise `timeout_error`: asyncio.wait_for before Python 3.12 drops a cancellation that
+    comes as its awaitable finishes, and the client watch cancels once: a client leaving then would go unnoticed."""
     task, expired = asyncio.current_task(), False
 
     def expire() -> None:
@@ -1494,11 +1490,10 @@ async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error:
 
 
 # Encoded bodies ---------------------------------------------------------------------------------------------
-# A request body is read before anything is decided about it, and forwarded as it was read: one sent with a
-# Content-Encoding ModelGate can decode with the standard library (gzip, as HTTP clients send it) is decoded,
-# never to more than MAX_BODY_BYTES (a gzip bomb gets 413), and forwarded decoded without the header (Ollama's
-# routes read no encoded body; only its cloud passthrough decodes zstd: server/cloud_proxy.go). Any other
-# encoding is refused (415): a body whose model ModelGate could not read is never forwarded.
+# A request body is read before anything is decided, and forwarded as read: one with a Content-Encoding the standard
+# library decodes (gzip, as HTTP clients send it) is decoded, never past MAX_BODY_BYTES (a gzip bomb gets 413), and
+# forwarded decoded without the header (Ollama's routes read no encoded body; only its cloud passthrough decodes zstd:
+# server/cloud_proxy.go). Any other encoding is refused (415): a body whose model could not be read is never forwarded.
 DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
 
 
@@ -1890,11 +1885,10 @@ def cloud_stub(cloud: CloudModels, name: str) -> bool | None:
 
 def ollama_name(name: str) -> str:
     """One spelling of an Ollama model's name, as Ollama finds a model (types/model/name.go fills in its registry,
-    namespace and the tag `latest`; getExistingName matches in any case, folded as Go's strings.EqualFold and
-    casefold() fold, not lower(): ſ is s, the Kelvin sign k): `tiny`, `Tiny:latest` and
-    `registry.ollama.ai/library/tiny:latest` are one model. Of the source suffix (cloud_suffix), `:local` is dropped
-    (Ollama runs `tiny:7b:local` as tiny:7b), and Ollama sends `x:7b:cloud` and `X:7b-Cloud` to ollama.com as x:7b:
-    both are x:7b-cloud, and `x:cloud` is x:latest-cloud."""
+    namespace and the tag `latest`; getExistingName matches in any case, as Go's strings.EqualFold and casefold() fold,
+    not lower(): ſ is s, the Kelvin sign k): `tiny`, `Tiny:latest` and `registry.ollama.ai/library/tiny:latest` are one
+    model. Of the source suffix (cloud_suffix), `:local` is dropped (Ollama runs `tiny:7b:local` as tiny:7b), and it
+    sends `x:7b:cloud` and `X:7b-Cloud` to ollama.com as x:7b: both are x:7b-cloud, `x:cloud` x:latest-cloud."""
     name = name.strip().casefold()
     base, colon, source = name.rpartition(":")
     source = source.strip()
@@ -1987,11 +1981,10 @@ UNCHECKED = {"prompt": "runs a prompt stored with OpenAI, with the model and too
                                          "the request without it."}
 
 
-# The tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it (a tool whose type
-# begins with one of these): OpenAI's image_generation (platform.openai.com/docs/guides/tools-image-generation),
-# OpenRouter's server tools that generate images, consult an advisor (the model may name one in its call) or a panel of
-# models and a judge (openrouter.ai/docs/guides/features/server-tools), and the advisor in Anthropic's shape on
-# /messages (`advisor_20260301`, its `model`).
+# Tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it (by the start of its
+# type): OpenAI's image_generation (platform.openai.com/docs/guides/tools-image-generation), OpenRouter's server tools
+# that make images, consult an advisor (which the model may name) or a panel of models and a judge
+# (openrouter.ai/docs/guides/features/server-tools), and Anthropic's `advisor_20260301` on /messages.
 MODEL_TOOLS = ("image_generation", "openrouter:image_generation", "openrouter:advisor", "openrouter:fusion", "advisor_")
 
 
@@ -2139,15 +2132,13 @@ def models_seen(models: Mapping[str, dict], config: Config, token: str, dialect:
 # FormValue("model"), the first field of that name that is no file; Go's mime/multipart); the audio and every
 # other byte go as they came. A form read less surely than Go would read it is refused, never forwarded.
 
-# A part's name in RFC 2231's form (name*=, name*0=, name*1*=), and any parameter in pieces: Go's
-# mime.ParseMediaType and Python's email join the pieces differently (one written twice, one missing), and the
-# latter raises TypeError for a parameter both whole and in pieces. No client writes a field's name so; .NET
-# writes filename*= whole beside filename=, which stays readable.
+# A part's name in RFC 2231's form (name*=, name*0=, name*1*=), and any parameter in pieces: Go's mime.ParseMediaType
+# and Python's email join pieces differently (one written twice, one missing), and email raises TypeError for one both
+# whole and in pieces. No client writes a name so; .NET's filename*= beside filename= stays readable.
 PIECES = re.compile(rb"(?<!file)name\*|;[\s\x1c-\x1f]*\w+\*[0-9]")
 # What Go's mime.ParseMediaType reads as name=model in a part's header: after `;` and `=`, spaces as Go's
-# unicode.IsSpace has them (those of UTF-8 are bytes over 0x7f) or a folded line, then `model` as a token or
-# quoted. Python's email may read none there (after a quoted \\, after a header whose name holds a space, after
-# a no-break space).
+# unicode.IsSpace has them (UTF-8's are bytes over 0x7f) or a folded line, then `model` as a token or quoted. Python's
+# email may read none there (after a quoted \\, a header name holding a space, a no-break space).
 GO_MODEL_FIELD = re.compile(rb'(?i:;[\s\x80-\xff]*name[\s\x80-\xff]*=[\s\x80-\xff]*)'
                             rb'(?:"model"|model(?![-!#$%&\'*+.^_`|~0-9A-Za-z]))')
 
@@ -2229,16 +2220,14 @@ def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     return body if routed.name == model else body[:start] + routed.name.encode() + body[end:]
 
 
-# Hop-by-hop headers (RFC 9110 §7.6.1, with the RFC 2616 §13.5.1 names Go's reverse proxy keeps for backward
-# compatibility, including the non-standard Proxy-Connection that libcurl still sends). They describe one connection and
-# never cross the gateway, in either direction, nor does any header that a Connection header names.
+# Hop-by-hop headers (RFC 9110 §7.6.1, and RFC 2616 §13.5.1's that Go's reverse proxy keeps: libcurl still sends
+# Proxy-Connection) describe one connection: they never cross the gateway, nor does a header that Connection names.
 HOP_BY_HOP = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 
-# What of the client's request reaches an upstream: nothing but these (Go's ProxyRequest, one-api's
-# fresh request). Authorization is the gateway's own token, Cookie/Origin/Referer are the browser's,
-# Host is ours (Ollama answers a foreign Origin or Host with an empty 403), X-Forwarded-* are unchecked;
-# x-api-key is the gateway's token too. A dialect may let more through (Anthropic's version and beta).
+# Only these of the client's headers reach an upstream (Go's ProxyRequest, one-api's fresh request): Authorization and
+# x-api-key hold the gateway's token, Cookie/Origin/Referer are the browser's, Host is ours (Ollama answers a foreign
+# Origin or Host with an empty 403), X-Forwarded-* are unchecked. A dialect adds its own (Anthropic's version, beta).
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
 # With each dialect's own, made once rather than per request (Gateway.dispatch: Exchange.forward).
 TRAVELLING = {dialect.name: FORWARDED_REQUEST_HEADERS | dialect.forwarded for dialect in (OPENAI, OLLAMA, ANTHROPIC)}
