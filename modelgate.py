@@ -394,8 +394,7 @@ ROUTES: dict[str, Route] = {
     "/": Route({"GET": "home", "HEAD": "ollama_root", "POST": "posted_to_root"}, access="public", limited=False,
                dialect=OLLAMA),
     "/api/chat": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True, usage=OLLAMA_COUNTS),
-    "/api/generate": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True,
-                                         usage=OLLAMA_COUNTS),
+    "/api/generate": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True, usage=OLLAMA_COUNTS),
     "/api/embed": RUNS_MODEL._replace(dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False),
     "/api/embeddings": RUNS_MODEL._replace(dialect=OLLAMA, shared=False),
     "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,),
@@ -701,8 +700,7 @@ def parse_url(name: str, value: str) -> str:
 
 def no_credentials(name: str, value: str) -> None:
     if "@" in value:  # user:password@ (an @ has no other place in a base URL)
-        raise ConfigError(f"{name} must not hold credentials ({shown_url(value)}); put the key in "
-                          f"{name[:-8]}API_KEY")
+        raise ConfigError(f"{name} must not hold credentials ({shown_url(value)}); put the key in {name[:-8]}API_KEY")
 
 
 def shown_url(url: str) -> str:
