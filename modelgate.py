@@ -209,8 +209,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COALESCE", "coalesce", "on", "flag"),
     Setting("METRICS_PUBLIC", "metrics_public", "0", "flag"),
     Setting("LOG_FORMAT", "log_format", "text", "log format"),
-    # Docker and systemd wait 10 s and 90 s before they kill; Kubernetes waits 30 s. A translation
-    # stream is over in seconds, a long chat in a minute: 30 s lets most finish.
+    # Docker waits 10 s before it kills, Kubernetes 30 s, systemd 90 s; streams end in seconds, a long chat in a minute.
     Setting("SHUTDOWN_GRACE_SECONDS", "shutdown_grace", "30", "seconds"),
     Setting("HOST", "host", "0.0.0.0", "text"),
     Setting("PORT", "port", "8010", "port"),
@@ -230,8 +229,7 @@ SETTINGS: tuple[Setting, ...] = (
     # PR #11330); what ModelGate sends beyond it would only wait in Ollama's FIFO, where no app comes first.
     Setting("OLLAMA_NUM_PARALLEL", "ollama_num_parallel", "1", "limit"),
     Setting("TOKEN_SHARES", "token_shares", "", "shares"),
-    # Ollama's own load timeout is 5 minutes (OLLAMA_LOAD_TIMEOUT): a request that waited longer than a
-    # model takes to load is better told to come back.
+    # A request that waited longer than a model may take to load (OLLAMA_LOAD_TIMEOUT: 5 min) is better told to retry.
     Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", "300", "seconds"),
     # Counts that survive restarts, beside the gateway; empty keeps them in memory only (Usage, below).
     Setting("USAGE_DB", "usage_db", "modelgate-usage.sqlite3", "usage file"),
@@ -868,8 +866,7 @@ def check_model_pattern(name: str, pattern: str) -> str:
 
 
 def compact_json(value: Any) -> str:
-    # ASCII, with \u escapes: a lone surrogate (a client's "\ud800" in stream_options, say) is written as it
-    # came, where UTF-8 could not encode it.
+    # ASCII, with \u escapes: a lone surrogate (a client's "\ud800", say) is written as it came; UTF-8 cannot encode it.
     return json.dumps(value, separators=(",", ":"))
 
 
