@@ -538,8 +538,7 @@ class Answer(NamedTuple):
     status: int
     headers: Headers
     body: bytes
-    # An upstream's answer: its start and end, where it says what tokens it used (read when the exchange ends)
-    ends: tuple[bytes, bytes] | None = None
+    ends: tuple[bytes, bytes] | None = None  # an upstream's: its start and end, where it says what tokens it used
 
 
 PROVIDERS = ("ollama", "openai")
@@ -631,8 +630,7 @@ def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, .
     for entry in comma_list(value):
         label, colon, token = entry.partition(":")
         if not (colon and TOKEN_NAME.fullmatch(label)):
-            # Never a part of the token itself: the label must not help anyone guess it.
-            label, token = token_label(entry), entry
+            label, token = token_label(entry), entry  # never a part of the token: it must not help anyone guess it
         if not token:
             raise ConfigError(f"{name}: {entry!r} names a token but gives none after the ':'")
         if not all("!" <= c <= "~" for c in token) or token[0] + token[-1] == "<>":  # .env.example's <token one>
