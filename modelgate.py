@@ -1229,9 +1229,8 @@ AUTH_FAILURES = {
     "unknown token with a name": "The token sent is not one this gateway accepts. It has a `name:` in front: "
                                  "MODELGATE_TOKEN writes `name:token`, and apps send the token without its name, "
                                  "only the part after the first ':'. Check the rest for a typo, or for an old token.",
-    # A browser that logged in to /usage with Basic sends those credentials with every request to the gateway,
-    # a form on another site's page included (cross-site request forgery): Basic counts only from the gateway's
-    # own pages and from clients that are no browser (which send no Origin).
+    # A browser logged in to /usage with Basic sends it with any request to the gateway, from a form on another site too
+    # (cross-site request forgery): Basic counts only from the gateway's own pages and with no Origin (no browser).
     "basic from another site": "HTTP Basic credentials came with a request from another site's page (its Origin "
                                "is not this gateway): a browser sends them wherever the gateway is asked. Apps "
                                "send the token as `Authorization: Bearer <token>` or `x-api-key`.",
@@ -1574,12 +1573,11 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     return document, body
 
 
-# What a value ModelGate does not read may cost while it is checked for being JSON and skipped: json's scanner builds
-# it, but drops its objects and numbers as soon as they are read (_skip_value), so what stays until the value ends are
-# its arrays and the strings in them. Those are counted in bytes of memory per byte of body (issue 17, hole 4: 16 MiB of
-# [[],[],...] made 466 MiB of lists); a body that would cost more than twice its size is a 413, and a chat with images,
-# a batch of texts or of token ids costs less than one. Only brackets and commas outside strings count: inside one they
-# are text, and a page to translate may be all commas (a CSV table, a list, code).
+# What a value ModelGate skips (checked for being JSON only) may cost: json's scanner builds it but drops its objects
+# and numbers once read (_skip_value), so its arrays and the strings in them stay until it ends. Those are counted in
+# bytes of memory per byte of body (issue 17, hole 4: 16 MiB of [[],[],...] made 466 MiB of lists); a body that would
+# cost more than twice its size is a 413, and a chat with images, a batch of texts or of token ids costs less than one.
+# Only brackets and commas outside strings count: a page to translate may be all commas (a CSV table, a list, code).
 ARRAY_COST, ELEMENT_COST, STRING_COST, MAX_SKIP_COST = 88, 8, 30, 2  # STRING_COST: per unescaped quote
 MIN_COUNTED_BODY = 256 * 1024  # smaller bodies cost at most about 9 MiB whatever their shape
 MAX_READ_VALUE = 64 * 1024  # a value that ModelGate reads (READ_FIELDS, a model's name) is parsed whole
@@ -1656,12 +1654,11 @@ _skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool,
 
 
 def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
-    """The values of the top-level keys in `read` of the JSON object `text` (a body decoded as latin-1, a character per
-    byte), each parsed from its own bytes as UTF-8, and where each key's value lies (the last of a key written twice, as
-    json.loads keeps); None and {} for JSON that is no object; json.JSONDecodeError for what is not JSON (json's own
-    scanner checks each value). A key in `read` written twice, or not in lower case, is a 400: Go's encoding/json
-    (Ollama's) takes "Model" or "NAME" for "model", the last one winning, and a server that keeps the first of two runs
-    a model other than the one routed and checked here."""
+    """The values of the top-level keys in `read` of the JSON object `text` (a body decoded as latin-1), each parsed
+    from its own bytes as UTF-8, and where each key's value lies (a key written twice: the last, as json.loads); None
+    and {} for JSON that is no object; json.JSONDecodeError for what is not JSON (json's scanner checks each value). A
+    key in `read` written twice, or not in lower case, is a 400: Go's encoding/json (Ollama's) takes "Model" or "NAME"
+    for "model", the last winning, and a server keeping the first of two runs another model than the one checked."""
     ws = _WHITESPACE.match
     at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
     document: dict[str, Any] | None = {}
@@ -1829,11 +1826,10 @@ def listed_as(models: Mapping[str, dict], model_id: str) -> dict | None:
 
 
 # Ollama's cloud -----------------------------------------------------------------------------------------------
-# Ollama runs some models on ollama.com, under the account its owner signed in with (server/cloud_proxy.go):
-# a model named with the source suffix `:cloud` or a tag ending in `-cloud`, on every door, and a model pulled
-# as a cloud stub, whatever its local name (it carries remote_host: server/routes.go proxies every request for
-# it). Web search and fetch run there too. Only the token names in OLLAMA_CLOUD_TOKENS may use any of them;
-# for the others they are refused with 403 cloud_not_allowed before anything is sent, and left out of lists.
+# Ollama runs some models on ollama.com, under its owner's account (server/cloud_proxy.go): a model with the source
+# suffix `:cloud` or a tag ending in `-cloud`, on every door, and a cloud stub under any local name (with a remote_host:
+# server/routes.go proxies its requests). Web search and fetch run there too. Only the token names in
+# OLLAMA_CLOUD_TOKENS may use them; others get 403 cloud_not_allowed before anything is sent, and lists without them.
 
 # A tool whose `type` or `name` is or begins with one of these runs on the web: OpenAI's {"type": "web_search"}
 # (and web_search_preview), Anthropic's web_search_20250305, Ollama's own web_search and web_fetch.
@@ -1854,10 +1850,9 @@ def check_cloud(config: Config, token: str, provider: str, name: str, asked: str
 
 
 def cloud_suffix(name: str) -> bool:
-    """Whether Ollama takes the name for a cloud model whatever it holds: its parseSourceSuffix
-    (internal/modelref/modelref.go, v0.32.15) after ParseRef's TrimSpace. After the last `:`, spaces
-    around it ignored and in any case, `cloud`, or a tag ending in `-cloud` that holds no `/` (a
-    host:port/path is no tag): gpt-oss:120b:cloud, gpt-oss:120b-cloud, qwen3-coder:CLOUD."""
+    """Whether Ollama takes the name for a cloud model whatever it holds (parseSourceSuffix after ParseRef's TrimSpace,
+    internal/modelref/modelref.go, v0.32.15): after the last `:`, in any case and stripped, `cloud` or a tag ending in
+    `-cloud` without `/` (host:port/path is no tag): gpt-oss:120b:cloud, gpt-oss:120b-cloud, qwen3-coder:CLOUD."""
     _, colon, suffix = name.strip().rpartition(":")
     suffix = suffix.strip().lower()
     return bool(colon) and (suffix == "cloud" or (suffix.endswith("-cloud") and "/" not in suffix))
@@ -1905,10 +1900,9 @@ def cloud_refusal(token: str, what: str) -> GatewayError:
 
 
 def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
-    """For a token outside OLLAMA_CLOUD_TOKENS and a model that Ollama's list cannot place, the list unreadable: the
-    failure that kept it (502 or 504: Ollama not running, say), then what was not done. Not a 403, which says the model
-    is a cloud one and is never retried; the SDKs retry a 502 or 504, and the next try asks for the list again (issue
-    19: nothing goes to ollama.com on a guess)."""
+    """For a token outside OLLAMA_CLOUD_TOKENS, a model Ollama's list cannot place, the list unreadable: the failure
+    that kept it (502 or 504: Ollama stopped, say), then what was not done. Not a 403, which says it is a cloud model
+    and is never retried; the SDKs retry a 502 or 504 (issue 19: nothing goes to ollama.com on a guess)."""
     return GatewayError(failure.situation, f"{failure.message} Nothing was sent: Ollama's list of models (GET "
                         f"/api/tags) tells whether the model {asked!r} runs on ollama.com under the account of this "
                         f"Ollama's owner, and could not be read, and the token {token!r} may not use Ollama's cloud "
@@ -1916,8 +1910,7 @@ def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
 
 
 def web_tool(tools: Any) -> str | None:
-    """The first tool that runs on the web (WEB_TOOLS, by its type or name as the client wrote it, the key in any
-    case: Go's decoder reads "TYPE" as `type`)."""
+    """The type or name of the first web tool (WEB_TOOLS), the key in any case: Go reads "TYPE" as `type`."""
     for tool in tools if isinstance(tools, list) else ():
         for key, value in tool.items() if isinstance(tool, dict) else ():
             if (key.casefold() in ("type", "name") and isinstance(value, str)
@@ -1933,10 +1926,9 @@ def check_tools(config: Config, token: str, provider: str, tool: str | None) -> 
 
 
 def check_fallbacks(config: Config, token: str, document: dict, model: str, unchecked: str) -> None:
-    """TOKEN_MODELS for each model a request to OpenAI's base URL names besides `model`, as `openai/<name>` (as the
-    router names it: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, and its tools (tool_models). 400 where
-    what it would run cannot be told: a list of anything but names (or LiteLLM's {"model": name}), a tool
-    of MODEL_TOOLS that names none, an `unchecked` field (UNCHECKED)."""
+    """TOKEN_MODELS for each model a request to OpenAI's base URL names besides `model`, as `openai/<name>` (a router's
+    name: `anthropic/claude-opus-4`): in FALLBACK_FIELDS, a preset, its tools (tool_models). 400 where what runs cannot
+    be told: a list not of names (or LiteLLM's {"model": name}), a MODEL_TOOLS tool naming none, an UNCHECKED field."""
     if unchecked:
         raise GatewayError("invalid_request", f"The token {token!r} may use only some models (TOKEN_MODELS), and "
                            f"`{unchecked}` {UNCHECKED[unchecked]}")
