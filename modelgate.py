@@ -192,10 +192,9 @@ SETTINGS: tuple[Setting, ...] = (
     # OLLAMA_LOAD_TIMEOUT is 5 minutes; cline raised a 30 s limit to 5 min for the same reason).
     Setting("TIMEOUT_SECONDS", "timeout", "120", "seconds"),
     Setting("CONNECT_TIMEOUT_SECONDS", "connect_timeout", "10", "seconds"),
-    # A client that goes silent holds its connection, a file descriptor, until it is closed: 1,100 of them
-    # made a gateway with systemd's file limit of 1,024 unreachable (issue 17). nginx's client_header_timeout
-    # and client_body_timeout are 60 s, Apache's RequestReadTimeout 20-40 s; a real client sends its head
-    # in one packet and its body as fast as its link allows.
+    # A silent client holds its connection, a file descriptor: 1,100 of them made a gateway with systemd's file limit of
+    # 1,024 unreachable (issue 17). nginx's client_header_timeout and client_body_timeout are 60 s, Apache's
+    # RequestReadTimeout 20-40 s; a real client sends its head in one packet, its body as fast as its link allows.
     Setting("CLIENT_TIMEOUT_SECONDS", "client_timeout", "30", "seconds"),
     # A chat with a few base64 images fits; OpenAI itself takes up to 20 MB per image request.
     Setting("MAX_BODY_BYTES", "max_body_bytes", "16777216", "size"),
@@ -425,12 +424,10 @@ PREFIX_ROUTES = tuple(path for path in ROUTES if path.endswith("/") and path != 
 # are OpenRouter's presets, which run the models stored in them (openrouter.ai/docs/features/presets): `preset`, or
 # `@preset/<slug>` in a model's name, after another (`gpt-4o-mini@preset/<slug>`), each the model `@preset/<slug>`.
 FALLBACK_FIELDS = ("models", "fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
-# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these
-# (`tools`: for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into
-# (request_edits reads those by their spans).
+# Of a body, ModelGate reads only a few top-level values: the fields that name a model (Route.models), these (`tools`:
+# for web tools, check_tools), and the objects MODEL_DEFAULTS and MODEL_OVERRIDES merge into (request_edits reads those
+# by their spans). ROUTE_FIELDS has them per route, `model` always (Go would read "Model" as `model` on any route).
 READ_FIELDS = frozenset({"stream", "stream_options", "tools", "background", "preset", *FALLBACK_FIELDS})
-# Route -> every body field ModelGate reads: READ_FIELDS and those that name a model, `model` always (Go would
-# read "Model" as `model` on any route).
 ROUTE_FIELDS = {path: frozenset({"model", *READ_FIELDS, *(field for fields in route.models for field in fields)})
                 for path, route in ROUTES.items()}
 
@@ -766,11 +763,10 @@ def parse_networks(name: str, value: str) -> tuple[Network, ...]:
 
 
 # One policy per app -------------------------------------------------------------------------------------
-# MODEL_ALIASES maps names that tools ship with to models (llama-swap `aliases`, LiteLLM `model_group_alias`);
-# TOKEN_MODELS gives a token name the models it may use (as LiteLLM's and Bifrost's virtual keys do); MODEL_DEFAULTS
-# fills in request fields per model (llama-swap `setParams`), MODEL_OVERRIDES sets them whatever the client sent
-# (SETTINGS says why). The patterns of the last three are globs (fnmatch, case-sensitive: `*` also matches `/` and `:`)
-# over the model as routed, `provider/name`.
+# MODEL_ALIASES maps names tools ship with to models (llama-swap `aliases`, LiteLLM `model_group_alias`); TOKEN_MODELS
+# gives a token name the models it may use (as LiteLLM's and Bifrost's virtual keys do); MODEL_DEFAULTS fills in request
+# fields per model (llama-swap `setParams`), MODEL_OVERRIDES sets them whatever the client sent. The patterns of the
+# last three are globs (fnmatch, case-sensitive: `*` matches `/` and `:` too) over the model as routed: `provider/name`.
 
 # Fields that no default or override may set: they decide where a request goes and what kind of answer the client
 # gets, and stream_options is ModelGate's own (it asks for usage).
