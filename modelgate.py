@@ -220,9 +220,8 @@ SETTINGS: tuple[Setting, ...] = (
     # A day's tokens per app: open-webui #1430 asks for a maximum a day per family member.
     Setting("TOKEN_QUOTAS", "token_quotas", "", "quotas"),
     Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults"),
-    # What a model runs with is the owner's choice: Home Assistant's integration sends keep_alive -1 and
-    # num_ctx 8192 with every request (home-assistant/core components/ollama/const.py), and Ollama reloads a
-    # model whenever num_ctx differs from the loaded runner's (ollama #12783).
+    # What a model runs with is the owner's choice: Home Assistant sends keep_alive -1 and num_ctx 8192 every time
+    # (home-assistant/core components/ollama/const.py), and Ollama reloads a model for another num_ctx (ollama #12783).
     Setting("MODEL_OVERRIDES", "model_overrides", "", "defaults"),
     # The queue (The queue, below). Ollama's own default: OLLAMA_NUM_PARALLEL is 1 since v0.10.0 (ollama
     # PR #11330); what ModelGate sends beyond it would only wait in Ollama's FIFO, where no app comes first.
@@ -340,10 +339,9 @@ class Route(NamedTuple):
     # `req.Stream != nil && !*req.Stream`); everything else streams only when it says "stream": true.
     streams_unless_false: bool = False
     model_required: bool = True  # the body must name a model (else the upstream judges a body that names none)
-    # The body fields through which the upstream names a model, a tuple per model named: of one tuple, Ollama
-    # takes the first that is set (not absent, null or ""): ShowHandler reads `name` when `model` is empty,
-    # pull, push, create and delete `cmp.Or(req.Model, req.Name)` (ollama server/routes.go, server/create.go).
-    # Every one is routed, resolved and checked against TOKEN_MODELS as `model` is (routed_body).
+    # The body fields naming a model, a tuple per model: of one tuple, Ollama takes the first set (not absent, null or
+    # ""): ShowHandler reads `name` when `model` is empty, pull, push, create and delete `cmp.Or(req.Model, req.Name)`
+    # (ollama server/routes.go, server/create.go). Each is routed, resolved and checked as `model` is (routed_body).
     models: tuple[tuple[str, ...], ...] = (("model",),)
     admin: bool = False  # changes what Ollama holds, or reads or ends its owner's ollama.com session: admins only
     cloud: bool = False  # runs on ollama.com (web search and fetch): only for the token names in OLLAMA_CLOUD_TOKENS
@@ -593,10 +591,9 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
     return Config(**values)
 
 
-# The kinds of setting that hold URLs, hosts and names (MODEL_DEFAULTS' patterns too: check_model_pattern).
-# They end up in request lines, headers and log lines, where a control character forges what follows it: a
-# newline in OLLAMA_BASE_URL, which urlsplit drops without a word, was sent as a path of its own and logged
-# as two lines (issue 16). Unicode's line and paragraph separators end a line for str.splitlines too.
+# Kinds that hold URLs, hosts and names (MODEL_DEFAULTS' patterns too: check_model_pattern): in request lines, headers
+# and log lines, a control character forges what follows. A newline in OLLAMA_BASE_URL, which urlsplit drops silently,
+# was sent as a path of its own and logged as two lines (issue 16); U+2028 and U+2029 end lines for str.splitlines.
 NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes", "shares",
                         "quotas", "usage file"})
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
