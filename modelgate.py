@@ -290,11 +290,10 @@ ANTHROPIC = Dialect("anthropic", anthropic_error, (b"event: error\ndata: ", b"\n
 
 
 class End(NamedTuple):
-    """How a whole stream of a route ends: its last record (an SSE event, a line of NDJSON, as Frames splits
-    them) has `key` set to one of `values`. "data" is an event's data as it is ([DONE] is no JSON); "type" is an
-    event's own name (the SSE specification's event type), or else the "type" of its JSON; any other key is one
-    of the JSON object. A stream that ends with the upstream's own error (Dialect.own_error) is whole too: its
-    client has been told why (issue 19: Ollama ends a pull that fails with an {"error": ...} line)."""
+    """How a whole stream of a route ends: its last record (an SSE event or NDJSON line, as Frames splits them) has
+    `key` set to one of `values`. "data" is an event's data ([DONE] is no JSON); "type" is an event's own name (its SSE
+    `event:` field), else the "type" of its JSON; any other, a key of its JSON. A stream ending in the upstream's own
+    error (Dialect.own_error) is whole too, its client told why (issue 19: Ollama's failed pull ends so)."""
     key: str
     values: tuple[Any, ...]
 
@@ -1121,8 +1120,7 @@ def is_loopback(name: str) -> bool:
 
 
 def names_itself(url: str, config: Config) -> bool:
-    """Whether a base URL names where `python modelgate.py` listens: its PORT on HOST, or on loopback when HOST
-    is every address or loopback too."""
+    """Whether a base URL names ModelGate itself: PORT on HOST, or on loopback when HOST is 0.0.0.0, :: or loopback."""
     parts = urlsplit(url)
     if (parts.port or (443 if parts.scheme == "https" else 80)) != config.port:
         return False
