@@ -3359,7 +3359,6 @@ class Share:
     # that equal turns compare equal (six turns of a third are not quite two in floating point)
 
     def had(self, now: float) -> float:
-        """The slot time it has had, divided by its weight, its running requests counted up to now."""
         return self.since + (self.used + sum(now - started for started in self.running)) / self.weight
 
 
@@ -3540,7 +3539,6 @@ class Queue:
         self.metrics.queued[share.token] -= 1
 
     def leave(self, key: tuple, slots: Slots, waiter: Waiter, error: GatewayError | None = None) -> None:
-        """Take a waiter out of the queue, and tell it `error` unless it is gone already."""
         self.dequeue(key, slots, waiter)
         self.forget(key, slots, waiter.share)
         if error is not None and not waiter.future.done():
@@ -3785,12 +3783,11 @@ class Frames:
         self.held = b""  # the start of a record that the chunks so far left unfinished
 
     def feed(self, chunk: bytes) -> bytes:
-        """What of the chunk goes on now: every record it ends, without the usage event that ModelGate, not its
-        client, asked for (OpenAI: its "choices field will always be an empty array"; Ollama's /v1 writes it so
-        too, just before [DONE]), so that clients that index choices[0] never see it. A record left unfinished is
-        held back until it ends (up to MAX_HELD): a client cannot use part of one, and one cut there would be
-        read, as the SDKs read every event and line (openai-python, anthropic-sdk-python, ollama-python), into
-        a JSONDecodeError before the cut event."""
+        """What of the chunk goes on now: every record it ends, without the usage event that ModelGate, not its client,
+        asked for (OpenAI: its "choices field will always be an empty array"; Ollama's /v1 writes it so too, just before
+        [DONE]), so that clients that index choices[0] never see it. A record left unfinished is held back until it ends
+        (up to MAX_HELD): a client cannot use part of one, and one cut there would be read, as the SDKs read every event
+        and line (openai-python, anthropic-sdk-python, ollama-python), into a JSONDecodeError before the cut event."""
         self.kept += chunk
         if len(self.kept) > 2 * TAIL_BYTES:
             self.trim()
@@ -3801,8 +3798,7 @@ class Frames:
                 data, self.held = data[:cut], data[cut:]
         return self.without_usage(data) if self.hides and EMPTY_CHOICES.search(data) else data
 
-    def rest(self) -> bytes:
-        """What was held back when the stream ends: the client's, but for the usage event."""
+    def rest(self) -> bytes:  # what was held back when the stream ends: the client's, but for the usage event
         held, self.held = self.held, b""
         return self.without_usage(held) if self.hides and EMPTY_CHOICES.search(held) else held
 
@@ -3919,10 +3915,9 @@ def other_provider(refusal: Refusal) -> str:
     return f"{said}. GET /v1/models lists the models there."
 
 
-# What an upstream's error answer adds to what the upstream said, for the person who reads it, in this order:
-# (whether it applies, its words, whether it is added to an error already in the client's shape too). The
-# start-up warning and --check say the same of a base URL without /v1 in their own place (config_warnings,
-# ollama_native_api).
+# What an upstream's error answer adds to what the upstream said, for the person who reads it, in this order: (whether
+# it applies, its words, whether it is added to an error already in the client's shape too). The start-up warning and
+# --check say the same of a base URL without /v1 in their own place (config_warnings, ollama_native_api).
 UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str], bool], ...] = (
     # True: OpenAI's own 401 ("Incorrect API key provided ... find your API key at platform.openai.com") reads, to an
     # app whose token the gateway took, as if that token were wrong; it is the gateway's key.
@@ -4255,9 +4250,8 @@ def key_begins(data: bytes, key: bytes) -> int:
 
 
 async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | Answer:
-    """What those that answered returned, in order. When none did, the first failure: an upstream's error
-    Answer is returned, a GatewayError raised, to say why rather than list nothing. Anything else raised
-    is a bug: raised."""
+    """What those that answered returned, in order. When none did, the first failure: an upstream's error Answer is
+    returned, a GatewayError raised, to say why rather than list nothing. Anything else raised is a bug: raised."""
     results = await asyncio.gather(*awaitables, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, GatewayError):
@@ -4351,7 +4345,6 @@ class CloudModels:
         self.upstream: Upstream | None = None  # whose hosts it is read from, as the settings of now say (forget)
 
     async def current(self, upstream: Upstream) -> bool:
-        """The list, fetched again if it is too old."""
         if time.monotonic() - self.fetched >= CLOUD_LIST_SECONDS:
             await self.refresh(upstream)
         return True
@@ -4606,7 +4599,6 @@ def usage_page(report: dict[str, Any]) -> bytes:
 
 
 def usage_bars(daily: list[dict[str, Any]]) -> str:
-    """A bar per day, as high as its tokens against the highest day's; each names its day in a tooltip."""
     top = max((day["total_tokens"] for day in daily), default=0) or 1
     bars = []
     for n, day in enumerate(daily):
@@ -4660,10 +4652,9 @@ OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n
 
 
 def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
-    """The (prompt, completion) tokens an answer says it used, from its start and end where `counts` says
-    (Route.usage); None when it does not say. The last `"usage": {...}` that has either key is searched for from
-    the end, where dialects put it (Anthropic's message_start: the first, from the start), and read with json's
-    own scanner."""
+    """The (prompt, completion) tokens an answer says it used, from its start and end where `counts` says (Route.usage);
+    None when it does not say. The last `"usage": {...}` that has either key is searched for from the end, where
+    dialects put it (Anthropic's message_start: the first, from the start), and read with json's own scanner."""
     if counts is None:
         return None
     if counts.native:  # (embed: the first)
