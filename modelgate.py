@@ -3852,7 +3852,8 @@ class Frames:
         kept, at = [], 0
         for match in SSE_BLANK.finditer(data):
             event = data[at:match.end()]
-            if EMPTY_CHOICES.search(event) and is_usage_event(event):
+            document = parsed(event_fields(event)[1]) if EMPTY_CHOICES.search(event) else None
+            if isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict):
                 event = event[:len(event) - len(event.lstrip(b"\r\n"))]  # the end of the blank line before it
             kept.append(event)
             at = match.end()
@@ -3877,11 +3878,6 @@ class Plain(Frames):
 EMPTY_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\]')
 # An unfinished record longer than this is passed on as it comes: no usage event or piece of text is that long.
 MAX_HELD = 64 * 1024
-
-
-def is_usage_event(event: bytes) -> bool:
-    document = parsed(event_fields(event)[1])
-    return isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict)
 
 
 class Way(NamedTuple):
@@ -4256,8 +4252,7 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, GatewayError):
             raise result
-    answers = [result for result in results if not isinstance(result, (BaseException, Answer))]
-    if answers:
+    if answers := [result for result in results if not isinstance(result, (BaseException, Answer))]:
         return answers
     if isinstance(results[0], GatewayError):
         raise results[0]
@@ -4658,9 +4653,8 @@ def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
     if counts is None:
         return None
     if counts.native:  # (embed: the first)
-        found = dict(OLLAMA_COUNT.findall(end))
-        prompt, completion = found.get(b"prompt_eval_count"), found.get(b"eval_count")
-        used = (None if prompt is None else int(prompt), None if completion is None else int(completion))
+        found = {name: int(count) for name, count in OLLAMA_COUNT.findall(end)}
+        used = (found.get(b"prompt_eval_count"), found.get(b"eval_count"))
         return None if used == (None, None) else used
     used = (None, None)
     for data, first in ((end, False), (head, True)):
@@ -4718,8 +4712,7 @@ class Usage:
         """Count an exchange of an app (a token's request on a route counted against its limits)."""
         if not ROUTES[ex.route].limited:  # /metrics and /usage: a dashboard is not an app
             return
-        now = self.clock()
-        if now >= self.midnight:
+        if (now := self.clock()) >= self.midnight:
             self.new_day(now)
         key = (self.today, ex.token, ex.provider, ex.upstream_model)
         counts = self.unwritten.get(key)
@@ -4753,8 +4746,7 @@ class Usage:
 
     def used_today(self, name: str) -> tuple[int, float]:
         """The tokens a token name used today, and when today ends (TOKEN_QUOTAS)."""
-        now = self.clock()
-        if now >= self.midnight:
+        if (now := self.clock()) >= self.midnight:
             self.new_day(now)
         return self.spent.get(name, 0), self.midnight
 
@@ -4776,8 +4768,7 @@ class Usage:
 
     def counts(self) -> dict[UsageKey, list]:
         """Everything counted in the last USAGE_DAYS days, written or not."""
-        now = self.clock()
-        if now >= self.midnight:
+        if (now := self.clock()) >= self.midnight:
             self.new_day(now)
         first = self.first_day()
         return add_counts({key: list(values) for key, values in self.days.items() if key[0] >= first},
@@ -4798,11 +4789,9 @@ class Usage:
         file; the Future of that write, or None when there is nothing to write."""
         counts, self.unwritten = self.unwritten, {}
         add_counts(self.days, counts)
-        if self.writer is None:
+        if self.writer is None or not (counts or self.unsaved):
             return None
         batch, self.unsaved = add_counts(self.unsaved, counts), {}
-        if not batch:
-            return None
         self.writing = asyncio.get_running_loop().run_in_executor(self.writer, write_usage, self.db, batch)
         self.writing.add_done_callback(lambda done: self.written(done, batch))
         return self.writing
