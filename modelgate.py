@@ -3689,8 +3689,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
     else:  # (a plain answer is whole as far as can be known: its length, if any, is checked by h11)
         if way.stream and not frames.whole():
             upstream.count_failure("IncompleteStream")
-            cut = f"ended without {frames.end.marker}"
-            ex.error = f"upstream_stream_error (no {frames.end.marker})"
+            cut, ex.error = f"ended without {frames.end.marker}", f"upstream_stream_error (no {frames.end.marker})"
     finally:
         if way.stream:
             gw.metrics.streams -= 1
@@ -4021,8 +4020,7 @@ class Host:
         self.host = url.hostname.encode("idna")
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.path = url.path.rstrip("/").encode()
-        # Ollama's native API lives at the base URL without its /v1 (a path prefix in front of it stays).
-        self.native_path = self.path.removesuffix(b"/v1")
+        self.native_path = self.path.removesuffix(b"/v1")  # where Ollama's own API lives
         self.authority = url.netloc.encode("idna")
         self.loopback = is_loopback(url.hostname)
         self.pool = Pool(self.scheme, self.host, self.port, POOL_CONNECTIONS)
@@ -4528,9 +4526,7 @@ def write_usage(db: sqlite3.Connection, counts: dict[UsageKey, list]) -> None:
 
 def add_counts(into: dict[UsageKey, list], counts: dict[UsageKey, list]) -> dict[UsageKey, list]:
     for key, values in counts.items():
-        kept = into.setdefault(key, [0, 0, 0, 0, 0.0, 0.0])
-        for i, value in enumerate(values):
-            kept[i] += value
+        into[key] = [kept + value for kept, value in zip(into.get(key, (0, 0, 0, 0, 0.0, 0.0)), values)]
     return into
 
 
