@@ -4266,13 +4266,12 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
 READY_CACHE_SECONDS = 5.0
 
 
+@dataclasses.dataclass(eq=False)
 class Readiness:
     """The last /ready probe of the default provider's hosts, shared by the probes until it expires."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.probe: asyncio.Task | None = None
-        self.expires = 0.0
+    timeout: float
+    probe: asyncio.Task | None = None
+    expires: float = 0.0
 
     async def check(self, upstream: Upstream) -> dict[str, str]:
         """`provider/number` of each host -> "ok", or the kind of failure (as in modelgate_upstream_errors_total)."""
@@ -5392,10 +5391,10 @@ def usage_lines(report: dict[str, Any]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
                        enumerate(zip(row, widths))).rstrip() for row in rows]
-    quotas = [f"{name}: {app['quota_left']:,} of {app['quota']:,} tokens left today"
+    quotas = [f"quota {name}: {app['quota_left']:,} of {app['quota']:,} tokens left today"
               for name, app in report["apps"].items() if app["quota"] is not None]
     return [f"Usage from {report['from']} to {report['today']} ({plural(days, 'day')}, local time; tokens as the "
-            "upstreams counted them)", "", *table, *([""] + [f"quota {line}" for line in quotas] if quotas else [])]
+            "upstreams counted them)", "", *table, *([""] + quotas if quotas else [])]
 
 
 RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python modelgate.py>, systemctl reload "
