@@ -4870,7 +4870,6 @@ FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 QUEUE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 MAX_MODEL_SERIES = 100  # models per token name and provider in modelgate_tokens_total (Metrics.record)
-
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
 
 
@@ -5437,8 +5436,7 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
         lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
     else:  # a line of its own, after a last line without its line end
         lines.append("\n" * (bool(lines) and not lines[-1].endswith("\n")) + f"MODELGATE_TOKEN={entry}\n")
-    try:
-        # In place, not a new file: its owner, mode and a bind mount of it (Docker) stay; a new one is 0600.
+    try:  # in place, not a new file: its owner, mode and a bind mount of it (Docker) stay; a new one is 0600
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8",
                        newline="") as file:
             file.write("".join(lines))
