@@ -5407,9 +5407,8 @@ ENVIRONMENT_WINS = ("But MODELGATE_TOKEN is set in the environment, which wins o
 
 
 def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> str:
-    """--add-token NAME: NAME:<new token> appended to MODELGATE_TOKEN in the .env at `path` (a line of its own
-    when there is none), every other line kept as it was; what to tell the person, the token once, and how
-    a gateway run in `environ` comes to use it."""
+    """--add-token NAME: NAME:<new token> added to MODELGATE_TOKEN in the .env at `path`, every other line kept as it
+    was; what to tell the person: the token, once, and how a gateway run in `environ` comes to use it."""
     if not TOKEN_NAME.fullmatch(name):
         raise ConfigError(f"--add-token {name!r}: a name is 1 to 64 letters, digits, '_', '.' or '-'")
     try:
@@ -5588,8 +5587,7 @@ async def check(config: Config, sources: Sources) -> int:
         for upstream in upstreams:
             upstream.retire()
     answered, lines, ids = zip(*results)  # (each upstream has a host at least)
-    # Unless every host answered, what is listed is not all there is.
-    unmatched = unmatched_models(config, set().union(*ids)) if all(answered) else []
+    unmatched = unmatched_models(config, set().union(*ids)) if all(answered) else []  # else the list is partial
     print(*lines, *(f"FAILED: {line}" for line in unmatched), cloud, sep="\n")
     problems += answered.count(False) + len(unmatched)
     print(f"check failed: {problems} problem{'s' * (problems > 1)}, each said above" if problems
