@@ -1388,9 +1388,8 @@ class Limits:
 
 
 async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes | None:
-    """The request body, or None when the client left while sending it; 413 past MAX_BODY_BYTES, 408
-    when nothing more of it comes for CLIENT_TIMEOUT_SECONDS (both end the connection: Exchange.respond);
-    429 when the token's requests would hold more than BODIES_HELD of them (`held`: token name -> bytes)."""
+    """The body, or None if the client left mid-body; 413 past MAX_BODY_BYTES, 408 after CLIENT_TIMEOUT_SECONDS without
+    more (both end the connection: Exchange.respond); 429 past BODIES_HELD bodies a token (`held`: name -> bytes)."""
     limit, wait, name = config.max_body_bytes, config.client_timeout, ex.token
 
     def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
@@ -1956,7 +1955,6 @@ UNCHECKED = {"prompt": "runs a prompt stored with OpenAI, with the model and too
              "router_settings_override": "gives LiteLLM's router fallbacks, models that ModelGate cannot check. Send "
                                          "the request without it."}
 
-
 # Tools that run a model of their own, chosen by OpenAI or OpenRouter unless the tool names it (by the start of its
 # type): OpenAI's image_generation (platform.openai.com/docs/guides/tools-image-generation), OpenRouter's server tools
 # that make images, consult an advisor (which the model may name) or a panel of models and a judge
@@ -2211,7 +2209,6 @@ TRAVELLING = {dialect.name: FORWARDED_REQUEST_HEADERS | dialect.forwarded for di
 # What of an upstream's response does not reach the client, besides hop-by-hop headers: uvicorn writes its own Date
 # (and Server, if enabled), we compute Content-Length, CORS is ours, and an upstream's cookies belong to its domain.
 DROPPED_RESPONSE_HEADERS = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"alt-svc"})
-
 
 # A header value that h11 sends (its _abnf.py field_value): an ASGI server may hand on one it would refuse to
 # send, a NUL or a line break, and the upstream's request would fail as ModelGate's own fault (a 500).
