@@ -1332,9 +1332,8 @@ def within_quota(name: str, quota: int, usage: Usage) -> None:
     seconds = max(1, math.ceil(midnight - usage.clock()))
     resets = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(midnight))
     raise GatewayError("quota_exceeded", f"The token named {name!r} has used its quota of {quota:,} tokens a day "
-                       f"(TOKEN_QUOTAS): {used:,} today. It resets at midnight, {resets}, in "
-                       f"{seconds // 3600} h {seconds % 3600 // 60} min.",
-                       [(b"retry-after", b"%d" % seconds), NO_RETRY])
+                       f"(TOKEN_QUOTAS): {used:,} today. It resets at midnight, {resets}, in {seconds // 3600} h "
+                       f"{seconds % 3600 // 60} min.", [(b"retry-after", b"%d" % seconds), NO_RETRY])
 
 
 class TokenBucket:
