@@ -1868,8 +1868,7 @@ def ollama_name(name: str) -> str:
     sends `x:7b:cloud` and `X:7b-Cloud` to ollama.com as x:7b: both are x:7b-cloud, `x:cloud` x:latest-cloud."""
     name = name.strip().casefold()
     base, colon, source = name.rpartition(":")
-    source = source.strip()
-    cloud = colon and (source == "cloud" or source.endswith("-cloud") and "/" not in source)
+    source, cloud = source.strip(), cloud_suffix(name)
     if colon and source in ("local", "cloud"):
         name = base
     elif cloud:
