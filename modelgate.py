@@ -9,9 +9,8 @@ All in this one file, for Python 3.10 or later; it needs uvicorn and httpcore[as
     python modelgate.py --help        # and --version
     uvicorn modelgate:app --port 8010 --no-proxy-headers --no-server-header --timeout-keep-alive 75
 
-`python modelgate.py` also keeps idle connections open 75 s, closes connections that send no complete
-request head within CLIENT_TIMEOUT_SECONDS, raises the soft limit on open files to the hard one, and logs
-asyncio's errors once per kind; the uvicorn command does not (docs/exposing.md: Slow and silent clients).
+Unlike that uvicorn command, `python modelgate.py` closes connections that send no request head within
+CLIENT_TIMEOUT_SECONDS, raises its limit on open files and reloads .env on SIGHUP (docs/deploy.md: Under uvicorn).
 
 The module reads in the order a request travels, a banner over each section. The trust boundary, from its banner
 down to "The app", holds everything that decides who may do what and what crosses the gateway, in one section,
@@ -22,8 +21,7 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
 
     POST /v1/chat/completions, /v1/completions, /v1/responses   plain or `"stream": true` (SSE relayed chunk by chunk)
     POST /v1/embeddings, /v1/audio/transcriptions (a multipart form, routed by its `model` field, relayed byte for byte)
-    GET  /v1/models             `ollama/<name>`, `openai/<name>`, then the aliases: those TOKEN_MODELS lets a token use
-    GET  /v1/models/{id}        a model or an alias
+    GET  /v1/models, /v1/models/{id}  `ollama/<name>`, `openai/<name>`, the aliases: those TOKEN_MODELS lets a token use
     GET|HEAD /health            liveness, no upstream call
     GET|HEAD /ready             200 when an upstream of DEFAULT_PROVIDER answers, else 503
     GET  /metrics               Prometheus text format (an admin's token; none with METRICS_PUBLIC=1)
