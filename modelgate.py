@@ -616,8 +616,7 @@ TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 def parse_tokens(name: str, value: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
     """MODELGATE_TOKEN: the tokens, and the name each is shown by (a hash label when it has none)."""
-    named: dict[str, str] = {}  # name -> token, in the order given
-    tokens = []
+    named, tokens = {}, []  # name -> token; (token, name) in the order given
     for entry in comma_list(value):
         label, colon, token = entry.partition(":")
         if not (colon and TOKEN_NAME.fullmatch(label)):
@@ -1038,9 +1037,7 @@ def summary(config: Config, sources: Sources | None, listening: str | None,
             environ: Mapping[str, str] = os.environ) -> list[str]:
     """The start-up summary (also what --check prints): what runs, where, with which upstreams, and where
     each setting came from. Names and counts only: never a token or key."""
-    lines = [f"ModelGate {__version__}"]
-    if listening:
-        lines.append(listening)
+    lines = [f"ModelGate {__version__}"] + ([listening] if listening else [])
     default = {config.default_provider: " (default provider)"}
     for number, url in enumerate(config.ollama_base_urls, 1):
         name = "ollama" if len(config.ollama_base_urls) == 1 else f"ollama/{number}"
