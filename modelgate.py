@@ -948,15 +948,13 @@ def dotenv_span(value: str, where: str) -> tuple[str, int]:
     if value[:1] not in ("'", '"'):
         value = re.split(r"\s+#", value, maxsplit=1)[0]  # `KEY=value # comment`, but `a#b` is a value
         return value, len(value)
-    quote, end = value[0], 1
-    while True:  # the closing quote; in double quotes, \" is a quote inside the value
-        end = value.find(quote, end)
-        if end < 0:
-            raise ConfigError(f"{where}: the value opens a {quote} quote that is never closed; "
-                              "close it on the same line, or write the value without quotes")
-        if quote == "'" or value[end - 1] != "\\":
-            break
-        end += 1
+    quote = value[0]
+    end = value.find(quote, 1)
+    while quote == '"' and end > 0 and value[end - 1] == "\\":  # in double quotes, \" is a quote inside the value
+        end = value.find(quote, end + 1)
+    if end < 0:
+        raise ConfigError(f"{where}: the value opens a {quote} quote that is never closed; "
+                          "close it on the same line, or write the value without quotes")
     rest = value[end + 1:].strip()
     if rest and not rest.startswith("#"):
         raise ConfigError(f"{where}: unexpected text after the closing {quote} quote")
