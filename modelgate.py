@@ -597,8 +597,7 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def no_control_characters(name: str, value: str) -> None:
-    found = CONTROL_CHARACTER.search(value)
-    if found:  # where and which, never the value: it may hold a token or a password
+    if found := CONTROL_CHARACTER.search(value):  # where and which, never the value: it may hold a token or a password
         raise ConfigError(f"{name} holds a control character ({found.group()!r}, character {found.start() + 1}), "
                           "which no URL, host or name may hold: retype the value on one line")
 
@@ -836,8 +835,7 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
             raise ConfigError(f"{name}: the value for {pattern!r} must be an object of request fields: {name} maps "
                               'model patterns to fields, such as {"ollama/qwen3*": {"reasoning_effort": "none"}}')
         check_model_pattern(name, pattern)
-        reserved = sorted(NOT_DEFAULTS.intersection(fields))
-        if reserved:
+        if reserved := sorted(NOT_DEFAULTS.intersection(fields)):
             raise ConfigError(f"{name}: {pattern!r} sets {reserved[0]!r}, which is the client's to choose "
                               "(model, stream) or ModelGate's own (stream_options)")
     return tuple(sorted(document.items(), key=lambda item: -len(item[0])))
