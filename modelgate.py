@@ -2277,15 +2277,11 @@ def log_exchange(ex: Exchange, seconds: float) -> None:
 ###############################################################################
 
 JSON = (b"content-type", b"application/json")
-CLOSE = (b"connection", b"close")
-CORS_METHODS = b"GET, POST, OPTIONS"
 # Headers the openai SDKs and translation tools send; echoed requests are checked against this shape.
 CORS_DEFAULT_HEADERS = (b"authorization, content-type, user-agent, accept, x-requested-with, openai-beta, "
                         # the Anthropic SDKs, and FluentRead's and kiss-translator's Claude services
                         b"x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access")
 HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
-# Chromium caps a preflight cache at two hours; asking for more is ignored.
-CORS_MAX_AGE = b"7200"
 
 # The one path segment after a prefix route of Ollama's (ollama_relay), as Ollama's route takes it, and what one that
 # is not is told. A blob as Ollama names it; a key as it writes it, base64url (server/routes.go, SignoutHandler):
@@ -2368,10 +2364,9 @@ def preflight(ex: Exchange, route: Route | None) -> Answer:
         requested = ex.header(b"access-control-request-headers")
         if not requested or not HEADER_LIST.fullmatch(requested):
             requested = CORS_DEFAULT_HEADERS
-        methods = CORS_METHODS + b", DELETE" * ("DELETE" in handlers)  # Ollama's /api/delete
-        headers += [(b"access-control-allow-methods", methods),
-                    (b"access-control-allow-headers", requested),
-                    (b"access-control-max-age", CORS_MAX_AGE)]
+        methods = b"GET, POST, OPTIONS" + b", DELETE" * ("DELETE" in handlers)  # Ollama's /api/delete
+        headers += [(b"access-control-allow-methods", methods), (b"access-control-allow-headers", requested),
+                    (b"access-control-max-age", b"7200")]  # Chromium caps a preflight cache at two hours
     return Answer(204, headers, b"")
 
 
@@ -2680,12 +2675,11 @@ class Gateway:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.grace_timer is not None:
-                    self.grace_timer.cancel()
+                for pending in (self.grace_timer, self.cloud_report):
+                    if pending is not None:
+                        pending.cancel()
                 self.readiness.stop()
                 self.cloud.stop()
-                if self.cloud_report is not None:
-                    self.cloud_report.cancel()
                 for upstream in self.upstreams.values():
                     upstream.retire()
                 if self.usage is not None:
@@ -3079,7 +3073,7 @@ class Exchange:
             # An answer before the body was read (a refusal, most often) ends the connection: uvicorn stops
             # its idle timer at the first body byte and never restarts it, so a client that sent one and
             # went silent would hold the connection for ever (issue 17).
-            headers.append(CLOSE)
+            headers.append((b"connection", b"close"))
         await self.start(answer.status, headers)
         if len(body) <= WRITE_PIECE:
             self.bytes_out += len(body)
@@ -3149,11 +3143,9 @@ class ClientWatch:
 
     def stop(self) -> None:
         self.stopped = True
-        self.listen_later.cancel()
-        if self.listener is not None:
-            self.listener.cancel()
-        if self.send_check is not None:
-            self.send_check.cancel()
+        for pending in (self.listen_later, self.listener, self.send_check):
+            if pending is not None:
+                pending.cancel()
         self.watches.discard(self)
 
 
