@@ -2283,16 +2283,14 @@ CORS_DEFAULT_HEADERS = (b"authorization, content-type, user-agent, accept, x-req
                         b"x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access")
 HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~, -]*")
 
-# The one path segment after a prefix route of Ollama's (ollama_relay), as Ollama's route takes it, and what one that
-# is not is told. A blob as Ollama names it; a key as it writes it, base64url (server/routes.go, SignoutHandler):
-# `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past a proxy that resolves dot segments; a %3F a
-# query string of its own, a %20 or %0A a request line that cannot be sent (a 500).
+# The one path segment after an Ollama prefix route (ollama_relay), as Ollama takes it: a blob digest; a key as written,
+# base64url (server/routes.go, SignoutHandler). `..%2f..%2fdelete`, which uvicorn decodes, would reach /api/delete past
+# a proxy that resolves dot segments; a %3F makes a query string, a %20 or %0A an unsendable request line (a 500).
 SEGMENTS = {"/api/blobs/": (re.compile(r"sha256[:-][0-9a-f]{64}"), "is not a blob digest (sha256:<64 hex>)."),
             "/api/user/keys/": (re.compile(r"[A-Za-z0-9_=-]+"),
                                 "is not a key: one path segment of base64url (letters, digits, - and _), no '/'.")}
 
-# GET /usage (also a page, PAGE_HEADERS): one token's counts (or everyone's) are for that token only, and a
-# page differs from the JSON.
+# GET /usage (and its page, PAGE_HEADERS): one token's counts are for that token only; a page differs from the JSON.
 USAGE_HEADERS = [(b"cache-control", b"no-store"), (b"vary", b"accept, authorization")]
 
 SHUTTING_DOWN = "ModelGate is shutting down and sends nothing more upstream. Try again in a moment."
@@ -2355,9 +2353,8 @@ installed, under "Point your tools at it".</p>
 
 
 def preflight(ex: Exchange, route: Route | None) -> Answer:
-    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them. A browser's
-    preflight for a path that is no route (None) passes too: a failed preflight is all a page would see of the
-    404 that says what to write instead (/v1/v1/..., a base URL given twice)."""
+    """OPTIONS: no token needed; the CORS headers only for an allowed origin that asks for them. A path that is no
+    route (None) passes too: a failed preflight is all a page would see of the 404 that says what to write instead."""
     handlers = route.handlers if route is not None else {}
     headers = [(b"allow", ", ".join([*handlers, "OPTIONS"]).encode())]
     if ex.cors and ex.header(b"access-control-request-method"):
@@ -2371,10 +2368,9 @@ def preflight(ex: Exchange, route: Route | None) -> Answer:
 
 
 def unrouted_dialect(path: str) -> Dialect:
-    """The dialect of a path no route has: that of the routes around it (Ollama's under /api, also where the
-    ollama client given a base URL with /v1 asks, /v1/api/...; but an OpenAI or Anthropic route after /api is
-    theirs, client_under_api); /v1/v1/messages that of /v1/messages, and so is /v1/messages/count_tokens (the
-    anthropic SDK's, which Ollama does not serve)."""
+    """The dialect of a path no route has: that of the routes around it. Ollama's under /api and /v1/api (the ollama
+    client given a base URL with /v1), unless an OpenAI or Anthropic route follows /api (client_under_api); that of
+    /v1/messages for /v1/v1/messages and /v1/messages/count_tokens (the anthropic SDK's, which Ollama lacks)."""
     path = re.sub("//+", "/", path)  # //api/chat, from a base URL with a / at its end: Ollama's, as /api/chat is
     path = path.removeprefix("/v1") if path.startswith(("/v1/api", "/v1/v1/")) else path
     if path == "/api" or path.startswith("/api/"):
@@ -2608,11 +2604,10 @@ class Gateway:
         return Answer(200, [*PAGE_HEADERS, (b"vary", b"accept")], page.encode())
 
     async def posted_to_root(self, ex: Exchange) -> Answer | None:
-        """POST /: an app given the gateway's address as its whole URL (FluentRead's Claude service, issue 20):
-        404 saying what to write, in the shape of the API its headers are of. Nothing goes upstream. Of the body, only
-        its first part is looked at, and the rest never waited for (the answer ends the connection): a client without
-        a token that sent it a byte at a time, each within CLIENT_TIMEOUT_SECONDS, held a connection for as long as it
-        liked (issue 17)."""
+        """POST /: an app given the gateway's address as its whole URL (FluentRead's Claude service, issue 20): a 404
+        saying what to write, in the shape of the API its headers are of; nothing goes upstream. Only the body's first
+        part is looked at, the rest never waited for (the answer ends the connection): a client without a token that
+        sent it a byte at a time, each within CLIENT_TIMEOUT_SECONDS, held a connection at will (issue 17)."""
         try:
             message = await wait_at_most(self.config.client_timeout, ex.receive(), TimeoutError())
         except TimeoutError:
@@ -2775,13 +2770,11 @@ class Gateway:
             log.warning("%s", warning)
 
     async def readmit(self, ex: Exchange) -> Config:
-        """Who may ask, decided again by the settings of now for a request whose body was still coming when a reload
-        came, whose model was looked up in Ollama's list across one (looked_up), or whose turn in the queue came after
-        one (or after any wait: relayed): a client may send its body as slowly as CLIENT_TIMEOUT_SECONDS lets it, for
-        as long as it likes, and wait QUEUE_TIMEOUT_SECONDS for its turn, and a token revoked, no longer in
-        OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500), was
-        judged by the settings of when its head came. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken; a
-        token renamed gives it back."""
+        """Who may ask, judged again by the settings of now, for a request whose body came across a reload, whose model
+        was looked up in Ollama's list across one (looked_up), or whose turn in the queue came after one or any wait
+        (relayed). A body may come for as long as the client likes, a turn after QUEUE_TIMEOUT_SECONDS: a token revoked,
+        off OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500)
+        was judged by the settings of its head. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken."""
         config, route, name = self.config, ROUTES[ex.route], ex.token
         if self.screening and route.screened:
             screen(ex, config)
@@ -2876,9 +2869,8 @@ class Gateway:
         if origin := ex.header(b"origin"):
             ex.cors = cors_headers(config, origin)
         if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
-            # uvicorn's h11 reads such a request by its chunks and keeps the connection; a front proxy that
-            # went by the Content-Length would take what follows for the body, and we would run it as the
-            # next request (request smuggling). RFC 9112 §6.1: an error, and the connection is closed after.
+            # uvicorn's h11 reads it by its chunks; a front proxy going by Content-Length would take what follows as the
+            # body, run here as the next request (request smuggling). RFC 9112 §6.1: an error, then close.
             raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
                                "so where it ends is ambiguous; send one of them. The connection is closed.")
         if VIA[1] in ex.header(b"via"):  # before the token: our own request has none (Upstream.send)
@@ -2960,11 +2952,10 @@ class Gateway:
         return result
 
     async def deliver(self, ex: Exchange, answer: Answer) -> None:
-        """Write an answer held whole (a plain one, shared or not, a model list, an error) as a stream is
-        written (issue 17): one larger than WRITE_PIECE goes in pieces, each sent once the client has taken
-        the one before (uvicorn's send() waits so), and a client that takes nothing for TIMEOUT_SECONDS is
-        let go (499), the answer's memory with it. Until then it counts against MAX_CONCURRENT_PER_TOKEN,
-        as a request still running does; uvicorn alone would hold the rest for as long as the client likes."""
+        """Write an answer held whole (plain or shared, a model list, an error) as a stream is written (issue 17): one
+        larger than WRITE_PIECE in pieces, each sent once the client has taken the one before (uvicorn's send() waits
+        so); a client that takes nothing for TIMEOUT_SECONDS is let go (499), the answer's memory with it. Until then it
+        counts against MAX_CONCURRENT_PER_TOKEN; uvicorn alone would hold the rest as long as the client likes."""
         if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
             return await ex.respond(answer)
         watch = ex.watch = ClientWatch(ex.receive, self.watches)
@@ -3070,9 +3061,8 @@ class Exchange:
         headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
         if not self.body_read and (self.header(b"content-length") not in (b"", b"0")
                                    or self.header(b"transfer-encoding")):
-            # An answer before the body was read (a refusal, most often) ends the connection: uvicorn stops
-            # its idle timer at the first body byte and never restarts it, so a client that sent one and
-            # went silent would hold the connection for ever (issue 17).
+            # An answer before the body is read (a refusal, most often) ends the connection: uvicorn's idle timer stops
+            # at the first body byte for good, so a client that sent one and went silent held it for ever (issue 17).
             headers.append((b"connection", b"close"))
         await self.start(answer.status, headers)
         if len(body) <= WRITE_PIECE:
@@ -3084,13 +3074,11 @@ class Exchange:
 
 
 class ClientWatch:
-    """Cancels the request's task when the client disconnects (or, for a stream, stops reading), or when the shutdown
-    grace is over, until stop().
-
-    uvicorn's send() does not raise once the client is gone; only receive() says so. So while we wait on an upstream
-    we also wait on receive() (from LISTEN_AFTER_SECONDS on), and stop the upstream request the moment the client
-    leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches` while it runs: that
-    is how the end of the shutdown grace finds what still waits on an upstream."""
+    """Cancels the request's task when the client disconnects (or stops reading: guard_sends), or when the shutdown
+    grace is over, until stop(). uvicorn's send() does not raise once the client is gone, only receive() says so: while
+    we wait on an upstream we also wait on receive() (from LISTEN_AFTER_SECONDS on), and stop the upstream request the
+    moment the client leaves, so that Ollama stops generating for nobody. Each watch is in its gateway's `watches`
+    while it runs: there the end of the shutdown grace finds what still waits on an upstream."""
 
     def __init__(self, receive: Receive, watches: set[ClientWatch]) -> None:
         self.task = asyncio.current_task()
@@ -3127,9 +3115,8 @@ class ClientWatch:
 
     def guard_sends(self, timeout: float) -> None:
         """A client that takes `timeout` to accept one chunk has stopped reading: count it as gone. uvicorn's send()
-        waits for as long as the client's socket is full, and meanwhile a stream would hold its upstream connection,
-        an answer held whole its memory. One timer per answer looks every `timeout` seconds, or sooner when a send it
-        saw waiting will by then have waited that long."""
+        waits while the client's socket is full, and meanwhile a stream would hold its upstream connection, an answer
+        held whole its memory. One timer per answer looks every `timeout` seconds, or sooner for a send seen waiting."""
         loop = self.loop
 
         def check() -> None:
@@ -3189,11 +3176,10 @@ class Flight:
 
 
 class Coalescer:
-    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight. Identical
-    means the same token, provider, path, body and forwarded headers as it goes upstream (an anthropic-beta of its own
-    may change the answer), let in by the same settings (after a reload, a token's name may be another token's). The
-    upstream request runs in a task of its own, so that a client leaving does not end it while others still wait; the
-    last to leave cancels it. Its entry goes as soon as it is done: this is no cache."""
+    """COALESCE: a request that is not streamed shares the upstream answer of an identical one in flight: the same
+    token, provider, path, body and forwarded headers (an anthropic-beta may change the answer), let in by the same
+    settings (a reload may give a token's name to another token). The upstream request runs in a task of its own, so
+    that one client leaving does not end it for the others; the last to leave cancels it. Done, it is forgotten."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.flights: dict[tuple, Flight] = {}
