@@ -2444,9 +2444,8 @@ class Gateway:
                  queue_bounds: tuple[int, int] | None = None, slot_clock: Callable[[], float] = time.monotonic,
                  clock: Callable[[], float] = time.time) -> None:
         self.environ = environ
-        # The queue's bounds (MAX_QUEUED, MAX_QUEUED_BYTES unless told) and what it measures slot time with.
-        self.queue_bounds = queue_bounds or (MAX_QUEUED, MAX_QUEUED_BYTES)
-        self.slot_clock = slot_clock
+        self.queue_bounds = queue_bounds or (MAX_QUEUED, MAX_QUEUED_BYTES)  # the queue's, unless told
+        self.slot_clock = slot_clock  # what the queue measures slot time with
         self.clock = clock  # what the usage's days and TOKEN_QUOTAS' midnight are told by
         self.config: Config | None = None
         self.upstreams: dict[str, Upstream] = {}
@@ -2719,8 +2718,7 @@ class Gateway:
 
     def apply(self, config: Config) -> None:
         """The state that follows the settings, made or changed for `config`; what runs keeps what it holds."""
-        # OLLAMA_BASE_URL may name other hosts now: their list is fetched anew.
-        self.cloud.forget(self.upstreams["ollama"])
+        self.cloud.forget(self.upstreams["ollama"])  # OLLAMA_BASE_URL may name other hosts now: their list anew
         # A feature that is off costs the request path one `if`.
         self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
         if not (config.rate_limit_rpm or config.max_concurrent_per_token):
@@ -3213,8 +3211,7 @@ class Coalescer:
         return answer
 
     async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
-        """A flight's task: the answer, and the flight forgotten as soon as it is done. (Its failure is read by
-        asyncio.shield while a waiter waits, and by answer()'s callback once none is left.)"""
+        """A flight's task: the answer, and the flight forgotten as soon as it is done (its failure: answer())."""
         try:
             return await answer
         finally:
