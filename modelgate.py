@@ -2253,9 +2253,8 @@ def exchange_fields(ex: Exchange, seconds: float) -> dict[str, Any]:
 
 
 def log_exchange(ex: Exchange, seconds: float) -> None:
-    # log: one line per request; never bodies, tokens, keys or the Authorization header. LOG_FORMAT=json
-    # writes the same fields (exchange_fields) as an object. The record is made here and handed to the
-    # handlers directly: log.info() would first walk the stack to find its caller, a third of the cost.
+    # log: a line per request; never bodies, tokens, keys or the Authorization header (LOG_FORMAT=json: exchange_fields
+    # as an object). The record goes to handlers directly: log.info() would look up its caller, a third of the cost.
     if not log.isEnabledFor(logging.INFO):
         return
     prompt, completion = ex.usage or (None, None)
