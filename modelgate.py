@@ -2641,12 +2641,11 @@ class Gateway:
 
     async def usage_page(self, ex: Exchange) -> Answer:
         """GET /usage: a token's own usage (an admin's: everyone's) of today and the last USAGE_DAYS days."""
-        usage, config = self.usage, self.config
-        counts = usage.counts()
+        config, counts = self.config, self.usage.counts()
         names = {ex.token}
         if ex.token in config.ollama_admin_tokens:  # and the names that are gone from MODELGATE_TOKEN since
             names.update(config.token_names, (key[1] for key in counts))
-        report = usage_report(counts, usage.today, USAGE_DAYS, names, config.token_quotas)
+        report = usage_report(counts, self.usage.today, USAGE_DAYS, names, config.token_quotas)
         if b"text/html" in ex.header(b"accept").lower():  # a browser
             return Answer(200, [*PAGE_HEADERS, *USAGE_HEADERS], usage_page(report))
         return Answer(200, [JSON, *USAGE_HEADERS], json.dumps(report).encode())
@@ -2744,9 +2743,8 @@ class Gateway:
         changed = [s.name for s in SETTINGS if getattr(old, s.field) != getattr(config, s.field)]
         config = dataclasses.replace(config, **kept)
         if any(getattr(old, field) != getattr(config, field) for field in UPSTREAM_FIELDS):
-            # Requests running through the old ones keep them to their end; then nothing holds them.
             for upstream in self.upstreams.values():
-                upstream.retire()
+                upstream.retire()  # the requests running through it keep it to their end; then nothing holds it
             self.upstreams = self.make_upstreams(config, self.metrics)
             self.readiness.expires = 0.0  # what the old hosts answered /ready says nothing of the new ones
         self.apply(config)
@@ -2797,9 +2795,8 @@ class Gateway:
         if self.config is None or self.closing:
             return
         self.closing = True
-        # log: how much is left to finish
         log.info("shutting down: %d requests in flight (%d streams) get %g s to finish", self.metrics.in_flight,
-                 self.metrics.streams, self.config.shutdown_grace)
+                 self.metrics.streams, self.config.shutdown_grace)  # log: how much is left to finish
         self.grace_timer = asyncio.get_running_loop().call_later(self.config.shutdown_grace, self.end_grace)
         if self.queue is not None:
             self.queue.close()
