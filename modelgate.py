@@ -215,8 +215,7 @@ SETTINGS: tuple[Setting, ...] = (
     # One policy per app, each off when empty, so that today's configurations keep working unchanged.
     Setting("MODEL_ALIASES", "model_aliases", "", "aliases"),
     Setting("TOKEN_MODELS", "token_models", "", "scopes"),
-    # A day's tokens per app: open-webui #1430 asks for a maximum a day per family member.
-    Setting("TOKEN_QUOTAS", "token_quotas", "", "quotas"),
+    Setting("TOKEN_QUOTAS", "token_quotas", "", "quotas"),  # a day's tokens per app, as open-webui #1430 asks
     Setting("MODEL_DEFAULTS", "model_defaults", "", "defaults"),
     # What a model runs with is the owner's choice: Home Assistant sends keep_alive -1 and num_ctx 8192 every time
     # (home-assistant/core components/ollama/const.py), and Ollama reloads a model for another num_ctx (ollama #12783).
@@ -237,8 +236,7 @@ def openai_error(status: int, message: str, type_: str, code: str | None) -> byt
 
 
 def ollama_error(status: int, message: str, type_: str, code: str | None) -> bytes:
-    # docs/api/errors.mdx; ollama-python's ResponseError reads json.loads(body).get("error"), a str.
-    return json.dumps({"error": message}).encode()
+    return json.dumps({"error": message}).encode()  # docs/api/errors.mdx; ollama-python's ResponseError reads a str
 
 
 # Anthropic's error type for a status (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError maps
@@ -462,8 +460,7 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     # An answer larger than MAX_HELD_ANSWER where it must be held whole (COALESCE, model lists).
     "answer_too_large": (502, "api_error", "upstream_answer_too_large"),
     "gateway_busy": (503, "api_error", "gateway_busy"),  # our own pool to that upstream is full: we are busy, not it
-    # After SIGTERM; a 503 is retried by the SDKs, by then against a gateway that is up again.
-    "shutting_down": (503, "api_error", "shutting_down"),
+    "shutting_down": (503, "api_error", "shutting_down"),  # after SIGTERM: the SDKs retry a 503 on a gateway up again
     "not_ready": (503, "api_error", "not_ready"),
     # The queue (OLLAMA_NUM_PARALLEL): waited QUEUE_TIMEOUT_SECONDS, or MAX_QUEUED / MAX_QUEUED_BYTES reached.
     # Nothing was sent; with Retry-After, which the SDKs honour.
@@ -539,8 +536,7 @@ PROVIDERS = ("ollama", "openai")
 URL_VARIABLE = {"ollama": "OLLAMA_BASE_URL", "openai": "OPENAI_BASE_URL"}
 KEY_VARIABLE = {"ollama": "OLLAMA_API_KEY", "openai": "OPENAI_API_KEY"}
 
-# The reason phrase for a status, for messages only ("503 Service Unavailable").
-PHRASES = {status.value: status.phrase for status in HTTPStatus}
+PHRASES = {status.value: status.phrase for status in HTTPStatus}  # for messages only: "503 Service Unavailable"
 
 
 ###############################################################################
@@ -887,8 +883,7 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
     "usage file": lambda name, value: value,  # opened at start-up (open_usage_file): "" keeps counts in memory
 }
 
-# The kinds of setting for which `NAME=` (set to nothing) is a choice of its own, not the default.
-EMPTY_IS_A_VALUE = frozenset({"usage file"})
+EMPTY_IS_A_VALUE = frozenset({"usage file"})  # kinds for which `NAME=` (set to nothing) is a choice, not the default
 
 
 def check_tls_files(cert: str, key: str) -> None:
