@@ -16,8 +16,8 @@ The module reads in the order a request travels, a banner over each section. The
 down to "The app", holds everything that decides who may do what and what crosses the gateway, in one section,
 which Gateway.dispatch passes every request through before its handler runs.
 
-Routes (every one but /, /health, /ready and preflights wants a token of MODELGATE_TOKEN, sent as
-`Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
+Routes (OPTIONS to any is a CORS preflight; all else but /, /health and /ready wants a token of MODELGATE_TOKEN,
+sent as `Authorization: Bearer <token>`, as `x-api-key: <token>` or as the password of HTTP Basic):
 
     POST /v1/chat/completions, /v1/completions, /v1/responses   plain or `"stream": true` (SSE relayed chunk by chunk)
     POST /v1/embeddings, /v1/audio/transcriptions (a multipart form, routed by its `model` field, relayed byte for byte)
@@ -26,7 +26,6 @@ Routes (every one but /, /health, /ready and preflights wants a token of MODELGA
     GET|HEAD /ready             200 when an upstream of DEFAULT_PROVIDER answers, else 503
     GET  /metrics               Prometheus text format (an admin's token; none with METRICS_PUBLIC=1)
     GET  /usage                 the counts in USAGE_DB, a page or JSON: a token's own, OLLAMA_ADMIN_TOKENS' everyone's
-    OPTIONS <any route>         CORS preflight
 
     POST /v1/messages           Anthropic Messages, to Ollama's own /v1/messages (SSE with "stream": true)
     GET|HEAD /                  `Ollama is running`, as Ollama answers; a browser (Accept: text/html) gets a page
