@@ -498,8 +498,7 @@ UPSTREAM_FAILURES: tuple[tuple[type[Exception], str, str], ...] = (
     (httpcore.NetworkError, "upstream_unavailable", "The connection to {name} broke before it answered."),
 )
 
-# The httpcore exceptions that mean "the upstream failed", as opposed to a bug of ours.
-UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)
+UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)  # "the upstream failed", not our bug
 # Of those, the ones no retry mends (NO_RETRY): no answer within TIMEOUT_SECONDS, where a retry would run the
 # generation again as long, most often to the same end; a TLS handshake with an upstream that speaks plain HTTP.
 NOT_RETRIED = (httpcore.ReadTimeout, TLSError)
