@@ -364,8 +364,7 @@ ROUTES: dict[str, Route] = {
     "/v1/completions": RUNS_MODEL._replace(usage=OPENAI_COUNTS, asks_usage=True),
     "/v1/responses": RUNS_MODEL._replace(end=RESPONSE_END, usage=RESPONSES_COUNTS),
     "/v1/embeddings": RUNS_MODEL._replace(usage=OPENAI_COUNTS, shared=False),
-    # A multipart form (Ollama v0.20, OpenAI's API): its `model` field routes it (routed_form). OpenAI's
-    # gpt-4o-transcribe says what it used as the Responses API does; Ollama's transcriptions say nothing.
+    # Served by Ollama since v0.20 and OpenAI; gpt-4o-transcribe reports usage as the Responses API does, Ollama none.
     "/v1/audio/transcriptions": RUNS_MODEL._replace(usage=RESPONSES_COUNTS, shared=False, reads="form"),
     "/v1/models": Route({"GET": "models"}),
     "/v1/models/": Route({"GET": "model"}),
@@ -377,9 +376,8 @@ ROUTES: dict[str, Route] = {
     "/usage": Route({"GET": "usage_page"}, limited=False, login=True),
     # Anthropic Messages, which Ollama serves itself since v0.14 (ollama PR #13600).
     "/v1/messages": RUNS_MODEL._replace(end=MESSAGE_STOP, dialect=ANTHROPIC, usage=ANTHROPIC_COUNTS),
-    # Ollama's native API, at the root as Ollama has it, so that a client given ModelGate as its Ollama URL
-    # just works. The root answers what Ollama answers there, to the clients that probe it; a browser (which
-    # asks for text/html) gets a page for the person who opened the address. Neither tells the configuration.
+    # Ollama's native API at the root, as Ollama has it: a client given ModelGate as its Ollama URL just works. The root
+    # answers as Ollama does to probing clients, and a browser (text/html) gets a page; neither tells the configuration.
     "/": Route({"GET": "home", "HEAD": "ollama_root", "POST": "posted_to_root"}, access="public", limited=False,
                dialect=OLLAMA),
     "/api/chat": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True, usage=OLLAMA_COUNTS),
