@@ -436,8 +436,7 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "admin_only": (403, "permission_error", "admin_only"),
     # Ollama's cloud models and web tools, and Route.cloud, for a token not in OLLAMA_CLOUD_TOKENS: nothing upstream.
     "cloud_not_allowed": (403, "permission_error", "cloud_not_allowed"),
-    # TOKEN_MODELS: the model, an alias resolved, is outside the token's patterns. Nothing goes upstream.
-    "model_not_allowed": (403, "permission_error", "model_not_allowed"),
+    "model_not_allowed": (403, "permission_error", "model_not_allowed"),  # TOKEN_MODELS: outside the token's patterns
     "not_found": (404, "invalid_request_error", "not_found"),
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "method_not_allowed": (405, "invalid_request_error", "method_not_allowed"),
@@ -464,8 +463,7 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
     "queue_timeout": (503, "api_error", "queue_timeout"),
     "queue_full": (503, "api_error", "queue_full"),
     "upstream_timeout": (504, "api_error", "upstream_timeout"),
-    # A request of this gateway's came back to it (VIA): OLLAMA_BASE_URL names ModelGate itself. RFC 5842 §7.2.
-    "loop_detected": (508, "api_error", "loop_detected"),
+    "loop_detected": (508, "api_error", "loop_detected"),  # OLLAMA_BASE_URL is ModelGate itself (VIA); RFC 5842 §7.2
 }
 # Added to a failure no retry mends (a loop, a redirect, a key refused, an https:// URL for plain HTTP, an answer
 # that is not HTTP, none within TIMEOUT_SECONDS): the openai and anthropic SDKs retry a 5xx twice unless it says so
