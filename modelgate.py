@@ -541,8 +541,7 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message names the variable."""
 
 
-# The settings, read once at start-up; fields named by SETTINGS, plus the names the tokens are shown by.
-Config = dataclasses.make_dataclass(
+Config = dataclasses.make_dataclass(  # read once at start-up: SETTINGS' fields, and the names tokens are shown by
     "Config", [(s.field, Any) for s in SETTINGS] + [("token_names", tuple)], frozen=True, slots=True)
 
 
