@@ -3457,14 +3457,12 @@ class Queue:
         slots.waiting += 1
         self.waiting, self.bytes = self.waiting + 1, self.bytes + size
         host.waiting += 1
-        queued = self.metrics.queued
-        queued[share.token] = queued.get(share.token, 0) + 1
+        self.metrics.queued[share.token] = self.metrics.queued.get(share.token, 0) + 1
         try:
             return await waiter.future
         except asyncio.CancelledError:  # the client left
-            future = waiter.future
-            if not future.cancelled() and future.exception() is None:
-                self.release(future.result())  # its turn had come as it left
+            if not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.release(waiter.future.result())  # its turn had come as it left
             elif waiter in share.waiters:
                 self.leave(key, slots, waiter)
             raise
@@ -4559,10 +4557,9 @@ def usage_table(models: list[dict[str, Any]], days: int) -> str:
                     f"<td title=\"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion\">"
                     f"{total['total_tokens']:,}</td><td class=\"w\">{duration(total['upstream_seconds'])}</td>"
                     f"<td class=\"w\">{duration(total['queue_seconds'])}</td></tr>")
-    return ('<div class="scroll"><table><thead><tr><th>Model</th><th class="w">Requests today</th><th>Tokens today'
-            f'</th><th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th>'
-            f'<th class="w">Time upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}'
-            '</tbody></table></div>\n')
+    return ('<div class="scroll"><table><thead><tr><th>Model</th><th class="w">Requests today</th><th>Tokens today</th>'
+            f'<th class="w">Requests, {days} days</th><th>Errors</th><th>Tokens, {days} days</th><th class="w">Time '
+            f'upstream</th><th class="w">Time queued</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>\n')
 
 
 def plural(count: int, noun: str) -> str:
