@@ -3638,8 +3638,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
             gw.metrics.streams -= 1
     if cut and not way.stream:
         return None  # the response stays incomplete and uvicorn closes the connection: all we can do
-    # Whole or cut, what the upstream says it used is counted, read from its end.
-    ex.usage = frames.usage()
+    ex.usage = frames.usage()  # whole or cut, what the upstream says it used counts
     if cut:
         message = f"The answer was cut off: the stream from {upstream.name} {cut}. Try again."
         # Cut inside a record, the error event still begins one of its own: NDJSON's on a new line, an event stream's
@@ -4657,11 +4656,10 @@ class Usage:
             # The model is the client's word that the upstream took (or refused): past MAX_MODEL_SERIES of them
             # per token name, provider and day, further ones are counted as "other", as in /metrics.
             models = self.models.setdefault((ex.token, ex.provider), set())
-            if ex.upstream_model not in models:
-                if len(models) >= MAX_MODEL_SERIES:
-                    key = (self.today, ex.token, ex.provider, "other")
-                else:
-                    models.add(ex.upstream_model)
+            if ex.upstream_model not in models and len(models) >= MAX_MODEL_SERIES:
+                key = (self.today, ex.token, ex.provider, "other")
+            else:
+                models.add(ex.upstream_model)
             counts = self.unwritten.setdefault(key, [0, 0, 0, 0, 0.0, 0.0])
         counts[0] += 1
         counts[1] += bool(ex.error)  # an error answered, or a stream cut; not a client that left (499)
