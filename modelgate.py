@@ -3195,7 +3195,7 @@ class Coalescer:
         return answer
 
     async def flown(self, key: tuple, answer: Awaitable[Answer]) -> Answer:
-        """A flight's task: the answer, and the flight forgotten as soon as it is done (its failure: answer())."""
+        """A flight's task: the answer, and the flight forgotten as soon as it is done (answer() reads its failure)."""
         try:
             return await answer
         finally:
