@@ -288,7 +288,7 @@ class End(NamedTuple):
     """How a whole stream of a route ends: its last record (an SSE event or NDJSON line, as Frames splits them) has
     `key` set to one of `values`. "data" is an event's data ([DONE] is no JSON); "type" is an event's own name (its SSE
     `event:` field), else the "type" of its JSON; any other, a key of its JSON. A stream ending in the upstream's own
-    error (Dialect.own_error) is whole too, its client told why (issue 19: Ollama's failed pull ends so)."""
+    error (Dialect.own_error) is whole too: its client was told why (issue 19: a failed Ollama pull)."""
     key: str
     values: tuple[Any, ...]
 
