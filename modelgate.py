@@ -3411,7 +3411,7 @@ class Queue:
         while other := next(((k, s) for k, s in self.slots.items() if k[1] == key[1] and s.waiting), None):
             turn = self.next_turn(other[1], now)
             waiter = turn.waiters[0]
-            self.dequeue(*other, waiter)
+            self.dequeue(other[1], waiter)
             self.forget(*other, turn)
             if not waiter.future.cancelled():  # (one that left just now is taken out here, as many as there are)
                 shares = slots.shares  # its token name here, as it would be had it come here (turn)
@@ -3467,7 +3467,7 @@ class Queue:
                 self.leave(key, slots, waiter)
             raise
 
-    def dequeue(self, key: tuple, slots: Slots, waiter: Waiter) -> None:
+    def dequeue(self, slots: Slots, waiter: Waiter) -> None:
         share = waiter.share
         share.waiters.remove(waiter)
         held = self.names[share.token]
@@ -3482,7 +3482,7 @@ class Queue:
         self.metrics.queued[share.token] -= 1
 
     def leave(self, key: tuple, slots: Slots, waiter: Waiter, error: GatewayError | None = None) -> None:
-        self.dequeue(key, slots, waiter)
+        self.dequeue(slots, waiter)
         self.forget(key, slots, waiter.share)
         if error is not None and not waiter.future.done():
             waiter.future.set_exception(error)
@@ -3507,12 +3507,11 @@ class Queue:
 
     def give_turns(self, key: tuple, slots: Slots, now: float) -> None:
         while slots.waiting and slots.running < self.parallel:
-            turn = self.next_turn(slots, now)
-            waiter = turn.waiters[0]
-            self.dequeue(key, slots, waiter)
+            waiter = self.next_turn(slots, now).waiters[0]
+            self.dequeue(slots, waiter)
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
-                waiter.future.set_result(self.start(key, slots, turn, waiter.number))
-            self.forget(key, slots, turn)
+                waiter.future.set_result(self.start(key, slots, waiter.share, waiter.number))
+            self.forget(key, slots, waiter.share)
 
 
 # A histogram's observation (Metrics): here, where a request's first one is made, its wait for a turn.
@@ -4424,7 +4423,7 @@ def open_usage_file(path: str, read_only: bool = False) -> sqlite3.Connection:
         else:  # the gateway's: used by the writer's thread after start-up, one thread at a time
             db = sqlite3.connect(path, check_same_thread=False)
         try:
-            check_usage_file(db, path, read_only)
+            check_usage_file(db, read_only)
         except BaseException:
             db.close()
             raise
@@ -4438,7 +4437,7 @@ def open_usage_file(path: str, read_only: bool = False) -> sqlite3.Connection:
     return db
 
 
-def check_usage_file(db: sqlite3.Connection, path: str, read_only: bool) -> None:
+def check_usage_file(db: sqlite3.Connection, read_only: bool) -> None:
     if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
         raise sqlite3.DatabaseError("damaged: PRAGMA quick_check failed")
     owner = db.execute("PRAGMA application_id").fetchone()[0]
