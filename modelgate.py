@@ -5438,8 +5438,6 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
     server.client_timeout = gateway.config.client_timeout
 
 
-BACKLOG = 2048  # uvicorn's default --backlog
-
 # What listen() says when binding fails, by errno (anything else: its strerror).
 BIND_FAILURES = {
     errno.EADDRINUSE: "PORT={port} is in use on {host}: another program (another ModelGate?) listens there. Stop it, "
@@ -5469,7 +5467,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(BACKLOG)  # from here on, connections wait in the backlog until uvicorn serves
+            sock.listen(2048)  # uvicorn's default backlog, where connections wait from here on until uvicorn serves
     except OSError as exc:
         for sock in sockets:
             sock.close()
@@ -5652,14 +5650,10 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
     return server
 
 
-# How a TLS ClientHello begins: a handshake record (22), TLS major version 3 (RFC 8446 §5.1). No HTTP request does.
-TLS_RECORD = b"\x16\x03"
-
-
 def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol, and a timer that closes the connection while h11 still waits for a
-    complete request head (their_state IDLE) `seconds()` after it began to wait; a client that begins a TLS
-    handshake instead of a request is closed, and the log says why."""
+    """uvicorn's h11 protocol, and a timer that closes the connection while h11 waits for a complete request head
+    (their_state IDLE) `seconds()` after it began to wait; a client that begins a TLS handshake (a record of type 22,
+    major version 3: RFC 8446 §5.1) instead of a request is closed, and the log says why."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
@@ -5670,7 +5664,7 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
             self.watch_head()
 
         def data_received(self, data: bytes) -> None:
-            if data.startswith(TLS_RECORD) and self.conn.their_state is h11.IDLE:  # where a request must begin
+            if data.startswith(b"\x16\x03") and self.conn.their_state is h11.IDLE:  # where a request must begin
                 # log: one line that says what to change, not uvicorn's "Invalid HTTP request received."
                 log.warning("a client at %s spoke TLS (its URL begins https://) to this gateway, which serves plain "
                             "HTTP: give it http://, or serve HTTPS with TLS_CERT_FILE and TLS_KEY_FILE",
@@ -5698,9 +5692,6 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
     return HeadTimeoutProtocol
 
 
-LOOP_ERROR_SECONDS = 60.0  # how often LoopErrors logs how many more of a kind of failure came, while they go on
-
-
 class LoopErrors:
     """asyncio's exception handler under `python modelgate.py`. Out of file descriptors, asyncio's accept loop
     reports its OSError for every connection waiting in the backlog, again and again, each with a traceback (tens
@@ -5708,7 +5699,7 @@ class LoopErrors:
     asyncio's traceback), and those that follow are counted and logged as one line a minute while they go on; a
     kind quiet for a minute is forgotten, and logged in full when it comes back."""
 
-    def __init__(self, seconds: float = LOOP_ERROR_SECONDS) -> None:
+    def __init__(self, seconds: float = 60.0) -> None:
         self.seconds = seconds
         self.repeats: dict[tuple, list] = {}  # kind -> [the text of its first, how many since its last line]
 
