@@ -5438,8 +5438,7 @@ def reload(gateway: Gateway, server: Any, environment: Mapping[str, str]) -> Non
     server.client_timeout = gateway.config.client_timeout
 
 
-# What listen() says when binding fails, by errno (anything else: its strerror).
-BIND_FAILURES = {
+BIND_FAILURES = {  # what listen() says when binding fails, by errno (anything else: its strerror)
     errno.EADDRINUSE: "PORT={port} is in use on {host}: another program (another ModelGate?) listens there. Stop it, "
                       "or set PORT to a free port",
     errno.EADDRNOTAVAIL: "HOST={host!r} is not an address of this machine. Set HOST to one of its addresses: "
@@ -5725,8 +5724,7 @@ class LoopErrors:
         if not repeats:  # so that kinds seen once (asyncio's "Exception in callback <handle>") do not pile up
             del self.repeats[kind]
             return
-        # log: how often a kind of failure came again within a minute
-        log.error("%s: %d more in the last %.0f s", text, repeats, self.seconds)
+        log.error("%s: %d more in the last %.0f s", text, repeats, self.seconds)  # log: a kind that goes on
         self.repeats[kind][1] = 0
         asyncio.get_running_loop().call_later(self.seconds, self.report, kind)
 
