@@ -9036,6 +9036,18 @@ async def test_tags_and_ps_merge_the_hosts_that_answer() -> None:
     assert ps.json()["models"][0] == PS["models"][0]
 
 
+async def test_a_list_of_models_that_are_not_objects_is_no_500() -> None:
+    """A server at OLLAMA_BASE_URL whose /api/tags lists its models as bare names (no Ollama does) gets /api/tags
+    the empty list of models it can read, not a 500, and a chat still goes through."""
+    async with upstream(routed_reply({"/api/tags": json_reply(document={"models": ["tiny", 7, None]}),
+                                      V1_CHAT: json_reply()})) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        up.tags = None  # the reply above answers /api/tags
+        answered = await chat(app, b'{"model": "tiny", "messages": []}')
+        tags = await native(app, "/api/tags", method="GET")
+    assert answered.status == 200, answered.body
+    assert tags.status == 200 and tags.json() == {"models": []}, tags.body
+
+
 async def test_version_is_the_first_host_that_answers() -> None:
     """/api/version: host 1 refuses, so host 2 answers; its document comes back as Ollama wrote it."""
     async with upstream(fake_ollama) as up, gateway(OLLAMA_BASE_URL=f"{refused_url()},{up.url}") as app:
