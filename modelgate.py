@@ -1367,7 +1367,7 @@ class Limits:
 
 async def read_body(ex: Exchange, config: Config, held: dict[str, int]) -> bytes | None:
     """The body, or None if the client left mid-body; 413 past MAX_BODY_BYTES, 408 after CLIENT_TIMEOUT_SECONDS without
-    more (both end the connection: Exchange.respond); 429 past BODIES_HELD bodies a token (`held`: name -> bytes)."""
+    more (both end the connection: Gateway.deliver); 429 past BODIES_HELD bodies a token (`held`: name -> bytes)."""
     limit, wait, name = config.max_body_bytes, config.client_timeout, ex.token
 
     def too_large() -> GatewayError:  # the errors are worded only when they happen: this is the hot path
@@ -2823,8 +2823,8 @@ class Gateway:
             if ex.started:
                 raise  # all we can do is abort the response: uvicorn closes the connection
             ex.error = "internal"
-            await ex.respond(error_answer(GatewayError("internal", "ModelGate failed unexpectedly; "
-                                                       "its log says why."), ex))
+            await self.deliver(ex, error_answer(GatewayError("internal", "ModelGate failed unexpectedly; "
+                                                             "its log says why."), ex))
         finally:
             self.metrics.in_flight -= 1
             if ex.holds_slot is not None:  # where it was counted: a reload may have changed self.limits since
@@ -2938,12 +2938,23 @@ class Gateway:
         larger than WRITE_PIECE in pieces, each sent once the client has taken the one before (uvicorn's send() waits
         so); a client that takes nothing for TIMEOUT_SECONDS is let go (499), the answer's memory with it. Until then it
         counts against MAX_CONCURRENT_PER_TOKEN; uvicorn alone would hold the rest as long as the client likes."""
-        if len(answer.body) <= WRITE_PIECE or ex.method == "HEAD":
-            return await ex.respond(answer)
+        body = b"" if ex.method == "HEAD" else answer.body  # HEAD: its length only
+        headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
+        if not ex.body_read and (ex.header(b"content-length") not in (b"", b"0") or ex.header(b"transfer-encoding")):
+            # An answer before the body is read (a refusal, most often) ends the connection: uvicorn's idle timer stops
+            # at the first body byte for good, so a client that sent one and went silent held it for ever (issue 17).
+            headers.append((b"connection", b"close"))
+        if len(body) <= WRITE_PIECE:
+            await ex.start(answer.status, headers)
+            ex.bytes_out += len(body)
+            return await ex.send({"type": "http.response.body", "body": body, "more_body": False})
         watch = ex.watch = ClientWatch(ex.receive, self.watches)
         watch.guard_sends(self.config.timeout)
         try:
-            await ex.respond(answer)
+            await ex.start(answer.status, headers)
+            for at in range(0, len(body), WRITE_PIECE):
+                await ex.write(body[at:at + WRITE_PIECE])
+            await ex.write(b"", more=False)  # sent once the client has taken all but what the socket holds
         except asyncio.CancelledError as exc:
             reason = watch.claim(exc)
             if not reason:
@@ -3036,23 +3047,6 @@ class Exchange:
         self.bytes_out += len(chunk)
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
         watch.sending_since = None
-
-    async def respond(self, answer: Answer) -> None:
-        """The answer with its length; one larger than WRITE_PIECE in pieces, under the send guard (Gateway.deliver)."""
-        body = b"" if self.method == "HEAD" else answer.body  # HEAD: its length only
-        headers = [*answer.headers, (b"content-length", b"%d" % len(answer.body))]
-        if not self.body_read and (self.header(b"content-length") not in (b"", b"0")
-                                   or self.header(b"transfer-encoding")):
-            # An answer before the body is read (a refusal, most often) ends the connection: uvicorn's idle timer stops
-            # at the first body byte for good, so a client that sent one and went silent held it for ever (issue 17).
-            headers.append((b"connection", b"close"))
-        await self.start(answer.status, headers)
-        if len(body) <= WRITE_PIECE:
-            self.bytes_out += len(body)
-            return await self.send({"type": "http.response.body", "body": body, "more_body": False})
-        for at in range(0, len(body), WRITE_PIECE):
-            await self.write(body[at:at + WRITE_PIECE])
-        await self.write(b"", more=False)  # sent once the client has taken all but what the socket holds
 
 
 class ClientWatch:
@@ -3541,7 +3535,7 @@ MAX_HELD_ANSWER = 16 * 1024 * 1024
 # a clean 502; a larger one is sent as it arrives, and a failure can then only cut the connection.
 RELAY_HOLD_BYTES = 1024 * 1024
 
-# An answer held whole is written in pieces of this size (Exchange.respond), so that uvicorn's send() waits for
+# An answer held whole is written in pieces of this size (Gateway.deliver), so that uvicorn's send() waits for
 # the client to take each one (it waits before writing while its transport holds more than 64 KiB, asyncio's
 # high-water mark) and no more than about two pieces wait in memory for a client that reads slowly.
 WRITE_PIECE = 64 * 1024
