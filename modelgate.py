@@ -2326,10 +2326,10 @@ code { font-family: ui-monospace, Menlo, Consolas, monospace; background: #f2f2f
 <h1>ModelGate is running</h1>
 <p class="version">Version {version}</p>
 <p>This is an OpenAI-compatible gateway. Your apps talk to it at this base URL:</p>
-<p class="url">{base}</p>
+<p class="url">{origin}/v1</p>
 <p>Paste it where an app asks for the OpenAI base URL or API address, with the gateway's token as the API
 key, and pick a model such as <code>ollama/qwen2.5:7b</code>. Apps that want the whole address of the
-chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{base}/chat/completions</code>;
+chat API (FluentRead, kiss-translator, Immersive Translate) take <code>{origin}/v1/chat/completions</code>;
 apps that speak Ollama's own API (Open WebUI, Home Assistant, the ollama libraries) or Anthropic's take
 <code>{origin}</code>.</p>
 <p>How to set up each app: see <code>README.md</code>, beside <code>modelgate.py</code> where ModelGate was
@@ -2585,8 +2585,8 @@ class Gateway:
         if not host and ex.server:  # HTTP/1.0 without Host: the address the request came in on
             host = f"{ex.server[0]}:{ex.server[1]}"
         origin = html.escape(f"{ex.scheme}://{host}")  # the Host header is whatever the client wrote
-        page = HOME_PAGE.replace("{version}", html.escape(__version__)).replace("{base}", origin + "/v1")
-        page = page.replace("{origin}", origin)
+        # The Host header is filled in last, so that nothing it holds is read as a placeholder.
+        page = HOME_PAGE.replace("{version}", html.escape(__version__)).replace("{origin}", origin)
         return Answer(200, [*PAGE_HEADERS, (b"vary", b"accept")], page.encode())
 
     async def posted_to_root(self, ex: Exchange) -> Answer | None:
@@ -3113,7 +3113,7 @@ class ClientWatch:
 
 
 # A client given a base URL that ends in /v1 where it adds /v1 (the Anthropic SDKs) or /api (the ollama
-# libraries) itself, or one given /v1 as its full URL (issue 20): what to write instead.
+# libraries) itself, or one ending in /api where it adds /api: what to write instead.
 WRONG_BASE_URLS = (
     ("/v1/v1/", "There is no {path} here: the client adds /v1 itself (the Anthropic SDKs do), and its base URL ends "
                 "in /v1 too. Give it the base URL without /v1, such as http://<server>:8010."),

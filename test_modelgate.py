@@ -2316,15 +2316,18 @@ async def test_the_page_for_a_request_without_host_shows_the_address_it_came_in_
 
 
 async def test_the_page_escapes_the_host_it_was_asked_for() -> None:
-    """Whatever the Host header holds is shown as text, never as markup; https when the request came so."""
+    """Whatever the Host header holds is shown as text, never as markup nor as a part of the page to fill in; https
+    when the request came so."""
     async with gateway() as app:
         hostile = await call(app, "GET", "/", headers=[(b"host", b'x"><script>alert(1)</script>'),
                                                         (b"accept", b"text/html")])
         secure = await call(app, "GET", "/", headers=[(b"host", b"gw.example"), (b"accept", b"text/html")],
                                      scheme="https")
+        placeholder = await call(app, "GET", "/", headers=[(b"host", b"{origin}"), (b"accept", b"text/html")])
     page = hostile.body.decode()
     assert "<script>" not in page and "http://x&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;/v1" in page
     assert b"https://gw.example/v1" in secure.body
+    assert b"http://{origin}/v1</p>" in placeholder.body and b"http://http://" not in placeholder.body
     assert b"script-src" not in hostile.header(b"content-security-policy")  # no script may run at all
     assert hostile.header(b"content-security-policy").startswith(b"default-src 'none'")
 
