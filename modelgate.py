@@ -4582,7 +4582,7 @@ def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
     if counts is None:
         return None
     if counts.native:  # (embed: the first)
-        found = {name: int(count) for name, count in OLLAMA_COUNT.findall(end)}
+        found = {name: int(count) for name, count in dict(OLLAMA_COUNT.findall(end)).items()}  # the last of each
         used = (found.get(b"prompt_eval_count"), found.get(b"eval_count"))
         return None if used == (None, None) else used
     used = (None, None)
