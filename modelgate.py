@@ -5364,10 +5364,12 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
             entry = "," + entry
         # Inside its quotes, before its comment: the line stays as written, a value that needs quotes keeps them.
         end += len(text) - len(text.lstrip()) if text.strip() else 0  # what strip() took before it, a no-break space
-        text += "\n" * (text == text.rstrip("\r\n"))
+        if text == text.rstrip("\r\n"):  # the file's last line, without its line end
+            text += "\n"
         lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
-    else:  # a line of its own, after a last line without its line end
-        lines.append("\n" * (bool(lines) and not lines[-1].endswith("\n")) + f"MODELGATE_TOKEN={entry}\n")
+    else:  # a line of its own, after the last line (given its line end if it lacks one)
+        newline = "\n" if lines and not lines[-1].endswith("\n") else ""
+        lines.append(f"{newline}MODELGATE_TOKEN={entry}\n")
     try:  # in place, not a new file: its owner, mode and a bind mount of it (Docker) stay; a new one is 0600
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8",
                        newline="") as file:
