@@ -2348,7 +2348,7 @@ def preflight(ex: Exchange, route: Route | None) -> Answer:
         requested = ex.header(b"access-control-request-headers")
         if not requested or not HEADER_LIST.fullmatch(requested):
             requested = CORS_DEFAULT_HEADERS
-        methods = b"GET, POST, OPTIONS" + b", DELETE" * ("DELETE" in handlers)  # Ollama's /api/delete
+        methods = b"GET, POST, OPTIONS, DELETE" if "DELETE" in handlers else b"GET, POST, OPTIONS"  # /api/delete
         headers += [(b"access-control-allow-methods", methods), (b"access-control-allow-headers", requested),
                     (b"access-control-max-age", b"7200")]  # Chromium caps a preflight cache at two hours
     return Answer(204, headers, b"")
