@@ -4901,8 +4901,10 @@ class Metrics:
 
 
 def label_set(names: tuple[str, ...], values: tuple) -> str:
+    if not names:
+        return ""
     escaped = (str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for value in values)
-    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}" if names else ""
+    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}"
 
 
 class JsonFormatter(logging.Formatter):
