@@ -45,7 +45,7 @@ to DEFAULT_PROVIDER unchanged. Ollama's native API and Anthropic Messages lead t
 removed there too, and `openai/...` is a 400. An alias (MODEL_ALIASES) is replaced by its target first; then the
 token's scope is checked (TOKEN_MODELS: 403, nothing sent), missing fields are filled in (MODEL_DEFAULTS) and fields
 set (MODEL_OVERRIDES). The tokens used are counted per token name, provider and model from the upstream's own figures;
-a chat or completions stream is asked for its usage, whose event only a client that asked for it gets.
+every chat or completions stream is asked for its usage, and a client that did not ask for it gets no usage event.
 Environment (read once at start-up; SETTINGS below is the table):
 
     MODELGATE_TOKEN          required; comma-separated, each `token` or `name:token`
