@@ -2755,9 +2755,9 @@ class Gateway:
     async def readmit(self, ex: Exchange) -> Config:
         """Who may ask, judged again by the settings of now, for a request whose body came across a reload, whose model
         was looked up in Ollama's list across one (looked_up), or whose turn in the queue came after one or any wait
-        (relayed). A body may come for as long as the client likes, a turn after QUEUE_TIMEOUT_SECONDS: a token revoked,
-        off OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500)
-        was judged by the settings of its head. Its slot of MAX_CONCURRENT_PER_TOKEN stays as it was taken."""
+        (relayed). A body may come for as long as the client likes, a turn up to QUEUE_TIMEOUT_SECONDS later: judged by
+        the settings of its head, a token revoked, off OLLAMA_CLOUD_TOKENS or OLLAMA_ADMIN_TOKENS, narrowed by
+        TOKEN_MODELS, or an OPENAI_API_KEY removed (a 500) would still pass. Its MAX_CONCURRENT_PER_TOKEN slot stays."""
         config, route, name = self.config, ROUTES[ex.route], ex.token
         if self.screening and route.screened:
             screen(ex, config)
