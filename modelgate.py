@@ -2851,8 +2851,8 @@ class Gateway:
         if origin := ex.header(b"origin"):
             ex.cors = cors_headers(config, origin)
         if ex.header(b"transfer-encoding") and ex.header(b"content-length"):
-            # uvicorn's h11 reads it by its chunks; a front proxy going by Content-Length would take what follows as the
-            # body, run here as the next request (request smuggling). RFC 9112 §6.1: an error, then close.
+            # uvicorn's h11 reads it by its chunks; a front proxy going by Content-Length would count what follows them
+            # as body, which we would run as the next request (request smuggling). RFC 9112 §6.1: an error, then close.
             raise GatewayError("ambiguous_framing", "The request has both Content-Length and Transfer-Encoding, "
                                "so where it ends is ambiguous; send one of them. The connection is closed.")
         if VIA[1] in ex.header(b"via"):  # before the token: our own request has none (Upstream.send)
