@@ -2704,7 +2704,7 @@ class Gateway:
 
     def apply(self, config: Config) -> None:
         """The state that follows the settings, made or changed for `config`; what runs keeps what it holds."""
-        self.cloud.forget(self.upstreams["ollama"])  # OLLAMA_BASE_URL may name other hosts now: their list anew
+        self.cloud.forget(self.upstreams["ollama"])  # OLLAMA_BASE_URL may name other hosts: read their list anew
         # A feature that is off costs the request path one `if`.
         self.screening = config.allowed_ips is not None or bool(config.trusted_proxies)
         if not (config.rate_limit_rpm or config.max_concurrent_per_token):
