@@ -1988,7 +1988,7 @@ def over(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
 def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[str, Any],
                   overrides: dict[str, Any], edits: dict[str, str]) -> None:
     """What MODEL_DEFAULTS and MODEL_OVERRIDES change in the object `text`, as edits for spliced(): an override
-    replaces the client's value, a default fills in what it lacks, key by key inside an object of both (Ollama's
+    replaces the client's value, a default fills in what it lacks, key by key where both are objects (Ollama's
     `options`). 400 for a key that Go's decoder reads as one they set, written otherwise ("KEEP_ALIVE", "Options",
     "EFFORT" in reasoning): Ollama takes the last of the two (objects merged), so an app's own keep_alive after the
     override's would win, as parse_body refuses for `model` (in a map, such as options, Go keeps both: refused too)."""
