@@ -1626,7 +1626,7 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
     from its own bytes as UTF-8, and where each key's value lies (a key written twice: the last, as json.loads); None
     and {} for JSON that is no object; json.JSONDecodeError for what is not JSON (json's scanner checks each value). A
     key in `read` written twice, or not in lower case, is a 400: Go's encoding/json (Ollama's) takes "Model" or "NAME"
-    for "model", the last winning, and a server keeping the first of two runs another model than the one checked."""
+    for "model", the last winning, and a server keeping the first of two runs a model other than the one checked."""
     ws = _WHITESPACE.match
     at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
     document: dict[str, Any] | None = {}
@@ -1867,9 +1867,9 @@ def cloud_refusal(token: str, what: str) -> GatewayError:
 
 
 def unplaced(token: str, asked: str, failure: GatewayError) -> GatewayError:
-    """For a token outside OLLAMA_CLOUD_TOKENS, a model Ollama's list cannot place, the list unreadable: the failure
-    that kept it (502 or 504: Ollama stopped, say), then what was not done. Not a 403, which says it is a cloud model
-    and is never retried; the SDKs retry a 502 or 504 (issue 19: nothing goes to ollama.com on a guess)."""
+    """For a token outside OLLAMA_CLOUD_TOKENS and a model that Ollama's list, unreadable now, cannot place: the failure
+    that kept the list (502 or 504, which the SDKs retry: Ollama stopped, say), then what was not done. Not a 403, which
+    says it is a cloud model and is never retried (issue 19: nothing goes to ollama.com on a guess)."""
     return GatewayError(failure.situation, f"{failure.message} Nothing was sent: Ollama's list of models (GET "
                         f"/api/tags) tells whether the model {asked!r} runs on ollama.com under the account of this "
                         f"Ollama's owner, and could not be read, and the token {token!r} may not use Ollama's cloud "
