@@ -904,8 +904,9 @@ NOT_SETTINGS = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT
 
 def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
     """The KEY=VALUE lines of a .env file, read as docker compose (1.29 and 2.x) reads it for its own variables and for
-    env_file, and the warnings a person should see. A key given twice takes its last line; `export `, blank lines, `#`
-    comments and quotes are allowed; a line that is not KEY=VALUE or leaves a quote open is an error naming it."""
+    env_file, and the warnings a person should see. A key given twice takes its last line (so `cp .env.example .env`
+    plus an appended line works); `export `, blank lines, `#` comments and quotes are allowed; a line that is not
+    KEY=VALUE or leaves a quote open is an error naming it."""
     values, lines_of, warnings = {}, {}, []  # key -> value, key -> its line number
     with open(path, encoding="utf-8-sig") as lines:  # -sig: a BOM (Windows' Notepad) is not part of the key
         for number, line in enumerate(lines, 1):
