@@ -4339,8 +4339,9 @@ class CloudModels:
             items = document.get("models") if isinstance(document, dict) else None
             for item in items if isinstance(items, list) else ():
                 if isinstance(item, dict):  # no Ollama lists anything else; a server that does names no model
-                    (stubs if item.get("remote_host") else local).update(ollama_name(name) for name in (
-                        item.get("name"), item.get("model")) if isinstance(name, str))
+                    names = (item.get("name"), item.get("model"))
+                    listed = stubs if item.get("remote_host") else local
+                    listed.update(ollama_name(name) for name in names if isinstance(name, str))
         # A model listed local by one host may be a stub on a host whose list could not be read, where a request
         # for it may go: while one cannot be read, a list places no model as local (unplaced refuses it).
         self.local = frozenset(local - stubs) if unread is None else frozenset()
