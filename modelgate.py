@@ -4573,8 +4573,9 @@ def duration(seconds: float) -> str:
 # Where an answer says what tokens it used. Tokens are counted per app from the upstream's own figures, read once.
 # Quotes inside JSON strings are escaped: a key found is a key, never an answer's text.
 USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
-# Ollama's native counts come after the message and its tool calls (api.ChatResponse's Metrics): the last wins.
-OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]+)(?=[ \t\r\n]*[,}])')
+# Ollama's native counts come after the message and its tool calls (api.ChatResponse's Metrics): the last wins. A
+# count of more digits than int() reads (4,300: sys.get_int_max_str_digits) is none, as json's in /v1's usage.
+OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]{1,4300})(?=[ \t\r\n]*[,}])')
 
 
 def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:

@@ -6729,6 +6729,19 @@ async def test_ollamas_own_api_and_anthropic_messages_count_their_tokens() -> No
         ("fluentread", "ollama", "nomic-embed-text", "prompt"): EMBED["prompt_eval_count"]}
 
 
+async def test_a_native_count_too_long_to_be_one_is_not_counted_and_the_answer_passes() -> None:
+    """An Ollama answer whose eval_count has more digits than Python turns into a number (4,300) gets to the client
+    as it came, and its prompt_eval_count is counted, as a /v1 answer's usage of that size is passed over."""
+    answer = b'{"model":"m","message":{"role":"assistant","content":"Hallo"},"done":true,"prompt_eval_count":5,' \
+             b'"eval_count":' + b"7" * 5000 + b"}"
+    async with upstream(json_reply(raw=answer)) as up, \
+            gateway(METRICS_PUBLIC="1", OLLAMA_BASE_URL=up.url, MODELGATE_TOKEN=UNNAMED_TOKENS) as app:
+        got = await native(app, "/api/chat", {"model": "m", "stream": False})
+        page = (await scrape(app)).body
+    assert got.status == 200 and got.body == answer
+    assert token_counts(page) == {(label(TOKEN.encode()), "ollama", "m", "prompt"): 5}
+
+
 async def test_ollamas_anthropic_stream_is_counted_from_its_message_delta() -> None:
     """Ollama's message_delta carries input_tokens too (final, where message_start's were an estimate):
     those are counted; an answer cut before it is counted from what came."""
