@@ -4574,8 +4574,9 @@ def duration(seconds: float) -> str:
 # Quotes inside JSON strings are escaped: a key found is a key, never an answer's text.
 USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
 # Ollama's native counts come after the message and its tool calls (api.ChatResponse's Metrics): the last wins. A
-# count of more digits than int() reads (4,300: sys.get_int_max_str_digits) is none, as json's in /v1's usage.
-OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]{1,4300})(?=[ \t\r\n]*[,}])')
+# count of 10^12 or more is none, here and in `usage`: no answer uses that many, and a sum past USAGE_DB's integers
+# (2^63) would stop every write of the file.
+OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"[ \t\r\n]*:[ \t\r\n]*([0-9]{1,12})(?=[ \t\r\n]*[,}])')
 
 
 def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
@@ -4606,8 +4607,8 @@ def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
             except (ValueError, StopIteration, RecursionError):  # cut off where the kept tail begins, say
                 continue
             prompt, completion = usage.get(counts.prompt), usage.get(counts.completion)
-            prompt = prompt if type(prompt) is int and prompt >= 0 else None  # (a bool is no count)
-            completion = completion if type(completion) is int and completion >= 0 else None
+            prompt = prompt if type(prompt) is int and 0 <= prompt < 10 ** 12 else None  # (a bool is no count)
+            completion = completion if type(completion) is int and 0 <= completion < 10 ** 12 else None
             if (prompt, completion) != (None, None):
                 used = (prompt, used[1]) if first else (prompt, completion)
                 break

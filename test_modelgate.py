@@ -5828,6 +5828,23 @@ async def usage_of(app: Any, headers: list = ADMIN_AUTH) -> dict:
     return answer.json()
 
 
+@pytest.mark.parametrize("answer", [{**COMPLETION, "usage": {"prompt_tokens": 10 ** 20, "completion_tokens": 3}},
+                                    {**FINAL, "prompt_eval_count": 10 ** 20, "eval_count": 3}], ids=["v1", "native"])
+async def test_a_count_no_upstream_could_have_used_never_stops_usage_db_from_being_written(
+        tmp_path: Path, answer: dict) -> None:
+    """An upstream that says it used 10^20 tokens (more than USAGE_DB's integers hold, 2^63) is not believed for that
+    count: the request and its other count are written at shutdown, and a gateway started again carries on from them,
+    where the file could no longer be written at all and every app's counts were lost."""
+    path, route = tmp_path / "usage.sqlite3", "/api/chat" if "done" in answer else V1_CHAT
+    async with upstream(json_reply(document=answer)) as up:
+        async with gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=str(path), **USAGE_APPS) as app:
+            answered = await (native(app, route, {"model": "m", "stream": False}) if route != V1_CHAT else chat(app))
+            assert answered.status == 200, answered.body
+        async with gateway(OLLAMA_BASE_URL=up.url, USAGE_DB=str(path), **USAGE_APPS) as app:
+            today = (await usage_of(app))["apps"]["fluentread"]["today"]
+    assert (today["requests"], today["prompt_tokens"], today["completion_tokens"]) == (1, 0, 3)
+
+
 async def start_failure(app: modelgate.Gateway) -> str:
     """The message of a lifespan start-up that fails, as uvicorn prints it."""
     inbox, outbox = asyncio.Queue(), asyncio.Queue()
