@@ -1084,10 +1084,12 @@ def config_warnings(config: Config, sources: Sources | None) -> list[str]:
         if not urlsplit(url).path.rstrip("/").endswith("/v1"):
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} does not end in /v1, where Ollama's "
                             f"OpenAI-compatible API is: write {with_v1(url)}")
-        if names_itself(url, config) and config.port == 11434:  # Ollama's port, taken for ModelGate's
+        if not names_itself(url, config):
+            continue
+        if config.port == 11434:  # Ollama's port, taken for ModelGate's
             warnings.append(f"PORT=11434 is Ollama's port, where OLLAMA_BASE_URL {shown_url(url)} points: ModelGate "
                             "must listen on another; leave PORT unset for 8010")
-        elif names_itself(url, config):
+        else:
             warnings.append(f"OLLAMA_BASE_URL {shown_url(url)} is ModelGate's own address (PORT={config.port}), not "
                             "Ollama's: requests would go round in a circle. Ollama listens on port 11434: "
                             "write http://127.0.0.1:11434/v1 if it runs here")
