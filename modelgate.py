@@ -1015,9 +1015,6 @@ def wrapped_in_quotes(value: str) -> bool:
     return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
 
 
-MIN_TOKEN_LENGTH = 16  # a shorter token gets a warning at start-up (token_urlsafe(32) makes 43 characters)
-
-
 def summary(config: Config, sources: Sources | None, listening: str | None,
             environ: Mapping[str, str] = os.environ) -> list[str]:
     """The start-up summary (also what --check prints): what runs, where, with which upstreams, and where
@@ -1077,8 +1074,8 @@ def config_warnings(config: Config, sources: Sources | None) -> list[str]:
         warnings.append(f"{name} is set in the environment, so the {name} in {sources.dotenv} is not used; "
                         f"to use the file's, unset it (unset {name}) and start again")
     for name, token in zip(config.token_names, config.tokens):
-        if len(token) < MIN_TOKEN_LENGTH:
-            warnings.append(f"MODELGATE_TOKEN: the token {name} is shorter than {MIN_TOKEN_LENGTH} characters, "
+        if len(token) < 16:  # token_urlsafe(32) makes 43 characters
+            warnings.append(f"MODELGATE_TOKEN: the token {name} is shorter than 16 characters, "
                             f"easy to guess for anyone who can reach the gateway; {TOKEN_HELP}")
     for url in config.ollama_base_urls:
         if not urlsplit(url).path.rstrip("/").endswith("/v1"):
