@@ -226,7 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
     # A request that waited longer than a model may take to load (OLLAMA_LOAD_TIMEOUT: 5 min) is better told to retry.
     Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout", "300", "seconds"),
     # Counts that survive restarts, beside the gateway; empty keeps them in memory only (Usage, below).
-    Setting("USAGE_DB", "usage_db", "modelgate-usage.sqlite3", "usage file"),
+    Setting("USAGE_DB", "usage_db", "modelgate-usage.sqlite3", "text"),
 )
 
 
@@ -553,7 +553,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
         # A variable set to nothing (NAME= in .env) means its default, but where nothing is a choice.
         raw = environ.get(setting.name)
         text = (raw or "").strip(" \t\r\n")
-        if not text and (raw is None or setting.kind not in EMPTY_IS_A_VALUE):
+        if not text and (raw is None or setting.name not in EMPTY_IS_A_VALUE):
             text = setting.default
         try:
             if setting.kind in NAME_KINDS:
@@ -580,8 +580,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> Config:
 # Kinds that hold URLs, hosts and names (MODEL_DEFAULTS' patterns too: check_model_pattern): in request lines, headers
 # and log lines, a control character forges what follows. A newline in OLLAMA_BASE_URL, which urlsplit drops silently,
 # was sent as a path of its own and logged as two lines (issue 16); U+2028 and U+2029 end lines for str.splitlines.
-NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes", "shares",
-                        "quotas", "usage file"})
+NAME_KINDS = frozenset({"tokens", "url", "urls", "names", "origins", "text", "aliases", "scopes", "shares", "quotas"})
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -873,10 +872,9 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
                       lambda name, entry, weight: above_zero(weight)),
     "quotas": entries("name=tokens a day (a whole number above 0), such as fluentread=300000",
                       "give each token name one quota", lambda name, entry, tokens: whole_number(1, math.inf)(tokens)),
-    "usage file": lambda name, value: value,  # opened at start-up (open_usage_file): "" keeps counts in memory
 }
 
-EMPTY_IS_A_VALUE = frozenset({"usage file"})  # kinds for which `NAME=` (set to nothing) is a choice, not the default
+EMPTY_IS_A_VALUE = frozenset({"USAGE_DB"})  # where nothing is a choice (load_config): USAGE_DB= keeps counts in memory
 
 
 def check_tls_files(cert: str, key: str) -> None:
