@@ -238,11 +238,13 @@ def ollama_error(status: int, message: str, type_: str, code: str | None) -> byt
     return json.dumps({"error": message}).encode()  # docs/api/errors.mdx; ollama-python's ResponseError reads a str
 
 
-# Anthropic's error type for a status (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError maps
-# 503 to overloaded_error too). "We may also use this error type for other 4XX status codes": so do we.
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                         500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+# The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
+UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                        404: "not_found_error", 429: "rate_limit_error"}
+# Anthropic's error type for a status: OpenAI's, and more (docs.anthropic.com/en/api/errors; Ollama's anthropic.NewError
+# maps 503 to overloaded_error too). "We may also use this error type for other 4XX status codes": so do we.
+ANTHROPIC_ERROR_TYPES = {**UPSTREAM_ERROR_TYPES, 413: "request_too_large", 500: "api_error", 503: "overloaded_error",
+                         529: "overloaded_error"}
 
 
 def anthropic_error(status: int, message: str, type_: str, code: str | None) -> bytes:
@@ -498,10 +500,6 @@ UPSTREAM_EXCEPTIONS = tuple(exc_type for exc_type, _, _ in UPSTREAM_FAILURES)  #
 # Of those, the ones no retry mends (NO_RETRY): no answer within TIMEOUT_SECONDS, where a retry would run the
 # generation again as long, most often to the same end; a TLS handshake with an upstream that speaks plain HTTP.
 NOT_RETRIED = (httpcore.ReadTimeout, TLSError)
-
-# The OpenAI error type for an upstream error status whose body we had to wrap ourselves.
-UPSTREAM_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                        404: "not_found_error", 429: "rate_limit_error"}
 
 
 class GatewayError(Exception):
