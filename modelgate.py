@@ -802,9 +802,8 @@ def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], .
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [key for key, _ in pairs]
-        twice = next((key for key in keys if keys.count(key) > 1), None)
-        if twice is not None:
-            raise ConfigError(f"{name} has {twice!r} twice; write it once")
+        if twice := [key for key in keys if keys.count(key) > 1]:
+            raise ConfigError(f"{name} has {twice[0]!r} twice; write it once")
         return dict(pairs)
     try:
         document = json.loads(value, object_pairs_hook=unique)
