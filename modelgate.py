@@ -705,12 +705,17 @@ def parse_key(name: str, value: str) -> str:
 
 def parse_seconds(name: str, value: str) -> float:
     try:
-        seconds = float(value)
+        float(value)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ConfigError(f"{name} must be more than 0 seconds, not {value!r}")
-    return seconds
+    return accepting("more than 0 seconds", above_zero)(name, value)
+
+
+def above_zero(text: str) -> float | None:
+    with contextlib.suppress(ValueError):
+        if 0 < float(text) < math.inf:
+            return float(text)
+    return None
 
 
 def whole_number(low: int, high: float) -> Callable[[str], int | None]:
@@ -784,13 +789,6 @@ def parse_aliases(name: str, value: str) -> dict[str, str]:
             raise ConfigError(f"{name}: the target of {alias}={target} is itself an alias; aliases go one level "
                               f"deep, so point {alias!r} at {aliases[target]!r} instead")
     return aliases
-
-
-def above_zero(text: str) -> float | None:
-    with contextlib.suppress(ValueError):
-        if 0 < float(text) < math.inf:
-            return float(text)
-    return None
 
 
 def parse_defaults(name: str, value: str) -> tuple[tuple[str, dict[str, Any]], ...]:
