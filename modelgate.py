@@ -889,11 +889,6 @@ def check_tls_files(cert: str, key: str) -> None:
         raise ConfigError(f"TLS_CERT_FILE and TLS_KEY_FILE are not a PEM certificate and its key ({exc})") from None
 
 
-# What docker compose itself reads from the same .env (docker-compose.yml, .env.example), and what else a .env
-# may rightly set for the gateway's process (TZ, the time zone of /usage's days): no "did you mean".
-NOT_SETTINGS = frozenset({"MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE", "TZ"})
-
-
 def read_dotenv(path: str) -> tuple[dict[str, str], list[str]]:
     """The KEY=VALUE lines of a .env file, read as docker compose (1.29 and 2.x) reads it for its own variables and for
     env_file, and the warnings a person should see. A key given twice takes its last line (so `cp .env.example .env`
@@ -945,7 +940,9 @@ def misspelt(key: str) -> str:
     """What to say of a key that is not a setting ("did you mean" one close to it); "" for a setting. A typo
     such as TOKEN_MODEL= would otherwise leave a token without the limit it was meant to have (issue 20)."""
     names = [setting.name for setting in SETTINGS]
-    if key in names or key in NOT_SETTINGS:
+    # What docker compose itself reads from the same .env (docker-compose.yml, .env.example), and what else a .env
+    # may rightly set for the gateway's process (TZ, the time zone of /usage's days): no "did you mean".
+    if key in names or key in ("MODELGATE_PORT", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE", "TZ"):
         return ""
     close = difflib.get_close_matches(key.upper(), names, n=2, cutoff=0.8)
     return (f"{key} is not a setting of ModelGate; did you mean {' or '.join(close)}?" if close
