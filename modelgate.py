@@ -963,11 +963,10 @@ def read_settings(directory: str, environ: MutableMapping[str, str]) -> Sources:
     from_environment = tuple(s.name for s in SETTINGS if environ.get(s.name, "").strip(" \t\r\n"))
     quoted = [QUOTED.format(name=name) for name in from_environment if wrapped_in_quotes(environ[name])]
     path: str | None = os.path.join(directory, ".env")
-    values, warnings = {}, []
     try:
         values, warnings = read_dotenv(path)
     except FileNotFoundError:
-        path = None
+        path, values, warnings = None, {}, []
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
