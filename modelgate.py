@@ -778,9 +778,8 @@ def parse_aliases(name: str, value: str) -> dict[str, str]:
     def target_of(name: str, entry: str, target: str) -> str | None:
         if not target or "=" in target:
             return None
-        prefix, slash, model = target.partition("/")
-        if slash and prefix in PROVIDERS and not model:
-            raise ConfigError(f"{name}: {entry!r} names no model after {prefix}/")
+        if target.endswith("/") and target[:-1] in PROVIDERS:
+            raise ConfigError(f"{name}: {entry!r} names no model after {target}")
         return target
     aliases = entries("alias=target, such as gpt-4o-mini=ollama/qwen2.5:7b", "give each alias one target",
                       target_of)(name, value)
