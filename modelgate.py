@@ -678,8 +678,7 @@ def shown_url(url: str) -> str:
     the fragment replaced by ***: http://u:***@host/v1?***. Done on the text, not with urlsplit(), which refuses
     some of the very URLs a message is about (a port that is no number, a bracket left open); everything up to
     the last @ before the query is userinfo, so a password with a / in it still counts as one."""
-    end = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
-    shown, rest = url[:end], url[end:]
+    shown, rest = re.fullmatch(r"([^?#]*)(.*)", url, re.DOTALL).groups()  # rest: from the first ? or # on
     start = shown.find("//") + 2 if "//" in shown else 0
     at = shown.rfind("@")
     if at >= start:
