@@ -3391,8 +3391,7 @@ class Queue:
         while other := next(((k, s) for k, s in self.slots.items() if k[1] == key[1] and s.waiting), None):
             turn = self.next_turn(other[1], now)
             waiter = turn.waiters[0]
-            self.dequeue(other[1], waiter)
-            self.forget(*other, turn)
+            self.leave(*other, waiter)
             if not waiter.future.cancelled():  # (one that left just now is taken out here, as many as there are)
                 shares = slots.shares  # its token name here, as it would be had it come here (turn)
                 share = shares.get(turn.token) or shares.setdefault(turn.token, Share(
@@ -3447,7 +3446,7 @@ class Queue:
                 self.leave(key, slots, waiter)
             raise
 
-    def dequeue(self, slots: Slots, waiter: Waiter) -> None:
+    def leave(self, key: tuple, slots: Slots, waiter: Waiter, error: GatewayError | None = None) -> None:
         share = waiter.share
         share.waiters.remove(waiter)
         held = self.names[share.token]
@@ -3460,10 +3459,7 @@ class Queue:
         self.waiting, self.bytes = self.waiting - 1, self.bytes - waiter.size
         waiter.host.waiting -= 1
         self.metrics.queued[share.token] -= 1
-
-    def leave(self, key: tuple, slots: Slots, waiter: Waiter, error: GatewayError | None = None) -> None:
-        self.dequeue(slots, waiter)
-        self.forget(key, slots, waiter.share)
+        self.forget(key, slots, share)
         if error is not None and not waiter.future.done():
             waiter.future.set_exception(error)
 
@@ -3488,10 +3484,9 @@ class Queue:
     def give_turns(self, key: tuple, slots: Slots, now: float) -> None:
         while slots.waiting and slots.running < self.parallel:
             waiter = self.next_turn(slots, now).waiters[0]
-            self.dequeue(slots, waiter)
             if not waiter.future.cancelled():  # (one that left just now is taken out here)
                 waiter.future.set_result(self.start(key, slots, waiter.share, waiter.number))
-            self.forget(key, slots, waiter.share)
+            self.leave(key, slots, waiter)
 
 
 # A histogram's observation (Metrics): here, where a request's first one is made, its wait for a turn.
