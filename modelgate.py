@@ -2633,12 +2633,10 @@ class Gateway:
                 try:
                     self.startup()
                 except ConfigError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
+                    return await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 except Exception as exc:  # a bug of ours: fail start-up loudly rather than serve 500s
                     log.exception("start-up failed")
-                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                    return
+                    return await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 for pending in (self.grace_timer, self.cloud_report):
@@ -2650,8 +2648,7 @@ class Gateway:
                     upstream.retire()
                 if self.usage is not None:
                     await self.usage.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+                return await send({"type": "lifespan.shutdown.complete"})
 
     def startup(self) -> None:
         config = load_config(self.environ)
