@@ -2646,8 +2646,7 @@ class Gateway:
                 self.cloud.stop()
                 for upstream in self.upstreams.values():
                     upstream.retire()
-                if self.usage is not None:
-                    await self.usage.close()
+                await self.usage.close()  # (made by startup, which came first: else this lifespan has returned)
                 return await send({"type": "lifespan.shutdown.complete"})
 
     def startup(self) -> None:
