@@ -2531,8 +2531,7 @@ class Gateway:
         except GatewayError as error:  # openai/... without OpenAI: no such model here
             raise GatewayError("model_not_found", error.message) from None
         ex.provider, wanted, name = routed.provider, routed.id, routed.name
-        if config.token_models:
-            check_scope(config, ex.token, wanted, ex.model)
+        check_scope(config, ex.token, wanted, ex.model)
         if check_cloud(config, ex.token, ex.provider, name, ex.model, self.cloud):
             ex.unlisted.append((name, ex.model))
             if not await self.looked_up(ex):
@@ -2751,8 +2750,7 @@ class Gateway:
                 ex.holds_slot = None
         check_tools(config, ex.token, ex.provider, ex.web_tool)  # (None until its body is read: routed_body)
         if ex.routed is not None:  # its turn came in the queue after the reload (relayed): its model as routed then
-            if config.token_models:
-                check_scope(config, ex.token, ex.routed.id, ex.model)
+            check_scope(config, ex.token, ex.routed.id, ex.model)
             if check_cloud(config, ex.token, ex.routed.provider, ex.routed.name, ex.model, self.cloud):
                 ex.unlisted.append((ex.routed.name, ex.model))  # the reload forgot Ollama's list: read it again,
                 await self.cloud.refresh(self.upstreams["ollama"])  # unwatched: a coalesced one's task is no client's
