@@ -1149,12 +1149,9 @@ def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) ->
     """The peer, or behind trusted proxies the nearest X-Forwarded-For hop that is not one; None if no IP address. Each
     proxy appends the address it saw, so only hops trusted proxies added are skipped, from the right (uvicorn's
     proxy_headers.py); the rest is the client's. Another peer's header is ignored: it cannot talk past ALLOWED_IPS."""
-    address = parse_ip(peer)
-    if address is None or not in_networks(address, trusted):
-        return address
     forwarded = b",".join(value for name, value in headers if name.lower() == b"x-forwarded-for")
     hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",")] if forwarded else []
-    for hop in reversed(hops):
+    for hop in (peer, *reversed(hops)):
         address = parse_ip(hop)
         if address is None or not in_networks(address, trusted):
             return address
