@@ -1437,21 +1437,19 @@ async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error:
 # library decodes (gzip, as HTTP clients send it) is decoded, never past MAX_BODY_BYTES (a gzip bomb gets 413), and
 # forwarded decoded without the header (Ollama's routes read no encoded body; only its cloud passthrough decodes zstd:
 # server/cloud_proxy.go). Any other encoding is refused (415): a body whose model could not be read is never forwarded.
-DECODED = {b"gzip": 31, b"x-gzip": 31}  # Content-Encoding -> zlib's wbits for it (16 + 15: a gzip member)
 
 
 def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
     encoding = encoding.strip().lower()
     if encoding in (b"", b"identity"):
         return body
-    wbits = DECODED.get(encoding)
-    if wbits is None:
+    if encoding not in (b"gzip", b"x-gzip"):
         raise GatewayError("unsupported_encoding", "The request body is encoded as "
                            f"{printable(encoding.decode('latin-1'))!r} (Content-Encoding), which ModelGate cannot "
                            "decode to read the model it names. Send it as it is, or gzip-encoded.")
     parts, size = [], 0
     while body:  # one gzip member after another, as Go's gzip reader reads them
-        decoder = zlib.decompressobj(wbits)
+        decoder = zlib.decompressobj(31)  # zlib's wbits for a gzip member: 16 + 15
         try:
             part = decoder.decompress(body, limit - size + 1)
         except zlib.error as exc:
