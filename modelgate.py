@@ -1991,8 +1991,7 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
             _, inner_spans = parse_body(inner, frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_edits)
-            if inner_edits:
-                edits[field] = spliced(inner, inner_spans, inner_edits)
+            edits[field] = spliced(inner, inner_spans, inner_edits)  # (no edits: the object as it came)
         elif field in overrides:
             edits[field] = compact_json(value)
 
