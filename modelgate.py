@@ -2141,8 +2141,7 @@ def routed_form(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         raise GatewayError("invalid_request", "The form's `model` field is empty: name a model, such as "
                            "\"ollama/whisper\".")
     routed = route_model(model, config, ex.dialect)
-    if config.token_models:
-        check_scope(config, ex.token, routed.id, model)
+    check_scope(config, ex.token, routed.id, model)
     if check_cloud(config, ex.token, routed.provider, routed.name, model, cloud):
         ex.unlisted.append((routed.name, model))
     # Noted once it is let through, as routed_body notes a JSON body's: a refused request logs no model.
