@@ -3518,9 +3518,9 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
     1. Send it (Upstream.send): a failure before the answer's head arrives is a GatewayError (502, 503, 504).
     2. An error status becomes the error answer, in the client's dialect, with what to check (upstream_error).
     3. A stream of the dialect's kind (an event stream; NDJSON for Ollama's own API), to a request that streams, is
-       pumped chunk by chunk as it arrives, and its end checked against the route's (STREAMED).
+       pumped chunk by chunk as it arrives, and its end checked against the route's.
     4. A plain answer to be `shared` by identical requests (Coalescer) is read whole, up to MAX_HELD_ANSWER; any
-       other is pumped (PLAIN), whatever its size. Then the upstream's connection goes back to the pool."""
+       other is pumped, whatever its size. Then the upstream's connection goes back to the pool."""
     since = time.perf_counter()
     response = await upstream.send((method or ex.method).encode(), path, ex.forward, body, dialect=ex.dialect,
                                    first=ex.host)
@@ -3528,19 +3528,20 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
         if response.status >= 400:
             return await upstream_error(upstream, response, ex.dialect, ex.routed, tuple(gw.upstreams))
         if stream and media_type(response.headers) == ex.dialect.stream_type:
-            return await pump(gw, ex, upstream, response, STREAMED)
+            return await pump(gw, ex, upstream, response, stream=True)
         if shared:
             body = await whole(upstream, response, MAX_HELD_ANSWER)
             return Answer(response.status, crossing_headers(response.headers), body, (body, body))
-        return await pump(gw, ex, upstream, response, PLAIN)
+        return await pump(gw, ex, upstream, response, stream=False)
     finally:
         await response.aclose()
         ex.upstream_seconds += time.perf_counter() - since
 
 
-async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response, way: Way) -> Answer | None:
-    """Relay an upstream answer, plain or streamed, as `way` says, holding at most `way.hold` bytes of it:
-    1. Read it until more than `way.hold` bytes came (a stream: its first chunk). A plain answer that ends within
+async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore.Response,
+               stream: bool) -> Answer | None:
+    """Relay an upstream answer, a `stream` or a plain one, holding at most RELAY_HOLD_BYTES of it:
+    1. Read it until more than RELAY_HOLD_BYTES came (a stream: its first chunk). A plain answer that ends within
        that is returned whole, to be answered with its length: one cut short is still a 502, none of it was sent.
        Until here a failure is answered with its plain status (502, 504).
     2. Start the answer: the upstream's headers (a plain answer keeps its Content-Length, else uvicorn chunks it; a
@@ -3551,17 +3552,17 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
        for whole; a plain one can only be left incomplete, and uvicorn closes the connection.
     4. The tokens it says it used are read once, from its start and end: per chunk, only the end is kept."""
     chunks = response.stream.__aiter__()
-    first = await whole(upstream, response, way.hold, cut=True, chunks=chunks)
-    if len(first) <= way.hold and not way.stream:  # the whole answer: answered like any other, with its length
+    first = await whole(upstream, response, 0 if stream else RELAY_HOLD_BYTES, cut=True, chunks=chunks)
+    if not stream and len(first) <= RELAY_HOLD_BYTES:  # the whole answer: answered like any other, with its length
         return Answer(response.status, crossing_headers(response.headers), first, (first, first))
-    if way.stream:
+    if stream:
         ex.ttfb = time.perf_counter() - ex.t0
         headers = [h for h in crossing_headers(response.headers) if h[0] not in SSE_HEADER_NAMES] + SSE_HEADERS
         gw.metrics.streams += 1
     else:
         headers = crossing_headers(response.headers)
         headers += [(b"content-length", v) for k, v in response.headers if k.lower() == b"content-length"][:1]
-    frames, cut, last = (Frames if way.stream else Plain)(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
+    frames, cut, last = (Frames if stream else Plain)(ROUTES[ex.route], ex.dialect, ex.hides_usage), "", b""
     ex.watch.guard_sends(gw.config.timeout)
     chunk = first or None
     try:
@@ -3579,24 +3580,25 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
             last = rest
     except UPSTREAM_EXCEPTIONS as exc:
         cut = "went silent for TIMEOUT_SECONDS" if isinstance(exc, httpcore.TimeoutException) else "broke off"
-        ex.error = f"{way.failure} ({upstream.translate(exc, response.extensions.get(HOST_EXTENSION)).detail})"
+        failure = "upstream_stream_error" if stream else "upstream_body_error"  # the log's error
+        ex.error = f"{failure} ({upstream.translate(exc, response.extensions.get(HOST_EXTENSION)).detail})"
     except asyncio.CancelledError as exc:
         # Gone once it had the whole stream, it is done: openai-python closes at [DONE], and the upstream's body may
         # end (its last, empty chunk) only after that.
-        done = ex.watch.reason == "gone" and way.stream and frames.whole()
+        done = ex.watch.reason == "gone" and stream and frames.whole()
         if ex.watch.reason != "shutdown" and not done:
             ex.usage = frames.usage()  # what the upstream reported before the client left counts all the same
             raise  # the client left: there is nobody to tell
         if ex.watch.claim(exc) == "shutdown":
             cut, ex.error = "was ended: ModelGate is shutting down", "shutting_down"
     else:  # (a plain answer is whole as far as can be known: its length, if any, is checked by h11)
-        if way.stream and not frames.whole():
+        if stream and not frames.whole():
             upstream.count_failure("IncompleteStream")
             cut, ex.error = f"ended without {frames.end.marker}", f"upstream_stream_error (no {frames.end.marker})"
     finally:
-        if way.stream:
+        if stream:
             gw.metrics.streams -= 1
-    if cut and not way.stream:
+    if cut and not stream:
         return None  # the response stays incomplete and uvicorn closes the connection: all we can do
     ex.usage = frames.usage()  # whole or cut, what the upstream says it used counts
     if cut:
@@ -3779,17 +3781,6 @@ class Plain(Frames):
 EMPTY_CHOICES = re.compile(rb'"choices"[ \t\r\n]*:[ \t\r\n]*\[[ \t\r\n]*\]')
 # An unfinished record longer than this is passed on as it comes: no usage event or piece of text is that long.
 MAX_HELD = 64 * 1024
-
-
-class Way(NamedTuple):
-    """How the pump writes an answer of one kind."""
-    hold: int  # bytes read before any is sent (at least a chunk); a plain answer that ends within them is whole
-    stream: bool  # SSE_HEADERS, ttfb and modelgate_streams; cut with the dialect's error event, not by closing
-    failure: str  # the log's error when the upstream fails after the start
-
-
-PLAIN = Way(RELAY_HOLD_BYTES, stream=False, failure="upstream_body_error")
-STREAMED = Way(0, stream=True, failure="upstream_stream_error")
 
 
 class Refusal(NamedTuple):
