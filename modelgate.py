@@ -4114,10 +4114,13 @@ class Redacted:
         self.body, self.key = body, key
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        carry = b""
+        carry, key = b"", self.key
         async for chunk in self.body:
-            chunk = (carry + chunk).replace(self.key, KEY_SHOWN_AS)
-            keep = len(chunk) - key_begins(chunk, self.key)
+            chunk = (carry + chunk).replace(key, KEY_SHOWN_AS)
+            at = chunk.find(key[:1], max(0, len(chunk) - len(key) + 1))  # the first byte that may begin it
+            while at != -1 and not key.startswith(chunk[at:]):
+                at = chunk.find(key[:1], at + 1)
+            keep = len(chunk) if at == -1 else at
             chunk, carry = chunk[:keep], chunk[keep:]
             if chunk:
                 yield chunk
@@ -4126,14 +4129,6 @@ class Redacted:
 
     async def aclose(self) -> None:
         await self.body.aclose()
-
-
-def key_begins(data: bytes, key: bytes) -> int:
-    """How many bytes at the end of `data` are the beginning of `key` (the most, short of all of it)."""
-    at = data.find(key[:1], max(0, len(data) - len(key) + 1))
-    while at != -1 and not key.startswith(data[at:]):
-        at = data.find(key[:1], at + 1)
-    return 0 if at == -1 else len(data) - at
 
 
 async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | Answer:
