@@ -2468,12 +2468,10 @@ class Gateway:
             models = {item["id"]: item for items in listed for item in items}
         else:
             models = {}
-            for document in listed:
-                items = document.get("models") if isinstance(document, dict) else None
-                for item in items if isinstance(items, list) else ():
-                    key = item.get("model", item.get("name")) if isinstance(item, dict) else None
-                    if isinstance(key, str):
-                        models.setdefault(f"ollama/{key}", item)
+            for item in model_entries(listed, "models"):
+                key = item.get("model", item.get("name")) if isinstance(item, dict) else None
+                if isinstance(key, str):
+                    models.setdefault(f"ollama/{key}", item)
         if ex.route == "/api/tags" and len(listed) == len(ollama.hosts):
             self.cloud.remember(listed)  # every host's list: as good as a fetch of the cloud list
         elif ex.token not in config.ollama_cloud_tokens and not await self.watched(ex, self.cloud.current(ollama)):
@@ -4088,11 +4086,9 @@ class Upstream:
         if isinstance(documents, Answer):
             return documents
         models: dict[str, dict] = {}
-        for document in documents:
-            items = document.get("data") if isinstance(document, dict) else None
-            for item in items if isinstance(items, list) else ():  # Ollama answers "data": null with no model
-                if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    models.setdefault(item["id"], {**item, "id": f"{self.name}/{item['id']}"})
+        for item in model_entries(documents, "data"):
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                models.setdefault(item["id"], {**item, "id": f"{self.name}/{item['id']}"})
         return list(models.values())
 
     def retire(self) -> None:
@@ -4143,6 +4139,12 @@ async def gather_answers(awaitables: Iterable[Awaitable[Any]]) -> list[Any] | An
     if isinstance(results[0], GatewayError):
         raise results[0]
     return results[0]
+
+
+def model_entries(documents: Iterable[Any], key: str) -> list[Any]:
+    """The entries of the model lists under `key` in those documents; Ollama answers "data": null with no model."""
+    lists = [document.get(key) for document in documents if isinstance(document, dict)]
+    return [item for items in lists if isinstance(items, list) for item in items]
 
 
 ###############################################################################
@@ -4287,13 +4289,11 @@ class CloudModels:
         """The lists of every host that answered (a 404 Answer lists nothing), why the others could not be read, and
         the hosts passed over while they are down."""
         local, stubs = set(), set()
-        for document in documents:
-            items = document.get("models") if isinstance(document, dict) else None
-            for item in items if isinstance(items, list) else ():
-                if isinstance(item, dict):  # no Ollama lists anything else; a server that does names no model
-                    names = (item.get("name"), item.get("model"))
-                    listed = stubs if item.get("remote_host") else local
-                    listed.update(ollama_name(name) for name in names if isinstance(name, str))
+        for item in model_entries(documents, "models"):
+            if isinstance(item, dict):  # no Ollama lists anything else; a server that does names no model
+                names = (item.get("name"), item.get("model"))
+                listed = stubs if item.get("remote_host") else local
+                listed.update(ollama_name(name) for name in names if isinstance(name, str))
         # A model listed local by one host may be a stub on a host whose list could not be read, where a request
         # for it may go: while one cannot be read, a list places no model as local (unplaced refuses it).
         self.local = frozenset(local - stubs) if unread is None else frozenset()
@@ -5519,8 +5519,7 @@ async def probe(upstream: Upstream, host: Host) -> tuple[bool, str, list[str]]:
             return False, f"FAILED {where}: {native}", []
         message = json.loads(document.body)["error"].get("message")  # upstream_error made it OpenAI-shaped
         return False, f"FAILED {where}: GET /models: {message}", []
-    models = document.get("data") if isinstance(document, dict) else None
-    models = models if isinstance(models, list) else []  # Ollama answers "data": null with no model
+    models = model_entries([document], "data")
     ids = [f"{upstream.name}/{item['id']}" for item in models
            if isinstance(item, dict) and isinstance(item.get("id"), str)]
     if not models and upstream.name == "ollama":  # a fresh install: every request would get 404 model not found
