@@ -2684,7 +2684,7 @@ class Gateway:
             self.limits = Limits(config, self.metrics)
         else:
             self.limits.reconfigure(config)
-        self.coalescer = (self.coalescer or Coalescer(self.metrics)) if config.coalesce else None
+        self.coalescer = (self.coalescer or Coalescer()) if config.coalesce else None
         if not config.ollama_num_parallel:
             if self.queue is not None:  # what waits there goes now, as what comes next does; slots go back to it
                 self.queue.reconfigure(dataclasses.replace(config, ollama_num_parallel=self.queue.max_waiting))
@@ -3127,9 +3127,8 @@ class Coalescer:
     settings (a reload may give a token's name to another token). The upstream request runs in a task of its own, so
     that one client leaving does not end it for the others; the last to leave cancels it. Done, it is forgotten."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self) -> None:
         self.flights: dict[tuple, Flight] = {}
-        self.metrics = metrics
 
     async def answer(self, gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes) -> Answer:
         key = (ex.token, upstream.name, path, body, tuple(ex.forward))
@@ -3139,7 +3138,7 @@ class Coalescer:
                 self.flown(key, relayed(gw, ex, upstream, path, body, stream=False, shared=True))), ex, gw.config)
         else:
             ex.coalesced = True
-            count(self.metrics.coalesced, (ex.token,))
+            count(gw.metrics.coalesced, (ex.token,))
         flight.waiters += 1
         try:
             answer = await asyncio.shield(flight.task)
