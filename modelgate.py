@@ -3295,8 +3295,7 @@ class Queue:
     the queue. release() gives the slot to the next turn. Slots and names with nothing waiting or running are
     forgotten, so that the clients' model names cannot make it grow."""
 
-    def __init__(self, config: Config, metrics: Metrics, bounds: tuple[int, int] = (MAX_QUEUED, MAX_QUEUED_BYTES),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, metrics: Metrics, bounds: tuple[int, int], clock: Callable[[], float]) -> None:
         self.max_waiting, self.max_bytes = bounds
         self.clock = clock  # what slot time is measured with
         self.slots: dict[tuple, Slots] = {}
