@@ -4334,8 +4334,6 @@ async def cloud_summary(config: Config, upstream: Upstream, cloud: CloudModels) 
 USAGE_WRITE_SECONDS = 10.0
 # GET /usage shows today and the days before it, this many in all; memory keeps these days only.
 USAGE_DAYS = 30
-# While writing fails, a line says so at most this often; the counts wait in memory.
-USAGE_ERROR_SECONDS = 60.0
 
 # A file of ours says so in its header (SQLite's PRAGMA application_id): any other SQLite file, or one whose
 # table is not this one, is refused at start-up and left as it is.
@@ -4688,7 +4686,7 @@ class Usage:
             return
         self.unsaved = add_counts(batch, self.unsaved)
         now = time.monotonic()
-        if self.failing_since is None or now - self.failing_since >= USAGE_ERROR_SECONDS:
+        if self.failing_since is None or now - self.failing_since >= 60.0:
             # log: at most once a minute while writes fail
             log.error("USAGE_DB %s cannot be written (%s); the counts are kept in memory and written once it "
                       "can be", self.path, exc)
