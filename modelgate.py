@@ -5283,16 +5283,6 @@ def usage_lines(report: dict[str, Any]) -> list[str]:
             "upstreams counted them)", "", *table, *([""] + quotas if quotas else [])]
 
 
-RELOAD_HELP = ("Reload the running gateway to use it: kill -HUP <pid of python modelgate.py>, systemctl reload "
-               "modelgate, or docker kill -s HUP modelgate (under Docker Compose, whose env_file is read when the "
-               "container is made: docker compose up -d).")
-
-ENVIRONMENT_WINS = ("But MODELGATE_TOKEN is set in the environment, which wins over .env: a gateway started with "
-                    "it does not use this token, not after a reload either. Add it where MODELGATE_TOKEN is set "
-                    "(the shell, docker run -e or --env-file, the service's Environment=), or unset it there, "
-                    "then restart the gateway (under Docker Compose, whose env_file is .env: docker compose up -d).")
-
-
 def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> str:
     """--add-token NAME: NAME:<new token> added to MODELGATE_TOKEN in the .env at `path`, every other line kept as it
     was; what to tell the person: the token, once, and how a gateway run in `environ` comes to use it."""
@@ -5330,8 +5320,16 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
             file.write("".join(lines))
     except OSError as exc:
         raise ConfigError(f"{path} cannot be written: {exc.strerror}") from None
-    return (f"Added the token {name!r} to MODELGATE_TOKEN in {path}; it is shown this once:\n\n    {token}\n\n"
-            + (ENVIRONMENT_WINS if environ.get("MODELGATE_TOKEN", "").strip(" \t\r\n") else RELOAD_HELP))
+    if environ.get("MODELGATE_TOKEN", "").strip(" \t\r\n"):
+        how = ("But MODELGATE_TOKEN is set in the environment, which wins over .env: a gateway started with it does "
+               "not use this token, not after a reload either. Add it where MODELGATE_TOKEN is set (the shell, docker "
+               "run -e or --env-file, the service's Environment=), or unset it there, then restart the gateway (under "
+               "Docker Compose, whose env_file is .env: docker compose up -d).")
+    else:
+        how = ("Reload the running gateway to use it: kill -HUP <pid of python modelgate.py>, systemctl reload "
+               "modelgate, or docker kill -s HUP modelgate (under Docker Compose, whose env_file is read when the "
+               "container is made: docker compose up -d).")
+    return f"Added the token {name!r} to MODELGATE_TOKEN in {path}; it is shown this once:\n\n    {token}\n\n{how}"
 
 
 def read_config(environ: MutableMapping[str, str],
