@@ -5297,23 +5297,22 @@ def add_token(name: str, path: str, environ: Mapping[str, str] = os.environ) -> 
         raise ConfigError(f"{path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     at = [number for number, line in enumerate(lines)  # the last MODELGATE_TOKEN line counts (read_dotenv)
           if line.strip().removeprefix("export ").partition("=")[0].strip() == "MODELGATE_TOKEN"]
+    if not at:  # none: an empty one, filled in below as any other, after the last line (given its line end)
+        lines.append(("\n" if lines and not lines[-1].endswith("\n") else "") + "MODELGATE_TOKEN=\n")
+        at = [len(lines) - 1]
     token = secrets.token_urlsafe(32)
     entry = f"{name}:{token}"
-    if at:
-        key, _, text = lines[at[-1]].partition("=")
-        value, end = dotenv_span(text.strip(), f"{path} line {at[-1] + 1}")
-        if value.strip(" \t\r\n"):
-            if name in parse_tokens("MODELGATE_TOKEN", value)[1]:
-                raise ConfigError(f"MODELGATE_TOKEN in {path} already has a token named {name!r}; choose another name")
-            entry = "," + entry
-        # Inside its quotes, before its comment: the line stays as written, a value that needs quotes keeps them.
-        end += len(text) - len(text.lstrip()) if text.strip() else 0  # what strip() took before it, a no-break space
-        if text == text.rstrip("\r\n"):  # the file's last line, without its line end
-            text += "\n"
-        lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
-    else:  # a line of its own, after the last line (given its line end if it lacks one)
-        newline = "\n" if lines and not lines[-1].endswith("\n") else ""
-        lines.append(f"{newline}MODELGATE_TOKEN={entry}\n")
+    key, _, text = lines[at[-1]].partition("=")
+    value, end = dotenv_span(text.strip(), f"{path} line {at[-1] + 1}")
+    if value.strip(" \t\r\n"):
+        if name in parse_tokens("MODELGATE_TOKEN", value)[1]:
+            raise ConfigError(f"MODELGATE_TOKEN in {path} already has a token named {name!r}; choose another name")
+        entry = "," + entry
+    # Inside its quotes, before its comment: the line stays as written, a value that needs quotes keeps them.
+    end += len(text) - len(text.lstrip()) if text.strip() else 0  # what strip() took before it, a no-break space
+    if text == text.rstrip("\r\n"):  # the file's last line, without its line end
+        text += "\n"
+    lines[at[-1]] = f"{key}={text[:end]}{entry}{text[end:]}"
     try:  # in place, not a new file: its owner, mode and a bind mount of it (Docker) stay; a new one is 0600
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8",
                        newline="") as file:
