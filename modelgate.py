@@ -4535,8 +4535,7 @@ def tokens_used(counts: Counts | None, head: bytes, end: bytes) -> Spent | None:
         return None
     if counts.native:  # (embed: the first)
         found = {name: int(count) for name, count in dict(OLLAMA_COUNT.findall(end)).items()}  # the last of each
-        used = (found.get(b"prompt_eval_count"), found.get(b"eval_count"))
-        return None if used == (None, None) else used
+        return (found.get(b"prompt_eval_count"), found.get(b"eval_count")) if found else None
     used = (None, None)
     for data, first in ((end, False), (head, True)):
         if first and not (counts.head and used[0] is None):
