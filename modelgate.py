@@ -4434,20 +4434,19 @@ def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: 
     its TOKEN_QUOTAS quota (null: none) with what is left of it today."""
     first = datetime.date.fromisoformat(today) - datetime.timedelta(days=days - 1)
     shown = [(first + datetime.timedelta(days=n)).isoformat() for n in range(days)]
-    apps: dict[str, dict] = {name: {"today": [0, 0, 0, 0, 0.0, 0.0], "total": [0, 0, 0, 0, 0.0, 0.0],
-                                    "daily": {day: [0, 0, 0, 0, 0.0, 0.0] for day in shown}, "models": {}}
-                             for name in sorted(names)}
+    apps: dict[str, dict] = {name: {"total": [0, 0, 0, 0, 0.0, 0.0], "models": {},  # today: daily[today]
+                                    "daily": {day: [0, 0, 0, 0, 0.0, 0.0] for day in shown}} for name in sorted(names)}
     for (day, token, provider, model), values in sorted(counts.items()):
         app = apps.get(token)
         if app is None or day not in app["daily"]:
             continue
         on_day, in_all = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
-        for kept in (app["daily"][day], app["total"], in_all, *((app["today"], on_day) if day == today else ())):
+        for kept in (app["daily"][day], app["total"], in_all, *((on_day,) if day == today else ())):
             for i, value in enumerate(values):
                 kept[i] += value
     return {"today": today, "from": shown[0], "days": days, "apps": {name: {
-        "today": usage_totals(app["today"]), "total": usage_totals(app["total"]), "quota": quotas.get(name),
-        "quota_left": max(0, quotas[name] - app["today"][2] - app["today"][3]) if name in quotas else None,
+        "today": usage_totals(app["daily"][today]), "total": usage_totals(app["total"]), "quota": quotas.get(name),
+        "quota_left": max(0, quotas[name] - sum(app["daily"][today][2:4])) if name in quotas else None,  # its tokens
         "models": [{"provider": provider, "model": model, "today": usage_totals(on_day),
                     "total": usage_totals(in_all)} for (provider, model), (on_day, in_all) in app["models"].items()],
         "daily": [{"day": day, **usage_totals(values)} for day, values in app["daily"].items()],
