@@ -5097,13 +5097,11 @@ class Pool:
             await self.slots.acquire()
         self.in_use += 1
         try:
-            connection = None
-            while self.idle and connection is None:  # the idle one used last is the likeliest still open
+            while self.idle and self.idle[-1].has_expired():  # the idle one used last is the likeliest still open
+                self.idle.pop().stream.close()
+            if self.idle:
                 connection = self.idle.pop()
-                if connection.has_expired():
-                    connection.stream.close()
-                    connection = None
-            if connection is None:
+            else:
                 stream = await SocketStream.connect(self.host, self.port, self.tls, timeouts["connect"])
                 connection = Connection(self.origin, stream, KEEPALIVE_SECONDS)
             response = await connection.handle_async_request(request)
