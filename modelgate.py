@@ -4810,9 +4810,7 @@ class Metrics:
                       label: str = "route") -> None:
             lines.extend((f"# HELP {name} {text}", f"# TYPE {name} histogram"))
             for (value,), counts in sorted(series.items()):
-                total = 0
-                for bound, n in zip((*bounds, "+Inf"), counts):
-                    total += n
+                for bound, total in zip((*bounds, "+Inf"), itertools.accumulate(counts)):  # buckets are cumulative
                     lines.append(f"{name}_bucket{label_set((label, 'le'), (value, bound))} {total}")
                 lines.append(f"{name}_sum{label_set((label,), (value,))} {counts[-1]}")
                 lines.append(f"{name}_count{label_set((label,), (value,))} {total}")
