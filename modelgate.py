@@ -4442,8 +4442,7 @@ def usage_report(counts: Mapping[UsageKey, list], today: str, days: int, names: 
             continue
         on_day, in_all = app["models"].setdefault((provider, model), ([0, 0, 0, 0, 0.0, 0.0], [0, 0, 0, 0, 0.0, 0.0]))
         for kept in (app["daily"][day], app["total"], in_all, *((on_day,) if day == today else ())):
-            for i, value in enumerate(values):
-                kept[i] += value
+            kept[:] = [total + value for total, value in zip(kept, values)]
     return {"today": today, "from": shown[0], "days": days, "apps": {name: {
         "today": usage_totals(app["daily"][today]), "total": usage_totals(app["total"]), "quota": quotas.get(name),
         "quota_left": max(0, quotas[name] - sum(app["daily"][today][2:4])) if name in quotas else None,  # its tokens
