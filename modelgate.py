@@ -1574,7 +1574,7 @@ def check_utf8(body: bytes, piece: int = 1024 * 1024) -> None:
 
 def _number(text: str) -> None:
     if len(text) > 640:  # the least sys.set_int_max_str_digits allows: refused as json.loads would (CVE-2020-10735)
-        if 0 < sys.get_int_max_str_digits() < len(text):  # (0: no limit)
+        if 0 < sys.get_int_max_str_digits() < len(text.lstrip("-")):  # (0: no limit; the sign is no digit)
             raise ValueError("integer too long")
 
 

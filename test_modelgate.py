@@ -2461,6 +2461,15 @@ async def test_an_integer_longer_than_python_reads_is_a_400_that_says_the_limit(
     assert up.requests == []
 
 
+async def test_a_negative_integer_of_as_many_digits_as_python_reads_passes() -> None:
+    """The sign is not a digit: an integer of -4,300 digits is valid JSON that Python reads, and it passes."""
+    seed = b"-" + b"7" * sys.get_int_max_str_digits()
+    async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url) as app:
+        answer = await chat(app, b'{"model": "ollama/x", "seed": ' + seed + b"}")
+    assert answer.status == 200
+    assert json.loads(up.requests[0].body)["seed"] == int(seed)
+
+
 async def test_body_over_the_limit_is_413_without_reading_it_all() -> None:
     """A body over MAX_BODY_BYTES is refused with 413 by its Content-Length, or as soon as it grows too big."""
     async with upstream(json_reply()) as up, gateway(OLLAMA_BASE_URL=up.url, MAX_BODY_BYTES="100") as app:
