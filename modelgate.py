@@ -3504,8 +3504,7 @@ RELAY_HOLD_BYTES = 1024 * 1024
 WRITE_PIECE = 64 * 1024
 
 # Streams are relayed unbuffered; these keep a proxy in front (nginx) from buffering them too.
-SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
+SSE_HEADERS = {b"cache-control": b"no-cache", b"x-accel-buffering": b"no"}
 
 
 async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body: bytes,
@@ -3553,7 +3552,7 @@ async def pump(gw: Gateway, ex: Exchange, upstream: Upstream, response: httpcore
         return Answer(response.status, crossing_headers(response.headers), first, (first, first))
     if stream:
         ex.ttfb = time.perf_counter() - ex.t0
-        headers = [h for h in crossing_headers(response.headers) if h[0] not in SSE_HEADER_NAMES] + SSE_HEADERS
+        headers = [h for h in crossing_headers(response.headers) if h[0] not in SSE_HEADERS] + [*SSE_HEADERS.items()]
         gw.metrics.streams += 1
     else:
         headers = crossing_headers(response.headers)
