@@ -3494,8 +3494,7 @@ MAX_ERROR_TEXT = 400
 # (answer_too_large); with COALESCE=off answers of any size are relayed as they arrive.
 MAX_HELD_ANSWER = 16 * 1024 * 1024
 
-# A relayed answer up to this size is read whole before any of it is sent, so that one cut short is still
-# a clean 502; a larger one is sent as it arrives, and a failure can then only cut the connection.
+# A plain answer up to this size is read whole before any of it is sent: one cut short is still a clean 502 (pump).
 RELAY_HOLD_BYTES = 1024 * 1024
 
 # An answer held whole is written in pieces of this size (Gateway.deliver), so that uvicorn's send() waits for
