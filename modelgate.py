@@ -2557,8 +2557,9 @@ class Gateway:
         if b"text/html" not in ex.header(b"accept").lower():
             return await self.ollama_root(ex)
         host = ex.header(b"host").decode("latin-1")
-        if not host and ex.server:  # HTTP/1.0 without Host: the address the request came in on
-            host = f"{ex.server[0]}:{ex.server[1]}"
+        if not host and ex.server:  # HTTP/1.0 without Host: the address the request came in on (IPv6 in brackets)
+            address, port = ex.server
+            host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         origin = html.escape(f"{ex.scheme}://{host}")  # the Host header is whatever the client wrote
         # The Host header is filled in last, so that nothing it holds is read as a placeholder.
         page = HOME_PAGE.replace("{version}", html.escape(__version__)).replace("{origin}", origin)

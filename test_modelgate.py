@@ -571,11 +571,12 @@ async def gateway(ready_timeout: float | None = None, queue_bounds: tuple[int, i
 
 async def call(app: Any, method: str, path: str, body: bytes = b"", headers: list | None = None,
                disconnect: asyncio.Event | None = None, on_message: Callable[[dict], None] | None = None,
-               body_parts: list[bytes] | None = None, client: str = "127.0.0.1", scheme: str = "http") -> Answer:
+               body_parts: list[bytes] | None = None, client: str = "127.0.0.1", scheme: str = "http",
+               server: str = "127.0.0.1") -> Answer:
     """One request through the ASGI interface, as uvicorn would make it; checks message order.
 
     `disconnect`, when set, makes receive() report that the client left (as uvicorn does); `client` is
-    the peer's address, `scheme` the request's.
+    the peer's address, `scheme` the request's, `server` the address it came in on.
     """
     headers = AUTH if headers is None else headers
     messages: list[dict] = []
@@ -610,7 +611,7 @@ async def call(app: Any, method: str, path: str, body: bytes = b"", headers: lis
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-             "headers": list(headers), "client": (client, 50000), "server": ("127.0.0.1", 8010),
+             "headers": list(headers), "client": (client, 50000), "server": (server, 8010),
              "scheme": scheme, "root_path": ""}
     await asyncio.wait_for(app(scope, receive, send), 10)
     return Answer(messages)
@@ -2308,11 +2309,13 @@ async def test_the_address_opened_in_a_browser_shows_a_page_with_the_base_url() 
     assert up.requests == []
 
 
-async def test_the_page_for_a_request_without_host_shows_the_address_it_came_in_on() -> None:
-    """An HTTP/1.0 request carries no Host: the page's base URL is the address and port it came in on."""
+@pytest.mark.parametrize("server, url", [("127.0.0.1", "http://127.0.0.1:8010/v1"), ("::1", "http://[::1]:8010/v1")])
+async def test_the_page_for_a_request_without_host_shows_the_address_it_came_in_on(server: str, url: str) -> None:
+    """An HTTP/1.0 request carries no Host: the page's base URL is the address and port it came in on, an IPv6
+    address in brackets as a URL writes it."""
     async with gateway() as app:
-        answer = await call(app, "GET", "/", headers=[(b"accept", b"text/html")])
-    assert '<p class="url">http://127.0.0.1:8010/v1</p>' in answer.body.decode()
+        answer = await call(app, "GET", "/", headers=[(b"accept", b"text/html")], server=server)
+    assert f'<p class="url">{url}</p>' in answer.body.decode()
 
 
 async def test_the_page_escapes_the_host_it_was_asked_for() -> None:
