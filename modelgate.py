@@ -718,8 +718,10 @@ def above_zero(text: str) -> float | None:
 
 
 def whole_number(low: int, high: float) -> Callable[[str], int | None]:
-    # In ASCII digits: int() also reads '٣'.
-    return lambda text: int(text) if text.isascii() and text.isdigit() and low <= int(text) <= high else None
+    # In ASCII digits (int() also reads '٣'), and at most 640 of them: int() reads that many whatever
+    # sys.set_int_max_str_digits says, and raised ValueError on 5,000 before start-up could name the variable.
+    return lambda text: (int(text) if text.isascii() and text.isdigit() and len(text) <= 640
+                         and low <= int(text) <= high else None)
 
 
 FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}

@@ -1711,6 +1711,18 @@ def test_seconds_accept_exactly_positive_finite_numbers(value: float | str) -> N
             modelgate.load_config({"MODELGATE_TOKEN": NAMED_TOKENS, "TIMEOUT_SECONDS": text})
 
 
+@pytest.mark.parametrize("variable, value", [("PORT", "^"), ("MAX_BODY_BYTES", "^"), ("RATE_LIMIT_RPM", "^"),
+                                             ("MAX_CONCURRENT_PER_TOKEN", "^"), ("OLLAMA_NUM_PARALLEL", "^"),
+                                             ("TOKEN_QUOTAS", "app=^")])
+def test_a_whole_number_longer_than_python_reads_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    """A number of 5,000 digits (a paste gone wrong) stops start-up with the one line that names the variable, not
+    with a traceback from int(), which reads at most 4,300 (sys.get_int_max_str_digits)."""
+    settings_ = {"MODELGATE_TOKEN": f"app:{TOKEN}", variable: value.replace("^", "1" * 5000)}
+    with pytest.raises(modelgate.ConfigError) as failure:
+        modelgate.load_config(settings_)
+    assert str(failure.value).startswith(variable)
+
+
 # 25 examples: each token without a name costs a 10,000-round hash of its label (token_label).
 @settings(max_examples=25)
 @given(st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=",:"),
