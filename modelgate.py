@@ -3990,25 +3990,23 @@ class Upstream:
                                        extensions=self.extensions)
             try:
                 response = await host.pool.handle_async_request(request)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = self.translate(exc, host)
-                causes.append(failure.detail)
-                host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
-                if len(self.hosts) > 1:  # log: which host is passed over, without its URL
-                    log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
-                                cause(exc), HOST_COOLDOWN_SECONDS)
-                if tried < len(hosts):
-                    continue
-                if tried > 1:
-                    failure = GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} "
-                                           f"{self.name} hosts tried: refused, unreachable or too slow. Check that "
-                                           f"they are running and {URL_VARIABLE[self.name]} lists them right.",
-                                           detail=", ".join(causes))
-                raise failure from exc
             except UPSTREAM_EXCEPTIONS as exc:
                 failure = self.translate(exc, host)
+                if isinstance(exc, (httpcore.ConnectError, httpcore.ConnectTimeout)):  # nothing was sent
+                    causes.append(failure.detail)
+                    host.down_until = time.monotonic() + HOST_COOLDOWN_SECONDS
+                    if len(self.hosts) > 1:  # log: which host is passed over, without its URL
+                        log.warning("%s host %d: %s; passed over for %.0f s", self.name, host.number,
+                                    cause(exc), HOST_COOLDOWN_SECONDS)
+                    if tried < len(hosts):
+                        continue
+                    if tried > 1:
+                        failure = GatewayError("upstream_unavailable", f"Could not connect to any of the {tried} "
+                                               f"{self.name} hosts tried: refused, unreachable or too slow. Check "
+                                               f"that they are running and {URL_VARIABLE[self.name]} lists them right.",
+                                               detail=", ".join(causes))
                 # A status line that h11 rejects is not HTTP at all (an SSH port, say): a retry gets the same.
-                if isinstance(exc.__cause__, h11.RemoteProtocolError):
+                elif isinstance(exc.__cause__, h11.RemoteProtocolError):
                     failure.headers.append(NO_RETRY)
                 raise failure from exc
             host.down_until = 0.0
