@@ -3523,7 +3523,7 @@ async def relay(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, body
                                    first=ex.host)
     try:
         if response.status >= 400:
-            return await upstream_error(upstream, response, ex.dialect, ex.routed, tuple(gw.upstreams))
+            return await upstream_error(upstream, response, ex.dialect, ex.routed, tuple(gw.upstreams), path)
         if stream and media_type(response.headers) == ex.dialect.stream_type:
             return await pump(gw, ex, upstream, response, stream=True)
         if shared:
@@ -3789,6 +3789,7 @@ class Refusal(NamedTuple):
     routed: Routed | None  # where the request's model went, if it named one
     providers: tuple[str, ...]  # those configured
     document: Any  # the body as JSON; None if it is not
+    path: bytes  # what was asked for, under the base URL
 
 
 def other_provider(refusal: Refusal) -> str:
@@ -3812,10 +3813,13 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
         ", or, for a cloud model, that Ollama is signed in to ollama.com (`ollama signin` where it runs)."
         if r.name == "ollama" and r.status == 401 and r.routed is not None else "."), True),
     # gin's "404 page not found" under a base URL ending in /v1 is an Ollama older than the route: its Messages API
-    # (v0.14, ollama PR #13600), its Responses API (v0.13.3). A model it lacks gets JSON (no word of prefixes, below).
+    # (v0.14, ollama PR #13600), its Responses API (v0.13.3), its transcriptions (v0.20); for one that every Ollama's
+    # /v1 has (chat, embeddings, models), no Ollama there. A model it lacks gets JSON (no word of prefixes, below).
     (lambda r: (r.status == 404 and r.name == "ollama" and r.document is None and r.host is not None
                 and r.host.path.endswith(b"/v1")),
-     lambda r: "This Ollama is older than that API (Anthropic Messages: v0.14, Responses: v0.13.3): update it.", False),
+     lambda r: "This Ollama is older than that API (Anthropic Messages: v0.14, Responses: v0.13.3, transcriptions: "
+     "v0.20): update it." if r.path in (b"/messages", b"/responses", b"/audio/transcriptions") else "Check that "
+     "OLLAMA_BASE_URL is Ollama's address and port with /v1, such as http://127.0.0.1:11434/v1.", False),
     # On Ollama's own API only a 404 without JSON: gin's, for a route under a base URL that was not meant
     # (.../api: /api/api/chat), where a model Ollama lacks answers {"error": ...}.
     (lambda r: (r.status == 404 and r.name == "ollama" and (not r.dialect.native or r.document is None)
@@ -3832,7 +3836,7 @@ UPSTREAM_HINTS: tuple[tuple[Callable[[Refusal], bool], Callable[[Refusal], str],
 
 
 async def upstream_error(upstream: Upstream, response: httpcore.Response, dialect: Dialect = OPENAI,
-                         routed: Routed | None = None, providers: tuple[str, ...] = ()) -> Answer:
+                         routed: Routed | None = None, providers: tuple[str, ...] = (), path: bytes = b"") -> Answer:
     """An upstream error response as the client gets it: same status, in the client's dialect, with what to check
     (UPSTREAM_HINTS). A body already in that shape passes unchanged, but for the hints that go on such a message;
     anything else is wrapped, its text as the message, so that tools which show `error.message` (FluentRead) or
@@ -3840,7 +3844,8 @@ async def upstream_error(upstream: Upstream, response: httpcore.Response, dialec
     upstream.count_failure(f"http_{response.status}")
     body = await whole(upstream, response, MAX_ERROR_BODY, cut=True)
     name, status, document = upstream.name, response.status, parsed(body)
-    refusal = Refusal(name, status, dialect, response.extensions.get(HOST_EXTENSION), routed, providers, document)
+    refusal = Refusal(name, status, dialect, response.extensions.get(HOST_EXTENSION), routed, providers, document,
+                      path)
     kept, own = crossing_headers(response.headers), dialect.own_error(document)
     hints = [words(refusal) for applies, words, always in UPSTREAM_HINTS if (always or not own) and applies(refusal)]
     error = document.get("error") if isinstance(document, dict) else None  # OpenAI's shape, and Anthropic's:
@@ -4065,7 +4070,7 @@ class Upstream:
         response = await self.send(b"GET", path, forward, host=host, dialect=dialect)
         try:
             if response.status >= 400:
-                return await upstream_error(self, response, dialect)
+                return await upstream_error(self, response, dialect, path=path)
             body = await whole(self, response, MAX_HELD_ANSWER)
         finally:
             await response.aclose()

@@ -5002,6 +5002,19 @@ async def test_a_route_an_old_ollama_lacks_says_to_update_it(model: str) -> None
     assert "update it" in message and "DEFAULT_PROVIDER" not in message, message
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
+                                          ("GET", "/v1/models")])
+async def test_a_base_url_that_is_not_ollamas_v1_is_not_told_to_update_ollama(method: str, path: str) -> None:
+    """A base URL ending in /v1 that is not Ollama's (a wrong port or path prefix) answers chat, embeddings and the
+    model list, which every Ollama's /v1 has, with gin's bare 404: the message says to check OLLAMA_BASE_URL, where it
+    said to update Ollama for its Anthropic Messages and Responses APIs."""
+    async with upstream(json_reply(404, raw=b"404 page not found", content_type="text/plain")) as up, \
+            gateway(OLLAMA_BASE_URL=up.url.replace("/v1", "/ollama/v1")) as app:
+        answer = await call(app, method, path, b'{"model": "ollama/qwen2.5:7b", "input": "Hi", "messages": []}')
+    message = assert_error(answer, 404, "not_found_error")["message"]
+    assert "OLLAMA_BASE_URL" in message and "update it" not in message, message
+
+
 async def test_an_alias_whose_target_doubles_the_prefix_does_not_tell_the_client_to_mend_it() -> None:
     """A 404 for an alias's target written `ollama/ollama/...` in MODEL_ALIASES does not tell the app to write its
     model's prefix once: it wrote `translate`, and only the owner can mend the alias."""
