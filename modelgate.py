@@ -1519,6 +1519,12 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
                       fields_for(config.model_overrides, ex.routed.id), edits)
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, edits)
+    # keep_alive 0 with nothing to run: Ollama unloads the model at once, before any turn (server/routes.go,
+    # GenerateHandler and ChatHandler: expireRunner), and so it waits for none here (relayed).
+    if route.end is DONE_LINE:
+        keep_alive = text[slice(*spans.get("keep_alive", (0, 0)))]  # seconds (ollama-python: 0.0), or "0s"
+        ex.unloads = re.fullmatch(r'"?0+(\.0*)?([mnu]?s|m|h)?"?', keep_alive) is not None and all(
+            text[slice(*spans.get(key, (0, 0)))] in ("", '""', "[]", "null") for key in ("prompt", "messages"))
     if edits:
         body = spliced(text, spans, edits).encode("latin-1")
     return document, body
@@ -2947,7 +2953,7 @@ class Exchange:
                  "holds_slot", "hides_usage", "body_read", "unlisted", "send", "cors", "started", "status", "bytes_out",
                  "watch", "request_id", "forward", "ends", "provider", "model", "routed", "upstream_model", "usage",
                  "ttfb", "coalesced", "error", "t0", "host", "queued", "upstream_seconds", "spent", "web_tool",
-                 "body_held")
+                 "body_held", "unloads")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request
@@ -2969,6 +2975,7 @@ class Exchange:
         self.body_held: tuple[str, int] | None = None  # (token name, bytes) its body counts in Gateway.bodies
         self.unlisted: list[tuple[str, str]] = []  # Ollama models its list lacked: (name, as asked) (check_cloud)
         self.web_tool: str | None = None  # a tool in its body that runs on the web (check_tools)
+        self.unloads = False  # it asks Ollama to unload its model, and runs nothing (routed_body)
         # The response
         self.send = send
         self.cors: Headers = []
@@ -3210,7 +3217,7 @@ async def relayed(gw: Gateway, ex: Exchange, upstream: Upstream, path: bytes, bo
     """relay(), in its turn: to Ollama, on a route that runs a model, the request waits for a slot of
     the host chosen now and its model (The queue), and gives it back when the relay has ended."""
     queue = gw.queue
-    if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued:
+    if queue is None or upstream.name != "ollama" or not ROUTES[ex.route].queued or ex.unloads:
         return await relay(gw, ex, upstream, path, body, stream, shared)
     ex.host = upstream.hosts[0] if len(upstream.hosts) == 1 else upstream.by_preference()[0]  # Upstream.send's choice
     config, since, ticket = gw.config, time.perf_counter(), None

@@ -3656,7 +3656,7 @@ class ScheduledOllama:
 
     async def reply(self, up: FakeUpstream, request: Received, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
-        if request.target == "/api/show":  # runs no model
+        if request.target == "/api/show" or request.json().get("keep_alive") in (0, "0s"):  # runs no model (an unload)
             return await fake_ollama(up, request, reader, writer)
         model = request.json()["model"]
         model = model if ":" in model else model + ":latest"
@@ -4050,6 +4050,23 @@ async def test_what_runs_no_model_or_another_is_sent_at_once(path: str, body: by
         await ollama.finish(1)
         await asyncio.gather(*running)
     assert app.queue.waiting == 0 and len(up.requests) == 2
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/generate", b'{"model": "qwen2.5:7b", "stream": false, "keep_alive": 0.0}'),  # ollama-python's
+    ("/api/chat", b'{"model": "ollama/qwen2.5:7b", "messages": [], "keep_alive": "0s"}')])
+async def test_an_unload_is_sent_at_once_as_ollama_answers_it(path: str, body: bytes) -> None:
+    """An unload (keep_alive 0, no prompt or messages: `ollama stop`, unload buttons and tools), which Ollama answers
+    at once, is sent at once while the model runs a request: it waited for a turn, a tool's short timeout gave up, and
+    after QUEUE_TIMEOUT_SECONDS it got 503."""
+    async with scheduled(QUEUE_TIMEOUT_SECONDS="0.05") as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        answer = await native(app, path, body)
+        await ollama.finish(1)
+        await asyncio.gather(*running)
+    assert answer.status == 200 and lines_of(answer)[-1]["done"] is True
+    assert [r.target for r in up.requests] == ["/api/chat", path]
 
 
 @pytest.mark.parametrize("path, body, dialect", [QUEUE_DOORS[0], QUEUE_DOORS[4], QUEUE_DOORS[5]])
