@@ -1122,6 +1122,10 @@ def with_v1(url: str) -> str:
 
 
 def screen(ex: Exchange, config: Config) -> None:
+    # Behind a trusted proxy that serves HTTPS (Caddy sets X-Forwarded-Proto), the page's URLs say https.
+    peer = parse_ip(ex.client) if config.trusted_proxies else None
+    if peer is not None and in_networks(peer, config.trusted_proxies) and ex.header(b"x-forwarded-proto") == b"https":
+        ex.scheme = "https"
     address = client_address(ex.client, ex.headers, config.trusted_proxies)
     ex.client = "-" if address is None else str(address)
     if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):

@@ -2347,6 +2347,20 @@ async def test_the_page_escapes_the_host_it_was_asked_for() -> None:
     assert hostile.header(b"content-security-policy").startswith(b"default-src 'none'")
 
 
+async def test_the_page_behind_a_trusted_https_proxy_shows_https_urls() -> None:
+    """Behind a reverse proxy in TRUSTED_PROXIES that serves HTTPS (Caddy, as docs/exposing.md sets it up), the page
+    and POST / tell the base URL with https, as the proxy's X-Forwarded-Proto says: they said http, and an app given
+    it sent its token unencrypted to the proxy's port 80. From any other peer the header is not believed."""
+    headers = [(b"host", b"gw.example"), (b"accept", b"text/html"), (b"x-forwarded-proto", b"https")]
+    async with gateway(TRUSTED_PROXIES="127.0.0.1") as app:
+        proxied = await call(app, "GET", "/", headers=headers)
+        posted = await call(app, "POST", "/", b"{}", [*AUTH, *headers])
+        direct = await call(app, "GET", "/", headers=headers, client="192.0.2.7")
+    assert b'<p class="url">https://gw.example/v1</p>' in proxied.body and b"http://" not in proxied.body
+    assert "https://gw.example/v1" in assert_ollama_error(posted, 404)
+    assert b'<p class="url">http://gw.example/v1</p>' in direct.body
+
+
 ROOT_ANSWERS = [
     # (method, Accept, content type, body): a program probing the root (curl, an Ollama client) gets what Ollama
     # answers, a browser the page (its body is tested above)
