@@ -130,7 +130,7 @@ import ssl
 import time
 import zlib
 import zoneinfo
-from collections import deque
+from collections import Counter, deque
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -1336,13 +1336,13 @@ class Limits:
         """Let a request of this token in, or raise a 429; True when it holds an in-flight slot to release."""
         in_flight = self.in_flight.get(name, 0)
         if self.max_in_flight and in_flight >= self.max_in_flight:
-            count(self.metrics.rate_limited, (name, "concurrency"))
+            self.metrics.rate_limited[name, "concurrency"] += 1
             # When one will finish cannot be known: a second is the shortest wait worth asking for.
             raise GatewayError("too_many_in_flight", f"This token already has as many requests in flight as "
                                f"MAX_CONCURRENT_PER_TOKEN allows ({in_flight}). Wait for one to finish.",
                                [(b"retry-after", b"1")])
         if self.bucket is not None and (wait := self.bucket.take(name, time.monotonic())):
-            count(self.metrics.rate_limited, (name, "rpm"))
+            self.metrics.rate_limited[name, "rpm"] += 1
             seconds = math.ceil(wait)  # the SDKs wait exactly Retry-After: by then the bucket has one
             raise GatewayError("rate_limited", f"This token has used up its RATE_LIMIT_RPM ({self.rpm} requests a "
                                f"minute). Try again in {seconds} s.", [(b"retry-after", b"%d" % seconds)])
@@ -3152,7 +3152,7 @@ class Coalescer:
                 self.flown(key, relayed(gw, ex, upstream, path, body, stream=False, shared=True))), ex, gw.config)
         else:
             ex.coalesced = True
-            count(gw.metrics.coalesced, (ex.token,))
+            gw.metrics.coalesced[(ex.token,)] += 1
         flight.waiters += 1
         try:
             answer = await asyncio.shield(flight.task)
@@ -4052,7 +4052,7 @@ class Upstream:
             return response
 
     def count_failure(self, kind: str) -> None:
-        count(self.metrics.upstream_errors, (self.name, kind))
+        self.metrics.upstream_errors[self.name, kind] += 1
 
     def translate(self, exc: Exception, host: Host | None = None) -> GatewayError:
         """One of the UPSTREAM_EXCEPTIONS, counted, as the error the client gets (UPSTREAM_FAILURES); the log line
@@ -4770,10 +4770,6 @@ MAX_MODEL_SERIES = 100  # models per token name and provider in modelgate_tokens
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
 
 
-def count(counter: dict[tuple, int], key: tuple) -> None:
-    counter[key] = counter.get(key, 0) + 1
-
-
 class Metrics:
     """What GET /metrics reports: counters and histograms as dicts keyed by tuples of label values, and two gauges.
     Every label value comes from a closed set (the route table, configured token names, providers, statuses,
@@ -4781,21 +4777,20 @@ class Metrics:
     modelgate_tokens_total, is capped (MAX_MODEL_SERIES)."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple, int] = {}  # (route, provider, token, status)
+        self.requests: Counter[tuple] = Counter()  # (route, provider, token, status)
         self.durations: dict[tuple, list] = {}  # (route,)
         self.first_bytes: dict[tuple, list] = {}  # (route,), streams only
-        self.upstream_errors: dict[tuple, int] = {}  # (provider, kind)
-        self.coalesced: dict[tuple, int] = {}  # (token,)
-        self.rate_limited: dict[tuple, int] = {}  # (token, limit)
-        self.tokens: dict[tuple, int] = {}  # (token, provider, model, kind)
+        self.upstream_errors: Counter[tuple] = Counter()  # (provider, kind)
+        self.coalesced: Counter[tuple] = Counter()  # (token,)
+        self.rate_limited: Counter[tuple] = Counter()  # (token, limit)
+        self.tokens: Counter[tuple] = Counter()  # (token, provider, model, kind)
         self.models_counted: dict[tuple, set[str]] = {}  # (token, provider) -> the models in `tokens`
         self.queue_waits: dict[tuple, list] = {}  # (token,), requests on a route that waits its turn
         self.queued: dict[str, int] = {}  # token -> requests waiting for their turn now
         self.in_flight = self.streams = 0
 
     def record(self, ex: Exchange, seconds: float) -> None:
-        key = (ex.route, ex.provider, ex.token, ex.status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests[ex.route, ex.provider, ex.token, ex.status] += 1
         observe(self.durations, (ex.route,), seconds, DURATION_BUCKETS)
         if ex.ttfb is not None:
             observe(self.first_bytes, (ex.route,), ex.ttfb, FIRST_BYTE_BUCKETS)
@@ -4809,8 +4804,7 @@ class Metrics:
             models.add(model)
         for kind, tokens in zip(("prompt", "completion"), ex.usage):
             if tokens is not None:
-                key = (ex.token, ex.provider, model, kind)
-                self.tokens[key] = self.tokens.get(key, 0) + tokens
+                self.tokens[ex.token, ex.provider, model, kind] += tokens
 
     def render(self, upstreams: Iterable[Upstream]) -> bytes:
         lines: list[str] = []
