@@ -3937,11 +3937,6 @@ class Host:
 # Where an upstream response notes the Host it came from (httpcore keeps its own keys in the same dict).
 HOST_EXTENSION = "modelgate.host"
 
-# A refused connection to a loopback address is most often a gateway in a container whose OLLAMA_BASE_URL is the
-# default 127.0.0.1 (docker compose, Docker on Linux), and Ollama on the host.
-LOOPBACK_REFUSED = (" From inside a container, localhost is the container itself: there, {url} names the host by "
-                    "its address, or as host.docker.internal.")
-
 
 def cause(exc: BaseException, key: bytes = b"") -> str:
     """What went wrong under an httpcore exception, for the log: its class and the system's or TLS's
@@ -4061,7 +4056,10 @@ class Upstream:
         situation, message = next((situation, message) for exc_type, situation, message in UPSTREAM_FAILURES
                                   if isinstance(exc, exc_type))
         if host is not None and host.loopback and type(exc) is httpcore.ConnectError:
-            message += LOOPBACK_REFUSED
+            # Most often a gateway in a container whose OLLAMA_BASE_URL is the default 127.0.0.1 (docker compose,
+            # Docker on Linux), and Ollama on the host.
+            message += (" From inside a container, localhost is the container itself: there, {url} names the host by "
+                        "its address, or as host.docker.internal.")
         retry = [NO_RETRY] if isinstance(exc, NOT_RETRIED) else None
         return GatewayError(situation, message.format(name=self.name, url=URL_VARIABLE[self.name]), retry,
                             detail=f"{self.where(host)} {cause(exc, self.key)}")
