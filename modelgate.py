@@ -5666,13 +5666,12 @@ class LoopErrors:
         self.repeats[kind][1] += 1
 
     def report(self, kind: tuple) -> None:
-        text, repeats = self.repeats[kind]
-        if not repeats:  # so that kinds seen once (asyncio's "Exception in callback <handle>") do not pile up
-            del self.repeats[kind]
-            return
-        log.error("%s: %d more in the last %.0f s", text, repeats, self.seconds)  # log: a kind that goes on
-        self.repeats[kind][1] = 0
-        asyncio.get_running_loop().call_later(self.seconds, self.report, kind)
+        # Kept only if it went on, so that kinds seen once (asyncio's "Exception in callback <handle>") do not pile up.
+        text, repeats = self.repeats.pop(kind)
+        if repeats:
+            log.error("%s: %d more in the last %.0f s", text, repeats, self.seconds)  # log: a kind that goes on
+            self.repeats[kind] = [text, 0]
+            asyncio.get_running_loop().call_later(self.seconds, self.report, kind)
 
 
 def raise_file_limit() -> None:
