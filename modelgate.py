@@ -1524,11 +1524,14 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     if route.asks_usage and document.get("stream") is True:
         ex.hides_usage = asked_for_usage(document, edits)
     # keep_alive 0 with nothing to run: Ollama unloads the model at once, before any turn (server/routes.go,
-    # GenerateHandler and ChatHandler: expireRunner), and so it waits for none here (relayed).
+    # GenerateHandler and ChatHandler: expireRunner), and so it waits for none here (relayed). As Ollama will read
+    # it: the owner's keep_alive if set, and only keys in lower case (Go's decoder reads "Prompt" as prompt too).
     if route.end is DONE_LINE:
-        keep_alive = text[slice(*spans.get("keep_alive", (0, 0)))]  # seconds (ollama-python: 0.0), or "0s"
-        ex.unloads = re.fullmatch(r'"?0+(\.0*)?([mnu]?s|m|h)?"?', keep_alive) is not None and all(
-            text[slice(*spans.get(key, (0, 0)))] in ("", '""', "[]", "null") for key in ("prompt", "messages"))
+        said = {key: text[slice(*spans[key])] if key in spans else "" for key in ("keep_alive", "prompt", "messages")}
+        keep_alive = edits.get("keep_alive", said["keep_alive"])  # seconds (ollama-python: 0.0), or "0s"
+        ex.unloads = (re.fullmatch(r'"?0+(\.0*)?([mnu]?s|m|h)?"?', keep_alive) is not None
+                      and all(said[key] in ("", '""', "[]", "null") for key in ("prompt", "messages"))
+                      and not any(key.casefold() in said and key not in said for key in spans))
     if edits:
         body = spliced(text, spans, edits).encode("latin-1")
     return document, body

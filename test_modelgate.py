@@ -4083,6 +4083,29 @@ async def test_an_unload_is_sent_at_once_as_ollama_answers_it(path: str, body: b
     assert [r.target for r in up.requests] == ["/api/chat", path]
 
 
+@pytest.mark.parametrize("path, body, settings_", [
+    # Go's decoder reads "Prompt" and "Messages" as prompt and messages: these run the model.
+    ("/api/generate", b'{"model": "qwen2.5:7b", "keep_alive": 0, "Prompt": "Hi"}', {}),
+    ("/api/chat", b'{"model": "qwen2.5:7b", "keep_alive": 0, "Messages": [{"role": "user", "content": "Hi"}]}', {}),
+    # ... and takes the last of "keep_alive" and "KEEP_ALIVE": this loads the model for 5 minutes.
+    ("/api/generate", b'{"model": "qwen2.5:7b", "keep_alive": 0, "KEEP_ALIVE": "5m"}', {}),
+    # The owner's keep_alive replaces the client's 0: this loads the model for 30 minutes.
+    ("/api/generate", b'{"model": "qwen2.5:7b", "keep_alive": 0}', {"MODEL_OVERRIDES": '{"*": {"keep_alive": "30m"}}'})])
+async def test_a_request_that_only_looks_like_an_unload_waits_its_turn(path: str, body: bytes,
+                                                                      settings_: dict[str, str]) -> None:
+    """keep_alive 0 goes past the queue only when Ollama reads it as an unload: a request that runs or loads the
+    model, however its keys are written, waits as any other (QUEUE_TIMEOUT_SECONDS, then 503) and never runs beside
+    the one running."""
+    async with scheduled(QUEUE_TIMEOUT_SECONDS="0.05", **settings_) as (ollama, up, app):
+        running = send_all(app, [(asking("running"), AUTH)])
+        await ollama.has_started(1)
+        answer = await native(app, path, body)
+        await ollama.finish(1)
+        await asyncio.gather(*running)
+    assert_queue_error(answer, "ollama", "QUEUE_TIMEOUT_SECONDS")
+    assert [r.target for r in up.requests] == ["/api/chat"]
+
+
 @pytest.mark.parametrize("path, body, dialect", [QUEUE_DOORS[0], QUEUE_DOORS[4], QUEUE_DOORS[5]])
 async def test_a_request_that_waits_queue_timeout_seconds_gets_503_and_nothing_is_sent(path: str, body: bytes,
                                                                                       dialect: str) -> None:
