@@ -4488,14 +4488,14 @@ def usage_page(report: dict[str, Any]) -> bytes:
 
 
 def usage_bars(daily: list[dict[str, Any]]) -> str:
-    top = max((day["total_tokens"] for day in daily), default=0) or 1
+    top = max((day["total_tokens"] for day in daily), default=0)
     bars = []
     for n, day in enumerate(daily):
-        height = round(56 * day["total_tokens"] / top, 1)
+        height = round(56 * day["total_tokens"] / (top or 1), 1)
         kind = "today" if n == len(daily) - 1 else "bar"
         bars.append(f'<rect class="{kind}" x="{n * 10 + 1}" y="{60 - height}" width="8" height="{height}">'
                     f'<title>{day["day"]}: {day["total_tokens"]:,} tokens, {day["requests"]:,} requests</title></rect>')
-    label = f"Tokens a day, the highest {top:,}" if top > 1 else "No tokens counted on these days"
+    label = f"Tokens a day, the highest {top:,}" if top else "No tokens counted on these days"
     return (f'<svg viewBox="0 0 {len(daily) * 10} 60" preserveAspectRatio="none" role="img" '
             f'aria-label="{label}"><title>{label}</title>{"".join(bars)}</svg>\n')
 

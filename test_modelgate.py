@@ -6049,6 +6049,18 @@ async def test_usage_in_a_browser_is_a_page_with_a_bar_per_day_and_every_name_es
     assert "<img" not in page and "<script" not in page and "http" not in page.split("</style>")[1]
 
 
+@pytest.mark.parametrize("usage, label", [
+    ({"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}, "Tokens a day, the highest 1"),
+    ({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, "No tokens counted on these days")])
+async def test_the_usage_page_says_the_highest_day_whenever_a_token_was_counted(usage: dict, label: str) -> None:
+    """The bars' label names the busiest day's tokens, even when that is 1; it said no tokens were counted."""
+    async with upstream(json_reply(document={**COMPLETION, "usage": usage})) as up, \
+            gateway(clock=Clock(NOON), OLLAMA_BASE_URL=up.url, **USAGE_APPS) as app:
+        await chat(app)
+        answer = await call(app, "GET", "/usage", headers=[*AUTH, (b"accept", b"text/html")])
+    assert f'aria-label="{label}"' in answer.body.decode()
+
+
 async def test_usage_in_a_browser_says_what_is_left_of_a_daily_quota() -> None:
     """The /usage page of a token with a TOKEN_QUOTAS quota says how many of its tokens are left today."""
     async with upstream(usage_reply()) as up, gateway(clock=Clock(NOON), OLLAMA_BASE_URL=up.url,
