@@ -1443,6 +1443,9 @@ async def wait_at_most(seconds: float, awaitable: Awaitable[Any], timeout_error:
 # library decodes (gzip, as HTTP clients send it) is decoded, never past MAX_BODY_BYTES (a gzip bomb gets 413), and
 # forwarded decoded without the header (Ollama's routes read no encoded body; only its cloud passthrough decodes zstd:
 # server/cloud_proxy.go). Any other encoding is refused (415): a body whose model could not be read is never forwarded.
+# Clients write one gzip member (Python's gzip, Go's and Node's), `cat a.gz b.gz` two; zlib copies all that follows
+# each member (unused_data): 16 MiB of empty 20-byte members held the event loop for many minutes.
+GZIP_MEMBERS = 16
 
 
 def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
@@ -1455,6 +1458,9 @@ def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes:
                            "decode to read the model it names. Send it as it is, or gzip-encoded.")
     parts, size = [], 0
     while body:  # one gzip member after another, as Go's gzip reader reads them
+        if len(parts) == GZIP_MEMBERS:
+            raise GatewayError("invalid_request", f"The request body is more than {GZIP_MEMBERS} gzip members one "
+                               "after another: compress it as one.")
         decoder = zlib.decompressobj(31)  # zlib's wbits for a gzip member: 16 + 15
         try:
             part = decoder.decompress(body, limit - size + 1)
