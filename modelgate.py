@@ -1484,10 +1484,7 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
     try:
         if not body.isascii():
             check_utf8(body)
-        # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
-        # one emoji would make every character of it four bytes), and a span in it is a span of the body.
-        text = body.decode("latin-1")
-        document, spans = parse_body(text, ROUTE_FIELDS[ex.route])
+        document, spans = parse_body(body, ROUTE_FIELDS[ex.route])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # (a byte order mark: Notepad's, PowerShell 5's)
         mark = " It begins with a byte order mark: send UTF-8 without one." * (body[:2] in (b"\xef\xbb", b"\xff\xfe"))
         raise GatewayError("invalid_request", f"The request body is not valid JSON ({exc}).{mark}") from None
@@ -1498,7 +1495,9 @@ def routed_body(ex: Exchange, body: bytes, config: Config, cloud: CloudModels) -
         raise GatewayError("invalid_request", "The request body is nested too deeply to be read.") from None
     if document is None:
         raise GatewayError("invalid_request", "The request body must be a JSON object.")
-    route, edits, first = ROUTES[ex.route], {}, None
+    # One character per byte: a body of any script is held once more at its own size (decoded as UTF-8,
+    # one emoji would make every character of it four bytes), and a span in it is a span of the body.
+    text, route, edits, first = body.decode("latin-1"), ROUTES[ex.route], {}, None
     for group in route.models:
         found = named_model(ex, document, group, config, edits, text, spans, cloud)
         if found is None and first is None and route.model_required:  # (no route that needs one names two)
@@ -1599,22 +1598,6 @@ def _number(text: str) -> None:
             raise ValueError("integer too long")
 
 
-def skip_array(text: str, at: int) -> int:
-    """Where the array at `at` ends, its elements checked and dropped one by one: json's scanner would keep
-    them all until the end, and a string with a \\u escape beyond Latin-1 takes 2 or 4 bytes a character."""
-    ws = _WHITESPACE.match
-    at = ws(text, at + 1).end()
-    if text[at] == "]":
-        return at + 1
-    while True:
-        at = ws(text, _skip_value(text, at)[1]).end()
-        if text[at] == "]":
-            return at + 1
-        if text[at] != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
-        at = ws(text, at + 1).end()
-
-
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
 # bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call.
@@ -1622,14 +1605,20 @@ _skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool,
                                                          parse_int=_number, parse_constant=bool))
 
 
-def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
-    """The values of the top-level keys in `read` of the JSON object `text` (a body decoded as latin-1), each parsed
-    from its own bytes as UTF-8, and where each key's value lies (a key written twice: the last, as json.loads); None
-    and {} for JSON that is no object; json.JSONDecodeError for what is not JSON (json's scanner checks each value). A
-    key in `read` written twice, or not in lower case, is a 400: Go's encoding/json (Ollama's) takes "Model" or "NAME"
-    for "model", the last winning, and a server keeping the first of two runs a model other than the one checked."""
+def parse_body(body: bytes, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
+    """The values of the top-level keys in `read` of the JSON object `body`, each parsed from its own bytes as UTF-8,
+    and where each key's value lies (a key written twice: the last, as json.loads); None and {} for JSON that is no
+    object; json.JSONDecodeError for what is not JSON (json's scanner checks each value, the digits of a \\u escape
+    in the values it reads). A key in `read` written twice, or not in lower case, is a 400: Go's encoding/json
+    (Ollama's) takes "Model" or "NAME" for "model", the last winning, and a server keeping the first of two runs a
+    model other than the one checked."""
     ws = _WHITESPACE.match
-    at, spans, escaped = ws(text, 0).end(), {}, "\\u" in text
+    # Read a character per byte, each \u made \/ (as long, in the same strings), keys and read values from `body`:
+    # json's scanner keeps an array's strings to its end, and an escape beyond Latin-1 makes one 2 or 4 bytes a
+    # character; skipped one by one in Python instead, a long array held the event loop for 20 s (3.3 million numbers).
+    escaped = b"\\u" in body
+    text = (body.replace(b"\\u", b"\\/") if escaped else body).decode("latin-1")
+    at, spans = ws(text, 0).end(), {}
     document: dict[str, Any] | None = {}
     try:
         if text.startswith("{", at):
@@ -1641,13 +1630,13 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
             if text[at] != '"':
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
             key, end = json.decoder.scanstring(text, at + 1)
-            if not key.isascii():  # the key as the client wrote it, in UTF-8
-                key = json.loads(text[at:end].encode("latin-1"))
+            if not key.isascii() or escaped and "/" in key:  # the key as the client wrote it, in UTF-8
+                key = json.loads(body[at:end])
             at = ws(text, end).end()
             if text[at] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
             at = ws(text, at + 1).end()
-            end = skip_array(text, at) if escaped and text[at] == "[" else _skip_value(text, at)[1]
+            end = _skip_value(text, at)[1]
             folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
             if folded in read:
                 if key in spans:
@@ -1659,7 +1648,7 @@ def parse_body(text: str, read: frozenset[str]) -> tuple[dict | None, dict[str, 
                 if end - at > MAX_READ_VALUE:
                     raise GatewayError("invalid_request", f"`{key}` in the request body is {end - at} bytes long, "
                                        f"more than any model name or stream option ({MAX_READ_VALUE}).")
-                document[key] = json.loads(text[at:end].encode("latin-1"))
+                document[key] = json.loads(body[at:end])
             spans[key] = (at, end)
             at = ws(text, end).end()
             more = text[at] == ","
@@ -2008,7 +1997,7 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
             edits[field] = compact_json(value)
         elif text[spans[field][0]] == "{" and isinstance(value, dict):
             inner, inner_edits = text[slice(*spans[field])], {}
-            _, inner_spans = parse_body(inner, frozenset())
+            _, inner_spans = parse_body(inner.encode("latin-1"), frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_edits)
             edits[field] = spliced(inner, inner_spans, inner_edits)  # (no edits: the object as it came)
