@@ -1600,9 +1600,13 @@ def _number(text: str) -> None:
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
-# bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call.
-_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool,
-                                                         parse_int=_number, parse_constant=bool))
+# bool: a builtin that drops what it is given (an object's pairs, a number's text), with no Python call. _number, a
+# Python call per integer (3.3 million held the event loop 1.2 s), only for a body with 641 digits in a row somewhere.
+_skip_value = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool, parse_int=bool,
+                                                         parse_constant=bool))
+_skip_checked = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=bool, parse_float=bool,
+                                                           parse_int=_number, parse_constant=bool))
+DIGITS_AS_ZEROS = bytes(48 if 48 <= byte <= 57 else 32 for byte in range(256))  # "0" for a digit, " " for the rest
 
 
 def parse_body(body: bytes, read: frozenset[str]) -> tuple[dict | None, dict[str, tuple[int, int]]]:
@@ -1616,6 +1620,8 @@ def parse_body(body: bytes, read: frozenset[str]) -> tuple[dict | None, dict[str
     # Read a character per byte, each \u made \/ (as long, in the same strings), keys and read values from `body`:
     # json's scanner keeps an array's strings to its end, and an escape beyond Latin-1 makes one 2 or 4 bytes a
     # character; skipped one by one in Python instead, a long array held the event loop for 20 s (3.3 million numbers).
+    skip = _skip_checked if len(body) > 640 and any(b"0" * 641 in body[at:at + SHAPE_WINDOW + 640].translate(
+        DIGITS_AS_ZEROS) for at in range(0, len(body), SHAPE_WINDOW)) else _skip_value  # (a window's memory at most)
     escaped = b"\\u" in body
     text = (body.replace(b"\\u", b"\\/") if escaped else body).decode("latin-1")
     at, spans = ws(text, 0).end(), {}
@@ -1625,7 +1631,7 @@ def parse_body(body: bytes, read: frozenset[str]) -> tuple[dict | None, dict[str
             at = ws(text, at + 1).end()
             more = text[at] != "}"
         else:  # valid JSON that is not an object, once its end is checked; `at` on its last character, as on a `}`
-            document, at, more = None, _skip_value(text, at)[1] - 1, False
+            document, at, more = None, skip(text, at)[1] - 1, False
         while more:
             if text[at] != '"':
                 raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
@@ -1636,7 +1642,7 @@ def parse_body(body: bytes, read: frozenset[str]) -> tuple[dict | None, dict[str
             if text[at] != ":":
                 raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
             at = ws(text, at + 1).end()
-            end = _skip_value(text, at)[1]
+            end = skip(text, at)[1]
             folded = key.casefold()  # also Go's folds: "ſ" (U+017F) is an "s" to it, "K" (U+212A) a "k"
             if folded in read:
                 if key in spans:
