@@ -386,7 +386,8 @@ ROUTES: dict[str, Route] = {
     "/api/generate": RUNS_MODEL._replace(end=DONE_LINE, dialect=OLLAMA, streams_unless_false=True, usage=OLLAMA_COUNTS),
     "/api/embed": RUNS_MODEL._replace(dialect=OLLAMA, usage=OLLAMA_COUNTS, shared=False),
     "/api/embeddings": RUNS_MODEL._replace(dialect=OLLAMA, shared=False),
-    "/api/show": MANAGES_MODELS._replace(admin=False, shared=True),  # `model` or `name` too, for anyone
+    "/api/show": Route({"POST": "relay_request"}, dialect=OLLAMA, model_required=False, models=(MODEL_OR_NAME,),
+                       reads="json"),
     "/api/tags": Route({"GET": "models", "HEAD": "models"}, dialect=OLLAMA),
     "/api/ps": Route({"GET": "models"}, dialect=OLLAMA),
     "/api/version": Route({"GET": "ollama_version", "HEAD": "ollama_version"}, dialect=OLLAMA),
