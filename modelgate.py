@@ -2007,7 +2007,8 @@ def request_edits(text: str, spans: dict[str, tuple[int, int]], defaults: dict[s
             _, inner_spans = parse_body(inner.encode("latin-1"), frozenset())
             request_edits(inner, inner_spans, default if isinstance(default, dict) else {},
                           override if isinstance(override, dict) else {}, inner_edits)
-            edits[field] = spliced(inner, inner_spans, inner_edits)  # (no edits: the object as it came)
+            if inner_edits:  # else the body goes as it came: spliced anew, 10 MiB cost 34 ms and 19 MiB more
+                edits[field] = spliced(inner, inner_spans, inner_edits)
         elif field in overrides:
             edits[field] = compact_json(value)
 
