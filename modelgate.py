@@ -5163,8 +5163,9 @@ class Pool:
 #   httpcore  a status line h11 refuses             raised as httpcore.RemoteProtocolError `from` h11's
 #             RemoteProtocolError (its map_exceptions): Upstream.send tells "not HTTP at all" by __cause__.
 #   uvicorn   protocols.http.h11_impl.H11Protocol   head_timeout_protocol's subclass, given to Config(http=):
-#             its .conn (the h11.Connection, IDLE until a request head is whole), .transport, .loop, and
-#             timeout_keep_alive_handler(), which closes the connection.
+#             its .conn (the h11.Connection, IDLE until a request head is whole), .transport, .loop, .flow,
+#             timeout_keep_alive_handler(), which closes the connection, and on_response_complete(), which
+#             begins h11's next request (HeadTimeoutProtocol.feed gives it a pipelined one's bytes then).
 #   uvicorn   Server.handle_exit, Server.serve      uvicorn_server replaces both on the instance: serve() is
 #             what Server.run() awaits, handle_exit what serve() installs for SIGTERM and SIGINT; once done,
 #             serve() raises a signal it caught again to the handler it found (main's exit status 0).
@@ -5641,6 +5642,9 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
             if self.transport.is_closing():  # (a refusal before the body was read, most often)
                 self.unfed = b""
                 return
+            if self.conn.their_state is h11.DONE:  # pipelined behind a request still answered: fed once it is done,
+                self.flow.pause_reading()  # else h11 read it whole then, every chunk before the app ran
+                return
             # (the blank line that ends a head may begin in what h11 holds of it already)
             held = self.conn.trailing_data[0][-2:] if self.conn.their_state is h11.IDLE else None
             head = HEAD_END.search(held + self.unfed) if held is not None else None
@@ -5650,6 +5654,11 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
             self.watch_head()
             if self.unfed:
                 self.loop.call_soon(self.feed)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.unfed:
+                self.feed()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.head_timer is not None:
