@@ -5163,9 +5163,8 @@ class Pool:
 #   httpcore  a status line h11 refuses             raised as httpcore.RemoteProtocolError `from` h11's
 #             RemoteProtocolError (its map_exceptions): Upstream.send tells "not HTTP at all" by __cause__.
 #   uvicorn   protocols.http.h11_impl.H11Protocol   head_timeout_protocol's subclass, given to Config(http=):
-#             its .conn (the h11.Connection, IDLE until a request head is whole), .transport, .loop, .flow,
-#             timeout_keep_alive_handler(), which closes the connection, and on_response_complete(), which
-#             begins h11's next request (HeadTimeoutProtocol.feed gives it a pipelined one's bytes then).
+#             its .conn (the h11.Connection, IDLE until a request head is whole), .transport, .loop, and
+#             timeout_keep_alive_handler(), which closes the connection.
 #   uvicorn   Server.handle_exit, Server.serve      uvicorn_server replaces both on the instance: serve() is
 #             what Server.run() awaits, handle_exit what serve() installs for SIGTERM and SIGINT; once done,
 #             serve() raises a signal it caught again to the handler it found (main's exit status 0).
@@ -5605,29 +5604,20 @@ def uvicorn_server(config: Config, gateway: Gateway = app, keep_alive: float = C
     return server
 
 
-HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a request head (its _receivebuffer.py, blank_line_regex)
-
-
 def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol, and a timer that closes the connection while h11 waits for a complete request head
     (their_state IDLE) `seconds()` after it began to wait; a client that begins a TLS handshake (a record of type 22,
-    major version 3: RFC 8446 §5.1) instead of a request is closed, and the log says why. h11 is given a request's head,
-    and what follows it a turn of the loop later, once the app has run (a refusal ends the connection): h11 reads a
-    body a chunk at a time, and 256 KiB of one-byte chunks with a head held the loop 0.4 s before its 401."""
+    major version 3: RFC 8446 §5.1) instead of a request is closed, and the log says why."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
         head_timer: asyncio.TimerHandle | None = None
-        unfed = b""  # what came and h11 has not been given yet (feed)
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self.watch_head()
 
         def data_received(self, data: bytes) -> None:
-            if self.unfed:  # given to h11 after what came before it
-                self.unfed += data
-                return
             if data.startswith(b"\x16\x03") and self.conn.their_state is h11.IDLE:  # where a request must begin
                 # log: one line that says what to change, not uvicorn's "Invalid HTTP request received."
                 log.warning("a client at %s spoke TLS (its URL begins https://) to this gateway, which serves plain "
@@ -5635,30 +5625,8 @@ def head_timeout_protocol(seconds: Callable[[], float]) -> type[asyncio.Protocol
                             self.client[0] if self.client else "-")
                 self.transport.close()
                 return
-            self.unfed = data
-            self.feed()
-
-        def feed(self) -> None:
-            if self.transport.is_closing():  # (a refusal before the body was read, most often)
-                self.unfed = b""
-                return
-            if self.conn.their_state is h11.DONE:  # pipelined behind a request still answered: fed once it is done,
-                self.flow.pause_reading()  # else h11 read it whole then, every chunk before the app ran
-                return
-            # (the blank line that ends a head may begin in what h11 holds of it already)
-            held = self.conn.trailing_data[0][-2:] if self.conn.their_state is h11.IDLE else None
-            head = HEAD_END.search(held + self.unfed) if held is not None else None
-            cut = head.end() - len(held) if head else len(self.unfed)
-            piece, self.unfed = self.unfed[:cut], self.unfed[cut:]
-            super().data_received(piece)
+            super().data_received(data)
             self.watch_head()
-            if self.unfed:
-                self.loop.call_soon(self.feed)
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.unfed:
-                self.feed()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.head_timer is not None:

@@ -2554,18 +2554,16 @@ async def test_content_length_with_transfer_encoding_is_one_400_then_the_connect
                                   b"POST /nowhere HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE], ids=["401", "404"])
 async def test_a_request_whose_body_cannot_be_read_is_answered_once_without_a_traceback(
         server: Any, head: bytes, caplog: pytest.LogCaptureFixture) -> None:
-    """A request whose chunked body is not chunked (`zz`, in the packet of its head) gets one answer, uvicorn's 400 (under
-    `python modelgate.py`, which reads no body before it refuses, the refusal), the connection closes, and the log has
-    no traceback: ModelGate's answer, refused by the server that had answered already, was logged twice as an
-    unexpected error of its own, for anyone who sent such a request."""
+    """A request whose chunked body is not chunked (`zz`, in the packet of its head) gets uvicorn's one 400 and the
+    connection closes, and the log has no traceback: ModelGate's answer, refused by the server that had answered
+    already, was logged twice as an unexpected error of its own, for anyone who sent such a request."""
     async with serve_with(server(modelgate.Gateway(environ()))) as base:
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(head + b"transfer-encoding: chunked\r\n\r\nzz\r\n")
         received = await asyncio.wait_for(reader.read(), 10)  # all until the connection closes
         writer.close()
-    status = (b"401 " if b"/v1/chat" in head else b"404 ") if server is SERVERS["python modelgate.py"] else b"400 "
-    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 " + status), received
+    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 400 "), received
     assert [record.getMessage() for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR] == []
 
 
@@ -8618,38 +8616,6 @@ async def test_a_connection_without_a_complete_request_head_is_closed() -> None:
     assert closed == [True, True, True]
     assert first_answer.startswith(b"HTTP/1.1 200 ") and b"\r\nserver:" not in first_answer.lower()
     assert answer.startswith(b"HTTP/1.1 200 ")
-
-
-async def test_a_refused_body_of_tiny_chunks_costs_no_more_than_a_plain_one(tmp_path: Any) -> None:
-    """A client without a token that sends its head with 256 KiB of one-byte chunks gets its 401 for what a plain body
-    costs, also with the head's last line end sent with the chunks, or pipelined behind a request still answered:
-    h11 read every chunk first (0.4 s of the event loop a connection; four such clients in a loop made every other
-    request wait over a second)."""
-    def cpu_seconds(pid: int) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
-    plain = head + b"content-length: 258000\r\n\r\n" + b"a" * 258_000
-    chunked = head + b"transfer-encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 43_000
-    models = b"GET /v1/models HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
-    async with upstream(json_reply()) as up, gateway_process(tmp_path, up) as gw:
-        costs = []
-        for request, apart in ((plain, 0), (chunked, 0), (chunked, len(head) + 28), (models + chunked, 0)):
-            before = cpu_seconds(gw.pid)
-            for _ in range(10):
-                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-                if apart:  # read by the gateway before the rest: it answered a request sent after it
-                    writer.write(request[:apart])
-                    await writer.drain()
-                    assert (await over_a_socket(f"http://127.0.0.1:{gw.port}", b"GET /health HTTP/1.1\r\n"
-                                                b"host: gw\r\nconnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200")
-                writer.write(request[apart:])
-                answered = await reader.readuntil(b"HTTP/1.1 401 ")  # after /v1/models' answer (from the upstream)
-                assert answered.startswith(b"HTTP/1.1 200 " if request.startswith(models) else b"HTTP/1.1 401 ")
-                writer.close()
-            costs.append(cpu_seconds(gw.pid) - before)
-    assert max(costs[1:]) <= 2 * costs[0] + 0.1, f"10 refused requests cost {costs[0]:.2f} s plain, {costs[1:]} chunked"
 
 
 async def test_out_of_file_descriptors_is_one_log_line_and_the_gateway_recovers(
