@@ -1123,11 +1123,11 @@ def with_v1(url: str) -> str:
 
 
 def screen(ex: Exchange, config: Config) -> None:
-    # Behind a trusted proxy that serves HTTPS (Caddy sets X-Forwarded-Proto), the page's URLs say https.
-    peer = parse_ip(ex.client) if config.trusted_proxies else None
-    if peer is not None and in_networks(peer, config.trusted_proxies) and ex.header(b"x-forwarded-proto") == b"https":
-        ex.scheme = "https"
-    address = client_address(ex.client, ex.headers, config.trusted_proxies)
+    address = parse_ip(ex.client)
+    if address is not None and in_networks(address, config.trusted_proxies):  # one of our reverse proxies
+        address = forwarded_client(ex.headers, config.trusted_proxies, address)
+        if ex.header(b"x-forwarded-proto") == b"https":  # it serves HTTPS (Caddy says so): the page's URLs say https
+            ex.scheme = "https"
     ex.client = "-" if address is None else str(address)
     if config.allowed_ips is not None and (address is None or not in_networks(address, config.allowed_ips)):
         raise GatewayError("ip_not_allowed", f"Requests from {ex.client} are not allowed here: this gateway "
@@ -1152,17 +1152,18 @@ def in_networks(address: Address, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)  # False across IPv4 and IPv6, never an error
 
 
-def client_address(peer: str, headers: Headers, trusted: tuple[Network, ...]) -> Address | None:
-    """The peer, or behind trusted proxies the nearest X-Forwarded-For hop that is not one; None if no IP address. Each
-    proxy appends the address it saw, so only hops trusted proxies added are skipped, from the right (uvicorn's
-    proxy_headers.py); the rest is the client's. Another peer's header is ignored: it cannot talk past ALLOWED_IPS."""
+def forwarded_client(headers: Headers, trusted: tuple[Network, ...], proxy: Address) -> Address | None:
+    """Behind trusted proxies (the peer, `proxy`, is one), the nearest X-Forwarded-For hop that is not one; None if no
+    IP address. Each proxy appends the address it saw, so only hops trusted proxies added are skipped, from the right
+    (uvicorn's proxy_headers.py); the rest is the client's. Another peer's header is never read (screen): it cannot
+    talk past ALLOWED_IPS."""
     forwarded = b",".join(value for name, value in headers if name.lower() == b"x-forwarded-for")
     hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",")] if forwarded else []
-    for hop in (peer, *reversed(hops)):
+    for hop in reversed(hops):
         address = parse_ip(hop)
         if address is None or not in_networks(address, trusted):
             return address
-    return parse_ip(hops[0]) if hops else address  # every hop a trusted proxy: the first one is the client
+    return parse_ip(hops[0]) if hops else proxy  # every hop a trusted proxy: the first one is the client
 
 # Why a request is refused with 401 (ERRORS' "unauthorized"), in words that tell the person what to fix and
 # tell nothing about the tokens the gateway holds: not how many, nor how close the one sent came.
